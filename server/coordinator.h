@@ -1,0 +1,152 @@
+// The coordinator's state machine: jobs, attempts, assignments and the worker registry.
+//
+// Threading: every public method may be called from any thread; one mutex serializes all
+// state changes (the single state-machine lock). Durability: a method returns OK only after
+// its changes are in the store (a synced batch), so whatever a client or worker was told
+// survives a crash. Heartbeats and progress are kept in memory only.
+//
+// Recovery (Recover): load every table, bump the coordinator epoch, give every known worker a
+// fresh lease, and only then may the gRPC layer start serving.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "mq/v1/job_service.pb.h"
+#include "mq/v1/worker_service.pb.h"
+#include "server/coordinator_metrics.h"
+#include "server/scheduling/gang.h"
+#include "server/storage/store.h"
+
+namespace mq::server {
+
+struct CoordinatorOptions {
+  // A worker silent for longer than this is dead; its work goes to another worker.
+  int64_t lease_ms = 10000;
+  // How often workers are told to heartbeat.
+  int64_t heartbeat_interval_ms = 2000;
+  // Monotonic clock in milliseconds; tests inject their own.
+  std::function<int64_t()> monotonic_ms;
+  // Wall clock in milliseconds (record timestamps); tests may inject their own.
+  std::function<int64_t()> wall_ms;
+};
+
+// Version of the records layout in the store; Recover refuses a newer one.
+inline constexpr uint32_t kSchemaVersion = 1;
+
+class Coordinator {
+ public:
+  // Loads all state from `store` (which must outlive the coordinator).
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Recover(Store* store,
+                                                              CoordinatorOptions options,
+                                                              CoordinatorMetrics* metrics);
+
+  // --- JobService ---
+  absl::StatusOr<mq::v1::SubmitJobResponse> SubmitJob(const mq::v1::SubmitJobRequest& request);
+  absl::StatusOr<mq::v1::GetJobResponse> GetJob(const mq::v1::GetJobRequest& request);
+  absl::StatusOr<mq::v1::ListJobsResponse> ListJobs(const mq::v1::ListJobsRequest& request);
+  absl::StatusOr<mq::v1::CancelJobResponse> CancelJob(const mq::v1::CancelJobRequest& request);
+  absl::StatusOr<mq::v1::ResumeJobResponse> ResumeJob(const mq::v1::ResumeJobRequest& request);
+  // Runs an inspection on a live worker; waits until `deadline_ms` (monotonic).
+  absl::StatusOr<mq::v1::InspectModelResponse> InspectModel(
+      const mq::v1::InspectModelRequest& request, int64_t deadline_ms);
+  mq::v1::ListWorkersResponse ListWorkers();
+
+  // WatchJob support: the job's snapshot and its events with seq >= `from_seq`.
+  absl::StatusOr<mq::v1::WatchJobResponse> JobSnapshot(const std::string& job_id,
+                                                       int64_t from_seq);
+  // Blocks until the state changes after `seen` or until `deadline_ms`; returns the counter.
+  uint64_t WaitForChange(uint64_t seen, int64_t deadline_ms);
+  uint64_t change_counter();
+
+  // --- WorkerService ---
+  absl::StatusOr<mq::v1::RegisterWorkerResponse> RegisterWorker(
+      const mq::v1::RegisterWorkerRequest& request);
+  absl::StatusOr<mq::v1::HeartbeatResponse> Heartbeat(const mq::v1::HeartbeatRequest& request);
+  absl::StatusOr<mq::v1::PollAssignmentResponse> PollAssignment(
+      const mq::v1::PollAssignmentRequest& request, int64_t deadline_ms);
+  absl::StatusOr<mq::v1::ReportProgressResponse> ReportProgress(
+      const mq::v1::ReportProgressRequest& request);
+  absl::StatusOr<mq::v1::CompleteAssignmentResponse> CompleteAssignment(
+      const mq::v1::CompleteAssignmentRequest& request);
+
+  // Expires leases and assigns queued work. The server calls it a few times a second.
+  void Tick();
+
+  // Wakes every waiter (long polls, watches) so shutdown does not wait for their deadlines.
+  void WakeAll();
+
+  int64_t epoch() const { return epoch_; }
+  const CoordinatorOptions& options() const { return options_; }
+
+ private:
+  struct WorkerEntry {
+    mq::v1::WorkerRecord record;
+    int64_t last_heartbeat_ms = 0;  // monotonic
+    bool dead = false;
+    std::string assignment_id;  // live assignment (persisted or an inspection), if any
+    bool delivered = false;
+  };
+  struct Inspection {
+    mq::v1::Assignment assignment;
+    std::string worker_id;
+    bool done = false;
+    absl::Status status;
+    mq::v1::InspectReport report;
+  };
+
+  Coordinator(Store* store, CoordinatorOptions options, CoordinatorMetrics* metrics);
+  absl::Status Load();
+
+  // Helpers; all require mu_ held.
+  absl::Status Commit(const WriteBatch& batch);
+  void AddEvent(mq::v1::JobRecord& job, WriteBatch& batch, const std::string& kind,
+                const std::string& message, const std::string& worker_id = "");
+  void PutJob(WriteBatch& batch, const mq::v1::JobRecord& job);
+  void SetJobState(mq::v1::JobRecord& job, WriteBatch& batch, mq::v1::JobState state,
+                   const std::string& message, const std::string& worker_id = "");
+  absl::StatusOr<mq::v1::AttemptRecord> LoadAttempt(const std::string& job_id, int attempt);
+  // Ends a live assignment in `batch` (and its attempt); the caller decides the job's fate.
+  absl::Status EndAssignment(mq::v1::AssignmentRecord& a, WriteBatch& batch,
+                             mq::v1::AttemptState attempt_state, const std::string& reason,
+                             bool completed);
+  // After a failed/aborted attempt: queue the job again or fail it when out of attempts.
+  void RetryOrFail(mq::v1::JobRecord& job, WriteBatch& batch, const std::string& reason);
+  void ExpireWorker(const std::string& worker_id, const std::string& reason);
+  void ScheduleQueued();
+  std::vector<WorkerView> WorkerViews() const;
+  absl::Status CheckAssignmentOwner(const std::string& worker_id,
+                                    const std::string& assignment_id, int64_t lease_epoch,
+                                    mq::v1::AssignmentRecord** live);
+  void ApplyPlanResult(mq::v1::JobRecord& job, WriteBatch& batch,
+                       const mq::v1::InspectReport& report);
+  void UpdateGauges();
+  void Changed();
+  int64_t Mono() const { return options_.monotonic_ms(); }
+  int64_t Wall() const { return options_.wall_ms(); }
+
+  Store* store_;
+  CoordinatorOptions options_;
+  CoordinatorMetrics* metrics_;
+  int64_t epoch_ = 0;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  uint64_t changes_ = 0;
+  std::map<std::string, mq::v1::JobRecord> jobs_;
+  std::map<std::string, mq::v1::AssignmentRecord> assignments_;  // every assignment, ended too
+  std::map<std::string, WorkerEntry> workers_;
+  std::map<std::string, std::shared_ptr<Inspection>> inspections_;
+  std::map<std::string, std::string> idempotency_;  // key -> job id
+};
+
+}  // namespace mq::server

@@ -1,0 +1,79 @@
+#include "server/coordinator_metrics.h"
+
+#include "mq/v1/state.pb.h"
+
+namespace mq::server {
+
+using prometheus::BuildCounter;
+using prometheus::BuildGauge;
+using prometheus::BuildHistogram;
+
+CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r) {
+  auto& jobs_family = BuildGauge().Name("mq_jobs").Help("Jobs by state").Register(r);
+  const std::array<const char*, 8> names = {"",          "queued",    "planning", "running",
+                                            "finalizing", "succeeded", "failed",   "cancelled"};
+  for (int s = 1; s < 8; ++s) jobs[s] = &jobs_family.Add({{"state", names[s]}});
+  jobs_submitted = &BuildCounter()
+                        .Name("mq_jobs_submitted_total")
+                        .Help("Jobs created by SubmitJob")
+                        .Register(r)
+                        .Add({});
+  auto& finished = BuildCounter()
+                       .Name("mq_jobs_finished_total")
+                       .Help("Jobs that reached a terminal state, by result")
+                       .Register(r);
+  jobs_succeeded = &finished.Add({{"result", "succeeded"}});
+  jobs_failed = &finished.Add({{"result", "failed"}});
+  jobs_cancelled = &finished.Add({{"result", "cancelled"}});
+  job_attempts = &BuildCounter()
+                      .Name("mq_job_attempts_total")
+                      .Help("Attempts started across all jobs")
+                      .Register(r)
+                      .Add({});
+  layers_committed = &BuildCounter()
+                          .Name("mq_layers_committed_total")
+                          .Help("Decoder layers committed across all jobs")
+                          .Register(r)
+                          .Add({});
+  auto& workers = BuildGauge().Name("mq_workers").Help("Live workers by state").Register(r);
+  workers_idle = &workers.Add({{"state", "idle"}});
+  workers_busy = &workers.Add({{"state", "busy"}});
+  workers_lost = &BuildCounter()
+                      .Name("mq_workers_lost_total")
+                      .Help("Workers declared dead after their lease expired")
+                      .Register(r)
+                      .Add({});
+  assignments = &BuildCounter()
+                     .Name("mq_assignments_total")
+                     .Help("Assignments that ended, by kind and result")
+                     .Register(r);
+  for (const char* kind : {"plan", "quantize"}) {
+    for (const char* result : {"ok", "failed", "reassigned"}) {
+      assignments->Add({{"kind", kind}, {"result", result}});
+    }
+  }
+  grpc_handled = &BuildCounter()
+                      .Name("mq_grpc_server_handled_total")
+                      .Help("RPCs completed by the coordinator, by method and status code")
+                      .Register(r);
+  grpc_seconds = &BuildHistogram()
+                      .Name("mq_grpc_server_handling_seconds")
+                      .Help("Time to handle an RPC, by method")
+                      .Register(r);
+  store_write_seconds = &BuildHistogram()
+                             .Name("mq_state_store_write_duration_seconds")
+                             .Help("Duration of synced state store batch writes")
+                             .Register(r)
+                             .Add({}, FastBuckets());
+  ready = &BuildGauge()
+               .Name("mq_coordinator_ready")
+               .Help("1 when the coordinator has recovered its state and serves requests")
+               .Register(r)
+               .Add({});
+}
+
+void CoordinatorMetrics::CountAssignment(const std::string& kind, const std::string& result) {
+  assignments->Add({{"kind", kind}, {"result", result}}).Increment();
+}
+
+}  // namespace mq::server

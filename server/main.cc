@@ -1,0 +1,150 @@
+// mq-coordinator: accepts jobs over gRPC, schedules them onto workers, keeps its state in
+// RocksDB. Start-up order: open the store, recover, serve gRPC, then report ready.
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+
+#include <atomic>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/flags.h"
+#include "common/metrics.h"
+#include "common/util.h"
+#include "server/coordinator.h"
+#include "server/grpc_services.h"
+
+namespace {
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "mq-coordinator: %s\n", message.c_str());
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string listen = "127.0.0.1:50051";
+  std::string data_dir;
+  std::string metrics_listen;
+  std::string ready_file;
+  int64_t lease_ms = 10000;
+  int64_t heartbeat_interval_ms = 2000;
+  bool reflection = false;
+  bool help = false;
+  mq::Flags flags;
+  flags.String("listen", &listen, "gRPC address HOST:PORT (port 0 picks one; default 127.0.0.1:50051)");
+  flags.String("data-dir", &data_dir, "directory of the RocksDB state store (required)");
+  flags.String("metrics-listen", &metrics_listen, "serve Prometheus /metrics on HOST:PORT");
+  flags.String("ready-file", &ready_file, "write the bound HOST:PORT here once ready");
+  flags.Int("lease-ms", &lease_ms, "a worker silent this long is dead (default 10000)");
+  flags.Int("heartbeat-interval-ms", &heartbeat_interval_ms,
+            "how often workers heartbeat (default 2000)");
+  flags.Bool("enable-reflection", &reflection, "serve gRPC server reflection (v1alpha)");
+  flags.Bool("help", &help, "show this help");
+  if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
+  if (help) {
+    std::cout << "usage: mq-coordinator --listen HOST:PORT --data-dir DIR "
+                 "[--metrics-listen HOST:PORT]\n"
+              << flags.Usage();
+    return 0;
+  }
+  if (!flags.positional().empty()) {
+    return Fail("unexpected argument \"" + flags.positional().front() + "\"");
+  }
+  if (data_dir.empty()) return Fail("--data-dir is required: the state store's directory");
+  if (lease_ms < 100 || lease_ms > 3600000) {
+    return Fail(absl::StrCat("--lease-ms = ", lease_ms, ": must be between 100 and 3600000"));
+  }
+  if (heartbeat_interval_ms < 10 || heartbeat_interval_ms >= lease_ms) {
+    return Fail(absl::StrCat("--heartbeat-interval-ms = ", heartbeat_interval_ms,
+                             ": must be at least 10 and below --lease-ms (", lease_ms, ")"));
+  }
+  if (listen.find(':') == std::string::npos) {
+    return Fail("--listen = \"" + listen + "\": must be HOST:PORT");
+  }
+
+  // Signals are taken by sigwait below; block them before any thread starts.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  mq::MetricsRegistry metrics_registry;
+  mq::server::CoordinatorMetrics metrics(metrics_registry.registry());
+  metrics.ready->Set(0);
+  if (!metrics_listen.empty()) {
+    if (absl::Status s = metrics_registry.Serve(metrics_listen); !s.ok()) {
+      return Fail(std::string(s.message()));
+    }
+  }
+
+  auto store = mq::server::OpenRocksDbStore(data_dir);
+  if (!store.ok()) return Fail(std::string(store.status().message()));
+  mq::server::CoordinatorOptions options;
+  options.lease_ms = lease_ms;
+  options.heartbeat_interval_ms = heartbeat_interval_ms;
+  auto coordinator = mq::server::Coordinator::Recover(store->get(), options, &metrics);
+  if (!coordinator.ok()) return Fail(std::string(coordinator.status().message()));
+
+  mq::server::JobServiceImpl job_service(coordinator->get(), &metrics);
+  mq::server::WorkerServiceImpl worker_service(coordinator->get(), &metrics);
+  grpc::EnableDefaultHealthCheckService(true);
+  if (reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&job_service);
+  builder.RegisterService(&worker_service);
+  builder.SetMaxReceiveMessageSize(16 << 20);
+  builder.SetMaxSendMessageSize(64 << 20);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 60000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
+  builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 20000);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  grpc::ResourceQuota quota("mq-coordinator");
+  quota.SetMaxThreads(512);
+  builder.SetResourceQuota(quota);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    return Fail("--listen = \"" + listen + "\": cannot listen there (in use or invalid)");
+  }
+  const std::string bound = listen.substr(0, listen.rfind(':')) + ":" + std::to_string(port);
+
+  std::atomic<bool> stop{false};
+  std::thread ticker([&] {
+    while (!stop) {
+      (*coordinator)->Tick();
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+
+  server->GetHealthCheckService()->SetServingStatus(true);
+  metrics.ready->Set(1);
+  if (!ready_file.empty()) {
+    std::ofstream(ready_file + ".tmp") << bound << "\n";
+    std::rename((ready_file + ".tmp").c_str(), ready_file.c_str());
+  }
+  mq::LogLine("coordinator", "INFO",
+              absl::StrCat("mq-coordinator ", mq::Version(), " ready on ", bound, " (data ",
+                           data_dir, ", epoch ", (*coordinator)->epoch(), ")"));
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  mq::LogLine("coordinator", "INFO", absl::StrCat("signal ", sig, ": shutting down"));
+  metrics.ready->Set(0);
+  server->GetHealthCheckService()->SetServingStatus(false);
+  job_service.Shutdown();
+  (*coordinator)->WakeAll();
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  stop = true;
+  ticker.join();
+  return 0;
+}

@@ -1,0 +1,231 @@
+#include "server/validation.h"
+
+#include <cmath>
+#include <regex>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace mq::server {
+namespace {
+
+using mq::v1::JobSpec;
+
+absl::Status Invalid(const std::string& field, const std::string& value, const std::string& allowed) {
+  return absl::InvalidArgumentError(absl::StrCat(field, " = ", value, ": ", allowed));
+}
+
+std::string Quote(std::string_view s) {
+  constexpr size_t kMax = 80;
+  std::string out = "\"";
+  for (size_t i = 0; i < s.size() && i < kMax; ++i) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    if (c < 0x20 || c == 0x7F) {
+      out += absl::StrCat("\\x", absl::Hex(c, absl::kZeroPad2));
+    } else if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  if (s.size() > kMax) out += "...";
+  return out + "\"";
+}
+
+absl::Status CheckInt(const std::string& field, int64_t value, int64_t lo, int64_t hi) {
+  if (value < lo || value > hi) {
+    return Invalid(field, absl::StrCat(value), absl::StrCat("must be between ", lo, " and ", hi));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckGroupSize(const std::string& field, int64_t value) {
+  if (value == 32 || value == 64 || value == 128 || value == -1) return absl::OkStatus();
+  return Invalid(field, absl::StrCat(value), "must be 32, 64, 128 or -1 (per channel)");
+}
+
+}  // namespace
+
+std::string LocationPath(const std::string& value) {
+  std::string path = absl::StartsWith(value, "file://") ? value.substr(7) : value;
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  return path;
+}
+
+absl::Status ValidateLocation(const std::string& field, const std::string& value, bool required) {
+  if (value.empty()) {
+    if (!required) return absl::OkStatus();
+    return Invalid(field, "\"\"", "is required: an absolute path or file:// URI");
+  }
+  if (value.size() > 4096) {
+    return Invalid(field, Quote(value), "is longer than 4096 characters");
+  }
+  for (char c : value) {
+    if (c == '\0' || c == '\n' || c == '\r') {
+      return Invalid(field, Quote(value), "must not contain NUL or line breaks");
+    }
+  }
+  if (absl::StartsWith(value, "s3://")) {
+    return Invalid(field, Quote(value),
+                   "s3:// locations are not supported yet; use an absolute path or file:// URI");
+  }
+  const std::string path = absl::StartsWith(value, "file://") ? value.substr(7) : value;
+  if (path.empty() || path.front() != '/') {
+    return Invalid(field, Quote(value), "must be an absolute path or a file:// URI");
+  }
+  if (absl::StrContains(value, "://") && !absl::StartsWith(value, "file://")) {
+    return Invalid(field, Quote(value), "unknown scheme; allowed: an absolute path or file://");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<JobSpec> NormalizeJobSpec(const JobSpec& in) {
+  JobSpec spec = in;
+  if (absl::Status s = ValidateLocation("spec.model_uri", spec.model_uri(), true); !s.ok()) return s;
+  if (absl::Status s = ValidateLocation("spec.output_uri", spec.output_uri(), true); !s.ok()) {
+    return s;
+  }
+  const std::string model = LocationPath(spec.model_uri());
+  const std::string output = LocationPath(spec.output_uri());
+  if (output == model || absl::StartsWith(output, model + "/")) {
+    return Invalid("spec.output_uri", Quote(spec.output_uri()),
+                   "must not be the model directory or inside it");
+  }
+
+  if (!mq::v1::Method_IsValid(spec.method())) {
+    return Invalid("spec.method", absl::StrCat(spec.method()), "must be gptq, awq or rtn");
+  }
+  if (spec.method() == mq::v1::METHOD_UNSPECIFIED) spec.set_method(mq::v1::METHOD_GPTQ);
+
+  if (spec.bits() == 0) spec.set_bits(4);
+  if (spec.bits() != 4) return Invalid("spec.bits", absl::StrCat(spec.bits()), "must be 4");
+
+  if (spec.group_size() == 0) spec.set_group_size(128);
+  if (absl::Status s = CheckGroupSize("spec.group_size", spec.group_size()); !s.ok()) return s;
+
+  if (!spec.has_symmetric()) spec.set_symmetric(true);
+  if (!spec.has_act_order()) spec.set_act_order(true);
+
+  if (!mq::v1::ScaleSearch_IsValid(spec.scale_search())) {
+    return Invalid("spec.scale_search", absl::StrCat(spec.scale_search()), "must be minmax or mse");
+  }
+  if (spec.scale_search() == mq::v1::SCALE_SEARCH_UNSPECIFIED) {
+    spec.set_scale_search(mq::v1::SCALE_SEARCH_MINMAX);
+  }
+
+  if (spec.damping() == 0) spec.set_damping(0.01);
+  if (!std::isfinite(spec.damping()) || spec.damping() <= 0 || spec.damping() > 1) {
+    return Invalid("spec.damping", absl::StrCat(spec.damping()), "must be in (0, 1]");
+  }
+
+  if (!mq::v1::TargetSet_IsValid(spec.targets())) {
+    return Invalid("spec.targets", absl::StrCat(spec.targets()),
+                   "must be routed_experts or all_linear");
+  }
+  if (spec.targets() == mq::v1::TARGET_SET_UNSPECIFIED) {
+    spec.set_targets(mq::v1::TARGET_SET_ROUTED_EXPERTS);
+  }
+
+  if (spec.ignore_size() > 256) {
+    return Invalid("spec.ignore", absl::StrCat(spec.ignore_size(), " patterns"),
+                   "at most 256 patterns are allowed");
+  }
+  for (int i = 0; i < spec.ignore_size(); ++i) {
+    const std::string field = absl::StrCat("spec.ignore[", i, "]");
+    const std::string& pattern = spec.ignore(i);
+    if (pattern.empty() || pattern.size() > 1024) {
+      return Invalid(field, Quote(pattern), "must be a regular expression of 1..1024 characters");
+    }
+    try {
+      std::regex re(pattern, std::regex::ECMAScript);
+    } catch (const std::regex_error& e) {
+      return Invalid(field, Quote(pattern),
+                     absl::StrCat("is not a valid regular expression (", e.what(), ")"));
+    }
+  }
+
+  mq::v1::CalibrationSpec* cal = spec.mutable_calibration();
+  if (absl::Status s = ValidateLocation("spec.calibration.dataset_uri", cal->dataset_uri(), false);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s =
+          ValidateLocation("spec.calibration.tokenizer_uri", cal->tokenizer_uri(), false);
+      !s.ok()) {
+    return s;
+  }
+  if (cal->num_samples() == 0) cal->set_num_samples(512);
+  if (absl::Status s = CheckInt("spec.calibration.num_samples", cal->num_samples(), 1, 1000000);
+      !s.ok()) {
+    return s;
+  }
+  if (cal->max_sequence_length() == 0) cal->set_max_sequence_length(4096);
+  if (absl::Status s = CheckInt("spec.calibration.max_sequence_length",
+                                cal->max_sequence_length(), 1, 1 << 20);
+      !s.ok()) {
+    return s;
+  }
+
+  if (spec.gang_size() == 0) spec.set_gang_size(1);
+  if (absl::Status s = CheckInt("spec.gang_size", spec.gang_size(), 1, 1024); !s.ok()) return s;
+  if (absl::Status s = CheckInt("spec.priority", spec.priority(), -1000, 1000); !s.ok()) return s;
+  if (spec.max_attempts() == 0) spec.set_max_attempts(3);
+  if (absl::Status s = CheckInt("spec.max_attempts", spec.max_attempts(), 1, 100); !s.ok()) {
+    return s;
+  }
+  return spec;
+}
+
+absl::Status ValidateJobId(const std::string& field, const std::string& value) {
+  static const std::regex kJobId("j-[0-9A-HJKMNP-TV-Z]{26}");
+  if (value.empty()) return Invalid(field, "\"\"", "is required (a job id like j-01J...)");
+  if (value.size() != 28 || !std::regex_match(value.begin(), value.end(), kJobId)) {
+    return Invalid(field, Quote(value), "is not a job id: \"j-\" followed by 26 base32 characters");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateIdempotencyKey(const std::string& value) {
+  static const std::regex kKey("[A-Za-z0-9._:-]{1,128}");
+  if (value.empty()) return absl::OkStatus();
+  if (!std::regex_match(value.begin(), value.end(), kKey)) {
+    return Invalid("idempotency_key", Quote(value), "must be 1..128 characters of [A-Za-z0-9._:-]");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateWorkerName(const std::string& value) {
+  static const std::regex kName("[A-Za-z0-9._-]{1,64}");
+  if (!std::regex_match(value.begin(), value.end(), kName)) {
+    return Invalid("name", Quote(value), "must be 1..64 characters of [A-Za-z0-9._-]");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateInspectRequest(const mq::v1::InspectModelRequest& r) {
+  if (absl::Status s = ValidateLocation("model_uri", r.model_uri(), true); !s.ok()) return s;
+  if (r.gang_size() != 0) {
+    if (absl::Status s = CheckInt("gang_size", r.gang_size(), 1, 1024); !s.ok()) return s;
+  }
+  if (r.bits() != 0 && r.bits() != 4) return Invalid("bits", absl::StrCat(r.bits()), "must be 4");
+  if (r.group_size() != 0) {
+    if (absl::Status s = CheckGroupSize("group_size", r.group_size()); !s.ok()) return s;
+  }
+  if (!mq::v1::TargetSet_IsValid(r.targets())) {
+    return Invalid("targets", absl::StrCat(r.targets()), "must be routed_experts or all_linear");
+  }
+  if (r.num_samples() != 0) {
+    if (absl::Status s = CheckInt("num_samples", r.num_samples(), 1, 1000000); !s.ok()) return s;
+  }
+  if (r.max_sequence_length() != 0) {
+    if (absl::Status s = CheckInt("max_sequence_length", r.max_sequence_length(), 1, 1 << 20);
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace mq::server

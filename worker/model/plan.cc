@@ -1,0 +1,265 @@
+#include "worker/model/plan.h"
+
+#include <algorithm>
+#include <limits>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace mq::model {
+namespace {
+
+constexpr int64_t kInt64Max = std::numeric_limits<int64_t>::max();
+
+// Saturating arithmetic on non-negative values.
+int64_t SatAdd(int64_t a, int64_t b) { return a > kInt64Max - b ? kInt64Max : a + b; }
+int64_t SatMul(int64_t a, int64_t b) {
+  if (a == 0 || b == 0) return 0;
+  return a > kInt64Max / b ? kInt64Max : a * b;
+}
+int64_t SatMul(std::initializer_list<int64_t> factors) {
+  int64_t product = 1;
+  for (int64_t f : factors) product = SatMul(product, f);
+  return product;
+}
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int64_t Elements(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n = SatMul(n, d);
+  return n;
+}
+
+class InventoryBuilder {
+ public:
+  explicit InventoryBuilder(std::vector<ExpectedTensor>* out) : out_(out) {}
+
+  void Add(std::string name, std::vector<int64_t> shape, TensorRole role, int layer,
+           bool routed_expert = false, bool quantized_with_all_linear = false,
+           std::string input_id = "") {
+    out_->push_back(ExpectedTensor{std::move(name), std::move(shape), role, layer, routed_expert,
+                                   quantized_with_all_linear, std::move(input_id)});
+  }
+  // A linear quantized with all_linear (attention, dense MLP, shared experts).
+  void Linear(std::string name, int64_t out, int64_t in, int layer, std::string input_id) {
+    Add(std::move(name), {out, in}, TensorRole::kLinear, layer, false, true, std::move(input_id));
+  }
+
+ private:
+  std::vector<ExpectedTensor>* out_;
+};
+
+void AddLayer(const DeepseekV3Config& c, int layer, InventoryBuilder& b) {
+  const std::string p = absl::StrCat("model.layers.", layer, ".");
+  const std::string id = absl::StrCat(layer, ".");
+  const int64_t h = c.hidden_size;
+  const int64_t heads = c.num_attention_heads;
+  b.Add(p + "input_layernorm.weight", {h}, TensorRole::kNorm, layer);
+  if (c.q_lora_rank > 0) {
+    b.Linear(p + "self_attn.q_a_proj.weight", c.q_lora_rank, h, layer, id + "attn");
+    b.Add(p + "self_attn.q_a_layernorm.weight", {c.q_lora_rank}, TensorRole::kNorm, layer);
+    b.Linear(p + "self_attn.q_b_proj.weight", heads * c.q_head_dim(), c.q_lora_rank, layer,
+             id + "q_b");
+  } else {
+    b.Linear(p + "self_attn.q_proj.weight", heads * c.q_head_dim(), h, layer, id + "attn");
+  }
+  b.Linear(p + "self_attn.kv_a_proj_with_mqa.weight", c.kv_lora_rank + c.qk_rope_head_dim, h,
+           layer, id + "attn");
+  b.Add(p + "self_attn.kv_a_layernorm.weight", {c.kv_lora_rank}, TensorRole::kNorm, layer);
+  b.Linear(p + "self_attn.kv_b_proj.weight", heads * (c.qk_nope_head_dim + c.v_head_dim),
+           c.kv_lora_rank, layer, id + "kv_b");
+  b.Linear(p + "self_attn.o_proj.weight", h, heads * c.v_head_dim, layer, id + "o");
+  b.Add(p + "post_attention_layernorm.weight", {h}, TensorRole::kNorm, layer);
+
+  if (!c.IsMoeLayer(layer)) {
+    const int64_t inter = c.intermediate_size;
+    b.Linear(p + "mlp.gate_proj.weight", inter, h, layer, id + "mlp");
+    b.Linear(p + "mlp.up_proj.weight", inter, h, layer, id + "mlp");
+    b.Linear(p + "mlp.down_proj.weight", h, inter, layer, id + "mlp.down");
+    return;
+  }
+  const int64_t experts = c.n_routed_experts;
+  const int64_t moe = c.moe_intermediate_size;
+  b.Add(p + "mlp.gate.weight", {experts, h}, TensorRole::kRouter, layer);
+  if (c.topk_method == "noaux_tc") {
+    b.Add(p + "mlp.gate.e_score_correction_bias", {experts}, TensorRole::kRouterBias, layer);
+  }
+  for (int e = 0; e < experts; ++e) {
+    const std::string ep = absl::StrCat(p, "mlp.experts.", e, ".");
+    const std::string eid = absl::StrCat(id, "expert.", e);
+    b.Add(ep + "gate_proj.weight", {moe, h}, TensorRole::kLinear, layer, true, false, eid);
+    b.Add(ep + "up_proj.weight", {moe, h}, TensorRole::kLinear, layer, true, false, eid);
+    b.Add(ep + "down_proj.weight", {h, moe}, TensorRole::kLinear, layer, true, false,
+          eid + ".down");
+  }
+  if (c.n_shared_experts > 0) {
+    const int64_t width = moe * c.n_shared_experts;
+    b.Linear(p + "mlp.shared_experts.gate_proj.weight", width, h, layer, id + "mlp");
+    b.Linear(p + "mlp.shared_experts.up_proj.weight", width, h, layer, id + "mlp");
+    b.Linear(p + "mlp.shared_experts.down_proj.weight", h, width, layer, id + "shared.down");
+  }
+}
+
+void AddMtpExtras(const DeepseekV3Config& c, int layer, InventoryBuilder& b) {
+  const std::string p = absl::StrCat("model.layers.", layer, ".");
+  const int64_t h = c.hidden_size;
+  b.Add(p + "embed_tokens.weight", {c.vocab_size, h}, TensorRole::kEmbedding, layer);
+  b.Add(p + "enorm.weight", {h}, TensorRole::kNorm, layer);
+  b.Add(p + "hnorm.weight", {h}, TensorRole::kNorm, layer);
+  // A linear (FP8 allowed on input) that the job keeps in BF16 (FORMATS.md §4.9).
+  b.Add(p + "eh_proj.weight", {h, 2 * h}, TensorRole::kLinear, layer, false, false,
+        absl::StrCat(layer, ".eh"));
+  b.Add(p + "shared_head.norm.weight", {h}, TensorRole::kNorm, layer);
+  b.Add(p + "shared_head.head.weight", {c.vocab_size, h}, TensorRole::kEmbedding, layer);
+}
+
+bool IsQuantized(const ExpectedTensor& t, bool all_linear) {
+  return t.role == TensorRole::kLinear &&
+         (t.routed_expert || (all_linear && t.quantized_with_all_linear));
+}
+
+// Output bytes of one expected tensor (see plan.h).
+int64_t OutputBytes(const ExpectedTensor& t, const InspectRequest& request,
+                    const StoredTensors& stored) {
+  if (IsQuantized(t, request.all_linear)) {
+    const int64_t out = t.shape[0];
+    const int64_t in = t.shape[1];
+    const int64_t groups = request.group_size > 0 ? CeilDiv(in, request.group_size) : 1;
+    return SatAdd(SatAdd(SatMul({out, CeilDiv(in, 8), 4}), SatMul({out, groups, 2})), 16);
+  }
+  int64_t bytes_per_element_x8 = 16;  // BF16
+  auto it = stored.find(t.name);
+  if (it != stored.end() && DTypeBits(it->second.dtype) >= 16) {
+    bytes_per_element_x8 = DTypeBits(it->second.dtype);
+  }
+  return SatMul(Elements(t.shape), bytes_per_element_x8 / 8);
+}
+
+// Splits `total` into `parts` contiguous ranges; the first total % parts get one more.
+int64_t ShareOf(int64_t total, int parts, int index) {
+  return total / parts + (index < total % parts ? 1 : 0);
+}
+
+}  // namespace
+
+std::string ScaleInvName(std::string_view weight_name) {
+  return absl::StrCat(std::string(weight_name), "_scale_inv");
+}
+
+std::vector<int64_t> ScaleInvShape(const std::vector<int64_t>& weight_shape) {
+  std::vector<int64_t> shape;
+  for (int64_t d : weight_shape) shape.push_back(CeilDiv(d, 128));
+  return shape;
+}
+
+std::vector<ExpectedTensor> ExpectedInventory(const DeepseekV3Config& config,
+                                              int num_mtp_layers) {
+  std::vector<ExpectedTensor> out;
+  InventoryBuilder b(&out);
+  b.Add("model.embed_tokens.weight", {config.vocab_size, config.hidden_size},
+        TensorRole::kEmbedding, -1);
+  const int mtp = std::clamp(num_mtp_layers, 0, config.num_nextn_predict_layers);
+  for (int layer = 0; layer < config.num_hidden_layers + mtp; ++layer) {
+    AddLayer(config, layer, b);
+    if (layer >= config.num_hidden_layers) AddMtpExtras(config, layer, b);
+  }
+  b.Add("model.norm.weight", {config.hidden_size}, TensorRole::kNorm, -1);
+  if (!config.tie_word_embeddings) {
+    b.Add("lm_head.weight", {config.vocab_size, config.hidden_size}, TensorRole::kEmbedding, -1);
+  }
+  return out;
+}
+
+JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
+                const StoredTensors& stored) {
+  JobPlan plan;
+  const int mtp_layers = request.include_mtp ? config.num_nextn_predict_layers : 0;
+  const std::vector<ExpectedTensor> inventory = ExpectedInventory(config, mtp_layers);
+  const int num_layers = config.num_hidden_layers + mtp_layers;
+  const int64_t h = config.hidden_size;
+  const int64_t moe = config.moe_intermediate_size;
+  const int64_t seq = request.max_sequence_length;
+
+  plan.layers.resize(num_layers);
+  std::vector<int64_t> replicated_elements(num_layers, 0);
+  std::vector<std::map<std::string, int64_t>> hessian_inputs(num_layers);  // input_id -> in dim
+  bool any_moe = false;
+  int64_t output_bytes = 0;
+  for (int layer = 0; layer < num_layers; ++layer) {
+    LayerPlan& lp = plan.layers[layer];
+    lp.index = layer;
+    lp.kind = layer >= config.num_hidden_layers ? LayerKind::kMtp
+              : config.IsMoeLayer(layer)        ? LayerKind::kMoe
+                                                : LayerKind::kDense;
+    any_moe = any_moe || config.IsMoeLayer(layer);
+    const std::string prefix = absl::StrCat("model.layers.", layer, ".");
+    for (auto it = stored.lower_bound(prefix);
+         it != stored.end() && std::string_view(it->first).substr(0, prefix.size()) == prefix;
+         ++it) {
+      lp.input_bytes = SatAdd(lp.input_bytes, it->second.num_bytes);
+    }
+  }
+  for (const ExpectedTensor& t : inventory) {
+    const int64_t bytes = OutputBytes(t, request, stored);
+    output_bytes = SatAdd(output_bytes, bytes);
+    if (t.layer < 0) continue;
+    LayerPlan& lp = plan.layers[t.layer];
+    lp.output_bytes = SatAdd(lp.output_bytes, bytes);
+    const bool quantized = IsQuantized(t, request.all_linear);
+    if (quantized) ++lp.num_quantized_linears;
+    if (!t.routed_expert) {
+      replicated_elements[t.layer] = SatAdd(replicated_elements[t.layer], Elements(t.shape));
+      if (quantized) hessian_inputs[t.layer][t.input_id] = t.shape[1];
+    }
+  }
+
+  int64_t replicated_bytes = 0;
+  int64_t non_expert_hessian_bytes = 0;
+  int64_t staging_bytes = 0;
+  for (int layer = 0; layer < num_layers; ++layer) {
+    replicated_bytes = std::max(replicated_bytes, SatMul(replicated_elements[layer], 2));
+    int64_t hessians = 0;
+    for (const auto& [id, dim] : hessian_inputs[layer]) {
+      hessians = SatAdd(hessians, SatMul({dim, dim, 4}));
+    }
+    non_expert_hessian_bytes = std::max(non_expert_hessian_bytes, hessians);
+    staging_bytes = std::max(staging_bytes, plan.layers[layer].input_bytes);
+  }
+
+  const int gang = request.gang_size;
+  const int64_t attention_scores = SatMul(
+      {seq, seq, std::min<int64_t>(config.num_attention_heads, kAttentionHeadsPerChunk), 4});
+  ResourceEstimate& est = plan.estimate;
+  int first_expert = 0;
+  for (int rank = 0; rank < gang; ++rank) {
+    RankPlan rp;
+    rp.rank = rank;
+    rp.first_expert = first_expert;
+    rp.num_experts = static_cast<int>(ShareOf(config.n_routed_experts, gang, rank));
+    first_expert += rp.num_experts;
+    rp.num_sequences = ShareOf(request.num_calibration_samples, gang, rank);
+    const int64_t tokens = SatMul(rp.num_sequences, seq);
+    const int64_t hidden_states = SatMul({tokens, h, 2, 2});
+    const int64_t experts = any_moe ? rp.num_experts : 0;
+    const int64_t expert_weights = SatMul({experts, 3, moe, h, 2});
+    const int64_t activations = SatAdd(hidden_states, attention_scores);
+    const int64_t hessians =
+        SatAdd(SatMul(experts, SatMul(SatAdd(SatMul(h, h), SatMul(moe, moe)), 4)),
+               non_expert_hessian_bytes);
+    rp.gpu_bytes = SatAdd(SatAdd(replicated_bytes, expert_weights), SatAdd(activations, hessians));
+    rp.host_bytes = SatAdd(hidden_states, staging_bytes);
+    est.gpu_bytes_per_rank = std::max(est.gpu_bytes_per_rank, rp.gpu_bytes);
+    est.host_bytes_per_rank = std::max(est.host_bytes_per_rank, rp.host_bytes);
+    est.scratch_bytes_per_rank = std::max(est.scratch_bytes_per_rank, hidden_states);
+    plan.ranks.push_back(rp);
+  }
+  est.output_bytes = output_bytes;
+  est.calibration_tokens = SatMul(request.num_calibration_samples, seq);
+  est.tokens_per_expert = static_cast<double>(request.num_calibration_samples) *
+                          static_cast<double>(seq) * config.num_experts_per_tok /
+                          config.n_routed_experts;
+  return plan;
+}
+
+}  // namespace mq::model

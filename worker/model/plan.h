@@ -1,0 +1,122 @@
+// The expected DeepseekV3 tensor inventory (FORMATS.md §2.2, generalized to any config) and
+// the job plan / resource estimate derived from it.
+//
+// Pure functions with no shared state; safe to call from any thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "worker/model/config.h"
+#include "worker/model/dtype.h"
+#include "worker/model/inspect.h"
+
+namespace mq::model {
+
+// How a tensor may be stored, and how the job treats it.
+enum class TensorRole {
+  kEmbedding,   // embed_tokens, lm_head, MTP shared_head.head: 16/32/64-bit float
+  kNorm,        // RMSNorm weights: 16/32/64-bit float
+  kLinear,      // nn.Linear weight: F8_E4M3 + weight_scale_inv, or 16/32/64-bit float
+  kRouter,      // mlp.gate.weight: 16/32/64-bit float, never FP8
+  kRouterBias,  // mlp.gate.e_score_correction_bias: 16/32/64-bit float
+};
+
+struct ExpectedTensor {
+  std::string name;            // full name, e.g. "model.layers.3.mlp.experts.7.up_proj.weight"
+  std::vector<int64_t> shape;  // [out, in] for linears
+  TensorRole role = TensorRole::kNorm;
+  int layer = -1;              // decoder layer index; -1 for model-level tensors
+  bool routed_expert = false;  // mlp.experts.{e}.*: always quantized
+  // Quantized when the request sets all_linear (attention, dense MLP, shared experts). False for
+  // routed experts (always quantized), the router, lm_head and MTP eh_proj (never quantized).
+  bool quantized_with_all_linear = false;
+  // Linears that read the same activation share one Hessian; they carry the same `input_id`
+  // (e.g. "3.attn" for q_a_proj and kv_a_proj_with_mqa, "3.expert.5" for gate/up of expert 5).
+  std::string input_id;
+};
+
+// Every tensor a checkpoint for `config` must contain, except the FP8 `weight_scale_inv`
+// companions (those follow the stored dtype of each linear). Order: model.embed_tokens.weight,
+// layers 0 .. num_hidden_layers + num_mtp_layers - 1 (each: input_layernorm, attention,
+// post_attention_layernorm, MLP; MTP layers then embed_tokens, enorm, hnorm, eh_proj,
+// shared_head.norm, shared_head.head), model.norm.weight, lm_head.weight (omitted when
+// tie_word_embeddings). Per layer:
+//   attention with q_lora_rank > 0: q_a_proj [q_lora, H], q_a_layernorm [q_lora],
+//     q_b_proj [heads*(nope+rope), q_lora]; with q_lora_rank 0: q_proj [heads*(nope+rope), H];
+//     then kv_a_proj_with_mqa [kv_lora+rope, H], kv_a_layernorm [kv_lora],
+//     kv_b_proj [heads*(nope+v), kv_lora], o_proj [H, heads*v].
+//   dense layers (config.IsMoeLayer false): mlp.{gate,up}_proj [I, H], mlp.down_proj [H, I].
+//   MoE layers: mlp.gate.weight [E, H], mlp.gate.e_score_correction_bias [E] (noaux_tc only),
+//     mlp.experts.{e}.{gate,up}_proj [I_e, H] and down_proj [H, I_e] for e < E, and when
+//     n_shared_experts > 0 mlp.shared_experts.{gate,up}_proj [I_e*S, H], down_proj [H, I_e*S].
+//   MTP extras: embed_tokens [V, H], enorm [H], hnorm [H], eh_proj [H, 2H],
+//     shared_head.norm [H], shared_head.head [V, H].
+// `num_mtp_layers` (0 .. num_nextn_predict_layers) says how many MTP layers to include.
+std::vector<ExpectedTensor> ExpectedInventory(const DeepseekV3Config& config, int num_mtp_layers);
+
+// "<p>.weight" -> "<p>.weight_scale_inv".
+std::string ScaleInvName(std::string_view weight_name);
+// [ceil(out/128), ceil(in/128)] for an FP8 weight of shape [out, in] (128x128 blocks).
+std::vector<int64_t> ScaleInvShape(const std::vector<int64_t>& weight_shape);
+
+// What the checkpoint actually stores for a tensor (from its safetensors header).
+struct StoredTensor {
+  DType dtype = DType::kBF16;
+  int64_t num_bytes = 0;
+};
+using StoredTensors = std::map<std::string, StoredTensor, std::less<>>;
+
+struct JobPlan {
+  std::vector<LayerPlan> layers;
+  std::vector<RankPlan> ranks;
+  ResourceEstimate estimate;
+};
+
+// Attention scores are materialized for this many heads at a time.
+inline constexpr int64_t kAttentionHeadsPerChunk = 16;
+
+// Plans the job. `request` must be valid (gang_size in [1, n_routed_experts], bits 4, group
+// size 0/32/64/128, samples and sequence length >= 1) and `config` free of problems. `stored`
+// holds every tensor of the checkpoint (absent tensors just count as 0 input bytes).
+//
+// Planned layers: 0 .. num_hidden_layers-1, plus the MTP layers (kind kMtp) when
+// request.include_mtp. MTP layers are neither planned nor counted in the output otherwise.
+//
+// Quantized linears of a layer: every routed expert's gate/up/down; with all_linear also the
+// attention projections, the dense MLP and the shared experts. Never the router, embeddings,
+// lm_head, norms, or the MTP eh_proj / shared_head.
+//
+// LayerPlan.input_bytes = stored bytes of "model.layers.<L>.*" (scales included).
+// Output bytes of a tensor (FORMATS.md §4.1, group G, G = 0 meaning one group per row):
+//   quantized [O, I]: O*ceil(I/8)*4 (I32 weight_packed; = O*I/2 when I % 8 == 0)
+//                     + O*ceil(I/G)*2 (BF16 weight_scale) + 16 (I64 weight_shape [2]).
+//   anything else: elements * 2 (BF16) when stored as F8_E4M3 or absent; otherwise stored bytes
+//                  (F32 norms/biases stay F32, BF16 stays BF16). weight_scale_inv is dropped.
+// LayerPlan.output_bytes sums that over the layer's expected tensors.
+//
+// Ranks: routed experts in contiguous ranges, E / gang each, the first E % gang ranks one more;
+// calibration sequences split the same way. tokens(r) = num_sequences(r) * max_sequence_length.
+// Over the planned layers, with H = hidden, I_e = moe_intermediate_size, S = max_sequence_length:
+//   replicated = max over layers of 2 * elements of the layer's tensors other than routed experts
+//   experts(r) = num_experts(r) * 3 * I_e * H * 2                   (bf16, 0 without MoE layers)
+//   activations(r) = tokens(r) * H * 2 * 2 (hidden states in + out, bf16)
+//                    + S^2 * min(heads, kAttentionHeadsPerChunk) * 4 (fp32 scores, 1 sequence)
+//   hessians(r) = num_experts(r) * (H^2 + I_e^2) * 4  (gate/up share [H,H]; down [I_e,I_e]; fp32)
+//                 + with all_linear: max over layers of the sum, over distinct input_id of the
+//                   quantized non-expert linears, of in_dim^2 * 4
+//   gpu(r) = replicated + experts(r) + activations(r) + hessians(r)
+//   host(r) = tokens(r) * H * 2 * 2 + max over layers of input_bytes (pinned staging)
+//   scratch(r) = tokens(r) * H * 2 * 2 (two bf16 hidden-state checkpoints)
+// estimate: gpu/host/scratch = max over ranks; output_bytes = model-level tensors (embeddings,
+// model.norm, lm_head) + sum of layer output_bytes; calibration_tokens = samples * S;
+// tokens_per_expert = samples * S * num_experts_per_tok / n_routed_experts.
+// All sums saturate at INT64_MAX instead of overflowing.
+JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
+                const StoredTensors& stored);
+
+}  // namespace mq::model
