@@ -1,0 +1,734 @@
+// mq-client: the command-line interface to mq-coordinator.
+//
+// Exit codes: 0 success; 1 the request failed or the job ended FAILED/CANCELLED (one line on
+// stderr says why); 2 bad command line.
+
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "client/table.h"
+#include "common/flags.h"
+#include "common/util.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "mq/v1/job_service.grpc.pb.h"
+
+namespace {
+
+using mq::client::Bytes;
+using mq::client::Table;
+
+constexpr char kUsage[] = R"(usage: mq-client [--coordinator HOST:PORT] [--timeout SECONDS] COMMAND [ARGS]
+
+commands:
+  submit --model DIR --output DIR [--method gptq|awq|rtn] [--bits 4] [--group-size N]
+         [--gang-size K] [--wait] [--json] ...   submit a quantization job, print its id
+  status JOB [--json]                             a job with its plan, attempts and history
+  list [--state STATE]... [--limit N] [--json]    jobs, newest first
+  watch JOB [--json]                              follow a job until it ends
+  cancel JOB [--reason TEXT] [--json]             cancel a queued or running job
+  resume JOB [--json]                             queue a FAILED or CANCELLED job again
+  inspect MODEL_DIR [--gang-size N] [--json]      check a checkpoint and estimate a job
+  workers [--json]                                registered workers
+  health                                          is the coordinator serving?
+
+The coordinator defaults to $MQ_COORDINATOR, else 127.0.0.1:50051.
+Run `mq-client COMMAND --help` for a command's options.
+)";
+
+struct Global {
+  std::string coordinator;
+  int64_t timeout_s = 30;
+  bool json = false;
+};
+
+// Thrown-free error path: print one line and return the exit code.
+int Fail(const std::string& message, int code = 1) {
+  std::fprintf(stderr, "mq-client: %s\n", message.c_str());
+  return code;
+}
+
+int RpcFail(const std::string& what, const grpc::Status& s, const Global& g) {
+  std::string code;
+  switch (s.error_code()) {
+    case grpc::StatusCode::UNAVAILABLE:
+      return Fail(what + ": coordinator " + g.coordinator + " unavailable (" + s.error_message() +
+                  ")");
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return Fail(what + ": no answer within the deadline (" + s.error_message() + ")");
+    case grpc::StatusCode::INVALID_ARGUMENT:
+      code = "invalid argument";
+      break;
+    case grpc::StatusCode::NOT_FOUND:
+      code = "not found";
+      break;
+    case grpc::StatusCode::ALREADY_EXISTS:
+      code = "already exists";
+      break;
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      code = "not possible now";
+      break;
+    default:
+      code = "error " + std::to_string(static_cast<int>(s.error_code()));
+  }
+  return Fail(what + ": " + code + ": " + s.error_message());
+}
+
+std::string Json(const google::protobuf::Message& m) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, options);
+  return out;
+}
+
+std::string StateName(mq::v1::JobState s) {
+  std::string name = mq::v1::JobState_Name(s);
+  if (name.rfind("JOB_STATE_", 0) == 0) name = name.substr(10);
+  return name;
+}
+
+bool Terminal(mq::v1::JobState s) {
+  return s == mq::v1::JOB_STATE_SUCCEEDED || s == mq::v1::JOB_STATE_FAILED ||
+         s == mq::v1::JOB_STATE_CANCELLED;
+}
+
+std::string MethodName(mq::v1::Method m) {
+  switch (m) {
+    case mq::v1::METHOD_AWQ:
+      return "awq";
+    case mq::v1::METHOD_RTN:
+      return "rtn";
+    default:
+      return "gptq";
+  }
+}
+
+std::string Absolute(const std::string& path) {
+  if (path.empty() || path.rfind("file://", 0) == 0 || path.find("://") != std::string::npos) {
+    return path;
+  }
+  std::error_code ec;
+  auto abs = std::filesystem::absolute(path, ec);
+  return ec ? path : abs.lexically_normal().string();
+}
+
+class Client {
+ public:
+  explicit Client(Global g) : g_(std::move(g)) {
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(64 << 20);
+    // Retry UNAVAILABLE on the idempotent calls (SubmitJob carries an idempotency key).
+    args.SetServiceConfigJSON(R"({"methodConfig":[{"name":[{"service":"mq.v1.JobService"}],
+      "retryPolicy":{"maxAttempts":5,"initialBackoff":"0.2s","maxBackoff":"2s",
+      "backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}}]})");
+    channel_ = grpc::CreateCustomChannel(g_.coordinator, grpc::InsecureChannelCredentials(), args);
+    stub_ = mq::v1::JobService::NewStub(channel_);
+  }
+
+  std::unique_ptr<grpc::ClientContext> Ctx(int64_t seconds = 0) const {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    ctx->set_deadline(std::chrono::system_clock::now() +
+                      std::chrono::seconds(seconds ? seconds : g_.timeout_s));
+    return ctx;
+  }
+
+  mq::v1::JobService::Stub& stub() { return *stub_; }
+  std::shared_ptr<grpc::Channel> channel() { return channel_; }
+  const Global& global() const { return g_; }
+
+ private:
+  Global g_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<mq::v1::JobService::Stub> stub_;
+};
+
+// --- printing -------------------------------------------------------------------------------
+
+void PrintProblems(const mq::v1::InspectReport& r) {
+  if (r.problems_size() == 0) return;
+  std::cout << "\nProblems (" << r.problems_size() << "):\n";
+  for (const auto& p : r.problems()) std::cout << "  " << p.where() << ": " << p.message() << "\n";
+}
+
+void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
+  const auto& s = r.summary();
+  std::cout << "Model:        " << s.architecture() << " (" << s.model_type() << "), "
+            << s.weight_format() << " weights\n"
+            << "Layers:       " << s.num_hidden_layers() << " (" << s.first_k_dense_replace()
+            << " dense, " << s.num_hidden_layers() - s.first_k_dense_replace() << " MoE)"
+            << (s.num_nextn_predict_layers() ? absl::StrCat(" + ", s.num_nextn_predict_layers(),
+                                                            " MTP")
+                                             : "")
+            << "\n"
+            << "Experts:      " << s.n_routed_experts() << " routed (top-"
+            << s.num_experts_per_tok() << ", " << s.n_group() << " groups, top-" << s.topk_group()
+            << " groups), " << s.n_shared_experts() << " shared, width "
+            << s.moe_intermediate_size() << "\n"
+            << "Hidden:       " << s.hidden_size() << ", heads " << s.num_attention_heads()
+            << ", q/kv LoRA " << s.q_lora_rank() << "/" << s.kv_lora_rank() << "\n"
+            << "Checkpoint:   " << s.num_shards() << " shards, " << s.num_tensors() << " tensors, "
+            << Bytes(s.checkpoint_bytes()) << "\n";
+  if (r.problems_size() == 0 && r.layers_size() > 0) {
+    const auto& e = r.estimate();
+    std::cout << "\nEstimate (gang of " << r.ranks_size() << "):\n"
+              << "  GPU memory per rank:   " << Bytes(e.gpu_bytes_per_rank()) << "\n"
+              << "  host memory per rank:  " << Bytes(e.host_bytes_per_rank()) << "\n"
+              << "  scratch per rank:      " << Bytes(e.scratch_bytes_per_rank()) << "\n"
+              << "  output:                " << Bytes(e.output_bytes()) << "\n"
+              << "  calibration tokens:    " << e.calibration_tokens() << "\n"
+              << "  tokens per expert:     " << e.tokens_per_expert() << "\n";
+    Table ranks({"RANK", "EXPERTS", "SEQUENCES", "GPU", "HOST"});
+    for (const auto& rk : r.ranks()) {
+      ranks.Add({std::to_string(rk.rank()),
+                 rk.num_experts() ? absl::StrCat(rk.first_expert(), "..",
+                                                 rk.first_expert() + rk.num_experts() - 1)
+                                  : "-",
+                 std::to_string(rk.num_sequences()), Bytes(rk.gpu_bytes()),
+                 Bytes(rk.host_bytes())});
+    }
+    std::cout << "\n" << ranks.Render();
+    if (with_layers) {
+      Table layers({"LAYER", "KIND", "QUANTIZED", "INPUT", "OUTPUT"});
+      for (const auto& l : r.layers()) {
+        std::string kind = l.kind() == mq::v1::LAYER_KIND_DENSE ? "dense"
+                           : l.kind() == mq::v1::LAYER_KIND_MOE ? "moe"
+                                                                : "mtp";
+        layers.Add({std::to_string(l.index()), kind, std::to_string(l.num_quantized_linears()),
+                    Bytes(l.input_bytes()), Bytes(l.output_bytes())});
+      }
+      std::cout << "\n" << layers.Render();
+    }
+  }
+  PrintProblems(r);
+}
+
+void PrintJob(const mq::v1::JobRecord& j) {
+  const auto& s = j.spec();
+  std::cout << "Job:          " << j.job_id() << "\n"
+            << "State:        " << StateName(j.state()) << "\n"
+            << "Message:      " << j.message() << "\n"
+            << "Model:        " << s.model_uri() << "\n"
+            << "Output:       " << s.output_uri() << "\n"
+            << "Method:       " << MethodName(s.method()) << " " << s.bits() << "-bit, group "
+            << (s.group_size() == -1 ? std::string("per-channel") : std::to_string(s.group_size()))
+            << (s.symmetric() ? ", symmetric" : ", asymmetric")
+            << (s.act_order() ? ", act-order" : "") << ", gang size " << s.gang_size() << "\n"
+            << "Attempt:      " << j.attempt() << " (max " << s.max_attempts() << ")\n"
+            << "Created:      " << mq::client::Time(j.created_at_ms()) << "\n";
+  if (j.finished_at_ms()) {
+    std::cout << "Finished:     " << mq::client::Time(j.finished_at_ms()) << " (after "
+              << mq::client::Duration(j.finished_at_ms() - j.created_at_ms()) << ")\n";
+  }
+  if (j.progress().layers_total()) {
+    std::cout << "Progress:     " << j.progress().layers_committed() << "/"
+              << j.progress().layers_total() << " layers committed\n";
+  }
+  if (!j.progress().stage().empty()) {
+    std::cout << "Stage:        " << j.progress().stage() << "\n";
+  }
+  if (!j.missing_capability().empty()) {
+    std::cout << "Missing:      " << j.missing_capability() << "\n";
+  }
+}
+
+void PrintEvent(const mq::v1::JobEvent& e) {
+  std::cout << mq::client::Time(e.time_ms()) << "  " << e.kind() << "  " << e.message() << "\n";
+}
+
+// --- commands -------------------------------------------------------------------------------
+
+int ParseOrFail(mq::Flags& flags, int argc, char** argv, int first, const char* usage) {
+  bool help = false;
+  flags.Bool("help", &help, "show this help");
+  if (absl::Status s = flags.Parse(argc, argv, first); !s.ok()) {
+    return Fail(std::string(s.message()), 2);
+  }
+  if (help) {
+    std::cout << usage << "\n" << flags.Usage();
+    return 0;
+  }
+  return -1;
+}
+
+int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_events);
+
+// Global options may also follow the command; main() already applied them.
+void AcceptGlobalFlags(mq::Flags& f) {
+  static std::string coordinator, timeout;
+  f.String("coordinator", &coordinator, "coordinator HOST:PORT");
+  f.String("timeout", &timeout, "RPC deadline in seconds");
+}
+
+int Submit(Client& c, int argc, char** argv, int first) {
+  std::string model, output, method = "gptq", dataset, tokenizer, targets = "routed-experts",
+                             scale_search = "minmax", key;
+  int64_t bits = 4, group_size = 128, gang = 1, samples = 0, seqlen = 0, seed = 0, priority = 0,
+          max_attempts = 0;
+  std::string damping;
+  bool wait = false, asymmetric = false, no_act_order = false, mtp = false, json = c.global().json;
+  std::vector<std::string> ignore;
+  mq::Flags f;
+  f.String("model", &model, "input checkpoint directory (HF layout)");
+  f.String("output", &output, "output directory");
+  f.String("method", &method, "gptq (default), awq or rtn");
+  f.Int("bits", &bits, "weight bits (4)");
+  f.Int("group-size", &group_size, "32, 64, 128 (default) or -1 for per-channel");
+  f.Int("gang-size", &gang, "workers that run the job together (default 1)");
+  f.String("dataset", &dataset, "calibration data (JSONL)");
+  f.String("tokenizer", &tokenizer, "tokenizer.json (default: the model's)");
+  f.Int("num-calibration-samples", &samples, "calibration sequences (default 512)");
+  f.Int("max-sequence-length", &seqlen, "tokens per sequence (default 4096)");
+  f.Int("seed", &seed, "shuffle seed (default 0)");
+  f.String("targets", &targets, "routed-experts (default) or all-linear");
+  f.Repeated("ignore", &ignore, "regex of module names to leave unquantized (repeatable)");
+  f.String("scale-search", &scale_search, "minmax (default) or mse");
+  f.String("damping", &damping, "GPTQ relative damping in (0, 1] (default 0.01)");
+  f.Bool("asymmetric", &asymmetric, "use zero points");
+  f.Bool("no-act-order", &no_act_order, "keep the original column order");
+  f.Bool("include-mtp", &mtp, "also quantize the MTP layer's experts");
+  f.Int("priority", &priority, "higher runs first (default 0)");
+  f.Int("max-attempts", &max_attempts, "attempts before giving up (default 3)");
+  f.String("idempotency-key", &key, "makes repeated submits return the same job");
+  f.Bool("wait", &wait, "wait until the job ends; exit 1 unless it SUCCEEDED");
+  f.Bool("json", &json, "print JSON");
+  AcceptGlobalFlags(f);
+  if (int rc = ParseOrFail(f, argc, argv, first,
+                           "usage: mq-client submit --model DIR --output DIR [options]");
+      rc >= 0) {
+    return rc;
+  }
+  if (!f.positional().empty()) return Fail("submit: unexpected argument " + f.positional()[0], 2);
+  if (model.empty()) return Fail("submit: --model DIR is required", 2);
+  if (output.empty()) return Fail("submit: --output DIR is required", 2);
+
+  mq::v1::SubmitJobRequest request;
+  mq::v1::JobSpec* spec = request.mutable_spec();
+  spec->set_model_uri(Absolute(model));
+  spec->set_output_uri(Absolute(output));
+  static const std::map<std::string, mq::v1::Method> kMethods = {
+      {"gptq", mq::v1::METHOD_GPTQ}, {"awq", mq::v1::METHOD_AWQ}, {"rtn", mq::v1::METHOD_RTN}};
+  if (!kMethods.count(method)) {
+    return Fail("submit: --method = \"" + method + "\": must be gptq, awq or rtn", 2);
+  }
+  spec->set_method(kMethods.at(method));
+  spec->set_bits(static_cast<int32_t>(bits));
+  spec->set_group_size(static_cast<int32_t>(group_size));
+  spec->set_gang_size(static_cast<int32_t>(gang));
+  if (targets == "routed-experts") {
+    spec->set_targets(mq::v1::TARGET_SET_ROUTED_EXPERTS);
+  } else if (targets == "all-linear") {
+    spec->set_targets(mq::v1::TARGET_SET_ALL_LINEAR);
+  } else {
+    return Fail("submit: --targets = \"" + targets + "\": must be routed-experts or all-linear",
+                2);
+  }
+  if (scale_search == "minmax") {
+    spec->set_scale_search(mq::v1::SCALE_SEARCH_MINMAX);
+  } else if (scale_search == "mse") {
+    spec->set_scale_search(mq::v1::SCALE_SEARCH_MSE);
+  } else {
+    return Fail("submit: --scale-search = \"" + scale_search + "\": must be minmax or mse", 2);
+  }
+  if (!damping.empty()) {
+    char* end = nullptr;
+    double d = std::strtod(damping.c_str(), &end);
+    if (end == damping.c_str() || *end != '\0') {
+      return Fail("submit: --damping = \"" + damping + "\": must be a number in (0, 1]", 2);
+    }
+    spec->set_damping(d);
+  }
+  for (const auto& re : ignore) spec->add_ignore(re);
+  spec->set_symmetric(!asymmetric);
+  spec->set_act_order(!no_act_order);
+  spec->set_include_mtp(mtp);
+  spec->set_priority(static_cast<int32_t>(priority));
+  spec->set_max_attempts(static_cast<int32_t>(max_attempts));
+  mq::v1::CalibrationSpec* cal = spec->mutable_calibration();
+  cal->set_dataset_uri(Absolute(dataset));
+  cal->set_tokenizer_uri(Absolute(tokenizer));
+  cal->set_num_samples(samples);
+  cal->set_max_sequence_length(seqlen);
+  cal->set_seed(static_cast<uint64_t>(seed));
+  // A key of our own makes the client's retries safe even when the user gave none.
+  request.set_idempotency_key(key.empty() ? mq::NewId("c-") : key);
+
+  mq::v1::SubmitJobResponse response;
+  auto ctx = c.Ctx(60);
+  grpc::Status s = c.stub().SubmitJob(ctx.get(), request, &response);
+  if (!s.ok()) return RpcFail("submit", s, c.global());
+  if (json && !wait) {
+    std::cout << Json(response) << "\n";
+  } else if (!json) {
+    std::cout << response.job().job_id() << "\n";
+  }
+  if (!wait) return 0;
+  return WaitForJob(c, response.job().job_id(), json, /*print_events=*/false);
+}
+
+int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_events) {
+  // Reconnects if the coordinator restarts while we wait; gives up after repeated failures.
+  int64_t next_seq = 0;
+  int failures = 0;
+  mq::v1::JobRecord last;
+  while (true) {
+    grpc::ClientContext ctx;
+    ctx.set_wait_for_ready(true);
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::hours(24 * 30));
+    mq::v1::WatchJobRequest request;
+    request.set_job_id(job_id);
+    auto reader = c.stub().WatchJob(&ctx, request);
+    mq::v1::WatchJobResponse update;
+    while (reader->Read(&update)) {
+      failures = 0;
+      last = update.job();
+      for (const auto& e : update.events()) {
+        if (e.seq() < next_seq) continue;
+        next_seq = e.seq() + 1;
+        if (print_events && !json) PrintEvent(e);
+      }
+      if (json && print_events) std::cout << Json(update) << "\n" << std::flush;
+    }
+    grpc::Status s = reader->Finish();
+    if (Terminal(last.state())) break;
+    if (s.error_code() == grpc::StatusCode::NOT_FOUND ||
+        s.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+      return RpcFail("watch", s, c.global());
+    }
+    if (++failures > 60) return RpcFail("watch", s, c.global());
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  if (json && !print_events) {
+    mq::v1::GetJobRequest get;
+    get.set_job_id(job_id);
+    mq::v1::GetJobResponse full;
+    auto ctx = c.Ctx();
+    if (c.stub().GetJob(ctx.get(), get, &full).ok()) std::cout << Json(full) << "\n";
+  } else if (!json) {
+    std::cout << job_id << " " << StateName(last.state()) << ": " << last.message() << "\n";
+  }
+  if (last.state() == mq::v1::JOB_STATE_SUCCEEDED) return 0;
+  return Fail(absl::StrCat("job ", job_id, " ended ", StateName(last.state()), ": ",
+                           last.message()));
+}
+
+int Status(Client& c, int argc, char** argv, int first) {
+  bool json = c.global().json;
+  mq::Flags f;
+  f.Bool("json", &json, "print JSON");
+  AcceptGlobalFlags(f);
+  if (int rc = ParseOrFail(f, argc, argv, first, "usage: mq-client status JOB [--json]"); rc >= 0) {
+    return rc;
+  }
+  if (f.positional().size() != 1) return Fail("status: give exactly one job id", 2);
+  mq::v1::GetJobRequest request;
+  request.set_job_id(f.positional()[0]);
+  request.set_include_events(true);
+  mq::v1::GetJobResponse response;
+  auto ctx = c.Ctx();
+  grpc::Status s = c.stub().GetJob(ctx.get(), request, &response);
+  if (!s.ok()) return RpcFail("status", s, c.global());
+  if (json) {
+    std::cout << Json(response) << "\n";
+    return 0;
+  }
+  PrintJob(response.job());
+  if (response.job().has_plan() && response.job().plan().has_summary()) {
+    std::cout << "\n";
+    PrintReport(response.job().plan(), /*with_layers=*/false);
+  }
+  if (response.attempts_size()) {
+    Table t({"ATTEMPT", "PHASE", "STATE", "WORKERS", "STARTED", "ENDED", "MESSAGE"});
+    for (const auto& a : response.attempts()) {
+      std::string state = mq::v1::AttemptState_Name(a.state()).substr(14);
+      t.Add({std::to_string(a.attempt()), a.phase(), state, absl::StrJoin(a.worker_ids(), ","),
+             mq::client::Time(a.started_at_ms()), mq::client::Time(a.ended_at_ms()), a.message()});
+    }
+    std::cout << "\n" << t.Render();
+  }
+  if (response.events_size()) {
+    std::cout << "\nHistory:\n";
+    for (const auto& e : response.events()) PrintEvent(e);
+  }
+  return 0;
+}
+
+int List(Client& c, int argc, char** argv, int first) {
+  bool json = c.global().json;
+  std::vector<std::string> states;
+  int64_t limit = 100;
+  mq::Flags f;
+  f.Bool("json", &json, "print JSON");
+  f.Repeated("state", &states, "only jobs in this state (repeatable)");
+  f.Int("limit", &limit, "at most this many jobs (default 100)");
+  AcceptGlobalFlags(f);
+  if (int rc = ParseOrFail(f, argc, argv, first, "usage: mq-client list [--state S] [--json]");
+      rc >= 0) {
+    return rc;
+  }
+  if (!f.positional().empty()) return Fail("list: unexpected argument " + f.positional()[0], 2);
+  mq::v1::ListJobsRequest request;
+  for (std::string st : states) {
+    for (char& ch : st) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    mq::v1::JobState value;
+    if (!mq::v1::JobState_Parse("JOB_STATE_" + st, &value) ||
+        value == mq::v1::JOB_STATE_UNSPECIFIED) {
+      return Fail("list: --state = \"" + st +
+                      "\": must be queued, planning, running, finalizing, succeeded, failed or "
+                      "cancelled",
+                  2);
+    }
+    request.add_states(value);
+  }
+  if (limit < 1 || limit > 1000) return Fail("list: --limit must be between 1 and 1000", 2);
+  request.set_page_size(static_cast<int32_t>(limit));
+  mq::v1::ListJobsResponse response;
+  auto ctx = c.Ctx();
+  grpc::Status s = c.stub().ListJobs(ctx.get(), request, &response);
+  if (!s.ok()) return RpcFail("list", s, c.global());
+  if (json) {
+    std::cout << Json(response) << "\n";
+    return 0;
+  }
+  Table t({"JOB", "STATE", "METHOD", "MODEL", "CREATED", "MESSAGE"});
+  for (const auto& j : response.jobs()) {
+    std::string msg = j.message();
+    if (msg.size() > 60) msg = msg.substr(0, 57) + "...";
+    t.Add({j.job_id(), StateName(j.state()), MethodName(j.spec().method()),
+           j.spec().model_uri(), mq::client::Time(j.created_at_ms()), msg});
+  }
+  std::cout << t.Render();
+  return 0;
+}
+
+int Watch(Client& c, int argc, char** argv, int first) {
+  bool json = c.global().json;
+  mq::Flags f;
+  f.Bool("json", &json, "print one JSON object per update");
+  AcceptGlobalFlags(f);
+  if (int rc = ParseOrFail(f, argc, argv, first, "usage: mq-client watch JOB [--json]"); rc >= 0) {
+    return rc;
+  }
+  if (f.positional().size() != 1) return Fail("watch: give exactly one job id", 2);
+  return WaitForJob(c, f.positional()[0], json, /*print_events=*/true);
+}
+
+int CancelOrResume(Client& c, int argc, char** argv, int first, bool cancel) {
+  bool json = c.global().json;
+  std::string reason;
+  mq::Flags f;
+  f.Bool("json", &json, "print JSON");
+  if (cancel) f.String("reason", &reason, "recorded in the job's history");
+  AcceptGlobalFlags(f);
+  const char* usage = cancel ? "usage: mq-client cancel JOB [--reason TEXT] [--json]"
+                             : "usage: mq-client resume JOB [--json]";
+  if (int rc = ParseOrFail(f, argc, argv, first, usage); rc >= 0) return rc;
+  const char* name = cancel ? "cancel" : "resume";
+  if (f.positional().size() != 1) return Fail(std::string(name) + ": give exactly one job id", 2);
+  mq::v1::JobRecord job;
+  grpc::Status s;
+  auto ctx = c.Ctx();
+  if (cancel) {
+    mq::v1::CancelJobRequest request;
+    request.set_job_id(f.positional()[0]);
+    request.set_reason(reason);
+    mq::v1::CancelJobResponse response;
+    s = c.stub().CancelJob(ctx.get(), request, &response);
+    job = response.job();
+  } else {
+    mq::v1::ResumeJobRequest request;
+    request.set_job_id(f.positional()[0]);
+    mq::v1::ResumeJobResponse response;
+    s = c.stub().ResumeJob(ctx.get(), request, &response);
+    job = response.job();
+  }
+  if (!s.ok()) return RpcFail(name, s, c.global());
+  if (json) {
+    std::cout << Json(job) << "\n";
+  } else {
+    std::cout << job.job_id() << " " << StateName(job.state()) << ": " << job.message() << "\n";
+  }
+  return 0;
+}
+
+int Inspect(Client& c, int argc, char** argv, int first) {
+  bool json = c.global().json, all_linear = false, mtp = false, layers = false;
+  int64_t gang = 1, group_size = 128, samples = 0, seqlen = 0;
+  mq::Flags f;
+  f.Bool("json", &json, "print JSON");
+  f.Int("gang-size", &gang, "plan for this many workers (default 1)");
+  f.Int("group-size", &group_size, "32, 64, 128 (default) or -1");
+  f.Int("num-calibration-samples", &samples, "calibration sequences (default 512)");
+  f.Int("max-sequence-length", &seqlen, "tokens per sequence (default 4096)");
+  f.Bool("all-linear", &all_linear, "plan quantizing every linear layer");
+  f.Bool("include-mtp", &mtp, "plan the MTP layer too");
+  f.Bool("layers", &layers, "print the per-layer plan");
+  AcceptGlobalFlags(f);
+  if (int rc = ParseOrFail(f, argc, argv, first,
+                           "usage: mq-client inspect MODEL_DIR [--gang-size N] [--json]");
+      rc >= 0) {
+    return rc;
+  }
+  if (f.positional().size() != 1) return Fail("inspect: give exactly one model directory", 2);
+  mq::v1::InspectModelRequest request;
+  request.set_model_uri(Absolute(f.positional()[0]));
+  request.set_gang_size(static_cast<int32_t>(gang));
+  request.set_group_size(static_cast<int32_t>(group_size));
+  request.set_targets(all_linear ? mq::v1::TARGET_SET_ALL_LINEAR
+                                 : mq::v1::TARGET_SET_ROUTED_EXPERTS);
+  request.set_include_mtp(mtp);
+  request.set_num_samples(samples);
+  request.set_max_sequence_length(seqlen);
+  mq::v1::InspectModelResponse response;
+  auto ctx = c.Ctx(std::max<int64_t>(c.global().timeout_s, 120));
+  grpc::Status s = c.stub().InspectModel(ctx.get(), request, &response);
+  if (!s.ok()) return RpcFail("inspect", s, c.global());
+  if (json) {
+    std::cout << Json(response) << "\n";
+  } else {
+    PrintReport(response.report(), layers);
+  }
+  if (response.report().problems_size() > 0) {
+    return Fail(absl::StrCat("inspect: ", request.model_uri(), " has ",
+                             response.report().problems_size(), " problem",
+                             response.report().problems_size() == 1 ? "" : "s"));
+  }
+  return 0;
+}
+
+int Workers(Client& c, int argc, char** argv, int first) {
+  bool json = c.global().json;
+  mq::Flags f;
+  f.Bool("json", &json, "print JSON");
+  AcceptGlobalFlags(f);
+  if (int rc = ParseOrFail(f, argc, argv, first, "usage: mq-client workers [--json]"); rc >= 0) {
+    return rc;
+  }
+  mq::v1::ListWorkersResponse response;
+  auto ctx = c.Ctx();
+  grpc::Status s = c.stub().ListWorkers(ctx.get(), mq::v1::ListWorkersRequest(), &response);
+  if (!s.ok()) return RpcFail("workers", s, c.global());
+  if (json) {
+    std::cout << Json(response) << "\n";
+    return 0;
+  }
+  Table t({"WORKER", "NAME", "STATE", "DEVICE", "GPU MEMORY", "HOST MEMORY", "HEARTBEAT", "JOB"});
+  for (const auto& w : response.workers()) {
+    const auto& caps = w.worker().capabilities();
+    std::string state = mq::v1::WorkerState_Name(w.state()).substr(13);
+    std::string device = caps.device() + (caps.device_name().empty() ? "" : " " + caps.device_name());
+    t.Add({w.worker().worker_id(), w.worker().name(), state, device,
+           caps.device_memory_bytes() ? Bytes(caps.device_memory_bytes()) : "-",
+           Bytes(caps.host_memory_bytes()), mq::client::Duration(w.last_heartbeat_age_ms()) + " ago",
+           w.job_id().empty() ? "-" : w.job_id()});
+  }
+  std::cout << t.Render();
+  return 0;
+}
+
+int Health(Client& c, int argc, char** argv, int first) {
+  mq::Flags f;
+  AcceptGlobalFlags(f);
+  if (int rc = ParseOrFail(f, argc, argv, first, "usage: mq-client health"); rc >= 0) return rc;
+  auto stub = grpc::health::v1::Health::NewStub(c.channel());
+  grpc::health::v1::HealthCheckRequest request;
+  grpc::health::v1::HealthCheckResponse response;
+  auto ctx = c.Ctx();
+  grpc::Status s = stub->Check(ctx.get(), request, &response);
+  if (!s.ok()) return RpcFail("health", s, c.global());
+  if (response.status() != grpc::health::v1::HealthCheckResponse::SERVING) {
+    return Fail("health: coordinator " + c.global().coordinator + " is not serving");
+  }
+  std::cout << "SERVING\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Global g;
+  const char* env = std::getenv("MQ_COORDINATOR");
+  g.coordinator = env && *env ? env : "127.0.0.1:50051";
+  // Global options come before the command.
+  int i = 1;
+  for (; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--", 0) != 0) break;
+    std::string name = a.substr(2), value;
+    bool has_value = false;
+    if (auto eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      has_value = true;
+    }
+    if (name == "help") {
+      std::cout << kUsage;
+      return 0;
+    }
+    if (name == "json") {
+      g.json = true;
+      continue;
+    }
+    if (name != "coordinator" && name != "timeout") {
+      return Fail("unknown option --" + name + " (see mq-client --help)", 2);
+    }
+    if (!has_value) {
+      if (i + 1 >= argc) return Fail("option --" + name + " needs a value", 2);
+      value = argv[++i];
+    }
+    if (name == "coordinator") {
+      g.coordinator = value;
+    } else {
+      char* end = nullptr;
+      long t = std::strtol(value.c_str(), &end, 10);
+      if (end == value.c_str() || *end || t < 1 || t > 86400) {
+        return Fail("--timeout = \"" + value + "\": must be 1..86400 seconds", 2);
+      }
+      g.timeout_s = t;
+    }
+  }
+  if (i >= argc) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  const std::string command = argv[i];
+  // Allow --coordinator after the command too: commands parse it into g before connecting.
+  for (int k = i + 1; k + 1 < argc; ++k) {
+    if (std::string(argv[k]) == "--coordinator") g.coordinator = argv[k + 1];
+  }
+  for (int k = i + 1; k < argc; ++k) {
+    std::string a = argv[k];
+    if (a.rfind("--coordinator=", 0) == 0) g.coordinator = a.substr(14);
+    if (a == "--json") g.json = true;
+  }
+  if (g.coordinator.find(':') == std::string::npos) {
+    return Fail("--coordinator = \"" + g.coordinator + "\": must be HOST:PORT", 2);
+  }
+  Client client(g);
+  const int first = i + 1;
+  if (command == "submit") return Submit(client, argc, argv, first);
+  if (command == "status") return Status(client, argc, argv, first);
+  if (command == "list") return List(client, argc, argv, first);
+  if (command == "watch") return Watch(client, argc, argv, first);
+  if (command == "cancel") return CancelOrResume(client, argc, argv, first, true);
+  if (command == "resume") return CancelOrResume(client, argc, argv, first, false);
+  if (command == "inspect") return Inspect(client, argc, argv, first);
+  if (command == "workers") return Workers(client, argc, argv, first);
+  if (command == "health") return Health(client, argc, argv, first);
+  return Fail("unknown command \"" + command +
+                  "\": must be submit, status, list, watch, cancel, resume, inspect, workers or "
+                  "health",
+              2);
+}

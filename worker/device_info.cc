@@ -1,0 +1,96 @@
+#include "worker/device_info.h"
+
+#include <dlfcn.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <charconv>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+
+namespace mq::worker {
+namespace {
+
+// The few CUDA driver API entry points we need, resolved with dlsym.
+struct CudaDriver {
+  using InitFn = int (*)(unsigned int);
+  using CountFn = int (*)(int*);
+  using GetFn = int (*)(int*, int);
+  using NameFn = int (*)(char*, int, int);
+  using MemFn = int (*)(size_t*, int);
+  InitFn init = nullptr;
+  CountFn count = nullptr;
+  GetFn get = nullptr;
+  NameFn name = nullptr;
+  MemFn total_mem = nullptr;
+};
+
+absl::Status ProbeCuda(int ordinal, DeviceInfo& info) {
+  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "--device = ", info.device, ": no CUDA driver on this machine (libcuda.so.1: ",
+        dlerror(), "); use --device cpu"));
+  }
+  CudaDriver d;
+  d.init = reinterpret_cast<CudaDriver::InitFn>(dlsym(lib, "cuInit"));
+  d.count = reinterpret_cast<CudaDriver::CountFn>(dlsym(lib, "cuDeviceGetCount"));
+  d.get = reinterpret_cast<CudaDriver::GetFn>(dlsym(lib, "cuDeviceGet"));
+  d.name = reinterpret_cast<CudaDriver::NameFn>(dlsym(lib, "cuDeviceGetName"));
+  d.total_mem = reinterpret_cast<CudaDriver::MemFn>(dlsym(lib, "cuDeviceTotalMem_v2"));
+  if (!d.init || !d.count || !d.get || !d.name || !d.total_mem) {
+    return absl::FailedPreconditionError("libcuda.so.1 lacks the driver API mq needs");
+  }
+  if (int rc = d.init(0); rc != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--device = ", info.device, ": cuInit failed with CUDA error ", rc));
+  }
+  int count = 0;
+  d.count(&count);
+  if (ordinal >= count) {
+    return absl::InvalidArgumentError(absl::StrCat("--device = ", info.device,
+                                                   ": this machine has ", count, " GPU(s)"));
+  }
+  int dev = 0;
+  d.get(&dev, ordinal);
+  char name[256] = {0};
+  d.name(name, sizeof(name) - 1, dev);
+  size_t bytes = 0;
+  d.total_mem(&bytes, dev);
+  info.device_name = name;
+  info.device_memory_bytes = static_cast<int64_t>(bytes);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<DeviceInfo> ProbeDevice(const std::string& device, const std::string& scratch_dir) {
+  DeviceInfo info;
+  info.device = device;
+  info.cpu_cores = static_cast<int>(std::thread::hardware_concurrency());
+  info.host_memory_bytes =
+      static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  info.hostname = host;
+  struct statvfs fs{};
+  if (!scratch_dir.empty() && statvfs(scratch_dir.c_str(), &fs) == 0) {
+    info.scratch_free_bytes = static_cast<int64_t>(fs.f_bavail) * static_cast<int64_t>(fs.f_frsize);
+  }
+  if (device == "cpu") return info;
+  if (device.rfind("cuda:", 0) == 0) {
+    int ordinal = -1;
+    const char* begin = device.data() + 5;
+    const char* end = device.data() + device.size();
+    auto [ptr, ec] = std::from_chars(begin, end, ordinal);
+    if (ec == std::errc() && ptr == end && begin != end && ordinal >= 0) {
+      if (absl::Status s = ProbeCuda(ordinal, info); !s.ok()) return s;
+      return info;
+    }
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("--device = \"", device, "\": must be cpu or cuda:N (N = 0, 1, ...)"));
+}
+
+}  // namespace mq::worker

@@ -1,0 +1,61 @@
+// The worker process's control loop: registers with the coordinator, keeps its lease with
+// heartbeats (own thread), long-polls for assignments, runs them one at a time and reports.
+//
+// Threading: Run() owns the main loop; a heartbeat thread runs beside it. The coordinator may
+// restart at any time: calls are retried with backoff and the worker keeps its id, so work in
+// flight is reported once the coordinator is back.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "mq/v1/worker_service.grpc.pb.h"
+#include "worker/device_info.h"
+#include "worker/worker_metrics.h"
+
+namespace mq::worker {
+
+struct WorkerOptions {
+  std::string coordinator;  // HOST:PORT
+  std::string name;
+  std::string scratch_dir;
+  int64_t poll_wait_ms = 5000;
+};
+
+class Worker {
+ public:
+  Worker(WorkerOptions options, DeviceInfo device, WorkerMetrics* metrics);
+
+  // Runs until `stop` becomes true. Returns the process exit code.
+  int Run(const std::atomic<bool>& stop);
+
+ private:
+  std::unique_ptr<grpc::ClientContext> Context(int64_t timeout_ms, bool wait_for_ready = true);
+  // Registers (again) until it succeeds or `stop`; keeps the previous id if there is one.
+  bool Register(const std::atomic<bool>& stop);
+  void HeartbeatLoop(const std::atomic<bool>& stop);
+  void RunAssignment(const mq::v1::Assignment& assignment, const std::atomic<bool>& stop);
+  // Sends the result until the coordinator accepts or rejects it for good.
+  void Complete(mq::v1::CompleteAssignmentRequest request, const std::atomic<bool>& stop);
+  void Progress(const mq::v1::Assignment& assignment, const std::string& stage, double fraction);
+  bool Cancelled();
+
+  WorkerOptions options_;
+  DeviceInfo device_;
+  WorkerMetrics* metrics_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<mq::v1::WorkerService::Stub> stub_;
+
+  std::mutex mu_;
+  std::string worker_id_;
+  int64_t heartbeat_interval_ms_ = 1000;
+  std::string current_assignment_;
+  std::atomic<bool> cancel_current_{false};
+  std::atomic<bool> need_register_{false};
+};
+
+}  // namespace mq::worker
