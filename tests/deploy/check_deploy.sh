@@ -156,8 +156,10 @@ GOSRC=/usr/share/gocode/src
 if command -v go >/dev/null && [[ -d $GOSRC/github.com/Masterminds/sprig && -d $GOSRC/gopkg.in/yaml.v3 ]]; then
   approx_render() {
     local f name api=()
+    # GOPATH mode against Debian's Go sources: no module download, no network.
+    local gocache="${GOCACHE:-${HOME:+$HOME/.cache/go-build}}"
     (cd "$SRC" && GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS= \
-      go build -o "$WORK/render" ./tests/deploy/render)
+      GOCACHE="${gocache:-$WORK/gocache}" go build -o "$WORK/render" ./tests/deploy/render)
     for v in "${API_VERSIONS[@]}"; do api+=(-api-versions "$v"); done
     for f in "${ci_files[@]}"; do
       name=$(basename "$f" .yaml)

@@ -1,0 +1,158 @@
+"""Starts real mq-coordinator and mq-worker processes on loopback for integration tests and
+drives them with mq-client, the way a user would."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+BUILD_DIR = Path(os.environ.get("MQ_BUILD_DIR", Path(__file__).resolve().parents[2] / "build"))
+COORDINATOR = BUILD_DIR / "server" / "mq-coordinator"
+WORKER = BUILD_DIR / "worker" / "mq-worker"
+CLIENT = BUILD_DIR / "client" / "mq-client"
+GEN_MODEL = BUILD_DIR / "tests" / "tools" / "mq-gen-model"
+
+
+def wait_until(predicate, timeout, what, interval=0.1):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def generate_model(out_dir, *args):
+    """Runs mq-gen-model into out_dir with extra flags; returns the directory."""
+    res = subprocess.run([str(GEN_MODEL), "--output", str(out_dir), *map(str, args)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"mq-gen-model failed: {res.stderr}"
+    return Path(out_dir)
+
+
+class Process:
+    def __init__(self, name, argv, log_path, env=None):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def kill9(self):
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.alive():
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def pause(self):
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+
+    def output(self):
+        return Path(self.log_path).read_text(errors="replace")
+
+
+class Cluster:
+    """A coordinator (on a fixed port once chosen) plus any number of workers."""
+
+    def __init__(self, tmp_path, lease_ms=3000, heartbeat_ms=300):
+        self.tmp = Path(tmp_path)
+        self.data_dir = self.tmp / "coordinator-data"
+        self.lease_ms = lease_ms
+        self.heartbeat_ms = heartbeat_ms
+        self.address = None
+        self.metrics_port = None
+        self.coordinator = None
+        self.workers = {}
+        self._starts = 0
+
+    # --- coordinator -------------------------------------------------------------------------
+    def start_coordinator(self, metrics=False):
+        self._starts += 1
+        ready = self.tmp / f"ready-{self._starts}"
+        listen = self.address or "127.0.0.1:0"
+        argv = [str(COORDINATOR), "--listen", listen, "--data-dir", str(self.data_dir),
+                "--ready-file", str(ready), "--lease-ms", str(self.lease_ms),
+                "--heartbeat-interval-ms", str(self.heartbeat_ms)]
+        if metrics:
+            argv += ["--metrics-listen", "127.0.0.1:0" if not self.metrics_port
+                     else f"127.0.0.1:{self.metrics_port}"]
+        self.coordinator = Process("coordinator", argv, self.tmp / "coordinator.log")
+        wait_until(lambda: ready.exists() or not self.coordinator.alive(), 30, "coordinator ready")
+        assert self.coordinator.alive(), self.coordinator.output()
+        self.address = ready.read_text().strip()
+        return self.coordinator
+
+    def kill_coordinator(self):
+        self.coordinator.kill9()
+
+    # --- workers -----------------------------------------------------------------------------
+    def start_worker(self, name, env=None, wait=True):
+        argv = [str(WORKER), "--coordinator", self.address, "--name", name, "--scratch-dir",
+                str(self.tmp / f"scratch-{name}"), "--poll-wait-ms", "1000"]
+        w = Process(name, argv, self.tmp / f"worker-{name}.log", env)
+        self.workers[name] = w
+        if wait:
+            wait_until(lambda: self.worker_state(name) == "WORKER_STATE_IDLE", 30,
+                       f"worker {name} registered")
+        return w
+
+    def worker_entry(self, name):
+        for w in self.client_json("workers").get("workers", []):
+            if w["worker"]["name"] == name:
+                return w
+        return None
+
+    def worker_state(self, name):
+        entry = self.worker_entry(name)
+        return entry["state"] if entry else None
+
+    # --- client ------------------------------------------------------------------------------
+    def client(self, *args, check=False, timeout=120):
+        res = subprocess.run([str(CLIENT), "--coordinator", self.address, *map(str, args)],
+                             capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert res.returncode == 0, f"mq-client {args} failed: {res.stderr}{res.stdout}"
+        return res
+
+    def client_json(self, *args):
+        res = self.client(*args, "--json", check=True)
+        return json.loads(res.stdout)
+
+    def job(self, job_id):
+        return self.client_json("status", job_id)
+
+    def job_state(self, job_id):
+        return self.job(job_id)["job"]["state"]
+
+    def wait_job(self, job_id, states, timeout=60):
+        states = {states} if isinstance(states, str) else set(states)
+        return wait_until(lambda: self.job_state(job_id) in states and self.job(job_id), timeout,
+                          f"job {job_id} in {states}")
+
+    def close(self):
+        for w in self.workers.values():
+            w.resume() if w.alive() else None
+            w.stop()
+        if self.coordinator:
+            self.coordinator.stop()

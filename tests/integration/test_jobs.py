@@ -1,0 +1,265 @@
+"""Jobs through real processes: submit, plan, crash recovery, leases, cancel/resume,
+idempotency and request validation, all driven with mq-client."""
+
+import json
+import time
+
+import pytest
+
+from mq_cluster import generate_model, wait_until
+
+MISSING_CAPABILITY = 'capability "quantize:gptq" is missing'
+
+
+@pytest.fixture
+def model(tmp_path):
+    return generate_model(tmp_path / "model", "--format", "fp8", "--hidden", "200", "--seed", "7")
+
+
+def submit(cluster, model, out, *extra):
+    res = cluster.client("submit", "--model", model, "--output", out, *extra, check=True)
+    return res.stdout.strip()
+
+
+def events(job):
+    return job.get("events", [])
+
+
+def test_submit_plans_for_real_then_stops_on_missing_capability(cluster, model, tmp_path):
+    cluster.start_coordinator()
+    cluster.start_worker("w1")
+    res = cluster.client("submit", "--model", model, "--output", tmp_path / "out", "--wait")
+    assert res.returncode == 1
+    job_id = res.stdout.split()[0]
+    assert "FAILED" in res.stdout and MISSING_CAPABILITY in res.stdout
+    assert "planning succeeded (3 layers" in res.stderr  # one-line reason
+    job = cluster.job(job_id)["job"]
+    assert job["missing_capability"] == "quantize:gptq"
+    # The plan the worker computed is kept with the job.
+    assert job["plan"]["summary"]["weight_format"] == "fp8"
+    assert len(job["plan"]["layers"]) == 3
+    assert job["progress"]["layers_total"] == 3
+    kinds = [e["kind"] for e in events(cluster.job(job_id))]
+    assert kinds == ["submitted", "assigned", "state", "planned", "state"]
+    # Human output names the state and the reason.
+    human = cluster.client("status", job_id, check=True).stdout
+    assert "State:        FAILED" in human and "Missing:      quantize:gptq" in human
+    assert "History:" in human and "planning on worker" in human
+
+
+def test_broken_checkpoint_fails_job_with_every_problem(cluster, tmp_path):
+    model = generate_model(tmp_path / "broken", "--defect",
+                           "missing-scale=model.layers.1.self_attn.o_proj.weight")
+    cluster.start_coordinator()
+    cluster.start_worker("w1")
+    job_id = submit(cluster, model, tmp_path / "out")
+    job = cluster.wait_job(job_id, "JOB_STATE_FAILED")["job"]
+    assert "the checkpoint check found 1 problem" in job["message"]
+    assert "model.layers.1.self_attn.o_proj.weight" in job["message"]
+    assert job["missing_capability"] == ""
+
+
+def test_coordinator_sigkill_between_submit_and_completion(cluster, model, tmp_path):
+    cluster.start_coordinator()
+    cluster.start_worker("slow", env={"MQ_FAULT_PLAN_DELAY_MS": "3000"})
+    job_id = submit(cluster, model, tmp_path / "out", "--idempotency-key", "crash-1")
+    cluster.wait_job(job_id, "JOB_STATE_PLANNING", timeout=20)
+    before = cluster.job(job_id)
+    cluster.kill_coordinator()
+    cluster.start_coordinator()
+
+    # Everything acknowledged before the crash is there.
+    after = cluster.job(job_id)
+    assert after["job"]["job_id"] == job_id
+    assert after["job"]["state"] == "JOB_STATE_PLANNING"
+    assert after["job"]["spec"] == before["job"]["spec"]
+    assert events(after)[: len(events(before))] == events(before)
+    listed = cluster.client_json("list")["jobs"]
+    assert [j["job_id"] for j in listed] == [job_id]
+    # The same idempotency key still names the same job after the restart.
+    again = cluster.client("submit", "--model", model, "--output", tmp_path / "out",
+                           "--idempotency-key", "crash-1", check=True)
+    assert again.stdout.strip() == job_id
+
+    # The worker keeps its id, finishes its planning and reports to the new coordinator:
+    # the work is not redone (one attempt, one assignment).
+    done = cluster.wait_job(job_id, "JOB_STATE_FAILED", timeout=30)
+    assert MISSING_CAPABILITY in done["job"]["message"]
+    assert done["job"]["attempt"] == 1
+    assert [a["state"] for a in done["attempts"]] == ["ATTEMPT_STATE_SUCCEEDED"]
+    seqs = [int(e["seq"]) for e in events(done)]
+    assert seqs == list(range(len(seqs)))
+    assert [e["kind"] for e in events(done)].count("assigned") == 1
+
+
+def test_coordinator_sigkill_repeatedly_keeps_every_job(cluster, model, tmp_path):
+    cluster.start_coordinator()
+    ids = []
+    for round_ in range(3):
+        ids.append(submit(cluster, model, tmp_path / f"out{round_}"))
+        cluster.kill_coordinator()
+        cluster.start_coordinator()
+    listed = [j["job_id"] for j in cluster.client_json("list")["jobs"]]
+    assert listed == list(reversed(ids))
+    for job_id in ids:
+        assert cluster.job_state(job_id) == "JOB_STATE_QUEUED"
+    cluster.start_worker("w1")
+    for job_id in ids:
+        cluster.wait_job(job_id, "JOB_STATE_FAILED", timeout=30)
+
+
+def test_silent_worker_is_declared_dead_and_its_work_reassigned(cluster, model, tmp_path):
+    cluster.start_coordinator()
+    slow = cluster.start_worker("first", env={"MQ_FAULT_PLAN_DELAY_MS": "4000"})
+    cluster.start_worker("second")
+    job_id = submit(cluster, model, tmp_path / "out")
+    wait_until(lambda: (cluster.worker_entry("first") or {}).get("job_id") == job_id, 20,
+               "job assigned to the first worker")
+    slow.pause()  # SIGSTOP: no heartbeats, no progress
+    paused_at = time.monotonic()
+    wait_until(lambda: cluster.worker_state("first") == "WORKER_STATE_DEAD", 15, "declared dead")
+    detected_after = time.monotonic() - paused_at
+    # Declared dead within its lease (plus the scheduler's tick and polling slack).
+    assert detected_after < cluster.lease_ms / 1000 + 1.5, detected_after
+
+    done = cluster.wait_job(job_id, "JOB_STATE_FAILED", timeout=30)
+    assert MISSING_CAPABILITY in done["job"]["message"]
+    assert done["job"]["attempt"] == 2
+    first, second = done["attempts"]
+    assert first["state"] == "ATTEMPT_STATE_ABORTED" and "no heartbeat" in first["message"]
+    assert second["state"] == "ATTEMPT_STATE_SUCCEEDED"
+    second_id = cluster.worker_entry("second")["worker"]["worker_id"]
+    assert second["worker_ids"] == [second_id]
+    assert "lease_expired" in [e["kind"] for e in events(done)]
+
+    # The zombie wakes up: its late result is refused and it rejoins as a live worker.
+    slow.resume()
+    wait_until(lambda: "not accepted" in slow.output() or "abandoned" in slow.output(), 20,
+               "the stale worker notices")
+    wait_until(lambda: cluster.worker_state("first") == "WORKER_STATE_IDLE", 20, "worker back")
+    assert cluster.job(job_id)["job"]["attempt"] == 2
+
+
+def test_cancel_and_resume(cluster, model, tmp_path):
+    cluster.start_coordinator()
+    cluster.start_worker("w1", env={"MQ_FAULT_PLAN_DELAY_MS": "2000"})
+    job_id = submit(cluster, model, tmp_path / "out")
+    cluster.wait_job(job_id, "JOB_STATE_PLANNING")
+    res = cluster.client("cancel", job_id, "--reason", "wrong model", check=True)
+    assert "CANCELLED" in res.stdout
+    job = cluster.job(job_id)
+    assert job["job"]["message"] == "cancelled by user: wrong model"
+    assert job["attempts"][0]["state"] == "ATTEMPT_STATE_ABORTED"
+    again = cluster.client("cancel", job_id)
+    assert again.returncode == 1 and "already ended (CANCELLED)" in again.stderr
+    # The worker is told to stop and becomes free again.
+    wait_until(lambda: cluster.worker_state("w1") == "WORKER_STATE_IDLE", 20, "worker idle")
+
+    res = cluster.client("resume", job_id, check=True)
+    assert "QUEUED" in res.stdout
+    done = cluster.wait_job(job_id, "JOB_STATE_FAILED", timeout=30)
+    assert done["job"]["attempt"] == 2
+    bad = cluster.client("resume", "j-00000000000000000000000000")
+    assert bad.returncode == 1 and "not found" in bad.stderr
+
+
+def test_watch_follows_a_job_to_its_end(cluster, model, tmp_path):
+    cluster.start_coordinator()
+    cluster.start_worker("w1", env={"MQ_FAULT_PLAN_DELAY_MS": "1000"})
+    job_id = submit(cluster, model, tmp_path / "out")
+    res = cluster.client("watch", job_id, timeout=60)
+    assert res.returncode == 1  # the job ends FAILED (missing capability)
+    for text in ("submitted", "planning on worker", "planned", MISSING_CAPABILITY):
+        assert text in res.stdout, res.stdout
+    lines = cluster.client("watch", job_id, "--json").stdout.strip().splitlines()
+    assert json.loads(lines[0])["job"]["job_id"] == job_id
+
+
+def test_idempotent_submit(cluster, model, tmp_path):
+    cluster.start_coordinator()
+    out = tmp_path / "out"
+    a = submit(cluster, model, out, "--idempotency-key", "k1")
+    b = submit(cluster, model, out, "--idempotency-key", "k1")
+    assert a == b
+    res = cluster.client("submit", "--model", model, "--output", out, "--group-size", "64",
+                         "--idempotency-key", "k1")
+    assert res.returncode == 1
+    assert "already exists" in res.stderr and "idempotency_key" in res.stderr and a in res.stderr
+    assert len(cluster.client_json("list")["jobs"]) == 1
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--group-size", "96"], "spec.group_size = 96"),
+    (["--bits", "8"], "spec.bits = 8"),
+    (["--gang-size", "-2"], "spec.gang_size = -2"),
+    (["--gang-size", "5000"], "spec.gang_size = 5000"),
+    (["--damping", "2"], "spec.damping = 2"),
+    (["--damping", "-0.5"], "spec.damping = -0.5"),
+    (["--ignore", "(unclosed"], "spec.ignore[0]"),
+    (["--num-calibration-samples", "-1"], "spec.calibration.num_samples = -1"),
+    (["--max-sequence-length", "99999999"], "spec.calibration.max_sequence_length"),
+    (["--max-attempts", "1000"], "spec.max_attempts = 1000"),
+    (["--priority", "5000"], "spec.priority = 5000"),
+    (["--idempotency-key", "has space"], "idempotency_key"),
+    (["--dataset", "s3://bucket/data.jsonl"], "spec.calibration.dataset_uri"),
+])
+def test_invalid_submit_names_the_field(cluster, model, tmp_path, args, field):
+    cluster.start_coordinator()
+    res = cluster.client("submit", "--model", model, "--output", tmp_path / "out", *args)
+    assert res.returncode == 1, res.stdout
+    assert res.stderr.startswith("mq-client: submit: invalid argument: ")
+    assert field in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert cluster.coordinator.alive()
+
+
+def test_output_inside_model_is_refused(cluster, model):
+    cluster.start_coordinator()
+    res = cluster.client("submit", "--model", model, "--output", model / "out")
+    assert res.returncode == 1 and "spec.output_uri" in res.stderr
+    assert "inside" in res.stderr
+
+
+def test_client_usage_errors(cluster, model, tmp_path):
+    cluster.start_coordinator()
+    cases = [
+        (["submit", "--output", tmp_path], "--model DIR is required"),
+        (["submit", "--model", model, "--output", tmp_path, "--method", "foo"], "--method"),
+        (["submit", "--model", model, "--output", tmp_path, "--bits", "x"], "must be an integer"),
+        (["status"], "exactly one job id"),
+        (["list", "--state", "bogus"], "--state"),
+        (["frobnicate"], "unknown command"),
+        (["status", "j-1", "--nope"], "unknown option --nope"),
+    ]
+    for args, text in cases:
+        res = cluster.client(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        assert text in res.stderr, (args, res.stderr)
+    res = cluster.client("status", "not-a-job")
+    assert res.returncode == 1 and "job_id" in res.stderr and "not-a-job" in res.stderr
+
+
+def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
+    import subprocess
+    from mq_cluster import CLIENT
+    res = subprocess.run([str(CLIENT), "--coordinator", "127.0.0.1:1", "--timeout", "2", "list"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 1
+    assert "unavailable" in res.stderr or "deadline" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_health_workers_and_list(cluster, model, tmp_path):
+    cluster.start_coordinator()
+    assert cluster.client("health", check=True).stdout.strip() == "SERVING"
+    cluster.start_worker("gpu-less")
+    human = cluster.client("workers", check=True).stdout
+    assert "gpu-less" in human and "IDLE" in human and "cpu" in human
+    entry = cluster.worker_entry("gpu-less")
+    assert entry["worker"]["capabilities"]["host_memory_bytes"] > 0
+    assert "plan" in entry["worker"]["capabilities"]["capabilities"]
+    job_id = submit(cluster, model, tmp_path / "out")
+    cluster.wait_job(job_id, "JOB_STATE_FAILED")
+    assert job_id in cluster.client("list", check=True).stdout
+    only_queued = cluster.client_json("list", "--state", "queued")
+    assert only_queued.get("jobs", []) == []
