@@ -26,13 +26,25 @@ std::string NewId(std::string_view prefix) {
   static constexpr char kAlphabet[] = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
   static std::mutex mu;
   static std::mt19937_64 rng{std::random_device{}() ^ (static_cast<uint64_t>(getpid()) << 32)};
+  static uint64_t last_ms = 0, last_hi = 0, last_lo = 0;
+  uint64_t ms = static_cast<uint64_t>(NowMs()) & ((uint64_t{1} << 48) - 1);
   uint64_t rand_hi, rand_lo;
   {
+    // Monotonic within the process: in the same millisecond (or if the clock steps back) the
+    // random part of the previous id is incremented, so ids keep creation order.
     std::lock_guard<std::mutex> lock(mu);
-    rand_hi = rng() & 0xFFFF;  // 16 bits
-    rand_lo = rng();           // 64 bits
+    if (ms <= last_ms) {
+      ms = last_ms;
+      rand_lo = last_lo + 1;
+      rand_hi = (last_hi + (rand_lo == 0 ? 1 : 0)) & 0xFFFF;
+    } else {
+      rand_hi = rng() & 0xFFFF;  // 16 bits
+      rand_lo = rng();           // 64 bits
+    }
+    last_ms = ms;
+    last_hi = rand_hi;
+    last_lo = rand_lo;
   }
-  const uint64_t ms = static_cast<uint64_t>(NowMs()) & ((uint64_t{1} << 48) - 1);
   // 130 bits: 2 zero bits, 48 bits of time, 80 random bits, emitted 5 bits at a time.
   std::string out(prefix);
   auto bit_at = [&](int i) -> int {  // i = 0 is the most significant of 130 bits

@@ -16,6 +16,18 @@ int64_t DeadlineMs(grpc::ServerContext* ctx, const Coordinator* c, int64_t cap_m
   return c->options().monotonic_ms() + left_ms;
 }
 
+// Upper-case gRPC code names, as go-grpc-prometheus labels them ("OK", "INVALID_ARGUMENT").
+const char* CodeName(grpc::StatusCode code) {
+  static constexpr const char* kNames[] = {
+      "OK",        "CANCELLED",         "UNKNOWN",          "INVALID_ARGUMENT",
+      "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",   "PERMISSION_DENIED",
+      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+      "UNIMPLEMENTED", "INTERNAL",      "UNAVAILABLE",      "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  const int i = static_cast<int>(code);
+  return i >= 0 && i < 17 ? kNames[i] : "UNKNOWN";
+}
+
 // Runs `fn` (returning absl::StatusOr<Response>), fills `response`, records metrics.
 template <typename Response, typename Fn>
 grpc::Status Handle(CoordinatorMetrics* metrics, const char* method, Response* response, Fn fn) {
@@ -32,7 +44,7 @@ grpc::Status Handle(CoordinatorMetrics* metrics, const char* method, Response* r
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     metrics->grpc_handled
         ->Add({{"grpc_method", method},
-               {"grpc_code", std::to_string(static_cast<int>(status.error_code()))}})
+               {"grpc_code", CodeName(status.error_code())}})
         .Increment();
     metrics->grpc_seconds->Add({{"grpc_method", method}}, FastBuckets()).Observe(secs);
   }

@@ -4,6 +4,7 @@ drives them with mq-client, the way a user would."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +25,12 @@ def wait_until(predicate, timeout, what, interval=0.1):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def generate_model(out_dir, *args):
@@ -87,16 +94,15 @@ class Cluster:
         self._starts = 0
 
     # --- coordinator -------------------------------------------------------------------------
-    def start_coordinator(self, metrics=False):
+    def start_coordinator(self, metrics_port=None):
         self._starts += 1
         ready = self.tmp / f"ready-{self._starts}"
         listen = self.address or "127.0.0.1:0"
         argv = [str(COORDINATOR), "--listen", listen, "--data-dir", str(self.data_dir),
                 "--ready-file", str(ready), "--lease-ms", str(self.lease_ms),
                 "--heartbeat-interval-ms", str(self.heartbeat_ms)]
-        if metrics:
-            argv += ["--metrics-listen", "127.0.0.1:0" if not self.metrics_port
-                     else f"127.0.0.1:{self.metrics_port}"]
+        if metrics_port:
+            argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
         self.coordinator = Process("coordinator", argv, self.tmp / "coordinator.log")
         wait_until(lambda: ready.exists() or not self.coordinator.alive(), 30, "coordinator ready")
         assert self.coordinator.alive(), self.coordinator.output()
@@ -107,9 +113,11 @@ class Cluster:
         self.coordinator.kill9()
 
     # --- workers -----------------------------------------------------------------------------
-    def start_worker(self, name, env=None, wait=True):
+    def start_worker(self, name, env=None, wait=True, metrics_port=None):
         argv = [str(WORKER), "--coordinator", self.address, "--name", name, "--scratch-dir",
                 str(self.tmp / f"scratch-{name}"), "--poll-wait-ms", "1000"]
+        if metrics_port:
+            argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
         w = Process(name, argv, self.tmp / f"worker-{name}.log", env)
         self.workers[name] = w
         if wait:

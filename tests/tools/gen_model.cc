@@ -7,10 +7,10 @@
 // Single-threaded command-line tool; all files are written with the temp + fsync + rename
 // protocol of worker/model/safetensors_writer.h.
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
@@ -40,7 +40,7 @@ using model::TensorData;
 
 static_assert(std::endian::native == std::endian::little, "writes little-endian tensor data");
 
-constexpr int64_t kBlock = 128;     // FP8 weight_block_size
+constexpr int64_t kBlock = 128;      // FP8 weight_block_size
 constexpr float kWeightStd = 0.02f;  // initializer_range
 constexpr float kNormStd = 0.02f;    // norms are 1 + N(0, kNormStd)
 constexpr float kBiasStd = 0.01f;    // e_score_correction_bias ~ N(0, kBiasStd)
@@ -98,8 +98,7 @@ const std::vector<IntFlag>& IntFlags() {
       {"--dense-layers", &Options::dense_layers, 0, 1024,
        "first_k_dense_replace, <= --layers (default 1)"},
       {"--experts", &Options::experts, 1, 4096, "n_routed_experts (default 8)"},
-      {"--experts-per-tok", &Options::experts_per_tok, 1, 4096,
-       "num_experts_per_tok (default 2)"},
+      {"--experts-per-tok", &Options::experts_per_tok, 1, 4096, "num_experts_per_tok (default 2)"},
       {"--groups", &Options::groups, 1, 4096, "n_group, divides --experts (default 2)"},
       {"--topk-groups", &Options::topk_groups, 1, 4096, "topk_group, <= --groups (default 1)"},
       {"--shared-experts", &Options::shared_experts, 0, 64, "n_shared_experts (default 1)"},
@@ -153,8 +152,8 @@ std::string Usage() {
 }
 
 std::string AllowedFlags() {
-  std::vector<std::string> names = {"--output", "--format", "--seed", "--no-yarn", "--defect",
-                                    "--help"};
+  std::vector<std::string> names = {"--output",  "--format", "--seed",
+                                    "--no-yarn", "--defect", "--help"};
   for (const IntFlag& f : IntFlags()) names.push_back(f.name);
   return absl::StrJoin(names, ", ");
 }
@@ -209,8 +208,8 @@ Options ParseArgs(int argc, char** argv) {
           {"wrong-dtype", DefectKind::kWrongDType}};
       auto it = kKinds.find(kind);
       if (eq == std::string::npos || it == kKinds.end() || tensor.empty()) {
-        UsageError(absl::StrCat("--defect = \"", v, "\": must be KIND=TENSOR with KIND ",
-                                kDefectKinds));
+        UsageError(
+            absl::StrCat("--defect = \"", v, "\": must be KIND=TENSOR with KIND ", kDefectKinds));
       }
       opt.defects.push_back({it->second, v, tensor});
     } else {
@@ -224,8 +223,8 @@ Options ParseArgs(int argc, char** argv) {
       const std::string v = take_value();
       int64_t n;
       if (!absl::SimpleAtoi(v, &n) || n < flag->min || n > flag->max) {
-        UsageError(absl::StrCat(flag->name, " = \"", v, "\": must be an integer in [",
-                                flag->min, ", ", flag->max, "]"));
+        UsageError(absl::StrCat(flag->name, " = \"", v, "\": must be an integer in [", flag->min,
+                                ", ", flag->max, "]"));
       }
       opt.*(flag->field) = n;
     }
@@ -238,8 +237,8 @@ Options ParseArgs(int argc, char** argv) {
                             opt.layers, ")"));
   }
   if (opt.experts % opt.groups != 0) {
-    UsageError(absl::StrCat("--groups = ", opt.groups, ": must divide --experts (", opt.experts,
-                            ")"));
+    UsageError(
+        absl::StrCat("--groups = ", opt.groups, ": must divide --experts (", opt.experts, ")"));
   }
   if (opt.topk_groups > opt.groups) {
     UsageError(absl::StrCat("--topk-groups = ", opt.topk_groups, ": must be <= --groups (",
@@ -251,8 +250,8 @@ Options ParseArgs(int argc, char** argv) {
                             ": must be <= --topk-groups x experts per group (", selectable, ")"));
   }
   if (opt.qk_rope_dim % 2 != 0) {
-    UsageError(absl::StrCat("--qk-rope-dim = ", opt.qk_rope_dim,
-                            ": must be even (rope rotates pairs)"));
+    UsageError(
+        absl::StrCat("--qk-rope-dim = ", opt.qk_rope_dim, ": must be even (rope rotates pairs)"));
   }
   const int64_t units = opt.layers + opt.mtp + 2;
   if (opt.shards > units) {
@@ -304,8 +303,7 @@ std::vector<Spec> Inventory(const Options& o) {
     if (o.q_lora_rank > 0) {
       add(p + "self_attn.q_a_proj.weight", Kind::kLinear, {o.q_lora_rank, h}, unit);
       add(p + "self_attn.q_a_layernorm.weight", Kind::kNorm, {o.q_lora_rank}, unit);
-      add(p + "self_attn.q_b_proj.weight", Kind::kLinear, {o.heads * qk_head, o.q_lora_rank},
-          unit);
+      add(p + "self_attn.q_b_proj.weight", Kind::kLinear, {o.heads * qk_head, o.q_lora_rank}, unit);
     } else {
       add(p + "self_attn.q_proj.weight", Kind::kLinear, {o.heads * qk_head, h}, unit);
     }
@@ -396,6 +394,8 @@ uint64_t SplitMix64(uint64_t& state) {
   return z ^ (z >> 31);
 }
 
+// One random stream (xoshiro256** seeded through splitmix64). Not thread-safe; the generator
+// makes one per tensor.
 class Rng {
  public:
   explicit Rng(uint64_t seed) {
@@ -513,7 +513,8 @@ std::vector<TensorData> Materialize(const Spec& s, const Options& o) {
     std::vector<float> scale_inv;
     QuantizeFp8(values, s.shape[0], s.shape[1], &codes, &scale_inv);
     out.push_back({s.name, DType::kF8E4M3, s.shape, std::move(codes)});
-    out.push_back({s.name + "_scale_inv", DType::kF32,
+    out.push_back({s.name + "_scale_inv",
+                   DType::kF32,
                    {CeilDiv(s.shape[0], kBlock), CeilDiv(s.shape[1], kBlock)},
                    ToF32Bytes(scale_inv)});
   } else if (s.kind == Kind::kBias) {
@@ -535,8 +536,8 @@ void ChangeDType(TensorData* t) {
         values[i] = model::Fp8E4M3ToFloat(t->bytes[i]);
         break;
       case DType::kBF16:
-        values[i] = model::Bf16ToFloat(static_cast<uint16_t>(t->bytes[2 * i] |
-                                                             (t->bytes[2 * i + 1] << 8)));
+        values[i] =
+            model::Bf16ToFloat(static_cast<uint16_t>(t->bytes[2 * i] | (t->bytes[2 * i + 1] << 8)));
         break;
       default:  // kF32
         std::memcpy(&values[i], &t->bytes[4 * i], 4);
@@ -602,12 +603,9 @@ nlohmann::json Config(const Options& o) {
   }
   c["rms_norm_eps"] = 1e-06;
   if (o.yarn) {
-    c["rope_scaling"] = {{"beta_fast", 32},
-                         {"beta_slow", 1},
-                         {"factor", 40},
-                         {"mscale", 1.0},
-                         {"mscale_all_dim", 1.0},
-                         {"original_max_position_embeddings", 4096},
+    c["rope_scaling"] = {{"beta_fast", 32},       {"beta_slow", 1},
+                         {"factor", 40},          {"mscale", 1.0},
+                         {"mscale_all_dim", 1.0}, {"original_max_position_embeddings", 4096},
                          {"type", "yarn"}};
   } else {
     c["rope_scaling"] = nullptr;
@@ -661,7 +659,9 @@ int Run(int argc, char** argv) {
       UsageError(absl::StrCat("--defect = \"", text, "\": no tensor named \"", tensor,
                               "\" in this model (check the flags that shape it)"));
     }
-    (kind == DefectKind::kMissing ? drop : kind == DefectKind::kWrongShape ? grow : retype)
+    (kind == DefectKind::kMissing      ? drop
+     : kind == DefectKind::kWrongShape ? grow
+                                       : retype)
         .insert(tensor);
   }
 

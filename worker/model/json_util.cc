@@ -56,6 +56,10 @@ absl::StatusOr<nlohmann::json> ParseJsonStrict(std::string_view text) {
     }
     return true;
   };
+  // nlohmann's lexer treats a NUL byte as end of input; JSON never allows a raw NUL.
+  if (size_t nul = text.find('\0'); nul != std::string_view::npos) {
+    return absl::InvalidArgumentError(absl::StrCat("invalid JSON: NUL byte at offset ", nul));
+  }
   try {
     return nlohmann::json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true,
                                  /*ignore_comments=*/false);

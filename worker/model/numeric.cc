@@ -22,7 +22,7 @@ float Bf16ToFloat(uint16_t bits) { return std::bit_cast<float>(static_cast<uint3
 uint8_t FloatToFp8E4M3(float value) {
   // Port of c10::detail::fp8e4m3fn_from_fp32_value (torch/c10/util/Float8_e4m3fn.h) so the
   // results match torch bit for bit, including NaN for out-of-range inputs.
-  constexpr uint32_t kFp8Max = UINT32_C(1087) << 20;   // 480.0f: first value that maps to NaN
+  constexpr uint32_t kFp8Max = UINT32_C(1087) << 20;     // 480.0f: first value that maps to NaN
   constexpr uint32_t kDenormMask = UINT32_C(141) << 23;  // 2^14 as f32
   uint32_t f_bits = std::bit_cast<uint32_t>(value);
   const uint32_t sign = f_bits & UINT32_C(0x80000000);
@@ -34,7 +34,8 @@ uint8_t FloatToFp8E4M3(float value) {
   } else if (f_bits < (UINT32_C(121) << 23)) {
     // |value| < 2^-6: subnormal or zero. Adding 2^14 aligns the fp8 subnormal quantum (2^-9)
     // with the f32 mantissa LSB, so the FPU's round-to-nearest-even does the rounding.
-    f_bits = std::bit_cast<uint32_t>(std::bit_cast<float>(f_bits) + std::bit_cast<float>(kDenormMask));
+    f_bits =
+        std::bit_cast<uint32_t>(std::bit_cast<float>(f_bits) + std::bit_cast<float>(kDenormMask));
     result = static_cast<uint8_t>(f_bits - kDenormMask);
   } else {
     // Normal: rebias the exponent (127 -> 7) and round the mantissa to 3 bits, ties to even.

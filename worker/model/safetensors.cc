@@ -25,9 +25,12 @@ using Json = nlohmann::json;
 // A tensor entry as written in the header, before validation.
 struct RawTensor {
   std::string name;
-  std::optional<std::string> dtype;
-  std::optional<std::vector<uint64_t>> shape;
-  std::optional<std::vector<uint64_t>> offsets;
+  std::string dtype;
+  std::vector<uint64_t> shape;
+  std::vector<uint64_t> offsets;
+  bool has_dtype = false;
+  bool has_shape = false;
+  bool has_offsets = false;
 };
 
 std::string Quote(std::string_view s) { return absl::StrCat("\"", std::string(s), "\""); }
@@ -92,6 +95,7 @@ class HeaderSax final : public nlohmann::json_sax<Json> {
       case State::kTensor:
         if (key_ == "dtype") {
           tensors_.back().dtype = value;
+          tensors_.back().has_dtype = true;
           return true;
         }
         return Scalar("string");
@@ -112,7 +116,8 @@ class HeaderSax final : public nlohmann::json_sax<Json> {
           keys_.clear();
           return true;
         }
-        tensors_.push_back(RawTensor{key_, {}, {}, {}});
+        tensors_.emplace_back();
+        tensors_.back().name = key_;
         state_ = State::kTensor;
         keys_.clear();
         return true;
@@ -133,9 +138,9 @@ class HeaderSax final : public nlohmann::json_sax<Json> {
         return true;
       case State::kTensor: {
         const RawTensor& t = tensors_.back();
-        for (auto [field, present] : {std::pair{"dtype", t.dtype.has_value()},
-                                      std::pair{"shape", t.shape.has_value()},
-                                      std::pair{"data_offsets", t.offsets.has_value()}}) {
+        for (auto [field, present] : {std::pair{"dtype", t.has_dtype},
+                                      std::pair{"shape", t.has_shape},
+                                      std::pair{"data_offsets", t.has_offsets}}) {
           if (!present) return Fail(absl::StrCat(TensorPrefix(), "missing \"", field, "\""));
         }
         state_ = State::kTop;
@@ -149,14 +154,14 @@ class HeaderSax final : public nlohmann::json_sax<Json> {
   }
   bool start_array(std::size_t) override {
     if (state_ == State::kTensor && key_ == "shape") {
-      tensors_.back().shape.emplace();
-      array_ = &*tensors_.back().shape;
+      tensors_.back().has_shape = true;
+      array_ = &tensors_.back().shape;
       state_ = State::kShape;
       return true;
     }
     if (state_ == State::kTensor && key_ == "data_offsets") {
-      tensors_.back().offsets.emplace();
-      array_ = &*tensors_.back().offsets;
+      tensors_.back().has_offsets = true;
+      array_ = &tensors_.back().offsets;
       state_ = State::kOffsets;
       return true;
     }
@@ -283,12 +288,12 @@ class HeaderSax final : public nlohmann::json_sax<Json> {
 // Checks the fields of one tensor and converts it; `error` names the tensor.
 absl::StatusOr<TensorInfo> ValidateTensor(RawTensor& raw, uint64_t data_offset) {
   const std::string prefix = absl::StrCat("tensor ", Quote(raw.name), ": ");
-  std::optional<DType> dtype = ParseDType(*raw.dtype);
+  std::optional<DType> dtype = ParseDType(raw.dtype);
   if (!dtype) {
-    return absl::InvalidArgumentError(absl::StrCat(prefix, "unknown dtype ", Quote(*raw.dtype),
+    return absl::InvalidArgumentError(absl::StrCat(prefix, "unknown dtype ", Quote(raw.dtype),
                                                    " (expected one of ", AllDTypeNames(), ")"));
   }
-  const std::vector<uint64_t>& offsets = *raw.offsets;
+  const std::vector<uint64_t>& offsets = raw.offsets;
   if (offsets[0] > offsets[1]) {
     return absl::InvalidArgumentError(absl::StrCat(prefix, "data_offsets ",
                                                    U64ListToString(offsets),
@@ -297,11 +302,11 @@ absl::StatusOr<TensorInfo> ValidateTensor(RawTensor& raw, uint64_t data_offset) 
   TensorInfo info;
   info.name = std::move(raw.name);
   info.dtype = *dtype;
-  info.shape.reserve(raw.shape->size());
+  info.shape.reserve(raw.shape.size());
   constexpr uint64_t kInt64Max = std::numeric_limits<int64_t>::max();
   uint64_t elements = 1;
   bool overflow = false;
-  for (uint64_t dim : *raw.shape) {
+  for (uint64_t dim : raw.shape) {
     if (dim > kInt64Max) overflow = true;
     info.shape.push_back(static_cast<int64_t>(std::min(dim, kInt64Max)));
     if (!overflow && dim != 0 && elements > kInt64Max / dim) overflow = true;
@@ -313,20 +318,20 @@ absl::StatusOr<TensorInfo> ValidateTensor(RawTensor& raw, uint64_t data_offset) 
   }
   if (overflow) {
     return absl::InvalidArgumentError(
-        absl::StrCat(prefix, "shape ", U64ListToString(*raw.shape), " of ", DTypeStr(*dtype),
+        absl::StrCat(prefix, "shape ", U64ListToString(raw.shape), " of ", DTypeStr(*dtype),
                      " is too large (element or bit count overflows 64 bits)"));
   }
   const uint64_t bits = elements * bits_per_element;
   if (bits % 8 != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        prefix, "shape ", U64ListToString(*raw.shape), " of ", DTypeStr(*dtype), " is ", bits,
+        prefix, "shape ", U64ListToString(raw.shape), " of ", DTypeStr(*dtype), " is ", bits,
         " bits, not a whole number of bytes"));
   }
   const uint64_t span = offsets[1] - offsets[0];
   if (span != bits / 8) {
     return absl::InvalidArgumentError(absl::StrCat(
         prefix, "data_offsets ", U64ListToString(offsets), " span ", span, " bytes but shape ",
-        U64ListToString(*raw.shape), " of ", DTypeStr(*dtype), " needs ", bits / 8));
+        U64ListToString(raw.shape), " of ", DTypeStr(*dtype), " needs ", bits / 8));
   }
   info.data_begin = offsets[0];
   info.data_end = offsets[1];
@@ -376,6 +381,12 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(std::string_view header
                                      absl::kZeroPad2)));
   }
 
+  // nlohmann's lexer treats a NUL byte as end of input; JSON never allows a raw NUL, so reject
+  // it here (this also rejects NUL padding, as the reference does).
+  if (size_t nul = header_json.find('\0'); nul != std::string_view::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("header is not valid JSON: NUL byte at offset ", nul));
+  }
   HeaderSax sax;
   const bool parsed = Json::sax_parse(header_json.data(), header_json.data() + header_json.size(),
                                       &sax, nlohmann::json::input_format_t::json,
@@ -387,8 +398,7 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(std::string_view header
 
   std::vector<RawTensor>& raw = sax.tensors();
   std::stable_sort(raw.begin(), raw.end(), [](const RawTensor& a, const RawTensor& b) {
-    return (*a.offsets)[0] != (*b.offsets)[0] ? (*a.offsets)[0] < (*b.offsets)[0]
-                                              : (*a.offsets)[1] < (*b.offsets)[1];
+    return a.offsets < b.offsets;  // both have exactly 2 entries: (begin, end) order
   });
 
   SafetensorsHeader header;

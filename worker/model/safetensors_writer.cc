@@ -79,13 +79,27 @@ void AppendSerdeString(std::string_view s, std::string* out) {
   for (char c : s) {
     const auto u = static_cast<uint8_t>(c);
     switch (c) {
-      case '"': out->append("\\\""); break;
-      case '\\': out->append("\\\\"); break;
-      case '\b': out->append("\\b"); break;
-      case '\f': out->append("\\f"); break;
-      case '\n': out->append("\\n"); break;
-      case '\r': out->append("\\r"); break;
-      case '\t': out->append("\\t"); break;
+      case '"':
+        out->append("\\\"");
+        break;
+      case '\\':
+        out->append("\\\\");
+        break;
+      case '\b':
+        out->append("\\b");
+        break;
+      case '\f':
+        out->append("\\f");
+        break;
+      case '\n':
+        out->append("\\n");
+        break;
+      case '\r':
+        out->append("\\r");
+        break;
+      case '\t':
+        out->append("\\t");
+        break;
       default:
         if (u < 0x20) {
           AppendU16Escape(u, out);
@@ -107,13 +121,27 @@ void AppendPythonAsciiString(std::string_view s, std::string* out) {
   while (i < s.size()) {
     NextCodePoint(s, &i, &cp);  // validated by the caller
     switch (cp) {
-      case '"': out->append("\\\""); break;
-      case '\\': out->append("\\\\"); break;
-      case '\b': out->append("\\b"); break;
-      case '\f': out->append("\\f"); break;
-      case '\n': out->append("\\n"); break;
-      case '\r': out->append("\\r"); break;
-      case '\t': out->append("\\t"); break;
+      case '"':
+        out->append("\\\"");
+        break;
+      case '\\':
+        out->append("\\\\");
+        break;
+      case '\b':
+        out->append("\\b");
+        break;
+      case '\f':
+        out->append("\\f");
+        break;
+      case '\n':
+        out->append("\\n");
+        break;
+      case '\r':
+        out->append("\\r");
+        break;
+      case '\t':
+        out->append("\\t");
+        break;
       default:
         if (cp >= 0x20 && cp <= 0x7E) {
           out->push_back(static_cast<char>(cp));
@@ -155,9 +183,8 @@ absl::Status CheckTensor(const TensorData& t, size_t index) {
   uint64_t elements = 1;
   for (int64_t dim : t.shape) {
     if (dim < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("tensor \"", t.name, "\": shape ",
-                                                     ShapeString(t.shape),
-                                                     " has a negative dimension"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor \"", t.name, "\": shape ", ShapeString(t.shape), " has a negative dimension"));
     }
     if (dim != 0 && elements > std::numeric_limits<uint64_t>::max() / 64 / dim) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -168,8 +195,8 @@ absl::Status CheckTensor(const TensorData& t, size_t index) {
   const uint64_t bits = elements * static_cast<uint64_t>(DTypeBits(t.dtype));
   if (bits % 8 != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "tensor \"", t.name, "\": shape ", ShapeString(t.shape), " of ", std::string(DTypeName(t.dtype)),
-        " is ", bits, " bits, not a whole number of bytes"));
+        "tensor \"", t.name, "\": shape ", ShapeString(t.shape), " of ",
+        std::string(DTypeName(t.dtype)), " is ", bits, " bits, not a whole number of bytes"));
   }
   if (t.bytes.size() != bits / 8) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -271,8 +298,8 @@ absl::Status WriteSafetensors(const std::string& path, std::vector<TensorData> t
     first = false;
     AppendSerdeString(t.name, &header);
     absl::StrAppend(&header, ":{\"dtype\":\"", std::string(DTypeName(t.dtype)), "\",\"shape\":[",
-                    absl::StrJoin(t.shape, ","), "],\"data_offsets\":[", offset, ",",
-                    offset + size, "]}");
+                    absl::StrJoin(t.shape, ","), "],\"data_offsets\":[", offset, ",", offset + size,
+                    "]}");
     offset += size;
   }
   header.push_back('}');
@@ -297,16 +324,16 @@ absl::Status WriteSafetensors(const std::string& path, std::vector<TensorData> t
   });
 }
 
-absl::StatusOr<std::string> ShardedIndexJson(
-    int64_t total_size, const std::map<std::string, std::string>& weight_map) {
+absl::StatusOr<std::string> ShardedIndexJson(int64_t total_size,
+                                             const std::map<std::string, std::string>& weight_map) {
   if (total_size < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("total_size = ", total_size, ": must be >= 0 (sum of tensor data bytes)"));
   }
   for (const auto& [name, file] : weight_map) {
     if (!IsValidUtf8(name) || !IsValidUtf8(file)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "weight_map entry \"", name, "\" -> \"", file, "\" is not valid UTF-8"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("weight_map entry \"", name, "\" -> \"", file, "\" is not valid UTF-8"));
     }
   }
   // std::map orders keys bytewise, which for UTF-8 equals Python's code-point sort_keys order.

@@ -27,10 +27,10 @@ namespace mq::model {
 // One tensor to write. The writer takes the data by value (move it in): `bytes` holds the
 // tensor's raw data exactly as stored on disk, row-major, little-endian, no padding.
 struct TensorData {
-  std::string name;             // non-empty UTF-8, unique within one file, not "__metadata__"
+  std::string name;  // non-empty UTF-8, unique within one file, not "__metadata__"
   DType dtype = DType::kF32;
-  std::vector<int64_t> shape;   // {} = scalar (1 element); a 0 dimension = empty tensor
-  std::vector<uint8_t> bytes;   // size must be prod(shape) * DTypeBits(dtype) / 8
+  std::vector<int64_t> shape;  // {} = scalar (1 element); a 0 dimension = empty tensor
+  std::vector<uint8_t> bytes;  // size must be prod(shape) * DTypeBits(dtype) / 8
 };
 
 // Writes a safetensors file at `path`. `metadata` becomes the `__metadata__` object (keys in

@@ -97,8 +97,8 @@ TEST_F(SafetensorsWriterTest, OrdersByDtypeDescendingThenNameAscending) {
   tensors.push_back(Zeros("f16", DType::kF16, {1}));
   ASSERT_TRUE(WriteSafetensors(Path("o.safetensors"), std::move(tensors), {}).ok());
   const std::string header = Header(ReadAll(Path("o.safetensors")));
-  const std::vector<std::string> order = {"i64",      "f32", "i32", "layer.10", "layer.2",
-                                          "f16",      "fp8", "u8",  "bool"};
+  const std::vector<std::string> order = {"i64", "f32", "i32", "layer.10", "layer.2",
+                                          "f16", "fp8", "u8",  "bool"};
   size_t last = 0;
   for (const std::string& name : order) {
     const size_t pos = header.find("\"" + name + "\":");
@@ -106,8 +106,10 @@ TEST_F(SafetensorsWriterTest, OrdersByDtypeDescendingThenNameAscending) {
     EXPECT_GT(pos, last) << name << " out of order in " << header;
     last = pos;
   }
-  EXPECT_THAT(header, HasSubstr("\"i64\":{\"dtype\":\"I64\",\"shape\":[2],\"data_offsets\":[0,16]}"));
-  EXPECT_THAT(header, HasSubstr("\"bool\":{\"dtype\":\"BOOL\",\"shape\":[1],\"data_offsets\":[37,38]}"));
+  EXPECT_THAT(header,
+              HasSubstr("\"i64\":{\"dtype\":\"I64\",\"shape\":[2],\"data_offsets\":[0,16]}"));
+  EXPECT_THAT(header,
+              HasSubstr("\"bool\":{\"dtype\":\"BOOL\",\"shape\":[1],\"data_offsets\":[37,38]}"));
   EXPECT_EQ(header.find("__metadata__"), std::string::npos);  // empty map: omitted
 }
 
@@ -131,8 +133,7 @@ TEST_F(SafetensorsWriterTest, PadsHeaderWithSpacesToMultipleOfEight) {
 TEST_F(SafetensorsWriterTest, EscapesStringsLikeSerdeJson) {
   std::vector<TensorData> tensors;
   tensors.push_back(Zeros("q\"b\\n\n\x01\x7f\xc3\xa9", DType::kU8, {1}));
-  ASSERT_TRUE(
-      WriteSafetensors(Path("e.safetensors"), std::move(tensors), {{"k\t", "v\x1f"}}).ok());
+  ASSERT_TRUE(WriteSafetensors(Path("e.safetensors"), std::move(tensors), {{"k\t", "v\x1f"}}).ok());
   EXPECT_EQ(Header(ReadAll(Path("e.safetensors"))),
             "{\"__metadata__\":{\"k\\t\":\"v\\u001f\"},"
             "\"q\\\"b\\\\n\\n\\u0001\x7f\xc3\xa9\":{\"dtype\":\"U8\",\"shape\":[1],"
@@ -145,8 +146,10 @@ TEST_F(SafetensorsWriterTest, WritesEmptyAndScalarTensors) {
   tensors.push_back({"scalar", DType::kI64, {}, std::vector<uint8_t>(8, 7)});
   ASSERT_TRUE(WriteSafetensors(Path("s.safetensors"), std::move(tensors)).ok());
   const std::string header = Header(ReadAll(Path("s.safetensors")));
-  EXPECT_THAT(header, HasSubstr("\"scalar\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[0,8]}"));
-  EXPECT_THAT(header, HasSubstr("\"empty\":{\"dtype\":\"F32\",\"shape\":[0,4],\"data_offsets\":[8,8]}"));
+  EXPECT_THAT(header,
+              HasSubstr("\"scalar\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[0,8]}"));
+  EXPECT_THAT(header,
+              HasSubstr("\"empty\":{\"dtype\":\"F32\",\"shape\":[0,4],\"data_offsets\":[8,8]}"));
 }
 
 TEST_F(SafetensorsWriterTest, ReplacesExistingFileAtomically) {

@@ -1,0 +1,703 @@
+#include "worker/model/inspect.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "worker/model/plan.h"
+
+namespace mq::model {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::Field;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::UnorderedElementsAreArray;
+using Json = nlohmann::json;
+
+// ---------------------------------------------------------------------------------------------
+// A tiny DeepseekV3 checkpoint written as real files. The tensor list is spelled out here from
+// FORMATS.md §2.2 on purpose (not produced by ExpectedInventory) so the test checks the library.
+
+struct TinyDims {
+  int64_t vocab = 300;
+  int64_t hidden = 200;  // not a multiple of 128: scale grids are ceil-divided
+  int64_t inter = 384;
+  int64_t moe_inter = 64;
+  int layers = 2;        // layer 0 dense, layer 1 MoE
+  int dense = 1;
+  int experts = 4;
+  int shared = 1;
+  int64_t heads = 4;
+  int64_t q_lora = 96;  // 0: q_proj instead of q_a/q_b
+  int64_t kv_lora = 64;
+  int64_t nope = 32;
+  int64_t rope = 16;
+  int64_t v = 32;
+  int nextn = 1;
+};
+
+Json TinyConfig(const TinyDims& d) {
+  Json j = {{"architectures", {"DeepseekV3ForCausalLM"}},
+            {"model_type", "deepseek_v3"},
+            {"vocab_size", d.vocab},
+            {"hidden_size", d.hidden},
+            {"intermediate_size", d.inter},
+            {"moe_intermediate_size", d.moe_inter},
+            {"num_hidden_layers", d.layers},
+            {"num_nextn_predict_layers", d.nextn},
+            {"first_k_dense_replace", d.dense},
+            {"moe_layer_freq", 1},
+            {"n_routed_experts", d.experts},
+            {"n_shared_experts", d.shared},
+            {"num_experts_per_tok", 2},
+            {"n_group", 2},
+            {"topk_group", 1},
+            {"routed_scaling_factor", 2.5},
+            {"scoring_func", "sigmoid"},
+            {"topk_method", "noaux_tc"},
+            {"norm_topk_prob", true},
+            {"num_attention_heads", d.heads},
+            {"num_key_value_heads", d.heads},
+            {"kv_lora_rank", d.kv_lora},
+            {"qk_nope_head_dim", d.nope},
+            {"qk_rope_head_dim", d.rope},
+            {"v_head_dim", d.v},
+            {"rms_norm_eps", 1e-6},
+            {"rope_theta", 10000},
+            {"max_position_embeddings", 4096},
+            {"rope_scaling",
+             {{"type", "yarn"},
+              {"factor", 40},
+              {"original_max_position_embeddings", 4096},
+              {"beta_fast", 32},
+              {"beta_slow", 1},
+              {"mscale", 1.0},
+              {"mscale_all_dim", 1.0}}},
+            {"tie_word_embeddings", false},
+            {"quantization_config",
+             {{"activation_scheme", "dynamic"},
+              {"fmt", "e4m3"},
+              {"quant_method", "fp8"},
+              {"weight_block_size", {128, 128}}}}};
+  j["q_lora_rank"] = d.q_lora > 0 ? Json(d.q_lora) : Json(nullptr);
+  return j;
+}
+
+struct Spec {
+  std::string name;
+  std::string dtype;
+  std::vector<int64_t> shape;
+};
+
+int64_t Ceil128(int64_t x) { return (x + 127) / 128; }
+
+std::vector<Spec> TinyTensors(const TinyDims& d, bool fp8, bool with_mtp) {
+  std::vector<Spec> out;
+  auto linear = [&](const std::string& name, int64_t o, int64_t i) {
+    if (fp8) {
+      out.push_back({name, "F8_E4M3", {o, i}});
+      out.push_back({name + "_scale_inv", "F32", {Ceil128(o), Ceil128(i)}});
+    } else {
+      out.push_back({name, "BF16", {o, i}});
+    }
+  };
+  auto bf16 = [&](const std::string& name, std::vector<int64_t> shape) {
+    out.push_back({name, "BF16", std::move(shape)});
+  };
+  bf16("model.embed_tokens.weight", {d.vocab, d.hidden});
+  const int total_layers = d.layers + (with_mtp ? d.nextn : 0);
+  for (int layer = 0; layer < total_layers; ++layer) {
+    const std::string p = "model.layers." + std::to_string(layer) + ".";
+    bf16(p + "input_layernorm.weight", {d.hidden});
+    bf16(p + "post_attention_layernorm.weight", {d.hidden});
+    if (d.q_lora > 0) {
+      linear(p + "self_attn.q_a_proj.weight", d.q_lora, d.hidden);
+      bf16(p + "self_attn.q_a_layernorm.weight", {d.q_lora});
+      linear(p + "self_attn.q_b_proj.weight", d.heads * (d.nope + d.rope), d.q_lora);
+    } else {
+      linear(p + "self_attn.q_proj.weight", d.heads * (d.nope + d.rope), d.hidden);
+    }
+    linear(p + "self_attn.kv_a_proj_with_mqa.weight", d.kv_lora + d.rope, d.hidden);
+    bf16(p + "self_attn.kv_a_layernorm.weight", {d.kv_lora});
+    linear(p + "self_attn.kv_b_proj.weight", d.heads * (d.nope + d.v), d.kv_lora);
+    linear(p + "self_attn.o_proj.weight", d.hidden, d.heads * d.v);
+    if (layer < d.dense) {
+      linear(p + "mlp.gate_proj.weight", d.inter, d.hidden);
+      linear(p + "mlp.up_proj.weight", d.inter, d.hidden);
+      linear(p + "mlp.down_proj.weight", d.hidden, d.inter);
+    } else {
+      bf16(p + "mlp.gate.weight", {d.experts, d.hidden});
+      out.push_back({p + "mlp.gate.e_score_correction_bias", "F32", {d.experts}});
+      for (int e = 0; e < d.experts; ++e) {
+        const std::string ep = p + "mlp.experts." + std::to_string(e) + ".";
+        linear(ep + "gate_proj.weight", d.moe_inter, d.hidden);
+        linear(ep + "up_proj.weight", d.moe_inter, d.hidden);
+        linear(ep + "down_proj.weight", d.hidden, d.moe_inter);
+      }
+      if (d.shared > 0) {
+        linear(p + "mlp.shared_experts.gate_proj.weight", d.moe_inter * d.shared, d.hidden);
+        linear(p + "mlp.shared_experts.up_proj.weight", d.moe_inter * d.shared, d.hidden);
+        linear(p + "mlp.shared_experts.down_proj.weight", d.hidden, d.moe_inter * d.shared);
+      }
+    }
+    if (layer >= d.layers) {  // MTP extras
+      bf16(p + "embed_tokens.weight", {d.vocab, d.hidden});
+      bf16(p + "enorm.weight", {d.hidden});
+      bf16(p + "hnorm.weight", {d.hidden});
+      bf16(p + "eh_proj.weight", {d.hidden, 2 * d.hidden});
+      bf16(p + "shared_head.norm.weight", {d.hidden});
+      bf16(p + "shared_head.head.weight", {d.vocab, d.hidden});
+    }
+  }
+  bf16("model.norm.weight", {d.hidden});
+  bf16("lm_head.weight", {d.vocab, d.hidden});
+  return out;
+}
+
+int64_t BytesOf(const Spec& s) {
+  int64_t n = 1;
+  for (int64_t x : s.shape) n *= x;
+  if (s.dtype == "F8_E4M3" || s.dtype == "U8") return n;
+  if (s.dtype == "BF16") return 2 * n;
+  return 4 * n;  // F32, I32
+}
+
+// Writes a safetensors file (8-byte LE length, compact header, zero data) with `tensors` laid
+// out in the given order.
+void WriteShard(const std::filesystem::path& path, const std::vector<Spec>& tensors) {
+  Json header = {{"__metadata__", {{"format", "pt"}}}};
+  int64_t offset = 0;
+  for (const Spec& s : tensors) {
+    header[s.name] = {{"dtype", s.dtype}, {"shape", s.shape}, {"data_offsets", {offset, offset + BytesOf(s)}}};
+    offset += BytesOf(s);
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::ofstream f(path, std::ios::binary);
+  for (int i = 0; i < 8; ++i) f.put(static_cast<char>((text.size() >> (8 * i)) & 0xff));
+  f << text;
+  const std::string zeros(static_cast<size_t>(offset), '\0');
+  f.write(zeros.data(), static_cast<std::streamsize>(zeros.size()));
+}
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "inspect_XXXXXX").string();
+    path_ = mkdtemp(pattern.data());
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+std::string ShardName(int index, int num_shards) {
+  return "model-0000" + std::to_string(index + 1) + "-of-00000" + std::to_string(num_shards) +
+         ".safetensors";  // DeepSeek style: 6-digit total
+}
+
+void WriteIndex(const std::filesystem::path& dir,
+                const std::map<std::string, std::string>& weight_map) {
+  std::ofstream(dir / "model.safetensors.index.json", std::ios::trunc)
+      << Json{{"metadata", {{"total_size", 0}}}, {"weight_map", weight_map}}.dump(2);
+}
+
+// Writes config.json, `num_shards` shards and the index; tensor i goes to shard
+// `shard_of(spec, i)` (round robin by default). Returns the weight map (name -> shard).
+std::map<std::string, std::string> WriteCheckpoint(
+    const std::filesystem::path& dir, const Json& config, const std::vector<Spec>& tensors,
+    int num_shards, std::function<int(const Spec&, size_t)> shard_of = nullptr) {
+  if (!shard_of) shard_of = [&](const Spec&, size_t i) { return static_cast<int>(i % num_shards); };
+  std::ofstream(dir / "config.json") << config.dump(2);
+  std::vector<std::vector<Spec>> shards(num_shards);
+  std::map<std::string, std::string> weight_map;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const int s = shard_of(tensors[i], i);
+    shards[s].push_back(tensors[i]);
+    weight_map[tensors[i].name] = ShardName(s, num_shards);
+  }
+  for (int s = 0; s < num_shards; ++s) WriteShard(dir / ShardName(s, num_shards), shards[s]);
+  WriteIndex(dir, weight_map);
+  return weight_map;
+}
+
+InspectRequest Request(const std::filesystem::path& dir) {
+  InspectRequest r;
+  r.model_dir = dir.string();
+  r.gang_size = 3;
+  r.group_size = 128;
+  r.num_calibration_samples = 8;
+  r.max_sequence_length = 16;
+  return r;
+}
+
+std::vector<std::string> Render(const std::vector<Problem>& problems) {
+  std::vector<std::string> out;
+  for (const Problem& p : problems) out.push_back(p.where + ": " + p.message);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST(InspectTest, ValidFp8CheckpointHasNoProblems) {
+  TempDir dir;
+  TinyDims d;
+  const std::vector<Spec> tensors = TinyTensors(d, /*fp8=*/true, /*with_mtp=*/true);
+  WriteCheckpoint(dir.path(), TinyConfig(d), tensors, 3);
+  InspectRequest request = Request(dir.path());
+  request.include_mtp = true;
+  InspectReport report = InspectCheckpoint(request);
+  EXPECT_THAT(Render(report.problems), IsEmpty());
+  EXPECT_TRUE(report.ok());
+
+  const ModelSummary& s = report.summary;
+  EXPECT_EQ(s.model_type, "deepseek_v3");
+  EXPECT_EQ(s.architecture, "DeepseekV3ForCausalLM");
+  EXPECT_EQ(s.weight_format, "fp8");
+  EXPECT_EQ(s.num_hidden_layers, 2);
+  EXPECT_EQ(s.first_k_dense_replace, 1);
+  EXPECT_EQ(s.num_nextn_predict_layers, 1);
+  EXPECT_EQ(s.hidden_size, 200);
+  EXPECT_EQ(s.n_routed_experts, 4);
+  EXPECT_EQ(s.q_lora_rank, 96);
+  EXPECT_EQ(s.vocab_size, 300);
+  EXPECT_EQ(s.num_shards, 3);
+  EXPECT_EQ(s.num_tensors, static_cast<int64_t>(tensors.size()));
+  int64_t params = 0, bytes = 0;
+  for (const Spec& t : tensors) {
+    int64_t n = 1;
+    for (int64_t x : t.shape) n *= x;
+    params += n;
+    bytes += BytesOf(t);
+  }
+  EXPECT_EQ(s.num_parameters, params);
+  EXPECT_EQ(s.checkpoint_bytes, bytes);
+
+  ASSERT_EQ(report.layers.size(), 3u);
+  EXPECT_EQ(report.layers[0].kind, LayerKind::kDense);
+  EXPECT_EQ(report.layers[1].kind, LayerKind::kMoe);
+  EXPECT_EQ(report.layers[2].kind, LayerKind::kMtp);
+  EXPECT_EQ(report.layers[0].num_quantized_linears, 0);
+  EXPECT_EQ(report.layers[1].num_quantized_linears, 12);
+  EXPECT_EQ(report.layers[2].num_quantized_linears, 12);
+  ASSERT_EQ(report.ranks.size(), 3u);
+}
+
+TEST(InspectTest, Bf16SingleFileCheckpointWithoutQLora) {
+  TempDir dir;
+  TinyDims d;
+  d.q_lora = 0;
+  d.nextn = 0;
+  std::ofstream(dir.path() / "config.json") << TinyConfig(d).dump();
+  WriteShard(dir.path() / "model.safetensors", TinyTensors(d, /*fp8=*/false, false));
+  InspectReport report = InspectCheckpoint(Request(dir.path()));
+  EXPECT_THAT(Render(report.problems), IsEmpty());
+  EXPECT_EQ(report.summary.weight_format, "bf16");
+  EXPECT_EQ(report.summary.num_shards, 1);
+  EXPECT_EQ(report.summary.q_lora_rank, 0);
+  EXPECT_EQ(report.layers.size(), 2u);
+}
+
+TEST(InspectTest, MixedFp8AndBf16LinearsAreFp8) {
+  TempDir dir;
+  TinyDims d;
+  std::vector<Spec> tensors = TinyTensors(d, /*fp8=*/true, /*with_mtp=*/true);
+  // Store layer 0's attention output projection as BF16 without a scale.
+  const std::string o = "model.layers.0.self_attn.o_proj.weight";
+  tensors.erase(std::remove_if(tensors.begin(), tensors.end(),
+                               [&](const Spec& s) { return s.name == o + "_scale_inv"; }),
+                tensors.end());
+  for (Spec& s : tensors) {
+    if (s.name == o) s.dtype = "BF16";
+  }
+  WriteCheckpoint(dir.path(), TinyConfig(d), tensors, 2);
+  InspectReport report = InspectCheckpoint(Request(dir.path()));
+  EXPECT_THAT(Render(report.problems), IsEmpty());
+  EXPECT_EQ(report.summary.weight_format, "fp8");
+  EXPECT_EQ(report.layers.size(), 2u);  // MTP present but not planned without include_mtp
+}
+
+TEST(InspectTest, BrokenCheckpointReportsExactlyItsProblems) {
+  TempDir dir;
+  TinyDims d;
+  std::vector<Spec> tensors = TinyTensors(d, /*fp8=*/true, /*with_mtp=*/true);
+  const std::string down = "model.layers.1.mlp.experts.2.down_proj.weight";
+  const std::string up_scale = "model.layers.1.mlp.experts.3.up_proj.weight_scale_inv";
+  const std::string router = "model.layers.1.mlp.gate.weight";
+  const std::string kv_b_scale = "model.layers.0.self_attn.kv_b_proj.weight_scale_inv";
+  const std::string forgotten = "model.layers.1.mlp.experts.1.gate_proj.weight_scale_inv";
+  for (Spec& s : tensors) {
+    if (s.name == down) s.shape = {200, 65};              // wrong shape
+    if (s.name == down + "_scale_inv") s.shape = {2, 1};  // consistent with [200, 65]
+    if (s.name == router) s.dtype = "F8_E4M3";            // the router must not be FP8
+    if (s.name == kv_b_scale) s.dtype = "BF16";           // scales must be F32
+  }
+  tensors.erase(std::remove_if(tensors.begin(), tensors.end(),
+                               [&](const Spec& s) { return s.name == up_scale; }),
+                tensors.end());
+  tensors.push_back({"model.layers.1.mlp.experts.4.up_proj.weight", "BF16", {64, 200}});
+  tensors.push_back({"model.layers.0.extra.weight", "BF16", {3}});
+
+  // Shard 3 (deleted below) holds expert 0 of layer 1: 3 weights + 3 scales. Shard 2 holds
+  // attention and the extra tensor; shard 1 the rest.
+  auto shard_of = [](const Spec& s, size_t) {
+    if (s.name.rfind("model.layers.1.mlp.experts.0.", 0) == 0) return 2;
+    if (s.name.find("self_attn") != std::string::npos || s.name.find("extra") != std::string::npos) {
+      return 1;
+    }
+    return 0;
+  };
+  std::map<std::string, std::string> weight_map =
+      WriteCheckpoint(dir.path(), TinyConfig(d), tensors, 3, shard_of);
+  const std::string shard1 = ShardName(0, 3);
+  const std::string shard2 = ShardName(1, 3);
+  const std::string shard3 = ShardName(2, 3);
+  std::filesystem::remove(dir.path() / shard3);
+  // The index forgets a scale that shard 1 holds and the extra tensor of shard 2, and lists a
+  // tensor that shard 1 does not hold.
+  weight_map.erase(forgotten);
+  weight_map.erase("model.layers.0.extra.weight");
+  weight_map["model.layers.0.mlp.ghost.weight"] = shard1;
+  WriteIndex(dir.path(), weight_map);
+
+  InspectReport report = InspectCheckpoint(Request(dir.path()));
+  EXPECT_THAT(
+      Render(report.problems),
+      ElementsAre(
+          shard3 + ": missing shard: file not found; 6 tensors mapped to it are unavailable",
+          "model.layers.0.mlp.ghost.weight: missing tensor: model.safetensors.index.json maps it "
+          "to " + shard1 + ", which does not contain it",
+          kv_b_scale + ": dtype BF16: expected F32 for the weight_scale_inv of F8_E4M3 weight "
+                       "\"model.layers.0.self_attn.kv_b_proj.weight\"",
+          router + ": dtype F8_E4M3: expected F16, BF16, F32 or F64 (the router weight must "
+                   "never be FP8)",
+          forgotten + ": missing tensor: F8_E4M3 weight "
+                      "\"model.layers.1.mlp.experts.1.gate_proj.weight\" needs an F32 "
+                      "weight_scale_inv of shape [1, 2]; present in shard " + shard1 +
+              " but not listed in model.safetensors.index.json",
+          down + ": shape [200, 65]: expected [200, 64]",
+          up_scale + ": missing tensor: F8_E4M3 weight "
+                     "\"model.layers.1.mlp.experts.3.up_proj.weight\" needs an F32 "
+                     "weight_scale_inv of shape [1, 2]",
+          "model.layers.1.mlp.experts.4.up_proj.weight: unexpected tensor: not part of the "
+          "DeepseekV3 inventory for this config.json (in shard " + shard1 + ")",
+          "model.layers.0.extra.weight: tensor not in index: present in shard " + shard2 +
+              " but model.safetensors.index.json does not list it"));
+  EXPECT_FALSE(report.ok());
+  EXPECT_EQ(report.summary.num_shards, 3);
+  // Planning still runs: the config and the request are fine.
+  EXPECT_EQ(report.layers.size(), 2u);
+}
+
+TEST(InspectTest, ReportsMissingAndMisshapenTensorsByName) {
+  TempDir dir;
+  TinyDims d;
+  std::vector<Spec> tensors = TinyTensors(d, /*fp8=*/true, /*with_mtp=*/false);
+  tensors.erase(std::remove_if(tensors.begin(), tensors.end(),
+                               [](const Spec& s) {
+                                 return s.name == "lm_head.weight" ||
+                                        s.name == "model.layers.0.mlp.down_proj.weight_scale_inv";
+                               }),
+                tensors.end());
+  for (Spec& s : tensors) {
+    if (s.name == "model.layers.0.mlp.up_proj.weight_scale_inv") s.shape = {3, 1};
+    if (s.name == "model.norm.weight") s.dtype = "I32";
+    if (s.name == "model.layers.1.mlp.experts.1.gate_proj.weight") s.dtype = "U8";
+  }
+  WriteCheckpoint(dir.path(), TinyConfig(d), tensors, 1);
+  InspectRequest request = Request(dir.path());
+  request.include_mtp = true;
+  InspectReport report = InspectCheckpoint(request);
+  EXPECT_THAT(
+      Render(report.problems),
+      UnorderedElementsAreArray(std::vector<std::string>{
+          "model.layers.2: missing MTP layer: request.include_mtp is set but the checkpoint has "
+          "no \"model.layers.2.*\" tensors (config.json \"num_nextn_predict_layers\" = 1)",
+          "lm_head.weight: missing tensor: expected shape [300, 200]",
+          "model.layers.0.mlp.down_proj.weight_scale_inv: missing tensor: F8_E4M3 weight "
+          "\"model.layers.0.mlp.down_proj.weight\" needs an F32 weight_scale_inv of shape [2, 3]",
+          "model.layers.0.mlp.up_proj.weight_scale_inv: shape [3, 1]: expected [3, 2] = "
+          "ceil([384, 200] / 128) for the weight_scale_inv of F8_E4M3 weight "
+          "\"model.layers.0.mlp.up_proj.weight\"",
+          "model.norm.weight: dtype I32: expected F16, BF16, F32 or F64",
+          "model.layers.1.mlp.experts.1.gate_proj.weight: dtype U8: expected F8_E4M3 (with "
+          "weight_scale_inv) or F16, BF16, F32 or F64",
+          "model.layers.1.mlp.experts.1.gate_proj.weight_scale_inv: unexpected tensor: "
+          "weight_scale_inv for \"model.layers.1.mlp.experts.1.gate_proj.weight\", which is U8, "
+          "not F8_E4M3",
+      }));
+}
+
+TEST(InspectTest, ValidatesRequest) {
+  TempDir dir;
+  TinyDims d;
+  d.nextn = 0;
+  WriteCheckpoint(dir.path(), TinyConfig(d), TinyTensors(d, true, false), 1);
+  InspectRequest r = Request(dir.path());
+  r.bits = 3;
+  r.group_size = 96;
+  r.num_calibration_samples = 0;
+  r.max_sequence_length = -1;
+  r.include_mtp = true;
+  EXPECT_THAT(Render(InspectCheckpoint(r).problems),
+              ElementsAre("request.bits: bits = 3: must be 4",
+                          "request.group_size: group_size = 96: must be 0 (per-channel), 32, 64 "
+                          "or 128",
+                          "request.num_calibration_samples: num_calibration_samples = 0: must be "
+                          ">= 1",
+                          "request.max_sequence_length: max_sequence_length = -1: must be >= 1",
+                          "request.include_mtp: include_mtp is set but config.json "
+                          "\"num_nextn_predict_layers\" = 0 (no MTP layers)"));
+  InspectRequest g = Request(dir.path());
+  g.gang_size = 0;
+  EXPECT_THAT(Render(InspectCheckpoint(g).problems),
+              ElementsAre("request.gang_size: gang_size = 0: must be >= 1"));
+  g.gang_size = 5;
+  InspectReport report = InspectCheckpoint(g);
+  EXPECT_THAT(Render(report.problems),
+              ElementsAre("request.gang_size: gang_size = 5: must be <= n_routed_experts = 4 "
+                          "(every rank owns at least one expert)"));
+  EXPECT_THAT(report.layers, IsEmpty());
+}
+
+TEST(InspectTest, ReportsMissingFiles) {
+  TempDir dir;
+  InspectRequest r = Request(dir.path() / "nope");
+  EXPECT_THAT(InspectCheckpoint(r).problems,
+              ElementsAre(Field(&Problem::where, "request.model_dir")));
+  EXPECT_THAT(Render(InspectCheckpoint(Request(dir.path())).problems),
+              ElementsAre("config.json: missing file: config.json is not in the model directory",
+                          "model.safetensors.index.json: missing file: neither "
+                          "model.safetensors.index.json nor model.safetensors is in the model "
+                          "directory"));
+}
+
+TEST(InspectTest, ReportsBadConfigIndexAndShardFiles) {
+  TempDir dir;
+  TinyDims d;
+  Json config = TinyConfig(d);
+  config["n_group"] = 3;
+  WriteCheckpoint(dir.path(), config, TinyTensors(d, true, true), 2);
+  std::ofstream(dir.path() / "model-00002-of-000002.safetensors", std::ios::trunc) << "garbage!!";
+  InspectReport report = InspectCheckpoint(Request(dir.path()));
+  std::vector<std::string> rendered = Render(report.problems);
+  ASSERT_EQ(rendered.size(), 2u);
+  EXPECT_EQ(rendered[0], "config.json: \"n_group\" = 3 must divide \"n_routed_experts\" = 4");
+  EXPECT_THAT(rendered[1], HasSubstr("model-00002-of-000002.safetensors: unreadable shard: "
+                                     "header length "));
+  EXPECT_THAT(rendered[1], HasSubstr("tensors mapped to it are unavailable"));
+  EXPECT_THAT(report.layers, IsEmpty());
+
+  std::ofstream(dir.path() / "model.safetensors.index.json", std::ios::trunc)
+      << R"({"weight_map": {"a": "../etc/passwd", "b": 7, "a2": "../etc/passwd"}})";
+  EXPECT_THAT(Render(InspectCheckpoint(Request(dir.path())).problems),
+              ElementsAre("config.json: \"n_group\" = 3 must divide \"n_routed_experts\" = 4",
+                          "model.safetensors.index.json: \"weight_map\".\"b\" = 7: must be a "
+                          "shard file name (string), found integer",
+                          "model.safetensors.index.json: \"weight_map\" maps 2 tensors to shard "
+                          "\"../etc/passwd\": shard names must be plain file names in the model "
+                          "directory"));
+  std::ofstream(dir.path() / "model.safetensors.index.json", std::ios::trunc)
+      << R"({"weight_map": {"a": "x", "a": "y"}})";
+  EXPECT_THAT(Render(InspectCheckpoint(Request(dir.path())).problems),
+              testing::Contains("model.safetensors.index.json: duplicate key \"a\" in object "
+                                "\"weight_map\""));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plan and estimate, checked against hand computation for the tiny model (FP8, G = 128,
+// experts only, gang 3, 8 sequences of 16 tokens, include_mtp).
+
+TEST(InspectTest, PlanMatchesHandComputation) {
+  TempDir dir;
+  TinyDims d;
+  WriteCheckpoint(dir.path(), TinyConfig(d), TinyTensors(d, true, true), 2);
+  InspectRequest request = Request(dir.path());
+  request.include_mtp = true;
+  InspectReport report = InspectCheckpoint(request);
+  ASSERT_TRUE(report.ok()) << Render(report.problems).front();
+
+  // Attention + the two layer norms, element counts (H = 200).
+  const int64_t attn_linear = 96 * 200 + 192 * 96 + 80 * 200 + 256 * 64 + 200 * 128;  // 96,784
+  const int64_t attn_norms = 200 + 200 + 96 + 64;                                    // 560
+  const int64_t attn_scales = 1 * 2 + 2 * 1 + 1 * 2 + 2 * 1 + 2 * 1;                 // 10
+  // Dense MLP [384, 200] x2 + [200, 384]; scales [3,2] x2 + [2,3].
+  const int64_t dense_linear = 3 * 384 * 200;  // 230,400
+  const int64_t dense_scales = 6 + 6 + 6;
+  // Expert gate/up [64, 200] (scale [1, 2]), down [200, 64] (scale [2, 1]).
+  const int64_t expert_linear = 3 * 64 * 200;  // 38,400 per expert
+  const int64_t expert_scales = 2 + 2 + 2;
+  const int64_t router = 4 * 200;  // BF16
+  const int64_t bias = 4;          // F32
+  const int64_t mtp_extras_bf16 = 300 * 200 + 200 + 200 + 200 * 400 + 200 + 300 * 200;
+
+  // Input bytes: FP8 = 1 byte, scales F32 = 4, norms/router BF16 = 2, bias F32 = 4.
+  const int64_t attn_in = attn_linear + 4 * attn_scales + 2 * attn_norms;
+  EXPECT_EQ(report.layers[0].input_bytes, attn_in + dense_linear + 4 * dense_scales);
+  const int64_t moe_in = attn_in + 2 * router + 4 * bias +
+                         5 * (expert_linear + 4 * expert_scales);  // 4 routed + 1 shared
+  EXPECT_EQ(report.layers[1].input_bytes, moe_in);
+  EXPECT_EQ(report.layers[2].input_bytes, moe_in + 2 * mtp_extras_bf16);
+
+  // Output bytes: quantized expert gate/up [64, 200]: 64*25*4 + 64*2*2 + 16 = 6,672;
+  // down [200, 64]: 200*8*4 + 200*1*2 + 16 = 6,816. Everything else BF16 (F32 bias stays F32).
+  const int64_t expert_out = 2 * 6672 + 6816;  // 20,160
+  const int64_t attn_out = 2 * (attn_linear + attn_norms);
+  EXPECT_EQ(report.layers[0].output_bytes, attn_out + 2 * dense_linear);
+  const int64_t moe_out = attn_out + 2 * router + 4 * bias + 4 * expert_out + 2 * expert_linear;
+  EXPECT_EQ(report.layers[1].output_bytes, moe_out);
+  EXPECT_EQ(report.layers[2].output_bytes, moe_out + 2 * mtp_extras_bf16);
+  const int64_t model_level = 2 * (300 * 200 + 200 + 300 * 200);
+  EXPECT_EQ(report.estimate.output_bytes, model_level + report.layers[0].output_bytes +
+                                              2 * moe_out + 2 * mtp_extras_bf16);
+
+  // Ranks: 4 experts over 3 ranks = 2, 1, 1; 8 sequences = 3, 3, 2.
+  ASSERT_EQ(report.ranks.size(), 3u);
+  EXPECT_EQ(report.ranks[0].first_expert, 0);
+  EXPECT_EQ(report.ranks[0].num_experts, 2);
+  EXPECT_EQ(report.ranks[1].first_expert, 2);
+  EXPECT_EQ(report.ranks[1].num_experts, 1);
+  EXPECT_EQ(report.ranks[2].first_expert, 3);
+  EXPECT_EQ(report.ranks[2].num_experts, 1);
+  EXPECT_EQ(report.ranks[0].num_sequences, 3);
+  EXPECT_EQ(report.ranks[1].num_sequences, 3);
+  EXPECT_EQ(report.ranks[2].num_sequences, 2);
+
+  // Replicated: the MTP layer is the largest (attention + MoE non-routed + extras).
+  const int64_t replicated =
+      2 * (attn_linear + attn_norms + router + bias + expert_linear + mtp_extras_bf16);
+  const int64_t scores = 16 * 16 * 4 * 4;  // S^2 * min(heads = 4, 16) * 4
+  auto gpu = [&](int64_t experts, int64_t sequences) {
+    const int64_t tokens = sequences * 16;
+    return replicated + experts * 3 * 64 * 200 * 2 + tokens * 200 * 2 * 2 + scores +
+           experts * (200 * 200 + 64 * 64) * 4;
+  };
+  EXPECT_EQ(report.ranks[0].gpu_bytes, gpu(2, 3));
+  EXPECT_EQ(report.ranks[1].gpu_bytes, gpu(1, 3));
+  EXPECT_EQ(report.ranks[2].gpu_bytes, gpu(1, 2));
+  const int64_t staging = report.layers[2].input_bytes;
+  EXPECT_EQ(report.ranks[0].host_bytes, 48 * 200 * 4 + staging);
+  EXPECT_EQ(report.ranks[2].host_bytes, 32 * 200 * 4 + staging);
+  EXPECT_EQ(report.estimate.gpu_bytes_per_rank, gpu(2, 3));
+  EXPECT_EQ(report.estimate.host_bytes_per_rank, 48 * 200 * 4 + staging);
+  EXPECT_EQ(report.estimate.scratch_bytes_per_rank, 48 * 200 * 4);
+  EXPECT_EQ(report.estimate.calibration_tokens, 128);
+  EXPECT_DOUBLE_EQ(report.estimate.tokens_per_expert, 128.0 * 2 / 4);
+}
+
+TEST(InspectTest, AllLinearPlanCountsAndHessians) {
+  TempDir dir;
+  TinyDims d;
+  WriteCheckpoint(dir.path(), TinyConfig(d), TinyTensors(d, true, false), 1);
+  InspectRequest request = Request(dir.path());
+  request.all_linear = true;
+  request.group_size = 0;
+  request.gang_size = 1;
+  InspectReport report = InspectCheckpoint(request);
+  ASSERT_TRUE(report.ok());
+  ASSERT_EQ(report.layers.size(), 2u);
+  EXPECT_EQ(report.layers[0].num_quantized_linears, 5 + 3);       // attention + dense MLP
+  EXPECT_EQ(report.layers[1].num_quantized_linears, 5 + 12 + 3);  // + experts + shared
+  // Per-channel dense down_proj [200, 384]: 200*48*4 + 200*1*2 + 16.
+  // Layer 0 Hessians (all_linear): attn input 200, q_b 96, kv_b 64, o 128, mlp 200, down 384.
+  const int64_t layer0_h = (200 * 200 + 96 * 96 + 64 * 64 + 128 * 128 + 200 * 200 + 384 * 384) * 4;
+  // Layer 1: the same attention, shared gate/up input 200, shared down 64: smaller than layer 0.
+  const int64_t replicated = 2 * (96 * 200 + 192 * 96 + 80 * 200 + 256 * 64 + 200 * 128 + 560 +
+                                  3 * 384 * 200);
+  const int64_t tokens = 8 * 16;
+  EXPECT_EQ(report.ranks.at(0).gpu_bytes, replicated + 4 * 3 * 64 * 200 * 2 +
+                                              tokens * 200 * 4 + 16 * 16 * 4 * 4 +
+                                              4 * (200 * 200 + 64 * 64) * 4 + layer0_h);
+}
+
+// The real DeepSeek-V3 (61 layers + MTP present in the checkpoint but not planned), 512 x 4096
+// calibration, gang 8, G = 128, experts only, from an ideal FP8 checkpoint (FORMATS.md §2.2).
+// These numbers document the formulas in plan.h at full scale (cross-checked with an
+// independent Python transcription of the formulas):
+//   output  = 371,407,749,120 bytes (~371.4 GB: 337.2 GB int4 experts with BF16 group scales,
+//             the rest BF16: embeddings, lm_head, attention, dense MLPs, shared experts, routers)
+//   gpu     =  19,689,013,248 bytes per rank (~19.7 GB: 1.17 GB replicated dense layer, 2.8 GB
+//             bf16 weights of 32 experts, 7.5 GB hidden states of 64 x 4096 tokens, 1 GiB
+//             attention scores, 7.1 GB fp32 Hessians of 32 experts)
+//   host    =  19,028,140,256 bytes per rank (7.5 GB hidden states + 11.5 GB FP8 MoE layer staged)
+//   scratch =   7,516,192,768 bytes per rank
+TEST(PlanTest, DeepseekV3FullScaleSanity) {
+  DeepseekV3Config c;
+  c.model_type = "deepseek_v3";
+  c.vocab_size = 129280;
+  c.hidden_size = 7168;
+  c.intermediate_size = 18432;
+  c.moe_intermediate_size = 2048;
+  c.num_hidden_layers = 61;
+  c.num_nextn_predict_layers = 1;
+  c.first_k_dense_replace = 3;
+  c.n_routed_experts = 256;
+  c.n_shared_experts = 1;
+  c.num_experts_per_tok = 8;
+  c.n_group = 8;
+  c.topk_group = 4;
+  c.topk_method = "noaux_tc";
+  c.num_attention_heads = 128;
+  c.num_key_value_heads = 128;
+  c.q_lora_rank = 1536;
+  c.kv_lora_rank = 512;
+  c.qk_nope_head_dim = 128;
+  c.qk_rope_head_dim = 64;
+  c.v_head_dim = 128;
+
+  // Ideal FP8 checkpoint: linears F8_E4M3 + F32 scales, router/norms BF16, bias F32.
+  StoredTensors stored;
+  for (const ExpectedTensor& t : ExpectedInventory(c, 1)) {
+    int64_t n = 1;
+    for (int64_t x : t.shape) n *= x;
+    const bool fp8 = t.role == TensorRole::kLinear && t.name.find("eh_proj") == std::string::npos;
+    if (fp8) {
+      stored[t.name] = {DType::kF8E4M3, n};
+      const std::vector<int64_t> s = ScaleInvShape(t.shape);
+      stored[ScaleInvName(t.name)] = {DType::kF32, s[0] * s[1] * 4};
+    } else if (t.role == TensorRole::kRouterBias) {
+      stored[t.name] = {DType::kF32, n * 4};
+    } else {
+      stored[t.name] = {DType::kBF16, n * 2};
+    }
+  }
+  InspectRequest request;
+  request.gang_size = 8;
+  request.group_size = 128;
+  request.num_calibration_samples = 512;
+  request.max_sequence_length = 4096;
+  JobPlan plan = PlanJob(c, request, stored);
+  ASSERT_EQ(plan.layers.size(), 61u);
+  EXPECT_EQ(plan.layers[0].kind, LayerKind::kDense);
+  EXPECT_EQ(plan.layers[3].kind, LayerKind::kMoe);
+  EXPECT_EQ(plan.layers[3].num_quantized_linears, 768);
+  EXPECT_EQ(plan.layers[0].input_bytes, 583642336);
+  EXPECT_EQ(plan.layers[3].input_bytes, 11511947488);
+  EXPECT_EQ(plan.ranks.size(), 8u);
+  EXPECT_EQ(plan.ranks[7].first_expert, 224);
+  EXPECT_EQ(plan.ranks[7].num_experts, 32);
+  EXPECT_EQ(plan.ranks[7].num_sequences, 64);
+  EXPECT_EQ(plan.estimate.output_bytes, 371407749120);
+  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 19689013248);
+  EXPECT_EQ(plan.estimate.host_bytes_per_rank, 19028140256);
+  EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
+  EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
+  EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
+}
+
+}  // namespace
+}  // namespace mq::model
