@@ -84,10 +84,11 @@ int RpcFail(const std::string& what, const grpc::Status& s, const Global& g) {
   return Fail(what + ": " + code + ": " + s.error_message());
 }
 
-std::string Json(const google::protobuf::Message& m) {
+// Pretty JSON, or one line per message (`compact`, for streams of updates).
+std::string Json(const google::protobuf::Message& m, bool compact = false) {
   std::string out;
   google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = true;
+  options.add_whitespace = !compact;
   options.preserve_proto_field_names = true;
   options.always_print_primitive_fields = true;
   (void)google::protobuf::util::MessageToJsonString(m, &out, options);
@@ -399,7 +400,7 @@ int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_event
         next_seq = e.seq() + 1;
         if (print_events && !json) PrintEvent(e);
       }
-      if (json && print_events) std::cout << Json(update) << "\n" << std::flush;
+      if (json && print_events) std::cout << Json(update, true) << "\n" << std::flush;
     }
     grpc::Status s = reader->Finish();
     if (Terminal(last.state())) break;

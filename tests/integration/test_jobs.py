@@ -256,7 +256,7 @@ def test_health_workers_and_list(cluster, model, tmp_path):
     human = cluster.client("workers", check=True).stdout
     assert "gpu-less" in human and "IDLE" in human and "cpu" in human
     entry = cluster.worker_entry("gpu-less")
-    assert entry["worker"]["capabilities"]["host_memory_bytes"] > 0
+    assert int(entry["worker"]["capabilities"]["host_memory_bytes"]) > 0
     assert "plan" in entry["worker"]["capabilities"]["capabilities"]
     job_id = submit(cluster, model, tmp_path / "out")
     cluster.wait_job(job_id, "JOB_STATE_FAILED")
