@@ -90,6 +90,23 @@ void LogLine(std::string_view component, std::string_view level, std::string_vie
   std::fflush(stderr);
 }
 
+std::string HumanBytes(int64_t bytes) {
+  char buf[32];
+  const double b = static_cast<double>(bytes);
+  if (bytes >= (int64_t{1} << 40)) {
+    std::snprintf(buf, sizeof(buf), "%.2f TiB", b / (1ull << 40));
+  } else if (bytes >= (int64_t{1} << 30)) {
+    std::snprintf(buf, sizeof(buf), "%.2f GiB", b / (1ull << 30));
+  } else if (bytes >= (int64_t{1} << 20)) {
+    std::snprintf(buf, sizeof(buf), "%.1f MiB", b / (1ull << 20));
+  } else if (bytes >= (int64_t{1} << 10)) {
+    std::snprintf(buf, sizeof(buf), "%.1f KiB", b / (1ull << 10));
+  } else {
+    std::snprintf(buf, sizeof(buf), "%lld B", static_cast<long long>(bytes));
+  }
+  return buf;
+}
+
 const char* Version() { return MQ_VERSION; }
 
 }  // namespace mq

@@ -22,6 +22,9 @@ std::string FormatTimeMs(int64_t ms);
 // Writes one line "<time> <component> <level> <message>" to stderr atomically.
 void LogLine(std::string_view component, std::string_view level, std::string_view message);
 
+// "1.50 GiB", "12.0 MiB", "512 B" (binary units).
+std::string HumanBytes(int64_t bytes);
+
 // The mq version string (project version).
 const char* Version();
 

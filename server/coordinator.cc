@@ -59,12 +59,6 @@ std::string MethodName(mq::v1::Method m) {
   }
 }
 
-std::string GiB(int64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof(buf), "%.2f GiB", static_cast<double>(bytes) / (1ull << 30));
-  return buf;
-}
-
 template <typename Message>
 absl::StatusOr<Message> Parse(const std::string& table, const std::string& key,
                               const std::string& bytes) {
@@ -767,9 +761,9 @@ void Coordinator::ApplyPlanResult(JobRecord& job, WriteBatch& batch,
   SetJobState(
       job, batch, mq::v1::JOB_STATE_FAILED,
       absl::StrCat("planning succeeded (", report.layers_size(), " layers, ",
-                   GiB(report.estimate().gpu_bytes_per_rank()), " GPU and ",
-                   GiB(report.estimate().host_bytes_per_rank()), " host memory per rank, ",
-                   GiB(report.estimate().output_bytes()), " output), but capability \"", capability,
+                   HumanBytes(report.estimate().gpu_bytes_per_rank()), " GPU and ",
+                   HumanBytes(report.estimate().host_bytes_per_rank()), " host memory per rank, ",
+                   HumanBytes(report.estimate().output_bytes()), " output), but capability \"", capability,
                    "\" is missing: this mq version (", Version(),
                    ") implements planning only, not the quantization pipeline"));
   if (metrics_) metrics_->jobs_failed->Increment();

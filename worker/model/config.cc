@@ -29,7 +29,9 @@ class FieldReader {
     auto it = object_.find(key);
     return it == object_.end() ? nullptr : &*it;
   }
-  std::string Name(std::string_view key) const { return absl::StrCat("\"", prefix_, std::string(key), "\""); }
+  std::string Name(std::string_view key) const {
+    return absl::StrCat("\"", prefix_, std::string(key), "\"");
+  }
 
   void Problem(std::string message) { problems_->push_back(std::move(message)); }
 
@@ -77,8 +79,8 @@ class FieldReader {
       return std::nullopt;
     }
     if (!v->is_number()) {
-      Problem(absl::StrCat(Name(key), " = ", JsonForMessage(*v), ": must be ", allowed,
-                           ", found ", JsonTypeName(*v)));
+      Problem(absl::StrCat(Name(key), " = ", JsonForMessage(*v), ": must be ", allowed, ", found ",
+                           JsonTypeName(*v)));
       return std::nullopt;
     }
     const double value = v->get<double>();
@@ -97,8 +99,8 @@ class FieldReader {
       return std::nullopt;
     }
     if (!v->is_boolean()) {
-      Problem(absl::StrCat(Name(key), " = ", JsonForMessage(*v),
-                           ": must be true or false, found ", JsonTypeName(*v)));
+      Problem(absl::StrCat(Name(key), " = ", JsonForMessage(*v), ": must be true or false, found ",
+                           JsonTypeName(*v)));
       return std::nullopt;
     }
     return v->get<bool>();
@@ -110,8 +112,7 @@ class FieldReader {
                                     std::optional<std::string> fallback = std::nullopt) {
     std::vector<std::string> quoted;
     for (std::string_view a : allowed) quoted.push_back(absl::StrCat("\"", std::string(a), "\""));
-    const std::string allowed_text =
-        allowed.empty() ? std::string("a string") : OneOf(quoted);
+    const std::string allowed_text = allowed.empty() ? std::string("a string") : OneOf(quoted);
     const Json* v = Find(key);
     if (v == nullptr) {
       if (fallback) return fallback;
@@ -227,8 +228,7 @@ ConfigParseResult ParseDeepseekV3Config(std::string_view json_text) {
     return result;
   }
   if (!parsed->is_object()) {
-    problems.push_back(
-        absl::StrCat("must be a JSON object, found ", JsonTypeName(*parsed)));
+    problems.push_back(absl::StrCat("must be a JSON object, found ", JsonTypeName(*parsed)));
     return result;
   }
   const Json& root = *parsed;
@@ -325,22 +325,23 @@ ConfigParseResult ParseDeepseekV3Config(std::string_view json_text) {
                                     " must be <= \"num_hidden_layers\" = ", *layers));
   }
   if (n_group && experts && *experts % *n_group != 0) {
-    problems.push_back(absl::StrCat("\"n_group\" = ", *n_group,
-                                    " must divide \"n_routed_experts\" = ", *experts));
+    problems.push_back(
+        absl::StrCat("\"n_group\" = ", *n_group, " must divide \"n_routed_experts\" = ", *experts));
   }
   if (topk_group && n_group && *topk_group > *n_group) {
-    problems.push_back(absl::StrCat("\"topk_group\" = ", *topk_group,
-                                    " must be <= \"n_group\" = ", *n_group));
+    problems.push_back(
+        absl::StrCat("\"topk_group\" = ", *topk_group, " must be <= \"n_group\" = ", *n_group));
   }
   if (topk && experts && *topk > *experts) {
     problems.push_back(absl::StrCat("\"num_experts_per_tok\" = ", *topk,
                                     " must be <= \"n_routed_experts\" = ", *experts));
-  } else if (topk && experts && n_group && topk_group && topk_method &&
-             *topk_method != "greedy" && *experts % *n_group == 0 && *topk_group <= *n_group &&
+  } else if (topk && experts && n_group && topk_group && topk_method && *topk_method != "greedy" &&
+             *experts % *n_group == 0 && *topk_group <= *n_group &&
              *topk > *topk_group * (*experts / *n_group)) {
-    problems.push_back(absl::StrCat(
-        "\"num_experts_per_tok\" = ", *topk, " must be <= \"topk_group\" * (\"n_routed_experts\" / \"n_group\") = ",
-        *topk_group * (*experts / *n_group), " (the experts in the selected groups)"));
+    problems.push_back(
+        absl::StrCat("\"num_experts_per_tok\" = ", *topk,
+                     " must be <= \"topk_group\" * (\"n_routed_experts\" / \"n_group\") = ",
+                     *topk_group * (*experts / *n_group), " (the experts in the selected groups)"));
   }
   return result;
 }
@@ -351,7 +352,8 @@ absl::StatusOr<DeepseekV3Config> LoadDeepseekV3Config(const std::string& path) {
   ConfigParseResult result = ParseDeepseekV3Config(*text);
   if (!result.ok()) {
     std::vector<std::string> prefixed;
-    for (const std::string& p : result.problems) prefixed.push_back(absl::StrCat("config.json: ", p));
+    for (const std::string& p : result.problems)
+      prefixed.push_back(absl::StrCat("config.json: ", p));
     return absl::InvalidArgumentError(absl::StrJoin(prefixed, "; "));
   }
   return std::move(result.config);

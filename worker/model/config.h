@@ -16,11 +16,11 @@ namespace mq::model {
 // Upper bounds accepted for config values. Real models are far below them (DeepSeek-V3: 61
 // layers, 256 experts, 128 heads, hidden 7168, intermediate 18432, vocab 129280); they exist
 // so that every size computed from a config fits comfortably in int64.
-inline constexpr int64_t kMaxConfigLayers = 1024;       // num_hidden_layers, nextn, dense
-inline constexpr int64_t kMaxConfigExperts = 4096;      // n_routed/shared_experts, top-k, groups
-inline constexpr int64_t kMaxConfigHeads = 1024;        // attention and kv heads
-inline constexpr int64_t kMaxConfigDim = 1 << 18;       // hidden/intermediate/lora/head dims
-inline constexpr int64_t kMaxConfigVocab = 1 << 22;     // vocab_size
+inline constexpr int64_t kMaxConfigLayers = 1024;          // num_hidden_layers, nextn, dense
+inline constexpr int64_t kMaxConfigExperts = 4096;         // n_routed/shared_experts, top-k, groups
+inline constexpr int64_t kMaxConfigHeads = 1024;           // attention and kv heads
+inline constexpr int64_t kMaxConfigDim = 1 << 18;          // hidden/intermediate/lora/head dims
+inline constexpr int64_t kMaxConfigVocab = 1 << 22;        // vocab_size
 inline constexpr int64_t kMaxConfigPositions = 1LL << 32;  // max/original position embeddings
 
 // "rope_scaling" (only YaRN is supported, as in DeepSeek-V3).
@@ -74,8 +74,8 @@ struct DeepseekV3Config {
   double rms_norm_eps = 0;
   double rope_theta = 0;
   int64_t max_position_embeddings = 0;
-  std::optional<RopeScalingConfig> rope_scaling;  // null or absent -> nullopt
-  bool tie_word_embeddings = false;               // default false
+  std::optional<RopeScalingConfig> rope_scaling;             // null or absent -> nullopt
+  bool tie_word_embeddings = false;                          // default false
   std::optional<Fp8QuantizationConfig> quantization_config;  // absent or null -> nullopt
 
   int64_t q_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }

@@ -39,8 +39,8 @@ std::string StripPath(const absl::Status& status, const std::string& path) {
 }
 
 bool IsPlainFileName(std::string_view name) {
-  return !name.empty() && name != "." && name != ".." &&
-         name.find('/') == std::string_view::npos && name.find('\0') == std::string_view::npos;
+  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string_view::npos &&
+         name.find('\0') == std::string_view::npos;
 }
 
 bool IsWideFloat(DType dtype) { return IsFloat(dtype) && DTypeBits(dtype) >= 16; }
@@ -53,18 +53,16 @@ struct Located {
 
 class Inspector {
  public:
-  explicit Inspector(const InspectRequest& request)
-      : request_(request), dir_(request.model_dir) {}
+  explicit Inspector(const InspectRequest& request) : request_(request), dir_(request.model_dir) {}
 
   InspectReport Run() {
     const bool request_ok = CheckRequestFields();
     std::error_code ec;
     if (request_.model_dir.empty()) return std::move(report_);
     if (!std::filesystem::is_directory(dir_, ec)) {
-      Add("request.model_dir",
-          std::filesystem::exists(dir_, ec)
-              ? absl::StrCat(Quote(request_.model_dir), " is not a directory")
-              : absl::StrCat(Quote(request_.model_dir), " does not exist"));
+      Add("request.model_dir", std::filesystem::exists(dir_, ec)
+                                   ? absl::StrCat(Quote(request_.model_dir), " is not a directory")
+                                   : absl::StrCat(Quote(request_.model_dir), " does not exist"));
       return std::move(report_);
     }
     const bool config_ok = LoadConfig();
@@ -91,11 +89,12 @@ class Inspector {
     const size_t before = report_.problems.size();
     const InspectRequest& r = request_;
     if (r.model_dir.empty()) Add("request.model_dir", "model_dir is empty: must name a directory");
-    if (r.gang_size < 1) Add("request.gang_size", absl::StrCat("gang_size = ", r.gang_size, ": must be >= 1"));
+    if (r.gang_size < 1)
+      Add("request.gang_size", absl::StrCat("gang_size = ", r.gang_size, ": must be >= 1"));
     if (r.bits != 4) Add("request.bits", absl::StrCat("bits = ", r.bits, ": must be 4"));
     if (r.group_size != 0 && r.group_size != 32 && r.group_size != 64 && r.group_size != 128) {
-      Add("request.group_size", absl::StrCat("group_size = ", r.group_size,
-                                             ": must be 0 (per-channel), 32, 64 or 128"));
+      Add("request.group_size",
+          absl::StrCat("group_size = ", r.group_size, ": must be 0 (per-channel), 32, 64 or 128"));
     }
     if (r.num_calibration_samples < 1) {
       Add("request.num_calibration_samples",
@@ -187,13 +186,14 @@ class Inspector {
     }
     if (auto it = index->find("metadata");
         it != index->end() && !it->is_object() && !it->is_null()) {
-      Add(where, absl::StrCat("\"metadata\" = ", JsonForMessage(*it),
-                              ": must be an object, found ", JsonTypeName(*it)));
+      Add(where, absl::StrCat("\"metadata\" = ", JsonForMessage(*it), ": must be an object, found ",
+                              JsonTypeName(*it)));
     }
     auto map_it = index->find("weight_map");
     if (map_it == index->end()) {
-      Add(where, "\"weight_map\" is missing (required: an object mapping tensor names to shard "
-                 "file names)");
+      Add(where,
+          "\"weight_map\" is missing (required: an object mapping tensor names to shard "
+          "file names)");
       return;
     }
     if (!map_it->is_object()) {
@@ -206,9 +206,9 @@ class Inspector {
     std::map<std::string, int64_t> bad_shards;  // name -> tensors mapped to it
     for (const auto& [name, shard] : map_it->items()) {
       if (!shard.is_string()) {
-        Add(where, absl::StrCat("\"weight_map\".", Quote(name), " = ", JsonForMessage(shard),
-                                ": must be a shard file name (string), found ",
-                                JsonTypeName(shard)));
+        Add(where,
+            absl::StrCat("\"weight_map\".", Quote(name), " = ", JsonForMessage(shard),
+                         ": must be a shard file name (string), found ", JsonTypeName(shard)));
         unavailable_.insert(name);
         continue;
       }
@@ -241,10 +241,10 @@ class Inspector {
         const std::string lost =
             single_shard_ ? std::string()
                           : absl::StrCat("; ", count, " tensors mapped to it are unavailable");
-        Add(shard, absl::IsNotFound(header.status())
-                       ? absl::StrCat("missing shard: file not found", lost)
-                       : absl::StrCat("unreadable shard: ", StripPath(header.status(), path),
-                                      lost));
+        Add(shard,
+            absl::IsNotFound(header.status())
+                ? absl::StrCat("missing shard: file not found", lost)
+                : absl::StrCat("unreadable shard: ", StripPath(header.status(), path), lost));
         broken_shards_.insert(shard);
         continue;
       }
@@ -326,8 +326,7 @@ class Inspector {
       }
     }
     std::set<std::string> expected;
-    for (const ExpectedTensor& t :
-         ExpectedInventory(config_, config_.num_nextn_predict_layers)) {
+    for (const ExpectedTensor& t : ExpectedInventory(config_, config_.num_nextn_predict_layers)) {
       if (absent_mtp.count(t.layer) != 0) continue;
       expected.insert(t.name);
       if (unavailable_.count(t.name) != 0 || reported_.count(t.name) != 0) continue;
@@ -350,9 +349,9 @@ class Inspector {
         const std::string weight = name.substr(0, name.size() - kSuffix.size());
         auto w = available_.find(weight);
         if (expected.count(weight) != 0 && w != available_.end()) {
-          Add(name, absl::StrCat("unexpected tensor: weight_scale_inv for ", Quote(weight),
-                                 ", which is ", std::string(DTypeName(w->second.info->dtype)),
-                                 ", not F8_E4M3"));
+          Add(name,
+              absl::StrCat("unexpected tensor: weight_scale_inv for ", Quote(weight), ", which is ",
+                           std::string(DTypeName(w->second.info->dtype)), ", not F8_E4M3"));
           continue;
         }
       }
@@ -364,15 +363,16 @@ class Inspector {
 
   // Checks the dtype of an available expected tensor and, for FP8 linears, its scale. Adds the
   // scale name to `expected` when it belongs to the weight.
-  void CheckDType(const ExpectedTensor& t, const TensorInfo& info, std::set<std::string>& expected) {
+  void CheckDType(const ExpectedTensor& t, const TensorInfo& info,
+                  std::set<std::string>& expected) {
     constexpr char kWideFloats[] = "F16, BF16, F32 or F64";
     const std::string dtype(DTypeName(info.dtype));
     if (t.role != TensorRole::kLinear) {
       if (!IsWideFloat(info.dtype)) {
-        Add(t.name, absl::StrCat("dtype ", dtype, ": expected ", kWideFloats,
-                                 t.role == TensorRole::kRouter
-                                     ? " (the router weight must never be FP8)"
-                                     : ""));
+        Add(t.name,
+            absl::StrCat(
+                "dtype ", dtype, ": expected ", kWideFloats,
+                t.role == TensorRole::kRouter ? " (the router weight must never be FP8)" : ""));
       }
       return;
     }
@@ -400,10 +400,10 @@ class Inspector {
                               Quote(t.name)));
     }
     if (s.shape != scale_shape) {
-      Add(scale, absl::StrCat("shape ", ShapeToString(s.shape), ": expected ",
-                              ShapeToString(scale_shape), " = ceil(", ShapeToString(info.shape),
-                              " / 128) for the weight_scale_inv of F8_E4M3 weight ",
-                              Quote(t.name)));
+      Add(scale,
+          absl::StrCat("shape ", ShapeToString(s.shape), ": expected ", ShapeToString(scale_shape),
+                       " = ceil(", ShapeToString(info.shape),
+                       " / 128) for the weight_scale_inv of F8_E4M3 weight ", Quote(t.name)));
     }
   }
 
@@ -417,8 +417,8 @@ class Inspector {
   void Plan() {
     StoredTensors stored;
     for (const auto& [name, located] : available_) {
-      stored.emplace(name, StoredTensor{located.info->dtype,
-                                        static_cast<int64_t>(located.info->num_bytes())});
+      stored.emplace(
+          name, StoredTensor{located.info->dtype, static_cast<int64_t>(located.info->num_bytes())});
     }
     JobPlan plan = PlanJob(config_, request_, stored);
     report_.layers = std::move(plan.layers);
@@ -431,19 +431,17 @@ class Inspector {
   InspectReport report_;
   DeepseekV3Config config_;
   bool single_shard_ = false;
-  std::map<std::string, std::string> weight_map_;            // tensor -> shard (valid names)
-  std::map<std::string, SafetensorsHeader> headers_;         // readable shards
-  std::set<std::string> broken_shards_;                      // missing or unreadable
-  std::map<std::string, Located> available_;                 // indexed and present
-  std::set<std::string> unavailable_;                        // in a broken shard or bad entry
-  std::set<std::string> reported_;                           // already reported as missing
-  std::map<std::string, std::string> unindexed_;             // in a shard, not in the index
+  std::map<std::string, std::string> weight_map_;     // tensor -> shard (valid names)
+  std::map<std::string, SafetensorsHeader> headers_;  // readable shards
+  std::set<std::string> broken_shards_;               // missing or unreadable
+  std::map<std::string, Located> available_;          // indexed and present
+  std::set<std::string> unavailable_;                 // in a broken shard or bad entry
+  std::set<std::string> reported_;                    // already reported as missing
+  std::map<std::string, std::string> unindexed_;      // in a shard, not in the index
 };
 
 }  // namespace
 
-InspectReport InspectCheckpoint(const InspectRequest& request) {
-  return Inspector(request).Run();
-}
+InspectReport InspectCheckpoint(const InspectRequest& request) { return Inspector(request).Run(); }
 
 }  // namespace mq::model

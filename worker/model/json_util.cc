@@ -89,9 +89,8 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path, uint64_t m
   } else if (!S_ISREG(st.st_mode)) {
     status = absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
   } else if (static_cast<uint64_t>(st.st_size) > max_bytes) {
-    status = absl::InvalidArgumentError(absl::StrCat(path, ": file is ", st.st_size,
-                                                     " bytes, more than the ", max_bytes,
-                                                     "-byte limit"));
+    status = absl::InvalidArgumentError(absl::StrCat(
+        path, ": file is ", st.st_size, " bytes, more than the ", max_bytes, "-byte limit"));
   } else {
     out.resize(static_cast<size_t>(st.st_size));
     size_t done = 0;
@@ -137,8 +136,8 @@ const char* JsonTypeName(const nlohmann::json& value) {
 }
 
 std::string JsonForMessage(const nlohmann::json& value) {
-  std::string text =
-      value.dump(/*indent=*/-1, ' ', /*ensure_ascii=*/false, nlohmann::json::error_handler_t::replace);
+  std::string text = value.dump(/*indent=*/-1, ' ', /*ensure_ascii=*/false,
+                                nlohmann::json::error_handler_t::replace);
   // Insert a space after commas so lists read like the rest of the messages: [128, 128].
   if (value.is_array()) {
     std::string spaced;

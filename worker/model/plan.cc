@@ -64,8 +64,8 @@ void AddLayer(const DeepseekV3Config& c, int layer, InventoryBuilder& b) {
   } else {
     b.Linear(p + "self_attn.q_proj.weight", heads * c.q_head_dim(), h, layer, id + "attn");
   }
-  b.Linear(p + "self_attn.kv_a_proj_with_mqa.weight", c.kv_lora_rank + c.qk_rope_head_dim, h,
-           layer, id + "attn");
+  b.Linear(p + "self_attn.kv_a_proj_with_mqa.weight", c.kv_lora_rank + c.qk_rope_head_dim, h, layer,
+           id + "attn");
   b.Add(p + "self_attn.kv_a_layernorm.weight", {c.kv_lora_rank}, TensorRole::kNorm, layer);
   b.Linear(p + "self_attn.kv_b_proj.weight", heads * (c.qk_nope_head_dim + c.v_head_dim),
            c.kv_lora_rank, layer, id + "kv_b");
@@ -153,8 +153,7 @@ std::vector<int64_t> ScaleInvShape(const std::vector<int64_t>& weight_shape) {
   return shape;
 }
 
-std::vector<ExpectedTensor> ExpectedInventory(const DeepseekV3Config& config,
-                                              int num_mtp_layers) {
+std::vector<ExpectedTensor> ExpectedInventory(const DeepseekV3Config& config, int num_mtp_layers) {
   std::vector<ExpectedTensor> out;
   InventoryBuilder b(&out);
   b.Add("model.embed_tokens.weight", {config.vocab_size, config.hidden_size},
@@ -228,8 +227,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   }
 
   const int gang = request.gang_size;
-  const int64_t attention_scores = SatMul(
-      {seq, seq, std::min<int64_t>(config.num_attention_heads, kAttentionHeadsPerChunk), 4});
+  const int64_t attention_scores =
+      SatMul({seq, seq, std::min<int64_t>(config.num_attention_heads, kAttentionHeadsPerChunk), 4});
   ResourceEstimate& est = plan.estimate;
   int first_expert = 0;
   for (int rank = 0; rank < gang; ++rank) {

@@ -138,9 +138,9 @@ class HeaderSax final : public nlohmann::json_sax<Json> {
         return true;
       case State::kTensor: {
         const RawTensor& t = tensors_.back();
-        for (auto [field, present] : {std::pair{"dtype", t.has_dtype},
-                                      std::pair{"shape", t.has_shape},
-                                      std::pair{"data_offsets", t.has_offsets}}) {
+        for (auto [field, present] :
+             {std::pair{"dtype", t.has_dtype}, std::pair{"shape", t.has_shape},
+              std::pair{"data_offsets", t.has_offsets}}) {
           if (!present) return Fail(absl::StrCat(TensorPrefix(), "missing \"", field, "\""));
         }
         state_ = State::kTop;
@@ -203,7 +203,8 @@ class HeaderSax final : public nlohmann::json_sax<Json> {
     }
     return true;
   }
-  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception& ex) override {
+  bool parse_error(std::size_t, const std::string&,
+                   const nlohmann::detail::exception& ex) override {
     absl::string_view what = ex.what();
     // Drop the "[json.exception.parse_error.101] " tag; keep "parse error at line 1, ...".
     if (size_t close = what.find("] "); close != absl::string_view::npos && what.front() == '[') {
@@ -295,9 +296,8 @@ absl::StatusOr<TensorInfo> ValidateTensor(RawTensor& raw, uint64_t data_offset) 
   }
   const std::vector<uint64_t>& offsets = raw.offsets;
   if (offsets[0] > offsets[1]) {
-    return absl::InvalidArgumentError(absl::StrCat(prefix, "data_offsets ",
-                                                   U64ListToString(offsets),
-                                                   ": end is before begin"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, "data_offsets ", U64ListToString(offsets), ": end is before begin"));
   }
   TensorInfo info;
   info.name = std::move(raw.name);
@@ -323,9 +323,9 @@ absl::StatusOr<TensorInfo> ValidateTensor(RawTensor& raw, uint64_t data_offset) 
   }
   const uint64_t bits = elements * bits_per_element;
   if (bits % 8 != 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        prefix, "shape ", U64ListToString(raw.shape), " of ", DTypeStr(*dtype), " is ", bits,
-        " bits, not a whole number of bytes"));
+    return absl::InvalidArgumentError(absl::StrCat(prefix, "shape ", U64ListToString(raw.shape),
+                                                   " of ", DTypeStr(*dtype), " is ", bits,
+                                                   " bits, not a whole number of bytes"));
   }
   const uint64_t span = offsets[1] - offsets[0];
   if (span != bits / 8) {
@@ -376,9 +376,9 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(std::string_view header
     return absl::InvalidArgumentError(
         header_json.empty()
             ? std::string("header is empty; it must be a JSON object starting with '{'")
-            : absl::StrCat("header must start with '{', found byte 0x",
-                           absl::Hex(static_cast<unsigned char>(header_json.front()),
-                                     absl::kZeroPad2)));
+            : absl::StrCat(
+                  "header must start with '{', found byte 0x",
+                  absl::Hex(static_cast<unsigned char>(header_json.front()), absl::kZeroPad2)));
   }
 
   // nlohmann's lexer treats a NUL byte as end of input; JSON never allows a raw NUL, so reject
@@ -421,26 +421,25 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(std::string_view header
       const TensorInfo& prev = header.tensors.back();
       const bool hole = info->data_begin > expected_begin;
       return absl::InvalidArgumentError(absl::StrCat(
-          "tensor ", Quote(info->name), ": data_offsets ", offsets, " begin at ",
-          info->data_begin, " but the previous tensor ", Quote(prev.name), " ends at ",
-          expected_begin, hole ? ": hole of " : ": overlap of ",
-          hole ? info->data_begin - expected_begin : expected_begin - info->data_begin,
-          " bytes"));
+          "tensor ", Quote(info->name), ": data_offsets ", offsets, " begin at ", info->data_begin,
+          " but the previous tensor ", Quote(prev.name), " ends at ", expected_begin,
+          hole ? ": hole of " : ": overlap of ",
+          hole ? info->data_begin - expected_begin : expected_begin - info->data_begin, " bytes"));
     }
     expected_begin = info->data_end;
     header.tensors.push_back(*std::move(info));
   }
   if (expected_begin != data_size) {
     if (expected_begin > data_size) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tensor data ends at ", expected_begin, " but the data buffer is only ", data_size,
-          " bytes (file size ", file_size, " - 8 - header ", header_len, "): file truncated by ",
-          expected_begin - data_size, " bytes"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor data ends at ", expected_begin, " but the data buffer is only ",
+                       data_size, " bytes (file size ", file_size, " - 8 - header ", header_len,
+                       "): file truncated by ", expected_begin - data_size, " bytes"));
     }
     return absl::InvalidArgumentError(
         absl::StrCat("tensor data ends at ", expected_begin, " but the data buffer is ", data_size,
-                     " bytes (file size ", file_size, " - 8 - header ", header_len, "): ",
-                     data_size - expected_begin, " trailing bytes"));
+                     " bytes (file size ", file_size, " - 8 - header ", header_len,
+                     "): ", data_size - expected_begin, " trailing bytes"));
   }
   for (size_t i = 0; i < header.tensors.size(); ++i) {
     header.index_by_name.emplace(header.tensors[i].name, i);
@@ -472,8 +471,8 @@ absl::StatusOr<SafetensorsHeader> ReadHeaderFromFd(int fd) {
   if (!S_ISREG(st.st_mode)) return absl::InvalidArgumentError("not a regular file");
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
   if (file_size < 8) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "file is ", file_size, " bytes, too short for the 8-byte header length"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("file is ", file_size, " bytes, too short for the 8-byte header length"));
   }
   unsigned char len_bytes[8];
   if (absl::Status s = PreadFully(fd, reinterpret_cast<char*>(len_bytes), 8, 0); !s.ok()) {

@@ -40,7 +40,7 @@ struct SafetensorsHeader {
   uint64_t header_len = 0;  // N, the JSON length including any space padding
   uint64_t file_size = 0;
   std::map<std::string, std::string> metadata;  // "__metadata__" (empty when absent or null)
-  std::vector<TensorInfo> tensors;               // ascending data offsets (file order)
+  std::vector<TensorInfo> tensors;              // ascending data offsets (file order)
   std::map<std::string, size_t, std::less<>> index_by_name;  // name -> position in `tensors`
 
   uint64_t data_offset() const { return 8 + header_len; }

@@ -109,9 +109,9 @@ TEST(ConfigTest, ParsesDeepseekV3) {
 
 TEST(ConfigTest, AppliesDefaultsAndNulls) {
   Json j = DeepseekV3Json();
-  for (const char* key : {"num_nextn_predict_layers", "moe_layer_freq", "num_key_value_heads",
-                          "rope_scaling", "tie_word_embeddings", "quantization_config",
-                          "architectures"}) {
+  for (const char* key :
+       {"num_nextn_predict_layers", "moe_layer_freq", "num_key_value_heads", "rope_scaling",
+        "tie_word_embeddings", "quantization_config", "architectures"}) {
     j.erase(key);
   }
   j["q_lora_rank"] = nullptr;
@@ -182,12 +182,12 @@ TEST(ConfigTest, ReportsRangeProblems) {
   j["num_hidden_layers"] = 100000;
   j["routed_scaling_factor"] = 0;
   j["q_lora_rank"] = 0;
-  EXPECT_THAT(ProblemsOf(j),
-              UnorderedElementsAre("\"hidden_size\" = 0: must be an integer in [1, 262144]",
-                                   "\"num_hidden_layers\" = 100000: must be an integer in [1, 1024]",
-                                   "\"n_shared_experts\" = -1: must be an integer in [0, 4096]",
-                                   "\"routed_scaling_factor\" = 0: must be a number > 0",
-                                   "\"q_lora_rank\" = 0: must be an integer in [1, 262144]"));
+  EXPECT_THAT(ProblemsOf(j), UnorderedElementsAre(
+                                 "\"hidden_size\" = 0: must be an integer in [1, 262144]",
+                                 "\"num_hidden_layers\" = 100000: must be an integer in [1, 1024]",
+                                 "\"n_shared_experts\" = -1: must be an integer in [0, 4096]",
+                                 "\"routed_scaling_factor\" = 0: must be a number > 0",
+                                 "\"q_lora_rank\" = 0: must be an integer in [1, 262144]"));
 }
 
 TEST(ConfigTest, ReportsCrossFieldProblems) {

@@ -35,7 +35,7 @@ struct TinyDims {
   int64_t hidden = 200;  // not a multiple of 128: scale grids are ceil-divided
   int64_t inter = 384;
   int64_t moe_inter = 64;
-  int layers = 2;        // layer 0 dense, layer 1 MoE
+  int layers = 2;  // layer 0 dense, layer 1 MoE
   int dense = 1;
   int experts = 4;
   int shared = 1;
@@ -180,7 +180,8 @@ void WriteShard(const std::filesystem::path& path, const std::vector<Spec>& tens
   Json header = {{"__metadata__", {{"format", "pt"}}}};
   int64_t offset = 0;
   for (const Spec& s : tensors) {
-    header[s.name] = {{"dtype", s.dtype}, {"shape", s.shape}, {"data_offsets", {offset, offset + BytesOf(s)}}};
+    header[s.name] = {
+        {"dtype", s.dtype}, {"shape", s.shape}, {"data_offsets", {offset, offset + BytesOf(s)}}};
     offset += BytesOf(s);
   }
   std::string text = header.dump();
@@ -356,7 +357,8 @@ TEST(InspectTest, BrokenCheckpointReportsExactlyItsProblems) {
   // attention and the extra tensor; shard 1 the rest.
   auto shard_of = [](const Spec& s, size_t) {
     if (s.name.rfind("model.layers.1.mlp.experts.0.", 0) == 0) return 2;
-    if (s.name.find("self_attn") != std::string::npos || s.name.find("extra") != std::string::npos) {
+    if (s.name.find("self_attn") != std::string::npos ||
+        s.name.find("extra") != std::string::npos) {
       return 1;
     }
     return 0;
@@ -380,21 +382,24 @@ TEST(InspectTest, BrokenCheckpointReportsExactlyItsProblems) {
       ElementsAre(
           shard3 + ": missing shard: file not found; 6 tensors mapped to it are unavailable",
           "model.layers.0.mlp.ghost.weight: missing tensor: model.safetensors.index.json maps it "
-          "to " + shard1 + ", which does not contain it",
+          "to " +
+              shard1 + ", which does not contain it",
           kv_b_scale + ": dtype BF16: expected F32 for the weight_scale_inv of F8_E4M3 weight "
                        "\"model.layers.0.self_attn.kv_b_proj.weight\"",
           router + ": dtype F8_E4M3: expected F16, BF16, F32 or F64 (the router weight must "
                    "never be FP8)",
-          forgotten + ": missing tensor: F8_E4M3 weight "
-                      "\"model.layers.1.mlp.experts.1.gate_proj.weight\" needs an F32 "
-                      "weight_scale_inv of shape [1, 2]; present in shard " + shard1 +
-              " but not listed in model.safetensors.index.json",
+          forgotten +
+              ": missing tensor: F8_E4M3 weight "
+              "\"model.layers.1.mlp.experts.1.gate_proj.weight\" needs an F32 "
+              "weight_scale_inv of shape [1, 2]; present in shard " +
+              shard1 + " but not listed in model.safetensors.index.json",
           down + ": shape [200, 65]: expected [200, 64]",
           up_scale + ": missing tensor: F8_E4M3 weight "
                      "\"model.layers.1.mlp.experts.3.up_proj.weight\" needs an F32 "
                      "weight_scale_inv of shape [1, 2]",
           "model.layers.1.mlp.experts.4.up_proj.weight: unexpected tensor: not part of the "
-          "DeepseekV3 inventory for this config.json (in shard " + shard1 + ")",
+          "DeepseekV3 inventory for this config.json (in shard " +
+              shard1 + ")",
           "model.layers.0.extra.weight: tensor not in index: present in shard " + shard2 +
               " but model.safetensors.index.json does not list it"));
   EXPECT_FALSE(report.ok());
@@ -533,8 +538,8 @@ TEST(InspectTest, PlanMatchesHandComputation) {
 
   // Attention + the two layer norms, element counts (H = 200).
   const int64_t attn_linear = 96 * 200 + 192 * 96 + 80 * 200 + 256 * 64 + 200 * 128;  // 96,784
-  const int64_t attn_norms = 200 + 200 + 96 + 64;                                    // 560
-  const int64_t attn_scales = 1 * 2 + 2 * 1 + 1 * 2 + 2 * 1 + 2 * 1;                 // 10
+  const int64_t attn_norms = 200 + 200 + 96 + 64;                                     // 560
+  const int64_t attn_scales = 1 * 2 + 2 * 1 + 1 * 2 + 2 * 1 + 2 * 1;                  // 10
   // Dense MLP [384, 200] x2 + [200, 384]; scales [3,2] x2 + [2,3].
   const int64_t dense_linear = 3 * 384 * 200;  // 230,400
   const int64_t dense_scales = 6 + 6 + 6;
@@ -562,8 +567,8 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   EXPECT_EQ(report.layers[1].output_bytes, moe_out);
   EXPECT_EQ(report.layers[2].output_bytes, moe_out + 2 * mtp_extras_bf16);
   const int64_t model_level = 2 * (300 * 200 + 200 + 300 * 200);
-  EXPECT_EQ(report.estimate.output_bytes, model_level + report.layers[0].output_bytes +
-                                              2 * moe_out + 2 * mtp_extras_bf16);
+  EXPECT_EQ(report.estimate.output_bytes,
+            model_level + report.layers[0].output_bytes + 2 * moe_out + 2 * mtp_extras_bf16);
 
   // Ranks: 4 experts over 3 ranks = 2, 1, 1; 8 sequences = 3, 3, 2.
   ASSERT_EQ(report.ranks.size(), 3u);
@@ -616,12 +621,12 @@ TEST(InspectTest, AllLinearPlanCountsAndHessians) {
   // Layer 0 Hessians (all_linear): attn input 200, q_b 96, kv_b 64, o 128, mlp 200, down 384.
   const int64_t layer0_h = (200 * 200 + 96 * 96 + 64 * 64 + 128 * 128 + 200 * 200 + 384 * 384) * 4;
   // Layer 1: the same attention, shared gate/up input 200, shared down 64: smaller than layer 0.
-  const int64_t replicated = 2 * (96 * 200 + 192 * 96 + 80 * 200 + 256 * 64 + 200 * 128 + 560 +
-                                  3 * 384 * 200);
+  const int64_t replicated =
+      2 * (96 * 200 + 192 * 96 + 80 * 200 + 256 * 64 + 200 * 128 + 560 + 3 * 384 * 200);
   const int64_t tokens = 8 * 16;
-  EXPECT_EQ(report.ranks.at(0).gpu_bytes, replicated + 4 * 3 * 64 * 200 * 2 +
-                                              tokens * 200 * 4 + 16 * 16 * 4 * 4 +
-                                              4 * (200 * 200 + 64 * 64) * 4 + layer0_h);
+  EXPECT_EQ(report.ranks.at(0).gpu_bytes, replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 4 +
+                                              16 * 16 * 4 * 4 + 4 * (200 * 200 + 64 * 64) * 4 +
+                                              layer0_h);
 }
 
 // The real DeepSeek-V3 (61 layers + MTP present in the checkpoint but not planned), 512 x 4096

@@ -58,14 +58,13 @@ class TempDir {
 };
 
 TEST(SafetensorsHeaderTest, ParsesValidHeaderInOffsetOrder) {
-  const std::string header =
-      R"({"__metadata__":{"format":"pt"},)"
-      R"("b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]},)"
-      R"("a":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]},)"
-      R"("empty":{"dtype":"F8_E4M3","shape":[0,5],"data_offsets":[20,20]},)"
-      R"("scalar":{"dtype":"I64","shape":[],"data_offsets":[20,28]},)"
-      R"("nibbles":{"dtype":"F4","shape":[2,3],"data_offsets":[28,31]}})"
-      "   ";  // space padding is allowed
+  const std::string header = R"({"__metadata__":{"format":"pt"},)"
+                             R"("b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]},)"
+                             R"("a":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,12]},)"
+                             R"("empty":{"dtype":"F8_E4M3","shape":[0,5],"data_offsets":[20,20]},)"
+                             R"("scalar":{"dtype":"I64","shape":[],"data_offsets":[20,28]},)"
+                             R"("nibbles":{"dtype":"F4","shape":[2,3],"data_offsets":[28,31]}})"
+                             "   ";  // space padding is allowed
   absl::StatusOr<SafetensorsHeader> h = Parse(header, 31);
   ASSERT_TRUE(h.ok()) << h.status();
   EXPECT_EQ(h->header_len, header.size());
@@ -93,10 +92,10 @@ TEST(SafetensorsHeaderTest, ParsesValidHeaderInOffsetOrder) {
 TEST(SafetensorsHeaderTest, AcceptsEmptyHeaderNullMetadataAndUnknownFields) {
   EXPECT_TRUE(Parse("{}", 0).ok());
   EXPECT_TRUE(Parse(R"({"__metadata__":null})", 0).ok());
-  absl::StatusOr<SafetensorsHeader> h = Parse(
-      R"({"t":{"dtype":"U8","extra":{"x":[1,[2,{"y":3}]]},"shape":[4],"note":"hi",)"
-      R"("data_offsets":[0,4]}})",
-      4);
+  absl::StatusOr<SafetensorsHeader> h =
+      Parse(R"({"t":{"dtype":"U8","extra":{"x":[1,[2,{"y":3}]]},"shape":[4],"note":"hi",)"
+            R"("data_offsets":[0,4]}})",
+            4);
   ASSERT_TRUE(h.ok()) << h.status();
   EXPECT_EQ(h->tensors.at(0).shape, (std::vector<int64_t>{4}));
 }
@@ -189,13 +188,13 @@ TEST(SafetensorsHeaderTest, RejectsNegativeOrFractionalShape) {
 
 TEST(SafetensorsHeaderTest, RejectsShapeOverflow) {
   EXPECT_THAT(
-      ErrorOf(Parse(
-          R"({"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,1]}})", 1)),
+      ErrorOf(Parse(R"({"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,1]}})",
+                    1)),
       HasSubstr("tensor \"w\": shape [4294967296, 4294967296] of F32 is too large"));
-  EXPECT_THAT(ErrorOf(Parse(
-                  R"({"w":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,1]}})",
-                  1)),
-              HasSubstr("is too large"));
+  EXPECT_THAT(
+      ErrorOf(
+          Parse(R"({"w":{"dtype":"F64","shape":[2305843009213693952],"data_offsets":[0,1]}})", 1)),
+      HasSubstr("is too large"));
 }
 
 TEST(SafetensorsHeaderTest, RejectsSubByteCountNotMultipleOf8) {
@@ -205,10 +204,10 @@ TEST(SafetensorsHeaderTest, RejectsSubByteCountNotMultipleOf8) {
 }
 
 TEST(SafetensorsHeaderTest, RejectsSizeMismatch) {
-  EXPECT_EQ(ErrorOf(Parse(R"({"x.weight":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,10]}})",
-                          10)),
-            "tensor \"x.weight\": data_offsets [0, 10] span 10 bytes but shape [2, 3] of BF16 "
-            "needs 12");
+  EXPECT_EQ(
+      ErrorOf(Parse(R"({"x.weight":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,10]}})", 10)),
+      "tensor \"x.weight\": data_offsets [0, 10] span 10 bytes but shape [2, 3] of BF16 "
+      "needs 12");
 }
 
 TEST(SafetensorsHeaderTest, RejectsEndBeforeBegin) {
@@ -261,15 +260,16 @@ TEST(SafetensorsHeaderTest, ReadsFileFromDisk) {
 
 TEST(SafetensorsHeaderTest, ReadErrorsNameTheFile) {
   TempDir dir;
-  const std::string path = dir.Write(
-      "model-00001.safetensors",
-      Frame(R"({"x.weight":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,10]}})", 10));
+  const std::string path =
+      dir.Write("model-00001.safetensors",
+                Frame(R"({"x.weight":{"dtype":"BF16","shape":[2,3],"data_offsets":[0,10]}})", 10));
   absl::StatusOr<SafetensorsHeader> h = ReadSafetensorsHeader(path);
   ASSERT_FALSE(h.ok());
   EXPECT_EQ(h.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(h.status().message(),
-            path + ": tensor \"x.weight\": data_offsets [0, 10] span 10 bytes but shape [2, 3] of "
-                   "BF16 needs 12");
+            path +
+                ": tensor \"x.weight\": data_offsets [0, 10] span 10 bytes but shape [2, 3] of "
+                "BF16 needs 12");
 }
 
 TEST(SafetensorsHeaderTest, ReadRejectsTruncatedFiles) {
@@ -283,9 +283,8 @@ TEST(SafetensorsHeaderTest, ReadRejectsTruncatedFiles) {
   EXPECT_THAT(ErrorOf(ReadSafetensorsHeader(dir.Write("huge", Frame("{}", 0, 1ULL << 62)))),
               HasSubstr("huge: header length 4611686018427387904 exceeds the 100000000-byte "
                         "limit"));
-  EXPECT_THAT(
-      ErrorOf(ReadSafetensorsHeader(dir.Write("large", Frame("{}", 0, 100'000'001)))),
-      HasSubstr("exceeds the 100000000-byte limit"));
+  EXPECT_THAT(ErrorOf(ReadSafetensorsHeader(dir.Write("large", Frame("{}", 0, 100'000'001)))),
+              HasSubstr("exceeds the 100000000-byte limit"));
 }
 
 TEST(SafetensorsHeaderTest, ReadMissingFileIsNotFound) {
@@ -304,7 +303,10 @@ TEST(SafetensorsHeaderTest, SurvivesRandomMutations) {
       R"("b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}})",
       20);
   std::mt19937 rng(1234);
-  const std::string alphabet = "{}[]\",:0123456789-.eE \\u\xff" "\x80" "abF_";
+  const std::string alphabet =
+      "{}[]\",:0123456789-.eE \\u\xff"
+      "\x80"
+      "abF_";
   int accepted = 0;
   for (int i = 0; i < 20000; ++i) {
     std::string bytes = valid;
