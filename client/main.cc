@@ -656,6 +656,16 @@ int Health(Client& c, int argc, char** argv, int first) {
   return 0;
 }
 
+absl::Status ParseTimeout(const std::string& value, int64_t* seconds) {
+  char* end = nullptr;
+  long t = std::strtol(value.c_str(), &end, 10);
+  if (end == value.c_str() || *end || t < 1 || t > 86400) {
+    return absl::InvalidArgumentError("--timeout = \"" + value + "\": must be 1..86400 seconds");
+  }
+  *seconds = t;
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -691,13 +701,8 @@ int main(int argc, char** argv) {
     }
     if (name == "coordinator") {
       g.coordinator = value;
-    } else {
-      char* end = nullptr;
-      long t = std::strtol(value.c_str(), &end, 10);
-      if (end == value.c_str() || *end || t < 1 || t > 86400) {
-        return Fail("--timeout = \"" + value + "\": must be 1..86400 seconds", 2);
-      }
-      g.timeout_s = t;
+    } else if (absl::Status s = ParseTimeout(value, &g.timeout_s); !s.ok()) {
+      return Fail(std::string(s.message()), 2);
     }
   }
   if (i >= argc) {
@@ -705,14 +710,24 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::string command = argv[i];
-  // Allow --coordinator after the command too: commands parse it into g before connecting.
-  for (int k = i + 1; k + 1 < argc; ++k) {
-    if (std::string(argv[k]) == "--coordinator") g.coordinator = argv[k + 1];
-  }
+  // Global options may follow the command too (the command's parser accepts and ignores them).
   for (int k = i + 1; k < argc; ++k) {
     std::string a = argv[k];
-    if (a.rfind("--coordinator=", 0) == 0) g.coordinator = a.substr(14);
+    std::string value;
     if (a == "--json") g.json = true;
+    if ((a == "--coordinator" || a == "--timeout") && k + 1 < argc) {
+      value = argv[k + 1];
+    } else if (a.rfind("--coordinator=", 0) == 0 || a.rfind("--timeout=", 0) == 0) {
+      value = a.substr(a.find('=') + 1);
+      a = a.substr(0, a.find('='));
+    } else {
+      continue;
+    }
+    if (a == "--coordinator") {
+      g.coordinator = value;
+    } else if (absl::Status s = ParseTimeout(value, &g.timeout_s); !s.ok()) {
+      return Fail(std::string(s.message()), 2);
+    }
   }
   if (g.coordinator.find(':') == std::string::npos) {
     return Fail("--coordinator = \"" + g.coordinator + "\": must be HOST:PORT", 2);
