@@ -19,6 +19,7 @@
 #include "absl/strings/str_join.h"
 #include "client/table.h"
 #include "common/flags.h"
+#include "common/names.h"
 #include "common/util.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "mq/v1/job_service.grpc.pb.h"
@@ -27,6 +28,9 @@ namespace {
 
 using mq::client::Bytes;
 using mq::client::Table;
+using mq::IsTerminal;
+using mq::JobStateName;
+using mq::MethodName;
 
 constexpr char kUsage[] = R"(usage: mq-client [--coordinator HOST:PORT] [--timeout SECONDS] COMMAND [ARGS]
 
@@ -93,28 +97,6 @@ std::string Json(const google::protobuf::Message& m, bool compact = false) {
   options.always_print_primitive_fields = true;
   (void)google::protobuf::util::MessageToJsonString(m, &out, options);
   return out;
-}
-
-std::string StateName(mq::v1::JobState s) {
-  std::string name = mq::v1::JobState_Name(s);
-  if (name.rfind("JOB_STATE_", 0) == 0) name = name.substr(10);
-  return name;
-}
-
-bool Terminal(mq::v1::JobState s) {
-  return s == mq::v1::JOB_STATE_SUCCEEDED || s == mq::v1::JOB_STATE_FAILED ||
-         s == mq::v1::JOB_STATE_CANCELLED;
-}
-
-std::string MethodName(mq::v1::Method m) {
-  switch (m) {
-    case mq::v1::METHOD_AWQ:
-      return "awq";
-    case mq::v1::METHOD_RTN:
-      return "rtn";
-    default:
-      return "gptq";
-  }
 }
 
 std::string Absolute(const std::string& path) {
@@ -219,7 +201,7 @@ void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
 void PrintJob(const mq::v1::JobRecord& j) {
   const auto& s = j.spec();
   std::cout << "Job:          " << j.job_id() << "\n"
-            << "State:        " << StateName(j.state()) << "\n"
+            << "State:        " << JobStateName(j.state()) << "\n"
             << "Message:      " << j.message() << "\n"
             << "Model:        " << s.model_uri() << "\n"
             << "Output:       " << s.output_uri() << "\n"
@@ -403,7 +385,7 @@ int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_event
       if (json && print_events) std::cout << Json(update, true) << "\n" << std::flush;
     }
     grpc::Status s = reader->Finish();
-    if (Terminal(last.state())) break;
+    if (IsTerminal(last.state())) break;
     if (s.error_code() == grpc::StatusCode::NOT_FOUND ||
         s.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
       return RpcFail("watch", s, c.global());
@@ -418,10 +400,10 @@ int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_event
     auto ctx = c.Ctx();
     if (c.stub().GetJob(ctx.get(), get, &full).ok()) std::cout << Json(full) << "\n";
   } else if (!json) {
-    std::cout << job_id << " " << StateName(last.state()) << ": " << last.message() << "\n";
+    std::cout << job_id << " " << JobStateName(last.state()) << ": " << last.message() << "\n";
   }
   if (last.state() == mq::v1::JOB_STATE_SUCCEEDED) return 0;
-  return Fail(absl::StrCat("job ", job_id, " ended ", StateName(last.state()), ": ",
+  return Fail(absl::StrCat("job ", job_id, " ended ", JobStateName(last.state()), ": ",
                            last.message()));
 }
 
@@ -507,7 +489,7 @@ int List(Client& c, int argc, char** argv, int first) {
   for (const auto& j : response.jobs()) {
     std::string msg = j.message();
     if (msg.size() > 60) msg = msg.substr(0, 57) + "...";
-    t.Add({j.job_id(), StateName(j.state()), MethodName(j.spec().method()),
+    t.Add({j.job_id(), JobStateName(j.state()), MethodName(j.spec().method()),
            j.spec().model_uri(), mq::client::Time(j.created_at_ms()), msg});
   }
   std::cout << t.Render();
@@ -559,7 +541,7 @@ int CancelOrResume(Client& c, int argc, char** argv, int first, bool cancel) {
   if (json) {
     std::cout << Json(job) << "\n";
   } else {
-    std::cout << job.job_id() << " " << StateName(job.state()) << ": " << job.message() << "\n";
+    std::cout << job.job_id() << " " << JobStateName(job.state()) << ": " << job.message() << "\n";
   }
   return 0;
 }

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/names.h"
 #include "common/util.h"
 #include "server/validation.h"
 
@@ -21,16 +22,6 @@ using mq::v1::JobState;
 
 constexpr char kMetaSchema[] = "schema_version";
 constexpr char kMetaEpoch[] = "coordinator_epoch";
-
-bool IsTerminal(JobState s) {
-  return s == mq::v1::JOB_STATE_SUCCEEDED || s == mq::v1::JOB_STATE_FAILED ||
-         s == mq::v1::JOB_STATE_CANCELLED;
-}
-
-std::string StateName(JobState s) {
-  std::string name = mq::v1::JobState_Name(s);
-  return name.substr(std::string("JOB_STATE_").size());
-}
 
 std::string AttemptKey(const std::string& job_id, int attempt) {
   char buf[16];
@@ -46,17 +37,6 @@ std::string EventKey(const std::string& job_id, int64_t seq) {
 
 std::string KindName(mq::v1::AssignmentKind k) {
   return k == mq::v1::ASSIGNMENT_KIND_QUANTIZE ? "quantize" : "plan";
-}
-
-std::string MethodName(mq::v1::Method m) {
-  switch (m) {
-    case mq::v1::METHOD_AWQ:
-      return "awq";
-    case mq::v1::METHOD_RTN:
-      return "rtn";
-    default:
-      return "gptq";
-  }
 }
 
 template <typename Message>
@@ -184,7 +164,7 @@ void Coordinator::SetJobState(JobRecord& job, WriteBatch& batch, JobState state,
   job.set_message(message);
   job.set_updated_at_ms(Wall());
   if (IsTerminal(state)) job.set_finished_at_ms(Wall());
-  AddEvent(job, batch, "state", absl::StrCat(StateName(state), ": ", message), worker_id);
+  AddEvent(job, batch, "state", absl::StrCat(JobStateName(state), ": ", message), worker_id);
 }
 
 void Coordinator::Changed() {
@@ -374,7 +354,7 @@ absl::StatusOr<mq::v1::CancelJobResponse> Coordinator::CancelJob(
   JobRecord job = it->second;
   if (IsTerminal(job.state())) {
     return absl::FailedPreconditionError(absl::StrCat("job ", job.job_id(), " already ended (",
-                                                      StateName(job.state()),
+                                                      JobStateName(job.state()),
                                                       "); nothing to cancel"));
   }
   WriteBatch batch;
@@ -420,7 +400,7 @@ absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
   JobRecord job = it->second;
   if (job.state() != mq::v1::JOB_STATE_FAILED && job.state() != mq::v1::JOB_STATE_CANCELLED) {
     return absl::FailedPreconditionError(
-        absl::StrCat("job ", job.job_id(), " is ", StateName(job.state()),
+        absl::StrCat("job ", job.job_id(), " is ", JobStateName(job.state()),
                      "; only FAILED or CANCELLED jobs can be resumed"));
   }
   WriteBatch batch;
