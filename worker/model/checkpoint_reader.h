@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -30,11 +31,21 @@ struct TensorView {
   int64_t num_elements() const;
 };
 
+// Asks the kernel to start reading the view's pages in (madvise MADV_WILLNEED) so that a pass
+// over the tensor does not stall on each page fault; a hint, failures are ignored.
+void PrefetchTensor(const TensorView& view);
+
+// One mapped .safetensors file. Immutable after Open, so every method is safe from any number
+// of threads. The mapping is MAP_PRIVATE/PROT_READ and lives until destruction; the file must
+// not be truncated while mapped (reading a truncated page raises SIGBUS, as for any mmap).
 class SafetensorsFile {
  public:
-  // Maps `path` read-only and validates its header; errors name the file and the problem.
+  // Maps `path` read-only and validates its header; errors name the file and the problem
+  // (NotFound for a missing file, InvalidArgument for a malformed one, errno codes otherwise).
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
   ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
   const std::string& path() const { return path_; }
   const SafetensorsHeader& header() const { return header_; }
@@ -49,20 +60,37 @@ class SafetensorsFile {
   uint64_t size_ = 0;
 };
 
+// A whole HF checkpoint directory. The name -> shard map is fixed at Open; shards are opened
+// (validated and mapped) on first use under `mu_` and then stay mapped until destruction, so
+// Get may be called from any number of threads and views stay valid for the reader's lifetime.
 class CheckpointReader {
  public:
-  // Reads the index of `dir` (or a single `model.safetensors` when there is no index).
+  // Reads `dir`/model.safetensors.index.json (FORMATS.md §1.4: "weight_map" of tensor name ->
+  // shard basename; "metadata" is ignored), or, when there is no index, opens the single
+  // `dir`/model.safetensors. InvalidArgument naming the file and the entry for a malformed index
+  // (not an object, no weight_map, a non-string or empty shard name, a shard name with '/', NUL
+  // or ".."); NotFound when neither file exists. Shards named by the index are not opened here.
   static absl::StatusOr<std::unique_ptr<CheckpointReader>> Open(const std::string& dir);
+
+  // Largest index file accepted (DeepSeek-V3's is about 9 MB).
+  static constexpr uint64_t kMaxIndexBytes = 256ull << 20;
 
   const std::string& dir() const { return dir_; }
   // All tensor names of the checkpoint, sorted.
   const std::vector<std::string>& names() const { return names_; }
   bool Has(const std::string& name) const;
-  // Opens the tensor's shard on first use; NOT_FOUND for an unknown name.
+  // Shard file name (basename) holding `name`; empty when unknown.
+  std::string ShardOf(const std::string& name) const;
+  // Opens the tensor's shard on first use; NotFound for an unknown name; the shard's open error
+  // (prefixed with the tensor name) when the shard is missing or malformed; NotFound when the
+  // shard does not contain the tensor the index puts there.
   absl::StatusOr<TensorView> Get(const std::string& name);
 
  private:
   CheckpointReader() = default;
+  // The open shard `file` (opening it on first use).
+  absl::StatusOr<const SafetensorsFile*> Shard(const std::string& file);
+
   std::string dir_;
   std::vector<std::string> names_;
   std::map<std::string, std::string> shard_of_;  // tensor -> shard file name

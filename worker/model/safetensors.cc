@@ -188,6 +188,9 @@ class HeaderSax final : public nlohmann::json_sax<Json> {
     return Fail("unbalanced array");  // the parser never lets this happen
   }
   bool key(string_t& key) override {
+    // Keys inside a skipped unknown field are not the tensor's own: serde ignores the whole
+    // value, so they may repeat "dtype" or each other without being duplicates.
+    if (state_ == State::kSkip) return true;
     key_ = key;
     if (state_ == State::kTop) {
       if (!top_keys_.insert(key).second) {

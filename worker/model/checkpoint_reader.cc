@@ -1,0 +1,251 @@
+#include "worker/model/checkpoint_reader.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <string_view>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "nlohmann/json.hpp"
+#include "worker/model/json_util.h"
+
+namespace mq::model {
+namespace {
+
+constexpr const char* kIndexFile = "model.safetensors.index.json";
+constexpr const char* kSingleFile = "model.safetensors";
+
+// Prefixes `status`'s message with `prefix` and keeps its code.
+absl::Status Annotate(const absl::Status& status, std::string_view prefix) {
+  return absl::Status(status.code(), absl::StrCat(std::string(prefix), status.message()));
+}
+
+std::string Quote(std::string_view s) { return absl::StrCat("\"", std::string(s), "\""); }
+
+// Reads exactly `size` bytes at `offset`; retries short reads and EINTR.
+absl::Status PreadFully(int fd, char* out, uint64_t size, uint64_t offset) {
+  while (size > 0) {
+    const ssize_t n = ::pread(fd, out, size, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return absl::ErrnoToStatus(errno, "read failed");
+    }
+    if (n == 0) return absl::InvalidArgumentError("unexpected end of file while reading");
+    out += n;
+    size -= static_cast<uint64_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+  return absl::OkStatus();
+}
+
+// Validates the header of the open file `fd` of `file_size` bytes (length checked before any
+// allocation sized by it).
+absl::StatusOr<SafetensorsHeader> ReadHeader(int fd, uint64_t file_size) {
+  if (file_size < 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("file is ", file_size, " bytes, too short for the 8-byte header length"));
+  }
+  unsigned char len_bytes[8];
+  if (absl::Status s = PreadFully(fd, reinterpret_cast<char*>(len_bytes), 8, 0); !s.ok()) {
+    return s;
+  }
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
+  if (header_len > kMaxSafetensorsHeaderBytes || header_len > file_size - 8) {
+    return ParseSafetensorsHeader({}, header_len, file_size);  // the length error
+  }
+  std::string header(header_len, '\0');
+  if (absl::Status s = PreadFully(fd, header.data(), header_len, 8); !s.ok()) return s;
+  return ParseSafetensorsHeader(header, header_len, file_size);
+}
+
+// True for a plain file name that stays inside the checkpoint directory.
+bool IsSafeShardName(std::string_view name) {
+  return !name.empty() && name.find('/') == std::string_view::npos &&
+         name.find('\0') == std::string_view::npos && name.find("..") == std::string_view::npos &&
+         name != ".";
+}
+
+absl::StatusOr<bool> FileExists(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0) return true;
+  if (errno == ENOENT || errno == ENOTDIR) return false;
+  return absl::ErrnoToStatus(errno, absl::StrCat(path, ": cannot stat"));
+}
+
+}  // namespace
+
+int64_t TensorView::num_elements() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+void PrefetchTensor(const TensorView& view) {
+  if (view.data == nullptr || view.num_bytes == 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(view.data) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(view.data) + view.num_bytes;
+  (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    const int err = errno;
+    if (err == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": file not found"));
+    return absl::ErrnoToStatus(err, absl::StrCat(path, ": cannot open"));
+  }
+  // The fd is only needed until the mapping exists.
+  struct FdCloser {
+    int fd;
+    ~FdCloser() { ::close(fd); }
+  } closer{fd};
+
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return absl::ErrnoToStatus(errno, absl::StrCat(path, ": fstat"));
+  if (!S_ISREG(st.st_mode)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+  }
+  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+  absl::StatusOr<SafetensorsHeader> header = ReadHeader(fd, file_size);
+  if (!header.ok()) return Annotate(header.status(), absl::StrCat(path, ": "));
+
+  // file_size >= 8 here, so the mapping is never empty, even when the data region is.
+  void* base = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (base == MAP_FAILED) {
+    return absl::ErrnoToStatus(errno, absl::StrCat(path, ": mmap of ", file_size, " bytes"));
+  }
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = path;
+  file->header_ = *std::move(header);
+  file->base_ = static_cast<const uint8_t*>(base);
+  file->size_ = file_size;
+  return file;
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), size_);
+}
+
+absl::StatusOr<TensorView> SafetensorsFile::Get(const std::string& name) const {
+  const TensorInfo* info = header_.Find(name);
+  if (info == nullptr) {
+    return absl::NotFoundError(absl::StrCat("tensor ", Quote(name), " not found in ", path_));
+  }
+  TensorView view;
+  view.name = info->name;
+  view.dtype = info->dtype;
+  view.shape = info->shape;
+  // Validation guarantees file_offset + num_bytes <= size_; a 0-byte tensor may sit at the end.
+  view.data = base_ + info->file_offset;
+  view.num_bytes = info->num_bytes();
+  return view;
+}
+
+absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(const std::string& dir) {
+  std::unique_ptr<CheckpointReader> reader(new CheckpointReader());
+  reader->dir_ = dir;
+  const std::string index_path = absl::StrCat(dir, "/", kIndexFile);
+  absl::StatusOr<bool> has_index = FileExists(index_path);
+  if (!has_index.ok()) return has_index.status();
+
+  if (!*has_index) {
+    const std::string single = absl::StrCat(dir, "/", kSingleFile);
+    absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(single);
+    if (!file.ok()) {
+      if (absl::IsNotFound(file.status())) {
+        return absl::NotFoundError(absl::StrCat(dir, ": no ", kIndexFile, " and no ", kSingleFile,
+                                                ": not a safetensors checkpoint"));
+      }
+      return file.status();
+    }
+    for (const TensorInfo& info : (*file)->header().tensors) {
+      reader->shard_of_.emplace(info.name, kSingleFile);
+    }
+    reader->shards_.emplace(kSingleFile, *std::move(file));
+  } else {
+    absl::StatusOr<std::string> text = ReadFileToString(index_path, kMaxIndexBytes);
+    if (!text.ok()) return text.status();  // already names the file
+    absl::StatusOr<nlohmann::json> index = ParseJsonStrict(*text);
+    if (!index.ok()) return Annotate(index.status(), absl::StrCat(index_path, ": "));
+    if (!index->is_object()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          index_path, ": must be a JSON object with \"weight_map\", found ", JsonTypeName(*index)));
+    }
+    auto weight_map = index->find("weight_map");
+    if (weight_map == index->end()) {
+      return absl::InvalidArgumentError(absl::StrCat(index_path, ": missing \"weight_map\""));
+    }
+    if (!weight_map->is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(index_path,
+                       ": \"weight_map\" must be an object of tensor name -> shard "
+                       "file name, found ",
+                       JsonTypeName(*weight_map)));
+    }
+    for (const auto& [name, shard] : weight_map->items()) {
+      if (!shard.is_string()) {
+        return absl::InvalidArgumentError(absl::StrCat(index_path, ": weight_map[", Quote(name),
+                                                       "] = ", JsonForMessage(shard),
+                                                       ": must be a shard file name (a string)"));
+      }
+      const std::string& file = shard.get_ref<const std::string&>();
+      if (!IsSafeShardName(file)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            index_path, ": weight_map[", Quote(name), "] = ", JsonForMessage(shard),
+            ": must be a file name inside the checkpoint directory (non-empty, no '/', "
+            "no \"..\", no NUL)"));
+      }
+      reader->shard_of_.emplace(name, file);
+    }
+  }
+  reader->names_.reserve(reader->shard_of_.size());
+  for (const auto& entry : reader->shard_of_) reader->names_.push_back(entry.first);
+  return reader;
+}
+
+bool CheckpointReader::Has(const std::string& name) const { return shard_of_.count(name) > 0; }
+
+std::string CheckpointReader::ShardOf(const std::string& name) const {
+  auto it = shard_of_.find(name);
+  return it == shard_of_.end() ? std::string() : it->second;
+}
+
+absl::StatusOr<const SafetensorsFile*> CheckpointReader::Shard(const std::string& file) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = shards_.find(file);
+  if (it != shards_.end()) return it->second.get();
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> opened =
+      SafetensorsFile::Open(absl::StrCat(dir_, "/", file));
+  if (!opened.ok()) return opened.status();
+  const SafetensorsFile* result = opened->get();
+  shards_.emplace(file, *std::move(opened));
+  return result;
+}
+
+absl::StatusOr<TensorView> CheckpointReader::Get(const std::string& name) {
+  auto it = shard_of_.find(name);
+  if (it == shard_of_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("tensor ", Quote(name), " is not in the checkpoint ", dir_));
+  }
+  absl::StatusOr<const SafetensorsFile*> shard = Shard(it->second);
+  if (!shard.ok()) {
+    return Annotate(shard.status(),
+                    absl::StrCat("tensor ", Quote(name), " (shard ", it->second, "): "));
+  }
+  absl::StatusOr<TensorView> view = (*shard)->Get(name);
+  if (!view.ok()) {
+    return absl::NotFoundError(absl::StrCat("tensor ", Quote(name), ": the index maps it to ",
+                                            it->second, " but that shard does not contain it"));
+  }
+  return view;
+}
+
+}  // namespace mq::model
