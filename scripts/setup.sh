@@ -20,6 +20,7 @@ PIP_PACKAGES=(
   "pytest>=7"
   "jsonschema>=4"
   "kubernetes-validate>=1.27"
+  "transformers==5.24.0"
 )
 
 SUDO=""
