@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 start=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMQ_ENABLE_CUDA=ON \
   $MQ_DEVICE_CMAKE_ARGS > "$OUT/configure.log" 2>&1 || { tail -50 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j 16 > "$OUT/build.log" 2>&1 || { grep -E "error|Error" -A5 "$OUT/build.log" | head -80; exit 1; }
+cmake --build build-gpu -j 16 --target ${MQ_GPU_TARGETS:-mq-bench-layer-forward deepseek_v3_gpu_test fp8_dequant_gpu_test} > "$OUT/build.log" 2>&1 || { grep -E "error|Error" -A5 "$OUT/build.log" | head -80; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 ctest --test-dir build-gpu -L gpu --output-on-failure > "$OUT/ctest-gpu.log" 2>&1
 echo "ctest -L gpu: rc=$?"; grep -E "tests passed|Passed|Failed|Skipped|\*\*\*" "$OUT/ctest-gpu.log" | tail -20
