@@ -270,8 +270,10 @@ ConfigParseResult ParseDeepseekV3Config(std::string_view json_text) {
   auto n_group = r.Int("n_group", 1, kMaxConfigExperts);
   auto topk_group = r.Int("topk_group", 1, kMaxConfigExperts);
   auto scaling = r.Number("routed_scaling_factor", /*positive=*/true);
-  auto scoring = r.String("scoring_func", {"sigmoid", "softmax"});
-  auto topk_method = r.String("topk_method", {"noaux_tc", "greedy", "group_limited_greedy"});
+  // transformers 5 saves neither key (its DeepseekV3 always routes with sigmoid + noaux_tc).
+  auto scoring = r.String("scoring_func", {"sigmoid", "softmax"}, "sigmoid");
+  auto topk_method =
+      r.String("topk_method", {"noaux_tc", "greedy", "group_limited_greedy"}, "noaux_tc");
   auto norm_topk = r.Bool("norm_topk_prob");
   auto heads = r.Int("num_attention_heads", 1, kMaxConfigHeads);
   auto kv_heads = r.Int("num_key_value_heads", 1, kMaxConfigHeads, heads.value_or(1));
@@ -281,7 +283,18 @@ ConfigParseResult ParseDeepseekV3Config(std::string_view json_text) {
   auto rope = r.Int("qk_rope_head_dim", 1, kMaxConfigDim);
   auto v_dim = r.Int("v_head_dim", 1, kMaxConfigDim);
   auto eps = r.Number("rms_norm_eps", /*positive=*/true);
-  auto theta = r.Number("rope_theta", /*positive=*/true);
+  // transformers 5 writes "rope_parameters" {rope_theta, rope_type, yarn fields} instead of
+  // "rope_theta" and "rope_scaling"; accept both layouts.
+  const Json* rope_parameters = r.Find("rope_parameters");
+  const bool v5_rope = r.Find("rope_theta") == nullptr && rope_parameters != nullptr &&
+                       rope_parameters->is_object();
+  std::optional<double> theta;
+  if (v5_rope) {
+    FieldReader rp(*rope_parameters, "rope_parameters.", &problems);
+    theta = rp.Number("rope_theta", /*positive=*/true);
+  } else {
+    theta = r.Number("rope_theta", /*positive=*/true);
+  }
   auto max_pos = r.Int("max_position_embeddings", 1, kMaxConfigPositions);
   auto tie = r.Bool("tie_word_embeddings", false);
 
@@ -314,7 +327,15 @@ ConfigParseResult ParseDeepseekV3Config(std::string_view json_text) {
   Assign(c.max_position_embeddings, max_pos);
   Assign(c.tie_word_embeddings, tie);
 
-  if (const Json* v = r.Find("rope_scaling"); v != nullptr) ParseRopeScaling(*v, result);
+  if (const Json* v = r.Find("rope_scaling"); v != nullptr) {
+    ParseRopeScaling(*v, result);
+  } else if (v5_rope) {
+    const Json* type = rope_parameters->contains("rope_type") ? &(*rope_parameters)["rope_type"]
+                                                              : nullptr;
+    if (type == nullptr || !type->is_string() || type->get<std::string>() != "default") {
+      ParseRopeScaling(*rope_parameters, result);
+    }
+  }
   if (const Json* v = r.Find("quantization_config"); v != nullptr) {
     ParseQuantizationConfig(*v, result);
   }

@@ -311,3 +311,43 @@ TEST_F(ConfigFileTest, LoadsAndJoinsProblems) {
 
 }  // namespace
 }  // namespace mq::model
+
+namespace mq::model {
+namespace {
+
+// transformers 5 saves "rope_parameters" (rope_theta inside) and no scoring_func/topk_method.
+TEST(ConfigTransformers5, RopeParametersLayoutIsAccepted) {
+  const std::string base = R"({"model_type": "deepseek_v3", "vocab_size": 100, "hidden_size": 64,
+    "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+    "first_k_dense_replace": 1, "n_routed_experts": 8, "n_shared_experts": 1,
+    "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
+    "norm_topk_prob": true, "num_attention_heads": 2, "q_lora_rank": 16, "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 4096, )";
+  ConfigParseResult yarn = ParseDeepseekV3Config(
+      base + R"("rope_parameters": {"rope_type": "yarn", "type": "yarn", "factor": 40,
+      "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+      "mscale_all_dim": 1.0, "rope_theta": 10000.0}})");
+  ASSERT_TRUE(yarn.ok()) << yarn.problems.front();
+  EXPECT_EQ(yarn.config.rope_theta, 10000.0);
+  EXPECT_EQ(yarn.config.scoring_func, "sigmoid");
+  EXPECT_EQ(yarn.config.topk_method, "noaux_tc");
+  ASSERT_TRUE(yarn.config.rope_scaling.has_value());
+  EXPECT_EQ(yarn.config.rope_scaling->factor, 40);
+  EXPECT_EQ(yarn.config.rope_scaling->mscale_all_dim, 1.0);
+
+  ConfigParseResult plain = ParseDeepseekV3Config(
+      base + R"("rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}})");
+  ASSERT_TRUE(plain.ok()) << plain.problems.front();
+  EXPECT_EQ(plain.config.rope_theta, 50000.0);
+  EXPECT_FALSE(plain.config.rope_scaling.has_value());
+
+  ConfigParseResult missing = ParseDeepseekV3Config(
+      base + R"("rope_parameters": {"rope_type": "default"}})");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.problems.front().find("rope_parameters.rope_theta"), std::string::npos)
+      << missing.problems.front();
+}
+
+}  // namespace
+}  // namespace mq::model
