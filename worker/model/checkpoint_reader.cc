@@ -27,43 +27,6 @@ absl::Status Annotate(const absl::Status& status, std::string_view prefix) {
 
 std::string Quote(std::string_view s) { return absl::StrCat("\"", std::string(s), "\""); }
 
-// Reads exactly `size` bytes at `offset`; retries short reads and EINTR.
-absl::Status PreadFully(int fd, char* out, uint64_t size, uint64_t offset) {
-  while (size > 0) {
-    const ssize_t n = ::pread(fd, out, size, static_cast<off_t>(offset));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return absl::ErrnoToStatus(errno, "read failed");
-    }
-    if (n == 0) return absl::InvalidArgumentError("unexpected end of file while reading");
-    out += n;
-    size -= static_cast<uint64_t>(n);
-    offset += static_cast<uint64_t>(n);
-  }
-  return absl::OkStatus();
-}
-
-// Validates the header of the open file `fd` of `file_size` bytes (length checked before any
-// allocation sized by it).
-absl::StatusOr<SafetensorsHeader> ReadHeader(int fd, uint64_t file_size) {
-  if (file_size < 8) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("file is ", file_size, " bytes, too short for the 8-byte header length"));
-  }
-  unsigned char len_bytes[8];
-  if (absl::Status s = PreadFully(fd, reinterpret_cast<char*>(len_bytes), 8, 0); !s.ok()) {
-    return s;
-  }
-  uint64_t header_len = 0;
-  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
-  if (header_len > kMaxSafetensorsHeaderBytes || header_len > file_size - 8) {
-    return ParseSafetensorsHeader({}, header_len, file_size);  // the length error
-  }
-  std::string header(header_len, '\0');
-  if (absl::Status s = PreadFully(fd, header.data(), header_len, 8); !s.ok()) return s;
-  return ParseSafetensorsHeader(header, header_len, file_size);
-}
-
 // True for a plain file name that stays inside the checkpoint directory.
 bool IsSafeShardName(std::string_view name) {
   return !name.empty() && name.find('/') == std::string_view::npos &&
@@ -107,14 +70,9 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     ~FdCloser() { ::close(fd); }
   } closer{fd};
 
-  struct stat st;
-  if (::fstat(fd, &st) != 0) return absl::ErrnoToStatus(errno, absl::StrCat(path, ": fstat"));
-  if (!S_ISREG(st.st_mode)) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
-  }
-  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
-  absl::StatusOr<SafetensorsHeader> header = ReadHeader(fd, file_size);
+  absl::StatusOr<SafetensorsHeader> header = ReadSafetensorsHeaderFromFd(fd);
   if (!header.ok()) return Annotate(header.status(), absl::StrCat(path, ": "));
+  const uint64_t file_size = header->file_size;
 
   // file_size >= 8 here, so the mapping is never empty, even when the data region is.
   void* base = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);

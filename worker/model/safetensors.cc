@@ -468,7 +468,9 @@ absl::Status PreadFully(int fd, char* out, uint64_t size, uint64_t offset) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<SafetensorsHeader> ReadHeaderFromFd(int fd) {
+}  // namespace
+
+absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeaderFromFd(int fd) {
   struct stat st;
   if (::fstat(fd, &st) != 0) return absl::ErrnoToStatus(errno, "fstat failed");
   if (!S_ISREG(st.st_mode)) return absl::InvalidArgumentError("not a regular file");
@@ -492,7 +494,6 @@ absl::StatusOr<SafetensorsHeader> ReadHeaderFromFd(int fd) {
   return ParseSafetensorsHeader(header, header_len, file_size);
 }
 
-}  // namespace
 
 absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -501,7 +502,7 @@ absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(const std::string& path)
     if (err == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": file not found"));
     return absl::ErrnoToStatus(err, absl::StrCat(path, ": cannot open"));
   }
-  absl::StatusOr<SafetensorsHeader> header = ReadHeaderFromFd(fd);
+  absl::StatusOr<SafetensorsHeader> header = ReadSafetensorsHeaderFromFd(fd);
   ::close(fd);
   if (!header.ok()) {
     return absl::Status(header.status().code(),

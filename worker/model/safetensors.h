@@ -72,6 +72,10 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(std::string_view header
 // file shorter than 8 bytes or not a regular file) are InvalidArgument.
 absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeader(const std::string& path);
 
+// Same as ReadSafetensorsHeader for an open file descriptor (reads with pread; the offset is
+// untouched). Errors do not name the file: callers add the path.
+absl::StatusOr<SafetensorsHeader> ReadSafetensorsHeaderFromFd(int fd);
+
 // "[2, 3]" (used in messages across worker/model).
 std::string ShapeToString(const std::vector<int64_t>& shape);
 
