@@ -263,3 +263,18 @@ def test_health_workers_and_list(cluster, model, tmp_path):
     assert job_id in cluster.client("list", check=True).stdout
     only_queued = cluster.client_json("list", "--state", "queued")
     assert only_queued.get("jobs", []) == []
+
+
+def test_worker_sigkill_mid_assignment_goes_to_a_new_worker(cluster, model, tmp_path):
+    cluster.start_coordinator()
+    doomed = cluster.start_worker("doomed", env={"MQ_FAULT_PLAN_DELAY_MS": "30000"})
+    job_id = submit(cluster, model, tmp_path / "out")
+    wait_until(lambda: (cluster.worker_entry("doomed") or {}).get("job_id") == job_id, 20,
+               "job assigned")
+    doomed.kill9()
+    cluster.start_worker("replacement")
+    done = cluster.wait_job(job_id, "JOB_STATE_FAILED", timeout=30)
+    assert MISSING_CAPABILITY in done["job"]["message"]
+    assert [a["state"] for a in done["attempts"]] == ["ATTEMPT_STATE_ABORTED",
+                                                      "ATTEMPT_STATE_SUCCEEDED"]
+    assert cluster.worker_state("doomed") == "WORKER_STATE_DEAD"
