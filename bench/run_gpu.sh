@@ -27,3 +27,10 @@ if [ -x build-gpu/bench/mq-bench-layer-forward ]; then
   build-gpu/bench/mq-bench-layer-forward --device cuda:0 --shapes "${MQ_BENCH_SHAPES:-8x1024,2x4096}" \
     --iters 5 2>&1 | tee "$OUT/bench-layer-forward.txt"
 fi
+if [ -x build-gpu/tests/unit/worker/quant/quant_test ]; then
+  build-gpu/tests/unit/worker/quant/quant_test > "$OUT/quant_test.log" 2>&1
+  echo "quant_test (CUDA cases included): rc=$?"; grep -E "PASSED|FAILED|SKIPPED" "$OUT/quant_test.log" | tail -5
+fi
+if [ -x build-gpu/bench/mq-bench-gptq ]; then
+  build-gpu/bench/mq-bench-gptq --device cuda:0 --tokens 65536 --iters 3 2>&1 | tee "$OUT/bench-gptq.txt"
+fi
