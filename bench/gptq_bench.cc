@@ -42,12 +42,15 @@ double MedianMs(const at::Device& d, int iters, Fn fn) {
   return ms[ms.size() / 2];
 }
 
-// Correlated activations: a low-rank component plus noise, with a few strong channels.
+// Correlated activations, like a transformer's hidden states: most energy in a 256-dimensional
+// subspace, a little isotropic noise, and a few channels with large magnitude.
 at::Tensor Activations(int64_t tokens, int64_t dim, const at::Device& d, int64_t seed) {
   at::manual_seed(seed);
   const auto o = at::TensorOptions().device(d);
-  at::Tensor basis = at::randn({64, dim}, o);
-  at::Tensor x = at::matmul(at::randn({tokens, 64}, o), basis) * 0.3 + at::randn({tokens, dim}, o);
+  at::manual_seed(7);  // the same subspace for calibration and held-out tokens
+  at::Tensor basis = at::randn({256, dim}, o) / 16.0;
+  at::manual_seed(seed);
+  at::Tensor x = at::matmul(at::randn({tokens, 256}, o), basis) + 0.05 * at::randn({tokens, dim}, o);
   x.index_put_({at::indexing::Slice(), at::indexing::Slice(0, 8)},
                x.index({at::indexing::Slice(), at::indexing::Slice(0, 8)}) * 20);
   return x.to(at::kBFloat16);
