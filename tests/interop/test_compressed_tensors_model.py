@@ -204,6 +204,27 @@ def test_transformers_loads_quantized_model(model_dir, targets):
     print(f"{targets}: transformers(quantized) vs reference logits rel err {err:.3e}")
     assert err < TOLERANCE, err
 
+    # (d) our own forward (mq-forward, fp32) on the same dequantized weights: same logits.
+    forward = os.path.join(os.environ["MQ_BUILD_DIR"], "tests/tools/mq-forward")
+    ids_path = model_dir / f"ids_{targets}.safetensors"
+    st_torch.save_file({"input_ids": ids.contiguous()}, str(ids_path))
+    ours_path = model_dir / f"mq_forward_{targets}.safetensors"
+    proc = subprocess.run([forward, "--model", str(ref_dir), "--input", str(ids_path), "--output",
+                           str(ours_path), "--dtype", "float32"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ours = st_torch.load_file(str(ours_path))["logits"].double()
+    # transformers keeps the decompressed weights in bf16 and so computes part of the model in
+    # bf16; cast the loaded model to fp32 (exact for bf16 values) to compare like with like.
+    with torch.no_grad():
+        for t in list(quant_model.parameters()) + list(quant_model.buffers()):
+            if t.is_floating_point():
+                t.data = t.data.float()
+        got32 = quant_model(ids).logits.double()
+    err_ours = ((ours - got32).norm() / got32.norm()).item()
+    print(f"{targets}: transformers(quantized) vs mq-forward logits rel err {err_ours:.3e}")
+    assert err_ours < TOLERANCE, err_ours
+
 
 def test_gptq_beats_rtn(model_dir):
     _, gptq = quantize(model_dir, "cmp_gptq", "--method", "gptq")
