@@ -29,6 +29,7 @@
 #include "worker/model/config.h"
 #include "worker/model/deepseek_v3.h"
 #include "worker/model/safetensors_writer.h"
+#include "worker/model/tensor_io.h"
 
 namespace mq::tools {
 namespace {
@@ -99,17 +100,6 @@ absl::StatusOr<at::Tensor> ReadInputIds(const std::string& path) {
   return ids.to(at::kLong);
 }
 
-model::TensorData ToF32(const std::string& name, const at::Tensor& t) {
-  at::Tensor c = t.to(at::kCPU, at::kFloat).contiguous();
-  model::TensorData d;
-  d.name = name;
-  d.dtype = model::DType::kF32;
-  d.shape.assign(c.sizes().begin(), c.sizes().end());
-  d.bytes.resize(c.nbytes());
-  std::memcpy(d.bytes.data(), c.data_ptr(), c.nbytes());
-  return d;
-}
-
 absl::Status Run(const Options& o) {
   at::ScalarType dtype;
   if (o.dtype == "float32") {
@@ -153,9 +143,10 @@ absl::Status Run(const Options& o) {
   if (!out.ok()) return out.status();
 
   std::vector<model::TensorData> tensors;
-  tensors.push_back(ToF32("logits", out->logits));
+  tensors.push_back(model::ToTensorData("logits", out->logits.to(at::kFloat)));
   for (size_t i = 0; i < out->hidden_states.size(); ++i) {
-    tensors.push_back(ToF32(absl::StrCat("hidden_states.", i), out->hidden_states[i]));
+    tensors.push_back(model::ToTensorData(absl::StrCat("hidden_states.", i),
+                                          out->hidden_states[i].to(at::kFloat)));
   }
   return model::WriteSafetensors(o.output, std::move(tensors));
 }

@@ -36,6 +36,7 @@
 #include "absl/strings/str_split.h"
 #include "worker/model/checkpoint_reader.h"
 #include "worker/model/safetensors_writer.h"
+#include "worker/model/tensor_io.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/hessian.h"
 #include "worker/quant/pack.h"
@@ -165,35 +166,6 @@ absl::StatusOr<at::Tensor> ReadFloat(const model::SafetensorsFile& file, const s
   return t;
 }
 
-absl::StatusOr<model::TensorData> ToData(const std::string& name, const at::Tensor& t) {
-  at::Tensor c = t.to(at::kCPU).contiguous();
-  model::TensorData d;
-  d.name = name;
-  switch (c.scalar_type()) {
-    case at::kChar:
-      d.dtype = model::DType::kI8;
-      break;
-    case at::kInt:
-      d.dtype = model::DType::kI32;
-      break;
-    case at::kLong:
-      d.dtype = model::DType::kI64;
-      break;
-    case at::kBFloat16:
-      d.dtype = model::DType::kBF16;
-      break;
-    case at::kFloat:
-      d.dtype = model::DType::kF32;
-      break;
-    default:
-      return absl::InternalError(absl::StrCat("no safetensors dtype for ", name));
-  }
-  d.shape.assign(c.sizes().begin(), c.sizes().end());
-  d.bytes.resize(c.nbytes());
-  std::memcpy(d.bytes.data(), c.data_ptr(), c.nbytes());
-  return d;
-}
-
 absl::Status Run(const Options& o) {
   const at::Device device(o.device);
   absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> file =
@@ -248,9 +220,7 @@ absl::Status Run(const Options& o) {
   std::map<std::string, std::string> metadata = {{"format", "pt"}};
   auto add = [&](const std::string& name, const at::Tensor& t) -> absl::Status {
     if (!t.defined()) return absl::OkStatus();
-    absl::StatusOr<model::TensorData> d = ToData(name, t);
-    if (!d.ok()) return d.status();
-    out.push_back(*std::move(d));
+    out.push_back(model::ToTensorData(name, t));
     return absl::OkStatus();
   };
   for (size_t k = 0; k < results.size(); ++k) {

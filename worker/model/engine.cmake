@@ -5,5 +5,6 @@ if(MQ_WITH_TORCH)
     SOURCES
       ${CMAKE_CURRENT_LIST_DIR}/deepseek_v3.cc
       ${CMAKE_CURRENT_LIST_DIR}/deepseek_v3_load.cc
-    DEPS mq_model mq_checkpoint torch absl::status absl::statusor absl::strings)
+      ${CMAKE_CURRENT_LIST_DIR}/tensor_io.cc
+    DEPS mq_model mq_checkpoint mq_safetensors_writer torch absl::status absl::statusor absl::strings)
 endif()

@@ -25,6 +25,7 @@
 #include "worker/model/deepseek_v3.h"
 #include "worker/model/fp8.h"
 #include "worker/model/safetensors_writer.h"
+#include "worker/model/tensor_io.h"
 #include "worker/quant/hessian.h"
 #include "worker/quant/pack.h"
 #include "worker/quant/rtn.h"
@@ -63,30 +64,6 @@ absl::Status MakeDirs(const std::string& dir) {
   return absl::OkStatus();
 }
 
-model::TensorData ToData(const std::string& name, const at::Tensor& t) {
-  at::Tensor c = t.to(at::kCPU).contiguous();
-  model::TensorData d;
-  d.name = name;
-  switch (c.scalar_type()) {
-    case at::kInt:
-      d.dtype = model::DType::kI32;
-      break;
-    case at::kLong:
-      d.dtype = model::DType::kI64;
-      break;
-    case at::kBFloat16:
-      d.dtype = model::DType::kBF16;
-      break;
-    default:
-      c = c.to(at::kFloat);
-      d.dtype = model::DType::kF32;
-  }
-  d.shape.assign(c.sizes().begin(), c.sizes().end());
-  d.bytes.resize(c.nbytes());
-  std::memcpy(d.bytes.data(), c.data_ptr(), c.nbytes());
-  return d;
-}
-
 // An unquantized checkpoint tensor as written: F32 for e_score_correction_bias, BF16 for every
 // other float tensor (FP8 dequantized), raw bytes otherwise.
 absl::StatusOr<model::TensorData> PlainTensor(model::CheckpointReader& reader,
@@ -102,7 +79,7 @@ absl::StatusOr<model::TensorData> PlainTensor(model::CheckpointReader& reader,
   if (EndsWith(name, "e_score_correction_bias") && is_float) {
     absl::StatusOr<at::Tensor> t = model::LoadTensor(reader, name, at::kCPU, at::kFloat);
     if (!t.ok()) return t.status();
-    return ToData(name, *t);
+    return model::ToTensorData(name, *t);
   }
   if (!is_float) {
     d.dtype = dt;
@@ -472,9 +449,9 @@ absl::StatusOr<LocalQuantizeReport> QuantizeLocal(const LocalQuantizeOptions& op
               report.linears.push_back(std::move(lr));
               absl::StatusOr<PackedWeight> packed = PackWeight(r.weight);
               if (!packed.ok()) return packed.status();
-              tensors.push_back(ToData(m + ".weight_packed", packed->weight_packed));
-              tensors.push_back(ToData(m + ".weight_scale", packed->weight_scale));
-              tensors.push_back(ToData(m + ".weight_shape", packed->weight_shape));
+              tensors.push_back(model::ToTensorData(m + ".weight_packed", packed->weight_packed));
+              tensors.push_back(model::ToTensorData(m + ".weight_scale", packed->weight_scale));
+              tensors.push_back(model::ToTensorData(m + ".weight_shape", packed->weight_shape));
               overrides[m] = r.weight.dequantized.to(options.dtype);
             }
           }
