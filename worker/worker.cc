@@ -26,6 +26,23 @@ void SleepMs(int64_t ms, const std::atomic<bool>& stop) {
   }
 }
 
+// Calls `call` until it returns OK or a status that retrying cannot change, backing off from
+// 200 ms to 2 s between tries (the coordinator may be restarting). Returns the last status;
+// CANCELLED when `stop` was set first.
+template <typename Call>
+grpc::Status CallUntilSettled(const std::atomic<bool>& stop, const std::string& what, Call call) {
+  int64_t backoff = 200;
+  while (!stop) {
+    grpc::Status s = call();
+    if (s.ok() || !Retryable(s.error_code())) return s;
+    LogLine("worker", "WARN",
+            what + ": coordinator unavailable (" + s.error_message() + "); retrying");
+    SleepMs(backoff, stop);
+    backoff = std::min<int64_t>(backoff * 2, 2000);
+  }
+  return grpc::Status(grpc::StatusCode::CANCELLED, "stopping");
+}
+
 // Fault injection (off unless the variable is set): milliseconds to stall inside a PLAN
 // assignment before inspecting, so tests can kill processes while work is in flight.
 int64_t FaultPlanDelayMs() {
@@ -76,35 +93,27 @@ bool Worker::Register(const std::atomic<bool>& stop) {
   caps->set_version(Version());
   caps->set_scratch_dir(options_.scratch_dir);
   caps->set_scratch_free_bytes(device_.scratch_free_bytes);
-  int64_t backoff = 200;
-  while (!stop) {
+  mq::v1::RegisterWorkerResponse response;
+  grpc::Status s = CallUntilSettled(stop, "register", [&] {
     {
       std::lock_guard<std::mutex> lock(mu_);
       request.set_worker_id(worker_id_);
     }
-    mq::v1::RegisterWorkerResponse response;
     auto ctx = Context(10000);
-    grpc::Status s = stub_->RegisterWorker(ctx.get(), request, &response);
-    if (s.ok()) {
-      std::lock_guard<std::mutex> lock(mu_);
-      worker_id_ = response.worker_id();
-      heartbeat_interval_ms_ = response.heartbeat_interval_ms();
-      need_register_ = false;
-      LogLine("worker", "INFO",
-              absl::StrCat("registered as ", worker_id_, " (", options_.name, ", ", device_.device,
-                           ") with ", options_.coordinator, ", lease ", response.lease_ms(),
-                           " ms"));
-      return true;
-    }
-    if (!Retryable(s.error_code())) {
-      LogLine("worker", "ERROR", "registration refused: " + s.error_message());
-      return false;
-    }
-    LogLine("worker", "WARN", "coordinator unreachable (" + s.error_message() + "); retrying");
-    SleepMs(backoff, stop);
-    backoff = std::min<int64_t>(backoff * 2, 2000);
+    return stub_->RegisterWorker(ctx.get(), request, &response);
+  });
+  if (!s.ok()) {
+    if (!stop) LogLine("worker", "ERROR", "registration refused: " + s.error_message());
+    return false;
   }
-  return false;
+  std::lock_guard<std::mutex> lock(mu_);
+  worker_id_ = response.worker_id();
+  heartbeat_interval_ms_ = response.heartbeat_interval_ms();
+  need_register_ = false;
+  LogLine("worker", "INFO",
+          absl::StrCat("registered as ", worker_id_, " (", options_.name, ", ", device_.device,
+                       ") with ", options_.coordinator, ", lease ", response.lease_ms(), " ms"));
+  return true;
 }
 
 void Worker::HeartbeatLoop(const std::atomic<bool>& stop) {
@@ -156,27 +165,20 @@ void Worker::Progress(const mq::v1::Assignment& a, const std::string& stage, dou
 }
 
 void Worker::Complete(mq::v1::CompleteAssignmentRequest request, const std::atomic<bool>& stop) {
-  int64_t backoff = 200;
-  while (!stop) {
+  const std::string what = "report " + request.assignment_id();
+  grpc::Status s = CallUntilSettled(stop, what, [&] {
     {
       std::lock_guard<std::mutex> lock(mu_);
       request.set_worker_id(worker_id_);
     }
     mq::v1::CompleteAssignmentResponse response;
     auto ctx = Context(10000);
-    grpc::Status s = stub_->CompleteAssignment(ctx.get(), request, &response);
-    if (s.ok()) return;
-    if (!Retryable(s.error_code())) {
-      LogLine("worker", "WARN",
-              absl::StrCat("result for ", request.assignment_id(),
-                           " not accepted: ", s.error_message()));
-      return;
-    }
-    LogLine("worker", "WARN",
-            absl::StrCat("cannot report ", request.assignment_id(), " (", s.error_message(),
-                         "); retrying"));
-    SleepMs(backoff, stop);
-    backoff = std::min<int64_t>(backoff * 2, 2000);
+    return stub_->CompleteAssignment(ctx.get(), request, &response);
+  });
+  if (!s.ok() && !stop) {
+    LogLine(
+        "worker", "WARN",
+        absl::StrCat("result for ", request.assignment_id(), " not accepted: ", s.error_message()));
   }
 }
 
@@ -187,10 +189,10 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
   }
   cancel_current_ = false;
   const std::string kind = KindName(a.kind());
-  LogLine("worker", "INFO",
-          absl::StrCat("running ", kind, " assignment ", a.assignment_id(),
-                       a.job_id().empty() ? "" : " of job " + a.job_id(), " attempt ",
-                       a.attempt()));
+  LogLine(
+      "worker", "INFO",
+      absl::StrCat("running ", kind, " assignment ", a.assignment_id(),
+                   a.job_id().empty() ? "" : " of job " + a.job_id(), " attempt ", a.attempt()));
   mq::v1::CompleteAssignmentRequest result;
   result.set_assignment_id(a.assignment_id());
   result.set_lease_epoch(a.lease_epoch());
@@ -217,8 +219,8 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
       }
     }
   } else {
-    result.set_error(absl::StrCat("this mq-worker (", Version(), ") cannot run ", kind,
-                                  " assignments"));
+    result.set_error(
+        absl::StrCat("this mq-worker (", Version(), ") cannot run ", kind, " assignments"));
   }
   if (aborted) {
     metrics_->CountAssignment(kind, "aborted");
