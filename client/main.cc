@@ -6,6 +6,7 @@
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -26,20 +27,24 @@
 
 namespace {
 
-using mq::client::Bytes;
-using mq::client::Table;
 using mq::IsTerminal;
 using mq::JobStateName;
 using mq::MethodName;
+using mq::client::Bytes;
+using mq::client::Table;
 
-constexpr char kUsage[] = R"(usage: mq-client [--coordinator HOST:PORT] [--timeout SECONDS] COMMAND [ARGS]
+constexpr char kUsage[] =
+    R"(usage: mq-client [--coordinator HOST:PORT] [--timeout SECONDS] COMMAND [ARGS]
 
 commands:
   submit --model DIR --output DIR [--method gptq|awq|rtn] [--bits 4] [--group-size N]
-         [--gang-size K] [--wait] [--json] ...   submit a quantization job, print its id
+         [--dataset PATH] [--tokenizer PATH] [--num-calibration-samples N]
+         [--max-sequence-length N] [--seed N] [--gang-size K] [--wait] [--json] ...
+                                                  submit a quantization job, print its id
   status JOB [--json]                             a job with its plan, attempts and history
   list [--state STATE]... [--limit N] [--json]    jobs, newest first
-  watch JOB [--json]                              follow a job until it ends
+  watch JOB [--json]                              follow a job until it ends (a line per
+                                                  event, e.g. each committed layer)
   cancel JOB [--reason TEXT] [--json]             cancel a queued or running job
   resume JOB [--json]                             queue a FAILED or CANCELLED job again
   inspect MODEL_DIR [--gang-size N] [--json]      check a checkpoint and estimate a job
@@ -152,9 +157,9 @@ void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
             << s.weight_format() << " weights\n"
             << "Layers:       " << s.num_hidden_layers() << " (" << s.first_k_dense_replace()
             << " dense, " << s.num_hidden_layers() - s.first_k_dense_replace() << " MoE)"
-            << (s.num_nextn_predict_layers() ? absl::StrCat(" + ", s.num_nextn_predict_layers(),
-                                                            " MTP")
-                                             : "")
+            << (s.num_nextn_predict_layers()
+                    ? absl::StrCat(" + ", s.num_nextn_predict_layers(), " MTP")
+                    : "")
             << "\n"
             << "Experts:      " << s.n_routed_experts() << " routed (top-"
             << s.num_experts_per_tok() << ", " << s.n_group() << " groups, top-" << s.topk_group()
@@ -175,12 +180,12 @@ void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
               << "  tokens per expert:     " << e.tokens_per_expert() << "\n";
     Table ranks({"RANK", "EXPERTS", "SEQUENCES", "GPU", "HOST"});
     for (const auto& rk : r.ranks()) {
-      ranks.Add({std::to_string(rk.rank()),
-                 rk.num_experts() ? absl::StrCat(rk.first_expert(), "..",
-                                                 rk.first_expert() + rk.num_experts() - 1)
-                                  : "-",
-                 std::to_string(rk.num_sequences()), Bytes(rk.gpu_bytes()),
-                 Bytes(rk.host_bytes())});
+      ranks.Add(
+          {std::to_string(rk.rank()),
+           rk.num_experts()
+               ? absl::StrCat(rk.first_expert(), "..", rk.first_expert() + rk.num_experts() - 1)
+               : "-",
+           std::to_string(rk.num_sequences()), Bytes(rk.gpu_bytes()), Bytes(rk.host_bytes())});
     }
     std::cout << "\n" << ranks.Render();
     if (with_layers) {
@@ -196,6 +201,12 @@ void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
     }
   }
   PrintProblems(r);
+}
+
+std::string Seconds(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.1f s", s);
+  return buf;
 }
 
 void PrintJob(const mq::v1::JobRecord& j) {
@@ -215,9 +226,39 @@ void PrintJob(const mq::v1::JobRecord& j) {
     std::cout << "Finished:     " << mq::client::Time(j.finished_at_ms()) << " (after "
               << mq::client::Duration(j.finished_at_ms() - j.created_at_ms()) << ")\n";
   }
-  if (j.progress().layers_total()) {
-    std::cout << "Progress:     " << j.progress().layers_committed() << "/"
-              << j.progress().layers_total() << " layers committed\n";
+  const mq::v1::JobProgress& p = j.progress();
+  if (j.uncounted_attempts()) {
+    std::cout << "Uncounted:    " << j.uncounted_attempts()
+              << " attempt(s) ended by infrastructure (not counted)\n";
+  }
+  if (p.layers_total()) {
+    std::cout << "Progress:     layer " << p.layers_committed() << " of " << p.layers_total()
+              << " committed";
+    if (p.gang_size()) std::cout << ", gang size " << p.gang_size();
+    if (p.eta_seconds() > 0 && !IsTerminal(j.state())) {
+      std::cout << ", ETA " << mq::client::Duration(static_cast<int64_t>(p.eta_seconds() * 1000));
+    }
+    if (p.seconds_per_layer() > 0) std::cout << " (" << Seconds(p.seconds_per_layer()) << "/layer)";
+    std::cout << "\n";
+  }
+  if (p.has_last_layer()) {
+    const mq::v1::LayerStats& l = p.last_layer();
+    std::cout << "Last layer:   step " << l.step() << " (layer " << l.layer() << "): load "
+              << Seconds(l.load_seconds()) << ", forward " << Seconds(l.forward_seconds())
+              << ", hessian " << Seconds(l.hessian_seconds()) << ", solve "
+              << Seconds(l.solve_seconds()) << ", propagate " << Seconds(l.propagate_seconds())
+              << ", write " << Seconds(l.write_seconds()) << "\n"
+              << "Tokens/expert: min " << l.expert_tokens_min() << ", median "
+              << l.expert_tokens_median() << ", max " << l.expert_tokens_max() << "\n";
+  }
+  if (p.layers_committed() || p.fallbacks() || p.rare_experts()) {
+    std::cout << "Fallbacks:    " << p.fallbacks() << "\n"
+              << "Rare experts: " << p.rare_experts() << "\n";
+  }
+  if (!j.manifest_sha256().empty()) {
+    std::cout << "Manifest:     sha256 " << j.manifest_sha256() << "\n"
+              << "Output:       " << j.output_files() << " files, " << Bytes(j.output_bytes())
+              << "\n";
   }
   if (!j.progress().stage().empty()) {
     std::cout << "Stage:        " << j.progress().stage() << "\n";
@@ -315,8 +356,7 @@ int Submit(Client& c, int argc, char** argv, int first) {
   } else if (targets == "all-linear") {
     spec->set_targets(mq::v1::TARGET_SET_ALL_LINEAR);
   } else {
-    return Fail("submit: --targets = \"" + targets + "\": must be routed-experts or all-linear",
-                2);
+    return Fail("submit: --targets = \"" + targets + "\": must be routed-experts or all-linear", 2);
   }
   if (scale_search == "minmax") {
     spec->set_scale_search(mq::v1::SCALE_SEARCH_MINMAX);
@@ -380,7 +420,13 @@ int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_event
       for (const auto& e : update.events()) {
         if (e.seq() < next_seq) continue;
         next_seq = e.seq() + 1;
-        if (print_events && !json) PrintEvent(e);
+        if (print_events && !json) {
+          PrintEvent(e);
+        } else if (!json && (e.kind() == "state" || e.kind() == "layer_committed" ||
+                             e.kind() == "finalized")) {
+          PrintEvent(e);  // submit --wait: one line per state change and committed layer
+        }
+        std::cout << std::flush;
       }
       if (json && print_events) std::cout << Json(update, true) << "\n" << std::flush;
     }
@@ -403,8 +449,8 @@ int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_event
     std::cout << job_id << " " << JobStateName(last.state()) << ": " << last.message() << "\n";
   }
   if (last.state() == mq::v1::JOB_STATE_SUCCEEDED) return 0;
-  return Fail(absl::StrCat("job ", job_id, " ended ", JobStateName(last.state()), ": ",
-                           last.message()));
+  return Fail(
+      absl::StrCat("job ", job_id, " ended ", JobStateName(last.state()), ": ", last.message()));
 }
 
 int Status(Client& c, int argc, char** argv, int first) {
@@ -438,6 +484,36 @@ int Status(Client& c, int argc, char** argv, int first) {
       std::string state = mq::v1::AttemptState_Name(a.state()).substr(14);
       t.Add({std::to_string(a.attempt()), a.phase(), state, absl::StrJoin(a.worker_ids(), ","),
              mq::client::Time(a.started_at_ms()), mq::client::Time(a.ended_at_ms()), a.message()});
+    }
+    std::cout << "\n" << t.Render();
+  }
+  if (response.layers_size()) {
+    Table t({"STEP", "LAYER", "STATE", "ATTEMPT", "RANKS", "FILES", "SECONDS", "TOKENS/EXPERT",
+             "FALLBACKS", "RARE", "ERROR"});
+    for (const auto& l : response.layers()) {
+      int files = 0, fallbacks = 0, rare = 0, linears = 0;
+      double seconds = 0, error = 0;
+      for (const auto& r : l.reports()) {
+        files += r.files_size();
+        fallbacks += r.stats().fallbacks();
+        rare += r.stats().rare_experts();
+        linears += r.stats().quantized_linears();
+        error += r.stats().mean_relative_error() * r.stats().quantized_linears();
+        const auto& st = r.stats();
+        seconds =
+            std::max(seconds, st.load_seconds() + st.forward_seconds() + st.hessian_seconds() +
+                                  st.solve_seconds() + st.propagate_seconds() + st.write_seconds());
+      }
+      const auto& r0 = l.reports_size() ? l.reports(0).stats() : mq::v1::LayerStats();
+      char err[32];
+      std::snprintf(err, sizeof(err), "%.4f", linears ? error / linears : 0.0);
+      t.Add({std::to_string(l.step()), std::to_string(l.layer()),
+             l.committed() ? "committed" : "pending", std::to_string(l.attempt()),
+             absl::StrCat(l.reports_size(), "/", l.world_size()), std::to_string(files),
+             Seconds(seconds),
+             absl::StrCat(r0.expert_tokens_min(), "/", r0.expert_tokens_median(), "/",
+                          r0.expert_tokens_max()),
+             std::to_string(fallbacks), std::to_string(rare), err});
     }
     std::cout << "\n" << t.Render();
   }
@@ -489,8 +565,8 @@ int List(Client& c, int argc, char** argv, int first) {
   for (const auto& j : response.jobs()) {
     std::string msg = j.message();
     if (msg.size() > 60) msg = msg.substr(0, 57) + "...";
-    t.Add({j.job_id(), JobStateName(j.state()), MethodName(j.spec().method()),
-           j.spec().model_uri(), mq::client::Time(j.created_at_ms()), msg});
+    t.Add({j.job_id(), JobStateName(j.state()), MethodName(j.spec().method()), j.spec().model_uri(),
+           mq::client::Time(j.created_at_ms()), msg});
   }
   std::cout << t.Render();
   return 0;
@@ -611,10 +687,12 @@ int Workers(Client& c, int argc, char** argv, int first) {
   for (const auto& w : response.workers()) {
     const auto& caps = w.worker().capabilities();
     std::string state = mq::v1::WorkerState_Name(w.state()).substr(13);
-    std::string device = caps.device() + (caps.device_name().empty() ? "" : " " + caps.device_name());
+    std::string device =
+        caps.device() + (caps.device_name().empty() ? "" : " " + caps.device_name());
     t.Add({w.worker().worker_id(), w.worker().name(), state, device,
            caps.device_memory_bytes() ? Bytes(caps.device_memory_bytes()) : "-",
-           Bytes(caps.host_memory_bytes()), mq::client::Duration(w.last_heartbeat_age_ms()) + " ago",
+           Bytes(caps.host_memory_bytes()),
+           mq::client::Duration(w.last_heartbeat_age_ms()) + " ago",
            w.job_id().empty() ? "-" : w.job_id()});
   }
   std::cout << t.Render();

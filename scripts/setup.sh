@@ -9,7 +9,7 @@ APT_PACKAGES=(
   cmake ninja-build g++ ccache pkg-config git
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto
   libabsl-dev librocksdb-dev prometheus-cpp-dev libcivetweb-dev civetweb nlohmann-json3-dev
-  libgtest-dev libgmock-dev googletest clang libclang-rt-14-dev
+  libgtest-dev libgmock-dev googletest clang libclang-rt-14-dev libpcre2-dev libgloo-dev libssl-dev
   prometheus yamllint python3-yaml python3-jsonschema curl
   golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
 )

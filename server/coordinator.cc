@@ -35,8 +35,69 @@ std::string EventKey(const std::string& job_id, int64_t seq) {
   return job_id + "/" + buf;
 }
 
+std::string LayerKey(const std::string& job_id, int step) {
+  char buf[16];
+  std::snprintf(buf, sizeof(buf), "%06d", step);
+  return job_id + "/" + buf;
+}
+
 std::string KindName(mq::v1::AssignmentKind k) {
-  return k == mq::v1::ASSIGNMENT_KIND_QUANTIZE ? "quantize" : "plan";
+  switch (k) {
+    case mq::v1::ASSIGNMENT_KIND_QUANTIZE:
+      return "quantize";
+    case mq::v1::ASSIGNMENT_KIND_FINALIZE:
+      return "finalize";
+    default:
+      return "plan";
+  }
+}
+
+// A job whose plan succeeded (it has one without problems) runs the pipeline next.
+bool IsPlanned(const JobRecord& job) { return job.has_plan() && job.plan().problems_size() == 0; }
+
+std::string QuantizeCapability(const JobRecord& job) {
+  return "quantize:" + MethodName(job.spec().method());
+}
+
+std::string Plural(int64_t n, const std::string& word) {
+  return absl::StrCat(n, " ", word, n == 1 ? "" : "s");
+}
+
+// Stats of a committed step from its ranks' reports (sorted by rank): stage seconds are the
+// slowest rank's; token counts and step/layer are rank 0's (ranks report gang-wide values);
+// counts are summed; the error is weighted by quantized linears.
+mq::v1::LayerStats MergeStats(const mq::v1::LayerRecord& rec) {
+  mq::v1::LayerStats out;
+  if (rec.reports_size() == 0) return out;
+  const mq::v1::LayerStats& r0 = rec.reports(0).stats();
+  out.set_step(rec.step());
+  out.set_layer(rec.layer());
+  out.set_expert_tokens_min(r0.expert_tokens_min());
+  out.set_expert_tokens_median(r0.expert_tokens_median());
+  out.set_expert_tokens_max(r0.expert_tokens_max());
+  double weighted_error = 0;
+  for (const mq::v1::LayerReport& report : rec.reports()) {
+    const mq::v1::LayerStats& st = report.stats();
+    out.set_load_seconds(std::max(out.load_seconds(), st.load_seconds()));
+    out.set_forward_seconds(std::max(out.forward_seconds(), st.forward_seconds()));
+    out.set_hessian_seconds(std::max(out.hessian_seconds(), st.hessian_seconds()));
+    out.set_solve_seconds(std::max(out.solve_seconds(), st.solve_seconds()));
+    out.set_propagate_seconds(std::max(out.propagate_seconds(), st.propagate_seconds()));
+    out.set_write_seconds(std::max(out.write_seconds(), st.write_seconds()));
+    out.set_quantized_linears(out.quantized_linears() + st.quantized_linears());
+    out.set_fallbacks(out.fallbacks() + st.fallbacks());
+    out.set_rare_experts(out.rare_experts() + st.rare_experts());
+    for (const mq::v1::RareExpert& e : st.rare()) *out.add_rare() = e;
+    weighted_error += st.mean_relative_error() * st.quantized_linears();
+  }
+  out.set_mean_relative_error(out.quantized_linears() > 0 ? weighted_error / out.quantized_linears()
+                                                          : 0.0);
+  return out;
+}
+
+double StageSeconds(const mq::v1::LayerStats& st) {
+  return st.load_seconds() + st.forward_seconds() + st.hessian_seconds() + st.solve_seconds() +
+         st.propagate_seconds() + st.write_seconds();
 }
 
 template <typename Message>
@@ -93,6 +154,13 @@ absl::Status Coordinator::Load() {
     auto job = Parse<JobRecord>("jobs", key, value);
     if (!job.ok()) return job.status();
     jobs_[key] = *std::move(job);
+  }
+  auto layers = store_->GetAll(Table::kLayers);
+  if (!layers.ok()) return layers.status();
+  for (const auto& [key, value] : *layers) {
+    auto rec = Parse<mq::v1::LayerRecord>("layers", key, value);
+    if (!rec.ok()) return rec.status();
+    layers_[rec->job_id()][rec->step()] = *std::move(rec);
   }
   auto idem = store_->GetAll(Table::kIdempotency);
   if (!idem.ok()) return idem.status();
@@ -299,6 +367,10 @@ absl::StatusOr<mq::v1::GetJobResponse> Coordinator::GetJob(const mq::v1::GetJobR
       *response.add_events() = *std::move(e);
     }
   }
+  auto layers = layers_.find(request.job_id());
+  if (layers != layers_.end()) {
+    for (const auto& [step, rec] : layers->second) *response.add_layers() = rec;
+  }
   return response;
 }
 
@@ -358,8 +430,8 @@ absl::StatusOr<mq::v1::CancelJobResponse> Coordinator::CancelJob(
                                                       "); nothing to cancel"));
   }
   WriteBatch batch;
-  std::string reason = request.reason().empty() ? "cancelled by user"
-                                                : "cancelled by user: " + request.reason();
+  std::string reason =
+      request.reason().empty() ? "cancelled by user" : "cancelled by user: " + request.reason();
   std::vector<AssignmentRecord> ended;
   for (auto& [id, a] : assignments_) {
     if (a.job_id() != job.job_id() || a.ended()) continue;
@@ -407,7 +479,14 @@ absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
   job.set_attempt_base(job.attempt());
   job.clear_missing_capability();
   job.set_finished_at_ms(0);
-  SetJobState(job, batch, mq::v1::JOB_STATE_QUEUED, "resumed; waiting for a worker");
+  if (IsPlanned(job)) {
+    SetJobState(job, batch, mq::v1::JOB_STATE_QUEUED,
+                absl::StrCat("resumed: ", CommittedPrefix(job.job_id()), " of ",
+                             job.plan().layers_size(), " steps committed; waiting for a gang of ",
+                             job.spec().gang_size(), " workers"));
+  } else {
+    SetJobState(job, batch, mq::v1::JOB_STATE_QUEUED, "resumed; waiting for a worker to plan");
+  }
   PutJob(batch, job);
   if (absl::Status s = Commit(batch); !s.ok()) return s;
   it->second = job;
@@ -418,11 +497,12 @@ absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
 }
 
 absl::StatusOr<mq::v1::WatchJobResponse> Coordinator::JobSnapshot(const std::string& job_id,
-                                                                 int64_t from_seq) {
+                                                                  int64_t from_seq) {
   if (absl::Status s = ValidateJobId("job_id", job_id); !s.ok()) return s;
   std::lock_guard<std::mutex> lock(mu_);
   auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) return absl::NotFoundError(absl::StrCat("job ", job_id, " does not exist"));
+  if (it == jobs_.end())
+    return absl::NotFoundError(absl::StrCat("job ", job_id, " does not exist"));
   mq::v1::WatchJobResponse response;
   *response.mutable_job() = it->second;
   if (from_seq < it->second.event_count()) {
@@ -444,9 +524,9 @@ mq::v1::ListWorkersResponse Coordinator::ListWorkers() {
   for (const auto& [id, w] : workers_) {
     mq::v1::WorkerInfo* info = response.add_workers();
     *info->mutable_worker() = w.record;
-    info->set_state(w.dead ? mq::v1::WORKER_STATE_DEAD
-                           : (w.assignment_id.empty() ? mq::v1::WORKER_STATE_IDLE
-                                                      : mq::v1::WORKER_STATE_BUSY));
+    info->set_state(
+        w.dead ? mq::v1::WORKER_STATE_DEAD
+               : (w.assignment_id.empty() ? mq::v1::WORKER_STATE_IDLE : mq::v1::WORKER_STATE_BUSY));
     info->set_last_heartbeat_age_ms(now - w.last_heartbeat_ms);
     info->set_assignment_id(w.assignment_id);
     auto a = assignments_.find(w.assignment_id);
@@ -470,8 +550,7 @@ absl::StatusOr<mq::v1::InspectModelResponse> Coordinator::InspectModel(
   spec->set_targets(request.targets() ? request.targets() : mq::v1::TARGET_SET_ROUTED_EXPERTS);
   spec->set_include_mtp(request.include_mtp());
   spec->set_gang_size(request.gang_size() ? request.gang_size() : 1);
-  spec->mutable_calibration()->set_num_samples(request.num_samples() ? request.num_samples()
-                                                                     : 512);
+  spec->mutable_calibration()->set_num_samples(request.num_samples() ? request.num_samples() : 512);
   spec->mutable_calibration()->set_max_sequence_length(
       request.max_sequence_length() ? request.max_sequence_length() : 4096);
 
@@ -527,8 +606,8 @@ absl::StatusOr<mq::v1::RegisterWorkerResponse> Coordinator::RegisterWorker(
   if (absl::Status s = ValidateWorkerName(request.name()); !s.ok()) return s;
   const std::string& device = request.capabilities().device();
   if (device != "cpu" && device.rfind("cuda:", 0) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("capabilities.device = \"", device,
-                                                   "\": must be cpu or cuda:N"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("capabilities.device = \"", device, "\": must be cpu or cuda:N"));
   }
   if (!request.worker_id().empty() &&
       (request.worker_id().size() != 28 || request.worker_id().rfind("w-", 0) != 0)) {
@@ -545,9 +624,8 @@ absl::StatusOr<mq::v1::RegisterWorkerResponse> Coordinator::RegisterWorker(
   record.set_name(request.name());
   *record.mutable_capabilities() = request.capabilities();
   auto existing = workers_.find(id);
-  record.set_registered_at_ms(existing != workers_.end()
-                                  ? existing->second.record.registered_at_ms()
-                                  : Wall());
+  record.set_registered_at_ms(
+      existing != workers_.end() ? existing->second.record.registered_at_ms() : Wall());
   WriteBatch batch;
   batch.Put(Table::kWorkers, id, record.SerializeAsString());
   if (absl::Status s = Commit(batch); !s.ok()) return s;
@@ -625,7 +703,23 @@ absl::StatusOr<mq::v1::PollAssignmentResponse> Coordinator::PollAssignment(
         out->set_lease_epoch(a.lease_epoch());
         out->set_rank(a.rank());
         out->set_world_size(a.world_size());
-        *out->mutable_spec() = jobs_.at(a.job_id()).spec();
+        const JobRecord& job = jobs_.at(a.job_id());
+        *out->mutable_spec() = job.spec();
+        if (a.kind() == mq::v1::ASSIGNMENT_KIND_QUANTIZE ||
+            a.kind() == mq::v1::ASSIGNMENT_KIND_FINALIZE) {
+          out->set_start_step(a.start_step());
+          out->set_rendezvous(a.rendezvous());
+          out->set_total_steps(job.plan().layers_size());
+          auto layers = layers_.find(a.job_id());
+          if (layers != layers_.end()) {
+            for (const auto& [step, rec] : layers->second) {
+              if (!rec.committed()) continue;
+              for (const mq::v1::LayerReport& report : rec.reports()) {
+                for (const mq::v1::OutputFile& f : report.files()) *out->add_committed_files() = f;
+              }
+            }
+          }
+        }
       }
       w.delivered = true;
       return response;
@@ -645,9 +739,8 @@ absl::Status Coordinator::CheckAssignmentOwner(const std::string& worker_id,
   }
   AssignmentRecord& a = it->second;
   if (a.worker_id() != worker_id || a.lease_epoch() != lease_epoch) {
-    return absl::AbortedError(absl::StrCat("assignment ", assignment_id,
-                                           " is not held by worker ", worker_id,
-                                           " with lease epoch ", lease_epoch));
+    return absl::AbortedError(absl::StrCat("assignment ", assignment_id, " is not held by worker ",
+                                           worker_id, " with lease epoch ", lease_epoch));
   }
   if (a.ended()) {
     if (a.completed()) return absl::OkStatus();  // a repeated report: idempotent
@@ -680,6 +773,7 @@ absl::StatusOr<mq::v1::ReportProgressResponse> Coordinator::ReportProgress(
   JobRecord& job = jobs_.at(live->job_id());
   job.mutable_progress()->set_stage(request.stage());
   job.mutable_progress()->set_stage_fraction(request.fraction());
+  response.set_cancel(IsTerminal(job.state()));
   Changed();
   return response;
 }
@@ -700,18 +794,93 @@ absl::Status Coordinator::EndAssignment(AssignmentRecord& a, WriteBatch& batch,
   return absl::OkStatus();
 }
 
-void Coordinator::RetryOrFail(JobRecord& job, WriteBatch& batch, const std::string& reason) {
+absl::Status Coordinator::PutAttemptState(const std::string& job_id, int attempt_number,
+                                          mq::v1::AttemptState state, const std::string& message,
+                                          WriteBatch& batch) {
+  auto attempt = LoadAttempt(job_id, attempt_number);
+  if (!attempt.ok()) return attempt.status();
+  attempt->set_state(state);
+  attempt->set_ended_at_ms(Wall());
+  attempt->set_message(message);
+  batch.Put(Table::kAttempts, AttemptKey(job_id, attempt_number), attempt->SerializeAsString());
+  return absl::OkStatus();
+}
+
+void Coordinator::EndLiveAssignments(const std::string& job_id, int attempt,
+                                     const std::string& reason, const std::string& except_id,
+                                     WriteBatch& batch, std::vector<AssignmentRecord>* ended) {
+  for (const auto& [id, a] : assignments_) {
+    if (a.job_id() != job_id || a.attempt() != attempt || a.ended() || id == except_id) continue;
+    AssignmentRecord copy = a;
+    copy.set_ended(true);
+    copy.set_end_reason(reason);
+    copy.set_completed(false);
+    batch.Put(Table::kAssignments, id, copy.SerializeAsString());
+    ended->push_back(std::move(copy));
+  }
+}
+
+void Coordinator::ApplyEnded(const std::vector<AssignmentRecord>& ended) {
+  for (const AssignmentRecord& a : ended) {
+    assignments_[a.assignment_id()] = a;
+    auto w = workers_.find(a.worker_id());
+    if (w != workers_.end() && w->second.assignment_id == a.assignment_id()) {
+      w->second.assignment_id.clear();
+    }
+  }
+}
+
+bool Coordinator::HasLiveAssignment(const std::string& job_id) const {
+  for (const auto& [id, a] : assignments_) {
+    if (a.job_id() == job_id && !a.ended()) return true;
+  }
+  return false;
+}
+
+int Coordinator::CommittedPrefix(const std::string& job_id) const {
+  auto it = layers_.find(job_id);
+  if (it == layers_.end()) return 0;
+  int n = 0;
+  for (auto rec = it->second.find(0);
+       rec != it->second.end() && rec->first == n && rec->second.committed(); ++rec) {
+    ++n;
+  }
+  return n;
+}
+
+int Coordinator::CommittedCount(const std::string& job_id) const {
+  auto it = layers_.find(job_id);
+  if (it == layers_.end()) return 0;
+  int n = 0;
+  for (const auto& [step, rec] : it->second) n += rec.committed() ? 1 : 0;
+  return n;
+}
+
+void Coordinator::RetryOrFail(JobRecord& job, WriteBatch& batch, const std::string& reason,
+                              bool infrastructure) {
+  std::string note;
+  if (infrastructure) {
+    if (job.uncounted_attempts() < 10 * job.spec().max_attempts()) {
+      job.set_uncounted_attempts(job.uncounted_attempts() + 1);
+      job.set_attempt_base(job.attempt_base() + 1);
+      if (metrics_) metrics_->attempts_uncounted->Increment();
+      note = "; not counted against spec.max_attempts (infrastructure)";
+    } else {
+      note = absl::StrCat("; counted: already ", job.uncounted_attempts(),
+                          " uncounted infrastructure failures");
+    }
+  }
   const int used = job.attempt() - job.attempt_base();
   if (used >= job.spec().max_attempts()) {
     SetJobState(job, batch, mq::v1::JOB_STATE_FAILED,
                 absl::StrCat("gave up after ", used, " attempts (spec.max_attempts = ",
-                             job.spec().max_attempts(), "); last: ", reason,
+                             job.spec().max_attempts(), "); last: ", reason, note,
                              ". Fix the cause, then `mq-client resume ", job.job_id(), "`"));
     if (metrics_) metrics_->jobs_failed->Increment();
   } else {
     SetJobState(job, batch, mq::v1::JOB_STATE_QUEUED,
-                absl::StrCat("attempt ", job.attempt(), " ended (", reason,
-                             "); waiting for a worker"));
+                absl::StrCat("attempt ", job.attempt(), " ended (", reason, ")", note,
+                             IsPlanned(job) ? "; waiting for a gang" : "; waiting for a worker"));
   }
   PutJob(batch, job);
 }
@@ -730,29 +899,47 @@ void Coordinator::ApplyPlanResult(JobRecord& job, WriteBatch& batch,
     SetJobState(job, batch, mq::v1::JOB_STATE_FAILED,
                 absl::StrCat("the checkpoint check found ", report.problems_size(), " problem",
                              report.problems_size() == 1 ? "" : "s", ": ",
-                             absl::StrJoin(first, "; "),
-                             report.problems_size() > 3 ? "; ..." : "",
+                             absl::StrJoin(first, "; "), report.problems_size() > 3 ? "; ..." : "",
                              " (`mq-client status ", job.job_id(), "` lists all)"));
     if (metrics_) metrics_->jobs_failed->Increment();
     return;
   }
-  const std::string capability = "quantize:" + MethodName(job.spec().method());
-  job.set_missing_capability(capability);
-  SetJobState(
-      job, batch, mq::v1::JOB_STATE_FAILED,
-      absl::StrCat("planning succeeded (", report.layers_size(), " layers, ",
-                   HumanBytes(report.estimate().gpu_bytes_per_rank()), " GPU and ",
-                   HumanBytes(report.estimate().host_bytes_per_rank()), " host memory per rank, ",
-                   HumanBytes(report.estimate().output_bytes()), " output), but capability \"", capability,
-                   "\" is missing: this mq version (", Version(),
-                   ") implements planning only, not the quantization pipeline"));
-  if (metrics_) metrics_->jobs_failed->Increment();
+  const std::string capability = QuantizeCapability(job);
+  const std::string summary = absl::StrCat(
+      report.layers_size(), " steps, ", HumanBytes(report.estimate().gpu_bytes_per_rank()),
+      " GPU and ", HumanBytes(report.estimate().host_bytes_per_rank()), " host memory per rank, ",
+      HumanBytes(report.estimate().output_bytes()), " output");
+  if (!AnyWorkerOffers(WorkerViews(), capability)) {
+    job.set_missing_capability(capability);
+    SetJobState(job, batch, mq::v1::JOB_STATE_FAILED,
+                absl::StrCat("planning succeeded (", summary,
+                             "), but no live worker offers capability \"", capability,
+                             "\": start mq-worker processes that offer it (`mq-client workers` "
+                             "lists them), then `mq-client resume ",
+                             job.job_id(), "`"));
+    if (metrics_) metrics_->jobs_failed->Increment();
+    return;
+  }
+  job.clear_missing_capability();
+  // A phase that succeeded: the pipeline gets the full spec.max_attempts budget.
+  job.set_attempt_base(job.attempt());
+  SetJobState(job, batch, mq::v1::JOB_STATE_QUEUED,
+              absl::StrCat("planned: ", summary, "; waiting for a gang of ", job.spec().gang_size(),
+                           " worker", job.spec().gang_size() == 1 ? "" : "s"));
 }
 
 absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignment(
     const mq::v1::CompleteAssignmentRequest& request) {
-  if (request.result_case() == mq::v1::CompleteAssignmentRequest::RESULT_NOT_SET) {
-    return absl::InvalidArgumentError("result: is required (plan or error)");
+  using Request = mq::v1::CompleteAssignmentRequest;
+  if (request.result_case() == Request::RESULT_NOT_SET) {
+    return absl::InvalidArgumentError("result: is required (plan, quantized, finalized or error)");
+  }
+  if (request.has_finalized()) {
+    if (absl::Status s = ValidateFinalizeResult(request.finalized()); !s.ok()) return s;
+  }
+  if (request.has_error() && request.error().size() > 65536) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("error: ", request.error().size(), " characters; at most 65536 are allowed"));
   }
   std::lock_guard<std::mutex> lock(mu_);
   mq::v1::CompleteAssignmentResponse response;
@@ -769,9 +956,9 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
     if (request.has_plan()) {
       i.report = request.plan();
     } else {
-      i.status = absl::InternalError(
-          absl::StrCat("worker ", request.worker_id(), " failed the inspection: ",
-                       request.error()));
+      i.status = absl::InternalError(absl::StrCat(
+          "worker ", request.worker_id(),
+          " failed the inspection: ", request.has_error() ? request.error() : "it sent no plan"));
     }
     i.done = true;
     inspections_.erase(insp);
@@ -789,27 +976,140 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
   if (!live) return response;  // already completed: idempotent
 
   AssignmentRecord a = *live;
+  const Request::ResultCase expected =
+      a.kind() == mq::v1::ASSIGNMENT_KIND_QUANTIZE   ? Request::kQuantized
+      : a.kind() == mq::v1::ASSIGNMENT_KIND_FINALIZE ? Request::kFinalized
+                                                     : Request::kPlan;
+  if (request.result_case() != Request::kError && request.result_case() != expected) {
+    return absl::InvalidArgumentError(absl::StrCat("result: a ", KindName(a.kind()),
+                                                   " assignment completes with ",
+                                                   expected == Request::kQuantized   ? "quantized"
+                                                   : expected == Request::kFinalized ? "finalized"
+                                                                                     : "plan",
+                                                   " or error"));
+  }
   JobRecord job = jobs_.at(a.job_id());
   WriteBatch batch;
-  const bool ok = request.has_plan();
-  const std::string reason = ok ? "completed" : "worker error: " + request.error();
-  if (absl::Status st = EndAssignment(
-          a, batch, ok ? mq::v1::ATTEMPT_STATE_SUCCEEDED : mq::v1::ATTEMPT_STATE_FAILED, reason,
-          true);
-      !st.ok()) {
-    return st;
-  }
-  if (ok) {
-    AddEvent(job, batch, "planned",
-             absl::StrCat("plan from worker ", request.worker_id(), ": ",
-                          request.plan().layers_size(), " layers, ",
-                          request.plan().problems_size(), " problems"),
+  std::vector<AssignmentRecord> ended;
+  const bool ok = !request.has_error();
+  const std::string worker_name =
+      w != workers_.end() ? w->second.record.name() : request.worker_id();
+
+  if (!ok) {
+    const std::string reason =
+        a.kind() == mq::v1::ASSIGNMENT_KIND_QUANTIZE
+            ? absl::StrCat("rank ", a.rank(), " (", worker_name, ") failed: ", request.error())
+            : "worker error: " + request.error();
+    a.set_ended(true);
+    a.set_end_reason(reason);
+    a.set_completed(true);
+    batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
+    EndLiveAssignments(a.job_id(), a.attempt(),
+                       absl::StrCat("attempt ", a.attempt(), " failed: ", reason),
+                       a.assignment_id(), batch, &ended);
+    if (absl::Status st =
+            PutAttemptState(a.job_id(), a.attempt(), mq::v1::ATTEMPT_STATE_FAILED, reason, batch);
+        !st.ok()) {
+      return st;
+    }
+    AddEvent(job, batch, "attempt_failed",
+             absl::StrCat(
+                 "attempt ", a.attempt(), ": ", reason,
+                 ended.empty() ? "" : absl::StrCat("; stopping ", ended.size(), " other rank(s)"),
+                 request.infrastructure() ? " (infrastructure)" : ""),
              request.worker_id());
+    RetryOrFail(job, batch, reason, request.infrastructure());
+  } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_PLAN) {
+    a.set_ended(true);
+    a.set_end_reason("completed");
+    a.set_completed(true);
+    batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
+    if (absl::Status st = PutAttemptState(a.job_id(), a.attempt(), mq::v1::ATTEMPT_STATE_SUCCEEDED,
+                                          "completed", batch);
+        !st.ok()) {
+      return st;
+    }
+    AddEvent(
+        job, batch, "planned",
+        absl::StrCat("plan from worker ", request.worker_id(), ": ", request.plan().layers_size(),
+                     " layers, ", request.plan().problems_size(), " problems"),
+        request.worker_id());
     ApplyPlanResult(job, batch, request.plan());
     PutJob(batch, job);
-  } else {
-    AddEvent(job, batch, "attempt_failed", reason, request.worker_id());
-    RetryOrFail(job, batch, reason);
+  } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_QUANTIZE) {
+    a.set_ended(true);
+    a.set_end_reason(absl::StrCat("completed: ", request.quantized().steps_run(), " steps run, ",
+                                  request.quantized().steps_replayed(), " replayed"));
+    a.set_completed(true);
+    batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
+    bool all_done = true;
+    for (const auto& [id, other] : assignments_) {
+      if (other.job_id() != a.job_id() || other.attempt() != a.attempt() ||
+          id == a.assignment_id()) {
+        continue;
+      }
+      all_done = all_done && other.ended() && other.completed();
+    }
+    if (all_done) {
+      const int total = job.plan().layers_size();
+      const int prefix = CommittedPrefix(job.job_id());
+      if (prefix >= total) {
+        const std::string msg = absl::StrCat("all ", total, " steps committed");
+        if (absl::Status st = PutAttemptState(a.job_id(), a.attempt(),
+                                              mq::v1::ATTEMPT_STATE_SUCCEEDED, msg, batch);
+            !st.ok()) {
+          return st;
+        }
+        job.set_attempt_base(job.attempt());  // a phase that succeeded: finalize gets a budget
+        job.mutable_progress()->set_eta_seconds(0);
+        job.mutable_progress()->set_stage("");
+        job.mutable_progress()->set_stage_fraction(0);
+        SetJobState(job, batch, mq::v1::JOB_STATE_FINALIZING,
+                    absl::StrCat(msg, "; waiting for a worker to finalize the output"));
+        PutJob(batch, job);
+      } else {
+        const std::string reason =
+            absl::StrCat("ranks finished but steps ", prefix, ".. are not committed");
+        if (absl::Status st = PutAttemptState(a.job_id(), a.attempt(), mq::v1::ATTEMPT_STATE_FAILED,
+                                              reason, batch);
+            !st.ok()) {
+          return st;
+        }
+        AddEvent(job, batch, "attempt_failed", absl::StrCat("attempt ", a.attempt(), ": ", reason),
+                 request.worker_id());
+        RetryOrFail(job, batch, reason);
+      }
+    }
+  } else {  // FINALIZE
+    const mq::v1::FinalizeResult& f = request.finalized();
+    a.set_ended(true);
+    a.set_end_reason("completed");
+    a.set_completed(true);
+    batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
+    if (absl::Status st = PutAttemptState(a.job_id(), a.attempt(), mq::v1::ATTEMPT_STATE_SUCCEEDED,
+                                          "completed", batch);
+        !st.ok()) {
+      return st;
+    }
+    job.set_manifest_sha256(f.manifest_sha256());
+    job.set_output_files(f.files());
+    job.set_output_bytes(f.total_bytes());
+    job.mutable_progress()->set_eta_seconds(0);
+    job.mutable_progress()->set_stage("");
+    job.mutable_progress()->set_stage_fraction(0);
+    AddEvent(job, batch, "finalized",
+             absl::StrCat("output complete: ", Plural(f.files(), "file"), ", ",
+                          HumanBytes(f.total_bytes()), ", manifest sha256 ", f.manifest_sha256(),
+                          f.removed_files()
+                              ? absl::StrCat("; removed ", Plural(f.removed_files(), "stray file"))
+                              : ""),
+             request.worker_id());
+    SetJobState(
+        job, batch, mq::v1::JOB_STATE_SUCCEEDED,
+        absl::StrCat(job.plan().layers_size(), " steps quantized; ", Plural(f.files(), "file"),
+                     ", ", HumanBytes(f.total_bytes()), " in ", job.spec().output_uri()),
+        request.worker_id());
+    PutJob(batch, job);
   }
   if (absl::Status st = Commit(batch); !st.ok()) return st;
   assignments_[a.assignment_id()] = a;
@@ -817,7 +1117,148 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
   if (w != workers_.end() && w->second.assignment_id == a.assignment_id()) {
     w->second.assignment_id.clear();
   }
-  if (metrics_) metrics_->CountAssignment(KindName(a.kind()), ok ? "ok" : "failed");
+  ApplyEnded(ended);
+  if (metrics_) {
+    metrics_->CountAssignment(KindName(a.kind()), ok ? "ok" : "failed");
+    for (const AssignmentRecord& e : ended)
+      metrics_->CountAssignment(KindName(e.kind()), "aborted");
+    if (job.state() == mq::v1::JOB_STATE_SUCCEEDED) metrics_->jobs_succeeded->Increment();
+  }
+  Changed();
+  return response;
+}
+
+absl::StatusOr<mq::v1::ReportLayerResponse> Coordinator::ReportLayer(
+    const mq::v1::ReportLayerRequest& request) {
+  if (absl::Status s = ValidateReportLayer(request); !s.ok()) return s;
+  std::lock_guard<std::mutex> lock(mu_);
+  mq::v1::ReportLayerResponse response;
+  auto w = workers_.find(request.worker_id());
+  if (w != workers_.end() && !w->second.dead) w->second.last_heartbeat_ms = Mono();
+  if (inspections_.count(request.assignment_id())) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("assignment_id = \"", request.assignment_id(),
+                     "\": is an inspection; only quantize assignments report layers"));
+  }
+  AssignmentRecord* live = nullptr;
+  absl::Status s = CheckAssignmentOwner(request.worker_id(), request.assignment_id(),
+                                        request.lease_epoch(), &live);
+  if (!s.ok()) return s;
+  const AssignmentRecord& a = assignments_.at(request.assignment_id());
+  if (a.kind() != mq::v1::ASSIGNMENT_KIND_QUANTIZE) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("assignment_id = \"", a.assignment_id(), "\": is a ", KindName(a.kind()),
+                     " assignment; only quantize assignments report layers"));
+  }
+  const JobRecord& current = jobs_.at(a.job_id());
+  const int total = current.plan().layers_size();
+  if (request.step() >= total) {
+    return absl::InvalidArgumentError(absl::StrCat("step = ", request.step(), ": must be in [0, ",
+                                                   total, ") (the plan's steps)"));
+  }
+  if (request.rank() >= a.world_size() || request.rank() != a.rank()) {
+    return absl::InvalidArgumentError(absl::StrCat("rank = ", request.rank(),
+                                                   ": must be this assignment's rank ", a.rank(),
+                                                   " (world size ", a.world_size(), ")"));
+  }
+  if (request.step() < a.start_step()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("step = ", request.step(), ": must be >= the attempt's start_step ",
+                     a.start_step(), " (earlier steps are committed)"));
+  }
+  const int expected_layer = current.plan().layers(request.step()).index();
+  if (request.layer() != expected_layer) {
+    return absl::InvalidArgumentError(absl::StrCat("layer = ", request.layer(), ": step ",
+                                                   request.step(), " is checkpoint layer ",
+                                                   expected_layer));
+  }
+  response.set_cancel(current.state() != mq::v1::JOB_STATE_RUNNING);
+  std::map<int, mq::v1::LayerRecord>& records = layers_[a.job_id()];
+  auto existing = records.find(request.step());
+  if (existing != records.end() && existing->second.committed()) {
+    response.set_committed(true);  // never replaced: idempotent
+    return response;
+  }
+  if (!live) return response;  // the rank already completed: nothing changes
+
+  mq::v1::LayerRecord rec;
+  if (existing != records.end() && existing->second.attempt() == a.attempt()) {
+    rec = existing->second;
+  } else {
+    rec.set_job_id(a.job_id());
+    rec.set_step(request.step());
+    rec.set_layer(request.layer());
+    rec.set_attempt(a.attempt());
+    rec.set_world_size(a.world_size());
+  }
+  mq::v1::LayerReport report;
+  report.set_rank(request.rank());
+  *report.mutable_files() = request.files();
+  *report.mutable_stats() = request.stats();
+  report.set_worker_id(request.worker_id());
+  bool replaced = false;
+  for (mq::v1::LayerReport& r : *rec.mutable_reports()) {
+    if (r.rank() != request.rank()) continue;
+    if (google::protobuf::util::MessageDifferencer::Equals(r, report)) return response;
+    r = report;
+    replaced = true;
+  }
+  if (!replaced) {
+    *rec.add_reports() = report;
+    std::sort(rec.mutable_reports()->begin(), rec.mutable_reports()->end(),
+              [](const mq::v1::LayerReport& x, const mq::v1::LayerReport& y) {
+                return x.rank() < y.rank();
+              });
+  }
+  WriteBatch batch;
+  JobRecord job = current;
+  const bool commit = rec.reports_size() == rec.world_size();
+  if (commit) {
+    rec.set_committed(true);
+    rec.set_committed_at_ms(Wall());
+    const mq::v1::LayerStats merged = MergeStats(rec);
+    // Progress as if the record were already in place.
+    std::map<int, mq::v1::LayerRecord> after = records;
+    after[rec.step()] = rec;
+    int prefix = 0, committed = 0, in_attempt = 0;
+    for (const auto& [step, r] : after) {
+      if (!r.committed()) continue;
+      ++committed;
+      if (r.attempt() == a.attempt()) ++in_attempt;
+    }
+    while (after.count(prefix) && after.at(prefix).committed()) ++prefix;
+    mq::v1::JobProgress* p = job.mutable_progress();
+    p->set_layers_committed(prefix);
+    *p->mutable_last_layer() = merged;
+    p->set_fallbacks(p->fallbacks() + merged.fallbacks());
+    p->set_rare_experts(p->rare_experts() + merged.rare_experts());
+    auto attempt = LoadAttempt(a.job_id(), a.attempt());
+    if (!attempt.ok()) return attempt.status();
+    const double elapsed_s = std::max<int64_t>(0, Wall() - attempt->started_at_ms()) / 1000.0;
+    const double per_layer = in_attempt > 0 ? elapsed_s / in_attempt : 0;
+    p->set_seconds_per_layer(per_layer);
+    p->set_eta_seconds(per_layer * std::max(0, total - committed));
+    job.set_updated_at_ms(Wall());
+    int files = 0;
+    for (const mq::v1::LayerReport& r : rec.reports()) files += r.files_size();
+    char secs[32];
+    std::snprintf(secs, sizeof(secs), "%.1f", StageSeconds(merged));
+    AddEvent(
+        job, batch, "layer_committed",
+        absl::StrCat("step ", rec.step(), " (layer ", rec.layer(), ") committed by attempt ",
+                     rec.attempt(), ": ", Plural(files, "file"), ", ", secs, " s, tokens/expert ",
+                     merged.expert_tokens_min(), "/", merged.expert_tokens_median(), "/",
+                     merged.expert_tokens_max(), ", ", Plural(merged.fallbacks(), "fallback"), ", ",
+                     Plural(merged.rare_experts(), "rare expert")),
+        request.worker_id());
+    PutJob(batch, job);
+  }
+  batch.Put(Table::kLayers, LayerKey(rec.job_id(), rec.step()), rec.SerializeAsString());
+  if (absl::Status st = Commit(batch); !st.ok()) return st;
+  records[rec.step()] = rec;
+  jobs_[job.job_id()] = job;
+  if (commit && metrics_) metrics_->layers_committed->Increment();
+  response.set_committed(commit);
   Changed();
   return response;
 }
@@ -835,6 +1276,7 @@ std::vector<WorkerView> Coordinator::WorkerViews() const {
     v.capabilities.assign(w.record.capabilities().capabilities().begin(),
                           w.record.capabilities().capabilities().end());
     v.registered_at_ms = w.record.registered_at_ms();
+    v.gang_address = w.record.capabilities().gang_address();
     views.push_back(std::move(v));
   }
   return views;
@@ -858,77 +1300,309 @@ void Coordinator::ExpireWorker(const std::string& worker_id, const std::string& 
   }
   auto it = assignments_.find(assignment_id);
   if (it == assignments_.end() || it->second.ended()) return;
-  AssignmentRecord a = it->second;
+  const AssignmentRecord a = it->second;
   JobRecord job = jobs_.at(a.job_id());
   WriteBatch batch;
   const std::string why = absl::StrCat("worker ", worker_id, " lost: ", reason);
-  if (!EndAssignment(a, batch, mq::v1::ATTEMPT_STATE_ABORTED, why, false).ok()) {
+  // The whole gang's attempt ends: the survivors cannot go on without the lost rank.
+  std::vector<AssignmentRecord> ended;
+  EndLiveAssignments(a.job_id(), a.attempt(), why, "", batch, &ended);
+  if (!PutAttemptState(a.job_id(), a.attempt(), mq::v1::ATTEMPT_STATE_ABORTED, why, batch).ok()) {
     w.assignment_id = assignment_id;  // keep it; retried on the next tick
     return;
   }
-  AddEvent(job, batch, "lease_expired", why, worker_id);
-  RetryOrFail(job, batch, why);
+  AddEvent(job, batch, "lease_expired",
+           ended.size() > 1 ? absl::StrCat(why, "; stopping the other ", ended.size() - 1,
+                                           " rank(s) of attempt ", a.attempt())
+                            : why,
+           worker_id);
+  // Losing a pipeline worker is the infrastructure's fault; losing a planner may be the job's
+  // (e.g. it ran out of memory reading the checkpoint), so that one counts.
+  const bool infrastructure = a.kind() != mq::v1::ASSIGNMENT_KIND_PLAN;
+  RetryOrFail(job, batch, why, infrastructure);
   if (!Commit(batch).ok()) {
     w.assignment_id = assignment_id;
     return;
   }
-  assignments_[a.assignment_id()] = a;
+  ApplyEnded(ended);
   jobs_[job.job_id()] = job;
-  if (metrics_) metrics_->CountAssignment(KindName(a.kind()), "reassigned");
+  if (metrics_) {
+    for (const AssignmentRecord& e : ended)
+      metrics_->CountAssignment(KindName(e.kind()), "reassigned");
+  }
 }
 
 void Coordinator::ScheduleQueued() {
-  std::vector<JobRecord*> queued;
-  for (auto& [id, job] : jobs_) {
-    if (job.state() == mq::v1::JOB_STATE_QUEUED) queued.push_back(&job);
+  std::vector<const JobRecord*> queue;
+  for (const auto& [id, job] : jobs_) {
+    if (job.state() == mq::v1::JOB_STATE_QUEUED ||
+        (job.state() == mq::v1::JOB_STATE_FINALIZING && !HasLiveAssignment(id))) {
+      queue.push_back(&job);
+    }
   }
-  std::stable_sort(queued.begin(), queued.end(), [](const JobRecord* a, const JobRecord* b) {
+  std::stable_sort(queue.begin(), queue.end(), [](const JobRecord* a, const JobRecord* b) {
     return a->spec().priority() > b->spec().priority();
   });
-  for (JobRecord* queued_job : queued) {
-    auto gang = PickGang(WorkerViews(), "plan", 1);
-    if (!gang) return;
-    const std::string& worker_id = gang->front();
-    JobRecord job = *queued_job;
-    job.set_attempt(job.attempt() + 1);
-    AssignmentRecord a;
-    a.set_assignment_id(NewId("a-"));
-    a.set_job_id(job.job_id());
-    a.set_attempt(job.attempt());
-    a.set_kind(mq::v1::ASSIGNMENT_KIND_PLAN);
-    a.set_worker_id(worker_id);
-    a.set_lease_epoch(epoch_);
-    a.set_rank(0);
-    a.set_world_size(1);
-    a.set_created_at_ms(Wall());
-    AttemptRecord attempt;
-    attempt.set_job_id(job.job_id());
-    attempt.set_attempt(job.attempt());
-    attempt.set_state(mq::v1::ATTEMPT_STATE_RUNNING);
-    attempt.set_phase("plan");
-    attempt.add_worker_ids(worker_id);
-    attempt.set_started_at_ms(Wall());
-    WriteBatch batch;
-    batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
-    batch.Put(Table::kAttempts, AttemptKey(job.job_id(), job.attempt()),
-              attempt.SerializeAsString());
-    AddEvent(job, batch, "assigned",
-             absl::StrCat("attempt ", job.attempt(), ": planning on worker ", worker_id, " (",
-                          workers_.at(worker_id).record.name(), ")"),
-             worker_id);
-    SetJobState(job, batch, mq::v1::JOB_STATE_PLANNING,
-                absl::StrCat("inspecting the checkpoint on worker ",
-                             workers_.at(worker_id).record.name()),
-                worker_id);
+  std::vector<std::string> ids;
+  for (const JobRecord* j : queue) ids.push_back(j->job_id());
+  for (const std::string& id : ids) {
+    const JobRecord& job = jobs_.at(id);
+    if (job.state() == mq::v1::JOB_STATE_FINALIZING) {
+      ScheduleFinalize(id);
+    } else if (!IsPlanned(job)) {
+      SchedulePlan(id);
+    } else {
+      ScheduleGang(id);
+    }
+  }
+  // Forget waiting starts of jobs no longer waiting.
+  for (auto it = gang_wait_since_.begin(); it != gang_wait_since_.end();) {
+    auto job = jobs_.find(it->first);
+    if (job == jobs_.end() || job->second.state() != mq::v1::JOB_STATE_QUEUED) {
+      it = gang_wait_since_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Coordinator::SchedulePlan(const std::string& job_id) {
+  auto gang = PickGang(WorkerViews(), "plan", 1);
+  if (!gang) return;
+  const std::string& worker_id = gang->front();
+  JobRecord job = jobs_.at(job_id);
+  job.set_attempt(job.attempt() + 1);
+  AssignmentRecord a;
+  a.set_assignment_id(NewId("a-"));
+  a.set_job_id(job.job_id());
+  a.set_attempt(job.attempt());
+  a.set_kind(mq::v1::ASSIGNMENT_KIND_PLAN);
+  a.set_worker_id(worker_id);
+  a.set_lease_epoch(epoch_);
+  a.set_rank(0);
+  a.set_world_size(1);
+  a.set_created_at_ms(Wall());
+  AttemptRecord attempt;
+  attempt.set_job_id(job.job_id());
+  attempt.set_attempt(job.attempt());
+  attempt.set_state(mq::v1::ATTEMPT_STATE_RUNNING);
+  attempt.set_phase("plan");
+  attempt.add_worker_ids(worker_id);
+  attempt.set_started_at_ms(Wall());
+  WriteBatch batch;
+  batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
+  batch.Put(Table::kAttempts, AttemptKey(job.job_id(), job.attempt()), attempt.SerializeAsString());
+  AddEvent(job, batch, "assigned",
+           absl::StrCat("attempt ", job.attempt(), ": planning on worker ", worker_id, " (",
+                        workers_.at(worker_id).record.name(), ")"),
+           worker_id);
+  SetJobState(
+      job, batch, mq::v1::JOB_STATE_PLANNING,
+      absl::StrCat("inspecting the checkpoint on worker ", workers_.at(worker_id).record.name()),
+      worker_id);
+  PutJob(batch, job);
+  if (!Commit(batch).ok()) return;
+  assignments_[a.assignment_id()] = a;
+  jobs_[job_id] = job;
+  WorkerEntry& w = workers_.at(worker_id);
+  w.assignment_id = a.assignment_id();
+  w.delivered = false;
+  ++changes_;
+  if (metrics_) metrics_->job_attempts->Increment();
+}
+
+void Coordinator::ScheduleGang(const std::string& job_id) {
+  JobRecord job = jobs_.at(job_id);
+  const int total = job.plan().layers_size();
+  const int start = CommittedPrefix(job_id);
+  WriteBatch batch;
+  if (start >= total) {
+    // Nothing left to quantize (e.g. a finalize attempt failed): finalize again.
+    job.mutable_progress()->set_layers_committed(total);
+    SetJobState(job, batch, mq::v1::JOB_STATE_FINALIZING,
+                absl::StrCat("all ", total, " steps committed; waiting for a worker to finalize ",
+                             "the output"));
     PutJob(batch, job);
     if (!Commit(batch).ok()) return;
+    jobs_[job_id] = job;
+    ++changes_;
+    ScheduleFinalize(job_id);
+    return;
+  }
+  const int64_t now = Mono();
+  const int64_t since = gang_wait_since_.emplace(job_id, now).first->second;
+  GangRequest request;
+  request.capability = QuantizeCapability(job);
+  request.gang_size = job.spec().gang_size();
+  request.waited_ms = now - since;
+  request.gang_wait_ms = options_.gang_wait_ms;
+  const GangDecision decision = DecideGang(WorkerViews(), request);
+  if (decision.workers.empty()) {
+    const std::string message =
+        absl::StrCat("planned: ", start, " of ", total, " steps committed; waiting for a gang of ",
+                     request.gang_size, ": ", decision.waiting);
+    if (job.message() != message) {
+      job.set_message(message);
+      job.set_updated_at_ms(Wall());
+      PutJob(batch, job);
+      if (!Commit(batch).ok()) return;
+      jobs_[job_id] = job;
+      ++changes_;
+    }
+    return;
+  }
+  const int size = static_cast<int>(decision.workers.size());
+  job.set_attempt(job.attempt() + 1);
+  const std::string rendezvous =
+      workers_.at(decision.workers.front()).record.capabilities().gang_address();
+  AttemptRecord attempt;
+  attempt.set_job_id(job_id);
+  attempt.set_attempt(job.attempt());
+  attempt.set_state(mq::v1::ATTEMPT_STATE_RUNNING);
+  attempt.set_phase("quantize");
+  attempt.set_started_at_ms(Wall());
+  attempt.set_start_layer(start);
+  std::vector<AssignmentRecord> created;
+  std::vector<std::string> names;
+  for (int rank = 0; rank < size; ++rank) {
+    const std::string& worker_id = decision.workers[rank];
+    attempt.add_worker_ids(worker_id);
+    names.push_back(workers_.at(worker_id).record.name());
+    AssignmentRecord a;
+    a.set_assignment_id(NewId("a-"));
+    a.set_job_id(job_id);
+    a.set_attempt(job.attempt());
+    a.set_kind(mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+    a.set_worker_id(worker_id);
+    a.set_lease_epoch(epoch_);
+    a.set_rank(rank);
+    a.set_world_size(size);
+    a.set_created_at_ms(Wall());
+    a.set_start_step(start);
+    a.set_rendezvous(rendezvous);
+    batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
+    created.push_back(std::move(a));
+  }
+  batch.Put(Table::kAttempts, AttemptKey(job_id, job.attempt()), attempt.SerializeAsString());
+  // Reports of older attempts for steps that never committed are void.
+  std::vector<int> stale;
+  auto records = layers_.find(job_id);
+  if (records != layers_.end()) {
+    for (const auto& [step, rec] : records->second) {
+      if (!rec.committed()) {
+        stale.push_back(step);
+        batch.Delete(Table::kLayers, LayerKey(job_id, step));
+      }
+    }
+  }
+  mq::v1::JobProgress* p = job.mutable_progress();
+  p->set_gang_size(size);
+  p->set_layers_committed(start);
+  p->set_seconds_per_layer(0);
+  p->set_eta_seconds(0);
+  p->set_stage("");
+  p->set_stage_fraction(0);
+  std::string shrink;
+  if (decision.shrunk) {
+    shrink = absl::StrCat(" (smaller than spec.gang_size ", request.gang_size, ": only ",
+                          decision.capable, " capable worker", decision.capable == 1 ? "" : "s",
+                          " alive after waiting ", request.waited_ms / 1000, " s)");
+  }
+  AddEvent(job, batch, "assigned",
+           absl::StrCat("attempt ", job.attempt(), ": steps ", start, "..", total - 1,
+                        " on a gang of ", size, " (", absl::StrJoin(names, ", "), "); ",
+                        Plural(start, "step"), " already committed", shrink),
+           decision.workers.front());
+  SetJobState(
+      job, batch, mq::v1::JOB_STATE_RUNNING,
+      absl::StrCat("quantizing steps ", start, "..", total - 1, " on a gang of ", size, shrink));
+  PutJob(batch, job);
+  if (!Commit(batch).ok()) return;
+  for (const AssignmentRecord& a : created) {
     assignments_[a.assignment_id()] = a;
-    *queued_job = job;
-    WorkerEntry& w = workers_.at(worker_id);
+    WorkerEntry& w = workers_.at(a.worker_id());
     w.assignment_id = a.assignment_id();
     w.delivered = false;
-    if (metrics_) metrics_->job_attempts->Increment();
   }
+  if (records != layers_.end()) {
+    for (int step : stale) records->second.erase(step);
+  }
+  jobs_[job_id] = job;
+  gang_wait_since_.erase(job_id);
+  ++changes_;
+  if (metrics_) {
+    metrics_->job_attempts->Increment();
+    if (decision.shrunk) metrics_->gangs_shrunk->Increment();
+  }
+}
+
+void Coordinator::ScheduleFinalize(const std::string& job_id) {
+  if (HasLiveAssignment(job_id)) return;
+  JobRecord job = jobs_.at(job_id);
+  const std::string capability = QuantizeCapability(job);
+  const std::vector<WorkerView> views = WorkerViews();
+  // Prefer the last quantize attempt's rank 0 (its host has the freshest view of the output).
+  std::string preferred;
+  int preferred_attempt = -1;
+  for (const auto& [id, a] : assignments_) {
+    if (a.job_id() == job_id && a.kind() == mq::v1::ASSIGNMENT_KIND_QUANTIZE && a.rank() == 0 &&
+        a.attempt() > preferred_attempt) {
+      preferred = a.worker_id();
+      preferred_attempt = a.attempt();
+    }
+  }
+  std::string worker_id;
+  for (const WorkerView& v : views) {
+    if (v.worker_id == preferred && v.alive && v.idle &&
+        std::find(v.capabilities.begin(), v.capabilities.end(), capability) !=
+            v.capabilities.end()) {
+      worker_id = preferred;
+    }
+  }
+  if (worker_id.empty()) {
+    auto pick = PickGang(views, capability, 1);
+    if (!pick) return;
+    worker_id = pick->front();
+  }
+  job.set_attempt(job.attempt() + 1);
+  AssignmentRecord a;
+  a.set_assignment_id(NewId("a-"));
+  a.set_job_id(job_id);
+  a.set_attempt(job.attempt());
+  a.set_kind(mq::v1::ASSIGNMENT_KIND_FINALIZE);
+  a.set_worker_id(worker_id);
+  a.set_lease_epoch(epoch_);
+  a.set_rank(0);
+  a.set_world_size(1);
+  a.set_created_at_ms(Wall());
+  a.set_start_step(job.plan().layers_size());
+  AttemptRecord attempt;
+  attempt.set_job_id(job_id);
+  attempt.set_attempt(job.attempt());
+  attempt.set_state(mq::v1::ATTEMPT_STATE_RUNNING);
+  attempt.set_phase("finalize");
+  attempt.add_worker_ids(worker_id);
+  attempt.set_started_at_ms(Wall());
+  attempt.set_start_layer(job.plan().layers_size());
+  WriteBatch batch;
+  batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
+  batch.Put(Table::kAttempts, AttemptKey(job_id, job.attempt()), attempt.SerializeAsString());
+  const std::string& name = workers_.at(worker_id).record.name();
+  AddEvent(job, batch, "assigned",
+           absl::StrCat("attempt ", job.attempt(), ": finalizing on worker ", worker_id, " (", name,
+                        ")"),
+           worker_id);
+  job.set_message(absl::StrCat("finalizing the output on worker ", name));
+  job.set_updated_at_ms(Wall());
+  PutJob(batch, job);
+  if (!Commit(batch).ok()) return;
+  assignments_[a.assignment_id()] = a;
+  jobs_[job_id] = job;
+  WorkerEntry& w = workers_.at(worker_id);
+  w.assignment_id = a.assignment_id();
+  w.delivered = false;
+  ++changes_;
+  if (metrics_) metrics_->job_attempts->Increment();
 }
 
 void Coordinator::Tick() {
@@ -937,8 +1611,8 @@ void Coordinator::Tick() {
   const int64_t now = Mono();
   for (auto& [id, w] : workers_) {
     if (!w.dead && now - w.last_heartbeat_ms > options_.lease_ms) {
-      ExpireWorker(id, absl::StrCat("no heartbeat for ", now - w.last_heartbeat_ms,
-                                    " ms (lease ", options_.lease_ms, " ms)"));
+      ExpireWorker(id, absl::StrCat("no heartbeat for ", now - w.last_heartbeat_ms, " ms (lease ",
+                                    options_.lease_ms, " ms)"));
       ++changes_;
     }
   }
@@ -952,9 +1626,7 @@ void Coordinator::Tick() {
     workers_.erase(a.worker_id());
     ++changes_;
   }
-  const size_t attempts_before = assignments_.size();
   ScheduleQueued();
-  if (assignments_.size() != attempts_before) ++changes_;
   if (changes_ != before) {
     UpdateGauges();
     cv_.notify_all();

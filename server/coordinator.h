@@ -34,6 +34,9 @@ struct CoordinatorOptions {
   int64_t lease_ms = 10000;
   // How often workers are told to heartbeat.
   int64_t heartbeat_interval_ms = 2000;
+  // A planned job waits this long for a full gang (spec.gang_size workers) before it runs on
+  // a smaller one; only when fewer than spec.gang_size capable workers are alive at all.
+  int64_t gang_wait_ms = 30000;
   // Monotonic clock in milliseconds; tests inject their own.
   std::function<int64_t()> monotonic_ms;
   // Wall clock in milliseconds (record timestamps); tests may inject their own.
@@ -62,8 +65,7 @@ class Coordinator {
   mq::v1::ListWorkersResponse ListWorkers();
 
   // WatchJob support: the job's snapshot and its events with seq >= `from_seq`.
-  absl::StatusOr<mq::v1::WatchJobResponse> JobSnapshot(const std::string& job_id,
-                                                       int64_t from_seq);
+  absl::StatusOr<mq::v1::WatchJobResponse> JobSnapshot(const std::string& job_id, int64_t from_seq);
   // Blocks until the state changes after `seen` or until `deadline_ms`; returns the counter.
   uint64_t WaitForChange(uint64_t seen, int64_t deadline_ms);
   uint64_t change_counter();
@@ -78,6 +80,11 @@ class Coordinator {
       const mq::v1::ReportProgressRequest& request);
   absl::StatusOr<mq::v1::CompleteAssignmentResponse> CompleteAssignment(
       const mq::v1::CompleteAssignmentRequest& request);
+  // One rank finished one pipeline step. Idempotent per (assignment, step, rank); the step
+  // commits (durably, with the job's progress and an event) once every rank of the gang
+  // reported. A committed step is never changed again.
+  absl::StatusOr<mq::v1::ReportLayerResponse> ReportLayer(
+      const mq::v1::ReportLayerRequest& request);
 
   // Expires leases and assigns queued work. The server calls it a few times a second.
   void Tick();
@@ -120,13 +127,31 @@ class Coordinator {
                              mq::v1::AttemptState attempt_state, const std::string& reason,
                              bool completed);
   // After a failed/aborted attempt: queue the job again or fail it when out of attempts.
-  void RetryOrFail(mq::v1::JobRecord& job, WriteBatch& batch, const std::string& reason);
+  // `infrastructure`: the attempt does not count against spec.max_attempts (up to
+  // 10 x max_attempts such attempts).
+  void RetryOrFail(mq::v1::JobRecord& job, WriteBatch& batch, const std::string& reason,
+                   bool infrastructure = false);
+  // Sets the state of a stored attempt in `batch`.
+  absl::Status PutAttemptState(const std::string& job_id, int attempt, mq::v1::AttemptState state,
+                               const std::string& message, WriteBatch& batch);
+  // Ends in `batch` every live assignment of (job, attempt) but `except_id`; the new records
+  // go to `ended` (apply them with ApplyEnded once the batch is committed).
+  void EndLiveAssignments(const std::string& job_id, int attempt, const std::string& reason,
+                          const std::string& except_id, WriteBatch& batch,
+                          std::vector<mq::v1::AssignmentRecord>* ended);
+  void ApplyEnded(const std::vector<mq::v1::AssignmentRecord>& ended);
   void ExpireWorker(const std::string& worker_id, const std::string& reason);
   void ScheduleQueued();
+  void SchedulePlan(const std::string& job_id);
+  void ScheduleGang(const std::string& job_id);
+  void ScheduleFinalize(const std::string& job_id);
+  bool HasLiveAssignment(const std::string& job_id) const;
+  // Number of leading steps (0, 1, ...) that are committed.
+  int CommittedPrefix(const std::string& job_id) const;
+  int CommittedCount(const std::string& job_id) const;
   std::vector<WorkerView> WorkerViews() const;
-  absl::Status CheckAssignmentOwner(const std::string& worker_id,
-                                    const std::string& assignment_id, int64_t lease_epoch,
-                                    mq::v1::AssignmentRecord** live);
+  absl::Status CheckAssignmentOwner(const std::string& worker_id, const std::string& assignment_id,
+                                    int64_t lease_epoch, mq::v1::AssignmentRecord** live);
   void ApplyPlanResult(mq::v1::JobRecord& job, WriteBatch& batch,
                        const mq::v1::InspectReport& report);
   void UpdateGauges();
@@ -147,6 +172,10 @@ class Coordinator {
   std::map<std::string, WorkerEntry> workers_;
   std::map<std::string, std::shared_ptr<Inspection>> inspections_;
   std::map<std::string, std::string> idempotency_;  // key -> job id
+  // job id -> step -> its LayerRecord (committed, or pending for some attempt).
+  std::map<std::string, std::map<int, mq::v1::LayerRecord>> layers_;
+  // job id -> monotonic ms since which the planned job waits for a gang (not persisted).
+  std::map<std::string, int64_t> gang_wait_since_;
 };
 
 }  // namespace mq::server

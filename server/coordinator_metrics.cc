@@ -10,7 +10,7 @@ using prometheus::BuildHistogram;
 
 CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r) {
   auto& jobs_family = BuildGauge().Name("mq_jobs").Help("Jobs by state").Register(r);
-  const std::array<const char*, 8> names = {"",          "queued",    "planning", "running",
+  const std::array<const char*, 8> names = {"",           "queued",    "planning", "running",
                                             "finalizing", "succeeded", "failed",   "cancelled"};
   for (int s = 1; s < 8; ++s) jobs[s] = &jobs_family.Add({{"state", names[s]}});
   jobs_submitted = &BuildCounter()
@@ -32,9 +32,20 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r) {
                       .Add({});
   layers_committed = &BuildCounter()
                           .Name("mq_layers_committed_total")
-                          .Help("Decoder layers committed across all jobs")
+                          .Help("Pipeline steps (decoder layers) committed across all jobs")
                           .Register(r)
                           .Add({});
+  attempts_uncounted =
+      &BuildCounter()
+           .Name("mq_job_attempts_uncounted_total")
+           .Help("Attempts ended by infrastructure that did not count against max_attempts")
+           .Register(r)
+           .Add({});
+  gangs_shrunk = &BuildCounter()
+                      .Name("mq_gangs_shrunk_total")
+                      .Help("Quantize attempts started on a gang smaller than the job asked for")
+                      .Register(r)
+                      .Add({});
   auto& workers = BuildGauge().Name("mq_workers").Help("Live workers by state").Register(r);
   workers_idle = &workers.Add({{"state", "idle"}});
   workers_busy = &workers.Add({{"state", "busy"}});
@@ -47,8 +58,8 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r) {
                      .Name("mq_assignments_total")
                      .Help("Assignments that ended, by kind and result")
                      .Register(r);
-  for (const char* kind : {"plan", "quantize"}) {
-    for (const char* result : {"ok", "failed", "reassigned"}) {
+  for (const char* kind : {"plan", "quantize", "finalize"}) {
+    for (const char* result : {"ok", "failed", "reassigned", "aborted"}) {
       assignments->Add({{"kind", kind}, {"result", result}});
     }
   }

@@ -20,6 +20,8 @@ struct CoordinatorMetrics {
   prometheus::Counter* jobs_cancelled = nullptr;
   prometheus::Counter* job_attempts = nullptr;
   prometheus::Counter* layers_committed = nullptr;
+  prometheus::Counter* attempts_uncounted = nullptr;
+  prometheus::Counter* gangs_shrunk = nullptr;
   prometheus::Gauge* workers_idle = nullptr;
   prometheus::Gauge* workers_busy = nullptr;
   prometheus::Counter* workers_lost = nullptr;

@@ -153,4 +153,10 @@ grpc::Status WorkerServiceImpl::CompleteAssignment(grpc::ServerContext*,
                 [&] { return coordinator_->CompleteAssignment(*r); });
 }
 
+grpc::Status WorkerServiceImpl::ReportLayer(grpc::ServerContext*,
+                                            const mq::v1::ReportLayerRequest* r,
+                                            mq::v1::ReportLayerResponse* out) {
+  return Handle(metrics_, "ReportLayer", out, [&] { return coordinator_->ReportLayer(*r); });
+}
+
 }  // namespace mq::server

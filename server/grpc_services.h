@@ -59,6 +59,8 @@ class WorkerServiceImpl final : public mq::v1::WorkerService::Service {
   grpc::Status CompleteAssignment(grpc::ServerContext* ctx,
                                   const mq::v1::CompleteAssignmentRequest* request,
                                   mq::v1::CompleteAssignmentResponse* response) override;
+  grpc::Status ReportLayer(grpc::ServerContext* ctx, const mq::v1::ReportLayerRequest* request,
+                           mq::v1::ReportLayerResponse* response) override;
 
  private:
   Coordinator* coordinator_;

@@ -35,16 +35,21 @@ int main(int argc, char** argv) {
   std::string ready_file;
   int64_t lease_ms = 10000;
   int64_t heartbeat_interval_ms = 2000;
+  int64_t gang_wait_ms = 30000;
   bool reflection = false;
   bool help = false;
   mq::Flags flags;
-  flags.String("listen", &listen, "gRPC address HOST:PORT (port 0 picks one; default 127.0.0.1:50051)");
+  flags.String("listen", &listen,
+               "gRPC address HOST:PORT (port 0 picks one; default 127.0.0.1:50051)");
   flags.String("data-dir", &data_dir, "directory of the RocksDB state store (required)");
   flags.String("metrics-listen", &metrics_listen, "serve Prometheus /metrics on HOST:PORT");
   flags.String("ready-file", &ready_file, "write the bound HOST:PORT here once ready");
   flags.Int("lease-ms", &lease_ms, "a worker silent this long is dead (default 10000)");
   flags.Int("heartbeat-interval-ms", &heartbeat_interval_ms,
             "how often workers heartbeat (default 2000)");
+  flags.Int("gang-wait-ms", &gang_wait_ms,
+            "a planned job waits this long for a full gang before running on fewer workers, "
+            "when fewer than its gang size are alive (default 30000)");
   flags.Bool("enable-reflection", &reflection, "serve gRPC server reflection (v1alpha)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
@@ -64,6 +69,10 @@ int main(int argc, char** argv) {
   if (heartbeat_interval_ms < 10 || heartbeat_interval_ms >= lease_ms) {
     return Fail(absl::StrCat("--heartbeat-interval-ms = ", heartbeat_interval_ms,
                              ": must be at least 10 and below --lease-ms (", lease_ms, ")"));
+  }
+  if (gang_wait_ms < 0 || gang_wait_ms > 86400000) {
+    return Fail(
+        absl::StrCat("--gang-wait-ms = ", gang_wait_ms, ": must be between 0 and 86400000"));
   }
   if (listen.find(':') == std::string::npos) {
     return Fail("--listen = \"" + listen + "\": must be HOST:PORT");
@@ -90,6 +99,7 @@ int main(int argc, char** argv) {
   mq::server::CoordinatorOptions options;
   options.lease_ms = lease_ms;
   options.heartbeat_interval_ms = heartbeat_interval_ms;
+  options.gang_wait_ms = gang_wait_ms;
   auto coordinator = mq::server::Coordinator::Recover(store->get(), options, &metrics);
   if (!coordinator.ok()) return Fail(std::string(coordinator.status().message()));
 

@@ -12,7 +12,8 @@ namespace {
 
 using mq::v1::JobSpec;
 
-absl::Status Invalid(const std::string& field, const std::string& value, const std::string& allowed) {
+absl::Status Invalid(const std::string& field, const std::string& value,
+                     const std::string& allowed) {
   return absl::InvalidArgumentError(absl::StrCat(field, " = ", value, ": ", allowed));
 }
 
@@ -44,6 +45,21 @@ absl::Status CheckInt(const std::string& field, int64_t value, int64_t lo, int64
 absl::Status CheckGroupSize(const std::string& field, int64_t value) {
   if (value == 32 || value == 64 || value == 128 || value == -1) return absl::OkStatus();
   return Invalid(field, absl::StrCat(value), "must be 32, 64, 128 or -1 (per channel)");
+}
+
+bool IsSha256(const std::string& s) {
+  if (s.size() != 64) return false;
+  for (char c : s) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  return true;
+}
+
+absl::Status CheckSeconds(const std::string& field, double value) {
+  if (!std::isfinite(value) || value < 0) {
+    return Invalid(field, absl::StrCat(value), "must be a finite number >= 0");
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -83,7 +99,8 @@ absl::Status ValidateLocation(const std::string& field, const std::string& value
 
 absl::StatusOr<JobSpec> NormalizeJobSpec(const JobSpec& in) {
   JobSpec spec = in;
-  if (absl::Status s = ValidateLocation("spec.model_uri", spec.model_uri(), true); !s.ok()) return s;
+  if (absl::Status s = ValidateLocation("spec.model_uri", spec.model_uri(), true); !s.ok())
+    return s;
   if (absl::Status s = ValidateLocation("spec.output_uri", spec.output_uri(), true); !s.ok()) {
     return s;
   }
@@ -162,8 +179,8 @@ absl::StatusOr<JobSpec> NormalizeJobSpec(const JobSpec& in) {
     return s;
   }
   if (cal->max_sequence_length() == 0) cal->set_max_sequence_length(4096);
-  if (absl::Status s = CheckInt("spec.calibration.max_sequence_length",
-                                cal->max_sequence_length(), 1, 1 << 20);
+  if (absl::Status s =
+          CheckInt("spec.calibration.max_sequence_length", cal->max_sequence_length(), 1, 1 << 20);
       !s.ok()) {
     return s;
   }
@@ -224,6 +241,103 @@ absl::Status ValidateInspectRequest(const mq::v1::InspectModelRequest& r) {
         !s.ok()) {
       return s;
     }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateOutputFile(const std::string& field, const mq::v1::OutputFile& f) {
+  const std::string& name = f.name();
+  if (name.empty() || name.size() > 255) {
+    return Invalid(field + ".name", Quote(name), "must be 1..255 characters");
+  }
+  if (name == "." || name == "..") {
+    return Invalid(field + ".name", Quote(name), "must be a file name, not \".\" or \"..\"");
+  }
+  for (char c : name) {
+    if (c == '/' || c == '\0' || c == '\n' || c == '\r') {
+      return Invalid(field + ".name", Quote(name),
+                     "must be a plain file name (no '/', NUL or line breaks)");
+    }
+  }
+  if (!IsSha256(f.sha256())) {
+    return Invalid(field + ".sha256", Quote(f.sha256()), "must be 64 lowercase hex characters");
+  }
+  if (f.size_bytes() < 0) {
+    return Invalid(field + ".size_bytes", absl::StrCat(f.size_bytes()), "must be >= 0");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& r) {
+  if (r.step() < 0) return Invalid("step", absl::StrCat(r.step()), "must be >= 0");
+  if (r.layer() < 0) return Invalid("layer", absl::StrCat(r.layer()), "must be >= 0");
+  if (r.rank() < 0) return Invalid("rank", absl::StrCat(r.rank()), "must be >= 0");
+  if (r.files_size() > 4096) {
+    return Invalid("files", absl::StrCat(r.files_size(), " files"), "at most 4096 are allowed");
+  }
+  for (int i = 0; i < r.files_size(); ++i) {
+    if (absl::Status s = ValidateOutputFile(absl::StrCat("files[", i, "]"), r.files(i)); !s.ok()) {
+      return s;
+    }
+    for (int j = 0; j < i; ++j) {
+      if (r.files(j).name() == r.files(i).name()) {
+        return Invalid(absl::StrCat("files[", i, "].name"), Quote(r.files(i).name()),
+                       absl::StrCat("is listed twice (also files[", j, "])"));
+      }
+    }
+  }
+  const mq::v1::LayerStats& st = r.stats();
+  const std::pair<const char*, double> seconds[] = {
+      {"stats.load_seconds", st.load_seconds()},
+      {"stats.forward_seconds", st.forward_seconds()},
+      {"stats.hessian_seconds", st.hessian_seconds()},
+      {"stats.solve_seconds", st.solve_seconds()},
+      {"stats.propagate_seconds", st.propagate_seconds()},
+      {"stats.write_seconds", st.write_seconds()},
+      {"stats.mean_relative_error", st.mean_relative_error()}};
+  for (const auto& [field, value] : seconds) {
+    if (absl::Status s = CheckSeconds(field, value); !s.ok()) return s;
+  }
+  const std::pair<const char*, int64_t> counts[] = {
+      {"stats.expert_tokens_min", st.expert_tokens_min()},
+      {"stats.expert_tokens_median", st.expert_tokens_median()},
+      {"stats.expert_tokens_max", st.expert_tokens_max()},
+      {"stats.quantized_linears", st.quantized_linears()},
+      {"stats.fallbacks", st.fallbacks()},
+      {"stats.rare_experts", st.rare_experts()}};
+  for (const auto& [field, value] : counts) {
+    if (value < 0) return Invalid(field, absl::StrCat(value), "must be >= 0");
+  }
+  if (st.rare_size() > 65536) {
+    return Invalid("stats.rare", absl::StrCat(st.rare_size(), " entries"),
+                   "at most 65536 are allowed");
+  }
+  for (int i = 0; i < st.rare_size(); ++i) {
+    const mq::v1::RareExpert& e = st.rare(i);
+    if (e.expert() < 0 || e.routed_tokens() < 0) {
+      return Invalid(absl::StrCat("stats.rare[", i, "]"),
+                     absl::StrCat("expert ", e.expert(), ", ", e.routed_tokens(), " tokens"),
+                     "expert and routed_tokens must be >= 0");
+    }
+    if (e.treatment().size() > 64) {
+      return Invalid(absl::StrCat("stats.rare[", i, "].treatment"), Quote(e.treatment()),
+                     "at most 64 characters");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateFinalizeResult(const mq::v1::FinalizeResult& r) {
+  if (!IsSha256(r.manifest_sha256())) {
+    return Invalid("finalized.manifest_sha256", Quote(r.manifest_sha256()),
+                   "must be 64 lowercase hex characters");
+  }
+  if (r.files() < 0) return Invalid("finalized.files", absl::StrCat(r.files()), "must be >= 0");
+  if (r.total_bytes() < 0) {
+    return Invalid("finalized.total_bytes", absl::StrCat(r.total_bytes()), "must be >= 0");
+  }
+  if (r.removed_files() < 0) {
+    return Invalid("finalized.removed_files", absl::StrCat(r.removed_files()), "must be >= 0");
   }
   return absl::OkStatus();
 }

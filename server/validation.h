@@ -26,6 +26,15 @@ absl::Status ValidateIdempotencyKey(const std::string& value);
 absl::Status ValidateWorkerName(const std::string& value);
 absl::Status ValidateInspectRequest(const mq::v1::InspectModelRequest& request);
 
+// The parts of a ReportLayer request checkable without state: step >= 0, rank >= 0, every
+// file (name 1..255 characters, no '/', NUL or line break, not "." or ".."; sha256 64 lowercase
+// hex; size_bytes >= 0), stats numbers finite and >= 0.
+absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& request);
+// One output file, fields named under `field` (e.g. "files[2]").
+absl::Status ValidateOutputFile(const std::string& field, const mq::v1::OutputFile& file);
+// A FINALIZE result: manifest_sha256 64 lowercase hex, counts >= 0.
+absl::Status ValidateFinalizeResult(const mq::v1::FinalizeResult& result);
+
 // The path part of a validated location ("file:///a/b" -> "/a/b").
 std::string LocationPath(const std::string& value);
 

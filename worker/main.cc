@@ -1,7 +1,10 @@
 // mq-worker: one process per GPU (or one CPU process in development). Registers with the
 // coordinator, heartbeats, runs assignments and reports.
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -10,6 +13,7 @@
 #include <iostream>
 #include <thread>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "common/flags.h"
 #include "common/metrics.h"
@@ -19,6 +23,25 @@
 #include "worker/worker_metrics.h"
 
 namespace {
+
+// A port on `host` that is free now (bound to port 0 and released): the worker's gang
+// rendezvous port, advertised to the coordinator.
+absl::StatusOr<int> FreePort(const std::string& host) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return absl::InternalError("socket: cannot create");
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = 0;
+  if (::inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) addr.sin_addr.s_addr = INADDR_ANY;
+  socklen_t len = sizeof(addr);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    ::close(fd);
+    return absl::UnavailableError("--gang-port: no free port to bind on " + host);
+  }
+  ::close(fd);
+  return ntohs(addr.sin_port);
+}
 
 int Fail(const std::string& message) {
   std::fprintf(stderr, "mq-worker: %s\n", message.c_str());
@@ -34,6 +57,9 @@ int main(int argc, char** argv) {
   std::string scratch_dir;
   std::string metrics_listen;
   int64_t poll_wait_ms = 5000;
+  std::string gang_host = "127.0.0.1";
+  int64_t gang_port = 0;
+  int64_t gang_join_timeout_ms = 120000;
   bool help = false;
   mq::Flags flags;
   flags.String("coordinator", &coordinator, "coordinator HOST:PORT (default $MQ_COORDINATOR)");
@@ -42,6 +68,14 @@ int main(int argc, char** argv) {
   flags.String("scratch-dir", &scratch_dir, "directory for temporary data (default /tmp/mq-scratch)");
   flags.String("metrics-listen", &metrics_listen, "serve Prometheus /metrics on HOST:PORT");
   flags.Int("poll-wait-ms", &poll_wait_ms, "long-poll duration for new work (default 5000)");
+  flags.String("gang-host", &gang_host,
+               "address peers use to reach this worker's gang rendezvous (default 127.0.0.1)");
+  flags.Int("gang-port", &gang_port,
+            "port of this worker's gang rendezvous when it is rank 0 (default 0: a free port; "
+            "-1: run no quantize assignments)");
+  flags.Int("gang-join-timeout-ms", &gang_join_timeout_ms,
+            "how long a gang's rendezvous may take before the attempt is given up (default "
+            "120000)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
   if (help) {
@@ -62,6 +96,18 @@ int main(int argc, char** argv) {
   }
   if (poll_wait_ms < 100 || poll_wait_ms > 60000) {
     return Fail(absl::StrCat("--poll-wait-ms = ", poll_wait_ms, ": must be between 100 and 60000"));
+  }
+  if (gang_port < -1 || gang_port > 65535) {
+    return Fail(absl::StrCat("--gang-port = ", gang_port, ": must be -1, 0 or 1..65535"));
+  }
+  if (gang_join_timeout_ms < 1000 || gang_join_timeout_ms > 3600000) {
+    return Fail(absl::StrCat("--gang-join-timeout-ms = ", gang_join_timeout_ms,
+                             ": must be between 1000 and 3600000"));
+  }
+  if (gang_port == 0) {
+    absl::StatusOr<int> port = FreePort(gang_host);
+    if (!port.ok()) return Fail(std::string(port.status().message()));
+    gang_port = *port;
   }
   if (name.empty()) {
     char host[64] = {0};
@@ -108,6 +154,9 @@ int main(int argc, char** argv) {
   options.name = name;
   options.scratch_dir = scratch_dir;
   options.poll_wait_ms = poll_wait_ms;
+  options.gang_host = gang_host;
+  options.gang_join_timeout_ms = gang_join_timeout_ms;
+  options.gang_port = gang_port < 0 ? 0 : static_cast<int>(gang_port);
   mq::worker::Worker worker(options, *info, &metrics);
   return worker.Run(stop);
 }

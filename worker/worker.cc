@@ -9,6 +9,9 @@
 #include "common/status.h"
 #include "common/util.h"
 #include "worker/plan_convert.h"
+#if MQ_WORKER_HAS_PIPELINE
+#include "worker/pipeline/quantize_job.h"
+#endif
 
 namespace mq::worker {
 namespace {
@@ -51,7 +54,83 @@ int64_t FaultPlanDelayMs() {
 }
 
 std::string KindName(mq::v1::AssignmentKind k) {
-  return k == mq::v1::ASSIGNMENT_KIND_QUANTIZE ? "quantize" : "plan";
+  switch (k) {
+    case mq::v1::ASSIGNMENT_KIND_QUANTIZE: return "quantize";
+    case mq::v1::ASSIGNMENT_KIND_FINALIZE: return "finalize";
+    default: return "plan";
+  }
+}
+
+#if MQ_WORKER_HAS_PIPELINE
+std::string LocalPath(const std::string& uri) {
+  return uri.rfind("file://", 0) == 0 ? uri.substr(7) : uri;
+}
+
+pipeline::QuantizeJobSpec ToJobSpec(const mq::v1::JobSpec& spec) {
+  pipeline::QuantizeJobSpec j;
+  j.model_dir = LocalPath(spec.model_uri());
+  j.output_dir = LocalPath(spec.output_uri());
+  switch (spec.method()) {
+    case mq::v1::METHOD_RTN: j.method = "rtn"; break;
+    case mq::v1::METHOD_AWQ: j.method = "awq"; break;
+    default: j.method = "gptq";
+  }
+  j.group_size = spec.group_size() == 0 ? 128 : spec.group_size();
+  j.symmetric = !spec.has_symmetric() || spec.symmetric();
+  j.act_order = !spec.has_act_order() || spec.act_order();
+  j.scale_search = spec.scale_search() == mq::v1::SCALE_SEARCH_MSE ? "mse" : "minmax";
+  j.damping = spec.damping() > 0 ? spec.damping() : 0.01;
+  j.targets = spec.targets() == mq::v1::TARGET_SET_ALL_LINEAR ? "all_linear" : "routed_experts";
+  j.ignore.assign(spec.ignore().begin(), spec.ignore().end());
+  j.include_mtp = spec.include_mtp();
+  const mq::v1::CalibrationSpec& c = spec.calibration();
+  j.dataset = LocalPath(c.dataset_uri());
+  j.tokenizer = LocalPath(c.tokenizer_uri());
+  if (c.num_samples() > 0) j.num_samples = c.num_samples();
+  if (c.max_sequence_length() > 0) j.max_sequence_length = c.max_sequence_length();
+  j.seed = c.seed();
+  j.min_expert_tokens = c.min_expert_tokens() == 0 ? 16 : c.min_expert_tokens();
+  j.rare_expert_rtn = c.rare_expert_rtn();
+  return j;
+}
+
+std::vector<pipeline::OutputFileInfo> ToFiles(
+    const google::protobuf::RepeatedPtrField<mq::v1::OutputFile>& files) {
+  std::vector<pipeline::OutputFileInfo> out;
+  for (const mq::v1::OutputFile& f : files) out.push_back({f.name(), f.size_bytes(), f.sha256()});
+  return out;
+}
+
+void ToProto(const pipeline::StepStats& s, int step, int layer, mq::v1::LayerStats* p) {
+  p->set_step(step);
+  p->set_layer(layer);
+  p->set_load_seconds(s.load_seconds);
+  p->set_forward_seconds(s.forward_seconds);
+  p->set_hessian_seconds(s.hessian_seconds);
+  p->set_solve_seconds(s.solve_seconds);
+  p->set_propagate_seconds(s.propagate_seconds);
+  p->set_write_seconds(s.write_seconds);
+  p->set_expert_tokens_min(s.expert_tokens_min);
+  p->set_expert_tokens_median(s.expert_tokens_median);
+  p->set_expert_tokens_max(s.expert_tokens_max);
+  p->set_quantized_linears(s.quantized_linears);
+  p->set_fallbacks(s.fallbacks);
+  p->set_rare_experts(static_cast<int32_t>(s.rare.size()));
+  for (const pipeline::RareExpertInfo& r : s.rare) {
+    mq::v1::RareExpert* e = p->add_rare();
+    e->set_expert(r.expert);
+    e->set_routed_tokens(r.routed_tokens);
+    e->set_treatment(r.treatment);
+  }
+  p->set_mean_relative_error(s.mean_relative_error);
+}
+#endif
+
+// Fault injection (off unless the variable is set): milliseconds to sleep after each reported
+// pipeline step, so chaos tests can kill processes between and inside layers.
+int64_t FaultStepDelayMs() {
+  const char* v = std::getenv("MQ_FAULT_STEP_DELAY_MS");
+  return v ? std::atoll(v) : 0;
 }
 
 }  // namespace
@@ -90,6 +169,13 @@ bool Worker::Register(const std::atomic<bool>& stop) {
   caps->set_cpu_cores(device_.cpu_cores);
   caps->set_hostname(device_.hostname);
   caps->add_capabilities("plan");
+#if MQ_WORKER_HAS_PIPELINE
+  if (options_.gang_port > 0) {
+    caps->add_capabilities("quantize:gptq");
+    caps->add_capabilities("quantize:rtn");
+    caps->set_gang_address(absl::StrCat(options_.gang_host, ":", options_.gang_port));
+  }
+#endif
   caps->set_version(Version());
   caps->set_scratch_dir(options_.scratch_dir);
   caps->set_scratch_free_bytes(device_.scratch_free_bytes);
@@ -212,12 +298,25 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       metrics_->ObserveStage("plan", secs);
       *result.mutable_plan() = ToProto(report);
+#if MQ_WORKER_HAS_PIPELINE
+      if (!a.job_id().empty() && options_.gang_port > 0) {  // also data and output location
+        for (const auto& [where, what] : pipeline::CheckQuantizeInputs(ToJobSpec(a.spec()))) {
+          mq::v1::Problem* p = result.mutable_plan()->add_problems();
+          p->set_where(where);
+          p->set_message(what);
+        }
+      }
+#endif
       result.mutable_plan()->set_seconds(secs);
       {
         std::lock_guard<std::mutex> lock(mu_);
         result.mutable_plan()->set_worker_id(worker_id_);
       }
     }
+  } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_QUANTIZE) {
+    aborted = !RunQuantize(a, &result, stop);
+  } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_FINALIZE) {
+    aborted = !RunFinalize(a, &result);
   } else {
     result.set_error(
         absl::StrCat("this mq-worker (", Version(), ") cannot run ", kind, " assignments"));
@@ -227,12 +326,106 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
     LogLine("worker", "INFO", "assignment " + a.assignment_id() + " abandoned");
   } else {
     Complete(result, stop);
-    metrics_->CountAssignment(kind, result.has_plan() ? "ok" : "failed");
+    metrics_->CountAssignment(kind, result.has_error() ? "failed" : "ok");
     LogLine("worker", "INFO", "assignment " + a.assignment_id() + " done");
   }
   std::lock_guard<std::mutex> lock(mu_);
   current_assignment_.clear();
 }
+
+#if MQ_WORKER_HAS_PIPELINE
+bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
+                         const std::atomic<bool>& stop) {
+  pipeline::QuantizeAssignmentInput in;
+  in.spec = ToJobSpec(a.spec());
+  in.rank = a.rank();
+  in.world_size = a.world_size();
+  in.rendezvous = a.rendezvous();
+  in.local_host = options_.gang_host;
+  in.start_step = a.start_step();
+  in.total_steps = a.total_steps();
+  in.committed_files = ToFiles(a.committed_files());
+  in.scratch_dir = options_.scratch_dir + "/" + a.job_id();
+  in.device = device_.device;
+  in.join_timeout_ms = options_.gang_join_timeout_ms;
+  const int64_t step_delay = FaultStepDelayMs();
+  in.on_step = [&](const pipeline::StepOutput& out) -> absl::Status {
+    mq::v1::ReportLayerRequest request;
+    request.set_assignment_id(a.assignment_id());
+    request.set_lease_epoch(a.lease_epoch());
+    request.set_step(out.step);
+    request.set_layer(out.layer);
+    request.set_rank(a.rank());
+    for (const pipeline::OutputFileInfo& f : out.files) {
+      mq::v1::OutputFile* p = request.add_files();
+      p->set_name(f.name);
+      p->set_size_bytes(f.size);
+      p->set_sha256(f.sha256);
+    }
+    ToProto(out.stats, out.step, out.layer, request.mutable_stats());
+    mq::v1::ReportLayerResponse response;
+    grpc::Status s = CallUntilSettled(stop, absl::StrCat("layer ", out.layer, " report"), [&] {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        request.set_worker_id(worker_id_);
+      }
+      auto ctx = Context(10000);
+      return stub_->ReportLayer(ctx.get(), request, &response);
+    });
+    if (!s.ok()) {
+      cancel_current_ = true;
+      return absl::AbortedError(absl::StrCat("layer report refused: ", s.error_message()));
+    }
+    if (response.cancel()) cancel_current_ = true;
+    metrics_->ObserveStage("layer", out.stats.load_seconds + out.stats.forward_seconds +
+                                        out.stats.hessian_seconds + out.stats.solve_seconds +
+                                        out.stats.propagate_seconds + out.stats.write_seconds);
+    for (int64_t waited = 0; waited < step_delay && !stop && !Cancelled(); waited += 50) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return absl::OkStatus();
+  };
+  in.on_progress = [&](const std::string& stage, double fraction) { Progress(a, stage, fraction); };
+  in.cancelled = [&] { return stop || Cancelled(); };
+  absl::StatusOr<pipeline::QuantizeAssignmentResult> r = pipeline::RunQuantizeAssignment(in);
+  if (stop || Cancelled()) return false;  // the coordinator moved on; nothing to report
+  if (!r.ok()) {
+    result->set_error(std::string(r.status().message()));
+    result->set_infrastructure(r.status().code() == absl::StatusCode::kUnavailable);
+    LogLine("worker", "WARN", absl::StrCat("quantize assignment ", a.assignment_id(),
+                                           " failed: ", r.status().ToString()));
+    return true;
+  }
+  result->mutable_quantized()->set_steps_run(r->steps_run);
+  result->mutable_quantized()->set_steps_replayed(r->steps_replayed);
+  return true;
+}
+
+bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result) {
+  Progress(a, "finalizing: globals, index, config, manifest", 0);
+  absl::StatusOr<pipeline::FinalizeAssignmentResult> r = pipeline::RunFinalizeAssignment(
+      ToJobSpec(a.spec()), ToFiles(a.committed_files()), a.total_steps());
+  if (!r.ok()) {
+    result->set_error(std::string(r.status().message()));
+    return true;
+  }
+  mq::v1::FinalizeResult* f = result->mutable_finalized();
+  f->set_manifest_sha256(r->manifest_sha256);
+  f->set_files(r->files);
+  f->set_total_bytes(r->total_bytes);
+  f->set_removed_files(r->removed_files);
+  return true;
+}
+#else
+bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
+                         const std::atomic<bool>&) {
+  result->set_error(absl::StrCat("this mq-worker (", Version(), ") was built without LibTorch"));
+  return true;
+}
+bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result) {
+  return RunQuantize(a, result, std::atomic<bool>(false));
+}
+#endif
 
 int Worker::Run(const std::atomic<bool>& stop) {
   if (!Register(stop)) return stop ? 0 : 1;

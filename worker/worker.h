@@ -24,6 +24,10 @@ struct WorkerOptions {
   std::string name;
   std::string scratch_dir;
   int64_t poll_wait_ms = 5000;
+  // Where peers reach this worker's gang rendezvous store when it is rank 0 of a gang.
+  std::string gang_host = "127.0.0.1";
+  int gang_port = 0;  // 0 = none (the worker then runs no QUANTIZE assignments)
+  int64_t gang_join_timeout_ms = 120000;
 };
 
 class Worker {
@@ -42,6 +46,10 @@ class Worker {
   // Sends the result until the coordinator accepts or rejects it for good.
   void Complete(mq::v1::CompleteAssignmentRequest request, const std::atomic<bool>& stop);
   void Progress(const mq::v1::Assignment& assignment, const std::string& stage, double fraction);
+  // QUANTIZE / FINALIZE: fill `result` (quantized, finalized or error); false when abandoned.
+  bool RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
+                   const std::atomic<bool>& stop);
+  bool RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result);
   bool Cancelled();
 
   WorkerOptions options_;

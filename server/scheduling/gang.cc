@@ -2,12 +2,23 @@
 
 #include <algorithm>
 
+#include "absl/strings/str_cat.h"
+
 namespace mq::server {
 namespace {
 
 bool Offers(const WorkerView& w, const std::string& capability) {
   return std::find(w.capabilities.begin(), w.capabilities.end(), capability) !=
          w.capabilities.end();
+}
+
+void SortByAge(std::vector<const WorkerView*>& ws) {
+  std::sort(ws.begin(), ws.end(), [](const WorkerView* a, const WorkerView* b) {
+    if (a->registered_at_ms != b->registered_at_ms) {
+      return a->registered_at_ms < b->registered_at_ms;
+    }
+    return a->worker_id < b->worker_id;
+  });
 }
 
 }  // namespace
@@ -20,12 +31,7 @@ std::optional<std::vector<std::string>> PickGang(const std::vector<WorkerView>& 
     if (w.alive && w.idle && Offers(w, capability)) eligible.push_back(&w);
   }
   if (static_cast<int>(eligible.size()) < count) return std::nullopt;
-  std::sort(eligible.begin(), eligible.end(), [](const WorkerView* a, const WorkerView* b) {
-    if (a->registered_at_ms != b->registered_at_ms) {
-      return a->registered_at_ms < b->registered_at_ms;
-    }
-    return a->worker_id < b->worker_id;
-  });
+  SortByAge(eligible);
   std::vector<std::string> out;
   for (int i = 0; i < count; ++i) out.push_back(eligible[i]->worker_id);
   return out;
@@ -34,6 +40,44 @@ std::optional<std::vector<std::string>> PickGang(const std::vector<WorkerView>& 
 bool AnyWorkerOffers(const std::vector<WorkerView>& workers, const std::string& capability) {
   return std::any_of(workers.begin(), workers.end(),
                      [&](const WorkerView& w) { return w.alive && Offers(w, capability); });
+}
+
+GangDecision DecideGang(const std::vector<WorkerView>& workers, const GangRequest& request) {
+  GangDecision d;
+  const int k = std::max(1, request.gang_size);
+  std::vector<const WorkerView*> candidates;
+  for (const WorkerView& w : workers) {
+    if (!w.alive || !Offers(w, request.capability)) continue;
+    ++d.capable;
+    if (!w.idle) continue;
+    if (w.gang_address.empty()) {
+      ++d.without_address;
+      continue;
+    }
+    candidates.push_back(&w);
+  }
+  SortByAge(candidates);
+  d.available = static_cast<int>(candidates.size());
+  if (d.available >= k) {
+    for (int i = 0; i < k; ++i) d.workers.push_back(candidates[i]->worker_id);
+    return d;
+  }
+  if (d.capable < k && request.waited_ms >= request.gang_wait_ms && d.available >= 1) {
+    for (const WorkerView* w : candidates) d.workers.push_back(w->worker_id);
+    d.shrunk = true;
+    return d;
+  }
+  d.waiting = absl::StrCat(d.available, " of ", k, " workers available (", d.capable,
+                           " alive with capability \"", request.capability, "\"");
+  if (d.without_address > 0) {
+    absl::StrAppend(&d.waiting, ", ", d.without_address, " idle without a gang address");
+  }
+  d.waiting += ")";
+  if (d.capable < k) {
+    absl::StrAppend(&d.waiting, "; a smaller gang forms once the job has waited ",
+                    request.gang_wait_ms / 1000.0, " s");
+  }
+  return d;
 }
 
 }  // namespace mq::server

@@ -6,10 +6,9 @@
 namespace mq::server {
 
 const std::vector<Table>& AllTables() {
-  static const std::vector<Table> kTables = {Table::kMeta,        Table::kJobs,
-                                             Table::kAttempts,    Table::kAssignments,
-                                             Table::kEvents,      Table::kWorkers,
-                                             Table::kIdempotency};
+  static const std::vector<Table> kTables = {Table::kMeta,        Table::kJobs,   Table::kAttempts,
+                                             Table::kAssignments, Table::kEvents, Table::kWorkers,
+                                             Table::kIdempotency, Table::kLayers};
   return kTables;
 }
 
@@ -29,6 +28,8 @@ std::string_view TableName(Table table) {
       return "workers";
     case Table::kIdempotency:
       return "idempotency";
+    case Table::kLayers:
+      return "layers";
   }
   return "unknown";
 }

@@ -19,7 +19,17 @@
 
 namespace mq::server {
 
-enum class Table { kMeta, kJobs, kAttempts, kAssignments, kEvents, kWorkers, kIdempotency };
+enum class Table {
+  kMeta,
+  kJobs,
+  kAttempts,
+  kAssignments,
+  kEvents,
+  kWorkers,
+  kIdempotency,
+  // Pipeline steps of a job: <job_id>/<step:06d> -> LayerRecord.
+  kLayers,
+};
 
 // All tables, in a fixed order (RocksDB column family order).
 const std::vector<Table>& AllTables();

@@ -92,6 +92,7 @@ class Cluster:
         self.coordinator = None
         self.workers = {}
         self._starts = 0
+        self.worker_args = []  # extra mq-worker flags for every worker
 
     # --- coordinator -------------------------------------------------------------------------
     def start_coordinator(self, metrics_port=None):
@@ -113,9 +114,10 @@ class Cluster:
         self.coordinator.kill9()
 
     # --- workers -----------------------------------------------------------------------------
-    def start_worker(self, name, env=None, wait=True, metrics_port=None):
+    def start_worker(self, name, env=None, wait=True, metrics_port=None, scratch=None):
         argv = [str(WORKER), "--coordinator", self.address, "--name", name, "--scratch-dir",
-                str(self.tmp / f"scratch-{name}"), "--poll-wait-ms", "1000"]
+                str(scratch or self.tmp / f"scratch-{name}"), "--poll-wait-ms", "1000",
+                *self.worker_args]
         if metrics_port:
             argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
         w = Process(name, argv, self.tmp / f"worker-{name}.log", env)

@@ -16,6 +16,13 @@ def model(tmp_path):
     return generate_model(tmp_path / "model", "--format", "fp8", "--hidden", "200", "--seed", "7")
 
 
+@pytest.fixture(autouse=True)
+def planning_only_workers(cluster):
+    # These tests are about the job lifecycle up to the plan: workers without the quantize
+    # pipeline (--gang-port -1) so a planned job stops on the missing capability.
+    cluster.worker_args = ["--gang-port", "-1"]
+
+
 def submit(cluster, model, out, *extra):
     res = cluster.client("submit", "--model", model, "--output", out, *extra, check=True)
     return res.stdout.strip()

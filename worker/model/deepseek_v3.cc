@@ -337,6 +337,11 @@ at::Tensor RunAttention(const LayerWeights& w, const at::Tensor& x, const at::Te
   return Linear(attn + "o_proj", out, w.o_proj, hooks).view({b, s, h});
 }
 
+at::Tensor RunMlpRows(const std::string& prefix, const MlpWeights& mlp, const at::Tensor& x2d,
+                      const ForwardHooks& hooks) {
+  return RunMlp(prefix, mlp, x2d, hooks);
+}
+
 at::Tensor RunMlpBlock(const LayerWeights& w, const at::Tensor& x, const ForwardHooks& hooks) {
   const int64_t b = x.size(0), s = x.size(1), h = x.size(2);
   at::Tensor x2 = x.reshape({b * s, h});

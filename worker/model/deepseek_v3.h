@@ -213,6 +213,12 @@ Routing RouteTokens(const LayerWeights& weights, const at::Tensor& x,
 at::Tensor RunAttention(const LayerWeights& weights, const at::Tensor& x,
                         const at::Tensor& positions, const ForwardHooks& hooks = {});
 
+// SiLU-gated MLP on rows x2d [tokens, H] -> [tokens, H] (hooks named prefix + "gate_proj" etc.,
+// e.g. prefix "model.layers.3.mlp.experts.17."): one routed expert, the shared experts or a
+// dense MLP, exactly as inside RunMlpBlock.
+at::Tensor RunMlpRows(const std::string& prefix, const MlpWeights& mlp, const at::Tensor& x2d,
+                      const ForwardHooks& hooks = {});
+
 // MLP block (dense MLP or MoE) on the normalised input [batch, seq, H] -> [batch, seq, H].
 at::Tensor RunMlpBlock(const LayerWeights& weights, const at::Tensor& x,
                        const ForwardHooks& hooks = {});

@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include "absl/strings/str_cat.h"
+
 namespace mq::model {
 
 TensorData ToTensorData(const std::string& name, const at::Tensor& t) {
@@ -29,6 +31,30 @@ TensorData ToTensorData(const std::string& name, const at::Tensor& t) {
   d.bytes.resize(c.nbytes());
   std::memcpy(d.bytes.data(), c.data_ptr(), c.nbytes());
   return d;
+}
+
+absl::StatusOr<at::Tensor> FromTensorView(const TensorView& view) {
+  at::ScalarType type;
+  switch (view.dtype) {
+    case DType::kF32: type = at::kFloat; break;
+    case DType::kF16: type = at::kHalf; break;
+    case DType::kBF16: type = at::kBFloat16; break;
+    case DType::kI8: type = at::kChar; break;
+    case DType::kI32: type = at::kInt; break;
+    case DType::kI64: type = at::kLong; break;
+    case DType::kBool: type = at::kBool; break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "tensor \"", view.name, "\": dtype ", std::string(DTypeName(view.dtype)),
+          " cannot be read as a torch tensor (F32, F16, BF16, I8, I32, I64 or BOOL)"));
+  }
+  at::Tensor t = at::empty(view.shape, at::TensorOptions().dtype(type));
+  if (t.nbytes() != view.num_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor \"", view.name, "\": ", view.num_bytes,
+                                                   " bytes for ", t.nbytes(), " expected"));
+  }
+  std::memcpy(t.data_ptr(), view.data, view.num_bytes);
+  return t;
 }
 
 }  // namespace mq::model

@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "absl/status/statusor.h"
+#include "worker/model/checkpoint_reader.h"
 #include "worker/model/safetensors_writer.h"
 
 namespace mq::model {
@@ -13,5 +15,9 @@ namespace mq::model {
 // Copies `t` (any device) into a record named `name`: I8, I32, I64 and BF16 keep their dtype;
 // every other dtype is converted to F32.
 TensorData ToTensorData(const std::string& name, const at::Tensor& t);
+
+// A CPU tensor copied from a mapped view: F32, F16, BF16, I8, I32, I64 and BOOL keep their
+// dtype. InvalidArgument naming the tensor for any other dtype.
+absl::StatusOr<at::Tensor> FromTensorView(const TensorView& view);
 
 }  // namespace mq::model

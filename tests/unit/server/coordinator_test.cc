@@ -4,6 +4,10 @@
 #include "server/coordinator.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
 
 #include "mq/v1/job_service.pb.h"
 
@@ -162,8 +166,8 @@ TEST_F(CoordinatorTest, SilentWorkerLosesItsWorkToAnother) {
   coordinator_->Tick();
   auto workers = coordinator_->ListWorkers();
   for (const auto& w : workers.workers()) {
-    EXPECT_EQ(w.state(), w.worker().worker_id() == w1 ? mq::v1::WORKER_STATE_DEAD
-                                                      : mq::v1::WORKER_STATE_BUSY);
+    EXPECT_EQ(w.state(),
+              w.worker().worker_id() == w1 ? mq::v1::WORKER_STATE_DEAD : mq::v1::WORKER_STATE_BUSY);
   }
   auto a2 = Poll(w2);
   ASSERT_EQ(a2.job_id(), id);
@@ -301,6 +305,608 @@ TEST_F(CoordinatorTest, ListJobsPagesNewestFirst) {
   }
   std::reverse(ids.begin(), ids.end());
   EXPECT_EQ(seen, ids);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The quantization pipeline: gangs, layer commits, finalize.
+
+class PipelineTest : public CoordinatorTest {
+ protected:
+  std::string RegisterQ(const std::string& name, bool with_address = true) {
+    mq::v1::RegisterWorkerRequest r;
+    r.set_name(name);
+    r.mutable_capabilities()->set_device("cpu");
+    r.mutable_capabilities()->add_capabilities("plan");
+    r.mutable_capabilities()->add_capabilities("quantize:gptq");
+    if (with_address) r.mutable_capabilities()->set_gang_address(name + ".host:29500");
+    auto resp = coordinator_->RegisterWorker(r);
+    EXPECT_TRUE(resp.ok()) << resp.status();
+    now_ += 1;  // distinct registration times: deterministic gang order
+    return resp->worker_id();
+  }
+
+  std::string SubmitGang(int gang_size, int max_attempts = 0) {
+    mq::v1::SubmitJobRequest r;
+    r.mutable_spec()->set_model_uri("/models/dsv3");
+    r.mutable_spec()->set_output_uri("/out/dsv3-w4");
+    r.mutable_spec()->set_gang_size(gang_size);
+    r.mutable_spec()->set_max_attempts(max_attempts);
+    auto resp = coordinator_->SubmitJob(r);
+    EXPECT_TRUE(resp.ok()) << resp.status();
+    return resp->job().job_id();
+  }
+
+  // Runs the PLAN assignment on whichever worker got it; the plan has `steps` layers whose
+  // checkpoint indices are 10 + step.
+  void Plan(const std::string& job_id, const std::vector<std::string>& workers, int steps = 4) {
+    coordinator_->Tick();
+    ASSERT_EQ(Get(job_id).job().state(), mq::v1::JOB_STATE_PLANNING);
+    for (const std::string& w : workers) {
+      auto a = Poll(w);
+      if (a.assignment_id().empty()) continue;
+      ASSERT_EQ(a.kind(), mq::v1::ASSIGNMENT_KIND_PLAN);
+      mq::v1::CompleteAssignmentRequest r;
+      r.set_worker_id(w);
+      r.set_assignment_id(a.assignment_id());
+      r.set_lease_epoch(a.lease_epoch());
+      for (int i = 0; i < steps; ++i) r.mutable_plan()->add_layers()->set_index(10 + i);
+      ASSERT_TRUE(coordinator_->CompleteAssignment(r).ok());
+      return;
+    }
+    FAIL() << "no worker got the plan";
+  }
+
+  static std::string Sha(char c) { return std::string(64, c); }
+
+  mq::v1::ReportLayerRequest Layer(const std::string& worker_id, const mq::v1::Assignment& a,
+                                   int step) {
+    mq::v1::ReportLayerRequest r;
+    r.set_worker_id(worker_id);
+    r.set_assignment_id(a.assignment_id());
+    r.set_lease_epoch(a.lease_epoch());
+    r.set_step(step);
+    r.set_layer(10 + step);
+    r.set_rank(a.rank());
+    mq::v1::OutputFile* f = r.add_files();
+    f->set_name("layer-" + std::to_string(10 + step) + "-rank-" + std::to_string(a.rank()) +
+                ".safetensors");
+    f->set_size_bytes(1000 + step);
+    f->set_sha256(Sha("0123456789abcdef"[(step + a.rank()) % 16]));
+    mq::v1::LayerStats* st = r.mutable_stats();
+    st->set_step(step);
+    st->set_layer(10 + step);
+    st->set_load_seconds(1 + a.rank());
+    st->set_solve_seconds(2);
+    st->set_expert_tokens_min(3);
+    st->set_expert_tokens_median(40);
+    st->set_expert_tokens_max(200);
+    st->set_quantized_linears(10);
+    st->set_fallbacks(a.rank());
+    st->set_rare_experts(1);
+    mq::v1::RareExpert* rare = st->add_rare();
+    rare->set_expert(7 + a.rank());
+    rare->set_routed_tokens(3);
+    rare->set_treatment("topped_up");
+    st->set_mean_relative_error(0.01 * (a.rank() + 1));
+    return r;
+  }
+
+  absl::StatusOr<mq::v1::ReportLayerResponse> Report(const std::string& worker_id,
+                                                     const mq::v1::Assignment& a, int step) {
+    return coordinator_->ReportLayer(Layer(worker_id, a, step));
+  }
+
+  absl::Status Quantized(const std::string& worker_id, const mq::v1::Assignment& a) {
+    mq::v1::CompleteAssignmentRequest r;
+    r.set_worker_id(worker_id);
+    r.set_assignment_id(a.assignment_id());
+    r.set_lease_epoch(a.lease_epoch());
+    r.mutable_quantized()->set_steps_run(4);
+    return coordinator_->CompleteAssignment(r).status();
+  }
+
+  absl::Status Error(const std::string& worker_id, const mq::v1::Assignment& a,
+                     bool infrastructure = false) {
+    mq::v1::CompleteAssignmentRequest r;
+    r.set_worker_id(worker_id);
+    r.set_assignment_id(a.assignment_id());
+    r.set_lease_epoch(a.lease_epoch());
+    r.set_error("CUDA out of memory");
+    r.set_infrastructure(infrastructure);
+    return coordinator_->CompleteAssignment(r).status();
+  }
+
+  std::vector<std::string> HeartbeatCancels(const std::string& worker_id,
+                                            const std::string& assignment_id) {
+    mq::v1::HeartbeatRequest hb;
+    hb.set_worker_id(worker_id);
+    hb.set_assignment_id(assignment_id);
+    auto resp = coordinator_->Heartbeat(hb);
+    EXPECT_TRUE(resp.ok()) << resp.status();
+    return {resp->cancel_assignment_ids().begin(), resp->cancel_assignment_ids().end()};
+  }
+
+  std::string LastEvent(const std::string& job_id, const std::string& kind) {
+    std::string message;
+    const auto job = Get(job_id);
+    for (const auto& e : job.events()) {
+      if (e.kind() == kind) message = e.message();
+    }
+    return message;
+  }
+
+  int CountEvents(const std::string& job_id, const std::string& kind) {
+    int n = 0;
+    const auto job = Get(job_id);
+    for (const auto& e : job.events()) n += e.kind() == kind;
+    return n;
+  }
+};
+
+TEST_F(PipelineTest, PlanThenGangThenFinalizeSucceeds) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(2);
+  Plan(id, {a, b});
+  auto job = Get(id).job();
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED) << job.message();
+  EXPECT_NE(job.message().find("planned: 4 steps"), std::string::npos) << job.message();
+  EXPECT_EQ(job.missing_capability(), "");
+
+  coordinator_->Tick();
+  job = Get(id).job();
+  ASSERT_EQ(job.state(), mq::v1::JOB_STATE_RUNNING) << job.message();
+  EXPECT_EQ(job.progress().gang_size(), 2);
+  auto qa = Poll(a), qb = Poll(b);
+  ASSERT_EQ(qa.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+  ASSERT_EQ(qb.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+  EXPECT_EQ(qa.rank(), 0);  // registered first
+  EXPECT_EQ(qb.rank(), 1);
+  EXPECT_EQ(qa.world_size(), 2);
+  EXPECT_EQ(qa.attempt(), qb.attempt());
+  EXPECT_EQ(qa.lease_epoch(), qb.lease_epoch());
+  EXPECT_EQ(qa.start_step(), 0);
+  EXPECT_EQ(qa.total_steps(), 4);
+  EXPECT_EQ(qa.rendezvous(), "w-a.host:29500");
+  EXPECT_EQ(qb.rendezvous(), "w-a.host:29500");
+  EXPECT_EQ(qa.committed_files_size(), 0);
+  auto response = Get(id);
+  EXPECT_EQ(response.attempts().rbegin()->phase(), "quantize");
+  EXPECT_EQ(response.attempts().rbegin()->worker_ids_size(), 2);
+  EXPECT_NE(LastEvent(id, "assigned").find("steps 0..3 on a gang of 2 (w-a, w-b)"),
+            std::string::npos)
+      << LastEvent(id, "assigned");
+
+  for (int step = 0; step < 4; ++step) {
+    auto r0 = Report(a, qa, step);
+    ASSERT_TRUE(r0.ok()) << r0.status();
+    EXPECT_FALSE(r0->committed());
+    EXPECT_EQ(Get(id).job().progress().layers_committed(), step);  // not before every rank
+    auto r1 = Report(b, qb, step);
+    ASSERT_TRUE(r1.ok()) << r1.status();
+    EXPECT_TRUE(r1->committed());
+    EXPECT_FALSE(r1->cancel());
+    EXPECT_EQ(Get(id).job().progress().layers_committed(), step + 1);
+  }
+  job = Get(id).job();
+  const auto& last = job.progress().last_layer();
+  EXPECT_EQ(last.step(), 3);
+  EXPECT_EQ(last.layer(), 13);
+  EXPECT_DOUBLE_EQ(last.load_seconds(), 2);  // max over ranks
+  EXPECT_EQ(last.expert_tokens_median(), 40);
+  EXPECT_EQ(last.quantized_linears(), 20);  // summed
+  EXPECT_EQ(last.fallbacks(), 1);
+  EXPECT_EQ(last.rare_experts(), 2);
+  EXPECT_EQ(last.rare_size(), 2);
+  EXPECT_NEAR(last.mean_relative_error(), 0.015, 1e-12);
+  EXPECT_EQ(job.progress().fallbacks(), 4);
+  EXPECT_EQ(job.progress().rare_experts(), 8);
+  EXPECT_EQ(CountEvents(id, "layer_committed"), 4);
+  EXPECT_EQ(Get(id).layers_size(), 4);
+
+  ASSERT_TRUE(Quantized(a, qa).ok());
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_RUNNING);  // rank 1 still running
+  ASSERT_TRUE(Quantized(b, qb).ok());
+  ASSERT_TRUE(Quantized(b, qb).ok());  // idempotent
+  job = Get(id).job();
+  ASSERT_EQ(job.state(), mq::v1::JOB_STATE_FINALIZING) << job.message();
+
+  coordinator_->Tick();
+  auto fa = Poll(a);  // rank 0's worker is preferred
+  ASSERT_EQ(fa.kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
+  EXPECT_EQ(fa.total_steps(), 4);
+  ASSERT_EQ(fa.committed_files_size(), 8);
+  EXPECT_EQ(fa.committed_files(0).name(), "layer-10-rank-0.safetensors");
+  EXPECT_EQ(fa.committed_files(1).name(), "layer-10-rank-1.safetensors");
+  EXPECT_EQ(fa.committed_files(7).name(), "layer-13-rank-1.safetensors");
+  EXPECT_TRUE(Poll(b).assignment_id().empty());
+
+  mq::v1::CompleteAssignmentRequest done;
+  done.set_worker_id(a);
+  done.set_assignment_id(fa.assignment_id());
+  done.set_lease_epoch(fa.lease_epoch());
+  done.mutable_finalized()->set_manifest_sha256(Sha('e'));
+  done.mutable_finalized()->set_files(12);
+  done.mutable_finalized()->set_total_bytes(123456);
+  // Bad results are refused before anything changes.
+  mq::v1::CompleteAssignmentRequest bad = done;
+  bad.mutable_finalized()->set_manifest_sha256("ABC");
+  EXPECT_EQ(coordinator_->CompleteAssignment(bad).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad = done;
+  bad.mutable_quantized();
+  EXPECT_EQ(coordinator_->CompleteAssignment(bad).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(coordinator_->CompleteAssignment(done).ok());
+  job = Get(id).job();
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_SUCCEEDED) << job.message();
+  EXPECT_EQ(job.manifest_sha256(), Sha('e'));
+  EXPECT_EQ(job.output_files(), 12);
+  EXPECT_EQ(job.output_bytes(), 123456);
+  EXPECT_EQ(CountEvents(id, "finalized"), 1);
+}
+
+TEST_F(PipelineTest, ReportLayerIsIdempotent) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(2);
+  Plan(id, {a, b});
+  coordinator_->Tick();
+  auto qa = Poll(a), qb = Poll(b);
+  ASSERT_TRUE(Report(a, qa, 0).ok());
+  const int64_t events = Get(id).job().event_count();
+  auto again = Report(a, qa, 0);  // same rank twice: nothing changes
+  ASSERT_TRUE(again.ok());
+  EXPECT_FALSE(again->committed());
+  EXPECT_EQ(Get(id).job().event_count(), events);
+  ASSERT_EQ(Get(id).layers_size(), 1);
+  EXPECT_EQ(Get(id).layers(0).reports_size(), 1);
+  ASSERT_TRUE(Report(b, qb, 0)->committed());
+  const auto after = Get(id);
+  EXPECT_EQ(CountEvents(id, "layer_committed"), 1);
+  // Repeats after the commit (either rank, even with other files) change nothing.
+  auto changed = Layer(b, qb, 0);
+  changed.mutable_files(0)->set_sha256(Sha('f'));
+  auto r = coordinator_->ReportLayer(changed);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(r->committed());
+  EXPECT_TRUE(Report(a, qa, 0)->committed());
+  EXPECT_EQ(Get(id).job().SerializeAsString(), after.job().SerializeAsString());
+  EXPECT_EQ(Get(id).layers(0).SerializeAsString(), after.layers(0).SerializeAsString());
+  EXPECT_EQ(CountEvents(id, "layer_committed"), 1);
+}
+
+TEST_F(PipelineTest, MalformedReportsAreInvalid) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(2);
+  Plan(id, {a, b});
+  coordinator_->Tick();
+  auto qa = Poll(a), qb = Poll(b);
+  auto expect_invalid = [&](mq::v1::ReportLayerRequest r, const std::string& field) {
+    auto resp = coordinator_->ReportLayer(r);
+    EXPECT_EQ(resp.status().code(), absl::StatusCode::kInvalidArgument) << field;
+    EXPECT_NE(resp.status().message().find(field), std::string::npos) << resp.status();
+  };
+  auto r = Layer(a, qa, 0);
+  r.set_step(4);
+  r.set_layer(14);
+  expect_invalid(r, "step = 4");
+  r = Layer(a, qa, 0);
+  r.set_rank(1);  // b's rank
+  expect_invalid(r, "rank = 1");
+  r = Layer(a, qa, 0);
+  r.set_rank(2);
+  expect_invalid(r, "rank = 2");
+  r = Layer(a, qa, 0);
+  r.set_layer(11);
+  expect_invalid(r, "layer = 11");
+  r = Layer(a, qa, 0);
+  r.mutable_files(0)->set_name("../x");
+  expect_invalid(r, "files[0].name");
+  r = Layer(a, qa, 0);
+  r.mutable_files(0)->set_sha256("XYZ");
+  expect_invalid(r, "files[0].sha256");
+  r = Layer(a, qa, 0);
+  r.mutable_stats()->set_solve_seconds(std::nan(""));
+  expect_invalid(r, "stats.solve_seconds");
+  EXPECT_EQ(Get(id).layers_size(), 0);
+  // A wrong lease epoch or someone else's assignment is stale.
+  r = Layer(a, qa, 0);
+  r.set_lease_epoch(qa.lease_epoch() + 7);
+  EXPECT_EQ(coordinator_->ReportLayer(r).status().code(), absl::StatusCode::kAborted);
+  r = Layer(a, qb, 0);
+  r.set_rank(1);
+  EXPECT_EQ(coordinator_->ReportLayer(r).status().code(), absl::StatusCode::kAborted);
+}
+
+TEST_F(PipelineTest, GangWaitsThenShrinksOnlyWhenTooFewAreAlive) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(3);
+  Plan(id, {a, b});
+  coordinator_->Tick();
+  auto job = Get(id).job();
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED);
+  EXPECT_NE(job.message().find("2 of 3 workers available"), std::string::npos) << job.message();
+  now_ += 29000;
+  Heartbeat(a);
+  Heartbeat(b);
+  coordinator_->Tick();
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_QUEUED);
+  now_ += 1000;  // 30 s: the default gang_wait_ms
+  Heartbeat(a);
+  Heartbeat(b);
+  coordinator_->Tick();
+  job = Get(id).job();
+  ASSERT_EQ(job.state(), mq::v1::JOB_STATE_RUNNING) << job.message();
+  EXPECT_EQ(job.progress().gang_size(), 2);
+  EXPECT_EQ(Poll(a).world_size(), 2);
+  EXPECT_NE(LastEvent(id, "assigned").find("smaller than spec.gang_size 3"), std::string::npos)
+      << LastEvent(id, "assigned");
+}
+
+TEST_F(PipelineTest, GangKeepsWaitingWhileEnoughWorkersAreAliveButBusy) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string c = RegisterQ("w-c");
+  const std::string first = SubmitGang(1);
+  Plan(first, {a, b, c});
+  coordinator_->Tick();  // the first job takes one worker
+  ASSERT_EQ(Get(first).job().state(), mq::v1::JOB_STATE_RUNNING);
+  for (const auto& w : {a, b, c}) Poll(w);  // deliver the first job's assignment
+  const std::string id = SubmitGang(3);
+  Plan(id, {a, b, c});
+  for (int i = 0; i < 5; ++i) {
+    now_ += 20000;
+    for (const auto& w : {a, b, c}) Heartbeat(w);
+    coordinator_->Tick();
+  }
+  auto job = Get(id).job();
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED);
+  EXPECT_NE(job.message().find("2 of 3"), std::string::npos) << job.message();
+}
+
+TEST_F(PipelineTest, WorkersWithoutGangAddressAreNotCandidates) {
+  const std::string a = RegisterQ("w-a", /*with_address=*/false);
+  const std::string id = SubmitGang(1);
+  Plan(id, {a});
+  now_ += 60000;
+  Heartbeat(a);
+  coordinator_->Tick();
+  auto job = Get(id).job();
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED);
+  EXPECT_NE(job.message().find("without a gang address"), std::string::npos) << job.message();
+}
+
+TEST_F(PipelineTest, LostRankAbortsTheWholeGangUncounted) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(2, /*max_attempts=*/1);
+  Plan(id, {a, b});
+  coordinator_->Tick();
+  auto qa = Poll(a), qb = Poll(b);
+  for (int step = 0; step < 2; ++step) {
+    ASSERT_TRUE(Report(a, qa, step).ok());
+    ASSERT_TRUE(Report(b, qb, step)->committed());
+  }
+  ASSERT_TRUE(Report(a, qa, 2).ok());  // step 2 pending: rank 1 never reports it
+  const auto before = Get(id).job();
+  // b goes silent; a keeps heartbeating.
+  for (int i = 0; i < 12; ++i) {
+    now_ += 100;
+    Heartbeat(a);
+    coordinator_->Tick();
+  }
+  auto job = Get(id);
+  EXPECT_EQ(job.job().uncounted_attempts(), 1);
+  EXPECT_EQ(job.job().attempt_base(), before.attempt_base() + 1);
+  EXPECT_EQ(job.attempts().rbegin()->state(), mq::v1::ATTEMPT_STATE_ABORTED);
+  EXPECT_GE(CountEvents(id, "lease_expired"), 1);
+  bool not_counted = false;
+  for (const auto& e : job.events()) {
+    not_counted = not_counted || e.message().find("not counted") != std::string::npos;
+  }
+  EXPECT_TRUE(not_counted);
+  // The survivor is told to stop and its late reports are fenced off.
+  EXPECT_EQ(HeartbeatCancels(a, qa.assignment_id()),
+            std::vector<std::string>({qa.assignment_id()}));
+  EXPECT_EQ(Report(a, qa, 3).status().code(), absl::StatusCode::kAborted);
+  EXPECT_EQ(Quantized(a, qa).code(), absl::StatusCode::kAborted);
+  // The next attempt (a smaller gang once the wait is over) starts at the first uncommitted step.
+  const std::string c = RegisterQ("w-c");
+  coordinator_->Tick();
+  auto next = Get(id).job();
+  ASSERT_EQ(next.state(), mq::v1::JOB_STATE_RUNNING) << next.message();
+  // The lost attempt did not use up the budget: the retry counts like the attempt it replaces.
+  EXPECT_EQ(next.attempt() - next.attempt_base(), before.attempt() - before.attempt_base());
+  auto na = Poll(a);
+  auto nc = Poll(c);
+  EXPECT_EQ(na.attempt(), qa.attempt() + 1);
+  EXPECT_EQ(na.start_step(), 2);
+  EXPECT_EQ(nc.start_step(), 2);
+  EXPECT_EQ(na.committed_files_size(), 4);
+  EXPECT_EQ(Get(id).layers_size(), 2);  // step 2's stale pending report is gone
+  EXPECT_EQ(Report(a, na, 1).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(PipelineTest, RankErrorFailsTheAttemptAndStopsPeers) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(2);
+  Plan(id, {a, b});
+  coordinator_->Tick();
+  auto qa = Poll(a), qb = Poll(b);
+  ASSERT_TRUE(Report(a, qa, 0).ok());
+  ASSERT_TRUE(Report(b, qb, 0)->committed());
+  ASSERT_TRUE(Error(b, qb).ok());
+  ASSERT_TRUE(Error(b, qb).ok());  // idempotent
+  auto job = Get(id);
+  EXPECT_EQ(job.job().state(), mq::v1::JOB_STATE_QUEUED) << job.job().message();
+  EXPECT_EQ(job.job().uncounted_attempts(), 0);
+  EXPECT_EQ(job.attempts().rbegin()->state(), mq::v1::ATTEMPT_STATE_FAILED);
+  EXPECT_EQ(HeartbeatCancels(a, qa.assignment_id()),
+            std::vector<std::string>({qa.assignment_id()}));
+  EXPECT_EQ(Report(a, qa, 1).status().code(), absl::StatusCode::kAborted);
+  mq::v1::ReportProgressRequest progress;
+  progress.set_worker_id(a);
+  progress.set_assignment_id(qa.assignment_id());
+  progress.set_lease_epoch(qa.lease_epoch());
+  EXPECT_EQ(coordinator_->ReportProgress(progress).status().code(), absl::StatusCode::kAborted);
+  // Retried on the same two workers from step 1.
+  coordinator_->Tick();
+  auto na = Poll(a);
+  EXPECT_EQ(na.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+  EXPECT_EQ(na.start_step(), 1);
+}
+
+TEST_F(PipelineTest, InfrastructureErrorIsNotCountedButBounded) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1, /*max_attempts=*/1);
+  Plan(id, {a});
+  for (int i = 0; i < 10; ++i) {
+    coordinator_->Tick();
+    auto q = Poll(a);
+    ASSERT_EQ(q.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE) << i;
+    ASSERT_TRUE(Error(a, q, /*infrastructure=*/true).ok());
+    ASSERT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_QUEUED) << i;
+  }
+  EXPECT_EQ(Get(id).job().uncounted_attempts(), 10);
+  coordinator_->Tick();
+  ASSERT_TRUE(Error(a, Poll(a), /*infrastructure=*/true).ok());
+  auto job = Get(id).job();
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_FAILED) << job.message();
+}
+
+TEST_F(PipelineTest, RanksDoneWithStepsMissingFailTheAttempt) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1);
+  Plan(id, {a});
+  coordinator_->Tick();
+  auto q = Poll(a);
+  ASSERT_TRUE(Report(a, q, 0)->committed());
+  ASSERT_TRUE(Quantized(a, q).ok());
+  auto job = Get(id);
+  EXPECT_EQ(job.job().state(), mq::v1::JOB_STATE_QUEUED);
+  EXPECT_NE(job.attempts().rbegin()->message().find("steps 1.. are not committed"),
+            std::string::npos)
+      << job.attempts().rbegin()->message();
+}
+
+TEST_F(PipelineTest, ResumeAfterFailureStartsAtFirstUncommittedStep) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1, /*max_attempts=*/1);
+  Plan(id, {a});
+  coordinator_->Tick();
+  auto q = Poll(a);
+  ASSERT_TRUE(Report(a, q, 0)->committed());
+  ASSERT_TRUE(Report(a, q, 1)->committed());
+  ASSERT_TRUE(Error(a, q).ok());
+  ASSERT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FAILED);
+  mq::v1::ResumeJobRequest r;
+  r.set_job_id(id);
+  ASSERT_TRUE(coordinator_->ResumeJob(r).ok());
+  coordinator_->Tick();
+  auto next = Poll(a);
+  ASSERT_EQ(next.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);  // no re-planning
+  EXPECT_EQ(next.start_step(), 2);
+  EXPECT_EQ(next.committed_files_size(), 2);
+  ASSERT_TRUE(Report(a, next, 2)->committed());
+  ASSERT_TRUE(Report(a, next, 3)->committed());
+  ASSERT_TRUE(Quantized(a, next).ok());
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FINALIZING);
+  // A failed finalize goes straight back to finalizing.
+  coordinator_->Tick();
+  auto fin = Poll(a);
+  ASSERT_EQ(fin.kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
+  ASSERT_TRUE(Error(a, fin, /*infrastructure=*/true).ok());
+  coordinator_->Tick();
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FINALIZING);
+  EXPECT_EQ(Poll(a).kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
+}
+
+TEST_F(PipelineTest, CancelStopsEveryRank) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(2);
+  Plan(id, {a, b});
+  coordinator_->Tick();
+  auto qa = Poll(a), qb = Poll(b);
+  mq::v1::CancelJobRequest c;
+  c.set_job_id(id);
+  ASSERT_TRUE(coordinator_->CancelJob(c).ok());
+  EXPECT_EQ(HeartbeatCancels(a, qa.assignment_id()).size(), 1u);
+  EXPECT_EQ(HeartbeatCancels(b, qb.assignment_id()).size(), 1u);
+  EXPECT_EQ(Report(a, qa, 0).status().code(), absl::StatusCode::kAborted);
+}
+
+TEST_F(PipelineTest, PlanWithoutQuantizeWorkersFailsWithMissingCapability) {
+  const std::string w = Register("planner-only");
+  const std::string id = SubmitGang(1);
+  Plan(id, {w});
+  auto job = Get(id).job();
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_FAILED);
+  EXPECT_EQ(job.missing_capability(), "quantize:gptq");
+  EXPECT_NE(job.message().find("mq-client resume"), std::string::npos) << job.message();
+  // A quantize worker arrives; resume continues from the plan.
+  const std::string q = RegisterQ("w-q");
+  mq::v1::ResumeJobRequest r;
+  r.set_job_id(id);
+  ASSERT_TRUE(coordinator_->ResumeJob(r).ok());
+  coordinator_->Tick();
+  EXPECT_EQ(Poll(q).kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+}
+
+// Close and reopen a RocksDB store mid-attempt: committed steps stay, the live gang goes on.
+class PipelineRocksDbTest : public PipelineTest {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() / ("mq-pipeline-" + std::to_string(getpid()));
+    std::filesystem::remove_all(dir_);
+    Reopen();
+  }
+  void TearDown() override {
+    coordinator_.reset();
+    store_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+  void Reopen() {
+    coordinator_.reset();
+    store_.reset();
+    auto store = OpenRocksDbStore(dir_.string());
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = *std::move(store);
+    Restart();
+  }
+  std::filesystem::path dir_;
+};
+
+TEST_F(PipelineRocksDbTest, RecoverMidAttemptKeepsCommittedLayersAndAcceptsReports) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(2);
+  Plan(id, {a, b});
+  coordinator_->Tick();
+  auto qa = Poll(a), qb = Poll(b);
+  ASSERT_TRUE(Report(a, qa, 0).ok());
+  ASSERT_TRUE(Report(b, qb, 0)->committed());
+  ASSERT_TRUE(Report(a, qa, 1).ok());  // pending
+  const auto before = Get(id);
+  Reopen();
+  auto after = Get(id);
+  EXPECT_EQ(after.job().SerializeAsString(), before.job().SerializeAsString());
+  ASSERT_EQ(after.layers_size(), 2);
+  EXPECT_TRUE(after.layers(0).committed());
+  EXPECT_FALSE(after.layers(1).committed());
+  EXPECT_EQ(after.layers(1).reports_size(), 1);
+  Heartbeat(a);
+  Heartbeat(b);
+  coordinator_->Tick();
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_RUNNING);
+  EXPECT_TRUE(Report(b, qb, 1)->committed());
+  EXPECT_TRUE(Report(a, qa, 0)->committed());  // a repeat from before the restart
+  EXPECT_EQ(Get(id).job().progress().layers_committed(), 2);
+  EXPECT_EQ(CountEvents(id, "layer_committed"), 2);
 }
 
 }  // namespace

@@ -255,5 +255,74 @@ TEST_F(GrpcValidationTest, WorkerServiceRequests) {
                 "result", "complete");
 }
 
+TEST_F(GrpcValidationTest, MalformedReportLayerFieldsAreNamed) {
+  auto report = [&](std::function<void(mq::v1::ReportLayerRequest&)> f) {
+    mq::v1::ReportLayerRequest r;
+    r.set_worker_id("w-00000000000000000000000000");
+    r.set_assignment_id("a-x");
+    r.set_step(0);
+    r.set_rank(0);
+    mq::v1::OutputFile* file = r.add_files();
+    file->set_name("layer-3.safetensors");
+    file->set_size_bytes(10);
+    file->set_sha256(std::string(64, 'a'));
+    f(r);
+    return Call<mq::v1::ReportLayerRequest, mq::v1::ReportLayerResponse>(
+        [&](auto* c, auto& q, auto* p) { return worker_stub_->ReportLayer(c, q, p); }, r);
+  };
+  // A well-formed report for an unknown assignment passes validation and is NOT_FOUND.
+  EXPECT_EQ(report([](auto&) {}).error_code(), grpc::StatusCode::NOT_FOUND);
+  struct Case {
+    std::string field;
+    std::function<void(mq::v1::ReportLayerRequest&)> mutate;
+  };
+  std::vector<Case> cases = {
+      {"step", [](auto& r) { r.set_step(-1); }},
+      {"layer", [](auto& r) { r.set_layer(-2); }},
+      {"rank", [](auto& r) { r.set_rank(-1); }},
+      {"files[0].name", [](auto& r) { r.mutable_files(0)->set_name(""); }},
+      {"files[0].name", [](auto& r) { r.mutable_files(0)->set_name(std::string(256, 'n')); }},
+      {"files[0].name", [](auto& r) { r.mutable_files(0)->set_name("a/b.safetensors"); }},
+      {"files[0].name", [](auto& r) { r.mutable_files(0)->set_name("."); }},
+      {"files[0].name", [](auto& r) { r.mutable_files(0)->set_name(".."); }},
+      {"files[0].name", [](auto& r) { r.mutable_files(0)->set_name(std::string("a\0b", 3)); }},
+      {"files[0].sha256", [](auto& r) { r.mutable_files(0)->set_sha256(""); }},
+      {"files[0].sha256", [](auto& r) { r.mutable_files(0)->set_sha256(std::string(64, 'A')); }},
+      {"files[0].sha256", [](auto& r) { r.mutable_files(0)->set_sha256(std::string(63, 'a')); }},
+      {"files[0].sha256", [](auto& r) { r.mutable_files(0)->set_sha256(std::string(64, 'g')); }},
+      {"files[0].size_bytes", [](auto& r) { r.mutable_files(0)->set_size_bytes(-1); }},
+      {"files[1].name", [](auto& r) { *r.add_files() = r.files(0); }},
+      {"files[1].sha256", [](auto& r) {
+         auto* f = r.add_files();
+         f->set_name("other");
+         f->set_sha256("zz");
+       }},
+      {"stats.load_seconds", [](auto& r) { r.mutable_stats()->set_load_seconds(-1); }},
+      {"stats.write_seconds",
+       [](auto& r) { r.mutable_stats()->set_write_seconds(std::numeric_limits<double>::infinity()); }},
+      {"stats.mean_relative_error", [](auto& r) { r.mutable_stats()->set_mean_relative_error(std::nan("")); }},
+      {"stats.expert_tokens_min", [](auto& r) { r.mutable_stats()->set_expert_tokens_min(-3); }},
+      {"stats.fallbacks", [](auto& r) { r.mutable_stats()->set_fallbacks(-1); }},
+      {"stats.rare[0]", [](auto& r) { r.mutable_stats()->add_rare()->set_expert(-1); }},
+  };
+  for (const Case& c : cases) ExpectInvalid(report(c.mutate), c.field, "report " + c.field);
+  EXPECT_EQ(report([](auto& r) { r.mutable_files(0)->set_sha256("XYZ"); }).error_message(),
+            "files[0].sha256 = \"XYZ\": must be 64 lowercase hex characters");
+
+  mq::v1::CompleteAssignmentRequest complete;
+  complete.set_assignment_id("a-x");
+  complete.mutable_finalized()->set_manifest_sha256("nothex");
+  ExpectInvalid(Call<mq::v1::CompleteAssignmentRequest, mq::v1::CompleteAssignmentResponse>(
+                    [&](auto* c, auto& q, auto* p) { return worker_stub_->CompleteAssignment(c, q, p); },
+                    complete),
+                "finalized.manifest_sha256", "finalize");
+  complete.mutable_finalized()->set_manifest_sha256(std::string(64, 'b'));
+  complete.mutable_finalized()->set_total_bytes(-1);
+  ExpectInvalid(Call<mq::v1::CompleteAssignmentRequest, mq::v1::CompleteAssignmentResponse>(
+                    [&](auto* c, auto& q, auto* p) { return worker_stub_->CompleteAssignment(c, q, p); },
+                    complete),
+                "finalized.total_bytes", "finalize");
+}
+
 }  // namespace
 }  // namespace mq::server

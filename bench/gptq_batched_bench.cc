@@ -1,0 +1,192 @@
+// Batched GPTQ (worker/quant/gptq_batched.h) on the GPU at the routed-expert shapes of
+// DeepSeek-V3: E experts × {gate, up: 2048×7168 sharing one 7168² Hessian} and E × {down:
+// 7168×2048, 2048² Hessian}, 65,536 calibration tokens, sym 4-bit g128, act-order, block 128,
+// damping 0.1 (the MoE-Quant reference setting). Prints, per shape: Hessian time, prepare
+// (factorisation) time per Hessian for each factorisation variant, solve time for one matrix
+// alone and amortized per matrix over the batch (minmax, mse, TF32 update), the relative output
+// error on held-out tokens of ours / QuantizeGptq / RTN and the fraction of codes that differ
+// from QuantizeGptq.
+//
+// usage: mq-bench-gptq-batched [--device cuda:0] [--tokens 65536] [--experts 32] [--iters 3]
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "worker/quant/gptq.h"
+#include "worker/quant/gptq_batched.h"
+#include "worker/quant/hessian.h"
+#include "worker/quant/rtn.h"
+
+namespace {
+
+using namespace mq::quant;
+
+template <typename Fn>
+double MedianMs(int iters, Fn fn) {
+  fn();
+  c10::cuda::device_synchronize();
+  std::vector<double> ms;
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    c10::cuda::device_synchronize();
+    ms.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+template <typename T>
+T Must(absl::StatusOr<T> v) {
+  if (!v.ok()) {
+    std::fprintf(stderr, "error: %s\n", v.status().ToString().c_str());
+    std::exit(1);
+  }
+  return *std::move(v);
+}
+
+// The activations of bench/gptq_bench.cc: most energy in a 256-dim subspace, small isotropic
+// noise, 8 large channels.
+at::Tensor Activations(int64_t tokens, int64_t dim, const at::Device& d, int64_t seed) {
+  const auto o = at::TensorOptions().device(d);
+  at::manual_seed(7);
+  at::Tensor basis = at::randn({256, dim}, o) / 16.0;
+  at::manual_seed(seed);
+  at::Tensor x = at::matmul(at::randn({tokens, 256}, o), basis) + 0.05 * at::randn({tokens, dim}, o);
+  x.index_put_({at::indexing::Slice(), at::indexing::Slice(0, 8)},
+               x.index({at::indexing::Slice(), at::indexing::Slice(0, 8)}) * 20);
+  return x.to(at::kBFloat16);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string device_name = "cuda:0";
+  int64_t tokens = 65536, experts = 32;
+  int iters = 3;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string flag = argv[i], value = argv[i + 1];
+    if (flag == "--device") device_name = value;
+    else if (flag == "--tokens") tokens = std::atoll(value.c_str());
+    else if (flag == "--experts") experts = std::atoll(value.c_str());
+    else if (flag == "--iters") iters = std::atoi(value.c_str());
+    else {
+      std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
+      return 2;
+    }
+  }
+  const at::Device d(device_name);
+  GptqOptions options;
+  options.rel_damp = 0.1;
+  GptqOptions mse = options;
+  mse.grid.scale_search = ScaleSearch::kMse;
+  std::vector<std::string> table;
+  for (auto [out, in] : std::vector<std::pair<int64_t, int64_t>>{{2048, 7168}, {7168, 2048}}) {
+    const bool shared = out < in;  // gate/up: two weights per Hessian
+    const int64_t per_h = shared ? 2 : 1;
+    at::Tensor x = Activations(tokens, in, d, 1);
+    at::Tensor held_out = Activations(4096, in, d, 2);
+    at::Tensor h;
+    const double hess_ms = MedianMs(iters, [&] {
+      HessianAccumulator acc(in, d);
+      if (!acc.Add(x).ok()) std::abort();
+      h = Must(acc.Finalize());
+    });
+    x.reset();
+    std::vector<at::Tensor> hs, ws;
+    std::vector<int64_t> of;
+    at::manual_seed(3);
+    for (int64_t e = 0; e < experts; ++e) {
+      hs.push_back(h * (1.0 + 0.01 * e));
+      for (int64_t k = 0; k < per_h; ++k) {
+        ws.push_back((at::randn({out, in}, at::TensorOptions().device(d)) * 0.02).to(at::kBFloat16));
+        of.push_back(e);
+      }
+    }
+    const int64_t nmat = static_cast<int64_t>(ws.size());
+    std::printf("== %lldx%lld: %lld experts, %lld matrices, %lld Hessians\n", (long long)out,
+                (long long)in, (long long)experts, (long long)nmat, (long long)experts);
+    std::printf("hessian (one expert, %lld tokens, bf16 GEMM fp32 out): %.2f ms\n",
+                (long long)tokens, hess_ms);
+
+    // Factorisation variants: per Hessian, amortized over the batch.
+    struct Variant { const char* name; bool fp64; HessianFactorization how; };
+    std::vector<PreparedHessian> prepared;
+    for (Variant v : {Variant{"fp64 chain (PrepareHessian's)", true, HessianFactorization::kInverseCholesky},
+                      Variant{"fp64 reversed", true, HessianFactorization::kReversedCholesky},
+                      Variant{"fp32 reversed", false, HessianFactorization::kReversedCholesky}}) {
+      GptqOptions o = options;
+      o.fp64_factorization = v.fp64;
+      GptqBatchOptions bo;
+      bo.factorization = v.how;
+      std::vector<PreparedHessian> p;
+      const double ms = MedianMs(std::max(1, iters - 1), [&] { p = Must(PrepareHessiansBatched(hs, o, bo)); });
+      auto r = Must(QuantizeGptqBatched({ws[0]}, {0}, std::vector<PreparedHessian>{p[0]}, options));
+      const double err = Must(RelativeOutputError(ws[0], r[0].weight.dequantized, held_out));
+      std::printf("prepare %-30s: %8.2f ms per Hessian (batch of %lld), err(matrix 0) %.5e\n",
+                  v.name, ms / experts, (long long)experts, err);
+      if (v.fp64 && v.how == HessianFactorization::kReversedCholesky) prepared = p;
+    }
+    const double prep1_ms = MedianMs(iters, [&] {
+      Must(PrepareHessiansBatched({hs[0]}, options));
+    });
+
+    // Reference: the existing per-matrix path (prepare + solve).
+    GptqResult ref;
+    const double ref_ms = MedianMs(1, [&] { ref = Must(QuantizeGptq(ws[0], hs[0], options)); });
+    const double err_ref = Must(RelativeOutputError(ws[0], ref.weight.dequantized, held_out));
+    const double err_rtn = Must(RelativeOutputError(
+        ws[0], Must(QuantizeRtn(ws[0], options.grid)).dequantized, held_out));
+
+    // One matrix alone (its own prepared Hessian), then the whole batch.
+    std::vector<PreparedHessian> p0 = {prepared[0]};
+    std::vector<GptqResult> alone;
+    const double alone_ms = MedianMs(iters, [&] { alone = Must(QuantizeGptqBatched({ws[0]}, {0}, p0, options)); });
+    const double alone_mse_ms = MedianMs(iters, [&] { Must(QuantizeGptqBatched({ws[0]}, {0}, p0, mse)); });
+    std::vector<GptqResult> all;
+    const double batch_ms = MedianMs(iters, [&] { all = Must(QuantizeGptqBatched(ws, of, prepared, options)); });
+    const double batch_mse_ms = MedianMs(std::max(1, iters - 1), [&] { Must(QuantizeGptqBatched(ws, of, prepared, mse)); });
+    GptqBatchOptions tf32;
+    tf32.tf32_update = true;
+    std::vector<GptqResult> all_tf32;
+    const double batch_tf32_ms = MedianMs(iters, [&] { all_tf32 = Must(QuantizeGptqBatched(ws, of, prepared, options, tf32)); });
+    const double err_ours = Must(RelativeOutputError(ws[0], all[0].weight.dequantized, held_out));
+    const double err_tf32 = Must(RelativeOutputError(ws[0], all_tf32[0].weight.dequantized, held_out));
+    const double diff = all[0].weight.codes.ne(ref.weight.codes).to(at::kDouble).mean().item<double>();
+    const double diff_alone = alone[0].weight.codes.ne(all[0].weight.codes).sum().item<double>();
+    // Codes vs QuantizeGptq with the same (chain, fp64) factorisation, to isolate the GEMM order.
+    GptqBatchOptions chain;
+    chain.factorization = HessianFactorization::kInverseCholesky;
+    auto chained = Must(QuantizeGptqBatched({ws[0]}, {0}, std::vector<at::Tensor>{hs[0]}, options, chain));
+    const double diff_chain = chained[0].weight.codes.ne(ref.weight.codes).to(at::kDouble).mean().item<double>();
+
+    std::printf("existing QuantizeGptq (prepare+solve, one matrix): %.1f ms\n", ref_ms);
+    std::printf("prepare one Hessian alone (fp64 reversed): %.2f ms\n", prep1_ms);
+    std::printf("solve alone: minmax %.2f ms, mse %.2f ms\n", alone_ms, alone_mse_ms);
+    std::printf("solve batch of %lld: minmax %.1f ms (%.2f per matrix), mse %.1f ms (%.2f), tf32 update %.1f ms (%.2f)\n",
+                (long long)nmat, batch_ms, batch_ms / nmat, batch_mse_ms, batch_mse_ms / nmat,
+                batch_tf32_ms, batch_tf32_ms / nmat);
+    std::printf("rel. output error: ours %.5e, ours tf32 %.5e, QuantizeGptq %.5e, RTN %.5e\n",
+                err_ours, err_tf32, err_ref, err_rtn);
+    std::printf("codes != QuantizeGptq: %.3e (fp64 reversed), %.3e (fp64 chain, same factorisation); batch vs alone differ in %.0f codes\n",
+                diff, diff_chain, diff_alone);
+    const double prep_per_matrix = prepared.empty() ? 0 : 0;  // printed above per Hessian
+    (void)prep_per_matrix;
+    char line[512];
+    std::snprintf(line, sizeof(line),
+                  "| %lldx%lld | %.1f | %.2f / %.2f | %.2f / %.2f | %.2f | %.2e / %.2e / %.2e | %.1e |",
+                  (long long)out, (long long)in, hess_ms, alone_ms, alone_mse_ms, batch_ms / nmat,
+                  batch_mse_ms / nmat, batch_tf32_ms / nmat, err_ours, err_ref, err_rtn, diff);
+    table.push_back(line);
+  }
+  std::printf("\n| matrix | Hessian ms | solve alone minmax/mse ms | solve amortized minmax/mse ms | tf32 amortized ms | err ours / QuantizeGptq / RTN | codes != QuantizeGptq |\n|---|---|---|---|---|---|---|\n");
+  for (const auto& l : table) std::printf("%s\n", l.c_str());
+  return 0;
+}

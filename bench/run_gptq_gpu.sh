@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU run for the batched GPTQ work (device tool; carry [".device"]): builds only the GPTQ
+# targets with CUDA, runs their tests (gpu label), compute-sanitizer memcheck on the kernel test
+# and mq-bench-gptq-batched. Logs under $OUT.   command: bash bench/run_gptq_gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/mq-gpu-out}"
+mkdir -p "$OUT"
+source .device/env.sh
+# The GPU machine lacks PCRE2's development files, which only worker/data (not built here) needs:
+# a stub pkg-config entry lets the configure step pass.
+if ! pkg-config --exists libpcre2-8 2>/dev/null; then
+  mkdir -p /tmp/mq-pc && printf 'Name: libpcre2-8\nDescription: stub\nVersion: 10.42\nLibs: -lpcre2-8\nCflags:\n' > /tmp/mq-pc/libpcre2-8.pc
+  export PKG_CONFIG_PATH="/tmp/mq-pc:$PKG_CONFIG_PATH"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv \
+  | tee "$OUT/gpu.txt"
+# Likewise Gloo's headers, needed only by worker/pipeline (not built here).
+EXTRA=""
+[ -e "$MQ_DEPS/usr/include/gloo/context.h" ] || EXTRA="-DMQ_GLOO_INCLUDE_DIR=/tmp/mq-pc"
+mkdir -p /tmp/mq-pc
+start=$(date +%s)
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMQ_ENABLE_CUDA=ON \
+  $MQ_DEVICE_CMAKE_ARGS $EXTRA > "$OUT/configure.log" 2>&1 || { tail -50 "$OUT/configure.log"; exit 1; }
+cmake --build build-gpu -j 16 --target ${MQ_GPU_TARGETS:-gptq_kernel_test gptq_gpu_test gptq_batched_test mq-bench-gptq-batched} \
+  > "$OUT/build.log" 2>&1 || { grep -E "error" -A5 "$OUT/build.log" | head -60; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+for t in build-gpu/tests/unit/kernels/gptq_kernel_test build-gpu/tests/unit/kernels/gptq_gpu_test \
+         build-gpu/tests/unit/worker/quant/gptq_batched_test; do
+  [ -x "$t" ] || continue
+  "$t" > "$OUT/$(basename $t).log" 2>&1; rc=$?
+  echo "$(basename $t): rc=$rc"; grep -E "differ|PASSED|FAILED|Failure|Expected|Which is|actual" "$OUT/$(basename $t).log" | head -20
+done
+CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$CS" ] && [ -x build-gpu/tests/unit/kernels/gptq_gpu_test ]; then
+  "$CS" --tool memcheck --error-exitcode 9 build-gpu/tests/unit/kernels/gptq_gpu_test \
+    > "$OUT/sanitizer-gptq_gpu_test.log" 2>&1
+  echo "compute-sanitizer memcheck gptq_gpu_test: rc=$?"; grep -E "ERROR SUMMARY" "$OUT/sanitizer-gptq_gpu_test.log"
+fi
+if [ -x build-gpu/bench/mq-bench-gptq-batched ]; then
+  timeout ${MQ_BENCH_TIMEOUT:-300} build-gpu/bench/mq-bench-gptq-batched --device cuda:0 --tokens 65536 \
+    --experts ${MQ_BENCH_EXPERTS:-32} --iters 3 2>&1 | tee "$OUT/bench-gptq-batched.txt"
+fi

@@ -1,0 +1,124 @@
+"""The quantization job end to end through real processes: mq-client submit --wait on a
+generated FP8 model with 1 and 2 CPU workers; the output loads in transformers; perplexity next
+to the original's and RTN's; bit-identical reruns; gang sizes 1 vs 2; fail-fast inputs."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from quantize_env import (check_output_dir, make_model, manifest, nll_mq_forward,
+                          nll_transformers, submit_args)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qenv")
+    model, dataset, heldout = make_model(tmp)
+    return {"tmp": tmp, "model": model, "dataset": dataset, "heldout": heldout}
+
+
+def run_job(cluster, env, out, *extra):
+    res = cluster.client(*submit_args(env["model"], out, env["dataset"], *extra), "--wait",
+                         timeout=600)
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
+    job_id = res.stdout.split()[0]
+    return job_id, cluster.job(job_id)
+
+
+def codes(out):
+    """Every tensor of an output directory, by name."""
+    from safetensors.torch import load_file
+    index = json.loads((Path(out) / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for f in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(str(Path(out) / f)))
+    return tensors
+
+
+def test_end_to_end_gang_of_two_and_one(cluster, env, tmp_path):
+    cluster.start_coordinator()
+    cluster.start_worker("w1")
+    cluster.start_worker("w2")
+    out2 = tmp_path / "out-gptq-k2"
+    job_id, job = run_job(cluster, env, out2, "--gang-size", 2)
+    j = job["job"]
+    assert j["state"] == "JOB_STATE_SUCCEEDED"
+    assert j["progress"]["layers_committed"] == j["progress"]["layers_total"] == 3
+    m2 = check_output_dir(out2)
+    assert j["manifest_sha256"]
+    kinds = [e["kind"] for e in job["events"]]
+    assert kinds.count("layer_committed") == 3, kinds
+    # Per-layer statistics reached the job.
+    last = j["progress"]["last_layer"]
+    assert int(last["expert_tokens_max"]) > 0 and int(last["quantized_linears"]) > 0
+
+    # The same job again: bit-identical output.
+    out2b = tmp_path / "out-gptq-k2-again"
+    _, again = run_job(cluster, env, out2b, "--gang-size", 2)
+    assert again["job"]["manifest_sha256"] == j["manifest_sha256"]
+    assert manifest(out2b) == m2
+
+    # Gang of one: the same up to rounding (documented in the README).
+    out1 = tmp_path / "out-gptq-k1"
+    run_job(cluster, env, out1, "--gang-size", 1)
+    check_output_dir(out1)
+    a, b = codes(out1), codes(out2)
+    assert set(a) == set(b)
+    differing = total = 0
+    for name in a:
+        if name.endswith("weight_packed"):
+            x = a[name].view(-1).numpy().view("uint8")
+            y = b[name].view(-1).numpy().view("uint8")
+            lo = (x & 15) != (y & 15)
+            hi = (x >> 4) != (y >> 4)
+            differing += int(lo.sum() + hi.sum())
+            total += 2 * x.size
+    frac = differing / total
+    print(f"gang 1 vs 2: {differing} of {total} int4 codes differ ({frac:.4%})")
+    assert frac < 0.01
+
+    # RTN through the service, and perplexities.
+    out_rtn = tmp_path / "out-rtn"
+    run_job(cluster, env, out_rtn, "--method", "rtn", "--gang-size", 2)
+    heldout = env["heldout"]
+    orig = nll_mq_forward(env["model"], heldout, tmp_path)
+    gptq = nll_transformers(out2, heldout)
+    rtn = nll_transformers(out_rtn, heldout)
+    print(f"held-out perplexity: original {math.exp(orig):.4f}  gptq {math.exp(gptq):.4f}  "
+          f"rtn {math.exp(rtn):.4f}")
+    assert abs(gptq - orig) < abs(rtn - orig)
+
+
+def test_bad_inputs_fail_fast(cluster, env, tmp_path):
+    cluster.start_coordinator()
+    cluster.start_worker("w1")
+    # Missing dataset file.
+    res = cluster.client(*submit_args(env["model"], tmp_path / "o1", tmp_path / "nope.jsonl"),
+                         "--wait", timeout=120)
+    assert res.returncode == 1
+    assert "nope.jsonl" in res.stdout + res.stderr
+    # Malformed dataset.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    res = cluster.client(*submit_args(env["model"], tmp_path / "o2", bad), "--wait", timeout=120)
+    assert res.returncode == 1
+    assert "line 2" in res.stdout + res.stderr
+    # Output directory holding someone else's files.
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    res = cluster.client(*submit_args(env["model"], busy, env["dataset"]), "--wait", timeout=120)
+    assert res.returncode == 1
+    assert "notes.txt" in res.stdout + res.stderr
+    assert (busy / "notes.txt").read_text() == "mine"
+    # Broken checkpoint: a missing shard.
+    model2 = tmp_path / "model-broken"
+    import shutil
+    shutil.copytree(env["model"], model2)
+    shard = sorted(model2.glob("model-*.safetensors"))[0]
+    shard.unlink()
+    res = cluster.client(*submit_args(model2, tmp_path / "o3", env["dataset"]), "--wait",
+                         timeout=120)
+    assert res.returncode == 1
+    assert shard.name in res.stdout + res.stderr

@@ -1,0 +1,1087 @@
+#include "worker/data/bpe_tokenizer.h"
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
+#include <algorithm>
+#include <array>
+#include <fstream>
+#include <map>
+#include <queue>
+#include <sstream>
+#include <utility>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/mutex.h"
+#include "nlohmann/json.hpp"
+
+namespace mq::data {
+namespace {
+
+using Json = nlohmann::json;
+
+// The GPT-2 pre-tokenization regex used by ByteLevel(use_regex=true).
+constexpr char kGpt2Pattern[] =
+    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+// Rust regex's Unicode `\w` (used by tokenizers for single_word added tokens).
+constexpr char kWordCharPattern[] = R"([\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\p{Join_Control}])";
+// Entries kept in the word cache before it is cleared (bounds memory on huge corpora).
+constexpr size_t kMaxCacheEntries = 1 << 20;
+
+// ---- UTF-8 helpers ------------------------------------------------------------------------
+
+// Byte length of the UTF-8 sequence starting with `lead` (input already validated).
+size_t Utf8Len(unsigned char lead) {
+  if (lead < 0x80) return 1;
+  if ((lead >> 5) == 0x6) return 2;
+  if ((lead >> 4) == 0xe) return 3;
+  return 4;
+}
+
+uint32_t DecodeAt(std::string_view s, size_t i) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data()) + i;
+  switch (Utf8Len(p[0])) {
+    case 1:
+      return p[0];
+    case 2:
+      return ((p[0] & 0x1fu) << 6) | (p[1] & 0x3fu);
+    case 3:
+      return ((p[0] & 0x0fu) << 12) | ((p[1] & 0x3fu) << 6) | (p[2] & 0x3fu);
+    default:
+      return ((p[0] & 0x07u) << 18) | ((p[1] & 0x3fu) << 12) | ((p[2] & 0x3fu) << 6) |
+             (p[3] & 0x3fu);
+  }
+}
+
+void AppendUtf8(uint32_t cp, std::string* out) {
+  if (cp < 0x80) {
+    out->push_back(static_cast<char>(cp));
+  } else if (cp < 0x800) {
+    out->push_back(static_cast<char>(0xc0 | (cp >> 6)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3f)));
+  } else if (cp < 0x10000) {
+    out->push_back(static_cast<char>(0xe0 | (cp >> 12)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3f)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3f)));
+  } else {
+    out->push_back(static_cast<char>(0xf0 | (cp >> 18)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3f)));
+    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3f)));
+    out->push_back(static_cast<char>(0x80 | (cp & 0x3f)));
+  }
+}
+
+// Returns the offset of the first invalid byte, or npos when `s` is valid UTF-8 (no overlongs,
+// no surrogates, nothing above U+10FFFF).
+size_t FindInvalidUtf8(std::string_view s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  size_t i = 0, n = s.size();
+  while (i < n) {
+    unsigned char c = p[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    size_t len;
+    uint32_t min;
+    if ((c >> 5) == 0x6) {
+      len = 2, min = 0x80;
+    } else if ((c >> 4) == 0xe) {
+      len = 3, min = 0x800;
+    } else if ((c >> 3) == 0x1e) {
+      len = 4, min = 0x10000;
+    } else {
+      return i;
+    }
+    if (i + len > n) return i;
+    for (size_t k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xc0) != 0x80) return i;
+    }
+    uint32_t cp = DecodeAt(s, i);
+    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return i;
+    i += len;
+  }
+  return std::string_view::npos;
+}
+
+// Unicode White_Space (Rust's char::is_whitespace and regex `\s`).
+bool IsWhiteSpace(uint32_t c) {
+  return (c >= 0x9 && c <= 0xd) || c == 0x20 || c == 0x85 || c == 0xa0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f ||
+         c == 0x3000;
+}
+
+// GPT-2's bytes_to_unicode(): the printable stand-in (UTF-8) of every byte.
+const std::array<std::string, 256>& ByteToUnicode() {
+  static const std::array<std::string, 256> table = [] {
+    std::array<std::string, 256> t;
+    int n = 0;
+    for (int b = 0; b < 256; ++b) {
+      bool printable = (b >= '!' && b <= '~') || (b >= 0xa1 && b <= 0xac) || (b >= 0xae);
+      uint32_t cp = printable ? static_cast<uint32_t>(b) : static_cast<uint32_t>(256 + n++);
+      AppendUtf8(cp, &t[b]);
+    }
+    return t;
+  }();
+  return table;
+}
+
+// ---- PCRE2 -------------------------------------------------------------------------------
+
+// Rewrites Oniguruma escapes whose PCRE2 meaning differs: `\s`/`\S` become White_Space (PCRE2
+// also counts U+180E), `\w`/`\W` become Oniguruma's word class (letters, marks, Nd, Pc).
+// `\W` inside a character class is kept as is.
+std::string ToPcre2Syntax(const std::string& pattern) {
+  constexpr char kWord[] = R"(\p{L}\p{M}\p{Nd}\p{Pc})";
+  std::string out;
+  out.reserve(pattern.size() + 16);
+  bool in_class = false;
+  for (size_t i = 0; i < pattern.size(); ++i) {
+    char c = pattern[i];
+    if (c == '\\' && i + 1 < pattern.size()) {
+      char e = pattern[++i];
+      if (e == 's') {
+        out += R"(\p{White_Space})";
+      } else if (e == 'S') {
+        out += R"(\P{White_Space})";
+      } else if (e == 'w') {
+        out += in_class ? std::string(kWord) : absl::StrCat("[", kWord, "]");
+      } else if (e == 'W' && !in_class) {
+        out += absl::StrCat("[^", kWord, "]");
+      } else {
+        out += c;
+        out += e;
+      }
+      continue;
+    }
+    if (!in_class && c == '[') {
+      in_class = true;
+      out += c;
+      // A ']' right after '[' or '[^' is a literal.
+      if (i + 1 < pattern.size() && pattern[i + 1] == '^') out += pattern[++i];
+      if (i + 1 < pattern.size() && pattern[i + 1] == ']') out += pattern[++i];
+      continue;
+    }
+    if (in_class && c == '[' && i + 1 < pattern.size() && pattern[i + 1] == ':') {
+      size_t end = pattern.find(":]", i + 2);  // POSIX class such as [:alpha:]
+      if (end != std::string::npos) {
+        out.append(pattern, i, end + 2 - i);
+        i = end + 1;
+        continue;
+      }
+    }
+    if (in_class && c == ']') in_class = false;
+    out += c;
+  }
+  return out;
+}
+
+pcre2_jit_stack* ThreadJitStack(void*) {
+  struct Holder {
+    pcre2_jit_stack* stack = pcre2_jit_stack_create(32 * 1024, 8 * 1024 * 1024, nullptr);
+    ~Holder() { pcre2_jit_stack_free(stack); }
+  };
+  thread_local Holder holder;
+  return holder.stack;
+}
+
+// A compiled UTF/UCP regex. Thread-safety: immutable after Compile; FindAll may run
+// concurrently (match data is per call, the JIT stack per thread).
+class Regex {
+ public:
+  static absl::StatusOr<std::shared_ptr<const Regex>> Compile(const std::string& pattern,
+                                                              const std::string& where) {
+    int error = 0;
+    PCRE2_SIZE offset = 0;
+    const std::string translated = ToPcre2Syntax(pattern);
+    pcre2_code* code =
+        pcre2_compile(reinterpret_cast<PCRE2_SPTR>(translated.data()), translated.size(),
+                      PCRE2_UTF | PCRE2_UCP, &error, &offset, nullptr);
+    if (code == nullptr) {
+      PCRE2_UCHAR buffer[256];
+      pcre2_get_error_message(error, buffer, sizeof(buffer));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, " = ", Json(pattern).dump(),
+                       ": not a valid regex (PCRE2: ", reinterpret_cast<const char*>(buffer),
+                       " at offset ", offset, " of ", Json(translated).dump(), ")"));
+    }
+    auto regex = std::shared_ptr<Regex>(new Regex());
+    regex->code_ = code;
+    // Without JIT support pcre2_match falls back to the interpreter.
+    pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);
+    regex->context_ = pcre2_match_context_create(nullptr);
+    pcre2_jit_stack_assign(regex->context_, ThreadJitStack, nullptr);
+    return std::shared_ptr<const Regex>(std::move(regex));
+  }
+  ~Regex() {
+    pcre2_match_context_free(context_);
+    pcre2_code_free(code_);
+  }
+  Regex(const Regex&) = delete;
+  Regex& operator=(const Regex&) = delete;
+
+  // All matches of the regex in `s` as (begin, end) byte offsets, with the semantics of the
+  // Rust `onig` crate's find_iter (an empty match right after the previous match is skipped by
+  // advancing one character). `s` must be valid UTF-8.
+  absl::Status FindAll(std::string_view s, std::vector<std::pair<size_t, size_t>>* out) const {
+    out->clear();
+    pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
+    size_t last_end = 0;
+    std::optional<size_t> last_match_end;
+    absl::Status status;
+    while (last_end <= s.size()) {
+      int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), last_end,
+                           PCRE2_NO_UTF_CHECK, md, context_);
+      if (rc == PCRE2_ERROR_NOMATCH) break;
+      if (rc < 0) {
+        PCRE2_UCHAR buffer[256];
+        pcre2_get_error_message(rc, buffer, sizeof(buffer));
+        status = absl::InvalidArgumentError(
+            absl::StrCat("regex match failed on a ", s.size(),
+                         "-byte piece: ", reinterpret_cast<const char*>(buffer)));
+        break;
+      }
+      PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
+      size_t begin = ov[0], end = ov[1];
+      if (begin == end && last_match_end == end) {
+        last_end += last_end < s.size() ? Utf8Len(static_cast<unsigned char>(s[last_end])) : 1;
+        continue;
+      }
+      last_end = end;
+      last_match_end = end;
+      out->emplace_back(begin, end);
+    }
+    pcre2_match_data_free(md);
+    return status;
+  }
+
+  // True when the regex matches at exactly offset `at` of `s` (anchored).
+  bool MatchesAt(std::string_view s, size_t at) const {
+    pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
+    int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), at,
+                         PCRE2_NO_UTF_CHECK | PCRE2_ANCHORED, md, context_);
+    pcre2_match_data_free(md);
+    return rc >= 0;
+  }
+
+ private:
+  Regex() = default;
+  pcre2_code* code_ = nullptr;
+  pcre2_match_context* context_ = nullptr;
+};
+
+// ---- pipeline pieces ----------------------------------------------------------------------
+
+// A piece of the input during pre-tokenization; `id >= 0` marks an extracted added token.
+struct Piece {
+  std::string text;
+  int32_t id = -1;
+};
+
+enum class Behavior { kRemoved, kIsolated, kMergedWithPrevious, kMergedWithNext, kContiguous };
+
+struct PreTokenizer {
+  enum class Kind { kByteLevel, kSplit } kind = Kind::kSplit;
+  bool add_prefix_space = false;  // ByteLevel
+  bool use_regex = false;         // ByteLevel
+  std::shared_ptr<const Regex> regex;
+  Behavior behavior = Behavior::kIsolated;
+  bool invert = false;
+};
+
+struct AddedToken {
+  std::string content;
+  int32_t id = 0;
+  bool lstrip = false, rstrip = false, single_word = false, normalized = false;
+};
+
+// Added tokens of one kind (normalized or not), indexed by first byte, longest first.
+struct AddedMatcher {
+  std::vector<AddedToken> tokens;
+  std::array<std::vector<int>, 256> by_first_byte;
+
+  void Build() {
+    for (int i = 0; i < static_cast<int>(tokens.size()); ++i) {
+      if (tokens[i].content.empty()) continue;
+      by_first_byte[static_cast<unsigned char>(tokens[i].content[0])].push_back(i);
+    }
+    for (auto& list : by_first_byte) {
+      std::stable_sort(list.begin(), list.end(), [&](int a, int b) {
+        return tokens[a].content.size() > tokens[b].content.size();
+      });
+    }
+  }
+  bool empty() const { return tokens.empty(); }
+};
+
+// One post-processor step for a single sequence: ids before and after (with special tokens).
+struct PostStep {
+  std::vector<int32_t> prefix, suffix;
+};
+
+std::string Quote(const Json& j) {
+  std::string s = j.dump();
+  return s.size() > 200 ? s.substr(0, 200) + "..." : s;
+}
+
+absl::Status Unsupported(const std::string& path, const Json& value, const std::string& allowed) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(path, " = ", Quote(value), ": unsupported; supported: ", allowed));
+}
+
+absl::StatusOr<bool> GetBool(const Json& obj, const std::string& path, const char* key,
+                             bool fallback) {
+  auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) return fallback;
+  if (!it->is_boolean()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ".", key, " = ", Quote(*it), ": must be true or false"));
+  }
+  return it->get<bool>();
+}
+
+absl::StatusOr<std::string> GetType(const Json& obj, const std::string& path) {
+  if (!obj.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, " = ", Quote(obj), ": must be an object or null"));
+  }
+  auto it = obj.find("type");
+  if (it == obj.end() || !it->is_string()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ".type is missing or not a string"));
+  }
+  return it->get<std::string>();
+}
+
+}  // namespace
+
+struct BpeTokenizer::Impl {
+  absl::flat_hash_map<std::string, int32_t> vocab;
+  absl::flat_hash_map<uint64_t, std::pair<int32_t, int32_t>> merges;  // (a,b) -> (rank, new id)
+  bool ignore_merges = false;
+  std::optional<int32_t> unk_id;
+  bool fuse_unk = false;
+  AddedMatcher raw_added;         // normalized = false: matched on the input text
+  AddedMatcher normalized_added;  // normalized = true: matched after the (identity) normalizer
+  absl::flat_hash_map<std::string, int32_t> added_by_content;
+  std::vector<PreTokenizer> pre_tokenizers;  // Sequence flattened
+  std::vector<PostStep> post_steps;
+  std::shared_ptr<const Regex> word_char;  // Rust `\w`
+  int64_t vocab_size = 0;
+
+  mutable absl::Mutex cache_mu;
+  mutable absl::flat_hash_map<std::string, std::vector<int32_t>> cache ABSL_GUARDED_BY(cache_mu);
+
+  absl::Status ParseAddedTokens(const Json& root);
+  absl::Status ParseNormalizer(const Json& j, const std::string& path);
+  absl::Status ParsePreTokenizer(const Json& j, const std::string& path);
+  absl::Status ParseModel(const Json& j);
+  absl::Status ParsePostProcessor(const Json& j, const std::string& path);
+  absl::StatusOr<int32_t> SpecialId(const Json& token, const std::string& path) const;
+
+  void SplitAdded(const AddedMatcher& m, std::vector<Piece>* pieces) const;
+  absl::Status ApplyPreTokenizer(const PreTokenizer& p, std::vector<Piece>* pieces) const;
+  void BpeWord(const std::string& word, std::vector<int32_t>* out) const;
+};
+
+// ---- JSON parsing -------------------------------------------------------------------------
+
+absl::Status BpeTokenizer::Impl::ParseAddedTokens(const Json& root) {
+  auto it = root.find("added_tokens");
+  if (it == root.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_array()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("added_tokens = ", Quote(*it), ": must be an array"));
+  }
+  for (size_t i = 0; i < it->size(); ++i) {
+    const Json& t = (*it)[i];
+    std::string path = absl::StrCat("added_tokens[", i, "]");
+    if (!t.is_object() || !t.contains("content") || !t["content"].is_string() ||
+        !t.contains("id") || !t["id"].is_number_integer()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, " = ", Quote(t), ": must be an object with string content and integer id"));
+    }
+    AddedToken token;
+    token.content = t["content"].get<std::string>();
+    int64_t id = t["id"].get<int64_t>();
+    if (id < 0 || id > INT32_MAX) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ".id = ", id, ": must be in [0, 2^31)"));
+    }
+    if (FindInvalidUtf8(token.content) != std::string_view::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ".content is not valid UTF-8"));
+    }
+    token.id = static_cast<int32_t>(id);
+    auto b = GetBool(t, path, "lstrip", false);
+    if (!b.ok()) return b.status();
+    token.lstrip = *b;
+    if (b = GetBool(t, path, "rstrip", false); !b.ok()) return b.status();
+    token.rstrip = *b;
+    if (b = GetBool(t, path, "single_word", false); !b.ok()) return b.status();
+    token.single_word = *b;
+    bool special = false;
+    if (b = GetBool(t, path, "special", false); !b.ok()) return b.status();
+    special = *b;
+    // tokenizers' AddedToken default: normalized = !special.
+    if (b = GetBool(t, path, "normalized", !special); !b.ok()) return b.status();
+    token.normalized = *b;
+    added_by_content[token.content] = token.id;
+    vocab_size = std::max<int64_t>(vocab_size, token.id + 1);
+    (token.normalized ? normalized_added : raw_added).tokens.push_back(std::move(token));
+  }
+  raw_added.Build();
+  normalized_added.Build();
+  return absl::OkStatus();
+}
+
+absl::Status BpeTokenizer::Impl::ParseNormalizer(const Json& j, const std::string& path) {
+  if (j.is_null()) return absl::OkStatus();
+  auto type = GetType(j, path);
+  if (!type.ok()) return type.status();
+  if (*type == "Sequence") {
+    const Json& list = j.value("normalizers", Json::array());
+    if (!list.is_array()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ".normalizers = ", Quote(list), ": must be an array"));
+    }
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (auto s = ParseNormalizer(list[i], absl::StrCat(path, ".normalizers[", i, "]")); !s.ok()) {
+        return s;
+      }
+    }
+    return absl::OkStatus();
+  }
+  return Unsupported(absl::StrCat(path, ".type"), *type,
+                     "null or an empty Sequence (no normalization; NFC and other normalizers "
+                     "are not implemented)");
+}
+
+absl::Status BpeTokenizer::Impl::ParsePreTokenizer(const Json& j, const std::string& path) {
+  if (j.is_null()) return absl::OkStatus();
+  auto type = GetType(j, path);
+  if (!type.ok()) return type.status();
+  if (*type == "Sequence") {
+    const Json& list = j.value("pretokenizers", Json::array());
+    if (!list.is_array()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ".pretokenizers = ", Quote(list), ": must be an array"));
+    }
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (auto s = ParsePreTokenizer(list[i], absl::StrCat(path, ".pretokenizers[", i, "]"));
+          !s.ok()) {
+        return s;
+      }
+    }
+    return absl::OkStatus();
+  }
+  PreTokenizer p;
+  if (*type == "ByteLevel") {
+    p.kind = PreTokenizer::Kind::kByteLevel;
+    auto b = GetBool(j, path, "add_prefix_space", true);
+    if (!b.ok()) return b.status();
+    p.add_prefix_space = *b;
+    if (b = GetBool(j, path, "use_regex", true); !b.ok()) return b.status();
+    p.use_regex = *b;
+    if (p.use_regex) {
+      auto re = Regex::Compile(kGpt2Pattern, "ByteLevel regex");
+      if (!re.ok()) return re.status();
+      p.regex = *re;
+      p.behavior = Behavior::kIsolated;
+    }
+  } else if (*type == "Split") {
+    const Json& pattern = j.value("pattern", Json());
+    std::string regex;
+    if (pattern.is_object() && pattern.contains("Regex") && pattern["Regex"].is_string()) {
+      regex = pattern["Regex"].get<std::string>();
+    } else if (pattern.is_object() && pattern.contains("String") && pattern["String"].is_string()) {
+      std::string literal = pattern["String"].get<std::string>();
+      // An empty String pattern never matches (tokenizers); \Q..\E quotes the rest.
+      regex = literal.empty() ? "(?!)" : absl::StrCat("\\Q", literal, "\\E");
+      if (literal.find("\\E") != std::string::npos) {
+        return Unsupported(path + ".pattern.String", pattern["String"],
+                           "literal patterns without the two characters \\E");
+      }
+    } else {
+      return Unsupported(path + ".pattern", pattern, "{\"Regex\": string} or {\"String\": string}");
+    }
+    auto re = Regex::Compile(regex, path + ".pattern");
+    if (!re.ok()) return re.status();
+    p.regex = *re;
+    const Json& behavior = j.value("behavior", Json());
+    static const std::map<std::string, Behavior> kBehaviors = {
+        {"Removed", Behavior::kRemoved},
+        {"Isolated", Behavior::kIsolated},
+        {"MergedWithPrevious", Behavior::kMergedWithPrevious},
+        {"MergedWithNext", Behavior::kMergedWithNext},
+        {"Contiguous", Behavior::kContiguous}};
+    auto bit =
+        behavior.is_string() ? kBehaviors.find(behavior.get<std::string>()) : kBehaviors.end();
+    if (bit == kBehaviors.end()) {
+      return Unsupported(path + ".behavior", behavior,
+                         "Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous");
+    }
+    p.behavior = bit->second;
+    auto b = GetBool(j, path, "invert", false);
+    if (!b.ok()) return b.status();
+    p.invert = *b;
+  } else if (*type == "Digits") {
+    auto b = GetBool(j, path, "individual_digits", false);
+    if (!b.ok()) return b.status();
+    auto re = Regex::Compile("\\p{N}", "Digits regex");
+    if (!re.ok()) return re.status();
+    p.regex = *re;
+    p.behavior = *b ? Behavior::kIsolated : Behavior::kContiguous;
+  } else {
+    return Unsupported(path + ".type", *type, "ByteLevel, Split, Digits, Sequence (or null)");
+  }
+  pre_tokenizers.push_back(std::move(p));
+  return absl::OkStatus();
+}
+
+absl::Status BpeTokenizer::Impl::ParseModel(const Json& m) {
+  if (!m.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat("model = ", Quote(m), ": must be an object"));
+  }
+  std::string type = m.value("type", std::string(m.contains("merges") ? "BPE" : ""));
+  if (type != "BPE") return Unsupported("model.type", type, "BPE");
+  for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix", "dropout"}) {
+    auto it = m.find(key);
+    if (it != m.end() && !it->is_null() && !(it->is_string() && it->get<std::string>().empty())) {
+      return Unsupported(absl::StrCat("model.", key), *it, "null");
+    }
+  }
+  auto b = GetBool(m, "model", "byte_fallback", false);
+  if (!b.ok()) return b.status();
+  if (*b) return Unsupported("model.byte_fallback", true, "false");
+  if (b = GetBool(m, "model", "ignore_merges", false); !b.ok()) return b.status();
+  ignore_merges = *b;
+  if (b = GetBool(m, "model", "fuse_unk", false); !b.ok()) return b.status();
+  fuse_unk = *b;
+
+  const Json& v = m.value("vocab", Json());
+  if (!v.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model.vocab = ", Quote(v), ": must be an object {token: id}"));
+  }
+  vocab.reserve(v.size());
+  for (auto it = v.begin(); it != v.end(); ++it) {
+    if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 ||
+        it.value().get<int64_t>() > INT32_MAX) {
+      return absl::InvalidArgumentError(absl::StrCat("model.vocab[", Quote(it.key()),
+                                                     "] = ", Quote(it.value()),
+                                                     ": must be an integer in [0, 2^31)"));
+    }
+    int32_t id = it.value().get<int32_t>();
+    vocab[it.key()] = id;
+    vocab_size = std::max<int64_t>(vocab_size, id + 1);
+  }
+  const Json& unk = m.value("unk_token", Json());
+  if (unk.is_string()) {
+    auto it = vocab.find(unk.get<std::string>());
+    if (it == vocab.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("model.unk_token = ", Quote(unk), ": not in model.vocab"));
+    }
+    unk_id = it->second;
+  } else if (!unk.is_null()) {
+    return Unsupported("model.unk_token", unk, "a string or null");
+  }
+
+  const Json& merge_list = m.value("merges", Json::array());
+  if (!merge_list.is_array()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model.merges = ", Quote(merge_list), ": must be an array"));
+  }
+  merges.reserve(merge_list.size());
+  for (size_t i = 0; i < merge_list.size(); ++i) {
+    const Json& e = merge_list[i];
+    std::string a, bb;
+    if (e.is_string()) {
+      const std::string& s = e.get_ref<const std::string&>();
+      size_t space = s.find(' ');
+      if (space == std::string::npos) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "model.merges[", i, "] = ", Quote(e), ": must be \"a b\" (two tokens, one space)"));
+      }
+      a = s.substr(0, space);
+      bb = s.substr(space + 1);
+    } else if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string()) {
+      a = e[0].get<std::string>();
+      bb = e[1].get<std::string>();
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("model.merges[", i, "] = ", Quote(e),
+                                                     ": must be \"a b\" or [\"a\", \"b\"]"));
+    }
+    auto ia = vocab.find(a), ib = vocab.find(bb), inew = vocab.find(a + bb);
+    for (const std::string& token : {a, bb, a + bb}) {
+      if (!vocab.contains(token)) {
+        return absl::InvalidArgumentError(absl::StrCat("model.merges[", i, "] = ", Quote(e),
+                                                       ": token ", Quote(token),
+                                                       " is not in model.vocab"));
+      }
+    }
+    uint64_t key = (static_cast<uint64_t>(ia->second) << 32) | static_cast<uint32_t>(ib->second);
+    merges[key] = {static_cast<int32_t>(i), inew->second};  // a later duplicate wins
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int32_t> BpeTokenizer::Impl::SpecialId(const Json& token,
+                                                      const std::string& path) const {
+  // Roberta/Bert processors store [content, id].
+  if (!token.is_array() || token.size() != 2 || !token[1].is_number_integer()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, " = ", Quote(token), ": must be [token, id]"));
+  }
+  return token[1].get<int32_t>();
+}
+
+absl::Status BpeTokenizer::Impl::ParsePostProcessor(const Json& j, const std::string& path) {
+  if (j.is_null()) return absl::OkStatus();
+  auto type = GetType(j, path);
+  if (!type.ok()) return type.status();
+  if (*type == "Sequence") {
+    const Json& list = j.value("processors", Json::array());
+    if (!list.is_array()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ".processors = ", Quote(list), ": must be an array"));
+    }
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (auto s = ParsePostProcessor(list[i], absl::StrCat(path, ".processors[", i, "]"));
+          !s.ok()) {
+        return s;
+      }
+    }
+    return absl::OkStatus();
+  }
+  if (*type == "ByteLevel") return absl::OkStatus();  // only offsets change
+  if (*type == "RobertaProcessing" || *type == "BertProcessing") {
+    auto cls = SpecialId(j.value("cls", Json()), path + ".cls");
+    if (!cls.ok()) return cls.status();
+    auto sep = SpecialId(j.value("sep", Json()), path + ".sep");
+    if (!sep.ok()) return sep.status();
+    post_steps.push_back(PostStep{{*cls}, {*sep}});
+    return absl::OkStatus();
+  }
+  if (*type == "TemplateProcessing") {
+    const Json& single = j.value("single", Json());
+    const Json& specials = j.value("special_tokens", Json::object());
+    if (!single.is_array()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ".single = ", Quote(single), ": must be an array"));
+    }
+    PostStep step;
+    bool seen_a = false;
+    for (size_t i = 0; i < single.size(); ++i) {
+      const Json& item = single[i];
+      std::string ipath = absl::StrCat(path, ".single[", i, "]");
+      if (item.is_object() && item.contains("Sequence")) {
+        const Json& id = item["Sequence"].value("id", Json());
+        if (id != "A" || seen_a) {
+          return Unsupported(ipath + ".Sequence.id", id, "one \"A\" in the single template");
+        }
+        seen_a = true;
+      } else if (item.is_object() && item.contains("SpecialToken")) {
+        const Json& name = item["SpecialToken"].value("id", Json());
+        if (!name.is_string() || !specials.is_object() ||
+            !specials.contains(name.get<std::string>())) {
+          return absl::InvalidArgumentError(absl::StrCat(ipath, ".SpecialToken.id = ", Quote(name),
+                                                         ": not in ", path, ".special_tokens"));
+        }
+        const Json& ids = specials[name.get<std::string>()].value("ids", Json());
+        if (!ids.is_array()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              path, ".special_tokens[", Quote(name), "].ids = ", Quote(ids), ": must be an array"));
+        }
+        for (const Json& id : ids) {
+          if (!id.is_number_integer()) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                path, ".special_tokens[", Quote(name), "].ids: ", Quote(id), " is not an integer"));
+          }
+          (seen_a ? step.suffix : step.prefix).push_back(id.get<int32_t>());
+        }
+      } else {
+        return Unsupported(ipath, item, "{\"Sequence\": ...} or {\"SpecialToken\": ...}");
+      }
+    }
+    if (!seen_a) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ".single = ", Quote(single),
+                                                     ": has no {\"Sequence\": {\"id\": \"A\"}}"));
+    }
+    post_steps.push_back(std::move(step));
+    return absl::OkStatus();
+  }
+  return Unsupported(path + ".type", *type,
+                     "ByteLevel, TemplateProcessing, RobertaProcessing, BertProcessing, Sequence "
+                     "(or null)");
+}
+
+// ---- encoding -----------------------------------------------------------------------------
+
+// tokenizers' AddedVocabulary::find_matches + split_with_indices, on each untokenized piece.
+void BpeTokenizer::Impl::SplitAdded(const AddedMatcher& m, std::vector<Piece>* pieces) const {
+  if (m.empty()) return;
+  std::vector<Piece> out;
+  out.reserve(pieces->size());
+  for (Piece& piece : *pieces) {
+    if (piece.id >= 0) {
+      out.push_back(std::move(piece));
+      continue;
+    }
+    const std::string& s = piece.text;
+    size_t start_offset = 0;
+    auto emit = [&](size_t b, size_t e, int32_t id) {
+      if (e > b) out.push_back(Piece{s.substr(b, e - b), id});
+    };
+    size_t pos = 0;
+    while (pos < s.size()) {
+      const AddedToken* found = nullptr;
+      for (int idx : m.by_first_byte[static_cast<unsigned char>(s[pos])]) {
+        const AddedToken& t = m.tokens[idx];
+        if (s.compare(pos, t.content.size(), t.content) == 0) {
+          found = &t;
+          break;
+        }
+      }
+      if (found == nullptr) {
+        ++pos;
+        continue;
+      }
+      size_t start = pos, stop = pos + found->content.size();
+      pos = stop;  // non-overlapping, like aho-corasick's find_iter
+      if (start < start_offset) continue;
+      if (found->single_word) {
+        bool start_space = start == 0;
+        if (!start_space) {
+          size_t prev = start - 1;
+          while ((static_cast<unsigned char>(s[prev]) & 0xc0) == 0x80) --prev;
+          start_space = !word_char->MatchesAt(s, prev);
+        }
+        bool stop_space = stop == s.size() || !word_char->MatchesAt(s, stop);
+        if (!start_space || !stop_space) continue;
+      }
+      if (found->lstrip) {
+        size_t new_start = start;
+        while (new_start > 0) {
+          size_t prev = new_start - 1;
+          while ((static_cast<unsigned char>(s[prev]) & 0xc0) == 0x80) --prev;
+          if (!IsWhiteSpace(DecodeAt(s, prev))) break;
+          new_start = prev;
+        }
+        start = std::max(new_start, start_offset);
+      }
+      if (found->rstrip) {
+        while (stop < s.size() && IsWhiteSpace(DecodeAt(s, stop))) {
+          stop += Utf8Len(static_cast<unsigned char>(s[stop]));
+        }
+        pos = std::max(pos, stop);
+      }
+      emit(start_offset, start, -1);
+      emit(start, stop, found->id);
+      start_offset = stop;
+    }
+    emit(start_offset, s.size(), -1);
+  }
+  *pieces = std::move(out);
+}
+
+absl::Status BpeTokenizer::Impl::ApplyPreTokenizer(const PreTokenizer& p,
+                                                   std::vector<Piece>* pieces) const {
+  std::vector<Piece> out;
+  out.reserve(pieces->size());
+  std::vector<std::pair<size_t, size_t>> found;
+  std::vector<std::pair<std::pair<size_t, size_t>, bool>> matches;  // (offsets, is_match)
+  std::vector<std::pair<std::pair<size_t, size_t>, bool>> splits;   // (offsets, remove)
+  for (Piece& piece : *pieces) {
+    if (piece.id >= 0) {
+      out.push_back(std::move(piece));
+      continue;
+    }
+    std::string s = std::move(piece.text);
+    if (p.kind == PreTokenizer::Kind::kByteLevel && p.add_prefix_space && !s.empty() &&
+        s[0] != ' ') {
+      s.insert(s.begin(), ' ');
+    }
+    if (p.regex == nullptr) {  // ByteLevel without regex: the piece stays whole
+      if (!s.empty()) out.push_back(Piece{std::move(s), -1});
+      continue;
+    }
+    // Pattern::find_matches: the whole string as alternating (offsets, is_match) ranges.
+    matches.clear();
+    if (s.empty()) {
+      matches.push_back({{0, 0}, false});
+    } else {
+      if (auto st = p.regex->FindAll(s, &found); !st.ok()) return st;
+      size_t prev = 0;
+      for (auto [b, e] : found) {
+        if (prev != b) matches.push_back({{prev, b}, false});
+        matches.push_back({{b, e}, true});
+        prev = e;
+      }
+      if (prev != s.size()) matches.push_back({{prev, s.size()}, false});
+    }
+    if (p.invert) {
+      for (auto& m : matches) m.second = !m.second;
+    }
+    // NormalizedString::split with the delimiter behavior.
+    splits.clear();
+    switch (p.behavior) {
+      case Behavior::kIsolated:
+        for (auto& m : matches) splits.push_back({m.first, false});
+        break;
+      case Behavior::kRemoved:
+        splits = matches;
+        break;
+      case Behavior::kContiguous: {
+        std::optional<bool> previous;
+        for (auto& m : matches) {
+          if (previous == m.second && !splits.empty()) {
+            splits.back().first.second = m.first.second;
+          } else {
+            splits.push_back({m.first, false});
+          }
+          previous = m.second;
+        }
+        break;
+      }
+      case Behavior::kMergedWithPrevious: {
+        bool previous = false;
+        for (auto& m : matches) {
+          if (m.second && !previous && !splits.empty()) {
+            splits.back().first.second = m.first.second;
+          } else {
+            splits.push_back({m.first, false});
+          }
+          previous = m.second;
+        }
+        break;
+      }
+      case Behavior::kMergedWithNext: {
+        bool previous = false;
+        for (auto it = matches.rbegin(); it != matches.rend(); ++it) {
+          if (it->second && !previous && !splits.empty()) {
+            splits.back().first.first = it->first.first;
+          } else {
+            splits.push_back({it->first, false});
+          }
+          previous = it->second;
+        }
+        std::reverse(splits.begin(), splits.end());
+        break;
+      }
+    }
+    for (auto& [range, remove] : splits) {
+      if (remove || range.second <= range.first) continue;
+      out.push_back(Piece{s.substr(range.first, range.second - range.first), -1});
+    }
+  }
+  if (p.kind == PreTokenizer::Kind::kByteLevel) {
+    const auto& table = ByteToUnicode();
+    for (Piece& piece : out) {
+      if (piece.id >= 0) continue;
+      std::string mapped;
+      mapped.reserve(piece.text.size() * 2);
+      for (char c : piece.text) mapped += table[static_cast<unsigned char>(c)];
+      piece.text = std::move(mapped);
+    }
+  }
+  *pieces = std::move(out);
+  return absl::OkStatus();
+}
+
+// tokenizers' BPE::merge_word + Word::merge_all (no dropout).
+void BpeTokenizer::Impl::BpeWord(const std::string& w, std::vector<int32_t>* out) const {
+  if (w.empty()) return;
+  if (ignore_merges) {
+    if (auto it = vocab.find(w); it != vocab.end()) {
+      out->push_back(it->second);
+      return;
+    }
+  }
+  {
+    absl::MutexLock lock(&cache_mu);
+    if (auto it = cache.find(w); it != cache.end()) {
+      out->insert(out->end(), it->second.begin(), it->second.end());
+      return;
+    }
+  }
+  struct Symbol {
+    int32_t c;
+    int prev, next;
+    bool alive;
+  };
+  std::vector<Symbol> symbols;
+  symbols.reserve(w.size());
+  auto add = [&](int32_t id) {
+    int n = static_cast<int>(symbols.size());
+    if (n > 0) symbols[n - 1].next = n;
+    symbols.push_back(Symbol{id, n - 1, -1, true});
+  };
+  int32_t pending_unk = -1;  // an unknown character not yet emitted (fused when fuse_unk)
+  for (size_t i = 0; i < w.size();) {
+    size_t len = Utf8Len(static_cast<unsigned char>(w[i]));
+    auto it = vocab.find(w.substr(i, len));
+    if (it != vocab.end()) {
+      if (pending_unk >= 0) add(pending_unk), pending_unk = -1;
+      add(it->second);
+    } else if (unk_id) {
+      if (pending_unk >= 0 && !fuse_unk) add(pending_unk);
+      pending_unk = *unk_id;
+    }
+    i += len;
+  }
+  if (pending_unk >= 0) add(pending_unk);
+
+  struct Merge {
+    int pos;
+    int32_t rank, new_id;
+    bool operator<(const Merge& o) const {  // max-heap: lowest rank, then lowest pos on top
+      return rank != o.rank ? rank > o.rank : pos > o.pos;
+    }
+  };
+  auto lookup = [&](int32_t a, int32_t b) -> const std::pair<int32_t, int32_t>* {
+    auto it = merges.find((static_cast<uint64_t>(a) << 32) | static_cast<uint32_t>(b));
+    return it == merges.end() ? nullptr : &it->second;
+  };
+  std::priority_queue<Merge> queue;
+  for (int i = 0; i + 1 < static_cast<int>(symbols.size()); ++i) {
+    if (auto* m = lookup(symbols[i].c, symbols[i + 1].c)) queue.push({i, m->first, m->second});
+  }
+  while (!queue.empty()) {
+    Merge top = queue.top();
+    queue.pop();
+    Symbol& cur = symbols[top.pos];
+    if (!cur.alive || cur.next == -1) continue;
+    int next_pos = cur.next;
+    Symbol right = symbols[next_pos];
+    auto* m = lookup(cur.c, right.c);
+    if (m == nullptr || m->second != top.new_id) continue;  // stale entry
+    cur.c = top.new_id;
+    cur.next = right.next;
+    symbols[next_pos].alive = false;
+    if (right.next >= 0) symbols[right.next].prev = top.pos;
+    if (cur.prev >= 0) {
+      if (auto* pm = lookup(symbols[cur.prev].c, cur.c)) {
+        queue.push({cur.prev, pm->first, pm->second});
+      }
+    }
+    if (cur.next >= 0) {
+      if (auto* nm = lookup(cur.c, symbols[cur.next].c)) {
+        queue.push({top.pos, nm->first, nm->second});
+      }
+    }
+  }
+  std::vector<int32_t> ids;
+  for (const Symbol& s : symbols) {
+    if (s.alive) ids.push_back(s.c);
+  }
+  out->insert(out->end(), ids.begin(), ids.end());
+  absl::MutexLock lock(&cache_mu);
+  if (cache.size() >= kMaxCacheEntries) cache.clear();
+  cache.emplace(w, std::move(ids));
+}
+
+// ---- public API ---------------------------------------------------------------------------
+
+BpeTokenizer::BpeTokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+BpeTokenizer::BpeTokenizer(BpeTokenizer&&) noexcept = default;
+BpeTokenizer& BpeTokenizer::operator=(BpeTokenizer&&) noexcept = default;
+BpeTokenizer::~BpeTokenizer() = default;
+
+absl::StatusOr<BpeTokenizer> BpeTokenizer::FromFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::NotFoundError(absl::StrCat("tokenizer ", path, ": cannot open for reading"));
+  }
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  auto tok = FromJson(buffer.str());
+  if (!tok.ok()) {
+    return absl::Status(tok.status().code(),
+                        absl::StrCat("tokenizer ", path, ": ", tok.status().message()));
+  }
+  return tok;
+}
+
+absl::StatusOr<BpeTokenizer> BpeTokenizer::FromJson(std::string_view json) {
+  Json root = Json::parse(json, nullptr, /*allow_exceptions=*/false);
+  if (root.is_discarded()) {
+    return absl::InvalidArgumentError("not valid JSON (expected a tokenizer.json object)");
+  }
+  if (!root.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("top level = ", Quote(root), ": must be a JSON object"));
+  }
+  auto impl = std::make_unique<Impl>();
+  auto word = Regex::Compile(kWordCharPattern, "word-character regex");
+  if (!word.ok()) return word.status();
+  impl->word_char = *word;
+  for (const char* key : {"truncation", "padding"}) {
+    if (auto it = root.find(key); it != root.end() && !it->is_null()) {
+      return Unsupported(key, *it, "null (truncation and padding are applied by the caller)");
+    }
+  }
+  if (!root.contains("model")) return absl::InvalidArgumentError("model is missing");
+  if (auto s = impl->ParseModel(root["model"]); !s.ok()) return s;
+  if (auto s = impl->ParseAddedTokens(root); !s.ok()) return s;
+  if (auto s = impl->ParseNormalizer(root.value("normalizer", Json()), "normalizer"); !s.ok()) {
+    return s;
+  }
+  if (auto s = impl->ParsePreTokenizer(root.value("pre_tokenizer", Json()), "pre_tokenizer");
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = impl->ParsePostProcessor(root.value("post_processor", Json()), "post_processor");
+      !s.ok()) {
+    return s;
+  }
+  return BpeTokenizer(std::move(impl));
+}
+
+absl::StatusOr<std::vector<int32_t>> BpeTokenizer::Encode(std::string_view text,
+                                                          bool add_special_tokens) const {
+  if (size_t bad = FindInvalidUtf8(text); bad != std::string_view::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("text is not valid UTF-8: bad byte 0x",
+                     absl::Hex(static_cast<unsigned char>(text[bad]), absl::kZeroPad2),
+                     " at offset ", bad, " of ", text.size()));
+  }
+  std::vector<Piece> pieces;
+  if (!text.empty()) pieces.push_back(Piece{std::string(text), -1});
+  impl_->SplitAdded(impl_->raw_added, &pieces);
+  impl_->SplitAdded(impl_->normalized_added, &pieces);  // the normalizer is the identity
+  for (const PreTokenizer& p : impl_->pre_tokenizers) {
+    if (auto s = impl_->ApplyPreTokenizer(p, &pieces); !s.ok()) return s;
+  }
+  std::vector<int32_t> ids;
+  ids.reserve(text.size() / 3 + 4);
+  for (const Piece& piece : pieces) {
+    if (piece.id >= 0) {
+      ids.push_back(piece.id);
+    } else {
+      impl_->BpeWord(piece.text, &ids);
+    }
+  }
+  if (add_special_tokens) {
+    for (const PostStep& step : impl_->post_steps) {
+      ids.insert(ids.begin(), step.prefix.begin(), step.prefix.end());
+      ids.insert(ids.end(), step.suffix.begin(), step.suffix.end());
+    }
+  }
+  return ids;
+}
+
+int64_t BpeTokenizer::vocab_size() const { return impl_->vocab_size; }
+
+std::optional<int32_t> BpeTokenizer::TokenToId(std::string_view token) const {
+  if (auto it = impl_->added_by_content.find(std::string(token));
+      it != impl_->added_by_content.end()) {
+    return it->second;
+  }
+  if (auto it = impl_->vocab.find(std::string(token)); it != impl_->vocab.end()) return it->second;
+  return std::nullopt;
+}
+
+}  // namespace mq::data

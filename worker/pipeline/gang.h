@@ -1,0 +1,73 @@
+// A gang: the K worker processes running one quantize attempt together, joined in one c10d
+// process group (Gloo; the rendezvous store is served by rank 0 at the address the coordinator
+// hands out). Collectives used by the layer pipeline: sum all-reduce, broadcast, and an
+// all-to-all of rows with per-rank counts (token dispatch to expert owners and back).
+//
+// For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
+// Threading: one thread drives a gang; collectives are called in the same order on every rank.
+// Failure: a peer that dies closes its connections, so a pending collective fails quickly with
+// UNAVAILABLE (an infrastructure error: the attempt is retried, not counted). A gang of one
+// needs no store and no network; every collective is then a local no-op.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace mq::pipeline {
+
+struct GangOptions {
+  int rank = 0;
+  int world_size = 1;
+  // HOST:PORT of the rendezvous store; rank 0 serves it on PORT (all interfaces).
+  std::string rendezvous;
+  // This process's address as its peers reach it (Gloo binds to it).
+  std::string local_host = "127.0.0.1";
+  // How long joining may take (every rank must arrive) before failing with UNAVAILABLE.
+  std::chrono::milliseconds join_timeout{std::chrono::minutes(2)};
+  // How long one collective may wait for the slowest rank (a layer's solve) before failing.
+  std::chrono::milliseconds timeout{std::chrono::minutes(30)};
+};
+
+class Gang {
+ public:
+  // Joins the gang (blocks until every rank joined or `timeout`). UNAVAILABLE when the
+  // rendezvous fails; INVALID_ARGUMENT for bad options.
+  static absl::StatusOr<std::unique_ptr<Gang>> Join(const GangOptions& options);
+  ~Gang();
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+
+  // In-place element-wise sum over the gang (float, double or int64 CPU tensors).
+  absl::Status AllReduceSum(at::Tensor& t);
+  // In-place: every rank gets `root`'s tensor (same shape and dtype on every rank).
+  absl::Status Broadcast(at::Tensor& t, int root);
+  // `send` holds rows grouped by destination rank, send_counts[r] rows for rank r. Returns the
+  // rows received, grouped by source rank in rank order; recv_counts[r] = rows from rank r.
+  // Counts are exchanged first, so callers need not know them.
+  absl::StatusOr<at::Tensor> AllToAllRows(const at::Tensor& send,
+                                          const std::vector<int64_t>& send_counts,
+                                          std::vector<int64_t>* recv_counts);
+  // Same, when every rank already knows what it receives (e.g. the answers to a dispatch).
+  absl::StatusOr<at::Tensor> AllToAllRowsKnown(const at::Tensor& send,
+                                               const std::vector<int64_t>& send_counts,
+                                               const std::vector<int64_t>& recv_counts);
+  absl::Status Barrier();
+
+ private:
+  struct Impl;
+  Gang(int rank, int size, std::unique_ptr<Impl> impl);
+  int rank_;
+  int size_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace mq::pipeline

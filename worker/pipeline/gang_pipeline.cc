@@ -1,0 +1,791 @@
+#include "worker/pipeline/gang_pipeline.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <map>
+#include <memory>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "worker/model/checkpoint_reader.h"
+#include "worker/model/config.h"
+#include "worker/model/deepseek_v3.h"
+#include "worker/model/fp8.h"
+#include "worker/model/safetensors_writer.h"
+#include "worker/model/tensor_io.h"
+#include "worker/quant/hessian.h"
+#include "worker/quant/layer_tools.h"
+#include "worker/quant/pack.h"
+#include "worker/quant/rtn.h"
+
+namespace mq::pipeline {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using quant::GptqResult;
+using quant::HessianAccumulator;
+using quant::HessianGroup;
+
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+#define MQ_RETURN_IF_ERROR(expr)           \
+  do {                                     \
+    absl::Status _st = (expr);             \
+    if (!_st.ok()) return _st;             \
+  } while (0)
+
+// Torch exceptions (bad shapes, out of memory) become statuses at this file's boundary.
+template <typename Fn>
+auto Guarded(const std::string& what, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const c10::OutOfMemoryError& e) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(what, ": out of device memory: ", e.what_without_backtrace()));
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat(what, ": ", e.what_without_backtrace()));
+  }
+}
+
+// Sequences of one batch: equal length, consecutive.
+struct Chunk {
+  at::Tensor ids;     // int64 [b, s] on the compute device
+  at::Tensor hidden;  // [b, s, H] compute dtype: this step's input
+};
+
+// Per-layer inputs of the MoE block for the rank's tokens.
+struct MoeInput {
+  std::vector<at::Tensor> residual;  // per chunk, h after attention [b, s, H]
+  at::Tensor u;                      // [T, H] normalised, every chunk's tokens concatenated
+  at::Tensor topk_indices, topk_weights;
+};
+
+// Rows sent to expert owners (origin side) and received from every rank (owner side).
+struct Dispatch {
+  at::Tensor send_tokens;              // int64 [S]: token (row of u) of each sent row
+  at::Tensor send_weights;             // fp32 [S]
+  std::vector<int64_t> send_expert_counts;  // [E]: sent rows per expert (send order = experts asc)
+  std::vector<int64_t> send_counts, recv_counts;  // per rank
+  at::Tensor recv_rows;     // [R, H] compute dtype, grouped by source rank
+  at::Tensor recv_order;    // int64 [R]: received rows ordered by (expert, source, token)
+  std::vector<int64_t> recv_expert_counts;  // [E]
+};
+
+class Runner {
+ public:
+  Runner(const GangPipelineOptions& o, Gang& gang, model::CheckpointReader& reader,
+         model::DeepseekV3Config config, model::GlobalWeights globals)
+      : o_(o), gang_(gang), reader_(reader), config_(std::move(config)),
+        globals_(std::move(globals)) {}
+
+  absl::StatusOr<GangPipelineResult> Run();
+
+ private:
+  int OwnerOf(int expert) const {
+    const int e = config_.n_routed_experts, k = gang_.size();
+    for (int r = 0; r < k; ++r) {
+      if (expert < static_cast<int64_t>(e) * (r + 1) / k) return r;
+    }
+    return k - 1;
+  }
+  int FirstExpert(int rank) const {
+    return static_cast<int>(static_cast<int64_t>(config_.n_routed_experts) * rank / gang_.size());
+  }
+  bool IsRoutedExpert(const std::string& name, int* expert) const;
+  bool Owns(const std::string& name) const {
+    int e = 0;
+    return !IsRoutedExpert(name, &e) || OwnerOf(e) == gang_.rank();
+  }
+  at::Tensor Positions(int64_t seq) const {
+    return at::arange(seq, at::TensorOptions().dtype(at::kLong).device(o_.device));
+  }
+  void Progress(const std::string& stage, double f) const {
+    if (o_.on_progress) o_.on_progress(stage, f);
+  }
+  absl::Status CheckCancelled() const {
+    if (o_.cancelled && o_.cancelled()) return absl::CancelledError("assignment cancelled");
+    return absl::OkStatus();
+  }
+
+  absl::Status Embed();
+  absl::Status EnterLayer(int layer);  // MTP input transform when `layer` is an MTP layer
+  absl::StatusOr<model::LayerWeights> Load(int layer);
+  absl::StatusOr<MoeInput> Attention(const model::LayerWeights& w, const model::ForwardHooks& h);
+  absl::StatusOr<Dispatch> DispatchRows(const MoeInput& in);
+  // Owner side: every own expert over its received rows; returns outputs in received order
+  // (undefined when !want_outputs).
+  at::Tensor RunExperts(const model::LayerWeights& w, const Dispatch& d,
+                        const model::ForwardHooks& hooks, bool want_outputs);
+  absl::StatusOr<std::vector<at::Tensor>> Combine(const model::LayerWeights& w,
+                                                  const MoeInput& in, const Dispatch& d,
+                                                  const at::Tensor& expert_out,
+                                                  const model::ForwardHooks& hooks);
+  // Next hidden states with `overrides` (quantized weights); reuses `cached` when given.
+  absl::StatusOr<std::vector<at::Tensor>> Propagate(const model::LayerWeights& w,
+                                                    const model::WeightOverrides& overrides,
+                                                    const MoeInput* cached_in,
+                                                    const Dispatch* cached_d);
+  absl::StatusOr<StepOutput> QuantizeStep(int step, int layer);
+  absl::Status Replay(int step, int layer, const FileSetReader& committed);
+  std::string CheckpointPath(int step) const;
+  absl::Status SaveCheckpoint(int step);
+  absl::StatusOr<bool> LoadCheckpoint(int step);
+  absl::StatusOr<std::vector<GptqResult>> Solve(const std::vector<at::Tensor>& ws,
+                                                const HessianAccumulator* acc, bool force_rtn,
+                                                at::Tensor* h_out);
+
+  const GangPipelineOptions& o_;
+  Gang& gang_;
+  model::CheckpointReader& reader_;
+  model::DeepseekV3Config config_;
+  model::GlobalWeights globals_;
+  std::vector<Chunk> chunks_;
+  int64_t lo_ = 0, hi_ = 0;  // this rank's sequences [lo, hi)
+  bool in_mtp_ = false;
+};
+
+bool Runner::IsRoutedExpert(const std::string& name, int* expert) const {
+  const size_t at = name.find(".mlp.experts.");
+  if (at == std::string::npos) return false;
+  size_t p = at + 13;
+  int e = 0;
+  bool digits = false;
+  while (p < name.size() && name[p] >= '0' && name[p] <= '9') {
+    e = e * 10 + (name[p++] - '0');
+    digits = true;
+  }
+  if (!digits) return false;
+  *expert = e;
+  return true;
+}
+
+absl::Status Runner::Embed() {
+  const int64_t n = static_cast<int64_t>(o_.samples.size()), k = gang_.size();
+  in_mtp_ = false;
+  lo_ = n * gang_.rank() / k;
+  hi_ = n * (gang_.rank() + 1) / k;
+  chunks_.clear();
+  for (int64_t i = lo_; i < hi_;) {
+    const int64_t len = static_cast<int64_t>(o_.samples[i].size());
+    int64_t j = i;
+    while (j < hi_ && static_cast<int64_t>(o_.samples[j].size()) == len &&
+           (j - i + 1) * len <= std::max<int64_t>(o_.max_batch_tokens, len)) {
+      ++j;
+    }
+    at::Tensor ids = at::empty({j - i, len}, at::kLong);
+    for (int64_t r = i; r < j; ++r) {
+      for (int64_t c = 0; c < len; ++c) ids[r - i][c] = static_cast<int64_t>(o_.samples[r][c]);
+    }
+    Chunk chunk;
+    chunk.ids = ids.to(o_.device);
+    absl::StatusOr<at::Tensor> e = model::Embed(globals_, chunk.ids);
+    if (!e.ok()) return e.status();
+    chunk.hidden = *std::move(e);
+    chunks_.push_back(std::move(chunk));
+    i = j;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Runner::EnterLayer(int layer) {
+  if (layer < config_.num_hidden_layers || in_mtp_) return absl::OkStatus();
+  std::vector<at::Tensor> ids, hidden;
+  for (const Chunk& c : chunks_) {
+    ids.push_back(c.ids);
+    hidden.push_back(c.hidden);
+  }
+  absl::StatusOr<std::vector<at::Tensor>> in =
+      quant::MtpInputs(reader_, config_, globals_, layer, ids, hidden);
+  if (!in.ok()) return in.status();
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    // The MTP layer sees one token fewer; its ids keep the shifted-in positions for bookkeeping.
+    chunks_[i].hidden = (*in)[i];
+    chunks_[i].ids = chunks_[i].ids.slice(1, 0, chunks_[i].ids.size(1) - 1);
+  }
+  in_mtp_ = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<model::LayerWeights> Runner::Load(int layer) {
+  model::LayerLoadOptions lo;
+  lo.expert_begin = FirstExpert(gang_.rank());
+  lo.expert_end = FirstExpert(gang_.rank() + 1);
+  return model::LoadLayer(reader_, config_, layer, o_.device, o_.dtype, lo);
+}
+
+absl::StatusOr<MoeInput> Runner::Attention(const model::LayerWeights& w,
+                                           const model::ForwardHooks& hooks) {
+  return Guarded(absl::StrCat("layer ", w.layer, " attention"), [&]() -> absl::StatusOr<MoeInput> {
+    MoeInput in;
+    std::vector<at::Tensor> us;
+    for (const Chunk& c : chunks_) {
+      const int64_t b = c.hidden.size(0), s = c.hidden.size(1), hd = c.hidden.size(2);
+      at::Tensor x = model::RmsNorm(c.hidden, w.input_layernorm, config_.rms_norm_eps);
+      at::Tensor h = c.hidden + model::RunAttention(w, x, Positions(s).unsqueeze(0), hooks);
+      us.push_back(model::RmsNorm(h, w.post_attention_layernorm, config_.rms_norm_eps)
+                       .reshape({b * s, hd}));
+      in.residual.push_back(h);
+    }
+    in.u = us.empty() ? at::empty({0, config_.hidden_size},
+                                  at::TensorOptions().dtype(o_.dtype).device(o_.device))
+                      : at::cat(us, 0);
+    model::Routing r = model::RouteTokens(w, in.u, hooks);
+    in.topk_indices = r.topk_indices;
+    in.topk_weights = r.topk_weights;
+    return in;
+  });
+}
+
+absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in) {
+  const int64_t e_count = config_.n_routed_experts, k = config_.num_experts_per_tok;
+  const int size = gang_.size();
+  Dispatch d;
+  at::Tensor flat = in.topk_indices.reshape({-1}).to(at::kCPU);
+  at::Tensor order = at::argsort(flat, /*stable=*/true);
+  d.send_tokens = at::floor_divide(order, k);
+  d.send_weights = in.topk_weights.reshape({-1}).to(at::kCPU).index_select(0, order);
+  at::Tensor counts = at::bincount(flat, {}, e_count);
+  d.send_expert_counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + e_count);
+  d.send_counts.assign(size, 0);
+  for (int64_t e = 0; e < e_count; ++e) d.send_counts[OwnerOf(e)] += d.send_expert_counts[e];
+  // Rows travel as fp32 (exact for bf16) with their expert id.
+  at::Tensor rows = in.u.index_select(0, d.send_tokens.to(in.u.device())).to(at::kCPU, at::kFloat);
+  at::Tensor experts = flat.index_select(0, order);
+  absl::StatusOr<at::Tensor> recv = gang_.AllToAllRows(rows, d.send_counts, &d.recv_counts);
+  if (!recv.ok()) return recv.status();
+  absl::StatusOr<at::Tensor> recv_experts =
+      gang_.AllToAllRowsKnown(experts, d.send_counts, d.recv_counts);
+  if (!recv_experts.ok()) return recv_experts.status();
+  d.recv_rows = recv->to(o_.device, o_.dtype);
+  d.recv_order = at::argsort(*recv_experts, /*stable=*/true);
+  at::Tensor rc = at::bincount(*recv_experts, {}, e_count);
+  d.recv_expert_counts.assign(rc.data_ptr<int64_t>(), rc.data_ptr<int64_t>() + e_count);
+  return d;
+}
+
+at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
+                              const model::ForwardHooks& hooks, bool want_outputs) {
+  at::Tensor out;
+  if (want_outputs) out = at::empty_like(d.recv_rows);
+  at::Tensor order = d.recv_order.to(o_.device);
+  int64_t offset = 0;
+  for (int64_t e = 0; e < config_.n_routed_experts; ++e) {
+    const int64_t n = d.recv_expert_counts[e];
+    if (n == 0) continue;
+    at::Tensor idx = order.narrow(0, offset, n);
+    at::Tensor y = model::RunMlpRows(absl::StrCat(w.prefix, "mlp.experts.", e, "."),
+                                     w.experts[e], d.recv_rows.index_select(0, idx), hooks);
+    if (want_outputs) out.index_copy_(0, idx, y);
+    offset += n;
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<at::Tensor>> Runner::Combine(const model::LayerWeights& w,
+                                                        const MoeInput& in, const Dispatch& d,
+                                                        const at::Tensor& expert_out,
+                                                        const model::ForwardHooks& hooks) {
+  absl::StatusOr<at::Tensor> back = gang_.AllToAllRowsKnown(expert_out.to(at::kCPU, at::kFloat),
+                                                            d.recv_counts, d.send_counts);
+  if (!back.ok()) return back.status();
+  return Guarded(absl::StrCat("layer ", w.layer, " combine"),
+                 [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
+    // As the single-process MoE block: each expert's outputs (compute dtype) weighted in fp32,
+    // cast, accumulated in ascending expert order.
+    at::Tensor y_all = back->to(o_.device, o_.dtype);
+    at::Tensor tokens = d.send_tokens.to(o_.device);
+    at::Tensor weights = d.send_weights.to(o_.device);
+    at::Tensor out = at::zeros_like(in.u);
+    int64_t offset = 0;
+    for (int64_t e = 0; e < config_.n_routed_experts; ++e) {
+      const int64_t n = d.send_expert_counts[e];
+      if (n == 0) continue;
+      at::Tensor y = y_all.narrow(0, offset, n) * weights.narrow(0, offset, n).unsqueeze(1);
+      out.index_add_(0, tokens.narrow(0, offset, n), y.to(out.scalar_type()));
+      offset += n;
+    }
+    if (w.shared_experts.defined()) {
+      out = out + model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts, in.u,
+                                    hooks);
+    }
+    std::vector<at::Tensor> next;
+    int64_t row = 0;
+    for (const at::Tensor& h : in.residual) {
+      const int64_t t = h.size(0) * h.size(1);
+      next.push_back(h + out.narrow(0, row, t).view(h.sizes()));
+      row += t;
+    }
+    return next;
+  });
+}
+
+absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeights& w,
+                                                          const model::WeightOverrides& overrides,
+                                                          const MoeInput* cached_in,
+                                                          const Dispatch* cached_d) {
+  model::ForwardHooks hooks;
+  hooks.weight_overrides = &overrides;
+  if (!w.is_moe) {
+    std::vector<at::Tensor> next;
+    for (const Chunk& c : chunks_) {
+      absl::StatusOr<at::Tensor> y = model::RunLayer(w, c.hidden, Positions(c.hidden.size(1)), hooks);
+      if (!y.ok()) return y.status();
+      next.push_back(*std::move(y));
+    }
+    return next;
+  }
+  MoeInput fresh_in;
+  Dispatch fresh_d;
+  if (!cached_in) {
+    absl::StatusOr<MoeInput> in = Attention(w, hooks);
+    if (!in.ok()) return in.status();
+    fresh_in = *std::move(in);
+    absl::StatusOr<Dispatch> d = DispatchRows(fresh_in);
+    if (!d.ok()) return d.status();
+    fresh_d = *std::move(d);
+    cached_in = &fresh_in;
+    cached_d = &fresh_d;
+  }
+  absl::StatusOr<at::Tensor> y = Guarded(absl::StrCat("layer ", w.layer, " experts"),
+                                         [&]() -> absl::StatusOr<at::Tensor> {
+    return RunExperts(w, *cached_d, hooks, /*want_outputs=*/true);
+  });
+  if (!y.ok()) return y.status();
+  return Combine(w, *cached_in, *cached_d, *y, hooks);
+}
+
+absl::StatusOr<std::vector<GptqResult>> Runner::Solve(const std::vector<at::Tensor>& ws,
+                                                      const HessianAccumulator* acc,
+                                                      bool force_rtn, at::Tensor* h_out) {
+  const int64_t tokens = acc ? acc->tokens() : 0;
+  quant::GptqOptions gptq = o_.gptq;
+  gptq.grid.group_size = o_.format.group_size;
+  gptq.grid.bits = 4;
+  gptq.grid.symmetric = true;
+  if (tokens > 0) {
+    absl::StatusOr<at::Tensor> h = acc->Finalize();
+    if (!h.ok()) return h.status();
+    *h_out = *std::move(h);
+  }
+  if (o_.method == quant::QuantMethod::kGptq && tokens > 0 && !force_rtn) {
+    return quant::QuantizeGptqShared(ws, *h_out, gptq);
+  }
+  std::vector<GptqResult> results;
+  for (const at::Tensor& w : ws) {
+    absl::StatusOr<quant::QuantizedWeight> q = quant::QuantizeRtn(w, gptq.grid);
+    if (!q.ok()) return q.status();
+    GptqResult r;
+    r.weight = *std::move(q);
+    if (o_.method == quant::QuantMethod::kGptq) {
+      r.fallback = quant::Fallback::kRtn;
+      r.fallback_reason = force_rtn ? "rare expert: RTN requested (rare_expert_rtn)"
+                                    : "no calibration tokens reached this linear";
+    }
+    results.push_back(std::move(r));
+  }
+  return results;
+}
+
+absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
+  StepOutput out;
+  out.step = step;
+  out.layer = layer;
+  StepStats& st = out.stats;
+  const std::string where = absl::StrCat("layer ", layer, " (step ", step + 1, "/",
+                                         o_.total_steps, ")");
+  Clock::time_point t = Clock::now();
+  Progress(where + ": loading", 0);
+  MQ_RETURN_IF_ERROR(EnterLayer(layer));
+  absl::StatusOr<model::LayerWeights> loaded = Load(layer);
+  if (!loaded.ok()) return loaded.status();
+  const model::LayerWeights& w = *loaded;
+  st.load_seconds = Since(t);
+
+  // What is quantized, split into replicated groups (every rank) and own expert groups.
+  const std::vector<std::string> quantized = quant::QuantizedLinears(config_, layer, o_.format);
+  std::vector<std::string> replicated, own_experts;
+  for (const std::string& m : quantized) {
+    int e = 0;
+    if (!IsRoutedExpert(m, &e)) {
+      replicated.push_back(m);
+    } else if (OwnerOf(e) == gang_.rank()) {
+      own_experts.push_back(m);
+    }
+  }
+  const std::vector<HessianGroup> rep_groups = quant::GroupLinears(replicated);
+  const std::vector<HessianGroup> exp_groups = quant::GroupLinears(own_experts);
+  std::map<std::string, std::unique_ptr<HessianAccumulator>> acc;
+  for (const HessianGroup& g : rep_groups) {
+    acc[g.members[0]] =
+        std::make_unique<HessianAccumulator>(quant::WeightOf(w, g.members[0]).size(1), o_.device);
+  }
+  for (const HessianGroup& g : exp_groups) {
+    acc[g.members[0]] =
+        std::make_unique<HessianAccumulator>(quant::WeightOf(w, g.members[0]).size(1), o_.device);
+  }
+  absl::Status hook_status;
+  double hessian_seconds = 0;
+  model::ForwardHooks collect;
+  collect.on_linear_input = [&](const std::string& linear, const at::Tensor& x) {
+    auto it = acc.find(linear);
+    if (it == acc.end() || !hook_status.ok()) return;
+    const Clock::time_point h0 = Clock::now();
+    absl::Status a = it->second->Add(x);
+    hessian_seconds += Since(h0);
+    if (!a.ok()) hook_status = a;
+  };
+
+  // Pass 1: original weights; Hessians.
+  t = Clock::now();
+  Progress(where + ": calibration forward", 0.1);
+  MoeInput moe_in;
+  Dispatch dispatch;
+  std::vector<int64_t> gang_counts;
+  if (w.is_moe) {
+    absl::StatusOr<MoeInput> in = Attention(w, collect);
+    if (!in.ok()) return in.status();
+    moe_in = *std::move(in);
+    absl::StatusOr<Dispatch> d = DispatchRows(moe_in);
+    if (!d.ok()) return d.status();
+    dispatch = *std::move(d);
+    at::Tensor counts = at::tensor(dispatch.send_expert_counts, at::kLong);
+    MQ_RETURN_IF_ERROR(gang_.AllReduceSum(counts));
+    gang_counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + counts.numel());
+    std::vector<int64_t> sorted = gang_counts;
+    std::sort(sorted.begin(), sorted.end());
+    st.expert_tokens_min = sorted.front();
+    st.expert_tokens_max = sorted.back();
+    st.expert_tokens_median = sorted[sorted.size() / 2];
+    absl::Status s = Guarded(where + " experts", [&]() -> absl::Status {
+      RunExperts(w, dispatch, collect, /*want_outputs=*/false);
+      if (w.shared_experts.defined()) {
+        model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts, moe_in.u, collect);
+      }
+      return absl::OkStatus();
+    });
+    MQ_RETURN_IF_ERROR(s);
+  } else if (!rep_groups.empty()) {
+    for (const Chunk& c : chunks_) {
+      absl::StatusOr<at::Tensor> y =
+          model::RunLayer(w, c.hidden, Positions(c.hidden.size(1)), collect);
+      if (!y.ok()) return y.status();
+    }
+  }
+  MQ_RETURN_IF_ERROR(hook_status);
+  // Rare experts: top up with this rank's own tokens (outputs dropped), or RTN.
+  std::set<int> rtn_experts;
+  if (w.is_moe && o_.min_expert_tokens > 0) {
+    for (int e = FirstExpert(gang_.rank()); e < FirstExpert(gang_.rank() + 1); ++e) {
+      if (gang_counts[e] >= o_.min_expert_tokens) continue;
+      const std::string prefix = absl::StrCat(w.prefix, "mlp.experts.", e, ".");
+      if (!acc.count(prefix + "gate_proj") && !acc.count(prefix + "down_proj")) continue;
+      RareExpertInfo info{e, gang_counts[e], o_.rare_expert_rtn ? "rtn" : "topped_up"};
+      if (o_.rare_expert_rtn) {
+        rtn_experts.insert(e);
+      } else if (moe_in.u.size(0) > 0) {
+        absl::Status s = Guarded(where + " rare expert", [&]() -> absl::Status {
+          model::RunMlpRows(prefix, w.experts[e], moe_in.u, collect);
+          return absl::OkStatus();
+        });
+        MQ_RETURN_IF_ERROR(s);
+      }
+      st.rare.push_back(std::move(info));
+    }
+    MQ_RETURN_IF_ERROR(hook_status);
+  }
+  // Replicated Hessians: summed over the gang.
+  for (const HessianGroup& g : rep_groups) {
+    HessianAccumulator& a = *acc[g.members[0]];
+    const Clock::time_point h0 = Clock::now();
+    at::Tensor sum = a.sum().to(at::kCPU).clone();
+    at::Tensor tokens = at::full({1}, a.tokens(), at::kLong);
+    MQ_RETURN_IF_ERROR(gang_.AllReduceSum(sum));
+    MQ_RETURN_IF_ERROR(gang_.AllReduceSum(tokens));
+    auto merged = std::make_unique<HessianAccumulator>(a.in_features(), o_.device);
+    MQ_RETURN_IF_ERROR(merged->MergeSum(sum.to(o_.device), tokens.item<int64_t>()));
+    acc[g.members[0]] = std::move(merged);
+    hessian_seconds += Since(h0);
+  }
+  st.hessian_seconds = hessian_seconds;
+  st.forward_seconds = Since(t) - hessian_seconds;
+  MQ_RETURN_IF_ERROR(CheckCancelled());
+
+  // Solve: own experts, and replicated groups round-robin; replicated results broadcast.
+  t = Clock::now();
+  Progress(where + ": solving", 0.4);
+  std::vector<model::TensorData> tensors;
+  std::set<std::string> written_quantized;
+  model::WeightOverrides overrides;
+  double err_sum = 0;
+  int err_n = 0;
+  auto solve_group = [&](const HessianGroup& g, bool force_rtn) -> absl::Status {
+    std::vector<at::Tensor> ws;
+    for (const std::string& m : g.members) ws.push_back(quant::WeightOf(w, m));
+    at::Tensor h;
+    absl::StatusOr<std::vector<GptqResult>> results =
+        Solve(ws, acc[g.members[0]].get(), force_rtn, &h);
+    if (!results.ok()) return results.status();
+    for (size_t i = 0; i < g.members.size(); ++i) {
+      const GptqResult& r = (*results)[i];
+      ++st.quantized_linears;
+      if (r.fallback != quant::Fallback::kNone) ++st.fallbacks;
+      if (h.defined()) {
+        absl::StatusOr<double> err = quant::RelativeHessianError(ws[i], r.weight.dequantized, h);
+        if (err.ok() && std::isfinite(*err)) {
+          err_sum += *err;
+          ++err_n;
+        }
+      }
+      absl::StatusOr<quant::PackedWeight> packed = quant::PackWeight(r.weight);
+      if (!packed.ok()) return packed.status();
+      const std::string& m = g.members[i];
+      tensors.push_back(model::ToTensorData(m + ".weight_packed", packed->weight_packed));
+      tensors.push_back(model::ToTensorData(m + ".weight_scale", packed->weight_scale));
+      tensors.push_back(model::ToTensorData(m + ".weight_shape", packed->weight_shape));
+      written_quantized.insert(m);
+      overrides[m] = r.weight.dequantized.to(o_.device, o_.dtype);
+    }
+    return absl::OkStatus();
+  };
+  for (const HessianGroup& g : exp_groups) {
+    int e = 0;
+    IsRoutedExpert(g.members[0], &e);
+    MQ_RETURN_IF_ERROR(solve_group(g, rtn_experts.count(e) > 0));
+  }
+  for (size_t gi = 0; gi < rep_groups.size(); ++gi) {
+    const int solver = static_cast<int>(gi % gang_.size());
+    if (solver == gang_.rank()) MQ_RETURN_IF_ERROR(solve_group(rep_groups[gi], false));
+    for (const std::string& m : rep_groups[gi].members) {
+      at::Tensor deq = solver == gang_.rank()
+                           ? overrides[m].to(at::kCPU, at::kFloat).contiguous()
+                           : at::empty(quant::WeightOf(w, m).sizes(), at::kFloat);
+      MQ_RETURN_IF_ERROR(gang_.Broadcast(deq, solver));
+      overrides[m] = deq.to(o_.device, o_.dtype);
+    }
+  }
+  acc.clear();
+  st.mean_relative_error = err_n > 0 ? err_sum / err_n : 0;
+  st.solve_seconds = Since(t);
+  MQ_RETURN_IF_ERROR(CheckCancelled());
+
+  // Pass 2: quantized propagation (attention reused when nothing replicated was quantized).
+  t = Clock::now();
+  Progress(where + ": propagating", 0.7);
+  const bool reuse = w.is_moe && rep_groups.empty();
+  absl::StatusOr<std::vector<at::Tensor>> next =
+      Propagate(w, overrides, reuse ? &moe_in : nullptr, reuse ? &dispatch : nullptr);
+  if (!next.ok()) return next.status();
+  for (size_t i = 0; i < chunks_.size(); ++i) chunks_[i].hidden = (*next)[i];
+  moe_in = MoeInput();
+  dispatch = Dispatch();
+  st.propagate_seconds = Since(t);
+
+  // Write this rank's tensors, then the checkpoint.
+  t = Clock::now();
+  Progress(where + ": writing", 0.9);
+  const std::string prefix = absl::StrCat("model.layers.", layer, ".");
+  for (const std::string& n : reader_.names()) {
+    if (n.rfind(prefix, 0) != 0 || quant::EndsWith(n, model::kScaleInvSuffix)) continue;
+    if (quant::EndsWith(n, ".weight") && written_quantized.count(n.substr(0, n.size() - 7))) {
+      continue;
+    }
+    int e = 0;
+    const bool expert = IsRoutedExpert(n, &e);
+    if (expert ? OwnerOf(e) != gang_.rank() : gang_.rank() != 0) continue;
+    if (!expert && quant::EndsWith(n, ".weight") &&
+        std::find(replicated.begin(), replicated.end(), n.substr(0, n.size() - 7)) !=
+            replicated.end()) {
+      continue;  // a replicated quantized linear: written by its solver
+    }
+    absl::StatusOr<model::TensorData> d = quant::PlainTensor(reader_, n);
+    if (!d.ok()) return d.status();
+    tensors.push_back(*std::move(d));
+  }
+  if (!tensors.empty()) {
+    const std::string name = LayerFileName(layer, gang_.rank(), gang_.size());
+    MQ_RETURN_IF_ERROR(model::WriteSafetensors(o_.output_dir + "/" + name, std::move(tensors)));
+    absl::StatusOr<OutputFileInfo> info = DescribeFile(o_.output_dir, name);
+    if (!info.ok()) return info.status();
+    out.files.push_back(*std::move(info));
+  }
+  MQ_RETURN_IF_ERROR(SaveCheckpoint(step));
+  st.write_seconds = Since(t);
+  return out;
+}
+
+absl::Status Runner::Replay(int step, int layer, const FileSetReader& committed) {
+  MQ_RETURN_IF_ERROR(EnterLayer(layer));
+  absl::StatusOr<model::LayerWeights> loaded = Load(layer);
+  if (!loaded.ok()) return loaded.status();
+  model::WeightOverrides overrides;
+  for (const std::string& m : quant::QuantizedLinears(config_, layer, o_.format)) {
+    if (!Owns(m)) continue;  // another rank's expert
+    quant::PackedWeight p;
+    p.group_size = o_.format.group_size;
+    for (auto [suffix, slot] : {std::pair<const char*, at::Tensor*>{".weight_packed", &p.weight_packed},
+                                {".weight_scale", &p.weight_scale},
+                                {".weight_shape", &p.weight_shape}}) {
+      absl::StatusOr<model::TensorView> v = committed.Get(m + suffix);
+      if (!v.ok()) return v.status();
+      absl::StatusOr<at::Tensor> t = model::FromTensorView(*v);
+      if (!t.ok()) return t.status();
+      *slot = *std::move(t);
+    }
+    absl::StatusOr<at::Tensor> deq = quant::DequantizePacked(p);
+    if (!deq.ok()) return deq.status();
+    overrides[m] = deq->to(o_.device, o_.dtype);
+  }
+  Progress(absl::StrCat("replaying committed layer ", layer, " (step ", step + 1, ")"), 0);
+  absl::StatusOr<std::vector<at::Tensor>> next = Propagate(*loaded, overrides, nullptr, nullptr);
+  if (!next.ok()) return next.status();
+  for (size_t i = 0; i < chunks_.size(); ++i) chunks_[i].hidden = (*next)[i];
+  return absl::OkStatus();
+}
+
+std::string Runner::CheckpointPath(int step) const {
+  char buf[96];
+  std::snprintf(buf, sizeof(buf), "/hidden-step%05d-seq%06lld-%06lld.safetensors", step,
+                static_cast<long long>(lo_), static_cast<long long>(hi_));
+  return o_.scratch_dir + buf;
+}
+
+absl::Status Runner::SaveCheckpoint(int step) {
+  std::vector<model::TensorData> tensors;
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    tensors.push_back(model::ToTensorData(absl::StrCat("chunk.", i), chunks_[i].hidden));
+  }
+  MQ_RETURN_IF_ERROR(model::WriteSafetensors(CheckpointPath(step), std::move(tensors)));
+  if (step >= 1) ::unlink(CheckpointPath(step - 1).c_str());  // keep only the newest
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
+  absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> file =
+      model::SafetensorsFile::Open(CheckpointPath(step));
+  if (!file.ok()) return false;
+  std::vector<at::Tensor> hidden;
+  for (size_t i = 0; i < chunks_.size(); ++i) {
+    absl::StatusOr<model::TensorView> v = (*file)->Get(absl::StrCat("chunk.", i));
+    if (!v.ok()) return false;
+    absl::StatusOr<at::Tensor> t = model::FromTensorView(*v);
+    const std::vector<int64_t> expected = {chunks_[i].ids.size(0), chunks_[i].ids.size(1),
+                                           config_.hidden_size};
+    if (!t.ok() || t->sizes().vec() != expected) return false;
+    hidden.push_back(t->to(o_.device, o_.dtype));
+  }
+  for (size_t i = 0; i < chunks_.size(); ++i) chunks_[i].hidden = hidden[i];
+  return true;
+}
+
+absl::StatusOr<GangPipelineResult> Runner::Run() {
+  GangPipelineResult result;
+  const std::vector<int> layers = PipelineLayers(config_, o_.format);
+  if (static_cast<int>(layers.size()) != o_.total_steps) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "total_steps = ", o_.total_steps, " but the checkpoint and format give ", layers.size(),
+        " pipeline layers (the plan does not match this model)"));
+  }
+  if (o_.start_step < 0 || o_.start_step > o_.total_steps) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("start_step = ", o_.start_step, ": must be in [0, ", o_.total_steps, "]"));
+  }
+  MQ_RETURN_IF_ERROR(Embed());
+  if (o_.start_step > 0) {
+    // Resume: from every rank's checkpoint of the previous step, else replay committed steps.
+    // Entering the MTP part needs the main model's output, so a checkpoint before an MTP step
+    // must follow the MTP transform exactly as the uninterrupted run did.
+    if (layers[o_.start_step - 1] >= config_.num_hidden_layers) {
+      // The checkpoint holds an MTP layer's output: one token shorter per sequence.
+      for (Chunk& c : chunks_) c.ids = c.ids.slice(1, 0, c.ids.size(1) - 1);
+      in_mtp_ = true;
+    }
+    absl::StatusOr<bool> loaded = LoadCheckpoint(o_.start_step - 1);
+    if (!loaded.ok()) return loaded.status();
+    const int64_t have = *loaded ? 1 : 0;
+    at::Tensor all = at::full({1}, have, at::kLong);
+    MQ_RETURN_IF_ERROR(gang_.AllReduceSum(all));
+    if (all.item<int64_t>() != gang_.size()) {
+      MQ_RETURN_IF_ERROR(Embed());  // every rank replays from the embeddings
+      absl::StatusOr<std::unique_ptr<FileSetReader>> committed =
+          FileSetReader::Open(o_.output_dir, o_.committed_files);
+      if (!committed.ok()) return committed.status();
+      for (int s = 0; s < o_.start_step; ++s) {
+        MQ_RETURN_IF_ERROR(CheckCancelled());
+        MQ_RETURN_IF_ERROR(Replay(s, layers[s], **committed));
+        ++result.steps_replayed;
+      }
+    }
+  }
+  for (int s = o_.start_step; s < o_.total_steps; ++s) {
+    MQ_RETURN_IF_ERROR(CheckCancelled());
+    absl::StatusOr<StepOutput> out = QuantizeStep(s, layers[s]);
+    if (!out.ok()) return out.status();
+    if (o_.on_step) MQ_RETURN_IF_ERROR(o_.on_step(*out));
+    ++result.steps_run;
+  }
+  MQ_RETURN_IF_ERROR(gang_.Barrier());
+  return result;
+}
+
+}  // namespace
+
+std::vector<int> PipelineLayers(const model::DeepseekV3Config& config,
+                                const quant::CompressedTensorsOptions& format) {
+  std::vector<int> layers;
+  for (int l = 0; l < config.num_hidden_layers; ++l) layers.push_back(l);
+  if (format.mtp == quant::MtpMode::kQuantize) {
+    for (int l = 0; l < config.num_nextn_predict_layers; ++l) {
+      layers.push_back(config.num_hidden_layers + l);
+    }
+  }
+  return layers;
+}
+
+absl::StatusOr<GangPipelineResult> RunGangPipeline(const GangPipelineOptions& options) {
+  if (options.samples.empty()) {
+    return absl::InvalidArgumentError("samples: the calibration set is empty");
+  }
+  for (size_t i = 0; i < options.samples.size(); ++i) {
+    if (options.samples[i].size() < 2) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("samples[", i, "]: ", options.samples[i].size(),
+                       " tokens; calibration sequences need at least 2"));
+    }
+  }
+  if (options.dtype != at::kFloat && options.dtype != at::kBFloat16) {
+    return absl::InvalidArgumentError("dtype: must be float32 or bfloat16");
+  }
+  if (static_cast<int64_t>(options.samples.size()) < options.gang.world_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "calibration has ", options.samples.size(), " samples for a gang of ",
+        options.gang.world_size, ": every rank needs at least one"));
+  }
+  MQ_RETURN_IF_ERROR(quant::ValidateCompressedTensorsOptions(options.format));
+  MQ_RETURN_IF_ERROR(quant::MakeDirs(options.scratch_dir));
+  MQ_RETURN_IF_ERROR(quant::MakeDirs(options.output_dir));
+  absl::StatusOr<model::DeepseekV3Config> config =
+      model::LoadDeepseekV3Config(options.model_dir + "/config.json");
+  if (!config.ok()) return config.status();
+  MQ_RETURN_IF_ERROR(quant::CheckSelectionConsistent(*config, options.format));
+  absl::StatusOr<std::unique_ptr<model::CheckpointReader>> reader =
+      model::CheckpointReader::Open(options.model_dir);
+  if (!reader.ok()) return reader.status();
+  absl::StatusOr<model::GlobalWeights> globals =
+      model::LoadGlobals(**reader, *config, options.device, options.dtype);
+  if (!globals.ok()) return globals.status();
+  absl::StatusOr<std::unique_ptr<Gang>> gang = Gang::Join(options.gang);
+  if (!gang.ok()) return gang.status();
+  Runner runner(options, **gang, **reader, *std::move(config), *std::move(globals));
+  return runner.Run();
+}
+
+}  // namespace mq::pipeline

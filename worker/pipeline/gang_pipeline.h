@@ -1,0 +1,85 @@
+// The quantize job's layer pipeline, run by every rank of a gang (DESIGN.md §3).
+//
+// Each rank holds a contiguous slice of the calibration sequences and a contiguous range of
+// every MoE layer's routed experts. For each pipeline step (decoder layers in order, then MTP
+// layers when they are quantized), every rank:
+//   1. loads the layer (its own experts only) and runs its sequences through attention;
+//   2. routes its tokens and sends each (token, expert) row to the expert's owner (all-to-all);
+//   3. accumulates Hessians: owners from the rows they received (in global token order, so a
+//      routed expert's Hessian does not depend on the gang size), every rank for the replicated
+//      linears (attention, dense MLP, shared experts) from its own tokens, then all-reduced;
+//      experts that saw fewer than `min_expert_tokens` rows gang-wide are topped up with the
+//      owner's own tokens (outputs not propagated) or quantized with RTN;
+//   4. solves: owners their experts, replicated linears round-robin over ranks (each result is
+//      broadcast so every rank propagates with the same weights);
+//   5. propagates: the layer again with the quantized weights (expert rows dispatched and their
+//      outputs returned and combined), giving the next step's input;
+//   6. writes its tensors (rank 0 also the layer's unquantized non-expert tensors) to one file,
+//      checkpoints its hidden states in the scratch directory, and reports the step.
+// A resumed attempt starts at `start_step`: from the hidden-state checkpoint of step
+// start_step − 1 when every rank has one for its slice, else by replaying the committed steps'
+// forward with the committed (dequantized) weights. Nothing committed is re-quantized.
+//
+// For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
+// Threading: one call per process at a time; the callbacks run on the calling thread.
+// Durability: files and checkpoints are written atomically (temp + fsync + rename) before a
+// step is reported.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "worker/pipeline/gang.h"
+#include "worker/pipeline/output.h"
+#include "worker/pipeline/types.h"
+#include "worker/quant/compressed_tensors.h"
+#include "worker/quant/gptq.h"
+#include "worker/quant/local_pipeline.h"
+
+namespace mq::pipeline {
+
+struct GangPipelineOptions {
+  std::string model_dir;
+  std::string output_dir;
+  std::string scratch_dir;  // this job's hidden-state checkpoints (created if missing)
+  GangOptions gang;
+  int start_step = 0;
+  int total_steps = 0;  // must equal PipelineLayers(...).size()
+  std::vector<OutputFileInfo> committed_files;  // of steps [0, start_step)
+  std::vector<std::vector<int32_t>> samples;    // the whole calibration set, same on every rank
+  quant::QuantMethod method = quant::QuantMethod::kGptq;
+  quant::CompressedTensorsOptions format;
+  quant::GptqOptions gptq;
+  int64_t min_expert_tokens = 16;  // <= 0: no rare-expert treatment
+  bool rare_expert_rtn = false;
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kFloat;  // compute dtype: kFloat or kBFloat16
+  int64_t max_batch_tokens = 65536;   // tokens per forward call (sequences of equal length batch)
+  // Called after a step's files and checkpoint are durable; must return once the coordinator
+  // accepted the report (an error stops the pipeline and is returned).
+  std::function<absl::Status(const StepOutput&)> on_step;
+  std::function<void(const std::string& stage, double fraction)> on_progress;
+  std::function<bool()> cancelled;
+};
+
+struct GangPipelineResult {
+  int steps_run = 0;
+  int steps_replayed = 0;
+};
+
+// The checkpoint layers the pipeline processes, in order: decoder layers 0..L−1, then the MTP
+// layers when format.mtp is kQuantize (matching the plan's layers).
+std::vector<int> PipelineLayers(const model::DeepseekV3Config& config,
+                                const quant::CompressedTensorsOptions& format);
+
+// Runs steps [start_step, total_steps). Errors: INVALID_ARGUMENT for bad options, UNAVAILABLE
+// when the gang broke (a peer vanished: retry with another attempt), CANCELLED when
+// `cancelled` returned true, and the engine's, reader's and writer's errors.
+absl::StatusOr<GangPipelineResult> RunGangPipeline(const GangPipelineOptions& options);
+
+}  // namespace mq::pipeline

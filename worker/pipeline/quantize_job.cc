@@ -1,0 +1,137 @@
+#include "worker/pipeline/quantize_job.h"
+
+#include <sys/stat.h>
+
+#include "absl/strings/str_cat.h"
+#include "worker/data/calibration.h"
+#include "worker/model/config.h"
+#include "worker/pipeline/gang_pipeline.h"
+#include "worker/pipeline/output.h"
+#include "worker/quant/compressed_tensors.h"
+
+namespace mq::pipeline {
+namespace {
+
+absl::StatusOr<quant::CompressedTensorsOptions> Format(const QuantizeJobSpec& spec) {
+  quant::CompressedTensorsOptions f;
+  f.group_size = spec.group_size < 0 ? 0 : spec.group_size;
+  absl::StatusOr<quant::TargetSet> t =
+      quant::ParseTargetSet(spec.targets == "all_linear" ? "all-linear" : "routed-experts");
+  if (!t.ok()) return t.status();
+  f.targets = *t;
+  f.mtp = spec.include_mtp ? quant::MtpMode::kQuantize : quant::MtpMode::kIgnore;
+  f.ignore_regexes = spec.ignore;
+  absl::Status s = quant::ValidateCompressedTensorsOptions(f);
+  if (!s.ok()) return s;
+  return f;
+}
+
+data::CalibrationSpec Calibration(const QuantizeJobSpec& spec) {
+  data::CalibrationSpec c;
+  c.dataset_path = spec.dataset;
+  c.tokenizer_path = spec.tokenizer.empty() ? spec.model_dir + "/tokenizer.json" : spec.tokenizer;
+  c.num_samples = spec.num_samples;
+  c.max_sequence_length = spec.max_sequence_length;
+  c.min_sequence_length = 2;
+  c.seed = spec.seed;
+  return c;
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, std::string>> CheckQuantizeInputs(const QuantizeJobSpec& spec) {
+  std::vector<std::pair<std::string, std::string>> problems;
+  if (!spec.symmetric) {
+    problems.emplace_back("request.symmetric",
+                          "asymmetric quantization is not supported by the pipeline; use "
+                          "symmetric (the vLLM Marlin kernels' format)");
+  }
+  if (spec.method != "gptq" && spec.method != "rtn") {
+    problems.emplace_back("request.method", absl::StrCat("method \"", spec.method,
+                                                         "\" is not implemented (gptq, rtn)"));
+  }
+  absl::StatusOr<quant::CompressedTensorsOptions> f = Format(spec);
+  if (!f.ok()) problems.emplace_back("request.format", std::string(f.status().message()));
+  if (spec.dataset.empty()) {
+    problems.emplace_back("request.calibration.dataset_uri",
+                          "a calibration dataset is required (JSONL or safetensors)");
+  } else if (absl::Status s = data::CheckCalibrationSource(Calibration(spec)); !s.ok()) {
+    problems.emplace_back("request.calibration.dataset_uri", std::string(s.message()));
+  }
+  if (absl::Status s = CheckOutputLocation(spec.model_dir, spec.output_dir); !s.ok()) {
+    problems.emplace_back("request.output_uri", std::string(s.message()));
+  }
+  return problems;
+}
+
+absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAssignmentInput& in) {
+  absl::StatusOr<quant::CompressedTensorsOptions> format = Format(in.spec);
+  if (!format.ok()) return format.status();
+  absl::StatusOr<model::DeepseekV3Config> config =
+      model::LoadDeepseekV3Config(in.spec.model_dir + "/config.json");
+  if (!config.ok()) return config.status();
+  absl::StatusOr<data::CalibrationSet> cal = data::LoadCalibration(Calibration(in.spec),
+                                                                   config->vocab_size);
+  if (!cal.ok()) return cal.status();
+
+  GangPipelineOptions o;
+  o.model_dir = in.spec.model_dir;
+  o.output_dir = in.spec.output_dir;
+  o.scratch_dir = in.scratch_dir;
+  o.gang.rank = in.rank;
+  o.gang.world_size = in.world_size;
+  o.gang.rendezvous = in.rendezvous;
+  o.gang.local_host = in.local_host;
+  o.gang.join_timeout = std::chrono::milliseconds(in.join_timeout_ms);
+  o.start_step = in.start_step;
+  o.total_steps = in.total_steps;
+  o.committed_files = in.committed_files;
+  o.samples = std::move(cal->samples);
+  o.method = in.spec.method == "rtn" ? quant::QuantMethod::kRtn : quant::QuantMethod::kGptq;
+  o.format = *format;
+  o.gptq.act_order = in.spec.act_order;
+  o.gptq.rel_damp = in.spec.damping;
+  absl::StatusOr<quant::ScaleSearch> search = quant::ParseScaleSearch(in.spec.scale_search);
+  if (!search.ok()) return search.status();
+  o.gptq.grid.scale_search = *search;
+  o.min_expert_tokens = in.spec.min_expert_tokens;
+  o.rare_expert_rtn = in.spec.rare_expert_rtn;
+  if (in.device.rfind("cuda", 0) == 0) {
+    o.device = at::Device(in.device);
+    o.dtype = at::kBFloat16;
+  }
+  o.on_step = in.on_step;
+  o.on_progress = in.on_progress;
+  o.cancelled = in.cancelled;
+  absl::StatusOr<GangPipelineResult> r = RunGangPipeline(o);
+  if (!r.ok()) return r.status();
+  return QuantizeAssignmentResult{r->steps_run, r->steps_replayed};
+}
+
+absl::StatusOr<FinalizeAssignmentResult> RunFinalizeAssignment(
+    const QuantizeJobSpec& spec, const std::vector<OutputFileInfo>& committed_files,
+    int total_steps) {
+  absl::StatusOr<quant::CompressedTensorsOptions> format = Format(spec);
+  if (!format.ok()) return format.status();
+  absl::StatusOr<model::DeepseekV3Config> config =
+      model::LoadDeepseekV3Config(spec.model_dir + "/config.json");
+  if (!config.ok()) return config.status();
+  const std::vector<int> layers = PipelineLayers(*config, *format);
+  if (static_cast<int>(layers.size()) != total_steps) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the job has ", total_steps, " steps but the model gives ", layers.size()));
+  }
+  FinalizeOptions f;
+  f.model_dir = spec.model_dir;
+  f.output_dir = spec.output_dir;
+  f.committed_files = committed_files;
+  // Steps cover layers [0, L) (+ MTP when quantized): everything else goes to the globals file.
+  f.num_pipeline_layers = layers.empty() ? 0 : layers.back() + 1;
+  f.format = *format;
+  absl::StatusOr<FinalizeOutput> out = FinalizeOutputDir(f);
+  if (!out.ok()) return out.status();
+  return FinalizeAssignmentResult{out->manifest_sha256, out->files, out->total_bytes,
+                                  out->removed_files};
+}
+
+}  // namespace mq::pipeline

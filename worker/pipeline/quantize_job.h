@@ -1,0 +1,83 @@
+// The worker's entry points into the quantize pipeline, in plain types so that the RPC layer
+// (which includes protobuf headers) never includes torch (DESIGN.md §7).
+//
+// Threading: one assignment at a time per process; callbacks run on the calling thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "worker/pipeline/types.h"
+
+namespace mq::pipeline {
+
+// A job's spec as the pipeline needs it (the RPC layer fills it from mq.v1.JobSpec; defaults
+// are already applied by the coordinator).
+struct QuantizeJobSpec {
+  std::string model_dir;
+  std::string output_dir;
+  std::string method = "gptq";  // "gptq" or "rtn"
+  int group_size = 128;         // 32, 64, 128, or -1 = per output channel
+  bool symmetric = true;
+  bool act_order = true;
+  std::string scale_search = "minmax";  // or "mse"
+  double damping = 0.01;
+  std::string targets = "routed_experts";  // or "all_linear"
+  std::vector<std::string> ignore;
+  bool include_mtp = false;
+  // Calibration.
+  std::string dataset;
+  std::string tokenizer;  // empty: the model directory's tokenizer.json
+  int64_t num_samples = 512;
+  int64_t max_sequence_length = 4096;
+  uint64_t seed = 0;
+  int64_t min_expert_tokens = 16;
+  bool rare_expert_rtn = false;
+};
+
+// Problems with a job's inputs that the checkpoint inspection does not see: the calibration
+// dataset (and tokenizer), the output location, unsupported settings. Each is (where, what).
+std::vector<std::pair<std::string, std::string>> CheckQuantizeInputs(const QuantizeJobSpec& spec);
+
+struct QuantizeAssignmentInput {
+  QuantizeJobSpec spec;
+  int rank = 0;
+  int world_size = 1;
+  std::string rendezvous;              // HOST:PORT served by rank 0
+  std::string local_host = "127.0.0.1";  // this worker's gang address host
+  int start_step = 0;
+  int total_steps = 0;
+  std::vector<OutputFileInfo> committed_files;
+  std::string scratch_dir;  // this job's scratch folder on this worker
+  std::string device = "cpu";  // "cpu" or "cuda:N"
+  int64_t join_timeout_ms = 120000;  // gang rendezvous
+  std::function<absl::Status(const StepOutput&)> on_step;
+  std::function<void(const std::string&, double)> on_progress;
+  std::function<bool()> cancelled;
+};
+
+struct QuantizeAssignmentResult {
+  int steps_run = 0;
+  int steps_replayed = 0;
+};
+
+// Loads the calibration set and runs this rank's part of the pipeline. UNAVAILABLE means the
+// gang broke (infrastructure); other errors are the job's.
+absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAssignmentInput& in);
+
+struct FinalizeAssignmentResult {
+  std::string manifest_sha256;
+  int files = 0;
+  int64_t total_bytes = 0;
+  int removed_files = 0;
+};
+
+absl::StatusOr<FinalizeAssignmentResult> RunFinalizeAssignment(
+    const QuantizeJobSpec& spec, const std::vector<OutputFileInfo>& committed_files,
+    int total_steps);
+
+}  // namespace mq::pipeline

@@ -1,0 +1,42 @@
+// Plain records the layer pipeline reports (no torch, no protobuf: the worker's RPC layer
+// converts them to mq.v1 messages). Value types, no shared state.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mq::pipeline {
+
+struct OutputFileInfo {
+  std::string name;  // relative to the output directory
+  int64_t size = 0;
+  std::string sha256;  // lowercase hex
+};
+
+struct RareExpertInfo {
+  int expert = 0;
+  int64_t routed_tokens = 0;
+  std::string treatment;  // "topped_up" or "rtn"
+};
+
+// What one rank measured for one step (mirrors mq.v1.LayerStats).
+struct StepStats {
+  double load_seconds = 0, forward_seconds = 0, hessian_seconds = 0, solve_seconds = 0,
+         propagate_seconds = 0, write_seconds = 0;
+  // Routed tokens per expert over the whole gang (every rank reports the same values).
+  int64_t expert_tokens_min = 0, expert_tokens_median = 0, expert_tokens_max = 0;
+  int quantized_linears = 0;  // solved by this rank
+  int fallbacks = 0;
+  std::vector<RareExpertInfo> rare;  // this rank's experts
+  double mean_relative_error = 0;    // over this rank's solved linears with tokens
+};
+
+struct StepOutput {
+  int step = 0;
+  int layer = 0;
+  std::vector<OutputFileInfo> files;  // this rank's (none when it holds no tensor of the layer)
+  StepStats stats;
+};
+
+}  // namespace mq::pipeline
