@@ -451,6 +451,7 @@ absl::StatusOr<mq::v1::CancelJobResponse> Coordinator::CancelJob(
     auto w = workers_.find(a.worker_id());
     if (w != workers_.end() && w->second.assignment_id == a.assignment_id()) {
       w->second.assignment_id.clear();
+      if (w->second.delivered) w->second.needs_poll = true;
     }
   }
   it->second = job;
@@ -689,6 +690,7 @@ absl::StatusOr<mq::v1::PollAssignmentResponse> Coordinator::PollAssignment(
     }
     WorkerEntry& w = it->second;
     if (!w.dead) w.last_heartbeat_ms = Mono();
+    w.needs_poll = false;
     if (!w.dead && !w.assignment_id.empty() && !w.delivered) {
       auto insp = inspections_.find(w.assignment_id);
       if (insp != inspections_.end()) {
@@ -826,6 +828,7 @@ void Coordinator::ApplyEnded(const std::vector<AssignmentRecord>& ended) {
     auto w = workers_.find(a.worker_id());
     if (w != workers_.end() && w->second.assignment_id == a.assignment_id()) {
       w->second.assignment_id.clear();
+      if (w->second.delivered) w->second.needs_poll = true;
     }
   }
 }
@@ -1272,7 +1275,12 @@ std::vector<WorkerView> Coordinator::WorkerViews() const {
     WorkerView v;
     v.worker_id = id;
     v.alive = !w.dead;
-    v.idle = w.assignment_id.empty();
+    // Idle for new work: no assignment, polled since the coordinator last ended one of its
+    // assignments, and heard from recently (a worker killed a moment ago still holds a lease
+    // but must not become a gang's rank).
+    const bool responsive =
+        Mono() - w.last_heartbeat_ms <= 2 * options_.heartbeat_interval_ms + 500;
+    v.idle = w.assignment_id.empty() && !w.needs_poll && responsive;
     v.capabilities.assign(w.record.capabilities().capabilities().begin(),
                           w.record.capabilities().capabilities().end());
     v.registered_at_ms = w.record.registered_at_ms();

@@ -102,6 +102,9 @@ class Coordinator {
     bool dead = false;
     std::string assignment_id;  // live assignment (persisted or an inspection), if any
     bool delivered = false;
+    // The coordinator ended an assignment this worker had received (abort, cancel): it may
+    // still be running it, so it gets no new work until it polls again.
+    bool needs_poll = false;
   };
   struct Inspection {
     mq::v1::Assignment assignment;

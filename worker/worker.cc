@@ -336,11 +336,14 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
 #if MQ_WORKER_HAS_PIPELINE
 bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
                          const std::atomic<bool>& stop) {
+  // Checkpoints of other jobs (kept after an aborted attempt) are of no use any more.
+  pipeline::RemoveScratchExcept(options_.scratch_dir, a.job_id());
   pipeline::QuantizeAssignmentInput in;
   in.spec = ToJobSpec(a.spec());
   in.rank = a.rank();
   in.world_size = a.world_size();
   in.rendezvous = a.rendezvous();
+  in.gang_key = absl::StrCat(a.job_id(), "/", a.attempt());
   in.local_host = options_.gang_host;
   in.start_step = a.start_step();
   in.total_steps = a.total_steps();

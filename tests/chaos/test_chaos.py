@@ -15,7 +15,9 @@ from mq_cluster import Cluster, wait_until  # noqa: E402
 from quantize_env import check_output_dir, make_model, submit_args  # noqa: E402
 
 LAYERS = 6
-STEP_DELAY_MS = "600"  # fault knob: a pause after each reported step widens the kill windows
+# Fault knobs: pauses after each reported step and inside each layer (between solve and write)
+# widen the windows in which kills land.
+FAULTS = {"MQ_FAULT_STEP_DELAY_MS": "300", "MQ_FAULT_MID_LAYER_DELAY_MS": "400"}
 SEED = int(os.environ.get("MQ_CHAOS_SEED", time.time_ns() % 100000))
 
 
@@ -42,6 +44,7 @@ def reference(env):
     """The uninterrupted run's manifest hash (computed once)."""
     if "reference" not in env:
         tmp = env["tmp"] / "reference"
+        tmp.mkdir(exist_ok=True)
         c = new_cluster(tmp)
         try:
             c.start_coordinator()
@@ -62,17 +65,26 @@ def check_history(job):
     steps = sorted(e["message"].split()[1] for e in committed)
     assert len(committed) == LAYERS, [e["message"] for e in committed]
     assert len(set(steps)) == LAYERS, steps
-    # Every step's record is from the attempt that committed it, never rewritten later.
     for layer in job.get("layers", []):
         assert layer["committed"], layer
 
 
-def check_no_orphans(cluster_tmp, out):
+def check_no_orphans(cluster, out, job):
     check_output_dir(out)
-    leftovers = [p for p in Path(cluster_tmp).glob("scratch-*/**/hidden-*") if p.is_file()]
-    # A killed worker's scratch may keep its last checkpoint (nobody runs there again); a
-    # finished worker's is empty.
-    return leftovers
+    # The gang that finished the job keeps no hidden-state checkpoints. (A worker whose attempt
+    # was aborted keeps its last one for a later attempt until it runs its next assignment.)
+    last = [e["message"] for e in job["events"]
+            if e["kind"] == "assigned" and "gang of" in e["message"]][-1]
+    names = last[last.rindex("(") + 1:last.rindex(")")].split(", ")
+    for name in names:
+        left = list((cluster.tmp / f"scratch-{name}").rglob("hidden-*"))
+        assert not left, left
+
+
+def print_retries(job):
+    for e in job["events"]:
+        if e["kind"] in ("attempt_failed", "lease_expired", "assigned"):
+            print(f"  {e['kind']}: {e['message']}")
 
 
 def test_coordinator_sigkill_at_random_moments(env, tmp_path):
@@ -83,7 +95,7 @@ def test_coordinator_sigkill_at_random_moments(env, tmp_path):
     try:
         c.start_coordinator()
         for name in ("w1", "w2"):
-            c.start_worker(name, env={**os.environ, "MQ_FAULT_STEP_DELAY_MS": STEP_DELAY_MS})
+            c.start_worker(name, env={**os.environ, **FAULTS})
         out = tmp_path / "out"
         job_id = submit(c, env, out)
         kills = 0
@@ -98,10 +110,11 @@ def test_coordinator_sigkill_at_random_moments(env, tmp_path):
             c.start_coordinator()
         job = c.wait_job(job_id, "JOB_STATE_SUCCEEDED", timeout=240)
         print(f"coordinator killed {kills} times; attempts {job['job']['attempt']}")
+        print_retries(job)
         assert kills >= 2
         assert job["job"]["manifest_sha256"] == ref
         check_history(job)
-        check_no_orphans(tmp_path, out)
+        check_no_orphans(c, out, job)
     finally:
         c.close()
 
@@ -112,35 +125,36 @@ def test_worker_sigkill_mid_layer(env, tmp_path):
     c = new_cluster(tmp_path)
     try:
         c.start_coordinator()
-        delay_env = {**os.environ, "MQ_FAULT_STEP_DELAY_MS": STEP_DELAY_MS}
-        c.start_worker("w1", env=delay_env)
-        c.start_worker("w2", env=delay_env)
+        fault_env = {**os.environ, **FAULTS}
+        c.start_worker("w1", env=fault_env)
+        c.start_worker("w2", env=fault_env)
         out = tmp_path / "out"
         job_id = submit(c, env, out)
+        # Kill one rank once 1, 3 and 4 layers are committed, at a random moment inside the next
+        # layer, and add a fresh worker (empty scratch: its rank is replayed from the committed
+        # layers) each time.
         kills = 0
-        spare = 0
-        while kills < 3:
-            # Wait until the gang is inside a layer (RUNNING, some progress), then kill one rank.
-            def running():
+        for target in (1, 3, 4):
+            def reached():
                 j = c.job(job_id)["job"]
-                return j["state"] == "JOB_STATE_RUNNING" and j
-            j = wait_until(running, 120, "job running")
-            if j["progress"].get("layers_committed", 0) >= LAYERS - 1:
-                break
-            time.sleep(rng.uniform(0.0, 0.8))
+                return (j["state"] == "JOB_STATE_RUNNING" and
+                        int(j["progress"].get("layers_committed", 0)) >= target and j)
+            wait_until(reached, 180, f"{target} layers committed")
+            time.sleep(rng.uniform(0.05, 0.6))
             victim = rng.choice(sorted(n for n, p in c.workers.items() if p.alive()))
             c.workers[victim].kill9()
             kills += 1
-            spare += 1
-            # A fresh worker (empty scratch: its rank must be replayed from committed layers).
-            c.start_worker(f"spare{spare}", env=delay_env)
-            time.sleep(1.0)
+            c.start_worker(f"spare{kills}", env=fault_env)
         job = c.wait_job(job_id, "JOB_STATE_SUCCEEDED", timeout=300)
         print(f"workers killed {kills} times; attempts {job['job']['attempt']}, "
               f"uncounted {job['job'].get('uncounted_attempts', 0)}")
-        assert kills >= 2
+        print_retries(job)
         assert job["job"]["manifest_sha256"] == ref
         check_history(job)
-        check_no_orphans(tmp_path, out)
+        check_no_orphans(c, out, job)
+        # Later attempts started after the committed layers, never from scratch.
+        starts = [e["message"] for e in job["events"]
+                  if e["kind"] == "assigned" and "gang of" in e["message"]]
+        assert any("0 steps already committed" not in m for m in starts), starts
     finally:
         c.close()

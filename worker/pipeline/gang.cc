@@ -68,7 +68,7 @@ absl::StatusOr<std::unique_ptr<Gang>> Gang::Join(const GangOptions& options) {
     so.waitWorkers = true;
     so.timeout = options.join_timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(options.rendezvous.substr(0, colon), so);
-    impl->store = c10::make_intrusive<c10d::PrefixStore>("mq-gang", tcp);
+    impl->store = c10::make_intrusive<c10d::PrefixStore>("mq-gang/" + options.key, tcp);
     auto go = c10d::ProcessGroupGloo::Options::create();
     go->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(options.local_host));
     go->timeout = options.timeout;

@@ -28,6 +28,9 @@ struct GangOptions {
   int world_size = 1;
   // HOST:PORT of the rendezvous store; rank 0 serves it on PORT (all interfaces).
   std::string rendezvous;
+  // Names this gang (e.g. "<job>/<attempt>"): the store keys are prefixed with it, so a rank of
+  // an older attempt reaching the same rendezvous address can never join this one.
+  std::string key = "gang";
   // This process's address as its peers reach it (Gloo binds to it).
   std::string local_host = "127.0.0.1";
   // How long joining may take (every rank must arrive) before failing with UNAVAILABLE.

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <memory>
@@ -20,6 +21,7 @@
 #include "worker/model/fp8.h"
 #include "worker/model/safetensors_writer.h"
 #include "worker/model/tensor_io.h"
+#include "worker/quant/gptq_batched.h"
 #include "worker/quant/hessian.h"
 #include "worker/quant/layer_tools.h"
 #include "worker/quant/pack.h"
@@ -123,8 +125,10 @@ class Runner {
   absl::StatusOr<Dispatch> DispatchRows(const MoeInput& in);
   // Owner side: every own expert over its received rows; returns outputs in received order
   // (undefined when !want_outputs).
+  // Experts [first, last) only (default: all).
   at::Tensor RunExperts(const model::LayerWeights& w, const Dispatch& d,
-                        const model::ForwardHooks& hooks, bool want_outputs);
+                        const model::ForwardHooks& hooks, bool want_outputs, int first = 0,
+                        int last = std::numeric_limits<int>::max());
   absl::StatusOr<std::vector<at::Tensor>> Combine(const model::LayerWeights& w,
                                                   const MoeInput& in, const Dispatch& d,
                                                   const at::Tensor& expert_out,
@@ -273,7 +277,8 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in) {
 }
 
 at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
-                              const model::ForwardHooks& hooks, bool want_outputs) {
+                              const model::ForwardHooks& hooks, bool want_outputs, int first,
+                              int last) {
   at::Tensor out;
   if (want_outputs) out = at::empty_like(d.recv_rows);
   at::Tensor order = d.recv_order.to(o_.device);
@@ -281,6 +286,10 @@ at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
   for (int64_t e = 0; e < config_.n_routed_experts; ++e) {
     const int64_t n = d.recv_expert_counts[e];
     if (n == 0) continue;
+    if (e < first || e >= last) {
+      offset += n;
+      continue;
+    }
     at::Tensor idx = order.narrow(0, offset, n);
     at::Tensor y = model::RunMlpRows(absl::StrCat(w.prefix, "mlp.experts.", e, "."),
                                      w.experts[e], d.recv_rows.index_select(0, idx), hooks);
@@ -428,10 +437,6 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
     acc[g.members[0]] =
         std::make_unique<HessianAccumulator>(quant::WeightOf(w, g.members[0]).size(1), o_.device);
   }
-  for (const HessianGroup& g : exp_groups) {
-    acc[g.members[0]] =
-        std::make_unique<HessianAccumulator>(quant::WeightOf(w, g.members[0]).size(1), o_.device);
-  }
   absl::Status hook_status;
   double hessian_seconds = 0;
   model::ForwardHooks collect;
@@ -465,8 +470,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
     st.expert_tokens_min = sorted.front();
     st.expert_tokens_max = sorted.back();
     st.expert_tokens_median = sorted[sorted.size() / 2];
-    absl::Status s = Guarded(where + " experts", [&]() -> absl::Status {
-      RunExperts(w, dispatch, collect, /*want_outputs=*/false);
+    absl::Status s = Guarded(where + " shared experts", [&]() -> absl::Status {
       if (w.shared_experts.defined()) {
         model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts, moe_in.u, collect);
       }
@@ -481,26 +485,17 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
     }
   }
   MQ_RETURN_IF_ERROR(hook_status);
-  // Rare experts: top up with this rank's own tokens (outputs dropped), or RTN.
-  std::set<int> rtn_experts;
+  // Rare experts (gang-wide count below the threshold): topped up with this rank's own tokens
+  // (outputs dropped) when their Hessians are accumulated, or RTN.
+  std::set<int> rare_experts;
   if (w.is_moe && o_.min_expert_tokens > 0) {
-    for (int e = FirstExpert(gang_.rank()); e < FirstExpert(gang_.rank() + 1); ++e) {
-      if (gang_counts[e] >= o_.min_expert_tokens) continue;
-      const std::string prefix = absl::StrCat(w.prefix, "mlp.experts.", e, ".");
-      if (!acc.count(prefix + "gate_proj") && !acc.count(prefix + "down_proj")) continue;
-      RareExpertInfo info{e, gang_counts[e], o_.rare_expert_rtn ? "rtn" : "topped_up"};
-      if (o_.rare_expert_rtn) {
-        rtn_experts.insert(e);
-      } else if (moe_in.u.size(0) > 0) {
-        absl::Status s = Guarded(where + " rare expert", [&]() -> absl::Status {
-          model::RunMlpRows(prefix, w.experts[e], moe_in.u, collect);
-          return absl::OkStatus();
-        });
-        MQ_RETURN_IF_ERROR(s);
-      }
-      st.rare.push_back(std::move(info));
+    for (const HessianGroup& g : exp_groups) {
+      int e = 0;
+      IsRoutedExpert(g.members[0], &e);
+      if (gang_counts[e] >= o_.min_expert_tokens || rare_experts.count(e)) continue;
+      rare_experts.insert(e);
+      st.rare.push_back({e, gang_counts[e], o_.rare_expert_rtn ? "rtn" : "topped_up"});
     }
-    MQ_RETURN_IF_ERROR(hook_status);
   }
   // Replicated Hessians: summed over the gang.
   for (const HessianGroup& g : rep_groups) {
@@ -517,6 +512,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   }
   st.hessian_seconds = hessian_seconds;
   st.forward_seconds = Since(t) - hessian_seconds;
+  const double st_hessian_before_solve = hessian_seconds;
   MQ_RETURN_IF_ERROR(CheckCancelled());
 
   // Solve: own experts, and replicated groups round-robin; replicated results broadcast.
@@ -527,15 +523,11 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   model::WeightOverrides overrides;
   double err_sum = 0;
   int err_n = 0;
-  auto solve_group = [&](const HessianGroup& g, bool force_rtn) -> absl::Status {
-    std::vector<at::Tensor> ws;
-    for (const std::string& m : g.members) ws.push_back(quant::WeightOf(w, m));
-    at::Tensor h;
-    absl::StatusOr<std::vector<GptqResult>> results =
-        Solve(ws, acc[g.members[0]].get(), force_rtn, &h);
-    if (!results.ok()) return results.status();
+  // Stats, packed tensors and the propagation override of one solved group.
+  auto record = [&](const HessianGroup& g, const std::vector<at::Tensor>& ws,
+                    const std::vector<GptqResult>& results, const at::Tensor& h) -> absl::Status {
     for (size_t i = 0; i < g.members.size(); ++i) {
-      const GptqResult& r = (*results)[i];
+      const GptqResult& r = results[i];
       ++st.quantized_linears;
       if (r.fallback != quant::Fallback::kNone) ++st.fallbacks;
       if (h.defined()) {
@@ -556,11 +548,91 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
     }
     return absl::OkStatus();
   };
-  for (const HessianGroup& g : exp_groups) {
-    int e = 0;
-    IsRoutedExpert(g.members[0], &e);
-    MQ_RETURN_IF_ERROR(solve_group(g, rtn_experts.count(e) > 0));
+  auto solve_group = [&](const HessianGroup& g, bool force_rtn) -> absl::Status {
+    std::vector<at::Tensor> ws;
+    for (const std::string& m : g.members) ws.push_back(quant::WeightOf(w, m));
+    at::Tensor h;
+    absl::StatusOr<std::vector<GptqResult>> results =
+        Solve(ws, acc[g.members[0]].get(), force_rtn, &h);
+    if (!results.ok()) return results.status();
+    return record(g, ws, *results, h);
+  };
+  // Own experts, in passes of at most max_experts_per_pass experts (bounding the Hessians held
+  // at once): accumulate from the dispatched rows, then one batched solve per pass.
+  const int first_own = FirstExpert(gang_.rank()), last_own = FirstExpert(gang_.rank() + 1);
+  const int per_pass = o_.max_experts_per_pass > 0 ? static_cast<int>(o_.max_experts_per_pass)
+                                                   : std::max(1, last_own - first_own);
+  double solve_only = 0;
+  for (int p0 = first_own; p0 < last_own; p0 += per_pass) {
+    const int p1 = std::min(last_own, p0 + per_pass);
+    std::vector<const HessianGroup*> pass;
+    for (const HessianGroup& g : exp_groups) {
+      int e = 0;
+      IsRoutedExpert(g.members[0], &e);
+      if (e < p0 || e >= p1) continue;
+      pass.push_back(&g);
+      acc[g.members[0]] = std::make_unique<HessianAccumulator>(
+          quant::WeightOf(w, g.members[0]).size(1), o_.device);
+    }
+    if (pass.empty()) continue;
+    absl::Status s = Guarded(where + " experts", [&]() -> absl::Status {
+      RunExperts(w, dispatch, collect, /*want_outputs=*/false, p0, p1);
+      if (o_.rare_expert_rtn || moe_in.u.size(0) == 0) return absl::OkStatus();
+      for (int e : rare_experts) {
+        if (e < p0 || e >= p1) continue;
+        model::RunMlpRows(absl::StrCat(w.prefix, "mlp.experts.", e, "."), w.experts[e],
+                          moe_in.u, collect);
+      }
+      return absl::OkStatus();
+    });
+    MQ_RETURN_IF_ERROR(s);
+    MQ_RETURN_IF_ERROR(hook_status);
+    const Clock::time_point s0 = Clock::now();
+    // GPTQ groups with tokens go to one batched solve; the rest (RTN) one by one.
+    std::vector<const HessianGroup*> batched;
+    std::vector<at::Tensor> ws, hs;
+    std::vector<int64_t> hessian_of;
+    for (const HessianGroup* g : pass) {
+      int e = 0;
+      IsRoutedExpert(g->members[0], &e);
+      const bool rtn = o_.rare_expert_rtn && rare_experts.count(e);
+      const HessianAccumulator* a = acc[g->members[0]].get();
+      if (o_.method != quant::QuantMethod::kGptq || rtn || a->tokens() == 0) {
+        MQ_RETURN_IF_ERROR(solve_group(*g, rtn));
+        continue;
+      }
+      absl::StatusOr<at::Tensor> h = a->Finalize();
+      if (!h.ok()) return h.status();
+      hs.push_back(*std::move(h));
+      for (const std::string& m : g->members) {
+        ws.push_back(quant::WeightOf(w, m));
+        hessian_of.push_back(static_cast<int64_t>(hs.size()) - 1);
+      }
+      batched.push_back(g);
+    }
+    if (!batched.empty()) {
+      quant::GptqOptions gptq = o_.gptq;
+      gptq.grid.group_size = o_.format.group_size;
+      gptq.grid.bits = 4;
+      gptq.grid.symmetric = true;
+      absl::StatusOr<std::vector<GptqResult>> results =
+          quant::QuantizeGptqBatched(ws, hessian_of, hs, gptq);
+      if (!results.ok()) return results.status();
+      size_t k = 0;
+      for (size_t gi = 0; gi < batched.size(); ++gi) {
+        std::vector<at::Tensor> gws;
+        std::vector<GptqResult> grs;
+        for (size_t i = 0; i < batched[gi]->members.size(); ++i, ++k) {
+          gws.push_back(ws[k]);
+          grs.push_back(std::move((*results)[k]));
+        }
+        MQ_RETURN_IF_ERROR(record(*batched[gi], gws, grs, hs[gi]));
+      }
+    }
+    for (const HessianGroup* g : pass) acc.erase(g->members[0]);
+    solve_only += Since(s0);
   }
+  const Clock::time_point r0 = Clock::now();
   for (size_t gi = 0; gi < rep_groups.size(); ++gi) {
     const int solver = static_cast<int>(gi % gang_.size());
     if (solver == gang_.rank()) MQ_RETURN_IF_ERROR(solve_group(rep_groups[gi], false));
@@ -574,8 +646,20 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   }
   acc.clear();
   st.mean_relative_error = err_n > 0 ? err_sum / err_n : 0;
-  st.solve_seconds = Since(t);
+  // The experts' forward and Hessian accumulation happened inside this stage: Hessian time.
+  solve_only += Since(r0);
+  st.solve_seconds = solve_only;
+  st.hessian_seconds = st_hessian_before_solve + std::max(0.0, Since(t) - solve_only);
   MQ_RETURN_IF_ERROR(CheckCancelled());
+
+  // Fault injection (off unless set): a pause inside the layer, between solve and write, so
+  // chaos tests can kill a rank mid-layer.
+  if (const char* v = std::getenv("MQ_FAULT_MID_LAYER_DELAY_MS")) {
+    const int64_t ms = std::atoll(v);
+    for (int64_t waited = 0; waited < ms && !(o_.cancelled && o_.cancelled()); waited += 20) {
+      ::usleep(20000);
+    }
+  }
 
   // Pass 2: quantized propagation (attention reused when nothing replicated was quantized).
   t = Clock::now();
@@ -733,6 +817,8 @@ absl::StatusOr<GangPipelineResult> Runner::Run() {
     ++result.steps_run;
   }
   MQ_RETURN_IF_ERROR(gang_.Barrier());
+  // Every step is reported: the last checkpoint is no longer needed.
+  RemoveHiddenCheckpoints(o_.scratch_dir);
   return result;
 }
 

@@ -60,6 +60,8 @@ struct GangPipelineOptions {
   at::Device device = at::kCPU;
   at::ScalarType dtype = at::kFloat;  // compute dtype: kFloat or kBFloat16
   int64_t max_batch_tokens = 65536;   // tokens per forward call (sequences of equal length batch)
+  // Own experts whose Hessians are held (and solved in one batch) at once; 0 = all of them.
+  int64_t max_experts_per_pass = 0;
   // Called after a step's files and checkpoint are durable; must return once the coordinator
   // accepted the report (an error stops the pipeline and is returned).
   std::function<absl::Status(const StepOutput&)> on_step;

@@ -155,6 +155,16 @@ absl::StatusOr<model::TensorView> FileSetReader::Get(const std::string& name) co
   return it->second->Get(name);
 }
 
+void RemoveHiddenCheckpoints(const std::string& dir) {
+  bool exists = false;
+  absl::StatusOr<std::vector<std::string>> names = ListFiles(dir, &exists);
+  if (!names.ok()) return;
+  for (const std::string& n : *names) {
+    if (absl::StartsWith(n, "hidden-step")) ::unlink((dir + "/" + n).c_str());
+  }
+  ::rmdir(dir.c_str());
+}
+
 absl::Status CheckOutputLocation(const std::string& model_dir, const std::string& output_dir) {
   auto real = [](const std::string& p) {
     char buf[PATH_MAX];

@@ -56,6 +56,10 @@ class FileSetReader {
   std::map<std::string, const model::SafetensorsFile*> where_;
 };
 
+// Deletes the layer pipeline's hidden-state checkpoints (hidden-step*.safetensors) in `dir`, then
+// `dir` itself when empty. Best effort (errors are ignored: the files are only a cache).
+void RemoveHiddenCheckpoints(const std::string& dir);
+
 // Checks that `output_dir` can receive a job's output: it is not the model directory and it
 // does not exist, is empty, or holds only files an mq output consists of (an earlier attempt's
 // or run's). FailedPrecondition naming the problem otherwise (a foreign file, not a directory,

@@ -1,6 +1,8 @@
 #include "worker/pipeline/quantize_job.h"
 
+#include <dirent.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "absl/strings/str_cat.h"
 #include "worker/data/calibration.h"
@@ -82,6 +84,7 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   o.gang.world_size = in.world_size;
   o.gang.rendezvous = in.rendezvous;
   o.gang.local_host = in.local_host;
+  o.gang.key = in.gang_key;
   o.gang.join_timeout = std::chrono::milliseconds(in.join_timeout_ms);
   o.start_step = in.start_step;
   o.total_steps = in.total_steps;
@@ -106,6 +109,19 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   absl::StatusOr<GangPipelineResult> r = RunGangPipeline(o);
   if (!r.ok()) return r.status();
   return QuantizeAssignmentResult{r->steps_run, r->steps_replayed};
+}
+
+void RemoveScratchExcept(const std::string& scratch_dir, const std::string& keep_job) {
+  // No std::filesystem here: the torch wheel's libtorch exports conflicting symbols.
+  DIR* d = ::opendir(scratch_dir.c_str());
+  if (!d) return;
+  std::vector<std::string> jobs;
+  while (dirent* e = ::readdir(d)) {
+    const std::string n = e->d_name;
+    if (n.rfind("j-", 0) == 0 && n != keep_job) jobs.push_back(n);
+  }
+  ::closedir(d);
+  for (const std::string& job : jobs) RemoveHiddenCheckpoints(scratch_dir + "/" + job);
 }
 
 absl::StatusOr<FinalizeAssignmentResult> RunFinalizeAssignment(

@@ -48,6 +48,7 @@ struct QuantizeAssignmentInput {
   int rank = 0;
   int world_size = 1;
   std::string rendezvous;              // HOST:PORT served by rank 0
+  std::string gang_key;                // unique per attempt, e.g. "<job>/<attempt>"
   std::string local_host = "127.0.0.1";  // this worker's gang address host
   int start_step = 0;
   int total_steps = 0;
@@ -75,6 +76,10 @@ struct FinalizeAssignmentResult {
   int64_t total_bytes = 0;
   int removed_files = 0;
 };
+
+// Removes the hidden-state checkpoints of every job but `keep_job` from `scratch_dir` (job folders
+// the pipeline created: hidden-step*.safetensors files, then the empty folder). Best effort.
+void RemoveScratchExcept(const std::string& scratch_dir, const std::string& keep_job);
 
 absl::StatusOr<FinalizeAssignmentResult> RunFinalizeAssignment(
     const QuantizeJobSpec& spec, const std::vector<OutputFileInfo>& committed_files,

@@ -713,8 +713,12 @@ TEST_F(PipelineTest, LostRankAbortsTheWholeGangUncounted) {
             std::vector<std::string>({qa.assignment_id()}));
   EXPECT_EQ(Report(a, qa, 3).status().code(), absl::StatusCode::kAborted);
   EXPECT_EQ(Quantized(a, qa).code(), absl::StatusCode::kAborted);
-  // The next attempt (a smaller gang once the wait is over) starts at the first uncommitted step.
+  // The survivor gets no new work until it has polled (it may still be running the aborted one).
   const std::string c = RegisterQ("w-c");
+  coordinator_->Tick();
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_QUEUED);
+  EXPECT_FALSE(Poll(a).has_spec());  // abandons the old assignment and polls: nothing yet
+  // The next attempt (a smaller gang once the wait is over) starts at the first uncommitted step.
   coordinator_->Tick();
   auto next = Get(id).job();
   ASSERT_EQ(next.state(), mq::v1::JOB_STATE_RUNNING) << next.message();
@@ -753,7 +757,10 @@ TEST_F(PipelineTest, RankErrorFailsTheAttemptAndStopsPeers) {
   progress.set_assignment_id(qa.assignment_id());
   progress.set_lease_epoch(qa.lease_epoch());
   EXPECT_EQ(coordinator_->ReportProgress(progress).status().code(), absl::StatusCode::kAborted);
-  // Retried on the same two workers from step 1.
+  // Retried on the same two workers from step 1, once the peer has polled.
+  coordinator_->Tick();
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_QUEUED);
+  EXPECT_FALSE(Poll(a).has_spec());
   coordinator_->Tick();
   auto na = Poll(a);
   EXPECT_EQ(na.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
