@@ -60,6 +60,7 @@ int main(int argc, char** argv) {
   std::string gang_host = "127.0.0.1";
   int64_t gang_port = 0;
   int64_t gang_join_timeout_ms = 120000;
+  int64_t experts_per_pass = 32;
   bool help = false;
   mq::Flags flags;
   flags.String("coordinator", &coordinator, "coordinator HOST:PORT (default $MQ_COORDINATOR)");
@@ -76,6 +77,10 @@ int main(int argc, char** argv) {
   flags.Int("gang-join-timeout-ms", &gang_join_timeout_ms,
             "how long a gang's rendezvous may take before the attempt is given up (default "
             "120000)");
+  flags.Int("experts-per-pass", &experts_per_pass,
+            "routed experts whose Hessians are held (and solved in one batch) at once; bounds "
+            "memory: a DeepSeek-V3 expert's Hessians take 222 MB (default 32; 0 = all of a "
+            "rank's)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
   if (help) {
@@ -103,6 +108,10 @@ int main(int argc, char** argv) {
   if (gang_join_timeout_ms < 1000 || gang_join_timeout_ms > 3600000) {
     return Fail(absl::StrCat("--gang-join-timeout-ms = ", gang_join_timeout_ms,
                              ": must be between 1000 and 3600000"));
+  }
+  if (experts_per_pass < 0 || experts_per_pass > 4096) {
+    return Fail(absl::StrCat("--experts-per-pass = ", experts_per_pass,
+                             ": must be between 0 (all) and 4096"));
   }
   if (gang_port == 0) {
     absl::StatusOr<int> port = FreePort(gang_host);
@@ -156,6 +165,7 @@ int main(int argc, char** argv) {
   options.poll_wait_ms = poll_wait_ms;
   options.gang_host = gang_host;
   options.gang_join_timeout_ms = gang_join_timeout_ms;
+  options.experts_per_pass = experts_per_pass;
   options.gang_port = gang_port < 0 ? 0 : static_cast<int>(gang_port);
   mq::worker::Worker worker(options, *info, &metrics);
   return worker.Run(stop);

@@ -351,6 +351,7 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.scratch_dir = options_.scratch_dir + "/" + a.job_id();
   in.device = device_.device;
   in.join_timeout_ms = options_.gang_join_timeout_ms;
+  in.experts_per_pass = options_.experts_per_pass;
   const int64_t step_delay = FaultStepDelayMs();
   in.on_step = [&](const pipeline::StepOutput& out) -> absl::Status {
     mq::v1::ReportLayerRequest request;

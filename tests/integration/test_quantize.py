@@ -78,6 +78,18 @@ def test_end_to_end_gang_of_two_and_one(cluster, env, tmp_path):
     print(f"gang 1 vs 2: {differing} of {total} int4 codes differ ({frac:.4%})")
     assert frac < 0.01
 
+    # Holding fewer expert Hessians at once (a worker with --experts-per-pass 3: three batched
+    # solves per layer instead of one) gives the same checkpoint.
+    for name in ("w1", "w2"):
+        cluster.workers[name].stop()
+    cluster.worker_args = ["--experts-per-pass", "3"]
+    cluster.start_worker("w3")
+    out1p = tmp_path / "out-gptq-k1-passes"
+    run_job(cluster, env, out1p, "--gang-size", 1)
+    assert manifest(out1p) == manifest(out1)
+    cluster.worker_args = []
+    cluster.start_worker("w4")
+
     # RTN through the service, and perplexities.
     out_rtn = tmp_path / "out-rtn"
     run_job(cluster, env, out_rtn, "--method", "rtn", "--gang-size", 2)

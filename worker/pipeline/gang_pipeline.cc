@@ -261,8 +261,10 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in) {
   d.send_expert_counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + e_count);
   d.send_counts.assign(size, 0);
   for (int64_t e = 0; e < e_count; ++e) d.send_counts[OwnerOf(e)] += d.send_expert_counts[e];
-  // Rows travel as fp32 (exact for bf16) with their expert id.
-  at::Tensor rows = in.u.index_select(0, d.send_tokens.to(in.u.device())).to(at::kCPU, at::kFloat);
+  // Between ranks, rows travel as CPU fp32 (exact for bf16; Gloo) with their expert id; a gang
+  // of one keeps them where they are.
+  at::Tensor rows = in.u.index_select(0, d.send_tokens.to(in.u.device()));
+  if (size > 1) rows = rows.to(at::kCPU, at::kFloat);
   at::Tensor experts = flat.index_select(0, order);
   absl::StatusOr<at::Tensor> recv = gang_.AllToAllRows(rows, d.send_counts, &d.recv_counts);
   if (!recv.ok()) return recv.status();
@@ -303,8 +305,9 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Combine(const model::LayerWeight
                                                         const MoeInput& in, const Dispatch& d,
                                                         const at::Tensor& expert_out,
                                                         const model::ForwardHooks& hooks) {
-  absl::StatusOr<at::Tensor> back = gang_.AllToAllRowsKnown(expert_out.to(at::kCPU, at::kFloat),
-                                                            d.recv_counts, d.send_counts);
+  absl::StatusOr<at::Tensor> back = gang_.AllToAllRowsKnown(
+      gang_.size() > 1 ? expert_out.to(at::kCPU, at::kFloat) : expert_out, d.recv_counts,
+      d.send_counts);
   if (!back.ok()) return back.status();
   return Guarded(absl::StrCat("layer ", w.layer, " combine"),
                  [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
