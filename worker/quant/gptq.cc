@@ -1,5 +1,7 @@
 #include "worker/quant/gptq.h"
 
+#include "worker/quant/gptq_internal.h"
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -70,8 +72,10 @@ absl::Status ValidateGptqOptions(const GptqOptions& options) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<PreparedHessian> PrepareHessian(const at::Tensor& h, const GptqOptions& options) {
-  if (absl::Status s = ValidateGptqOptions(options); !s.ok()) return s;
+namespace internal {
+
+absl::StatusOr<at::Tensor> PrepareUpToFactor(const at::Tensor& h, const GptqOptions& options,
+                                             PreparedHessian& p) {
   if (!h.defined() || h.dim() != 2 || h.size(0) != h.size(1) || h.size(0) == 0) {
     return absl::InvalidArgumentError(absl::StrCat("hessian has shape ",
                                                    h.defined() ? SizesString(h) : "undefined",
@@ -83,9 +87,7 @@ absl::StatusOr<PreparedHessian> PrepareHessian(const at::Tensor& h, const GptqOp
                                                    ": must be a floating-point type"));
   }
   if (!AllFinite(h)) return absl::InvalidArgumentError("hessian contains NaN or Inf");
-
   const int64_t cols = h.size(0);
-  PreparedHessian p;
   p.in_features = cols;
   const at::ScalarType work = options.fp64_factorization ? at::kDouble : at::kFloat;
   at::Tensor hw = h.to(work).clone();
@@ -97,7 +99,6 @@ absl::StatusOr<PreparedHessian> PrepareHessian(const at::Tensor& h, const GptqOp
         absl::StrCat("hessian diagonal entry ", where, " = ", min_diag,
                      ": must be >= 0 (H = (2/N)·Σ x xᵀ is positive semi-definite)"));
   }
-
   p.dead = diag == 0;
   p.dead_columns = p.dead.sum().item<int64_t>();
   if (p.dead_columns == cols) {
@@ -105,7 +106,7 @@ absl::StatusOr<PreparedHessian> PrepareHessian(const at::Tensor& h, const GptqOp
     p.fallback = Fallback::kRtn;
     p.fallback_reason =
         "hessian is zero (no calibration tokens reached this layer): round-to-nearest";
-    return p;
+    return at::Tensor();
   }
   if (p.dead_columns > 0) {
     hw.masked_fill_(p.dead.unsqueeze(0).logical_or(p.dead.unsqueeze(1)), 0.0);
@@ -114,7 +115,18 @@ absl::StatusOr<PreparedHessian> PrepareHessian(const at::Tensor& h, const GptqOp
   p.mean_diag = diag.mean().item<double>();
   p.perm = options.act_order ? at::argsort(diag, /*stable=*/true, /*dim=*/0, /*descending=*/true)
                              : at::arange(cols, h.options().dtype(at::kLong));
-  at::Tensor permuted = hw.index_select(0, p.perm).index_select(1, p.perm);
+  return hw.index_select(0, p.perm).index_select(1, p.perm);
+}
+
+}  // namespace internal
+
+absl::StatusOr<PreparedHessian> PrepareHessian(const at::Tensor& h, const GptqOptions& options) {
+  if (absl::Status s = ValidateGptqOptions(options); !s.ok()) return s;
+  PreparedHessian p;
+  absl::StatusOr<at::Tensor> permuted_or = internal::PrepareUpToFactor(h, options, p);
+  if (!permuted_or.ok()) return permuted_or.status();
+  if (p.fallback == Fallback::kRtn) return p;
+  const at::Tensor permuted = *std::move(permuted_or);
 
   at::Tensor upper;
   double rel = options.rel_damp;

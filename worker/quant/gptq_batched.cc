@@ -1,5 +1,7 @@
 #include "worker/quant/gptq_batched.h"
 
+#include "worker/quant/gptq_internal.h"
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -17,52 +19,6 @@ namespace {
 
 absl::Status Prefixed(const absl::Status& s, const std::string& prefix) {
   return absl::Status(s.code(), absl::StrCat(prefix, s.message()));
-}
-
-// PrepareHessian's validation and dead-column fix, enqueued without factorising. Fills p (except
-// the factor) and returns the permuted, dead-fixed H in the work dtype (undefined for kRtn).
-absl::StatusOr<at::Tensor> PrepareUpToFactor(const at::Tensor& h, const GptqOptions& options,
-                                             PreparedHessian& p) {
-  if (!h.defined() || h.dim() != 2 || h.size(0) != h.size(1) || h.size(0) == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("hessian has shape ",
-                                                   h.defined() ? SizesString(h) : "undefined",
-                                                   ": must be square [I, I] with I > 0"));
-  }
-  if (!at::isFloatingType(h.scalar_type())) {
-    return absl::InvalidArgumentError(absl::StrCat("hessian has dtype ",
-                                                   std::string(c10::toString(h.scalar_type())),
-                                                   ": must be a floating-point type"));
-  }
-  if (!AllFinite(h)) return absl::InvalidArgumentError("hessian contains NaN or Inf");
-  const int64_t cols = h.size(0);
-  p.in_features = cols;
-  const at::ScalarType work = options.fp64_factorization ? at::kDouble : at::kFloat;
-  at::Tensor hw = h.to(work).clone();
-  at::Tensor diag = hw.diagonal();
-  const double min_diag = diag.min().item<double>();
-  if (min_diag < 0.0) {
-    const int64_t where = diag.argmin().item<int64_t>();
-    return absl::InvalidArgumentError(
-        absl::StrCat("hessian diagonal entry ", where, " = ", min_diag,
-                     ": must be >= 0 (H = (2/N)·Σ x xᵀ is positive semi-definite)"));
-  }
-  p.dead = diag == 0;
-  p.dead_columns = p.dead.sum().item<int64_t>();
-  if (p.dead_columns == cols) {
-    p.perm = at::arange(cols, h.options().dtype(at::kLong));
-    p.fallback = Fallback::kRtn;
-    p.fallback_reason =
-        "hessian is zero (no calibration tokens reached this layer): round-to-nearest";
-    return at::Tensor();
-  }
-  if (p.dead_columns > 0) {
-    hw.masked_fill_(p.dead.unsqueeze(0).logical_or(p.dead.unsqueeze(1)), 0.0);
-    diag.masked_fill_(p.dead, 1.0);
-  }
-  p.mean_diag = diag.mean().item<double>();
-  p.perm = options.act_order ? at::argsort(diag, /*stable=*/true, /*dim=*/0, /*descending=*/true)
-                             : at::arange(cols, h.options().dtype(at::kLong));
-  return hw.index_select(0, p.perm).index_select(1, p.perm);
 }
 
 // One factorisation attempt, enqueued without a host sync: the upper factor of A⁻¹ and a bool
@@ -166,7 +122,7 @@ absl::StatusOr<std::vector<PreparedHessian>> PrepareHessiansBatched(
       out[k] = *std::move(p);
       continue;
     }
-    absl::StatusOr<at::Tensor> hp = PrepareUpToFactor(h, options, out[k]);
+    absl::StatusOr<at::Tensor> hp = internal::PrepareUpToFactor(h, options, out[k]);
     if (!hp.ok()) return Prefixed(hp.status(), absl::StrCat("hessians[", k, "]: "));
     if (!hp->defined()) continue;  // kRtn: zero Hessian
     const int64_t bytes = elem * hp->numel();
