@@ -1,19 +1,25 @@
 // The process's one Prometheus registry and its /metrics HTTP endpoint.
 //
+// The endpoint is a small HTTP/1.1 server of our own (one thread, one connection at a time,
+// `GET /metrics` in the Prometheus text format, anything else 404), not prometheus-cpp's
+// civetweb exposer: civetweb fails to start ("null context") in processes that load the torch
+// wheel's libtorch, which every mq-worker does.
+//
 // Families are created once at start-up by their owners (see server/coordinator_metrics.h and
 // worker/worker_metrics.h) and then updated from any thread; prometheus-cpp metrics are
 // thread-safe. HELP strings must be single-line ASCII (prometheus-cpp does not escape them).
 #pragma once
 
 #include <prometheus/counter.h>
-#include <prometheus/exposer.h>
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/status.h"
 
@@ -22,6 +28,9 @@ namespace mq {
 class MetricsRegistry {
  public:
   MetricsRegistry();
+  ~MetricsRegistry();
+  MetricsRegistry(const MetricsRegistry&) = delete;
+  MetricsRegistry& operator=(const MetricsRegistry&) = delete;
 
   prometheus::Registry& registry() { return *registry_; }
 
@@ -32,8 +41,14 @@ class MetricsRegistry {
   int port() const;
 
  private:
+  void ServeLoop();
+  void Answer(int fd);
+
   std::shared_ptr<prometheus::Registry> registry_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
 };
 
 // Buckets for durations of seconds to hours (stages, layers).

@@ -8,7 +8,7 @@ import pytest
 
 from mq_cluster import generate_model, wait_until
 
-MISSING_CAPABILITY = 'capability "quantize:gptq" is missing'
+MISSING_CAPABILITY = 'no live worker offers capability "quantize:gptq"'
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_submit_plans_for_real_then_stops_on_missing_capability(cluster, model, 
     assert res.returncode == 1
     job_id = res.stdout.split()[0]
     assert "FAILED" in res.stdout and MISSING_CAPABILITY in res.stdout
-    assert "planning succeeded (3 layers" in res.stderr  # one-line reason
+    assert "planning succeeded (3 steps" in res.stderr  # one-line reason
     job = cluster.job(job_id)["job"]
     assert job["missing_capability"] == "quantize:gptq"
     # The plan the worker computed is kept with the job.
