@@ -7,21 +7,14 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/mq-gpu-out}"
 mkdir -p "$OUT"
 source .device/env.sh
-# The GPU machine lacks PCRE2's development files, which only worker/data (not built here) needs:
-# a stub pkg-config entry lets the configure step pass.
-if ! pkg-config --exists libpcre2-8 2>/dev/null; then
-  mkdir -p /tmp/mq-pc && printf 'Name: libpcre2-8\nDescription: stub\nVersion: 10.42\nLibs: -lpcre2-8\nCflags:\n' > /tmp/mq-pc/libpcre2-8.pc
-  export PKG_CONFIG_PATH="/tmp/mq-pc:$PKG_CONFIG_PATH"
-fi
+# PCRE2 (worker/data) and Gloo's headers (worker/pipeline) travel in .device/ (prepare.sh with
+# MQ_DEVICE_EXTRA_DEBS="grpc-proto libgloo-dev libpcre2-dev libpcre2-8-0"); env.sh points
+# pkg-config and CMake at them.
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv \
   | tee "$OUT/gpu.txt"
-# Likewise Gloo's headers, needed only by worker/pipeline (not built here).
-EXTRA=""
-[ -e "$MQ_DEPS/usr/include/gloo/context.h" ] || EXTRA="-DMQ_GLOO_INCLUDE_DIR=/tmp/mq-pc"
-mkdir -p /tmp/mq-pc
 start=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMQ_ENABLE_CUDA=ON \
-  $MQ_DEVICE_CMAKE_ARGS $EXTRA > "$OUT/configure.log" 2>&1 || { tail -50 "$OUT/configure.log"; exit 1; }
+  $MQ_DEVICE_CMAKE_ARGS > "$OUT/configure.log" 2>&1 || { tail -50 "$OUT/configure.log"; exit 1; }
 cmake --build build-gpu -j 16 --target ${MQ_GPU_TARGETS:-gptq_kernel_test gptq_gpu_test gptq_batched_test mq-bench-gptq-batched} \
   > "$OUT/build.log" 2>&1 || { grep -E "error" -A5 "$OUT/build.log" | head -60; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"

@@ -60,7 +60,7 @@ int main(int argc, char** argv) {
   std::string gang_host = "127.0.0.1";
   int64_t gang_port = 0;
   int64_t gang_join_timeout_ms = 120000;
-  int64_t experts_per_pass = 32;
+  int64_t experts_per_pass = 16;
   bool help = false;
   mq::Flags flags;
   flags.String("coordinator", &coordinator, "coordinator HOST:PORT (default $MQ_COORDINATOR)");
@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
             "120000)");
   flags.Int("experts-per-pass", &experts_per_pass,
             "routed experts whose Hessians are held (and solved in one batch) at once; bounds "
-            "memory: a DeepSeek-V3 expert's Hessians take 222 MB (default 32; 0 = all of a "
+            "memory: a DeepSeek-V3 expert's Hessians take 222 MB (default 16; 0 = all of a "
             "rank's)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));

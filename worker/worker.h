@@ -28,7 +28,7 @@ struct WorkerOptions {
   std::string gang_host = "127.0.0.1";
   int gang_port = 0;  // 0 = none (the worker then runs no QUANTIZE assignments)
   int64_t gang_join_timeout_ms = 120000;
-  int64_t experts_per_pass = 32;
+  int64_t experts_per_pass = 16;
 };
 
 class Worker {

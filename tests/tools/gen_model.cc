@@ -4,10 +4,12 @@
 // defects for tests. The output depends only on the flags and --seed: every tensor draws from
 // its own PRNG stream seeded by (seed, tensor name), so it is also independent of sharding.
 //
-// Single-threaded command-line tool; all files are written with the temp + fsync + rename
-// protocol of worker/model/safetensors_writer.h.
+// Command-line tool: tensors are drawn on --threads threads (one tensor per thread at a time;
+// the output does not depend on the thread count); all files are written from the main thread
+// with the temp + fsync + rename protocol of worker/model/safetensors_writer.h.
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -20,6 +22,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -74,6 +77,7 @@ struct Options {
   int64_t vocab = 512;
   int64_t mtp = 0;
   int64_t shards = 2;
+  int64_t threads = 0;  // 0 = std::thread::hardware_concurrency()
   struct Defect {
     DefectKind kind;
     std::string text;  // as given, "KIND=TENSOR"
@@ -119,6 +123,8 @@ const std::vector<IntFlag>& IntFlags() {
        "num_nextn_predict_layers; MTP layers at index num_hidden_layers.. (default 0)"},
       {"--shards", &Options::shards, 1, 1 << 16,
        "number of shard files, <= layers + mtp + 2 (default 2)"},
+      {"--threads", &Options::threads, 0, 1024,
+       "threads drawing tensors; the output does not depend on it (default 0: one per core)"},
   };
   return flags;
 }
@@ -625,6 +631,25 @@ nlohmann::json Config(const Options& o) {
   return c;
 }
 
+// Materialize(specs[i]) for i in [begin, end), on opt.threads threads (each tensor has its own
+// random stream, so the result is the same for any thread count).
+std::vector<std::vector<TensorData>> MaterializeAll(const std::vector<Spec>& specs, size_t begin,
+                                                    size_t end, const Options& opt) {
+  std::vector<std::vector<TensorData>> out(end - begin);
+  const size_t hw = std::max(1u, std::thread::hardware_concurrency());
+  const size_t threads =
+      std::min(end - begin, opt.threads > 0 ? static_cast<size_t>(opt.threads) : hw);
+  std::atomic<size_t> next{begin};
+  auto work = [&] {
+    for (size_t i = next++; i < end; i = next++) out[i - begin] = Materialize(specs[i], opt);
+  };
+  std::vector<std::thread> pool;
+  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (std::thread& t : pool) t.join();
+  return out;
+}
+
 [[noreturn]] void Fail(const absl::Status& status) {
   std::cerr << "mq-gen-model: " << status << "\n";
   std::exit(1);
@@ -686,9 +711,12 @@ int Run(int argc, char** argv) {
   size_t next_spec = 0;  // specs are in unit order, and units in shard order
   for (int shard = 0; shard < shards; ++shard) {
     const std::string file = ShardName(shard, shards);
+    const size_t first_spec = next_spec;
+    while (next_spec < specs.size() && shard_of[specs[next_spec].unit] == shard) ++next_spec;
+    std::vector<std::vector<TensorData>> drawn = MaterializeAll(specs, first_spec, next_spec, opt);
     std::vector<TensorData> tensors;
-    for (; next_spec < specs.size() && shard_of[specs[next_spec].unit] == shard; ++next_spec) {
-      for (TensorData& t : Materialize(specs[next_spec], opt)) {
+    for (std::vector<TensorData>& spec_tensors : drawn) {
+      for (TensorData& t : spec_tensors) {
         if (drop.contains(t.name)) continue;
         if (retype.contains(t.name)) ChangeDType(&t);
         if (grow.contains(t.name)) GrowDim0(&t);

@@ -119,12 +119,12 @@ absl::StatusOr<at::Tensor> Gang::AllToAllRows(const at::Tensor& send,
 absl::StatusOr<at::Tensor> Gang::AllToAllRowsKnown(const at::Tensor& send,
                                                    const std::vector<int64_t>& send_counts,
                                                    const std::vector<int64_t>& recv_counts) {
+  if (size_ == 1) return send;
   int64_t total = 0;
   for (int64_t c : recv_counts) total += c;
   std::vector<int64_t> shape = send.sizes().vec();
   shape[0] = total;
   at::Tensor recv = at::empty(shape, send.options());
-  if (size_ == 1) return send;
   // Gloo's all-to-all moves flat elements: split sizes are rows (dim 0), as c10d expects.
   std::vector<int64_t> out_splits = recv_counts, in_splits = send_counts;
   at::Tensor src = send.contiguous();

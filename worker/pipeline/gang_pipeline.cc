@@ -39,6 +39,12 @@ double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
+// Waits for the work queued on `device` (a one-element device-to-host copy on the current
+// stream), so that stage times are charged to the stage that queued the work.
+void SyncDevice(const at::Device& device) {
+  if (device.is_cuda()) at::zeros({1}, at::TensorOptions().device(device)).cpu();
+}
+
 #define MQ_RETURN_IF_ERROR(expr)           \
   do {                                     \
     absl::Status _st = (expr);             \
@@ -51,14 +57,17 @@ auto Guarded(const std::string& what, Fn&& fn) -> decltype(fn()) {
   try {
     return fn();
   } catch (const c10::OutOfMemoryError& e) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat(what, ": out of device memory: ", e.what_without_backtrace()));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        what, ": out of device memory (lower mq-worker --experts-per-pass or the calibration "
+              "size): ", e.what_without_backtrace()));
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat(what, ": ", e.what_without_backtrace()));
+  } catch (const std::bad_alloc& e) {
+    return absl::ResourceExhaustedError(absl::StrCat(what, ": out of host memory"));
   }
 }
 
-// Sequences of one batch: equal length, consecutive.
+
 struct Chunk {
   at::Tensor ids;     // int64 [b, s] on the compute device
   at::Tensor hidden;  // [b, s, H] compute dtype: this step's input
@@ -420,6 +429,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   absl::StatusOr<model::LayerWeights> loaded = Load(layer);
   if (!loaded.ok()) return loaded.status();
   const model::LayerWeights& w = *loaded;
+  SyncDevice(o_.device);
   st.load_seconds = Since(t);
 
   // What is quantized, split into replicated groups (every rank) and own expert groups.
@@ -513,6 +523,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
     acc[g.members[0]] = std::move(merged);
     hessian_seconds += Since(h0);
   }
+  SyncDevice(o_.device);
   st.hessian_seconds = hessian_seconds;
   st.forward_seconds = Since(t) - hessian_seconds;
   const double st_hessian_before_solve = hessian_seconds;
@@ -649,6 +660,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   }
   acc.clear();
   st.mean_relative_error = err_n > 0 ? err_sum / err_n : 0;
+  SyncDevice(o_.device);
   // The experts' forward and Hessian accumulation happened inside this stage: Hessian time.
   solve_only += Since(r0);
   st.solve_seconds = solve_only;
@@ -674,6 +686,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   for (size_t i = 0; i < chunks_.size(); ++i) chunks_[i].hidden = (*next)[i];
   moe_in = MoeInput();
   dispatch = Dispatch();
+  SyncDevice(o_.device);
   st.propagate_seconds = Since(t);
 
   // Write this rank's tensors, then the checkpoint.
@@ -705,6 +718,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
     out.files.push_back(*std::move(info));
   }
   MQ_RETURN_IF_ERROR(SaveCheckpoint(step));
+  SyncDevice(o_.device);
   st.write_seconds = Since(t);
   return out;
 }
@@ -807,14 +821,18 @@ absl::StatusOr<GangPipelineResult> Runner::Run() {
       if (!committed.ok()) return committed.status();
       for (int s = 0; s < o_.start_step; ++s) {
         MQ_RETURN_IF_ERROR(CheckCancelled());
-        MQ_RETURN_IF_ERROR(Replay(s, layers[s], **committed));
+        MQ_RETURN_IF_ERROR(Guarded(absl::StrCat("replaying layer ", layers[s]),
+                                   [&] { return Replay(s, layers[s], **committed); }));
         ++result.steps_replayed;
       }
     }
   }
   for (int s = o_.start_step; s < o_.total_steps; ++s) {
     MQ_RETURN_IF_ERROR(CheckCancelled());
-    absl::StatusOr<StepOutput> out = QuantizeStep(s, layers[s]);
+    // Torch errors anywhere in the step (device out of memory included) fail the job with a
+    // status instead of ending the process.
+    absl::StatusOr<StepOutput> out =
+        Guarded(absl::StrCat("layer ", layers[s]), [&] { return QuantizeStep(s, layers[s]); });
     if (!out.ok()) return out.status();
     if (o_.on_step) MQ_RETURN_IF_ERROR(o_.on_step(*out));
     ++result.steps_run;

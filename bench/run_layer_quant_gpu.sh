@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# Issue 6: one full-width DeepSeek-V3 MoE layer quantized through the real product
+# (mq-coordinator + one mq-worker per GPU on CUDA + mq-client submit --wait), on the GPU machine
+# (device tool; carry [".device"]).   command: bash bench/run_layer_quant_gpu.sh
+#
+# Steps: builds mq with CUDA (Release) into build-gpu; generates a one-layer FP8 checkpoint with
+# the real layer dimensions (hidden 7168, MLA 128 heads, q/kv LoRA 1536/512, 256 routed experts
+# of 2048 + 1 shared, top-8 of 8 groups keeping 4; vocab 8192: embed/lm_head are not on the
+# quantized path) while the rest builds; writes a pre-tokenized JSONL calibration file of random
+# ids; starts the coordinator and one worker per GPU; runs one job per entry of MQ_RUNS and
+# samples GPU memory with nvidia-smi meanwhile. Idempotent on a warm machine: the build is
+# incremental and a model generated with the same flags is reused.
+#
+# Knobs (environment):
+#   MQ_RUNS       "GANG:SAMPLES ..." jobs to run in order (default "1:64 N:64", N = GPU count)
+#   MQ_SEQLEN     tokens per calibration sequence (default 1024)
+#   MQ_EXPERTS    routed experts of the generated layer (default 256)
+#   MQ_EPP        mq-worker --experts-per-pass (default 16: with 32, a gang of one at 64x1024
+#                 tokens ran out of memory on an 80 GB H100; see bench/RESULTS.md)
+#   MQ_ALLOC_CONF PYTORCH_CUDA_ALLOC_CONF for the workers (default expandable_segments:True)
+#   MQ_TARGETS    routed-experts (default, the product's default) or all-linear
+#   MQ_JOB_TIMEOUT  seconds per job before it is abandoned (default 420; also cut to what is
+#                 left of MQ_DEADLINE, default 570 s after the start)
+#   MQ_WORK       working directory for model, outputs, state (default /tmp/mq-layer)
+# Results: $OUT/summary.txt (also printed), $OUT/results.json, $OUT/gpu.txt, $OUT/logs.tar.gz.
+# Peak GPU memory is per job, but workers keep torch's allocator reserve between jobs: only a
+# worker's first job gives a clean peak. A worker that dies is restarted before the next job.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT="${OUT:-/tmp/mq-gpu-out}"
+mkdir -p "$OUT"
+source .device/env.sh
+W="${MQ_WORK:-/tmp/mq-layer}"
+LOG="$W/logs"
+mkdir -p "$W" "$LOG"
+NGPU=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
+RUNS="${MQ_RUNS:-1:64 $NGPU:64}"
+SEQLEN="${MQ_SEQLEN:-1024}"
+EXPERTS="${MQ_EXPERTS:-256}"
+EPP="${MQ_EPP:-16}"
+TARGETS="${MQ_TARGETS:-routed-experts}"
+JOB_TIMEOUT="${MQ_JOB_TIMEOUT:-420}"
+B=build-gpu
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+DEADLINE=$(( T0 + ${MQ_DEADLINE:-570} ))  # stay inside the device tool's 10-minute command
+finish() {  # pack logs; always runs
+  (cd "$W" && tar czf "$OUT/logs.tar.gz" logs 2>/dev/null)
+}
+trap finish EXIT
+
+nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv \
+  | tee "$OUT/gpu.txt"
+nproc >> "$OUT/gpu.txt"; free -g >> "$OUT/gpu.txt"; df -h /tmp >> "$OUT/gpu.txt"
+
+# --- build ------------------------------------------------------------------------------------
+cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DMQ_ENABLE_CUDA=ON -DMQ_BUILD_TESTS=OFF \
+  $MQ_DEVICE_CMAKE_ARGS > "$LOG/configure.log" 2>&1 || { tail -40 "$LOG/configure.log"; exit 1; }
+cmake --build $B -j 16 --target mq-gen-model > "$LOG/build-gen.log" 2>&1 \
+  || { grep -E "error" -A5 "$LOG/build-gen.log" | head -40; exit 1; }
+stamp "mq-gen-model built"
+
+# --- model (in the background while the service builds) --------------------------------------
+GROUPS_=8; TOPKG=4
+[ "$EXPERTS" -lt 64 ] && { GROUPS_=1; TOPKG=1; }
+GEN_FLAGS="--layers 1 --dense-layers 0 --experts $EXPERTS --experts-per-tok 8 --groups $GROUPS_
+  --topk-groups $TOPKG --shared-experts 1 --hidden 7168 --moe-intermediate 2048 --heads 128
+  --q-lora-rank 1536 --kv-lora-rank 512 --qk-nope-dim 128 --qk-rope-dim 64 --v-dim 128
+  --vocab 8192 --shards 3 --seed 1"
+GEN_FLAGS=$(echo $GEN_FLAGS)
+M="$W/model"
+GEN_PID=""
+if [ "$(cat "$M/.flags" 2>/dev/null)" != "$GEN_FLAGS" ]; then
+  rm -rf "$M"
+  ( s=$(date +%s.%N); "$B/tests/tools/mq-gen-model" --output "$M" $GEN_FLAGS > "$LOG/gen.log" 2>&1 \
+      && echo "$GEN_FLAGS" > "$M/.flags"; rc=$?
+    echo "gen rc=$rc seconds=$(since "$s")" >> "$LOG/gen.log" ) &
+  GEN_PID=$!
+else
+  echo "model reused (same flags)" > "$LOG/gen-reuse.log"
+fi
+
+# Calibration: 128 sequences of SEQLEN random ids < 8192 (a job takes its first SAMPLES after
+# the deterministic shuffle).
+python3 - "$W/calibration.jsonl" "$SEQLEN" <<'EOF'
+import json, random, sys
+rng = random.Random(1234)
+with open(sys.argv[1], "w") as f:
+    for _ in range(128):
+        f.write(json.dumps({"input_ids": [rng.randrange(8192) for _ in range(int(sys.argv[2]))]}) + "\n")
+EOF
+
+cmake --build $B -j 15 --target mq-coordinator mq-worker mq-client > "$LOG/build.log" 2>&1 \
+  || { grep -E "error" -A5 "$LOG/build.log" | head -60; exit 1; }
+stamp "service built"
+if [ -n "$GEN_PID" ]; then wait $GEN_PID; fi
+cat "$LOG/gen.log" 2>/dev/null
+[ -e "$M/.flags" ] || { echo "model generation failed"; exit 1; }
+du -sh "$M"; stamp "model ready"
+
+# --- service ----------------------------------------------------------------------------------
+COORD=$B/server/mq-coordinator; WORKER=$B/worker/mq-worker; CLIENT=$B/client/mq-client
+rm -rf "$W/state" "$W/ready"
+"$COORD" --listen 127.0.0.1:0 --data-dir "$W/state" --ready-file "$W/ready" \
+  > "$LOG/coordinator.log" 2>&1 &
+COORD_PID=$!
+for _ in $(seq 100); do [ -s "$W/ready" ] && break; sleep 0.2; done
+ADDR=$(cat "$W/ready" 2>/dev/null)
+[ -n "$ADDR" ] || { echo "coordinator did not start"; tail "$LOG/coordinator.log"; exit 1; }
+# The caching allocator's expandable segments cut fragmentation (set MQ_ALLOC_CONF= to disable).
+export PYTORCH_CUDA_ALLOC_CONF="${MQ_ALLOC_CONF-expandable_segments:True}"
+WORKER_PIDS=()
+STARTS=0
+start_worker() {  # start_worker GPU: (re)starts that GPU's worker
+  local i=$1
+  STARTS=$((STARTS + 1))
+  "$WORKER" --coordinator "$ADDR" --device cuda:$i --name gpu$i-$STARTS --scratch-dir "$W/scratch$i" \
+    --experts-per-pass "$EPP" --poll-wait-ms 1000 >> "$LOG/worker$i.log" 2>&1 &
+  WORKER_PIDS[$i]=$!
+}
+for i in $(seq 0 $((NGPU - 1))); do start_worker $i; done
+cleanup() {
+  for p in "${WORKER_PIDS[@]}" $COORD_PID ${SMI_PID:-}; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  finish
+}
+trap cleanup EXIT
+idle() { "$CLIENT" --coordinator "$ADDR" workers --json 2>/dev/null | python3 -c '
+import json,sys; print(sum(w["state"]=="WORKER_STATE_IDLE" for w in json.load(sys.stdin).get("workers",[])))'; }
+for _ in $(seq 150); do [ "$(idle)" = "$NGPU" ] && break; sleep 0.2; done
+stamp "$(idle) of $NGPU workers idle at $ADDR"
+
+# --- jobs -------------------------------------------------------------------------------------
+echo "[]" > "$W/results.json"
+for run in $RUNS; do
+  K=${run%%:*}; S=${run##*:}
+  restarted=0
+  for i in $(seq 0 $((NGPU - 1))); do
+    kill -0 "${WORKER_PIDS[$i]}" 2>/dev/null || { start_worker $i; restarted=1; }
+  done
+  if [ $restarted = 1 ]; then
+    for _ in $(seq 150); do [ "$(idle)" = "$NGPU" ] && break; sleep 0.2; done
+    stamp "workers restarted: $(idle) of $NGPU idle"
+  fi
+  [ "$K" -le "$NGPU" ] || { echo "skip gang $K: only $NGPU GPUs"; continue; }
+  tag="k${K}-s${S}"
+  O="$W/out-$tag"; rm -rf "$O"
+  left=$(( DEADLINE - $(date +%s) ))
+  [ "$left" -gt 30 ] || { echo "skip $tag: ${left}s left before the deadline"; continue; }
+  tmo=$(( left < JOB_TIMEOUT ? left : JOB_TIMEOUT ))
+  nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200 \
+    > "$LOG/gpumem-$tag.csv" 2>/dev/null &
+  SMI_PID=$!
+  stamp "job $tag: submit"
+  t0=$(date +%s.%N)
+  "$CLIENT" --coordinator "$ADDR" submit --model "$M" --output "$O" \
+    --dataset "$W/calibration.jsonl" --num-calibration-samples "$S" \
+    --max-sequence-length "$SEQLEN" --gang-size "$K" --targets "$TARGETS" --max-attempts 1 --wait \
+    > "$LOG/submit-$tag.log" 2>&1 &
+  CPID=$!
+  rc=""
+  # Watchdog: the deadline, and workers that die (the coordinator would only requeue the job).
+  while kill -0 $CPID 2>/dev/null; do
+    if [ "$(date +%s)" -ge "$(( ${t0%.*} + tmo ))" ]; then rc=124; fi
+    for p in "${WORKER_PIDS[@]}"; do kill -0 "$p" 2>/dev/null || rc=${rc:-137}; done
+    if [ -n "$rc" ]; then
+      [ "$rc" = 137 ] && echo "a worker process died during job $tag (see its log)"
+      kill $CPID 2>/dev/null; wait $CPID 2>/dev/null
+      break
+    fi
+    sleep 1
+  done
+  if [ -z "$rc" ]; then wait $CPID; rc=$?; fi
+  wall=$(since "$t0")
+  kill $SMI_PID 2>/dev/null; wait $SMI_PID 2>/dev/null; SMI_PID=""
+  cat "$LOG/submit-$tag.log"
+  JOB=$(head -1 "$LOG/submit-$tag.log" | awk '{print $1}')
+  "$CLIENT" --coordinator "$ADDR" status "$JOB" --json > "$LOG/job-$tag.json" 2>&1
+  stamp "job $tag: rc=$rc wall=${wall}s"
+  python3 - "$W/results.json" "$LOG/job-$tag.json" "$LOG/gpumem-$tag.csv" "$tag" "$K" "$S" \
+    "$SEQLEN" "$wall" "$rc" "$(du -sb "$O" 2>/dev/null | cut -f1)" <<'EOF'
+import json, sys
+res_path, job_path, mem_path, tag, K, S, seqlen, wall, rc, out_bytes = sys.argv[1:]
+try:
+    job = json.load(open(job_path))
+except Exception as e:
+    job = {"error": f"{e}: {open(job_path).read()[:400]}"}
+peak = {}
+for line in open(mem_path):
+    try:
+        i, m = [int(x) for x in line.split(",")]
+        peak[i] = max(peak.get(i, 0), m)
+    except ValueError:
+        pass
+r = {"tag": tag, "gang": int(K), "samples": int(S), "seqlen": int(seqlen),
+     "wall_submit_to_end_s": float(wall), "client_rc": int(rc),
+     "peak_gpu_mib": peak, "output_bytes": int(out_bytes or 0)}
+j = job.get("job", {})
+r["state"] = j.get("state"); r["message"] = j.get("message")
+r["last_layer"] = j.get("progress", {}).get("last_layer")
+r["layers"] = [{"layer": l.get("layer"), "committed_at_ms": l.get("committed_at_ms"),
+                "reports": [{"rank": p.get("rank"), "stats": p.get("stats")} for p in l.get("reports", [])]}
+               for l in job.get("layers", [])]
+r["events"] = [(e.get("time_ms"), e.get("kind"), e.get("message", "")[:160]) for e in job.get("events", [])]
+r["created_at_ms"] = j.get("created_at_ms"); r["finished_at_ms"] = j.get("finished_at_ms")
+all_r = json.load(open(res_path)); all_r.append(r)
+json.dump(all_r, open(res_path, "w"), indent=1)
+EOF
+  rm -rf "$O"  # packed outputs (~6 GB) are not needed afterwards
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "job $tag: rc=$rc (124 deadline, 137 worker died): cancelling it"
+    "$CLIENT" --coordinator "$ADDR" cancel "$JOB" > /dev/null 2>&1
+    [ "$rc" = 124 ] && break
+  fi
+done
+cp "$W/results.json" "$OUT/results.json"
+grep -H -E "what\(\)|terminate called|ERROR|WARN|out of memory|failed" "$LOG"/worker*.log | cut -c1-400 | head -30
+
+# --- summary ----------------------------------------------------------------------------------
+python3 - "$W/results.json" <<'EOF' | tee "$OUT/summary.txt"
+import json, sys
+runs = json.load(open(sys.argv[1]))
+f = lambda x: float(x or 0)
+for r in runs:
+    ev = r["events"]
+    t_sub = int(r["created_at_ms"] or 0)
+    print(f"== {r['tag']}: gang {r['gang']}, {r['samples']}x{r['seqlen']} tokens, state {r['state']}, "
+          f"client rc {r['client_rc']}, submit->end {r['wall_submit_to_end_s']:.1f} s, "
+          f"output {r['output_bytes']/1e9:.2f} GB, peak GPU MiB {r['peak_gpu_mib']}")
+    if r["message"]:
+        print("   message:", r["message"][:300])
+    for t, kind, msg in ev:
+        print(f"   +{(int(t) - t_sub)/1000:7.1f}s {kind:18s} {msg}")
+    for l in r["layers"]:
+        print(f"   layer {l['layer']} committed at +{(int(l['committed_at_ms'] or 0) - t_sub)/1000:.1f}s")
+        print("   rank  load  fwd   hess  solve  prop  write  sum    tok min/med/max  linears fb  mean_rel_err")
+        for p in sorted(l["reports"], key=lambda p: p["rank"] or 0):
+            s = p["stats"] or {}
+            st = [f(s.get(k)) for k in ("load_seconds", "forward_seconds", "hessian_seconds",
+                                        "solve_seconds", "propagate_seconds", "write_seconds")]
+            print(f"   {p['rank'] or 0:4d} " + " ".join(f"{x:5.1f}" for x in st) + f" {sum(st):6.1f}"
+                  f"  {s.get('expert_tokens_min')}/{s.get('expert_tokens_median')}/{s.get('expert_tokens_max')}"
+                  f"  {s.get('quantized_linears')} {s.get('fallbacks')} {f(s.get('mean_relative_error')):.3e}")
+EOF
+stamp "done"
