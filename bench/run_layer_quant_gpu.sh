@@ -21,6 +21,7 @@
 #   MQ_TARGETS    routed-experts (default, the product's default) or all-linear
 #   MQ_JOB_TIMEOUT  seconds per job before it is abandoned (default 420; also cut to what is
 #                 left of MQ_DEADLINE, default 570 s after the start)
+#   MQ_EXTRA_CMAKE_ARGS  e.g. -DMQ_ENABLE_NCCL=ON (gangs communicate through NCCL)
 #   MQ_WORK       working directory for model, outputs, state (default /tmp/mq-layer)
 # Results: $OUT/summary.txt (also printed), $OUT/results.json, $OUT/gpu.txt, $OUT/logs.tar.gz.
 # Peak GPU memory is per job, but workers keep torch's allocator reserve between jobs: only a
@@ -56,7 +57,7 @@ nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.sm,clocks.m
 nproc >> "$OUT/gpu.txt"; free -g >> "$OUT/gpu.txt"; df -h /tmp >> "$OUT/gpu.txt"
 
 # --- build ------------------------------------------------------------------------------------
-cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DMQ_ENABLE_CUDA=ON -DMQ_BUILD_TESTS=OFF \
+cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DMQ_ENABLE_CUDA=ON -DMQ_BUILD_TESTS=OFF ${MQ_EXTRA_CMAKE_ARGS:-} \
   $MQ_DEVICE_CMAKE_ARGS > "$LOG/configure.log" 2>&1 || { tail -40 "$LOG/configure.log"; exit 1; }
 cmake --build $B -j 16 --target mq-gen-model > "$LOG/build-gen.log" 2>&1 \
   || { grep -E "error" -A5 "$LOG/build-gen.log" | head -40; exit 1; }

@@ -3,6 +3,9 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#if MQ_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <exception>
 #include <utility>
@@ -14,8 +17,9 @@ namespace mq::pipeline {
 
 struct Gang::Impl {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  c10::intrusive_ptr<c10d::Backend> pg;
   std::chrono::milliseconds timeout;
+  at::Device device = at::kCPU;  // where collectives run
 };
 
 namespace {
@@ -65,10 +69,28 @@ absl::StatusOr<std::unique_ptr<Gang>> Gang::Join(const GangOptions& options) {
     so.port = static_cast<uint16_t>(port);
     so.isServer = options.rank == 0;
     so.numWorkers = options.world_size;
-    so.waitWorkers = true;
+    so.waitWorkers = false;  // the join barrier below waits, keyed by this gang
     so.timeout = options.join_timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(options.rendezvous.substr(0, colon), so);
     impl->store = c10::make_intrusive<c10d::PrefixStore>("mq-gang/" + options.key, tcp);
+    // Join barrier with its own deadline: every rank of THIS gang (keys carry the gang's key)
+    // must arrive within join_timeout. A rank of another attempt that reached the same store
+    // never sees these keys and gives up at the deadline instead of waiting in Gloo's rendezvous
+    // for the whole collective timeout.
+    impl->store->set(absl::StrCat("joined/", options.rank), std::vector<uint8_t>{'1'});
+    std::vector<std::string> keys;
+    for (int r = 0; r < options.world_size; ++r) keys.push_back(absl::StrCat("joined/", r));
+    impl->store->wait(keys, options.join_timeout);
+#if MQ_WITH_NCCL
+    if (options.device.is_cuda()) {
+      auto no = c10d::ProcessGroupNCCL::Options::create();
+      no->timeout = options.timeout;
+      impl->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(impl->store, options.rank,
+                                                             options.world_size, no);
+      impl->device = options.device;
+      return;
+    }
+#endif
     auto go = c10d::ProcessGroupGloo::Options::create();
     go->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(options.local_host));
     go->timeout = options.timeout;
@@ -76,24 +98,35 @@ absl::StatusOr<std::unique_ptr<Gang>> Gang::Join(const GangOptions& options) {
                                                            options.world_size, go);
   });
   if (!s.ok()) return s;
-  return std::unique_ptr<Gang>(new Gang(options.rank, options.world_size, std::move(impl)));
+  const bool nccl = impl->device.is_cuda();
+  auto gang = std::unique_ptr<Gang>(new Gang(options.rank, options.world_size, std::move(impl)));
+  gang->nccl_ = nccl;
+  return gang;
+}
+
+at::Tensor Gang::ForBackend(const at::Tensor& t) const {
+  if (impl_->device.is_cuda()) return t.to(impl_->device).contiguous();
+  return t.to(at::kCPU, at::isFloatingType(t.scalar_type()) ? at::kFloat : t.scalar_type())
+      .contiguous();
 }
 
 absl::Status Gang::AllReduceSum(at::Tensor& t) {
   if (size_ == 1) return absl::OkStatus();
   return Guard("all-reduce", [&] {
-    std::vector<at::Tensor> v{t};
+    std::vector<at::Tensor> v{ForBackend(t)};
     impl_->pg->allreduce(v)->wait(impl_->timeout);
+    t.copy_(v[0]);
   });
 }
 
 absl::Status Gang::Broadcast(at::Tensor& t, int root) {
   if (size_ == 1) return absl::OkStatus();
   return Guard("broadcast", [&] {
-    std::vector<at::Tensor> v{t};
+    std::vector<at::Tensor> v{ForBackend(t)};
     c10d::BroadcastOptions o;
     o.rootRank = root;
     impl_->pg->broadcast(v, o)->wait(impl_->timeout);
+    t.copy_(v[0]);
   });
 }
 
@@ -105,13 +138,14 @@ absl::StatusOr<at::Tensor> Gang::AllToAllRows(const at::Tensor& send,
     (*recv_counts)[0] = send_counts.at(0);
     return send;
   }
-  at::Tensor counts_out = at::tensor(send_counts, at::kLong);
-  at::Tensor counts_in = at::empty({size_}, at::kLong);
+  at::Tensor counts_out = ForBackend(at::tensor(send_counts, at::kLong));
+  at::Tensor counts_in = at::empty({size_}, counts_out.options());
   std::vector<int64_t> ones(size_, 1);
   absl::Status s = Guard("count exchange", [&] {
     impl_->pg->alltoall_base(counts_in, counts_out, ones, ones)->wait(impl_->timeout);
   });
   if (!s.ok()) return s;
+  counts_in = counts_in.cpu();
   for (int r = 0; r < size_; ++r) (*recv_counts)[r] = counts_in[r].item<int64_t>();
   return AllToAllRowsKnown(send, send_counts, *recv_counts);
 }
@@ -122,12 +156,12 @@ absl::StatusOr<at::Tensor> Gang::AllToAllRowsKnown(const at::Tensor& send,
   if (size_ == 1) return send;
   int64_t total = 0;
   for (int64_t c : recv_counts) total += c;
-  std::vector<int64_t> shape = send.sizes().vec();
+  at::Tensor src = ForBackend(send);
+  std::vector<int64_t> shape = src.sizes().vec();
   shape[0] = total;
-  at::Tensor recv = at::empty(shape, send.options());
-  // Gloo's all-to-all moves flat elements: split sizes are rows (dim 0), as c10d expects.
+  at::Tensor recv = at::empty(shape, src.options());
+  // Split sizes are rows (dim 0), as c10d expects.
   std::vector<int64_t> out_splits = recv_counts, in_splits = send_counts;
-  at::Tensor src = send.contiguous();
   absl::Status s = Guard("all-to-all", [&] {
     impl_->pg->alltoall_base(recv, src, out_splits, in_splits)->wait(impl_->timeout);
   });

@@ -1,6 +1,7 @@
 // A gang: the K worker processes running one quantize attempt together, joined in one c10d
-// process group (Gloo; the rendezvous store is served by rank 0 at the address the coordinator
-// hands out). Collectives used by the layer pipeline: sum all-reduce, broadcast, and an
+// process group (the rendezvous store is served by rank 0 at the address the coordinator hands
+// out): NCCL between CUDA devices when built with MQ_ENABLE_NCCL, else Gloo, which moves tensors
+// through host memory (floating point as fp32, exact for bf16). Collectives used by the layer pipeline: sum all-reduce, broadcast, and an
 // all-to-all of rows with per-rank counts (token dispatch to expert owners and back).
 //
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
@@ -31,6 +32,8 @@ struct GangOptions {
   // Names this gang (e.g. "<job>/<attempt>"): the store keys are prefixed with it, so a rank of
   // an older attempt reaching the same rendezvous address can never join this one.
   std::string key = "gang";
+  // The compute device: a CUDA device selects NCCL when the build has it.
+  at::Device device = at::kCPU;
   // This process's address as its peers reach it (Gloo binds to it).
   std::string local_host = "127.0.0.1";
   // How long joining may take (every rank must arrive) before failing with UNAVAILABLE.
@@ -49,13 +52,18 @@ class Gang {
   int rank() const { return rank_; }
   int size() const { return size_; }
 
-  // In-place element-wise sum over the gang (float, double or int64 CPU tensors).
+  // Tensors may live on any device and have any dtype: each collective moves them to the
+  // backend's device (and Gloo's floating dtype) and results come back as described.
+  // Whether collectives run on the compute device (NCCL) rather than through host memory.
+  bool on_device() const { return nccl_; }
+  // In-place element-wise sum over the gang (float, double or int64 tensors, any device).
   absl::Status AllReduceSum(at::Tensor& t);
   // In-place: every rank gets `root`'s tensor (same shape and dtype on every rank).
   absl::Status Broadcast(at::Tensor& t, int root);
   // `send` holds rows grouped by destination rank, send_counts[r] rows for rank r. Returns the
-  // rows received, grouped by source rank in rank order; recv_counts[r] = rows from rank r.
-  // Counts are exchanged first, so callers need not know them.
+  // rows received, grouped by source rank in rank order, on the backend's device (Gloo: CPU,
+  // floating point as fp32); recv_counts[r] = rows from rank r. Counts are exchanged first, so
+  // callers need not know them.
   absl::StatusOr<at::Tensor> AllToAllRows(const at::Tensor& send,
                                           const std::vector<int64_t>& send_counts,
                                           std::vector<int64_t>* recv_counts);
@@ -68,8 +76,11 @@ class Gang {
  private:
   struct Impl;
   Gang(int rank, int size, std::unique_ptr<Impl> impl);
+  // `t` on the backend's device and dtype.
+  at::Tensor ForBackend(const at::Tensor& t) const;
   int rank_;
   int size_;
+  bool nccl_ = false;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -270,10 +270,8 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in) {
   d.send_expert_counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + e_count);
   d.send_counts.assign(size, 0);
   for (int64_t e = 0; e < e_count; ++e) d.send_counts[OwnerOf(e)] += d.send_expert_counts[e];
-  // Between ranks, rows travel as CPU fp32 (exact for bf16; Gloo) with their expert id; a gang
-  // of one keeps them where they are.
+  // Rows travel with their expert id (the gang moves them to its backend's device).
   at::Tensor rows = in.u.index_select(0, d.send_tokens.to(in.u.device()));
-  if (size > 1) rows = rows.to(at::kCPU, at::kFloat);
   at::Tensor experts = flat.index_select(0, order);
   absl::StatusOr<at::Tensor> recv = gang_.AllToAllRows(rows, d.send_counts, &d.recv_counts);
   if (!recv.ok()) return recv.status();
@@ -281,8 +279,9 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in) {
       gang_.AllToAllRowsKnown(experts, d.send_counts, d.recv_counts);
   if (!recv_experts.ok()) return recv_experts.status();
   d.recv_rows = recv->to(o_.device, o_.dtype);
-  d.recv_order = at::argsort(*recv_experts, /*stable=*/true);
-  at::Tensor rc = at::bincount(*recv_experts, {}, e_count);
+  const at::Tensor recv_ids = recv_experts->cpu();
+  d.recv_order = at::argsort(recv_ids, /*stable=*/true);
+  at::Tensor rc = at::bincount(recv_ids, {}, e_count);
   d.recv_expert_counts.assign(rc.data_ptr<int64_t>(), rc.data_ptr<int64_t>() + e_count);
   return d;
 }
@@ -314,9 +313,8 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Combine(const model::LayerWeight
                                                         const MoeInput& in, const Dispatch& d,
                                                         const at::Tensor& expert_out,
                                                         const model::ForwardHooks& hooks) {
-  absl::StatusOr<at::Tensor> back = gang_.AllToAllRowsKnown(
-      gang_.size() > 1 ? expert_out.to(at::kCPU, at::kFloat) : expert_out, d.recv_counts,
-      d.send_counts);
+  absl::StatusOr<at::Tensor> back =
+      gang_.AllToAllRowsKnown(expert_out, d.recv_counts, d.send_counts);
   if (!back.ok()) return back.status();
   return Guarded(absl::StrCat("layer ", w.layer, " combine"),
                  [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
@@ -514,7 +512,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   for (const HessianGroup& g : rep_groups) {
     HessianAccumulator& a = *acc[g.members[0]];
     const Clock::time_point h0 = Clock::now();
-    at::Tensor sum = a.sum().to(at::kCPU).clone();
+    at::Tensor sum = a.sum().clone();
     at::Tensor tokens = at::full({1}, a.tokens(), at::kLong);
     MQ_RETURN_IF_ERROR(gang_.AllReduceSum(sum));
     MQ_RETURN_IF_ERROR(gang_.AllReduceSum(tokens));
@@ -652,8 +650,9 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
     if (solver == gang_.rank()) MQ_RETURN_IF_ERROR(solve_group(rep_groups[gi], false));
     for (const std::string& m : rep_groups[gi].members) {
       at::Tensor deq = solver == gang_.rank()
-                           ? overrides[m].to(at::kCPU, at::kFloat).contiguous()
-                           : at::empty(quant::WeightOf(w, m).sizes(), at::kFloat);
+                           ? overrides[m].to(at::kFloat).contiguous()
+                           : at::empty(quant::WeightOf(w, m).sizes(),
+                                       at::TensorOptions().dtype(at::kFloat).device(o_.device));
       MQ_RETURN_IF_ERROR(gang_.Broadcast(deq, solver));
       overrides[m] = deq.to(o_.device, o_.dtype);
     }
@@ -889,7 +888,9 @@ absl::StatusOr<GangPipelineResult> RunGangPipeline(const GangPipelineOptions& op
   absl::StatusOr<model::GlobalWeights> globals =
       model::LoadGlobals(**reader, *config, options.device, options.dtype);
   if (!globals.ok()) return globals.status();
-  absl::StatusOr<std::unique_ptr<Gang>> gang = Gang::Join(options.gang);
+  GangOptions gang_options = options.gang;
+  gang_options.device = options.device;
+  absl::StatusOr<std::unique_ptr<Gang>> gang = Gang::Join(gang_options);
   if (!gang.ok()) return gang.status();
   Runner runner(options, **gang, **reader, *std::move(config), *std::move(globals));
   return runner.Run();
