@@ -22,6 +22,7 @@
 #   MQ_JOB_TIMEOUT  seconds per job before it is abandoned (default 420; also cut to what is
 #                 left of MQ_DEADLINE, default 570 s after the start)
 #   MQ_EXTRA_CMAKE_ARGS  e.g. -DMQ_ENABLE_NCCL=ON (gangs communicate through NCCL)
+#   MQ_KEEP_OUTPUTS  set: keep each job's output directory (compare with bench/compare_outputs.py)
 #   MQ_WORK       working directory for model, outputs, state (default /tmp/mq-layer)
 # Results: $OUT/summary.txt (also printed), $OUT/results.json, $OUT/gpu.txt, $OUT/logs.tar.gz.
 # Peak GPU memory is per job, but workers keep torch's allocator reserve between jobs: only a
@@ -209,7 +210,7 @@ r["created_at_ms"] = j.get("created_at_ms"); r["finished_at_ms"] = j.get("finish
 all_r = json.load(open(res_path)); all_r.append(r)
 json.dump(all_r, open(res_path, "w"), indent=1)
 EOF
-  rm -rf "$O"  # packed outputs (~6 GB) are not needed afterwards
+  [ -n "${MQ_KEEP_OUTPUTS:-}" ] || rm -rf "$O"  # packed outputs (~6 GB) are not needed afterwards
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     echo "job $tag: rc=$rc (124 deadline, 137 worker died): cancelling it"
     "$CLIENT" --coordinator "$ADDR" cancel "$JOB" > /dev/null 2>&1
