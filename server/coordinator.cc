@@ -1374,29 +1374,53 @@ void Coordinator::ScheduleQueued() {
   }
 }
 
+AttemptRecord Coordinator::NewAttempt(JobRecord& job, const std::string& phase,
+                                      const std::vector<std::string>& worker_ids,
+                                      int start_step) {
+  job.set_attempt(job.attempt() + 1);
+  AttemptRecord attempt;
+  attempt.set_job_id(job.job_id());
+  attempt.set_attempt(job.attempt());
+  attempt.set_state(mq::v1::ATTEMPT_STATE_RUNNING);
+  attempt.set_phase(phase);
+  for (const std::string& w : worker_ids) attempt.add_worker_ids(w);
+  attempt.set_started_at_ms(Wall());
+  attempt.set_start_layer(start_step);
+  return attempt;
+}
+
+AssignmentRecord Coordinator::NewAssignment(const JobRecord& job, mq::v1::AssignmentKind kind,
+                                            const std::string& worker_id, int rank,
+                                            int world_size, int start_step) {
+  AssignmentRecord a;
+  a.set_assignment_id(NewId("a-"));
+  a.set_job_id(job.job_id());
+  a.set_attempt(job.attempt());
+  a.set_kind(kind);
+  a.set_worker_id(worker_id);
+  a.set_lease_epoch(epoch_);
+  a.set_rank(rank);
+  a.set_world_size(world_size);
+  a.set_created_at_ms(Wall());
+  a.set_start_step(start_step);
+  return a;
+}
+
+void Coordinator::HandOut(const AssignmentRecord& a) {
+  assignments_[a.assignment_id()] = a;
+  WorkerEntry& w = workers_.at(a.worker_id());
+  w.assignment_id = a.assignment_id();
+  w.delivered = false;
+}
+
 void Coordinator::SchedulePlan(const std::string& job_id) {
   auto gang = PickGang(WorkerViews(), "plan", 1);
   if (!gang) return;
   const std::string& worker_id = gang->front();
   JobRecord job = jobs_.at(job_id);
-  job.set_attempt(job.attempt() + 1);
-  AssignmentRecord a;
-  a.set_assignment_id(NewId("a-"));
-  a.set_job_id(job.job_id());
-  a.set_attempt(job.attempt());
-  a.set_kind(mq::v1::ASSIGNMENT_KIND_PLAN);
-  a.set_worker_id(worker_id);
-  a.set_lease_epoch(epoch_);
-  a.set_rank(0);
-  a.set_world_size(1);
-  a.set_created_at_ms(Wall());
-  AttemptRecord attempt;
-  attempt.set_job_id(job.job_id());
-  attempt.set_attempt(job.attempt());
-  attempt.set_state(mq::v1::ATTEMPT_STATE_RUNNING);
-  attempt.set_phase("plan");
-  attempt.add_worker_ids(worker_id);
-  attempt.set_started_at_ms(Wall());
+  const AttemptRecord attempt = NewAttempt(job, "plan", {worker_id}, 0);
+  const AssignmentRecord a =
+      NewAssignment(job, mq::v1::ASSIGNMENT_KIND_PLAN, worker_id, 0, 1, 0);
   WriteBatch batch;
   batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
   batch.Put(Table::kAttempts, AttemptKey(job.job_id(), job.attempt()), attempt.SerializeAsString());
@@ -1410,11 +1434,8 @@ void Coordinator::SchedulePlan(const std::string& job_id) {
       worker_id);
   PutJob(batch, job);
   if (!Commit(batch).ok()) return;
-  assignments_[a.assignment_id()] = a;
+  HandOut(a);
   jobs_[job_id] = job;
-  WorkerEntry& w = workers_.at(worker_id);
-  w.assignment_id = a.assignment_id();
-  w.delivered = false;
   ++changes_;
   if (metrics_) metrics_->job_attempts->Increment();
 }
@@ -1460,33 +1481,16 @@ void Coordinator::ScheduleGang(const std::string& job_id) {
     return;
   }
   const int size = static_cast<int>(decision.workers.size());
-  job.set_attempt(job.attempt() + 1);
   const std::string rendezvous =
       workers_.at(decision.workers.front()).record.capabilities().gang_address();
-  AttemptRecord attempt;
-  attempt.set_job_id(job_id);
-  attempt.set_attempt(job.attempt());
-  attempt.set_state(mq::v1::ATTEMPT_STATE_RUNNING);
-  attempt.set_phase("quantize");
-  attempt.set_started_at_ms(Wall());
-  attempt.set_start_layer(start);
+  const AttemptRecord attempt = NewAttempt(job, "quantize", decision.workers, start);
   std::vector<AssignmentRecord> created;
   std::vector<std::string> names;
   for (int rank = 0; rank < size; ++rank) {
     const std::string& worker_id = decision.workers[rank];
-    attempt.add_worker_ids(worker_id);
     names.push_back(workers_.at(worker_id).record.name());
-    AssignmentRecord a;
-    a.set_assignment_id(NewId("a-"));
-    a.set_job_id(job_id);
-    a.set_attempt(job.attempt());
-    a.set_kind(mq::v1::ASSIGNMENT_KIND_QUANTIZE);
-    a.set_worker_id(worker_id);
-    a.set_lease_epoch(epoch_);
-    a.set_rank(rank);
-    a.set_world_size(size);
-    a.set_created_at_ms(Wall());
-    a.set_start_step(start);
+    AssignmentRecord a =
+        NewAssignment(job, mq::v1::ASSIGNMENT_KIND_QUANTIZE, worker_id, rank, size, start);
     a.set_rendezvous(rendezvous);
     batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
     created.push_back(std::move(a));
@@ -1526,12 +1530,7 @@ void Coordinator::ScheduleGang(const std::string& job_id) {
       absl::StrCat("quantizing steps ", start, "..", total - 1, " on a gang of ", size, shrink));
   PutJob(batch, job);
   if (!Commit(batch).ok()) return;
-  for (const AssignmentRecord& a : created) {
-    assignments_[a.assignment_id()] = a;
-    WorkerEntry& w = workers_.at(a.worker_id());
-    w.assignment_id = a.assignment_id();
-    w.delivered = false;
-  }
+  for (const AssignmentRecord& a : created) HandOut(a);
   if (records != layers_.end()) {
     for (int step : stale) records->second.erase(step);
   }
@@ -1572,26 +1571,10 @@ void Coordinator::ScheduleFinalize(const std::string& job_id) {
     if (!pick) return;
     worker_id = pick->front();
   }
-  job.set_attempt(job.attempt() + 1);
-  AssignmentRecord a;
-  a.set_assignment_id(NewId("a-"));
-  a.set_job_id(job_id);
-  a.set_attempt(job.attempt());
-  a.set_kind(mq::v1::ASSIGNMENT_KIND_FINALIZE);
-  a.set_worker_id(worker_id);
-  a.set_lease_epoch(epoch_);
-  a.set_rank(0);
-  a.set_world_size(1);
-  a.set_created_at_ms(Wall());
-  a.set_start_step(job.plan().layers_size());
-  AttemptRecord attempt;
-  attempt.set_job_id(job_id);
-  attempt.set_attempt(job.attempt());
-  attempt.set_state(mq::v1::ATTEMPT_STATE_RUNNING);
-  attempt.set_phase("finalize");
-  attempt.add_worker_ids(worker_id);
-  attempt.set_started_at_ms(Wall());
-  attempt.set_start_layer(job.plan().layers_size());
+  const int total = job.plan().layers_size();
+  const AttemptRecord attempt = NewAttempt(job, "finalize", {worker_id}, total);
+  const AssignmentRecord a =
+      NewAssignment(job, mq::v1::ASSIGNMENT_KIND_FINALIZE, worker_id, 0, 1, total);
   WriteBatch batch;
   batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
   batch.Put(Table::kAttempts, AttemptKey(job_id, job.attempt()), attempt.SerializeAsString());
@@ -1604,11 +1587,8 @@ void Coordinator::ScheduleFinalize(const std::string& job_id) {
   job.set_updated_at_ms(Wall());
   PutJob(batch, job);
   if (!Commit(batch).ok()) return;
-  assignments_[a.assignment_id()] = a;
+  HandOut(a);
   jobs_[job_id] = job;
-  WorkerEntry& w = workers_.at(worker_id);
-  w.assignment_id = a.assignment_id();
-  w.delivered = false;
   ++changes_;
   if (metrics_) metrics_->job_attempts->Increment();
 }
