@@ -1375,8 +1375,7 @@ void Coordinator::ScheduleQueued() {
 }
 
 AttemptRecord Coordinator::NewAttempt(JobRecord& job, const std::string& phase,
-                                      const std::vector<std::string>& worker_ids,
-                                      int start_step) {
+                                      const std::vector<std::string>& worker_ids, int start_step) {
   job.set_attempt(job.attempt() + 1);
   AttemptRecord attempt;
   attempt.set_job_id(job.job_id());
@@ -1390,8 +1389,8 @@ AttemptRecord Coordinator::NewAttempt(JobRecord& job, const std::string& phase,
 }
 
 AssignmentRecord Coordinator::NewAssignment(const JobRecord& job, mq::v1::AssignmentKind kind,
-                                            const std::string& worker_id, int rank,
-                                            int world_size, int start_step) {
+                                            const std::string& worker_id, int rank, int world_size,
+                                            int start_step) {
   AssignmentRecord a;
   a.set_assignment_id(NewId("a-"));
   a.set_job_id(job.job_id());
@@ -1419,8 +1418,7 @@ void Coordinator::SchedulePlan(const std::string& job_id) {
   const std::string& worker_id = gang->front();
   JobRecord job = jobs_.at(job_id);
   const AttemptRecord attempt = NewAttempt(job, "plan", {worker_id}, 0);
-  const AssignmentRecord a =
-      NewAssignment(job, mq::v1::ASSIGNMENT_KIND_PLAN, worker_id, 0, 1, 0);
+  const AssignmentRecord a = NewAssignment(job, mq::v1::ASSIGNMENT_KIND_PLAN, worker_id, 0, 1, 0);
   WriteBatch batch;
   batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
   batch.Put(Table::kAttempts, AttemptKey(job.job_id(), job.attempt()), attempt.SerializeAsString());

@@ -149,9 +149,9 @@ class Coordinator {
   // one of its assignments; neither is stored.
   mq::v1::AttemptRecord NewAttempt(mq::v1::JobRecord& job, const std::string& phase,
                                    const std::vector<std::string>& worker_ids, int start_step);
-  mq::v1::AssignmentRecord NewAssignment(const mq::v1::JobRecord& job,
-                                         mq::v1::AssignmentKind kind, const std::string& worker_id,
-                                         int rank, int world_size, int start_step);
+  mq::v1::AssignmentRecord NewAssignment(const mq::v1::JobRecord& job, mq::v1::AssignmentKind kind,
+                                         const std::string& worker_id, int rank, int world_size,
+                                         int start_step);
   // After its batch committed: records `a` and gives it to its worker.
   void HandOut(const mq::v1::AssignmentRecord& a);
   void SchedulePlan(const std::string& job_id);
