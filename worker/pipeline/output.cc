@@ -25,10 +25,14 @@ namespace mq::pipeline {
 namespace {
 
 // Files copied from the model directory when present.
-constexpr const char* kCopiedFiles[] = {
-    "tokenizer.json",         "tokenizer_config.json",  "special_tokens_map.json",
-    "tokenizer.model",        "generation_config.json", "chat_template.jinja",
-    "configuration_deepseek.py", "modeling_deepseek.py"};
+constexpr const char* kCopiedFiles[] = {"tokenizer.json",
+                                        "tokenizer_config.json",
+                                        "special_tokens_map.json",
+                                        "tokenizer.model",
+                                        "generation_config.json",
+                                        "chat_template.jinja",
+                                        "configuration_deepseek.py",
+                                        "modeling_deepseek.py"};
 
 std::string Hex(const unsigned char* d, unsigned n) {
   static const char* kDigits = "0123456789abcdef";
@@ -44,8 +48,24 @@ absl::Status Errno(const std::string& what) {
   return absl::InternalError(absl::StrCat(what, ": ", std::strerror(errno)));
 }
 
-// Names in `dir` (regular files only); an absent directory has none.
-absl::StatusOr<std::vector<std::string>> ListFiles(const std::string& dir, bool* exists) {
+// True for names an mq output directory may hold (finished files and temporaries).
+bool IsOutputName(const std::string& n) {
+  if (absl::StartsWith(n, "model-") &&
+      (absl::EndsWith(n, ".safetensors") || absl::StrContains(n, ".safetensors.tmp."))) {
+    return true;
+  }
+  for (const char* f : kCopiedFiles) {
+    if (n == f || absl::StartsWith(n, absl::StrCat(f, ".tmp."))) return true;
+  }
+  for (const char* f : {"config.json", "model.safetensors.index.json", kManifestFileName}) {
+    if (n == f || absl::StartsWith(n, absl::StrCat(f, ".tmp."))) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<std::string>> ListDirectory(const std::string& dir, bool* exists) {
   std::vector<std::string> names;
   DIR* d = ::opendir(dir.c_str());
   *exists = d != nullptr;
@@ -62,23 +82,6 @@ absl::StatusOr<std::vector<std::string>> ListFiles(const std::string& dir, bool*
   std::sort(names.begin(), names.end());
   return names;
 }
-
-// True for names an mq output directory may hold (finished files and temporaries).
-bool IsOutputName(const std::string& n) {
-  if (absl::StartsWith(n, "model-") && (absl::EndsWith(n, ".safetensors") ||
-                                        absl::StrContains(n, ".safetensors.tmp."))) {
-    return true;
-  }
-  for (const char* f : kCopiedFiles) {
-    if (n == f || absl::StartsWith(n, absl::StrCat(f, ".tmp."))) return true;
-  }
-  for (const char* f : {"config.json", "model.safetensors.index.json", kManifestFileName}) {
-    if (n == f || absl::StartsWith(n, absl::StrCat(f, ".tmp."))) return true;
-  }
-  return false;
-}
-
-}  // namespace
 
 std::string Sha256Hex(std::string_view data) {
   unsigned char md[EVP_MAX_MD_SIZE];
@@ -157,7 +160,7 @@ absl::StatusOr<model::TensorView> FileSetReader::Get(const std::string& name) co
 
 void RemoveHiddenCheckpoints(const std::string& dir) {
   bool exists = false;
-  absl::StatusOr<std::vector<std::string>> names = ListFiles(dir, &exists);
+  absl::StatusOr<std::vector<std::string>> names = ListDirectory(dir, &exists);
   if (!names.ok()) return;
   for (const std::string& n : *names) {
     if (absl::StartsWith(n, "hidden-step")) ::unlink((dir + "/" + n).c_str());
@@ -180,17 +183,17 @@ absl::Status CheckOutputLocation(const std::string& model_dir, const std::string
         absl::StrCat("output location ", output_dir, " exists and is not a directory"));
   }
   bool exists = false;
-  absl::StatusOr<std::vector<std::string>> names = ListFiles(output_dir, &exists);
+  absl::StatusOr<std::vector<std::string>> names = ListDirectory(output_dir, &exists);
   if (!names.ok()) return names.status();
   std::vector<std::string> foreign;
   for (const std::string& n : *names) {
     if (!IsOutputName(n)) foreign.push_back(n);
   }
   if (!foreign.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "output directory ", output_dir, " holds ", foreign.size(),
-        " file(s) an mq output does not consist of (first: ", foreign.front(),
-        "): choose an empty or new directory"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("output directory ", output_dir, " holds ", foreign.size(),
+                     " file(s) an mq output does not consist of (first: ", foreign.front(),
+                     "): choose an empty or new directory"));
   }
   // Writable: create it (and a probe file) now rather than after hours of work.
   absl::Status s = quant::MakeDirs(output_dir);
@@ -212,14 +215,13 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
     struct stat st;
     const std::string path = out + "/" + f.name;
     if (::stat(path.c_str(), &st) != 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "committed file ", f.name, " is missing from ", out, " (", std::strerror(errno),
-          "): the output directory was changed outside mq"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("committed file ", f.name, " is missing from ", out, " (",
+                       std::strerror(errno), "): the output directory was changed outside mq"));
     }
     if (static_cast<int64_t>(st.st_size) != f.size) {
-      return absl::FailedPreconditionError(absl::StrCat("committed file ", f.name, " has ",
-                                                        st.st_size, " bytes, ", f.size,
-                                                        " were recorded"));
+      return absl::FailedPreconditionError(absl::StrCat(
+          "committed file ", f.name, " has ", st.st_size, " bytes, ", f.size, " were recorded"));
     }
     keep[f.name] = f;
   }
@@ -251,8 +253,8 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
     if (!h.ok()) return h.status();
     for (const model::TensorInfo& t : h->tensors) {
       if (!weight_map.emplace(t.name, name).second) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "tensor \"", t.name, "\" is in both ", weight_map[t.name], " and ", name));
+        return absl::FailedPreconditionError(
+            absl::StrCat("tensor \"", t.name, "\" is in both ", weight_map[t.name], " and ", name));
       }
       total_size += static_cast<int64_t>(t.num_bytes());
     }
@@ -306,7 +308,7 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
 
   // Strays: anything an mq output could contain that the manifest does not list.
   bool exists = false;
-  absl::StatusOr<std::vector<std::string>> names = ListFiles(out, &exists);
+  absl::StatusOr<std::vector<std::string>> names = ListDirectory(out, &exists);
   if (!names.ok()) return names.status();
   for (const std::string& n : *names) {
     if (keep.count(n) || n == kManifestFileName || !IsOutputName(n)) continue;

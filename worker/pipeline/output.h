@@ -56,6 +56,10 @@ class FileSetReader {
   std::map<std::string, const model::SafetensorsFile*> where_;
 };
 
+// Entry names in `dir` (files and folders, sorted, without "." and ".."); an absent directory
+// has none (`exists` says which). Errno-derived status otherwise.
+absl::StatusOr<std::vector<std::string>> ListDirectory(const std::string& dir, bool* exists);
+
 // Deletes the layer pipeline's hidden-state checkpoints (hidden-step*.safetensors) in `dir`, then
 // `dir` itself when empty. Best effort (errors are ignored: the files are only a cache).
 void RemoveHiddenCheckpoints(const std::string& dir);

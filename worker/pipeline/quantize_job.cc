@@ -1,8 +1,6 @@
 #include "worker/pipeline/quantize_job.h"
 
-#include <dirent.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include "absl/strings/str_cat.h"
 #include "worker/data/calibration.h"
@@ -72,8 +70,8 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   absl::StatusOr<model::DeepseekV3Config> config =
       model::LoadDeepseekV3Config(in.spec.model_dir + "/config.json");
   if (!config.ok()) return config.status();
-  absl::StatusOr<data::CalibrationSet> cal = data::LoadCalibration(Calibration(in.spec),
-                                                                   config->vocab_size);
+  absl::StatusOr<data::CalibrationSet> cal =
+      data::LoadCalibration(Calibration(in.spec), config->vocab_size);
   if (!cal.ok()) return cal.status();
 
   GangPipelineOptions o;
@@ -113,16 +111,12 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
 }
 
 void RemoveScratchExcept(const std::string& scratch_dir, const std::string& keep_job) {
-  // No std::filesystem here: the torch wheel's libtorch exports conflicting symbols.
-  DIR* d = ::opendir(scratch_dir.c_str());
-  if (!d) return;
-  std::vector<std::string> jobs;
-  while (dirent* e = ::readdir(d)) {
-    const std::string n = e->d_name;
-    if (n.rfind("j-", 0) == 0 && n != keep_job) jobs.push_back(n);
+  bool exists = false;
+  absl::StatusOr<std::vector<std::string>> names = ListDirectory(scratch_dir, &exists);
+  if (!names.ok()) return;
+  for (const std::string& n : *names) {
+    if (n.rfind("j-", 0) == 0 && n != keep_job) RemoveHiddenCheckpoints(scratch_dir + "/" + n);
   }
-  ::closedir(d);
-  for (const std::string& job : jobs) RemoveHiddenCheckpoints(scratch_dir + "/" + job);
 }
 
 absl::StatusOr<FinalizeAssignmentResult> RunFinalizeAssignment(
@@ -135,8 +129,8 @@ absl::StatusOr<FinalizeAssignmentResult> RunFinalizeAssignment(
   if (!config.ok()) return config.status();
   const std::vector<int> layers = PipelineLayers(*config, *format);
   if (static_cast<int>(layers.size()) != total_steps) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the job has ", total_steps, " steps but the model gives ", layers.size()));
+    return absl::FailedPreconditionError(
+        absl::StrCat("the job has ", total_steps, " steps but the model gives ", layers.size()));
   }
   FinalizeOptions f;
   f.model_dir = spec.model_dir;
