@@ -117,22 +117,38 @@ int main(int argc, char** argv) {
                 (long long)tokens, hess_ms);
 
     // Factorisation variants: per Hessian, amortized over the batch.
-    struct Variant { const char* name; bool fp64; HessianFactorization how; };
+    struct Variant {
+      const char* name;
+      bool fp64;
+      HessianFactorization how;
+      bool kernels;
+      int streams;
+      bool is_default;
+    };
     std::vector<PreparedHessian> prepared;
-    for (Variant v : {Variant{"fp64 chain (PrepareHessian's)", true, HessianFactorization::kInverseCholesky},
-                      Variant{"fp64 reversed", true, HessianFactorization::kReversedCholesky},
-                      Variant{"fp32 reversed", false, HessianFactorization::kReversedCholesky}}) {
+    const HessianFactorization kChain = HessianFactorization::kInverseCholesky;
+    const HessianFactorization kRev = HessianFactorization::kReversedCholesky;
+    const HessianFactorization kFb = HessianFactorization::kCholeskyFeedback;
+    for (Variant v : {Variant{"fp64 chain (PrepareHessian's), ATen", true, kChain, false, 1, false},
+                      Variant{"fp64 reversed, ATen trsm", true, kRev, false, 1, false},
+                      Variant{"fp64 reversed, ATen trsm, 4 streams", true, kRev, false, 4, false},
+                      Variant{"fp64 reversed, cuSOLVER trtri, 1 stream", true, kRev, true, 1, false},
+                      Variant{"fp64 Cholesky feedback (default)", true, kFb, true, 1, true},
+                      Variant{"fp64 Cholesky feedback, 4 streams", true, kFb, true, 4, false},
+                      Variant{"fp32 Cholesky feedback", false, kFb, true, 1, false}}) {
       GptqOptions o = options;
       o.fp64_factorization = v.fp64;
       GptqBatchOptions bo;
       bo.factorization = v.how;
+      bo.factor_kernels = v.kernels;
+      bo.factor_streams = v.streams;
       std::vector<PreparedHessian> p;
       const double ms = MedianMs(std::max(1, iters - 1), [&] { p = Must(PrepareHessiansBatched(hs, o, bo)); });
       auto r = Must(QuantizeGptqBatched({ws[0]}, {0}, std::vector<PreparedHessian>{p[0]}, options));
       const double err = Must(RelativeOutputError(ws[0], r[0].weight.dequantized, held_out));
-      std::printf("prepare %-30s: %8.2f ms per Hessian (batch of %lld), err(matrix 0) %.5e\n",
+      std::printf("prepare %-42s: %8.2f ms per Hessian (batch of %lld), err(matrix 0) %.5e\n",
                   v.name, ms / experts, (long long)experts, err);
-      if (v.fp64 && v.how == HessianFactorization::kReversedCholesky) prepared = p;
+      if (v.is_default) prepared = p;
     }
     const double prep1_ms = MedianMs(iters, [&] {
       Must(PrepareHessiansBatched({hs[0]}, options));
@@ -168,14 +184,14 @@ int main(int argc, char** argv) {
     const double diff_chain = chained[0].weight.codes.ne(ref.weight.codes).to(at::kDouble).mean().item<double>();
 
     std::printf("existing QuantizeGptq (prepare+solve, one matrix): %.1f ms\n", ref_ms);
-    std::printf("prepare one Hessian alone (fp64 reversed): %.2f ms\n", prep1_ms);
+    std::printf("prepare one Hessian alone (defaults): %.2f ms\n", prep1_ms);
     std::printf("solve alone: minmax %.2f ms, mse %.2f ms\n", alone_ms, alone_mse_ms);
     std::printf("solve batch of %lld: minmax %.1f ms (%.2f per matrix), mse %.1f ms (%.2f), tf32 update %.1f ms (%.2f)\n",
                 (long long)nmat, batch_ms, batch_ms / nmat, batch_mse_ms, batch_mse_ms / nmat,
                 batch_tf32_ms, batch_tf32_ms / nmat);
     std::printf("rel. output error: ours %.5e, ours tf32 %.5e, QuantizeGptq %.5e, RTN %.5e\n",
                 err_ours, err_tf32, err_ref, err_rtn);
-    std::printf("codes != QuantizeGptq: %.3e (fp64 reversed), %.3e (fp64 chain, same factorisation); batch vs alone differ in %.0f codes\n",
+    std::printf("codes != QuantizeGptq: %.3e (default factorisation), %.3e (fp64 chain, the same as QuantizeGptq); batch vs alone differ in %.0f codes\n",
                 diff, diff_chain, diff_alone);
     const double prep_per_matrix = prepared.empty() ? 0 : 0;  // printed above per Hessian
     (void)prep_per_matrix;

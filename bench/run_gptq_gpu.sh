@@ -15,21 +15,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 start=$(date +%s)
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DMQ_ENABLE_CUDA=ON \
   $MQ_DEVICE_CMAKE_ARGS > "$OUT/configure.log" 2>&1 || { tail -50 "$OUT/configure.log"; exit 1; }
-cmake --build build-gpu -j 16 --target ${MQ_GPU_TARGETS:-gptq_kernel_test gptq_gpu_test gptq_batched_test mq-bench-gptq-batched} \
+KERNEL_TESTS="gptq_kernel_test gptq_gpu_test hessian_factor_test hessian_factor_gpu_test fp8_dequant_gpu_test
+  grid_search_test grid_search_gpu_test pack_test pack_gpu_test"
+cmake --build build-gpu -j 16 --target ${MQ_GPU_TARGETS:-$KERNEL_TESTS quant_test gptq_batched_test grid_kernel_test mq-bench-gptq-batched} \
   > "$OUT/build.log" 2>&1 || { grep -E "error" -A5 "$OUT/build.log" | head -60; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
-for t in build-gpu/tests/unit/kernels/gptq_kernel_test build-gpu/tests/unit/kernels/gptq_gpu_test \
-         build-gpu/tests/unit/worker/quant/gptq_batched_test; do
+TESTS=""
+for t in $KERNEL_TESTS; do TESTS="$TESTS build-gpu/tests/unit/kernels/$t"; done
+TESTS="$TESTS $(ls build-gpu/tests/unit/worker/quant/*_test 2>/dev/null | tr '\n' ' ')"
+for t in $TESTS; do
   [ -x "$t" ] || continue
   "$t" > "$OUT/$(basename $t).log" 2>&1; rc=$?
-  echo "$(basename $t): rc=$rc"; grep -E "differ|PASSED|FAILED|Failure|Expected|Which is|actual" "$OUT/$(basename $t).log" | head -20
+  echo "$(basename $t): rc=$rc"; grep -E "differ|GB/s|ms |PASSED|FAILED|Failure|Expected|Which is|actual" "$OUT/$(basename $t).log" | head -20
 done
+# compute-sanitizer memcheck on every kernel GPU test, one log each.
 CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-if [ -x "$CS" ] && [ -x build-gpu/tests/unit/kernels/gptq_gpu_test ]; then
-  "$CS" --tool memcheck --error-exitcode 9 build-gpu/tests/unit/kernels/gptq_gpu_test \
-    > "$OUT/sanitizer-gptq_gpu_test.log" 2>&1
-  echo "compute-sanitizer memcheck gptq_gpu_test: rc=$?"; grep -E "ERROR SUMMARY" "$OUT/sanitizer-gptq_gpu_test.log"
-fi
+for t in build-gpu/tests/unit/kernels/*_gpu_test; do
+  [ -x "$CS" ] && [ -x "$t" ] || continue
+  "$CS" --tool memcheck --error-exitcode 9 "$t" > "$OUT/sanitizer-$(basename $t).log" 2>&1
+  echo "compute-sanitizer memcheck $(basename $t): rc=$? $(grep -E "ERROR SUMMARY" "$OUT/sanitizer-$(basename $t).log")"
+done
 if [ -x build-gpu/bench/mq-bench-gptq-batched ]; then
   timeout ${MQ_BENCH_TIMEOUT:-300} build-gpu/bench/mq-bench-gptq-batched --device cuda:0 --tokens 65536 \
     --experts ${MQ_BENCH_EXPERTS:-32} --iters 3 2>&1 | tee "$OUT/bench-gptq-batched.txt"

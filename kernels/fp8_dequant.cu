@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "kernels/cuda_image.h"
 #include "kernels/fp8_dequant_cuda.h"
 
 namespace mq::kernels::detail {
@@ -169,22 +170,11 @@ cudaError_t LaunchFp8BlockDequantRaw(const uint8_t* w, const float* scale_inv, i
 }
 
 cudaError_t CheckFp8DequantImage(int device) {
-  int previous = 0;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err != cudaSuccess) return err;
-  err = cudaSetDevice(device);
-  if (err != cudaSuccess) return err;
-  cudaFuncAttributes attributes;
-  const void* kernels[] = {
-      reinterpret_cast<const void*>(&Fp8BlockDequantKernel<8, kUnrollWide, uint32_t>),
-      reinterpret_cast<const void*>(&Fp8BlockDequantKernel<1, 1, uint64_t>),
-  };
-  for (const void* kernel : kernels) {
-    err = cudaFuncGetAttributes(&attributes, kernel);
-    if (err != cudaSuccess) break;
-  }
-  cudaSetDevice(previous);
-  return err;
+  return CheckKernelImages(
+      device, {
+                  reinterpret_cast<const void*>(&Fp8BlockDequantKernel<8, kUnrollWide, uint32_t>),
+                  reinterpret_cast<const void*>(&Fp8BlockDequantKernel<1, 1, uint64_t>),
+              });
 }
 
 }  // namespace mq::kernels::detail

@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/device_check.h"
 #include "mq/kernels/fp8_dequant.h"
 
 #if MQ_WITH_CUDA
@@ -18,14 +19,9 @@ namespace mq::kernels {
 namespace {
 
 #if MQ_WITH_CUDA
-std::string CudaErrorText(cudaError_t err) {
-  return absl::StrCat(cudaGetErrorName(err), ": ", cudaGetErrorString(err));
-}
+using detail::CudaErrorText;
 #else
-absl::Status NoCuda() {
-  return absl::UnimplementedError(
-      "mq was built without CUDA: reconfigure with -DMQ_ENABLE_CUDA=ON on a machine with nvcc");
-}
+absl::Status NoCuda() { return detail::NoCudaError(); }
 #endif
 
 // Minimum compute capability (major) the kernel is gated on: Hopper.
@@ -37,35 +33,9 @@ bool Fp8DequantCudaBuilt() { return MQ_WITH_CUDA != 0; }
 
 absl::Status Fp8BlockDequantIsSupported(int device) {
 #if MQ_WITH_CUDA
-  int count = 0;
-  if (cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("no usable CUDA device (cudaGetDeviceCount: ", CudaErrorText(err), ")"));
-  }
-  if (device < 0 || device >= count) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("CUDA device ", device, " does not exist: ", count,
-                     " device(s) visible, valid ids are [0, ", count, ")"));
-  }
-  cudaDeviceProp prop;
-  if (cudaError_t err = cudaGetDeviceProperties(&prop, device); err != cudaSuccess) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("CUDA device ", device, ": cudaGetDeviceProperties: ", CudaErrorText(err)));
-  }
-  const std::string which = absl::StrCat("CUDA device ", device, " (", prop.name,
-                                         ", compute capability ", prop.major, ".", prop.minor, ")");
-  if (prop.major < kMinMajor) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        which, ": the FP8 dequant kernel needs compute capability ", kMinMajor,
-        ".0 (Hopper) or newer; use the CPU path (Fp8BlockDequantCpu) on this machine"));
-  }
-  if (cudaError_t err = detail::CheckFp8DequantImage(device); err != cudaSuccess) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        which, ": this build has no FP8 dequant kernel code for it (built for MQ_CUDA_ARCHS=",
-        MQ_CUDA_ARCHS_STR, "; reconfigure with -DMQ_CUDA_ARCHS=", prop.major, prop.minor,
-        "): ", CudaErrorText(err)));
-  }
-  return absl::OkStatus();
+  return detail::CheckDevice(device, {"the FP8 dequant kernel", kMinMajor,
+                                      "the CPU path (Fp8BlockDequantCpu)",
+                                      detail::CheckFp8DequantImage});
 #else
   (void)device;
   return NoCuda();

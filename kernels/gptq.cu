@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda_image.h"
 #include "kernels/gptq_cuda.h"
 
 namespace mq::kernels::detail {
@@ -38,10 +39,11 @@ struct KernelParams {
   const float* scales_t;
   const float* zeros_t;
   int8_t* codes_t;
-  float* err;  // [B, 128, O]
+  float* err;       // [B, 128, O]
+  const float* w0;  // Cholesky-feedback form: the original weights [B, I, O]
 };
 
-template <bool kAsym>
+template <bool kAsym, bool kFeedback>
 __global__ void __launch_bounds__(kRows)
     GptqBlockKernel(const KernelParams p, const int64_t begin) {
   extern __shared__ float4 smem[];
@@ -80,6 +82,7 @@ __global__ void __launch_bounds__(kRows)
   const float* __restrict__ zeros = kAsym ? p.zeros_t + b * p.groups * O + o : nullptr;
   int8_t* __restrict__ codes = p.codes_t + (b * I + begin) * O + o;
   float* __restrict__ err = p.err + b * kBlock * O + o;
+  const float* __restrict__ w0 = kFeedback ? p.w0 + (b * I + begin) * O + o : nullptr;
 
   float w[kBlock];
 #pragma unroll
@@ -99,7 +102,9 @@ __global__ void __launch_bounds__(kRows)
     q = fminf(fmaxf(rintf(q), p.qmin), p.qmax);
     float dq = kAsym ? __fmul_rn(__fsub_rn(q, z), s) : __fmul_rn(q, s);
     dq = __bfloat162float(__float2bfloat16_rn(dq));
-    const float e = __fsub_rn(w[i], dq);
+    // GPTQ form: e = w − dq, applied with −U. Feedback form: d = w0 − dq, applied with +R.
+    const float e = kFeedback ? __fsub_rn(i < n ? w0[i * O] : 0.0f, dq) : __fsub_rn(w[i], dq);
+    const float f = kFeedback ? e : -e;
     if (i < n) {
       codes[i * O] = static_cast<int8_t>(static_cast<int>(q));
       err[i * O] = e;
@@ -108,10 +113,10 @@ __global__ void __launch_bounds__(kRows)
 #pragma unroll
     for (int k4 = (i + 1) / 4; k4 < kBlock / 4; ++k4) {
       const float4 uu = urow[k4];
-      if (4 * k4 + 0 > i) w[4 * k4 + 0] = __fmaf_rn(-uu.x, e, w[4 * k4 + 0]);
-      if (4 * k4 + 1 > i) w[4 * k4 + 1] = __fmaf_rn(-uu.y, e, w[4 * k4 + 1]);
-      if (4 * k4 + 2 > i) w[4 * k4 + 2] = __fmaf_rn(-uu.z, e, w[4 * k4 + 2]);
-      if (4 * k4 + 3 > i) w[4 * k4 + 3] = __fmaf_rn(-uu.w, e, w[4 * k4 + 3]);
+      if (4 * k4 + 0 > i) w[4 * k4 + 0] = __fmaf_rn(uu.x, f, w[4 * k4 + 0]);
+      if (4 * k4 + 1 > i) w[4 * k4 + 1] = __fmaf_rn(uu.y, f, w[4 * k4 + 1]);
+      if (4 * k4 + 2 > i) w[4 * k4 + 2] = __fmaf_rn(uu.z, f, w[4 * k4 + 2]);
+      if (4 * k4 + 3 > i) w[4 * k4 + 3] = __fmaf_rn(uu.w, f, w[4 * k4 + 3]);
     }
   }
 }
@@ -202,15 +207,18 @@ std::string LaunchGptqSolveRaw(const GptqRawArgs& a, void* workspace, cudaStream
   p.zeros_t = a.zeros_t;
   p.codes_t = a.codes_t;
   p.err = err;
+  p.w0 = a.w0;
   const bool asym = a.zeros_t != nullptr;
-  auto kernel = asym ? GptqBlockKernel<true> : GptqBlockKernel<false>;
+  const bool feedback = a.w0 != nullptr;
+  auto kernel = asym ? (feedback ? GptqBlockKernel<true, true> : GptqBlockKernel<true, false>)
+                     : (feedback ? GptqBlockKernel<false, true> : GptqBlockKernel<false, false>);
   if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(kUBytes));
       e != cudaSuccess) {
     return CudaText("cudaFuncSetAttribute", e);
   }
   const dim3 grid(static_cast<unsigned>((O + kRows - 1) / kRows), static_cast<unsigned>(B));
-  const float alpha = -1.0f, beta = 1.0f;
+  const float alpha = feedback ? 1.0f : -1.0f, beta = 1.0f;
   const cublasComputeType_t compute = a.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   for (int64_t begin = 0, blk = 0; begin < I; begin += kBlock, ++blk) {
     kernel<<<grid, kRows, kUBytes, stream>>>(p, begin);
@@ -231,14 +239,13 @@ std::string LaunchGptqSolveRaw(const GptqRawArgs& a, void* workspace, cudaStream
 }
 
 cudaError_t CheckGptqImage(int device) {
-  int previous = 0;
-  if (cudaError_t e = cudaGetDevice(&previous); e != cudaSuccess) return e;
-  if (cudaError_t e = cudaSetDevice(device); e != cudaSuccess) return e;
-  cudaFuncAttributes attr;
-  cudaError_t e = cudaFuncGetAttributes(&attr, GptqBlockKernel<false>);
-  if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, GptqBlockKernel<true>);
-  cudaSetDevice(previous);
-  return e;
+  return CheckKernelImages(device,
+                           {
+                               reinterpret_cast<const void*>(&GptqBlockKernel<false, false>),
+                               reinterpret_cast<const void*>(&GptqBlockKernel<true, false>),
+                               reinterpret_cast<const void*>(&GptqBlockKernel<false, true>),
+                               reinterpret_cast<const void*>(&GptqBlockKernel<true, true>),
+                           });
 }
 
 }  // namespace mq::kernels::detail

@@ -20,6 +20,7 @@ struct GptqRawArgs {
   const float* zeros_t;
   int8_t* codes_t;
   bool tf32;
+  const float* w0;  // non-null: Cholesky-feedback form
 };
 
 // Bytes of workspace (error block, pointer tables).

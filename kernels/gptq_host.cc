@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "kernels/device_check.h"
 #include "kernels/gptq_internal.h"
 #include "mq/kernels/gptq.h"
 
@@ -19,16 +20,6 @@ namespace {
 
 constexpr int kMinMajor = 9;
 
-#if MQ_WITH_CUDA
-std::string CudaErrorText(cudaError_t err) {
-  return absl::StrCat(cudaGetErrorName(err), ": ", cudaGetErrorString(err));
-}
-#endif
-
-absl::Status NoCuda() {
-  return absl::UnimplementedError(
-      "mq was built without CUDA: reconfigure with -DMQ_ENABLE_CUDA=ON on a machine with nvcc");
-}
 
 }  // namespace
 
@@ -75,36 +66,11 @@ size_t GptqSolveWorkspaceBytes(const GptqSolveArgs& args) {
 
 absl::Status GptqIsSupported(int device) {
 #if MQ_WITH_CUDA
-  int count = 0;
-  if (cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("no usable CUDA device (cudaGetDeviceCount: ", CudaErrorText(err), ")"));
-  }
-  if (device < 0 || device >= count) {
-    return absl::FailedPreconditionError(absl::StrCat("CUDA device ", device, " does not exist: ",
-                                                      count, " device(s) visible"));
-  }
-  cudaDeviceProp prop;
-  if (cudaError_t err = cudaGetDeviceProperties(&prop, device); err != cudaSuccess) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("CUDA device ", device, ": cudaGetDeviceProperties: ", CudaErrorText(err)));
-  }
-  const std::string which = absl::StrCat("CUDA device ", device, " (", prop.name,
-                                         ", compute capability ", prop.major, ".", prop.minor, ")");
-  if (prop.major < kMinMajor) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        which, ": the GPTQ kernels need compute capability ", kMinMajor,
-        ".0 (Hopper) or newer; use the CPU/ATen path (QuantizeGptq) on this machine"));
-  }
-  if (cudaError_t err = detail::CheckGptqImage(device); err != cudaSuccess) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        which, ": this build has no GPTQ kernel code for it (built for MQ_CUDA_ARCHS=",
-        MQ_CUDA_ARCHS_STR, "): ", CudaErrorText(err)));
-  }
-  return absl::OkStatus();
+  return detail::CheckDevice(device, {"the GPTQ kernels", kMinMajor,
+                                      "the CPU/ATen path (QuantizeGptq)", detail::CheckGptqImage});
 #else
   (void)device;
-  return NoCuda();
+  return detail::NoCudaError();
 #endif
 }
 
@@ -121,7 +87,7 @@ absl::Status LaunchGptqSolve(const GptqSolveArgs& args, void* workspace, size_t 
   detail::GptqRawArgs raw{args.batch, args.rows,    args.cols,     args.group_size,
                           args.bits,  args.wt,      args.u,        args.perm,
                           args.scales_t, args.zeros_t, args.codes_t,
-                          args.update_math == GptqUpdateMath::kTf32};
+                          args.update_math == GptqUpdateMath::kTf32, args.w0};
   if (std::string err = detail::LaunchGptqSolveRaw(raw, workspace, stream); !err.empty()) {
     return absl::InternalError(absl::StrCat("GPTQ solve of ", args.batch, " x [", args.rows, ", ",
                                             args.cols, "]: ", err));
@@ -131,7 +97,7 @@ absl::Status LaunchGptqSolve(const GptqSolveArgs& args, void* workspace, size_t 
   (void)workspace;
   (void)workspace_bytes;
   (void)stream;
-  return NoCuda();
+  return detail::NoCudaError();
 #endif
 }
 

@@ -1,5 +1,7 @@
 // CPU reference of the batched GPTQ solve (mq/kernels/gptq.h): the same element arithmetic as the
 // CUDA kernel, in plain loops. Slow (O·I² multiply-adds per matrix): for tests on small shapes.
+#include "mq/kernels/gptq.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -7,7 +9,6 @@
 
 #include "absl/status/status.h"
 #include "kernels/gptq_internal.h"
-#include "mq/kernels/gptq.h"
 
 namespace mq::kernels {
 
@@ -38,6 +39,7 @@ absl::Status GptqSolveCpu(const GptqSolveArgs& a) {
     const float* u = a.u[b];
     const int32_t* perm = a.perm[b];
     float* wt = a.wt + b * I * O;
+    const float* w0 = a.w0 != nullptr ? a.w0 + b * I * O : nullptr;
     const float* scales = a.scales_t + b * groups * O;
     const float* zeros = a.zeros_t != nullptr ? a.zeros_t + b * groups * O : nullptr;
     int8_t* codes = a.codes_t + b * I * O;
@@ -54,12 +56,14 @@ absl::Status GptqSolveCpu(const GptqSolveArgs& a) {
           if (zeros != nullptr) q = q + z;
           q = std::min(std::max(std::nearbyint(q), qmin), qmax);
           const float dq = RoundBf16(zeros != nullptr ? (q - z) * s : q * s);
-          const float e = w - dq;
+          // GPTQ form: e = w − dq, applied with −U; feedback form: d = w0 − dq, applied with +R.
+          const float e = w0 != nullptr ? w0[t * O + o] - dq : w - dq;
+          const float f = w0 != nullptr ? e : -e;
           codes[t * O + o] = static_cast<int8_t>(static_cast<int>(q));
           err[i * O + o] = e;
           for (int64_t k = i + 1; k < n; ++k) {
             float& x = wt[(begin + k) * O + o];
-            x = std::fma(-u[t * I + begin + k], e, x);
+            x = std::fma(u[t * I + begin + k], f, x);
           }
         }
       }
@@ -67,8 +71,13 @@ absl::Status GptqSolveCpu(const GptqSolveArgs& a) {
       for (int64_t r = end; r < I; ++r) {
         for (int64_t o = 0; o < O; ++o) {
           float acc = 0.0f;
-          for (int64_t k = 0; k < n; ++k) acc = std::fma(u[(begin + k) * I + r], err[k * O + o], acc);
-          wt[r * O + o] -= acc;
+          for (int64_t k = 0; k < n; ++k)
+            acc = std::fma(u[(begin + k) * I + r], err[k * O + o], acc);
+          if (w0 != nullptr) {
+            wt[r * O + o] += acc;
+          } else {
+            wt[r * O + o] -= acc;
+          }
         }
       }
     }

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "kernels/torch/glue.h"
 
 #if MQ_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -16,26 +17,24 @@
 namespace mq::kernels {
 namespace {
 
-std::string Sizes(const at::Tensor& t) {
-  return t.defined() ? absl::StrCat("[", absl::StrJoin(t.sizes(), ", "), "]") : "undefined";
-}
+using glue::Sizes;
 
 // InvalidArgument unless `t` is a contiguous tensor of `dtype` and `sizes` on `device`.
 absl::Status Check(const at::Tensor& t, const std::string& name, at::ScalarType dtype,
                    at::IntArrayRef sizes, const c10::Device& device) {
   if (!t.defined()) return absl::InvalidArgumentError(absl::StrCat(name, " is undefined"));
   if (t.scalar_type() != dtype) {
-    return absl::InvalidArgumentError(absl::StrCat(name, " has dtype ",
-                                                   std::string(c10::toString(t.scalar_type())),
-                                                   ": must be ", std::string(c10::toString(dtype))));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " has dtype ", std::string(c10::toString(t.scalar_type())), ": must be ",
+                     std::string(c10::toString(dtype))));
   }
   if (t.sizes() != sizes) {
     return absl::InvalidArgumentError(absl::StrCat(name, " has shape ", Sizes(t), ": must be [",
                                                    absl::StrJoin(sizes, ", "), "]"));
   }
   if (t.device() != device) {
-    return absl::InvalidArgumentError(absl::StrCat(name, " is on ", t.device().str(),
-                                                   ": must be on ", device.str()));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " is on ", t.device().str(), ": must be on ", device.str()));
   }
   if (!t.is_contiguous()) {
     return absl::InvalidArgumentError(absl::StrCat(name, " must be contiguous"));
@@ -46,19 +45,16 @@ absl::Status Check(const at::Tensor& t, const std::string& name, at::ScalarType 
 }  // namespace
 
 absl::Status GptqTorchSupported(const c10::Device& device) {
-  if (!device.is_cuda()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("device ", device.str(), ": the GPTQ kernels run on CUDA devices only"));
-  }
-  return GptqIsSupported(device.index() < 0 ? 0 : device.index());
+  return glue::SupportedOn(device, "the GPTQ kernels", GptqIsSupported);
 }
 
 absl::Status GptqSolveBatched(const at::Tensor& wt, const std::vector<at::Tensor>& u,
                               const std::vector<at::Tensor>& perm, const at::Tensor& scales_t,
                               const at::Tensor& zeros_t, const at::Tensor& codes_t, int bits,
-                              int64_t group_size, GptqUpdateMath math) {
+                              int64_t group_size, GptqUpdateMath math, const at::Tensor& w0) {
   if (!wt.defined() || wt.dim() != 3) {
-    return absl::InvalidArgumentError(absl::StrCat("wt has shape ", Sizes(wt), ": must be [B, I, O]"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("wt has shape ", Sizes(wt), ": must be [B, I, O]"));
   }
   const int64_t B = wt.size(0), I = wt.size(1), O = wt.size(2);
   const c10::Device device = wt.device();
@@ -77,7 +73,8 @@ absl::Status GptqSolveBatched(const at::Tensor& wt, const std::vector<at::Tensor
   std::vector<const float*> u_ptr(B);
   std::vector<const int32_t*> perm_ptr(B);
   for (int64_t b = 0; b < B; ++b) {
-    if (absl::Status s = Check(u[b], absl::StrCat("u[", b, "]"), at::kFloat, {I, I}, device); !s.ok()) {
+    if (absl::Status s = Check(u[b], absl::StrCat("u[", b, "]"), at::kFloat, {I, I}, device);
+        !s.ok()) {
       return s;
     }
     if (absl::Status s = Check(perm[b], absl::StrCat("perm[", b, "]"), at::kInt, {I}, device);
@@ -87,11 +84,16 @@ absl::Status GptqSolveBatched(const at::Tensor& wt, const std::vector<at::Tensor
     u_ptr[b] = u[b].data_ptr<float>();
     perm_ptr[b] = perm[b].data_ptr<int32_t>();
   }
-  if (absl::Status s = Check(scales_t, "scales_t", at::kFloat, {B, G, O}, device); !s.ok()) return s;
+  if (absl::Status s = Check(scales_t, "scales_t", at::kFloat, {B, G, O}, device); !s.ok())
+    return s;
   if (zeros_t.defined()) {
-    if (absl::Status s = Check(zeros_t, "zeros_t", at::kFloat, {B, G, O}, device); !s.ok()) return s;
+    if (absl::Status s = Check(zeros_t, "zeros_t", at::kFloat, {B, G, O}, device); !s.ok())
+      return s;
   }
   if (absl::Status s = Check(codes_t, "codes_t", at::kChar, {B, I, O}, device); !s.ok()) return s;
+  if (w0.defined()) {
+    if (absl::Status s = Check(w0, "w0", at::kFloat, {B, I, O}, device); !s.ok()) return s;
+  }
   if (B == 0) return absl::OkStatus();
 #if MQ_WITH_CUDA
   const c10::cuda::CUDAGuard guard(device);
@@ -108,14 +110,60 @@ absl::Status GptqSolveBatched(const at::Tensor& wt, const std::vector<at::Tensor
   args.zeros_t = zeros_t.defined() ? zeros_t.data_ptr<float>() : nullptr;
   args.codes_t = codes_t.data_ptr<int8_t>();
   args.update_math = math;
+  args.w0 = w0.defined() ? w0.data_ptr<float>() : nullptr;
   const size_t bytes = GptqSolveWorkspaceBytes(args);
-  at::Tensor workspace =
-      at::empty({static_cast<int64_t>(bytes)}, wt.options().dtype(at::kByte));
+  at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, wt.options().dtype(at::kByte));
   return LaunchGptqSolve(args, workspace.data_ptr(), bytes,
                          c10::cuda::getCurrentCUDAStream(device.index()).stream());
 #else
   (void)bits;
   (void)math;
+  return absl::UnimplementedError(
+      "mq was built without CUDA: reconfigure with -DMQ_ENABLE_CUDA=ON on a machine with nvcc");
+#endif
+}
+
+absl::Status InverseFactorTorchSupported(const c10::Device& device) {
+  return glue::SupportedOn(device, "the Hessian factorisation kernels", InverseFactorIsSupported);
+}
+
+absl::Status InverseFactor(const at::Tensor& a, FactorForm form, at::Tensor* u,
+                           at::Tensor* status) {
+  if (!a.defined() || a.dim() != 2 || a.size(0) != a.size(1)) {
+    return absl::InvalidArgumentError(absl::StrCat("a has shape ", Sizes(a), ": must be [n, n]"));
+  }
+  if (a.scalar_type() != at::kDouble && a.scalar_type() != at::kFloat) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "a has dtype ", std::string(c10::toString(a.scalar_type())), ": must be Double or Float"));
+  }
+  if (!a.is_cuda()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a is on ", a.device().str(), ": must be on CUDA"));
+  }
+  if (!a.is_contiguous()) return absl::InvalidArgumentError("a must be contiguous");
+#if MQ_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t n = a.size(0);
+  const FactorDtype dtype =
+      a.scalar_type() == at::kDouble ? FactorDtype::kFloat64 : FactorDtype::kFloat32;
+  size_t bytes = 0;
+  if (absl::Status s = InverseFactorWorkspaceBytes(n, dtype, &bytes); !s.ok()) return s;
+  at::Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, a.options().dtype(at::kByte));
+  *u = at::empty({n, n}, a.options().dtype(at::kFloat));
+  *status = at::empty({}, a.options().dtype(at::kInt));
+  InverseFactorArgs args;
+  args.n = n;
+  args.dtype = dtype;
+  args.form = form;
+  args.a = a.data_ptr();
+  args.u = u->data_ptr<float>();
+  args.status = status->data_ptr<int32_t>();
+  return LaunchInverseFactor(args, workspace.data_ptr(), bytes,
+                             c10::cuda::getCurrentCUDAStream(a.device().index()).stream());
+#else
+  (void)form;
+  (void)u;
+  (void)status;
   return absl::UnimplementedError(
       "mq was built without CUDA: reconfigure with -DMQ_ENABLE_CUDA=ON on a machine with nvcc");
 #endif

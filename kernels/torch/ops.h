@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "mq/kernels/gptq.h"
+#include "mq/kernels/hessian_factor.h"
 
 namespace mq::kernels {
 
@@ -27,10 +28,23 @@ absl::Status GptqTorchSupported(const c10::Device& device);
 //   scales_t  fp32 [B, G, O] contiguous, G = ceil(I / group_size)
 //   zeros_t   fp32 [B, G, O] contiguous, or undefined (symmetric)
 //   codes_t   int8 [B, I, O] contiguous (output)
+//   w0        fp32 [B, I, O] contiguous copy of wt before the solve: the Cholesky-feedback form
+//             (u then holds R); undefined: GPTQ's inverse-factor form
 // Enqueued on the current stream of wt's device; returns after the launches.
 absl::Status GptqSolveBatched(const at::Tensor& wt, const std::vector<at::Tensor>& u,
                               const std::vector<at::Tensor>& perm, const at::Tensor& scales_t,
                               const at::Tensor& zeros_t, const at::Tensor& codes_t, int bits,
-                              int64_t group_size, GptqUpdateMath math);
+                              int64_t group_size, GptqUpdateMath math,
+                              const at::Tensor& w0 = at::Tensor());
+
+// OK when the GPU Hessian factorisation (mq/kernels/hessian_factor.h) can run on `device`.
+absl::Status InverseFactorTorchSupported(const c10::Device& device);
+
+// The factor of `form` (mq/kernels/hessian_factor.h: GPTQ's normalized upper factor of a⁻¹, or
+// the Cholesky-feedback matrix) on CUDA: `a` fp64 or fp32
+// [n, n] contiguous, symmetric, OVERWRITTEN. Sets *u to a new fp32 [n, n] tensor and *status to
+// a new int32 device scalar (0 = valid; 1-3 as in the header), both on a's device, enqueued on
+// the current stream without a host sync.
+absl::Status InverseFactor(const at::Tensor& a, FactorForm form, at::Tensor* u, at::Tensor* status);
 
 }  // namespace mq::kernels

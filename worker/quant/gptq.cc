@@ -169,6 +169,11 @@ absl::StatusOr<GptqResult> QuantizeGptq(const at::Tensor& w, const PreparedHessi
                                                    ": must have ", prepared.in_features,
                                                    " input columns like the hessian"));
   }
+  if (prepared.feedback_form && prepared.fallback != Fallback::kRtn) {
+    return absl::FailedPreconditionError(
+        "the hessian was prepared in the Cholesky-feedback form, which only the fused CUDA solve "
+        "of QuantizeGptqBatched reads: prepare it with PrepareHessian for this path");
+  }
   if (prepared.fallback == Fallback::kRtn) {
     absl::StatusOr<QuantizedWeight> rtn = QuantizeRtn(w, options.grid);
     if (!rtn.ok()) return rtn.status();

@@ -74,6 +74,10 @@ struct PreparedHessian {
   // fp32 [I, I]: upper Cholesky factor of the permuted, damped H⁻¹ with each row divided by its
   // diagonal; undefined when fallback == kRtn.
   at::Tensor u;
+  // true: `u` holds instead the feedback matrix R of the Cholesky-feedback form
+  // (kernels/include/mq/kernels/gptq.h), which only QuantizeGptqBatched's fused CUDA solve reads
+  // (PrepareHessiansBatched with HessianFactorization::kCholeskyFeedback).
+  bool feedback_form = false;
   int64_t dead_columns = 0;
   double mean_diag = 0;  // mean(diag(H)) after the dead-column fix
   double damping = 0;    // λ actually added to the diagonal

@@ -1,16 +1,19 @@
 #include "worker/quant/gptq_batched.h"
 
-#include "worker/quant/gptq_internal.h"
-
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <algorithm>
 #include <map>
+#include <optional>
 #include <tuple>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/torch/ops.h"
+#include "worker/quant/gptq_internal.h"
 #include "worker/quant/rtn.h"
 #include "worker/quant/validate.h"
 
@@ -21,46 +24,104 @@ absl::Status Prefixed(const absl::Status& s, const std::string& prefix) {
   return absl::Status(s.code(), absl::StrCat(prefix, s.message()));
 }
 
-// One factorisation attempt, enqueued without a host sync: the upper factor of A⁻¹ and a bool
-// device scalar saying whether it is valid.
-std::pair<at::Tensor, at::Tensor> Factor(const at::Tensor& a, HessianFactorization how) {
+// One factorisation attempt, enqueued without a host sync on the current stream: the
+// normalized fp32 upper factor of A⁻¹ (PreparedHessian::u) and a bool device scalar saying
+// whether it is valid. `a` (damped, in the work dtype) may be overwritten.
+std::pair<at::Tensor, at::Tensor> Factor(at::Tensor& a, HessianFactorization how, bool kernels) {
+  if (how == HessianFactorization::kCholeskyFeedback) {
+    at::Tensor r, status;
+    absl::Status s = kernels::InverseFactor(a, kernels::FactorForm::kCholeskyFeedback, &r, &status);
+    if (s.ok()) return {r, status.eq(0)};
+    // The kernels were checked up front; a launch error here is not a matrix without a factor.
+    TORCH_CHECK(false, "Cholesky-feedback factorisation: ", s.ToString());
+  }
+  auto normalized = [](const at::Tensor& upper) {
+    return upper.div(upper.diagonal().unsqueeze(1)).to(at::kFloat).contiguous();
+  };
   if (how == HessianFactorization::kInverseCholesky) {
     auto [lower, info] = at::linalg_cholesky_ex(a, /*upper=*/false, /*check_errors=*/false);
     at::Tensor inverse = at::cholesky_inverse(lower, /*upper=*/false);
     auto [upper, info2] = at::linalg_cholesky_ex(inverse, /*upper=*/true, /*check_errors=*/false);
-    at::Tensor ok = info.eq(0).logical_and(info2.eq(0)).logical_and(at::isfinite(upper).all())
+    at::Tensor ok = info.eq(0)
+                        .logical_and(info2.eq(0))
+                        .logical_and(at::isfinite(upper).all())
                         .logical_and(upper.diagonal().min().gt(0));
-    return {upper, ok};
+    return {normalized(upper), ok};
+  }
+  if (kernels) {
+    at::Tensor u, status;
+    if (kernels::InverseFactor(a, kernels::FactorForm::kInverseUpper, &u, &status).ok()) {
+      return {u, status.eq(0)};
+    }
+    // A launch error leaves this attempt to the ATen path below (same result up to rounding).
   }
   at::Tensor reversed = a.flip({0, 1});
   auto [lower, info] = at::linalg_cholesky_ex(reversed, /*upper=*/false, /*check_errors=*/false);
   at::Tensor eye = at::eye(a.size(0), a.options());
   at::Tensor inv = at::linalg_solve_triangular(lower, eye, /*upper=*/false);
   at::Tensor upper = inv.flip({0, 1});
-  at::Tensor ok = info.eq(0).logical_and(at::isfinite(upper).all())
-                      .logical_and(upper.diagonal().min().gt(0));
-  return {upper, ok};
+  at::Tensor ok =
+      info.eq(0).logical_and(at::isfinite(upper).all()).logical_and(upper.diagonal().min().gt(0));
+  return {normalized(upper), ok};
 }
 
-// Factorises a chunk of Hessians (CUDA), one host sync per damping round.
+// Factorises a chunk of Hessians (CUDA, one device), one host sync per damping round. The
+// factorisations of a round are spread over `batch.factor_streams` streams of the device's pool,
+// ordered after the current stream's work and joined back into it.
 void FactorChunk(std::vector<PreparedHessian*>& ps, std::vector<at::Tensor>& permuted,
-                 const GptqOptions& options, HessianFactorization how) {
+                 const GptqOptions& options, const GptqBatchOptions& batch) {
   const size_t n = ps.size();
+  if (n == 0) return;
+  const c10::Device device = permuted[0].device();
+  HessianFactorization how = batch.factorization;
+  const bool supported = kernels::InverseFactorTorchSupported(device).ok();
+  if (how == HessianFactorization::kCholeskyFeedback &&
+      !(supported && options.block_size == kernels::kGptqBlock &&
+        kernels::GptqTorchSupported(device).ok())) {
+    how = HessianFactorization::kReversedCholesky;
+  }
+  const bool kernels =
+      batch.factor_kernels && how == HessianFactorization::kReversedCholesky && supported;
+  // Device-generic stream API (c10/core): no CUDA headers in this file.
+  const c10::impl::DeviceGuardImplInterface* impl = c10::impl::getDeviceGuardImpl(device.type());
+  const c10::Stream main = impl->getStream(device);
+  std::vector<c10::Stream> side;
+  for (int i = 0; batch.factor_streams > 1 && i < batch.factor_streams; ++i) {
+    side.push_back(impl->getStreamFromGlobalPool(device, /*isHighPriority=*/false));
+  }
   std::vector<at::Tensor> upper(n);
   std::vector<double> rel(n, options.rel_damp);
   std::vector<bool> done(n, false);
   for (int attempt = 0; attempt <= options.max_damp_retries; ++attempt) {
     std::vector<size_t> pending;
     std::vector<at::Tensor> oks;
+    c10::Event ready(device.type());
+    if (!side.empty()) ready.record(main);
     for (size_t k = 0; k < n; ++k) {
       if (done[k]) continue;
       if (attempt > 0) rel[k] *= options.damp_growth;
+      std::optional<c10::StreamGuard> on_side;
+      if (!side.empty()) {
+        const c10::Stream& s = side[pending.size() % side.size()];
+        ready.block(s);
+        on_side.emplace(s);
+      }
       at::Tensor damped = permuted[k].clone();
       damped.diagonal().add_(rel[k] * ps[k]->mean_diag);
-      auto [u, ok] = Factor(damped, how);
+      auto [u, ok] = Factor(damped, how, kernels);
+      if (on_side) {
+        // Used on the main stream from here on: the allocator must not reuse them before.
+        impl->recordDataPtrOnStream(u.storage().data_ptr(), main);
+        impl->recordDataPtrOnStream(ok.storage().data_ptr(), main);
+      }
       upper[k] = u;
       pending.push_back(k);
       oks.push_back(ok);
+    }
+    for (const c10::Stream& s : side) {
+      c10::Event joined(device.type());
+      joined.record(s);
+      joined.block(main);
     }
     if (pending.empty()) break;
     at::Tensor ok_host = at::stack(oks).cpu();  // the round's one sync
@@ -87,11 +148,12 @@ void FactorChunk(std::vector<PreparedHessian*>& ps, std::vector<at::Tensor>& per
     p.damping = rel[k] * p.mean_diag;
     if (p.damp_retries > 0) {
       p.fallback = Fallback::kRaisedDamping;
-      p.fallback_reason = absl::StrCat("cholesky failed at rel_damp ", options.rel_damp,
-                                       "; succeeded at ", rel[k], " after ", p.damp_retries,
-                                       " retries");
+      p.fallback_reason =
+          absl::StrCat("cholesky failed at rel_damp ", options.rel_damp, "; succeeded at ", rel[k],
+                       " after ", p.damp_retries, " retries");
     }
-    p.u = upper[k].div(upper[k].diagonal().unsqueeze(1)).to(at::kFloat).contiguous();
+    p.u = upper[k];
+    p.feedback_form = how == HessianFactorization::kCholeskyFeedback;
   }
 }
 
@@ -109,7 +171,7 @@ absl::StatusOr<std::vector<PreparedHessian>> PrepareHessiansBatched(
   std::vector<at::Tensor> permuted;
   int64_t chunk_bytes = 0;
   auto flush = [&] {
-    if (!chunk.empty()) FactorChunk(chunk, permuted, options, batch.factorization);
+    if (!chunk.empty()) FactorChunk(chunk, permuted, options, batch);
     chunk.clear();
     permuted.clear();
     chunk_bytes = 0;
@@ -162,9 +224,9 @@ absl::Status SolveOnCuda(const std::vector<at::Tensor>& weights,
       const PreparedHessian& p = prepared[h];
       at::Tensor p64 = p.perm.to(device, at::kLong);
       it = factors
-               .emplace(h, std::make_tuple(p.u.to(device, at::kFloat).contiguous(),
-                                           p64.to(at::kInt), p64,
-                                           p.dead_columns > 0 ? p.dead.to(device) : at::Tensor()))
+               .emplace(h,
+                        std::make_tuple(p.u.to(device, at::kFloat).contiguous(), p64.to(at::kInt),
+                                        p64, p.dead_columns > 0 ? p.dead.to(device) : at::Tensor()))
                .first;
     }
     u[b] = std::get<0>(it->second);
@@ -172,7 +234,8 @@ absl::Status SolveOnCuda(const std::vector<at::Tensor>& weights,
     perm64[b] = std::get<2>(it->second);
     at::Tensor wb = w[b];
     wb.copy_(weights[idx[b]]);
-    if (std::get<3>(it->second).defined()) wb.masked_fill_(std::get<3>(it->second).unsqueeze(0), 0.0);
+    if (std::get<3>(it->second).defined())
+      wb.masked_fill_(std::get<3>(it->second).unsqueeze(0), 0.0);
   }
   // Grids row by row (a grid is per row and group), in slices that bound the MSE temporaries.
   at::Tensor flat = w.view({B * O, I});
@@ -190,14 +253,19 @@ absl::Status SolveOnCuda(const std::vector<at::Tensor>& weights,
       zeros.defined() ? zeros.view({B, O, G}).transpose(1, 2).contiguous() : at::Tensor();
   at::Tensor index = at::stack(perm64).unsqueeze(1).expand({B, O, I});
   at::Tensor wt = w.gather(2, index).transpose(1, 2).contiguous();  // [B, I, O]
+  flat.reset();
+  w.reset();
+  const bool feedback = prepared[hessian_of[idx[0]]].feedback_form;
+  at::Tensor w0 = feedback ? wt.clone() : at::Tensor();
   at::Tensor codes_t = at::empty({B, I, O}, f32.dtype(at::kChar));
   if (absl::Status s = kernels::GptqSolveBatched(
           wt, u, perm32, scales_t, zeros_t, codes_t, go.bits, EffectiveGroupSize(I, go.group_size),
-          batch.tf32_update ? kernels::GptqUpdateMath::kTf32 : kernels::GptqUpdateMath::kFp32);
+          batch.tf32_update ? kernels::GptqUpdateMath::kTf32 : kernels::GptqUpdateMath::kFp32, w0);
       !s.ok()) {
     return s;
   }
   wt.reset();
+  w0.reset();
   at::Tensor codes = at::empty({B, O, I}, codes_t.options());
   codes.scatter_(2, index, codes_t.transpose(1, 2));
   at::Tensor scales3 = scales.view({B, O, G});
@@ -242,15 +310,15 @@ absl::StatusOr<std::vector<GptqResult>> QuantizeGptqBatched(
     if (absl::Status s = ValidateWeight(weights[k], "weight"); !s.ok()) return Prefixed(s, prefix);
     const PreparedHessian& p = prepared[hessian_of[k]];
     if (weights[k].size(1) != p.in_features) {
-      return absl::InvalidArgumentError(absl::StrCat(prefix, "weight has shape ",
-                                                     SizesString(weights[k]), ": must have ",
-                                                     p.in_features, " input columns like hessian ",
-                                                     hessian_of[k]));
+      return absl::InvalidArgumentError(
+          absl::StrCat(prefix, "weight has shape ", SizesString(weights[k]), ": must have ",
+                       p.in_features, " input columns like hessian ", hessian_of[k]));
     }
   }
   std::vector<GptqResult> results(weights.size());
-  // Shape classes of CUDA weights the fused kernels take; everything else loops QuantizeGptq.
-  std::map<std::tuple<int64_t, int64_t, int64_t>, std::vector<size_t>> classes;
+  // Classes (device, shape, factor form) of CUDA weights the fused kernels take; everything else
+  // loops QuantizeGptq.
+  std::map<std::tuple<int64_t, int64_t, int64_t, bool>, std::vector<size_t>> classes;
   for (size_t k = 0; k < weights.size(); ++k) {
     const at::Tensor& w = weights[k];
     const PreparedHessian& p = prepared[hessian_of[k]];
@@ -258,16 +326,26 @@ absl::StatusOr<std::vector<GptqResult>> QuantizeGptqBatched(
                        options.block_size == kernels::kGptqBlock && p.u.defined() &&
                        kernels::GptqTorchSupported(w.device()).ok();
     if (fused) {
-      classes[{w.device().index(), w.size(0), w.size(1)}].push_back(k);
+      classes[{w.device().index(), w.size(0), w.size(1), p.feedback_form}].push_back(k);
       continue;
+    }
+    if (p.feedback_form && p.fallback != Fallback::kRtn) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "weights[", k, "] on ", w.device().str(), ": hessian ", hessian_of[k],
+          " was prepared in the Cholesky-feedback form, which only the fused CUDA solve reads "
+          "(CUDA weights on the hessian's device, block_size ",
+          kernels::kGptqBlock, ")"));
     }
     absl::StatusOr<GptqResult> r = QuantizeGptq(w, p, options);
     if (!r.ok()) return Prefixed(r.status(), absl::StrCat("weights[", k, "]: "));
     results[k] = *std::move(r);
   }
   for (const auto& [key, members] : classes) {
-    const int64_t per_matrix = 14 * std::get<1>(key) * std::get<2>(key);
-    const size_t chunk = static_cast<size_t>(std::max<int64_t>(1, batch.max_batch_bytes / per_matrix));
+    // Bytes per weight element in flight: the fp32 copy, its transpose, codes, grids; plus the
+    // original copy w0 in the feedback form.
+    const int64_t per_matrix = (std::get<3>(key) ? 18 : 14) * std::get<1>(key) * std::get<2>(key);
+    const size_t chunk =
+        static_cast<size_t>(std::max<int64_t>(1, batch.max_batch_bytes / per_matrix));
     for (size_t begin = 0; begin < members.size(); begin += chunk) {
       std::vector<size_t> idx(members.begin() + begin,
                               members.begin() + std::min(members.size(), begin + chunk));
@@ -286,10 +364,11 @@ absl::StatusOr<std::vector<GptqResult>> QuantizeGptqBatched(
   return results;
 }
 
-absl::StatusOr<std::vector<GptqResult>> QuantizeGptqBatched(
-    const std::vector<at::Tensor>& weights, const std::vector<int64_t>& hessian_of,
-    const std::vector<at::Tensor>& hessians, const GptqOptions& options,
-    const GptqBatchOptions& batch) {
+absl::StatusOr<std::vector<GptqResult>> QuantizeGptqBatched(const std::vector<at::Tensor>& weights,
+                                                            const std::vector<int64_t>& hessian_of,
+                                                            const std::vector<at::Tensor>& hessians,
+                                                            const GptqOptions& options,
+                                                            const GptqBatchOptions& batch) {
   absl::StatusOr<std::vector<PreparedHessian>> prepared =
       PrepareHessiansBatched(hessians, options, batch);
   if (!prepared.ok()) return prepared.status();

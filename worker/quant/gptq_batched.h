@@ -8,8 +8,9 @@
 // shape class, for all weights of that shape together; elsewhere (CPU tensors, a build without
 // CUDA kernels, a block_size other than 128, a pre-Hopper GPU) it loops QuantizeGptq and the
 // results are identical to it. On CUDA the codes equal QuantizeGptq's except for a small fraction
-// flipped by fp32 summation order in the lazy-update GEMM (and, with kReversedCholesky or a
-// different float type, in the factorisation); bench/RESULTS.md gives the measured fraction.
+// flipped by fp32 summation order in the lazy-update GEMM and by rounding in a different
+// factorisation (the default kCholeskyFeedback solves GPTQ's left-looking form, which needs no
+// inverse of the Cholesky factor); bench/RESULTS.md gives the measured fractions (~1e-4).
 //
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
 // Threading: pure functions over immutable inputs, no shared state. Work runs on the current
@@ -35,13 +36,24 @@ enum class HessianFactorization {
   // P·H·P = L·Lᵀ, H⁻¹ = Uᵀ·U for U = P·L⁻¹·P (upper, positive diagonal). Cholesky + one
   // triangular inverse: about half the flops; equal to kInverseCholesky up to rounding.
   kReversedCholesky,
+  // No inverse at all: one Cholesky of the reversed matrix gives the feedback matrix of the
+  // Cholesky-feedback form of the solve (mq/kernels/gptq.h; PreparedHessian::feedback_form), the
+  // same algorithm up to rounding. Needs the CUDA kernels (factorisation and fused solve) and
+  // block_size 128; elsewhere kReversedCholesky is used instead.
+  kCholeskyFeedback,
 };
 
 struct GptqBatchOptions {
   // Lazy-update GEMM in TF32 (tensor cores) instead of fp32. Off: the arithmetic of QuantizeGptq
   // with torch's default (TF32 off).
   bool tf32_update = false;
-  HessianFactorization factorization = HessianFactorization::kReversedCholesky;
+  HessianFactorization factorization = HessianFactorization::kCholeskyFeedback;
+  // kReversedCholesky through kernels/hessian_factor.h (flip, cuSOLVER potrf + trtri, one
+  // finishing kernel) instead of ATen's Cholesky and triangular solve against the identity.
+  // Off by default: cuSOLVER's trtri measured slower than the solve on an H100 (bench/RESULTS.md).
+  bool factor_kernels = false;
+  // CUDA streams the factorisations of a batch are spread over (1 = the current stream only).
+  int factor_streams = 4;
   // Device bytes the solve of one launch sequence may use for its weight copies (about 14 bytes
   // per weight element); larger batches are split. > 0.
   int64_t max_batch_bytes = int64_t{24} << 30;

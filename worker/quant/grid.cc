@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/torch/grid_ops.h"
 
 namespace mq::quant {
 namespace {
@@ -91,6 +92,23 @@ Grid ComputeGrid(const at::Tensor& w, const GridOptions& options) {
   const int64_t cols = w.size(1);
   const int64_t g = EffectiveGroupSize(cols, options.group_size);
   const int64_t groups = NumGroups(cols, options.group_size);
+  // MSE search on a CUDA tensor: one kernel (kernels/grid_search.cu) instead of ~n_points rounds
+  // of ATen ops. Same candidates; only near-tied losses may pick a different one (grid_search.h).
+  if (options.scale_search == ScaleSearch::kMse && w.is_cuda() && rows > 0 && cols > 0 &&
+      kernels::GridSearchTorchSupported(w.device()).ok()) {
+    kernels::GridSearchConfig config;
+    config.group_size = g;
+    config.bits = options.bits;
+    config.symmetric = options.symmetric;
+    config.n_points = options.mse_grid_points;
+    config.min_shrink = options.mse_min_shrink;
+    config.norm = options.mse_norm;
+    Grid grid;
+    const absl::Status s = kernels::GridSearchMse(w.to(at::kFloat).contiguous(), config,
+                                                  &grid.scales, &grid.zero_points);
+    TORCH_CHECK(s.ok(), "ComputeGrid: MSE grid search kernel: ", s.ToString());
+    return grid;
+  }
   at::Tensor wf = w.to(at::kFloat);
   // Zero padding of the last, short group changes nothing: min is clipped to <= 0 and max to
   // >= 0 anyway, and a zero quantizes and dequantizes to exactly zero (zp is integral).

@@ -3,12 +3,14 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/torch/pack_ops.h"
 #include "worker/quant/validate.h"
 
 namespace mq::quant {
 namespace {
 
 constexpr int64_t kPerWord = 8;  // 4-bit values per int32 word
+constexpr char kOutOfRange[] = "codes: values must be in [-8, 7] for 4-bit packing";
 
 bool IsIntegral(const at::Tensor& t) {
   return at::isIntegralType(t.scalar_type(), /*includeBool=*/false);
@@ -22,12 +24,22 @@ absl::StatusOr<at::Tensor> PackInt4(const at::Tensor& codes) {
         absl::StrCat("codes ", codes.defined() ? SizesString(codes) : "undefined",
                      ": must be a 2-D integer tensor"));
   }
+  // Contiguous int8 codes on a CUDA device with the kernel available: one kernel and one sync
+  // (reading the out-of-range count). Everything else takes the ATen path below; both give the
+  // same bits.
+  if (codes.is_cuda() && codes.scalar_type() == at::kChar && codes.is_contiguous() &&
+      kernels::PackInt4TorchSupported(codes.device()).ok()) {
+    kernels::PackInt4CudaResult packed;
+    if (absl::Status s = kernels::PackInt4Cuda(codes, &packed); !s.ok()) return s;
+    if (packed.out_of_range.item<int64_t>() != 0) return absl::InvalidArgumentError(kOutOfRange);
+    return std::move(packed.packed);
+  }
   const int64_t rows = codes.size(0);
   const int64_t cols = codes.size(1);
   const int64_t words = (cols + kPerWord - 1) / kPerWord;
   at::Tensor u = codes.to(at::kLong).add(8);
   if (u.numel() > 0 && (u.min().item<int64_t>() < 0 || u.max().item<int64_t>() > 15)) {
-    return absl::InvalidArgumentError("codes: values must be in [-8, 7] for 4-bit packing");
+    return absl::InvalidArgumentError(kOutOfRange);
   }
   if (words * kPerWord != cols) u = at::constant_pad_nd(u, {0, words * kPerWord - cols}, 0);
   at::Tensor shifts = at::arange(0, 4 * kPerWord, 4, u.options());

@@ -10,27 +10,12 @@
 
 #include "gtest/gtest.h"
 #include "mq/kernels/fp8_dequant.h"
+#include "tests/unit/kernels/gpu_test_util.h"
 
 namespace mq::kernels {
 namespace {
 
-#define CUDA_OK(expr)                                                          \
-  do {                                                                         \
-    const cudaError_t err_ = (expr);                                           \
-    ASSERT_EQ(err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(err_); \
-  } while (0)
-
-class Fp8DequantGpuTest : public testing::Test {
- protected:
-  void SetUp() override {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      GTEST_SKIP() << "no CUDA device";
-    }
-    absl::Status supported = Fp8BlockDequantIsSupported(0);
-    if (!supported.ok()) GTEST_SKIP() << supported;
-  }
-};
+class Fp8DequantGpuTest : public testing_util::KernelGpuTest<Fp8BlockDequantIsSupported> {};
 
 // Device buffer freed on scope exit.
 template <typename T>

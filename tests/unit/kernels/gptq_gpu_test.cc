@@ -8,6 +8,7 @@
 #include "gtest/gtest.h"
 #include "mq/kernels/gptq.h"
 #include "tests/unit/kernels/gptq_ref_util.h"
+#include "tests/unit/kernels/gpu_test_util.h"
 
 namespace mq::kernels {
 namespace {
@@ -15,21 +16,7 @@ namespace {
 using testing_util::GptqProblem;
 using testing_util::MakeProblem;
 
-#define CUDA_OK(expr)                                                          \
-  do {                                                                         \
-    const cudaError_t err_ = (expr);                                           \
-    ASSERT_EQ(err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(err_); \
-  } while (0)
-
-class GptqGpuTest : public testing::Test {
- protected:
-  void SetUp() override {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) GTEST_SKIP() << "no CUDA device";
-    absl::Status supported = GptqIsSupported(0);
-    if (!supported.ok()) GTEST_SKIP() << supported;
-  }
-};
+class GptqGpuTest : public testing_util::KernelGpuTest<GptqIsSupported> {};
 
 template <typename T>
 T* Upload(const std::vector<T>& v, std::vector<void*>& owned) {
@@ -41,10 +28,13 @@ T* Upload(const std::vector<T>& v, std::vector<void*>& owned) {
 }
 
 void Compare(int64_t batch, int64_t rows, int64_t cols, int64_t group, bool asym, bool tf32,
-             double max_frac) {
+             double max_frac, bool feedback = false) {
   SCOPED_TRACE(testing::Message() << batch << "x[" << rows << "," << cols << "] g" << group
-                                  << " asym " << asym << " tf32 " << tf32);
+                                  << " asym " << asym << " tf32 " << tf32 << " feedback "
+                                  << feedback);
   GptqProblem p = MakeProblem(batch, rows, cols, group, 2, asym, 11 + cols + asym);
+  if (feedback) p = testing_util::FeedbackForm(p);
+  const std::vector<float> w0 = p.wt;
   // CPU reference.
   std::vector<const float*> hu;
   std::vector<const int32_t*> hp;
@@ -65,6 +55,7 @@ void Compare(int64_t batch, int64_t rows, int64_t cols, int64_t group, bool asym
   a.scales_t = p.scales_t.data();
   a.zeros_t = asym ? p.zeros_t.data() : nullptr;
   a.codes_t = want.data();
+  a.w0 = feedback ? w0.data() : nullptr;
   ASSERT_TRUE(GptqSolveCpu(a).ok());
 
   std::vector<void*> owned;
@@ -88,6 +79,7 @@ void Compare(int64_t batch, int64_t rows, int64_t cols, int64_t group, bool asym
   std::vector<int8_t> got(p.wt.size(), 127);  // poison: out of the 4-bit range
   a.codes_t = Upload(got, owned);
   a.update_math = tf32 ? GptqUpdateMath::kTf32 : GptqUpdateMath::kFp32;
+  a.w0 = feedback ? Upload(w0, owned) : nullptr;
   const size_t bytes = GptqSolveWorkspaceBytes(a);
   void* ws = nullptr;
   CUDA_OK(cudaMalloc(&ws, bytes));
@@ -112,7 +104,13 @@ TEST_F(GptqGpuTest, MatchesCpuReference) {
   Compare(3, 200, 300, 128, false, false, 2e-3);  // ragged rows and last block
   Compare(3, 200, 300, 128, true, false, 2e-3);
   Compare(4, 256, 512, 64, false, false, 2e-3);
-  Compare(2, 130, 256, 256, true, false, 2e-3);   // group spanning blocks
+  Compare(2, 130, 256, 256, true, false, 2e-3);  // group spanning blocks
+}
+
+TEST_F(GptqGpuTest, FeedbackFormMatchesCpuReference) {
+  Compare(3, 200, 300, 128, false, false, 2e-3, /*feedback=*/true);
+  Compare(3, 200, 300, 128, true, false, 2e-3, true);
+  Compare(2, 130, 256, 256, true, false, 2e-3, true);
 }
 
 TEST_F(GptqGpuTest, Tf32UpdateIsClose) { Compare(3, 256, 512, 128, false, true, 3e-2); }

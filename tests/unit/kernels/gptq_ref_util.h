@@ -2,8 +2,8 @@
 // computed in double on the host (no torch).
 #pragma once
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -64,7 +64,8 @@ inline std::vector<float> RandomFactor(int64_t n, std::mt19937& rng) {
   std::vector<float> u(n * n, 0.0f);
   for (int64_t i = 0; i < n; ++i) {
     const double d = m[(n - 1 - i) * n + (n - 1 - i)];
-    for (int64_t j = i; j < n; ++j) u[i * n + j] = static_cast<float>(m[(n - 1 - i) * n + (n - 1 - j)] / d);
+    for (int64_t j = i; j < n; ++j)
+      u[i * n + j] = static_cast<float>(m[(n - 1 - i) * n + (n - 1 - j)] / d);
   }
   return u;
 }
@@ -105,6 +106,25 @@ inline GptqProblem MakeProblem(int64_t batch, int64_t rows, int64_t cols, int64_
     std::uniform_int_distribution<int> zd(-2, 2);
     p.zeros_t.resize(p.scales_t.size());
     for (auto& v : p.zeros_t) v = static_cast<float>(zd(rng));
+  }
+  return p;
+}
+
+// The Cholesky-feedback form of a problem: every factor U (unit upper) replaced by R = U⁻¹
+// (unit upper, back substitution in fp64), the factor the feedback form of the solve reads.
+inline GptqProblem FeedbackForm(GptqProblem p) {
+  const int64_t n = p.cols;
+  for (std::vector<float>& u : p.u) {
+    std::vector<double> r(static_cast<size_t>(n * n), 0.0);
+    for (int64_t c = 0; c < n; ++c) {  // column c of R: solve U · r_c = e_c upward
+      r[c * n + c] = 1.0;
+      for (int64_t i = c - 1; i >= 0; --i) {
+        double s = 0;
+        for (int64_t k = i + 1; k <= c; ++k) s += static_cast<double>(u[i * n + k]) * r[k * n + c];
+        r[i * n + c] = -s;  // U has a unit diagonal
+      }
+    }
+    for (int64_t i = 0; i < n * n; ++i) u[i] = static_cast<float>(r[i]);
   }
   return p;
 }

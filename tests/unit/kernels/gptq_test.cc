@@ -1,11 +1,13 @@
 // CPU reference of the batched GPTQ solve (kernels/cpu/gptq.cc): argument checks, RTN when U is
 // the identity, and agreement with an unblocked fp64 GPTQ (the lazy-batch update is exact
 // algebra, so only rounding may flip a code).
+#include "mq/kernels/gptq.h"
+
 #include <cmath>
+#include <cstdio>
 #include <vector>
 
 #include "gtest/gtest.h"
-#include "mq/kernels/gptq.h"
 #include "tests/unit/kernels/gptq_ref_util.h"
 
 namespace mq::kernels {
@@ -72,7 +74,8 @@ TEST(GptqCpuTest, IdentityFactorIsRoundToNearest) {
       for (int64_t o = 0; o < p.rows; ++o) {
         const float s = p.scales_t[(m * groups + g) * p.rows + o];
         const float z = p.zeros_t[(m * groups + g) * p.rows + o];
-        const float q = std::fmin(std::fmax(std::nearbyint(p.wt[(m * p.cols + t) * p.rows + o] / s + z), -8.f), 7.f);
+        const float q = std::fmin(
+            std::fmax(std::nearbyint(p.wt[(m * p.cols + t) * p.rows + o] / s + z), -8.f), 7.f);
         ASSERT_EQ(b.codes[(m * p.cols + t) * p.rows + o], static_cast<int8_t>(q));
       }
     }
@@ -107,6 +110,46 @@ TEST(GptqCpuTest, MatchesUnblockedGptq) {
     const double frac = static_cast<double>(diff) / (p.batch * p.rows * p.cols);
     EXPECT_LT(frac, 2e-2) << "asym " << asym;
     for (int8_t c : b.codes) ASSERT_TRUE(c >= -8 && c <= 7);
+  }
+}
+
+// The Cholesky-feedback form (R = U⁻¹, errors against the original weights) is the same
+// algorithm: only rounding may flip a code.
+TEST(GptqCpuTest, FeedbackFormMatchesInverseForm) {
+  for (bool asym : {false, true}) {
+    const GptqProblem p = MakeProblem(3, 40, 300, 64, 2, asym, 21 + asym);
+    Bound inverse = Bind(p);
+    ASSERT_TRUE(GptqSolveCpu(inverse.args).ok());
+    const GptqProblem f = testing_util::FeedbackForm(p);
+    Bound feedback = Bind(f);
+    const std::vector<float> w0 = p.wt;
+    feedback.args.w0 = w0.data();
+    ASSERT_TRUE(GptqSolveCpu(feedback.args).ok());
+    int64_t diff = 0;
+    for (size_t i = 0; i < inverse.codes.size(); ++i) {
+      ASSERT_TRUE(feedback.codes[i] >= -8 && feedback.codes[i] <= 7);
+      diff += inverse.codes[i] != feedback.codes[i];
+    }
+    const double frac = static_cast<double>(diff) / inverse.codes.size();
+    std::printf("asym %d: %lld of %zu codes differ between the two forms\n", asym,
+                static_cast<long long>(diff), inverse.codes.size());
+    EXPECT_LT(frac, 5e-3) << "asym " << asym;
+    // Not the trivial agreement of RTN: the feedback changed codes.
+    int64_t changed = 0;
+    const int64_t groups = (p.cols + p.group_size - 1) / p.group_size;
+    for (int64_t m = 0; m < p.batch; ++m) {
+      for (int64_t t = 0; t < p.cols; ++t) {
+        const int64_t g = p.perm[p.factor_of[m]][t] / p.group_size;
+        for (int64_t o = 0; o < p.rows; ++o) {
+          const float s = p.scales_t[(m * groups + g) * p.rows + o];
+          const float z = asym ? p.zeros_t[(m * groups + g) * p.rows + o] : 0.f;
+          const float q = std::fmin(
+              std::fmax(std::nearbyint(p.wt[(m * p.cols + t) * p.rows + o] / s + z), -8.f), 7.f);
+          changed += feedback.codes[(m * p.cols + t) * p.rows + o] != static_cast<int8_t>(q);
+        }
+      }
+    }
+    EXPECT_GT(changed, static_cast<int64_t>(feedback.codes.size() / 20));
   }
 }
 

@@ -21,6 +21,17 @@
 // fp32 or TF32, see GptqUpdateMath). This is exactly QuantizeGptq's loop; only the GEMM's
 // summation order can differ from ATen's addmm.
 //
+// Cholesky-feedback form (w0 != null): the same algorithm without H⁻¹ (GPTQ written
+// left-looking; equal to the loop above in exact arithmetic). With J the reversal and
+// J·H·J = L·Lᵀ, V = J·L·J is upper triangular with H = V·Vᵀ, and u[b] holds R = V·diag(V)⁻¹
+// (columns divided by their diagonal; only the strictly upper part is read). Per column:
+//   d = w0 − bf16((q − z) · s)            (error against the ORIGINAL weight w0)
+//   w[k] = fma(R[t][k], d, w[k])  for later k in the block; after each block
+//   w[r] += Σ_k R[k][r] · d[k] for all later columns r,
+// so column k is quantized at w0_k + Σ_{t<k} d_t·R[t][k]. (GPTQ quantizes X = W − E·(Ũ − I)
+// with Ũ the row-normalized factor above; E = D·Ũ⁻¹ turns this into X = W + D·(Ũ⁻¹ − I), and
+// Ũ⁻¹ = R.) Only a Cholesky factorisation is needed, no triangular inverse.
+//
 // This header compiles without CUDA: cudaStream_t is only forward-declared.
 #pragma once
 
@@ -57,6 +68,9 @@ struct GptqSolveArgs {
   const float* zeros_t = nullptr;  // null = symmetric
   int8_t* codes_t = nullptr;
   GptqUpdateMath update_math = GptqUpdateMath::kFp32;
+  // Cholesky-feedback form: fp32 [B, I, O] copy of wt before the solve (read only); u[b] then
+  // holds R (see above). null: GPTQ's inverse-factor form.
+  const float* w0 = nullptr;
 };
 
 // Bytes of device workspace LaunchGptqSolve needs for `args` (error block and pointer tables).

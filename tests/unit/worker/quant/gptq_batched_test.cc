@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdio>
 
 #include "gtest/gtest.h"
@@ -78,7 +79,9 @@ class GptqBatchedCudaTest : public ::testing::Test {
 TEST_F(GptqBatchedCudaTest, MatchesQuantizeGptqOnCuda) {
   const at::Device d(at::kCUDA);
   for (bool asym : {false, true}) {
-    for (auto how : {HessianFactorization::kInverseCholesky, HessianFactorization::kReversedCholesky}) {
+    for (auto how :
+         {HessianFactorization::kInverseCholesky, HessianFactorization::kReversedCholesky,
+          HessianFactorization::kCholeskyFeedback}) {
       GptqOptions o;
       o.grid.symmetric = !asym;
       GptqBatchOptions bo;
@@ -109,6 +112,72 @@ TEST_F(GptqBatchedCudaTest, MatchesQuantizeGptqOnCuda) {
                   static_cast<long long>(total));
       EXPECT_LE(static_cast<double>(diff) / total, 5e-3);
     }
+  }
+}
+
+// The kernel factorisations (cuSOLVER trtri for the inverse form on 1 or 4 streams, and the
+// Cholesky-feedback form) against ATen's: the same damping retries and fallbacks, the inverse
+// factor equal up to rounding, codes nearly all equal.
+TEST_F(GptqBatchedCudaTest, KernelFactorisationMatchesAten) {
+  const at::Device d(at::kCUDA);
+  GptqOptions o;
+  std::vector<at::Tensor> hs;
+  for (int i = 0; i < 6; ++i) hs.push_back(Hessian(256, 20 + i, d));
+  // Indefinite: the default damping (0.1 of the mean diagonal) is not enough, 1.0 is.
+  // A 2x2 coupling c² = (d_a + mean/2)(d_b + mean/2) makes it so while the diagonal stays positive.
+  at::Tensor indefinite = Hessian(256, 30, d);
+  const double mean = indefinite.diagonal().mean().item<double>();
+  const double da = indefinite[3][3].item<double>(), db = indefinite[9][9].item<double>();
+  const double c = std::sqrt((da + 0.5 * mean) * (db + 0.5 * mean));
+  indefinite.index_put_({3, 9}, c);
+  indefinite.index_put_({9, 3}, c);
+  hs.push_back(indefinite);
+  GptqBatchOptions aten;
+  aten.factorization = HessianFactorization::kReversedCholesky;
+  aten.factor_kernels = false;
+  aten.factor_streams = 1;
+  auto want = PrepareHessiansBatched(hs, o, aten);
+  ASSERT_TRUE(want.ok()) << want.status();
+  EXPECT_EQ((*want)[6].fallback, Fallback::kRaisedDamping);
+  for (int variant = 0; variant < 4; ++variant) {
+    const bool feedback = variant >= 2;
+    const int streams = variant % 2 == 0 ? 1 : 4;
+    SCOPED_TRACE(testing::Message() << "feedback " << feedback << " streams " << streams);
+    GptqBatchOptions bo;
+    bo.factorization = feedback ? HessianFactorization::kCholeskyFeedback
+                                : HessianFactorization::kReversedCholesky;
+    bo.factor_kernels = true;
+    bo.factor_streams = streams;
+    auto got = PrepareHessiansBatched(hs, o, bo);
+    ASSERT_TRUE(got.ok()) << got.status();
+    for (size_t k = 0; k < hs.size(); ++k) {
+      EXPECT_EQ((*got)[k].fallback, (*want)[k].fallback) << k;
+      EXPECT_EQ((*got)[k].damp_retries, (*want)[k].damp_retries) << k;
+      EXPECT_EQ((*got)[k].rel_damp, (*want)[k].rel_damp) << k;
+      ASSERT_TRUE((*got)[k].u.defined());
+      EXPECT_EQ((*got)[k].feedback_form, feedback);
+      if (feedback) continue;  // R, not U
+      const double diff = ((*got)[k].u - (*want)[k].u).abs().max().item<double>();
+      EXPECT_LT(diff, 1e-4 * (*want)[k].u.abs().max().item<double>()) << k;
+    }
+    at::manual_seed(12);
+    std::vector<at::Tensor> w;
+    std::vector<int64_t> of;
+    for (size_t k = 0; k < hs.size(); ++k) {
+      w.push_back(at::randn({160, 256}, d));
+      of.push_back(static_cast<int64_t>(k));
+    }
+    auto a = QuantizeGptqBatched(w, of, *want, o);
+    auto b = QuantizeGptqBatched(w, of, *got, o);
+    ASSERT_TRUE(a.ok() && b.ok());
+    int64_t diff = 0, total = 0;
+    for (size_t k = 0; k < w.size(); ++k) {
+      diff += (*a)[k].weight.codes.ne((*b)[k].weight.codes).sum().item<int64_t>();
+      total += w[k].numel();
+    }
+    std::printf("feedback %d streams %d: %lld of %lld codes differ from the ATen factor's\n",
+                feedback, streams, static_cast<long long>(diff), static_cast<long long>(total));
+    EXPECT_LE(static_cast<double>(diff) / total, 2e-3);
   }
 }
 
