@@ -556,7 +556,16 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
       tensors.push_back(model::ToTensorData(m + ".weight_scale", packed->weight_scale));
       tensors.push_back(model::ToTensorData(m + ".weight_shape", packed->weight_shape));
       written_quantized.insert(m);
-      overrides[m] = r.weight.dequantized.to(o_.device, o_.dtype);
+      // On the GPU the dequantized weight replaces the original in place (nothing reads the
+      // original after its solve), so a layer holds one copy of its experts instead of two.
+      at::Tensor original = ws[i];
+      if (original.is_cuda() && original.device() == o_.device &&
+          original.scalar_type() == o_.dtype) {
+        original.copy_(r.weight.dequantized);
+        overrides[m] = original;
+      } else {
+        overrides[m] = r.weight.dequantized.to(o_.device, o_.dtype);
+      }
     }
     return absl::OkStatus();
   };
