@@ -293,7 +293,9 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
     aborted = stop || Cancelled();
     if (!aborted) {
       Progress(a, "reading config, index and safetensors headers", 0);
-      model::InspectReport report = model::InspectCheckpoint(ToInspectRequest(a.spec()));
+      model::InspectRequest request = ToInspectRequest(a.spec());
+      request.experts_per_pass = options_.experts_per_pass;  // how this pool's workers solve
+      model::InspectReport report = model::InspectCheckpoint(request);
       const double secs =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       metrics_->ObserveStage("plan", secs);

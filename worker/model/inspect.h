@@ -22,6 +22,9 @@ struct InspectRequest {
   bool include_mtp = false;  // also plan the MTP layer(s) at index num_hidden_layers
   int64_t num_calibration_samples = 512;
   int64_t max_sequence_length = 4096;
+  // Routed experts a rank solves at once (mq-worker --experts-per-pass; 0 = all of its experts):
+  // bounds the Hessians and solve buffers held together, so it enters the GPU estimate.
+  int64_t experts_per_pass = 16;
 };
 
 // One thing wrong with the checkpoint. Inspection collects every problem it finds.

@@ -23,6 +23,11 @@ int64_t SatMul(std::initializer_list<int64_t> factors) {
   for (int64_t f : factors) product = SatMul(product, f);
   return product;
 }
+int64_t SatAdd(std::initializer_list<int64_t> terms) {
+  int64_t sum = 0;
+  for (int64_t t : terms) sum = SatAdd(sum, t);
+  return sum;
+}
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t Elements(const std::vector<int64_t>& shape) {
@@ -243,10 +248,26 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     const int64_t experts = any_moe ? rp.num_experts : 0;
     const int64_t expert_weights = SatMul({experts, 3, moe, h, 2});
     const int64_t activations = SatAdd(hidden_states, attention_scores);
-    const int64_t hessians =
-        SatAdd(SatMul(experts, SatMul(SatAdd(SatMul(h, h), SatMul(moe, moe)), 4)),
-               non_expert_hessian_bytes);
-    rp.gpu_bytes = SatAdd(SatAdd(replicated_bytes, expert_weights), SatAdd(activations, hessians));
+    // Routed rows of the MoE block.
+    int64_t dispatch = 0;
+    if (experts > 0) {
+      const int64_t k = config.num_experts_per_tok;
+      const int64_t rows = SatMul(tokens, k);
+      const int64_t all_rows = SatMul({request.num_calibration_samples, seq, k, experts});
+      const int64_t recv =
+          all_rows / config.n_routed_experts + (all_rows % config.n_routed_experts != 0 ? 1 : 0);
+      const int64_t held = gang > 1 ? SatAdd(rows, SatMul(recv, 2)) : SatMul(rows, 2);
+      dispatch = SatMul({held, h, 2});
+    }
+    // One pass of the batched solve.
+    const int64_t pass = request.experts_per_pass > 0
+                             ? std::min<int64_t>(request.experts_per_pass, experts)
+                             : experts;
+    const int64_t square = SatAdd(SatMul(h, h), SatMul(moe, moe));
+    const int64_t solve =
+        SatAdd({SatMul({pass, square, 4, 2}), std::min(int64_t{4} << 30, SatMul({pass, square, 8})),
+                SatMul({2, pass, moe, h, 18}), non_expert_hessian_bytes});
+    rp.gpu_bytes = SatAdd({replicated_bytes, expert_weights, activations, dispatch, solve});
     rp.host_bytes = SatAdd(hidden_states, staging_bytes);
     est.gpu_bytes_per_rank = std::max(est.gpu_bytes_per_rank, rp.gpu_bytes);
     est.host_bytes_per_rank = std::max(est.host_bytes_per_rank, rp.host_bytes);

@@ -106,10 +106,23 @@ inline constexpr int64_t kAttentionHeadsPerChunk = 16;
 //   experts(r) = num_experts(r) * 3 * I_e * H * 2                   (bf16, 0 without MoE layers)
 //   activations(r) = tokens(r) * H * 2 * 2 (hidden states in + out, bf16)
 //                    + S^2 * min(heads, kAttentionHeadsPerChunk) * 4 (fp32 scores, 1 sequence)
-//   hessians(r) = num_experts(r) * (H^2 + I_e^2) * 4  (gate/up share [H,H]; down [I_e,I_e]; fp32)
-//                 + with all_linear: max over layers of the sum, over distinct input_id of the
-//                   quantized non-expert linears, of in_dim^2 * 4
-//   gpu(r) = replicated + experts(r) + activations(r) + hessians(r)
+//   dispatch(r) = routed rows held during the MoE block (0 without MoE layers), bf16, with
+//                 k = num_experts_per_tok, rows(r) = tokens(r) * k and
+//                 recv(r) = ceil(samples * S * k * num_experts(r) / n_routed_experts):
+//                 gang > 1: (rows(r) + 2 * recv(r)) * H * 2  (sent rows, received rows, outputs)
+//                 gang = 1: 2 * rows(r) * H * 2             (rows and outputs, nothing sent)
+//   solve(r) = the working set of one pass of P = min(experts_per_pass or all, num_experts(r))
+//              experts (gate/up share [H,H]; down [I_e,I_e]):
+//                P * (H^2 + I_e^2) * 4 * 2       (fp32 Hessian accumulators + their factors)
+//                + min(4 GiB, P * (H^2 + I_e^2) * 8)   (fp64 factorisation chunk)
+//                + 2 * P * I_e * H * 18          (batched solve of the gate/up class: fp32 copy,
+//                                                  transposed copy, original copy, codes, grids)
+//              + with all_linear: max over layers of the sum, over distinct input_id of the
+//                quantized non-expert linears, of in_dim^2 * 4
+//   gpu(r) = replicated + experts(r) + activations(r) + dispatch(r) + solve(r)
+//   (tensors only: the CUDA context, library workspaces and the caching allocator's slack come on
+//   top: for one full-width layer at 64 x 1024 tokens on one H100 this gives 55.7 GiB, and
+//   nvidia-smi showed a 64.3 GiB peak, bench/RESULTS.md)
 //   host(r) = tokens(r) * H * 2 * 2 + max over layers of input_bytes (pinned staging)
 //   scratch(r) = tokens(r) * H * 2 * 2 (two bf16 hidden-state checkpoints)
 // estimate: gpu/host/scratch = max over ranks; output_bytes = model-level tensors (embeddings,

@@ -586,10 +586,16 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   const int64_t replicated =
       2 * (attn_linear + attn_norms + router + bias + expert_linear + mtp_extras_bf16);
   const int64_t scores = 16 * 16 * 4 * 4;  // S^2 * min(heads = 4, 16) * 4
+  // Routed rows (gang of 3, top-2 of 4 experts, 8 x 16 tokens in all): sent tokens * 2, received
+  // ceil(8 * 16 * 2 * experts / 4) and as many expert outputs; one pass solves every expert.
   auto gpu = [&](int64_t experts, int64_t sequences) {
     const int64_t tokens = sequences * 16;
-    return replicated + experts * 3 * 64 * 200 * 2 + tokens * 200 * 2 * 2 + scores +
-           experts * (200 * 200 + 64 * 64) * 4;
+    const int64_t square = 200 * 200 + 64 * 64;
+    const int64_t dispatch = (tokens * 2 + 2 * (64 * experts)) * 200 * 2;
+    const int64_t solve = experts * square * 4 * 2 + experts * square * 8 +
+                          2 * experts * 64 * 200 * 18;
+    return replicated + experts * 3 * 64 * 200 * 2 + tokens * 200 * 2 * 2 + scores + dispatch +
+           solve;
   };
   EXPECT_EQ(report.ranks[0].gpu_bytes, gpu(2, 3));
   EXPECT_EQ(report.ranks[1].gpu_bytes, gpu(1, 3));
@@ -624,9 +630,16 @@ TEST(InspectTest, AllLinearPlanCountsAndHessians) {
   const int64_t replicated =
       2 * (96 * 200 + 192 * 96 + 80 * 200 + 256 * 64 + 200 * 128 + 560 + 3 * 384 * 200);
   const int64_t tokens = 8 * 16;
-  EXPECT_EQ(report.ranks.at(0).gpu_bytes, replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 4 +
-                                              16 * 16 * 4 * 4 + 4 * (200 * 200 + 64 * 64) * 4 +
-                                              layer0_h);
+  // A gang of one keeps its routed rows (tokens * top-2) and their outputs; one pass of 4 experts.
+  const int64_t square = 200 * 200 + 64 * 64;
+  EXPECT_EQ(report.ranks.at(0).gpu_bytes,
+            replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 4 + 16 * 16 * 4 * 4 +
+                2 * (tokens * 2) * 200 * 2 + 4 * square * 4 * 2 + 4 * square * 8 +
+                2 * 4 * 64 * 200 * 18 + layer0_h);
+  // Passes of 3 experts bound the solve's working set.
+  request.experts_per_pass = 3;
+  EXPECT_EQ(InspectCheckpoint(request).ranks.at(0).gpu_bytes,
+            report.ranks.at(0).gpu_bytes - (square * 4 * 2 + square * 8 + 2 * 64 * 200 * 18));
 }
 
 // The real DeepSeek-V3 (61 layers + MTP present in the checkpoint but not planned), 512 x 4096
@@ -635,9 +648,12 @@ TEST(InspectTest, AllLinearPlanCountsAndHessians) {
 // independent Python transcription of the formulas):
 //   output  = 371,407,749,120 bytes (~371.4 GB: 337.2 GB int4 experts with BF16 group scales,
 //             the rest BF16: embeddings, lm_head, attention, dense MLPs, shared experts, routers)
-//   gpu     =  19,689,013,248 bytes per rank (~19.7 GB: 1.17 GB replicated dense layer, 2.8 GB
-//             bf16 weights of 32 experts, 7.5 GB hidden states of 64 x 4096 tokens, 1 GiB
-//             attention scores, 7.1 GB fp32 Hessians of 32 experts)
+//   gpu     = 122,634,010,624 bytes per rank (~122.6 GB: 1.17 GB replicated dense layer,
+//             2.8 GB bf16 weights of 32 experts, 7.5 GB hidden states of 64 x 4096 tokens, 1 GiB
+//             attention scores, 90.2 GB routed rows (2,097,152 sent, as many received, and
+//             their outputs, x 7168 x 2 bytes), 19.9 GB for one pass of 16 experts: Hessians and
+//             factors 7.1 GB, fp64 chunk 4 GiB, solve buffers 8.5 GB) — more than an 80 GB card:
+//             this calibration size needs the dispatch chunked over tokens
 //   host    =  19,028,140,256 bytes per rank (7.5 GB hidden states + 11.5 GB FP8 MoE layer staged)
 //   scratch =   7,516,192,768 bytes per rank
 TEST(PlanTest, DeepseekV3FullScaleSanity) {
@@ -697,7 +713,7 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(plan.ranks[7].num_experts, 32);
   EXPECT_EQ(plan.ranks[7].num_sequences, 64);
   EXPECT_EQ(plan.estimate.output_bytes, 371407749120);
-  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 19689013248);
+  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 122634010624);
   EXPECT_EQ(plan.estimate.host_bytes_per_rank, 19028140256);
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
