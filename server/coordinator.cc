@@ -923,6 +923,23 @@ void Coordinator::ApplyPlanResult(JobRecord& job, WriteBatch& batch,
     if (metrics_) metrics_->jobs_failed->Increment();
     return;
   }
+  // A job whose per-rank estimate exceeds every capable GPU worker's memory would run out of
+  // device memory on its first layer, attempt after attempt: say so now.
+  const int64_t need = report.estimate().gpu_bytes_per_rank();
+  if (std::optional<int64_t> largest = LargestDeviceMemory(WorkerViews(), capability);
+      largest && need > *largest) {
+    SetJobState(
+        job, batch, mq::v1::JOB_STATE_FAILED,
+        absl::StrCat("planning succeeded (", summary, "), but the estimate of ", HumanBytes(need),
+                     " GPU memory per rank exceeds the largest device of the workers offering \"",
+                     capability, "\" (", HumanBytes(*largest),
+                     "): submit again with a larger --gang-size (fewer experts and sequences per "
+                     "rank), fewer --num-calibration-samples or a shorter --max-sequence-length, "
+                     "or start workers with larger GPUs and `mq-client resume ",
+                     job.job_id(), "`"));
+    if (metrics_) metrics_->jobs_failed->Increment();
+    return;
+  }
   job.clear_missing_capability();
   // A phase that succeeded: the pipeline gets the full spec.max_attempts budget.
   job.set_attempt_base(job.attempt());
@@ -1285,6 +1302,7 @@ std::vector<WorkerView> Coordinator::WorkerViews() const {
                           w.record.capabilities().capabilities().end());
     v.registered_at_ms = w.record.registered_at_ms();
     v.gang_address = w.record.capabilities().gang_address();
+    v.device_memory_bytes = w.record.capabilities().device_memory_bytes();
     views.push_back(std::move(v));
   }
   return views;

@@ -42,6 +42,17 @@ bool AnyWorkerOffers(const std::vector<WorkerView>& workers, const std::string& 
                      [&](const WorkerView& w) { return w.alive && Offers(w, capability); });
 }
 
+std::optional<int64_t> LargestDeviceMemory(const std::vector<WorkerView>& workers,
+                                           const std::string& capability) {
+  std::optional<int64_t> largest;
+  for (const WorkerView& w : workers) {
+    if (!w.alive || !Offers(w, capability)) continue;
+    if (w.device_memory_bytes <= 0) return std::nullopt;
+    largest = std::max(largest.value_or(0), w.device_memory_bytes);
+  }
+  return largest;
+}
+
 GangDecision DecideGang(const std::vector<WorkerView>& workers, const GangRequest& request) {
   GangDecision d;
   const int k = std::max(1, request.gang_size);

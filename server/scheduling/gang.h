@@ -17,6 +17,8 @@ struct WorkerView {
   int64_t registered_at_ms = 0;
   // HOST:PORT the worker serves a gang rendezvous on as rank 0; empty when it cannot.
   std::string gang_address;
+  // Device memory in bytes (0: a CPU worker, or not reported).
+  int64_t device_memory_bytes = 0;
 };
 
 // Picks `count` alive, idle workers that offer `capability`, oldest registration first (ties
@@ -26,6 +28,12 @@ std::optional<std::vector<std::string>> PickGang(const std::vector<WorkerView>& 
 
 // True when any alive worker offers `capability` (busy or not).
 bool AnyWorkerOffers(const std::vector<WorkerView>& workers, const std::string& capability);
+
+// The most device memory among the alive workers offering `capability`, when EVERY one of them
+// reports its device memory (GPU workers); nullopt when none offers it or any is a CPU worker or
+// did not report (their memory is then not a device limit this policy can judge).
+std::optional<int64_t> LargestDeviceMemory(const std::vector<WorkerView>& workers,
+                                           const std::string& capability);
 
 // A planned job waiting for a gang of quantize workers.
 struct GangRequest {

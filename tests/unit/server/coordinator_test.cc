@@ -443,6 +443,49 @@ class PipelineTest : public CoordinatorTest {
   }
 };
 
+// A plan whose per-rank GPU estimate exceeds every capable GPU worker's memory fails at once
+// with the numbers and what to change; one that fits waits for its gang.
+TEST_F(PipelineTest, EstimateAboveEveryGpuFailsThePlan) {
+  mq::v1::RegisterWorkerRequest reg;
+  reg.set_name("gpu0");
+  reg.mutable_capabilities()->set_device("cuda:0");
+  reg.mutable_capabilities()->set_device_memory_bytes(int64_t{80} << 30);
+  reg.mutable_capabilities()->add_capabilities("plan");
+  reg.mutable_capabilities()->add_capabilities("quantize:gptq");
+  reg.mutable_capabilities()->set_gang_address("gpu0.host:29500");
+  auto registered = coordinator_->RegisterWorker(reg);
+  ASSERT_TRUE(registered.ok()) << registered.status();
+  const std::string w = registered->worker_id();
+  for (int64_t need_gib : {100, 50}) {
+    SCOPED_TRACE(need_gib);
+    const std::string id = SubmitGang(1);
+    coordinator_->Tick();
+    auto a = Poll(w);
+    ASSERT_EQ(a.kind(), mq::v1::ASSIGNMENT_KIND_PLAN);
+    mq::v1::CompleteAssignmentRequest r;
+    r.set_worker_id(w);
+    r.set_assignment_id(a.assignment_id());
+    r.set_lease_epoch(a.lease_epoch());
+    r.mutable_plan()->add_layers()->set_index(0);
+    r.mutable_plan()->mutable_estimate()->set_gpu_bytes_per_rank(need_gib << 30);
+    ASSERT_TRUE(coordinator_->CompleteAssignment(r).ok());
+    auto job = Get(id).job();
+    if (need_gib == 100) {
+      EXPECT_EQ(job.state(), mq::v1::JOB_STATE_FAILED);
+      EXPECT_NE(job.message().find("exceeds the largest device"), std::string::npos)
+          << job.message();
+      EXPECT_NE(job.message().find("--gang-size"), std::string::npos) << job.message();
+    } else {
+      EXPECT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED) << job.message();
+      ASSERT_TRUE(coordinator_->CancelJob([&] {
+                    mq::v1::CancelJobRequest c;
+                    c.set_job_id(id);
+                    return c;
+                  }()).ok());
+    }
+  }
+}
+
 TEST_F(PipelineTest, PlanThenGangThenFinalizeSucceeds) {
   const std::string a = RegisterQ("w-a");
   const std::string b = RegisterQ("w-b");

@@ -36,6 +36,22 @@ TEST(AnyWorkerOffers, CountsBusyButNotDead) {
   EXPECT_FALSE(AnyWorkerOffers(ws, "z"));
 }
 
+TEST(LargestDeviceMemory, OnlyWhenEveryCapableWorkerReportsOne) {
+  auto gpu = [](std::string id, bool alive, int64_t bytes, std::string cap = "q") {
+    WorkerView v = W(std::move(id), alive, true, 0, {cap});
+    v.device_memory_bytes = bytes;
+    return v;
+  };
+  EXPECT_FALSE(LargestDeviceMemory({}, "q"));
+  EXPECT_EQ(LargestDeviceMemory({gpu("a", true, 80), gpu("b", true, 140)}, "q"), 140);
+  // A dead worker and one without the capability do not count.
+  EXPECT_EQ(LargestDeviceMemory(
+                {gpu("a", true, 80), gpu("b", false, 140), gpu("c", true, 200, "x")}, "q"),
+            80);
+  // A CPU worker (no device memory) offering it: no device limit to judge.
+  EXPECT_FALSE(LargestDeviceMemory({gpu("a", true, 80), gpu("b", true, 0)}, "q"));
+}
+
 WorkerView Q(std::string id, bool alive, bool idle, int64_t t, bool address = true) {
   WorkerView v = W(id, alive, idle, t, {"plan", "quantize:gptq"});
   if (address) v.gang_address = id + ":29500";
