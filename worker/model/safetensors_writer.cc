@@ -11,6 +11,7 @@
 #include <functional>
 #include <limits>
 #include <set>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -256,6 +257,12 @@ absl::Status CommitAtomic(const std::string& path,
 
 absl::Status WriteSafetensors(const std::string& path, std::vector<TensorData> tensors,
                               const std::map<std::string, std::string>& metadata) {
+  return WriteSafetensorsObserved(path, std::move(tensors), metadata, nullptr);
+}
+
+absl::Status WriteSafetensorsObserved(const std::string& path, std::vector<TensorData> tensors,
+                                      const std::map<std::string, std::string>& metadata,
+                                      const ByteObserver& observe) {
   std::set<std::string_view> names;
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (absl::Status status = CheckTensor(tensors[i], i); !status.ok()) return status;
@@ -314,7 +321,16 @@ absl::Status WriteSafetensors(const std::string& path, std::vector<TensorData> t
   const uint64_t n = header.size();
   for (int i = 0; i < 8; ++i) length_le[i] = static_cast<uint8_t>(n >> (8 * i));
 
-  return CommitAtomic(path, [&](int fd, const std::string& tmp) -> absl::Status {
+  // The observer reads the same immutable buffers on its own thread while this one writes.
+  std::thread observer;
+  if (observe) {
+    observer = std::thread([&] {
+      observe(length_le, sizeof(length_le));
+      observe(header.data(), header.size());
+      for (const TensorData& t : tensors) observe(t.bytes.data(), t.bytes.size());
+    });
+  }
+  absl::Status status = CommitAtomic(path, [&](int fd, const std::string& tmp) -> absl::Status {
     if (absl::Status s = WriteAll(fd, length_le, sizeof(length_le), tmp); !s.ok()) return s;
     if (absl::Status s = WriteAll(fd, header.data(), header.size(), tmp); !s.ok()) return s;
     for (const TensorData& t : tensors) {
@@ -322,6 +338,8 @@ absl::Status WriteSafetensors(const std::string& path, std::vector<TensorData> t
     }
     return absl::OkStatus();
   });
+  if (observer.joinable()) observer.join();
+  return status;
 }
 
 absl::StatusOr<std::string> ShardedIndexJson(int64_t total_size,

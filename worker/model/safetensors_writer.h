@@ -12,7 +12,9 @@
 // paths; concurrent writes to the same path from one process are not supported.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <string_view>
@@ -44,6 +46,17 @@ struct TensorData {
 absl::Status WriteSafetensors(const std::string& path, std::vector<TensorData> tensors,
                               const std::map<std::string, std::string>& metadata = {
                                   {"format", "pt"}});
+
+// Receives the bytes of a file being written, in file order, in pieces.
+using ByteObserver = std::function<void(const void* data, size_t size)>;
+
+// WriteSafetensors that also hands every byte of the file, in order, to `observe` — called on a
+// second thread while this one writes and fsyncs, so a digest of the file (e.g. its SHA-256)
+// costs neither an extra read nor extra wall time. `observe` has seen the whole file when this
+// returns OK (on an error it may have seen part of it).
+absl::Status WriteSafetensorsObserved(const std::string& path, std::vector<TensorData> tensors,
+                                      const std::map<std::string, std::string>& metadata,
+                                      const ByteObserver& observe);
 
 // Returns `json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map},
 // indent=2, sort_keys=True) + "\n"` byte for byte (ensure_ascii: non-ASCII and control

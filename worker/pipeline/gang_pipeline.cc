@@ -720,8 +720,8 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   }
   if (!tensors.empty()) {
     const std::string name = LayerFileName(layer, gang_.rank(), gang_.size());
-    MQ_RETURN_IF_ERROR(model::WriteSafetensors(o_.output_dir + "/" + name, std::move(tensors)));
-    absl::StatusOr<OutputFileInfo> info = DescribeFile(o_.output_dir, name);
+    absl::StatusOr<OutputFileInfo> info =
+        WriteDescribedSafetensors(o_.output_dir, name, std::move(tensors));
     if (!info.ok()) return info.status();
     out.files.push_back(*std::move(info));
   }

@@ -128,6 +128,25 @@ absl::StatusOr<OutputFileInfo> DescribeFile(const std::string& dir, const std::s
   return OutputFileInfo{name, static_cast<int64_t>(st.st_size), *sha};
 }
 
+absl::StatusOr<OutputFileInfo> WriteDescribedSafetensors(const std::string& dir,
+                                                         const std::string& name,
+                                                         std::vector<model::TensorData> tensors) {
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  int64_t size = 0;
+  const absl::Status written = model::WriteSafetensorsObserved(
+      dir + "/" + name, std::move(tensors), {{"format", "pt"}}, [&](const void* data, size_t n) {
+        EVP_DigestUpdate(ctx, data, n);
+        size += static_cast<int64_t>(n);
+      });
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned n = 0;
+  EVP_DigestFinal_ex(ctx, md, &n);
+  EVP_MD_CTX_free(ctx);
+  if (!written.ok()) return written;
+  return OutputFileInfo{name, size, Hex(md, n)};
+}
+
 std::string LayerFileName(int layer, int rank, int world_size) {
   char buf[96];
   std::snprintf(buf, sizeof(buf), "model-layer%05d-rank%03d-of-%03d.safetensors", layer, rank,

@@ -26,6 +26,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "worker/model/checkpoint_reader.h"
+#include "worker/model/safetensors_writer.h"
 #include "worker/pipeline/types.h"
 #include "worker/quant/compressed_tensors.h"
 
@@ -36,6 +37,13 @@ std::string Sha256Hex(std::string_view data);
 absl::StatusOr<std::string> Sha256OfFile(const std::string& path);
 // Size and SHA-256 of `dir`/`name`.
 absl::StatusOr<OutputFileInfo> DescribeFile(const std::string& dir, const std::string& name);
+
+// Writes `tensors` as the safetensors file `dir`/`name` (model::WriteSafetensors: temp file,
+// fsync, rename) and returns its size and SHA-256, hashed from memory on a second thread while
+// the file is written (the same values DescribeFile would read back).
+absl::StatusOr<OutputFileInfo> WriteDescribedSafetensors(const std::string& dir,
+                                                         const std::string& name,
+                                                         std::vector<model::TensorData> tensors);
 
 // "model-layer00003-rank001-of-002.safetensors".
 std::string LayerFileName(int layer, int rank, int world_size);

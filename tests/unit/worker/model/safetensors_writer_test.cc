@@ -84,6 +84,28 @@ TEST_F(SafetensorsWriterTest, MatchesSaveFileBytesForSmallCase) {
   EXPECT_EQ(Listing(), std::vector<std::string>{"x.safetensors"});
 }
 
+// The observer sees exactly the file's bytes, in order; without one the file is the same.
+TEST_F(SafetensorsWriterTest, ObserverSeesTheFileBytes) {
+  std::vector<TensorData> tensors;
+  tensors.push_back({"b", DType::kBF16, {2}, {0x80, 0x3F, 0x00, 0xC0}});
+  tensors.push_back(Zeros("big", DType::kF32, {3, 100000}));
+  tensors.push_back({"c", DType::kU8, {3}, {0x01, 0x02, 0xFF}});
+  std::vector<TensorData> copy = tensors;
+  std::string seen;
+  ASSERT_TRUE(
+      WriteSafetensorsObserved(
+          Path("o.safetensors"), std::move(tensors), {{"format", "pt"}},
+          [&](const void* data, size_t n) { seen.append(static_cast<const char*>(data), n); })
+          .ok());
+  ASSERT_TRUE(WriteSafetensors(Path("p.safetensors"), std::move(copy)).ok());
+  EXPECT_EQ(seen, ReadAll(Path("o.safetensors")));
+  EXPECT_EQ(seen, ReadAll(Path("p.safetensors")));
+  // An error (a duplicate name) is reported, and the observer may not be needed at all.
+  std::vector<TensorData> dup = {Zeros("x", DType::kU8, {1}), Zeros("x", DType::kU8, {1})};
+  EXPECT_EQ(WriteSafetensorsObserved(Path("d.safetensors"), std::move(dup), {}, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(SafetensorsWriterTest, OrdersByDtypeDescendingThenNameAscending) {
   std::vector<TensorData> tensors;
   tensors.push_back(Zeros("u8", DType::kU8, {3}));

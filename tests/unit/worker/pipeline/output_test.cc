@@ -36,6 +36,23 @@ TEST(OutputTest, Sha256MatchesKnownVectors) {
   EXPECT_EQ(Sha256OfFile(dir + "/missing").status().code(), absl::StatusCode::kNotFound);
 }
 
+TEST(OutputTest, WrittenFileDescribedWithoutReadingItBack) {
+  const std::string dir = TempDir();
+  std::vector<model::TensorData> tensors;
+  tensors.push_back({"w", model::DType::kU8, {4, 1000}, std::vector<uint8_t>(4000, 7)});
+  tensors.push_back({"s", model::DType::kBF16, {2}, {0x80, 0x3F, 0x00, 0xC0}});
+  absl::StatusOr<OutputFileInfo> info = WriteDescribedSafetensors(dir, "x.safetensors", tensors);
+  ASSERT_TRUE(info.ok()) << info.status();
+  absl::StatusOr<OutputFileInfo> read = DescribeFile(dir, "x.safetensors");
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(info->name, "x.safetensors");
+  EXPECT_EQ(info->size, read->size);
+  EXPECT_EQ(info->sha256, read->sha256);
+  EXPECT_EQ(
+      WriteDescribedSafetensors(dir + "/missing-dir", "y.safetensors", tensors).status().code(),
+      absl::StatusCode::kNotFound);
+}
+
 TEST(OutputTest, LayerFileNames) {
   EXPECT_EQ(LayerFileName(3, 1, 2), "model-layer00003-rank001-of-002.safetensors");
   EXPECT_EQ(LayerFileName(60, 0, 1), "model-layer00060-rank000-of-001.safetensors");
