@@ -15,18 +15,9 @@
 namespace mq::kernels {
 namespace {
 
-class Fp8DequantGpuTest : public testing_util::KernelGpuTest<Fp8BlockDequantIsSupported> {};
+using testing_util::DeviceBuffer;
 
-// Device buffer freed on scope exit.
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  explicit DeviceBuffer(size_t bytes) {
-    void* p = nullptr;
-    if (cudaMalloc(&p, bytes == 0 ? 1 : bytes) == cudaSuccess) ptr = static_cast<T*>(p);
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-};
+class Fp8DequantGpuTest : public testing_util::KernelGpuTest<Fp8BlockDequantIsSupported> {};
 
 struct Input {
   std::vector<uint8_t> w;

@@ -4,6 +4,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
+
 #include "absl/status/status.h"
 #include "gtest/gtest.h"
 
@@ -24,6 +26,19 @@ class KernelGpuTest : public testing::Test {
     const absl::Status supported = kIsSupported(0);
     if (!supported.ok()) GTEST_SKIP() << supported;
   }
+};
+
+// Device buffer freed on scope exit.
+template <typename T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  explicit DeviceBuffer(size_t bytes) {
+    void* p = nullptr;
+    if (cudaMalloc(&p, bytes == 0 ? 1 : bytes) == cudaSuccess) ptr = static_cast<T*>(p);
+  }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 };
 
 }  // namespace mq::kernels::testing_util

@@ -16,20 +16,9 @@
 namespace mq::kernels {
 namespace {
 
-class PackInt4GpuTest : public testing_util::KernelGpuTest<PackInt4IsSupported> {};
+using testing_util::DeviceBuffer;
 
-// Device buffer freed on scope exit.
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  explicit DeviceBuffer(size_t bytes) {
-    void* p = nullptr;
-    if (cudaMalloc(&p, bytes == 0 ? 1 : bytes) == cudaSuccess) ptr = static_cast<T*>(p);
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-};
+class PackInt4GpuTest : public testing_util::KernelGpuTest<PackInt4IsSupported> {};
 
 // rows x ld codes in [-8, 7]; `bad_every` > 0 puts an out-of-range code at every bad_every-th
 // element. Bytes past cols hold 100 (out of range): they must never be read.
