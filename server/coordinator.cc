@@ -787,13 +787,7 @@ absl::Status Coordinator::EndAssignment(AssignmentRecord& a, WriteBatch& batch,
   a.set_end_reason(reason);
   a.set_completed(completed);
   batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
-  auto attempt = LoadAttempt(a.job_id(), a.attempt());
-  if (!attempt.ok()) return attempt.status();
-  attempt->set_state(attempt_state);
-  attempt->set_ended_at_ms(Wall());
-  attempt->set_message(reason);
-  batch.Put(Table::kAttempts, AttemptKey(a.job_id(), a.attempt()), attempt->SerializeAsString());
-  return absl::OkStatus();
+  return PutAttemptState(a.job_id(), a.attempt(), attempt_state, reason, batch);
 }
 
 absl::Status Coordinator::PutAttemptState(const std::string& job_id, int attempt_number,
@@ -1020,18 +1014,14 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
         a.kind() == mq::v1::ASSIGNMENT_KIND_QUANTIZE
             ? absl::StrCat("rank ", a.rank(), " (", worker_name, ") failed: ", request.error())
             : "worker error: " + request.error();
-    a.set_ended(true);
-    a.set_end_reason(reason);
-    a.set_completed(true);
-    batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
-    EndLiveAssignments(a.job_id(), a.attempt(),
-                       absl::StrCat("attempt ", a.attempt(), " failed: ", reason),
-                       a.assignment_id(), batch, &ended);
     if (absl::Status st =
-            PutAttemptState(a.job_id(), a.attempt(), mq::v1::ATTEMPT_STATE_FAILED, reason, batch);
+            EndAssignment(a, batch, mq::v1::ATTEMPT_STATE_FAILED, reason, /*completed=*/true);
         !st.ok()) {
       return st;
     }
+    EndLiveAssignments(a.job_id(), a.attempt(),
+                       absl::StrCat("attempt ", a.attempt(), " failed: ", reason),
+                       a.assignment_id(), batch, &ended);
     AddEvent(job, batch, "attempt_failed",
              absl::StrCat(
                  "attempt ", a.attempt(), ": ", reason,
@@ -1040,12 +1030,8 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
              request.worker_id());
     RetryOrFail(job, batch, reason, request.infrastructure());
   } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_PLAN) {
-    a.set_ended(true);
-    a.set_end_reason("completed");
-    a.set_completed(true);
-    batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
-    if (absl::Status st = PutAttemptState(a.job_id(), a.attempt(), mq::v1::ATTEMPT_STATE_SUCCEEDED,
-                                          "completed", batch);
+    if (absl::Status st = EndAssignment(a, batch, mq::v1::ATTEMPT_STATE_SUCCEEDED, "completed",
+                                        /*completed=*/true);
         !st.ok()) {
       return st;
     }
@@ -1102,12 +1088,8 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
     }
   } else {  // FINALIZE
     const mq::v1::FinalizeResult& f = request.finalized();
-    a.set_ended(true);
-    a.set_end_reason("completed");
-    a.set_completed(true);
-    batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
-    if (absl::Status st = PutAttemptState(a.job_id(), a.attempt(), mq::v1::ATTEMPT_STATE_SUCCEEDED,
-                                          "completed", batch);
+    if (absl::Status st = EndAssignment(a, batch, mq::v1::ATTEMPT_STATE_SUCCEEDED, "completed",
+                                        /*completed=*/true);
         !st.ok()) {
       return st;
     }
