@@ -9,15 +9,14 @@
 //
 // usage: mq-bench-gptq-batched [--device cuda:0] [--tokens 65536] [--experts 32] [--iters 3]
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAFunctions.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/gptq_batched.h"
 #include "worker/quant/hessian.h"
@@ -26,22 +25,8 @@
 namespace {
 
 using namespace mq::quant;
-
-template <typename Fn>
-double MedianMs(int iters, Fn fn) {
-  fn();
-  c10::cuda::device_synchronize();
-  std::vector<double> ms;
-  for (int i = 0; i < iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    c10::cuda::device_synchronize();
-    ms.push_back(
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
+using mq::bench::Activations;
+using mq::bench::MedianMs;
 
 template <typename T>
 T Must(absl::StatusOr<T> v) {
@@ -50,19 +35,6 @@ T Must(absl::StatusOr<T> v) {
     std::exit(1);
   }
   return *std::move(v);
-}
-
-// The activations of bench/gptq_bench.cc: most energy in a 256-dim subspace, small isotropic
-// noise, 8 large channels.
-at::Tensor Activations(int64_t tokens, int64_t dim, const at::Device& d, int64_t seed) {
-  const auto o = at::TensorOptions().device(d);
-  at::manual_seed(7);
-  at::Tensor basis = at::randn({256, dim}, o) / 16.0;
-  at::manual_seed(seed);
-  at::Tensor x = at::matmul(at::randn({tokens, 256}, o), basis) + 0.05 * at::randn({tokens, dim}, o);
-  x.index_put_({at::indexing::Slice(), at::indexing::Slice(0, 8)},
-               x.index({at::indexing::Slice(), at::indexing::Slice(0, 8)}) * 20);
-  return x.to(at::kBFloat16);
 }
 
 }  // namespace
@@ -94,7 +66,7 @@ int main(int argc, char** argv) {
     at::Tensor x = Activations(tokens, in, d, 1);
     at::Tensor held_out = Activations(4096, in, d, 2);
     at::Tensor h;
-    const double hess_ms = MedianMs(iters, [&] {
+    const double hess_ms = MedianMs(d, iters, [&] {
       HessianAccumulator acc(in, d);
       if (!acc.Add(x).ok()) std::abort();
       h = Must(acc.Finalize());
@@ -143,20 +115,20 @@ int main(int argc, char** argv) {
       bo.factor_kernels = v.kernels;
       bo.factor_streams = v.streams;
       std::vector<PreparedHessian> p;
-      const double ms = MedianMs(std::max(1, iters - 1), [&] { p = Must(PrepareHessiansBatched(hs, o, bo)); });
+      const double ms = MedianMs(d, std::max(1, iters - 1), [&] { p = Must(PrepareHessiansBatched(hs, o, bo)); });
       auto r = Must(QuantizeGptqBatched({ws[0]}, {0}, std::vector<PreparedHessian>{p[0]}, options));
       const double err = Must(RelativeOutputError(ws[0], r[0].weight.dequantized, held_out));
       std::printf("prepare %-42s: %8.2f ms per Hessian (batch of %lld), err(matrix 0) %.5e\n",
                   v.name, ms / experts, (long long)experts, err);
       if (v.is_default) prepared = p;
     }
-    const double prep1_ms = MedianMs(iters, [&] {
+    const double prep1_ms = MedianMs(d, iters, [&] {
       Must(PrepareHessiansBatched({hs[0]}, options));
     });
 
     // Reference: the existing per-matrix path (prepare + solve).
     GptqResult ref;
-    const double ref_ms = MedianMs(1, [&] { ref = Must(QuantizeGptq(ws[0], hs[0], options)); });
+    const double ref_ms = MedianMs(d, 1, [&] { ref = Must(QuantizeGptq(ws[0], hs[0], options)); });
     const double err_ref = Must(RelativeOutputError(ws[0], ref.weight.dequantized, held_out));
     const double err_rtn = Must(RelativeOutputError(
         ws[0], Must(QuantizeRtn(ws[0], options.grid)).dequantized, held_out));
@@ -164,15 +136,15 @@ int main(int argc, char** argv) {
     // One matrix alone (its own prepared Hessian), then the whole batch.
     std::vector<PreparedHessian> p0 = {prepared[0]};
     std::vector<GptqResult> alone;
-    const double alone_ms = MedianMs(iters, [&] { alone = Must(QuantizeGptqBatched({ws[0]}, {0}, p0, options)); });
-    const double alone_mse_ms = MedianMs(iters, [&] { Must(QuantizeGptqBatched({ws[0]}, {0}, p0, mse)); });
+    const double alone_ms = MedianMs(d, iters, [&] { alone = Must(QuantizeGptqBatched({ws[0]}, {0}, p0, options)); });
+    const double alone_mse_ms = MedianMs(d, iters, [&] { Must(QuantizeGptqBatched({ws[0]}, {0}, p0, mse)); });
     std::vector<GptqResult> all;
-    const double batch_ms = MedianMs(iters, [&] { all = Must(QuantizeGptqBatched(ws, of, prepared, options)); });
-    const double batch_mse_ms = MedianMs(std::max(1, iters - 1), [&] { Must(QuantizeGptqBatched(ws, of, prepared, mse)); });
+    const double batch_ms = MedianMs(d, iters, [&] { all = Must(QuantizeGptqBatched(ws, of, prepared, options)); });
+    const double batch_mse_ms = MedianMs(d, std::max(1, iters - 1), [&] { Must(QuantizeGptqBatched(ws, of, prepared, mse)); });
     GptqBatchOptions tf32;
     tf32.tf32_update = true;
     std::vector<GptqResult> all_tf32;
-    const double batch_tf32_ms = MedianMs(iters, [&] { all_tf32 = Must(QuantizeGptqBatched(ws, of, prepared, options, tf32)); });
+    const double batch_tf32_ms = MedianMs(d, iters, [&] { all_tf32 = Must(QuantizeGptqBatched(ws, of, prepared, options, tf32)); });
     const double err_ours = Must(RelativeOutputError(ws[0], all[0].weight.dequantized, held_out));
     const double err_tf32 = Must(RelativeOutputError(ws[0], all_tf32[0].weight.dequantized, held_out));
     const double diff = all[0].weight.codes.ne(ref.weight.codes).to(at::kDouble).mean().item<double>();

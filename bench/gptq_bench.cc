@@ -7,54 +7,21 @@
 // usage: mq-bench-gptq [--device cuda:0] [--tokens 65536] [--iters 3]
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAFunctions.h>
 
-#include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/hessian.h"
 #include "worker/quant/rtn.h"
 
 namespace {
 
-void Sync(const at::Device& d) {
-  if (d.is_cuda()) c10::cuda::device_synchronize();
-}
-
-template <typename Fn>
-double MedianMs(const at::Device& d, int iters, Fn fn) {
-  fn();
-  Sync(d);
-  std::vector<double> ms;
-  for (int i = 0; i < iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    Sync(d);
-    ms.push_back(
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
-}
-
-// Correlated activations, like a transformer's hidden states: most energy in a 256-dimensional
-// subspace, a little isotropic noise, and a few channels with large magnitude.
-at::Tensor Activations(int64_t tokens, int64_t dim, const at::Device& d, int64_t seed) {
-  at::manual_seed(seed);
-  const auto o = at::TensorOptions().device(d);
-  at::manual_seed(7);  // the same subspace for calibration and held-out tokens
-  at::Tensor basis = at::randn({256, dim}, o) / 16.0;
-  at::manual_seed(seed);
-  at::Tensor x = at::matmul(at::randn({tokens, 256}, o), basis) + 0.05 * at::randn({tokens, dim}, o);
-  x.index_put_({at::indexing::Slice(), at::indexing::Slice(0, 8)},
-               x.index({at::indexing::Slice(), at::indexing::Slice(0, 8)}) * 20);
-  return x.to(at::kBFloat16);
-}
+using mq::bench::Activations;
+using mq::bench::MedianMs;
 
 }  // namespace
 

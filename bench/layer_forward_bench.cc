@@ -13,7 +13,6 @@
 #include <c10/cuda/CUDAFunctions.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -22,9 +21,12 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "worker/model/deepseek_v3.h"
 
 namespace {
+
+using mq::bench::MedianMs;
 
 using mq::model::DeepseekV3Config;
 using mq::model::LayerWeights;
@@ -110,26 +112,6 @@ LayerWeights RandomMoeLayer(const DeepseekV3Config& c, at::Device device) {
   }
   w.shared_experts = Mlp(c.moe_intermediate_size * c.n_shared_experts, H, o);
   return w;
-}
-
-void Sync(at::Device device) {
-  if (device.is_cuda()) c10::cuda::device_synchronize();
-}
-
-template <typename Fn>
-double MedianMs(at::Device device, int iters, Fn fn) {
-  fn();  // warm-up
-  Sync(device);
-  std::vector<double> ms;
-  for (int i = 0; i < iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    Sync(device);
-    ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
-                     .count());
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2];
 }
 
 // Measured bf16 matmul rate (TFLOP/s) on an 8192^3 product, fresh random operands.
