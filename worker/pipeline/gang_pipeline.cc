@@ -132,6 +132,9 @@ class Runner {
   absl::StatusOr<model::LayerWeights> Load(int layer);
   absl::StatusOr<MoeInput> Attention(const model::LayerWeights& w, const model::ForwardHooks& h);
   absl::StatusOr<Dispatch> DispatchRows(const MoeInput& in);
+  // Attention, then the dispatch of its routed rows.
+  absl::Status AttendAndDispatch(const model::LayerWeights& w, const model::ForwardHooks& hooks,
+                                 MoeInput* in, Dispatch* d);
   // Owner side: every own expert over its received rows; returns outputs in received order
   // (undefined when !want_outputs).
   // Experts [first, last) only (default: all).
@@ -286,6 +289,18 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in) {
   return d;
 }
 
+absl::Status Runner::AttendAndDispatch(const model::LayerWeights& w,
+                                       const model::ForwardHooks& hooks, MoeInput* in,
+                                       Dispatch* d) {
+  absl::StatusOr<MoeInput> attended = Attention(w, hooks);
+  if (!attended.ok()) return attended.status();
+  *in = *std::move(attended);
+  absl::StatusOr<Dispatch> dispatched = DispatchRows(*in);
+  if (!dispatched.ok()) return dispatched.status();
+  *d = *std::move(dispatched);
+  return absl::OkStatus();
+}
+
 at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
                               const model::ForwardHooks& hooks, bool want_outputs, int first,
                               int last) {
@@ -365,12 +380,7 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeig
   MoeInput fresh_in;
   Dispatch fresh_d;
   if (!cached_in) {
-    absl::StatusOr<MoeInput> in = Attention(w, hooks);
-    if (!in.ok()) return in.status();
-    fresh_in = *std::move(in);
-    absl::StatusOr<Dispatch> d = DispatchRows(fresh_in);
-    if (!d.ok()) return d.status();
-    fresh_d = *std::move(d);
+    MQ_RETURN_IF_ERROR(AttendAndDispatch(w, hooks, &fresh_in, &fresh_d));
     cached_in = &fresh_in;
     cached_d = &fresh_d;
   }
@@ -467,12 +477,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   Dispatch dispatch;
   std::vector<int64_t> gang_counts;
   if (w.is_moe) {
-    absl::StatusOr<MoeInput> in = Attention(w, collect);
-    if (!in.ok()) return in.status();
-    moe_in = *std::move(in);
-    absl::StatusOr<Dispatch> d = DispatchRows(moe_in);
-    if (!d.ok()) return d.status();
-    dispatch = *std::move(d);
+    MQ_RETURN_IF_ERROR(AttendAndDispatch(w, collect, &moe_in, &dispatch));
     at::Tensor counts = at::tensor(dispatch.send_expert_counts, at::kLong);
     MQ_RETURN_IF_ERROR(gang_.AllReduceSum(counts));
     gang_counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + counts.numel());
