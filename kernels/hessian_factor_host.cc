@@ -5,6 +5,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "kernels/device_check.h"
+#include "kernels/hessian_factor_internal.h"
 #include "mq/kernels/hessian_factor.h"
 
 #if MQ_WITH_CUDA
@@ -21,17 +22,14 @@ absl::Status ValidateSize(int64_t n) {
   return absl::OkStatus();
 }
 
-absl::Status ValidateArgs(const InverseFactorArgs& args, bool need_status) {
+}  // namespace
+
+absl::Status ValidateInverseFactorArgs(const InverseFactorArgs& args) {
   if (absl::Status s = ValidateSize(args.n); !s.ok()) return s;
   if (args.a == nullptr) return absl::InvalidArgumentError("a is null");
   if (args.u == nullptr) return absl::InvalidArgumentError("u is null");
-  if (need_status && args.status == nullptr) {
-    return absl::InvalidArgumentError("status is null: the GPU launcher reports through it");
-  }
   return absl::OkStatus();
 }
-
-}  // namespace
 
 absl::Status InverseFactorIsSupported(int device) {
 #if MQ_WITH_CUDA
@@ -62,8 +60,9 @@ absl::Status InverseFactorWorkspaceBytes(int64_t n, FactorDtype dtype, size_t* b
 
 absl::Status LaunchInverseFactor(const InverseFactorArgs& args, void* workspace,
                                  size_t workspace_bytes, cudaStream_t stream) {
-  if (absl::Status s = ValidateArgs(args, /*need_status=*/true); !s.ok()) {
-    return s;
+  if (absl::Status s = ValidateInverseFactorArgs(args); !s.ok()) return s;
+  if (args.status == nullptr) {
+    return absl::InvalidArgumentError("status is null: the GPU launcher reports through it");
   }
   if (workspace == nullptr) return absl::InvalidArgumentError("workspace is null");
 #if MQ_WITH_CUDA

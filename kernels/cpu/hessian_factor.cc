@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "kernels/hessian_factor_internal.h"
 
 namespace mq::kernels {
 namespace {
@@ -79,11 +80,7 @@ int Factor(T* a, int64_t n, float* u, bool feedback) {
 }  // namespace
 
 absl::Status InverseFactorCpu(const InverseFactorArgs& args) {
-  if (args.n <= 0 || args.n >= (int64_t{1} << 31)) {
-    return absl::InvalidArgumentError(absl::StrCat("n = ", args.n, ": must be in [1, 2^31)"));
-  }
-  if (args.a == nullptr) return absl::InvalidArgumentError("a is null");
-  if (args.u == nullptr) return absl::InvalidArgumentError("u is null");
+  if (absl::Status s = ValidateInverseFactorArgs(args); !s.ok()) return s;
   const bool feedback = args.form == FactorForm::kCholeskyFeedback;
   const int code = args.dtype == FactorDtype::kFloat64
                        ? Factor(static_cast<double*>(args.a), args.n, args.u, feedback)
