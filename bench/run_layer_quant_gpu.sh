@@ -17,6 +17,8 @@
 #   MQ_EXPERTS    routed experts of the generated layer (default 256)
 #   MQ_EPP        mq-worker --experts-per-pass (default 16: with 32, a gang of one at 64x1024
 #                 tokens ran out of memory on an 80 GB H100; see bench/RESULTS.md)
+#   MQ_DISPATCH   mq-worker --dispatch-tokens (default 65536, the worker's default: 64x1024 is
+#                 one dispatch round)
 #   MQ_ALLOC_CONF PYTORCH_CUDA_ALLOC_CONF for the workers (default expandable_segments:True)
 #   MQ_TARGETS    routed-experts (default, the product's default) or all-linear
 #   MQ_JOB_TIMEOUT  seconds per job before it is abandoned (default 420; also cut to what is
@@ -41,6 +43,7 @@ RUNS="${MQ_RUNS:-1:64 $NGPU:64}"
 SEQLEN="${MQ_SEQLEN:-1024}"
 EXPERTS="${MQ_EXPERTS:-256}"
 EPP="${MQ_EPP:-16}"
+DISPATCH="${MQ_DISPATCH:-65536}"
 TARGETS="${MQ_TARGETS:-routed-experts}"
 JOB_TIMEOUT="${MQ_JOB_TIMEOUT:-420}"
 B=build-gpu
@@ -119,7 +122,7 @@ start_worker() {  # start_worker GPU: (re)starts that GPU's worker
   local i=$1
   STARTS=$((STARTS + 1))
   "$WORKER" --coordinator "$ADDR" --device cuda:$i --name gpu$i-$STARTS --scratch-dir "$W/scratch$i" \
-    --experts-per-pass "$EPP" --poll-wait-ms 1000 >> "$LOG/worker$i.log" 2>&1 &
+    --experts-per-pass "$EPP" --dispatch-tokens "$DISPATCH" --poll-wait-ms 1000 >> "$LOG/worker$i.log" 2>&1 &
   WORKER_PIDS[$i]=$!
 }
 for i in $(seq 0 $((NGPU - 1))); do start_worker $i; done

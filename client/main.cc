@@ -250,6 +250,11 @@ void PrintJob(const mq::v1::JobRecord& j) {
               << ", write " << Seconds(l.write_seconds()) << "\n"
               << "Tokens/expert: min " << l.expert_tokens_min() << ", median "
               << l.expert_tokens_median() << ", max " << l.expert_tokens_max() << "\n";
+    if (l.dispatch_rounds() > 0) {
+      std::cout << "Dispatch:     " << l.dispatch_rounds() << " round"
+                << (l.dispatch_rounds() == 1 ? "" : "s") << ", " << l.expert_passes()
+                << " expert pass" << (l.expert_passes() == 1 ? "" : "es") << "\n";
+    }
   }
   if (p.layers_committed() || p.fallbacks() || p.rare_experts()) {
     std::cout << "Fallbacks:    " << p.fallbacks() << "\n"

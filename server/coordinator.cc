@@ -64,7 +64,8 @@ std::string Plural(int64_t n, const std::string& word) {
 }
 
 // Stats of a committed step from its ranks' reports (sorted by rank): stage seconds are the
-// slowest rank's; token counts and step/layer are rank 0's (ranks report gang-wide values);
+// slowest rank's; token counts, dispatch rounds, passes and step/layer are rank 0's (ranks report
+// gang-wide values);
 // counts are summed; the error is weighted by quantized linears.
 mq::v1::LayerStats MergeStats(const mq::v1::LayerRecord& rec) {
   mq::v1::LayerStats out;
@@ -75,6 +76,8 @@ mq::v1::LayerStats MergeStats(const mq::v1::LayerRecord& rec) {
   out.set_expert_tokens_min(r0.expert_tokens_min());
   out.set_expert_tokens_median(r0.expert_tokens_median());
   out.set_expert_tokens_max(r0.expert_tokens_max());
+  out.set_dispatch_rounds(r0.dispatch_rounds());
+  out.set_expert_passes(r0.expert_passes());
   double weighted_error = 0;
   for (const mq::v1::LayerReport& report : rec.reports()) {
     const mq::v1::LayerStats& st = report.stats();
@@ -929,7 +932,8 @@ void Coordinator::ApplyPlanResult(JobRecord& job, WriteBatch& batch,
                      capability, "\" (", HumanBytes(*largest),
                      "): submit again with a larger --gang-size (fewer experts and sequences per "
                      "rank), fewer --num-calibration-samples or a shorter --max-sequence-length, "
-                     "or start workers with larger GPUs and `mq-client resume ",
+                     "or start workers with a lower --dispatch-tokens or --experts-per-pass, or "
+                     "with larger GPUs, and `mq-client resume ",
                      job.job_id(), "`"));
     if (metrics_) metrics_->jobs_failed->Increment();
     return;

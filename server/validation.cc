@@ -304,7 +304,9 @@ absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& r) {
       {"stats.expert_tokens_max", st.expert_tokens_max()},
       {"stats.quantized_linears", st.quantized_linears()},
       {"stats.fallbacks", st.fallbacks()},
-      {"stats.rare_experts", st.rare_experts()}};
+      {"stats.rare_experts", st.rare_experts()},
+      {"stats.dispatch_rounds", st.dispatch_rounds()},
+      {"stats.expert_passes", st.expert_passes()}};
   for (const auto& [field, value] : counts) {
     if (value < 0) return Invalid(field, absl::StrCat(value), "must be >= 0");
   }

@@ -61,6 +61,7 @@ int main(int argc, char** argv) {
   int64_t gang_port = 0;
   int64_t gang_join_timeout_ms = 120000;
   int64_t experts_per_pass = 16;
+  int64_t dispatch_tokens = 65536;
   bool help = false;
   mq::Flags flags;
   flags.String("coordinator", &coordinator, "coordinator HOST:PORT (default $MQ_COORDINATOR)");
@@ -81,6 +82,10 @@ int main(int argc, char** argv) {
             "routed experts whose Hessians are held (and solved in one batch) at once; bounds "
             "memory: a DeepSeek-V3 expert's Hessians take 222 MB (default 16; 0 = all of a "
             "rank's)");
+  flags.Int("dispatch-tokens", &dispatch_tokens,
+            "calibration tokens, over the whole gang, whose routed rows an MoE layer sends to "
+            "their experts at once; bounds memory: DeepSeek-V3 holds 3 x 8 rows of 14 KB per "
+            "token (sent, received, returned), spread over the gang (default 65536; 0 = all)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
   if (help) {
@@ -112,6 +117,10 @@ int main(int argc, char** argv) {
   if (experts_per_pass < 0 || experts_per_pass > 4096) {
     return Fail(absl::StrCat("--experts-per-pass = ", experts_per_pass,
                              ": must be between 0 (all) and 4096"));
+  }
+  if (dispatch_tokens < 0) {
+    return Fail(absl::StrCat("--dispatch-tokens = ", dispatch_tokens,
+                             ": must be 0 (all at once) or a positive token count"));
   }
   if (gang_port == 0) {
     absl::StatusOr<int> port = FreePort(gang_host);
@@ -166,6 +175,7 @@ int main(int argc, char** argv) {
   options.gang_host = gang_host;
   options.gang_join_timeout_ms = gang_join_timeout_ms;
   options.experts_per_pass = experts_per_pass;
+  options.dispatch_tokens = dispatch_tokens;
   options.gang_port = gang_port < 0 ? 0 : static_cast<int>(gang_port);
   mq::worker::Worker worker(options, *info, &metrics);
   return worker.Run(stop);

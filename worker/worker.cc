@@ -113,6 +113,8 @@ void ToProto(const pipeline::StepStats& s, int step, int layer, mq::v1::LayerSta
   p->set_expert_tokens_min(s.expert_tokens_min);
   p->set_expert_tokens_median(s.expert_tokens_median);
   p->set_expert_tokens_max(s.expert_tokens_max);
+  p->set_dispatch_rounds(s.dispatch_rounds);
+  p->set_expert_passes(s.expert_passes);
   p->set_quantized_linears(s.quantized_linears);
   p->set_fallbacks(s.fallbacks);
   p->set_rare_experts(static_cast<int32_t>(s.rare.size()));
@@ -295,6 +297,7 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
       Progress(a, "reading config, index and safetensors headers", 0);
       model::InspectRequest request = ToInspectRequest(a.spec());
       request.experts_per_pass = options_.experts_per_pass;  // how this pool's workers solve
+      request.dispatch_tokens = options_.dispatch_tokens;
       model::InspectReport report = model::InspectCheckpoint(request);
       const double secs =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -354,6 +357,7 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.device = device_.device;
   in.join_timeout_ms = options_.gang_join_timeout_ms;
   in.experts_per_pass = options_.experts_per_pass;
+  in.dispatch_tokens = options_.dispatch_tokens;
   const int64_t step_delay = FaultStepDelayMs();
   in.on_step = [&](const pipeline::StepOutput& out) -> absl::Status {
     mq::v1::ReportLayerRequest request;

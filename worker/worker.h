@@ -29,6 +29,7 @@ struct WorkerOptions {
   int gang_port = 0;  // 0 = none (the worker then runs no QUANTIZE assignments)
   int64_t gang_join_timeout_ms = 120000;
   int64_t experts_per_pass = 16;
+  int64_t dispatch_tokens = 65536;  // gang-wide tokens an MoE layer dispatches at once (0 = all)
 };
 
 class Worker {

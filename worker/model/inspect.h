@@ -25,6 +25,9 @@ struct InspectRequest {
   // Routed experts a rank solves at once (mq-worker --experts-per-pass; 0 = all of its experts):
   // bounds the Hessians and solve buffers held together, so it enters the GPU estimate.
   int64_t experts_per_pass = 16;
+  // Calibration tokens over the gang whose routed rows a layer dispatches at once (mq-worker
+  // --dispatch-tokens; 0 = all): bounds the routed rows held, so it enters the GPU estimate.
+  int64_t dispatch_tokens = 65536;
 };
 
 // One thing wrong with the checkpoint. Inspection collects every problem it finds.

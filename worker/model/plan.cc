@@ -252,8 +252,17 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     int64_t dispatch = 0;
     if (experts > 0) {
       const int64_t k = config.num_experts_per_tok;
-      const int64_t rows = SatMul(tokens, k);
-      const int64_t all_rows = SatMul({request.num_calibration_samples, seq, k, experts});
+      const int64_t samples = std::max<int64_t>(1, request.num_calibration_samples);
+      const int64_t all_tokens = SatMul(samples, seq);
+      const int64_t rounds =
+          request.dispatch_tokens > 0
+              ? std::clamp<int64_t>(all_tokens / request.dispatch_tokens +
+                                        (all_tokens % request.dispatch_tokens != 0 ? 1 : 0),
+                                    1, samples)
+              : 1;
+      const int64_t seqs_per_round = CeilDiv(rp.num_sequences, rounds);
+      const int64_t rows = SatMul({seqs_per_round, seq, k});
+      const int64_t all_rows = SatMul({CeilDiv(samples, rounds), seq, k, experts});
       const int64_t recv =
           all_rows / config.n_routed_experts + (all_rows % config.n_routed_experts != 0 ? 1 : 0);
       const int64_t held = gang > 1 ? SatAdd(rows, SatMul(recv, 2)) : SatMul(rows, 2);

@@ -106,9 +106,13 @@ inline constexpr int64_t kAttentionHeadsPerChunk = 16;
 //   experts(r) = num_experts(r) * 3 * I_e * H * 2                   (bf16, 0 without MoE layers)
 //   activations(r) = tokens(r) * H * 2 * 2 (hidden states in + out, bf16)
 //                    + S^2 * min(heads, kAttentionHeadsPerChunk) * 4 (fp32 scores, 1 sequence)
-//   dispatch(r) = routed rows held during the MoE block (0 without MoE layers), bf16, with
-//                 k = num_experts_per_tok, rows(r) = tokens(r) * k and
-//                 recv(r) = ceil(samples * S * k * num_experts(r) / n_routed_experts):
+//   dispatch(r) = routed rows held during one dispatch round of the MoE block (0 without MoE
+//                 layers), bf16, with k = num_experts_per_tok,
+//                 rounds = dispatch_tokens > 0 ? clamp(ceil(samples * S / dispatch_tokens),
+//                                                      1, samples) : 1,
+//                 rows(r) = ceil(num_sequences(r) / rounds) * S * k and
+//                 recv(r) = ceil(ceil(samples / rounds) * S * k * num_experts(r)
+//                                / n_routed_experts):
 //                 gang > 1: (rows(r) + 2 * recv(r)) * H * 2  (sent rows, received rows, outputs)
 //                 gang = 1: 2 * rows(r) * H * 2             (rows and outputs, nothing sent)
 //   solve(r) = the working set of one pass of P = min(experts_per_pass or all, num_experts(r))

@@ -58,8 +58,8 @@ auto Guarded(const std::string& what, Fn&& fn) -> decltype(fn()) {
     return fn();
   } catch (const c10::OutOfMemoryError& e) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        what, ": out of device memory (lower mq-worker --experts-per-pass or the calibration "
-              "size): ", e.what_without_backtrace()));
+        what, ": out of device memory (lower mq-worker --dispatch-tokens or --experts-per-pass, "
+              "or the calibration size): ", e.what_without_backtrace()));
   } catch (const c10::Error& e) {
     return absl::InternalError(absl::StrCat(what, ": ", e.what_without_backtrace()));
   } catch (const std::bad_alloc& e) {
@@ -77,7 +77,7 @@ struct Chunk {
 struct MoeInput {
   std::vector<at::Tensor> residual;  // per chunk, h after attention [b, s, H]
   at::Tensor u;                      // [T, H] normalised, every chunk's tokens concatenated
-  at::Tensor topk_indices, topk_weights;
+  at::Tensor topk_indices, topk_weights;  // [T, k] on the host (int64, fp32)
 };
 
 // Rows sent to expert owners (origin side) and received from every rank (owner side).
@@ -89,6 +89,18 @@ struct Dispatch {
   at::Tensor recv_rows;     // [R, H] compute dtype, grouped by source rank
   at::Tensor recv_order;    // int64 [R]: received rows ordered by (expert, source, token)
   std::vector<int64_t> recv_expert_counts;  // [E]
+};
+
+// How the MoE block's routed rows are dispatched, the same on every rank (rank 0's settings).
+// Dispatch rounds bound the rows held at once: calibration sequence i (global index) belongs to
+// round i mod rounds, so each round takes a slice of every rank's tokens, and the rows an
+// expert's owner receives in a round (and their order) do not depend on the gang size.
+// Expert passes bound the Hessians held at once: a rank's own experts, per_pass at a time; with
+// several rounds, each pass dispatches only the rows of the experts in that pass.
+struct DispatchPlan {
+  int64_t rounds = 1;
+  int per_pass = 1;  // own experts per pass
+  int passes = 1;    // passes every rank runs (the largest expert range needs this many)
 };
 
 class Runner {
@@ -131,20 +143,29 @@ class Runner {
   absl::Status EnterLayer(int layer);  // MTP input transform when `layer` is an MTP layer
   absl::StatusOr<model::LayerWeights> Load(int layer);
   absl::StatusOr<MoeInput> Attention(const model::LayerWeights& w, const model::ForwardHooks& h);
-  absl::StatusOr<Dispatch> DispatchRows(const MoeInput& in);
-  // Attention, then the dispatch of its routed rows.
-  absl::Status AttendAndDispatch(const model::LayerWeights& w, const model::ForwardHooks& hooks,
-                                 MoeInput* in, Dispatch* d);
+  // Sends rows of `in` to their experts' owners: the tokens (rows of in.u) listed in `tokens`
+  // (int64, ascending, on the host; undefined = all), and only the experts `in_pass` accepts
+  // (null = all).
+  absl::StatusOr<Dispatch> DispatchRows(const MoeInput& in, const at::Tensor& tokens = {},
+                                        const std::vector<bool>* in_pass = nullptr);
+  // Rows of in.u (int64, ascending, on the host) per dispatch round.
+  std::vector<at::Tensor> RoundTokens() const;
+  // Whether routed expert e is solved in pass p by its owner, for every expert.
+  std::vector<bool> PassExperts(int p) const;
+  // Agrees on the dispatch settings (rank 0's), once per run.
+  absl::Status AgreeDispatchPlan();
   // Owner side: every own expert over its received rows; returns outputs in received order
   // (undefined when !want_outputs).
   // Experts [first, last) only (default: all).
   at::Tensor RunExperts(const model::LayerWeights& w, const Dispatch& d,
                         const model::ForwardHooks& hooks, bool want_outputs, int first = 0,
                         int last = std::numeric_limits<int>::max());
-  absl::StatusOr<std::vector<at::Tensor>> Combine(const model::LayerWeights& w,
-                                                  const MoeInput& in, const Dispatch& d,
-                                                  const at::Tensor& expert_out,
-                                                  const model::ForwardHooks& hooks);
+  // Returns the expert outputs to their tokens' ranks and adds them, weighted, to `out` ([T, H],
+  // rows of in.u).
+  absl::Status CombineInto(const Dispatch& d, const at::Tensor& expert_out, at::Tensor& out);
+  // The MoE block's output `out` (routed part) plus the shared experts, added to the residual.
+  std::vector<at::Tensor> FinishMoe(const model::LayerWeights& w, const MoeInput& in,
+                                    at::Tensor out, const model::ForwardHooks& hooks);
   // Next hidden states with `overrides` (quantized weights); reuses `cached` when given.
   absl::StatusOr<std::vector<at::Tensor>> Propagate(const model::LayerWeights& w,
                                                     const model::WeightOverrides& overrides,
@@ -166,6 +187,7 @@ class Runner {
   model::GlobalWeights globals_;
   std::vector<Chunk> chunks_;
   int64_t lo_ = 0, hi_ = 0;  // this rank's sequences [lo, hi)
+  DispatchPlan plan_;
   bool in_mtp_ = false;
 };
 
@@ -255,20 +277,42 @@ absl::StatusOr<MoeInput> Runner::Attention(const model::LayerWeights& w,
                                   at::TensorOptions().dtype(o_.dtype).device(o_.device))
                       : at::cat(us, 0);
     model::Routing r = model::RouteTokens(w, in.u, hooks);
-    in.topk_indices = r.topk_indices;
-    in.topk_weights = r.topk_weights;
+    in.topk_indices = r.topk_indices.to(at::kCPU).contiguous();
+    in.topk_weights = r.topk_weights.to(at::kCPU).contiguous();
     return in;
   });
 }
 
-absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in) {
+absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tensor& tokens,
+                                              const std::vector<bool>* in_pass) {
   const int64_t e_count = config_.n_routed_experts, k = config_.num_experts_per_tok;
   const int size = gang_.size();
   Dispatch d;
-  at::Tensor flat = in.topk_indices.reshape({-1}).to(at::kCPU);
+  // (token, expert) entries of the selected tokens, optionally only the pass's experts.
+  at::Tensor flat = in.topk_indices;
+  at::Tensor weights = in.topk_weights;
+  at::Tensor token_of = at::arange(flat.size(0), at::kLong);
+  if (tokens.defined()) {
+    flat = flat.index_select(0, tokens);
+    weights = weights.index_select(0, tokens);
+    token_of = tokens;
+  }
+  flat = flat.reshape({-1});
+  weights = weights.reshape({-1});
+  token_of = token_of.repeat_interleave(k);
+  if (in_pass) {
+    at::Tensor keep = at::empty({flat.size(0)}, at::kBool);
+    const int64_t* e = flat.data_ptr<int64_t>();
+    bool* kp = keep.data_ptr<bool>();
+    for (int64_t i = 0; i < flat.size(0); ++i) kp[i] = (*in_pass)[e[i]];
+    at::Tensor idx = at::nonzero(keep).reshape({-1});
+    flat = flat.index_select(0, idx);
+    weights = weights.index_select(0, idx);
+    token_of = token_of.index_select(0, idx);
+  }
   at::Tensor order = at::argsort(flat, /*stable=*/true);
-  d.send_tokens = at::floor_divide(order, k);
-  d.send_weights = in.topk_weights.reshape({-1}).to(at::kCPU).index_select(0, order);
+  d.send_tokens = token_of.index_select(0, order);
+  d.send_weights = weights.index_select(0, order);
   at::Tensor counts = at::bincount(flat, {}, e_count);
   d.send_expert_counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + e_count);
   d.send_counts.assign(size, 0);
@@ -289,15 +333,47 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in) {
   return d;
 }
 
-absl::Status Runner::AttendAndDispatch(const model::LayerWeights& w,
-                                       const model::ForwardHooks& hooks, MoeInput* in,
-                                       Dispatch* d) {
-  absl::StatusOr<MoeInput> attended = Attention(w, hooks);
-  if (!attended.ok()) return attended.status();
-  *in = *std::move(attended);
-  absl::StatusOr<Dispatch> dispatched = DispatchRows(*in);
-  if (!dispatched.ok()) return dispatched.status();
-  *d = *std::move(dispatched);
+std::vector<at::Tensor> Runner::RoundTokens() const {
+  std::vector<std::vector<int64_t>> rows(plan_.rounds);
+  int64_t seq = lo_, row = 0;
+  for (const Chunk& c : chunks_) {
+    const int64_t len = c.hidden.size(1);
+    for (int64_t b = 0; b < c.hidden.size(0); ++b, ++seq) {
+      std::vector<int64_t>& r = rows[seq % plan_.rounds];
+      for (int64_t t = 0; t < len; ++t) r.push_back(row++);
+    }
+  }
+  std::vector<at::Tensor> out;
+  for (std::vector<int64_t>& r : rows) {
+    out.push_back(at::tensor(r, at::kLong));
+  }
+  return out;
+}
+
+std::vector<bool> Runner::PassExperts(int p) const {
+  std::vector<bool> in(config_.n_routed_experts);
+  for (int e = 0; e < config_.n_routed_experts; ++e) {
+    in[e] = (e - FirstExpert(OwnerOf(e))) / plan_.per_pass == p;
+  }
+  return in;
+}
+
+absl::Status Runner::AgreeDispatchPlan() {
+  at::Tensor settings =
+      at::tensor(std::vector<int64_t>{o_.max_experts_per_pass, o_.max_dispatch_tokens}, at::kLong);
+  MQ_RETURN_IF_ERROR(gang_.Broadcast(settings, 0));
+  const int64_t per_pass = settings[0].item<int64_t>(), dispatch_tokens = settings[1].item<int64_t>();
+  const int64_t e = config_.n_routed_experts, k = gang_.size();
+  const int64_t most_own = (e + k - 1) / k;  // experts of the largest range
+  plan_.per_pass = static_cast<int>(per_pass > 0 ? std::min(per_pass, std::max<int64_t>(1, most_own))
+                                                 : std::max<int64_t>(1, most_own));
+  plan_.passes = static_cast<int>((most_own + plan_.per_pass - 1) / plan_.per_pass);
+  int64_t total = 0;
+  for (const std::vector<int32_t>& s : o_.samples) total += static_cast<int64_t>(s.size());
+  const int64_t n = static_cast<int64_t>(o_.samples.size());
+  plan_.rounds = dispatch_tokens > 0
+                     ? std::clamp<int64_t>((total + dispatch_tokens - 1) / dispatch_tokens, 1, n)
+                     : 1;
   return absl::OkStatus();
 }
 
@@ -324,21 +400,17 @@ at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
   return out;
 }
 
-absl::StatusOr<std::vector<at::Tensor>> Runner::Combine(const model::LayerWeights& w,
-                                                        const MoeInput& in, const Dispatch& d,
-                                                        const at::Tensor& expert_out,
-                                                        const model::ForwardHooks& hooks) {
+absl::Status Runner::CombineInto(const Dispatch& d, const at::Tensor& expert_out,
+                                 at::Tensor& out) {
   absl::StatusOr<at::Tensor> back =
       gang_.AllToAllRowsKnown(expert_out, d.recv_counts, d.send_counts);
   if (!back.ok()) return back.status();
-  return Guarded(absl::StrCat("layer ", w.layer, " combine"),
-                 [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
+  {
     // As the single-process MoE block: each expert's outputs (compute dtype) weighted in fp32,
-    // cast, accumulated in ascending expert order.
+    // cast, accumulated in ascending expert order (a token's experts all come in one dispatch).
     at::Tensor y_all = back->to(o_.device, o_.dtype);
     at::Tensor tokens = d.send_tokens.to(o_.device);
     at::Tensor weights = d.send_weights.to(o_.device);
-    at::Tensor out = at::zeros_like(in.u);
     int64_t offset = 0;
     for (int64_t e = 0; e < config_.n_routed_experts; ++e) {
       const int64_t n = d.send_expert_counts[e];
@@ -347,19 +419,23 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Combine(const model::LayerWeight
       out.index_add_(0, tokens.narrow(0, offset, n), y.to(out.scalar_type()));
       offset += n;
     }
-    if (w.shared_experts.defined()) {
-      out = out + model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts, in.u,
-                                    hooks);
-    }
-    std::vector<at::Tensor> next;
-    int64_t row = 0;
-    for (const at::Tensor& h : in.residual) {
-      const int64_t t = h.size(0) * h.size(1);
-      next.push_back(h + out.narrow(0, row, t).view(h.sizes()));
-      row += t;
-    }
-    return next;
-  });
+  }
+  return absl::OkStatus();
+}
+
+std::vector<at::Tensor> Runner::FinishMoe(const model::LayerWeights& w, const MoeInput& in,
+                                          at::Tensor out, const model::ForwardHooks& hooks) {
+  if (w.shared_experts.defined()) {
+    out = out + model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts, in.u, hooks);
+  }
+  std::vector<at::Tensor> next;
+  int64_t row = 0;
+  for (const at::Tensor& h : in.residual) {
+    const int64_t t = h.size(0) * h.size(1);
+    next.push_back(h + out.narrow(0, row, t).view(h.sizes()));
+    row += t;
+  }
+  return next;
 }
 
 absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeights& w,
@@ -378,18 +454,33 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeig
     return next;
   }
   MoeInput fresh_in;
-  Dispatch fresh_d;
   if (!cached_in) {
-    MQ_RETURN_IF_ERROR(AttendAndDispatch(w, hooks, &fresh_in, &fresh_d));
+    absl::StatusOr<MoeInput> attended = Attention(w, hooks);
+    if (!attended.ok()) return attended.status();
+    fresh_in = *std::move(attended);
     cached_in = &fresh_in;
-    cached_d = &fresh_d;
   }
-  absl::StatusOr<at::Tensor> y = Guarded(absl::StrCat("layer ", w.layer, " experts"),
-                                         [&]() -> absl::StatusOr<at::Tensor> {
-    return RunExperts(w, *cached_d, hooks, /*want_outputs=*/true);
+  const std::string where = absl::StrCat("layer ", w.layer, " experts");
+  at::Tensor out = at::zeros_like(cached_in->u);
+  // One dispatch round at a time (the cached dispatch, when there is one, is the only round).
+  std::vector<at::Tensor> rounds;
+  if (!cached_d) rounds = plan_.rounds > 1 ? RoundTokens() : std::vector<at::Tensor>{at::Tensor()};
+  for (size_t r = 0; r < (cached_d ? 1 : rounds.size()); ++r) {
+    Dispatch fresh_d;
+    const Dispatch* d = cached_d;
+    if (!d) {
+      absl::StatusOr<Dispatch> dispatched = DispatchRows(*cached_in, rounds[r]);
+      if (!dispatched.ok()) return dispatched.status();
+      fresh_d = *std::move(dispatched);
+      d = &fresh_d;
+    }
+    MQ_RETURN_IF_ERROR(Guarded(where, [&]() -> absl::Status {
+      return CombineInto(*d, RunExperts(w, *d, hooks, /*want_outputs=*/true), out);
+    }));
+  }
+  return Guarded(where, [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
+    return FinishMoe(w, *cached_in, std::move(out), hooks);
   });
-  if (!y.ok()) return y.status();
-  return Combine(w, *cached_in, *cached_d, *y, hooks);
 }
 
 absl::StatusOr<std::vector<GptqResult>> Runner::Solve(const std::vector<at::Tensor>& ws,
@@ -477,8 +568,16 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   Dispatch dispatch;
   std::vector<int64_t> gang_counts;
   if (w.is_moe) {
-    MQ_RETURN_IF_ERROR(AttendAndDispatch(w, collect, &moe_in, &dispatch));
-    at::Tensor counts = at::tensor(dispatch.send_expert_counts, at::kLong);
+    absl::StatusOr<MoeInput> attended = Attention(w, collect);
+    if (!attended.ok()) return attended.status();
+    moe_in = *std::move(attended);
+    if (plan_.rounds == 1) {  // one dispatch, kept for every pass (and the propagation)
+      absl::StatusOr<Dispatch> dispatched = DispatchRows(moe_in);
+      if (!dispatched.ok()) return dispatched.status();
+      dispatch = *std::move(dispatched);
+    }
+    at::Tensor counts =
+        at::bincount(moe_in.topk_indices.reshape({-1}), {}, config_.n_routed_experts);
     MQ_RETURN_IF_ERROR(gang_.AllReduceSum(counts));
     gang_counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + counts.numel());
     std::vector<int64_t> sorted = gang_counts;
@@ -486,6 +585,8 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
     st.expert_tokens_min = sorted.front();
     st.expert_tokens_max = sorted.back();
     st.expert_tokens_median = sorted[sorted.size() / 2];
+    st.dispatch_rounds = static_cast<int>(plan_.rounds);
+    st.expert_passes = plan_.passes;
     absl::Status s = Guarded(where + " shared experts", [&]() -> absl::Status {
       if (w.shared_experts.defined()) {
         model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts, moe_in.u, collect);
@@ -583,14 +684,16 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
     if (!results.ok()) return results.status();
     return record(g, ws, *results, h);
   };
-  // Own experts, in passes of at most max_experts_per_pass experts (bounding the Hessians held
-  // at once): accumulate from the dispatched rows, then one batched solve per pass.
+  // Own experts, in passes of at most plan_.per_pass experts (bounding the Hessians held at
+  // once): accumulate from the dispatched rows, then one batched solve per pass. With several
+  // dispatch rounds every rank takes part in every pass's rounds, own experts in it or not.
   const int first_own = FirstExpert(gang_.rank()), last_own = FirstExpert(gang_.rank() + 1);
-  const int per_pass = o_.max_experts_per_pass > 0 ? static_cast<int>(o_.max_experts_per_pass)
-                                                   : std::max(1, last_own - first_own);
+  const std::vector<at::Tensor> rounds =
+      w.is_moe && plan_.rounds > 1 ? RoundTokens() : std::vector<at::Tensor>();
   double solve_only = 0;
-  for (int p0 = first_own; p0 < last_own; p0 += per_pass) {
-    const int p1 = std::min(last_own, p0 + per_pass);
+  for (int p = 0; p < plan_.passes; ++p) {
+    const int p0 = std::min(last_own, first_own + p * plan_.per_pass);
+    const int p1 = std::min(last_own, p0 + plan_.per_pass);
     std::vector<const HessianGroup*> pass;
     for (const HessianGroup& g : exp_groups) {
       int e = 0;
@@ -600,9 +703,17 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
       acc[g.members[0]] = std::make_unique<HessianAccumulator>(
           quant::WeightOf(w, g.members[0]).size(1), o_.device);
     }
-    if (pass.empty()) continue;
+    if (pass.empty() && rounds.empty()) continue;
+    const std::vector<bool> in_pass = rounds.empty() ? std::vector<bool>() : PassExperts(p);
     absl::Status s = Guarded(where + " experts", [&]() -> absl::Status {
-      RunExperts(w, dispatch, collect, /*want_outputs=*/false, p0, p1);
+      if (rounds.empty()) {
+        RunExperts(w, dispatch, collect, /*want_outputs=*/false, p0, p1);
+      }
+      for (const at::Tensor& round : rounds) {
+        absl::StatusOr<Dispatch> d = DispatchRows(moe_in, round, &in_pass);
+        if (!d.ok()) return d.status();
+        RunExperts(w, *d, collect, /*want_outputs=*/false, p0, p1);
+      }
       if (o_.rare_expert_rtn || moe_in.u.size(0) == 0) return absl::OkStatus();
       for (int e : rare_experts) {
         if (e < p0 || e >= p1) continue;
@@ -613,6 +724,19 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
     });
     MQ_RETURN_IF_ERROR(s);
     MQ_RETURN_IF_ERROR(hook_status);
+    // Every row routed to an own expert anywhere in the gang reached its Hessians exactly once.
+    for (const HessianGroup* g : pass) {
+      int e = 0;
+      IsRoutedExpert(g->members[0], &e);
+      const int64_t expected =
+          gang_counts[e] + (rare_experts.count(e) && !o_.rare_expert_rtn ? moe_in.u.size(0) : 0);
+      if (acc[g->members[0]]->tokens() != expected) {
+        return absl::InternalError(absl::StrCat(
+            where, ": the Hessian of ", g->members[0], " accumulated ",
+            acc[g->members[0]]->tokens(), " rows, but ", expected,
+            " were routed to it (dispatch rounds ", plan_.rounds, ", pass ", p, ")"));
+      }
+    }
     const Clock::time_point s0 = Clock::now();
     // GPTQ groups with tokens go to one batched solve; the rest (RTN) one by one.
     std::vector<const HessianGroup*> batched;
@@ -694,7 +818,8 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   Progress(where + ": propagating", 0.7);
   const bool reuse = w.is_moe && rep_groups.empty();
   absl::StatusOr<std::vector<at::Tensor>> next =
-      Propagate(w, overrides, reuse ? &moe_in : nullptr, reuse ? &dispatch : nullptr);
+      Propagate(w, overrides, reuse ? &moe_in : nullptr,
+                reuse && plan_.rounds == 1 ? &dispatch : nullptr);
   if (!next.ok()) return next.status();
   for (size_t i = 0; i < chunks_.size(); ++i) chunks_[i].hidden = (*next)[i];
   moe_in = MoeInput();
@@ -812,6 +937,7 @@ absl::StatusOr<GangPipelineResult> Runner::Run() {
     return absl::InvalidArgumentError(
         absl::StrCat("start_step = ", o_.start_step, ": must be in [0, ", o_.total_steps, "]"));
   }
+  MQ_RETURN_IF_ERROR(AgreeDispatchPlan());
   MQ_RETURN_IF_ERROR(Embed());
   if (o_.start_step > 0) {
     // Resume: from every rank's checkpoint of the previous step, else replay committed steps.

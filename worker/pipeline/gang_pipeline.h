@@ -4,7 +4,9 @@
 // every MoE layer's routed experts. For each pipeline step (decoder layers in order, then MTP
 // layers when they are quantized), every rank:
 //   1. loads the layer (its own experts only) and runs its sequences through attention;
-//   2. routes its tokens and sends each (token, expert) row to the expert's owner (all-to-all);
+//   2. routes its tokens and sends each (token, expert) row to the expert's owner (all-to-all),
+//      all at once or in rounds of at most max_dispatch_tokens tokens over the gang (then again
+//      for each pass of experts, each round carrying only that pass's experts' rows);
 //   3. accumulates Hessians: owners from the rows they received (in global token order, so a
 //      routed expert's Hessian does not depend on the gang size), every rank for the replicated
 //      linears (attention, dense MLP, shared experts) from its own tokens, then all-reduced;
@@ -62,6 +64,12 @@ struct GangPipelineOptions {
   int64_t max_batch_tokens = 65536;   // tokens per forward call (sequences of equal length batch)
   // Own experts whose Hessians are held (and solved in one batch) at once; 0 = all of them.
   int64_t max_experts_per_pass = 0;
+  // Calibration tokens, over the whole gang, whose routed rows an MoE block dispatches at once
+  // (0 = all): the layer's tokens go in ceil(tokens / this) rounds, sequence i in round
+  // i mod rounds, bounding the rows each rank holds (sent, received and expert outputs). The
+  // result does not depend on the gang size for a given value. Rank 0's value, and its
+  // max_experts_per_pass, apply to the whole gang.
+  int64_t max_dispatch_tokens = 0;
   // Called after a step's files and checkpoint are durable; must return once the coordinator
   // accepted the report (an error stops the pipeline and is returned).
   std::function<absl::Status(const StepOutput&)> on_step;

@@ -97,6 +97,7 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   o.gptq.grid.scale_search = *search;
   o.min_expert_tokens = in.spec.min_expert_tokens;
   o.max_experts_per_pass = in.experts_per_pass;
+  o.max_dispatch_tokens = in.dispatch_tokens;
   o.rare_expert_rtn = in.spec.rare_expert_rtn;
   if (in.device.rfind("cuda", 0) == 0) {
     o.device = at::Device(in.device);

@@ -26,6 +26,8 @@ struct StepStats {
          propagate_seconds = 0, write_seconds = 0;
   // Routed tokens per expert over the whole gang (every rank reports the same values).
   int64_t expert_tokens_min = 0, expert_tokens_median = 0, expert_tokens_max = 0;
+  // The gang's dispatch rounds and expert passes of an MoE layer (0 for a dense layer).
+  int dispatch_rounds = 0, expert_passes = 0;
   int quantized_linears = 0;  // solved by this rank
   int fallbacks = 0;
   std::vector<RareExpertInfo> rare;  // this rank's experts

@@ -608,6 +608,19 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   EXPECT_EQ(report.estimate.scratch_bytes_per_rank, 48 * 200 * 4);
   EXPECT_EQ(report.estimate.calibration_tokens, 128);
   EXPECT_DOUBLE_EQ(report.estimate.tokens_per_expert, 128.0 * 2 / 4);
+
+  // Dispatch rounds of at most 40 tokens over the gang: ceil(128 / 40) = 4 rounds of 2 of the 8
+  // sequences; rank 0 sends the rows of at most ceil(3 / 4) = 1 of its sequences per round and
+  // receives ceil(2 * 16 * 2 * 2 / 4) = 32 rows for its 2 experts.
+  request.dispatch_tokens = 40;
+  const InspectReport rounds = InspectCheckpoint(request);
+  const int64_t unrounded_dispatch = (3 * 16 * 2 + 2 * 64 * 2) * 200 * 2;
+  EXPECT_EQ(rounds.ranks.at(0).gpu_bytes,
+            gpu(2, 3) - unrounded_dispatch + (1 * 16 * 2 + 2 * 32) * 200 * 2);
+  // More rounds than sequences are not possible: one sequence per round at most.
+  request.dispatch_tokens = 1;
+  EXPECT_EQ(InspectCheckpoint(request).ranks.at(0).gpu_bytes,
+            gpu(2, 3) - unrounded_dispatch + (1 * 16 * 2 + 2 * 16) * 200 * 2);
 }
 
 TEST(InspectTest, AllLinearPlanCountsAndHessians) {
@@ -648,12 +661,14 @@ TEST(InspectTest, AllLinearPlanCountsAndHessians) {
 // independent Python transcription of the formulas):
 //   output  = 371,407,749,120 bytes (~371.4 GB: 337.2 GB int4 experts with BF16 group scales,
 //             the rest BF16: embeddings, lm_head, attention, dense MLPs, shared experts, routers)
-//   gpu     = 122,634,010,624 bytes per rank (~122.6 GB: 1.17 GB replicated dense layer,
+//   gpu     =  35,258,269,696 bytes per rank (~35.3 GB: 1.17 GB replicated dense layer,
 //             2.8 GB bf16 weights of 32 experts, 7.5 GB hidden states of 64 x 4096 tokens, 1 GiB
-//             attention scores, 90.2 GB routed rows (2,097,152 sent, as many received, and
-//             their outputs, x 7168 x 2 bytes), 19.9 GB for one pass of 16 experts: Hessians and
-//             factors 7.1 GB, fp64 chunk 4 GiB, solve buffers 8.5 GB) — more than an 80 GB card:
-//             this calibration size needs the dispatch chunked over tokens
+//             attention scores, 2.8 GB routed rows of one dispatch round (32 rounds of 65,536
+//             tokens: 65,536 rows sent, as many received, and their outputs, x 7168 x 2 bytes),
+//             19.9 GB for one pass of 16 experts: Hessians and factors 7.1 GB, fp64 chunk 4 GiB,
+//             solve buffers 8.5 GB);
+//             122,634,010,624 bytes (~122.6 GB, more than an 80 GB card) with the whole layer's
+//             rows dispatched at once (dispatch_tokens = 0: 90.2 GB of routed rows)
 //   host    =  19,028,140,256 bytes per rank (7.5 GB hidden states + 11.5 GB FP8 MoE layer staged)
 //   scratch =   7,516,192,768 bytes per rank
 TEST(PlanTest, DeepseekV3FullScaleSanity) {
@@ -713,11 +728,13 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(plan.ranks[7].num_experts, 32);
   EXPECT_EQ(plan.ranks[7].num_sequences, 64);
   EXPECT_EQ(plan.estimate.output_bytes, 371407749120);
-  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 122634010624);
+  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 35258269696);
   EXPECT_EQ(plan.estimate.host_bytes_per_rank, 19028140256);
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
+  request.dispatch_tokens = 0;
+  EXPECT_EQ(PlanJob(c, request, stored).estimate.gpu_bytes_per_rank, 122634010624);
 }
 
 }  // namespace
