@@ -240,7 +240,7 @@ for r in runs:
         print(f"   +{(int(t) - t_sub)/1000:7.1f}s {kind:18s} {msg}")
     for l in r["layers"]:
         print(f"   layer {l['layer']} committed at +{(int(l['committed_at_ms'] or 0) - t_sub)/1000:.1f}s")
-        print("   rank  load  fwd   hess  solve  prop  write  sum    tok min/med/max  linears fb  mean_rel_err  rounds/passes")
+        print("   rank  load  fwd   hess  solve  prop  write  sum    tok min/med/max  linears fb  mean_rel_err  rounds/passes  exch")
         for p in sorted(l["reports"], key=lambda p: p["rank"] or 0):
             s = p["stats"] or {}
             st = [f(s.get(k)) for k in ("load_seconds", "forward_seconds", "hessian_seconds",
@@ -248,6 +248,6 @@ for r in runs:
             print(f"   {p['rank'] or 0:4d} " + " ".join(f"{x:5.1f}" for x in st) + f" {sum(st):6.1f}"
                   f"  {s.get('expert_tokens_min')}/{s.get('expert_tokens_median')}/{s.get('expert_tokens_max')}"
                   f"  {s.get('quantized_linears')} {s.get('fallbacks')} {f(s.get('mean_relative_error')):.3e}"
-                  f"  {s.get('dispatch_rounds')}/{s.get('expert_passes')}")
+                  f"  {s.get('dispatch_rounds')}/{s.get('expert_passes')}  {f(s.get('exchange_seconds')):.2f}")
 EOF
 stamp "done"

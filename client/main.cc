@@ -247,7 +247,10 @@ void PrintJob(const mq::v1::JobRecord& j) {
               << Seconds(l.load_seconds()) << ", forward " << Seconds(l.forward_seconds())
               << ", hessian " << Seconds(l.hessian_seconds()) << ", solve "
               << Seconds(l.solve_seconds()) << ", propagate " << Seconds(l.propagate_seconds())
-              << ", write " << Seconds(l.write_seconds()) << "\n"
+              << ", write " << Seconds(l.write_seconds())
+              << (l.exchange_seconds() > 0 ? " (exchange " + Seconds(l.exchange_seconds()) + ")"
+                                           : std::string())
+              << "\n"
               << "Tokens/expert: min " << l.expert_tokens_min() << ", median "
               << l.expert_tokens_median() << ", max " << l.expert_tokens_max() << "\n";
     if (l.dispatch_rounds() > 0) {

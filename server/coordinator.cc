@@ -87,6 +87,7 @@ mq::v1::LayerStats MergeStats(const mq::v1::LayerRecord& rec) {
     out.set_solve_seconds(std::max(out.solve_seconds(), st.solve_seconds()));
     out.set_propagate_seconds(std::max(out.propagate_seconds(), st.propagate_seconds()));
     out.set_write_seconds(std::max(out.write_seconds(), st.write_seconds()));
+    out.set_exchange_seconds(std::max(out.exchange_seconds(), st.exchange_seconds()));
     out.set_quantized_linears(out.quantized_linears() + st.quantized_linears());
     out.set_fallbacks(out.fallbacks() + st.fallbacks());
     out.set_rare_experts(out.rare_experts() + st.rare_experts());

@@ -294,6 +294,7 @@ absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& r) {
       {"stats.solve_seconds", st.solve_seconds()},
       {"stats.propagate_seconds", st.propagate_seconds()},
       {"stats.write_seconds", st.write_seconds()},
+      {"stats.exchange_seconds", st.exchange_seconds()},
       {"stats.mean_relative_error", st.mean_relative_error()}};
   for (const auto& [field, value] : seconds) {
     if (absl::Status s = CheckSeconds(field, value); !s.ok()) return s;

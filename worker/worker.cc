@@ -110,6 +110,7 @@ void ToProto(const pipeline::StepStats& s, int step, int layer, mq::v1::LayerSta
   p->set_solve_seconds(s.solve_seconds);
   p->set_propagate_seconds(s.propagate_seconds);
   p->set_write_seconds(s.write_seconds);
+  p->set_exchange_seconds(s.exchange_seconds);
   p->set_expert_tokens_min(s.expert_tokens_min);
   p->set_expert_tokens_median(s.expert_tokens_median);
   p->set_expert_tokens_max(s.expert_tokens_max);

@@ -72,6 +72,7 @@ def test_end_to_end_gang_of_two_and_one(cluster, env, tmp_path):
     assert int(last["expert_tokens_max"]) > 0 and int(last["quantized_linears"]) > 0
     # 64 x <= 48 tokens fit one dispatch round; 8 experts on 2 ranks fit one pass of 16.
     assert last["dispatch_rounds"] == 1 and last["expert_passes"] == 1, last
+    assert last["exchange_seconds"] > 0, last  # time in the gang's collectives
 
     # The same job again: bit-identical output.
     out2b = tmp_path / "out-gptq-k2-again"

@@ -7,6 +7,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <chrono>
 #include <exception>
 #include <utility>
 
@@ -36,6 +37,16 @@ absl::Status Guard(const char* what, Fn&& fn) {
 }
 
 }  // namespace
+
+absl::Status Gang::Exchange(const char* what, const std::function<void()>& fn) {
+  // Work queued before the collective finishes first, so that only the exchange is timed.
+  if (impl_->device.is_cuda()) at::zeros({1}, at::TensorOptions().device(impl_->device)).cpu();
+  const auto start = std::chrono::steady_clock::now();
+  absl::Status s = Guard(what, fn);
+  exchange_seconds_ +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return s;
+}
 
 Gang::Gang(int rank, int size, std::unique_ptr<Impl> impl)
     : rank_(rank), size_(size), impl_(std::move(impl)) {}
@@ -112,7 +123,7 @@ at::Tensor Gang::ForBackend(const at::Tensor& t) const {
 
 absl::Status Gang::AllReduceSum(at::Tensor& t) {
   if (size_ == 1) return absl::OkStatus();
-  return Guard("all-reduce", [&] {
+  return Exchange("all-reduce", [&] {
     std::vector<at::Tensor> v{ForBackend(t)};
     impl_->pg->allreduce(v)->wait(impl_->timeout);
     t.copy_(v[0]);
@@ -121,7 +132,7 @@ absl::Status Gang::AllReduceSum(at::Tensor& t) {
 
 absl::Status Gang::Broadcast(at::Tensor& t, int root) {
   if (size_ == 1) return absl::OkStatus();
-  return Guard("broadcast", [&] {
+  return Exchange("broadcast", [&] {
     std::vector<at::Tensor> v{ForBackend(t)};
     c10d::BroadcastOptions o;
     o.rootRank = root;
@@ -131,26 +142,6 @@ absl::Status Gang::Broadcast(at::Tensor& t, int root) {
 }
 
 absl::StatusOr<at::Tensor> Gang::AllToAllRows(const at::Tensor& send,
-                                              const std::vector<int64_t>& send_counts,
-                                              std::vector<int64_t>* recv_counts) {
-  recv_counts->assign(size_, 0);
-  if (size_ == 1) {
-    (*recv_counts)[0] = send_counts.at(0);
-    return send;
-  }
-  at::Tensor counts_out = ForBackend(at::tensor(send_counts, at::kLong));
-  at::Tensor counts_in = at::empty({size_}, counts_out.options());
-  std::vector<int64_t> ones(size_, 1);
-  absl::Status s = Guard("count exchange", [&] {
-    impl_->pg->alltoall_base(counts_in, counts_out, ones, ones)->wait(impl_->timeout);
-  });
-  if (!s.ok()) return s;
-  counts_in = counts_in.cpu();
-  for (int r = 0; r < size_; ++r) (*recv_counts)[r] = counts_in[r].item<int64_t>();
-  return AllToAllRowsKnown(send, send_counts, *recv_counts);
-}
-
-absl::StatusOr<at::Tensor> Gang::AllToAllRowsKnown(const at::Tensor& send,
                                                    const std::vector<int64_t>& send_counts,
                                                    const std::vector<int64_t>& recv_counts) {
   if (size_ == 1) return send;
@@ -162,7 +153,7 @@ absl::StatusOr<at::Tensor> Gang::AllToAllRowsKnown(const at::Tensor& send,
   at::Tensor recv = at::empty(shape, src.options());
   // Split sizes are rows (dim 0), as c10d expects.
   std::vector<int64_t> out_splits = recv_counts, in_splits = send_counts;
-  absl::Status s = Guard("all-to-all", [&] {
+  absl::Status s = Exchange("all-to-all", [&] {
     impl_->pg->alltoall_base(recv, src, out_splits, in_splits)->wait(impl_->timeout);
   });
   if (!s.ok()) return s;

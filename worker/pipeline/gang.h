@@ -1,8 +1,9 @@
 // A gang: the K worker processes running one quantize attempt together, joined in one c10d
 // process group (the rendezvous store is served by rank 0 at the address the coordinator hands
 // out): NCCL between CUDA devices when built with MQ_ENABLE_NCCL, else Gloo, which moves tensors
-// through host memory (floating point as fp32, exact for bf16). Collectives used by the layer pipeline: sum all-reduce, broadcast, and an
-// all-to-all of rows with per-rank counts (token dispatch to expert owners and back).
+// through host memory (floating point as fp32, exact for bf16). Collectives used by the layer
+// pipeline: sum all-reduce, broadcast, and an all-to-all of rows with per-rank counts (token
+// dispatch to expert owners and back, and the row counts ahead of it).
 //
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
 // Threading: one thread drives a gang; collectives are called in the same order on every rank.
@@ -15,6 +16,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -60,20 +62,20 @@ class Gang {
   absl::Status AllReduceSum(at::Tensor& t);
   // In-place: every rank gets `root`'s tensor (same shape and dtype on every rank).
   absl::Status Broadcast(at::Tensor& t, int root);
-  // `send` holds rows grouped by destination rank, send_counts[r] rows for rank r. Returns the
-  // rows received, grouped by source rank in rank order, on the backend's device (Gloo: CPU,
-  // floating point as fp32); recv_counts[r] = rows from rank r. Counts are exchanged first, so
-  // callers need not know them.
+  // `send` holds rows grouped by destination rank, send_counts[r] rows for rank r; every rank
+  // knows what it receives, recv_counts[r] rows from rank r. Returns the rows received, grouped
+  // by source rank in rank order, on the backend's device (Gloo: CPU, floating point as fp32).
   absl::StatusOr<at::Tensor> AllToAllRows(const at::Tensor& send,
-                                          const std::vector<int64_t>& send_counts,
-                                          std::vector<int64_t>* recv_counts);
-  // Same, when every rank already knows what it receives (e.g. the answers to a dispatch).
-  absl::StatusOr<at::Tensor> AllToAllRowsKnown(const at::Tensor& send,
                                                const std::vector<int64_t>& send_counts,
                                                const std::vector<int64_t>& recv_counts);
   absl::Status Barrier();
+  // Wall seconds spent in collectives so far (each timed after the work queued before it
+  // finished, so compute is not counted; waiting for a slower rank is).
+  double exchange_seconds() const { return exchange_seconds_; }
 
  private:
+  // Runs one collective: UNAVAILABLE when it fails; its time goes to exchange_seconds.
+  absl::Status Exchange(const char* what, const std::function<void()>& fn);
   struct Impl;
   Gang(int rank, int size, std::unique_ptr<Impl> impl);
   // `t` on the backend's device and dtype.
@@ -81,6 +83,7 @@ class Gang {
   int rank_;
   int size_;
   bool nccl_ = false;
+  double exchange_seconds_ = 0;
   std::unique_ptr<Impl> impl_;
 };
 

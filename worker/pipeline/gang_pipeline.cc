@@ -317,19 +317,42 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tens
   d.send_expert_counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + e_count);
   d.send_counts.assign(size, 0);
   for (int64_t e = 0; e < e_count; ++e) d.send_counts[OwnerOf(e)] += d.send_expert_counts[e];
-  // Rows travel with their expert id (the gang moves them to its backend's device).
+  // Every rank learns every rank's rows per expert (one row of E counts to each rank), which
+  // gives the received rows' layout: by source rank, then expert, then token.
+  at::Tensor all_counts = counts.unsqueeze(0).expand({size, e_count}).contiguous();
+  absl::StatusOr<at::Tensor> from =
+      gang_.AllToAllRows(all_counts, std::vector<int64_t>(size, 1),
+                              std::vector<int64_t>(size, 1));
+  if (!from.ok()) return from.status();
+  const at::Tensor source_counts = from->cpu().contiguous();  // [size, E]
+  const int64_t* sc = source_counts.data_ptr<int64_t>();
+  const int first = FirstExpert(gang_.rank()), last = FirstExpert(gang_.rank() + 1);
+  d.recv_counts.assign(size, 0);
+  d.recv_expert_counts.assign(e_count, 0);
+  std::vector<int64_t> start(static_cast<size_t>(size) * e_count, 0);  // of (source, expert)
+  int64_t row = 0;
+  for (int s = 0; s < size; ++s) {
+    for (int e = first; e < last; ++e) {
+      start[static_cast<size_t>(s) * e_count + e] = row;
+      row += sc[s * e_count + e];
+      d.recv_counts[s] += sc[s * e_count + e];
+      d.recv_expert_counts[e] += sc[s * e_count + e];
+    }
+  }
+  // Received rows ordered by (expert, source, token): each expert's rows in global token order.
+  d.recv_order = at::empty({row}, at::kLong);
+  int64_t* ro = d.recv_order.data_ptr<int64_t>();
+  for (int e = first; e < last; ++e) {
+    for (int s = 0; s < size; ++s) {
+      const int64_t b = start[static_cast<size_t>(s) * e_count + e];
+      for (int64_t i = 0; i < sc[s * e_count + e]; ++i) *ro++ = b + i;
+    }
+  }
+  // The rows (the gang moves them to its backend's device).
   at::Tensor rows = in.u.index_select(0, d.send_tokens.to(in.u.device()));
-  at::Tensor experts = flat.index_select(0, order);
-  absl::StatusOr<at::Tensor> recv = gang_.AllToAllRows(rows, d.send_counts, &d.recv_counts);
+  absl::StatusOr<at::Tensor> recv = gang_.AllToAllRows(rows, d.send_counts, d.recv_counts);
   if (!recv.ok()) return recv.status();
-  absl::StatusOr<at::Tensor> recv_experts =
-      gang_.AllToAllRowsKnown(experts, d.send_counts, d.recv_counts);
-  if (!recv_experts.ok()) return recv_experts.status();
   d.recv_rows = recv->to(o_.device, o_.dtype);
-  const at::Tensor recv_ids = recv_experts->cpu();
-  d.recv_order = at::argsort(recv_ids, /*stable=*/true);
-  at::Tensor rc = at::bincount(recv_ids, {}, e_count);
-  d.recv_expert_counts.assign(rc.data_ptr<int64_t>(), rc.data_ptr<int64_t>() + e_count);
   return d;
 }
 
@@ -403,7 +426,7 @@ at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
 absl::Status Runner::CombineInto(const Dispatch& d, const at::Tensor& expert_out,
                                  at::Tensor& out) {
   absl::StatusOr<at::Tensor> back =
-      gang_.AllToAllRowsKnown(expert_out, d.recv_counts, d.send_counts);
+      gang_.AllToAllRows(expert_out, d.recv_counts, d.send_counts);
   if (!back.ok()) return back.status();
   {
     // As the single-process MoE block: each expert's outputs (compute dtype) weighted in fp32,
@@ -523,6 +546,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   const std::string where = absl::StrCat("layer ", layer, " (step ", step + 1, "/",
                                          o_.total_steps, ")");
   Clock::time_point t = Clock::now();
+  const double exchange0 = gang_.exchange_seconds();
   Progress(where + ": loading", 0);
   MQ_RETURN_IF_ERROR(EnterLayer(layer));
   absl::StatusOr<model::LayerWeights> loaded = Load(layer);
@@ -858,6 +882,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   MQ_RETURN_IF_ERROR(SaveCheckpoint(step));
   SyncDevice(o_.device);
   st.write_seconds = Since(t);
+  st.exchange_seconds = gang_.exchange_seconds() - exchange0;
   return out;
 }
 
