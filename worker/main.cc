@@ -62,6 +62,7 @@ int main(int argc, char** argv) {
   int64_t gang_join_timeout_ms = 120000;
   int64_t experts_per_pass = 16;
   int64_t dispatch_tokens = 65536;
+  int64_t cpu_threads = 0;
   bool help = false;
   mq::Flags flags;
   flags.String("coordinator", &coordinator, "coordinator HOST:PORT (default $MQ_COORDINATOR)");
@@ -86,6 +87,9 @@ int main(int argc, char** argv) {
             "calibration tokens, over the whole gang, whose routed rows an MoE layer sends to "
             "their experts at once; bounds memory: DeepSeek-V3 holds 3 x 8 rows of 14 KB per "
             "token (sent, received, returned), spread over the gang (default 65536; 0 = all)");
+  flags.Int("cpu-threads", &cpu_threads,
+            "threads for host-side tensor work (default 0: 4 with a CUDA device, so that one "
+            "worker per GPU does not oversubscribe the host; every core with --device cpu)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
   if (help) {
@@ -117,6 +121,10 @@ int main(int argc, char** argv) {
   if (experts_per_pass < 0 || experts_per_pass > 4096) {
     return Fail(absl::StrCat("--experts-per-pass = ", experts_per_pass,
                              ": must be between 0 (all) and 4096"));
+  }
+  if (cpu_threads < 0 || cpu_threads > 4096) {
+    return Fail(absl::StrCat("--cpu-threads = ", cpu_threads,
+                             ": must be between 0 (automatic) and 4096"));
   }
   if (dispatch_tokens < 0) {
     return Fail(absl::StrCat("--dispatch-tokens = ", dispatch_tokens,
@@ -176,6 +184,7 @@ int main(int argc, char** argv) {
   options.gang_join_timeout_ms = gang_join_timeout_ms;
   options.experts_per_pass = experts_per_pass;
   options.dispatch_tokens = dispatch_tokens;
+  options.cpu_threads = static_cast<int>(cpu_threads);
   options.gang_port = gang_port < 0 ? 0 : static_cast<int>(gang_port);
   mq::worker::Worker worker(options, *info, &metrics);
   return worker.Run(stop);

@@ -359,6 +359,7 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.join_timeout_ms = options_.gang_join_timeout_ms;
   in.experts_per_pass = options_.experts_per_pass;
   in.dispatch_tokens = options_.dispatch_tokens;
+  in.cpu_threads = options_.cpu_threads;
   const int64_t step_delay = FaultStepDelayMs();
   in.on_step = [&](const pipeline::StepOutput& out) -> absl::Status {
     mq::v1::ReportLayerRequest request;

@@ -256,6 +256,20 @@ def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("flag,value,allowed", [
+    ("--dispatch-tokens", "-1", "0 (all at once) or a positive token count"),
+    ("--cpu-threads", "-2", "between 0 (automatic) and 4096"),
+    ("--experts-per-pass", "5000", "between 0 (all) and 4096"),
+])
+def test_worker_rejects_bad_flags(tmp_path, flag, value, allowed):
+    import subprocess
+    from mq_cluster import WORKER
+    res = subprocess.run([str(WORKER), "--coordinator", "127.0.0.1:1", "--scratch-dir",
+                          str(tmp_path), flag, value], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert f"{flag} = {value}" in res.stderr and allowed in res.stderr, res.stderr
+
+
 def test_health_workers_and_list(cluster, model, tmp_path):
     cluster.start_coordinator()
     assert cluster.client("health", check=True).stdout.strip() == "SERVING"

@@ -2,6 +2,8 @@
 
 #include <sys/stat.h>
 
+#include <ATen/Parallel.h>
+
 #include "absl/strings/str_cat.h"
 #include "worker/data/calibration.h"
 #include "worker/model/config.h"
@@ -103,6 +105,12 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
     o.device = at::Device(in.device);
     o.dtype = at::kBFloat16;
   }
+  // The host-side work of a GPU worker is small (routing bookkeeping, index building); with one
+  // worker per GPU, each using every core, the workers' thread pools contend and that work
+  // stalls (a gang of 2 on one host: the dispatch rounds' overhead went from 4.3 to 1.5 s per
+  // layer with 4 threads each, bench/RESULTS.md).
+  const int threads = in.cpu_threads > 0 ? in.cpu_threads : (o.device.is_cuda() ? 4 : 0);
+  if (threads > 0) at::set_num_threads(threads);
   o.on_step = in.on_step;
   o.on_progress = in.on_progress;
   o.cancelled = in.cancelled;
