@@ -108,11 +108,13 @@ def test_end_to_end_gang_of_two_and_one(cluster, env, tmp_path):
     cluster.start_worker("w5")
     cluster.start_worker("w6")
     out2r = tmp_path / "out-gptq-k2-rounds"
-    _, rounds = run_job(cluster, env, out2r, "--gang-size", 2)
+    rounds_id, rounds = run_job(cluster, env, out2r, "--gang-size", 2)
     check_output_dir(out2r)
     last = rounds["job"]["progress"]["last_layer"]
     assert 32 < last["dispatch_rounds"] <= 64, last  # 64 samples of 2 to 48 tokens
     assert last["expert_passes"] == 4, last  # 8 experts, 4 per rank, one per pass
+    status = cluster.client("status", rounds_id).stdout
+    assert f"Dispatch:     {last['dispatch_rounds']} rounds, 4 expert passes" in status, status
     assert differing_codes(out2r, out2, "rounds vs one dispatch") < 0.05
     # Rounds are global (by sequence index), so a gang of one makes the same rounds: gang 1 and
     # gang 2 agree at least as well as they do with one dispatch.
