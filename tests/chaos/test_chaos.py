@@ -28,9 +28,9 @@ def env(tmp_path_factory):
     return {"model": model, "dataset": dataset, "tmp": tmp}
 
 
-def new_cluster(tmp):
+def new_cluster(tmp, worker_args=()):
     c = Cluster(tmp, lease_ms=2000, heartbeat_ms=200)
-    c.worker_args = ["--gang-join-timeout-ms", "8000"]
+    c.worker_args = ["--gang-join-timeout-ms", "8000", *worker_args]
     return c
 
 
@@ -40,12 +40,13 @@ def submit(cluster, env, out):
     return res.stdout.split()[0]
 
 
-def reference(env):
-    """The uninterrupted run's manifest hash (computed once)."""
-    if "reference" not in env:
-        tmp = env["tmp"] / "reference"
+def reference(env, worker_args=()):
+    """The uninterrupted run's manifest hash with these worker flags (computed once)."""
+    key = ("reference", *worker_args)
+    if key not in env:
+        tmp = env["tmp"] / "-".join(["reference", *worker_args])
         tmp.mkdir(exist_ok=True)
-        c = new_cluster(tmp)
+        c = new_cluster(tmp, worker_args)
         try:
             c.start_coordinator()
             c.start_worker("r1")
@@ -54,10 +55,10 @@ def reference(env):
             job_id = submit(c, env, out)
             job = c.wait_job(job_id, "JOB_STATE_SUCCEEDED", timeout=300)["job"]
             check_output_dir(out)
-            env["reference"] = job["manifest_sha256"]
+            env[key] = job["manifest_sha256"]
         finally:
             c.close()
-    return env["reference"]
+    return env[key]
 
 
 def check_history(job):
@@ -119,10 +120,13 @@ def test_coordinator_sigkill_at_random_moments(env, tmp_path):
         c.close()
 
 
-def test_worker_sigkill_mid_layer(env, tmp_path):
-    ref = reference(env)
+# Also with the routed rows dispatched in rounds (several per layer): a rank killed during a
+# round's collectives.
+@pytest.mark.parametrize("worker_args", [(), ("--dispatch-tokens", "300")])
+def test_worker_sigkill_mid_layer(env, tmp_path, worker_args):
+    ref = reference(env, worker_args)
     rng = random.Random(SEED + 1)
-    c = new_cluster(tmp_path)
+    c = new_cluster(tmp_path, worker_args)
     try:
         c.start_coordinator()
         fault_env = {**os.environ, **FAULTS}
