@@ -383,6 +383,9 @@ class PipelineTest : public CoordinatorTest {
     st->set_quantized_linears(10);
     st->set_fallbacks(a.rank());
     st->set_rare_experts(1);
+    st->set_dispatch_rounds(4);
+    st->set_expert_passes(2);
+    st->set_exchange_seconds(0.5 + a.rank());
     mq::v1::RareExpert* rare = st->add_rare();
     rare->set_expert(7 + a.rank());
     rare->set_routed_tokens(3);
@@ -542,6 +545,9 @@ TEST_F(PipelineTest, PlanThenGangThenFinalizeSucceeds) {
   EXPECT_EQ(last.rare_experts(), 2);
   EXPECT_EQ(last.rare_size(), 2);
   EXPECT_NEAR(last.mean_relative_error(), 0.015, 1e-12);
+  EXPECT_EQ(last.dispatch_rounds(), 4);  // rank 0's (the gang's)
+  EXPECT_EQ(last.expert_passes(), 2);
+  EXPECT_DOUBLE_EQ(last.exchange_seconds(), 1.5);  // max over ranks
   EXPECT_EQ(job.progress().fallbacks(), 4);
   EXPECT_EQ(job.progress().rare_experts(), 8);
   EXPECT_EQ(CountEvents(id, "layer_committed"), 4);

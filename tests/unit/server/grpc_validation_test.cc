@@ -303,6 +303,9 @@ TEST_F(GrpcValidationTest, MalformedReportLayerFieldsAreNamed) {
       {"stats.mean_relative_error", [](auto& r) { r.mutable_stats()->set_mean_relative_error(std::nan("")); }},
       {"stats.expert_tokens_min", [](auto& r) { r.mutable_stats()->set_expert_tokens_min(-3); }},
       {"stats.fallbacks", [](auto& r) { r.mutable_stats()->set_fallbacks(-1); }},
+      {"stats.exchange_seconds", [](auto& r) { r.mutable_stats()->set_exchange_seconds(-0.5); }},
+      {"stats.dispatch_rounds", [](auto& r) { r.mutable_stats()->set_dispatch_rounds(-1); }},
+      {"stats.expert_passes", [](auto& r) { r.mutable_stats()->set_expert_passes(-2); }},
       {"stats.rare[0]", [](auto& r) { r.mutable_stats()->add_rare()->set_expert(-1); }},
   };
   for (const Case& c : cases) ExpectInvalid(report(c.mutate), c.field, "report " + c.field);
