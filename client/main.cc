@@ -178,6 +178,9 @@ void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
               << "  output:                " << Bytes(e.output_bytes()) << "\n"
               << "  calibration tokens:    " << e.calibration_tokens() << "\n"
               << "  tokens per expert:     " << e.tokens_per_expert() << "\n";
+    if (e.dispatch_rounds() > 0) {
+      std::cout << "  dispatch rounds:       " << e.dispatch_rounds() << " per MoE layer\n";
+    }
     Table ranks({"RANK", "EXPERTS", "SEQUENCES", "GPU", "HOST"});
     for (const auto& rk : r.ranks()) {
       ranks.Add(

@@ -83,6 +83,7 @@ mq::v1::InspectReport ToProto(const model::InspectReport& in) {
   q->set_scratch_bytes_per_rank(e.scratch_bytes_per_rank);
   q->set_calibration_tokens(e.calibration_tokens);
   q->set_tokens_per_expert(e.tokens_per_expert);
+  q->set_dispatch_rounds(e.dispatch_rounds);
   return out;
 }
 

@@ -56,6 +56,7 @@ def test_fp8_model_with_ragged_dims(served, tmp_path):
     est = report["estimate"]
     assert int(est["calibration_tokens"]) == 512 * 4096
     assert est["tokens_per_expert"] == 512 * 4096 * 4 / 16
+    assert int(est["dispatch_rounds"]) == 512 * 4096 // 65536  # the worker's --dispatch-tokens
     for key in ("gpu_bytes_per_rank", "host_bytes_per_rank", "output_bytes",
                 "scratch_bytes_per_rank"):
         assert int(est[key]) > 0, key
@@ -67,7 +68,8 @@ def test_fp8_model_with_ragged_dims(served, tmp_path):
 
     human = served.client("inspect", model, "--gang-size", "2", "--layers", check=True).stdout
     for text in ("fp8 weights", "Layers:       4 (1 dense, 3 MoE) + 1 MTP",
-                 "Estimate (gang of 2)", "RANK", "0..7", "8..15", "LAYER  KIND"):
+                 "Estimate (gang of 2)", "dispatch rounds:       32 per MoE layer", "RANK",
+                 "0..7", "8..15", "LAYER  KIND"):
         assert text in human, human
 
 

@@ -91,6 +91,7 @@ struct ResourceEstimate {
   int64_t scratch_bytes_per_rank = 0;  // hidden-state checkpoints kept per rank
   int64_t calibration_tokens = 0;
   double tokens_per_expert = 0;  // mean routed tokens each expert sees per layer
+  int64_t dispatch_rounds = 0;   // of each MoE layer (plan.h; 0 without MoE layers)
 };
 
 struct InspectReport {

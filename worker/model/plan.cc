@@ -235,6 +235,16 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   const int64_t attention_scores =
       SatMul({seq, seq, std::min<int64_t>(config.num_attention_heads, kAttentionHeadsPerChunk), 4});
   ResourceEstimate& est = plan.estimate;
+  // Dispatch rounds of the MoE block (the pipeline counts the real tokens, at most this many).
+  const int64_t samples = std::max<int64_t>(1, request.num_calibration_samples);
+  const int64_t all_tokens = SatMul(samples, seq);
+  const int64_t rounds =
+      request.dispatch_tokens > 0
+          ? std::clamp<int64_t>(all_tokens / request.dispatch_tokens +
+                                    (all_tokens % request.dispatch_tokens != 0 ? 1 : 0),
+                                1, samples)
+          : 1;
+  est.dispatch_rounds = any_moe ? rounds : 0;
   int first_expert = 0;
   for (int rank = 0; rank < gang; ++rank) {
     RankPlan rp;
@@ -252,14 +262,6 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     int64_t dispatch = 0;
     if (experts > 0) {
       const int64_t k = config.num_experts_per_tok;
-      const int64_t samples = std::max<int64_t>(1, request.num_calibration_samples);
-      const int64_t all_tokens = SatMul(samples, seq);
-      const int64_t rounds =
-          request.dispatch_tokens > 0
-              ? std::clamp<int64_t>(all_tokens / request.dispatch_tokens +
-                                        (all_tokens % request.dispatch_tokens != 0 ? 1 : 0),
-                                    1, samples)
-              : 1;
       const int64_t seqs_per_round = CeilDiv(rp.num_sequences, rounds);
       const int64_t rows = SatMul({seqs_per_round, seq, k});
       const int64_t all_rows = SatMul({CeilDiv(samples, rounds), seq, k, experts});

@@ -131,7 +131,8 @@ inline constexpr int64_t kAttentionHeadsPerChunk = 16;
 //   scratch(r) = tokens(r) * H * 2 * 2 (two bf16 hidden-state checkpoints)
 // estimate: gpu/host/scratch = max over ranks; output_bytes = model-level tensors (embeddings,
 // model.norm, lm_head) + sum of layer output_bytes; calibration_tokens = samples * S;
-// tokens_per_expert = samples * S * num_experts_per_tok / n_routed_experts.
+// tokens_per_expert = samples * S * num_experts_per_tok / n_routed_experts;
+// dispatch_rounds = rounds above (0 without MoE layers).
 // All sums saturate at INT64_MAX instead of overflowing.
 JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
                 const StoredTensors& stored);

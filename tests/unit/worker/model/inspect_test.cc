@@ -612,8 +612,10 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   // Dispatch rounds of at most 40 tokens over the gang: ceil(128 / 40) = 4 rounds of 2 of the 8
   // sequences; rank 0 sends the rows of at most ceil(3 / 4) = 1 of its sequences per round and
   // receives ceil(2 * 16 * 2 * 2 / 4) = 32 rows for its 2 experts.
+  EXPECT_EQ(report.estimate.dispatch_rounds, 1);
   request.dispatch_tokens = 40;
   const InspectReport rounds = InspectCheckpoint(request);
+  EXPECT_EQ(rounds.estimate.dispatch_rounds, 4);
   const int64_t unrounded_dispatch = (3 * 16 * 2 + 2 * 64 * 2) * 200 * 2;
   EXPECT_EQ(rounds.ranks.at(0).gpu_bytes,
             gpu(2, 3) - unrounded_dispatch + (1 * 16 * 2 + 2 * 32) * 200 * 2);
@@ -733,8 +735,10 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
+  EXPECT_EQ(plan.estimate.dispatch_rounds, 32);
   request.dispatch_tokens = 0;
   EXPECT_EQ(PlanJob(c, request, stored).estimate.gpu_bytes_per_rank, 122634010624);
+  EXPECT_EQ(PlanJob(c, request, stored).estimate.dispatch_rounds, 1);
 }
 
 }  // namespace
