@@ -237,13 +237,7 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   ResourceEstimate& est = plan.estimate;
   // Dispatch rounds of the MoE block (the pipeline counts the real tokens, at most this many).
   const int64_t samples = std::max<int64_t>(1, request.num_calibration_samples);
-  const int64_t all_tokens = SatMul(samples, seq);
-  const int64_t rounds =
-      request.dispatch_tokens > 0
-          ? std::clamp<int64_t>(all_tokens / request.dispatch_tokens +
-                                    (all_tokens % request.dispatch_tokens != 0 ? 1 : 0),
-                                1, samples)
-          : 1;
+  const int64_t rounds = DispatchRounds(SatMul(samples, seq), samples, request.dispatch_tokens);
   est.dispatch_rounds = any_moe ? rounds : 0;
   int first_expert = 0;
   for (int rank = 0; rank < gang; ++rank) {
@@ -291,6 +285,13 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
                           static_cast<double>(seq) * config.num_experts_per_tok /
                           config.n_routed_experts;
   return plan;
+}
+
+int64_t DispatchRounds(int64_t tokens, int64_t sequences, int64_t dispatch_tokens) {
+  if (dispatch_tokens <= 0) return 1;
+  // Written so that tokens near INT64_MAX (saturated products) cannot overflow.
+  const int64_t rounds = tokens / dispatch_tokens + (tokens % dispatch_tokens != 0 ? 1 : 0);
+  return std::clamp<int64_t>(rounds, 1, std::max<int64_t>(1, sequences));
 }
 
 }  // namespace mq::model

@@ -137,4 +137,9 @@ inline constexpr int64_t kAttentionHeadsPerChunk = 16;
 JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
                 const StoredTensors& stored);
 
+// Rounds in which an MoE layer dispatches the routed rows of `tokens` calibration tokens in
+// `sequences` sequences: ceil(tokens / dispatch_tokens), between 1 and `sequences` (a round holds
+// whole sequences); 1 when dispatch_tokens <= 0. The plan and the pipeline both count this way.
+int64_t DispatchRounds(int64_t tokens, int64_t sequences, int64_t dispatch_tokens);
+
 }  // namespace mq::model

@@ -19,6 +19,7 @@
 #include "worker/model/config.h"
 #include "worker/model/deepseek_v3.h"
 #include "worker/model/fp8.h"
+#include "worker/model/plan.h"
 #include "worker/model/safetensors_writer.h"
 #include "worker/model/tensor_io.h"
 #include "worker/quant/gptq_batched.h"
@@ -388,15 +389,13 @@ absl::Status Runner::AgreeDispatchPlan() {
   const int64_t per_pass = settings[0].item<int64_t>(), dispatch_tokens = settings[1].item<int64_t>();
   const int64_t e = config_.n_routed_experts, k = gang_.size();
   const int64_t most_own = (e + k - 1) / k;  // experts of the largest range
-  plan_.per_pass = static_cast<int>(per_pass > 0 ? std::min(per_pass, std::max<int64_t>(1, most_own))
-                                                 : std::max<int64_t>(1, most_own));
+  const int64_t whole = std::max<int64_t>(1, most_own);
+  plan_.per_pass = static_cast<int>(per_pass > 0 ? std::min(per_pass, whole) : whole);
   plan_.passes = static_cast<int>((most_own + plan_.per_pass - 1) / plan_.per_pass);
   int64_t total = 0;
   for (const std::vector<int32_t>& s : o_.samples) total += static_cast<int64_t>(s.size());
-  const int64_t n = static_cast<int64_t>(o_.samples.size());
-  plan_.rounds = dispatch_tokens > 0
-                     ? std::clamp<int64_t>((total + dispatch_tokens - 1) / dispatch_tokens, 1, n)
-                     : 1;
+  plan_.rounds = model::DispatchRounds(total, static_cast<int64_t>(o_.samples.size()),
+                                       dispatch_tokens);
   return absl::OkStatus();
 }
 
@@ -428,20 +427,18 @@ absl::Status Runner::CombineInto(const Dispatch& d, const at::Tensor& expert_out
   absl::StatusOr<at::Tensor> back =
       gang_.AllToAllRows(expert_out, d.recv_counts, d.send_counts);
   if (!back.ok()) return back.status();
-  {
-    // As the single-process MoE block: each expert's outputs (compute dtype) weighted in fp32,
-    // cast, accumulated in ascending expert order (a token's experts all come in one dispatch).
-    at::Tensor y_all = back->to(o_.device, o_.dtype);
-    at::Tensor tokens = d.send_tokens.to(o_.device);
-    at::Tensor weights = d.send_weights.to(o_.device);
-    int64_t offset = 0;
-    for (int64_t e = 0; e < config_.n_routed_experts; ++e) {
-      const int64_t n = d.send_expert_counts[e];
-      if (n == 0) continue;
-      at::Tensor y = y_all.narrow(0, offset, n) * weights.narrow(0, offset, n).unsqueeze(1);
-      out.index_add_(0, tokens.narrow(0, offset, n), y.to(out.scalar_type()));
-      offset += n;
-    }
+  // As the single-process MoE block: each expert's outputs (compute dtype) weighted in fp32,
+  // cast, accumulated in ascending expert order (a token's experts all come in one dispatch).
+  at::Tensor y_all = back->to(o_.device, o_.dtype);
+  at::Tensor tokens = d.send_tokens.to(o_.device);
+  at::Tensor weights = d.send_weights.to(o_.device);
+  int64_t offset = 0;
+  for (int64_t e = 0; e < config_.n_routed_experts; ++e) {
+    const int64_t n = d.send_expert_counts[e];
+    if (n == 0) continue;
+    at::Tensor y = y_all.narrow(0, offset, n) * weights.narrow(0, offset, n).unsqueeze(1);
+    out.index_add_(0, tokens.narrow(0, offset, n), y.to(out.scalar_type()));
+    offset += n;
   }
   return absl::OkStatus();
 }
@@ -485,21 +482,22 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeig
   }
   const std::string where = absl::StrCat("layer ", w.layer, " experts");
   at::Tensor out = at::zeros_like(cached_in->u);
-  // One dispatch round at a time (the cached dispatch, when there is one, is the only round).
-  std::vector<at::Tensor> rounds;
-  if (!cached_d) rounds = plan_.rounds > 1 ? RoundTokens() : std::vector<at::Tensor>{at::Tensor()};
-  for (size_t r = 0; r < (cached_d ? 1 : rounds.size()); ++r) {
-    Dispatch fresh_d;
-    const Dispatch* d = cached_d;
-    if (!d) {
-      absl::StatusOr<Dispatch> dispatched = DispatchRows(*cached_in, rounds[r]);
-      if (!dispatched.ok()) return dispatched.status();
-      fresh_d = *std::move(dispatched);
-      d = &fresh_d;
+  auto experts_into_out = [&](const Dispatch& d) {
+    return Guarded(where, [&]() -> absl::Status {
+      return CombineInto(d, RunExperts(w, d, hooks, /*want_outputs=*/true), out);
+    });
+  };
+  if (cached_d) {
+    MQ_RETURN_IF_ERROR(experts_into_out(*cached_d));
+  } else {
+    // One dispatch round at a time (undefined tokens: every row in one round).
+    const std::vector<at::Tensor> rounds =
+        plan_.rounds > 1 ? RoundTokens() : std::vector<at::Tensor>{at::Tensor()};
+    for (const at::Tensor& round : rounds) {
+      absl::StatusOr<Dispatch> d = DispatchRows(*cached_in, round);
+      if (!d.ok()) return d.status();
+      MQ_RETURN_IF_ERROR(experts_into_out(*d));
     }
-    MQ_RETURN_IF_ERROR(Guarded(where, [&]() -> absl::Status {
-      return CombineInto(*d, RunExperts(w, *d, hooks, /*want_outputs=*/true), out);
-    }));
   }
   return Guarded(where, [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
     return FinishMoe(w, *cached_in, std::move(out), hooks);

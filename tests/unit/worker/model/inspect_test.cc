@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -655,6 +656,15 @@ TEST(InspectTest, AllLinearPlanCountsAndHessians) {
   request.experts_per_pass = 3;
   EXPECT_EQ(InspectCheckpoint(request).ranks.at(0).gpu_bytes,
             report.ranks.at(0).gpu_bytes - (square * 4 * 2 + square * 8 + 2 * 64 * 200 * 18));
+}
+
+TEST(PlanTest, DispatchRounds) {
+  EXPECT_EQ(DispatchRounds(128, 8, 40), 4);      // ceil(128 / 40)
+  EXPECT_EQ(DispatchRounds(128, 8, 1), 8);       // at most one round per sequence
+  EXPECT_EQ(DispatchRounds(128, 8, 1000), 1);
+  EXPECT_EQ(DispatchRounds(128, 8, 0), 1);       // 0: everything at once
+  EXPECT_EQ(DispatchRounds(0, 0, 40), 1);
+  EXPECT_EQ(DispatchRounds(std::numeric_limits<int64_t>::max(), 1 << 20, 2), 1 << 20);
 }
 
 // The real DeepSeek-V3 (61 layers + MTP present in the checkpoint but not planned), 512 x 4096
