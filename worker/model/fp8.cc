@@ -39,6 +39,20 @@ float HalfToFloat(uint16_t bits) {
 
 absl::StatusOr<std::vector<uint16_t>> DequantFp8(const TensorView& weight,
                                                  const TensorView* scale_inv, int num_threads) {
+  absl::StatusOr<std::vector<float>> scales = Fp8BlockScales(weight, scale_inv);
+  if (!scales.ok()) return scales.status();
+  PrefetchTensor(weight);
+  const int64_t rows = weight.shape[0];
+  const int64_t cols = weight.shape[1];
+  std::vector<uint16_t> out(static_cast<size_t>(rows * cols));
+  kernels::Fp8BlockDequantCpu(weight.data, scales->data(), rows, cols, out.data(), num_threads);
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<float>> Fp8BlockScales(const TensorView& weight,
+                                                   const TensorView* scale_inv) {
   const std::string scale_name = absl::StrCat(weight.name, kScaleInvSuffix);
   if (weight.shape.size() != 2) {
     return absl::InvalidArgumentError(
@@ -68,13 +82,18 @@ absl::StatusOr<std::vector<uint16_t>> DequantFp8(const TensorView& weight,
   // the size of the weight).
   std::vector<float> scales(static_cast<size_t>(expected[0] * expected[1]));
   std::memcpy(scales.data(), scale_inv->data, scales.size() * sizeof(float));
-  PrefetchTensor(weight);
-  std::vector<uint16_t> out(static_cast<size_t>(rows * cols));
-  kernels::Fp8BlockDequantCpu(weight.data, scales.data(), rows, cols, out.data(), num_threads);
-  return out;
+  return scales;
 }
 
-}  // namespace
+absl::StatusOr<TensorView> Fp8ScaleView(CheckpointReader& reader, const std::string& weight_name) {
+  const std::string scale_name = absl::StrCat(weight_name, kScaleInvSuffix);
+  if (!reader.Has(scale_name)) {
+    return absl::NotFoundError(absl::StrCat("FP8 weight ", Quote(weight_name), " has no ",
+                                            Quote(scale_name), " in the checkpoint ",
+                                            reader.dir()));
+  }
+  return reader.Get(scale_name);
+}
 
 absl::StatusOr<std::vector<uint16_t>> ViewAsBf16(const TensorView& weight,
                                                  const TensorView* scale_inv, int num_threads) {
@@ -118,13 +137,7 @@ absl::StatusOr<std::vector<uint16_t>> LoadAsBf16(CheckpointReader& reader,
   absl::StatusOr<TensorView> weight = reader.Get(weight_name);
   if (!weight.ok()) return weight.status();
   if (weight->dtype != DType::kF8E4M3) return ViewAsBf16(*weight, nullptr);
-  const std::string scale_name = absl::StrCat(weight_name, kScaleInvSuffix);
-  if (!reader.Has(scale_name)) {
-    return absl::NotFoundError(absl::StrCat("FP8 weight ", Quote(weight_name), " has no ",
-                                            Quote(scale_name), " in the checkpoint ",
-                                            reader.dir()));
-  }
-  absl::StatusOr<TensorView> scale = reader.Get(scale_name);
+  absl::StatusOr<TensorView> scale = Fp8ScaleView(reader, weight_name);
   if (!scale.ok()) return scale.status();
   return ViewAsBf16(*weight, &*scale);
 }

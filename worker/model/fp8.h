@@ -31,4 +31,15 @@ absl::StatusOr<std::vector<uint16_t>> LoadAsBf16(CheckpointReader& reader,
 absl::StatusOr<std::vector<uint16_t>> ViewAsBf16(const TensorView& weight,
                                                  const TensorView* scale_inv, int num_threads = 0);
 
+// The block scales of FP8 `weight` (F8_E4M3 [r, c]) from `scale_inv`, checked (F32 of shape
+// [ceil(r/128), ceil(c/128)]) and copied to aligned storage, row-major. The same errors as
+// ViewAsBf16 for a weight that is not 2-D, a null `scale_inv`, or a scale of the wrong dtype or
+// shape.
+absl::StatusOr<std::vector<float>> Fp8BlockScales(const TensorView& weight,
+                                                   const TensorView* scale_inv);
+
+// The "<weight_name>_scale_inv" view of `reader`; NotFound naming the weight and the checkpoint
+// when there is none.
+absl::StatusOr<TensorView> Fp8ScaleView(CheckpointReader& reader, const std::string& weight_name);
+
 }  // namespace mq::model
