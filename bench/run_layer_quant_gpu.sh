@@ -15,6 +15,8 @@
 #   MQ_RUNS       "GANG:SAMPLES ..." jobs to run in order (default "1:64 N:64", N = GPU count)
 #   MQ_SEQLEN     tokens per calibration sequence (default 1024)
 #   MQ_EXPERTS    routed experts of the generated layer (default 256)
+#   MQ_LAYERS     MoE layers of the generated checkpoint (default 1; 11.75 GB each)
+#   MQ_WORKER_ARGS  extra mq-worker flags, e.g. --overlap-writes=false
 #   MQ_EPP        mq-worker --experts-per-pass (default 16: with 32, a gang of one at 64x1024
 #                 tokens ran out of memory on an 80 GB H100; see bench/RESULTS.md)
 #   MQ_DISPATCH   mq-worker --dispatch-tokens (default 65536, the worker's default: 64x1024 is
@@ -42,6 +44,7 @@ NGPU=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
 RUNS="${MQ_RUNS:-1:64 $NGPU:64}"
 SEQLEN="${MQ_SEQLEN:-1024}"
 EXPERTS="${MQ_EXPERTS:-256}"
+LAYERS="${MQ_LAYERS:-1}"
 EPP="${MQ_EPP:-16}"
 DISPATCH="${MQ_DISPATCH:-65536}"
 TARGETS="${MQ_TARGETS:-routed-experts}"
@@ -70,7 +73,7 @@ stamp "mq-gen-model built"
 # --- model (in the background while the service builds) --------------------------------------
 GROUPS_=8; TOPKG=4
 [ "$EXPERTS" -lt 64 ] && { GROUPS_=1; TOPKG=1; }
-GEN_FLAGS="--layers 1 --dense-layers 0 --experts $EXPERTS --experts-per-tok 8 --groups $GROUPS_
+GEN_FLAGS="--layers $LAYERS --dense-layers 0 --experts $EXPERTS --experts-per-tok 8 --groups $GROUPS_
   --topk-groups $TOPKG --shared-experts 1 --hidden 7168 --moe-intermediate 2048 --heads 128
   --q-lora-rank 1536 --kv-lora-rank 512 --qk-nope-dim 128 --qk-rope-dim 64 --v-dim 128
   --vocab 8192 --shards 3 --seed 1"
@@ -122,7 +125,8 @@ start_worker() {  # start_worker GPU: (re)starts that GPU's worker
   local i=$1
   STARTS=$((STARTS + 1))
   "$WORKER" --coordinator "$ADDR" --device cuda:$i --name gpu$i-$STARTS --scratch-dir "$W/scratch$i" \
-    --experts-per-pass "$EPP" --dispatch-tokens "$DISPATCH" --poll-wait-ms 1000 >> "$LOG/worker$i.log" 2>&1 &
+    --experts-per-pass "$EPP" --dispatch-tokens "$DISPATCH" --poll-wait-ms 1000 ${MQ_WORKER_ARGS:-} \
+    >> "$LOG/worker$i.log" 2>&1 &
   WORKER_PIDS[$i]=$!
 }
 for i in $(seq 0 $((NGPU - 1))); do start_worker $i; done
@@ -204,6 +208,7 @@ r = {"tag": tag, "gang": int(K), "samples": int(S), "seqlen": int(seqlen),
      "peak_gpu_mib": peak, "output_bytes": int(out_bytes or 0)}
 j = job.get("job", {})
 r["state"] = j.get("state"); r["message"] = j.get("message")
+r["manifest_sha256"] = j.get("manifest_sha256")
 r["last_layer"] = j.get("progress", {}).get("last_layer")
 r["layers"] = [{"layer": l.get("layer"), "committed_at_ms": l.get("committed_at_ms"),
                 "reports": [{"rank": p.get("rank"), "stats": p.get("stats")} for p in l.get("reports", [])]}
@@ -233,7 +238,8 @@ for r in runs:
     t_sub = int(r["created_at_ms"] or 0)
     print(f"== {r['tag']}: gang {r['gang']}, {r['samples']}x{r['seqlen']} tokens, state {r['state']}, "
           f"client rc {r['client_rc']}, submit->end {r['wall_submit_to_end_s']:.1f} s, "
-          f"output {r['output_bytes']/1e9:.2f} GB, peak GPU MiB {r['peak_gpu_mib']}")
+          f"output {r['output_bytes']/1e9:.2f} GB, peak GPU MiB {r['peak_gpu_mib']}, "
+          f"manifest {(r.get('manifest_sha256') or '')[:16]}")
     if r["message"]:
         print("   message:", r["message"][:300])
     for t, kind, msg in ev:

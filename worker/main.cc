@@ -63,6 +63,7 @@ int main(int argc, char** argv) {
   int64_t experts_per_pass = 16;
   int64_t dispatch_tokens = 65536;
   int64_t cpu_threads = 0;
+  bool overlap_writes = true;
   bool help = false;
   mq::Flags flags;
   flags.String("coordinator", &coordinator, "coordinator HOST:PORT (default $MQ_COORDINATOR)");
@@ -90,6 +91,9 @@ int main(int argc, char** argv) {
   flags.Int("cpu-threads", &cpu_threads,
             "threads for host-side tensor work (default 0: 4 with a CUDA device, so that one "
             "worker per GPU does not oversubscribe the host; every core with --device cpu)");
+  flags.Bool("overlap-writes", &overlap_writes,
+             "write and report each layer on a second thread while the next layer runs (default "
+             "true; --overlap-writes=false finishes each layer before starting the next)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
   if (help) {
@@ -185,6 +189,7 @@ int main(int argc, char** argv) {
   options.experts_per_pass = experts_per_pass;
   options.dispatch_tokens = dispatch_tokens;
   options.cpu_threads = static_cast<int>(cpu_threads);
+  options.overlap_writes = overlap_writes;
   options.gang_port = gang_port < 0 ? 0 : static_cast<int>(gang_port);
   mq::worker::Worker worker(options, *info, &metrics);
   return worker.Run(stop);

@@ -360,6 +360,7 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.experts_per_pass = options_.experts_per_pass;
   in.dispatch_tokens = options_.dispatch_tokens;
   in.cpu_threads = options_.cpu_threads;
+  in.overlap_writes = options_.overlap_writes;
   const int64_t step_delay = FaultStepDelayMs();
   in.on_step = [&](const pipeline::StepOutput& out) -> absl::Status {
     mq::v1::ReportLayerRequest request;

@@ -31,6 +31,7 @@ struct WorkerOptions {
   int64_t experts_per_pass = 16;
   int64_t dispatch_tokens = 65536;  // gang-wide tokens an MoE layer dispatches at once (0 = all)
   int cpu_threads = 0;  // host threads for tensor work (0: 4 on CUDA, every core on CPU)
+  bool overlap_writes = true;  // a layer's write and report beside the next layer's work
 };
 
 class Worker {

@@ -137,6 +137,47 @@ def test_end_to_end_gang_of_two_and_one(cluster, env, tmp_path):
     assert abs(gptq_rounds - orig) < abs(rtn - orig)
 
 
+def test_layer_writes_overlap_the_next_layer(cluster, env, tmp_path):
+    """Each layer is written and reported on a second thread while the next layer runs
+    (mq-worker --overlap-writes, the default). The checkpoint equals the one written layer by
+    layer; a write that fails fails the job naming the file, with the layers before it
+    committed; a resume completes it with the same checkpoint."""
+    cluster.start_coordinator()
+    cluster.worker_args = ["--overlap-writes=false"]
+    cluster.start_worker("sequential")
+    out_seq = tmp_path / "out-sequential"
+    run_job(cluster, env, out_seq, "--gang-size", 1)
+    cluster.workers["sequential"].stop()
+    cluster.worker_args = []
+    cluster.start_worker("w1")
+    out = tmp_path / "out-overlapped"
+    run_job(cluster, env, out, "--gang-size", 1)
+    check_output_dir(out)
+    assert manifest(out) == manifest(out_seq)
+
+    # Layer 1's file cannot be created (a directory holds its name): the failure surfaces while
+    # layer 2 runs, and the job fails with the file's name; layer 0 stays committed.
+    out_f = tmp_path / "out-write-fails"
+    blocker = out_f / "model-layer00001-rank000-of-001.safetensors"
+    (blocker / "in-the-way").mkdir(parents=True)
+    res = cluster.client(*submit_args(env["model"], out_f, env["dataset"], "--gang-size", 1,
+                                      "--max-attempts", 1), check=True)
+    job_id = res.stdout.split()[0]
+    failed = cluster.wait_job(job_id, {"JOB_STATE_FAILED", "JOB_STATE_SUCCEEDED"},
+                              timeout=300)["job"]
+    print("write failure:", failed["message"])
+    assert failed["state"] == "JOB_STATE_FAILED", failed
+    assert "model-layer00001-rank000-of-001.safetensors" in failed["message"], failed
+    assert failed["progress"]["layers_committed"] == 1, failed["progress"]
+    (blocker / "in-the-way").rmdir()
+    blocker.rmdir()
+    cluster.client("resume", job_id, check=True)
+    done = cluster.wait_job(job_id, "JOB_STATE_SUCCEEDED", timeout=300)["job"]
+    assert done["progress"]["layers_committed"] == 3
+    check_output_dir(out_f)
+    assert manifest(out_f) == manifest(out_seq)
+
+
 def test_bad_inputs_fail_fast(cluster, env, tmp_path):
     cluster.start_coordinator()
     cluster.start_worker("w1")

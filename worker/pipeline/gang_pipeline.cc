@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <future>
 #include <limits>
 #include <map>
 #include <memory>
@@ -104,6 +105,16 @@ struct DispatchPlan {
   int passes = 1;    // passes every rank runs (the largest expert range needs this many)
 };
 
+// What is left of a step once its layer has been propagated: its files and hidden-state
+// checkpoint to write, then its report. Host memory only, so it can finish on another thread
+// while the next step uses the device.
+struct StepWrite {
+  StepOutput out;
+  std::vector<model::TensorData> tensors;  // solved tensors of this rank (packed)
+  std::vector<std::string> plain;          // unquantized tensors of the layer this rank writes
+  std::vector<model::TensorData> hidden;   // the step's output hidden states, per chunk
+};
+
 class Runner {
  public:
   Runner(const GangPipelineOptions& o, Gang& gang, model::CheckpointReader& reader,
@@ -172,10 +183,14 @@ class Runner {
                                                     const model::WeightOverrides& overrides,
                                                     const MoeInput* cached_in,
                                                     const Dispatch* cached_d);
-  absl::StatusOr<StepOutput> QuantizeStep(int step, int layer);
+  absl::StatusOr<StepWrite> QuantizeStep(int step, int layer);
+  // Writes the step's files and checkpoint, then reports it (o_.on_step). Touches no device
+  // tensor and no member that a running step changes, so it may run beside the next step.
+  absl::Status WriteStep(StepWrite w);
   absl::Status Replay(int step, int layer, const FileSetReader& committed);
   std::string CheckpointPath(int step) const;
-  absl::Status SaveCheckpoint(int step);
+  std::vector<model::TensorData> HiddenStates() const;
+  absl::Status SaveCheckpoint(int step, std::vector<model::TensorData> hidden);
   absl::StatusOr<bool> LoadCheckpoint(int step);
   absl::StatusOr<std::vector<GptqResult>> Solve(const std::vector<at::Tensor>& ws,
                                                 const HessianAccumulator* acc, bool force_rtn,
@@ -536,8 +551,9 @@ absl::StatusOr<std::vector<GptqResult>> Runner::Solve(const std::vector<at::Tens
   return results;
 }
 
-absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
-  StepOutput out;
+absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
+  StepWrite result;
+  StepOutput& out = result.out;
   out.step = step;
   out.layer = layer;
   StepStats& st = out.stats;
@@ -658,7 +674,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   // Solve: own experts, and replicated groups round-robin; replicated results broadcast.
   t = Clock::now();
   Progress(where + ": solving", 0.4);
-  std::vector<model::TensorData> tensors;
+  std::vector<model::TensorData>& tensors = result.tensors;
   std::set<std::string> written_quantized;
   model::WeightOverrides overrides;
   double err_sum = 0;
@@ -849,9 +865,7 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
   SyncDevice(o_.device);
   st.propagate_seconds = Since(t);
 
-  // Write this rank's tensors, then the checkpoint.
-  t = Clock::now();
-  Progress(where + ": writing", 0.9);
+  // What this rank writes: its solved tensors, and the layer's unquantized tensors it owns.
   const std::string prefix = absl::StrCat("model.layers.", layer, ".");
   for (const std::string& n : reader_.names()) {
     if (n.rfind(prefix, 0) != 0 || quant::EndsWith(n, model::kScaleInvSuffix)) continue;
@@ -866,22 +880,34 @@ absl::StatusOr<StepOutput> Runner::QuantizeStep(int step, int layer) {
             replicated.end()) {
       continue;  // a replicated quantized linear: written by its solver
     }
+    result.plain.push_back(n);
+  }
+  const Clock::time_point h = Clock::now();
+  result.hidden = HiddenStates();  // copied to the host: the next step replaces chunks_
+  st.write_seconds = Since(h);
+  st.exchange_seconds = gang_.exchange_seconds() - exchange0;
+  Progress(where + ": writing", 0.9);
+  return result;
+}
+
+absl::Status Runner::WriteStep(StepWrite w) {
+  const Clock::time_point t = Clock::now();
+  for (const std::string& n : w.plain) {
     absl::StatusOr<model::TensorData> d = quant::PlainTensor(reader_, n);
     if (!d.ok()) return d.status();
-    tensors.push_back(*std::move(d));
+    w.tensors.push_back(*std::move(d));
   }
-  if (!tensors.empty()) {
-    const std::string name = LayerFileName(layer, gang_.rank(), gang_.size());
+  if (!w.tensors.empty()) {
+    const std::string name = LayerFileName(w.out.layer, gang_.rank(), gang_.size());
     absl::StatusOr<OutputFileInfo> info =
-        WriteDescribedSafetensors(o_.output_dir, name, std::move(tensors));
+        WriteDescribedSafetensors(o_.output_dir, name, std::move(w.tensors));
     if (!info.ok()) return info.status();
-    out.files.push_back(*std::move(info));
+    w.out.files.push_back(*std::move(info));
   }
-  MQ_RETURN_IF_ERROR(SaveCheckpoint(step));
-  SyncDevice(o_.device);
-  st.write_seconds = Since(t);
-  st.exchange_seconds = gang_.exchange_seconds() - exchange0;
-  return out;
+  MQ_RETURN_IF_ERROR(SaveCheckpoint(w.out.step, std::move(w.hidden)));
+  w.out.stats.write_seconds += Since(t);
+  if (o_.on_step) MQ_RETURN_IF_ERROR(o_.on_step(w.out));
+  return absl::OkStatus();
 }
 
 absl::Status Runner::Replay(int step, int layer, const FileSetReader& committed) {
@@ -920,12 +946,16 @@ std::string Runner::CheckpointPath(int step) const {
   return o_.scratch_dir + buf;
 }
 
-absl::Status Runner::SaveCheckpoint(int step) {
+std::vector<model::TensorData> Runner::HiddenStates() const {
   std::vector<model::TensorData> tensors;
   for (size_t i = 0; i < chunks_.size(); ++i) {
     tensors.push_back(model::ToTensorData(absl::StrCat("chunk.", i), chunks_[i].hidden));
   }
-  MQ_RETURN_IF_ERROR(model::WriteSafetensors(CheckpointPath(step), std::move(tensors)));
+  return tensors;
+}
+
+absl::Status Runner::SaveCheckpoint(int step, std::vector<model::TensorData> hidden) {
+  MQ_RETURN_IF_ERROR(model::WriteSafetensors(CheckpointPath(step), std::move(hidden)));
   if (step >= 1) ::unlink(CheckpointPath(step - 1).c_str());  // keep only the newest
   return absl::OkStatus();
 }
@@ -989,16 +1019,36 @@ absl::StatusOr<GangPipelineResult> Runner::Run() {
       }
     }
   }
+  // With overlap_writes, step s is written and reported on another thread while step s + 1
+  // runs; at most one write is in flight, so reports stay in step order. Every return below
+  // waits for it first (it uses this Runner and the caller's callbacks).
+  std::future<absl::Status> writing;
+  auto wait_write = [&writing]() -> absl::Status {
+    return writing.valid() ? writing.get() : absl::OkStatus();
+  };
   for (int s = o_.start_step; s < o_.total_steps; ++s) {
-    MQ_RETURN_IF_ERROR(CheckCancelled());
+    absl::Status st = CheckCancelled();
     // Torch errors anywhere in the step (device out of memory included) fail the job with a
     // status instead of ending the process.
-    absl::StatusOr<StepOutput> out =
-        Guarded(absl::StrCat("layer ", layers[s]), [&] { return QuantizeStep(s, layers[s]); });
-    if (!out.ok()) return out.status();
-    if (o_.on_step) MQ_RETURN_IF_ERROR(o_.on_step(*out));
+    absl::StatusOr<StepWrite> w =
+        st.ok() ? Guarded(absl::StrCat("layer ", layers[s]),
+                          [&] { return QuantizeStep(s, layers[s]); })
+                : absl::StatusOr<StepWrite>(st);
+    // The previous step's write failed first when both failed.
+    MQ_RETURN_IF_ERROR(wait_write());
+    if (!w.ok()) return w.status();
+    auto write = [this, what = absl::StrCat("writing layer ", layers[s]),
+                  pending = std::make_shared<StepWrite>(*std::move(w))]() -> absl::Status {
+      return Guarded(what, [&] { return WriteStep(std::move(*pending)); });
+    };
+    if (o_.overlap_writes) {
+      writing = std::async(std::launch::async, std::move(write));
+    } else {
+      MQ_RETURN_IF_ERROR(write());
+    }
     ++result.steps_run;
   }
+  MQ_RETURN_IF_ERROR(wait_write());
   MQ_RETURN_IF_ERROR(gang_.Barrier());
   // Every step is reported: the last checkpoint is no longer needed.
   RemoveHiddenCheckpoints(o_.scratch_dir);

@@ -17,13 +17,15 @@
 //   5. propagates: the layer again with the quantized weights (expert rows dispatched and their
 //      outputs returned and combined), giving the next step's input;
 //   6. writes its tensors (rank 0 also the layer's unquantized non-expert tensors) to one file,
-//      checkpoints its hidden states in the scratch directory, and reports the step.
+//      checkpoints its hidden states in the scratch directory, and reports the step; by default
+//      on a second thread while the next step runs (overlap_writes).
 // A resumed attempt starts at `start_step`: from the hidden-state checkpoint of step
 // start_step − 1 when every rank has one for its slice, else by replaying the committed steps'
 // forward with the committed (dequantized) weights. Nothing committed is re-quantized.
 //
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
-// Threading: one call per process at a time; the callbacks run on the calling thread.
+// Threading: one call per process at a time; on_progress and cancelled run on the calling
+// thread, on_step on the writing thread with overlap_writes (on the calling thread otherwise).
 // Durability: files and checkpoints are written atomically (temp + fsync + rename) before a
 // step is reported.
 #pragma once
@@ -70,8 +72,13 @@ struct GangPipelineOptions {
   // result does not depend on the gang size for a given value. Rank 0's value, and its
   // max_experts_per_pass, apply to the whole gang.
   int64_t max_dispatch_tokens = 0;
+  // Step s's files, checkpoint and report on another thread while step s + 1 runs (at most one
+  // step in flight, reports in step order); false: each step is written and reported before the
+  // next one starts. The outputs are the same either way.
+  bool overlap_writes = true;
   // Called after a step's files and checkpoint are durable; must return once the coordinator
-  // accepted the report (an error stops the pipeline and is returned).
+  // accepted the report (an error stops the pipeline and is returned). With overlap_writes it
+  // runs on the writing thread, beside the next step's on_progress calls.
   std::function<absl::Status(const StepOutput&)> on_step;
   std::function<void(const std::string& stage, double fraction)> on_progress;
   std::function<bool()> cancelled;
