@@ -263,12 +263,27 @@ double SoftmaxScale(const DeepseekV3Config& config) {
   return scale;
 }
 
+// Rows per router product. The products run on row blocks of this fixed size (the last one
+// padded with zeros), so a token's scores do not depend on how many tokens are routed with it:
+// BLAS libraries pick kernels, and with them summation orders, by matrix shape, and a score
+// that moved in its last bit could break a near-tie between two experts differently on a rank
+// that routes fewer tokens (a gang of 4 against one GPU). See bench/RESULTS.md.
+constexpr int64_t kRouterBlockRows = 4096;
+
 Routing RouteTokens(const LayerWeights& w, const at::Tensor& x, const ForwardHooks& hooks) {
   const DeepseekV3Config& c = w.config;
   const std::string name = w.prefix + "mlp.gate";
   if (hooks.on_linear_input) hooks.on_linear_input(name, x);
-  at::Tensor gate = WeightFor(name, w.gate, hooks);  // fp32
-  at::Tensor logits = at::linear(x.to(at::kFloat), gate.to(at::kFloat));
+  at::Tensor gate = WeightFor(name, w.gate, hooks).to(at::kFloat);  // fp32
+  const at::Tensor xf = x.to(at::kFloat);
+  std::vector<at::Tensor> blocks;
+  for (int64_t r = 0; r < xf.size(0); r += kRouterBlockRows) {
+    const int64_t n = std::min(kRouterBlockRows, xf.size(0) - r);
+    at::Tensor rows = xf.slice(0, r, r + n);
+    if (n < kRouterBlockRows) rows = at::constant_pad_nd(rows, {0, 0, 0, kRouterBlockRows - n});
+    blocks.push_back(at::linear(rows, gate).slice(0, 0, n));
+  }
+  at::Tensor logits = blocks.empty() ? at::linear(xf, gate) : at::cat(blocks);
   at::Tensor scores = logits.sigmoid();
   at::Tensor choice = scores + w.e_score_correction_bias;
   const int64_t t = x.size(0);
