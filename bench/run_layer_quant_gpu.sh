@@ -17,6 +17,8 @@
 #   MQ_EXPERTS    routed experts of the generated layer (default 256)
 #   MQ_LAYERS     MoE layers of the generated checkpoint (default 1; 11.75 GB each)
 #   MQ_WORKER_ARGS  extra mq-worker flags, e.g. --overlap-writes=false
+#   MQ_COLD       set: drop the checkpoint's files from the page cache before each job
+#                 (fsync + posix_fadvise DONTNEED), so the job reads them from the disk
 #   MQ_EPP        mq-worker --experts-per-pass (default 16: with 32, a gang of one at 64x1024
 #                 tokens ran out of memory on an 80 GB H100; see bench/RESULTS.md)
 #   MQ_DISPATCH   mq-worker --dispatch-tokens (default 65536, the worker's default: 64x1024 is
@@ -162,6 +164,17 @@ for run in $RUNS; do
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200 \
     > "$LOG/gpumem-$tag.csv" 2>/dev/null &
   SMI_PID=$!
+  if [ -n "${MQ_COLD:-}" ]; then
+    python3 - "$M" <<'EOF'
+import os, sys
+for name in sorted(os.listdir(sys.argv[1])):
+    fd = os.open(os.path.join(sys.argv[1], name), os.O_RDONLY)
+    os.fsync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+EOF
+    stamp "job $tag: checkpoint dropped from the page cache"
+  fi
   stamp "job $tag: submit"
   t0=$(date +%s.%N)
   "$CLIENT" --coordinator "$ADDR" submit --model "$M" --output "$O" \

@@ -64,6 +64,7 @@ int main(int argc, char** argv) {
   int64_t dispatch_tokens = 65536;
   int64_t cpu_threads = 0;
   bool overlap_writes = true;
+  bool prefetch = true;
   bool help = false;
   mq::Flags flags;
   flags.String("coordinator", &coordinator, "coordinator HOST:PORT (default $MQ_COORDINATOR)");
@@ -94,6 +95,9 @@ int main(int argc, char** argv) {
   flags.Bool("overlap-writes", &overlap_writes,
              "write and report each layer on a second thread while the next layer runs (default "
              "true; --overlap-writes=false finishes each layer before starting the next)");
+  flags.Bool("prefetch-next-layer", &prefetch,
+             "read the next layer's weights into the page cache while a layer computes (default "
+             "true)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
   if (help) {
@@ -190,6 +194,7 @@ int main(int argc, char** argv) {
   options.dispatch_tokens = dispatch_tokens;
   options.cpu_threads = static_cast<int>(cpu_threads);
   options.overlap_writes = overlap_writes;
+  options.prefetch_next_layer = prefetch;
   options.gang_port = gang_port < 0 ? 0 : static_cast<int>(gang_port);
   mq::worker::Worker worker(options, *info, &metrics);
   return worker.Run(stop);

@@ -361,6 +361,7 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.dispatch_tokens = options_.dispatch_tokens;
   in.cpu_threads = options_.cpu_threads;
   in.overlap_writes = options_.overlap_writes;
+  in.prefetch_next_layer = options_.prefetch_next_layer;
   const int64_t step_delay = FaultStepDelayMs();
   in.on_step = [&](const pipeline::StepOutput& out) -> absl::Status {
     mq::v1::ReportLayerRequest request;

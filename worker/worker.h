@@ -32,6 +32,7 @@ struct WorkerOptions {
   int64_t dispatch_tokens = 65536;  // gang-wide tokens an MoE layer dispatches at once (0 = all)
   int cpu_threads = 0;  // host threads for tensor work (0: 4 on CUDA, every core on CPU)
   bool overlap_writes = true;  // a layer's write and report beside the next layer's work
+  bool prefetch_next_layer = true;  // the next layer's weights into the page cache meanwhile
 };
 
 class Worker {

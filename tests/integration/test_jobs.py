@@ -270,6 +270,17 @@ def test_worker_rejects_bad_flags(tmp_path, flag, value, allowed):
     assert f"{flag} = {value}" in res.stderr and allowed in res.stderr, res.stderr
 
 
+@pytest.mark.parametrize("flag", ["--overlap-writes", "--prefetch-next-layer"])
+def test_worker_rejects_bad_switch_values(tmp_path, flag):
+    import subprocess
+    from mq_cluster import WORKER
+    res = subprocess.run([str(WORKER), "--coordinator", "127.0.0.1:1", "--scratch-dir",
+                          str(tmp_path), f"{flag}=maybe"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode != 0
+    assert f'{flag} = "maybe": must be true or false' in res.stderr, res.stderr
+
+
 def test_health_workers_and_list(cluster, model, tmp_path):
     cluster.start_coordinator()
     assert cluster.client("health", check=True).stdout.strip() == "SERVING"

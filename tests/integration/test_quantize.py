@@ -139,11 +139,12 @@ def test_end_to_end_gang_of_two_and_one(cluster, env, tmp_path):
 
 def test_layer_writes_overlap_the_next_layer(cluster, env, tmp_path):
     """Each layer is written and reported on a second thread while the next layer runs
-    (mq-worker --overlap-writes, the default). The checkpoint equals the one written layer by
-    layer; a write that fails fails the job naming the file, with the layers before it
-    committed; a resume completes it with the same checkpoint."""
+    (mq-worker --overlap-writes, the default), and the next layer's weights are read ahead
+    (--prefetch-next-layer). The checkpoint equals the one of a worker doing neither; a write
+    that fails fails the job naming the file, with the layers before it committed; a resume
+    completes it with the same checkpoint."""
     cluster.start_coordinator()
-    cluster.worker_args = ["--overlap-writes=false"]
+    cluster.worker_args = ["--overlap-writes=false", "--prefetch-next-layer=false"]
     cluster.start_worker("sequential")
     out_seq = tmp_path / "out-sequential"
     run_job(cluster, env, out_seq, "--gang-size", 1)

@@ -35,6 +35,11 @@ struct TensorView {
 // over the tensor does not stall on each page fault; a hint, failures are ignored.
 void PrefetchTensor(const TensorView& view);
 
+// PrefetchTensor, then reads one byte of every page of the view: when it returns, the pages are
+// in the page cache and mapped. Blocks on the storage; meant for a thread that prepares a later
+// load.
+void TouchTensor(const TensorView& view);
+
 // One mapped .safetensors file. Immutable after Open, so every method is safe from any number
 // of threads. The mapping is MAP_PRIVATE/PROT_READ and lives until destruction; the file must
 // not be truncated while mapped (reading a truncated page raises SIGBUS, as for any mmap).

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -121,6 +122,7 @@ class Runner {
          model::DeepseekV3Config config, model::GlobalWeights globals)
       : o_(o), gang_(gang), reader_(reader), config_(std::move(config)),
         globals_(std::move(globals)) {}
+  ~Runner() { StopPrefetch(); }  // the prefetch thread reads through reader_
 
   absl::StatusOr<GangPipelineResult> Run();
 
@@ -184,6 +186,10 @@ class Runner {
                                                     const MoeInput* cached_in,
                                                     const Dispatch* cached_d);
   absl::StatusOr<StepWrite> QuantizeStep(int step, int layer);
+  // With o_.prefetch_next_layer: reads the tensors of `layer` that this rank loads into the page
+  // cache on another thread (the previous prefetch is waited for first).
+  void StartPrefetch(int layer);
+  void StopPrefetch();
   // Writes the step's files and checkpoint, then reports it (o_.on_step). Touches no device
   // tensor and no member that a running step changes, so it may run beside the next step.
   absl::Status WriteStep(StepWrite w);
@@ -205,7 +211,34 @@ class Runner {
   int64_t lo_ = 0, hi_ = 0;  // this rank's sequences [lo, hi)
   DispatchPlan plan_;
   bool in_mtp_ = false;
+  std::vector<int> layers_;  // the pipeline's layers, by step
+  std::future<void> prefetch_;
+  std::atomic<bool> stop_prefetch_{false};
 };
+
+void Runner::StartPrefetch(int layer) {
+  if (!o_.prefetch_next_layer) return;
+  if (prefetch_.valid()) prefetch_.wait();
+  std::vector<model::TensorView> views;
+  const std::string prefix = absl::StrCat("model.layers.", layer, ".");
+  for (const std::string& n : reader_.names()) {
+    int e = 0;
+    if (n.rfind(prefix, 0) != 0 || (IsRoutedExpert(n, &e) && OwnerOf(e) != gang_.rank())) continue;
+    absl::StatusOr<model::TensorView> v = reader_.Get(n);
+    if (v.ok()) views.push_back(*std::move(v));  // a bad tensor fails its load, not this hint
+  }
+  prefetch_ = std::async(std::launch::async, [this, views = std::move(views)] {
+    for (const model::TensorView& v : views) {
+      if (stop_prefetch_) return;
+      model::TouchTensor(v);
+    }
+  });
+}
+
+void Runner::StopPrefetch() {
+  stop_prefetch_ = true;
+  if (prefetch_.valid()) prefetch_.wait();
+}
 
 bool Runner::IsRoutedExpert(const std::string& name, int* expert) const {
   const size_t at = name.find(".mlp.experts.");
@@ -568,6 +601,8 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   const model::LayerWeights& w = *loaded;
   SyncDevice(o_.device);
   st.load_seconds = Since(t);
+  // The next layer's bytes come from storage while this one computes.
+  if (step + 1 < static_cast<int>(layers_.size())) StartPrefetch(layers_[step + 1]);
 
   // What is quantized, split into replicated groups (every rank) and own expert groups.
   const std::vector<std::string> quantized = quant::QuantizedLinears(config_, layer, o_.format);
@@ -981,6 +1016,7 @@ absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
 absl::StatusOr<GangPipelineResult> Runner::Run() {
   GangPipelineResult result;
   const std::vector<int> layers = PipelineLayers(config_, o_.format);
+  layers_ = layers;
   if (static_cast<int>(layers.size()) != o_.total_steps) {
     return absl::InvalidArgumentError(absl::StrCat(
         "total_steps = ", o_.total_steps, " but the checkpoint and format give ", layers.size(),

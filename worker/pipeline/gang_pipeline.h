@@ -76,6 +76,9 @@ struct GangPipelineOptions {
   // step in flight, reports in step order); false: each step is written and reported before the
   // next one starts. The outputs are the same either way.
   bool overlap_writes = true;
+  // While a step computes, a second thread reads the next step's tensors that this rank loads
+  // into the page cache (a hint: nothing changes but where the load's bytes come from).
+  bool prefetch_next_layer = true;
   // Called after a step's files and checkpoint are durable; must return once the coordinator
   // accepted the report (an error stops the pipeline and is returned). With overlap_writes it
   // runs on the writing thread, beside the next step's on_progress calls.

@@ -112,6 +112,7 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   const int threads = in.cpu_threads > 0 ? in.cpu_threads : (o.device.is_cuda() ? 4 : 0);
   if (threads > 0) at::set_num_threads(threads);
   o.overlap_writes = in.overlap_writes;
+  o.prefetch_next_layer = in.prefetch_next_layer;
   o.on_step = in.on_step;
   o.on_progress = in.on_progress;
   o.cancelled = in.cancelled;

@@ -60,6 +60,7 @@ struct QuantizeAssignmentInput {
   int64_t dispatch_tokens = 65536;   // gang-wide tokens an MoE block dispatches at once (0 = all)
   int cpu_threads = 0;  // intra-op threads for host tensor work (0: 4 on CUDA, all cores on CPU)
   bool overlap_writes = true;  // GangPipelineOptions::overlap_writes
+  bool prefetch_next_layer = true;  // GangPipelineOptions::prefetch_next_layer
   std::function<absl::Status(const StepOutput&)> on_step;
   std::function<void(const std::string&, double)> on_progress;
   std::function<bool()> cancelled;
