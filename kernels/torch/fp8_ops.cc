@@ -22,29 +22,24 @@ absl::Status Fp8DequantTorchSupported(const c10::Device& device) {
 
 absl::StatusOr<at::Tensor> Fp8BlockDequantCuda(const at::Tensor& codes,
                                                const at::Tensor& scale_inv) {
-  using glue::Sizes;
   if (!codes.defined() || codes.dim() != 2) {
     return absl::InvalidArgumentError(
-        absl::StrCat("codes has shape ", Sizes(codes), ": must be 2-D [R, C]"));
+        absl::StrCat("codes has shape ", glue::Sizes(codes), ": must be 2-D [R, C]"));
   }
-  if (!codes.is_cuda() || codes.scalar_type() != at::kByte || !codes.is_contiguous()) {
+  if (!codes.is_cuda()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("codes (", std::string(c10::toString(codes.scalar_type())), " on ",
-                     codes.device().str(), "): must be contiguous uint8 on a CUDA device"));
+        absl::StrCat("codes is on ", codes.device().str(), ": must be on a CUDA device"));
   }
   const int64_t rows = codes.size(0);
   const int64_t cols = codes.size(1);
-  if (!scale_inv.defined() || scale_inv.dim() != 2 ||
-      scale_inv.size(0) != Fp8ScaleBlocks(rows) || scale_inv.size(1) != Fp8ScaleBlocks(cols)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "scale_inv has shape ", Sizes(scale_inv), ": must be [", Fp8ScaleBlocks(rows), ", ",
-        Fp8ScaleBlocks(cols), "] for codes of shape ", Sizes(codes)));
+  if (absl::Status s = glue::Check(codes, "codes", at::kByte, {rows, cols}, codes.device());
+      !s.ok()) {
+    return s;
   }
-  if (scale_inv.device() != codes.device() || scale_inv.scalar_type() != at::kFloat ||
-      !scale_inv.is_contiguous()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "scale_inv (", std::string(c10::toString(scale_inv.scalar_type())), " on ",
-        scale_inv.device().str(), "): must be contiguous float32 on ", codes.device().str()));
+  if (absl::Status s = glue::Check(scale_inv, "scale_inv", at::kFloat,
+                                   {Fp8ScaleBlocks(rows), Fp8ScaleBlocks(cols)}, codes.device());
+      !s.ok()) {
+    return s;
   }
 #if MQ_WITH_CUDA
   const c10::cuda::CUDAGuard guard(codes.device());

@@ -17,6 +17,28 @@ std::string Sizes(const at::Tensor& t) {
   return t.defined() ? absl::StrCat("[", absl::StrJoin(t.sizes(), ", "), "]") : "undefined";
 }
 
+absl::Status Check(const at::Tensor& t, const std::string& name, at::ScalarType dtype,
+                   at::IntArrayRef sizes, const c10::Device& device) {
+  if (!t.defined()) return absl::InvalidArgumentError(absl::StrCat(name, " is undefined"));
+  if (t.scalar_type() != dtype) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " has dtype ", std::string(c10::toString(t.scalar_type())), ": must be ",
+                     std::string(c10::toString(dtype))));
+  }
+  if (t.sizes() != sizes) {
+    return absl::InvalidArgumentError(absl::StrCat(name, " has shape ", Sizes(t), ": must be [",
+                                                   absl::StrJoin(sizes, ", "), "]"));
+  }
+  if (t.device() != device) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " is on ", t.device().str(), ": must be on ", device.str()));
+  }
+  if (!t.is_contiguous()) {
+    return absl::InvalidArgumentError(absl::StrCat(name, " must be contiguous"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status SupportedOn(const c10::Device& device, const char* kernels,
                          absl::Status (*is_supported)(int)) {
   if (!device.is_cuda()) {

@@ -6,7 +6,6 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "kernels/torch/glue.h"
 
 #if MQ_WITH_CUDA
@@ -15,34 +14,8 @@
 #endif
 
 namespace mq::kernels {
-namespace {
-
+using glue::Check;
 using glue::Sizes;
-
-// InvalidArgument unless `t` is a contiguous tensor of `dtype` and `sizes` on `device`.
-absl::Status Check(const at::Tensor& t, const std::string& name, at::ScalarType dtype,
-                   at::IntArrayRef sizes, const c10::Device& device) {
-  if (!t.defined()) return absl::InvalidArgumentError(absl::StrCat(name, " is undefined"));
-  if (t.scalar_type() != dtype) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name, " has dtype ", std::string(c10::toString(t.scalar_type())), ": must be ",
-                     std::string(c10::toString(dtype))));
-  }
-  if (t.sizes() != sizes) {
-    return absl::InvalidArgumentError(absl::StrCat(name, " has shape ", Sizes(t), ": must be [",
-                                                   absl::StrJoin(sizes, ", "), "]"));
-  }
-  if (t.device() != device) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(name, " is on ", t.device().str(), ": must be on ", device.str()));
-  }
-  if (!t.is_contiguous()) {
-    return absl::InvalidArgumentError(absl::StrCat(name, " must be contiguous"));
-  }
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 absl::Status GptqTorchSupported(const c10::Device& device) {
   return glue::SupportedOn(device, "the GPTQ kernels", GptqIsSupported);
