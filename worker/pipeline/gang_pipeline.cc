@@ -222,8 +222,7 @@ void Runner::StartPrefetch(int layer) {
   std::vector<model::TensorView> views;
   const std::string prefix = absl::StrCat("model.layers.", layer, ".");
   for (const std::string& n : reader_.names()) {
-    int e = 0;
-    if (n.rfind(prefix, 0) != 0 || (IsRoutedExpert(n, &e) && OwnerOf(e) != gang_.rank())) continue;
+    if (n.rfind(prefix, 0) != 0 || !Owns(n)) continue;
     absl::StatusOr<model::TensorView> v = reader_.Get(n);
     if (v.ok()) views.push_back(*std::move(v));  // a bad tensor fails its load, not this hint
   }
@@ -1015,8 +1014,8 @@ absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
 
 absl::StatusOr<GangPipelineResult> Runner::Run() {
   GangPipelineResult result;
-  const std::vector<int> layers = PipelineLayers(config_, o_.format);
-  layers_ = layers;
+  layers_ = PipelineLayers(config_, o_.format);
+  const std::vector<int>& layers = layers_;
   if (static_cast<int>(layers.size()) != o_.total_steps) {
     return absl::InvalidArgumentError(absl::StrCat(
         "total_steps = ", o_.total_steps, " but the checkpoint and format give ", layers.size(),
@@ -1074,8 +1073,8 @@ absl::StatusOr<GangPipelineResult> Runner::Run() {
     MQ_RETURN_IF_ERROR(wait_write());
     if (!w.ok()) return w.status();
     auto write = [this, what = absl::StrCat("writing layer ", layers[s]),
-                  pending = std::make_shared<StepWrite>(*std::move(w))]() -> absl::Status {
-      return Guarded(what, [&] { return WriteStep(std::move(*pending)); });
+                  pending = *std::move(w)]() mutable -> absl::Status {
+      return Guarded(what, [&] { return WriteStep(std::move(pending)); });
     };
     if (o_.overlap_writes) {
       writing = std::async(std::launch::async, std::move(write));
