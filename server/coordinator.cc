@@ -711,9 +711,9 @@ absl::StatusOr<mq::v1::HeartbeatResponse> Coordinator::Heartbeat(
     // Back from the dead (e.g. it was paused): its old work went elsewhere. Its name may have
     // gone to a new worker meanwhile; then it must register again (and is refused).
     if (absl::Status s = CheckNameFree(w.record.name(), w.record.worker_id()); !s.ok()) {
-      return absl::NotFoundError(absl::StrCat("worker ", w.record.worker_id(),
-                                              " was declared dead and its name is taken: ",
-                                              s.message(), "; register again"));
+      return absl::NotFoundError(absl::StrCat(
+          "worker ", w.record.worker_id(),
+          " was declared dead and its name is taken: ", s.message(), "; register again"));
     }
     w.dead = false;
     w.assignment_id.clear();

@@ -31,10 +31,9 @@ absl::Status Coordinator::CheckOutputFree(const mq::v1::JobSpec& spec,
     const char* relation = overlap == PathOverlap::kSame     ? "is the output"
                            : overlap == PathOverlap::kInside ? "lies inside the output"
                                                              : "contains the output";
-    return absl::FailedPreconditionError(
-        absl::StrCat("spec.output_uri = ", path, " ", relation, " ", other, " of job ", id, " (",
-                     JobStateName(job.state()),
-                     "): choose another directory or wait for that job to end"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "spec.output_uri = ", path, " ", relation, " ", other, " of job ", id, " (",
+        JobStateName(job.state()), "): choose another directory or wait for that job to end"));
   }
   return absl::OkStatus();
 }
@@ -68,9 +67,8 @@ absl::Status Coordinator::Publish(const mq::v1::ReportProgressRequest& request,
     if (current.state() == mq::v1::JOB_STATE_SUCCEEDED && current.attempt() == a.attempt()) {
       return absl::OkStatus();
     }
-    return absl::AbortedError(absl::StrCat("assignment ", a.assignment_id(),
-                                           " already ended (", a.end_reason(),
-                                           "); it may not publish"));
+    return absl::AbortedError(absl::StrCat("assignment ", a.assignment_id(), " already ended (",
+                                           a.end_reason(), "); it may not publish"));
   }
   if (current.state() != mq::v1::JOB_STATE_FINALIZING || current.attempt() != a.attempt()) {
     return absl::AbortedError(absl::StrCat("job ", a.job_id(), " is ",
@@ -104,7 +102,8 @@ absl::StatusOr<JobRecord> Coordinator::FindJob(const std::string& job_id) {
   }
   JobRecord job;
   if (!job.ParseFromString(**value)) {
-    return absl::DataLossError(absl::StrCat("state store: record jobs/", job_id, " does not parse"));
+    return absl::DataLossError(
+        absl::StrCat("state store: record jobs/", job_id, " does not parse"));
   }
   return job;
 }

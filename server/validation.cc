@@ -107,11 +107,20 @@ absl::StatusOr<EndedJobRetention> ParseEndedJobRetention(const std::string& valu
   int64_t unit_ms = 0;
   if (!value.empty()) {
     switch (value.back()) {
-      case 's': unit_ms = 1000; break;
-      case 'm': unit_ms = 60 * 1000; break;
-      case 'h': unit_ms = 3600 * 1000; break;
-      case 'd': unit_ms = 86400 * 1000; break;
-      default: break;
+      case 's':
+        unit_ms = 1000;
+        break;
+      case 'm':
+        unit_ms = 60 * 1000;
+        break;
+      case 'h':
+        unit_ms = 3600 * 1000;
+        break;
+      case 'd':
+        unit_ms = 86400 * 1000;
+        break;
+      default:
+        break;
     }
   }
   if (unit_ms > 0) digits.pop_back();

@@ -258,8 +258,8 @@ void Worker::Progress(const mq::v1::Assignment& a, const std::string& stage, dou
   mq::v1::ReportProgressResponse response;
   auto ctx = Context(2000, /*wait_for_ready=*/false);
   grpc::Status s = stub_->ReportProgress(ctx.get(), request, &response);
-  if (s.error_code() == grpc::StatusCode::ABORTED || s.error_code() == grpc::StatusCode::NOT_FOUND ||
-      response.cancel()) {
+  if (s.error_code() == grpc::StatusCode::ABORTED ||
+      s.error_code() == grpc::StatusCode::NOT_FOUND || response.cancel()) {
     cancel_current_ = true;
   }
 }
