@@ -42,7 +42,9 @@ commands:
          [--max-sequence-length N] [--seed N] [--gang-size K] [--wait] [--json] ...
                                                   submit a quantization job, print its id
   status JOB [--json]                             a job with its plan, attempts and history
-  list [--state STATE]... [--limit N] [--json]    jobs, newest first
+  list [--state STATE]... [--limit N] [--json]    jobs, newest first: every live one and the
+                                                  ended ones the coordinator keeps in memory
+                                                  (--retain-ended-jobs; status finds the rest)
   watch JOB [--json]                              follow a job until it ends (a line per
                                                   event, e.g. each committed layer)
   cancel JOB [--reason TEXT] [--json]             cancel a queued or running job

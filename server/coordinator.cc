@@ -159,16 +159,20 @@ absl::Status Coordinator::Load() {
     if (!job.ok()) return job.status();
     jobs_[key] = *std::move(job);
   }
+  ForgetEnded();  // retention first: layers and keys of evicted jobs are not loaded
   auto layers = store_->GetAll(Table::kLayers);
   if (!layers.ok()) return layers.status();
   for (const auto& [key, value] : *layers) {
     auto rec = Parse<mq::v1::LayerRecord>("layers", key, value);
     if (!rec.ok()) return rec.status();
+    if (!jobs_.count(rec->job_id())) continue;
     layers_[rec->job_id()][rec->step()] = *std::move(rec);
   }
   auto idem = store_->GetAll(Table::kIdempotency);
   if (!idem.ok()) return idem.status();
-  for (const auto& [key, value] : *idem) idempotency_[key] = value;
+  for (const auto& [key, value] : *idem) {
+    if (jobs_.count(value)) idempotency_[key] = value;
+  }
 
   const int64_t now = Mono();
   auto workers = store_->GetAll(Table::kWorkers);
@@ -185,7 +189,7 @@ absl::Status Coordinator::Load() {
   for (const auto& [key, value] : *assignments) {
     auto a = Parse<AssignmentRecord>("assignments", key, value);
     if (!a.ok()) return a.status();
-    if (!a->ended()) {
+    if (!a->ended() && jobs_.count(a->job_id())) {
       auto it = workers_.find(a->worker_id());
       if (it != workers_.end()) {
         it->second.assignment_id = a->assignment_id();
@@ -194,6 +198,7 @@ absl::Status Coordinator::Load() {
     }
     assignments_[key] = *std::move(a);
   }
+  ForgetEnded();  // assignments of evicted jobs
   LogLine("coordinator", "INFO",
           absl::StrCat("recovered epoch ", epoch_, ": ", jobs_.size(), " jobs, ", workers_.size(),
                        " workers, ", assignments_.size(), " assignments"));
@@ -236,6 +241,10 @@ void Coordinator::SetJobState(JobRecord& job, WriteBatch& batch, JobState state,
   job.set_message(message);
   job.set_updated_at_ms(Wall());
   if (IsTerminal(state)) job.set_finished_at_ms(Wall());
+  // Publishing belongs to one finalize attempt; a job sent back (or failed) may be cancelled.
+  if (state != mq::v1::JOB_STATE_FINALIZING && state != mq::v1::JOB_STATE_SUCCEEDED) {
+    job.clear_publishing();
+  }
   AddEvent(job, batch, "state", absl::StrCat(JobStateName(state), ": ", message), worker_id);
 }
 
@@ -308,7 +317,23 @@ absl::StatusOr<mq::v1::SubmitJobResponse> Coordinator::SubmitJob(
       response.set_created(false);
       return response;
     }
+    // The key's job may have been evicted from memory (retention): the store still has both.
+    auto stored = store_->Get(Table::kIdempotency, key);
+    if (!stored.ok()) return stored.status();
+    if (stored->has_value()) {
+      auto existing = FindJob(**stored);
+      if (!existing.ok()) return existing.status();
+      if (!google::protobuf::util::MessageDifferencer::Equals(existing->spec(), *spec)) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("idempotency_key = \"", key, "\": already used for job ", **stored,
+                         " with a different spec; use a new key or the same spec"));
+      }
+      *response.mutable_job() = *std::move(existing);
+      response.set_created(false);
+      return response;
+    }
   }
+  if (absl::Status s = CheckOutputFree(*spec, ""); !s.ok()) return s;
 
   JobRecord job;
   job.set_schema_version(kSchemaVersion);
@@ -349,12 +374,10 @@ absl::StatusOr<AttemptRecord> Coordinator::LoadAttempt(const std::string& job_id
 absl::StatusOr<mq::v1::GetJobResponse> Coordinator::GetJob(const mq::v1::GetJobRequest& request) {
   if (absl::Status s = ValidateJobId("job_id", request.job_id()); !s.ok()) return s;
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = jobs_.find(request.job_id());
-  if (it == jobs_.end()) {
-    return absl::NotFoundError(absl::StrCat("job ", request.job_id(), " does not exist"));
-  }
+  auto job = FindJob(request.job_id());
+  if (!job.ok()) return job.status();
   mq::v1::GetJobResponse response;
-  *response.mutable_job() = it->second;
+  *response.mutable_job() = *std::move(job);
   auto attempts = store_->GetAll(Table::kAttempts, request.job_id() + "/");
   if (!attempts.ok()) return attempts.status();
   for (const auto& [key, value] : *attempts) {
@@ -371,9 +394,19 @@ absl::StatusOr<mq::v1::GetJobResponse> Coordinator::GetJob(const mq::v1::GetJobR
       *response.add_events() = *std::move(e);
     }
   }
-  auto layers = layers_.find(request.job_id());
-  if (layers != layers_.end()) {
-    for (const auto& [step, rec] : layers->second) *response.add_layers() = rec;
+  if (jobs_.count(request.job_id())) {
+    auto layers = layers_.find(request.job_id());
+    if (layers != layers_.end()) {
+      for (const auto& [step, rec] : layers->second) *response.add_layers() = rec;
+    }
+  } else {  // evicted (retention): its steps are in the store
+    auto layers = store_->GetAll(Table::kLayers, request.job_id() + "/");
+    if (!layers.ok()) return layers.status();
+    for (const auto& [key, value] : *layers) {
+      auto rec = Parse<mq::v1::LayerRecord>("layers", key, value);
+      if (!rec.ok()) return rec.status();
+      *response.add_layers() = *std::move(rec);
+    }
   }
   return response;
 }
@@ -423,15 +456,19 @@ absl::StatusOr<mq::v1::CancelJobResponse> Coordinator::CancelJob(
         absl::StrCat("reason: ", request.reason().size(), " characters; at most 1024 allowed"));
   }
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = jobs_.find(request.job_id());
-  if (it == jobs_.end()) {
-    return absl::NotFoundError(absl::StrCat("job ", request.job_id(), " does not exist"));
-  }
-  JobRecord job = it->second;
+  auto found = FindJob(request.job_id());  // an evicted job has ended
+  if (!found.ok()) return found.status();
+  JobRecord job = *std::move(found);
   if (IsTerminal(job.state())) {
     return absl::FailedPreconditionError(absl::StrCat("job ", job.job_id(), " already ended (",
                                                       JobStateName(job.state()),
                                                       "); nothing to cancel"));
+  }
+  if (job.publishing()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("job ", job.job_id(),
+                     " is publishing its output and is about to succeed; it can no longer be "
+                     "cancelled (remove its output afterwards if it is not wanted)"));
   }
   WriteBatch batch;
   std::string reason =
@@ -452,13 +489,9 @@ absl::StatusOr<mq::v1::CancelJobResponse> Coordinator::CancelJob(
   if (absl::Status s = Commit(batch); !s.ok()) return s;
   for (const AssignmentRecord& a : ended) {
     assignments_[a.assignment_id()] = a;
-    auto w = workers_.find(a.worker_id());
-    if (w != workers_.end() && w->second.assignment_id == a.assignment_id()) {
-      w->second.assignment_id.clear();
-      if (w->second.delivered) w->second.needs_poll = true;
-    }
+    EndedOnWorker(a);
   }
-  it->second = job;
+  jobs_[job.job_id()] = job;
   if (metrics_) metrics_->jobs_cancelled->Increment();
   Changed();
   mq::v1::CancelJobResponse response;
@@ -470,15 +503,26 @@ absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
     const mq::v1::ResumeJobRequest& request) {
   if (absl::Status s = ValidateJobId("job_id", request.job_id()); !s.ok()) return s;
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = jobs_.find(request.job_id());
-  if (it == jobs_.end()) {
-    return absl::NotFoundError(absl::StrCat("job ", request.job_id(), " does not exist"));
-  }
-  JobRecord job = it->second;
+  auto found = FindJob(request.job_id());
+  if (!found.ok()) return found.status();
+  JobRecord job = *std::move(found);
   if (job.state() != mq::v1::JOB_STATE_FAILED && job.state() != mq::v1::JOB_STATE_CANCELLED) {
     return absl::FailedPreconditionError(
         absl::StrCat("job ", job.job_id(), " is ", JobStateName(job.state()),
                      "; only FAILED or CANCELLED jobs can be resumed"));
+  }
+  if (absl::Status s = CheckOutputFree(job.spec(), job.job_id()); !s.ok()) return s;
+  if (!jobs_.count(job.job_id())) {
+    // Evicted (retention): bring its committed steps back from the store.
+    auto layers = store_->GetAll(Table::kLayers, job.job_id() + "/");
+    if (!layers.ok()) return layers.status();
+    std::map<int, mq::v1::LayerRecord> records;
+    for (const auto& [key, value] : *layers) {
+      auto rec = Parse<mq::v1::LayerRecord>("layers", key, value);
+      if (!rec.ok()) return rec.status();
+      records[rec->step()] = *std::move(rec);
+    }
+    layers_[job.job_id()] = std::move(records);  // dropped by ForgetEnded if the write fails
   }
   WriteBatch batch;
   job.set_attempt_base(job.attempt());
@@ -494,7 +538,8 @@ absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
   }
   PutJob(batch, job);
   if (absl::Status s = Commit(batch); !s.ok()) return s;
-  it->second = job;
+  jobs_[job.job_id()] = job;
+  if (!job.idempotency_key().empty()) idempotency_[job.idempotency_key()] = job.job_id();
   Changed();
   mq::v1::ResumeJobResponse response;
   *response.mutable_job() = job;
@@ -505,12 +550,11 @@ absl::StatusOr<mq::v1::WatchJobResponse> Coordinator::JobSnapshot(const std::str
                                                                   int64_t from_seq) {
   if (absl::Status s = ValidateJobId("job_id", job_id); !s.ok()) return s;
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end())
-    return absl::NotFoundError(absl::StrCat("job ", job_id, " does not exist"));
+  auto job = FindJob(job_id);
+  if (!job.ok()) return job.status();
   mq::v1::WatchJobResponse response;
-  *response.mutable_job() = it->second;
-  if (from_seq < it->second.event_count()) {
+  *response.mutable_job() = *std::move(job);
+  if (from_seq < response.job().event_count()) {
     auto events = store_->GetAll(Table::kEvents, job_id + "/");
     if (!events.ok()) return events.status();
     for (const auto& [key, value] : *events) {
@@ -624,6 +668,7 @@ absl::StatusOr<mq::v1::RegisterWorkerResponse> Coordinator::RegisterWorker(
   if (id.empty() || !workers_.count(id)) {
     if (id.empty()) id = NewId("w-");
   }
+  if (absl::Status s = CheckNameFree(request.name(), id); !s.ok()) return s;
   mq::v1::WorkerRecord record;
   record.set_worker_id(id);
   record.set_name(request.name());
@@ -663,7 +708,13 @@ absl::StatusOr<mq::v1::HeartbeatResponse> Coordinator::Heartbeat(
   w.last_heartbeat_ms = Mono();
   mq::v1::HeartbeatResponse response;
   if (w.dead) {
-    // Back from the dead (e.g. it was paused): its old work went elsewhere.
+    // Back from the dead (e.g. it was paused): its old work went elsewhere. Its name may have
+    // gone to a new worker meanwhile; then it must register again (and is refused).
+    if (absl::Status s = CheckNameFree(w.record.name(), w.record.worker_id()); !s.ok()) {
+      return absl::NotFoundError(absl::StrCat(
+          "worker ", w.record.worker_id(),
+          " was declared dead and its name is taken: ", s.message(), "; register again"));
+    }
     w.dead = false;
     w.assignment_id.clear();
     LogLine("coordinator", "INFO", absl::StrCat("worker ", w.record.worker_id(), " is back"));
@@ -695,6 +746,7 @@ absl::StatusOr<mq::v1::PollAssignmentResponse> Coordinator::PollAssignment(
     WorkerEntry& w = it->second;
     if (!w.dead) w.last_heartbeat_ms = Mono();
     w.needs_poll = false;
+    w.ended_job_id.clear();
     if (!w.dead && !w.assignment_id.empty() && !w.delivered) {
       auto insp = inspections_.find(w.assignment_id);
       if (insp != inspections_.end()) {
@@ -770,11 +822,21 @@ absl::StatusOr<mq::v1::ReportProgressResponse> Coordinator::ReportProgress(
   mq::v1::ReportProgressResponse response;
   auto w = workers_.find(request.worker_id());
   if (w != workers_.end() && !w->second.dead) w->second.last_heartbeat_ms = Mono();
-  if (inspections_.count(request.assignment_id())) return response;
+  if (inspections_.count(request.assignment_id())) {
+    if (request.publish()) {
+      return absl::AbortedError(absl::StrCat("assignment ", request.assignment_id(),
+                                             " is an inspection; only a finalize assignment "
+                                             "publishes a manifest"));
+    }
+    return response;
+  }
   AssignmentRecord* live = nullptr;
   absl::Status s = CheckAssignmentOwner(request.worker_id(), request.assignment_id(),
                                         request.lease_epoch(), &live);
   if (!s.ok()) return s;
+  if (request.publish()) {
+    if (absl::Status st = Publish(request, live); !st.ok()) return st;
+  }
   if (!live) return response;
   JobRecord& job = jobs_.at(live->job_id());
   job.mutable_progress()->set_stage(request.stage());
@@ -823,12 +885,25 @@ void Coordinator::EndLiveAssignments(const std::string& job_id, int attempt,
 void Coordinator::ApplyEnded(const std::vector<AssignmentRecord>& ended) {
   for (const AssignmentRecord& a : ended) {
     assignments_[a.assignment_id()] = a;
-    auto w = workers_.find(a.worker_id());
-    if (w != workers_.end() && w->second.assignment_id == a.assignment_id()) {
-      w->second.assignment_id.clear();
-      if (w->second.delivered) w->second.needs_poll = true;
-    }
+    EndedOnWorker(a);
   }
+}
+
+void Coordinator::EndedOnWorker(const AssignmentRecord& a) {
+  auto w = workers_.find(a.worker_id());
+  if (w == workers_.end() || w->second.assignment_id != a.assignment_id()) return;
+  w->second.assignment_id.clear();
+  if (w->second.delivered) {
+    w->second.needs_poll = true;
+    w->second.ended_job_id = a.job_id();
+  }
+}
+
+bool Coordinator::MayStillRun(const std::string& job_id) const {
+  for (const auto& [id, w] : workers_) {
+    if (!w.dead && w.needs_poll && w.ended_job_id == job_id) return true;
+  }
+  return false;
 }
 
 bool Coordinator::HasLiveAssignment(const std::string& job_id) const {
@@ -1348,10 +1423,14 @@ void Coordinator::ExpireWorker(const std::string& worker_id, const std::string& 
 void Coordinator::ScheduleQueued() {
   std::vector<const JobRecord*> queue;
   for (const auto& [id, job] : jobs_) {
-    if (job.state() == mq::v1::JOB_STATE_QUEUED ||
-        (job.state() == mq::v1::JOB_STATE_FINALIZING && !HasLiveAssignment(id))) {
-      queue.push_back(&job);
+    if (job.state() != mq::v1::JOB_STATE_QUEUED && job.state() != mq::v1::JOB_STATE_FINALIZING) {
+      continue;
     }
+    // Never two attempts of a job at once (e.g. two finalizers on one directory): an ended
+    // assignment that its worker may still be running holds the job back until that worker
+    // polls again or is declared dead.
+    if (MayStillRun(id)) continue;
+    if (job.state() == mq::v1::JOB_STATE_QUEUED || !HasLiveAssignment(id)) queue.push_back(&job);
   }
   std::stable_sort(queue.begin(), queue.end(), [](const JobRecord* a, const JobRecord* b) {
     return a->spec().priority() > b->spec().priority();
@@ -1575,6 +1654,7 @@ void Coordinator::ScheduleFinalize(const std::string& job_id) {
     worker_id = pick->front();
   }
   const int total = job.plan().layers_size();
+  job.clear_publishing();  // only this new attempt may ask to publish
   const AttemptRecord attempt = NewAttempt(job, "finalize", {worker_id}, total);
   const AssignmentRecord a =
       NewAssignment(job, mq::v1::ASSIGNMENT_KIND_FINALIZE, worker_id, 0, 1, total);
@@ -1618,6 +1698,7 @@ void Coordinator::Tick() {
     ++changes_;
   }
   ScheduleQueued();
+  ForgetEnded();
   if (changes_ != before) {
     UpdateGauges();
     cv_.notify_all();

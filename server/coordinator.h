@@ -41,6 +41,16 @@ struct CoordinatorOptions {
   std::function<int64_t()> monotonic_ms;
   // Wall clock in milliseconds (record timestamps); tests may inject their own.
   std::function<int64_t()> wall_ms;
+  // Ended jobs (SUCCEEDED, FAILED, CANCELLED) kept in memory besides every live one: the
+  // newest `retain_ended_jobs` by end time, or, when retain_ended_ms > 0, those that ended
+  // within that many milliseconds (wall clock). Older ones stay in the store only: GetJob,
+  // WatchJob, CancelJob, ResumeJob and idempotent submits still find them there; ListJobs
+  // does not list them.
+  int64_t retain_ended_jobs = 1000;
+  int64_t retain_ended_ms = 0;
+  // An ended assignment is forgotten (memory and store) this long after the sweep first saw it,
+  // once its job ended or moved on to a later attempt; a report for it is then NOT_FOUND.
+  int64_t ended_assignment_grace_ms = 60000;
 };
 
 // Version of the records layout in the store; Recover refuses a newer one.
@@ -105,6 +115,9 @@ class Coordinator {
     // The coordinator ended an assignment this worker had received (abort, cancel): it may
     // still be running it, so it gets no new work until it polls again.
     bool needs_poll = false;
+    // With needs_poll: the job of that assignment. No new assignment of that job is handed out
+    // until this worker polls again or is declared dead (two attempts never share a directory).
+    std::string ended_job_id;
   };
   struct Inspection {
     mq::v1::Assignment assignment;
@@ -166,6 +179,25 @@ class Coordinator {
                                     int64_t lease_epoch, mq::v1::AssignmentRecord** live);
   void ApplyPlanResult(mq::v1::JobRecord& job, WriteBatch& batch,
                        const mq::v1::InspectReport& report);
+  // ALREADY_EXISTS naming the holder when a live worker other than `worker_id` has `name`.
+  absl::Status CheckNameFree(const std::string& name, const std::string& worker_id) const;
+  // ReportProgress with publish = true by the holder of `a` (null: it already completed).
+  // OK only for the live FINALIZE assignment of the job's current attempt in FINALIZING;
+  // durably marks the job publishing (event "publishing"). Otherwise ABORTED.
+  absl::Status Publish(const mq::v1::ReportProgressRequest& request,
+                       mq::v1::AssignmentRecord* live);
+  // An ended assignment of `job_id` may still be running on a live worker (needs_poll).
+  bool MayStillRun(const std::string& job_id) const;
+  // Marks the worker of the ended assignment `a` (if it received it) as needing a poll.
+  void EndedOnWorker(const mq::v1::AssignmentRecord& a);
+  // FAILED_PRECONDITION naming the job when `spec`'s output equals, contains or lies inside
+  // the output of a job that has not ended (other than `self_id`).
+  absl::Status CheckOutputFree(const mq::v1::JobSpec& spec, const std::string& self_id) const;
+  // The job from memory or, when it was evicted (retention), from the store.
+  absl::StatusOr<mq::v1::JobRecord> FindJob(const std::string& job_id);
+  // Retention: evicts ended jobs beyond options' bounds and forgets ended assignments that no
+  // report needs any more. Called by Tick and at the end of Load.
+  void ForgetEnded();
   void UpdateGauges();
   void Changed();
   int64_t Mono() const { return options_.monotonic_ms(); }
@@ -188,6 +220,8 @@ class Coordinator {
   std::map<std::string, std::map<int, mq::v1::LayerRecord>> layers_;
   // job id -> monotonic ms since which the planned job waits for a gang (not persisted).
   std::map<std::string, int64_t> gang_wait_since_;
+  // Ended assignment id -> monotonic ms when ForgetEnded first saw it (not persisted).
+  std::map<std::string, int64_t> ended_seen_ms_;
 };
 
 }  // namespace mq::server

@@ -18,6 +18,7 @@
 #include "common/util.h"
 #include "server/coordinator.h"
 #include "server/grpc_services.h"
+#include "server/validation.h"
 
 namespace {
 
@@ -36,6 +37,7 @@ int main(int argc, char** argv) {
   int64_t lease_ms = 10000;
   int64_t heartbeat_interval_ms = 2000;
   int64_t gang_wait_ms = 30000;
+  std::string retain_ended_jobs = "1000";
   bool reflection = false;
   bool help = false;
   mq::Flags flags;
@@ -50,6 +52,10 @@ int main(int argc, char** argv) {
   flags.Int("gang-wait-ms", &gang_wait_ms,
             "a planned job waits this long for a full gang before running on fewer workers, "
             "when fewer than its gang size are alive (default 30000)");
+  flags.String("retain-ended-jobs", &retain_ended_jobs,
+               "ended jobs kept in memory besides the live ones: the newest N (e.g. 1000) or "
+               "those ended within a duration (3600s, 30m, 24h, 7d); older ones stay in the "
+               "store, where status still finds them (default 1000)");
   flags.Bool("enable-reflection", &reflection, "serve gRPC server reflection (v1alpha)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
@@ -74,6 +80,8 @@ int main(int argc, char** argv) {
     return Fail(
         absl::StrCat("--gang-wait-ms = ", gang_wait_ms, ": must be between 0 and 86400000"));
   }
+  auto retention = mq::server::ParseEndedJobRetention(retain_ended_jobs);
+  if (!retention.ok()) return Fail(std::string(retention.status().message()));
   if (listen.find(':') == std::string::npos) {
     return Fail("--listen = \"" + listen + "\": must be HOST:PORT");
   }
@@ -100,6 +108,8 @@ int main(int argc, char** argv) {
   options.lease_ms = lease_ms;
   options.heartbeat_interval_ms = heartbeat_interval_ms;
   options.gang_wait_ms = gang_wait_ms;
+  options.retain_ended_jobs = retention->jobs;
+  options.retain_ended_ms = retention->ms;
   auto coordinator = mq::server::Coordinator::Recover(store->get(), options, &metrics);
   if (!coordinator.ok()) return Fail(std::string(coordinator.status().message()));
 

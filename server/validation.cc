@@ -1,11 +1,15 @@
 #include "server/validation.h"
 
+#include <algorithm>
 #include <cmath>
 #include <regex>
+#include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 
 namespace mq::server {
 namespace {
@@ -68,6 +72,72 @@ std::string LocationPath(const std::string& value) {
   std::string path = absl::StartsWith(value, "file://") ? value.substr(7) : value;
   while (path.size() > 1 && path.back() == '/') path.pop_back();
   return path;
+}
+
+std::string NormalLocationPath(const std::string& value) {
+  const std::string path = absl::StartsWith(value, "file://") ? value.substr(7) : value;
+  std::vector<std::string> parts;
+  for (absl::string_view part : absl::StrSplit(path, '/')) {
+    if (part.empty() || part == ".") continue;
+    if (part == "..") {
+      if (!parts.empty()) parts.pop_back();  // "/.." is "/"
+      continue;
+    }
+    parts.emplace_back(part);
+  }
+  return "/" + absl::StrJoin(parts, "/");
+}
+
+PathOverlap ComparePaths(const std::string& path, const std::string& other) {
+  if (path == other) return PathOverlap::kSame;
+  auto within = [](const std::string& inner, const std::string& outer) {
+    if (outer == "/") return true;
+    return absl::StartsWith(inner, outer) && inner.size() > outer.size() &&
+           inner[outer.size()] == '/';
+  };
+  if (within(path, other)) return PathOverlap::kInside;
+  if (within(other, path)) return PathOverlap::kContains;
+  return PathOverlap::kNone;
+}
+
+absl::StatusOr<EndedJobRetention> ParseEndedJobRetention(const std::string& value) {
+  const std::string allowed =
+      "must be a number of ended jobs (e.g. 1000) or a duration such as 3600s, 30m, 24h or 7d";
+  std::string digits = value;
+  int64_t unit_ms = 0;
+  if (!value.empty()) {
+    switch (value.back()) {
+      case 's':
+        unit_ms = 1000;
+        break;
+      case 'm':
+        unit_ms = 60 * 1000;
+        break;
+      case 'h':
+        unit_ms = 3600 * 1000;
+        break;
+      case 'd':
+        unit_ms = 86400 * 1000;
+        break;
+      default:
+        break;
+    }
+  }
+  if (unit_ms > 0) digits.pop_back();
+  int64_t n = 0;
+  if (digits.empty() || digits.size() > 9 ||
+      !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }) ||
+      !absl::SimpleAtoi(digits, &n)) {
+    return Invalid("--retain-ended-jobs", Quote(value), allowed);
+  }
+  EndedJobRetention r;
+  if (unit_ms > 0) {
+    if (n == 0) return Invalid("--retain-ended-jobs", Quote(value), "a duration must be > 0");
+    r.ms = n * unit_ms;
+  } else {
+    r.jobs = n;
+  }
+  return r;
 }
 
 absl::Status ValidateLocation(const std::string& field, const std::string& value, bool required) {

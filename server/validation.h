@@ -4,6 +4,7 @@
 // Pure functions; safe from any thread.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -37,5 +38,25 @@ absl::Status ValidateFinalizeResult(const mq::v1::FinalizeResult& result);
 
 // The path part of a validated location ("file:///a/b" -> "/a/b").
 std::string LocationPath(const std::string& value);
+
+// A validated location as a lexically normal absolute path: no file:// prefix, no empty, "."
+// or ".." components, no trailing '/' ("file:///x//a/./b/../c/" -> "/x/a/c"). Symlinks are not
+// resolved.
+std::string NormalLocationPath(const std::string& value);
+
+// How two normal paths (NormalLocationPath) relate, component by component: "/x/out2" is not
+// inside "/x/out".
+enum class PathOverlap { kNone, kSame, kInside, kContains };
+// kInside: `path` lies inside `other`; kContains: `other` lies inside `path`.
+PathOverlap ComparePaths(const std::string& path, const std::string& other);
+
+// How many ended jobs a coordinator keeps in memory (--retain-ended-jobs): a count ("1000")
+// or a duration ("3600s", "30m", "24h", "7d").
+struct EndedJobRetention {
+  int64_t jobs = 1000;  // the newest this many ended jobs (when ms == 0)
+  int64_t ms = 0;       // > 0: the jobs that ended within this many milliseconds
+};
+// INVALID_ARGUMENT naming the flag, the value and what is allowed.
+absl::StatusOr<EndedJobRetention> ParseEndedJobRetention(const std::string& value);
 
 }  // namespace mq::server

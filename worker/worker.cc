@@ -53,6 +53,14 @@ int64_t FaultPlanDelayMs() {
   return v ? std::atoll(v) : 0;
 }
 
+// Fault injection (off unless the variable is set): milliseconds to stall inside a FINALIZE
+// assignment just before asking to publish the manifest, deaf to cancellation like a finalizer
+// busy writing files, so tests can cancel or resume a job in FINALIZING.
+int64_t FaultFinalizeDelayMs() {
+  const char* v = std::getenv("MQ_FAULT_FINALIZE_DELAY_MS");
+  return v ? std::atoll(v) : 0;
+}
+
 std::string KindName(mq::v1::AssignmentKind k) {
   switch (k) {
     case mq::v1::ASSIGNMENT_KIND_QUANTIZE: return "quantize";
@@ -206,7 +214,7 @@ bool Worker::Register(const std::atomic<bool>& stop) {
 }
 
 void Worker::HeartbeatLoop(const std::atomic<bool>& stop) {
-  while (!stop) {
+  while (!stop && !quit_) {
     int64_t interval;
     mq::v1::HeartbeatRequest request;
     {
@@ -250,7 +258,43 @@ void Worker::Progress(const mq::v1::Assignment& a, const std::string& stage, dou
   mq::v1::ReportProgressResponse response;
   auto ctx = Context(2000, /*wait_for_ready=*/false);
   grpc::Status s = stub_->ReportProgress(ctx.get(), request, &response);
-  if (s.error_code() == grpc::StatusCode::ABORTED || response.cancel()) cancel_current_ = true;
+  if (s.error_code() == grpc::StatusCode::ABORTED ||
+      s.error_code() == grpc::StatusCode::NOT_FOUND || response.cancel()) {
+    cancel_current_ = true;
+  }
+}
+
+absl::Status Worker::RequestPublish(const mq::v1::Assignment& a, const std::atomic<bool>& stop) {
+  const int64_t delay = FaultFinalizeDelayMs();
+  if (delay > 0) {
+    LogLine("worker", "INFO",
+            absl::StrCat("fault injection: stalling ", delay, " ms before publishing ",
+                         a.assignment_id()));
+    SleepMs(delay, stop);
+  }
+  mq::v1::ReportProgressRequest request;
+  request.set_assignment_id(a.assignment_id());
+  request.set_lease_epoch(a.lease_epoch());
+  request.set_stage("publishing the manifest");
+  request.set_fraction(1);
+  request.set_publish(true);
+  mq::v1::ReportProgressResponse response;
+  grpc::Status s = CallUntilSettled(stop, "publish " + a.assignment_id(), [&] {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      request.set_worker_id(worker_id_);
+    }
+    auto ctx = Context(10000);
+    return stub_->ReportProgress(ctx.get(), request, &response);
+  });
+  if (!s.ok()) {
+    cancel_current_ = true;
+    LogLine("worker", "WARN",
+            absl::StrCat("publish refused for ", a.assignment_id(), ": ", s.error_message(),
+                         "; no manifest is written"));
+    return absl::AbortedError(absl::StrCat("publish refused: ", s.error_message()));
+  }
+  return absl::OkStatus();
 }
 
 void Worker::Complete(mq::v1::CompleteAssignmentRequest request, const std::atomic<bool>& stop) {
@@ -322,7 +366,7 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
   } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_QUANTIZE) {
     aborted = !RunQuantize(a, &result, stop);
   } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_FINALIZE) {
-    aborted = !RunFinalize(a, &result);
+    aborted = !RunFinalize(a, &result, stop);
   } else {
     result.set_error(
         absl::StrCat("this mq-worker (", Version(), ") cannot run ", kind, " assignments"));
@@ -415,8 +459,14 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   return true;
 }
 
-bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result) {
+bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
+                         const std::atomic<bool>& stop) {
   Progress(a, "finalizing: globals, index, config, manifest", 0);
+  // The manifest is published only with the coordinator's consent, so a cancelled or
+  // superseded finalizer writes none.
+  // TODO(merge): pass RequestPublish as FinalizeOptions::publish (called after every file but
+  // manifest.json is written and verified, before the manifest) instead of asking up front.
+  if (!RequestPublish(a, stop).ok()) return false;  // abandoned: nothing to report
   absl::StatusOr<pipeline::FinalizeAssignmentResult> r = pipeline::RunFinalizeAssignment(
       ToJobSpec(a.spec()), ToFiles(a.committed_files()), a.total_steps());
   if (!r.ok()) {
@@ -436,8 +486,9 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   result->set_error(absl::StrCat("this mq-worker (", Version(), ") was built without LibTorch"));
   return true;
 }
-bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result) {
-  return RunQuantize(a, result, std::atomic<bool>(false));
+bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
+                         const std::atomic<bool>& stop) {
+  return RunQuantize(a, result, stop);
 }
 #endif
 
@@ -446,7 +497,10 @@ int Worker::Run(const std::atomic<bool>& stop) {
   std::thread heartbeats([&] { HeartbeatLoop(stop); });
   int64_t backoff = 200;
   while (!stop) {
-    if (need_register_ && !Register(stop)) break;
+    if (need_register_ && !Register(stop)) {
+      quit_ = true;  // refused for good (e.g. its name went to another worker)
+      break;
+    }
     mq::v1::PollAssignmentRequest request;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -469,7 +523,7 @@ int Worker::Run(const std::atomic<bool>& stop) {
     if (response.has_assignment()) RunAssignment(response.assignment(), stop);
   }
   heartbeats.join();
-  return 0;
+  return quit_ && !stop ? 1 : 0;
 }
 
 }  // namespace mq::worker

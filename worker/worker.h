@@ -13,6 +13,7 @@
 #include <mutex>
 #include <string>
 
+#include "absl/status/status.h"
 #include "mq/v1/worker_service.grpc.pb.h"
 #include "worker/device_info.h"
 #include "worker/worker_metrics.h"
@@ -54,7 +55,12 @@ class Worker {
   // QUANTIZE / FINALIZE: fill `result` (quantized, finalized or error); false when abandoned.
   bool RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
                    const std::atomic<bool>& stop);
-  bool RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result);
+  bool RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
+                   const std::atomic<bool>& stop);
+  // FINALIZE: asks the coordinator to publish the manifest (ReportProgress with publish =
+  // true; UNAVAILABLE and the like are retried). OK: write it; ABORTED: the assignment was
+  // cancelled or superseded, so write nothing more and abandon it.
+  absl::Status RequestPublish(const mq::v1::Assignment& a, const std::atomic<bool>& stop);
   bool Cancelled();
 
   WorkerOptions options_;
@@ -69,6 +75,7 @@ class Worker {
   std::string current_assignment_;
   std::atomic<bool> cancel_current_{false};
   std::atomic<bool> need_register_{false};
+  std::atomic<bool> quit_{false};  // registration refused for good: the process ends
 };
 
 }  // namespace mq::worker

@@ -93,6 +93,7 @@ class Cluster:
         self.workers = {}
         self._starts = 0
         self.worker_args = []  # extra mq-worker flags for every worker
+        self.coordinator_args = []  # extra mq-coordinator flags
 
     # --- coordinator -------------------------------------------------------------------------
     def start_coordinator(self, metrics_port=None):
@@ -101,7 +102,7 @@ class Cluster:
         listen = self.address or "127.0.0.1:0"
         argv = [str(COORDINATOR), "--listen", listen, "--data-dir", str(self.data_dir),
                 "--ready-file", str(ready), "--lease-ms", str(self.lease_ms),
-                "--heartbeat-interval-ms", str(self.heartbeat_ms)]
+                "--heartbeat-interval-ms", str(self.heartbeat_ms), *self.coordinator_args]
         if metrics_port:
             argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
         self.coordinator = Process("coordinator", argv, self.tmp / "coordinator.log")

@@ -30,6 +30,9 @@ class CoordinatorTest : public ::testing::Test {
     options.heartbeat_interval_ms = 100;
     options.monotonic_ms = [this] { return now_; };
     options.wall_ms = [this] { return 1700000000000 + now_; };
+    options.retain_ended_jobs = retain_jobs_;
+    options.retain_ended_ms = retain_ms_;
+    options.ended_assignment_grace_ms = grace_ms_;
     auto c = Coordinator::Recover(store_.get(), options, nullptr);
     ASSERT_TRUE(c.ok()) << c.status();
     coordinator_ = *std::move(c);
@@ -46,10 +49,17 @@ class CoordinatorTest : public ::testing::Test {
     return resp->worker_id();
   }
 
+  // A fresh output directory per submit (live jobs may not share one): /out/dsv3-w4, then
+  // /out/dsv3-w4-2, ...
+  std::string NextOutput() {
+    ++outputs_;
+    return outputs_ == 1 ? "/out/dsv3-w4" : "/out/dsv3-w4-" + std::to_string(outputs_);
+  }
+
   std::string Submit(const std::string& key = "") {
     mq::v1::SubmitJobRequest r;
     r.mutable_spec()->set_model_uri("/models/dsv3");
-    r.mutable_spec()->set_output_uri("/out/dsv3-w4");
+    r.mutable_spec()->set_output_uri(NextOutput());
     r.set_idempotency_key(key);
     auto resp = coordinator_->SubmitJob(r);
     EXPECT_TRUE(resp.ok()) << resp.status();
@@ -94,6 +104,10 @@ class CoordinatorTest : public ::testing::Test {
   }
 
   int64_t now_ = 0;
+  int outputs_ = 0;
+  int64_t retain_jobs_ = 1000;
+  int64_t retain_ms_ = 0;
+  int64_t grace_ms_ = 60000;
   std::unique_ptr<Store> store_;
   std::unique_ptr<Coordinator> coordinator_;
 };
@@ -308,6 +322,233 @@ TEST_F(CoordinatorTest, ListJobsPagesNewestFirst) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Ownership (one output per live job), unique worker names, retention.
+
+absl::StatusOr<mq::v1::SubmitJobResponse> SubmitTo(Coordinator& c, const std::string& output,
+                                                   const std::string& key = "") {
+  mq::v1::SubmitJobRequest r;
+  r.mutable_spec()->set_model_uri("/models/dsv3");
+  r.mutable_spec()->set_output_uri(output);
+  r.set_idempotency_key(key);
+  return c.SubmitJob(r);
+}
+
+absl::Status CancelIt(Coordinator& c, const std::string& job_id) {
+  mq::v1::CancelJobRequest r;
+  r.set_job_id(job_id);
+  return c.CancelJob(r).status();
+}
+
+absl::Status ResumeIt(Coordinator& c, const std::string& job_id) {
+  mq::v1::ResumeJobRequest r;
+  r.set_job_id(job_id);
+  return c.ResumeJob(r).status();
+}
+
+TEST_F(CoordinatorTest, OverlappingOutputsOfLiveJobsAreRefusedNamingTheJob) {
+  auto first = SubmitTo(*coordinator_, "/x/out");
+  ASSERT_TRUE(first.ok()) << first.status();
+  const std::string owner = first->job().job_id();
+  struct Case {
+    std::string output;
+    std::string relation;  // empty: accepted
+  };
+  const std::vector<Case> cases = {
+      {"/x/out", "spec.output_uri = /x/out is the output /x/out of job "},
+      {"file:///x//out/./", "spec.output_uri = /x/out is the output /x/out of job "},
+      {"/x/y/../out/", "spec.output_uri = /x/out is the output /x/out of job "},
+      {"/x/out/sub", "spec.output_uri = /x/out/sub lies inside the output /x/out of job "},
+      {"/x", "spec.output_uri = /x contains the output /x/out of job "},
+      {"/", "spec.output_uri = / contains the output /x/out of job "},
+      {"/x/out2", ""},  // a sibling that shares a prefix is not inside
+      {"/x/ou", ""},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.output);
+    auto resp = SubmitTo(*coordinator_, c.output);
+    if (c.relation.empty()) {
+      ASSERT_TRUE(resp.ok()) << resp.status();
+      ASSERT_TRUE(CancelIt(*coordinator_, resp->job().job_id()).ok());
+      continue;
+    }
+    ASSERT_EQ(resp.status().code(), absl::StatusCode::kFailedPrecondition) << resp.status();
+    const std::string message(resp.status().message());
+    EXPECT_EQ(message.rfind(c.relation, 0), 0u) << message;
+    EXPECT_NE(message.find(owner + " (QUEUED): choose another directory or wait for that job to "
+                                   "end"),
+              std::string::npos)
+        << message;
+  }
+  // An ended job does not hold its output.
+  ASSERT_TRUE(CancelIt(*coordinator_, owner).ok());
+  auto again = SubmitTo(*coordinator_, "/x/out/sub");
+  ASSERT_TRUE(again.ok()) << again.status();
+}
+
+TEST_F(CoordinatorTest, IdempotentResubmitOfALiveJobIsNotAnOverlap) {
+  auto a = SubmitTo(*coordinator_, "/y/out", "k1");
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto b = SubmitTo(*coordinator_, "/y/out", "k1");
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_FALSE(b->created());
+  EXPECT_EQ(b->job().job_id(), a->job().job_id());
+  EXPECT_EQ(SubmitTo(*coordinator_, "/y/out", "k2").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(CoordinatorTest, ResumeIsRefusedWhileAnotherLiveJobOwnsTheOutput) {
+  auto a = SubmitTo(*coordinator_, "/z/out");
+  ASSERT_TRUE(a.ok());
+  ASSERT_TRUE(CancelIt(*coordinator_, a->job().job_id()).ok());
+  auto b = SubmitTo(*coordinator_, "/z");
+  ASSERT_TRUE(b.ok()) << b.status();
+  absl::Status s = ResumeIt(*coordinator_, a->job().job_id());
+  ASSERT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_NE(s.message().find("lies inside the output /z of job " + b->job().job_id()),
+            std::string::npos)
+      << s;
+  ASSERT_TRUE(CancelIt(*coordinator_, b->job().job_id()).ok());
+  EXPECT_TRUE(ResumeIt(*coordinator_, a->job().job_id()).ok());
+}
+
+TEST_F(CoordinatorTest, WorkerNamesAreUniqueAmongLiveWorkers) {
+  mq::v1::RegisterWorkerRequest r;
+  r.set_name("w1");
+  r.mutable_capabilities()->set_device("cpu");
+  r.mutable_capabilities()->set_hostname("node-7");
+  r.mutable_capabilities()->add_capabilities("plan");
+  auto first = coordinator_->RegisterWorker(r);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const std::string holder = first->worker_id();
+  // Another process with the same name is refused, naming the holder and its host.
+  r.mutable_capabilities()->set_hostname("node-8");
+  auto second = coordinator_->RegisterWorker(r);
+  ASSERT_EQ(second.status().code(), absl::StatusCode::kAlreadyExists) << second.status();
+  EXPECT_NE(second.status().message().find("worker name \"w1\" is held by live worker " + holder +
+                                           ", registered from host node-7"),
+            std::string::npos)
+      << second.status();
+  EXPECT_EQ(coordinator_->ListWorkers().workers_size(), 1);
+  // The holder registering again with its id keeps its name.
+  r.set_worker_id(holder);
+  auto again = coordinator_->RegisterWorker(r);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->worker_id(), holder);
+  // Once it is declared dead the name is free.
+  now_ += 2000;
+  coordinator_->Tick();
+  r.clear_worker_id();
+  auto successor = coordinator_->RegisterWorker(r);
+  ASSERT_TRUE(successor.ok()) << successor.status();
+  EXPECT_NE(successor->worker_id(), holder);
+  // The dead holder comes back: told to register again, which is refused.
+  mq::v1::HeartbeatRequest hb;
+  hb.set_worker_id(holder);
+  EXPECT_EQ(coordinator_->Heartbeat(hb).status().code(), absl::StatusCode::kNotFound);
+  r.set_worker_id(holder);
+  EXPECT_EQ(coordinator_->RegisterWorker(r).status().code(), absl::StatusCode::kAlreadyExists);
+}
+
+TEST_F(CoordinatorTest, RetentionKeepsTheNewestEndedJobsInMemoryAndTheRestInTheStore) {
+  retain_jobs_ = 2;
+  Restart();
+  std::vector<std::string> ids;
+  for (int i = 0; i < 4; ++i) {
+    auto resp = SubmitTo(*coordinator_, "/r/out" + std::to_string(i), "key-" + std::to_string(i));
+    ASSERT_TRUE(resp.ok()) << resp.status();
+    ids.push_back(resp->job().job_id());
+    now_ += 10;
+  }
+  const std::string live = Submit();  // never evicted
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(CancelIt(*coordinator_, ids[i]).ok());
+    now_ += 10;
+  }
+  coordinator_->Tick();
+  auto listed = [&] {
+    std::vector<std::string> out;
+    auto resp = coordinator_->ListJobs(mq::v1::ListJobsRequest());
+    EXPECT_TRUE(resp.ok());
+    for (const auto& j : resp->jobs()) out.push_back(j.job_id());
+    return out;
+  };
+  EXPECT_EQ(listed(), (std::vector<std::string>{live, ids[3], ids[2]}));
+  // An evicted job is still answered from the store.
+  auto old = Get(ids[0]);
+  EXPECT_EQ(old.job().state(), mq::v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(old.events_size(), old.job().event_count());
+  EXPECT_EQ(CancelIt(*coordinator_, ids[0]).code(), absl::StatusCode::kFailedPrecondition);
+  auto watch = coordinator_->JobSnapshot(ids[0], 0);
+  ASSERT_TRUE(watch.ok()) << watch.status();
+  EXPECT_EQ(watch->job().job_id(), ids[0]);
+  // Its idempotency key still names it.
+  auto same = SubmitTo(*coordinator_, "/r/out0", "key-0");
+  ASSERT_TRUE(same.ok()) << same.status();
+  EXPECT_FALSE(same->created());
+  EXPECT_EQ(same->job().job_id(), ids[0]);
+  EXPECT_EQ(SubmitTo(*coordinator_, "/r/other", "key-0").status().code(),
+            absl::StatusCode::kAlreadyExists);
+  // A restart loads only what is retained.
+  Restart();
+  EXPECT_EQ(listed(), (std::vector<std::string>{live, ids[3], ids[2]}));
+  EXPECT_EQ(Get(ids[1]).job().state(), mq::v1::JOB_STATE_CANCELLED);
+  // Resuming an evicted job brings it back.
+  ASSERT_TRUE(ResumeIt(*coordinator_, ids[0]).ok());
+  EXPECT_EQ(Get(ids[0]).job().state(), mq::v1::JOB_STATE_QUEUED);
+  coordinator_->Tick();
+  EXPECT_EQ(listed(), (std::vector<std::string>{live, ids[3], ids[2], ids[0]}));
+  mq::v1::GetJobRequest unknown;
+  unknown.set_job_id("j-00000000000000000000000000");
+  EXPECT_EQ(coordinator_->GetJob(unknown).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(CoordinatorTest, RetentionByDurationKeepsJobsEndedWithinIt) {
+  retain_ms_ = 60000;
+  Restart();
+  auto a = SubmitTo(*coordinator_, "/d/a");
+  auto b = SubmitTo(*coordinator_, "/d/b");
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_TRUE(CancelIt(*coordinator_, a->job().job_id()).ok());
+  now_ += 30000;
+  ASSERT_TRUE(CancelIt(*coordinator_, b->job().job_id()).ok());
+  now_ += 30001;  // a ended 60.001 s ago, b 30.001 s ago
+  coordinator_->Tick();
+  auto resp = coordinator_->ListJobs(mq::v1::ListJobsRequest());
+  ASSERT_TRUE(resp.ok());
+  ASSERT_EQ(resp->jobs_size(), 1);
+  EXPECT_EQ(resp->jobs(0).job_id(), b->job().job_id());
+  now_ += 30000;
+  coordinator_->Tick();
+  EXPECT_EQ(coordinator_->ListJobs(mq::v1::ListJobsRequest())->jobs_size(), 0);
+  EXPECT_EQ(Get(b->job().job_id()).job().state(), mq::v1::JOB_STATE_CANCELLED);
+}
+
+TEST_F(CoordinatorTest, EndedAssignmentsAreForgottenAfterTheirGrace) {
+  grace_ms_ = 500;
+  Restart();
+  const std::string w = Register("w1");
+  const std::string id = Submit();
+  coordinator_->Tick();
+  auto a = Poll(w);
+  ASSERT_TRUE(Complete(w, a).ok());
+  ASSERT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FAILED);  // missing capability
+  coordinator_->Tick();
+  EXPECT_TRUE(Complete(w, a).ok());  // a repeated report within the grace: idempotent
+  now_ += 500;
+  Heartbeat(w);
+  coordinator_->Tick();
+  EXPECT_EQ(Complete(w, a).code(), absl::StatusCode::kNotFound);  // forgotten, no crash
+  mq::v1::ReportProgressRequest p;
+  p.set_worker_id(w);
+  p.set_assignment_id(a.assignment_id());
+  p.set_lease_epoch(a.lease_epoch());
+  EXPECT_EQ(coordinator_->ReportProgress(p).status().code(), absl::StatusCode::kNotFound);
+  Restart();  // forgotten in the store too
+  EXPECT_EQ(Complete(w, a).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FAILED);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The quantization pipeline: gangs, layer commits, finalize.
 
 class PipelineTest : public CoordinatorTest {
@@ -328,7 +569,7 @@ class PipelineTest : public CoordinatorTest {
   std::string SubmitGang(int gang_size, int max_attempts = 0) {
     mq::v1::SubmitJobRequest r;
     r.mutable_spec()->set_model_uri("/models/dsv3");
-    r.mutable_spec()->set_output_uri("/out/dsv3-w4");
+    r.mutable_spec()->set_output_uri(NextOutput());
     r.mutable_spec()->set_gang_size(gang_size);
     r.mutable_spec()->set_max_attempts(max_attempts);
     auto resp = coordinator_->SubmitJob(r);
@@ -914,6 +1155,165 @@ TEST_F(PipelineTest, PlanWithoutQuantizeWorkersFailsWithMissingCapability) {
 }
 
 // Close and reopen a RocksDB store mid-attempt: committed steps stay, the live gang goes on.
+// ---------------------------------------------------------------------------------------------
+// Fencing of the finalizer: publish (the manifest) only with the coordinator's consent, never
+// two attempts of a job at once.
+
+class FinalizeFenceTest : public PipelineTest {
+ protected:
+  // Runs job `id` (gang of 1) on the worker that gets it up to FINALIZING and returns that
+  // worker and its FINALIZE assignment (delivered).
+  std::pair<std::string, mq::v1::Assignment> ToFinalize(const std::string& id,
+                                                        const std::vector<std::string>& workers) {
+    Plan(id, workers);
+    coordinator_->Tick();
+    for (const std::string& w : workers) {
+      auto q = Poll(w);
+      if (q.assignment_id().empty()) continue;
+      EXPECT_EQ(q.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+      for (int step = 0; step < 4; ++step) EXPECT_TRUE(Report(w, q, step)->committed());
+      EXPECT_TRUE(Quantized(w, q).ok());
+      EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FINALIZING);
+      coordinator_->Tick();
+      auto f = Poll(w);
+      EXPECT_EQ(f.kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
+      return {w, f};
+    }
+    ADD_FAILURE() << "no worker got the quantize assignment";
+    return {};
+  }
+
+  absl::Status Publish(const std::string& worker_id, const mq::v1::Assignment& a,
+                       int64_t epoch_delta = 0) {
+    mq::v1::ReportProgressRequest r;
+    r.set_worker_id(worker_id);
+    r.set_assignment_id(a.assignment_id());
+    r.set_lease_epoch(a.lease_epoch() + epoch_delta);
+    r.set_stage("publishing the manifest");
+    r.set_fraction(1);
+    r.set_publish(true);
+    return coordinator_->ReportProgress(r).status();
+  }
+
+  absl::Status Finalized(const std::string& worker_id, const mq::v1::Assignment& a) {
+    mq::v1::CompleteAssignmentRequest r;
+    r.set_worker_id(worker_id);
+    r.set_assignment_id(a.assignment_id());
+    r.set_lease_epoch(a.lease_epoch());
+    r.mutable_finalized()->set_manifest_sha256(Sha('e'));
+    r.mutable_finalized()->set_files(3);
+    r.mutable_finalized()->set_total_bytes(300);
+    return coordinator_->CompleteAssignment(r).status();
+  }
+};
+
+TEST_F(FinalizeFenceTest, CancelBeforePublishingRefusesThePublish) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1);
+  auto [w, fa] = ToFinalize(id, {a});
+  ASSERT_TRUE(CancelIt(*coordinator_, id).ok());
+  absl::Status s = Publish(w, fa);
+  EXPECT_EQ(s.code(), absl::StatusCode::kAborted) << s;
+  EXPECT_EQ(Finalized(w, fa).code(), absl::StatusCode::kAborted);
+  auto job = Get(id).job();
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_CANCELLED);
+  EXPECT_FALSE(job.publishing());
+  EXPECT_EQ(CountEvents(id, "publishing"), 0);
+}
+
+TEST_F(FinalizeFenceTest, CancelIsRefusedOncePublishing) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(1);
+  auto [w, fa] = ToFinalize(id, {a, b});
+  const std::string other = w == a ? b : a;
+  // Only the live finalize assignment's holder, with its lease epoch, may publish.
+  EXPECT_EQ(Publish(w, fa, /*epoch_delta=*/-1).code(), absl::StatusCode::kAborted);
+  EXPECT_EQ(Publish(other, fa).code(), absl::StatusCode::kAborted);
+  EXPECT_FALSE(Get(id).job().publishing());
+  ASSERT_TRUE(Publish(w, fa).ok());
+  EXPECT_TRUE(Get(id).job().publishing());
+  ASSERT_TRUE(Publish(w, fa).ok());  // repeated: same answer, one event
+  EXPECT_EQ(CountEvents(id, "publishing"), 1);
+  absl::Status cancel = CancelIt(*coordinator_, id);
+  ASSERT_EQ(cancel.code(), absl::StatusCode::kFailedPrecondition) << cancel;
+  EXPECT_NE(cancel.message().find("is publishing its output and is about to succeed"),
+            std::string::npos)
+      << cancel;
+  ASSERT_TRUE(Finalized(w, fa).ok());
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_TRUE(Publish(w, fa).ok());  // a late repeat after the result was accepted
+}
+
+TEST_F(FinalizeFenceTest, QuantizeAssignmentsDoNotPublish) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1);
+  Plan(id, {a});
+  coordinator_->Tick();
+  auto q = Poll(a);
+  ASSERT_EQ(q.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+  EXPECT_EQ(Publish(a, q).code(), absl::StatusCode::kAborted);
+  EXPECT_FALSE(Get(id).job().publishing());
+}
+
+TEST_F(FinalizeFenceTest, AFailedFinalizeAfterPublishingCanBeCancelledAgain) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1);
+  auto [w, fa] = ToFinalize(id, {a});
+  ASSERT_TRUE(Publish(w, fa).ok());
+  ASSERT_TRUE(Error(w, fa, /*infrastructure=*/true).ok());
+  auto job = Get(id).job();
+  EXPECT_FALSE(job.publishing()) << job.message();
+  coordinator_->Tick();
+  auto again = Poll(w);
+  ASSERT_EQ(again.kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
+  EXPECT_EQ(Publish(w, fa).code(), absl::StatusCode::kAborted);  // the old attempt's
+  EXPECT_TRUE(CancelIt(*coordinator_, id).ok());
+}
+
+TEST_F(FinalizeFenceTest, CancelThenResumeWaitsForTheOldFinalizerToPoll) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(1);
+  auto [w, fa] = ToFinalize(id, {a, b});
+  const std::string other = w == a ? b : a;
+  ASSERT_TRUE(CancelIt(*coordinator_, id).ok());
+  ASSERT_TRUE(ResumeIt(*coordinator_, id).ok());
+  // The cancelled finalizer may still be writing: nobody gets the job until it polls again.
+  for (int i = 0; i < 3; ++i) {
+    now_ += 100;
+    Heartbeat(a);
+    Heartbeat(b);
+    coordinator_->Tick();
+    EXPECT_TRUE(Poll(other).assignment_id().empty());
+  }
+  EXPECT_EQ(Get(id).job().attempt(), fa.attempt());
+  EXPECT_TRUE(Poll(w).assignment_id().empty());  // it stopped and polls: the job may go on
+  coordinator_->Tick();
+  auto next = Poll(w);
+  if (next.assignment_id().empty()) next = Poll(other);
+  ASSERT_EQ(next.kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
+  EXPECT_EQ(next.attempt(), fa.attempt() + 1);
+  EXPECT_EQ(Publish(w, fa).code(), absl::StatusCode::kAborted);
+}
+
+TEST_F(FinalizeFenceTest, CancelThenResumeGoesOnOnceTheOldFinalizerIsDeclaredDead) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(1);
+  auto [w, fa] = ToFinalize(id, {a, b});
+  const std::string other = w == a ? b : a;
+  ASSERT_TRUE(CancelIt(*coordinator_, id).ok());
+  ASSERT_TRUE(ResumeIt(*coordinator_, id).ok());
+  for (int i = 0; i < 12; ++i) {  // the old finalizer falls silent
+    now_ += 100;
+    Heartbeat(other);
+    coordinator_->Tick();
+  }
+  auto next = Poll(other);
+  ASSERT_EQ(next.kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
+}
+
 class PipelineRocksDbTest : public PipelineTest {
  protected:
   void SetUp() override {
