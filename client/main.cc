@@ -378,10 +378,10 @@ int Submit(Client& c, int argc, char** argv, int first) {
   f.Int("max-sequence-length", &seqlen, "tokens per sequence (default 4096)");
   f.Int("seed", &seed, "shuffle seed (default 0)");
   f.Int("min-expert-tokens", &min_expert_tokens,
-        "routed experts with fewer calibration rows in a layer are rare: their Hessians are "
-        "topped up with other tokens (default 16; -1: no rare-expert treatment)");
-  f.Bool("rare-expert-rtn", &rare_rtn, "quantize rare experts with RTN instead");
-  f.String("targets", &targets, "routed-experts (default) or all-linear");
+        "rows below which an expert's Hessian is topped up (default 16; -1: off)");
+  f.Bool("rare-expert-rtn", &rare_rtn, "quantize those rare experts with RTN instead");
+  f.String("targets", &targets,
+           "routed-experts (default) or all-linear (inputs not a multiple of the group: BF16)");
   f.Repeated("ignore", &ignore, "regex of module names to leave unquantized (repeatable)");
   f.String("scale-search", &scale_search, "minmax (default) or mse");
   f.String("damping", &damping, "GPTQ relative damping in (0, 1] (default 0.01)");
