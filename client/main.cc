@@ -37,9 +37,10 @@ constexpr char kUsage[] =
     R"(usage: mq-client [--coordinator HOST:PORT] [--timeout SECONDS] COMMAND [ARGS]
 
 commands:
-  submit --model DIR --output DIR [--method gptq|awq|rtn] [--bits 4] [--group-size N]
+  submit --model DIR --output DIR [--method gptq|rtn] [--bits 4] [--group-size N]
          [--dataset PATH] [--tokenizer PATH] [--num-calibration-samples N]
-         [--max-sequence-length N] [--seed N] [--gang-size K] [--wait] [--json] ...
+         [--max-sequence-length N] [--seed N] [--gang-size K] [--min-expert-tokens N]
+         [--rare-expert-rtn] [--wait] [--json] ...
                                                   submit a quantization job, print its id
   status JOB [--json]                             a job with its plan, attempts and history
   list [--state STATE]... [--limit N] [--json]    jobs, newest first: every live one and the
@@ -153,16 +154,35 @@ void PrintProblems(const mq::v1::InspectReport& r) {
   for (const auto& p : r.problems()) std::cout << "  " << p.where() << ": " << p.message() << "\n";
 }
 
+// " + 1 MTP", or what of the declared MTP layers the checkpoint lacks.
+std::string MtpLayers(const mq::v1::ModelSummary& s) {
+  const int declared = s.num_nextn_predict_layers();
+  if (declared == 0) return "";
+  // Plans stored before the count existed do not say; show what the config declares.
+  const int present = s.has_num_mtp_layers_present() ? s.num_mtp_layers_present() : declared;
+  if (present == declared) return absl::StrCat(" + ", declared, " MTP");
+  if (present == 0) {
+    return absl::StrCat(" + ", declared,
+                        " MTP declared in config.json but absent (no model.layers.",
+                        s.num_hidden_layers(), ".* tensors; left out of the job)");
+  }
+  return absl::StrCat(" + ", declared, " MTP declared in config.json, ", present,
+                      " present in the checkpoint");
+}
+
+void PrintNotes(const mq::v1::InspectReport& r) {
+  if (r.notes_size() == 0) return;
+  std::cout << "\nNotes (" << r.notes_size() << "):\n";
+  for (const auto& n : r.notes()) std::cout << "  " << n.where() << ": " << n.message() << "\n";
+}
+
 void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
   const auto& s = r.summary();
   std::cout << "Model:        " << s.architecture() << " (" << s.model_type() << "), "
             << s.weight_format() << " weights\n"
             << "Layers:       " << s.num_hidden_layers() << " (" << s.first_k_dense_replace()
             << " dense, " << s.num_hidden_layers() - s.first_k_dense_replace() << " MoE)"
-            << (s.num_nextn_predict_layers()
-                    ? absl::StrCat(" + ", s.num_nextn_predict_layers(), " MTP")
-                    : "")
-            << "\n"
+            << MtpLayers(s) << "\n"
             << "Experts:      " << s.n_routed_experts() << " routed (top-"
             << s.num_experts_per_tok() << ", " << s.n_group() << " groups, top-" << s.topk_group()
             << " groups), " << s.n_shared_experts() << " shared, width "
@@ -204,6 +224,7 @@ void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
       }
       std::cout << "\n" << layers.Render();
     }
+    PrintNotes(r);
   }
   PrintProblems(r);
 }
@@ -214,7 +235,33 @@ std::string Seconds(double s) {
   return buf;
 }
 
-void PrintJob(const mq::v1::JobRecord& j) {
+// "plan 1, quantize 2, finalize 1 (finalize: 1 of at most 3 counted)": attempts by phase, and
+// how many of the current phase's count against spec.max_attempts (infrastructure failures and
+// attempts before a resume do not).
+std::string Attempts(const mq::v1::JobRecord& j,
+                     const google::protobuf::RepeatedPtrField<mq::v1::AttemptRecord>& attempts) {
+  if (j.attempt() == 0) {
+    return absl::StrCat("none yet (at most ", j.spec().max_attempts(), " counted per phase)");
+  }
+  std::vector<std::pair<std::string, int>> phases;  // in the order they first ran
+  for (const auto& a : attempts) {
+    auto it = std::find_if(phases.begin(), phases.end(),
+                           [&a](const auto& p) { return p.first == a.phase(); });
+    if (it == phases.end()) it = phases.insert(phases.end(), {a.phase(), 0});
+    ++it->second;
+  }
+  std::vector<std::string> parts;
+  for (const auto& [phase, n] : phases) parts.push_back(absl::StrCat(phase, " ", n));
+  // A phase that succeeded gives the next one a fresh budget: nothing counted yet.
+  const int counted = std::max(0, j.attempt() - j.attempt_base());
+  const std::string phase =
+      counted == 0 || attempts.empty() ? "next phase" : attempts.rbegin()->phase();
+  return absl::StrCat(parts.empty() ? absl::StrCat(j.attempt()) : absl::StrJoin(parts, ", "), " (",
+                      phase, ": ", counted, " of at most ", j.spec().max_attempts(), " counted)");
+}
+
+void PrintJob(const mq::v1::JobRecord& j,
+              const google::protobuf::RepeatedPtrField<mq::v1::AttemptRecord>& attempts) {
   const auto& s = j.spec();
   std::cout << "Job:          " << j.job_id() << "\n"
             << "State:        " << JobStateName(j.state()) << "\n"
@@ -224,8 +271,9 @@ void PrintJob(const mq::v1::JobRecord& j) {
             << "Method:       " << MethodName(s.method()) << " " << s.bits() << "-bit, group "
             << (s.group_size() == -1 ? std::string("per-channel") : std::to_string(s.group_size()))
             << (s.symmetric() ? ", symmetric" : ", asymmetric")
-            << (s.act_order() ? ", act-order" : "") << ", gang size " << s.gang_size() << "\n"
-            << "Attempt:      " << j.attempt() << " (max " << s.max_attempts() << ")\n"
+            << (s.act_order() && s.method() != mq::v1::METHOD_RTN ? ", act-order" : "")
+            << ", gang size " << s.gang_size() << "\n"
+            << "Attempts:     " << Attempts(j, attempts) << "\n"
             << "Created:      " << mq::client::Time(j.created_at_ms()) << "\n";
   if (j.finished_at_ms()) {
     std::cout << "Finished:     " << mq::client::Time(j.finished_at_ms()) << " (after "
@@ -250,9 +298,11 @@ void PrintJob(const mq::v1::JobRecord& j) {
     const mq::v1::LayerStats& l = p.last_layer();
     std::cout << "Last layer:   step " << l.step() << " (layer " << l.layer() << "): load "
               << Seconds(l.load_seconds()) << ", forward " << Seconds(l.forward_seconds())
-              << ", hessian " << Seconds(l.hessian_seconds()) << ", solve "
-              << Seconds(l.solve_seconds()) << ", propagate " << Seconds(l.propagate_seconds())
-              << ", write " << Seconds(l.write_seconds())
+              << (s.method() == mq::v1::METHOD_RTN ? ", round (RTN) " + Seconds(l.solve_seconds())
+                                                   : ", hessian " + Seconds(l.hessian_seconds()) +
+                                                         ", solve " + Seconds(l.solve_seconds()))
+              << ", propagate " << Seconds(l.propagate_seconds()) << ", write "
+              << Seconds(l.write_seconds())
               << (l.exchange_seconds() > 0 ? " (exchange " + Seconds(l.exchange_seconds()) + ")"
                                            : std::string())
               << "\n"
@@ -313,14 +363,14 @@ int Submit(Client& c, int argc, char** argv, int first) {
   std::string model, output, method = "gptq", dataset, tokenizer, targets = "routed-experts",
                              scale_search = "minmax", key;
   int64_t bits = 4, group_size = 128, gang = 1, samples = 0, seqlen = 0, seed = 0, priority = 0,
-          max_attempts = 0;
+          max_attempts = 0, min_expert_tokens = 0;
   std::string damping;
-  bool wait = false, asymmetric = false, no_act_order = false, mtp = false, json = c.global().json;
+  bool wait = false, no_act_order = false, mtp = false, rare_rtn = false, json = c.global().json;
   std::vector<std::string> ignore;
   mq::Flags f;
   f.String("model", &model, "input checkpoint directory (HF layout)");
   f.String("output", &output, "output directory");
-  f.String("method", &method, "gptq (default), awq or rtn");
+  f.String("method", &method, "gptq (default) or rtn");
   f.Int("bits", &bits, "weight bits (4)");
   f.Int("group-size", &group_size, "32, 64, 128 (default) or -1 for per-channel");
   f.Int("gang-size", &gang, "workers that run the job together (default 1)");
@@ -329,12 +379,15 @@ int Submit(Client& c, int argc, char** argv, int first) {
   f.Int("num-calibration-samples", &samples, "calibration sequences (default 512)");
   f.Int("max-sequence-length", &seqlen, "tokens per sequence (default 4096)");
   f.Int("seed", &seed, "shuffle seed (default 0)");
-  f.String("targets", &targets, "routed-experts (default) or all-linear");
+  f.Int("min-expert-tokens", &min_expert_tokens,
+        "rows below which an expert's Hessian is topped up (default 16; -1: off)");
+  f.Bool("rare-expert-rtn", &rare_rtn, "quantize those rare experts with RTN instead");
+  f.String("targets", &targets,
+           "routed-experts (default) or all-linear (inputs not a multiple of the group: BF16)");
   f.Repeated("ignore", &ignore, "regex of module names to leave unquantized (repeatable)");
   f.String("scale-search", &scale_search, "minmax (default) or mse");
   f.String("damping", &damping, "GPTQ relative damping in (0, 1] (default 0.01)");
-  f.Bool("asymmetric", &asymmetric, "use zero points");
-  f.Bool("no-act-order", &no_act_order, "keep the original column order");
+  f.Bool("no-act-order", &no_act_order, "GPTQ: keep the original column order");
   f.Bool("include-mtp", &mtp, "also quantize the MTP layer's experts");
   f.Int("priority", &priority, "higher runs first (default 0)");
   f.Int("max-attempts", &max_attempts, "attempts before giving up (default 3)");
@@ -355,10 +408,11 @@ int Submit(Client& c, int argc, char** argv, int first) {
   mq::v1::JobSpec* spec = request.mutable_spec();
   spec->set_model_uri(Absolute(model));
   spec->set_output_uri(Absolute(output));
+  // awq goes to the coordinator, which says what it supports (INVALID_ARGUMENT).
   static const std::map<std::string, mq::v1::Method> kMethods = {
       {"gptq", mq::v1::METHOD_GPTQ}, {"awq", mq::v1::METHOD_AWQ}, {"rtn", mq::v1::METHOD_RTN}};
   if (!kMethods.count(method)) {
-    return Fail("submit: --method = \"" + method + "\": must be gptq, awq or rtn", 2);
+    return Fail("submit: --method = \"" + method + "\": must be gptq or rtn", 2);
   }
   spec->set_method(kMethods.at(method));
   spec->set_bits(static_cast<int32_t>(bits));
@@ -387,7 +441,7 @@ int Submit(Client& c, int argc, char** argv, int first) {
     spec->set_damping(d);
   }
   for (const auto& re : ignore) spec->add_ignore(re);
-  spec->set_symmetric(!asymmetric);
+  spec->set_symmetric(true);
   spec->set_act_order(!no_act_order);
   spec->set_include_mtp(mtp);
   spec->set_priority(static_cast<int32_t>(priority));
@@ -398,6 +452,8 @@ int Submit(Client& c, int argc, char** argv, int first) {
   cal->set_num_samples(samples);
   cal->set_max_sequence_length(seqlen);
   cal->set_seed(static_cast<uint64_t>(seed));
+  cal->set_min_expert_tokens(min_expert_tokens);
+  cal->set_rare_expert_rtn(rare_rtn);
   // A key of our own makes the client's retries safe even when the user gave none.
   request.set_idempotency_key(key.empty() ? mq::NewId("c-") : key);
 
@@ -433,6 +489,8 @@ int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_event
       for (const auto& e : update.events()) {
         if (e.seq() < next_seq) continue;
         next_seq = e.seq() + 1;
+        // The final state is said once, after the loop (on stderr when the job did not succeed).
+        if (e.kind() == "state" && IsTerminal(e.state())) continue;
         if (print_events && !json) {
           PrintEvent(e);
         } else if (!json && (e.kind() == "state" || e.kind() == "layer_committed" ||
@@ -458,7 +516,7 @@ int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_event
     mq::v1::GetJobResponse full;
     auto ctx = c.Ctx();
     if (c.stub().GetJob(ctx.get(), get, &full).ok()) std::cout << Json(full) << "\n";
-  } else if (!json) {
+  } else if (!json && last.state() == mq::v1::JOB_STATE_SUCCEEDED) {
     std::cout << job_id << " " << JobStateName(last.state()) << ": " << last.message() << "\n";
   }
   if (last.state() == mq::v1::JOB_STATE_SUCCEEDED) return 0;
@@ -486,7 +544,7 @@ int Status(Client& c, int argc, char** argv, int first) {
     std::cout << Json(response) << "\n";
     return 0;
   }
-  PrintJob(response.job());
+  PrintJob(response.job(), response.attempts());
   if (response.job().has_plan() && response.job().plan().has_summary()) {
     std::cout << "\n";
     PrintReport(response.job().plan(), /*with_layers=*/false);
@@ -520,6 +578,9 @@ int Status(Client& c, int argc, char** argv, int first) {
       const auto& r0 = l.reports_size() ? l.reports(0).stats() : mq::v1::LayerStats();
       char err[32];
       std::snprintf(err, sizeof(err), "%.4f", linears ? error / linears : 0.0);
+      if (response.job().spec().method() == mq::v1::METHOD_RTN) {
+        std::snprintf(err, sizeof(err), "-");  // measured against Hessians, which RTN has none of
+      }
       t.Add({std::to_string(l.step()), std::to_string(l.layer()),
              l.committed() ? "committed" : "pending", std::to_string(l.attempt()),
              absl::StrCat(l.reports_size(), "/", l.world_size()), std::to_string(files),

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstdio>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/names.h"
@@ -969,14 +970,25 @@ void Coordinator::ApplyPlanResult(JobRecord& job, WriteBatch& batch,
   job.mutable_progress()->set_stage_fraction(0);
   if (report.problems_size() > 0) {
     std::vector<std::string> first;
-    for (int i = 0; i < report.problems_size() && i < 3; ++i) {
+    int request_problems = 0;
+    for (int i = 0; i < report.problems_size(); ++i) {
+      if (absl::StartsWith(report.problems(i).where(), "request.")) ++request_problems;
+      if (i >= 3) continue;
       first.push_back(absl::StrCat(report.problems(i).where(), ": ", report.problems(i).message()));
     }
+    // Problems with the request itself ("request.<field>") are not the checkpoint's.
+    const int n = report.problems_size();
+    const std::string plural = n == 1 ? "" : "s";
+    const std::string found =
+        request_problems == n ? absl::StrCat("the request has ", n, " problem", plural)
+        : request_problems == 0
+            ? absl::StrCat("the checkpoint check found ", n, " problem", plural)
+            : absl::StrCat("planning found ", n, " problems (", request_problems,
+                           " in the request, ", n - request_problems, " in the checkpoint)");
     SetJobState(job, batch, mq::v1::JOB_STATE_FAILED,
-                absl::StrCat("the checkpoint check found ", report.problems_size(), " problem",
-                             report.problems_size() == 1 ? "" : "s", ": ",
-                             absl::StrJoin(first, "; "), report.problems_size() > 3 ? "; ..." : "",
-                             " (`mq-client status ", job.job_id(), "` lists all)"));
+                absl::StrCat(found, ": ", absl::StrJoin(first, "; "),
+                             report.problems_size() > 3 ? "; ..." : "", " (`mq-client status ",
+                             job.job_id(), "` lists all)"));
     if (metrics_) metrics_->jobs_failed->Increment();
     return;
   }

@@ -181,8 +181,11 @@ absl::StatusOr<JobSpec> NormalizeJobSpec(const JobSpec& in) {
                    "must not be the model directory or inside it");
   }
 
+  if (spec.method() == mq::v1::METHOD_AWQ) {
+    return Invalid("spec.method", "awq", "must be gptq or rtn (AWQ is not implemented yet)");
+  }
   if (!mq::v1::Method_IsValid(spec.method())) {
-    return Invalid("spec.method", absl::StrCat(spec.method()), "must be gptq, awq or rtn");
+    return Invalid("spec.method", absl::StrCat(spec.method()), "must be gptq or rtn");
   }
   if (spec.method() == mq::v1::METHOD_UNSPECIFIED) spec.set_method(mq::v1::METHOD_GPTQ);
 
@@ -193,7 +196,13 @@ absl::StatusOr<JobSpec> NormalizeJobSpec(const JobSpec& in) {
   if (absl::Status s = CheckGroupSize("spec.group_size", spec.group_size()); !s.ok()) return s;
 
   if (!spec.has_symmetric()) spec.set_symmetric(true);
-  if (!spec.has_act_order()) spec.set_act_order(true);
+  if (!spec.symmetric()) {
+    return Invalid("spec.symmetric", "false",
+                   "must be true (asymmetric quantization is not implemented yet)");
+  }
+  // Act-order is a GPTQ column order; RTN has none.
+  if (!spec.has_act_order()) spec.set_act_order(spec.method() == mq::v1::METHOD_GPTQ);
+  if (spec.method() == mq::v1::METHOD_RTN) spec.set_act_order(false);
 
   if (!mq::v1::ScaleSearch_IsValid(spec.scale_search())) {
     return Invalid("spec.scale_search", absl::StrCat(spec.scale_search()), "must be minmax or mse");
@@ -247,6 +256,16 @@ absl::StatusOr<JobSpec> NormalizeJobSpec(const JobSpec& in) {
   if (absl::Status s = CheckInt("spec.calibration.num_samples", cal->num_samples(), 1, 1000000);
       !s.ok()) {
     return s;
+  }
+  if (cal->min_expert_tokens() == 0) cal->set_min_expert_tokens(16);
+  if (cal->min_expert_tokens() < -1 || cal->min_expert_tokens() > 1000000000) {
+    return Invalid("spec.calibration.min_expert_tokens", absl::StrCat(cal->min_expert_tokens()),
+                   "must be -1 (no rare-expert treatment), 0 (the default, 16) or between 1 and "
+                   "1000000000");
+  }
+  if (cal->rare_expert_rtn() && cal->min_expert_tokens() == -1) {
+    return Invalid("spec.calibration.rare_expert_rtn", "true",
+                   "needs rare experts: spec.calibration.min_expert_tokens is -1 (none are rare)");
   }
   if (cal->max_sequence_length() == 0) cal->set_max_sequence_length(4096);
   if (absl::Status s =

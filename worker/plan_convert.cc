@@ -51,8 +51,14 @@ mq::v1::InspectReport ToProto(const model::InspectReport& in) {
   o->set_num_tensors(s.num_tensors);
   o->set_num_parameters(s.num_parameters);
   o->set_checkpoint_bytes(s.checkpoint_bytes);
+  o->set_num_mtp_layers_present(s.num_mtp_layers_present);
   for (const model::Problem& p : in.problems) {
     mq::v1::Problem* q = out.add_problems();
+    q->set_where(p.where);
+    q->set_message(p.message);
+  }
+  for (const model::Problem& p : in.notes) {
+    mq::v1::Problem* q = out.add_notes();
     q->set_where(p.where);
     q->set_message(p.message);
   }

@@ -75,6 +75,35 @@ def check_output_dir(out):
     return m
 
 
+def run_in_transformers(out, ids=(1, 2, 3, 4, 5, 6, 7, 8)):
+    """Loads an output directory with transformers and runs one forward; returns the lines to
+    show a user. transformers has no MTP module: it drops an MTP layer's weights and would list
+    every one of them as UNEXPECTED, so the load is quiet (errors only) and one line says so."""
+    import torch
+    import transformers
+    config = json.loads((Path(out) / "config.json").read_text())
+    weights = json.loads((Path(out) / "model.safetensors.index.json").read_text())["weight_map"]
+    mtp = [config["num_hidden_layers"] + i for i in range(config.get("num_nextn_predict_layers", 0))]
+    mtp = [l for l in mtp if any(k.startswith(f"model.layers.{l}.") for k in weights)]
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(out), dtype=torch.float32).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    with torch.no_grad():
+        logits = model(torch.tensor([list(ids)])).logits
+    assert torch.isfinite(logits).all()
+    lines = [f"transformers {transformers.__version__} loaded the quantized model and ran it; "
+             f"logits {tuple(logits.shape)}"]
+    if mtp:
+        lines.append(f"MTP layer {', '.join(map(str, mtp))}: its weights are in the checkpoint "
+                     "for vLLM's speculative decoding; transformers has no MTP module and drops "
+                     "them (expected)")
+    return lines
+
+
 def nll_transformers(model_dir, heldout, **kwargs):
     import torch
     import transformers

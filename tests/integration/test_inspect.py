@@ -30,7 +30,8 @@ def test_fp8_model_with_ragged_dims(served, tmp_path):
                            "--dense-layers", "1", "--experts", "16", "--experts-per-tok", "4",
                            "--groups", "4", "--topk-groups", "2", "--moe-intermediate", "130",
                            "--mtp", "1", "--shards", "3")
-    res, report = inspect_json(served, model, "--gang-size", "2")
+    # Per-channel: no group size divides the experts' 200 and 130 input columns.
+    res, report = inspect_json(served, model, "--gang-size", "2", "--group-size", "-1")
     assert res.returncode == 0, res.stderr
     assert problems(report) == []
     s = report["summary"]
@@ -61,16 +62,64 @@ def test_fp8_model_with_ragged_dims(served, tmp_path):
                 "scratch_bytes_per_rank"):
         assert int(est[key]) > 0, key
 
-    res, with_mtp = inspect_json(served, model, "--include-mtp", "--all-linear")
+    res, with_mtp = inspect_json(served, model, "--include-mtp", "--all-linear", "--group-size",
+                                 "-1")
     assert [l["kind"] for l in with_mtp["layers"]][-1] == "LAYER_KIND_MTP"
     assert len(with_mtp["ranks"]) == 1
     assert with_mtp["layers"][0]["num_quantized_linears"] > 0  # all linear: dense layer too
 
-    human = served.client("inspect", model, "--gang-size", "2", "--layers", check=True).stdout
+    human = served.client("inspect", model, "--gang-size", "2", "--layers", "--group-size", "-1",
+                          check=True).stdout
     for text in ("fp8 weights", "Layers:       4 (1 dense, 3 MoE) + 1 MTP",
                  "Estimate (gang of 2)", "dispatch rounds:       32 per MoE layer", "RANK",
                  "0..7", "8..15", "LAYER  KIND"):
         assert text in human, human
+
+
+    # Groups of 128 would leave the experts short last groups: refused, with what fits.
+    res, report = inspect_json(served, model)
+    assert res.returncode == 1
+    assert problems(report) == [(
+        "request.group_size",
+        "group_size = 128: the routed experts' mlp.experts.*.gate_proj has 200, "
+        "mlp.experts.*.up_proj has 200, mlp.experts.*.down_proj has 130 input columns, not a "
+        "multiple of 128 (a short last group, which vLLM and transformers cannot run; a layer's "
+        "experts share one scheme, so they cannot be left unquantized): use group_size "
+        "-1 (per channel)")]
+
+
+def test_all_linear_names_the_linears_left_unquantized(served, tmp_path):
+    model = generate_model(tmp_path / "m")  # q_lora_rank 96, kv_lora_rank 64
+    res, report = inspect_json(served, model, "--all-linear")
+    assert res.returncode == 0, res.stderr
+    assert [(n["where"], n["message"]) for n in report["notes"]] == [
+        ("model.layers.*.self_attn.q_b_proj", "left unquantized (BF16, in "
+         "quantization_config.ignore): 96 input columns are not a multiple of group_size 128"),
+        ("model.layers.*.self_attn.kv_b_proj", "left unquantized (BF16, in "
+         "quantization_config.ignore): 64 input columns are not a multiple of group_size 128")]
+    human = served.client("inspect", model, "--all-linear", check=True).stdout
+    assert "Notes (2):\n  model.layers.*.self_attn.q_b_proj: left unquantized" in human, human
+    res, report = inspect_json(served, model, "--all-linear", "--group-size", "32")
+    assert report.get("notes", []) == []
+
+
+def test_mtp_declared_but_absent(served, tmp_path):
+    # transformers saves num_nextn_predict_layers: 1 without the MTP layer's weights.
+    model = generate_model(tmp_path / "m", "--layers", "4")
+    config = json.loads((model / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    (model / "config.json").write_text(json.dumps(config))
+    res, report = inspect_json(served, model)
+    assert res.returncode == 0, res.stderr
+    assert report["summary"]["num_nextn_predict_layers"] == 1
+    assert report["summary"]["num_mtp_layers_present"] == 0
+    assert [l["kind"] for l in report["layers"]] == ["LAYER_KIND_DENSE"] + ["LAYER_KIND_MOE"] * 3
+    human = served.client("inspect", model, check=True).stdout
+    assert ("Layers:       4 (1 dense, 3 MoE) + 1 MTP declared in config.json but absent (no "
+            "model.layers.4.* tensors; left out of the job)") in human, human
+    res, report = inspect_json(served, model, "--include-mtp")
+    assert res.returncode == 1
+    assert [w for w, _ in problems(report)] == ["model.layers.4"]
 
 
 def test_bf16_model(served, tmp_path):

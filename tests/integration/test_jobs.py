@@ -13,7 +13,7 @@ MISSING_CAPABILITY = 'no live worker offers capability "quantize:gptq"'
 
 @pytest.fixture
 def model(tmp_path):
-    return generate_model(tmp_path / "model", "--format", "fp8", "--hidden", "200", "--seed", "7")
+    return generate_model(tmp_path / "model", "--format", "fp8", "--seed", "7")
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +38,11 @@ def test_submit_plans_for_real_then_stops_on_missing_capability(cluster, model, 
     res = cluster.client("submit", "--model", model, "--output", tmp_path / "out", "--wait")
     assert res.returncode == 1
     job_id = res.stdout.split()[0]
-    assert "FAILED" in res.stdout and MISSING_CAPABILITY in res.stdout
-    assert "planning succeeded (3 steps" in res.stderr  # one-line reason
+    # The failure is said once: one line on stderr, not again on stdout.
+    assert "FAILED" not in res.stdout and MISSING_CAPABILITY not in res.stdout, res.stdout
+    assert res.stderr.count(MISSING_CAPABILITY) == 1, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert f"job {job_id} ended FAILED: planning succeeded (3 steps" in res.stderr
     job = cluster.job(job_id)["job"]
     assert job["missing_capability"] == "quantize:gptq"
     # The plan the worker computed is kept with the job.
@@ -176,8 +179,10 @@ def test_watch_follows_a_job_to_its_end(cluster, model, tmp_path):
     job_id = submit(cluster, model, tmp_path / "out")
     res = cluster.client("watch", job_id, timeout=60)
     assert res.returncode == 1  # the job ends FAILED (missing capability)
-    for text in ("submitted", "planning on worker", "planned", MISSING_CAPABILITY):
+    for text in ("submitted", "planning on worker", "planned"):
         assert text in res.stdout, res.stdout
+    assert MISSING_CAPABILITY not in res.stdout, res.stdout  # said once, on stderr
+    assert res.stderr.count(MISSING_CAPABILITY) == 1, res.stderr
     lines = cluster.client("watch", job_id, "--json").stdout.strip().splitlines()
     assert json.loads(lines[0])["job"]["job_id"] == job_id
 
@@ -209,6 +214,9 @@ def test_idempotent_submit(cluster, model, tmp_path):
     (["--priority", "5000"], "spec.priority = 5000"),
     (["--idempotency-key", "has space"], "idempotency_key"),
     (["--dataset", "s3://bucket/data.jsonl"], "spec.calibration.dataset_uri"),
+    (["--method", "awq"], "spec.method = awq: must be gptq or rtn (AWQ is not implemented yet)"),
+    (["--min-expert-tokens", "-3"], "spec.calibration.min_expert_tokens = -3"),
+    (["--min-expert-tokens", "-1", "--rare-expert-rtn"], "spec.calibration.rare_expert_rtn"),
 ])
 def test_invalid_submit_names_the_field(cluster, model, tmp_path, args, field):
     cluster.start_coordinator()
@@ -217,6 +225,7 @@ def test_invalid_submit_names_the_field(cluster, model, tmp_path, args, field):
     assert res.stderr.startswith("mq-client: submit: invalid argument: ")
     assert field in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+    assert cluster.client_json("list").get("jobs", []) == []  # refused before queueing
     assert cluster.coordinator.alive()
 
 

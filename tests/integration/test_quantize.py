@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from quantize_env import (check_output_dir, make_model, manifest, nll_mq_forward,
-                          nll_transformers, submit_args)
+                          nll_transformers, run_in_transformers, submit_args)
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +211,75 @@ def test_bad_inputs_fail_fast(cluster, env, tmp_path):
                          timeout=120)
     assert res.returncode == 1
     assert shard.name in res.stdout + res.stderr
+
+
+def test_rtn_all_linear_with_narrow_attention_runs_in_transformers(cluster, tmp_path, capfd):
+    """What a new user sees: an RTN job over every linear of a model whose kv_lora_rank (64),
+    q_lora_rank (96), attention output (64) and dense MLP (192) are not multiples of the group
+    size 128. Those linears stay BF16 and are listed in the config's ignore and in the plan; the
+    output runs a forward in transformers, quietly about the MTP layer it drops. RTN
+    accumulates no Hessians, and status says so; a healthy job's attempts read as healthy;
+    unsupported settings are refused at submit; a failure is printed once."""
+    model, dataset, _ = make_model(tmp_path / "env", mtp=1)
+    cluster.start_coordinator()
+    cluster.start_worker("w1")
+    out = tmp_path / "out-rtn-all"
+
+    # AWQ is refused at submit, naming the field and what is allowed; nothing is queued.
+    res = cluster.client(*submit_args(model, tmp_path / "awq", dataset, "--method", "awq"))
+    assert res.returncode == 1
+    assert res.stderr == ("mq-client: submit: invalid argument: spec.method = awq: must be gptq "
+                          "or rtn (AWQ is not implemented yet)\n"), res.stderr
+    assert cluster.client_json("list").get("jobs", []) == []
+
+    res = cluster.client(*submit_args(model, out, dataset, "--method", "rtn", "--targets",
+                                      "all-linear", "--min-expert-tokens", 40,
+                                      "--rare-expert-rtn"), "--wait", timeout=600)
+    assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
+    job_id = res.stdout.split()[0]
+    assert res.stdout.count("SUCCEEDED") == 1, res.stdout
+    full = cluster.job(job_id)
+    j = full["job"]
+    assert j["spec"]["act_order"] is False
+    assert j["spec"]["calibration"]["min_expert_tokens"] == "40"
+    assert j["spec"]["calibration"]["rare_expert_rtn"] is True
+    left_out = ["self_attn.q_b_proj", "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.down_proj"]
+    assert [n["where"] for n in j["plan"]["notes"]] == [f"model.layers.*.{m}" for m in left_out]
+
+    # No Hessians: every layer report says 0 s, and no rare expert was "topped up".
+    for layer in full["layers"]:
+        for report in layer["reports"]:
+            st = report["stats"]
+            assert st["hessian_seconds"] == 0, st
+            assert all(r["treatment"] == "rtn" for r in st.get("rare", [])), st
+    status = cluster.client("status", job_id, check=True).stdout
+    assert "Method:       rtn 4-bit, group 128, symmetric, gang size 1\n" in status, status
+    assert ("Attempts:     plan 1, quantize 1, finalize 1 (finalize: 1 of at most 3 counted)"
+            in status), status
+    assert "round (RTN)" in status and "hessian" not in status, status
+    assert "Notes (4):" in status, status
+
+    # The output: BF16 for the linears left out, listed in ignore; transformers runs it.
+    check_output_dir(out)
+    config = json.loads((out / "config.json").read_text())
+    ignore = config["quantization_config"]["ignore"]
+    for m in left_out:
+        assert "re:.*\\." + m.replace(".", "\\.") + "$" in ignore, ignore
+    tensors = codes(out)
+    assert "model.layers.1.self_attn.kv_b_proj.weight" in tensors
+    assert "model.layers.1.self_attn.kv_b_proj.weight_packed" not in tensors
+    assert "model.layers.1.self_attn.q_a_proj.weight_packed" in tensors
+    capfd.readouterr()
+    lines = run_in_transformers(out)
+    captured = capfd.readouterr()
+    assert "UNEXPECTED" not in captured.out + captured.err, captured
+    assert lines[0].startswith("transformers ") and "ran it" in lines[0], lines
+    assert lines[1].startswith("MTP layer 3: "), lines
+
+    # A job that fails says why once (stderr), and calls a bad dataset a request problem.
+    res = cluster.client(*submit_args(model, tmp_path / "o-bad", tmp_path / "nope.jsonl"),
+                         "--wait", timeout=120)
+    assert res.returncode == 1
+    lines = [l for l in (res.stdout + res.stderr).splitlines() if "nope.jsonl" in l]
+    assert len(lines) == 1, res.stdout + res.stderr
+    assert "ended FAILED: the request has 1 problem: request.calibration.dataset_uri" in lines[0]

@@ -2,14 +2,16 @@
 
 A small random fp32 DeepseekV3ForCausalLM (hidden 256, 3 layers with 1 dense, 8 experts,
 moe_intermediate 128, every linear input a multiple of 128) is saved, quantized by
-mq-quantize-local (GPTQ and RTN, routed experts only and all linears), and:
+mq-quantize-local (GPTQ and RTN, routed experts only and all linears), and so is a "narrow" one
+whose q_lora_rank (96) and kv_lora_rank (64) are not multiples of the group size 128 (q_b_proj
+and kv_b_proj are then left BF16 and listed in `ignore`); for each:
   * the config's quantization_config parses as compressed-tensors' QuantizationConfig, and the
     checkpoint holds weight_packed/weight_scale/weight_shape for exactly the selected linears;
   * compressed-tensors' PackedQuantizationCompressor.decompress of every quantized linear equals
     our dequantization (q - 8) * scale bit for bit (bf16);
-  * AutoModelForCausalLM.from_pretrained(out_dir) loads it, and its logits match transformers'
-    logits of an unquantized checkpoint holding those dequantized weights (everything else as
-    written, bf16) to < 1e-3 relative;
+  * AutoModelForCausalLM.from_pretrained(out_dir) loads it and runs a forward, and its logits
+    match transformers' logits of an unquantized checkpoint holding those dequantized weights
+    (everything else as written, bf16) to < 1e-3 relative;
   * GPTQ's mean relative output error (report) is below RTN's.
 Python packages: torch, safetensors, transformers (5.x), compressed-tensors, pytest.
 """
@@ -40,6 +42,7 @@ CONFIG = dict(
     routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=10000.0,
     max_position_embeddings=4096, num_nextn_predict_layers=0, tie_word_embeddings=False,
     rope_scaling=None)
+NARROW = dict(CONFIG, q_lora_rank=96, kv_lora_rank=64)
 
 
 def tool():
@@ -56,8 +59,16 @@ def tool():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ct")
-    config = transformers.DeepseekV3Config(**CONFIG)
+    return make_model_dir(tmp_path_factory.mktemp("ct"), CONFIG)
+
+
+@pytest.fixture(scope="module")
+def narrow_model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("ct_narrow"), NARROW)
+
+
+def make_model_dir(tmp, model_config):
+    config = transformers.DeepseekV3Config(**model_config)
     torch.manual_seed(0)
     model = transformers.DeepseekV3ForCausalLM(config).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(1)
@@ -124,8 +135,11 @@ def params(model):
     return out
 
 
+@pytest.mark.parametrize("model", ["model_dir", "narrow_model_dir"])
 @pytest.mark.parametrize("targets", ["routed-experts", "all-linear"])
-def test_transformers_loads_quantized_model(model_dir, targets):
+def test_transformers_loads_quantized_model(request, model, targets):
+    model_dir = request.getfixturevalue(model)
+    narrow = model == "narrow_model_dir"
     out, report = quantize(model_dir, f"gptq_{targets}", "--method", "gptq", "--targets", targets)
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
@@ -143,6 +157,16 @@ def test_transformers_loads_quantized_model(model_dir, targets):
         assert any("self_attn.o_proj" in m for m in quantized)
         assert any("shared_experts" in m for m in quantized)
         assert any("layers.0.mlp.gate_proj" in m for m in quantized)
+        # Input widths that are not a multiple of the group size: written BF16, in `ignore`.
+        short = ["self_attn.q_b_proj", "self_attn.kv_b_proj"]
+        for m in short:
+            is_quantized = any(m in q for q in quantized)
+            assert is_quantized != narrow, (m, quantized)
+            assert (("re:.*\\." + m.replace(".", "\\.") + "$") in qc["ignore"]) == narrow, qc
+            if narrow:
+                assert tensors[f"model.layers.1.{m}.weight"].dtype == torch.bfloat16
+    for m in quantized:  # whole groups only
+        assert tensors[f"{m}.weight_shape"][1] % 128 == 0, m
     assert not any(k.endswith("mlp.gate.weight_packed") for k in tensors)
     assert not any(k.endswith("_scale_inv") for k in tensors)
 
@@ -176,9 +200,9 @@ def test_transformers_loads_quantized_model(model_dir, targets):
     # (a) transformers loads the compressed-tensors checkpoint: every parameter equals the
     # reference's value (transformers 5 keeps decompressed weights in bf16, the scale dtype).
     # Routed experts are decompressed on load by transformers 5 (fused 3-D experts) with the
-    # default config. Quantized nn.Linear modules stay compressed by default, and in
-    # transformers 5.24 / compressed-tensors 0.20 their forward raises "'Linear' object has no
-    # attribute 'weight'", so all-linear loads with dequantize=True (decompression on load).
+    # default config. Quantized nn.Linear modules stay compressed by default; for the parameter
+    # comparison all-linear loads with dequantize=True (decompression on load), and the default
+    # load's forward is checked below.
     kwargs = {}
     if targets == "all-linear":
         kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
@@ -203,6 +227,18 @@ def test_transformers_loads_quantized_model(model_dir, targets):
     err = ((got - ref).norm() / ref.norm()).item()
     print(f"{targets}: transformers(quantized) vs reference logits rel err {err:.3e}")
     assert err < TOLERANCE, err
+    if targets == "all-linear":
+        # Loaded as a user loads it: the quantized linears stay compressed and run through
+        # compressed-tensors' forward (which refuses partial groups). It computes in bf16, which
+        # this random model (weights of std 0.06) amplifies to a few percent of the logits; the
+        # exact comparison is the decompressed load above.
+        with torch.no_grad():
+            compressed = load(out)(ids).logits.double()
+        err_compressed = ((compressed - ref).norm() / ref.norm()).item()
+        print(f"{targets}: transformers(compressed forward) vs reference rel err "
+              f"{err_compressed:.3e}")
+        assert torch.isfinite(compressed).all()
+        assert err_compressed < 0.1, err_compressed
 
     # (d) our own forward (mq-forward, fp32) on the same dequantized weights: same logits.
     forward = os.path.join(os.environ["MQ_BUILD_DIR"], "tests/tools/mq-forward")

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "nlohmann/json.hpp"
 #include "worker/model/config.h"
 #include "worker/model/json_util.h"
@@ -118,7 +119,43 @@ class Inspector {
       Add("request.include_mtp",
           "include_mtp is set but config.json \"num_nextn_predict_layers\" = 0 (no MTP layers)");
     }
+    CheckGroupSizeAgainstExperts();
     return report_.problems.size() == before;
+  }
+
+  // Routed experts whose input width is not a multiple of the group size cannot be written
+  // (a short last group) nor left out one by one (vLLM runs a layer's experts with one scheme).
+  void CheckGroupSizeAgainstExperts() {
+    const int group = request_.group_size;
+    if (group != 32 && group != 64 && group != 128) return;  // per-channel, or a problem already
+    std::vector<PartialGroupLinear> experts;
+    for (PartialGroupLinear& p : PartialGroupLinears(config_, group, request_.all_linear)) {
+      if (p.routed_expert) experts.push_back(std::move(p));
+    }
+    if (experts.empty()) return;
+    std::vector<std::string> fitting;
+    for (int g : {128, 64, 32}) {
+      if (g == group) continue;
+      if (PartialGroupLinears(config_, g, /*all_linear=*/false).empty()) {
+        fitting.push_back(absl::StrCat(g));
+      }
+    }
+    fitting.push_back("-1 (per channel)");
+    std::string widths;
+    for (const PartialGroupLinear& p : experts) {
+      absl::StrAppend(&widths, widths.empty() ? "" : ", ", p.module, " has ", p.in_features);
+    }
+    std::string use = fitting.back();
+    if (fitting.size() > 1) {
+      use = absl::StrCat(absl::StrJoin(fitting.begin(), fitting.end() - 1, ", "), " or ", use);
+    }
+    Add("request.group_size",
+        absl::StrCat("group_size = ", group, ": the routed experts' ", widths,
+                     " input columns, not a multiple of ", group,
+                     " (a short last group, which vLLM and transformers cannot run; a layer's "
+                     "experts share one scheme, so they cannot be left unquantized): use "
+                     "group_size ",
+                     use));
   }
 
   bool LoadConfig() {
@@ -315,7 +352,10 @@ class Inspector {
     for (int k = 0; k < config_.num_nextn_predict_layers; ++k) {
       const int layer = config_.num_hidden_layers + k;
       const std::string prefix = absl::StrCat("model.layers.", layer, ".");
-      if (AnyTensorWithPrefix(prefix)) continue;
+      if (AnyTensorWithPrefix(prefix)) {
+        ++report_.summary.num_mtp_layers_present;
+        continue;
+      }
       absent_mtp.insert(layer);
       if (request_.include_mtp) {
         Add(absl::StrCat("model.layers.", layer),
@@ -421,6 +461,14 @@ class Inspector {
           name, StoredTensor{located.info->dtype, static_cast<int64_t>(located.info->num_bytes())});
     }
     JobPlan plan = PlanJob(config_, request_, stored);
+    for (const PartialGroupLinear& p :
+         PartialGroupLinears(config_, request_.group_size, request_.all_linear)) {
+      if (p.routed_expert) continue;
+      report_.notes.push_back(Problem{
+          absl::StrCat("model.layers.*.", p.module),
+          absl::StrCat("left unquantized (BF16, in quantization_config.ignore): ", p.in_features,
+                       " input columns are not a multiple of group_size ", request_.group_size)});
+    }
     report_.layers = std::move(plan.layers);
     report_.ranks = std::move(plan.ranks);
     report_.estimate = plan.estimate;

@@ -62,6 +62,9 @@ struct ModelSummary {
   int64_t num_tensors = 0;
   int64_t num_parameters = 0;    // elements over all tensors (scales included)
   int64_t checkpoint_bytes = 0;  // sum of tensor data bytes over all shards
+  // MTP layers (of num_nextn_predict_layers) with any "model.layers.<N>.*" tensor in the index;
+  // transformers saves a config that declares MTP without its weights.
+  int num_mtp_layers_present = 0;
 };
 
 enum class LayerKind { kDense, kMoe, kMtp };
@@ -97,6 +100,10 @@ struct ResourceEstimate {
 struct InspectReport {
   ModelSummary summary;
   std::vector<Problem> problems;  // empty means the checkpoint is usable for the request
+  // Where the plan departs from the request without failing it (same shape as a problem):
+  // linears the job leaves unquantized because their input width is not a multiple of the
+  // group size.
+  std::vector<Problem> notes;
   std::vector<LayerPlan> layers;  // empty when problems prevent planning
   std::vector<RankPlan> ranks;
   ResourceEstimate estimate;
@@ -117,7 +124,10 @@ struct InspectReport {
 //                          "group_size = 96: must be 0 (per-channel), 32, 64 or 128",
 //                          "gang_size = 512: must be <= n_routed_experts = 256 (every rank owns
 //                          at least one expert)", "include_mtp is set but config.json
-//                          \"num_nextn_predict_layers\" = 0 (no MTP layers)"
+//                          \"num_nextn_predict_layers\" = 0 (no MTP layers)",
+//                          "group_size = 128: the routed experts' mlp.experts.*.down_proj has
+//                          96 input columns, not a multiple of 128 (...): use group_size 32 or
+//                          -1 (per channel)" (plan.h PartialGroupLinears)
 //   request.model_dir      "\"<dir>\" does not exist" | "\"<dir>\" is not a directory"
 //   config.json            "missing file: config.json is not in the model directory", or one
 //                          problem per config issue in config.h's format, e.g.
@@ -166,7 +176,10 @@ struct InspectReport {
 // readable shards, weight_format "fp8" when any indexed tensor is F8_E4M3, else "bf16".
 // Plan (layers, ranks, estimate; see plan.h PlanJob for the formulas) is filled whenever
 // config.json and the request have no problems, even if tensors are missing (missing tensors
-// count 0 input bytes); otherwise it is left empty.
+// count 0 input bytes); otherwise it is left empty. With the plan come its notes, one per
+// non-expert linear kind left unquantized (plan.h PartialGroupLinears): where
+// "model.layers.*.<module>", message "left unquantized (BF16, in quantization_config.ignore):
+// <W> input columns are not a multiple of group_size <G>".
 InspectReport InspectCheckpoint(const InspectRequest& request);
 
 }  // namespace mq::model

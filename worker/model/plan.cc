@@ -119,15 +119,39 @@ void AddMtpExtras(const DeepseekV3Config& c, int layer, InventoryBuilder& b) {
   b.Add(p + "shared_head.head.weight", {c.vocab_size, h}, TensorRole::kEmbedding, layer);
 }
 
-bool IsQuantized(const ExpectedTensor& t, bool all_linear) {
-  return t.role == TensorRole::kLinear &&
-         (t.routed_expert || (all_linear && t.quantized_with_all_linear));
+// "model.layers.3.self_attn.kv_b_proj.weight" -> "self_attn.kv_b_proj";
+// "model.layers.3.mlp.experts.7.down_proj.weight" -> "mlp.experts.*.down_proj".
+std::string ModuleKind(std::string_view name) {
+  constexpr std::string_view kLayers = "model.layers.";
+  constexpr std::string_view kWeight = ".weight";
+  constexpr std::string_view kExperts = "mlp.experts.";
+  if (name.substr(0, kLayers.size()) == kLayers) {
+    name.remove_prefix(kLayers.size());
+    name.remove_prefix(std::min(name.size(), name.find('.') + 1));
+  }
+  if (name.size() >= kWeight.size() && name.substr(name.size() - kWeight.size()) == kWeight) {
+    name.remove_suffix(kWeight.size());
+  }
+  if (name.substr(0, kExperts.size()) == kExperts) {
+    const size_t dot = name.find('.', kExperts.size());
+    if (dot != std::string_view::npos) {
+      return std::string(kExperts) + "*" + std::string(name.substr(dot));
+    }
+  }
+  return std::string(name);
+}
+
+// Quantized by a job: `partial` holds the ModuleKind of the non-expert linears left in BF16.
+bool IsQuantized(const ExpectedTensor& t, bool all_linear, const std::set<std::string>& partial) {
+  if (t.role != TensorRole::kLinear) return false;
+  if (t.routed_expert) return true;
+  return all_linear && t.quantized_with_all_linear && partial.count(ModuleKind(t.name)) == 0;
 }
 
 // Output bytes of one expected tensor (see plan.h).
 int64_t OutputBytes(const ExpectedTensor& t, const InspectRequest& request,
-                    const StoredTensors& stored) {
-  if (IsQuantized(t, request.all_linear)) {
+                    const StoredTensors& stored, const std::set<std::string>& partial) {
+  if (IsQuantized(t, request.all_linear, partial)) {
     const int64_t out = t.shape[0];
     const int64_t in = t.shape[1];
     const int64_t groups = request.group_size > 0 ? CeilDiv(in, request.group_size) : 1;
@@ -158,6 +182,26 @@ std::vector<int64_t> ScaleInvShape(const std::vector<int64_t>& weight_shape) {
   return shape;
 }
 
+std::vector<PartialGroupLinear> PartialGroupLinears(const DeepseekV3Config& config,
+                                                    int64_t group_size, bool all_linear) {
+  std::vector<PartialGroupLinear> out;
+  if (group_size <= 0) return out;
+  // Every expert of a layer has the same shapes: one stands for all (a few thousand tensors
+  // instead of tens of thousands for DeepSeek-V3).
+  DeepseekV3Config one_expert = config;
+  one_expert.n_routed_experts = std::min(config.n_routed_experts, 1);
+  std::set<std::string> seen;
+  for (const ExpectedTensor& t : ExpectedInventory(one_expert, config.num_nextn_predict_layers)) {
+    if (t.role != TensorRole::kLinear) continue;
+    if (!t.routed_expert && !(all_linear && t.quantized_with_all_linear)) continue;
+    if (t.shape.size() != 2 || t.shape[1] % group_size == 0) continue;
+    std::string module = ModuleKind(t.name);
+    if (!seen.insert(module).second) continue;
+    out.push_back(PartialGroupLinear{std::move(module), t.shape[1], t.routed_expert});
+  }
+  return out;
+}
+
 std::vector<ExpectedTensor> ExpectedInventory(const DeepseekV3Config& config, int num_mtp_layers) {
   std::vector<ExpectedTensor> out;
   InventoryBuilder b(&out);
@@ -185,6 +229,12 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   const int64_t moe = config.moe_intermediate_size;
   const int64_t seq = request.max_sequence_length;
 
+  std::set<std::string> partial;  // non-expert linears written BF16 (PartialGroupLinears)
+  for (const PartialGroupLinear& p :
+       PartialGroupLinears(config, request.group_size, request.all_linear)) {
+    if (!p.routed_expert) partial.insert(p.module);
+  }
+
   plan.layers.resize(num_layers);
   std::vector<int64_t> replicated_elements(num_layers, 0);
   std::vector<std::map<std::string, int64_t>> hessian_inputs(num_layers);  // input_id -> in dim
@@ -205,12 +255,12 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     }
   }
   for (const ExpectedTensor& t : inventory) {
-    const int64_t bytes = OutputBytes(t, request, stored);
+    const int64_t bytes = OutputBytes(t, request, stored, partial);
     output_bytes = SatAdd(output_bytes, bytes);
     if (t.layer < 0) continue;
     LayerPlan& lp = plan.layers[t.layer];
     lp.output_bytes = SatAdd(lp.output_bytes, bytes);
-    const bool quantized = IsQuantized(t, request.all_linear);
+    const bool quantized = IsQuantized(t, request.all_linear, partial);
     if (quantized) ++lp.num_quantized_linears;
     if (!t.routed_expert) {
       replicated_elements[t.layer] = SatAdd(replicated_elements[t.layer], Elements(t.shape));

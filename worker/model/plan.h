@@ -59,6 +59,27 @@ struct ExpectedTensor {
 // `num_mtp_layers` (0 .. num_nextn_predict_layers) says how many MTP layers to include.
 std::vector<ExpectedTensor> ExpectedInventory(const DeepseekV3Config& config, int num_mtp_layers);
 
+// A kind of linear (the same in every layer that has it) whose input width is not a multiple of
+// the group size: group quantization would leave a short last group, which compressed-tensors
+// (transformers) and vLLM refuse ("tensor column shape must be divisible by the given
+// group_size").
+struct PartialGroupLinear {
+  // Module name after "model.layers.<L>.", routed experts as "mlp.experts.*.<proj>", e.g.
+  // "self_attn.kv_b_proj".
+  std::string module;
+  int64_t in_features = 0;
+  bool routed_expert = false;
+};
+
+// The linear kinds of `config` that a job quantizes (routed experts always; attention, dense MLP
+// and shared experts with `all_linear`) whose input width is not a multiple of `group_size`, in
+// inventory order (attention, dense MLP, routed experts, shared experts). Empty when
+// group_size <= 0 (per-channel). A job leaves the non-expert ones unquantized (BF16, in
+// quantization_config.ignore) and refuses routed experts (vLLM runs all of a layer's experts
+// with one scheme).
+std::vector<PartialGroupLinear> PartialGroupLinears(const DeepseekV3Config& config,
+                                                    int64_t group_size, bool all_linear);
+
 // "<p>.weight" -> "<p>.weight_scale_inv".
 std::string ScaleInvName(std::string_view weight_name);
 // [ceil(out/128), ceil(in/128)] for an FP8 weight of shape [out, in] (128x128 blocks).
@@ -88,8 +109,9 @@ inline constexpr int64_t kAttentionHeadsPerChunk = 16;
 // request.include_mtp. MTP layers are neither planned nor counted in the output otherwise.
 //
 // Quantized linears of a layer: every routed expert's gate/up/down; with all_linear also the
-// attention projections, the dense MLP and the shared experts. Never the router, embeddings,
-// lm_head, norms, or the MTP eh_proj / shared_head.
+// attention projections, the dense MLP and the shared experts, except those whose input width is
+// not a multiple of the group size (PartialGroupLinears: written BF16). Never the router,
+// embeddings, lm_head, norms, or the MTP eh_proj / shared_head.
 //
 // LayerPlan.input_bytes = stored bytes of "model.layers.<L>.*" (scales included).
 // Output bytes of a tensor (FORMATS.md §4.1, group G, G = 0 meaning one group per row):

@@ -616,8 +616,10 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   }
   const std::vector<HessianGroup> rep_groups = quant::GroupLinears(replicated);
   const std::vector<HessianGroup> exp_groups = quant::GroupLinears(own_experts);
+  // RTN rounds each weight on its own: no Hessians, no calibration forward for them.
+  const bool rtn = o_.method != quant::QuantMethod::kGptq;
   std::map<std::string, std::unique_ptr<HessianAccumulator>> acc;
-  for (const HessianGroup& g : rep_groups) {
+  for (const HessianGroup& g : rtn ? std::vector<HessianGroup>() : rep_groups) {
     acc[g.members[0]] =
         std::make_unique<HessianAccumulator>(quant::WeightOf(w, g.members[0]).size(1), o_.device);
   }
@@ -660,13 +662,13 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     st.dispatch_rounds = static_cast<int>(plan_.rounds);
     st.expert_passes = plan_.passes;
     absl::Status s = Guarded(where + " shared experts", [&]() -> absl::Status {
-      if (w.shared_experts.defined()) {
+      if (w.shared_experts.defined() && !rtn) {
         model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts, moe_in.u, collect);
       }
       return absl::OkStatus();
     });
     MQ_RETURN_IF_ERROR(s);
-  } else if (!rep_groups.empty()) {
+  } else if (!rep_groups.empty() && !rtn) {
     for (const Chunk& c : chunks_) {
       absl::StatusOr<at::Tensor> y =
           model::RunLayer(w, c.hidden, Positions(c.hidden.size(1)), collect);
@@ -683,11 +685,11 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
       IsRoutedExpert(g.members[0], &e);
       if (gang_counts[e] >= o_.min_expert_tokens || rare_experts.count(e)) continue;
       rare_experts.insert(e);
-      st.rare.push_back({e, gang_counts[e], o_.rare_expert_rtn ? "rtn" : "topped_up"});
+      st.rare.push_back({e, gang_counts[e], o_.rare_expert_rtn || rtn ? "rtn" : "topped_up"});
     }
   }
   // Replicated Hessians: summed over the gang.
-  for (const HessianGroup& g : rep_groups) {
+  for (const HessianGroup& g : rtn ? std::vector<HessianGroup>() : rep_groups) {
     HessianAccumulator& a = *acc[g.members[0]];
     const Clock::time_point h0 = Clock::now();
     at::Tensor sum = a.sum().clone();
@@ -707,7 +709,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
 
   // Solve: own experts, and replicated groups round-robin; replicated results broadcast.
   t = Clock::now();
-  Progress(where + ": solving", 0.4);
+  Progress(where + (rtn ? ": rounding (RTN)" : ": solving"), 0.4);
   std::vector<model::TensorData>& tensors = result.tensors;
   std::set<std::string> written_quantized;
   model::WeightOverrides overrides;
@@ -772,8 +774,15 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
       IsRoutedExpert(g.members[0], &e);
       if (e < p0 || e >= p1) continue;
       pass.push_back(&g);
+      if (rtn) continue;
       acc[g.members[0]] = std::make_unique<HessianAccumulator>(
           quant::WeightOf(w, g.members[0]).size(1), o_.device);
+    }
+    if (rtn) {  // every rank skips the experts' calibration rows alike (no collectives)
+      const Clock::time_point s0 = Clock::now();
+      for (const HessianGroup* g : pass) MQ_RETURN_IF_ERROR(solve_group(*g, false));
+      solve_only += Since(s0);
+      continue;
     }
     if (pass.empty() && rounds.empty()) continue;
     const std::vector<bool> in_pass = rounds.empty() ? std::vector<bool>() : PassExperts(p);
@@ -872,8 +881,8 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   SyncDevice(o_.device);
   // The experts' forward and Hessian accumulation happened inside this stage: Hessian time.
   solve_only += Since(r0);
-  st.solve_seconds = solve_only;
-  st.hessian_seconds = st_hessian_before_solve + std::max(0.0, Since(t) - solve_only);
+  st.solve_seconds = rtn ? Since(t) : solve_only;
+  st.hessian_seconds = rtn ? 0.0 : st_hessian_before_solve + std::max(0.0, Since(t) - solve_only);
   MQ_RETURN_IF_ERROR(CheckCancelled());
 
   // Fault injection (off unless set): a pause inside the layer, between solve and write, so

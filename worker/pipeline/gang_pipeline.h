@@ -13,7 +13,9 @@
 //      experts that saw fewer than `min_expert_tokens` rows gang-wide are topped up with the
 //      owner's own tokens (outputs not propagated) or quantized with RTN;
 //   4. solves: owners their experts, replicated linears round-robin over ranks (each result is
-//      broadcast so every rank propagates with the same weights);
+//      broadcast so every rank propagates with the same weights); an RTN job skips step 3 (no
+//      Hessians: its layer stats report 0 Hessian seconds and no output error) and rounds each
+//      weight here (its "solve" seconds);
 //   5. propagates: the layer again with the quantized weights (expert rows dispatched and their
 //      outputs returned and combined), giving the next step's input;
 //   6. writes its tensors (rank 0 also the layer's unquantized non-expert tensors) to one file,

@@ -1,9 +1,11 @@
 #include "worker/quant/compressed_tensors.h"
 
+#include <algorithm>
 #include <regex>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "worker/model/plan.h"
 
 namespace mq::quant {
 namespace {
@@ -15,6 +17,42 @@ constexpr const char* kReRouter = "re:.*mlp\\.gate$";
 
 bool IsRoutedExpert(const std::string& module) {
   return module.find(".mlp.experts.") != std::string::npos;
+}
+
+std::string EscapeDots(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '.') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+// Ignore entries for the non-expert linears a group size cannot cover (see IgnoreList).
+std::vector<std::string> PartialGroupIgnores(const CompressedTensorsOptions& options,
+                                             const model::DeepseekV3Config& config) {
+  std::vector<std::string> modules;
+  if (options.targets != TargetSet::kAllLinear) return modules;
+  for (const model::PartialGroupLinear& p :
+       model::PartialGroupLinears(config, options.group_size, /*all_linear=*/true)) {
+    if (!p.routed_expert) modules.push_back(p.module);
+  }
+  auto has = [&modules](const std::string& m) {
+    return std::find(modules.begin(), modules.end(), m) != modules.end();
+  };
+  std::vector<std::string> fused;
+  if (has("self_attn.q_a_proj") && has("self_attn.kv_a_proj_with_mqa")) {
+    fused.push_back("self_attn.fused_qkv_a_proj");
+  }
+  for (const char* mlp : {"mlp.", "mlp.shared_experts."}) {
+    if (has(absl::StrCat(mlp, "gate_proj")) && has(absl::StrCat(mlp, "up_proj"))) {
+      fused.push_back(absl::StrCat(mlp, "gate_up_proj"));
+    }
+  }
+  modules.insert(modules.end(), fused.begin(), fused.end());
+  std::vector<std::string> out;
+  for (const std::string& m : modules) out.push_back(absl::StrCat("re:.*\\.", EscapeDots(m), "$"));
+  return out;
 }
 
 }  // namespace
@@ -66,6 +104,9 @@ std::vector<std::string> IgnoreList(const CompressedTensorsOptions& options,
     ignore.push_back(kReDenseMlp);
   }
   ignore.push_back(kReRouter);
+  for (std::string& entry : PartialGroupIgnores(options, config)) {
+    ignore.push_back(std::move(entry));
+  }
   if (config.num_nextn_predict_layers > 0) {
     if (options.mtp == MtpMode::kIgnore) {
       for (int i = 0; i < config.num_nextn_predict_layers; ++i) {
@@ -172,6 +213,15 @@ std::vector<std::string> QuantizedLinears(const model::DeepseekV3Config& config,
 
 absl::Status CheckSelectionConsistent(const model::DeepseekV3Config& config,
                                       const CompressedTensorsOptions& options) {
+  for (const model::PartialGroupLinear& p : model::PartialGroupLinears(
+           config, options.group_size, options.targets == TargetSet::kAllLinear)) {
+    if (!p.routed_expert) continue;
+    return absl::FailedPreconditionError(absl::StrCat(
+        "group_size = ", options.group_size, ": the routed experts' ", p.module, " has ",
+        p.in_features, " input columns, not a multiple of ", options.group_size,
+        " (a short last group, which vLLM and transformers cannot run): use a group size that "
+        "divides it, or 0 (per channel)"));
+  }
   const int layers = config.num_hidden_layers + config.num_nextn_predict_layers;
   for (int layer = 0; layer < layers; ++layer) {
     const std::vector<std::string> all = LayerLinears(config, layer);

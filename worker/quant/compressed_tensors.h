@@ -55,8 +55,11 @@ absl::Status ValidateCompressedTensorsOptions(const CompressedTensorsOptions& op
 
 // The `ignore` list: "lm_head", then by target set (routed experts: "re:.*self_attn.*",
 // "re:.*shared_experts.*", "re:.*mlp\.(gate|up|gate_up|down)_proj.*"), the router
-// "re:.*mlp\.gate$", the MTP entries ("re:.*layers\.{N}\..*" per MTP layer when ignored; the
-// MTP-only linears "re:.*eh_proj.*", "re:.*shared_head.*" otherwise, when the config has MTP
+// "re:.*mlp\.gate$", with all-linear and a group size one "re:.*\.<module>$" per non-expert
+// linear kind whose input width is not a multiple of it (model/plan.h PartialGroupLinears; with
+// the fused names loaders use when both halves are in: "self_attn.fused_qkv_a_proj",
+// "<mlp>.gate_up_proj"), the MTP entries ("re:.*layers\.{N}\..*" per MTP layer when ignored;
+// the MTP-only linears "re:.*eh_proj.*", "re:.*shared_head.*" otherwise, when the config has MTP
 // layers), then the user regexes.
 std::vector<std::string> IgnoreList(const CompressedTensorsOptions& options,
                                     const model::DeepseekV3Config& config);
@@ -84,7 +87,8 @@ bool IsQuantized(const std::string& module, const CompressedTensorsOptions& opti
 std::vector<std::string> QuantizedLinears(const model::DeepseekV3Config& config, int layer,
                                           const CompressedTensorsOptions& options);
 
-// FailedPrecondition naming the modules when the selection would break a loader: in a layer,
+// FailedPrecondition naming the modules when the selection would break a loader: a routed
+// expert's input width is not a multiple of the group size (a short last group); in a layer,
 // gate_proj and up_proj of one MLP (vLLM fuses them), or q_a_proj and kv_a_proj_with_mqa
 // (fused_qkv_a_proj), disagree; or the routed experts of a layer are partly quantized (vLLM
 // uses one scheme per fused MoE layer).

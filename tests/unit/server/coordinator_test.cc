@@ -126,6 +126,24 @@ TEST_F(CoordinatorTest, SubmitFillsDefaultsAndQueues) {
   EXPECT_DOUBLE_EQ(job.spec().damping(), 0.01);
   EXPECT_EQ(job.spec().calibration().num_samples(), 512);
   EXPECT_EQ(job.spec().calibration().max_sequence_length(), 4096);
+  EXPECT_EQ(job.spec().calibration().min_expert_tokens(), 16);
+  EXPECT_FALSE(job.spec().calibration().rare_expert_rtn());
+}
+
+TEST_F(CoordinatorTest, RtnHasNoActOrderAndAwqIsRefused) {
+  mq::v1::SubmitJobRequest r;
+  r.mutable_spec()->set_model_uri("/models/dsv3");
+  r.mutable_spec()->set_output_uri("/out/dsv3-rtn");
+  r.mutable_spec()->set_method(mq::v1::METHOD_RTN);
+  r.mutable_spec()->set_act_order(true);  // mq-client always sends it
+  auto rtn = coordinator_->SubmitJob(r);
+  ASSERT_TRUE(rtn.ok()) << rtn.status();
+  EXPECT_FALSE(rtn->job().spec().act_order());
+  r.mutable_spec()->set_method(mq::v1::METHOD_AWQ);
+  auto awq = coordinator_->SubmitJob(r);
+  EXPECT_EQ(awq.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(awq.status().message(),
+            "spec.method = awq: must be gptq or rtn (AWQ is not implemented yet)");
 }
 
 TEST_F(CoordinatorTest, PlanFlowEndsWithMissingCapability) {
@@ -159,6 +177,35 @@ TEST_F(CoordinatorTest, ProblemsFailTheJob) {
   EXPECT_EQ(job.state(), mq::v1::JOB_STATE_FAILED);
   EXPECT_NE(job.message().find("found 5 problems"), std::string::npos) << job.message();
   EXPECT_EQ(job.missing_capability(), "");
+}
+
+TEST_F(CoordinatorTest, RequestProblemsAreCalledRequestProblems) {
+  const std::string w = Register("w1");
+  auto fail_with = [&](const std::vector<std::string>& wheres) {
+    const std::string id = Submit();
+    coordinator_->Tick();
+    const mq::v1::Assignment a = Poll(w);
+    mq::v1::CompleteAssignmentRequest r;
+    r.set_worker_id(w);
+    r.set_assignment_id(a.assignment_id());
+    r.set_lease_epoch(a.lease_epoch());
+    for (const std::string& where : wheres) {
+      mq::v1::Problem* p = r.mutable_plan()->add_problems();
+      p->set_where(where);
+      p->set_message("bad");
+    }
+    EXPECT_TRUE(coordinator_->CompleteAssignment(r).ok());
+    return Get(id).job().message();
+  };
+  EXPECT_EQ(fail_with({"request.calibration.dataset_uri"})
+                .rfind("the request has 1 problem: request.calibration.dataset_uri: bad", 0),
+            0u);
+  EXPECT_EQ(fail_with({"config.json", "x.safetensors"})
+                .rfind("the checkpoint check found 2 problems: config.json: bad", 0),
+            0u);
+  EXPECT_EQ(fail_with({"request.group_size", "config.json"})
+                .rfind("planning found 2 problems (1 in the request, 1 in the checkpoint): ", 0),
+            0u);
 }
 
 TEST_F(CoordinatorTest, SilentWorkerLosesItsWorkToAnother) {

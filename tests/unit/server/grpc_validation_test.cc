@@ -113,6 +113,11 @@ TEST_F(GrpcValidationTest, EveryBadSpecFieldIsNamed) {
       {"spec.output_uri", [](auto& r) { r.mutable_spec()->set_output_uri("/models/dsv3/"); }},
       {"spec.output_uri", [](auto& r) { r.mutable_spec()->set_output_uri("/models/dsv3/q"); }},
       {"spec.method", [](auto& r) { r.mutable_spec()->set_method(static_cast<mq::v1::Method>(42)); }},
+      {"spec.method", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ); }},
+      {"spec.symmetric", [](auto& r) { r.mutable_spec()->set_symmetric(false); }},
+      {"spec.calibration.min_expert_tokens", [](auto& r) { r.mutable_spec()->mutable_calibration()->set_min_expert_tokens(-2); }},
+      {"spec.calibration.min_expert_tokens", [](auto& r) { r.mutable_spec()->mutable_calibration()->set_min_expert_tokens(int64_t{1} << 40); }},
+      {"spec.calibration.rare_expert_rtn", [](auto& r) { r.mutable_spec()->mutable_calibration()->set_min_expert_tokens(-1); r.mutable_spec()->mutable_calibration()->set_rare_expert_rtn(true); }},
       {"spec.bits", [](auto& r) { r.mutable_spec()->set_bits(3); }},
       {"spec.bits", [](auto& r) { r.mutable_spec()->set_bits(-4); }},
       {"spec.group_size", [](auto& r) { r.mutable_spec()->set_group_size(96); }},
@@ -150,6 +155,11 @@ TEST_F(GrpcValidationTest, EveryBadSpecFieldIsNamed) {
   mq::v1::SubmitJobRequest r = Valid();
   r.mutable_spec()->set_group_size(96);
   EXPECT_EQ(Submit(r).error_message(), "spec.group_size = 96: must be 32, 64, 128 or -1 (per channel)");
+  r = Valid();
+  r.mutable_spec()->mutable_calibration()->set_min_expert_tokens(-7);
+  EXPECT_EQ(Submit(r).error_message(),
+            "spec.calibration.min_expert_tokens = -7: must be -1 (no rare-expert treatment), 0 (the "
+            "default, 16) or between 1 and 1000000000");
   r = Valid();
   r.mutable_spec()->set_output_uri(r.spec().output_uri() + "-again");  // the first job's is taken
   ASSERT_TRUE(Submit(r).ok());  // still serving

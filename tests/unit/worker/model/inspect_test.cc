@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -241,7 +242,9 @@ InspectRequest Request(const std::filesystem::path& dir) {
   InspectRequest r;
   r.model_dir = dir.string();
   r.gang_size = 3;
-  r.group_size = 128;
+  // Per-channel: no group size divides the tiny model's hidden width (200); see
+  // RoutedExpertsWithPartialGroupsAreRefused.
+  r.group_size = 0;
   r.num_calibration_samples = 8;
   r.max_sequence_length = 16;
   return r;
@@ -559,9 +562,10 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   EXPECT_EQ(report.layers[1].input_bytes, moe_in);
   EXPECT_EQ(report.layers[2].input_bytes, moe_in + 2 * mtp_extras_bf16);
 
-  // Output bytes: quantized expert gate/up [64, 200]: 64*25*4 + 64*2*2 + 16 = 6,672;
-  // down [200, 64]: 200*8*4 + 200*1*2 + 16 = 6,816. Everything else BF16 (F32 bias stays F32).
-  const int64_t expert_out = 2 * 6672 + 6816;  // 20,160
+  // Output bytes (per-channel): quantized expert gate/up [64, 200]: 64*25*4 + 64*1*2 + 16 =
+  // 6,544; down [200, 64]: 200*8*4 + 200*1*2 + 16 = 6,816. Everything else BF16 (F32 bias stays
+  // F32).
+  const int64_t expert_out = 2 * 6544 + 6816;  // 19,904
   const int64_t attn_out = 2 * (attn_linear + attn_norms);
   EXPECT_EQ(report.layers[0].output_bytes, attn_out + 2 * dense_linear);
   const int64_t moe_out = attn_out + 2 * router + 4 * bias + 4 * expert_out + 2 * expert_linear;
@@ -656,6 +660,120 @@ TEST(InspectTest, AllLinearPlanCountsAndHessians) {
   request.experts_per_pass = 3;
   EXPECT_EQ(InspectCheckpoint(request).ranks.at(0).gpu_bytes,
             report.ranks.at(0).gpu_bytes - (square * 4 * 2 + square * 8 + 2 * 64 * 200 * 18));
+}
+
+TEST(InspectTest, RoutedExpertsWithPartialGroupsAreRefused) {
+  TempDir dir;
+  TinyDims d;  // hidden 200, moe_intermediate 64
+  d.nextn = 0;
+  WriteCheckpoint(dir.path(), TinyConfig(d), TinyTensors(d, true, false), 1);
+  InspectRequest r = Request(dir.path());
+  r.group_size = 128;
+  InspectReport report = InspectCheckpoint(r);
+  EXPECT_THAT(Render(report.problems),
+              ElementsAre("request.group_size: group_size = 128: the routed experts' "
+                          "mlp.experts.*.gate_proj has 200, mlp.experts.*.up_proj has 200, "
+                          "mlp.experts.*.down_proj has 64 input columns, not a multiple of 128 (a "
+                          "short last group, which vLLM and transformers cannot run; a layer's "
+                          "experts share one scheme, so they cannot be left unquantized): use "
+                          "group_size -1 (per channel)"));
+  EXPECT_THAT(report.layers, IsEmpty());
+  // Hidden 256: group 128 still splits down_proj's 64 columns; 64 and 32 fit.
+  d.hidden = 256;
+  WriteCheckpoint(dir.path(), TinyConfig(d), TinyTensors(d, true, false), 1);
+  EXPECT_THAT(Render(InspectCheckpoint(r).problems),
+              ElementsAre(HasSubstr("mlp.experts.*.down_proj has 64 input columns, not a "
+                                    "multiple of 128")));
+  EXPECT_THAT(Render(InspectCheckpoint(r).problems),
+              ElementsAre(HasSubstr("use group_size 64, 32 or -1 (per channel)")));
+  r.group_size = 64;
+  EXPECT_TRUE(InspectCheckpoint(r).ok());
+}
+
+TEST(InspectTest, AllLinearLeavesPartialGroupLinearsUnquantized) {
+  TempDir dir;
+  TinyDims d;
+  d.hidden = 256;
+  d.moe_inter = 128;  // experts: 256 and 128 input columns
+  d.nextn = 0;
+  WriteCheckpoint(dir.path(), TinyConfig(d), TinyTensors(d, true, false), 1);
+  InspectRequest r = Request(dir.path());
+  r.group_size = 128;
+  r.all_linear = true;
+  InspectReport report = InspectCheckpoint(r);
+  ASSERT_THAT(Render(report.problems), IsEmpty());
+  // q_b_proj reads q_lora_rank 96 columns, kv_b_proj kv_lora_rank 64: written BF16.
+  EXPECT_THAT(Render(report.notes),
+              ElementsAre("model.layers.*.self_attn.q_b_proj: left unquantized (BF16, in "
+                          "quantization_config.ignore): 96 input columns are not a multiple of "
+                          "group_size 128",
+                          "model.layers.*.self_attn.kv_b_proj: left unquantized (BF16, in "
+                          "quantization_config.ignore): 64 input columns are not a multiple of "
+                          "group_size 128"));
+  ASSERT_EQ(report.layers.size(), 2u);
+  EXPECT_EQ(report.layers[0].num_quantized_linears, 5 - 2 + 3);
+  EXPECT_EQ(report.layers[1].num_quantized_linears, 5 - 2 + 12 + 3);
+  InspectRequest per_channel = r;
+  per_channel.group_size = 0;
+  const InspectReport all = InspectCheckpoint(per_channel);
+  EXPECT_THAT(all.notes, IsEmpty());
+  EXPECT_EQ(all.layers[0].num_quantized_linears, 5 + 3);
+  // Routed experts only: nothing to leave out.
+  r.all_linear = false;
+  EXPECT_THAT(InspectCheckpoint(r).notes, IsEmpty());
+}
+
+TEST(InspectTest, MtpDeclaredButAbsent) {
+  TempDir dir;
+  TinyDims d;  // num_nextn_predict_layers 1
+  WriteCheckpoint(dir.path(), TinyConfig(d), TinyTensors(d, true, /*with_mtp=*/false), 2);
+  InspectRequest r = Request(dir.path());
+  InspectReport report = InspectCheckpoint(r);
+  EXPECT_THAT(Render(report.problems), IsEmpty());
+  EXPECT_EQ(report.summary.num_nextn_predict_layers, 1);
+  EXPECT_EQ(report.summary.num_mtp_layers_present, 0);
+  EXPECT_EQ(report.layers.size(), 2u);  // planned without it
+  r.include_mtp = true;
+  EXPECT_THAT(Render(InspectCheckpoint(r).problems),
+              ElementsAre(HasSubstr("model.layers.2: missing MTP layer")));
+  WriteCheckpoint(dir.path(), TinyConfig(d), TinyTensors(d, true, /*with_mtp=*/true), 2);
+  EXPECT_EQ(InspectCheckpoint(r).summary.num_mtp_layers_present, 1);
+}
+
+TEST(PlanTest, PartialGroupLinears) {
+  DeepseekV3Config c;
+  c.hidden_size = 256;
+  c.intermediate_size = 192;
+  c.moe_intermediate_size = 128;
+  c.num_hidden_layers = 2;
+  c.first_k_dense_replace = 1;
+  c.n_routed_experts = 4;
+  c.n_shared_experts = 1;
+  c.num_attention_heads = 2;
+  c.q_lora_rank = 96;
+  c.kv_lora_rank = 64;
+  c.qk_nope_head_dim = 32;
+  c.qk_rope_head_dim = 16;
+  c.v_head_dim = 32;
+  c.vocab_size = 300;
+  auto modules = [&c](int64_t g, bool all_linear) {
+    std::vector<std::string> out;
+    for (const PartialGroupLinear& p : PartialGroupLinears(c, g, all_linear)) {
+      out.push_back(absl::StrCat(p.module, ":", p.in_features, p.routed_expert ? ":expert" : ""));
+    }
+    return out;
+  };
+  EXPECT_THAT(modules(128, true), ElementsAre("self_attn.q_b_proj:96", "self_attn.kv_b_proj:64",
+                                              "self_attn.o_proj:64", "mlp.down_proj:192"));
+  EXPECT_THAT(modules(128, false), IsEmpty());
+  EXPECT_THAT(modules(64, true), ElementsAre("self_attn.q_b_proj:96"));
+  EXPECT_THAT(modules(32, true), IsEmpty());
+  EXPECT_THAT(modules(0, true), IsEmpty());
+  c.moe_intermediate_size = 96;
+  EXPECT_THAT(modules(64, false), ElementsAre("mlp.experts.*.down_proj:96:expert"));
+  EXPECT_THAT(modules(64, true),
+              ElementsAre("self_attn.q_b_proj:96", "mlp.experts.*.down_proj:96:expert",
+                          "mlp.shared_experts.down_proj:96"));
 }
 
 TEST(PlanTest, DispatchRounds) {

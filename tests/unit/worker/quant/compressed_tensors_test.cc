@@ -17,7 +17,24 @@ model::DeepseekV3Config SmallConfig() {
   c.moe_layer_freq = 1;
   c.n_routed_experts = 4;
   c.n_shared_experts = 1;
-  c.q_lora_rank = 32;
+  c.q_lora_rank = 128;  // every other width is 0, a multiple of any group size
+  return c;
+}
+
+// The small trained test model's shapes: hidden 256, q_lora_rank 96, kv_lora_rank 64, dense
+// intermediate 192, experts 128.
+model::DeepseekV3Config NarrowConfig() {
+  model::DeepseekV3Config c = SmallConfig();
+  c.num_nextn_predict_layers = 0;
+  c.hidden_size = 256;
+  c.intermediate_size = 192;
+  c.moe_intermediate_size = 128;
+  c.num_attention_heads = 4;
+  c.q_lora_rank = 96;
+  c.kv_lora_rank = 64;
+  c.qk_nope_head_dim = 32;
+  c.qk_rope_head_dim = 16;
+  c.v_head_dim = 32;
   return c;
 }
 
@@ -152,6 +169,60 @@ TEST(Selection, InconsistentUserIgnoreIsRejected) {
   o.targets = TargetSet::kAllLinear;
   o.ignore_regexes = {".*q_a_proj"};
   EXPECT_EQ(CheckSelectionConsistent(c, o).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(Selection, AllLinearLeavesPartialGroupLinearsInIgnore) {
+  CompressedTensorsOptions o;
+  o.targets = TargetSet::kAllLinear;
+  const model::DeepseekV3Config c = NarrowConfig();
+  const std::vector<std::string> ignore = IgnoreList(o, c);
+  EXPECT_EQ(ignore, (std::vector<std::string>{
+                        "lm_head", "re:.*mlp\\.gate$", "re:.*\\.self_attn\\.q_b_proj$",
+                        "re:.*\\.self_attn\\.kv_b_proj$", "re:.*\\.mlp\\.down_proj$"}));
+  EXPECT_EQ(QuantizedLinears(c, 0, o),
+            (std::vector<std::string>{
+                "model.layers.0.self_attn.q_a_proj", "model.layers.0.self_attn.kv_a_proj_with_mqa",
+                "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj",
+                "model.layers.0.mlp.up_proj"}));
+  EXPECT_EQ(QuantizedLinears(c, 1, o).size(), 3u + 12u + 3u);
+  for (int layer = 0; layer < 3; ++layer) {
+    for (const std::string& name : LayerLinears(c, layer)) {
+      EXPECT_EQ(IsQuantized(name, o, c), !MatchesIgnore(name, ignore)) << name;
+    }
+  }
+  EXPECT_FALSE(MatchesIgnore("model.layers.1.mlp.shared_experts.down_proj", ignore));
+  EXPECT_FALSE(MatchesIgnore("model.layers.1.mlp.experts.0.down_proj", ignore));
+  EXPECT_TRUE(CheckSelectionConsistent(c, o).ok());
+  // Group 32 divides every width; per-channel has no groups.
+  o.group_size = 32;
+  EXPECT_EQ(QuantizedLinears(c, 0, o).size(), 8u);
+  o.group_size = 0;
+  EXPECT_EQ(IgnoreList(o, c), (std::vector<std::string>{"lm_head", "re:.*mlp\\.gate$"}));
+  // Routed experts only: the attention is ignored anyway.
+  o.group_size = 128;
+  o.targets = TargetSet::kRoutedExperts;
+  EXPECT_EQ(IgnoreList(o, c).size(), 5u);
+}
+
+TEST(Selection, FusedNamesOfPartialGroupPairs) {
+  CompressedTensorsOptions o;
+  o.targets = TargetSet::kAllLinear;
+  model::DeepseekV3Config c = NarrowConfig();
+  c.hidden_size = 192;  // q_a/kv_a, the dense and shared gate/up and every expert read 192
+  c.moe_intermediate_size = 128;
+  o.group_size = 64;
+  EXPECT_TRUE(CheckSelectionConsistent(c, o).ok());
+  o.group_size = 128;
+  const absl::Status s = CheckSelectionConsistent(c, o);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("mlp.experts.*.gate_proj has 192 input columns"), std::string::npos)
+      << s.message();
+  const std::vector<std::string> ignore = IgnoreList(o, c);
+  for (const char* name :
+       {"model.layers.0.self_attn.fused_qkv_a_proj", "model.layers.0.mlp.gate_up_proj",
+        "model.layers.1.mlp.shared_experts.gate_up_proj"}) {
+    EXPECT_TRUE(MatchesIgnore(name, ignore)) << name;
+  }
 }
 
 }  // namespace
