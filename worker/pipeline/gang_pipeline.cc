@@ -997,7 +997,7 @@ absl::Status Runner::SaveCheckpoint(int step, std::vector<model::TensorData> hid
 absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
   const std::string path = CheckpointPath(step);
   // A damaged checkpoint is no checkpoint: the gang then replays the committed (verified) layers.
-  auto unusable = [&](std::string_view why) {
+  auto unusable = [&](const std::string& why) {
     const std::string message = absl::StrCat(why, "; replaying the committed layers instead");
     if (o_.on_warning) o_.on_warning(message);
     Progress(message, 0);
@@ -1006,11 +1006,11 @@ absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
   absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> file =
       OpenHiddenCheckpoint(path, chunks_.size());
   if (absl::IsNotFound(file.status())) return false;
-  if (!file.ok()) return unusable(file.status().message());
+  if (!file.ok()) return unusable(std::string(file.status().message()));
   std::vector<at::Tensor> hidden;
   for (size_t i = 0; i < chunks_.size(); ++i) {
     absl::StatusOr<model::TensorView> v = (*file)->Get(absl::StrCat("chunk.", i));
-    if (!v.ok()) return unusable(v.status().message());
+    if (!v.ok()) return unusable(std::string(v.status().message()));
     absl::StatusOr<at::Tensor> t = model::FromTensorView(*v);
     const std::vector<int64_t> expected = {chunks_[i].ids.size(0), chunks_[i].ids.size(1),
                                            config_.hidden_size};

@@ -131,7 +131,7 @@ class MarkerLock {
 
 }  // namespace
 
-absl::Status CorruptFilesError(std::string_view message, const std::vector<std::string>& files) {
+absl::Status CorruptFilesError(const std::string& message, const std::vector<std::string>& files) {
   absl::Status s = absl::DataLossError(message);
   s.SetPayload(kCorruptFilesPayload, absl::Cord(absl::StrJoin(files, "\n")));
   return s;
@@ -140,7 +140,7 @@ absl::Status CorruptFilesError(std::string_view message, const std::vector<std::
 std::vector<std::string> CorruptFilesOf(const absl::Status& status) {
   std::vector<std::string> files;
   if (status.code() != absl::StatusCode::kDataLoss) return files;
-  std::optional<absl::Cord> p = status.GetPayload(kCorruptFilesPayload);
+  const auto p = status.GetPayload(kCorruptFilesPayload);
   if (!p) return files;
   const std::string joined(*p);
   for (absl::string_view n : absl::StrSplit(joined, '\n', absl::SkipEmpty())) {
@@ -303,7 +303,7 @@ absl::Status WriteHiddenCheckpoint(const std::string& path,
 
 absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> OpenHiddenCheckpoint(
     const std::string& path, size_t num_chunks) {
-  auto damaged = [&](std::string_view why) {
+  auto damaged = [&](const std::string& why) {
     return CorruptFilesError(absl::StrCat("hidden-state checkpoint ", path, " ", why), {path});
   };
   absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> file = model::SafetensorsFile::Open(path);

@@ -4,7 +4,6 @@
 
 #include <cstdint>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -48,7 +47,7 @@ struct StepOutput {
 // Output files found corrupt (missing, or size or SHA-256 not what was committed) travel as a
 // DATA_LOSS status whose payload lists their names (relative to the output directory); the
 // worker's RPC layer reports them as CompleteAssignmentRequest.corrupt_files.
-absl::Status CorruptFilesError(std::string_view message, const std::vector<std::string>& files);
+absl::Status CorruptFilesError(const std::string& message, const std::vector<std::string>& files);
 // The names a CorruptFilesError carries; empty for any other status.
 std::vector<std::string> CorruptFilesOf(const absl::Status& status);
 

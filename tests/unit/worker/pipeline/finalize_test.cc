@@ -41,7 +41,8 @@ std::string Read(const std::string& path) {
 std::map<std::string, std::string> Hashes(const std::string& dir) {
   std::map<std::string, std::string> out;
   bool exists = false;
-  for (const std::string& n : *ListDirectory(dir, &exists)) out[n] = *Sha256OfFile(dir + "/" + n);
+  const std::vector<std::string> names = *ListDirectory(dir, &exists);
+  for (const std::string& n : names) out[n] = *Sha256OfFile(dir + "/" + n);
   return out;
 }
 
