@@ -73,7 +73,7 @@ def events(cluster, job_id, kind):
 
 
 def committed(cluster, job_id):
-    return int(cluster.job(job_id)["job"]["progress"].get("layers_committed", 0))
+    return int(cluster.job(job_id)["job"].get("progress", {}).get("layers_committed", 0))
 
 
 def stop_after(cluster, job_id, layers):
