@@ -168,8 +168,8 @@ def test_layer_writes_overlap_the_next_layer(cluster, env, tmp_path):
     res = cluster.client(*submit_args(env["model"], out_f, env["dataset"], "--gang-size", 1,
                                       "--max-attempts", 1), check=True)
     job_id = res.stdout.split()[0]
-    wait_until(lambda: int(cluster.job(job_id)["job"]["progress"].get("layers_committed", 0)) >= 1,
-               120, "layer 0 committed")
+    progress = lambda: cluster.job(job_id)["job"].get("progress", {})  # noqa: E731
+    wait_until(lambda: int(progress().get("layers_committed", 0)) >= 1, 120, "layer 0 committed")
     (blocker / "in-the-way").mkdir(parents=True)
     failed = cluster.wait_job(job_id, {"JOB_STATE_FAILED", "JOB_STATE_SUCCEEDED"},
                               timeout=300)["job"]
