@@ -28,8 +28,8 @@ VerifyReport VerifyOutput(const std::string& output_dir) {
   const std::string manifest_path = output_dir + "/" + kManifest;
   std::ifstream in(manifest_path, std::ios::binary);
   if (!in) {
-    report.problems.push_back(absl::StrCat(
-        kManifest, ": missing from ", output_dir, " (not a finished mq output)"));
+    report.problems.push_back(
+        absl::StrCat(kManifest, ": missing from ", output_dir, " (not a finished mq output)"));
     return report;
   }
   std::stringstream buffer;
@@ -46,8 +46,8 @@ VerifyReport VerifyOutput(const std::string& output_dir) {
   for (const nlohmann::json& f : m["files"]) {
     if (!f.is_object() || !f.contains("name") || !f["name"].is_string() || !f.contains("size") ||
         !f["size"].is_number_integer() || !f.contains("sha256") || !f["sha256"].is_string()) {
-      report.problems.push_back(absl::StrCat(kManifest, ": entry ", f.dump(),
-                                             " lacks a name, size or sha256"));
+      report.problems.push_back(
+          absl::StrCat(kManifest, ": entry ", f.dump(), " lacks a name, size or sha256"));
       continue;
     }
     const std::string name = f["name"].get<std::string>();
@@ -74,7 +74,8 @@ VerifyReport VerifyOutput(const std::string& output_dir) {
     }
     absl::StatusOr<std::string> actual = Sha256OfFile(path);
     if (!actual.ok()) {
-      report.problems.push_back(absl::StrCat(name, ": cannot be read: ", actual.status().message()));
+      report.problems.push_back(
+          absl::StrCat(name, ": cannot be read: ", actual.status().message()));
     } else if (*actual != sha) {
       report.problems.push_back(
           absl::StrCat(name, ": SHA-256 ", *actual, " differs from the manifest's ", sha));
@@ -115,8 +116,8 @@ int VerifyCommand(int argc, char** argv, int first) {
     } else if (dir.empty()) {
       dir = a;
     } else {
-      std::fprintf(stderr, "mq-client: verify takes one OUTPUT_DIR (got %s and %s)\n",
-                   dir.c_str(), a.c_str());
+      std::fprintf(stderr, "mq-client: verify takes one OUTPUT_DIR (got %s and %s)\n", dir.c_str(),
+                   a.c_str());
       return 2;
     }
   }

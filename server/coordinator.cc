@@ -927,22 +927,23 @@ std::string Coordinator::UncommitCorruptFiles(JobRecord& job, WriteBatch& batch,
     if (holder) {
       from = std::min(from, holder->step());
       AddEvent(job, batch, "file_corrupt",
-               absl::StrCat("output file ", f, " failed verification (size or SHA-256 differs "
-                            "from what step ", holder->step(), " (layer ", holder->layer(),
+               absl::StrCat("output file ", f, " failed verification (size or SHA-256 ",
+                            "differs from what step ", holder->step(), " (layer ", holder->layer(),
                             ") committed): steps ", holder->step(),
                             ".. are uncommitted and computed again"),
                request.worker_id());
     } else {
       AddEvent(job, batch, "file_corrupt",
-               absl::StrCat("output file ", f, " failed verification; no committed step "
+               absl::StrCat("output file ", f, " failed verification; no committed step ",
                             "lists it: the output is finalized again"),
                request.worker_id());
     }
     if (times >= job.spec().max_attempts() && give_up.empty()) {
-      give_up = absl::StrCat(
-          "output file ", f, " was found damaged ", times, " times (spec.max_attempts = ",
-          job.spec().max_attempts(), "): the storage under ", job.spec().output_uri(),
-          " keeps changing it; check the disk, then `mq-client resume ", job_id, "`");
+      give_up =
+          absl::StrCat("output file ", f, " was found damaged ", times,
+                       " times (spec.max_attempts = ", job.spec().max_attempts(),
+                       "): the storage under ", job.spec().output_uri(),
+                       " keeps changing it; check the disk, then `mq-client resume ", job_id, "`");
     }
   }
   if (from != INT_MAX) {
@@ -1035,8 +1036,8 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
     return absl::InvalidArgumentError("corrupt_files: only a failed assignment (error) names them");
   }
   if (request.corrupt_files_size() > 4096) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "corrupt_files: ", request.corrupt_files_size(), " names; at most 4096 are allowed"));
+    return absl::InvalidArgumentError(absl::StrCat("corrupt_files: ", request.corrupt_files_size(),
+                                                   " names; at most 4096 are allowed"));
   }
   for (const std::string& f : request.corrupt_files()) {
     if (f.empty() || f.size() > 1024 || f.find('/') != std::string::npos) {
@@ -1122,10 +1123,9 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
              request.worker_id());
     // Damaged committed files: uncommit their steps (and later ones) to compute them again. The
     // attempt counts, and a file damaged again and again fails the job naming it.
-    const std::string give_up =
-        request.corrupt_files_size() > 0
-            ? UncommitCorruptFiles(job, batch, request, &uncommitted)
-            : std::string();
+    const std::string give_up = request.corrupt_files_size() > 0
+                                    ? UncommitCorruptFiles(job, batch, request, &uncommitted)
+                                    : std::string();
     if (!give_up.empty()) {
       SetJobState(job, batch, mq::v1::JOB_STATE_FAILED, give_up);
       PutJob(batch, job);

@@ -445,13 +445,13 @@ bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   // Called once every file but the manifest is written and verified; a refusal stops the
   // finalization before the manifest.
   auto publish = []() -> absl::Status { return absl::OkStatus(); };
-  absl::StatusOr<pipeline::FinalizeAssignmentResult> r =
-      pipeline::RunFinalizeAssignment(ToJobSpec(a.job_id(), a.spec()), ToFiles(a.committed_files()),
-                                      a.total_steps(), publish);
+  absl::StatusOr<pipeline::FinalizeAssignmentResult> r = pipeline::RunFinalizeAssignment(
+      ToJobSpec(a.job_id(), a.spec()), ToFiles(a.committed_files()), a.total_steps(), publish);
   if (!r.ok()) {
     SetError(r.status(), result);
-    LogLine("worker", "WARN", absl::StrCat("finalize assignment ", a.assignment_id(),
-                                           " failed: ", r.status().ToString()));
+    LogLine("worker", "WARN",
+            absl::StrCat("finalize assignment ", a.assignment_id(),
+                         " failed: ", r.status().ToString()));
     return true;
   }
   mq::v1::FinalizeResult* f = result->mutable_finalized();

@@ -65,8 +65,7 @@ bool IsMarkerName(const std::string& n) {
 
 // "a, b, c, d, e and 7 more".
 std::string FirstNames(const std::vector<std::string>& names, size_t shown = 5) {
-  std::vector<std::string> first(names.begin(),
-                                 names.begin() + std::min(shown, names.size()));
+  std::vector<std::string> first(names.begin(), names.begin() + std::min(shown, names.size()));
   std::string out = absl::StrJoin(first, ", ");
   if (names.size() > shown) absl::StrAppend(&out, " and ", names.size() - shown, " more");
   return out;
@@ -113,9 +112,9 @@ class MarkerLock {
       const int err = errno;
       ::close(fd);
       if (err == EWOULDBLOCK) {
-        return absl::UnavailableError(absl::StrCat(
-            "another finalization holds ", dir, " (a lock on ", kOwnerMarkerName,
-            "): at most one finalization runs per output directory"));
+        return absl::UnavailableError(
+            absl::StrCat("another finalization holds ", dir, " (a lock on ", kOwnerMarkerName,
+                         "): at most one finalization runs per output directory"));
       }
       errno = err;
       return Errno(absl::StrCat("lock ", path));
@@ -286,14 +285,13 @@ void HashChunk(Sha256& h, const uint8_t* data, uint64_t size) {
 
 }  // namespace
 
-absl::Status WriteHiddenCheckpoint(const std::string& path,
-                                   std::vector<model::TensorData> chunks) {
+absl::Status WriteHiddenCheckpoint(const std::string& path, std::vector<model::TensorData> chunks) {
   Sha256 h;
   for (size_t i = 0; i < chunks.size(); ++i) {
     if (chunks[i].name != absl::StrCat("chunk.", i)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "hidden-state checkpoint ", path, ": tensor ", i, " is \"", chunks[i].name,
-          "\"; must be chunk.", i));
+      return absl::InvalidArgumentError(absl::StrCat("hidden-state checkpoint ", path, ": tensor ",
+                                                     i, " is \"", chunks[i].name,
+                                                     "\"; must be chunk.", i));
     }
     HashChunk(h, chunks[i].bytes.data(), chunks[i].bytes.size());
   }
@@ -347,7 +345,8 @@ absl::StatusOr<std::string> OutputOwner(const std::string& output_dir) {
   if (j.is_discarded() || !j.is_object() || !j.contains("job_id") || !j["job_id"].is_string() ||
       j["job_id"].get<std::string>().empty()) {
     return absl::FailedPreconditionError(
-        absl::StrCat(path, ": not an mq owner marker ({\"job_id\": \"j-...\"}); the directory "
+        absl::StrCat(path,
+                     ": not an mq owner marker ({\"job_id\": \"j-...\"}); the directory "
                      "may belong to another tool: choose another output directory"));
   }
   return j["job_id"].get<std::string>();
@@ -393,8 +392,8 @@ absl::Status CheckOutputLocation(const std::string& model_dir, const std::string
   if (!foreign.empty()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "output directory ", output_dir, " holds ", foreign.size(), " entr",
-        foreign.size() == 1 ? "y" : "ies", " mq did not write for this job (",
-        FirstNames(foreign), "): mq writes only into a new or empty directory and never "
+        foreign.size() == 1 ? "y" : "ies", " mq did not write for this job (", FirstNames(foreign),
+        "): mq writes only into a new or empty directory and never "
         "touches files it did not write; choose another directory"));
   }
   // Writable: create it now rather than after hours of work.
@@ -436,9 +435,9 @@ absl::Status ClaimOutputLocation(const std::string& model_dir, const std::string
   owner = OutputOwner(output_dir);
   if (!owner.ok()) return owner.status();
   if (*owner != job_id) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "output directory ", output_dir, " was claimed by job ", *owner,
-        " at the same time: choose another directory"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("output directory ", output_dir, " was claimed by job ", *owner,
+                     " at the same time: choose another directory"));
   }
   return absl::OkStatus();
 }

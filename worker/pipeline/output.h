@@ -32,8 +32,8 @@
 #include <cstdint>
 #include <functional>
 #include <map>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -103,8 +103,7 @@ class FileSetReader {
 // chunks in order, each as its byte count, 8 bytes little-endian, then its bytes).
 // WriteHiddenCheckpoint writes one atomically (temp + fsync + rename); `chunks` must be named
 // chunk.0 .. chunk.N-1 in order.
-absl::Status WriteHiddenCheckpoint(const std::string& path,
-                                   std::vector<model::TensorData> chunks);
+absl::Status WriteHiddenCheckpoint(const std::string& path, std::vector<model::TensorData> chunks);
 // Opens a checkpoint of `num_chunks` chunks and verifies its checksum: NOT_FOUND when there is
 // none; DATA_LOSS naming the file when it is unreadable, has no checksum, lacks a chunk, or its
 // bytes differ from the checksum (a damaged checkpoint must not be used).

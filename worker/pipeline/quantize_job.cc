@@ -60,8 +60,7 @@ std::vector<std::pair<std::string, std::string>> CheckQuantizeInputs(const Quant
   } else if (absl::Status s = data::CheckCalibrationSource(Calibration(spec)); !s.ok()) {
     problems.emplace_back("request.calibration.dataset_uri", std::string(s.message()));
   }
-  if (absl::Status s = CheckOutputLocation(spec.model_dir, spec.output_dir, spec.job_id);
-      !s.ok()) {
+  if (absl::Status s = CheckOutputLocation(spec.model_dir, spec.output_dir, spec.job_id); !s.ok()) {
     problems.emplace_back("request.output_uri", std::string(s.message()));
   }
   return problems;

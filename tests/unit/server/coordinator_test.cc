@@ -433,8 +433,7 @@ class PipelineTest : public CoordinatorTest {
 
   // Commits steps [from, 4) with a gang of one and finishes the quantize phase; returns the
   // finalize assignment.
-  mq::v1::Assignment QuantizeAndFinalize(const std::string& w, const std::string& id,
-                                         int from) {
+  mq::v1::Assignment QuantizeAndFinalize(const std::string& w, const std::string& id, int from) {
     coordinator_->Tick();
     auto q = Poll(w);
     EXPECT_EQ(q.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);

@@ -1,10 +1,10 @@
 // worker/pipeline/output FinalizeOutputDir on a generated checkpoint: the output directory is
 // claimed and locked, committed files are verified before anything is written, the publish hook
 // runs before the manifest and can stop it, and another job's output is never touched.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/file.h>
 #include <sys/stat.h>
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <cstdlib>

@@ -107,9 +107,13 @@ TEST(OutputTest, UnclaimedDirectoryWithAnyEntryIsRefusedAndUntouched) {
   const std::string model = TempDir();
   // Another model's checkpoint (names an mq output also uses) and someone's notes.
   const std::string busy = TempDir();
-  const std::vector<std::string> names = {
-      "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-      "model.safetensors.index.json", "notes.txt", "tokenizer.json", ".hidden"};
+  const std::vector<std::string> names = {"config.json",
+                                          "model-00001-of-00002.safetensors",
+                                          "model-00002-of-00002.safetensors",
+                                          "model.safetensors.index.json",
+                                          "notes.txt",
+                                          "tokenizer.json",
+                                          ".hidden"};
   for (const std::string& n : names) Touch(busy + "/" + n, "theirs:" + n);
   for (auto check : {&CheckOutputLocation, &ClaimOutputLocation}) {
     absl::Status s = check(model, busy, "j-a");
@@ -178,9 +182,9 @@ TEST(OutputTest, VerifyFilesNamesEveryDamagedFile) {
     files.push_back(*f);
   }
   EXPECT_TRUE(VerifyFiles(dir, files).ok());
-  FlipByte(dir + "/" + files[1].name, -3);                   // same size, other bytes
-  ::truncate((dir + "/" + files[2].name).c_str(), 100);      // shorter
-  ::unlink((dir + "/" + files[3].name).c_str());             // gone
+  FlipByte(dir + "/" + files[1].name, -3);               // same size, other bytes
+  ::truncate((dir + "/" + files[2].name).c_str(), 100);  // shorter
+  ::unlink((dir + "/" + files[3].name).c_str());         // gone
   absl::Status s = VerifyFiles(dir, files);
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
   EXPECT_EQ(CorruptFilesOf(s),
@@ -222,7 +226,7 @@ TEST(OutputTest, FileSetReaderVerifiesEachFileBeforeUse) {
   }
   // A damaged header: named at Open, like a file of another size.
   FlipByte(dir + "/" + a->name, -1);  // data restored
-  FlipByte(dir + "/" + b->name, 8);  // the JSON header's "{"
+  FlipByte(dir + "/" + b->name, 8);   // the JSON header's "{"
   ::truncate((dir + "/" + a->name).c_str(), a->size - 1);
   absl::StatusOr<std::unique_ptr<FileSetReader>> r = FileSetReader::Open(dir, {*a, *b});
   EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
@@ -238,7 +242,9 @@ TEST(OutputTest, HiddenCheckpointWithDamagedBytesIsRefused) {
   const std::string path = dir + "/hidden-step00002-seq000000-000004.safetensors";
   std::vector<model::TensorData> chunks;
   for (int i = 0; i < 3; ++i) {
-    chunks.push_back({"chunk." + std::to_string(i), model::DType::kF32, {2, 4, 1024},
+    chunks.push_back({"chunk." + std::to_string(i),
+                      model::DType::kF32,
+                      {2, 4, 1024},
                       std::vector<uint8_t>(2 * 4 * 1024 * 4, static_cast<uint8_t>(i + 1))});
   }
   ASSERT_TRUE(WriteHiddenCheckpoint(path, chunks).ok());
