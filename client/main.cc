@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "client/table.h"
+#include "client/verify.h"
 #include "common/flags.h"
 #include "common/names.h"
 #include "common/util.h"
@@ -53,6 +54,8 @@ commands:
   inspect MODEL_DIR [--gang-size N] [--json]      check a checkpoint and estimate a job
   workers [--json]                                registered workers
   health                                          is the coordinator serving?
+  verify OUTPUT_DIR [--json]                      re-check a finished output against its
+                                                  manifest (sizes, SHA-256); no coordinator
 
 The coordinator defaults to $MQ_COORDINATOR, else 127.0.0.1:50051.
 Run `mq-client COMMAND --help` for a command's options.
@@ -863,11 +866,13 @@ int main(int argc, char** argv) {
       return Fail(std::string(s.message()), 2);
     }
   }
+  // Needs no coordinator.
+  if (command == "verify") return mq::client::VerifyCommand(argc, argv, i + 1);
   if (g.coordinator.find(':') == std::string::npos) {
     return Fail("--coordinator = \"" + g.coordinator + "\": must be HOST:PORT", 2);
   }
-  Client client(g);
   const int first = i + 1;
+  Client client(g);
   if (command == "submit") return Submit(client, argc, argv, first);
   if (command == "status") return Status(client, argc, argv, first);
   if (command == "list") return List(client, argc, argv, first);
@@ -878,7 +883,7 @@ int main(int argc, char** argv) {
   if (command == "workers") return Workers(client, argc, argv, first);
   if (command == "health") return Health(client, argc, argv, first);
   return Fail("unknown command \"" + command +
-                  "\": must be submit, status, list, watch, cancel, resume, inspect, workers or "
-                  "health",
+                  "\": must be submit, status, list, watch, cancel, resume, inspect, workers, "
+                  "health or verify",
               2);
 }

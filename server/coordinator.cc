@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cstdio>
 
 #include "absl/strings/match.h"
@@ -962,6 +963,76 @@ void Coordinator::RetryOrFail(JobRecord& job, WriteBatch& batch, const std::stri
   PutJob(batch, job);
 }
 
+std::string Coordinator::UncommitCorruptFiles(JobRecord& job, WriteBatch& batch,
+                                              const mq::v1::CompleteAssignmentRequest& request,
+                                              std::vector<int>* uncommitted) {
+  const std::string& job_id = job.job_id();
+  // How often each file was found damaged before (since submit or the last resume), from the
+  // stored events: a storage that keeps damaging a file must end the job, not loop it.
+  std::map<std::string, int> seen;
+  if (absl::StatusOr<KeyValues> events = store_->GetAll(Table::kEvents, job_id + "/");
+      events.ok()) {
+    for (const auto& [key, value] : *events) {
+      mq::v1::JobEvent e;
+      if (!e.ParseFromString(value)) continue;
+      if (e.kind() == "state" && absl::StartsWith(e.message(), "QUEUED: resumed")) seen.clear();
+      if (e.kind() != "file_corrupt") continue;
+      for (const std::string& f : request.corrupt_files()) {
+        if (absl::StartsWith(e.message(), absl::StrCat("output file ", f, " "))) ++seen[f];
+      }
+    }
+  }
+  auto records = layers_.find(job_id);
+  int from = INT_MAX;
+  std::string give_up;
+  for (const std::string& f : request.corrupt_files()) {
+    const mq::v1::LayerRecord* holder = nullptr;  // the earliest committed step listing f
+    if (records != layers_.end()) {
+      for (const auto& [step, rec] : records->second) {
+        if (!rec.committed()) continue;
+        for (const mq::v1::LayerReport& r : rec.reports()) {
+          for (const mq::v1::OutputFile& file : r.files()) {
+            if (file.name() == f) holder = &rec;
+          }
+        }
+        if (holder) break;
+      }
+    }
+    const int times = ++seen[f];
+    if (holder) {
+      from = std::min(from, holder->step());
+      AddEvent(job, batch, "file_corrupt",
+               absl::StrCat("output file ", f, " failed verification (size or SHA-256 ",
+                            "differs from what step ", holder->step(), " (layer ", holder->layer(),
+                            ") committed): steps ", holder->step(),
+                            ".. are uncommitted and computed again"),
+               request.worker_id());
+    } else {
+      AddEvent(job, batch, "file_corrupt",
+               absl::StrCat("output file ", f, " failed verification; no committed step ",
+                            "lists it: the output is finalized again"),
+               request.worker_id());
+    }
+    if (times >= job.spec().max_attempts() && give_up.empty()) {
+      give_up =
+          absl::StrCat("output file ", f, " was found damaged ", times,
+                       " times (spec.max_attempts = ", job.spec().max_attempts(),
+                       "): the storage under ", job.spec().output_uri(),
+                       " keeps changing it; check the disk, then `mq-client resume ", job_id, "`");
+    }
+  }
+  if (from != INT_MAX) {
+    for (const auto& [step, rec] : records->second) {
+      if (step < from) continue;
+      batch.Delete(Table::kLayers, LayerKey(job_id, step));
+      uncommitted->push_back(step);
+    }
+    mq::v1::JobProgress* p = job.mutable_progress();
+    p->set_layers_committed(std::min(p->layers_committed(), from));
+  }
+  return give_up;
+}
+
 void Coordinator::ApplyPlanResult(JobRecord& job, WriteBatch& batch,
                                   const mq::v1::InspectReport& report) {
   *job.mutable_plan() = report;
@@ -1047,6 +1118,21 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
     return absl::InvalidArgumentError(
         absl::StrCat("error: ", request.error().size(), " characters; at most 65536 are allowed"));
   }
+  if (request.corrupt_files_size() > 0 && !request.has_error()) {
+    return absl::InvalidArgumentError("corrupt_files: only a failed assignment (error) names them");
+  }
+  if (request.corrupt_files_size() > 4096) {
+    return absl::InvalidArgumentError(absl::StrCat("corrupt_files: ", request.corrupt_files_size(),
+                                                   " names; at most 4096 are allowed"));
+  }
+  for (const std::string& f : request.corrupt_files()) {
+    if (f.empty() || f.size() > 1024 || f.find('/') != std::string::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("corrupt_files: \"", f.substr(0, 64),
+                       "\": must be a file name in the output directory (1 to 1024 characters, "
+                       "no '/')"));
+    }
+  }
   std::lock_guard<std::mutex> lock(mu_);
   mq::v1::CompleteAssignmentResponse response;
   auto w = workers_.find(request.worker_id());
@@ -1100,6 +1186,7 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
   const bool ok = !request.has_error();
   const std::string worker_name =
       w != workers_.end() ? w->second.record.name() : request.worker_id();
+  std::vector<int> uncommitted;  // steps whose records go once the batch is committed
 
   if (!ok) {
     const std::string reason =
@@ -1120,7 +1207,19 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
                  ended.empty() ? "" : absl::StrCat("; stopping ", ended.size(), " other rank(s)"),
                  request.infrastructure() ? " (infrastructure)" : ""),
              request.worker_id());
-    RetryOrFail(job, batch, reason, request.infrastructure());
+    // Damaged committed files: uncommit their steps (and later ones) to compute them again. The
+    // attempt counts, and a file damaged again and again fails the job naming it.
+    const std::string give_up = request.corrupt_files_size() > 0
+                                    ? UncommitCorruptFiles(job, batch, request, &uncommitted)
+                                    : std::string();
+    if (!give_up.empty()) {
+      SetJobState(job, batch, mq::v1::JOB_STATE_FAILED, give_up);
+      PutJob(batch, job);
+      if (metrics_) metrics_->jobs_failed->Increment();
+    } else {
+      RetryOrFail(job, batch, reason,
+                  request.infrastructure() && request.corrupt_files_size() == 0);
+    }
   } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_PLAN) {
     if (absl::Status st = EndAssignment(a, batch, mq::v1::ATTEMPT_STATE_SUCCEEDED, "completed",
                                         /*completed=*/true);
@@ -1206,6 +1305,7 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
     PutJob(batch, job);
   }
   if (absl::Status st = Commit(batch); !st.ok()) return st;
+  for (int step : uncommitted) layers_[a.job_id()].erase(step);
   assignments_[a.assignment_id()] = a;
   jobs_[job.job_id()] = job;
   if (w != workers_.end() && w->second.assignment_id == a.assignment_id()) {

@@ -147,6 +147,14 @@ class Coordinator {
   // 10 x max_attempts such attempts).
   void RetryOrFail(mq::v1::JobRecord& job, WriteBatch& batch, const std::string& reason,
                    bool infrastructure = false);
+  // A failed assignment named damaged output files (request.corrupt_files): for each, one
+  // `file_corrupt` event; the earliest committed step whose reports list any of them and every
+  // later step are uncommitted in `batch` (their steps go to `uncommitted`: erase them from
+  // layers_ once the batch is committed). Returns the reason to fail the job with when a file was
+  // found damaged spec.max_attempts times since the job was submitted or last resumed, else "".
+  std::string UncommitCorruptFiles(mq::v1::JobRecord& job, WriteBatch& batch,
+                                   const mq::v1::CompleteAssignmentRequest& request,
+                                   std::vector<int>* uncommitted);
   // Sets the state of a stored attempt in `batch`.
   absl::Status PutAttemptState(const std::string& job_id, int attempt, mq::v1::AttemptState state,
                                const std::string& message, WriteBatch& batch);

@@ -74,8 +74,9 @@ std::string LocalPath(const std::string& uri) {
   return uri.rfind("file://", 0) == 0 ? uri.substr(7) : uri;
 }
 
-pipeline::QuantizeJobSpec ToJobSpec(const mq::v1::JobSpec& spec) {
+pipeline::QuantizeJobSpec ToJobSpec(const std::string& job_id, const mq::v1::JobSpec& spec) {
   pipeline::QuantizeJobSpec j;
+  j.job_id = job_id;
   j.model_dir = LocalPath(spec.model_uri());
   j.output_dir = LocalPath(spec.output_uri());
   switch (spec.method()) {
@@ -100,6 +101,15 @@ pipeline::QuantizeJobSpec ToJobSpec(const mq::v1::JobSpec& spec) {
   j.min_expert_tokens = c.min_expert_tokens() == 0 ? 16 : c.min_expert_tokens();
   j.rare_expert_rtn = c.rare_expert_rtn();
   return j;
+}
+
+// A failed QUANTIZE or FINALIZE assignment's result: the message, whether the infrastructure
+// failed (UNAVAILABLE: a gang peer lost, another finalization holding the directory), and the
+// committed files found damaged (DATA_LOSS), which the coordinator uncommits and recomputes.
+void SetError(const absl::Status& status, mq::v1::CompleteAssignmentRequest* result) {
+  result->set_error(std::string(status.message()));
+  result->set_infrastructure(status.code() == absl::StatusCode::kUnavailable);
+  for (const std::string& f : pipeline::CorruptFilesOf(status)) result->add_corrupt_files(f);
 }
 
 std::vector<pipeline::OutputFileInfo> ToFiles(
@@ -350,10 +360,20 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
       *result.mutable_plan() = ToProto(report);
 #if MQ_WORKER_HAS_PIPELINE
       if (!a.job_id().empty() && options_.gang_port > 0) {  // also data and output location
-        for (const auto& [where, what] : pipeline::CheckQuantizeInputs(ToJobSpec(a.spec()))) {
+        const pipeline::QuantizeJobSpec spec = ToJobSpec(a.job_id(), a.spec());
+        for (const auto& [where, what] : pipeline::CheckQuantizeInputs(spec)) {
           mq::v1::Problem* p = result.mutable_plan()->add_problems();
           p->set_where(where);
           p->set_message(what);
+        }
+        // A plan without problems claims the output directory for the job (one with problems
+        // leaves it unclaimed, so a corrected job may use it).
+        if (result.plan().problems_size() == 0) {
+          if (absl::Status s = pipeline::ClaimOutput(spec); !s.ok()) {
+            mq::v1::Problem* p = result.mutable_plan()->add_problems();
+            p->set_where("request.output_uri");
+            p->set_message(std::string(s.message()));
+          }
         }
       }
 #endif
@@ -389,7 +409,7 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   // Checkpoints of other jobs (kept after an aborted attempt) are of no use any more.
   pipeline::RemoveScratchExcept(options_.scratch_dir, a.job_id());
   pipeline::QuantizeAssignmentInput in;
-  in.spec = ToJobSpec(a.spec());
+  in.spec = ToJobSpec(a.job_id(), a.spec());
   in.rank = a.rank();
   in.world_size = a.world_size();
   in.rendezvous = a.rendezvous();
@@ -444,33 +464,41 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
     return absl::OkStatus();
   };
   in.on_progress = [&](const std::string& stage, double fraction) { Progress(a, stage, fraction); };
+  in.on_warning = [&](const std::string& message) {
+    LogLine("worker", "WARN", absl::StrCat("job ", a.job_id(), ": ", message));
+  };
   in.cancelled = [&] { return stop || Cancelled(); };
   absl::StatusOr<pipeline::QuantizeAssignmentResult> r = pipeline::RunQuantizeAssignment(in);
   if (stop || Cancelled()) return false;  // the coordinator moved on; nothing to report
   if (!r.ok()) {
-    result->set_error(std::string(r.status().message()));
-    result->set_infrastructure(r.status().code() == absl::StatusCode::kUnavailable);
+    SetError(r.status(), result);
     LogLine("worker", "WARN", absl::StrCat("quantize assignment ", a.assignment_id(),
                                            " failed: ", r.status().ToString()));
     return true;
   }
   result->mutable_quantized()->set_steps_run(r->steps_run);
   result->mutable_quantized()->set_steps_replayed(r->steps_replayed);
+  LogLine("worker", "INFO",
+          absl::StrCat("quantize assignment ", a.assignment_id(), " of job ", a.job_id(), ": ",
+                       r->steps_run, " steps run, ", r->steps_replayed, " replayed"));
   return true;
 }
 
 bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
                          const std::atomic<bool>& stop) {
   Progress(a, "finalizing: globals, index, config, manifest", 0);
-  // The manifest is published only with the coordinator's consent, so a cancelled or
-  // superseded finalizer writes none.
-  // TODO(merge): pass RequestPublish as FinalizeOptions::publish (called after every file but
-  // manifest.json is written and verified, before the manifest) instead of asking up front.
-  if (!RequestPublish(a, stop).ok()) return false;  // abandoned: nothing to report
+  // Called once every file but the manifest is written and verified: the manifest is
+  // published only with the coordinator's consent, so a cancelled or superseded finalizer
+  // writes none.
+  auto publish = [&]() -> absl::Status { return RequestPublish(a, stop); };
   absl::StatusOr<pipeline::FinalizeAssignmentResult> r = pipeline::RunFinalizeAssignment(
-      ToJobSpec(a.spec()), ToFiles(a.committed_files()), a.total_steps());
+      ToJobSpec(a.job_id(), a.spec()), ToFiles(a.committed_files()), a.total_steps(), publish);
+  if (!r.ok() && (stop || Cancelled())) return false;  // publish refused: abandoned, nothing to report
   if (!r.ok()) {
-    result->set_error(std::string(r.status().message()));
+    SetError(r.status(), result);
+    LogLine("worker", "WARN",
+            absl::StrCat("finalize assignment ", a.assignment_id(),
+                         " failed: ", r.status().ToString()));
     return true;
   }
   mq::v1::FinalizeResult* f = result->mutable_finalized();

@@ -1,9 +1,13 @@
 """Chaos: the quantization job survives SIGKILL of the coordinator at random moments, and of a
 worker in the middle of a layer, repeatedly. Every job completes; its manifest equals the
 uninterrupted run's; no committed layer is computed twice (one `layer_committed` event per
-step, and no layer report from a later attempt for a committed step); no orphan files remain."""
+step, and no layer report from a later attempt for a committed step); no orphan files remain.
+In the corruption mode, random bytes of committed layer files and of hidden-state checkpoints
+are damaged between kills: the job still ends with the uninterrupted run's manifest (or fails
+naming a damaged file)."""
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from mq_cluster import Cluster, wait_until  # noqa: E402
+from mq_cluster import CLIENT, Cluster, wait_until  # noqa: E402
 from quantize_env import check_output_dir, make_model, submit_args  # noqa: E402
 
 LAYERS = 8
@@ -165,5 +169,94 @@ def test_worker_sigkill_mid_layer(env, tmp_path, worker_args):
         starts = [e["message"] for e in job["events"]
                   if e["kind"] == "assigned" and "gang of" in e["message"]]
         assert any("0 steps already committed" not in m for m in starts), starts
+    finally:
+        c.close()
+
+
+def damage(rng, c, job_id, out, log):
+    """Flips a random byte of a random committed layer file, and overwrites 4 KiB of a random
+    hidden-state checkpoint of a live worker; returns the layer file's name."""
+    committed = [f["name"] for layer in c.job(job_id).get("layers", []) if layer.get("committed")
+                 for r in layer.get("reports", []) for f in r.get("files", [])]
+    name = rng.choice(sorted(committed))
+    path = out / name
+    offset = rng.randrange(path.stat().st_size)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ (1 << rng.randrange(8))]))
+    log.append(f"flipped byte {offset} of {name}")
+    checkpoints = sorted(p for n, w in c.workers.items() if w.alive()
+                         for p in (c.tmp / f"scratch-{n}").rglob("hidden-step*.safetensors"))
+    if checkpoints:
+        ckpt = rng.choice(checkpoints)
+        size = ckpt.stat().st_size
+        at = rng.randrange(size // 4, max(size // 4 + 1, size - 4096))
+        with open(ckpt, "r+b") as f:
+            f.seek(at)
+            f.write(bytes(rng.randrange(256) for _ in range(4096)))
+        log.append(f"overwrote 4 KiB at {at} of {ckpt.name}")
+    return name
+
+
+def test_corruption_between_worker_kills(env, tmp_path):
+    ref = reference(env)
+    rng = random.Random(SEED + 2)
+    c = new_cluster(tmp_path)
+    try:
+        c.start_coordinator()
+        fault_env = {**os.environ, **FAULTS}
+        c.start_worker("w1", env=fault_env)
+        c.start_worker("w2", env=fault_env)
+        out = tmp_path / "out"
+        # Room for the counted attempts that each detected corruption costs.
+        res = c.client(*submit_args(env["model"], out, env["dataset"], "--gang-size", 2,
+                                    "--max-attempts", 8), check=True)
+        job_id = res.stdout.split()[0]
+        flipped, log = [], []
+        for target in (2, 5):
+            def reached():
+                j = c.job(job_id)["job"]
+                done = j["state"] in ("JOB_STATE_FINALIZING", "JOB_STATE_SUCCEEDED",
+                                      "JOB_STATE_FAILED")
+                return (done or (j["state"] == "JOB_STATE_RUNNING" and
+                                 int(j.get("progress", {}).get("layers_committed", 0)) >= target)) and j
+            if wait_until(reached, 240, f"{target} layers committed")["state"] != "JOB_STATE_RUNNING":
+                break
+            time.sleep(rng.uniform(0.05, 0.6))
+            victim = rng.choice(sorted(n for n, p in c.workers.items() if p.alive()))
+            c.workers[victim].kill9()
+            time.sleep(0.5)  # the survivor notices the broken gang and stops
+            flipped.append(damage(rng, c, job_id, out, log))
+            name = f"spare{len(flipped)}"
+            c.start_worker(name, env=fault_env, wait=False)
+            wait_until(lambda: c.worker_state(name) is not None, 30, f"{name} registered")
+        job = c.wait_job(job_id, {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"}, timeout=400)
+        print(f"chaos seed {SEED}; damage: {log}")
+        print_retries(job)
+        corrupt = [e["message"] for e in job["events"] if e["kind"] == "file_corrupt"]
+        print("\n".join(corrupt))
+        assert flipped
+        if job["job"]["state"] == "JOB_STATE_FAILED":
+            assert any(n in job["job"]["message"] for n in flipped), job["job"]["message"]
+            return
+        assert corrupt, "a damaged committed file went unnoticed"
+        if job["job"]["manifest_sha256"] != ref:
+            # Which files differ from the uninterrupted run's (for the investigation).
+            import json
+            mine = {f["name"]: f["sha256"] for f in
+                    json.loads((out / "manifest.json").read_text())["files"]}
+            theirs = {f["name"]: f["sha256"] for f in json.loads(
+                (env["tmp"] / "reference" / "out" / "manifest.json").read_text())["files"]}
+            differ = sorted(n for n in mine.keys() | theirs.keys()
+                            if mine.get(n) != theirs.get(n))
+            pytest.fail(f"manifest differs from the uninterrupted run's in {differ}; damage: {log}")
+        for layer in job.get("layers", []):
+            assert layer["committed"], layer
+        check_no_orphans(c, out, job)
+        res = subprocess.run([str(CLIENT), "verify", str(out)], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stderr
     finally:
         c.close()

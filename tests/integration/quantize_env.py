@@ -61,13 +61,19 @@ def manifest(out):
     return json.loads((Path(out) / "manifest.json").read_text())
 
 
+OWNER_MARKER = ".mq-job"  # {"job_id": ...}: the job the output belongs to (not in the manifest)
+
+
 def check_output_dir(out):
-    """Every file listed with its hash, nothing else in the directory."""
+    """Every file listed with its hash, nothing else in the directory but the manifest and the
+    owner marker."""
     import hashlib
     m = manifest(out)
     listed = {f["name"]: f for f in m["files"]}
     present = {p.name for p in Path(out).iterdir()}
-    assert present == set(listed) | {"manifest.json"}, present ^ (set(listed) | {"manifest.json"})
+    expected = set(listed) | {"manifest.json", OWNER_MARKER}
+    assert present == expected, present ^ expected
+    assert json.loads((Path(out) / OWNER_MARKER).read_text())["job_id"].startswith("j-")
     for name, f in listed.items():
         data = (Path(out) / name).read_bytes()
         assert len(data) == f["size"], name

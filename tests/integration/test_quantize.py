@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mq_cluster import wait_until
 from quantize_env import (check_output_dir, make_model, manifest, nll_mq_forward,
                           nll_transformers, run_in_transformers, submit_args)
 
@@ -156,14 +157,20 @@ def test_layer_writes_overlap_the_next_layer(cluster, env, tmp_path):
     check_output_dir(out)
     assert manifest(out) == manifest(out_seq)
 
-    # Layer 1's file cannot be created (a directory holds its name): the failure surfaces while
-    # layer 2 runs, and the job fails with the file's name; layer 0 stays committed.
+    # Layer 1's file cannot be created (a directory holds its name, made once the job owns the
+    # directory and layer 0 is committed; a slow worker leaves time for it): the failure
+    # surfaces while layer 2 runs, and the job fails with the file's name; layer 0 stays
+    # committed.
+    cluster.workers["w1"].stop()
+    cluster.start_worker("slow", env={"MQ_FAULT_STEP_DELAY_MS": "3000"})
     out_f = tmp_path / "out-write-fails"
     blocker = out_f / "model-layer00001-rank000-of-001.safetensors"
-    (blocker / "in-the-way").mkdir(parents=True)
     res = cluster.client(*submit_args(env["model"], out_f, env["dataset"], "--gang-size", 1,
                                       "--max-attempts", 1), check=True)
     job_id = res.stdout.split()[0]
+    progress = lambda: cluster.job(job_id)["job"].get("progress", {})  # noqa: E731
+    wait_until(lambda: int(progress().get("layers_committed", 0)) >= 1, 120, "layer 0 committed")
+    (blocker / "in-the-way").mkdir(parents=True)
     failed = cluster.wait_job(job_id, {"JOB_STATE_FAILED", "JOB_STATE_SUCCEEDED"},
                               timeout=300)["job"]
     print("write failure:", failed["message"])

@@ -998,23 +998,34 @@ std::vector<model::TensorData> Runner::HiddenStates() const {
 }
 
 absl::Status Runner::SaveCheckpoint(int step, std::vector<model::TensorData> hidden) {
-  MQ_RETURN_IF_ERROR(model::WriteSafetensors(CheckpointPath(step), std::move(hidden)));
+  MQ_RETURN_IF_ERROR(WriteHiddenCheckpoint(CheckpointPath(step), std::move(hidden)));
   if (step >= 1) ::unlink(CheckpointPath(step - 1).c_str());  // keep only the newest
   return absl::OkStatus();
 }
 
 absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
+  const std::string path = CheckpointPath(step);
+  // A damaged checkpoint is no checkpoint: the gang then replays the committed (verified) layers.
+  auto unusable = [&](const std::string& why) {
+    const std::string message = absl::StrCat(why, "; replaying the committed layers instead");
+    if (o_.on_warning) o_.on_warning(message);
+    Progress(message, 0);
+    return false;
+  };
   absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> file =
-      model::SafetensorsFile::Open(CheckpointPath(step));
-  if (!file.ok()) return false;
+      OpenHiddenCheckpoint(path, chunks_.size());
+  if (absl::IsNotFound(file.status())) return false;
+  if (!file.ok()) return unusable(std::string(file.status().message()));
   std::vector<at::Tensor> hidden;
   for (size_t i = 0; i < chunks_.size(); ++i) {
     absl::StatusOr<model::TensorView> v = (*file)->Get(absl::StrCat("chunk.", i));
-    if (!v.ok()) return false;
+    if (!v.ok()) return unusable(std::string(v.status().message()));
     absl::StatusOr<at::Tensor> t = model::FromTensorView(*v);
     const std::vector<int64_t> expected = {chunks_[i].ids.size(0), chunks_[i].ids.size(1),
                                            config_.hidden_size};
-    if (!t.ok() || t->sizes().vec() != expected) return false;
+    if (!t.ok() || t->sizes().vec() != expected) {
+      return unusable(absl::StrCat("hidden-state checkpoint ", path, " has other shapes"));
+    }
     hidden.push_back(t->to(o_.device, o_.dtype));
   }
   for (size_t i = 0; i < chunks_.size(); ++i) chunks_[i].hidden = hidden[i];

@@ -86,6 +86,9 @@ struct GangPipelineOptions {
   // runs on the writing thread, beside the next step's on_progress calls.
   std::function<absl::Status(const StepOutput&)> on_step;
   std::function<void(const std::string& stage, double fraction)> on_progress;
+  // Something went wrong that the pipeline worked around (e.g. a damaged hidden-state checkpoint
+  // was not used); for the worker's log and the job's progress. Runs on the calling thread.
+  std::function<void(const std::string& message)> on_warning;
   std::function<bool()> cancelled;
 };
 

@@ -2,7 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <openssl/evp.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -14,8 +14,11 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "worker/model/config.h"
 #include "worker/model/fp8.h"
 #include "worker/model/safetensors_writer.h"
@@ -34,19 +37,11 @@ constexpr const char* kCopiedFiles[] = {"tokenizer.json",
                                         "configuration_deepseek.py",
                                         "modeling_deepseek.py"};
 
-std::string Hex(const unsigned char* d, unsigned n) {
-  static const char* kDigits = "0123456789abcdef";
-  std::string out(2 * n, '0');
-  for (unsigned i = 0; i < n; ++i) {
-    out[2 * i] = kDigits[d[i] >> 4];
-    out[2 * i + 1] = kDigits[d[i] & 15];
-  }
-  return out;
-}
-
 absl::Status Errno(const std::string& what) {
   return absl::InternalError(absl::StrCat(what, ": ", std::strerror(errno)));
 }
+
+constexpr char kCorruptFilesPayload[] = "type.googleapis.com/mq.CorruptFiles";
 
 // True for names an mq output directory may hold (finished files and temporaries).
 bool IsOutputName(const std::string& n) {
@@ -63,7 +58,112 @@ bool IsOutputName(const std::string& n) {
   return false;
 }
 
+// The marker and its temporaries (never deleted by finalization).
+bool IsMarkerName(const std::string& n) {
+  return n == kOwnerMarkerName || absl::StartsWith(n, absl::StrCat(kOwnerMarkerName, ".tmp."));
+}
+
+// "a, b, c, d, e and 7 more".
+std::string FirstNames(const std::vector<std::string>& names, size_t shown = 5) {
+  std::vector<std::string> first(names.begin(), names.begin() + std::min(shown, names.size()));
+  std::string out = absl::StrJoin(first, ", ");
+  if (names.size() > shown) absl::StrAppend(&out, " and ", names.size() - shown, " more");
+  return out;
+}
+
+absl::Status FsyncDir(const std::string& dir) {
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return Errno(absl::StrCat("open directory ", dir));
+  const int r = ::fsync(dfd);
+  ::close(dfd);
+  if (r != 0) return Errno(absl::StrCat("fsync directory ", dir));
+  return absl::OkStatus();
+}
+
+// Size (stat) then SHA-256 of `dir`/`f.name` against the record: "" when they match, else what
+// differs.
+std::string FileProblem(const std::string& dir, const OutputFileInfo& f, bool hash) {
+  const std::string path = dir + "/" + f.name;
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) {
+    return absl::StrCat(f.name, " is missing (", std::strerror(errno), ")");
+  }
+  if (static_cast<int64_t>(st.st_size) != f.size) {
+    return absl::StrCat(f.name, " has ", st.st_size, " bytes, ", f.size, " were committed");
+  }
+  if (!hash) return "";
+  absl::StatusOr<std::string> sha = Sha256OfFile(path);
+  if (!sha.ok()) return absl::StrCat(f.name, " cannot be read: ", sha.status().message());
+  if (*sha != f.sha256) {
+    return absl::StrCat(f.name, " has SHA-256 ", sha->substr(0, 16), "..., ",
+                        f.sha256.substr(0, 16), "... was committed");
+  }
+  return "";
+}
+
+// An exclusive flock on the marker, held until destruction.
+class MarkerLock {
+ public:
+  static absl::StatusOr<std::unique_ptr<MarkerLock>> Acquire(const std::string& dir) {
+    const std::string path = dir + "/" + kOwnerMarkerName;
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return Errno(absl::StrCat("open ", path));
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      const int err = errno;
+      ::close(fd);
+      if (err == EWOULDBLOCK) {
+        return absl::UnavailableError(
+            absl::StrCat("another finalization holds ", dir, " (a lock on ", kOwnerMarkerName,
+                         "): at most one finalization runs per output directory"));
+      }
+      errno = err;
+      return Errno(absl::StrCat("lock ", path));
+    }
+    return std::unique_ptr<MarkerLock>(new MarkerLock(fd));
+  }
+  ~MarkerLock() { ::close(fd_); }  // releases the lock
+
+ private:
+  explicit MarkerLock(int fd) : fd_(fd) {}
+  int fd_;
+};
+
 }  // namespace
+
+absl::Status CorruptFilesError(const std::string& message, const std::vector<std::string>& files) {
+  absl::Status s = absl::DataLossError(message);
+  s.SetPayload(kCorruptFilesPayload, absl::Cord(absl::StrJoin(files, "\n")));
+  return s;
+}
+
+std::vector<std::string> CorruptFilesOf(const absl::Status& status) {
+  std::vector<std::string> files;
+  if (status.code() != absl::StatusCode::kDataLoss) return files;
+  const auto p = status.GetPayload(kCorruptFilesPayload);
+  if (!p) return files;
+  const std::string joined(*p);
+  for (absl::string_view n : absl::StrSplit(joined, '\n', absl::SkipEmpty())) {
+    files.emplace_back(n);
+  }
+  return files;
+}
+
+absl::Status VerifyFiles(const std::string& dir, const std::vector<OutputFileInfo>& files) {
+  std::vector<std::string> bad, problems;
+  for (const OutputFileInfo& f : files) {
+    std::string p = FileProblem(dir, f, /*hash=*/true);
+    if (p.empty()) continue;
+    bad.push_back(f.name);
+    problems.push_back(std::move(p));
+  }
+  if (bad.empty()) return absl::OkStatus();
+  return CorruptFilesError(
+      absl::StrCat(bad.size(), " committed file(s) in ", dir,
+                   " differ from what was committed (changed outside mq, or damaged by the "
+                   "storage): ",
+                   absl::StrJoin(problems, "; ")),
+      bad);
+}
 
 absl::StatusOr<std::vector<std::string>> ListDirectory(const std::string& dir, bool* exists) {
   std::vector<std::string> names;
@@ -83,42 +183,6 @@ absl::StatusOr<std::vector<std::string>> ListDirectory(const std::string& dir, b
   return names;
 }
 
-std::string Sha256Hex(std::string_view data) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned n = 0;
-  EVP_Digest(data.data(), data.size(), md, &n, EVP_sha256(), nullptr);
-  return Hex(md, n);
-}
-
-absl::StatusOr<std::string> Sha256OfFile(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
-    return Errno(absl::StrCat("open ", path));
-  }
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
-  std::vector<char> buf(1 << 22);
-  absl::Status status;
-  while (true) {
-    const ssize_t r = ::read(fd, buf.data(), buf.size());
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      status = Errno(absl::StrCat("read ", path));
-      break;
-    }
-    if (r == 0) break;
-    EVP_DigestUpdate(ctx, buf.data(), static_cast<size_t>(r));
-  }
-  ::close(fd);
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned n = 0;
-  EVP_DigestFinal_ex(ctx, md, &n);
-  EVP_MD_CTX_free(ctx);
-  if (!status.ok()) return status;
-  return Hex(md, n);
-}
-
 absl::StatusOr<OutputFileInfo> DescribeFile(const std::string& dir, const std::string& name) {
   const std::string path = dir + "/" + name;
   struct stat st;
@@ -131,20 +195,15 @@ absl::StatusOr<OutputFileInfo> DescribeFile(const std::string& dir, const std::s
 absl::StatusOr<OutputFileInfo> WriteDescribedSafetensors(const std::string& dir,
                                                          const std::string& name,
                                                          std::vector<model::TensorData> tensors) {
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  Sha256 hash;
   int64_t size = 0;
   const absl::Status written = model::WriteSafetensorsObserved(
       dir + "/" + name, std::move(tensors), {{"format", "pt"}}, [&](const void* data, size_t n) {
-        EVP_DigestUpdate(ctx, data, n);
+        hash.Update(data, n);
         size += static_cast<int64_t>(n);
       });
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned n = 0;
-  EVP_DigestFinal_ex(ctx, md, &n);
-  EVP_MD_CTX_free(ctx);
   if (!written.ok()) return written;
-  return OutputFileInfo{name, size, Hex(md, n)};
+  return OutputFileInfo{name, size, hash.HexDigest()};
 }
 
 std::string LayerFileName(int layer, int rank, int world_size) {
@@ -157,14 +216,36 @@ std::string LayerFileName(int layer, int rank, int world_size) {
 absl::StatusOr<std::unique_ptr<FileSetReader>> FileSetReader::Open(
     const std::string& dir, const std::vector<OutputFileInfo>& files) {
   auto reader = std::unique_ptr<FileSetReader>(new FileSetReader());
+  reader->dir_ = dir;
+  // Sizes first (a stat each): every missing or resized file is named at once.
+  std::vector<std::string> bad, problems;
   for (const OutputFileInfo& f : files) {
+    std::string p = FileProblem(dir, f, /*hash=*/false);
+    if (p.empty()) continue;
+    bad.push_back(f.name);
+    problems.push_back(std::move(p));
+  }
+  for (const OutputFileInfo& f : files) {
+    if (!bad.empty()) break;
     absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> file =
         model::SafetensorsFile::Open(dir + "/" + f.name);
-    if (!file.ok()) return file.status();
-    for (const model::TensorInfo& t : (*file)->header().tensors) {
-      reader->where_[t.name] = file->get();
+    if (!file.ok()) {
+      // A damaged header: the recorded SHA-256 says whether the file changed since its commit.
+      std::string p = FileProblem(dir, f, /*hash=*/true);
+      if (p.empty()) return file.status();
+      bad.push_back(f.name);
+      problems.push_back(std::move(p));
+      continue;
     }
-    reader->files_.push_back(*std::move(file));
+    for (const model::TensorInfo& t : (*file)->header().tensors) {
+      reader->where_[t.name] = reader->files_.size();
+    }
+    reader->files_.push_back(Entry{*std::move(file), f});
+  }
+  if (!bad.empty()) {
+    return CorruptFilesError(absl::StrCat("committed file(s) in ", dir,
+                                          " cannot be replayed: ", absl::StrJoin(problems, "; ")),
+                             bad);
   }
   return reader;
 }
@@ -174,7 +255,70 @@ absl::StatusOr<model::TensorView> FileSetReader::Get(const std::string& name) co
   if (it == where_.end()) {
     return absl::NotFoundError(absl::StrCat("tensor \"", name, "\" is in no committed file"));
   }
-  return it->second->Get(name);
+  const Entry& e = files_[it->second];
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto v = verified_.find(it->second);
+    if (v == verified_.end()) {
+      const std::string p = FileProblem(dir_, e.info, /*hash=*/true);
+      absl::Status s = p.empty() ? absl::OkStatus()
+                                 : CorruptFilesError(absl::StrCat("committed file in ", dir_,
+                                                                  " cannot be replayed: ", p),
+                                                     {e.info.name});
+      v = verified_.emplace(it->second, std::move(s)).first;
+    }
+    if (!v->second.ok()) return v->second;
+  }
+  return e.file->Get(name);
+}
+
+namespace {
+
+constexpr char kCheckpointDigestKey[] = "mq_sha256";
+
+void HashChunk(Sha256& h, const uint8_t* data, uint64_t size) {
+  uint8_t len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(size >> (8 * i));
+  h.Update(len, sizeof(len));
+  h.Update(data, size);
+}
+
+}  // namespace
+
+absl::Status WriteHiddenCheckpoint(const std::string& path, std::vector<model::TensorData> chunks) {
+  Sha256 h;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    if (chunks[i].name != absl::StrCat("chunk.", i)) {
+      return absl::InvalidArgumentError(absl::StrCat("hidden-state checkpoint ", path, ": tensor ",
+                                                     i, " is \"", chunks[i].name,
+                                                     "\"; must be chunk.", i));
+    }
+    HashChunk(h, chunks[i].bytes.data(), chunks[i].bytes.size());
+  }
+  return model::WriteSafetensors(path, std::move(chunks),
+                                 {{"format", "pt"}, {kCheckpointDigestKey, h.HexDigest()}});
+}
+
+absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> OpenHiddenCheckpoint(
+    const std::string& path, size_t num_chunks) {
+  auto damaged = [&](const std::string& why) {
+    return CorruptFilesError(absl::StrCat("hidden-state checkpoint ", path, " ", why), {path});
+  };
+  absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> file = model::SafetensorsFile::Open(path);
+  if (absl::IsNotFound(file.status())) return file.status();
+  if (!file.ok()) return damaged(absl::StrCat("is unreadable (", file.status().message(), ")"));
+  const auto digest = (*file)->header().metadata.find(kCheckpointDigestKey);
+  if (digest == (*file)->header().metadata.end()) return damaged("has no checksum");
+  Sha256 h;
+  for (size_t i = 0; i < num_chunks; ++i) {
+    absl::StatusOr<model::TensorView> v = (*file)->Get(absl::StrCat("chunk.", i));
+    if (!v.ok()) return damaged(absl::StrCat("lacks chunk.", i));
+    HashChunk(h, v->data, v->num_bytes);
+  }
+  if (h.HexDigest() != digest->second) {
+    return damaged("failed its SHA-256 check (its bytes changed after it was written)");
+  }
+  return file;
 }
 
 void RemoveHiddenCheckpoints(const std::string& dir) {
@@ -187,7 +331,33 @@ void RemoveHiddenCheckpoints(const std::string& dir) {
   ::rmdir(dir.c_str());
 }
 
-absl::Status CheckOutputLocation(const std::string& model_dir, const std::string& output_dir) {
+absl::StatusOr<std::string> OutputOwner(const std::string& output_dir) {
+  const std::string path = output_dir + "/" + kOwnerMarkerName;
+  absl::StatusOr<std::string> text = quant::ReadFile(path);
+  if (!text.ok()) {
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0 && errno == ENOENT) {
+      return absl::NotFoundError(absl::StrCat(path, ": no such file"));
+    }
+    return text.status();
+  }
+  nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("job_id") || !j["job_id"].is_string() ||
+      j["job_id"].get<std::string>().empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(path,
+                     ": not an mq owner marker ({\"job_id\": \"j-...\"}); the directory "
+                     "may belong to another tool: choose another output directory"));
+  }
+  return j["job_id"].get<std::string>();
+}
+
+absl::Status CheckOutputLocation(const std::string& model_dir, const std::string& output_dir,
+                                 const std::string& job_id) {
+  if (job_id.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("output directory ", output_dir, ": no job id to claim it for"));
+  }
   auto real = [](const std::string& p) {
     char buf[PATH_MAX];
     return ::realpath(p.c_str(), buf) ? std::string(buf) : p;
@@ -204,17 +374,29 @@ absl::Status CheckOutputLocation(const std::string& model_dir, const std::string
   bool exists = false;
   absl::StatusOr<std::vector<std::string>> names = ListDirectory(output_dir, &exists);
   if (!names.ok()) return names.status();
+  absl::StatusOr<std::string> owner = OutputOwner(output_dir);
+  if (owner.ok() && *owner != job_id) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "output directory ", output_dir, " belongs to job ", *owner, " (its ", kOwnerMarkerName,
+        " marker): mq never writes into another job's output; choose another directory, or "
+        "resume that job"));
+  }
+  if (!owner.ok() && !absl::IsNotFound(owner.status())) return owner.status();
+  // Without our marker nothing may be there; with it, only what an mq output consists of.
   std::vector<std::string> foreign;
   for (const std::string& n : *names) {
-    if (!IsOutputName(n)) foreign.push_back(n);
+    if (owner.ok() ? !(IsOutputName(n) || IsMarkerName(n)) : !IsMarkerName(n)) {
+      foreign.push_back(n);
+    }
   }
   if (!foreign.empty()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("output directory ", output_dir, " holds ", foreign.size(),
-                     " file(s) an mq output does not consist of (first: ", foreign.front(),
-                     "): choose an empty or new directory"));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "output directory ", output_dir, " holds ", foreign.size(), " entr",
+        foreign.size() == 1 ? "y" : "ies", " mq did not write for this job (", FirstNames(foreign),
+        "): mq writes only into a new or empty directory and never "
+        "touches files it did not write; choose another directory"));
   }
-  // Writable: create it (and a probe file) now rather than after hours of work.
+  // Writable: create it now rather than after hours of work.
   absl::Status s = quant::MakeDirs(output_dir);
   if (!s.ok()) {
     return absl::FailedPreconditionError(
@@ -227,23 +409,50 @@ absl::Status CheckOutputLocation(const std::string& model_dir, const std::string
   return absl::OkStatus();
 }
 
+absl::Status ClaimOutputLocation(const std::string& model_dir, const std::string& output_dir,
+                                 const std::string& job_id) {
+  if (absl::Status s = CheckOutputLocation(model_dir, output_dir, job_id); !s.ok()) return s;
+  absl::StatusOr<std::string> owner = OutputOwner(output_dir);
+  if (owner.ok()) return absl::OkStatus();  // ours (checked above)
+  if (!absl::IsNotFound(owner.status())) return owner.status();
+  const std::string marker = output_dir + "/" + kOwnerMarkerName;
+  const std::string tmp = absl::StrCat(marker, ".tmp.", ::getpid());
+  if (absl::Status s =
+          model::WriteFileAtomic(tmp, nlohmann::json{{"job_id", job_id}}.dump() + "\n");
+      !s.ok()) {
+    return s;
+  }
+  // link() never replaces: when another process claimed the directory meanwhile, its marker
+  // stays and decides below.
+  const int linked = ::link(tmp.c_str(), marker.c_str());
+  const int link_errno = errno;
+  ::unlink(tmp.c_str());
+  if (linked != 0 && link_errno != EEXIST) {
+    errno = link_errno;
+    return Errno(absl::StrCat("create ", marker));
+  }
+  if (absl::Status s = FsyncDir(output_dir); !s.ok()) return s;
+  owner = OutputOwner(output_dir);
+  if (!owner.ok()) return owner.status();
+  if (*owner != job_id) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("output directory ", output_dir, " was claimed by job ", *owner,
+                     " at the same time: choose another directory"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options) {
   const std::string& out = options.output_dir;
-  std::map<std::string, OutputFileInfo> keep;  // name -> described file
-  for (const OutputFileInfo& f : options.committed_files) {
-    struct stat st;
-    const std::string path = out + "/" + f.name;
-    if (::stat(path.c_str(), &st) != 0) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("committed file ", f.name, " is missing from ", out, " (",
-                       std::strerror(errno), "): the output directory was changed outside mq"));
-    }
-    if (static_cast<int64_t>(st.st_size) != f.size) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "committed file ", f.name, " has ", st.st_size, " bytes, ", f.size, " were recorded"));
-    }
-    keep[f.name] = f;
+  if (absl::Status s = ClaimOutputLocation(options.model_dir, out, options.job_id); !s.ok()) {
+    return s;
   }
+  absl::StatusOr<std::unique_ptr<MarkerLock>> lock = MarkerLock::Acquire(out);
+  if (!lock.ok()) return lock.status();
+  // Every committed byte is checked before anything is written.
+  if (absl::Status s = VerifyFiles(out, options.committed_files); !s.ok()) return s;
+  std::map<std::string, OutputFileInfo> keep;  // name -> described file
+  for (const OutputFileInfo& f : options.committed_files) keep[f.name] = f;
 
   // Everything the pipeline did not cover goes to the globals file.
   absl::StatusOr<std::unique_ptr<model::CheckpointReader>> reader =
@@ -312,6 +521,11 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
     keep[f] = *d;
   }
 
+  // Everything but the manifest is in place and described from disk: the output may be
+  // published (the caller's fence), then the manifest commits it.
+  if (options.publish) {
+    if (absl::Status s = options.publish(); !s.ok()) return s;
+  }
   FinalizeOutput result;
   nlohmann::json files = nlohmann::json::array();
   for (const auto& [name, info] : keep) {
@@ -325,7 +539,9 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
   if (!s.ok()) return s;
   result.manifest_sha256 = Sha256Hex(manifest);
 
-  // Strays: anything an mq output could contain that the manifest does not list.
+  // Strays: anything an mq output could contain that the manifest does not list (in a directory
+  // this job owns, so they are this job's: files of uncommitted steps, temporaries). Other names
+  // cannot be there (ClaimOutputLocation refused them) and would be left alone; so is the marker.
   bool exists = false;
   absl::StatusOr<std::vector<std::string>> names = ListDirectory(out, &exists);
   if (!names.ok()) return names.status();
@@ -336,11 +552,7 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
     }
     ++result.removed_files;
   }
-  const int dfd = ::open(out.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
+  if (absl::Status s = FsyncDir(out); !s.ok()) return s;
   return result;
 }
 

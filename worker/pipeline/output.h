@@ -3,28 +3,43 @@
 // compressed-tensors checkpoint with a manifest.
 //
 // Layout of a finished output directory:
+//   .mq-job                                      the owner marker: {"job_id": "j-..."} (below)
 //   model-layerLLLLL-rankRRR-of-KKK.safetensors  one per (committed step, rank that wrote tensors)
 //   model-globals.safetensors                    embedding, final norm, lm_head, and the tensors of
 //                                                layers outside the pipeline (e.g. MTP, ignored)
 //   model.safetensors.index.json, config.json (with quantization_config), tokenizer and
 //   generation files copied from the model, and manifest.json (written last).
-// manifest.json lists every other file with its size and SHA-256, sorted by name; it holds no
-// time or job id, so the same output always has the same manifest bytes.
+// manifest.json lists every other file with its size and SHA-256, sorted by name, except the
+// marker (it holds the job id, and the manifest holds no time or job id, so the same output
+// always has the same manifest bytes).
+//
+// Ownership: a directory belongs to the job whose id its marker holds. A job claims an empty or
+// new directory (ClaimOutputLocation) before it writes anything; a directory claimed by another
+// job, or one holding any entry without a marker, is refused and left untouched. The marker stays
+// in the finished output, so no later job ever reuses (and overwrites) a finished output.
+// Finalization deletes only files an mq output consists of, and only in a directory its job owns.
+//
+// Integrity: committed files carry size and SHA-256; finalization and the replay reader verify
+// both before using a file, and report mismatches as DATA_LOSS naming the files (CorruptFilesOf).
 //
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
 // Durability: every file is written to a temporary name, fsynced and renamed (the writer's
 // protocol); finalization is idempotent, so a crash in the middle is repaired by running it again.
-// Threading: free functions; one finalization per directory at a time.
+// Threading: free functions; finalization locks the marker (flock), so at most one runs per
+// directory at a time across processes and hosts that share the lock.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/sha256.h"
 #include "worker/model/checkpoint_reader.h"
 #include "worker/model/safetensors_writer.h"
 #include "worker/pipeline/types.h"
@@ -32,9 +47,9 @@
 
 namespace mq::pipeline {
 
-// Lowercase hex SHA-256 of `data` / of a file's content (errno-derived status on I/O errors).
-std::string Sha256Hex(std::string_view data);
-absl::StatusOr<std::string> Sha256OfFile(const std::string& path);
+// SHA-256 helpers live in common/ (mq-client uses them too).
+using ::mq::Sha256Hex;
+using ::mq::Sha256OfFile;
 // Size and SHA-256 of `dir`/`name`.
 absl::StatusOr<OutputFileInfo> DescribeFile(const std::string& dir, const std::string& name);
 
@@ -49,20 +64,51 @@ absl::StatusOr<OutputFileInfo> WriteDescribedSafetensors(const std::string& dir,
 std::string LayerFileName(int layer, int rank, int world_size);
 inline constexpr char kGlobalsFileName[] = "model-globals.safetensors";
 inline constexpr char kManifestFileName[] = "manifest.json";
+// The owner marker: {"job_id": "<job>"} (not listed in the manifest).
+inline constexpr char kOwnerMarkerName[] = ".mq-job";
+
+// Checks each file's size and SHA-256 in `dir` against `files` (all of them, a full read each).
+// OK, or DATA_LOSS naming every missing or different file (CorruptFilesOf lists them).
+absl::Status VerifyFiles(const std::string& dir, const std::vector<OutputFileInfo>& files);
 
 // Tensors of a set of safetensors files in one directory, by name (e.g. the committed files of
-// a job, read back to replay earlier layers). Immutable after Open.
+// a job, read back to replay earlier layers). Every file is checked before its bytes are used:
+// its size at Open, its SHA-256 the first time one of its tensors is read (so a rank hashes only
+// the files it reads). Thread-safe; the set of files is fixed at Open.
 class FileSetReader {
  public:
+  // DATA_LOSS naming every file that is missing, has another size, or whose header is unreadable
+  // and whose SHA-256 differs; the reader's error for a file that matches but cannot be opened.
   static absl::StatusOr<std::unique_ptr<FileSetReader>> Open(
       const std::string& dir, const std::vector<OutputFileInfo>& files);
   bool Has(const std::string& name) const { return where_.count(name) > 0; }
+  // NOT_FOUND for a name in no file; DATA_LOSS naming the file when its SHA-256 differs from the
+  // recorded one (every later Get of that file fails the same way).
   absl::StatusOr<model::TensorView> Get(const std::string& name) const;
 
  private:
-  std::vector<std::unique_ptr<model::SafetensorsFile>> files_;
-  std::map<std::string, const model::SafetensorsFile*> where_;
+  struct Entry {
+    std::unique_ptr<model::SafetensorsFile> file;
+    OutputFileInfo info;
+  };
+  std::string dir_;
+  std::vector<Entry> files_;
+  std::map<std::string, size_t> where_;  // tensor name -> index in files_
+  mutable std::mutex mu_;
+  mutable std::map<size_t, absl::Status> verified_;  // guarded by mu_
 };
+
+// Hidden-state checkpoints (the pipeline's scratch files, hidden-step*.safetensors): tensors
+// chunk.0 .. chunk.N-1 with a checksum in the safetensors metadata ("mq_sha256": SHA-256 over the
+// chunks in order, each as its byte count, 8 bytes little-endian, then its bytes).
+// WriteHiddenCheckpoint writes one atomically (temp + fsync + rename); `chunks` must be named
+// chunk.0 .. chunk.N-1 in order.
+absl::Status WriteHiddenCheckpoint(const std::string& path, std::vector<model::TensorData> chunks);
+// Opens a checkpoint of `num_chunks` chunks and verifies its checksum: NOT_FOUND when there is
+// none; DATA_LOSS naming the file when it is unreadable, has no checksum, lacks a chunk, or its
+// bytes differ from the checksum (a damaged checkpoint must not be used).
+absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> OpenHiddenCheckpoint(
+    const std::string& path, size_t num_chunks);
 
 // Entry names in `dir` (files and folders, sorted, without "." and ".."); an absent directory
 // has none (`exists` says which). Errno-derived status otherwise.
@@ -72,18 +118,36 @@ absl::StatusOr<std::vector<std::string>> ListDirectory(const std::string& dir, b
 // `dir` itself when empty. Best effort (errors are ignored: the files are only a cache).
 void RemoveHiddenCheckpoints(const std::string& dir);
 
-// Checks that `output_dir` can receive a job's output: it is not the model directory and it
-// does not exist, is empty, or holds only files an mq output consists of (an earlier attempt's
-// or run's). FailedPrecondition naming the problem otherwise (a foreign file, not a directory,
-// not writable).
-absl::Status CheckOutputLocation(const std::string& model_dir, const std::string& output_dir);
+// Checks that `output_dir` can receive job `job_id`'s output, writing nothing but the directory
+// itself (created, with its parents, when missing): it is not the model directory, and it is new,
+// empty, or owned by `job_id` (its marker) and holding only names an mq output consists of.
+// FailedPrecondition naming the problem otherwise: the job owning it ("belongs to job j-..."),
+// the entries it holds (the first few and their count), not a directory, not writable.
+absl::Status CheckOutputLocation(const std::string& model_dir, const std::string& output_dir,
+                                 const std::string& job_id);
+
+// CheckOutputLocation, then claims the directory for `job_id` when it has no marker: the marker
+// is written to a temporary file, fsynced, and linked to its name (link fails if another
+// process claimed it first, and then that claim decides), and the directory is fsynced.
+// Idempotent for the owning job. Call before writing anything into the directory.
+absl::Status ClaimOutputLocation(const std::string& model_dir, const std::string& output_dir,
+                                 const std::string& job_id);
+
+// Reads the job id in `output_dir`'s marker: NOT_FOUND when there is none, FailedPrecondition
+// when it is not {"job_id": "<non-empty string>"}.
+absl::StatusOr<std::string> OutputOwner(const std::string& output_dir);
 
 struct FinalizeOptions {
+  std::string job_id;  // the directory must be (or become) this job's
   std::string model_dir;
   std::string output_dir;
   std::vector<OutputFileInfo> committed_files;  // every committed step's files
   int num_pipeline_layers = 0;                  // layers [0, n) are covered by committed files
   quant::CompressedTensorsOptions format;
+  // Called once every file but manifest.json is written and verified, before the manifest is
+  // written (the commit point of the output); a non-OK status stops finalization with that status
+  // and nothing more is written. Empty: no check.
+  std::function<absl::Status()> publish;
 };
 
 struct FinalizeOutput {
@@ -93,11 +157,13 @@ struct FinalizeOutput {
   int removed_files = 0;    // stray files deleted
 };
 
-// Verifies every committed file (present, recorded size), writes model-globals.safetensors,
-// the index (from the files' own headers), config.json, the copied tokenizer/generation files
-// and manifest.json, then deletes every other file that an mq output could contain (files of
-// uncommitted steps, temporaries). FailedPrecondition when a committed file is missing or has
-// another size; the reader's and writer's errors otherwise.
+// Claims the directory for options.job_id (ClaimOutputLocation) and holds an exclusive flock on
+// its marker until it returns (UNAVAILABLE "another finalization holds DIR" when another process
+// holds it), verifies every committed file's size and SHA-256 before writing anything (DATA_LOSS
+// naming every bad file), writes model-globals.safetensors, the index (from the files' own
+// headers), config.json and the copied tokenizer/generation files, describes them from disk,
+// calls options.publish, writes manifest.json, then deletes every other file that an mq output
+// could contain (files of uncommitted steps, temporaries) and nothing else; the marker stays.
 absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options);
 
 }  // namespace mq::pipeline

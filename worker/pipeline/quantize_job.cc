@@ -60,13 +60,19 @@ std::vector<std::pair<std::string, std::string>> CheckQuantizeInputs(const Quant
   } else if (absl::Status s = data::CheckCalibrationSource(Calibration(spec)); !s.ok()) {
     problems.emplace_back("request.calibration.dataset_uri", std::string(s.message()));
   }
-  if (absl::Status s = CheckOutputLocation(spec.model_dir, spec.output_dir); !s.ok()) {
+  if (absl::Status s = CheckOutputLocation(spec.model_dir, spec.output_dir, spec.job_id); !s.ok()) {
     problems.emplace_back("request.output_uri", std::string(s.message()));
   }
   return problems;
 }
 
+absl::Status ClaimOutput(const QuantizeJobSpec& spec) {
+  return ClaimOutputLocation(spec.model_dir, spec.output_dir, spec.job_id);
+}
+
 absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAssignmentInput& in) {
+  // Before anything is written: the directory must be this job's.
+  if (absl::Status s = ClaimOutput(in.spec); !s.ok()) return s;
   absl::StatusOr<quant::CompressedTensorsOptions> format = Format(in.spec);
   if (!format.ok()) return format.status();
   absl::StatusOr<model::DeepseekV3Config> config =
@@ -115,6 +121,7 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   o.prefetch_next_layer = in.prefetch_next_layer;
   o.on_step = in.on_step;
   o.on_progress = in.on_progress;
+  o.on_warning = in.on_warning;
   o.cancelled = in.cancelled;
   absl::StatusOr<GangPipelineResult> r = RunGangPipeline(o);
   if (!r.ok()) return r.status();
@@ -132,7 +139,7 @@ void RemoveScratchExcept(const std::string& scratch_dir, const std::string& keep
 
 absl::StatusOr<FinalizeAssignmentResult> RunFinalizeAssignment(
     const QuantizeJobSpec& spec, const std::vector<OutputFileInfo>& committed_files,
-    int total_steps) {
+    int total_steps, std::function<absl::Status()> publish) {
   absl::StatusOr<quant::CompressedTensorsOptions> format = Format(spec);
   if (!format.ok()) return format.status();
   absl::StatusOr<model::DeepseekV3Config> config =
@@ -144,12 +151,14 @@ absl::StatusOr<FinalizeAssignmentResult> RunFinalizeAssignment(
         absl::StrCat("the job has ", total_steps, " steps but the model gives ", layers.size()));
   }
   FinalizeOptions f;
+  f.job_id = spec.job_id;
   f.model_dir = spec.model_dir;
   f.output_dir = spec.output_dir;
   f.committed_files = committed_files;
   // Steps cover layers [0, L) (+ MTP when quantized): everything else goes to the globals file.
   f.num_pipeline_layers = layers.empty() ? 0 : layers.back() + 1;
   f.format = *format;
+  f.publish = std::move(publish);
   absl::StatusOr<FinalizeOutput> out = FinalizeOutputDir(f);
   if (!out.ok()) return out.status();
   return FinalizeAssignmentResult{out->manifest_sha256, out->files, out->total_bytes,

@@ -18,6 +18,7 @@ namespace mq::pipeline {
 // A job's spec as the pipeline needs it (the RPC layer fills it from mq.v1.JobSpec; defaults
 // are already applied by the coordinator).
 struct QuantizeJobSpec {
+  std::string job_id;  // the output directory is claimed for this job (output.h, ownership)
   std::string model_dir;
   std::string output_dir;
   std::string method = "gptq";  // "gptq" or "rtn"
@@ -40,8 +41,13 @@ struct QuantizeJobSpec {
 };
 
 // Problems with a job's inputs that the checkpoint inspection does not see: the calibration
-// dataset (and tokenizer), the output location, unsupported settings. Each is (where, what).
+// dataset (and tokenizer), the output location (new, empty, or already spec.job_id's),
+// unsupported settings. Each is (where, what). Writes nothing but a missing output directory.
 std::vector<std::pair<std::string, std::string>> CheckQuantizeInputs(const QuantizeJobSpec& spec);
+
+// Claims spec.output_dir for spec.job_id (the owner marker; idempotent for the same job).
+// FailedPrecondition naming the owning job or the entries found when it belongs to someone else.
+absl::Status ClaimOutput(const QuantizeJobSpec& spec);
 
 struct QuantizeAssignmentInput {
   QuantizeJobSpec spec;
@@ -63,6 +69,7 @@ struct QuantizeAssignmentInput {
   bool prefetch_next_layer = true;  // GangPipelineOptions::prefetch_next_layer
   std::function<absl::Status(const StepOutput&)> on_step;
   std::function<void(const std::string&, double)> on_progress;
+  std::function<void(const std::string&)> on_warning;  // GangPipelineOptions::on_warning
   std::function<bool()> cancelled;
 };
 
@@ -71,8 +78,9 @@ struct QuantizeAssignmentResult {
   int steps_replayed = 0;
 };
 
-// Loads the calibration set and runs this rank's part of the pipeline. UNAVAILABLE means the
-// gang broke (infrastructure); other errors are the job's.
+// Claims the output directory (ClaimOutput), loads the calibration set and runs this rank's part
+// of the pipeline. UNAVAILABLE means the gang broke (infrastructure); DATA_LOSS means committed
+// files are damaged (CorruptFilesOf names them); other errors are the job's.
 absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAssignmentInput& in);
 
 struct FinalizeAssignmentResult {
@@ -86,8 +94,13 @@ struct FinalizeAssignmentResult {
 // the pipeline created: hidden-step*.safetensors files, then the empty folder). Best effort.
 void RemoveScratchExcept(const std::string& scratch_dir, const std::string& keep_job);
 
+// Finalizes the output (output.h FinalizeOutputDir): claims and locks the directory, verifies
+// every committed file, writes the remaining files, calls `publish` (may be empty) before the
+// manifest, and writes the manifest only when it returned OK. UNAVAILABLE when another
+// finalization holds the directory; DATA_LOSS naming the damaged committed files
+// (CorruptFilesOf); `publish`'s status when it refused.
 absl::StatusOr<FinalizeAssignmentResult> RunFinalizeAssignment(
     const QuantizeJobSpec& spec, const std::vector<OutputFileInfo>& committed_files,
-    int total_steps);
+    int total_steps, std::function<absl::Status()> publish = {});
 
 }  // namespace mq::pipeline

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+
 namespace mq::pipeline {
 
 struct OutputFileInfo {
@@ -41,5 +43,12 @@ struct StepOutput {
   std::vector<OutputFileInfo> files;  // this rank's (none when it holds no tensor of the layer)
   StepStats stats;
 };
+
+// Output files found corrupt (missing, or size or SHA-256 not what was committed) travel as a
+// DATA_LOSS status whose payload lists their names (relative to the output directory); the
+// worker's RPC layer reports them as CompleteAssignmentRequest.corrupt_files.
+absl::Status CorruptFilesError(const std::string& message, const std::vector<std::string>& files);
+// The names a CorruptFilesError carries; empty for any other status.
+std::vector<std::string> CorruptFilesOf(const absl::Status& status);
 
 }  // namespace mq::pipeline

@@ -707,6 +707,35 @@ class PipelineTest : public CoordinatorTest {
     return coordinator_->CompleteAssignment(r).status();
   }
 
+  // A failed assignment that found `files` damaged.
+  absl::Status Corrupt(const std::string& worker_id, const mq::v1::Assignment& a,
+                       const std::vector<std::string>& files) {
+    mq::v1::CompleteAssignmentRequest r;
+    r.set_worker_id(worker_id);
+    r.set_assignment_id(a.assignment_id());
+    r.set_lease_epoch(a.lease_epoch());
+    r.set_error("committed file(s) differ from what was committed: " + files.front());
+    for (const std::string& f : files) r.add_corrupt_files(f);
+    return coordinator_->CompleteAssignment(r).status();
+  }
+
+  // Commits steps [from, 4) with a gang of one and finishes the quantize phase; returns the
+  // finalize assignment.
+  mq::v1::Assignment QuantizeAndFinalize(const std::string& w, const std::string& id, int from) {
+    coordinator_->Tick();
+    auto q = Poll(w);
+    EXPECT_EQ(q.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+    EXPECT_EQ(q.start_step(), from);
+    EXPECT_EQ(q.committed_files_size(), from);
+    for (int step = from; step < 4; ++step) EXPECT_TRUE(Report(w, q, step)->committed());
+    EXPECT_TRUE(Quantized(w, q).ok());
+    EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FINALIZING);
+    coordinator_->Tick();
+    auto f = Poll(w);
+    EXPECT_EQ(f.kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
+    return f;
+  }
+
   std::vector<std::string> HeartbeatCancels(const std::string& worker_id,
                                             const std::string& assignment_id) {
     mq::v1::HeartbeatRequest hb;
@@ -1167,6 +1196,125 @@ TEST_F(PipelineTest, ResumeAfterFailureStartsAtFirstUncommittedStep) {
   coordinator_->Tick();
   EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FINALIZING);
   EXPECT_EQ(Poll(a).kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
+}
+
+// Finalization found a committed layer file damaged: its step and every later one are
+// uncommitted (records gone, progress back), one event names the file, and the job resumes at
+// that step; the recomputed files are finalized.
+TEST_F(PipelineTest, CorruptCommittedFileIsUncommittedAndComputedAgain) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1);
+  Plan(id, {a});
+  auto fin = QuantizeAndFinalize(a, id, 0);
+  ASSERT_EQ(Get(id).layers_size(), 4);
+  // Only failed assignments name damaged files, and only plain names.
+  mq::v1::CompleteAssignmentRequest bad;
+  bad.set_worker_id(a);
+  bad.set_assignment_id(fin.assignment_id());
+  bad.set_lease_epoch(fin.lease_epoch());
+  bad.mutable_finalized()->set_manifest_sha256(Sha('e'));
+  bad.add_corrupt_files("layer-11-rank-0.safetensors");
+  EXPECT_EQ(coordinator_->CompleteAssignment(bad).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad.clear_finalized();
+  bad.set_error("x");
+  bad.set_corrupt_files(0, "../etc/passwd");
+  EXPECT_EQ(coordinator_->CompleteAssignment(bad).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FINALIZING);
+
+  ASSERT_TRUE(Corrupt(a, fin, {"layer-12-rank-0.safetensors", "layer-11-rank-0.safetensors"}).ok());
+  ASSERT_TRUE(Corrupt(a, fin, {"layer-11-rank-0.safetensors"}).ok());  // idempotent
+  auto job = Get(id);
+  EXPECT_EQ(job.job().state(), mq::v1::JOB_STATE_QUEUED) << job.job().message();
+  EXPECT_EQ(job.job().uncounted_attempts(), 0);  // counted
+  EXPECT_EQ(job.job().progress().layers_committed(), 1);
+  ASSERT_EQ(job.layers_size(), 1);
+  EXPECT_EQ(job.layers(0).step(), 0);
+  EXPECT_EQ(CountEvents(id, "file_corrupt"), 2);
+  std::vector<std::string> messages;
+  for (const auto& e : job.events()) {
+    if (e.kind() == "file_corrupt") messages.push_back(e.message());
+  }
+  EXPECT_NE(messages[0].find("output file layer-12-rank-0.safetensors failed verification"),
+            std::string::npos)
+      << messages[0];
+  EXPECT_NE(messages[0].find("step 2 (layer 12)"), std::string::npos) << messages[0];
+  EXPECT_NE(messages[1].find("layer-11-rank-0.safetensors"), std::string::npos) << messages[1];
+  EXPECT_NE(messages[1].find("steps 1.. are uncommitted"), std::string::npos) << messages[1];
+
+  fin = QuantizeAndFinalize(a, id, 1);
+  EXPECT_EQ(fin.committed_files_size(), 4);
+  mq::v1::CompleteAssignmentRequest done;
+  done.set_worker_id(a);
+  done.set_assignment_id(fin.assignment_id());
+  done.set_lease_epoch(fin.lease_epoch());
+  done.mutable_finalized()->set_manifest_sha256(Sha('e'));
+  ASSERT_TRUE(coordinator_->CompleteAssignment(done).ok());
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(CountEvents(id, "layer_committed"), 4 + 3);
+}
+
+// A rank replaying committed layers found step 0's file damaged: everything is uncommitted.
+TEST_F(PipelineTest, CorruptFileFoundByReplayRestartsFromItsStep) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1);
+  Plan(id, {a});
+  coordinator_->Tick();
+  auto q = Poll(a);
+  ASSERT_TRUE(Report(a, q, 0)->committed());
+  ASSERT_TRUE(Report(a, q, 1)->committed());
+  ASSERT_TRUE(Report(a, q, 2).ok());
+  ASSERT_TRUE(Corrupt(a, q, {"layer-10-rank-0.safetensors"}).ok());
+  EXPECT_EQ(Get(id).layers_size(), 0);
+  EXPECT_EQ(Get(id).job().progress().layers_committed(), 0);
+  coordinator_->Tick();
+  auto next = Poll(a);
+  ASSERT_EQ(next.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+  EXPECT_EQ(next.start_step(), 0);
+  EXPECT_EQ(next.committed_files_size(), 0);
+}
+
+// A damaged file that belongs to no committed step (the globals file finalization writes):
+// finalization runs again; nothing is uncommitted.
+TEST_F(PipelineTest, CorruptFileOfNoStepRetriesFinalization) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1);
+  Plan(id, {a});
+  auto fin = QuantizeAndFinalize(a, id, 0);
+  ASSERT_TRUE(Corrupt(a, fin, {"model-globals.safetensors"}).ok());
+  EXPECT_EQ(Get(id).layers_size(), 4);
+  EXPECT_NE(LastEvent(id, "file_corrupt").find("no committed step lists it"), std::string::npos)
+      << LastEvent(id, "file_corrupt");
+  coordinator_->Tick();
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FINALIZING);
+  EXPECT_EQ(Poll(a).kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
+}
+
+// Storage that damages the same file again and again: the job fails naming it after
+// spec.max_attempts findings, although each recomputation succeeded; a resume starts counting
+// again.
+TEST_F(PipelineTest, FileDamagedAgainAndAgainFailsTheJobNamingIt) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1, /*max_attempts=*/2);
+  Plan(id, {a});
+  auto fin = QuantizeAndFinalize(a, id, 0);
+  ASSERT_TRUE(Corrupt(a, fin, {"layer-13-rank-0.safetensors"}).ok());
+  ASSERT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_QUEUED);
+  fin = QuantizeAndFinalize(a, id, 3);
+  ASSERT_TRUE(Corrupt(a, fin, {"layer-13-rank-0.safetensors"}).ok());
+  auto job = Get(id).job();
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_FAILED) << job.message();
+  EXPECT_NE(job.message().find("layer-13-rank-0.safetensors was found damaged 2 times"),
+            std::string::npos)
+      << job.message();
+  EXPECT_EQ(Get(id).layers_size(), 3);
+  mq::v1::ResumeJobRequest r;
+  r.set_job_id(id);
+  ASSERT_TRUE(coordinator_->ResumeJob(r).ok());
+  fin = QuantizeAndFinalize(a, id, 3);
+  ASSERT_TRUE(Corrupt(a, fin, {"layer-13-rank-0.safetensors"}).ok());
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_QUEUED) << Get(id).job().message();
 }
 
 TEST_F(PipelineTest, CancelStopsEveryRank) {

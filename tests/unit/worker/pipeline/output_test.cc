@@ -1,5 +1,6 @@
-// worker/pipeline/output: hashing, file naming, and the output-location check that makes a job
-// with a bad output directory fail during planning.
+// worker/pipeline/output: hashing, file naming, the output-location check and claim (a directory
+// belongs to one job), verification of committed files (VerifyFiles, FileSetReader) and of
+// hidden-state checkpoints.
 #include "worker/pipeline/output.h"
 
 #include <gtest/gtest.h>
@@ -8,6 +9,7 @@
 
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 #include <string>
 
 namespace mq::pipeline {
@@ -58,39 +60,217 @@ TEST(OutputTest, LayerFileNames) {
   EXPECT_EQ(LayerFileName(60, 0, 1), "model-layer00060-rank000-of-001.safetensors");
 }
 
+std::string Read(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream b;
+  b << in.rdbuf();
+  return b.str();
+}
+
+bool Exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+// Flips one byte of a file in place (offset from the start, or from the end when negative).
+void FlipByte(const std::string& path, long offset) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(offset, offset < 0 ? std::ios::end : std::ios::beg);
+  const char c = static_cast<char>(f.get());
+  f.seekp(offset, offset < 0 ? std::ios::end : std::ios::beg);
+  f.put(static_cast<char>(c ^ 0x5a));
+}
+
 TEST(OutputTest, OutputLocationChecks) {
   const std::string model = TempDir();
   // The model directory itself is refused.
-  absl::Status s = CheckOutputLocation(model, model);
+  absl::Status s = CheckOutputLocation(model, model, "j-a");
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(s.message().find("is the model directory"), std::string::npos) << s;
-  // A new directory is created; an empty one is fine.
+  // A new directory is created (no marker yet: checking writes nothing into it); an empty one
+  // is fine.
   const std::string fresh = TempDir() + "/new/out";
-  EXPECT_TRUE(CheckOutputLocation(model, fresh).ok());
-  struct stat st;
-  EXPECT_EQ(::stat(fresh.c_str(), &st), 0);
-  // Files of an earlier mq output (and temporaries) are fine: they are replaced or removed.
-  const std::string ours = TempDir();
-  Touch(ours + "/model-layer00001-rank000-of-002.safetensors");
-  Touch(ours + "/config.json");
-  Touch(ours + "/model-globals.safetensors.tmp.123");
-  Touch(ours + "/manifest.json");
-  EXPECT_TRUE(CheckOutputLocation(model, ours).ok());
-  // Someone else's file: refused, named, and left alone.
-  Touch(ours + "/notes.txt", "mine");
-  s = CheckOutputLocation(model, ours);
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_NE(s.message().find("notes.txt"), std::string::npos) << s;
-  std::ifstream in(ours + "/notes.txt");
-  std::string content;
-  in >> content;
-  EXPECT_EQ(content, "mine");
+  EXPECT_TRUE(CheckOutputLocation(model, fresh, "j-a").ok());
+  EXPECT_TRUE(Exists(fresh));
+  EXPECT_FALSE(Exists(fresh + "/" + kOwnerMarkerName));
   // A regular file where the directory should be.
   const std::string file = TempDir() + "/file";
   Touch(file);
-  s = CheckOutputLocation(model, file);
+  s = CheckOutputLocation(model, file, "j-a");
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_NE(s.message().find("not a directory"), std::string::npos) << s;
+  // No job to claim it for.
+  EXPECT_EQ(CheckOutputLocation(model, fresh, "").code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(OutputTest, UnclaimedDirectoryWithAnyEntryIsRefusedAndUntouched) {
+  const std::string model = TempDir();
+  // Another model's checkpoint (names an mq output also uses) and someone's notes.
+  const std::string busy = TempDir();
+  const std::vector<std::string> names = {"config.json",
+                                          "model-00001-of-00002.safetensors",
+                                          "model-00002-of-00002.safetensors",
+                                          "model.safetensors.index.json",
+                                          "notes.txt",
+                                          "tokenizer.json",
+                                          ".hidden"};
+  for (const std::string& n : names) Touch(busy + "/" + n, "theirs:" + n);
+  for (auto check : {&CheckOutputLocation, &ClaimOutputLocation}) {
+    absl::Status s = check(model, busy, "j-a");
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_NE(s.message().find("7 entries"), std::string::npos) << s;
+    EXPECT_NE(s.message().find(".hidden, config.json, model-00001-of-00002.safetensors"),
+              std::string::npos)
+        << s;
+    EXPECT_NE(s.message().find("and 2 more"), std::string::npos) << s;
+  }
+  EXPECT_FALSE(Exists(busy + "/" + kOwnerMarkerName));
+  for (const std::string& n : names) EXPECT_EQ(Read(busy + "/" + n), "theirs:" + n) << n;
+}
+
+TEST(OutputTest, ClaimMarksTheDirectoryForOneJob) {
+  const std::string model = TempDir();
+  const std::string out = TempDir() + "/out";
+  ASSERT_TRUE(ClaimOutputLocation(model, out, "j-first").ok());
+  EXPECT_EQ(Read(out + "/" + kOwnerMarkerName), "{\"job_id\":\"j-first\"}\n");
+  absl::StatusOr<std::string> owner = OutputOwner(out);
+  ASSERT_TRUE(owner.ok()) << owner.status();
+  EXPECT_EQ(*owner, "j-first");
+  // Idempotent for its job, also with the job's own files in it (an earlier attempt's).
+  Touch(out + "/model-layer00001-rank000-of-002.safetensors");
+  Touch(out + "/model-globals.safetensors.tmp.123");
+  Touch(out + "/config.json");
+  EXPECT_TRUE(ClaimOutputLocation(model, out, "j-first").ok());
+  EXPECT_TRUE(CheckOutputLocation(model, out, "j-first").ok());
+  // Another job is refused, naming the owner; nothing changes.
+  for (auto check : {&CheckOutputLocation, &ClaimOutputLocation}) {
+    absl::Status s = check(model, out, "j-second");
+    EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_NE(s.message().find("belongs to job j-first"), std::string::npos) << s;
+  }
+  EXPECT_EQ(*OutputOwner(out), "j-first");
+  // A file no mq output consists of, even in the job's own directory: refused and left alone.
+  Touch(out + "/notes.txt", "mine");
+  absl::Status s = ClaimOutputLocation(model, out, "j-first");
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.message().find("notes.txt"), std::string::npos) << s;
+  EXPECT_EQ(Read(out + "/notes.txt"), "mine");
+  // A marker that is not ours to read.
+  const std::string odd = TempDir();
+  Touch(odd + "/" + kOwnerMarkerName, "garbage");
+  EXPECT_EQ(OutputOwner(odd).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ClaimOutputLocation(model, odd, "j-first").code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(Read(odd + "/" + kOwnerMarkerName), "garbage");
+  EXPECT_EQ(OutputOwner(TempDir()).status().code(), absl::StatusCode::kNotFound);
+}
+
+std::vector<model::TensorData> SmallTensors(uint8_t fill) {
+  std::vector<model::TensorData> tensors;
+  tensors.push_back({"a.weight", model::DType::kU8, {4, 256}, std::vector<uint8_t>(1024, fill)});
+  tensors.push_back({"b.weight", model::DType::kU8, {8}, std::vector<uint8_t>(8, fill)});
+  return tensors;
+}
+
+TEST(OutputTest, VerifyFilesNamesEveryDamagedFile) {
+  const std::string dir = TempDir();
+  std::vector<OutputFileInfo> files;
+  for (int i = 0; i < 4; ++i) {
+    absl::StatusOr<OutputFileInfo> f =
+        WriteDescribedSafetensors(dir, LayerFileName(i, 0, 1), SmallTensors(i));
+    ASSERT_TRUE(f.ok()) << f.status();
+    files.push_back(*f);
+  }
+  EXPECT_TRUE(VerifyFiles(dir, files).ok());
+  FlipByte(dir + "/" + files[1].name, -3);               // same size, other bytes
+  ::truncate((dir + "/" + files[2].name).c_str(), 100);  // shorter
+  ::unlink((dir + "/" + files[3].name).c_str());         // gone
+  absl::Status s = VerifyFiles(dir, files);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(CorruptFilesOf(s),
+            (std::vector<std::string>{files[1].name, files[2].name, files[3].name}));
+  EXPECT_NE(s.message().find(files[1].name + " has SHA-256"), std::string::npos) << s;
+  EXPECT_NE(s.message().find(files[2].name + " has 100 bytes"), std::string::npos) << s;
+  EXPECT_NE(s.message().find(files[3].name + " is missing"), std::string::npos) << s;
+  EXPECT_TRUE(CorruptFilesOf(absl::InternalError("x")).empty());
+  EXPECT_TRUE(CorruptFilesOf(absl::DataLossError("no payload")).empty());
+}
+
+TEST(OutputTest, FileSetReaderVerifiesEachFileBeforeUse) {
+  const std::string dir = TempDir();
+  absl::StatusOr<OutputFileInfo> a = WriteDescribedSafetensors(
+      dir, "model-layer00000-rank000-of-001.safetensors", SmallTensors(1));
+  std::vector<model::TensorData> other;
+  other.push_back({"c.weight", model::DType::kU8, {16}, std::vector<uint8_t>(16, 3)});
+  absl::StatusOr<OutputFileInfo> b =
+      WriteDescribedSafetensors(dir, "model-layer00001-rank000-of-001.safetensors", other);
+  ASSERT_TRUE(a.ok() && b.ok());
+  {
+    absl::StatusOr<std::unique_ptr<FileSetReader>> r = FileSetReader::Open(dir, {*a, *b});
+    ASSERT_TRUE(r.ok()) << r.status();
+    absl::StatusOr<model::TensorView> v = (*r)->Get("c.weight");
+    ASSERT_TRUE(v.ok()) << v.status();
+    EXPECT_EQ(v->data[0], 3);
+  }
+  // One byte of a tensor flipped: the file opens (its header is intact) but no tensor of it is
+  // handed out; the other file still serves.
+  FlipByte(dir + "/" + a->name, -1);
+  {
+    absl::StatusOr<std::unique_ptr<FileSetReader>> r = FileSetReader::Open(dir, {*a, *b});
+    ASSERT_TRUE(r.ok()) << r.status();
+    absl::StatusOr<model::TensorView> v = (*r)->Get("a.weight");
+    EXPECT_EQ(v.status().code(), absl::StatusCode::kDataLoss) << v.status();
+    EXPECT_EQ(CorruptFilesOf(v.status()), std::vector<std::string>{a->name});
+    EXPECT_EQ((*r)->Get("b.weight").status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_TRUE((*r)->Get("c.weight").ok());
+  }
+  // A damaged header: named at Open, like a file of another size.
+  FlipByte(dir + "/" + a->name, -1);  // data restored
+  FlipByte(dir + "/" + b->name, 8);   // the JSON header's "{"
+  ::truncate((dir + "/" + a->name).c_str(), a->size - 1);
+  absl::StatusOr<std::unique_ptr<FileSetReader>> r = FileSetReader::Open(dir, {*a, *b});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
+  EXPECT_EQ(CorruptFilesOf(r.status()), std::vector<std::string>{a->name});  // sizes first
+  ::truncate((dir + "/" + a->name).c_str(), a->size);  // right size, wrong bytes (a zero)
+  r = FileSetReader::Open(dir, {*a, *b});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
+  EXPECT_EQ(CorruptFilesOf(r.status()), std::vector<std::string>{b->name});
+}
+
+TEST(OutputTest, HiddenCheckpointWithDamagedBytesIsRefused) {
+  const std::string dir = TempDir();
+  const std::string path = dir + "/hidden-step00002-seq000000-000004.safetensors";
+  std::vector<model::TensorData> chunks;
+  for (int i = 0; i < 3; ++i) {
+    chunks.push_back({"chunk." + std::to_string(i),
+                      model::DType::kF32,
+                      {2, 4, 1024},
+                      std::vector<uint8_t>(2 * 4 * 1024 * 4, static_cast<uint8_t>(i + 1))});
+  }
+  ASSERT_TRUE(WriteHiddenCheckpoint(path, chunks).ok());
+  absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> f = OpenHiddenCheckpoint(path, 3);
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(OpenHiddenCheckpoint(dir + "/none.safetensors", 3).status().code(),
+            absl::StatusCode::kNotFound);
+  // 4 KiB of the last chunk overwritten with zeros.
+  {
+    std::fstream out(path, std::ios::in | std::ios::out | std::ios::binary);
+    out.seekp(-8192, std::ios::end);
+    const std::string zeros(4096, '\0');
+    out.write(zeros.data(), zeros.size());
+  }
+  f = OpenHiddenCheckpoint(path, 3);
+  EXPECT_EQ(f.status().code(), absl::StatusCode::kDataLoss) << f.status();
+  EXPECT_NE(f.status().message().find(path), std::string::npos) << f.status();
+  EXPECT_NE(f.status().message().find("SHA-256"), std::string::npos) << f.status();
+  // A checkpoint without a checksum (or with fewer chunks) is not used either.
+  ASSERT_TRUE(model::WriteSafetensors(path, chunks).ok());
+  EXPECT_EQ(OpenHiddenCheckpoint(path, 3).status().code(), absl::StatusCode::kDataLoss);
+  ASSERT_TRUE(WriteHiddenCheckpoint(path, chunks).ok());
+  EXPECT_EQ(OpenHiddenCheckpoint(path, 4).status().code(), absl::StatusCode::kDataLoss);
+  // Chunks must be named in order.
+  std::swap(chunks[0].name, chunks[1].name);
+  EXPECT_EQ(WriteHiddenCheckpoint(path, chunks).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(OutputTest, RemoveHiddenCheckpointsKeepsOtherFiles) {
