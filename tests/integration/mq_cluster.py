@@ -14,6 +14,7 @@ COORDINATOR = BUILD_DIR / "server" / "mq-coordinator"
 WORKER = BUILD_DIR / "worker" / "mq-worker"
 CLIENT = BUILD_DIR / "client" / "mq-client"
 GEN_MODEL = BUILD_DIR / "tests" / "tools" / "mq-gen-model"
+WATCH_LOAD = BUILD_DIR / "tests" / "tools" / "mq-watch-load"
 
 
 def wait_until(predicate, timeout, what, interval=0.1):
@@ -93,6 +94,7 @@ class Cluster:
         self.workers = {}
         self._starts = 0
         self.worker_args = []  # extra mq-worker flags for every worker
+        self.coordinator_args = []  # extra mq-coordinator flags
 
     # --- coordinator -------------------------------------------------------------------------
     def start_coordinator(self, metrics_port=None):
@@ -104,6 +106,7 @@ class Cluster:
                 "--heartbeat-interval-ms", str(self.heartbeat_ms)]
         if metrics_port:
             argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+        argv += self.coordinator_args
         self.coordinator = Process("coordinator", argv, self.tmp / "coordinator.log")
         wait_until(lambda: ready.exists() or not self.coordinator.alive(), 30, "coordinator ready")
         assert self.coordinator.alive(), self.coordinator.output()
