@@ -5,7 +5,8 @@
 // failed, and it may hit ENOSPC in a background flush. So Write refuses (UNAVAILABLE) while the
 // device has less free space than the reserve, and a failed write leaves the store "broken":
 // Recover() closes and reopens the DB (DB::Resume() does not recover a failed WAL write) once
-// there is room, then proves it with a synced probe write.
+// there is room, then proves it with a synced probe write. Nor is the DB closed at exit while
+// the device is full.
 
 #include <fcntl.h>
 #include <rocksdb/db.h>
@@ -109,7 +110,18 @@ class RocksDbStore : public Store {
     Adopt(db, std::move(handles));
   }
 
-  ~RocksDbStore() override { CloseDb(); }
+  ~RocksDbStore() override {
+    // RocksDB asserts when it closes on a full device (its files' final writes fail). Closing
+    // adds nothing to durability (every acknowledged write is in the synced WAL), so then the
+    // DB is left open, exactly as after a crash, and recovered at the next start.
+    if (db_ != nullptr && (broken_ || !CheckRoom(dir_, reserve_bytes_).ok())) {
+      LogLine("coordinator", "WARN",
+              absl::StrCat("state store ", dir_, ": no room to close the store cleanly; "
+                           "leaving it as after a crash (every acknowledged write is synced)"));
+      return;
+    }
+    CloseDb();
+  }
 
   absl::Status Write(const WriteBatch& batch) override {
     std::unique_lock<std::shared_mutex> lock(mu_);

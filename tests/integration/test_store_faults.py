@@ -23,7 +23,7 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, cluster):
     mnt = tmp_path / "disk"
     mnt.mkdir()
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)],
@@ -32,6 +32,7 @@ def small_disk(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here (mount: {res.stderr.strip()}); this test needs "
                     "root or CAP_SYS_ADMIN")
     yield mnt
+    cluster.close()  # stop the coordinator before its data dir goes away
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
@@ -58,11 +59,12 @@ def health(cluster):
     return "SERVING" if r.returncode == 0 else r.stderr.strip()
 
 
-@pytest.mark.parametrize("reserve_mb", [4, 0])
-def test_full_data_dir_stops_changes_then_serves_again(cluster, env, small_disk, tmp_path,
-                                                       reserve_mb):
-    # reserve 4 MiB: the coordinator refuses before RocksDB sees the full device (the default
-    # path); reserve 0: RocksDB's own write fails with ENOSPC and the store is reopened.
+def test_full_data_dir_stops_changes_then_serves_again(cluster, env, small_disk, tmp_path):
+    # The coordinator refuses changes while the device has less than --store-reserve-mb free,
+    # before RocksDB itself runs out of room (RocksDB can abort on a full device). A reserve of
+    # 0 does not make RocksDB fail at once: it writes into its preallocated WAL file until that
+    # is full, then fails in a flush.
+    reserve_mb = 4
     cluster.data_dir = small_disk / "state"
     cluster.coordinator_args = ["--store-reserve-mb", str(reserve_mb)]
     cluster.start_coordinator()
@@ -98,6 +100,8 @@ def test_full_data_dir_stops_changes_then_serves_again(cluster, env, small_disk,
     junk = fill(small_disk)
     wait_until(lambda: "not serving" in health(cluster), 5, "health NOT_SERVING (noticed)")
     cluster.coordinator.stop()
+    assert cluster.coordinator.proc.returncode == 0, cluster.coordinator.output()[-2000:]
+    assert "Assertion" not in cluster.coordinator.output()
     proc = subprocess.run([str(COORDINATOR), "--listen", cluster.address, "--data-dir",
                            str(cluster.data_dir), "--store-reserve-mb", str(reserve_mb)],
                           capture_output=True, text=True, timeout=30)
