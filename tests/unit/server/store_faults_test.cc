@@ -30,12 +30,14 @@ class FaultyStore : public Store {
     ++recovers;
     return failing ? Failure() : absl::OkStatus();
   }
+  absl::Status Writable() override { return full ? Failure() : absl::OkStatus(); }
 
   static absl::Status Failure() {
     return absl::UnavailableError("IO error: No space left on device: While appending to file");
   }
 
   bool failing = false;
+  bool full = false;  // Writable() reports no room (no write failed yet)
   int writes = 0;
   int recovers = 0;
 
@@ -182,6 +184,25 @@ TEST_F(StoreFaultsTest, StoreStillFailingKeepsTheCoordinatorOutOfService) {
   EXPECT_FALSE(coordinator_->serving());
   EXPECT_NE(coordinator_->CheckServing().message().find("No space left on device"),
             std::string::npos);
+}
+
+TEST_F(StoreFaultsTest, AFullDeviceIsNoticedBeforeAWriteFails) {
+  coordinator_->Tick();
+  EXPECT_TRUE(coordinator_->serving());
+  store_.full = true;
+  now_ += 1000;
+  coordinator_->Tick();
+  EXPECT_FALSE(coordinator_->serving());
+  const int writes = store_.writes;
+  auto refused = Submit("/out/a");
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(refused.status().message().find("No space left on device"), std::string::npos);
+  EXPECT_EQ(store_.writes, writes);
+  store_.full = false;
+  now_ += 1000;
+  coordinator_->Tick();
+  EXPECT_TRUE(coordinator_->serving());
+  EXPECT_TRUE(Submit("/out/a").ok());
 }
 
 TEST(StoreFaultsStartup, RecoverOnAStoreThatCannotWriteFailsWithTheCause) {
