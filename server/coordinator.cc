@@ -225,8 +225,9 @@ void Coordinator::StopServing(const absl::Status& cause) {
 }
 
 absl::Status Coordinator::NotServingError() const {
-  return absl::UnavailableError(absl::StrCat("state store write failed: ", store_error_.message(),
-                                             "; the coordinator is not serving until it can write"));
+  return absl::UnavailableError(
+      absl::StrCat("state store write failed: ", store_error_.message(),
+                   "; the coordinator is not serving until it can write"));
 }
 
 bool Coordinator::serving() {

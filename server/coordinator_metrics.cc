@@ -83,15 +83,13 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r) {
                .Add({});
   store_write_failures = &BuildCounter()
                               .Name("mq_state_store_write_failures_total")
-                              .Help("State store writes that failed (the coordinator then stops "
-                                    "serving until a probe write succeeds)")
+                              .Help(
+                                  "State store writes that failed (the coordinator then stops "
+                                  "serving until a probe write succeeds)")
                               .Register(r)
                               .Add({});
-  watch_streams = &BuildGauge()
-                       .Name("mq_watch_streams")
-                       .Help("Open WatchJob streams")
-                       .Register(r)
-                       .Add({});
+  watch_streams =
+      &BuildGauge().Name("mq_watch_streams").Help("Open WatchJob streams").Register(r).Add({});
   long_polls = &BuildGauge()
                     .Name("mq_long_polls")
                     .Help("PollAssignment calls waiting for work")

@@ -56,8 +56,7 @@ grpc::Status Handle(Coordinator* coordinator, CoordinatorMetrics* metrics, const
                     Kind kind, Response* response, Fn fn) {
   const auto start = std::chrono::steady_clock::now();
   grpc::Status status;
-  absl::Status serving =
-      kind == Kind::kChange ? coordinator->CheckServing() : absl::OkStatus();
+  absl::Status serving = kind == Kind::kChange ? coordinator->CheckServing() : absl::OkStatus();
   if (!serving.ok()) {
     status = ToGrpcStatus(serving);
   } else {
@@ -123,8 +122,8 @@ class WatchPump {
   grpc::ServerWriteReactor<mq::v1::WatchJobResponse>* Open(const mq::v1::WatchJobRequest& r) {
     std::lock_guard<std::mutex> lock(mu_);
     if (stopping_) {
-      return Refuse(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                 "the coordinator is shutting down"));
+      return Refuse(
+          grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down"));
     }
     if (static_cast<int>(open_.size()) >= max_streams_) {
       return Refuse(grpc::Status(
@@ -156,7 +155,8 @@ class WatchPump {
     coordinator_->WakeAll();
     if (thread_.joinable()) thread_.join();
     for (Watch* w : to_finish) {
-      FinishWatch(w, grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down"));
+      FinishWatch(w,
+                  grpc::Status(grpc::StatusCode::UNAVAILABLE, "the coordinator is shutting down"));
     }
   }
 
@@ -178,10 +178,10 @@ class WatchPump {
     bool busy = false;
     bool finished = false;
     bool cancelled = false;
-    bool terminal = false;     // the last message written showed the job ended
-    bool written_any = false;  // a message was written; `written_at` is valid
-    uint64_t written_at = 0;   // the change counter of the last message written
-    int64_t next_seq = 0;      // events below this were sent
+    bool terminal = false;             // the last message written showed the job ended
+    bool written_any = false;          // a message was written; `written_at` is valid
+    uint64_t written_at = 0;           // the change counter of the last message written
+    int64_t next_seq = 0;              // events below this were sent
     mq::v1::WatchJobResponse message;  // the message being written
   };
 
@@ -277,8 +277,7 @@ class WatchPump {
     }
   }
 
-  void Send(Watch* w, const absl::StatusOr<mq::v1::WatchJobResponse>& snapshot,
-            uint64_t counter) {
+  void Send(Watch* w, const absl::StatusOr<mq::v1::WatchJobResponse>& snapshot, uint64_t counter) {
     grpc::Status status;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -367,9 +366,9 @@ grpc::Status JobServiceImpl::InspectModel(grpc::ServerContext* ctx,
   return Handle(coordinator_, metrics_, "InspectModel", Kind::kRead, out,
                 [&]() -> absl::StatusOr<mq::v1::InspectModelResponse> {
                   if (!slot.taken()) {
-                    return absl::ResourceExhaustedError(absl::StrCat(
-                        "too many InspectModel calls at once (", kMaxInspections,
-                        "); retry when one has finished"));
+                    return absl::ResourceExhaustedError(
+                        absl::StrCat("too many InspectModel calls at once (", kMaxInspections,
+                                     "); retry when one has finished"));
                   }
                   return coordinator_->InspectModel(*r, DeadlineMs(ctx, coordinator_, 600000));
                 });
@@ -377,10 +376,9 @@ grpc::Status JobServiceImpl::InspectModel(grpc::ServerContext* ctx,
 
 grpc::Status JobServiceImpl::ListWorkers(grpc::ServerContext*, const mq::v1::ListWorkersRequest*,
                                          mq::v1::ListWorkersResponse* out) {
-  return Handle(coordinator_, metrics_, "ListWorkers", Kind::kRead, out,
-                [&]() -> absl::StatusOr<mq::v1::ListWorkersResponse> {
-                  return coordinator_->ListWorkers();
-                });
+  return Handle(
+      coordinator_, metrics_, "ListWorkers", Kind::kRead, out,
+      [&]() -> absl::StatusOr<mq::v1::ListWorkersResponse> { return coordinator_->ListWorkers(); });
 }
 
 grpc::Status WorkerServiceImpl::RegisterWorker(grpc::ServerContext*,
@@ -402,16 +400,16 @@ grpc::Status WorkerServiceImpl::PollAssignment(grpc::ServerContext* ctx,
                                                mq::v1::PollAssignmentResponse* out) {
   Slot slot(long_polls_, limits_.max_long_polls);
   if (slot.taken() && metrics_) metrics_->long_polls->Increment();
-  grpc::Status status = Handle(
-      coordinator_, metrics_, "PollAssignment", Kind::kRead, out,
-      [&]() -> absl::StatusOr<mq::v1::PollAssignmentResponse> {
-        if (!slot.taken()) {
-          return absl::ResourceExhaustedError(absl::StrCat(
-              "too many PollAssignment calls waiting at once (", limits_.max_long_polls,
-              ", mq-coordinator --max-long-polls); one per worker is normal"));
-        }
-        return coordinator_->PollAssignment(*r, DeadlineMs(ctx, coordinator_, 60000));
-      });
+  grpc::Status status =
+      Handle(coordinator_, metrics_, "PollAssignment", Kind::kRead, out,
+             [&]() -> absl::StatusOr<mq::v1::PollAssignmentResponse> {
+               if (!slot.taken()) {
+                 return absl::ResourceExhaustedError(absl::StrCat(
+                     "too many PollAssignment calls waiting at once (", limits_.max_long_polls,
+                     ", mq-coordinator --max-long-polls); one per worker is normal"));
+               }
+               return coordinator_->PollAssignment(*r, DeadlineMs(ctx, coordinator_, 60000));
+             });
   if (slot.taken() && metrics_) metrics_->long_polls->Decrement();
   return status;
 }

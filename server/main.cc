@@ -101,8 +101,8 @@ int main(int argc, char** argv) {
                              kMaxServerThreads / 2));
   }
   if (store_reserve_mb < 0 || store_reserve_mb > 1 << 20) {
-    return Fail(absl::StrCat("--store-reserve-mb = ", store_reserve_mb,
-                             ": must be between 0 and 1048576"));
+    return Fail(
+        absl::StrCat("--store-reserve-mb = ", store_reserve_mb, ": must be between 0 and 1048576"));
   }
   if (listen.find(':') == std::string::npos) {
     return Fail("--listen = \"" + listen + "\": must be HOST:PORT");
@@ -181,8 +181,9 @@ int main(int argc, char** argv) {
           serving = now;
           health->SetServingStatus(now);
           metrics.ready->Set(now ? 1 : 0);
-          mq::LogLine("coordinator", now ? "INFO" : "ERROR",
-                      now ? "health: SERVING" : "health: NOT_SERVING (the state store cannot write)");
+          mq::LogLine(
+              "coordinator", now ? "INFO" : "ERROR",
+              now ? "health: SERVING" : "health: NOT_SERVING (the state store cannot write)");
         }
       }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));

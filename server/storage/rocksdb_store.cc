@@ -37,8 +37,7 @@ std::string MiB(int64_t bytes) { return absl::StrFormat("%.1f MiB", bytes / 1048
 absl::Status CheckRoom(const std::string& dir, int64_t reserve) {
   struct statvfs st;
   if (statvfs(dir.c_str(), &st) != 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot stat ", dir, ": ", std::strerror(errno)));
+    return absl::UnavailableError(absl::StrCat("cannot stat ", dir, ": ", std::strerror(errno)));
   }
   const int64_t free_bytes = static_cast<int64_t>(st.f_bavail) * static_cast<int64_t>(st.f_frsize);
   if (free_bytes < reserve) {
@@ -53,11 +52,13 @@ absl::Status CheckRoom(const std::string& dir, int64_t reserve) {
 absl::Status ProbeWrite(const std::string& dir) {
   const std::string path = dir + "/.mq-write-probe";
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return absl::UnavailableError(absl::StrCat("cannot create ", path, ": ", std::strerror(errno)));
+  if (fd < 0)
+    return absl::UnavailableError(absl::StrCat("cannot create ", path, ": ", std::strerror(errno)));
   const std::string block(64 << 10, '\0');
   absl::Status status;
   if (::write(fd, block.data(), block.size()) != static_cast<ssize_t>(block.size())) {
-    status = absl::UnavailableError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
+    status =
+        absl::UnavailableError(absl::StrCat("cannot write ", path, ": ", std::strerror(errno)));
   } else if (::fsync(fd) != 0) {
     status = absl::UnavailableError(absl::StrCat("cannot sync ", path, ": ", std::strerror(errno)));
   }
@@ -84,7 +85,8 @@ rocksdb::Status OpenDb(const std::string& dir, rocksdb::DB** db,
                        std::vector<rocksdb::ColumnFamilyHandle*>* handles) {
   const rocksdb::Options options = DbOptions();
   std::vector<rocksdb::ColumnFamilyDescriptor> descriptors;
-  descriptors.emplace_back(rocksdb::kDefaultColumnFamilyName, rocksdb::ColumnFamilyOptions(options));
+  descriptors.emplace_back(rocksdb::kDefaultColumnFamilyName,
+                           rocksdb::ColumnFamilyOptions(options));
   for (Table t : AllTables()) {
     descriptors.emplace_back(std::string(TableName(t)), rocksdb::ColumnFamilyOptions(options));
   }
@@ -116,7 +118,8 @@ class RocksDbStore : public Store {
     // DB is left open, exactly as after a crash, and recovered at the next start.
     if (db_ != nullptr && (broken_ || !CheckRoom(dir_, reserve_bytes_).ok())) {
       LogLine("coordinator", "WARN",
-              absl::StrCat("state store ", dir_, ": no room to close the store cleanly; "
+              absl::StrCat("state store ", dir_,
+                           ": no room to close the store cleanly; "
                            "leaving it as after a crash (every acknowledged write is synced)"));
       return;
     }
@@ -191,8 +194,7 @@ class RocksDbStore : public Store {
     }
     rocksdb::WriteOptions options;
     options.sync = true;
-    rocksdb::Status s =
-        db_->Put(options, Handle(Table::kMeta), kProbeKey, std::to_string(NowMs()));
+    rocksdb::Status s = db_->Put(options, Handle(Table::kMeta), kProbeKey, std::to_string(NowMs()));
     if (!s.ok()) {
       broken_ = true;
       last_error_ = s.ToString();
@@ -228,8 +230,8 @@ class RocksDbStore : public Store {
   }
 
   absl::Status Closed() const {
-    return absl::UnavailableError(absl::StrCat("state store ", dir_, " is closed after a failed write (",
-                                               last_error_, ")"));
+    return absl::UnavailableError(
+        absl::StrCat("state store ", dir_, " is closed after a failed write (", last_error_, ")"));
   }
 
   absl::Status Error(std::string_view op, const rocksdb::Status& s) {
@@ -248,7 +250,7 @@ class RocksDbStore : public Store {
   rocksdb::DB* db_ = nullptr;
   std::vector<rocksdb::ColumnFamilyHandle*> handles_;
   std::map<std::string, rocksdb::ColumnFamilyHandle*> by_name_;
-  bool broken_ = false;      // a write failed; Recover() reopens the DB
+  bool broken_ = false;     // a write failed; Recover() reopens the DB
   std::string last_error_;  // that write's error
 };
 

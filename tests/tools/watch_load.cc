@@ -121,9 +121,10 @@ int main(int argc, char** argv) {
   flags.Int("settle-seconds", &settle_seconds, "wait this long for first answers (default 60)");
   flags.Int("hold-seconds", &hold_seconds,
             "then wait this long for the streams to end before cancelling them (default 600)");
-  if (auto s = flags.Parse(argc, argv); !s.ok() || coordinator.empty() || job_id.empty() ||
-                                          streams < 1 || connections < 1) {
-    std::fprintf(stderr, "mq-watch-load: %s\nusage: mq-watch-load --coordinator HOST:PORT --job ID\n%s",
+  if (auto s = flags.Parse(argc, argv);
+      !s.ok() || coordinator.empty() || job_id.empty() || streams < 1 || connections < 1) {
+    std::fprintf(stderr,
+                 "mq-watch-load: %s\nusage: mq-watch-load --coordinator HOST:PORT --job ID\n%s",
                  s.ok() ? "--coordinator, --job and positive counts are required"
                         : std::string(s.message()).c_str(),
                  flags.Usage().c_str());
@@ -151,9 +152,12 @@ int main(int argc, char** argv) {
     const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                         std::chrono::steady_clock::now() - start)
                         .count();
-    nlohmann::json line = {{"opened", streams},           {"accepted", totals.accepted},
-                           {"refused", totals.refused},   {"refused_message", totals.refused_message},
-                           {"other", totals.other},       {"other_message", totals.other_message},
+    nlohmann::json line = {{"opened", streams},
+                           {"accepted", totals.accepted},
+                           {"refused", totals.refused},
+                           {"refused_message", totals.refused_message},
+                           {"other", totals.other},
+                           {"other_message", totals.other_message},
                            {"settle_ms", ms}};
     std::printf("%s\n", line.dump().c_str());
     std::fflush(stdout);

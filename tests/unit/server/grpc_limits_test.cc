@@ -30,8 +30,7 @@ class SwitchableStore : public Store {
     return inner_->GetAll(table, prefix);
   }
   absl::Status Recover() override {
-    return failing ? absl::UnavailableError("IO error: No space left on device")
-                   : absl::OkStatus();
+    return failing ? absl::UnavailableError("IO error: No space left on device") : absl::OkStatus();
   }
   std::atomic<bool> failing{false};
 
