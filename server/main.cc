@@ -100,9 +100,10 @@ int main(int argc, char** argv) {
     return Fail(absl::StrCat("--max-long-polls = ", max_long_polls, ": must be between 1 and ",
                              kMaxServerThreads / 2));
   }
-  if (store_reserve_mb < 0 || store_reserve_mb > 1 << 20) {
+  // Without a reserve RocksDB runs into the end of the device, where it can abort.
+  if (store_reserve_mb < 1 || store_reserve_mb > 1 << 20) {
     return Fail(
-        absl::StrCat("--store-reserve-mb = ", store_reserve_mb, ": must be between 0 and 1048576"));
+        absl::StrCat("--store-reserve-mb = ", store_reserve_mb, ": must be between 1 and 1048576"));
   }
   if (listen.find(':') == std::string::npos) {
     return Fail("--listen = \"" + listen + "\": must be HOST:PORT");

@@ -15,6 +15,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -30,6 +31,8 @@ namespace mq::server {
 namespace {
 
 constexpr char kProbeKey[] = "write_probe";
+// Free space below which the DB is not closed at exit (see ~RocksDbStore).
+constexpr int64_t kCloseRoomBytes = int64_t{1} << 20;
 
 std::string MiB(int64_t bytes) { return absl::StrFormat("%.1f MiB", bytes / 1048576.0); }
 
@@ -116,7 +119,8 @@ class RocksDbStore : public Store {
     // RocksDB asserts when it closes on a full device (its files' final writes fail). Closing
     // adds nothing to durability (every acknowledged write is in the synced WAL), so then the
     // DB is left open, exactly as after a crash, and recovered at the next start.
-    if (db_ != nullptr && (broken_ || !CheckRoom(dir_, reserve_bytes_).ok())) {
+    if (db_ != nullptr &&
+        (broken_ || !CheckRoom(dir_, std::max(reserve_bytes_, kCloseRoomBytes)).ok())) {
       LogLine("coordinator", "WARN",
               absl::StrCat("state store ", dir_,
                            ": no room to close the store cleanly; "
