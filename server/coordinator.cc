@@ -208,14 +208,82 @@ absl::Status Coordinator::Load() {
 }
 
 absl::Status Coordinator::Commit(const WriteBatch& batch) {
+  // In-memory state may already hold changes whose write failed: nothing more is written
+  // until RetryStore has reloaded the state from the store.
+  if (!store_error_.ok()) return NotServingError();
   const auto start = std::chrono::steady_clock::now();
   absl::Status s = store_->Write(batch);
   if (metrics_) {
     metrics_->store_write_seconds->Observe(
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
-  if (!s.ok()) LogLine("coordinator", "ERROR", s.ToString());
-  return s;
+  if (s.ok()) return s;
+  if (metrics_) metrics_->store_write_failures->Increment();
+  StopServing(s);
+  return NotServingError();
+}
+
+void Coordinator::StopServing(const absl::Status& cause) {
+  store_error_ = cause;
+  store_retry_at_ms_ = Mono() + 1000;
+  LogLine("coordinator", "ERROR", std::string(NotServingError().message()));
+  ++changes_;
+  cv_.notify_all();
+}
+
+absl::Status Coordinator::NotServingError() const {
+  return absl::UnavailableError(
+      absl::StrCat("state store write failed: ", store_error_.message(),
+                   "; the coordinator is not serving until it can write"));
+}
+
+bool Coordinator::serving() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return store_error_.ok();
+}
+
+absl::Status Coordinator::CheckServing() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return store_error_.ok() ? absl::OkStatus() : NotServingError();
+}
+
+void Coordinator::RetryStore() {
+  if (Mono() < store_retry_at_ms_) return;
+  store_retry_at_ms_ = Mono() + 1000;
+  if (absl::Status s = store_->Recover(); !s.ok()) {
+    if (s.message() != store_error_.message()) {
+      LogLine("coordinator", "WARN", absl::StrCat("state store still cannot write: ", s.message()));
+    }
+    store_error_ = s;
+    return;
+  }
+  ResetState();
+  store_error_ = absl::OkStatus();
+  if (absl::Status s = Load(); !s.ok()) {
+    // A failed write inside Load already took the coordinator out of service again.
+    if (store_error_.ok()) store_error_ = s;
+    LogLine("coordinator", "WARN", absl::StrCat("reloading the state failed: ", s.message()));
+    return;
+  }
+  LogLine("coordinator", "INFO",
+          absl::StrCat("state store writable again: state reloaded (epoch ", epoch_,
+                       "); serving again"));
+  Changed();
+}
+
+void Coordinator::ResetState() {
+  for (auto& [id, inspection] : inspections_) {
+    inspection->status = absl::UnavailableError(
+        "the coordinator reloaded its state after a state store failure; inspect again");
+    inspection->done = true;
+  }
+  inspections_.clear();
+  jobs_.clear();
+  assignments_.clear();
+  workers_.clear();
+  idempotency_.clear();
+  layers_.clear();
+  gang_wait_since_.clear();
 }
 
 void Coordinator::PutJob(WriteBatch& batch, const JobRecord& job) {
@@ -1790,6 +1858,18 @@ void Coordinator::ScheduleFinalize(const std::string& job_id) {
 
 void Coordinator::Tick() {
   std::lock_guard<std::mutex> lock(mu_);
+  if (!store_error_.ok()) {
+    RetryStore();
+    return;
+  }
+  // A full device is noticed before a write fails on it.
+  if (Mono() >= store_check_at_ms_) {
+    store_check_at_ms_ = Mono() + 1000;
+    if (absl::Status room = store_->Writable(); !room.ok()) {
+      StopServing(room);
+      return;
+    }
+  }
   const uint64_t before = changes_;
   const int64_t now = Mono();
   for (auto& [id, w] : workers_) {

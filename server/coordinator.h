@@ -97,7 +97,19 @@ class Coordinator {
       const mq::v1::ReportLayerRequest& request);
 
   // Expires leases and assigns queued work. The server calls it a few times a second.
+  // While not serving (below) it does neither and instead retries the store every second.
   void Tick();
+
+  // Serving state. A failed store write (disk full, I/O error) takes the coordinator out of
+  // service: every later write is refused without touching the store, CheckServing answers
+  // UNAVAILABLE naming the cause, and the gRPC layer refuses changes and reports NOT_SERVING
+  // (reads are still answered, from memory). Tick retries the store (Store::Recover: reopen and
+  // a synced probe write) every second; once it succeeds the coordinator drops its in-memory
+  // state, reloads it from the store as after a restart (a new epoch, fresh leases) and serves
+  // again. What was in memory but not written is gone; nothing acknowledged is.
+  bool serving();
+  // OK while serving, else UNAVAILABLE "state store write failed: CAUSE; ...".
+  absl::Status CheckServing();
 
   // Wakes every waiter (long polls, watches) so shutdown does not wait for their deadlines.
   void WakeAll();
@@ -129,6 +141,12 @@ class Coordinator {
 
   Coordinator(Store* store, CoordinatorOptions options, CoordinatorMetrics* metrics);
   absl::Status Load();
+  // Store failure handling (mu_ held): the UNAVAILABLE answered while not serving; one retry
+  // of the store and, when it writes again, a reload; forgetting all in-memory state.
+  absl::Status NotServingError() const;
+  void StopServing(const absl::Status& cause);
+  void RetryStore();
+  void ResetState();
 
   // Helpers; all require mu_ held.
   absl::Status Commit(const WriteBatch& batch);
@@ -215,6 +233,10 @@ class Coordinator {
   CoordinatorOptions options_;
   CoordinatorMetrics* metrics_;
   int64_t epoch_ = 0;
+  // Not OK after a failed store write, until RetryStore succeeds (guarded by mu_).
+  absl::Status store_error_;
+  int64_t store_retry_at_ms_ = 0;
+  int64_t store_check_at_ms_ = 0;  // when Tick next checks that the store can write
 
   std::mutex mu_;
   std::condition_variable cv_;

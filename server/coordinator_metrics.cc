@@ -81,6 +81,20 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r) {
                .Help("1 when the coordinator has recovered its state and serves requests")
                .Register(r)
                .Add({});
+  store_write_failures = &BuildCounter()
+                              .Name("mq_state_store_write_failures_total")
+                              .Help(
+                                  "State store writes that failed (the coordinator then stops "
+                                  "serving until a probe write succeeds)")
+                              .Register(r)
+                              .Add({});
+  watch_streams =
+      &BuildGauge().Name("mq_watch_streams").Help("Open WatchJob streams").Register(r).Add({});
+  long_polls = &BuildGauge()
+                    .Name("mq_long_polls")
+                    .Help("PollAssignment calls waiting for work")
+                    .Register(r)
+                    .Add({});
 }
 
 void CoordinatorMetrics::CountAssignment(const std::string& kind, const std::string& result) {

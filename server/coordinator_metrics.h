@@ -30,6 +30,9 @@ struct CoordinatorMetrics {
   prometheus::Family<prometheus::Histogram>* grpc_seconds = nullptr;  // {grpc_method}
   prometheus::Histogram* store_write_seconds = nullptr;
   prometheus::Gauge* ready = nullptr;
+  prometheus::Counter* store_write_failures = nullptr;
+  prometheus::Gauge* watch_streams = nullptr;  // open WatchJob streams
+  prometheus::Gauge* long_polls = nullptr;     // PollAssignment calls waiting for work
 
   void CountAssignment(const std::string& kind, const std::string& result);
 };

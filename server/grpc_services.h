@@ -1,7 +1,22 @@
 // Thin gRPC adapters binding mq.v1.JobService and mq.v1.WorkerService to the Coordinator.
 // They translate deadlines, map absl::Status with ToGrpcStatus and record RPC metrics; no
 // logic lives here. Thread-safe (the Coordinator is).
+//
+// Bounded work per client: no client can hold the sync server's threads.
+// - WatchJob uses the callback API: an open watch holds no thread. One pump thread follows the
+//   coordinator's change counter and writes each open watch the job's new snapshot, at most one
+//   write in flight per stream. At most `max_watch_streams` are open; beyond that WatchJob
+//   answers RESOURCE_EXHAUSTED.
+// - PollAssignment (a long poll, normally one per worker) and InspectModel (waits for a worker)
+//   hold a sync thread while they wait: at most `max_long_polls` and kMaxInspections of them at
+//   once, RESOURCE_EXHAUSTED beyond. Together they stay well under the server's thread cap, so
+//   short RPCs (Heartbeat, ReportLayer, GetJob, ...) are always answered.
+// - Changes (submit, cancel, resume, register, reports) answer UNAVAILABLE while the
+//   coordinator is not serving (Coordinator::CheckServing).
 #pragma once
+
+#include <atomic>
+#include <memory>
 
 #include "mq/v1/job_service.grpc.pb.h"
 #include "mq/v1/worker_service.grpc.pb.h"
@@ -9,10 +24,22 @@
 
 namespace mq::server {
 
-class JobServiceImpl final : public mq::v1::JobService::Service {
+struct ServiceLimits {
+  int max_watch_streams = 4096;
+  int max_long_polls = 256;
+};
+
+// Concurrent InspectModel calls (each may wait minutes for a worker).
+inline constexpr int kMaxInspections = 32;
+
+class WatchPump;
+
+class JobServiceImpl final
+    : public mq::v1::JobService::WithCallbackMethod_WatchJob<mq::v1::JobService::Service> {
  public:
-  JobServiceImpl(Coordinator* coordinator, CoordinatorMetrics* metrics)
-      : coordinator_(coordinator), metrics_(metrics) {}
+  JobServiceImpl(Coordinator* coordinator, CoordinatorMetrics* metrics,
+                 ServiceLimits limits = ServiceLimits());
+  ~JobServiceImpl() override;
 
   grpc::Status SubmitJob(grpc::ServerContext* ctx, const mq::v1::SubmitJobRequest* request,
                          mq::v1::SubmitJobResponse* response) override;
@@ -20,8 +47,8 @@ class JobServiceImpl final : public mq::v1::JobService::Service {
                       mq::v1::GetJobResponse* response) override;
   grpc::Status ListJobs(grpc::ServerContext* ctx, const mq::v1::ListJobsRequest* request,
                         mq::v1::ListJobsResponse* response) override;
-  grpc::Status WatchJob(grpc::ServerContext* ctx, const mq::v1::WatchJobRequest* request,
-                        grpc::ServerWriter<mq::v1::WatchJobResponse>* writer) override;
+  grpc::ServerWriteReactor<mq::v1::WatchJobResponse>* WatchJob(
+      grpc::CallbackServerContext* ctx, const mq::v1::WatchJobRequest* request) override;
   grpc::Status CancelJob(grpc::ServerContext* ctx, const mq::v1::CancelJobRequest* request,
                          mq::v1::CancelJobResponse* response) override;
   grpc::Status ResumeJob(grpc::ServerContext* ctx, const mq::v1::ResumeJobRequest* request,
@@ -31,19 +58,21 @@ class JobServiceImpl final : public mq::v1::JobService::Service {
   grpc::Status ListWorkers(grpc::ServerContext* ctx, const mq::v1::ListWorkersRequest* request,
                            mq::v1::ListWorkersResponse* response) override;
 
-  // Ends open watches promptly at shutdown.
-  void Shutdown() { shutting_down_ = true; }
+  // Ends open watches with UNAVAILABLE and refuses new ones; call before Server::Shutdown.
+  void Shutdown();
 
  private:
   Coordinator* coordinator_;
   CoordinatorMetrics* metrics_;
-  std::atomic<bool> shutting_down_{false};
+  std::unique_ptr<WatchPump> watches_;
+  std::atomic<int> inspections_{0};
 };
 
 class WorkerServiceImpl final : public mq::v1::WorkerService::Service {
  public:
-  WorkerServiceImpl(Coordinator* coordinator, CoordinatorMetrics* metrics)
-      : coordinator_(coordinator), metrics_(metrics) {}
+  WorkerServiceImpl(Coordinator* coordinator, CoordinatorMetrics* metrics,
+                    ServiceLimits limits = ServiceLimits())
+      : coordinator_(coordinator), metrics_(metrics), limits_(limits) {}
 
   grpc::Status RegisterWorker(grpc::ServerContext* ctx,
                               const mq::v1::RegisterWorkerRequest* request,
@@ -65,6 +94,8 @@ class WorkerServiceImpl final : public mq::v1::WorkerService::Service {
  private:
   Coordinator* coordinator_;
   CoordinatorMetrics* metrics_;
+  ServiceLimits limits_;
+  std::atomic<int> long_polls_{0};
 };
 
 }  // namespace mq::server

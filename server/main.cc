@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <mutex>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -21,6 +22,9 @@
 #include "server/validation.h"
 
 namespace {
+
+// Threads of the sync gRPC server (ResourceQuota).
+constexpr int kMaxServerThreads = 512;
 
 int Fail(const std::string& message) {
   std::fprintf(stderr, "mq-coordinator: %s\n", message.c_str());
@@ -38,6 +42,9 @@ int main(int argc, char** argv) {
   int64_t heartbeat_interval_ms = 2000;
   int64_t gang_wait_ms = 30000;
   std::string retain_ended_jobs = "1000";
+  int64_t max_watch_streams = 4096;
+  int64_t max_long_polls = 256;
+  int64_t store_reserve_mb = mq::server::kDefaultStoreReserveBytes >> 20;
   bool reflection = false;
   bool help = false;
   mq::Flags flags;
@@ -56,6 +63,15 @@ int main(int argc, char** argv) {
                "ended jobs kept in memory besides the live ones: the newest N (e.g. 1000) or "
                "those ended within a duration (3600s, 30m, 24h, 7d); older ones stay in the "
                "store, where status still finds them (default 1000)");
+  flags.Int("max-watch-streams", &max_watch_streams,
+            "open WatchJob streams at most; more are refused with RESOURCE_EXHAUSTED (default "
+            "4096; a stream holds no thread)");
+  flags.Int("max-long-polls", &max_long_polls,
+            "PollAssignment calls waiting at once at most, one per worker is normal; more are "
+            "refused with RESOURCE_EXHAUSTED (default 256, of 512 server threads)");
+  flags.Int("store-reserve-mb", &store_reserve_mb,
+            "free space the state store keeps on its device: below it, changes are refused "
+            "(UNAVAILABLE, health NOT_SERVING) until room is made (default 32)");
   flags.Bool("enable-reflection", &reflection, "serve gRPC server reflection (v1alpha)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
@@ -82,6 +98,21 @@ int main(int argc, char** argv) {
   }
   auto retention = mq::server::ParseEndedJobRetention(retain_ended_jobs);
   if (!retention.ok()) return Fail(std::string(retention.status().message()));
+  if (max_watch_streams < 1 || max_watch_streams > 1000000) {
+    return Fail(absl::StrCat("--max-watch-streams = ", max_watch_streams,
+                             ": must be between 1 and 1000000"));
+  }
+  // The sync server has kMaxServerThreads threads; long polls and inspections must leave most
+  // of them to short RPCs (heartbeats, reports, status).
+  if (max_long_polls < 1 || max_long_polls > kMaxServerThreads / 2) {
+    return Fail(absl::StrCat("--max-long-polls = ", max_long_polls, ": must be between 1 and ",
+                             kMaxServerThreads / 2));
+  }
+  // Without a reserve RocksDB runs into the end of the device, where it can abort.
+  if (store_reserve_mb < 1 || store_reserve_mb > 1 << 20) {
+    return Fail(
+        absl::StrCat("--store-reserve-mb = ", store_reserve_mb, ": must be between 1 and 1048576"));
+  }
   if (listen.find(':') == std::string::npos) {
     return Fail("--listen = \"" + listen + "\": must be HOST:PORT");
   }
@@ -102,7 +133,7 @@ int main(int argc, char** argv) {
     }
   }
 
-  auto store = mq::server::OpenRocksDbStore(data_dir);
+  auto store = mq::server::OpenRocksDbStore(data_dir, store_reserve_mb << 20);
   if (!store.ok()) return Fail(std::string(store.status().message()));
   mq::server::CoordinatorOptions options;
   options.lease_ms = lease_ms;
@@ -113,8 +144,11 @@ int main(int argc, char** argv) {
   auto coordinator = mq::server::Coordinator::Recover(store->get(), options, &metrics);
   if (!coordinator.ok()) return Fail(std::string(coordinator.status().message()));
 
-  mq::server::JobServiceImpl job_service(coordinator->get(), &metrics);
-  mq::server::WorkerServiceImpl worker_service(coordinator->get(), &metrics);
+  mq::server::ServiceLimits limits;
+  limits.max_watch_streams = static_cast<int>(max_watch_streams);
+  limits.max_long_polls = static_cast<int>(max_long_polls);
+  mq::server::JobServiceImpl job_service(coordinator->get(), &metrics, limits);
+  mq::server::WorkerServiceImpl worker_service(coordinator->get(), &metrics, limits);
   grpc::EnableDefaultHealthCheckService(true);
   if (reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -130,7 +164,7 @@ int main(int argc, char** argv) {
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 20000);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
   grpc::ResourceQuota quota("mq-coordinator");
-  quota.SetMaxThreads(512);
+  quota.SetMaxThreads(kMaxServerThreads);
   builder.SetResourceQuota(quota);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || port == 0) {
@@ -138,16 +172,34 @@ int main(int argc, char** argv) {
   }
   const std::string bound = listen.substr(0, listen.rfind(':')) + ":" + std::to_string(port);
 
+  // Health and mq_coordinator_ready follow Coordinator::serving() (a failed store write takes
+  // the coordinator out of service until the store writes again) until shutdown begins.
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  std::mutex health_mu;
+  bool shutting_down = false;
+  bool serving = true;
+  health->SetServingStatus(true);
+  metrics.ready->Set(1);
+
   std::atomic<bool> stop{false};
   std::thread ticker([&] {
     while (!stop) {
       (*coordinator)->Tick();
+      const bool now = (*coordinator)->serving();
+      {
+        std::lock_guard<std::mutex> lock(health_mu);
+        if (!shutting_down && now != serving) {
+          serving = now;
+          health->SetServingStatus(now);
+          metrics.ready->Set(now ? 1 : 0);
+          mq::LogLine(
+              "coordinator", now ? "INFO" : "ERROR",
+              now ? "health: SERVING" : "health: NOT_SERVING (the state store cannot write)");
+        }
+      }
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
   });
-
-  server->GetHealthCheckService()->SetServingStatus(true);
-  metrics.ready->Set(1);
   if (!ready_file.empty()) {
     std::ofstream(ready_file + ".tmp") << bound << "\n";
     std::rename((ready_file + ".tmp").c_str(), ready_file.c_str());
@@ -159,8 +211,12 @@ int main(int argc, char** argv) {
   int sig = 0;
   sigwait(&signals, &sig);
   mq::LogLine("coordinator", "INFO", absl::StrCat("signal ", sig, ": shutting down"));
-  metrics.ready->Set(0);
-  server->GetHealthCheckService()->SetServingStatus(false);
+  {
+    std::lock_guard<std::mutex> lock(health_mu);
+    shutting_down = true;
+    metrics.ready->Set(0);
+    health->SetServingStatus(false);
+  }
   job_service.Shutdown();
   (*coordinator)->WakeAll();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));

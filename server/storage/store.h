@@ -7,6 +7,7 @@
 // serializes its writes anyway (one state-machine lock).
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -70,6 +71,13 @@ class Store {
   virtual absl::StatusOr<std::optional<std::string>> Get(Table table, std::string_view key) = 0;
   // All entries of the table whose key starts with `prefix`, in key order.
   virtual absl::StatusOr<KeyValues> GetAll(Table table, std::string_view prefix = "") = 0;
+  // After a failed Write: makes the store writable again (RocksDB: reopens it once the device
+  // has room) and proves it with a synced probe write. OK means the next Write may succeed;
+  // otherwise the status names what still fails. Writes that failed were not applied.
+  virtual absl::Status Recover() { return absl::OkStatus(); }
+  // Cheap check (no write) that a Write could succeed now: RocksDB checks the device keeps its
+  // free-space reserve. Not OK names why not.
+  virtual absl::Status Writable() { return absl::OkStatus(); }
 
   // Convenience wrappers over Write.
   absl::Status Put(Table table, std::string key, std::string value);
@@ -79,8 +87,16 @@ class Store {
 // Volatile store for unit tests.
 std::unique_ptr<Store> NewInMemoryStore();
 
+// Free space a RocksDB store keeps in reserve by default: it refuses writes (UNAVAILABLE)
+// rather than let RocksDB run the device full (a full device can abort RocksDB).
+inline constexpr int64_t kDefaultStoreReserveBytes = int64_t{32} << 20;
+
 // Opens (creating if needed) a RocksDB store in `dir`. Fails on corruption rather than
-// repairing; the error names the directory.
-absl::StatusOr<std::unique_ptr<Store>> OpenRocksDbStore(const std::string& dir);
+// repairing; the error names the directory. Before opening, checks that `dir` has
+// `reserve_bytes` free and takes a small synced write: otherwise FAILED_PRECONDITION
+// "data dir DIR has no room (...)". Write() answers UNAVAILABLE naming the cause when the
+// device has less than `reserve_bytes` free or the write fails (I/O error).
+absl::StatusOr<std::unique_ptr<Store>> OpenRocksDbStore(
+    const std::string& dir, int64_t reserve_bytes = kDefaultStoreReserveBytes);
 
 }  // namespace mq::server

@@ -14,6 +14,7 @@ COORDINATOR = BUILD_DIR / "server" / "mq-coordinator"
 WORKER = BUILD_DIR / "worker" / "mq-worker"
 CLIENT = BUILD_DIR / "client" / "mq-client"
 GEN_MODEL = BUILD_DIR / "tests" / "tools" / "mq-gen-model"
+WATCH_LOAD = BUILD_DIR / "tests" / "tools" / "mq-watch-load"
 
 
 def wait_until(predicate, timeout, what, interval=0.1):
@@ -105,6 +106,7 @@ class Cluster:
                 "--heartbeat-interval-ms", str(self.heartbeat_ms), *self.coordinator_args]
         if metrics_port:
             argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+        argv += self.coordinator_args
         self.coordinator = Process("coordinator", argv, self.tmp / "coordinator.log")
         wait_until(lambda: ready.exists() or not self.coordinator.alive(), 30, "coordinator ready")
         assert self.coordinator.alive(), self.coordinator.output()

@@ -128,6 +128,31 @@ TEST(RocksDbStore, SecondOpenOfALiveDbIsAClearError) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(RocksDbStore, DataDirWithoutRoomIsOneClearError) {
+  const std::string dir = TempDir("mq-noroom");
+  // More free space than any device has: start-up refuses before RocksDB opens anything.
+  auto s = OpenRocksDbStore(dir, int64_t{1} << 62);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(s.status().message().find("data dir " + dir + " has no room"), std::string::npos)
+      << s.status();
+  EXPECT_NE(s.status().message().find("No space left on device"), std::string::npos) << s.status();
+  EXPECT_FALSE(std::filesystem::exists(dir + "/CURRENT"));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(RocksDbStore, RecoverProvesTheStoreWritesAndKeepsItsData) {
+  const std::string dir = TempDir("mq-recover");
+  auto store = OpenRocksDbStore(dir);
+  ASSERT_TRUE(store.ok()) << store.status();
+  ASSERT_TRUE((*store)->Put(Table::kJobs, "j", "record").ok());
+  EXPECT_TRUE((*store)->Recover().ok());
+  EXPECT_EQ(**(*store)->Get(Table::kJobs, "j"), "record");
+  ASSERT_TRUE((*store)->Put(Table::kJobs, "k", "second").ok());
+  store->reset();
+  std::filesystem::remove_all(dir);
+}
+
 TEST(RocksDbStore, UnusableDirectoryIsAClearError) {
   auto s = OpenRocksDbStore("/proc/definitely/not/writable");
   ASSERT_FALSE(s.ok());
