@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/error_text.h"
 #include "common/status.h"
 #include "common/util.h"
 #include "worker/plan_convert.h"
@@ -15,6 +16,9 @@
 
 namespace mq::worker {
 namespace {
+
+// Longest error text sent with a failed assignment (the coordinator caps its events further).
+constexpr size_t kMaxResultErrorBytes = 4096;
 
 bool Retryable(grpc::StatusCode code) {
   return code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::DEADLINE_EXCEEDED ||
@@ -404,7 +408,9 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   absl::StatusOr<pipeline::QuantizeAssignmentResult> r = pipeline::RunQuantizeAssignment(in);
   if (stop || Cancelled()) return false;  // the coordinator moved on; nothing to report
   if (!r.ok()) {
-    result->set_error(std::string(r.status().message()));
+    // The coordinator records this in the job's events: the message without stack traces
+    // (the log line below keeps the full status).
+    result->set_error(EventMessage(r.status().message(), kMaxResultErrorBytes));
     result->set_infrastructure(r.status().code() == absl::StatusCode::kUnavailable);
     LogLine("worker", "WARN", absl::StrCat("quantize assignment ", a.assignment_id(),
                                            " failed: ", r.status().ToString()));

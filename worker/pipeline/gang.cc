@@ -13,6 +13,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/error_text.h"
+#include "common/util.h"
 
 namespace mq::pipeline {
 
@@ -25,14 +27,21 @@ struct Gang::Impl {
 
 namespace {
 
-// Runs a c10d call; any exception (a peer closed its connection, a timeout) is UNAVAILABLE.
+// Runs a c10d call; any exception (a peer closed its connection, a timeout) is UNAVAILABLE
+// with the exception's message and no stack trace; the full text, trace included, goes to the
+// log. `what` completes "gang <what> failed: " unless `prefix` replaces that whole lead.
 template <typename Fn>
-absl::Status Guard(const char* what, Fn&& fn) {
+absl::Status Guard(const std::string& what, Fn&& fn, const std::string& prefix = "") {
+  const std::string lead = prefix.empty() ? absl::StrCat("gang ", what, " failed: ") : prefix;
   try {
     fn();
     return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    LogLine("gang", "WARN", absl::StrCat(lead, e.what()));
+    return absl::UnavailableError(absl::StrCat(lead, WithoutBacktrace(e.what_without_backtrace())));
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("gang ", what, " failed: ", e.what()));
+    LogLine("gang", "WARN", absl::StrCat(lead, e.what()));
+    return absl::UnavailableError(absl::StrCat(lead, WithoutBacktrace(e.what())));
   }
 }
 
@@ -75,6 +84,12 @@ absl::StatusOr<std::unique_ptr<Gang>> Gang::Join(const GangOptions& options) {
   }
   auto impl = std::make_unique<Impl>();
   impl->timeout = options.timeout;
+  // Names the address and where it comes from: the usual cause is rank 0's advertised
+  // --gang-host not being reachable from its peers (or from itself).
+  const std::string join_failed = absl::StrCat(
+      "cannot join gang at ", options.rendezvous, " (rank 0's --gang-host/--gang-port; ",
+      options.rank == 0 ? "this worker is rank 0 and serves it" : "check it is reachable from here",
+      ") within ", options.join_timeout.count(), " ms: ");
   absl::Status s = Guard("rendezvous", [&] {
     c10d::TCPStoreOptions so;
     so.port = static_cast<uint16_t>(port);
@@ -107,7 +122,7 @@ absl::StatusOr<std::unique_ptr<Gang>> Gang::Join(const GangOptions& options) {
     go->timeout = options.timeout;
     impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl->store, options.rank,
                                                            options.world_size, go);
-  });
+  }, join_failed);
   if (!s.ok()) return s;
   const bool nccl = impl->device.is_cuda();
   auto gang = std::unique_ptr<Gang>(new Gang(options.rank, options.world_size, std::move(impl)));

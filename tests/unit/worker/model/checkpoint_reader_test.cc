@@ -4,10 +4,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <bit>
 #include <cerrno>
 #include <csignal>
-
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
