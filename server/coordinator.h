@@ -131,9 +131,13 @@ class Coordinator {
                              bool completed);
   // After a failed/aborted attempt: queue the job again or fail it when out of attempts.
   // `infrastructure`: the attempt does not count against spec.max_attempts (up to
-  // 10 x max_attempts such attempts).
+  // 10 x max_attempts such attempts). A reported infrastructure failure (not `worker_lost`,
+  // which already waited out a lease) also backs off: the job stays QUEUED (or FINALIZING)
+  // for InfrastructureRetryDelayMs before it is scheduled again, and the same failure
+  // (FailureSignature) kMaxIdenticalInfrastructureFailures times in a row without a step
+  // committed fails the job with that failure's message (server/scheduling/retry.h).
   void RetryOrFail(mq::v1::JobRecord& job, WriteBatch& batch, const std::string& reason,
-                   bool infrastructure = false);
+                   bool infrastructure = false, bool worker_lost = false);
   // Sets the state of a stored attempt in `batch`.
   absl::Status PutAttemptState(const std::string& job_id, int attempt, mq::v1::AttemptState state,
                                const std::string& message, WriteBatch& batch);
@@ -188,6 +192,9 @@ class Coordinator {
   std::map<std::string, std::map<int, mq::v1::LayerRecord>> layers_;
   // job id -> monotonic ms since which the planned job waits for a gang (not persisted).
   std::map<std::string, int64_t> gang_wait_since_;
+  // job id -> monotonic ms before which the job is not scheduled (infrastructure backoff; not
+  // persisted: a restarted coordinator retries at once).
+  std::map<std::string, int64_t> retry_not_before_;
 };
 
 }  // namespace mq::server
