@@ -85,11 +85,13 @@ absl::StatusOr<std::unique_ptr<Gang>> Gang::Join(const GangOptions& options) {
   auto impl = std::make_unique<Impl>();
   impl->timeout = options.timeout;
   // Names the address and where it comes from: the usual cause is rank 0's advertised
-  // --gang-host not being reachable from its peers (or from itself).
-  const std::string join_failed = absl::StrCat(
-      "cannot join gang at ", options.rendezvous, " (rank 0's --gang-host/--gang-port; ",
-      options.rank == 0 ? "this worker is rank 0 and serves it" : "check it is reachable from here",
-      ") within ", options.join_timeout.count(), " ms: ");
+  // --gang-host not being reachable from its peers (or from itself, as rank 0 connects to its
+  // own store there too). The same text on every rank, so repeats are recognised as such.
+  const std::string join_failed =
+      absl::StrCat("cannot join gang at ", options.rendezvous,
+                   " (rank 0's --gang-host/--gang-port: check that every worker of the gang can "
+                   "reach it) within ",
+                   options.join_timeout.count(), " ms: ");
   absl::Status s = Guard("rendezvous", [&] {
     c10d::TCPStoreOptions so;
     so.port = static_cast<uint16_t>(port);
