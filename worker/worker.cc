@@ -410,7 +410,7 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   if (!r.ok()) {
     // The coordinator records this in the job's events: the message without stack traces
     // (the log line below keeps the full status).
-    result->set_error(EventMessage(r.status().message(), kMaxResultErrorBytes));
+    result->set_error(EventMessage(std::string(r.status().message()), kMaxResultErrorBytes));
     result->set_infrastructure(r.status().code() == absl::StatusCode::kUnavailable);
     LogLine("worker", "WARN", absl::StrCat("quantize assignment ", a.assignment_id(),
                                            " failed: ", r.status().ToString()));

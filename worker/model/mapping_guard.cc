@@ -156,7 +156,7 @@ absl::Status CheckMappedRead(const void* data, uint64_t len, std::string_view wh
             : absl::StrCat("cannot stat it now: ", std::strerror(errno));
     return absl::DataLossError(absl::StrCat(
         names.kind.empty() ? "" : names.kind + " ", names.path,
-        " shrank or became unreadable while reading ", what, " (mapped ", names.size,
+        " shrank or became unreadable while reading ", std::string(what), " (mapped ", names.size,
         " bytes at open, ", now, "; byte ", damaged,
         " of the file could not be read); restore the file, then resume the job"));
   }

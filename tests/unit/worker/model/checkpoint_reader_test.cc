@@ -516,11 +516,11 @@ TEST_F(CheckpointReaderTest, ShardShorterThanItsHeaderIsRefusedWithBothSizes) {
       SafetensorsFile::Open(Path("s.safetensors"));
   ASSERT_FALSE(file.ok());
   EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(file.status().message(), StartsWith(Path("s.safetensors") + ": "));
-  EXPECT_THAT(file.status().message(),
+  EXPECT_THAT(std::string(file.status().message()), StartsWith(Path("s.safetensors") + ": "));
+  EXPECT_THAT(std::string(file.status().message()),
               HasSubstr("file is " + std::to_string(full - 100) + " bytes but its header needs " +
                         std::to_string(full)));
-  EXPECT_THAT(file.status().message(), HasSubstr("truncated by 100 bytes"));
+  EXPECT_THAT(std::string(file.status().message()), HasSubstr("truncated by 100 bytes"));
 }
 
 // A 4 MiB tensor: a shard truncated to its first page after it was mapped.
@@ -529,7 +529,7 @@ class ShrinkingShardTest : public CheckpointReaderTest {
   void SetUp() override {
     CheckpointReaderTest::SetUp();
     ASSERT_TRUE(WriteSafetensors(Path("model.safetensors"),
-                                 {Patterned("early", DType::kBF16, {8}, 3),
+                                 {Patterned("a.early", DType::kBF16, {8}, 3),
                                   Patterned("big.weight", DType::kBF16, {1024, 2048}, 1)})
                     .ok());
     absl::StatusOr<std::unique_ptr<CheckpointReader>> reader = CheckpointReader::Open(Dir());
@@ -553,17 +553,17 @@ TEST_F(ShrinkingShardTest, ReadingAfterTruncationIsAnErrorNamingTheFile) {
   absl::StatusOr<std::vector<uint16_t>> bits = LoadAsBf16(*reader_, "big.weight");
   ASSERT_FALSE(bits.ok());
   EXPECT_EQ(bits.status().code(), absl::StatusCode::kDataLoss);
-  EXPECT_THAT(bits.status().message(),
+  EXPECT_THAT(std::string(bits.status().message()),
               HasSubstr("model shard " + Path("model.safetensors") +
                         " shrank or became unreadable while reading tensor \"big.weight\""));
-  EXPECT_THAT(bits.status().message(), HasSubstr("4096 bytes on disk now"));
+  EXPECT_THAT(std::string(bits.status().message()), HasSubstr("4096 bytes on disk now"));
   EXPECT_GT(GuardedMappingFaults(), faults);
   // The process is alive; the same view keeps failing, and prefetching it neither crashes nor
   // succeeds silently.
   TouchTensor(*view);
   EXPECT_EQ(CheckTensorRead(*view).code(), absl::StatusCode::kDataLoss);
   // A tensor entirely inside the surviving first page was read intact.
-  absl::StatusOr<std::vector<uint16_t>> early = LoadAsBf16(*reader_, "early");
+  absl::StatusOr<std::vector<uint16_t>> early = LoadAsBf16(*reader_, "a.early");
   EXPECT_TRUE(early.ok()) << early.status();
 }
 
@@ -582,8 +582,8 @@ TEST_F(ShrinkingShardTest, FaultsOnOtherThreadsAreCaughtToo) {
   for (std::thread& t : threads) t.join();
   absl::Status s = CheckTensorRead(*view);
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
-  EXPECT_THAT(s.message(), HasSubstr(Path("model.safetensors")));
-  EXPECT_THAT(s.message(), HasSubstr("0 bytes on disk now"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr(Path("model.safetensors")));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("0 bytes on disk now"));
 }
 
 TEST_F(ShrinkingShardTest, ReopeningTheRestoredShardReadsIt) {
@@ -591,7 +591,7 @@ TEST_F(ShrinkingShardTest, ReopeningTheRestoredShardReadsIt) {
   ASSERT_FALSE(LoadAsBf16(*reader_, "big.weight").ok());
   reader_.reset();  // the mapping (and its guard slot) is released
   ASSERT_TRUE(WriteSafetensors(Path("model.safetensors"),
-                               {Patterned("early", DType::kBF16, {8}, 3),
+                               {Patterned("a.early", DType::kBF16, {8}, 3),
                                 Patterned("big.weight", DType::kBF16, {1024, 2048}, 1)})
                   .ok());
   absl::StatusOr<std::unique_ptr<CheckpointReader>> reader = CheckpointReader::Open(Dir());
