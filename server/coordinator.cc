@@ -883,9 +883,11 @@ void Coordinator::RetryOrFail(JobRecord& job, WriteBatch& batch, const std::stri
     f->set_identical(signature == f->signature() ? f->identical() + 1 : 1);
     f->set_signature(signature);
     if (f->identical() >= kMaxIdenticalInfrastructureFailures) {
+      std::string last = reason;
+      while (!last.empty() && (last.back() == '.' || last.back() == ' ')) last.pop_back();
       SetJobState(job, batch, mq::v1::JOB_STATE_FAILED,
                   absl::StrCat("gave up: the same infrastructure failure ", f->identical(),
-                               " times in a row with no step committed in between: ", reason,
+                               " times in a row with no step committed in between: ", last,
                                ". Fix the cause, then `mq-client resume ", job.job_id(), "`"));
       if (metrics_) metrics_->jobs_failed->Increment();
       PutJob(batch, job);

@@ -70,6 +70,7 @@ def test_shard_truncated_while_mapped_fails_the_job_naming_it(cluster, env, tmp_
 
     done = cluster.wait_job(job_id, "JOB_STATE_FAILED", timeout=60)
     message = done["job"]["message"]
+    print(f"failed {time.monotonic() - started:.1f} s after the truncation: {message}")
     assert f"model shard {shard} shrank or became unreadable while reading tensor" in message, \
         message
     assert time.monotonic() - started < 30
@@ -97,8 +98,8 @@ def test_unreachable_rendezvous_fails_in_bounded_time_naming_the_address(cluster
     cluster.start_coordinator()
     host = "rendezvous.invalid"
     for name in ("w1", "w2"):
-        cluster.worker_args = ["--gang-host", host, "--gang-port", free_port(),
-                               "--gang-join-timeout-ms", 1000]
+        cluster.worker_args = ["--gang-host", host, "--gang-port", str(free_port()),
+                               "--gang-join-timeout-ms", "1000"]
         cluster.start_worker(name)
     cluster.worker_args = []
     started = time.monotonic()

@@ -157,8 +157,7 @@ absl::Status CheckMappedRead(const void* data, uint64_t len, std::string_view wh
     return absl::DataLossError(absl::StrCat(
         names.kind.empty() ? "" : names.kind + " ", names.path,
         " shrank or became unreadable while reading ", std::string(what), " (mapped ", names.size,
-        " bytes at open, ", now, "; byte ", damaged,
-        " of the file could not be read); restore the file, then resume the job"));
+        " bytes at open, ", now, "; the read failed at byte ", damaged, " of the file)"));
   }
   return absl::OkStatus();
 }

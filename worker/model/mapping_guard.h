@@ -35,8 +35,8 @@ void UnregisterMapping(int handle);
 
 // OK when [data, data + len) is not inside a guarded mapping or was read intact. DATA_LOSS when
 // a fault replaced any of those bytes, e.g. `model shard /m/model-00002-of-00004.safetensors
-// shrank or became unreadable while reading tensor "x.weight" (mapped 4096 bytes at open, 100
-// bytes on disk now; byte 4096 of the file could not be read)`; `what` names what was read.
+// shrank or became unreadable while reading tensor "x.weight" (mapped 8192 bytes at open, 100
+// bytes on disk now; the read failed at byte 4096 of the file)`; `what` names what was read.
 absl::Status CheckMappedRead(const void* data, uint64_t len, std::string_view what);
 
 // Number of faults the handler has repaired so far (for tests and logs).
