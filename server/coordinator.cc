@@ -1415,8 +1415,9 @@ void Coordinator::ScheduleQueued() {
   // Forget backoffs that are over or of jobs no longer waiting.
   for (auto it = retry_not_before_.begin(); it != retry_not_before_.end();) {
     auto job = jobs_.find(it->first);
-    const bool waiting = job != jobs_.end() && (job->second.state() == mq::v1::JOB_STATE_QUEUED ||
-                                                job->second.state() == mq::v1::JOB_STATE_FINALIZING);
+    const bool waiting =
+        job != jobs_.end() && (job->second.state() == mq::v1::JOB_STATE_QUEUED ||
+                               job->second.state() == mq::v1::JOB_STATE_FINALIZING);
     it = waiting && now < it->second ? std::next(it) : retry_not_before_.erase(it);
   }
   // Forget waiting starts of jobs no longer waiting.

@@ -14,8 +14,8 @@ bool IsAlnum(char c) { return std::isalnum(static_cast<unsigned char>(c)) != 0; 
 
 // Crockford base32 as NewId writes it (upper case; no I, L, O, U).
 bool IsIdChar(char c) {
-  return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z' && c != 'I' && c != 'L' && c != 'O' &&
-                                    c != 'U');
+  return (c >= '0' && c <= '9') ||
+         (c >= 'A' && c <= 'Z' && c != 'I' && c != 'L' && c != 'O' && c != 'U');
 }
 
 // Length of a dotted IPv4 address starting at `i` (four digit groups of 1-3), or 0.
@@ -89,8 +89,8 @@ std::string FailureSignature(std::string_view reason, std::vector<std::string> w
     size_t end = i;
     while (end < s.size() && IsDigit(s[end])) ++end;
     // The PORT of HOST:PORT (host name or address just before the colon).
-    const bool port = i >= 2 && s[i - 1] == ':' && IsAlnum(s[i - 2]) && !(end < s.size() &&
-                                                                          IsAlnum(s[end]));
+    const bool port =
+        i >= 2 && s[i - 1] == ':' && IsAlnum(s[i - 2]) && !(end < s.size() && IsAlnum(s[end]));
     if (port) {
       out.append(s.substr(i, end - i));
     } else if (i > 0 && IsAlnum(s[i - 1]) && !IsDigit(s[i - 1])) {

@@ -150,10 +150,9 @@ absl::Status CheckMappedRead(const void* data, uint64_t len, std::string_view wh
       names = g_names[i];
     }
     struct stat st;
-    const std::string now =
-        ::stat(names.path.c_str(), &st) == 0
-            ? absl::StrCat(st.st_size, " bytes on disk now")
-            : absl::StrCat("cannot stat it now: ", std::strerror(errno));
+    const std::string now = ::stat(names.path.c_str(), &st) == 0
+                                ? absl::StrCat(st.st_size, " bytes on disk now")
+                                : absl::StrCat("cannot stat it now: ", std::strerror(errno));
     return absl::DataLossError(absl::StrCat(
         names.kind.empty() ? "" : names.kind + " ", names.path,
         " shrank or became unreadable while reading ", std::string(what), " (mapped ", names.size,

@@ -28,11 +28,11 @@ struct Gang::Impl {
 namespace {
 
 // Runs a c10d call; any exception (a peer closed its connection, a timeout) is UNAVAILABLE
-// with the exception's message and no stack trace; the full text, trace included, goes to the
-// log. `what` completes "gang <what> failed: " unless `prefix` replaces that whole lead.
+// "gang <what> failed: <the exception's message>", without its stack trace; the full text,
+// trace included, goes to the log.
 template <typename Fn>
-absl::Status Guard(const std::string& what, Fn&& fn, const std::string& prefix = "") {
-  const std::string lead = prefix.empty() ? absl::StrCat("gang ", what, " failed: ") : prefix;
+absl::Status Guard(const std::string& what, Fn&& fn) {
+  const std::string lead = absl::StrCat("gang ", what, " failed: ");
   try {
     fn();
     return absl::OkStatus();
@@ -124,8 +124,14 @@ absl::StatusOr<std::unique_ptr<Gang>> Gang::Join(const GangOptions& options) {
     go->timeout = options.timeout;
     impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl->store, options.rank,
                                                            options.world_size, go);
-  }, join_failed);
-  if (!s.ok()) return s;
+  });
+  if (!s.ok()) {
+    std::string cause(s.message());
+    if (const std::string lead = "gang rendezvous failed: "; cause.rfind(lead, 0) == 0) {
+      cause.erase(0, lead.size());
+    }
+    return absl::UnavailableError(join_failed + cause);
+  }
   const bool nccl = impl->device.is_cuda();
   auto gang = std::unique_ptr<Gang>(new Gang(options.rank, options.world_size, std::move(impl)));
   gang->nccl_ = nccl;

@@ -53,9 +53,10 @@ TEST(ErrorText, EventMessagesAreCapped) {
   // A trace is cut before the cap is applied, so it never uses up the budget.
   std::string traced = std::string("real cause\n") + kTorchError;
   for (int i = 0; i < 100; ++i) traced += "frame #9: something + 0x1\n";
-  EXPECT_EQ(EventMessage(traced), "real cause; gang rendezvous failed: The client socket has timed "
-                                  "out after 2000ms while trying to connect to (192.0.2.1, "
-                                  "29500).");
+  EXPECT_EQ(EventMessage(traced),
+            "real cause; gang rendezvous failed: The client socket has timed "
+            "out after 2000ms while trying to connect to (192.0.2.1, "
+            "29500).");
 }
 
 }  // namespace

@@ -856,8 +856,9 @@ std::string JoinFailure(int elapsed_ms) {
 
 // A torch exception's text: the message, then its C++ stack.
 std::string WithStack(const std::string& message) {
-  std::string s = message + "\nException raised from connect at socket.cpp:1018 (most recent "
-                            "call first):\n";
+  std::string s = message +
+                  "\nException raised from connect at socket.cpp:1018 (most recent "
+                  "call first):\n";
   for (int i = 0; i < 40; ++i) {
     absl::StrAppend(&s, "frame #", i, ": c10d::detail::SocketConnectOp::run() + 0x", i,
                     " (0x7f00 in libtorch_cpu.so)\n");

@@ -6,8 +6,8 @@
 
 #include <bit>
 #include <cerrno>
-#include <csignal>
 #include <cmath>
+#include <csignal>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -507,9 +507,8 @@ TEST_F(CheckpointReaderTest, ReadsGeneratorOutput) {
 // Shards that shrink: refused at open, and a job error (never SIGBUS) once mapped.
 
 TEST_F(CheckpointReaderTest, ShardShorterThanItsHeaderIsRefusedWithBothSizes) {
-  ASSERT_TRUE(WriteSafetensors(Path("s.safetensors"),
-                               {Patterned("w", DType::kBF16, {64, 64}, 1)})
-                  .ok());
+  ASSERT_TRUE(
+      WriteSafetensors(Path("s.safetensors"), {Patterned("w", DType::kBF16, {64, 64}, 1)}).ok());
   const uint64_t full = fs::file_size(Path("s.safetensors"));
   ASSERT_EQ(::truncate(Path("s.safetensors").c_str(), static_cast<off_t>(full - 100)), 0);
   absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
@@ -575,9 +574,8 @@ TEST_F(ShrinkingShardTest, FaultsOnOtherThreadsAreCaughtToo) {
   std::vector<std::thread> threads;
   const uint64_t quarter = view->num_bytes / 4;
   for (int i = 0; i < 4; ++i) {
-    threads.emplace_back([&, i] {
-      std::memcpy(copy.data() + i * quarter, view->data + i * quarter, quarter);
-    });
+    threads.emplace_back(
+        [&, i] { std::memcpy(copy.data() + i * quarter, view->data + i * quarter, quarter); });
   }
   for (std::thread& t : threads) t.join();
   absl::Status s = CheckTensorRead(*view);
@@ -603,8 +601,8 @@ TEST_F(ShrinkingShardTest, ReopeningTheRestoredShardReadsIt) {
 
 // A fault in memory the guard does not own still kills the process the way SIGBUS always did.
 TEST_F(CheckpointReaderTest, UnguardedMappingFaultStillKills) {
-  ASSERT_TRUE(WriteSafetensors(Path("m.safetensors"), {Patterned("w", DType::kU8, {65536}, 1)})
-                  .ok());
+  ASSERT_TRUE(
+      WriteSafetensors(Path("m.safetensors"), {Patterned("w", DType::kU8, {65536}, 1)}).ok());
   // Install the guard's handler (opening any file does).
   ASSERT_TRUE(SafetensorsFile::Open(Path("m.safetensors")).ok());
   EXPECT_EXIT(
