@@ -10,8 +10,10 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/error_text.h"
 #include "common/names.h"
 #include "common/util.h"
+#include "server/scheduling/retry.h"
 #include "server/validation.h"
 
 namespace mq::server {
@@ -297,7 +299,7 @@ void Coordinator::AddEvent(JobRecord& job, WriteBatch& batch, const std::string&
   e.set_seq(job.event_count());
   e.set_time_ms(Wall());
   e.set_kind(kind);
-  e.set_message(message);
+  e.set_message(EventMessage(message));  // no stack traces, at most kMaxEventMessageBytes
   e.set_attempt(job.attempt());
   e.set_state(job.state());
   e.set_worker_id(worker_id);
@@ -596,6 +598,7 @@ absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
   }
   WriteBatch batch;
   job.set_attempt_base(job.attempt());
+  job.clear_infrastructure_failures();
   job.clear_missing_capability();
   job.set_finished_at_ms(0);
   if (IsPlanned(job)) {
@@ -1002,9 +1005,41 @@ int Coordinator::CommittedCount(const std::string& job_id) const {
   return n;
 }
 
-void Coordinator::RetryOrFail(JobRecord& job, WriteBatch& batch, const std::string& reason,
-                              bool infrastructure) {
+void Coordinator::RetryOrFail(JobRecord& job, WriteBatch& batch, const std::string& raw_reason,
+                              bool infrastructure, bool worker_lost) {
+  // Events and the job's message carry the failure's text, never a stack trace.
+  const std::string reason = EventMessage(raw_reason);
   std::string note;
+  int64_t backoff_ms = 0;
+  if (infrastructure && !worker_lost) {
+    mq::v1::InfrastructureFailures* f = job.mutable_infrastructure_failures();
+    const int committed = CommittedCount(job.job_id());
+    if (committed != f->committed_steps()) f->Clear();  // progress since the last one
+    f->set_committed_steps(committed);
+    f->set_in_row(f->in_row() + 1);
+    std::vector<std::string> gang;
+    for (const auto& [id, a] : assignments_) {
+      if (a.job_id() == job.job_id() && a.attempt() == job.attempt()) {
+        auto w = workers_.find(a.worker_id());
+        gang.push_back(w != workers_.end() ? w->second.record.name() : a.worker_id());
+      }
+    }
+    const std::string signature = FailureSignature(reason, std::move(gang));
+    f->set_identical(signature == f->signature() ? f->identical() + 1 : 1);
+    f->set_signature(signature);
+    if (f->identical() >= kMaxIdenticalInfrastructureFailures) {
+      std::string last = reason;
+      while (!last.empty() && (last.back() == '.' || last.back() == ' ')) last.pop_back();
+      SetJobState(job, batch, mq::v1::JOB_STATE_FAILED,
+                  absl::StrCat("gave up: the same infrastructure failure ", f->identical(),
+                               " times in a row with no step committed in between: ", last,
+                               ". Fix the cause, then `mq-client resume ", job.job_id(), "`"));
+      if (metrics_) metrics_->jobs_failed->Increment();
+      PutJob(batch, job);
+      return;
+    }
+    backoff_ms = InfrastructureRetryDelayMs(f->in_row());
+  }
   if (infrastructure) {
     if (job.uncounted_attempts() < 10 * job.spec().max_attempts()) {
       job.set_uncounted_attempts(job.uncounted_attempts() + 1);
@@ -1024,6 +1059,10 @@ void Coordinator::RetryOrFail(JobRecord& job, WriteBatch& batch, const std::stri
                              ". Fix the cause, then `mq-client resume ", job.job_id(), "`"));
     if (metrics_) metrics_->jobs_failed->Increment();
   } else {
+    if (backoff_ms > 0) {
+      retry_not_before_[job.job_id()] = Mono() + backoff_ms;
+      absl::StrAppend(&note, "; retrying in ", absl::SixDigits(backoff_ms / 1000.0), " s");
+    }
     SetJobState(job, batch, mq::v1::JOB_STATE_QUEUED,
                 absl::StrCat("attempt ", job.attempt(), " ended (", reason, ")", note,
                              IsPlanned(job) ? "; waiting for a gang" : "; waiting for a worker"));
@@ -1587,7 +1626,7 @@ void Coordinator::ExpireWorker(const std::string& worker_id, const std::string& 
   // Losing a pipeline worker is the infrastructure's fault; losing a planner may be the job's
   // (e.g. it ran out of memory reading the checkpoint), so that one counts.
   const bool infrastructure = a.kind() != mq::v1::ASSIGNMENT_KIND_PLAN;
-  RetryOrFail(job, batch, why, infrastructure);
+  RetryOrFail(job, batch, why, infrastructure, /*worker_lost=*/true);
   if (!Commit(batch).ok()) {
     w.assignment_id = assignment_id;
     return;
@@ -1616,7 +1655,12 @@ void Coordinator::ScheduleQueued() {
     return a->spec().priority() > b->spec().priority();
   });
   std::vector<std::string> ids;
-  for (const JobRecord* j : queue) ids.push_back(j->job_id());
+  const int64_t now = Mono();
+  for (const JobRecord* j : queue) {
+    auto backoff = retry_not_before_.find(j->job_id());
+    if (backoff != retry_not_before_.end() && now < backoff->second) continue;  // backing off
+    ids.push_back(j->job_id());
+  }
   for (const std::string& id : ids) {
     const JobRecord& job = jobs_.at(id);
     if (job.state() == mq::v1::JOB_STATE_FINALIZING) {
@@ -1626,6 +1670,14 @@ void Coordinator::ScheduleQueued() {
     } else {
       ScheduleGang(id);
     }
+  }
+  // Forget backoffs that are over or of jobs no longer waiting.
+  for (auto it = retry_not_before_.begin(); it != retry_not_before_.end();) {
+    auto job = jobs_.find(it->first);
+    const bool waiting =
+        job != jobs_.end() && (job->second.state() == mq::v1::JOB_STATE_QUEUED ||
+                               job->second.state() == mq::v1::JOB_STATE_FINALIZING);
+    it = waiting && now < it->second ? std::next(it) : retry_not_before_.erase(it);
   }
   // Forget waiting starts of jobs no longer waiting.
   for (auto it = gang_wait_since_.begin(); it != gang_wait_since_.end();) {

@@ -162,9 +162,13 @@ class Coordinator {
                              bool completed);
   // After a failed/aborted attempt: queue the job again or fail it when out of attempts.
   // `infrastructure`: the attempt does not count against spec.max_attempts (up to
-  // 10 x max_attempts such attempts).
+  // 10 x max_attempts such attempts). A reported infrastructure failure (not `worker_lost`,
+  // which already waited out a lease) also backs off: the job stays QUEUED (or FINALIZING)
+  // for InfrastructureRetryDelayMs before it is scheduled again, and the same failure
+  // (FailureSignature) kMaxIdenticalInfrastructureFailures times in a row without a step
+  // committed fails the job with that failure's message (server/scheduling/retry.h).
   void RetryOrFail(mq::v1::JobRecord& job, WriteBatch& batch, const std::string& reason,
-                   bool infrastructure = false);
+                   bool infrastructure = false, bool worker_lost = false);
   // A failed assignment named damaged output files (request.corrupt_files): for each, one
   // `file_corrupt` event; the earliest committed step whose reports list any of them and every
   // later step are uncommitted in `batch` (their steps go to `uncommitted`: erase them from
@@ -252,6 +256,9 @@ class Coordinator {
   std::map<std::string, int64_t> gang_wait_since_;
   // Ended assignment id -> monotonic ms when ForgetEnded first saw it (not persisted).
   std::map<std::string, int64_t> ended_seen_ms_;
+  // job id -> monotonic ms before which the job is not scheduled (infrastructure backoff; not
+  // persisted: a restarted coordinator retries at once).
+  std::map<std::string, int64_t> retry_not_before_;
 };
 
 }  // namespace mq::server

@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/error_text.h"
 #include "common/status.h"
 #include "common/util.h"
 #include "worker/plan_convert.h"
@@ -15,6 +16,9 @@
 
 namespace mq::worker {
 namespace {
+
+// Longest error text sent with a failed assignment (the coordinator caps its events further).
+constexpr size_t kMaxResultErrorBytes = 4096;
 
 bool Retryable(grpc::StatusCode code) {
   return code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::DEADLINE_EXCEEDED ||
@@ -107,7 +111,7 @@ pipeline::QuantizeJobSpec ToJobSpec(const std::string& job_id, const mq::v1::Job
 // failed (UNAVAILABLE: a gang peer lost, another finalization holding the directory), and the
 // committed files found damaged (DATA_LOSS), which the coordinator uncommits and recomputes.
 void SetError(const absl::Status& status, mq::v1::CompleteAssignmentRequest* result) {
-  result->set_error(std::string(status.message()));
+  result->set_error(EventMessage(std::string(status.message()), kMaxResultErrorBytes));
   result->set_infrastructure(status.code() == absl::StatusCode::kUnavailable);
   for (const std::string& f : pipeline::CorruptFilesOf(status)) result->add_corrupt_files(f);
 }
@@ -471,6 +475,8 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   absl::StatusOr<pipeline::QuantizeAssignmentResult> r = pipeline::RunQuantizeAssignment(in);
   if (stop || Cancelled()) return false;  // the coordinator moved on; nothing to report
   if (!r.ok()) {
+    // The coordinator records this in the job's events: the message without stack traces
+    // (the log line below keeps the full status).
     SetError(r.status(), result);
     LogLine("worker", "WARN", absl::StrCat("quantize assignment ", a.assignment_id(),
                                            " failed: ", r.status().ToString()));

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
 #include "worker/model/json_util.h"
+#include "worker/model/mapping_guard.h"
 
 namespace mq::model {
 namespace {
@@ -69,7 +70,13 @@ void TouchTensor(const TensorView& view) {
   static_cast<void>(sum);
 }
 
-absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
+absl::Status CheckTensorRead(const TensorView& view) {
+  if (view.data == nullptr || view.num_bytes == 0) return absl::OkStatus();
+  return CheckMappedRead(view.data, view.num_bytes, absl::StrCat("tensor ", Quote(view.name)));
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path,
+                                                                       const std::string& kind) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
@@ -96,10 +103,12 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
   file->header_ = *std::move(header);
   file->base_ = static_cast<const uint8_t*>(base);
   file->size_ = file_size;
+  file->guard_ = RegisterMapping(base, file_size, path, kind);
   return file;
 }
 
 SafetensorsFile::~SafetensorsFile() {
+  UnregisterMapping(guard_);
   if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), size_);
 }
 
@@ -127,7 +136,8 @@ absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(const s
 
   if (!*has_index) {
     const std::string single = absl::StrCat(dir, "/", kSingleFile);
-    absl::StatusOr<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::Open(single);
+    absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
+        SafetensorsFile::Open(single, "model shard");
     if (!file.ok()) {
       if (absl::IsNotFound(file.status())) {
         return absl::NotFoundError(absl::StrCat(dir, ": no ", kIndexFile, " and no ", kSingleFile,
@@ -192,7 +202,7 @@ absl::StatusOr<const SafetensorsFile*> CheckpointReader::Shard(const std::string
   auto it = shards_.find(file);
   if (it != shards_.end()) return it->second.get();
   absl::StatusOr<std::unique_ptr<SafetensorsFile>> opened =
-      SafetensorsFile::Open(absl::StrCat(dir_, "/", file));
+      SafetensorsFile::Open(absl::StrCat(dir_, "/", file), "model shard");
   if (!opened.ok()) return opened.status();
   const SafetensorsFile* result = opened->get();
   shards_.emplace(file, *std::move(opened));

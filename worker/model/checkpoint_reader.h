@@ -37,17 +37,29 @@ void PrefetchTensor(const TensorView& view);
 
 // PrefetchTensor, then reads one byte of every page of the view: when it returns, the pages are
 // in the page cache and mapped. Blocks on the storage; meant for a thread that prepares a later
-// load.
+// load. A file that shrank is not reported here (its bytes read as zeros); the load that copies
+// the view reports it through CheckTensorRead.
 void TouchTensor(const TensorView& view);
 
+// After the view's bytes were copied out (or read in place): OK when they were read intact;
+// DATA_LOSS naming the file and the tensor when the mapped file shrank or became unreadable
+// under the read (e.g. `model shard /m/model-00002-of-00004.safetensors shrank or became
+// unreadable while reading tensor "x.weight" (...)`). OK for views not backed by a mapping.
+absl::Status CheckTensorRead(const TensorView& view);
+
 // One mapped .safetensors file. Immutable after Open, so every method is safe from any number
-// of threads. The mapping is MAP_PRIVATE/PROT_READ and lives until destruction; the file must
-// not be truncated while mapped (reading a truncated page raises SIGBUS, as for any mmap).
+// of threads. The mapping is MAP_PRIVATE/PROT_READ and lives until destruction. It is guarded
+// (mapping_guard.h): if the file shrinks or becomes unreadable while mapped, reads of the lost
+// bytes see zeros instead of killing the process, and CheckTensorRead on a view reports
+// DATA_LOSS naming the file; every copy out of a view must be followed by CheckTensorRead.
 class SafetensorsFile {
  public:
   // Maps `path` read-only and validates its header; errors name the file and the problem
-  // (NotFound for a missing file, InvalidArgument for a malformed one, errno codes otherwise).
-  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+  // (NotFound for a missing file, InvalidArgument for a malformed one, e.g. a file shorter
+  // than its header's data end, naming both sizes; errno codes otherwise). `kind` names the
+  // file in read errors ("model shard" gives "model shard /m/x.safetensors shrank ...").
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(
+      const std::string& path, const std::string& kind = "safetensors file");
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -63,6 +75,7 @@ class SafetensorsFile {
   SafetensorsHeader header_;
   const uint8_t* base_ = nullptr;  // the whole file, mapped
   uint64_t size_ = 0;
+  int guard_ = -1;  // RegisterMapping handle
 };
 
 // A whole HF checkpoint directory. The name -> shard map is fixed at Open; shards are opened

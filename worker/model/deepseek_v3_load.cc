@@ -129,7 +129,7 @@ absl::StatusOr<at::Tensor> LoadTensor(CheckpointReader& reader, const std::strin
         absl::StrCat("tensor \"", name, "\" has shape ", ShapeString(view->shape), ", expected ",
                      ShapeString(*expected_shape), " from config.json"));
   }
-  return internal::GuardTorch(
+  absl::StatusOr<at::Tensor> loaded = internal::GuardTorch(
       absl::StrCat("loading \"", name, "\""), [&]() -> absl::StatusOr<at::Tensor> {
         if (device.is_cuda()) {
           // Straight to the device: FP8 dequantized there, other dtypes converted there.
@@ -168,6 +168,12 @@ absl::StatusOr<at::Tensor> LoadTensor(CheckpointReader& reader, const std::strin
         }
         return host.to(device, dtype, /*non_blocking=*/false, /*copy=*/true);
       });
+  // Every path above has finished reading the mapping when it returns (device copies go through
+  // pinned buffers filled on the host): a shard that shrank meanwhile fails the load by name.
+  if (loaded.ok()) {
+    if (absl::Status s = CheckTensorRead(*view); !s.ok()) return s;
+  }
+  return loaded;
 }
 
 absl::StatusOr<LayerWeights> LoadLayer(CheckpointReader& reader, const DeepseekV3Config& config,

@@ -82,6 +82,7 @@ absl::StatusOr<std::vector<float>> Fp8BlockScales(const TensorView& weight,
   // the size of the weight).
   std::vector<float> scales(static_cast<size_t>(expected[0] * expected[1]));
   std::memcpy(scales.data(), scale_inv->data, scales.size() * sizeof(float));
+  if (absl::Status s = CheckTensorRead(*scale_inv); !s.ok()) return s;
   return scales;
 }
 
@@ -136,10 +137,19 @@ absl::StatusOr<std::vector<uint16_t>> LoadAsBf16(CheckpointReader& reader,
                                                  const std::string& weight_name) {
   absl::StatusOr<TensorView> weight = reader.Get(weight_name);
   if (!weight.ok()) return weight.status();
-  if (weight->dtype != DType::kF8E4M3) return ViewAsBf16(*weight, nullptr);
-  absl::StatusOr<TensorView> scale = Fp8ScaleView(reader, weight_name);
-  if (!scale.ok()) return scale.status();
-  return ViewAsBf16(*weight, &*scale);
+  absl::StatusOr<TensorView> scale;
+  if (weight->dtype == DType::kF8E4M3) {
+    scale = Fp8ScaleView(reader, weight_name);
+    if (!scale.ok()) return scale.status();
+  }
+  absl::StatusOr<std::vector<uint16_t>> out =
+      ViewAsBf16(*weight, weight->dtype == DType::kF8E4M3 ? &*scale : nullptr);
+  // The checkpoint's bytes were read through its mapping: a shard that shrank meanwhile is an
+  // error naming it, never zeros.
+  if (out.ok()) {
+    if (absl::Status s = CheckTensorRead(*weight); !s.ok()) return s;
+  }
+  return out;
 }
 
 }  // namespace mq::model

@@ -434,10 +434,11 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(std::string_view header
   }
   if (expected_begin != data_size) {
     if (expected_begin > data_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tensor data ends at ", expected_begin, " but the data buffer is only ",
-                       data_size, " bytes (file size ", file_size, " - 8 - header ", header_len,
-                       "): file truncated by ", expected_begin - data_size, " bytes"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "file is ", file_size, " bytes but its header needs ", 8 + header_len + expected_begin,
+          " (8 + header ", header_len, " + tensor data ", expected_begin, "): tensor data ends at ",
+          expected_begin, " but the data buffer is only ", data_size, " bytes; file truncated by ",
+          expected_begin - data_size, " bytes"));
     }
     return absl::InvalidArgumentError(
         absl::StrCat("tensor data ends at ", expected_begin, " but the data buffer is ", data_size,

@@ -54,6 +54,7 @@ absl::StatusOr<at::Tensor> FromTensorView(const TensorView& view) {
                                                    " bytes for ", t.nbytes(), " expected"));
   }
   std::memcpy(t.data_ptr(), view.data, view.num_bytes);
+  if (absl::Status s = CheckTensorRead(view); !s.ok()) return s;
   return t;
 }
 

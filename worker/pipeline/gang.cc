@@ -13,6 +13,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/error_text.h"
+#include "common/util.h"
 
 namespace mq::pipeline {
 
@@ -25,14 +27,21 @@ struct Gang::Impl {
 
 namespace {
 
-// Runs a c10d call; any exception (a peer closed its connection, a timeout) is UNAVAILABLE.
+// Runs a c10d call; any exception (a peer closed its connection, a timeout) is UNAVAILABLE
+// "gang <what> failed: <the exception's message>", without its stack trace; the full text,
+// trace included, goes to the log.
 template <typename Fn>
-absl::Status Guard(const char* what, Fn&& fn) {
+absl::Status Guard(const std::string& what, Fn&& fn) {
+  const std::string lead = absl::StrCat("gang ", what, " failed: ");
   try {
     fn();
     return absl::OkStatus();
+  } catch (const c10::Error& e) {
+    LogLine("gang", "WARN", absl::StrCat(lead, e.what()));
+    return absl::UnavailableError(absl::StrCat(lead, WithoutBacktrace(e.what_without_backtrace())));
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("gang ", what, " failed: ", e.what()));
+    LogLine("gang", "WARN", absl::StrCat(lead, e.what()));
+    return absl::UnavailableError(absl::StrCat(lead, WithoutBacktrace(e.what())));
   }
 }
 
@@ -75,6 +84,14 @@ absl::StatusOr<std::unique_ptr<Gang>> Gang::Join(const GangOptions& options) {
   }
   auto impl = std::make_unique<Impl>();
   impl->timeout = options.timeout;
+  // Names the address and where it comes from: the usual cause is rank 0's advertised
+  // --gang-host not being reachable from its peers (or from itself, as rank 0 connects to its
+  // own store there too). The same text on every rank, so repeats are recognised as such.
+  const std::string join_failed =
+      absl::StrCat("cannot join gang at ", options.rendezvous,
+                   " (rank 0's --gang-host/--gang-port: check that every worker of the gang can "
+                   "reach it) within ",
+                   options.join_timeout.count(), " ms: ");
   absl::Status s = Guard("rendezvous", [&] {
     c10d::TCPStoreOptions so;
     so.port = static_cast<uint16_t>(port);
@@ -108,7 +125,13 @@ absl::StatusOr<std::unique_ptr<Gang>> Gang::Join(const GangOptions& options) {
     impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl->store, options.rank,
                                                            options.world_size, go);
   });
-  if (!s.ok()) return s;
+  if (!s.ok()) {
+    std::string cause(s.message());
+    if (const std::string lead = "gang rendezvous failed: "; cause.rfind(lead, 0) == 0) {
+      cause.erase(0, lead.size());
+    }
+    return absl::UnavailableError(join_failed + cause);
+  }
   const bool nccl = impl->device.is_cuda();
   auto gang = std::unique_ptr<Gang>(new Gang(options.rank, options.world_size, std::move(impl)));
   gang->nccl_ = nccl;

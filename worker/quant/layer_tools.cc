@@ -60,6 +60,7 @@ absl::StatusOr<model::TensorData> PlainTensor(model::CheckpointReader& reader,
   if (!is_float) {
     d.dtype = dt;
     d.bytes.assign(view->data, view->data + view->num_bytes);
+    if (absl::Status s = model::CheckTensorRead(*view); !s.ok()) return s;
     return d;
   }
   absl::StatusOr<std::vector<uint16_t>> bf16 = model::LoadAsBf16(reader, name);

@@ -9,7 +9,10 @@
 #include <cmath>
 #include <filesystem>
 
+#include "absl/strings/str_cat.h"
+#include "common/error_text.h"
 #include "mq/v1/job_service.pb.h"
+#include "server/scheduling/retry.h"
 
 namespace mq::server {
 namespace {
@@ -697,12 +700,12 @@ class PipelineTest : public CoordinatorTest {
   }
 
   absl::Status Error(const std::string& worker_id, const mq::v1::Assignment& a,
-                     bool infrastructure = false) {
+                     bool infrastructure = false, const std::string& text = "CUDA out of memory") {
     mq::v1::CompleteAssignmentRequest r;
     r.set_worker_id(worker_id);
     r.set_assignment_id(a.assignment_id());
     r.set_lease_epoch(a.lease_epoch());
-    r.set_error("CUDA out of memory");
+    r.set_error(text);
     r.set_infrastructure(infrastructure);
     return coordinator_->CompleteAssignment(r).status();
   }
@@ -744,6 +747,12 @@ class PipelineTest : public CoordinatorTest {
     auto resp = coordinator_->Heartbeat(hb);
     EXPECT_TRUE(resp.ok()) << resp.status();
     return {resp->cancel_assignment_ids().begin(), resp->cancel_assignment_ids().end()};
+  }
+
+  // Lets `ms` pass while `alive` keep their leases (heartbeats at the new time).
+  void Advance(int64_t ms, const std::vector<std::string>& alive) {
+    now_ += ms;
+    for (const std::string& w : alive) Heartbeat(w);
   }
 
   std::string LastEvent(const std::string& job_id, const std::string& kind) {
@@ -1138,17 +1147,141 @@ TEST_F(PipelineTest, InfrastructureErrorIsNotCountedButBounded) {
   const std::string id = SubmitGang(1, /*max_attempts=*/1);
   Plan(id, {a});
   for (int i = 0; i < 10; ++i) {
+    Advance(kMaxRetryDelayMs, {a});  // past any backoff
     coordinator_->Tick();
     auto q = Poll(a);
     ASSERT_EQ(q.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE) << i;
-    ASSERT_TRUE(Error(a, q, /*infrastructure=*/true).ok());
+    // Two different failures taking turns: never the same one twice in a row.
+    ASSERT_TRUE(Error(a, q, /*infrastructure=*/true, i % 2 ? "peer lost" : "store closed").ok());
     ASSERT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_QUEUED) << i;
   }
   EXPECT_EQ(Get(id).job().uncounted_attempts(), 10);
+  Advance(kMaxRetryDelayMs, {a});
   coordinator_->Tick();
   ASSERT_TRUE(Error(a, Poll(a), /*infrastructure=*/true).ok());
   auto job = Get(id).job();
   EXPECT_EQ(job.state(), mq::v1::JOB_STATE_FAILED) << job.message();
+}
+
+// What a rank reports when rank 0's advertised rendezvous address cannot be reached; the
+// timing inside varies from attempt to attempt (the coordinator adds "rank N (NAME) failed: ").
+std::string JoinFailure(int elapsed_ms) {
+  return absl::StrCat("cannot join gang at 10.1.2.3:29500 (rank 0's --gang-host/--gang-port) ",
+                      "within 2000 ms: The client socket has timed out after ", elapsed_ms,
+                      "ms while trying to connect to (10.1.2.3, 29500).");
+}
+
+// A torch exception's text: the message, then its C++ stack.
+std::string WithStack(const std::string& message) {
+  std::string s = message +
+                  "\nException raised from connect at socket.cpp:1018 (most recent "
+                  "call first):\n";
+  for (int i = 0; i < 40; ++i) {
+    absl::StrAppend(&s, "frame #", i, ": c10d::detail::SocketConnectOp::run() + 0x", i,
+                    " (0x7f00 in libtorch_cpu.so)\n");
+  }
+  return s;
+}
+
+TEST_F(PipelineTest, RepeatedUnreachableRendezvousBacksOffThenFailsNamingTheAddress) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(2, /*max_attempts=*/2);
+  Plan(id, {a, b});
+  int64_t expected_delay = kFirstRetryDelayMs;
+  for (int failure = 1; failure <= kMaxIdenticalInfrastructureFailures; ++failure) {
+    coordinator_->Tick();
+    auto qa = Poll(a), qb = Poll(b);
+    ASSERT_EQ(qa.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE) << failure;
+    ASSERT_EQ(qb.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE) << failure;
+    // Either rank may be first to report; the timing differs every time.
+    const bool by_a = failure % 2 == 1;
+    ASSERT_TRUE(Error(by_a ? a : b, by_a ? qa : qb, /*infrastructure=*/true,
+                      WithStack(JoinFailure(2000 + failure)))
+                    .ok());
+    auto job = Get(id).job();
+    if (failure == kMaxIdenticalInfrastructureFailures) break;
+    ASSERT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED) << job.message();
+    EXPECT_NE(job.message().find(absl::StrCat("retrying in ", expected_delay / 1000, " s")),
+              std::string::npos)
+        << job.message();
+    // Both workers are idle again (they polled), but the job waits out its backoff.
+    EXPECT_FALSE(Poll(a).has_spec());
+    EXPECT_FALSE(Poll(b).has_spec());
+    Advance(expected_delay - 1, {a, b});
+    coordinator_->Tick();
+    EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_QUEUED) << failure;
+    Advance(1, {a, b});
+    expected_delay *= 2;
+  }
+  auto response = Get(id);
+  const auto& job = response.job();
+  ASSERT_EQ(job.state(), mq::v1::JOB_STATE_FAILED) << job.message();
+  EXPECT_NE(job.message().find("same infrastructure failure 3 times in a row"), std::string::npos)
+      << job.message();
+  EXPECT_NE(job.message().find("cannot join gang at 10.1.2.3:29500"), std::string::npos)
+      << job.message();
+  EXPECT_EQ(job.message().find("frame #"), std::string::npos) << job.message();
+  EXPECT_EQ(job.uncounted_attempts(), 2);  // never reached spec.max_attempts
+  for (const auto& e : response.events()) {
+    EXPECT_LE(e.message().size(), kMaxEventMessageBytes) << e.message();
+    EXPECT_EQ(e.message().find("frame #"), std::string::npos) << e.message();
+    EXPECT_EQ(e.message().find("Exception raised from"), std::string::npos) << e.message();
+  }
+  // Resume starts the count again: one more failure only backs off.
+  mq::v1::ResumeJobRequest r;
+  r.set_job_id(id);
+  ASSERT_TRUE(coordinator_->ResumeJob(r).ok());
+  EXPECT_FALSE(Poll(a).has_spec());  // both abandon the failed attempt and poll
+  EXPECT_FALSE(Poll(b).has_spec());
+  coordinator_->Tick();
+  auto qa = Poll(a), qb = Poll(b);
+  ASSERT_EQ(qa.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+  ASSERT_TRUE(Error(a, qa, /*infrastructure=*/true, JoinFailure(2001)).ok());
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_QUEUED);
+}
+
+TEST_F(PipelineTest, InfrastructureFailuresWithProgressInBetweenKeepRetrying) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1, /*max_attempts=*/1);
+  Plan(id, {a});
+  for (int step = 0; step < 4; ++step) {
+    Advance(kMaxRetryDelayMs, {a});
+    coordinator_->Tick();
+    auto q = Poll(a);
+    ASSERT_EQ(q.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE) << step;
+    ASSERT_EQ(q.start_step(), step);
+    ASSERT_TRUE(Report(a, q, step)->committed());
+    // The same failure every time, but each attempt committed a step first.
+    ASSERT_TRUE(Error(a, q, /*infrastructure=*/true, "gang all-to-all failed: peer w-b lost").ok());
+    auto job = Get(id).job();
+    if (step < 3) {
+      ASSERT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED) << job.message();
+      // Progress resets the backoff too.
+      EXPECT_NE(job.message().find("retrying in 1 s"), std::string::npos) << job.message();
+    }
+  }
+  EXPECT_NE(Get(id).job().state(), mq::v1::JOB_STATE_FAILED);
+}
+
+TEST_F(PipelineTest, EventsCarryNoStackTracesAndAreCapped) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1);
+  Plan(id, {a});
+  coordinator_->Tick();
+  auto q = Poll(a);
+  ASSERT_TRUE(Error(a, q, /*infrastructure=*/false,
+                    WithStack("layer 3 attention: shape mismatch " + std::string(3000, 'x')))
+                  .ok());
+  auto response = Get(id);
+  bool saw = false;
+  for (const auto& e : response.events()) {
+    EXPECT_LE(e.message().size(), kMaxEventMessageBytes);
+    EXPECT_EQ(e.message().find("frame #"), std::string::npos) << e.message();
+    saw = saw || e.message().find("layer 3 attention: shape mismatch") != std::string::npos;
+  }
+  EXPECT_TRUE(saw);
+  EXPECT_EQ(response.job().message().find("frame #"), std::string::npos);
 }
 
 TEST_F(PipelineTest, RanksDoneWithStepsMissingFailTheAttempt) {
@@ -1193,6 +1326,7 @@ TEST_F(PipelineTest, ResumeAfterFailureStartsAtFirstUncommittedStep) {
   auto fin = Poll(a);
   ASSERT_EQ(fin.kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
   ASSERT_TRUE(Error(a, fin, /*infrastructure=*/true).ok());
+  Advance(kFirstRetryDelayMs, {a});  // the backoff of a first infrastructure failure
   coordinator_->Tick();
   EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FINALIZING);
   EXPECT_EQ(Poll(a).kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);

@@ -1,9 +1,13 @@
 #include "worker/model/checkpoint_reader.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <bit>
+#include <cerrno>
 #include <cmath>
+#include <csignal>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -18,6 +22,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "worker/model/fp8.h"
+#include "worker/model/mapping_guard.h"
 #include "worker/model/numeric.h"
 #include "worker/model/safetensors_writer.h"
 
@@ -496,6 +501,120 @@ TEST_F(CheckpointReaderTest, ReadsGeneratorOutput) {
     }
   }
   EXPECT_GT(fp8_weights, 10);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shards that shrink: refused at open, and a job error (never SIGBUS) once mapped.
+
+TEST_F(CheckpointReaderTest, ShardShorterThanItsHeaderIsRefusedWithBothSizes) {
+  ASSERT_TRUE(
+      WriteSafetensors(Path("s.safetensors"), {Patterned("w", DType::kBF16, {64, 64}, 1)}).ok());
+  const uint64_t full = fs::file_size(Path("s.safetensors"));
+  ASSERT_EQ(::truncate(Path("s.safetensors").c_str(), static_cast<off_t>(full - 100)), 0);
+  absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
+      SafetensorsFile::Open(Path("s.safetensors"));
+  ASSERT_FALSE(file.ok());
+  EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(file.status().message()), StartsWith(Path("s.safetensors") + ": "));
+  EXPECT_THAT(std::string(file.status().message()),
+              HasSubstr("file is " + std::to_string(full - 100) + " bytes but its header needs " +
+                        std::to_string(full)));
+  EXPECT_THAT(std::string(file.status().message()), HasSubstr("truncated by 100 bytes"));
+}
+
+// A 4 MiB tensor: a shard truncated to its first page after it was mapped.
+class ShrinkingShardTest : public CheckpointReaderTest {
+ protected:
+  void SetUp() override {
+    CheckpointReaderTest::SetUp();
+    ASSERT_TRUE(WriteSafetensors(Path("model.safetensors"),
+                                 {Patterned("a.early", DType::kBF16, {8}, 3),
+                                  Patterned("big.weight", DType::kBF16, {1024, 2048}, 1)})
+                    .ok());
+    absl::StatusOr<std::unique_ptr<CheckpointReader>> reader = CheckpointReader::Open(Dir());
+    ASSERT_TRUE(reader.ok()) << reader.status();
+    reader_ = *std::move(reader);
+  }
+  void Truncate(off_t size) {
+    ASSERT_EQ(::truncate(Path("model.safetensors").c_str(), size), 0) << std::strerror(errno);
+  }
+  std::unique_ptr<CheckpointReader> reader_;
+};
+
+TEST_F(ShrinkingShardTest, ReadingAfterTruncationIsAnErrorNamingTheFile) {
+  absl::StatusOr<TensorView> view = reader_->Get("big.weight");
+  ASSERT_TRUE(view.ok()) << view.status();
+  // Read once while intact: the pages are in the page cache, and truncation still drops them.
+  ASSERT_TRUE(LoadAsBf16(*reader_, "big.weight").ok());
+  const uint64_t faults = GuardedMappingFaults();
+  Truncate(4096);
+
+  absl::StatusOr<std::vector<uint16_t>> bits = LoadAsBf16(*reader_, "big.weight");
+  ASSERT_FALSE(bits.ok());
+  EXPECT_EQ(bits.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(bits.status().message()),
+              HasSubstr("model shard " + Path("model.safetensors") +
+                        " shrank or became unreadable while reading tensor \"big.weight\""));
+  EXPECT_THAT(std::string(bits.status().message()), HasSubstr("4096 bytes on disk now"));
+  EXPECT_GT(GuardedMappingFaults(), faults);
+  // The process is alive; the same view keeps failing, and prefetching it neither crashes nor
+  // succeeds silently.
+  TouchTensor(*view);
+  EXPECT_EQ(CheckTensorRead(*view).code(), absl::StatusCode::kDataLoss);
+  // A tensor entirely inside the surviving first page was read intact.
+  absl::StatusOr<std::vector<uint16_t>> early = LoadAsBf16(*reader_, "a.early");
+  EXPECT_TRUE(early.ok()) << early.status();
+}
+
+TEST_F(ShrinkingShardTest, FaultsOnOtherThreadsAreCaughtToo) {
+  absl::StatusOr<TensorView> view = reader_->Get("big.weight");
+  ASSERT_TRUE(view.ok()) << view.status();
+  Truncate(0);
+  std::vector<uint8_t> copy(view->num_bytes);
+  std::vector<std::thread> threads;
+  const uint64_t quarter = view->num_bytes / 4;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back(
+        [&, i] { std::memcpy(copy.data() + i * quarter, view->data + i * quarter, quarter); });
+  }
+  for (std::thread& t : threads) t.join();
+  absl::Status s = CheckTensorRead(*view);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(s.message()), HasSubstr(Path("model.safetensors")));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("0 bytes on disk now"));
+}
+
+TEST_F(ShrinkingShardTest, ReopeningTheRestoredShardReadsIt) {
+  Truncate(4096);
+  ASSERT_FALSE(LoadAsBf16(*reader_, "big.weight").ok());
+  reader_.reset();  // the mapping (and its guard slot) is released
+  ASSERT_TRUE(WriteSafetensors(Path("model.safetensors"),
+                               {Patterned("a.early", DType::kBF16, {8}, 3),
+                                Patterned("big.weight", DType::kBF16, {1024, 2048}, 1)})
+                  .ok());
+  absl::StatusOr<std::unique_ptr<CheckpointReader>> reader = CheckpointReader::Open(Dir());
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  absl::StatusOr<std::vector<uint16_t>> bits = LoadAsBf16(**reader, "big.weight");
+  ASSERT_TRUE(bits.ok()) << bits.status();
+  EXPECT_EQ(bits->size(), 1024u * 2048u);
+}
+
+// A fault in memory the guard does not own still kills the process the way SIGBUS always did.
+TEST_F(CheckpointReaderTest, UnguardedMappingFaultStillKills) {
+  ASSERT_TRUE(
+      WriteSafetensors(Path("m.safetensors"), {Patterned("w", DType::kU8, {65536}, 1)}).ok());
+  // Install the guard's handler (opening any file does).
+  ASSERT_TRUE(SafetensorsFile::Open(Path("m.safetensors")).ok());
+  EXPECT_EXIT(
+      {
+        const int fd = ::open(Path("m.safetensors").c_str(), O_RDONLY);
+        void* p = ::mmap(nullptr, 65536, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (::ftruncate(::open(Path("m.safetensors").c_str(), O_WRONLY), 0) != 0) std::exit(3);
+        volatile uint8_t sink = static_cast<const uint8_t*>(p)[32768];
+        (void)sink;
+        std::exit(0);
+      },
+      ::testing::KilledBySignal(SIGBUS), "");
 }
 
 }  // namespace
