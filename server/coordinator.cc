@@ -286,6 +286,8 @@ void Coordinator::ResetState() {
   idempotency_.clear();
   layers_.clear();
   gang_wait_since_.clear();
+  ended_seen_ms_.clear();
+  retry_not_before_.clear();  // as after a restart: a backed-off job may retry at once
 }
 
 void Coordinator::PutJob(WriteBatch& batch, const JobRecord& job) {

@@ -103,7 +103,7 @@ class Cluster:
         listen = self.address or "127.0.0.1:0"
         argv = [str(COORDINATOR), "--listen", listen, "--data-dir", str(self.data_dir),
                 "--ready-file", str(ready), "--lease-ms", str(self.lease_ms),
-                "--heartbeat-interval-ms", str(self.heartbeat_ms), *self.coordinator_args]
+                "--heartbeat-interval-ms", str(self.heartbeat_ms)]
         if metrics_port:
             argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
         argv += self.coordinator_args

@@ -179,13 +179,15 @@ def test_damaged_hidden_state_checkpoint_is_not_used(cluster, env, reference, tm
     resumed on the same worker: the checkpoint fails its checksum, the committed layers are
     replayed instead, and the output is the uninterrupted run's."""
     cluster.start_coordinator()
-    cluster.start_worker("w1", env=SLOW)
+    # Layers one at a time with a long pause after each report, so the cancel lands before the
+    # next layer's checkpoint replaces the one the resume needs (only the newest is kept).
+    cluster.worker_args = ["--overlap-writes=false"]
+    cluster.start_worker("w1", env={"MQ_FAULT_STEP_DELAY_MS": "5000"})
     out = tmp_path / "out"
     job_id = submit(cluster, env, out)
     stop_after(cluster, job_id, 2)
-    checkpoints = sorted((tmp_path / "scratch-w1" / job_id).glob("hidden-step*.safetensors"))
-    assert checkpoints, list((tmp_path / "scratch-w1").rglob("*"))
-    ckpt = checkpoints[-1]
+    ckpt = tmp_path / "scratch-w1" / job_id / "hidden-step00001-seq000000-000064.safetensors"
+    assert ckpt.exists(), list((tmp_path / "scratch-w1").rglob("*"))
     size = ckpt.stat().st_size
     assert size > 16384
     with open(ckpt, "r+b") as f:

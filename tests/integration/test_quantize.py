@@ -162,6 +162,9 @@ def test_layer_writes_overlap_the_next_layer(cluster, env, tmp_path):
     # surfaces while layer 2 runs, and the job fails with the file's name; layer 0 stays
     # committed.
     cluster.workers["w1"].stop()
+    # Until its lease runs out the stopped worker still counts as idle and could be handed the
+    # plan (a lost planner counts against --max-attempts 1).
+    wait_until(lambda: cluster.worker_state("w1") == "WORKER_STATE_DEAD", 30, "w1 declared dead")
     cluster.start_worker("slow", env={"MQ_FAULT_STEP_DELAY_MS": "3000"})
     out_f = tmp_path / "out-write-fails"
     blocker = out_f / "model-layer00001-rank000-of-001.safetensors"

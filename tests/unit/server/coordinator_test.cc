@@ -1593,6 +1593,7 @@ TEST_F(FinalizeFenceTest, AFailedFinalizeAfterPublishingCanBeCancelledAgain) {
   ASSERT_TRUE(Error(w, fa, /*infrastructure=*/true).ok());
   auto job = Get(id).job();
   EXPECT_FALSE(job.publishing()) << job.message();
+  Advance(kMaxRetryDelayMs, {a});  // past the infrastructure backoff
   coordinator_->Tick();
   auto again = Poll(w);
   ASSERT_EQ(again.kind(), mq::v1::ASSIGNMENT_KIND_FINALIZE);
