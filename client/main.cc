@@ -364,7 +364,7 @@ void AcceptGlobalFlags(mq::Flags& f) {
 
 int Submit(Client& c, int argc, char** argv, int first) {
   std::string model, output, method = "gptq", dataset, tokenizer, targets = "routed-experts",
-                             scale_search = "minmax", key;
+                             scale_search, key;
   int64_t bits = 4, group_size = 128, gang = 1, samples = 0, seqlen = 0, seed = 0, priority = 0,
           max_attempts = 0, min_expert_tokens = 0;
   std::string damping;
@@ -388,7 +388,7 @@ int Submit(Client& c, int argc, char** argv, int first) {
   f.String("targets", &targets,
            "routed-experts (default) or all-linear (inputs not a multiple of the group: BF16)");
   f.Repeated("ignore", &ignore, "regex of module names to leave unquantized (repeatable)");
-  f.String("scale-search", &scale_search, "minmax (default) or mse");
+  f.String("scale-search", &scale_search, "mse (default) or minmax");
   f.String("damping", &damping, "GPTQ relative damping in (0, 1] (default 0.01)");
   f.Bool("no-act-order", &no_act_order, "GPTQ: keep the original column order");
   f.Bool("include-mtp", &mtp, "also quantize the MTP layer's experts");
@@ -428,7 +428,9 @@ int Submit(Client& c, int argc, char** argv, int first) {
   } else {
     return Fail("submit: --targets = \"" + targets + "\": must be routed-experts or all-linear", 2);
   }
-  if (scale_search == "minmax") {
+  if (scale_search.empty()) {
+    // The coordinator's default (mse).
+  } else if (scale_search == "minmax") {
     spec->set_scale_search(mq::v1::SCALE_SEARCH_MINMAX);
   } else if (scale_search == "mse") {
     spec->set_scale_search(mq::v1::SCALE_SEARCH_MSE);
