@@ -12,31 +12,10 @@
 #include <thread>
 
 #include "server/grpc_services.h"
+#include "tests/unit/server/faulty_store.h"
 
 namespace mq::server {
 namespace {
-
-// In-memory store whose writes fail while `failing` is set.
-class SwitchableStore : public Store {
- public:
-  absl::Status Write(const WriteBatch& batch) override {
-    if (failing) return absl::UnavailableError("IO error: No space left on device");
-    return inner_->Write(batch);
-  }
-  absl::StatusOr<std::optional<std::string>> Get(Table table, std::string_view key) override {
-    return inner_->Get(table, key);
-  }
-  absl::StatusOr<KeyValues> GetAll(Table table, std::string_view prefix) override {
-    return inner_->GetAll(table, prefix);
-  }
-  absl::Status Recover() override {
-    return failing ? absl::UnavailableError("IO error: No space left on device") : absl::OkStatus();
-  }
-  std::atomic<bool> failing{false};
-
- private:
-  std::unique_ptr<Store> inner_ = NewInMemoryStore();
-};
 
 class GrpcLimitsTest : public ::testing::Test {
  protected:
@@ -95,7 +74,7 @@ class GrpcLimitsTest : public ::testing::Test {
     return s;
   }
 
-  SwitchableStore store_;
+  FaultyStore store_;
   std::unique_ptr<Coordinator> coordinator_;
   std::unique_ptr<JobServiceImpl> jobs_;
   std::unique_ptr<WorkerServiceImpl> workers_;

@@ -8,42 +8,10 @@
 #include <atomic>
 
 #include "server/coordinator.h"
+#include "tests/unit/server/faulty_store.h"
 
 namespace mq::server {
 namespace {
-
-// An in-memory store whose writes (and Recover) fail while `failing` is set.
-class FaultyStore : public Store {
- public:
-  absl::Status Write(const WriteBatch& batch) override {
-    ++writes;
-    if (failing) return Failure();
-    return inner_->Write(batch);
-  }
-  absl::StatusOr<std::optional<std::string>> Get(Table table, std::string_view key) override {
-    return inner_->Get(table, key);
-  }
-  absl::StatusOr<KeyValues> GetAll(Table table, std::string_view prefix) override {
-    return inner_->GetAll(table, prefix);
-  }
-  absl::Status Recover() override {
-    ++recovers;
-    return failing ? Failure() : absl::OkStatus();
-  }
-  absl::Status Writable() override { return full ? Failure() : absl::OkStatus(); }
-
-  static absl::Status Failure() {
-    return absl::UnavailableError("IO error: No space left on device: While appending to file");
-  }
-
-  bool failing = false;
-  bool full = false;  // Writable() reports no room (no write failed yet)
-  int writes = 0;
-  int recovers = 0;
-
- private:
-  std::unique_ptr<Store> inner_ = NewInMemoryStore();
-};
 
 class StoreFaultsTest : public ::testing::Test {
  protected:
