@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "server/grpc_services.h"
+#include "tests/unit/server/loopback_server.h"
 #include "tests/unit/server/faulty_store.h"
 
 namespace mq::server {
@@ -28,17 +29,11 @@ class GrpcLimitsTest : public ::testing::Test {
     limits.max_long_polls = 1;
     jobs_ = std::make_unique<JobServiceImpl>(coordinator_.get(), nullptr, limits);
     workers_ = std::make_unique<WorkerServiceImpl>(coordinator_.get(), nullptr, limits);
-    grpc::ServerBuilder builder;
-    int port = 0;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(jobs_.get());
-    builder.RegisterService(workers_.get());
-    server_ = builder.BuildAndStart();
-    ASSERT_NE(port, 0);
-    auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
-                                       grpc::InsecureChannelCredentials());
-    job_stub_ = mq::v1::JobService::NewStub(channel);
-    worker_stub_ = mq::v1::WorkerService::NewStub(channel);
+    LoopbackServer loopback = StartLoopbackServer(jobs_.get(), workers_.get());
+    server_ = std::move(loopback.server);
+    ASSERT_NE(loopback.job_stub, nullptr);
+    job_stub_ = std::move(loopback.job_stub);
+    worker_stub_ = std::move(loopback.worker_stub);
   }
 
   void TearDown() override {

@@ -13,6 +13,7 @@
 #include "mq/v1/worker_service.grpc.pb.h"
 #include "server/coordinator.h"
 #include "server/grpc_services.h"
+#include "tests/unit/server/loopback_server.h"
 
 namespace mq::server {
 namespace {
@@ -31,17 +32,11 @@ class GrpcValidationTest : public ::testing::Test {
     coordinator_ = *std::move(c);
     jobs_ = std::make_unique<JobServiceImpl>(coordinator_.get(), nullptr);
     workers_ = std::make_unique<WorkerServiceImpl>(coordinator_.get(), nullptr);
-    grpc::ServerBuilder builder;
-    int port = 0;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(jobs_.get());
-    builder.RegisterService(workers_.get());
-    server_ = builder.BuildAndStart();
-    ASSERT_NE(port, 0);
-    auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
-                                       grpc::InsecureChannelCredentials());
-    job_stub_ = mq::v1::JobService::NewStub(channel);
-    worker_stub_ = mq::v1::WorkerService::NewStub(channel);
+    LoopbackServer loopback = StartLoopbackServer(jobs_.get(), workers_.get());
+    server_ = std::move(loopback.server);
+    ASSERT_NE(loopback.job_stub, nullptr);
+    job_stub_ = std::move(loopback.job_stub);
+    worker_stub_ = std::move(loopback.worker_stub);
   }
 
   void TearDown() override {
