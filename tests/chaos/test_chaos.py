@@ -143,20 +143,9 @@ def test_worker_sigkill_mid_layer(env, tmp_path, worker_args):
         # layers) each time.
         kills = 0
         for target in (1, 3, 5):
-            def reached():
-                j = c.job(job_id)["job"]
-                done = j["state"] in ("JOB_STATE_FINALIZING", "JOB_STATE_SUCCEEDED")
-                return (done or (j["state"] == "JOB_STATE_RUNNING" and
-                                 int(j["progress"].get("layers_committed", 0)) >= target)) and j
-            if wait_until(reached, 180, f"{target} layers committed")["state"] != "JOB_STATE_RUNNING":
+            if not kill_a_rank(c, job_id, target, 180, rng, fault_env, f"spare{kills + 1}"):
                 break  # the job outran the killer
-            time.sleep(rng.uniform(0.05, 0.6))
-            victim = rng.choice(sorted(n for n, p in c.workers.items() if p.alive()))
-            c.workers[victim].kill9()
             kills += 1
-            name = f"spare{kills}"
-            c.start_worker(name, env=fault_env, wait=False)  # busy at once: do not wait for idle
-            wait_until(lambda: c.worker_state(name) is not None, 30, f"{name} registered")
         job = c.wait_job(job_id, "JOB_STATE_SUCCEEDED", timeout=300)
         print(f"workers killed {kills} times; attempts {job['job']['attempt']}, "
               f"uncounted {job['job'].get('uncounted_attempts', 0)}")
@@ -171,6 +160,27 @@ def test_worker_sigkill_mid_layer(env, tmp_path, worker_args):
         assert any("0 steps already committed" not in m for m in starts), starts
     finally:
         c.close()
+
+
+def kill_a_rank(c, job_id, target, timeout, rng, fault_env, spare, while_down=None):
+    """Once `target` layers are committed, SIGKILLs a random live worker at a random moment in
+    the next layer, runs `while_down`, and starts a fresh worker `spare` (busy at once: not
+    waited for idle). False, killing nothing, when the job left RUNNING first."""
+    def reached():
+        j = c.job(job_id)["job"]
+        done = j["state"] in ("JOB_STATE_FINALIZING", "JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED")
+        return (done or (j["state"] == "JOB_STATE_RUNNING" and
+                         int(j.get("progress", {}).get("layers_committed", 0)) >= target)) and j
+    if wait_until(reached, timeout, f"{target} layers committed")["state"] != "JOB_STATE_RUNNING":
+        return False
+    time.sleep(rng.uniform(0.05, 0.6))
+    victim = rng.choice(sorted(n for n, p in c.workers.items() if p.alive()))
+    c.workers[victim].kill9()
+    if while_down:
+        while_down()
+    c.start_worker(spare, env=fault_env, wait=False)
+    wait_until(lambda: c.worker_state(spare) is not None, 30, f"{spare} registered")
+    return True
 
 
 def damage(rng, c, job_id, out, log):
@@ -216,22 +226,12 @@ def test_corruption_between_worker_kills(env, tmp_path):
         job_id = res.stdout.split()[0]
         flipped, log = [], []
         for target in (2, 5):
-            def reached():
-                j = c.job(job_id)["job"]
-                done = j["state"] in ("JOB_STATE_FINALIZING", "JOB_STATE_SUCCEEDED",
-                                      "JOB_STATE_FAILED")
-                return (done or (j["state"] == "JOB_STATE_RUNNING" and
-                                 int(j.get("progress", {}).get("layers_committed", 0)) >= target)) and j
-            if wait_until(reached, 240, f"{target} layers committed")["state"] != "JOB_STATE_RUNNING":
+            def damage_while_down():
+                time.sleep(0.5)  # the survivor notices the broken gang and stops
+                flipped.append(damage(rng, c, job_id, out, log))
+            if not kill_a_rank(c, job_id, target, 240, rng, fault_env, f"spare{len(flipped) + 1}",
+                               while_down=damage_while_down):
                 break
-            time.sleep(rng.uniform(0.05, 0.6))
-            victim = rng.choice(sorted(n for n, p in c.workers.items() if p.alive()))
-            c.workers[victim].kill9()
-            time.sleep(0.5)  # the survivor notices the broken gang and stops
-            flipped.append(damage(rng, c, job_id, out, log))
-            name = f"spare{len(flipped)}"
-            c.start_worker(name, env=fault_env, wait=False)
-            wait_until(lambda: c.worker_state(name) is not None, 30, f"{name} registered")
         job = c.wait_job(job_id, {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"}, timeout=400)
         print(f"chaos seed {SEED}; damage: {log}")
         print_retries(job)
