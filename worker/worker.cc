@@ -50,18 +50,14 @@ grpc::Status CallUntilSettled(const std::atomic<bool>& stop, const std::string& 
   return grpc::Status(grpc::StatusCode::CANCELLED, "stopping");
 }
 
-// Fault injection (off unless the variable is set): milliseconds to stall inside a PLAN
-// assignment before inspecting, so tests can kill processes while work is in flight.
-int64_t FaultPlanDelayMs() {
-  const char* v = std::getenv("MQ_FAULT_PLAN_DELAY_MS");
-  return v ? std::atoll(v) : 0;
-}
-
-// Fault injection (off unless the variable is set): milliseconds to stall inside a FINALIZE
-// assignment just before asking to publish the manifest, deaf to cancellation like a finalizer
-// busy writing files, so tests can cancel or resume a job in FINALIZING.
-int64_t FaultFinalizeDelayMs() {
-  const char* v = std::getenv("MQ_FAULT_FINALIZE_DELAY_MS");
+// Fault injection (off unless the variable is set): milliseconds to stall at one point of an
+// assignment, so tests can kill, cancel or resume while work is in flight:
+//   MQ_FAULT_PLAN_DELAY_MS      inside a PLAN assignment, before inspecting;
+//   MQ_FAULT_STEP_DELAY_MS      after each reported pipeline step;
+//   MQ_FAULT_FINALIZE_DELAY_MS  inside a FINALIZE assignment just before asking to publish the
+//                               manifest, deaf to cancellation like a finalizer busy writing.
+int64_t FaultDelayMs(const char* variable) {
+  const char* v = std::getenv(variable);
   return v ? std::atoll(v) : 0;
 }
 
@@ -150,13 +146,6 @@ void ToProto(const pipeline::StepStats& s, int step, int layer, mq::v1::LayerSta
   p->set_mean_relative_error(s.mean_relative_error);
 }
 #endif
-
-// Fault injection (off unless the variable is set): milliseconds to sleep after each reported
-// pipeline step, so chaos tests can kill processes between and inside layers.
-int64_t FaultStepDelayMs() {
-  const char* v = std::getenv("MQ_FAULT_STEP_DELAY_MS");
-  return v ? std::atoll(v) : 0;
-}
 
 }  // namespace
 
@@ -279,7 +268,7 @@ void Worker::Progress(const mq::v1::Assignment& a, const std::string& stage, dou
 }
 
 absl::Status Worker::RequestPublish(const mq::v1::Assignment& a, const std::atomic<bool>& stop) {
-  const int64_t delay = FaultFinalizeDelayMs();
+  const int64_t delay = FaultDelayMs("MQ_FAULT_FINALIZE_DELAY_MS");
   if (delay > 0) {
     LogLine("worker", "INFO",
             absl::StrCat("fault injection: stalling ", delay, " ms before publishing ",
@@ -346,7 +335,7 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
   bool aborted = false;
   if (a.kind() == mq::v1::ASSIGNMENT_KIND_PLAN) {
     const auto start = std::chrono::steady_clock::now();
-    const int64_t delay = FaultPlanDelayMs();
+    const int64_t delay = FaultDelayMs("MQ_FAULT_PLAN_DELAY_MS");
     for (int64_t waited = 0; waited < delay && !stop && !Cancelled(); waited += 100) {
       if (waited % 1000 == 0) Progress(a, "waiting (fault injection)", double(waited) / delay);
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
@@ -430,7 +419,7 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.cpu_threads = options_.cpu_threads;
   in.overlap_writes = options_.overlap_writes;
   in.prefetch_next_layer = options_.prefetch_next_layer;
-  const int64_t step_delay = FaultStepDelayMs();
+  const int64_t step_delay = FaultDelayMs("MQ_FAULT_STEP_DELAY_MS");
   in.on_step = [&](const pipeline::StepOutput& out) -> absl::Status {
     mq::v1::ReportLayerRequest request;
     request.set_assignment_id(a.assignment_id());
