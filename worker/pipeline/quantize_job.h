@@ -21,7 +21,7 @@ struct QuantizeJobSpec {
   std::string job_id;  // the output directory is claimed for this job (output.h, ownership)
   std::string model_dir;
   std::string output_dir;
-  std::string method = "gptq";  // "gptq" or "rtn"
+  std::string method = "gptq";  // "gptq", "rtn", "awq" or "awq-gptq"
   int group_size = 128;         // 32, 64, 128, or -1 = per output channel
   bool symmetric = true;
   bool act_order = true;
@@ -38,6 +38,9 @@ struct QuantizeJobSpec {
   uint64_t seed = 0;
   int64_t min_expert_tokens = 16;
   bool rare_expert_rtn = false;
+  // AWQ (methods awq and awq-gptq): grid points (0 = only s = 1) and cached tokens per layer.
+  int awq_grid = 20;
+  int64_t awq_max_tokens = 32768;
 };
 
 // Problems with a job's inputs that the checkpoint inspection does not see: the calibration

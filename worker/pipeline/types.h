@@ -22,6 +22,18 @@ struct RareExpertInfo {
   std::string treatment;  // "topped_up" or "rtn"
 };
 
+// One AWQ smoothing mapping, or several folded into one entry (mirrors mq.v1.AwqMapping).
+struct AwqMappingInfo {
+  std::string smooth;  // the smoothed module ("...mlp.experts.*.up_proj" for a folded entry)
+  int balance_layers = 0;
+  int mappings = 1;
+  int identity_chosen = 0;  // of `mappings`, those that kept s = 1
+  double alpha = 0;         // mean chosen alpha over the others (0 when none)
+  double loss_identity = 0, loss_chosen = 0;  // summed over `mappings`
+  int64_t rows = 0;
+  int64_t routing_changed_tokens = 0, routing_tokens = 0;  // the MoE mapping only
+};
+
 // What one rank measured for one step (mirrors mq.v1.LayerStats).
 struct StepStats {
   double load_seconds = 0, forward_seconds = 0, hessian_seconds = 0, solve_seconds = 0,
@@ -35,6 +47,7 @@ struct StepStats {
   int fallbacks = 0;
   std::vector<RareExpertInfo> rare;  // this rank's experts
   double mean_relative_error = 0;    // over this rank's solved linears with tokens
+  std::vector<AwqMappingInfo> awq;   // AWQ jobs: the mappings this rank chose scales for
 };
 
 struct StepOutput {
