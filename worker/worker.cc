@@ -187,6 +187,8 @@ bool Worker::Register(const std::atomic<bool>& stop) {
   if (options_.gang_port > 0) {
     caps->add_capabilities("quantize:gptq");
     caps->add_capabilities("quantize:rtn");
+    caps->add_capabilities("quantize:awq");
+    caps->add_capabilities("quantize:awq-gptq");
     caps->set_gang_address(absl::StrCat(options_.gang_host, ":", options_.gang_port));
   }
 #endif

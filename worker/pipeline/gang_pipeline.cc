@@ -1,5 +1,7 @@
 #include "worker/pipeline/gang_pipeline.h"
 
+#include "worker/pipeline/gang_runner.h"
+
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -31,190 +33,8 @@
 #include "worker/quant/rtn.h"
 
 namespace mq::pipeline {
-namespace {
+namespace gang_internal {
 
-using Clock = std::chrono::steady_clock;
-using quant::GptqResult;
-using quant::HessianAccumulator;
-using quant::HessianGroup;
-
-double Since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
-
-// Waits for the work queued on `device` (a one-element device-to-host copy on the current
-// stream), so that stage times are charged to the stage that queued the work.
-void SyncDevice(const at::Device& device) {
-  if (device.is_cuda()) at::zeros({1}, at::TensorOptions().device(device)).cpu();
-}
-
-#define MQ_RETURN_IF_ERROR(expr)           \
-  do {                                     \
-    absl::Status _st = (expr);             \
-    if (!_st.ok()) return _st;             \
-  } while (0)
-
-// Torch exceptions (bad shapes, out of memory) become statuses at this file's boundary.
-template <typename Fn>
-auto Guarded(const std::string& what, Fn&& fn) -> decltype(fn()) {
-  try {
-    return fn();
-  } catch (const c10::OutOfMemoryError& e) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        what, ": out of device memory (lower mq-worker --dispatch-tokens or --experts-per-pass, "
-              "or the calibration size): ", e.what_without_backtrace()));
-  } catch (const c10::Error& e) {
-    return absl::InternalError(absl::StrCat(what, ": ", e.what_without_backtrace()));
-  } catch (const std::bad_alloc& e) {
-    return absl::ResourceExhaustedError(absl::StrCat(what, ": out of host memory"));
-  }
-}
-
-
-struct Chunk {
-  at::Tensor ids;     // int64 [b, s] on the compute device
-  at::Tensor hidden;  // [b, s, H] compute dtype: this step's input
-};
-
-// Per-layer inputs of the MoE block for the rank's tokens.
-struct MoeInput {
-  std::vector<at::Tensor> residual;  // per chunk, h after attention [b, s, H]
-  at::Tensor u;                      // [T, H] normalised, every chunk's tokens concatenated
-  at::Tensor topk_indices, topk_weights;  // [T, k] on the host (int64, fp32)
-};
-
-// Rows sent to expert owners (origin side) and received from every rank (owner side).
-struct Dispatch {
-  at::Tensor send_tokens;              // int64 [S]: token (row of u) of each sent row
-  at::Tensor send_weights;             // fp32 [S]
-  std::vector<int64_t> send_expert_counts;  // [E]: sent rows per expert (send order = experts asc)
-  std::vector<int64_t> send_counts, recv_counts;  // per rank
-  at::Tensor recv_rows;     // [R, H] compute dtype, grouped by source rank
-  at::Tensor recv_order;    // int64 [R]: received rows ordered by (expert, source, token)
-  std::vector<int64_t> recv_expert_counts;  // [E]
-};
-
-// How the MoE block's routed rows are dispatched, the same on every rank (rank 0's settings).
-// Dispatch rounds bound the rows held at once: calibration sequence i (global index) belongs to
-// round i mod rounds, so each round takes a slice of every rank's tokens, and the rows an
-// expert's owner receives in a round (and their order) do not depend on the gang size.
-// Expert passes bound the Hessians held at once: a rank's own experts, per_pass at a time; with
-// several rounds, each pass dispatches only the rows of the experts in that pass.
-struct DispatchPlan {
-  int64_t rounds = 1;
-  int per_pass = 1;  // own experts per pass
-  int passes = 1;    // passes every rank runs (the largest expert range needs this many)
-};
-
-// What is left of a step once its layer has been propagated: its files and hidden-state
-// checkpoint to write, then its report. Host memory only, so it can finish on another thread
-// while the next step uses the device.
-struct StepWrite {
-  StepOutput out;
-  std::vector<model::TensorData> tensors;  // solved tensors of this rank (packed)
-  std::vector<std::string> plain;          // unquantized tensors of the layer this rank writes
-  std::vector<model::TensorData> hidden;   // the step's output hidden states, per chunk
-};
-
-class Runner {
- public:
-  Runner(const GangPipelineOptions& o, Gang& gang, model::CheckpointReader& reader,
-         model::DeepseekV3Config config, model::GlobalWeights globals)
-      : o_(o), gang_(gang), reader_(reader), config_(std::move(config)),
-        globals_(std::move(globals)) {}
-  ~Runner() { StopPrefetch(); }  // the prefetch thread reads through reader_
-
-  absl::StatusOr<GangPipelineResult> Run();
-
- private:
-  int OwnerOf(int expert) const {
-    const int e = config_.n_routed_experts, k = gang_.size();
-    for (int r = 0; r < k; ++r) {
-      if (expert < static_cast<int64_t>(e) * (r + 1) / k) return r;
-    }
-    return k - 1;
-  }
-  int FirstExpert(int rank) const {
-    return static_cast<int>(static_cast<int64_t>(config_.n_routed_experts) * rank / gang_.size());
-  }
-  bool IsRoutedExpert(const std::string& name, int* expert) const;
-  bool Owns(const std::string& name) const {
-    int e = 0;
-    return !IsRoutedExpert(name, &e) || OwnerOf(e) == gang_.rank();
-  }
-  at::Tensor Positions(int64_t seq) const {
-    return at::arange(seq, at::TensorOptions().dtype(at::kLong).device(o_.device));
-  }
-  void Progress(const std::string& stage, double f) const {
-    if (o_.on_progress) o_.on_progress(stage, f);
-  }
-  absl::Status CheckCancelled() const {
-    if (o_.cancelled && o_.cancelled()) return absl::CancelledError("assignment cancelled");
-    return absl::OkStatus();
-  }
-
-  absl::Status Embed();
-  absl::Status EnterLayer(int layer);  // MTP input transform when `layer` is an MTP layer
-  absl::StatusOr<model::LayerWeights> Load(int layer);
-  absl::StatusOr<MoeInput> Attention(const model::LayerWeights& w, const model::ForwardHooks& h);
-  // Sends rows of `in` to their experts' owners: the tokens (rows of in.u) listed in `tokens`
-  // (int64, ascending, on the host; undefined = all), and only the experts `in_pass` accepts
-  // (null = all).
-  absl::StatusOr<Dispatch> DispatchRows(const MoeInput& in, const at::Tensor& tokens = {},
-                                        const std::vector<bool>* in_pass = nullptr);
-  // Rows of in.u (int64, ascending, on the host) per dispatch round.
-  std::vector<at::Tensor> RoundTokens() const;
-  // Whether routed expert e is solved in pass p by its owner, for every expert.
-  std::vector<bool> PassExperts(int p) const;
-  // Agrees on the dispatch settings (rank 0's), once per run.
-  absl::Status AgreeDispatchPlan();
-  // Owner side: every own expert over its received rows; returns outputs in received order
-  // (undefined when !want_outputs).
-  // Experts [first, last) only (default: all).
-  at::Tensor RunExperts(const model::LayerWeights& w, const Dispatch& d,
-                        const model::ForwardHooks& hooks, bool want_outputs, int first = 0,
-                        int last = std::numeric_limits<int>::max());
-  // Returns the expert outputs to their tokens' ranks and adds them, weighted, to `out` ([T, H],
-  // rows of in.u).
-  absl::Status CombineInto(const Dispatch& d, const at::Tensor& expert_out, at::Tensor& out);
-  // The MoE block's output `out` (routed part) plus the shared experts, added to the residual.
-  std::vector<at::Tensor> FinishMoe(const model::LayerWeights& w, const MoeInput& in,
-                                    at::Tensor out, const model::ForwardHooks& hooks);
-  // Next hidden states with `overrides` (quantized weights); reuses `cached` when given.
-  absl::StatusOr<std::vector<at::Tensor>> Propagate(const model::LayerWeights& w,
-                                                    const model::WeightOverrides& overrides,
-                                                    const MoeInput* cached_in,
-                                                    const Dispatch* cached_d);
-  absl::StatusOr<StepWrite> QuantizeStep(int step, int layer);
-  // With o_.prefetch_next_layer: reads the tensors of `layer` that this rank loads into the page
-  // cache on another thread (the previous prefetch is waited for first).
-  void StartPrefetch(int layer);
-  void StopPrefetch();
-  // Writes the step's files and checkpoint, then reports it (o_.on_step). Touches no device
-  // tensor and no member that a running step changes, so it may run beside the next step.
-  absl::Status WriteStep(StepWrite w);
-  absl::Status Replay(int step, int layer, const FileSetReader& committed);
-  std::string CheckpointPath(int step) const;
-  std::vector<model::TensorData> HiddenStates() const;
-  absl::Status SaveCheckpoint(int step, std::vector<model::TensorData> hidden);
-  absl::StatusOr<bool> LoadCheckpoint(int step);
-  absl::StatusOr<std::vector<GptqResult>> Solve(const std::vector<at::Tensor>& ws,
-                                                const HessianAccumulator* acc, bool force_rtn,
-                                                at::Tensor* h_out);
-
-  const GangPipelineOptions& o_;
-  Gang& gang_;
-  model::CheckpointReader& reader_;
-  model::DeepseekV3Config config_;
-  model::GlobalWeights globals_;
-  std::vector<Chunk> chunks_;
-  int64_t lo_ = 0, hi_ = 0;  // this rank's sequences [lo, hi)
-  DispatchPlan plan_;
-  bool in_mtp_ = false;
-  std::vector<int> layers_;  // the pipeline's layers, by step
-  std::future<void> prefetch_;
-  std::atomic<bool> stop_prefetch_{false};
-};
 
 void Runner::StartPrefetch(int layer) {
   if (!o_.prefetch_next_layer) return;
@@ -564,7 +384,7 @@ absl::StatusOr<std::vector<GptqResult>> Runner::Solve(const std::vector<at::Tens
     if (!h.ok()) return h.status();
     *h_out = *std::move(h);
   }
-  if (o_.method == quant::QuantMethod::kGptq && tokens > 0 && !force_rtn) {
+  if (quant::UsesHessians(o_.method) && tokens > 0 && !force_rtn) {
     return quant::QuantizeGptqShared(ws, *h_out, gptq);
   }
   std::vector<GptqResult> results;
@@ -573,7 +393,7 @@ absl::StatusOr<std::vector<GptqResult>> Runner::Solve(const std::vector<at::Tens
     if (!q.ok()) return q.status();
     GptqResult r;
     r.weight = *std::move(q);
-    if (o_.method == quant::QuantMethod::kGptq) {
+    if (quant::UsesHessians(o_.method)) {
       r.fallback = quant::Fallback::kRtn;
       r.fallback_reason = force_rtn ? "rare expert: RTN requested (rare_expert_rtn)"
                                     : "no calibration tokens reached this linear";
@@ -597,14 +417,28 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   MQ_RETURN_IF_ERROR(EnterLayer(layer));
   absl::StatusOr<model::LayerWeights> loaded = Load(layer);
   if (!loaded.ok()) return loaded.status();
-  const model::LayerWeights& w = *loaded;
+  model::LayerWeights& w = *loaded;
   SyncDevice(o_.device);
   st.load_seconds = Since(t);
   // The next layer's bytes come from storage while this one computes.
   if (step + 1 < static_cast<int>(layers_.size())) StartPrefetch(layers_[step + 1]);
 
   // What is quantized, split into replicated groups (every rank) and own expert groups.
-  const std::vector<std::string> quantized = quant::QuantizedLinears(config_, layer, o_.format);
+  std::vector<std::string> quantized = quant::QuantizedLinears(config_, layer, o_.format);
+  // AWQ first: its scales are folded into `w`, and everything below quantizes the folded layer
+  // (RTN of W·s, or GPTQ with the Hessians of the smoothed inputs).
+  std::map<std::string, at::Tensor> folded;
+  double awq_seconds = 0;
+  if (quant::UsesAwq(o_.method)) {
+    t = Clock::now();
+    Progress(where + ": AWQ scale search", 0.05);
+    MQ_RETURN_IF_ERROR(
+        SmoothLayer(w, std::set<std::string>(quantized.begin(), quantized.end()), &folded, &st));
+    SyncDevice(o_.device);
+    awq_seconds = Since(t);
+    MQ_RETURN_IF_ERROR(CheckCancelled());
+    if (o_.awq_fold_only) quantized.clear();  // every tensor written as folded, unquantized
+  }
   std::vector<std::string> replicated, own_experts;
   for (const std::string& m : quantized) {
     int e = 0;
@@ -617,7 +451,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   const std::vector<HessianGroup> rep_groups = quant::GroupLinears(replicated);
   const std::vector<HessianGroup> exp_groups = quant::GroupLinears(own_experts);
   // RTN rounds each weight on its own: no Hessians, no calibration forward for them.
-  const bool rtn = o_.method != quant::QuantMethod::kGptq;
+  const bool rtn = !quant::UsesHessians(o_.method);
   std::map<std::string, std::unique_ptr<HessianAccumulator>> acc;
   for (const HessianGroup& g : rtn ? std::vector<HessianGroup>() : rep_groups) {
     acc[g.members[0]] =
@@ -828,7 +662,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
       IsRoutedExpert(g->members[0], &e);
       const bool rtn = o_.rare_expert_rtn && rare_experts.count(e);
       const HessianAccumulator* a = acc[g->members[0]].get();
-      if (o_.method != quant::QuantMethod::kGptq || rtn || a->tokens() == 0) {
+      if (!quant::UsesHessians(o_.method) || rtn || a->tokens() == 0) {
         MQ_RETURN_IF_ERROR(solve_group(*g, rtn));
         continue;
       }
@@ -881,7 +715,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   SyncDevice(o_.device);
   // The experts' forward and Hessian accumulation happened inside this stage: Hessian time.
   solve_only += Since(r0);
-  st.solve_seconds = rtn ? Since(t) : solve_only;
+  st.solve_seconds = (rtn ? Since(t) : solve_only) + awq_seconds;
   st.hessian_seconds = rtn ? 0.0 : st_hessian_before_solve + std::max(0.0, Since(t) - solve_only);
   MQ_RETURN_IF_ERROR(CheckCancelled());
 
@@ -923,6 +757,10 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
             replicated.end()) {
       continue;  // a replicated quantized linear: written by its solver
     }
+    if (auto f = folded.find(n); f != folded.end()) {
+      result.tensors.push_back(model::ToTensorData(n, f->second));  // AWQ folded it
+      continue;
+    }
     result.plain.push_back(n);
   }
   const Clock::time_point h = Clock::now();
@@ -957,6 +795,7 @@ absl::Status Runner::Replay(int step, int layer, const FileSetReader& committed)
   MQ_RETURN_IF_ERROR(EnterLayer(layer));
   absl::StatusOr<model::LayerWeights> loaded = Load(layer);
   if (!loaded.ok()) return loaded.status();
+  if (quant::UsesAwq(o_.method)) MQ_RETURN_IF_ERROR(UseCommittedTensors(*loaded, committed));
   model::WeightOverrides overrides;
   for (const std::string& m : quant::QuantizedLinears(config_, layer, o_.format)) {
     if (!Owns(m)) continue;  // another rank's expert
@@ -1110,7 +949,7 @@ absl::StatusOr<GangPipelineResult> Runner::Run() {
   return result;
 }
 
-}  // namespace
+}  // namespace gang_internal
 
 std::vector<int> PipelineLayers(const model::DeepseekV3Config& config,
                                 const quant::CompressedTensorsOptions& format) {
@@ -1160,7 +999,7 @@ absl::StatusOr<GangPipelineResult> RunGangPipeline(const GangPipelineOptions& op
   gang_options.device = options.device;
   absl::StatusOr<std::unique_ptr<Gang>> gang = Gang::Join(gang_options);
   if (!gang.ok()) return gang.status();
-  Runner runner(options, **gang, **reader, *std::move(config), *std::move(globals));
+  gang_internal::Runner runner(options, **gang, **reader, *std::move(config), *std::move(globals));
   return runner.Run();
 }
 

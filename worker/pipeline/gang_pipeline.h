@@ -43,6 +43,7 @@
 #include "worker/pipeline/gang.h"
 #include "worker/pipeline/output.h"
 #include "worker/pipeline/types.h"
+#include "worker/quant/awq.h"
 #include "worker/quant/compressed_tensors.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/local_pipeline.h"
@@ -61,6 +62,11 @@ struct GangPipelineOptions {
   quant::QuantMethod method = quant::QuantMethod::kGptq;
   quant::CompressedTensorsOptions format;
   quant::GptqOptions gptq;
+  quant::AwqOptions awq;  // methods kAwq and kAwqGptq
+  // Tests of AWQ's folding: scales chosen and folded as usual, then nothing quantized; the
+  // step files hold every tensor of the layer folded, in bf16 (not a servable output: the
+  // finalization would still describe quantized linears).
+  bool awq_fold_only = false;
   int64_t min_expert_tokens = 16;  // <= 0: no rare-expert treatment
   bool rare_expert_rtn = false;
   at::Device device = at::kCPU;

@@ -48,9 +48,16 @@ std::vector<std::pair<std::string, std::string>> CheckQuantizeInputs(const Quant
                           "asymmetric quantization is not supported by the pipeline; use "
                           "symmetric (the vLLM Marlin kernels' format)");
   }
-  if (spec.method != "gptq" && spec.method != "rtn") {
-    problems.emplace_back("request.method", absl::StrCat("method \"", spec.method,
-                                                         "\" is not implemented (gptq, rtn)"));
+  if (absl::StatusOr<quant::QuantMethod> m = quant::ParseQuantMethod(spec.method); !m.ok()) {
+    problems.emplace_back("request.method", std::string(m.status().message()));
+  }
+  if (spec.awq_grid < 0 || spec.awq_grid > 100) {
+    problems.emplace_back("request.awq.grid",
+                          absl::StrCat("awq grid ", spec.awq_grid, ": must be in [0, 100]"));
+  }
+  if (spec.awq_max_tokens < 1) {
+    problems.emplace_back("request.awq.max_tokens",
+                          absl::StrCat("awq max_tokens ", spec.awq_max_tokens, ": must be >= 1"));
   }
   absl::StatusOr<quant::CompressedTensorsOptions> f = Format(spec);
   if (!f.ok()) problems.emplace_back("request.format", std::string(f.status().message()));
@@ -96,7 +103,11 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   o.total_steps = in.total_steps;
   o.committed_files = in.committed_files;
   o.samples = std::move(cal->samples);
-  o.method = in.spec.method == "rtn" ? quant::QuantMethod::kRtn : quant::QuantMethod::kGptq;
+  absl::StatusOr<quant::QuantMethod> method = quant::ParseQuantMethod(in.spec.method);
+  if (!method.ok()) return method.status();
+  o.method = *method;
+  o.awq.grid = in.spec.awq_grid;
+  o.awq.max_tokens = in.spec.awq_max_tokens;
   o.format = *format;
   o.gptq.act_order = in.spec.act_order;
   o.gptq.rel_damp = in.spec.damping;

@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -72,20 +73,28 @@ absl::StatusOr<model::TensorData> PlainTensor(model::CheckpointReader& reader,
 }
 
 // The loaded weight of module `name` (a LayerLinears name) of `w`.
-at::Tensor WeightOf(const model::LayerWeights& w, const std::string& name) {
+at::Tensor* ModuleTensor(model::LayerWeights& w, const std::string& name) {
+  if (name.rfind(w.prefix, 0) != 0) return nullptr;
   const std::string s = name.substr(w.prefix.size());
-  auto mlp = [](const model::MlpWeights& m, const std::string& proj) {
-    if (proj == "gate_proj") return m.gate_proj;
-    if (proj == "up_proj") return m.up_proj;
-    if (proj == "down_proj") return m.down_proj;
-    return at::Tensor();
+  auto mlp = [](model::MlpWeights& m, const std::string& proj) -> at::Tensor* {
+    if (proj == "gate_proj") return &m.gate_proj;
+    if (proj == "up_proj") return &m.up_proj;
+    if (proj == "down_proj") return &m.down_proj;
+    return nullptr;
   };
-  if (s == "self_attn.q_proj") return w.q_proj;
-  if (s == "self_attn.q_a_proj") return w.q_a_proj;
-  if (s == "self_attn.q_b_proj") return w.q_b_proj;
-  if (s == "self_attn.kv_a_proj_with_mqa") return w.kv_a_proj_with_mqa;
-  if (s == "self_attn.kv_b_proj") return w.kv_b_proj;
-  if (s == "self_attn.o_proj") return w.o_proj;
+  const std::map<std::string, at::Tensor*> fixed = {
+      {"input_layernorm", &w.input_layernorm},
+      {"post_attention_layernorm", &w.post_attention_layernorm},
+      {"self_attn.q_proj", &w.q_proj},
+      {"self_attn.q_a_proj", &w.q_a_proj},
+      {"self_attn.q_a_layernorm", &w.q_a_layernorm},
+      {"self_attn.q_b_proj", &w.q_b_proj},
+      {"self_attn.kv_a_proj_with_mqa", &w.kv_a_proj_with_mqa},
+      {"self_attn.kv_a_layernorm", &w.kv_a_layernorm},
+      {"self_attn.kv_b_proj", &w.kv_b_proj},
+      {"self_attn.o_proj", &w.o_proj},
+      {"mlp.gate", &w.gate}};
+  if (auto it = fixed.find(s); it != fixed.end()) return it->second;
   const std::string shared = "mlp.shared_experts.";
   const std::string experts = "mlp.experts.";
   if (s.rfind(shared, 0) == 0) return mlp(w.shared_experts, s.substr(shared.size()));
@@ -95,14 +104,18 @@ at::Tensor WeightOf(const model::LayerWeights& w, const std::string& name) {
     int e = 0;
     if (dot == std::string::npos || !absl::SimpleAtoi(rest.substr(0, dot), &e) || e < 0 ||
         e >= static_cast<int>(w.experts.size())) {
-      return at::Tensor();
+      return nullptr;
     }
     return mlp(w.experts[e], rest.substr(dot + 1));
   }
   if (s.rfind("mlp.", 0) == 0) return mlp(w.mlp, s.substr(4));
-  return at::Tensor();
+  return nullptr;
 }
 
+at::Tensor WeightOf(const model::LayerWeights& w, const std::string& name) {
+  const at::Tensor* t = ModuleTensor(const_cast<model::LayerWeights&>(w), name);
+  return t ? *t : at::Tensor();
+}
 
 std::vector<HessianGroup> GroupLinears(const std::vector<std::string>& quantized) {
   const std::set<std::string> set(quantized.begin(), quantized.end());

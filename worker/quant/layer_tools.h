@@ -34,6 +34,10 @@ absl::StatusOr<model::TensorData> PlainTensor(model::CheckpointReader& reader,
 
 // The loaded weight of module `name` (a LayerLinears name) of `w`; undefined when absent.
 at::Tensor WeightOf(const model::LayerWeights& w, const std::string& name);
+// The slot holding module `name`'s weight in `w` (a LayerLinears name, the router
+// "...mlp.gate" or a norm such as "...post_attention_layernorm"), to replace it; nullptr when
+// `w` has no such module.
+at::Tensor* ModuleTensor(model::LayerWeights& w, const std::string& name);
 
 // Linears reading the same input that share one Hessian (gate_proj + up_proj), else singletons.
 struct HessianGroup {

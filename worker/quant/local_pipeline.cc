@@ -82,6 +82,15 @@ absl::StatusOr<std::vector<at::Tensor>> RunChunks(const model::LayerWeights& w,
 
 }  // namespace
 
+absl::StatusOr<QuantMethod> ParseQuantMethod(const std::string& name) {
+  if (name == "gptq") return QuantMethod::kGptq;
+  if (name == "rtn") return QuantMethod::kRtn;
+  if (name == "awq") return QuantMethod::kAwq;
+  if (name == "awq-gptq") return QuantMethod::kAwqGptq;
+  return absl::InvalidArgumentError(
+      absl::StrCat("method \"", name, "\": must be gptq, rtn, awq or awq-gptq"));
+}
+
 absl::StatusOr<LocalQuantizeReport> QuantizeLocal(const LocalQuantizeOptions& options) {
   const Clock::time_point start = Clock::now();
   if (!options.input_ids.defined() || options.input_ids.dim() != 2 ||
@@ -91,6 +100,10 @@ absl::StatusOr<LocalQuantizeReport> QuantizeLocal(const LocalQuantizeOptions& op
   }
   if (options.dtype != at::kFloat && options.dtype != at::kBFloat16) {
     return absl::InvalidArgumentError("dtype: must be float32 or bfloat16");
+  }
+  if (UsesAwq(options.method)) {
+    return absl::InvalidArgumentError(
+        "method: the local pipeline runs gptq or rtn; AWQ runs in the gang pipeline (mq-worker)");
   }
   if (options.batch_size <= 0) {
     return absl::InvalidArgumentError(

@@ -33,7 +33,15 @@
 
 namespace mq::quant {
 
-enum class QuantMethod { kGptq, kRtn };
+// kAwq: AWQ scales folded into the checkpoint, then RTN of the scaled weights; kAwqGptq: the
+// same scales, then GPTQ. The AWQ methods run in the gang pipeline only (gang_pipeline.h).
+enum class QuantMethod { kGptq, kRtn, kAwq, kAwqGptq };
+inline bool UsesHessians(QuantMethod m) {
+  return m == QuantMethod::kGptq || m == QuantMethod::kAwqGptq;
+}
+inline bool UsesAwq(QuantMethod m) { return m == QuantMethod::kAwq || m == QuantMethod::kAwqGptq; }
+// "gptq", "rtn", "awq", "awq-gptq"; InvalidArgument naming the value and the allowed ones.
+absl::StatusOr<QuantMethod> ParseQuantMethod(const std::string& name);
 
 struct LocalQuantizeOptions {
   std::string model_dir;

@@ -1,0 +1,237 @@
+// The gang pipeline's per-rank runner (gang_pipeline.h), shared by the files that implement its
+// stages: gang_pipeline.cc (load, dispatch, Hessians, solve, propagate, write, resume) and
+// gang_awq.cc (AWQ's scale search and folding). Internal to worker/pipeline: include it only
+// from those files.
+//
+// For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
+// Threading: a Runner belongs to the thread that calls Run(); only WriteStep and the prefetch
+// run beside it (see their comments).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <limits>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "worker/model/checkpoint_reader.h"
+#include "worker/model/config.h"
+#include "worker/model/deepseek_v3.h"
+#include "worker/model/tensor_io.h"
+#include "worker/pipeline/gang.h"
+#include "worker/pipeline/gang_pipeline.h"
+#include "worker/pipeline/output.h"
+#include "worker/quant/gptq.h"
+#include "worker/quant/hessian.h"
+#include "worker/quant/layer_tools.h"
+
+namespace mq::pipeline::gang_internal {
+
+using Clock = std::chrono::steady_clock;
+using quant::GptqResult;
+using quant::HessianAccumulator;
+using quant::HessianGroup;
+
+inline double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+// Waits for the work queued on `device` (a one-element device-to-host copy on the current
+// stream), so that stage times are charged to the stage that queued the work.
+inline void SyncDevice(const at::Device& device) {
+  if (device.is_cuda()) at::zeros({1}, at::TensorOptions().device(device)).cpu();
+}
+
+#define MQ_RETURN_IF_ERROR(expr)           \
+  do {                                     \
+    absl::Status _st = (expr);             \
+    if (!_st.ok()) return _st;             \
+  } while (0)
+
+// Torch exceptions (bad shapes, out of memory) become statuses at this file's boundary.
+template <typename Fn>
+auto Guarded(const std::string& what, Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const c10::OutOfMemoryError& e) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        what, ": out of device memory (lower mq-worker --dispatch-tokens or --experts-per-pass, "
+              "or the calibration size): ", e.what_without_backtrace()));
+  } catch (const c10::Error& e) {
+    return absl::InternalError(absl::StrCat(what, ": ", e.what_without_backtrace()));
+  } catch (const std::bad_alloc& e) {
+    return absl::ResourceExhaustedError(absl::StrCat(what, ": out of host memory"));
+  }
+}
+
+
+struct Chunk {
+  at::Tensor ids;     // int64 [b, s] on the compute device
+  at::Tensor hidden;  // [b, s, H] compute dtype: this step's input
+};
+
+// Per-layer inputs of the MoE block for the rank's tokens.
+struct MoeInput {
+  std::vector<at::Tensor> residual;  // per chunk, h after attention [b, s, H]
+  at::Tensor u;                      // [T, H] normalised, every chunk's tokens concatenated
+  at::Tensor topk_indices, topk_weights;  // [T, k] on the host (int64, fp32)
+};
+
+// Rows sent to expert owners (origin side) and received from every rank (owner side).
+struct Dispatch {
+  at::Tensor send_tokens;              // int64 [S]: token (row of u) of each sent row
+  at::Tensor send_weights;             // fp32 [S]
+  std::vector<int64_t> send_expert_counts;  // [E]: sent rows per expert (send order = experts asc)
+  std::vector<int64_t> send_counts, recv_counts;  // per rank
+  at::Tensor recv_rows;     // [R, H] compute dtype, grouped by source rank
+  at::Tensor recv_order;    // int64 [R]: received rows ordered by (expert, source, token)
+  std::vector<int64_t> recv_expert_counts;  // [E]
+};
+
+// How the MoE block's routed rows are dispatched, the same on every rank (rank 0's settings).
+// Dispatch rounds bound the rows held at once: calibration sequence i (global index) belongs to
+// round i mod rounds, so each round takes a slice of every rank's tokens, and the rows an
+// expert's owner receives in a round (and their order) do not depend on the gang size.
+// Expert passes bound the Hessians held at once: a rank's own experts, per_pass at a time; with
+// several rounds, each pass dispatches only the rows of the experts in that pass.
+struct DispatchPlan {
+  int64_t rounds = 1;
+  int per_pass = 1;  // own experts per pass
+  int passes = 1;    // passes every rank runs (the largest expert range needs this many)
+};
+
+// What is left of a step once its layer has been propagated: its files and hidden-state
+// checkpoint to write, then its report. Host memory only, so it can finish on another thread
+// while the next step uses the device.
+struct StepWrite {
+  StepOutput out;
+  // Solved tensors of this rank (packed), and the AWQ-folded unquantized tensors it writes.
+  std::vector<model::TensorData> tensors;
+  std::vector<std::string> plain;          // unquantized tensors of the layer this rank writes
+  std::vector<model::TensorData> hidden;   // the step's output hidden states, per chunk
+};
+
+class AwqSmoother;
+
+class Runner {
+ public:
+  Runner(const GangPipelineOptions& o, Gang& gang, model::CheckpointReader& reader,
+         model::DeepseekV3Config config, model::GlobalWeights globals)
+      : o_(o), gang_(gang), reader_(reader), config_(std::move(config)),
+        globals_(std::move(globals)) {}
+  ~Runner() { StopPrefetch(); }  // the prefetch thread reads through reader_
+
+  absl::StatusOr<GangPipelineResult> Run();
+
+ private:
+  friend class AwqSmoother;  // gang_awq.cc: AWQ's stage uses the dispatch and the gang
+
+  int OwnerOf(int expert) const {
+    const int e = config_.n_routed_experts, k = gang_.size();
+    for (int r = 0; r < k; ++r) {
+      if (expert < static_cast<int64_t>(e) * (r + 1) / k) return r;
+    }
+    return k - 1;
+  }
+  int FirstExpert(int rank) const {
+    return static_cast<int>(static_cast<int64_t>(config_.n_routed_experts) * rank / gang_.size());
+  }
+  bool IsRoutedExpert(const std::string& name, int* expert) const;
+  bool Owns(const std::string& name) const {
+    int e = 0;
+    return !IsRoutedExpert(name, &e) || OwnerOf(e) == gang_.rank();
+  }
+  at::Tensor Positions(int64_t seq) const {
+    return at::arange(seq, at::TensorOptions().dtype(at::kLong).device(o_.device));
+  }
+  void Progress(const std::string& stage, double f) const {
+    if (o_.on_progress) o_.on_progress(stage, f);
+  }
+  absl::Status CheckCancelled() const {
+    if (o_.cancelled && o_.cancelled()) return absl::CancelledError("assignment cancelled");
+    return absl::OkStatus();
+  }
+
+  absl::Status Embed();
+  absl::Status EnterLayer(int layer);  // MTP input transform when `layer` is an MTP layer
+  absl::StatusOr<model::LayerWeights> Load(int layer);
+  absl::StatusOr<MoeInput> Attention(const model::LayerWeights& w, const model::ForwardHooks& h);
+  // Sends rows of `in` to their experts' owners: the tokens (rows of in.u) listed in `tokens`
+  // (int64, ascending, on the host; undefined = all), and only the experts `in_pass` accepts
+  // (null = all).
+  absl::StatusOr<Dispatch> DispatchRows(const MoeInput& in, const at::Tensor& tokens = {},
+                                        const std::vector<bool>* in_pass = nullptr);
+  // Rows of in.u (int64, ascending, on the host) per dispatch round.
+  std::vector<at::Tensor> RoundTokens() const;
+  // Whether routed expert e is solved in pass p by its owner, for every expert.
+  std::vector<bool> PassExperts(int p) const;
+  // Agrees on the dispatch settings (rank 0's), once per run.
+  absl::Status AgreeDispatchPlan();
+  // Owner side: every own expert over its received rows; returns outputs in received order
+  // (undefined when !want_outputs).
+  // Experts [first, last) only (default: all).
+  at::Tensor RunExperts(const model::LayerWeights& w, const Dispatch& d,
+                        const model::ForwardHooks& hooks, bool want_outputs, int first = 0,
+                        int last = std::numeric_limits<int>::max());
+  // Returns the expert outputs to their tokens' ranks and adds them, weighted, to `out` ([T, H],
+  // rows of in.u).
+  absl::Status CombineInto(const Dispatch& d, const at::Tensor& expert_out, at::Tensor& out);
+  // The MoE block's output `out` (routed part) plus the shared experts, added to the residual.
+  std::vector<at::Tensor> FinishMoe(const model::LayerWeights& w, const MoeInput& in,
+                                    at::Tensor out, const model::ForwardHooks& hooks);
+  // Next hidden states with `overrides` (quantized weights); reuses `cached` when given.
+  absl::StatusOr<std::vector<at::Tensor>> Propagate(const model::LayerWeights& w,
+                                                    const model::WeightOverrides& overrides,
+                                                    const MoeInput* cached_in,
+                                                    const Dispatch* cached_d);
+  absl::StatusOr<StepWrite> QuantizeStep(int step, int layer);
+  // With o_.prefetch_next_layer: reads the tensors of `layer` that this rank loads into the page
+  // cache on another thread (the previous prefetch is waited for first).
+  void StartPrefetch(int layer);
+  void StopPrefetch();
+  // Writes the step's files and checkpoint, then reports it (o_.on_step). Touches no device
+  // tensor and no member that a running step changes, so it may run beside the next step.
+  absl::Status WriteStep(StepWrite w);
+  absl::Status Replay(int step, int layer, const FileSetReader& committed);
+  std::string CheckpointPath(int step) const;
+  std::vector<model::TensorData> HiddenStates() const;
+  absl::Status SaveCheckpoint(int step, std::vector<model::TensorData> hidden);
+  absl::StatusOr<bool> LoadCheckpoint(int step);
+  // AWQ (gang_awq.cc): chooses the scales of layer `w`'s smoothing mappings on a subset of the
+  // calibration sequences and folds them into `w` (its tensors replaced). The folded tensors
+  // the output keeps unquantized go to `folded` (tensor name -> CPU tensor as stored), the
+  // mappings' report to `stats`. `quantized` lists the layer's quantized linears (every
+  // rank's). A collective: every rank calls it for the same layer.
+  absl::Status SmoothLayer(model::LayerWeights& w, const std::set<std::string>& quantized,
+                           std::map<std::string, at::Tensor>* folded, StepStats* stats);
+  // Replaces the unquantized tensors of `w` (norms, router, unquantized linears this rank holds)
+  // by the committed ones, which AWQ folded: a replay then runs the layer as written.
+  absl::Status UseCommittedTensors(model::LayerWeights& w, const FileSetReader& committed);
+  absl::StatusOr<std::vector<GptqResult>> Solve(const std::vector<at::Tensor>& ws,
+                                                const HessianAccumulator* acc, bool force_rtn,
+                                                at::Tensor* h_out);
+
+  const GangPipelineOptions& o_;
+  Gang& gang_;
+  model::CheckpointReader& reader_;
+  model::DeepseekV3Config config_;
+  model::GlobalWeights globals_;
+  std::vector<Chunk> chunks_;
+  int64_t lo_ = 0, hi_ = 0;  // this rank's sequences [lo, hi)
+  DispatchPlan plan_;
+  bool in_mtp_ = false;
+  std::vector<int> layers_;  // the pipeline's layers, by step
+  std::future<void> prefetch_;
+  std::atomic<bool> stop_prefetch_{false};
+};
+
+}  // namespace mq::pipeline::gang_internal
