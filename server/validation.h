@@ -15,7 +15,8 @@
 
 namespace mq::server {
 
-// Checks a submitted spec and returns it with every unset field set to its default.
+// Checks a submitted spec and returns it with every unset field set to its default (spec.awq
+// only for methods awq and awq-gptq; it must be unset for the others).
 absl::StatusOr<mq::v1::JobSpec> NormalizeJobSpec(const mq::v1::JobSpec& spec);
 
 // A location field (model, output, dataset): an absolute path or file:// URI.

@@ -108,7 +108,14 @@ TEST_F(GrpcValidationTest, EveryBadSpecFieldIsNamed) {
       {"spec.output_uri", [](auto& r) { r.mutable_spec()->set_output_uri("/models/dsv3/"); }},
       {"spec.output_uri", [](auto& r) { r.mutable_spec()->set_output_uri("/models/dsv3/q"); }},
       {"spec.method", [](auto& r) { r.mutable_spec()->set_method(static_cast<mq::v1::Method>(42)); }},
-      {"spec.method", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ); }},
+      {"spec.method", [](auto& r) { r.mutable_spec()->set_method(static_cast<mq::v1::Method>(99)); }},
+      {"spec.awq", [](auto& r) { r.mutable_spec()->mutable_awq()->set_grid(5); }},
+      {"spec.awq", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_RTN); r.mutable_spec()->mutable_awq()->set_max_tokens(64); }},
+      {"spec.awq.grid", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ); r.mutable_spec()->mutable_awq()->set_grid(101); }},
+      {"spec.awq.grid", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ_GPTQ); r.mutable_spec()->mutable_awq()->set_grid(-1); }},
+      {"spec.awq.max_tokens", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ); r.mutable_spec()->mutable_awq()->set_max_tokens(-1); }},
+      {"spec.awq.max_tokens", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ_GPTQ); r.mutable_spec()->mutable_awq()->set_max_tokens(16777217); }},
+      {"spec.symmetric", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ); r.mutable_spec()->set_symmetric(false); }},
       {"spec.symmetric", [](auto& r) { r.mutable_spec()->set_symmetric(false); }},
       {"spec.calibration.min_expert_tokens", [](auto& r) { r.mutable_spec()->mutable_calibration()->set_min_expert_tokens(-2); }},
       {"spec.calibration.min_expert_tokens", [](auto& r) { r.mutable_spec()->mutable_calibration()->set_min_expert_tokens(int64_t{1} << 40); }},
@@ -155,6 +162,9 @@ TEST_F(GrpcValidationTest, EveryBadSpecFieldIsNamed) {
   EXPECT_EQ(Submit(r).error_message(),
             "spec.calibration.min_expert_tokens = -7: must be -1 (no rare-expert treatment), 0 (the "
             "default, 16) or between 1 and 1000000000");
+  r = Valid();
+  r.mutable_spec()->set_method(static_cast<mq::v1::Method>(99));
+  EXPECT_EQ(Submit(r).error_message(), "spec.method = 99: must be gptq, awq, awq-gptq or rtn");
   r = Valid();
   r.mutable_spec()->set_output_uri(r.spec().output_uri() + "-again");  // the first job's is taken
   ASSERT_TRUE(Submit(r).ok());  // still serving
