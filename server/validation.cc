@@ -60,7 +60,7 @@ bool IsSha256(const std::string& s) {
   return true;
 }
 
-absl::Status CheckSeconds(const std::string& field, double value) {
+absl::Status CheckFiniteNonNegative(const std::string& field, double value) {
   if (!std::isfinite(value) || value < 0) {
     return Invalid(field, absl::StrCat(value), "must be a finite number >= 0");
   }
@@ -98,6 +98,39 @@ absl::Status NormalizeAwqSpec(JobSpec& spec) {
                    "must be in [1, 16777216] (0 means 32768)");
   }
   return absl::OkStatus();
+}
+
+// One AWQ mapping of a layer report, fields named under `field` ("stats.awq[2]").
+absl::Status ValidateAwqMapping(const std::string& field, const mq::v1::AwqMapping& m) {
+  if (m.smooth().size() > 512) {
+    return Invalid(field + ".smooth", Quote(m.smooth()), "at most 512 characters");
+  }
+  const std::pair<const char*, int64_t> counts[] = {
+      {".balance_layers", m.balance_layers()},
+      {".mappings", m.mappings()},
+      {".identity_chosen", m.identity_chosen()},
+      {".rows", m.rows()},
+      {".routing_changed_tokens", m.routing_changed_tokens()},
+      {".routing_tokens", m.routing_tokens()}};
+  for (const auto& [name, value] : counts) {
+    if (value < 0) return Invalid(field + name, absl::StrCat(value), "must be >= 0");
+  }
+  if (m.identity_chosen() > m.mappings()) {
+    return Invalid(field + ".identity_chosen", absl::StrCat(m.identity_chosen()),
+                   absl::StrCat("must be <= mappings (", m.mappings(), ")"));
+  }
+  if (m.routing_changed_tokens() > m.routing_tokens()) {
+    return Invalid(field + ".routing_changed_tokens", absl::StrCat(m.routing_changed_tokens()),
+                   absl::StrCat("must be <= routing_tokens (", m.routing_tokens(), ")"));
+  }
+  if (!std::isfinite(m.alpha()) || m.alpha() < 0 || m.alpha() > 1) {
+    return Invalid(field + ".alpha", absl::StrCat(m.alpha()), "must be in [0, 1]");
+  }
+  if (absl::Status s = CheckFiniteNonNegative(field + ".loss_identity", m.loss_identity());
+      !s.ok()) {
+    return s;
+  }
+  return CheckFiniteNonNegative(field + ".loss_chosen", m.loss_chosen());
 }
 
 }  // namespace
@@ -424,7 +457,7 @@ absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& r) {
       {"stats.exchange_seconds", st.exchange_seconds()},
       {"stats.mean_relative_error", st.mean_relative_error()}};
   for (const auto& [field, value] : seconds) {
-    if (absl::Status s = CheckSeconds(field, value); !s.ok()) return s;
+    if (absl::Status s = CheckFiniteNonNegative(field, value); !s.ok()) return s;
   }
   const std::pair<const char*, int64_t> counts[] = {
       {"stats.expert_tokens_min", st.expert_tokens_min()},
@@ -452,6 +485,15 @@ absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& r) {
     if (e.treatment().size() > 64) {
       return Invalid(absl::StrCat("stats.rare[", i, "].treatment"), Quote(e.treatment()),
                      "at most 64 characters");
+    }
+  }
+  if (st.awq_size() > 64) {
+    return Invalid("stats.awq", absl::StrCat(st.awq_size(), " entries"), "at most 64 are allowed");
+  }
+  for (int i = 0; i < st.awq_size(); ++i) {
+    if (absl::Status s = ValidateAwqMapping(absl::StrCat("stats.awq[", i, "]"), st.awq(i));
+        !s.ok()) {
+      return s;
     }
   }
   return absl::OkStatus();

@@ -723,6 +723,15 @@ class PipelineTest : public CoordinatorTest {
     rare->set_routed_tokens(3);
     rare->set_treatment("topped_up");
     st->set_mean_relative_error(0.01 * (a.rank() + 1));
+    mq::v1::AwqMapping* awq = st->add_awq();
+    awq->set_smooth("model.layers." + std::to_string(10 + step) + ".mlp.experts.*.up_proj");
+    awq->set_balance_layers(1);
+    awq->set_mappings(4);
+    awq->set_identity_chosen(a.rank());
+    awq->set_alpha(0.5);
+    awq->set_loss_identity(2);
+    awq->set_loss_chosen(1);
+    awq->set_rows(100 + a.rank());
     return r;
   }
 
@@ -912,6 +921,10 @@ TEST_F(PipelineTest, PlanThenGangThenFinalizeSucceeds) {
   EXPECT_EQ(last.rare_experts(), 2);
   EXPECT_EQ(last.rare_size(), 2);
   EXPECT_NEAR(last.mean_relative_error(), 0.015, 1e-12);
+  ASSERT_EQ(last.awq_size(), 2);  // concatenated in rank order
+  EXPECT_EQ(last.awq(0).rows(), 100);
+  EXPECT_EQ(last.awq(1).rows(), 101);
+  EXPECT_EQ(last.awq(1).smooth(), "model.layers.13.mlp.experts.*.up_proj");
   EXPECT_EQ(last.dispatch_rounds(), 4);  // rank 0's (the gang's)
   EXPECT_EQ(last.expert_passes(), 2);
   EXPECT_DOUBLE_EQ(last.exchange_seconds(), 1.5);  // max over ranks
