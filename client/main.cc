@@ -8,9 +8,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <random>
 #include <set>
@@ -38,10 +40,10 @@ constexpr char kUsage[] =
     R"(usage: mq-client [--coordinator HOST:PORT] [--timeout SECONDS] COMMAND [ARGS]
 
 commands:
-  submit --model DIR --output DIR [--method gptq|rtn] [--bits 4] [--group-size N]
-         [--dataset PATH] [--tokenizer PATH] [--num-calibration-samples N]
+  submit --model DIR --output DIR [--method gptq|awq|awq-gptq|rtn] [--bits 4]
+         [--group-size N] [--dataset PATH] [--tokenizer PATH] [--num-calibration-samples N]
          [--max-sequence-length N] [--seed N] [--gang-size K] [--min-expert-tokens N]
-         [--rare-expert-rtn] [--wait] [--json] ...
+         [--rare-expert-rtn] [--awq-grid N] [--awq-tokens N] [--wait] [--json] ...
                                                   submit a quantization job, print its id
   status JOB [--json]                             a job with its plan, attempts and history
   list [--state STATE]... [--limit N] [--json]    jobs, newest first: every live one and the
@@ -238,6 +240,51 @@ std::string Seconds(double s) {
   return buf;
 }
 
+bool IsAwq(mq::v1::Method method) {
+  return method == mq::v1::METHOD_AWQ || method == mq::v1::METHOD_AWQ_GPTQ;
+}
+
+// What the AWQ mappings of some layer reports add up to.
+struct AwqTotals {
+  int entries = 0;
+  int64_t scaled = 0;        // mappings that did not keep s = 1
+  double alpha_sum = 0;      // their chosen alphas, summed
+  double loss_identity = 0;  // output error with s = 1 (plain RTN) ...
+  double loss_chosen = 0;    // ... and with the chosen scales
+  int64_t routing_changed = 0, routing_tokens = 0;
+
+  void Add(const mq::v1::LayerStats& st) {
+    for (const mq::v1::AwqMapping& m : st.awq()) {
+      ++entries;
+      const int64_t n = std::max(0, m.mappings() - m.identity_chosen());
+      scaled += n;
+      alpha_sum += m.alpha() * n;  // an entry's alpha is the mean over its scaled mappings
+      loss_identity += m.loss_identity();
+      loss_chosen += m.loss_chosen();
+      routing_changed += m.routing_changed_tokens();
+      routing_tokens += m.routing_tokens();
+    }
+  }
+
+  // "alpha 0.45, loss -62%": the mean chosen alpha over the mappings that did not keep s = 1
+  // ("-" when every one did), and the chosen scales' output error against plain RTN's; "-"
+  // without entries.
+  std::string Summary() const {
+    if (entries == 0) return "-";
+    char alpha[32] = "-";
+    if (scaled > 0) std::snprintf(alpha, sizeof(alpha), "%.2f", alpha_sum / scaled);
+    std::string out = absl::StrCat("alpha ", alpha);
+    if (loss_identity > 0) {
+      double change = std::round(100.0 * (loss_chosen / loss_identity - 1.0));
+      if (change == 0) change = 0;  // not "-0%"
+      char loss[32];
+      std::snprintf(loss, sizeof(loss), "%.0f%%", change);
+      absl::StrAppend(&out, ", loss ", loss);
+    }
+    return out;
+  }
+};
+
 // "plan 1, quantize 2, finalize 1 (finalize: 1 of at most 3 counted)": attempts by phase, and
 // how many of the current phase's count against spec.max_attempts (infrastructure failures and
 // attempts before a resume do not).
@@ -275,8 +322,13 @@ void PrintJob(const mq::v1::JobRecord& j,
             << (s.group_size() == -1 ? std::string("per-channel") : std::to_string(s.group_size()))
             << (s.symmetric() ? ", symmetric" : ", asymmetric")
             << (s.act_order() && s.method() != mq::v1::METHOD_RTN ? ", act-order" : "")
-            << ", gang size " << s.gang_size() << "\n"
-            << "Attempts:     " << Attempts(j, attempts) << "\n"
+            << ", gang size " << s.gang_size() << "\n";
+  if (IsAwq(s.method())) {
+    std::cout << "AWQ:          grid " << s.awq().grid()
+              << (s.awq().grid() == 0 ? " (only s = 1)" : " over alpha (and s = 1)")
+              << ", scale search on up to " << s.awq().max_tokens() << " tokens per layer\n";
+  }
+  std::cout << "Attempts:     " << Attempts(j, attempts) << "\n"
             << "Created:      " << mq::client::Time(j.created_at_ms()) << "\n";
   if (j.finished_at_ms()) {
     std::cout << "Finished:     " << mq::client::Time(j.finished_at_ms()) << " (after "
@@ -366,14 +418,15 @@ int Submit(Client& c, int argc, char** argv, int first) {
   std::string model, output, method = "gptq", dataset, tokenizer, targets = "routed-experts",
                              scale_search, key;
   int64_t bits = 4, group_size = 128, gang = 1, samples = 0, seqlen = 0, seed = 0, priority = 0,
-          max_attempts = 0, min_expert_tokens = 0;
+          max_attempts = 0, min_expert_tokens = 0, awq_grid = 0, awq_tokens = 0;
   std::string damping;
   bool wait = false, no_act_order = false, mtp = false, rare_rtn = false, json = c.global().json;
   std::vector<std::string> ignore;
   mq::Flags f;
   f.String("model", &model, "input checkpoint directory (HF layout)");
   f.String("output", &output, "output directory");
-  f.String("method", &method, "gptq (default) or rtn");
+  f.String("method", &method,
+           "gptq (default), awq (AWQ scales, then RTN), awq-gptq (AWQ scales, then GPTQ) or rtn");
   f.Int("bits", &bits, "weight bits (4)");
   f.Int("group-size", &group_size, "32, 64, 128 (default) or -1 for per-channel");
   f.Int("gang-size", &gang, "workers that run the job together (default 1)");
@@ -385,6 +438,10 @@ int Submit(Client& c, int argc, char** argv, int first) {
   f.Int("min-expert-tokens", &min_expert_tokens,
         "rows below which an expert's Hessian is topped up (default 16; -1: off)");
   f.Bool("rare-expert-rtn", &rare_rtn, "quantize those rare experts with RTN instead");
+  f.Int("awq-grid", &awq_grid,
+        "AWQ: alphas i/N for i = 0..N besides s = 1 (default 20; 0: only s = 1; at most 100)");
+  f.Int("awq-tokens", &awq_tokens,
+        "AWQ: calibration tokens cached per layer for the scale search (default 32768)");
   f.String("targets", &targets,
            "routed-experts (default) or all-linear (inputs not a multiple of the group: BF16)");
   f.Repeated("ignore", &ignore, "regex of module names to leave unquantized (repeatable)");
@@ -411,13 +468,22 @@ int Submit(Client& c, int argc, char** argv, int first) {
   mq::v1::JobSpec* spec = request.mutable_spec();
   spec->set_model_uri(Absolute(model));
   spec->set_output_uri(Absolute(output));
-  // awq goes to the coordinator, which says what it supports (INVALID_ARGUMENT).
   static const std::map<std::string, mq::v1::Method> kMethods = {
-      {"gptq", mq::v1::METHOD_GPTQ}, {"awq", mq::v1::METHOD_AWQ}, {"rtn", mq::v1::METHOD_RTN}};
+      {"gptq", mq::v1::METHOD_GPTQ},
+      {"awq", mq::v1::METHOD_AWQ},
+      {"awq-gptq", mq::v1::METHOD_AWQ_GPTQ},
+      {"rtn", mq::v1::METHOD_RTN}};
   if (!kMethods.count(method)) {
-    return Fail("submit: --method = \"" + method + "\": must be gptq or rtn", 2);
+    return Fail("submit: --method = \"" + method + "\": must be gptq, awq, awq-gptq or rtn", 2);
   }
   spec->set_method(kMethods.at(method));
+  // Sent only when given; the coordinator checks the values and the method they go with (a grid
+  // beyond int32 is clamped, not wrapped into range).
+  if (f.Given("awq-grid")) {
+    spec->mutable_awq()->set_grid(static_cast<int32_t>(std::clamp<int64_t>(
+        awq_grid, std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max())));
+  }
+  if (f.Given("awq-tokens")) spec->mutable_awq()->set_max_tokens(awq_tokens);
   spec->set_bits(static_cast<int32_t>(bits));
   spec->set_group_size(static_cast<int32_t>(group_size));
   spec->set_gang_size(static_cast<int32_t>(gang));
@@ -564,12 +630,17 @@ int Status(Client& c, int argc, char** argv, int first) {
     std::cout << "\n" << t.Render();
   }
   if (response.layers_size()) {
+    const bool awq = IsAwq(response.job().spec().method());
     Table t({"STEP", "LAYER", "STATE", "ATTEMPT", "RANKS", "FILES", "SECONDS", "TOKENS/EXPERT",
-             "FALLBACKS", "RARE", "ERROR"});
+             "FALLBACKS", "RARE", "ERROR", "AWQ"});
+    AwqTotals committed_awq;  // over the committed layers
     for (const auto& l : response.layers()) {
       int files = 0, fallbacks = 0, rare = 0, linears = 0;
       double seconds = 0, error = 0;
+      AwqTotals layer_awq;
       for (const auto& r : l.reports()) {
+        layer_awq.Add(r.stats());
+        if (l.committed()) committed_awq.Add(r.stats());
         files += r.files_size();
         fallbacks += r.stats().fallbacks();
         rare += r.stats().rare_experts();
@@ -592,9 +663,17 @@ int Status(Client& c, int argc, char** argv, int first) {
              Seconds(seconds),
              absl::StrCat(r0.expert_tokens_min(), "/", r0.expert_tokens_median(), "/",
                           r0.expert_tokens_max()),
-             std::to_string(fallbacks), std::to_string(rare), err});
+             std::to_string(fallbacks), std::to_string(rare), err,
+             awq ? layer_awq.Summary() : "-"});
     }
     std::cout << "\n" << t.Render();
+    if (awq && committed_awq.routing_tokens > 0) {
+      char share[32];
+      std::snprintf(share, sizeof(share), "%.2f%%",
+                    100.0 * committed_awq.routing_changed / committed_awq.routing_tokens);
+      std::cout << "\nAWQ routing change from folding: " << committed_awq.routing_changed << " of "
+                << committed_awq.routing_tokens << " tokens (" << share << ")\n";
+    }
   }
   if (response.events_size()) {
     std::cout << "\nHistory:\n";

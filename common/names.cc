@@ -18,6 +18,8 @@ std::string MethodName(mq::v1::Method method) {
   switch (method) {
     case mq::v1::METHOD_AWQ:
       return "awq";
+    case mq::v1::METHOD_AWQ_GPTQ:
+      return "awq-gptq";
     case mq::v1::METHOD_RTN:
       return "rtn";
     default:

@@ -12,7 +12,8 @@ namespace mq {
 std::string JobStateName(mq::v1::JobState state);
 // True for SUCCEEDED, FAILED and CANCELLED.
 bool IsTerminal(mq::v1::JobState state);
-// METHOD_GPTQ (or unspecified) -> "gptq", METHOD_AWQ -> "awq", METHOD_RTN -> "rtn".
+// METHOD_GPTQ (or unspecified) -> "gptq", METHOD_AWQ -> "awq", METHOD_AWQ_GPTQ -> "awq-gptq",
+// METHOD_RTN -> "rtn".
 std::string MethodName(mq::v1::Method method);
 
 }  // namespace mq

@@ -70,7 +70,8 @@ std::string Plural(int64_t n, const std::string& word) {
 // Stats of a committed step from its ranks' reports (sorted by rank): stage seconds are the
 // slowest rank's; token counts, dispatch rounds, passes and step/layer are rank 0's (ranks report
 // gang-wide values);
-// counts are summed; the error is weighted by quantized linears.
+// counts are summed; rare experts and AWQ mappings are concatenated in rank order (each rank
+// reports its own); the error is weighted by quantized linears.
 mq::v1::LayerStats MergeStats(const mq::v1::LayerRecord& rec) {
   mq::v1::LayerStats out;
   if (rec.reports_size() == 0) return out;
@@ -96,6 +97,7 @@ mq::v1::LayerStats MergeStats(const mq::v1::LayerRecord& rec) {
     out.set_fallbacks(out.fallbacks() + st.fallbacks());
     out.set_rare_experts(out.rare_experts() + st.rare_experts());
     for (const mq::v1::RareExpert& e : st.rare()) *out.add_rare() = e;
+    for (const mq::v1::AwqMapping& m : st.awq()) *out.add_awq() = m;
     weighted_error += st.mean_relative_error() * st.quantized_linears();
   }
   out.set_mean_relative_error(out.quantized_linears() > 0 ? weighted_error / out.quantized_linears()

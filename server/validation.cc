@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/names.h"
 
 namespace mq::server {
 namespace {
@@ -59,11 +60,77 @@ bool IsSha256(const std::string& s) {
   return true;
 }
 
-absl::Status CheckSeconds(const std::string& field, double value) {
+absl::Status CheckFiniteNonNegative(const std::string& field, double value) {
   if (!std::isfinite(value) || value < 0) {
     return Invalid(field, absl::StrCat(value), "must be a finite number >= 0");
   }
   return absl::OkStatus();
+}
+
+bool IsAwq(mq::v1::Method method) {
+  return method == mq::v1::METHOD_AWQ || method == mq::v1::METHOD_AWQ_GPTQ;
+}
+
+// spec.awq of a spec whose method is set: defaults for awq and awq-gptq, refused when set for
+// the other methods (and cleared when not).
+absl::Status NormalizeAwqSpec(JobSpec& spec) {
+  mq::v1::AwqSpec* awq = spec.mutable_awq();
+  if (!IsAwq(spec.method())) {
+    if (awq->has_grid() || awq->max_tokens() != 0) {
+      std::vector<std::string> set;
+      if (awq->has_grid()) set.push_back(absl::StrCat("grid: ", awq->grid()));
+      if (awq->max_tokens() != 0) set.push_back(absl::StrCat("max_tokens: ", awq->max_tokens()));
+      return Invalid("spec.awq", absl::StrCat("{", absl::StrJoin(set, ", "), "}"),
+                     absl::StrCat("applies to methods awq and awq-gptq only (spec.method is ",
+                                  MethodName(spec.method()), ")"));
+    }
+    spec.clear_awq();
+    return absl::OkStatus();
+  }
+  if (!awq->has_grid()) awq->set_grid(20);
+  if (awq->grid() < 0 || awq->grid() > 100) {
+    return Invalid("spec.awq.grid", absl::StrCat(awq->grid()),
+                   "must be in [0, 100] (0 keeps only s = 1)");
+  }
+  if (awq->max_tokens() == 0) awq->set_max_tokens(32768);
+  if (awq->max_tokens() < 1 || awq->max_tokens() > 16777216) {
+    return Invalid("spec.awq.max_tokens", absl::StrCat(awq->max_tokens()),
+                   "must be in [1, 16777216] (0 means 32768)");
+  }
+  return absl::OkStatus();
+}
+
+// One AWQ mapping of a layer report, fields named under `field` ("stats.awq[2]").
+absl::Status ValidateAwqMapping(const std::string& field, const mq::v1::AwqMapping& m) {
+  if (m.smooth().size() > 512) {
+    return Invalid(field + ".smooth", Quote(m.smooth()), "at most 512 characters");
+  }
+  const std::pair<const char*, int64_t> counts[] = {
+      {".balance_layers", m.balance_layers()},
+      {".mappings", m.mappings()},
+      {".identity_chosen", m.identity_chosen()},
+      {".rows", m.rows()},
+      {".routing_changed_tokens", m.routing_changed_tokens()},
+      {".routing_tokens", m.routing_tokens()}};
+  for (const auto& [name, value] : counts) {
+    if (value < 0) return Invalid(field + name, absl::StrCat(value), "must be >= 0");
+  }
+  if (m.identity_chosen() > m.mappings()) {
+    return Invalid(field + ".identity_chosen", absl::StrCat(m.identity_chosen()),
+                   absl::StrCat("must be <= mappings (", m.mappings(), ")"));
+  }
+  if (m.routing_changed_tokens() > m.routing_tokens()) {
+    return Invalid(field + ".routing_changed_tokens", absl::StrCat(m.routing_changed_tokens()),
+                   absl::StrCat("must be <= routing_tokens (", m.routing_tokens(), ")"));
+  }
+  if (!std::isfinite(m.alpha()) || m.alpha() < 0 || m.alpha() > 1) {
+    return Invalid(field + ".alpha", absl::StrCat(m.alpha()), "must be in [0, 1]");
+  }
+  if (absl::Status s = CheckFiniteNonNegative(field + ".loss_identity", m.loss_identity());
+      !s.ok()) {
+    return s;
+  }
+  return CheckFiniteNonNegative(field + ".loss_chosen", m.loss_chosen());
 }
 
 }  // namespace
@@ -181,11 +248,9 @@ absl::StatusOr<JobSpec> NormalizeJobSpec(const JobSpec& in) {
                    "must not be the model directory or inside it");
   }
 
-  if (spec.method() == mq::v1::METHOD_AWQ) {
-    return Invalid("spec.method", "awq", "must be gptq or rtn (AWQ is not implemented yet)");
-  }
   if (!mq::v1::Method_IsValid(spec.method())) {
-    return Invalid("spec.method", absl::StrCat(spec.method()), "must be gptq or rtn");
+    return Invalid("spec.method", absl::StrCat(spec.method()),
+                   "must be gptq, awq, awq-gptq or rtn");
   }
   if (spec.method() == mq::v1::METHOD_UNSPECIFIED) spec.set_method(mq::v1::METHOD_GPTQ);
 
@@ -200,9 +265,13 @@ absl::StatusOr<JobSpec> NormalizeJobSpec(const JobSpec& in) {
     return Invalid("spec.symmetric", "false",
                    "must be true (asymmetric quantization is not implemented yet)");
   }
-  // Act-order is a GPTQ column order; RTN has none.
-  if (!spec.has_act_order()) spec.set_act_order(spec.method() == mq::v1::METHOD_GPTQ);
-  if (spec.method() == mq::v1::METHOD_RTN) spec.set_act_order(false);
+  // Act-order is a GPTQ column order; RTN and AWQ (RTN of the scaled weights) have none.
+  const bool gptq_solve =
+      spec.method() == mq::v1::METHOD_GPTQ || spec.method() == mq::v1::METHOD_AWQ_GPTQ;
+  if (!spec.has_act_order()) spec.set_act_order(gptq_solve);
+  if (!gptq_solve) spec.set_act_order(false);
+
+  if (absl::Status s = NormalizeAwqSpec(spec); !s.ok()) return s;
 
   if (!mq::v1::ScaleSearch_IsValid(spec.scale_search())) {
     return Invalid("spec.scale_search", absl::StrCat(spec.scale_search()), "must be minmax or mse");
@@ -388,7 +457,7 @@ absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& r) {
       {"stats.exchange_seconds", st.exchange_seconds()},
       {"stats.mean_relative_error", st.mean_relative_error()}};
   for (const auto& [field, value] : seconds) {
-    if (absl::Status s = CheckSeconds(field, value); !s.ok()) return s;
+    if (absl::Status s = CheckFiniteNonNegative(field, value); !s.ok()) return s;
   }
   const std::pair<const char*, int64_t> counts[] = {
       {"stats.expert_tokens_min", st.expert_tokens_min()},
@@ -416,6 +485,15 @@ absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& r) {
     if (e.treatment().size() > 64) {
       return Invalid(absl::StrCat("stats.rare[", i, "].treatment"), Quote(e.treatment()),
                      "at most 64 characters");
+    }
+  }
+  if (st.awq_size() > 64) {
+    return Invalid("stats.awq", absl::StrCat(st.awq_size(), " entries"), "at most 64 are allowed");
+  }
+  for (int i = 0; i < st.awq_size(); ++i) {
+    if (absl::Status s = ValidateAwqMapping(absl::StrCat("stats.awq[", i, "]"), st.awq(i));
+        !s.ok()) {
+      return s;
     }
   }
   return absl::OkStatus();

@@ -15,7 +15,8 @@
 
 namespace mq::server {
 
-// Checks a submitted spec and returns it with every unset field set to its default.
+// Checks a submitted spec and returns it with every unset field set to its default (spec.awq
+// only for methods awq and awq-gptq; it must be unset for the others).
 absl::StatusOr<mq::v1::JobSpec> NormalizeJobSpec(const mq::v1::JobSpec& spec);
 
 // A location field (model, output, dataset): an absolute path or file:// URI.
@@ -29,7 +30,9 @@ absl::Status ValidateInspectRequest(const mq::v1::InspectModelRequest& request);
 
 // The parts of a ReportLayer request checkable without state: step >= 0, rank >= 0, every
 // file (name 1..255 characters, no '/', NUL or line break, not "." or ".."; sha256 64 lowercase
-// hex; size_bytes >= 0), stats numbers finite and >= 0.
+// hex; size_bytes >= 0), stats numbers finite and >= 0, at most 64 AWQ mappings (smooth at most
+// 512 characters, counts >= 0, identity_chosen <= mappings, routing_changed_tokens <=
+// routing_tokens, alpha in [0, 1], losses finite and >= 0).
 absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& request);
 // One output file, fields named under `field` (e.g. "files[2]").
 absl::Status ValidateOutputFile(const std::string& field, const mq::v1::OutputFile& file);

@@ -82,8 +82,12 @@ pipeline::QuantizeJobSpec ToJobSpec(const std::string& job_id, const mq::v1::Job
   switch (spec.method()) {
     case mq::v1::METHOD_RTN: j.method = "rtn"; break;
     case mq::v1::METHOD_AWQ: j.method = "awq"; break;
+    case mq::v1::METHOD_AWQ_GPTQ: j.method = "awq-gptq"; break;
     default: j.method = "gptq";
   }
+  // The coordinator fills spec.awq for AWQ jobs; the defaults cover a spec that lacks it.
+  j.awq_grid = spec.awq().has_grid() ? spec.awq().grid() : 20;
+  j.awq_max_tokens = spec.awq().max_tokens() > 0 ? spec.awq().max_tokens() : 32768;
   j.group_size = spec.group_size() == 0 ? 128 : spec.group_size();
   j.symmetric = !spec.has_symmetric() || spec.symmetric();
   j.act_order = !spec.has_act_order() || spec.act_order();
@@ -144,6 +148,19 @@ void ToProto(const pipeline::StepStats& s, int step, int layer, mq::v1::LayerSta
     e->set_treatment(r.treatment);
   }
   p->set_mean_relative_error(s.mean_relative_error);
+  for (const pipeline::AwqMappingInfo& m : s.awq) {
+    mq::v1::AwqMapping* a = p->add_awq();
+    a->set_smooth(m.smooth);
+    a->set_balance_layers(m.balance_layers);
+    a->set_mappings(m.mappings);
+    a->set_identity_chosen(m.identity_chosen);
+    a->set_alpha(m.alpha);
+    a->set_loss_identity(m.loss_identity);
+    a->set_loss_chosen(m.loss_chosen);
+    a->set_rows(m.rows);
+    a->set_routing_changed_tokens(m.routing_changed_tokens);
+    a->set_routing_tokens(m.routing_tokens);
+  }
 }
 #endif
 

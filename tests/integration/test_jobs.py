@@ -214,7 +214,12 @@ def test_idempotent_submit(cluster, model, tmp_path):
     (["--priority", "5000"], "spec.priority = 5000"),
     (["--idempotency-key", "has space"], "idempotency_key"),
     (["--dataset", "s3://bucket/data.jsonl"], "spec.calibration.dataset_uri"),
-    (["--method", "awq"], "spec.method = awq: must be gptq or rtn (AWQ is not implemented yet)"),
+    (["--method", "awq", "--awq-grid", "101"],
+     "spec.awq.grid = 101: must be in [0, 100] (0 keeps only s = 1)"),
+    (["--method", "awq-gptq", "--awq-tokens", "-1"],
+     "spec.awq.max_tokens = -1: must be in [1, 16777216] (0 means 32768)"),
+    (["--awq-grid", "5"],
+     "spec.awq = {grid: 5}: applies to methods awq and awq-gptq only (spec.method is gptq)"),
     (["--min-expert-tokens", "-3"], "spec.calibration.min_expert_tokens = -3"),
     (["--min-expert-tokens", "-1", "--rare-expert-rtn"], "spec.calibration.rare_expert_rtn"),
 ])
@@ -227,6 +232,30 @@ def test_invalid_submit_names_the_field(cluster, model, tmp_path, args, field):
     assert len(res.stderr.strip().splitlines()) == 1
     assert cluster.client_json("list").get("jobs", []) == []  # refused before queueing
     assert cluster.coordinator.alive()
+
+
+def test_awq_submit_fills_its_defaults(cluster, model, tmp_path):
+    """AWQ jobs are accepted with their defaults (no act-order: AWQ rounds its scaled weights
+    with RTN); awq-gptq keeps act-order and the settings given."""
+    cluster.start_coordinator()  # no worker: the jobs stay queued
+    awq = cluster.job(submit(cluster, model, tmp_path / "awq", "--method", "awq"))["job"]
+    assert awq["spec"]["method"] == "METHOD_AWQ"
+    assert awq["spec"]["act_order"] is False
+    assert awq["spec"]["awq"] == {"grid": 20, "max_tokens": "32768"}
+    job_id = submit(cluster, model, tmp_path / "awq-gptq", "--method", "awq-gptq", "--awq-grid",
+                    "0", "--awq-tokens", "4096")
+    awq_gptq = cluster.job(job_id)["job"]
+    assert awq_gptq["spec"]["method"] == "METHOD_AWQ_GPTQ"
+    assert awq_gptq["spec"]["act_order"] is True
+    assert awq_gptq["spec"]["awq"] == {"grid": 0, "max_tokens": "4096"}
+    human = cluster.client("status", job_id, check=True).stdout
+    assert "Method:       awq-gptq 4-bit, group 128, symmetric, act-order" in human, human
+    assert ("AWQ:          grid 0 (only s = 1), scale search on up to 4096 tokens per layer"
+            in human), human
+    listed = cluster.client("list", check=True).stdout
+    assert "awq-gptq" in listed and " awq " in listed, listed
+    gptq = cluster.job(submit(cluster, model, tmp_path / "gptq"))["job"]
+    assert "awq" not in gptq["spec"]  # cleared for the other methods
 
 
 def test_output_inside_model_is_refused(cluster, model):

@@ -235,11 +235,13 @@ def test_rtn_all_linear_with_narrow_attention_runs_in_transformers(cluster, tmp_
     cluster.start_worker("w1")
     out = tmp_path / "out-rtn-all"
 
-    # AWQ is refused at submit, naming the field and what is allowed; nothing is queued.
-    res = cluster.client(*submit_args(model, tmp_path / "awq", dataset, "--method", "awq"))
+    # A bad AWQ setting is refused at submit, naming the field and what is allowed; nothing is
+    # queued.
+    res = cluster.client(*submit_args(model, tmp_path / "awq", dataset, "--method", "awq",
+                                      "--awq-grid", 101))
     assert res.returncode == 1
-    assert res.stderr == ("mq-client: submit: invalid argument: spec.method = awq: must be gptq "
-                          "or rtn (AWQ is not implemented yet)\n"), res.stderr
+    assert res.stderr == ("mq-client: submit: invalid argument: spec.awq.grid = 101: must be in "
+                          "[0, 100] (0 keeps only s = 1)\n"), res.stderr
     assert cluster.client_json("list").get("jobs", []) == []
 
     res = cluster.client(*submit_args(model, out, dataset, "--method", "rtn", "--targets",

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <functional>
 
 #include "absl/strings/str_cat.h"
 #include "common/error_text.h"
@@ -133,20 +134,60 @@ TEST_F(CoordinatorTest, SubmitFillsDefaultsAndQueues) {
   EXPECT_FALSE(job.spec().calibration().rare_expert_rtn());
 }
 
-TEST_F(CoordinatorTest, RtnHasNoActOrderAndAwqIsRefused) {
-  mq::v1::SubmitJobRequest r;
-  r.mutable_spec()->set_model_uri("/models/dsv3");
-  r.mutable_spec()->set_output_uri("/out/dsv3-rtn");
-  r.mutable_spec()->set_method(mq::v1::METHOD_RTN);
-  r.mutable_spec()->set_act_order(true);  // mq-client always sends it
-  auto rtn = coordinator_->SubmitJob(r);
+TEST_F(CoordinatorTest, ActOrderAndAwqSettingsFollowTheMethod) {
+  auto submit = [&](mq::v1::Method method, const std::string& output,
+                    const std::function<void(mq::v1::JobSpec&)>& change) {
+    mq::v1::SubmitJobRequest r;
+    r.mutable_spec()->set_model_uri("/models/dsv3");
+    r.mutable_spec()->set_output_uri(output);
+    r.mutable_spec()->set_method(method);
+    change(*r.mutable_spec());
+    return coordinator_->SubmitJob(r);
+  };
+  // RTN and AWQ (RTN of the scaled weights) have no column order; mq-client always sends it.
+  auto rtn = submit(mq::v1::METHOD_RTN, "/out/rtn", [](auto& s) { s.set_act_order(true); });
   ASSERT_TRUE(rtn.ok()) << rtn.status();
   EXPECT_FALSE(rtn->job().spec().act_order());
-  r.mutable_spec()->set_method(mq::v1::METHOD_AWQ);
-  auto awq = coordinator_->SubmitJob(r);
-  EXPECT_EQ(awq.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(awq.status().message(),
-            "spec.method = awq: must be gptq or rtn (AWQ is not implemented yet)");
+  EXPECT_FALSE(rtn->job().spec().has_awq());
+  auto awq = submit(mq::v1::METHOD_AWQ, "/out/awq", [](auto& s) { s.set_act_order(true); });
+  ASSERT_TRUE(awq.ok()) << awq.status();
+  EXPECT_FALSE(awq->job().spec().act_order());
+  ASSERT_TRUE(awq->job().spec().awq().has_grid());
+  EXPECT_EQ(awq->job().spec().awq().grid(), 20);
+  EXPECT_EQ(awq->job().spec().awq().max_tokens(), 32768);
+  // AWQ-GPTQ keeps GPTQ's default; a grid of 0 (only s = 1) is kept, not defaulted.
+  auto awq_gptq = submit(mq::v1::METHOD_AWQ_GPTQ, "/out/awq-gptq", [](auto& s) {
+    s.mutable_awq()->set_grid(0);
+    s.mutable_awq()->set_max_tokens(1000);
+  });
+  ASSERT_TRUE(awq_gptq.ok()) << awq_gptq.status();
+  EXPECT_TRUE(awq_gptq->job().spec().act_order());
+  EXPECT_EQ(awq_gptq->job().spec().awq().grid(), 0);
+  EXPECT_EQ(awq_gptq->job().spec().awq().max_tokens(), 1000);
+  EXPECT_EQ(Get(awq_gptq->job().job_id()).job().spec().method(), mq::v1::METHOD_AWQ_GPTQ);
+
+  auto gptq =
+      submit(mq::v1::METHOD_GPTQ, "/out/gptq", [](auto& s) { s.mutable_awq()->set_grid(5); });
+  EXPECT_EQ(gptq.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(gptq.status().message(),
+            "spec.awq = {grid: 5}: applies to methods awq and awq-gptq only (spec.method is gptq)");
+  auto rtn_tokens =
+      submit(mq::v1::METHOD_RTN, "/out/rtn2", [](auto& s) { s.mutable_awq()->set_max_tokens(64); });
+  EXPECT_EQ(rtn_tokens.status().message(),
+            "spec.awq = {max_tokens: 64}: applies to methods awq and awq-gptq only (spec.method "
+            "is rtn)");
+  auto grid =
+      submit(mq::v1::METHOD_AWQ, "/out/grid", [](auto& s) { s.mutable_awq()->set_grid(101); });
+  EXPECT_EQ(grid.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(grid.status().message(),
+            "spec.awq.grid = 101: must be in [0, 100] (0 keeps only s = 1)");
+  auto tokens = submit(mq::v1::METHOD_AWQ_GPTQ, "/out/tokens",
+                       [](auto& s) { s.mutable_awq()->set_max_tokens(-1); });
+  EXPECT_EQ(tokens.status().message(),
+            "spec.awq.max_tokens = -1: must be in [1, 16777216] (0 means 32768)");
+  auto asymmetric =
+      submit(mq::v1::METHOD_AWQ, "/out/asym", [](auto& s) { s.set_symmetric(false); });
+  EXPECT_EQ(asymmetric.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(CoordinatorTest, PlanFlowEndsWithMissingCapability) {
@@ -682,6 +723,15 @@ class PipelineTest : public CoordinatorTest {
     rare->set_routed_tokens(3);
     rare->set_treatment("topped_up");
     st->set_mean_relative_error(0.01 * (a.rank() + 1));
+    mq::v1::AwqMapping* awq = st->add_awq();
+    awq->set_smooth("model.layers." + std::to_string(10 + step) + ".mlp.experts.*.up_proj");
+    awq->set_balance_layers(1);
+    awq->set_mappings(4);
+    awq->set_identity_chosen(a.rank());
+    awq->set_alpha(0.5);
+    awq->set_loss_identity(2);
+    awq->set_loss_chosen(1);
+    awq->set_rows(100 + a.rank());
     return r;
   }
 
@@ -871,6 +921,10 @@ TEST_F(PipelineTest, PlanThenGangThenFinalizeSucceeds) {
   EXPECT_EQ(last.rare_experts(), 2);
   EXPECT_EQ(last.rare_size(), 2);
   EXPECT_NEAR(last.mean_relative_error(), 0.015, 1e-12);
+  ASSERT_EQ(last.awq_size(), 2);  // concatenated in rank order
+  EXPECT_EQ(last.awq(0).rows(), 100);
+  EXPECT_EQ(last.awq(1).rows(), 101);
+  EXPECT_EQ(last.awq(1).smooth(), "model.layers.13.mlp.experts.*.up_proj");
   EXPECT_EQ(last.dispatch_rounds(), 4);  // rank 0's (the gang's)
   EXPECT_EQ(last.expert_passes(), 2);
   EXPECT_DOUBLE_EQ(last.exchange_seconds(), 1.5);  // max over ranks

@@ -108,7 +108,14 @@ TEST_F(GrpcValidationTest, EveryBadSpecFieldIsNamed) {
       {"spec.output_uri", [](auto& r) { r.mutable_spec()->set_output_uri("/models/dsv3/"); }},
       {"spec.output_uri", [](auto& r) { r.mutable_spec()->set_output_uri("/models/dsv3/q"); }},
       {"spec.method", [](auto& r) { r.mutable_spec()->set_method(static_cast<mq::v1::Method>(42)); }},
-      {"spec.method", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ); }},
+      {"spec.method", [](auto& r) { r.mutable_spec()->set_method(static_cast<mq::v1::Method>(99)); }},
+      {"spec.awq", [](auto& r) { r.mutable_spec()->mutable_awq()->set_grid(5); }},
+      {"spec.awq", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_RTN); r.mutable_spec()->mutable_awq()->set_max_tokens(64); }},
+      {"spec.awq.grid", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ); r.mutable_spec()->mutable_awq()->set_grid(101); }},
+      {"spec.awq.grid", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ_GPTQ); r.mutable_spec()->mutable_awq()->set_grid(-1); }},
+      {"spec.awq.max_tokens", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ); r.mutable_spec()->mutable_awq()->set_max_tokens(-1); }},
+      {"spec.awq.max_tokens", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ_GPTQ); r.mutable_spec()->mutable_awq()->set_max_tokens(16777217); }},
+      {"spec.symmetric", [](auto& r) { r.mutable_spec()->set_method(mq::v1::METHOD_AWQ); r.mutable_spec()->set_symmetric(false); }},
       {"spec.symmetric", [](auto& r) { r.mutable_spec()->set_symmetric(false); }},
       {"spec.calibration.min_expert_tokens", [](auto& r) { r.mutable_spec()->mutable_calibration()->set_min_expert_tokens(-2); }},
       {"spec.calibration.min_expert_tokens", [](auto& r) { r.mutable_spec()->mutable_calibration()->set_min_expert_tokens(int64_t{1} << 40); }},
@@ -155,6 +162,9 @@ TEST_F(GrpcValidationTest, EveryBadSpecFieldIsNamed) {
   EXPECT_EQ(Submit(r).error_message(),
             "spec.calibration.min_expert_tokens = -7: must be -1 (no rare-expert treatment), 0 (the "
             "default, 16) or between 1 and 1000000000");
+  r = Valid();
+  r.mutable_spec()->set_method(static_cast<mq::v1::Method>(99));
+  EXPECT_EQ(Submit(r).error_message(), "spec.method = 99: must be gptq, awq, awq-gptq or rtn");
   r = Valid();
   r.mutable_spec()->set_output_uri(r.spec().output_uri() + "-again");  // the first job's is taken
   ASSERT_TRUE(Submit(r).ok());  // still serving
@@ -314,10 +324,37 @@ TEST_F(GrpcValidationTest, MalformedReportLayerFieldsAreNamed) {
       {"stats.dispatch_rounds", [](auto& r) { r.mutable_stats()->set_dispatch_rounds(-1); }},
       {"stats.expert_passes", [](auto& r) { r.mutable_stats()->set_expert_passes(-2); }},
       {"stats.rare[0]", [](auto& r) { r.mutable_stats()->add_rare()->set_expert(-1); }},
+      {"stats.awq", [](auto& r) { for (int i = 0; i < 65; ++i) r.mutable_stats()->add_awq(); }},
+      {"stats.awq[1].smooth", [](auto& r) { r.mutable_stats()->add_awq(); r.mutable_stats()->add_awq()->set_smooth(std::string(513, 's')); }},
+      {"stats.awq[0].alpha", [](auto& r) { r.mutable_stats()->add_awq()->set_alpha(1.5); }},
+      {"stats.awq[0].alpha", [](auto& r) { r.mutable_stats()->add_awq()->set_alpha(std::nan("")); }},
+      {"stats.awq[0].loss_identity", [](auto& r) { r.mutable_stats()->add_awq()->set_loss_identity(-1); }},
+      {"stats.awq[0].loss_chosen", [](auto& r) { r.mutable_stats()->add_awq()->set_loss_chosen(std::numeric_limits<double>::infinity()); }},
+      {"stats.awq[0].mappings", [](auto& r) { r.mutable_stats()->add_awq()->set_mappings(-1); }},
+      {"stats.awq[0].rows", [](auto& r) { r.mutable_stats()->add_awq()->set_rows(-1); }},
+      {"stats.awq[0].identity_chosen", [](auto& r) { r.mutable_stats()->add_awq()->set_identity_chosen(1); }},
+      {"stats.awq[0].routing_changed_tokens", [](auto& r) { r.mutable_stats()->add_awq()->set_routing_changed_tokens(5); }},
   };
   for (const Case& c : cases) ExpectInvalid(report(c.mutate), c.field, "report " + c.field);
   EXPECT_EQ(report([](auto& r) { r.mutable_files(0)->set_sha256("XYZ"); }).error_message(),
             "files[0].sha256 = \"XYZ\": must be 64 lowercase hex characters");
+  // A full AWQ entry within bounds passes validation (and is NOT_FOUND, as above).
+  EXPECT_EQ(report([](auto& r) {
+              mq::v1::AwqMapping* m = r.mutable_stats()->add_awq();
+              m->set_smooth("model.layers.3.post_attention_layernorm");
+              m->set_balance_layers(3);
+              m->set_mappings(1);
+              m->set_identity_chosen(1);
+              m->set_alpha(1);
+              m->set_loss_identity(0.5);
+              m->set_loss_chosen(0.25);
+              m->set_rows(4096);
+              m->set_routing_changed_tokens(12);
+              m->set_routing_tokens(4096);
+            }).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(report([](auto& r) { r.mutable_stats()->add_awq()->set_alpha(1.5); }).error_message(),
+            "stats.awq[0].alpha = 1.5: must be in [0, 1]");
 
   mq::v1::CompleteAssignmentRequest complete;
   complete.set_assignment_id("a-x");
