@@ -124,22 +124,25 @@ TEST(AwqFoldTest, FoldedTrainedModelComputesTheOriginalLogits) {
   ASSERT_TRUE(b.ok()) << b.status();
   const double scale = a->logits.abs().max().item<double>();
   const double worst = (a->logits - b->logits).abs().max().item<double>();
-  const double rms = (a->logits - b->logits).square().mean().sqrt().item<double>();
+  const double rms = (a->logits - b->logits).square().mean().sqrt().item<double>() /
+                     a->logits.square().mean().sqrt().item<double>();
   const double top1 =
       (a->logits.argmax(-1) == b->logits.argmax(-1)).to(at::kFloat).mean().item<double>();
   std::printf("AWQ fold (all linear, %d of %d mappings scaled): logits max |diff| %.4g "
-              "(%.3g of max |logit| %.3g), rms %.4g, top-1 agreement %.4f; routing changed for "
+              "(%.3g of max |logit| %.3g), relative rms %.4g, top-1 agreement %.4f; routing changed for "
               "%lld of %lld calibration tokens from folding alone\n",
               scaled, mappings, worst, worst / scale, scale, rms, top1,
               static_cast<long long>(routing_changed), static_cast<long long>(routing_tokens));
   EXPECT_GT(scaled, 0) << "no mapping chose a scale: the test shows nothing";
   EXPECT_GT(routing_tokens, 0);
-  // Bound: the stored tensors are bf16 (8-bit mantissa), so each folded element carries a
-  // relative rounding of at most 2^-9; over three layers that moves the logits by well under 2%
-  // of their range.
-  EXPECT_LT(worst / scale, 0.02);
-  EXPECT_GT(top1, 0.97);
-  EXPECT_LT(static_cast<double>(routing_changed), 0.05 * static_cast<double>(routing_tokens));
+  // Bound: each folded tensor is stored in bf16 (relative rounding at most 2^-9 per element),
+  // which moves the logits by about 1% rms of their size over three layers; a token whose
+  // expert set flips (a few in a thousand) moves further, so the largest single difference is
+  // not bounded by the rounding and is only printed. Measured: relative rms 0.0152, top-1
+  // agreement 0.997, 10 of 4096 routing changes.
+  EXPECT_LT(rms, 0.03);
+  EXPECT_GT(top1, 0.99);
+  EXPECT_LT(static_cast<double>(routing_changed), 0.01 * static_cast<double>(routing_tokens));
 }
 
 }  // namespace
