@@ -94,3 +94,24 @@ def test_awq_with_only_the_identity_candidate_is_rtn(cluster, tmp_path):
     assert sum(1 for n in rtn if n.endswith("weight_packed")) > 0
     for name in rtn:
         assert rtn[name].dtype == awq[name].dtype and rtn[name].equal(awq[name]), name
+
+
+def test_awq_gang_of_two_writes_what_a_gang_of_one_writes(cluster, tmp_path):
+    """The scale search's subset, statistics and losses do not depend on the gang: the routed
+    experts' codes and scales and every folded tensor come out the same."""
+    cluster.start_coordinator()
+    cluster.start_worker("w0")
+    cluster.start_worker("w1")
+    # Min-max grids: the CPU's MSE search would make this test minutes long, and the property
+    # does not depend on the grid.
+    args = ("--awq-tokens", "2048", "--scale-search", "minmax")
+    quantize(cluster, tmp_path / "k2", "awq", *args, "--gang-size", "2")
+    quantize(cluster, tmp_path / "k1", "awq", *args, "--gang-size", "1")
+    k1, k2 = tensors(tmp_path / "k1"), tensors(tmp_path / "k2")
+    assert k1.keys() == k2.keys()
+    routed = [n for n in k1 if ".mlp.experts." in n]
+    folded = [n for n in k1 if n.endswith(("post_attention_layernorm.weight", "mlp.gate.weight"))
+              or ".shared_experts." in n]
+    assert routed and folded
+    different = [n for n in routed + folded if not k1[n].equal(k2[n])]
+    assert not different, different[:10]

@@ -34,7 +34,9 @@ at::Tensor AwqScale(const at::Tensor& x_mean, const at::Tensor& w_mean, double a
   const at::Tensor x = x_mean.to(at::kDouble), w = w_mean.to(x.device(), at::kDouble);
   at::Tensor s = (x.pow(alpha) / (w.pow(1.0 - alpha) + 1e-4)).clamp_min(1e-4);
   s = s / (s.max() * s.min()).sqrt();
-  return s.to(at::kFloat);
+  // Rounded to bf16: statistics that differ only in their last bits (another summation order,
+  // e.g. another gang size) then give the same scale, hence the same codes.
+  return s.to(at::kBFloat16).to(at::kFloat);
 }
 
 absl::StatusOr<at::Tensor> FakeQuantizeScaled(const at::Tensor& w, const at::Tensor& s,

@@ -11,7 +11,8 @@
 //
 //   x_mean[c] = Σ|x[:, c]| / N                       (fp32 statistics, summed in fp64)
 //   w_mean[c] = mean over the rows of every balance weight of |W[r, c]| / max |W[r, group(c)]|
-//   s(α)      = max(x_mean^α / (w_mean^(1−α) + 1e-4), 1e-4), divided by √(max s · min s)
+//   s(α)      = max(x_mean^α / (w_mean^(1−α) + 1e-4), 1e-4), divided by √(max s · min s),
+//               rounded to bf16
 //
 // Candidates: s ≡ 1 (plain RTN, always first, so ties keep it) and α = i/grid, i = 0..grid.
 //
@@ -45,9 +46,9 @@ at::Tensor AbsColumnSum(const at::Tensor& x);
 // [I]; rows whose group is all zero add 0. `group_size` as GridOptions (0 = per channel).
 at::Tensor NormalizedWeightColumnSum(const at::Tensor& w, int64_t group_size);
 
-// The candidate scale for α (α < 0: ones) from the means, fp32 [I] on x_mean's device. The
-// formula runs in fp64, so equal inputs give equal scales whatever the summation order's last
-// bits did to them.
+// The candidate scale for α (α < 0: ones) from the means, fp32 [I] on x_mean's device, each
+// value rounded to bf16. The formula runs in fp64 and the rounding absorbs differences in the
+// statistics' last bits (another summation order, e.g. another gang size).
 at::Tensor AwqScale(const at::Tensor& x_mean, const at::Tensor& w_mean, double alpha);
 
 // Q(W·s)/s in fp32 for w [O, I] and s [I]: the weight a candidate's loss sees.
