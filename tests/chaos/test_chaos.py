@@ -38,17 +38,18 @@ def new_cluster(tmp, worker_args=()):
     return c
 
 
-def submit(cluster, env, out):
-    res = cluster.client(*submit_args(env["model"], out, env["dataset"], "--gang-size", 2),
-                         check=True)
+def submit(cluster, env, out, *extra):
+    res = cluster.client(*submit_args(env["model"], out, env["dataset"], "--gang-size", 2,
+                                      *extra), check=True)
     return res.stdout.split()[0]
 
 
-def reference(env, worker_args=()):
-    """The uninterrupted run's manifest hash with these worker flags (computed once)."""
-    key = ("reference", *worker_args)
+def reference(env, worker_args=(), job_args=()):
+    """The uninterrupted run's manifest hash with these worker and submit flags (computed
+    once)."""
+    key = ("reference", *worker_args, *job_args)
     if key not in env:
-        tmp = env["tmp"] / "-".join(["reference", *worker_args])
+        tmp = env["tmp"] / "-".join(["reference", *worker_args, *job_args])
         tmp.mkdir(exist_ok=True)
         c = new_cluster(tmp, worker_args)
         try:
@@ -56,7 +57,7 @@ def reference(env, worker_args=()):
             c.start_worker("r1")
             c.start_worker("r2")
             out = tmp / "out"
-            job_id = submit(c, env, out)
+            job_id = submit(c, env, out, *job_args)
             job = c.wait_job(job_id, "JOB_STATE_SUCCEEDED", timeout=300)["job"]
             check_output_dir(out)
             env[key] = job["manifest_sha256"]
@@ -125,10 +126,11 @@ def test_coordinator_sigkill_at_random_moments(env, tmp_path):
 
 
 # Also with the routed rows dispatched in rounds (several per layer): a rank killed during a
-# round's collectives.
-@pytest.mark.parametrize("worker_args", [(), ("--dispatch-tokens", "300")])
-def test_worker_sigkill_mid_layer(env, tmp_path, worker_args):
-    ref = reference(env, worker_args)
+# round's collectives; and an AWQ job, whose replays must run the folded tensors it committed.
+@pytest.mark.parametrize("worker_args,job_args", [
+    ((), ()), (("--dispatch-tokens", "300"), ()), ((), ("--method", "awq"))])
+def test_worker_sigkill_mid_layer(env, tmp_path, worker_args, job_args):
+    ref = reference(env, worker_args, job_args)
     rng = random.Random(SEED + 1)
     c = new_cluster(tmp_path, worker_args)
     try:
@@ -137,7 +139,7 @@ def test_worker_sigkill_mid_layer(env, tmp_path, worker_args):
         c.start_worker("w1", env=fault_env)
         c.start_worker("w2", env=fault_env)
         out = tmp_path / "out"
-        job_id = submit(c, env, out)
+        job_id = submit(c, env, out, *job_args)
         # Kill one rank once 1, 3 and 5 layers are committed, at a random moment inside the next
         # layer, and add a fresh worker (empty scratch: its rank is replayed from the committed
         # layers) each time.
