@@ -12,7 +12,9 @@
 # incremental and a model generated with the same flags is reused.
 #
 # Knobs (environment):
-#   MQ_RUNS       "GANG:SAMPLES ..." jobs to run in order (default "1:64 N:64", N = GPU count)
+#   MQ_RUNS       "GANG:SAMPLES[:METHOD] ..." jobs to run in order (default "1:64 N:64", N = GPU
+#                 count; METHOD gptq (default), rtn, awq or awq-gptq)
+#   MQ_SUBMIT_ARGS  extra mq-client submit flags for every job, e.g. --awq-tokens 16384
 #   MQ_SEQLEN     tokens per calibration sequence (default 1024)
 #   MQ_EXPERTS    routed experts of the generated layer (default 256)
 #   MQ_LAYERS     MoE layers of the generated checkpoint (default 1; 11.75 GB each)
@@ -146,7 +148,8 @@ stamp "$(idle) of $NGPU workers idle at $ADDR"
 # --- jobs -------------------------------------------------------------------------------------
 echo "[]" > "$W/results.json"
 for run in $RUNS; do
-  K=${run%%:*}; S=${run##*:}
+  K=${run%%:*}; rest=${run#*:}; S=${rest%%:*}; METHOD=gptq
+  [ "$rest" != "$S" ] && METHOD=${rest#*:}
   restarted=0
   for i in $(seq 0 $((NGPU - 1))); do
     kill -0 "${WORKER_PIDS[$i]}" 2>/dev/null || { start_worker $i; restarted=1; }
@@ -156,7 +159,7 @@ for run in $RUNS; do
     stamp "workers restarted: $(idle) of $NGPU idle"
   fi
   [ "$K" -le "$NGPU" ] || { echo "skip gang $K: only $NGPU GPUs"; continue; }
-  tag="k${K}-s${S}"
+  tag="k${K}-s${S}-${METHOD}"
   O="$W/out-$tag"; rm -rf "$O"
   left=$(( DEADLINE - $(date +%s) ))
   [ "$left" -gt 30 ] || { echo "skip $tag: ${left}s left before the deadline"; continue; }
@@ -179,7 +182,8 @@ EOF
   t0=$(date +%s.%N)
   "$CLIENT" --coordinator "$ADDR" submit --model "$M" --output "$O" \
     --dataset "$W/calibration.jsonl" --num-calibration-samples "$S" \
-    --max-sequence-length "$SEQLEN" --gang-size "$K" --targets "$TARGETS" --max-attempts 1 --wait \
+    --max-sequence-length "$SEQLEN" --gang-size "$K" --targets "$TARGETS" --max-attempts 1 \
+    --method "$METHOD" ${MQ_SUBMIT_ARGS:-} --wait \
     > "$LOG/submit-$tag.log" 2>&1 &
   CPID=$!
   rc=""
@@ -268,5 +272,11 @@ for r in runs:
                   f"  {s.get('expert_tokens_min')}/{s.get('expert_tokens_median')}/{s.get('expert_tokens_max')}"
                   f"  {s.get('quantized_linears')} {s.get('fallbacks')} {f(s.get('mean_relative_error')):.3e}"
                   f"  {s.get('dispatch_rounds')}/{s.get('expert_passes')}  {f(s.get('exchange_seconds')):.2f}")
+            for m in s.get("awq", []):
+                print(f"        awq {m['smooth']}: {m.get('mappings', 1)} mapping(s), "
+                      f"{m.get('identity_chosen', 0)} kept s=1, alpha {f(m.get('alpha')):.2f}, "
+                      f"loss {f(m.get('loss_identity')):.4g} -> {f(m.get('loss_chosen')):.4g}, "
+                      f"rows {m.get('rows')}, routing changed {m.get('routing_changed_tokens', 0)}"
+                      f"/{m.get('routing_tokens', 0)}")
 EOF
 stamp "done"

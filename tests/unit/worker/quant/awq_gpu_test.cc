@@ -1,0 +1,41 @@
+// AWQ's scale-search primitives on the GPU against the CPU (the reference): statistics, the
+// candidate scale and Q(W·s)/s, on full-width expert shapes. Skips without a CUDA device.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include "worker/quant/awq.h"
+
+namespace mq::quant {
+namespace {
+
+TEST(AwqGpuTest, SearchPrimitivesMatchTheCpu) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  at::manual_seed(11);
+  const at::Tensor x = at::randn({1024, 2048}).to(at::kBFloat16) * 3;  // down_proj inputs
+  const at::Tensor w = (at::randn({7168, 2048}) * 0.02).to(at::kBFloat16);  // a down_proj
+  const at::Tensor xg = x.cuda(), wg = w.cuda();
+
+  const at::Tensor xs = AbsColumnSum(x), xsg = AbsColumnSum(xg).cpu();
+  EXPECT_TRUE(at::allclose(xs, xsg, 1e-12, 0));
+  const at::Tensor ws = NormalizedWeightColumnSum(w, 128),
+                   wsg = NormalizedWeightColumnSum(wg, 128).cpu();
+  EXPECT_TRUE(at::allclose(ws, wsg, 1e-12, 0));
+
+  // The same statistics give the same scale on either device.
+  const at::Tensor s = AwqScale(xs / 1024, ws / 7168, 0.5);
+  EXPECT_TRUE(s.equal(AwqScale((xs / 1024).cuda(), (ws / 7168).cuda(), 0.5).cpu()));
+
+  for (ScaleSearch search : {ScaleSearch::kMinMax, ScaleSearch::kMse}) {
+    GridOptions g;
+    g.group_size = 128;
+    g.scale_search = search;
+    absl::StatusOr<at::Tensor> cpu = FakeQuantizeScaled(w, s, g);
+    absl::StatusOr<at::Tensor> gpu = FakeQuantizeScaled(wg, s.cuda(), g);
+    ASSERT_TRUE(cpu.ok() && gpu.ok());
+    const double differ = (*cpu != gpu->cpu()).to(at::kDouble).mean().item<double>();
+    EXPECT_LT(differ, 1e-4) << ScaleSearchName(search);  // grid ties may round apart
+  }
+}
+
+}  // namespace
+}  // namespace mq::quant
