@@ -354,8 +354,10 @@ void PrintJob(const mq::v1::JobRecord& j,
     std::cout << "Last layer:   step " << l.step() << " (layer " << l.layer() << "): load "
               << Seconds(l.load_seconds()) << ", forward " << Seconds(l.forward_seconds())
               << (s.method() == mq::v1::METHOD_RTN ? ", round (RTN) " + Seconds(l.solve_seconds())
-                                                   : ", hessian " + Seconds(l.hessian_seconds()) +
-                                                         ", solve " + Seconds(l.solve_seconds()))
+                  : s.method() == mq::v1::METHOD_AWQ
+                      ? ", AWQ search and round " + Seconds(l.solve_seconds())
+                      : ", hessian " + Seconds(l.hessian_seconds()) + ", solve " +
+                            Seconds(l.solve_seconds()))
               << ", propagate " << Seconds(l.propagate_seconds()) << ", write "
               << Seconds(l.write_seconds())
               << (l.exchange_seconds() > 0 ? " (exchange " + Seconds(l.exchange_seconds()) + ")"
@@ -654,8 +656,10 @@ int Status(Client& c, int argc, char** argv, int first) {
       const auto& r0 = l.reports_size() ? l.reports(0).stats() : mq::v1::LayerStats();
       char err[32];
       std::snprintf(err, sizeof(err), "%.4f", linears ? error / linears : 0.0);
-      if (response.job().spec().method() == mq::v1::METHOD_RTN) {
-        std::snprintf(err, sizeof(err), "-");  // measured against Hessians, which RTN has none of
+      if (response.job().spec().method() == mq::v1::METHOD_RTN ||
+          response.job().spec().method() == mq::v1::METHOD_AWQ) {
+        // Measured against Hessians, which RTN and AWQ (RTN of the scaled weights) have none of.
+        std::snprintf(err, sizeof(err), "-");
       }
       t.Add({std::to_string(l.step()), std::to_string(l.layer()),
              l.committed() ? "committed" : "pending", std::to_string(l.attempt()),
