@@ -212,16 +212,39 @@ class AwqSmoother {
     }
   }
 
-  // Overrides Q(W·s)/s for the quantized members of `balance`.
+  // Overrides Q(W·s)/s for the quantized members of `balance`. They share s, so their rows are
+  // quantized together, up to kBatchElements at a time: one grid search over many experts'
+  // weights instead of one per weight (grids are per row, so the result is the same).
   absl::StatusOr<model::WeightOverrides> Candidate(const std::vector<std::string>& balance,
                                                    const at::Tensor& s) const {
+    constexpr int64_t kBatchElements = int64_t{1} << 28;
     model::WeightOverrides o;
+    std::vector<std::string> batch;
+    int64_t elements = 0;
+    auto flush = [&]() -> absl::Status {
+      if (batch.empty()) return absl::OkStatus();
+      std::vector<at::Tensor> ws;
+      for (const std::string& b : batch) ws.push_back(Weight(b));
+      absl::StatusOr<at::Tensor> q =
+          quant::FakeQuantizeScaled(ws.size() == 1 ? ws[0] : at::cat(ws, 0), s, Grid());
+      if (!q.ok()) return q.status();
+      int64_t row = 0;
+      for (size_t i = 0; i < batch.size(); ++i) {
+        o[batch[i]] = q->narrow(0, row, ws[i].size(0)).to(r_.o_.device, r_.o_.dtype);
+        row += ws[i].size(0);
+      }
+      batch.clear();
+      elements = 0;
+      return absl::OkStatus();
+    };
     for (const std::string& b : balance) {
       if (!Quantized(b)) continue;
-      absl::StatusOr<at::Tensor> q = quant::FakeQuantizeScaled(Weight(b), s, Grid());
-      if (!q.ok()) return q.status();
-      o[b] = q->to(r_.o_.device, r_.o_.dtype);
+      const int64_t n = Weight(b).numel();
+      if (elements > 0 && elements + n > kBatchElements) MQ_RETURN_IF_ERROR(flush());
+      batch.push_back(b);
+      elements += n;
     }
+    MQ_RETURN_IF_ERROR(flush());
     return o;
   }
 
