@@ -82,6 +82,22 @@ def test_gptq_and_awq_beat_rtn_on_the_trained_model(cluster, tmp_path, heldout):
         assert int(block.get("routing_changed_tokens", 0)) < 0.01 * int(block["routing_tokens"])
 
 
+def test_awq_then_gptq_beats_rtn(cluster, tmp_path, heldout):
+    """AWQ's scales folded, then GPTQ on the Hessians of the smoothed inputs (act-order)."""
+    cluster.start_coordinator()
+    cluster.start_worker("w0")
+    job = quantize(cluster, tmp_path / "awq-gptq", "awq-gptq", "--awq-tokens", AWQ_TOKENS)
+    quantize(cluster, tmp_path / "rtn", "rtn")
+    spec = cluster.job(job)["job"]["spec"]
+    assert spec["method"] == "METHOD_AWQ_GPTQ" and spec["act_order"], spec
+    orig = math.exp(nll_transformers(DATA, heldout))
+    both = math.exp(nll_transformers(tmp_path / "awq-gptq", heldout))
+    rtn = math.exp(nll_transformers(tmp_path / "rtn", heldout))
+    print(f"trained model, held-out perplexity: original {orig:.3f}  awq-gptq {both:.3f} "
+          f"(+{both - orig:.3f})  rtn {rtn:.3f} (+{rtn - orig:.3f})")
+    assert abs(both - orig) < abs(rtn - orig)
+
+
 def test_awq_with_only_the_identity_candidate_is_rtn(cluster, tmp_path):
     """s = 1 alone: nothing folded, the scaled weights are the weights, so every tensor of the
     output equals RTN's bit for bit."""
