@@ -69,13 +69,7 @@ class AwqSmoother {
     return std::any_of(ms.begin(), ms.end(), [&](const std::string& m) { return Quantized(m); });
   }
   at::Tensor Weight(const std::string& m) const { return quant::WeightOf(w_, m); }
-  quant::GridOptions Grid() const {
-    quant::GridOptions g = r_.o_.gptq.grid;
-    g.group_size = r_.o_.format.group_size;
-    g.bits = 4;
-    g.symmetric = true;
-    return g;
-  }
+  quant::GridOptions Grid() const { return r_.SolveOptions().grid; }
 
   // The subset's sequences of every chunk (indices into the chunk's batch), gang-independent:
   // sequence floor(j·n/m) for j = 0..m−1, m the number whose mean length reaches max_tokens.
@@ -126,8 +120,8 @@ class AwqSmoother {
         attn_.push_back(attn);
         h_.push_back(h.reshape({-1, h.size(2)}));
       }
-      const auto options = at::TensorOptions().dtype(r_.o_.dtype).device(r_.o_.device);
-      u_ = us.empty() ? at::empty({0, r_.config_.hidden_size}, options) : at::cat(us, 0);
+      u_ = Cat(us, r_.config_.hidden_size,
+               at::TensorOptions().dtype(r_.o_.dtype).device(r_.o_.device));
       return absl::OkStatus();
     });
   }
@@ -260,20 +254,29 @@ class AwqSmoother {
     return sum;
   }
 
-  // A replicated mapping whose loss is `loss` (summed over the gang here).
-  absl::Status Replicated(const std::string& smooth, bool smooth_is_linear,
-                          const std::vector<std::string>& balance, const at::Tensor& x2d,
-                          const std::function<absl::StatusOr<double>(
-                              const model::WeightOverrides&)>& local_loss) {
-    if (!AnyQuantized(balance)) return absl::OkStatus();
+  // Chooses and folds one mapping whose statistics and loss are summed over the gang.
+  // `shared`: balance linears every rank holds (their statistics counted once, on rank 0);
+  // `own`: this rank's routed experts' (the MoE mapping); `local_loss`: this rank's part of
+  // the loss. Rank 0 reports the mapping with `balance_layers`.
+  absl::StatusOr<Choice> GangMapping(
+      const std::string& smooth, bool smooth_is_linear, const std::vector<std::string>& shared,
+      const std::vector<std::string>& own, const at::Tensor& x2d,
+      const std::function<absl::StatusOr<double>(const model::WeightOverrides&)>& local_loss,
+      int balance_layers) {
     at::Tensor x_sum = quant::AbsColumnSum(x2d);
     at::Tensor rows = at::full({1}, x2d.size(0), at::kLong);
+    int64_t own_rows = 0, shared_rows = 0;
+    at::Tensor w_sum = WeightSum(own, x2d.size(1), &own_rows);
+    if (r_.gang_.rank() == 0) w_sum = w_sum + WeightSum(shared, x2d.size(1), &shared_rows);
+    at::Tensor w_rows = at::full({1}, own_rows + shared_rows, at::kLong);
     MQ_RETURN_IF_ERROR(r_.gang_.AllReduceSum(x_sum));
     MQ_RETURN_IF_ERROR(r_.gang_.AllReduceSum(rows));
-    int64_t w_rows = 0;
-    const at::Tensor w_sum = WeightSum(balance, x2d.size(1), &w_rows);
+    MQ_RETURN_IF_ERROR(r_.gang_.AllReduceSum(w_sum));
+    MQ_RETURN_IF_ERROR(r_.gang_.AllReduceSum(w_rows));
+    std::vector<std::string> balance = shared;
+    balance.insert(balance.end(), own.begin(), own.end());
     absl::StatusOr<Choice> c =
-        Choose(x_sum, rows.item<int64_t>(), w_sum, w_rows,
+        Choose(x_sum, rows.item<int64_t>(), w_sum, w_rows.item<int64_t>(),
                [&](const at::Tensor& s) -> absl::StatusOr<double> {
                  absl::StatusOr<model::WeightOverrides> o = Candidate(balance, s);
                  if (!o.ok()) return o.status();
@@ -283,10 +286,19 @@ class AwqSmoother {
                });
     if (!c.ok()) return c.status();
     if (c->s.defined()) Fold(smooth, smooth_is_linear, balance, c->s);
-    if (r_.gang_.rank() == 0) {
-      Report(smooth, static_cast<int>(balance.size()), *c, rows.item<int64_t>());
-    }
-    return absl::OkStatus();
+    if (r_.gang_.rank() == 0) Report(smooth, balance_layers, *c, rows.item<int64_t>());
+    return c;
+  }
+
+  // A mapping of replicated linears only, when one of them is quantized.
+  absl::Status Replicated(const std::string& smooth, bool smooth_is_linear,
+                          const std::vector<std::string>& balance, const at::Tensor& x2d,
+                          const std::function<absl::StatusOr<double>(
+                              const model::WeightOverrides&)>& local_loss) {
+    if (!AnyQuantized(balance)) return absl::OkStatus();
+    return GangMapping(smooth, smooth_is_linear, balance, {}, x2d, local_loss,
+                       static_cast<int>(balance.size()))
+        .status();
   }
 
   // A linear's own loss Σ(x Wᵀ − x W'ᵀ)² over its captured inputs x [rows, in]: as the
@@ -418,45 +430,23 @@ class AwqSmoother {
     }
 
     if (mapped) {
-      at::Tensor x_sum = quant::AbsColumnSum(u_);
-      at::Tensor rows = at::full({1}, u_.size(0), at::kLong);
-      int64_t own_rows = 0, rep_rows = 0;
-      at::Tensor w_sum = WeightSum(own_gate_up, r_.config_.hidden_size, &own_rows);
-      const at::Tensor rep_sum = WeightSum(replicated_gate_up, r_.config_.hidden_size, &rep_rows);
-      if (r_.gang_.rank() == 0) w_sum = w_sum + rep_sum;
-      at::Tensor w_rows =
-          at::full({1}, own_rows + (r_.gang_.rank() == 0 ? rep_rows : 0), at::kLong);
-      MQ_RETURN_IF_ERROR(r_.gang_.AllReduceSum(x_sum));
-      MQ_RETURN_IF_ERROR(r_.gang_.AllReduceSum(rows));
-      MQ_RETURN_IF_ERROR(r_.gang_.AllReduceSum(w_sum));
-      MQ_RETURN_IF_ERROR(r_.gang_.AllReduceSum(w_rows));
-      std::vector<std::string> balance = replicated_gate_up;
-      balance.insert(balance.end(), own_gate_up.begin(), own_gate_up.end());
-      absl::StatusOr<Choice> c = Choose(
-          x_sum, rows.item<int64_t>(), w_sum, w_rows.item<int64_t>(),
-          [&](const at::Tensor& s) -> absl::StatusOr<double> {
-            absl::StatusOr<model::WeightOverrides> o = Candidate(balance, s);
-            if (!o.ok()) return o.status();
+      absl::StatusOr<Choice> c = GangMapping(
+          P("post_attention_layernorm"), false, replicated_gate_up, own_gate_up, u_,
+          [&](const model::WeightOverrides& o) -> absl::StatusOr<double> {
             model::ForwardHooks hooks;
-            hooks.weight_overrides = &*o;
+            hooks.weight_overrides = &o;
             absl::StatusOr<at::Tensor> y = Routed(*d, hooks);
             if (!y.ok()) return y.status();
             at::Tensor out = *y;
             if (has_shared) out = out + model::RunMlpRows(shared, w_.shared_experts, u_, hooks);
-            return GangSum(quant::SquaredError(ref, out));
-          });
+            return quant::SquaredError(ref, out);
+          },
+          static_cast<int>(replicated_gate_up.size()) + 2 * r_.config_.n_routed_experts);
       if (!c.ok()) return c.status();
-      int64_t changed = 0;
-      if (c->s.defined()) {
-        Fold(P("post_attention_layernorm"), false, balance, c->s);
-        changed = RoutingChanged(routing.topk_indices);
-      }
+      const int64_t changed = c->s.defined() ? RoutingChanged(routing.topk_indices) : 0;
       at::Tensor counts = at::tensor(std::vector<int64_t>{changed, u_.size(0)}, at::kLong);
       MQ_RETURN_IF_ERROR(r_.gang_.AllReduceSum(counts));
       if (r_.gang_.rank() == 0) {
-        Report(P("post_attention_layernorm"), static_cast<int>(replicated_gate_up.size()) +
-                                                  2 * r_.config_.n_routed_experts,
-               *c, rows.item<int64_t>());
         stats_->awq.back().routing_changed_tokens = counts[0].item<int64_t>();
         stats_->awq.back().routing_tokens = counts[1].item<int64_t>();
       }

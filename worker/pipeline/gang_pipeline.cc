@@ -375,10 +375,7 @@ absl::StatusOr<std::vector<GptqResult>> Runner::Solve(const std::vector<at::Tens
                                                       const HessianAccumulator* acc,
                                                       bool force_rtn, at::Tensor* h_out) {
   const int64_t tokens = acc ? acc->tokens() : 0;
-  quant::GptqOptions gptq = o_.gptq;
-  gptq.grid.group_size = o_.format.group_size;
-  gptq.grid.bits = 4;
-  gptq.grid.symmetric = true;
+  const quant::GptqOptions gptq = SolveOptions();
   if (tokens > 0) {
     absl::StatusOr<at::Tensor> h = acc->Finalize();
     if (!h.ok()) return h.status();
@@ -676,12 +673,8 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
       batched.push_back(g);
     }
     if (!batched.empty()) {
-      quant::GptqOptions gptq = o_.gptq;
-      gptq.grid.group_size = o_.format.group_size;
-      gptq.grid.bits = 4;
-      gptq.grid.symmetric = true;
       absl::StatusOr<std::vector<GptqResult>> results =
-          quant::QuantizeGptqBatched(ws, hessian_of, hs, gptq);
+          quant::QuantizeGptqBatched(ws, hessian_of, hs, SolveOptions());
       if (!results.ok()) return results.status();
       size_t k = 0;
       for (size_t gi = 0; gi < batched.size(); ++gi) {

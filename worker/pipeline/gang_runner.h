@@ -156,6 +156,15 @@ class Runner {
   void Progress(const std::string& stage, double f) const {
     if (o_.on_progress) o_.on_progress(stage, f);
   }
+  // The job's GPTQ options with the grid every solve and rounding uses (the format's group
+  // size, 4-bit symmetric).
+  quant::GptqOptions SolveOptions() const {
+    quant::GptqOptions gptq = o_.gptq;
+    gptq.grid.group_size = o_.format.group_size;
+    gptq.grid.bits = 4;
+    gptq.grid.symmetric = true;
+    return gptq;
+  }
   absl::Status CheckCancelled() const {
     if (o_.cancelled && o_.cancelled()) return absl::CancelledError("assignment cancelled");
     return absl::OkStatus();
