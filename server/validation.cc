@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <regex>
 #include <vector>
 
@@ -60,6 +61,15 @@ bool IsSha256(const std::string& s) {
   return true;
 }
 
+// Each (field suffix, count) must be >= 0; the field is named `prefix` + suffix.
+absl::Status CheckCounts(const std::string& prefix,
+                         std::initializer_list<std::pair<const char*, int64_t>> counts) {
+  for (const auto& [name, value] : counts) {
+    if (value < 0) return Invalid(prefix + name, absl::StrCat(value), "must be >= 0");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status CheckFiniteNonNegative(const std::string& field, double value) {
   if (!std::isfinite(value) || value < 0) {
     return Invalid(field, absl::StrCat(value), "must be a finite number >= 0");
@@ -105,15 +115,14 @@ absl::Status ValidateAwqMapping(const std::string& field, const mq::v1::AwqMappi
   if (m.smooth().size() > 512) {
     return Invalid(field + ".smooth", Quote(m.smooth()), "at most 512 characters");
   }
-  const std::pair<const char*, int64_t> counts[] = {
-      {".balance_layers", m.balance_layers()},
-      {".mappings", m.mappings()},
-      {".identity_chosen", m.identity_chosen()},
-      {".rows", m.rows()},
-      {".routing_changed_tokens", m.routing_changed_tokens()},
-      {".routing_tokens", m.routing_tokens()}};
-  for (const auto& [name, value] : counts) {
-    if (value < 0) return Invalid(field + name, absl::StrCat(value), "must be >= 0");
+  if (absl::Status s = CheckCounts(field, {{".balance_layers", m.balance_layers()},
+                                           {".mappings", m.mappings()},
+                                           {".identity_chosen", m.identity_chosen()},
+                                           {".rows", m.rows()},
+                                           {".routing_changed_tokens", m.routing_changed_tokens()},
+                                           {".routing_tokens", m.routing_tokens()}});
+      !s.ok()) {
+    return s;
   }
   if (m.identity_chosen() > m.mappings()) {
     return Invalid(field + ".identity_chosen", absl::StrCat(m.identity_chosen()),
@@ -459,17 +468,16 @@ absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& r) {
   for (const auto& [field, value] : seconds) {
     if (absl::Status s = CheckFiniteNonNegative(field, value); !s.ok()) return s;
   }
-  const std::pair<const char*, int64_t> counts[] = {
-      {"stats.expert_tokens_min", st.expert_tokens_min()},
-      {"stats.expert_tokens_median", st.expert_tokens_median()},
-      {"stats.expert_tokens_max", st.expert_tokens_max()},
-      {"stats.quantized_linears", st.quantized_linears()},
-      {"stats.fallbacks", st.fallbacks()},
-      {"stats.rare_experts", st.rare_experts()},
-      {"stats.dispatch_rounds", st.dispatch_rounds()},
-      {"stats.expert_passes", st.expert_passes()}};
-  for (const auto& [field, value] : counts) {
-    if (value < 0) return Invalid(field, absl::StrCat(value), "must be >= 0");
+  if (absl::Status s = CheckCounts("stats.", {{"expert_tokens_min", st.expert_tokens_min()},
+                                              {"expert_tokens_median", st.expert_tokens_median()},
+                                              {"expert_tokens_max", st.expert_tokens_max()},
+                                              {"quantized_linears", st.quantized_linears()},
+                                              {"fallbacks", st.fallbacks()},
+                                              {"rare_experts", st.rare_experts()},
+                                              {"dispatch_rounds", st.dispatch_rounds()},
+                                              {"expert_passes", st.expert_passes()}});
+      !s.ok()) {
+    return s;
   }
   if (st.rare_size() > 65536) {
     return Invalid("stats.rare", absl::StrCat(st.rare_size(), " entries"),
