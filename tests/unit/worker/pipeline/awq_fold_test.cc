@@ -138,8 +138,8 @@ TEST(AwqFoldTest, FoldedTrainedModelComputesTheOriginalLogits) {
   // Bound: each folded tensor is stored in bf16 (relative rounding at most 2^-9 per element),
   // which moves the logits by about 1% rms of their size over three layers; a token whose
   // expert set flips (a few in a thousand) moves further, so the largest single difference is
-  // not bounded by the rounding and is only printed. Measured: relative rms 0.0152, top-1
-  // agreement 0.997, 10 of 4096 routing changes.
+  // not bounded by the rounding and is only printed. Measured: relative rms 0.0161, top-1
+  // agreement 0.996, 8 of 4096 routing changes.
   EXPECT_LT(rms, 0.03);
   EXPECT_GT(top1, 0.99);
   EXPECT_LT(static_cast<double>(routing_changed), 0.01 * static_cast<double>(routing_tokens));
