@@ -115,7 +115,9 @@ du -sh "$M"; stamp "model ready"
 # --- service ----------------------------------------------------------------------------------
 COORD=$B/server/mq-coordinator; WORKER=$B/worker/mq-worker; CLIENT=$B/client/mq-client
 rm -rf "$W/state" "$W/ready"
-"$COORD" --listen 127.0.0.1:0 --data-dir "$W/state" --ready-file "$W/ready" \
+# One machine, loopback only: plaintext without authentication (--insecure).
+export MQ_INSECURE=1
+"$COORD" --listen 127.0.0.1:0 --data-dir "$W/state" --ready-file "$W/ready" --insecure \
   > "$LOG/coordinator.log" 2>&1 &
 COORD_PID=$!
 for _ in $(seq 100); do [ -s "$W/ready" ] && break; sleep 0.2; done
@@ -129,7 +131,7 @@ start_worker() {  # start_worker GPU: (re)starts that GPU's worker
   local i=$1
   STARTS=$((STARTS + 1))
   "$WORKER" --coordinator "$ADDR" --device cuda:$i --name gpu$i-$STARTS --scratch-dir "$W/scratch$i" \
-    --experts-per-pass "$EPP" --dispatch-tokens "$DISPATCH" --poll-wait-ms 1000 ${MQ_WORKER_ARGS:-} \
+    --experts-per-pass "$EPP" --dispatch-tokens "$DISPATCH" --poll-wait-ms 1000 --insecure ${MQ_WORKER_ARGS:-} \
     >> "$LOG/worker$i.log" 2>&1 &
   WORKER_PIDS[$i]=$!
 }

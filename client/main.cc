@@ -22,6 +22,7 @@
 #include "absl/strings/str_join.h"
 #include "client/table.h"
 #include "client/verify.h"
+#include "common/channel.h"
 #include "common/flags.h"
 #include "common/names.h"
 #include "common/util.h"
@@ -37,7 +38,7 @@ using mq::client::Bytes;
 using mq::client::Table;
 
 constexpr char kUsage[] =
-    R"(usage: mq-client [--coordinator HOST:PORT] [--timeout SECONDS] COMMAND [ARGS]
+    R"(usage: mq-client [--coordinator HOST:PORT] [--timeout SECONDS] [security] COMMAND [ARGS]
 
 commands:
   submit --model DIR --output DIR [--method gptq|awq|awq-gptq|rtn] [--bits 4]
@@ -60,6 +61,17 @@ commands:
                                                   manifest (sizes, SHA-256); no coordinator
 
 The coordinator defaults to $MQ_COORDINATOR, else 127.0.0.1:50051.
+
+security (each defaults to the environment variable shown):
+  --tls-ca FILE           CA that signed the coordinator's certificate ($MQ_TLS_CA;
+                          default: the system's roots)
+  --tls-server-name NAME  name in the coordinator's certificate, if not the address's host
+                          ($MQ_TLS_SERVER_NAME)
+  --tls-cert FILE --tls-key FILE  client certificate (mTLS) ($MQ_TLS_CERT, $MQ_TLS_KEY)
+  --token-file FILE       bearer token from `mq-coordinator add-token` ($MQ_TOKEN_FILE;
+                          or the token itself in $MQ_TOKEN)
+  --insecure              plaintext, no token: only for a coordinator run with --insecure
+                          ($MQ_INSECURE=1)
 Run `mq-client COMMAND --help` for a command's options.
 )";
 
@@ -67,6 +79,8 @@ struct Global {
   std::string coordinator;
   int64_t timeout_s = 30;
   bool json = false;
+  mq::ChannelSecurity security;
+  std::string token_file;
 };
 
 // Thrown-free error path: print one line and return the exit code.
@@ -77,12 +91,18 @@ int Fail(const std::string& message, int code = 1) {
 
 int RpcFail(const std::string& what, const grpc::Status& s, const Global& g) {
   std::string code;
+  // A refused handshake looks like an unreachable coordinator; say where to look.
+  const std::string tls_hint =
+      g.security.insecure ? ""
+                          : "; with TLS, check --tls-ca (and --tls-server-name) match the "
+                            "coordinator's certificate";
   switch (s.error_code()) {
     case grpc::StatusCode::UNAVAILABLE:
       return Fail(what + ": coordinator " + g.coordinator + " unavailable (" + s.error_message() +
-                  ")");
+                  ")" + tls_hint);
     case grpc::StatusCode::DEADLINE_EXCEEDED:
-      return Fail(what + ": no answer within the deadline (" + s.error_message() + ")");
+      return Fail(what + ": no answer within the deadline (" + s.error_message() + ")" +
+                  tls_hint);
     case grpc::StatusCode::INVALID_ARGUMENT:
       code = "invalid argument";
       break;
@@ -94,6 +114,12 @@ int RpcFail(const std::string& what, const grpc::Status& s, const Global& g) {
       break;
     case grpc::StatusCode::FAILED_PRECONDITION:
       code = "not possible now";
+      break;
+    case grpc::StatusCode::UNAUTHENTICATED:
+      code = "not authenticated";
+      break;
+    case grpc::StatusCode::PERMISSION_DENIED:
+      code = "permission denied";
       break;
     default:
       code = "error " + std::to_string(static_cast<int>(s.error_code()));
@@ -130,9 +156,17 @@ class Client {
     args.SetServiceConfigJSON(R"({"methodConfig":[{"name":[{"service":"mq.v1.JobService"}],
       "retryPolicy":{"maxAttempts":5,"initialBackoff":"0.2s","maxBackoff":"2s",
       "backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}}]})");
-    channel_ = grpc::CreateCustomChannel(g_.coordinator, grpc::InsecureChannelCredentials(), args);
+    auto channel = mq::SecureChannel(g_.coordinator, g_.security, args);
+    if (!channel.ok()) {
+      error_ = std::string(channel.status().message());
+      return;
+    }
+    channel_ = *channel;
     stub_ = mq::v1::JobService::NewStub(channel_);
   }
+
+  // Why the channel could not be made (unreadable certificate, ...), or empty.
+  const std::string& error() const { return error_; }
 
   std::unique_ptr<grpc::ClientContext> Ctx(int64_t seconds = 0) const {
     auto ctx = std::make_unique<grpc::ClientContext>();
@@ -147,6 +181,7 @@ class Client {
 
  private:
   Global g_;
+  std::string error_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<mq::v1::JobService::Stub> stub_;
 };
@@ -411,9 +446,14 @@ int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_event
 
 // Global options may also follow the command; main() already applied them.
 void AcceptGlobalFlags(mq::Flags& f) {
-  static std::string coordinator, timeout;
-  f.String("coordinator", &coordinator, "coordinator HOST:PORT");
-  f.String("timeout", &timeout, "RPC deadline in seconds");
+  static std::string ignored;
+  static bool ignored_bool;
+  f.String("coordinator", &ignored, "coordinator HOST:PORT");
+  f.String("timeout", &ignored, "RPC deadline in seconds");
+  for (const char* name : {"tls-ca", "tls-cert", "tls-key", "tls-server-name", "token-file"}) {
+    f.String(name, &ignored, "see mq-client --help");
+  }
+  f.Bool("insecure", &ignored_bool, "see mq-client --help");
 }
 
 int Submit(Client& c, int argc, char** argv, int first) {
@@ -888,17 +928,47 @@ absl::Status ParseTimeout(const std::string& value, int64_t* seconds) {
   return absl::OkStatus();
 }
 
+// Global options taking a value, and where each goes.
+std::string* GlobalValue(Global& g, const std::string& name, std::string* timeout) {
+  if (name == "coordinator") return &g.coordinator;
+  if (name == "timeout") return timeout;
+  if (name == "tls-ca") return &g.security.ca_file;
+  if (name == "tls-cert") return &g.security.cert_file;
+  if (name == "tls-key") return &g.security.key_file;
+  if (name == "tls-server-name") return &g.security.server_name;
+  if (name == "token-file") return &g.token_file;
+  return nullptr;
+}
+
+std::string Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? v : "";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  // gRPC's own log lines (TLS handshake errors, ...) would repeat, out of order, what the
+  // one-line failure below says.
+  gpr_set_log_function([](gpr_log_func_args*) {});
   Global g;
-  const char* env = std::getenv("MQ_COORDINATOR");
-  g.coordinator = env && *env ? env : "127.0.0.1:50051";
-  // Global options come before the command.
-  int i = 1;
-  for (; i < argc; ++i) {
+  g.coordinator = Env("MQ_COORDINATOR").empty() ? "127.0.0.1:50051" : Env("MQ_COORDINATOR");
+  g.security.ca_file = Env("MQ_TLS_CA");
+  g.security.cert_file = Env("MQ_TLS_CERT");
+  g.security.key_file = Env("MQ_TLS_KEY");
+  g.security.server_name = Env("MQ_TLS_SERVER_NAME");
+  g.token_file = Env("MQ_TOKEN_FILE");
+  g.security.insecure = Env("MQ_INSECURE") == "1";
+  std::string timeout;
+  // Global options come before the command, and may follow it too (the command's parser
+  // accepts and ignores them).
+  int command_at = 0;
+  for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a.rfind("--", 0) != 0) break;
+    if (a.rfind("--", 0) != 0) {
+      if (command_at == 0) command_at = i;
+      continue;
+    }
     std::string name = a.substr(2), value;
     bool has_value = false;
     if (auto eq = name.find('='); eq != std::string::npos) {
@@ -906,7 +976,7 @@ int main(int argc, char** argv) {
       name = name.substr(0, eq);
       has_value = true;
     }
-    if (name == "help") {
+    if (name == "help" && command_at == 0) {
       std::cout << kUsage;
       return 0;
     }
@@ -914,50 +984,49 @@ int main(int argc, char** argv) {
       g.json = true;
       continue;
     }
-    if (name != "coordinator" && name != "timeout") {
-      return Fail("unknown option --" + name + " (see mq-client --help)", 2);
+    if (name == "insecure") {
+      g.security.insecure = true;
+      continue;
+    }
+    std::string* target = GlobalValue(g, name, &timeout);
+    if (!target) {
+      if (command_at == 0) return Fail("unknown option --" + name + " (see mq-client --help)", 2);
+      continue;  // the command's own option
     }
     if (!has_value) {
       if (i + 1 >= argc) return Fail("option --" + name + " needs a value", 2);
       value = argv[++i];
     }
-    if (name == "coordinator") {
-      g.coordinator = value;
-    } else if (absl::Status s = ParseTimeout(value, &g.timeout_s); !s.ok()) {
-      return Fail(std::string(s.message()), 2);
-    }
+    *target = value;
   }
-  if (i >= argc) {
+  if (command_at == 0) {
     std::cerr << kUsage;
     return 2;
   }
-  const std::string command = argv[i];
-  // Global options may follow the command too (the command's parser accepts and ignores them).
-  for (int k = i + 1; k < argc; ++k) {
-    std::string a = argv[k];
-    std::string value;
-    if (a == "--json") g.json = true;
-    if ((a == "--coordinator" || a == "--timeout") && k + 1 < argc) {
-      value = argv[k + 1];
-    } else if (a.rfind("--coordinator=", 0) == 0 || a.rfind("--timeout=", 0) == 0) {
-      value = a.substr(a.find('=') + 1);
-      a = a.substr(0, a.find('='));
-    } else {
-      continue;
-    }
-    if (a == "--coordinator") {
-      g.coordinator = value;
-    } else if (absl::Status s = ParseTimeout(value, &g.timeout_s); !s.ok()) {
+  if (!timeout.empty()) {
+    if (absl::Status s = ParseTimeout(timeout, &g.timeout_s); !s.ok()) {
       return Fail(std::string(s.message()), 2);
     }
   }
+  const int i = command_at;
+  const std::string command = argv[i];
   // Needs no coordinator.
   if (command == "verify") return mq::client::VerifyCommand(argc, argv, i + 1);
   if (g.coordinator.find(':') == std::string::npos) {
     return Fail("--coordinator = \"" + g.coordinator + "\": must be HOST:PORT", 2);
   }
+  if (!g.security.insecure) {
+    if (!g.token_file.empty()) {
+      auto token = mq::ReadTokenFile("token-file", g.token_file);
+      if (!token.ok()) return Fail(std::string(token.status().message()), 2);
+      g.security.token = *token;
+    } else {
+      g.security.token = Env("MQ_TOKEN");
+    }
+  }
   const int first = i + 1;
   Client client(g);
+  if (!client.error().empty()) return Fail(client.error(), 2);
   if (command == "submit") return Submit(client, argc, argv, first);
   if (command == "status") return Status(client, argc, argv, first);
   if (command == "list") return List(client, argc, argv, first);

@@ -29,15 +29,17 @@ with open(sys.argv[1], "w") as f:
 PY
 
 echo "== starting mq-coordinator and two CPU mq-workers"
-"$BIN/server/mq-coordinator" --listen 127.0.0.1:0 --data-dir "$DEMO/state" \
+echo "   INSECURE, for this demo on one machine only: plaintext gRPC on 127.0.0.1 and no"
+echo "   authentication (--insecure); README 'Secure deployment' runs it with TLS and tokens"
+"$BIN/server/mq-coordinator" --listen 127.0.0.1:0 --data-dir "$DEMO/state" --insecure \
   --ready-file "$DEMO/coordinator.addr" 2>"$DEMO/coordinator.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$DEMO/coordinator.addr" ] && break; sleep 0.1; done
-export MQ_COORDINATOR
+export MQ_COORDINATOR MQ_INSECURE=1
 MQ_COORDINATOR="$(cat "$DEMO/coordinator.addr")"
 for w in 1 2; do
   "$BIN/worker/mq-worker" --device cpu --name "demo-worker-$w" --scratch-dir "$DEMO/scratch-$w" \
-    2>"$DEMO/worker-$w.log" &
+    --insecure 2>"$DEMO/worker-$w.log" &
   pids+=($!)
 done
 CLIENT="$BIN/client/mq-client"

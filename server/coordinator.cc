@@ -12,7 +12,9 @@
 #include "absl/strings/str_join.h"
 #include "common/error_text.h"
 #include "common/names.h"
+#include "common/sha256.h"
 #include "common/util.h"
+#include "server/auth/authenticator.h"
 #include "server/scheduling/retry.h"
 #include "server/validation.h"
 
@@ -297,7 +299,8 @@ void Coordinator::PutJob(WriteBatch& batch, const JobRecord& job) {
 }
 
 void Coordinator::AddEvent(JobRecord& job, WriteBatch& batch, const std::string& kind,
-                           const std::string& message, const std::string& worker_id) {
+                           const std::string& message, const std::string& worker_id,
+                           const std::string& principal) {
   mq::v1::JobEvent e;
   e.set_job_id(job.job_id());
   e.set_seq(job.event_count());
@@ -307,12 +310,20 @@ void Coordinator::AddEvent(JobRecord& job, WriteBatch& batch, const std::string&
   e.set_attempt(job.attempt());
   e.set_state(job.state());
   e.set_worker_id(worker_id);
+  if (!principal.empty()) {
+    e.set_principal(principal);
+  } else if (auto w = workers_.find(worker_id); !worker_id.empty() && w != workers_.end()) {
+    e.set_principal(w->second.record.principal());
+  } else {
+    e.set_principal(Caller::kCoordinator);
+  }
   batch.Put(Table::kEvents, EventKey(job.job_id(), e.seq()), e.SerializeAsString());
   job.set_event_count(job.event_count() + 1);
 }
 
 void Coordinator::SetJobState(JobRecord& job, WriteBatch& batch, JobState state,
-                              const std::string& message, const std::string& worker_id) {
+                              const std::string& message, const std::string& worker_id,
+                              const std::string& principal) {
   job.set_state(state);
   job.set_message(message);
   job.set_updated_at_ms(Wall());
@@ -321,7 +332,8 @@ void Coordinator::SetJobState(JobRecord& job, WriteBatch& batch, JobState state,
   if (state != mq::v1::JOB_STATE_FINALIZING && state != mq::v1::JOB_STATE_SUCCEEDED) {
     job.clear_publishing();
   }
-  AddEvent(job, batch, "state", absl::StrCat(JobStateName(state), ": ", message), worker_id);
+  AddEvent(job, batch, "state", absl::StrCat(JobStateName(state), ": ", message), worker_id,
+           principal);
 }
 
 void Coordinator::Changed() {
@@ -368,8 +380,21 @@ void Coordinator::UpdateGauges() {
 // ---------------------------------------------------------------------------------------------
 // JobService
 
+namespace {
+
+// An idempotency key belongs to the principal that first used it: another principal's submit
+// with it neither sees nor joins that job.
+absl::Status CheckKeyOwner(const std::string& key, const JobRecord& existing,
+                           const Caller& caller) {
+  if (caller.insecure || existing.owner() == caller.principal) return absl::OkStatus();
+  return absl::AlreadyExistsError(absl::StrCat(
+      "idempotency_key = \"", key, "\": already used by another principal; use a new key"));
+}
+
+}  // namespace
+
 absl::StatusOr<mq::v1::SubmitJobResponse> Coordinator::SubmitJob(
-    const mq::v1::SubmitJobRequest& request) {
+    const mq::v1::SubmitJobRequest& request, const Caller& caller) {
   if (!request.has_spec()) {
     return absl::InvalidArgumentError("spec: is required (model_uri and output_uri at least)");
   }
@@ -384,6 +409,7 @@ absl::StatusOr<mq::v1::SubmitJobResponse> Coordinator::SubmitJob(
     auto it = idempotency_.find(key);
     if (it != idempotency_.end()) {
       const JobRecord& existing = jobs_.at(it->second);
+      if (absl::Status s = CheckKeyOwner(key, existing, caller); !s.ok()) return s;
       if (!google::protobuf::util::MessageDifferencer::Equals(existing.spec(), *spec)) {
         return absl::AlreadyExistsError(
             absl::StrCat("idempotency_key = \"", key, "\": already used for job ", it->second,
@@ -399,6 +425,7 @@ absl::StatusOr<mq::v1::SubmitJobResponse> Coordinator::SubmitJob(
     if (stored->has_value()) {
       auto existing = FindJob(**stored);
       if (!existing.ok()) return existing.status();
+      if (absl::Status s = CheckKeyOwner(key, *existing, caller); !s.ok()) return s;
       if (!google::protobuf::util::MessageDifferencer::Equals(existing->spec(), *spec)) {
         return absl::AlreadyExistsError(
             absl::StrCat("idempotency_key = \"", key, "\": already used for job ", **stored,
@@ -416,6 +443,7 @@ absl::StatusOr<mq::v1::SubmitJobResponse> Coordinator::SubmitJob(
   job.set_job_id(NewId("j-"));
   *job.mutable_spec() = *spec;
   job.set_idempotency_key(key);
+  job.set_owner(caller.principal);
   job.set_created_at_ms(Wall());
   job.set_updated_at_ms(Wall());
   job.set_state(mq::v1::JOB_STATE_QUEUED);
@@ -424,7 +452,8 @@ absl::StatusOr<mq::v1::SubmitJobResponse> Coordinator::SubmitJob(
   AddEvent(job, batch, "submitted",
            absl::StrCat("submitted: ", MethodName(spec->method()), " ", spec->bits(), "-bit g",
                         spec->group_size(), " of ", spec->model_uri(), " to ", spec->output_uri(),
-                        ", gang size ", spec->gang_size()));
+                        ", gang size ", spec->gang_size(), ", owner ", caller.principal),
+           "", caller.principal);
   PutJob(batch, job);
   if (!key.empty()) batch.Put(Table::kIdempotency, key, job.job_id());
   if (absl::Status s = Commit(batch); !s.ok()) return s;
@@ -525,7 +554,7 @@ absl::StatusOr<mq::v1::ListJobsResponse> Coordinator::ListJobs(
 }
 
 absl::StatusOr<mq::v1::CancelJobResponse> Coordinator::CancelJob(
-    const mq::v1::CancelJobRequest& request) {
+    const mq::v1::CancelJobRequest& request, const Caller& caller) {
   if (absl::Status s = ValidateJobId("job_id", request.job_id()); !s.ok()) return s;
   if (request.reason().size() > 1024) {
     return absl::InvalidArgumentError(
@@ -535,6 +564,9 @@ absl::StatusOr<mq::v1::CancelJobResponse> Coordinator::CancelJob(
   auto found = FindJob(request.job_id());  // an evicted job has ended
   if (!found.ok()) return found.status();
   JobRecord job = *std::move(found);
+  if (absl::Status s = AuthorizeOwner(caller, job.owner(), job.job_id(), "cancel"); !s.ok()) {
+    return s;
+  }
   if (IsTerminal(job.state())) {
     return absl::FailedPreconditionError(absl::StrCat("job ", job.job_id(), " already ended (",
                                                       JobStateName(job.state()),
@@ -547,8 +579,9 @@ absl::StatusOr<mq::v1::CancelJobResponse> Coordinator::CancelJob(
                      "cancelled (remove its output afterwards if it is not wanted)"));
   }
   WriteBatch batch;
-  std::string reason =
-      request.reason().empty() ? "cancelled by user" : "cancelled by user: " + request.reason();
+  const std::string by =
+      caller.insecure ? "cancelled by user" : absl::StrCat("cancelled by ", caller.principal);
+  std::string reason = request.reason().empty() ? by : absl::StrCat(by, ": ", request.reason());
   std::vector<AssignmentRecord> ended;
   for (auto& [id, a] : assignments_) {
     if (a.job_id() != job.job_id() || a.ended()) continue;
@@ -560,7 +593,7 @@ absl::StatusOr<mq::v1::CancelJobResponse> Coordinator::CancelJob(
     }
     ended.push_back(copy);
   }
-  SetJobState(job, batch, mq::v1::JOB_STATE_CANCELLED, reason);
+  SetJobState(job, batch, mq::v1::JOB_STATE_CANCELLED, reason, "", caller.principal);
   PutJob(batch, job);
   if (absl::Status s = Commit(batch); !s.ok()) return s;
   for (const AssignmentRecord& a : ended) {
@@ -576,12 +609,15 @@ absl::StatusOr<mq::v1::CancelJobResponse> Coordinator::CancelJob(
 }
 
 absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
-    const mq::v1::ResumeJobRequest& request) {
+    const mq::v1::ResumeJobRequest& request, const Caller& caller) {
   if (absl::Status s = ValidateJobId("job_id", request.job_id()); !s.ok()) return s;
   std::lock_guard<std::mutex> lock(mu_);
   auto found = FindJob(request.job_id());
   if (!found.ok()) return found.status();
   JobRecord job = *std::move(found);
+  if (absl::Status s = AuthorizeOwner(caller, job.owner(), job.job_id(), "resume"); !s.ok()) {
+    return s;
+  }
   if (job.state() != mq::v1::JOB_STATE_FAILED && job.state() != mq::v1::JOB_STATE_CANCELLED) {
     return absl::FailedPreconditionError(
         absl::StrCat("job ", job.job_id(), " is ", JobStateName(job.state()),
@@ -607,11 +643,15 @@ absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
   job.set_finished_at_ms(0);
   if (IsPlanned(job)) {
     SetJobState(job, batch, mq::v1::JOB_STATE_QUEUED,
-                absl::StrCat("resumed: ", CommittedPrefix(job.job_id()), " of ",
-                             job.plan().layers_size(), " steps committed; waiting for a gang of ",
-                             job.spec().gang_size(), " workers"));
+                absl::StrCat("resumed by ", caller.principal, ": ", CommittedPrefix(job.job_id()),
+                             " of ", job.plan().layers_size(),
+                             " steps committed; waiting for a gang of ", job.spec().gang_size(),
+                             " workers"),
+                "", caller.principal);
   } else {
-    SetJobState(job, batch, mq::v1::JOB_STATE_QUEUED, "resumed; waiting for a worker to plan");
+    SetJobState(job, batch, mq::v1::JOB_STATE_QUEUED,
+                absl::StrCat("resumed by ", caller.principal, "; waiting for a worker to plan"),
+                "", caller.principal);
   }
   PutJob(batch, job);
   if (absl::Status s = Commit(batch); !s.ok()) return s;
@@ -650,6 +690,7 @@ mq::v1::ListWorkersResponse Coordinator::ListWorkers() {
   for (const auto& [id, w] : workers_) {
     mq::v1::WorkerInfo* info = response.add_workers();
     *info->mutable_worker() = w.record;
+    info->mutable_worker()->clear_session_sha256();  // the worker's secret, even hashed
     info->set_state(
         w.dead ? mq::v1::WORKER_STATE_DEAD
                : (w.assignment_id.empty() ? mq::v1::WORKER_STATE_IDLE : mq::v1::WORKER_STATE_BUSY));
@@ -728,7 +769,7 @@ absl::StatusOr<mq::v1::InspectModelResponse> Coordinator::InspectModel(
 // WorkerService
 
 absl::StatusOr<mq::v1::RegisterWorkerResponse> Coordinator::RegisterWorker(
-    const mq::v1::RegisterWorkerRequest& request) {
+    const mq::v1::RegisterWorkerRequest& request, const Caller& caller) {
   if (absl::Status s = ValidateWorkerName(request.name()); !s.ok()) return s;
   const std::string& device = request.capabilities().device();
   if (device != "cpu" && device.rfind("cuda:", 0) != 0) {
@@ -745,12 +786,31 @@ absl::StatusOr<mq::v1::RegisterWorkerResponse> Coordinator::RegisterWorker(
   if (id.empty() || !workers_.count(id)) {
     if (id.empty()) id = NewId("w-");
   }
+  auto existing = workers_.find(id);
+  if (existing != workers_.end()) {
+    const WorkerEntry& held = existing->second;
+    if (!caller.insecure && held.record.principal() != caller.principal) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "worker_id = \"", id, "\": bound to the credential that registered it; principal \"",
+          caller.principal, "\" may not take it (register without an id for a new one)"));
+    }
+    if (!held.dead && (held.record.session_sha256().empty() ||
+                       Sha256Hex(caller.worker_session) != held.record.session_sha256())) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "worker_id = \"", id, "\": a live worker holds this id (heard ",
+          Mono() - held.last_heartbeat_ms,
+          " ms ago); a second registration is refused. A restarted worker registers without an "
+          "id, or with it once its lease (", options_.lease_ms, " ms) has run out"));
+    }
+  }
   if (absl::Status s = CheckNameFree(request.name(), id); !s.ok()) return s;
+  const std::string session = RandomHex(32);
   mq::v1::WorkerRecord record;
   record.set_worker_id(id);
   record.set_name(request.name());
   *record.mutable_capabilities() = request.capabilities();
-  auto existing = workers_.find(id);
+  record.set_principal(caller.principal);
+  record.set_session_sha256(Sha256Hex(session));
   record.set_registered_at_ms(
       existing != workers_.end() ? existing->second.record.registered_at_ms() : Wall());
   WriteBatch batch;
@@ -763,14 +823,39 @@ absl::StatusOr<mq::v1::RegisterWorkerResponse> Coordinator::RegisterWorker(
   w.dead = false;
   if (was_dead) w.assignment_id.clear();
   LogLine("coordinator", "INFO",
-          absl::StrCat("worker ", id, " (", request.name(), ", ", device, ") registered"));
+          absl::StrCat("worker ", id, " (", request.name(), ", ", device, ") registered by ",
+                       caller.principal));
   Changed();
   mq::v1::RegisterWorkerResponse response;
   response.set_worker_id(id);
   response.set_heartbeat_interval_ms(options_.heartbeat_interval_ms);
   response.set_lease_ms(options_.lease_ms);
   response.set_coordinator_epoch(epoch_);
+  response.set_session(session);
   return response;
+}
+
+absl::Status Coordinator::AuthorizeWorker(const std::string& worker_id, const Caller& caller) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = workers_.find(worker_id);
+  if (it == workers_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("worker ", worker_id, " is not registered; register again"));
+  }
+  const mq::v1::WorkerRecord& record = it->second.record;
+  if (!caller.insecure && record.principal() != caller.principal) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("worker ", worker_id, " is bound to another credential; principal \"",
+                     caller.principal, "\" may not act for it"));
+  }
+  if (record.session_sha256().empty() ||
+      Sha256Hex(caller.worker_session) != record.session_sha256()) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "worker ", worker_id,
+        ": the call does not carry this worker's current session (metadata mq-worker-session "
+        "from RegisterWorker); another registration of the id replaced it, or it never had one"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<mq::v1::HeartbeatResponse> Coordinator::Heartbeat(

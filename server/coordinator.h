@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "mq/v1/job_service.pb.h"
 #include "mq/v1/worker_service.pb.h"
+#include "server/auth/tokens.h"
 #include "server/coordinator_metrics.h"
 #include "server/scheduling/gang.h"
 #include "server/storage/store.h"
@@ -64,11 +65,17 @@ class Coordinator {
                                                               CoordinatorMetrics* metrics);
 
   // --- JobService ---
-  absl::StatusOr<mq::v1::SubmitJobResponse> SubmitJob(const mq::v1::SubmitJobRequest& request);
+  // `caller` (server/auth) becomes the job's owner and the principal of its first event; an
+  // idempotency key belongs to the principal that first used it.
+  absl::StatusOr<mq::v1::SubmitJobResponse> SubmitJob(const mq::v1::SubmitJobRequest& request,
+                                                      const Caller& caller = Caller::Anonymous());
   absl::StatusOr<mq::v1::GetJobResponse> GetJob(const mq::v1::GetJobRequest& request);
   absl::StatusOr<mq::v1::ListJobsResponse> ListJobs(const mq::v1::ListJobsRequest& request);
-  absl::StatusOr<mq::v1::CancelJobResponse> CancelJob(const mq::v1::CancelJobRequest& request);
-  absl::StatusOr<mq::v1::ResumeJobResponse> ResumeJob(const mq::v1::ResumeJobRequest& request);
+  // Only the job's owner or an admin (PERMISSION_DENIED otherwise).
+  absl::StatusOr<mq::v1::CancelJobResponse> CancelJob(const mq::v1::CancelJobRequest& request,
+                                                      const Caller& caller = Caller::Anonymous());
+  absl::StatusOr<mq::v1::ResumeJobResponse> ResumeJob(const mq::v1::ResumeJobRequest& request,
+                                                      const Caller& caller = Caller::Anonymous());
   // Runs an inspection on a live worker; waits until `deadline_ms` (monotonic).
   absl::StatusOr<mq::v1::InspectModelResponse> InspectModel(
       const mq::v1::InspectModelRequest& request, int64_t deadline_ms);
@@ -81,8 +88,15 @@ class Coordinator {
   uint64_t change_counter();
 
   // --- WorkerService ---
+  // Binds the worker id to `caller.principal` and issues a session secret. Re-registering an
+  // id needs the same principal, and while the id's worker is alive also its current session
+  // (caller.worker_session): a second registration of a live id is refused.
   absl::StatusOr<mq::v1::RegisterWorkerResponse> RegisterWorker(
-      const mq::v1::RegisterWorkerRequest& request);
+      const mq::v1::RegisterWorkerRequest& request, const Caller& caller = Caller::Anonymous());
+  // OK when `caller` may act as worker `worker_id`: the id is registered, to caller's principal,
+  // and caller carries its current session. NOT_FOUND (register again) for an unknown id,
+  // PERMISSION_DENIED otherwise. Every WorkerService call but RegisterWorker passes this first.
+  absl::Status AuthorizeWorker(const std::string& worker_id, const Caller& caller);
   absl::StatusOr<mq::v1::HeartbeatResponse> Heartbeat(const mq::v1::HeartbeatRequest& request);
   absl::StatusOr<mq::v1::PollAssignmentResponse> PollAssignment(
       const mq::v1::PollAssignmentRequest& request, int64_t deadline_ms);
@@ -150,11 +164,15 @@ class Coordinator {
 
   // Helpers; all require mu_ held.
   absl::Status Commit(const WriteBatch& batch);
+  // The event's principal: `principal` if given, else the worker's (when `worker_id` is set),
+  // else Caller::kCoordinator.
   void AddEvent(mq::v1::JobRecord& job, WriteBatch& batch, const std::string& kind,
-                const std::string& message, const std::string& worker_id = "");
+                const std::string& message, const std::string& worker_id = "",
+                const std::string& principal = "");
   void PutJob(WriteBatch& batch, const mq::v1::JobRecord& job);
   void SetJobState(mq::v1::JobRecord& job, WriteBatch& batch, mq::v1::JobState state,
-                   const std::string& message, const std::string& worker_id = "");
+                   const std::string& message, const std::string& worker_id = "",
+                   const std::string& principal = "");
   absl::StatusOr<mq::v1::AttemptRecord> LoadAttempt(const std::string& job_id, int attempt);
   // Ends a live assignment in `batch` (and its attempt); the caller decides the job's fate.
   absl::Status EndAssignment(mq::v1::AssignmentRecord& a, WriteBatch& batch,

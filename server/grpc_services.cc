@@ -50,17 +50,36 @@ void Record(CoordinatorMetrics* metrics, const char* method, const grpc::Status&
 // Whether `fn` may change state: such calls are refused while the coordinator is not serving.
 enum class Kind { kRead, kChange };
 
-// Runs `fn` (returning absl::StatusOr<Response>), fills `response`, records metrics.
+const Authenticator& Insecure() {
+  static const Authenticator* none = new Authenticator();
+  return *none;
+}
+
+// The caller of `ctx`, authorized for `need` (UNAUTHENTICATED / PERMISSION_DENIED otherwise).
+absl::StatusOr<Caller> Admit(const Authenticator* auth, const grpc::ServerContextBase& ctx,
+                             Need need, const char* method) {
+  auto caller = (auth ? *auth : Insecure()).Authenticate(ctx);
+  if (!caller.ok()) return caller.status();
+  if (absl::Status s = Authorize(*caller, need, method); !s.ok()) return s;
+  return caller;
+}
+
+// Admits the caller, then runs `fn(caller)` (returning absl::StatusOr<Response>), fills
+// `response`, records metrics.
 template <typename Response, typename Fn>
-grpc::Status Handle(Coordinator* coordinator, CoordinatorMetrics* metrics, const char* method,
-                    Kind kind, Response* response, Fn fn) {
+grpc::Status Handle(Coordinator* coordinator, CoordinatorMetrics* metrics,
+                    const Authenticator* auth, const grpc::ServerContextBase& ctx,
+                    const char* method, Need need, Kind kind, Response* response, Fn fn) {
   const auto start = std::chrono::steady_clock::now();
   grpc::Status status;
-  absl::Status serving = kind == Kind::kChange ? coordinator->CheckServing() : absl::OkStatus();
+  auto caller = Admit(auth, ctx, need, method);
+  absl::Status serving = !caller.ok()           ? caller.status()
+                         : kind == Kind::kChange ? coordinator->CheckServing()
+                                                 : absl::OkStatus();
   if (!serving.ok()) {
     status = ToGrpcStatus(serving);
   } else {
-    auto result = fn();
+    auto result = fn(*caller);
     if (result.ok()) {
       *response = *std::move(result);
     } else {
@@ -69,6 +88,14 @@ grpc::Status Handle(Coordinator* coordinator, CoordinatorMetrics* metrics, const
   }
   Record(metrics, method, status, start);
   return status;
+}
+
+// Runs `call` for worker `worker_id` once the caller is shown to hold that id.
+template <typename Call>
+auto AsWorker(Coordinator* coordinator, const std::string& worker_id, const Caller& caller,
+              Call call) -> decltype(call()) {
+  if (absl::Status s = coordinator->AuthorizeWorker(worker_id, caller); !s.ok()) return s;
+  return call();
 }
 
 // Takes one of `limit` slots of `in_use` for the life of the object, or fails to.
@@ -315,56 +342,62 @@ class WatchPump {
 };
 
 JobServiceImpl::JobServiceImpl(Coordinator* coordinator, CoordinatorMetrics* metrics,
-                               ServiceLimits limits)
+                               ServiceLimits limits, const Authenticator* auth)
     : coordinator_(coordinator),
       metrics_(metrics),
+      auth_(auth),
       watches_(std::make_unique<WatchPump>(coordinator, metrics, limits.max_watch_streams)) {}
 
 JobServiceImpl::~JobServiceImpl() = default;
 
 void JobServiceImpl::Shutdown() { watches_->Stop(); }
 
-grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext*, const mq::v1::SubmitJobRequest* r,
+grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* ctx, const mq::v1::SubmitJobRequest* r,
                                        mq::v1::SubmitJobResponse* out) {
-  return Handle(coordinator_, metrics_, "SubmitJob", Kind::kChange, out,
-                [&] { return coordinator_->SubmitJob(*r); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "SubmitJob", Need::kSubmit, Kind::kChange,
+                out, [&](const Caller& caller) { return coordinator_->SubmitJob(*r, caller); });
 }
 
-grpc::Status JobServiceImpl::GetJob(grpc::ServerContext*, const mq::v1::GetJobRequest* r,
+grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* ctx, const mq::v1::GetJobRequest* r,
                                     mq::v1::GetJobResponse* out) {
-  return Handle(coordinator_, metrics_, "GetJob", Kind::kRead, out,
-                [&] { return coordinator_->GetJob(*r); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "GetJob", Need::kView, Kind::kRead, out,
+                [&](const Caller&) { return coordinator_->GetJob(*r); });
 }
 
-grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext*, const mq::v1::ListJobsRequest* r,
+grpc::Status JobServiceImpl::ListJobs(grpc::ServerContext* ctx, const mq::v1::ListJobsRequest* r,
                                       mq::v1::ListJobsResponse* out) {
-  return Handle(coordinator_, metrics_, "ListJobs", Kind::kRead, out,
-                [&] { return coordinator_->ListJobs(*r); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "ListJobs", Need::kView, Kind::kRead, out,
+                [&](const Caller&) { return coordinator_->ListJobs(*r); });
 }
 
 grpc::ServerWriteReactor<mq::v1::WatchJobResponse>* JobServiceImpl::WatchJob(
-    grpc::CallbackServerContext*, const mq::v1::WatchJobRequest* r) {
+    grpc::CallbackServerContext* ctx, const mq::v1::WatchJobRequest* r) {
+  if (auto caller = Admit(auth_, *ctx, Need::kView, "WatchJob"); !caller.ok()) {
+    const grpc::Status status = ToGrpcStatus(caller.status());
+    Record(metrics_, "WatchJob", status, std::chrono::steady_clock::now());
+    return new RefusedWatch(status);
+  }
   return watches_->Open(*r);
 }
 
-grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext*, const mq::v1::CancelJobRequest* r,
+grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const mq::v1::CancelJobRequest* r,
                                        mq::v1::CancelJobResponse* out) {
-  return Handle(coordinator_, metrics_, "CancelJob", Kind::kChange, out,
-                [&] { return coordinator_->CancelJob(*r); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "CancelJob", Need::kSubmit, Kind::kChange,
+                out, [&](const Caller& caller) { return coordinator_->CancelJob(*r, caller); });
 }
 
-grpc::Status JobServiceImpl::ResumeJob(grpc::ServerContext*, const mq::v1::ResumeJobRequest* r,
+grpc::Status JobServiceImpl::ResumeJob(grpc::ServerContext* ctx, const mq::v1::ResumeJobRequest* r,
                                        mq::v1::ResumeJobResponse* out) {
-  return Handle(coordinator_, metrics_, "ResumeJob", Kind::kChange, out,
-                [&] { return coordinator_->ResumeJob(*r); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "ResumeJob", Need::kSubmit, Kind::kChange,
+                out, [&](const Caller& caller) { return coordinator_->ResumeJob(*r, caller); });
 }
 
 grpc::Status JobServiceImpl::InspectModel(grpc::ServerContext* ctx,
                                           const mq::v1::InspectModelRequest* r,
                                           mq::v1::InspectModelResponse* out) {
   Slot slot(inspections_, kMaxInspections);
-  return Handle(coordinator_, metrics_, "InspectModel", Kind::kRead, out,
-                [&]() -> absl::StatusOr<mq::v1::InspectModelResponse> {
+  return Handle(coordinator_, metrics_, auth_, *ctx, "InspectModel", Need::kSubmit, Kind::kRead,
+                out, [&](const Caller&) -> absl::StatusOr<mq::v1::InspectModelResponse> {
                   if (!slot.taken()) {
                     return absl::ResourceExhaustedError(
                         absl::StrCat("too many InspectModel calls at once (", kMaxInspections,
@@ -374,25 +407,31 @@ grpc::Status JobServiceImpl::InspectModel(grpc::ServerContext* ctx,
                 });
 }
 
-grpc::Status JobServiceImpl::ListWorkers(grpc::ServerContext*, const mq::v1::ListWorkersRequest*,
+grpc::Status JobServiceImpl::ListWorkers(grpc::ServerContext* ctx,
+                                         const mq::v1::ListWorkersRequest*,
                                          mq::v1::ListWorkersResponse* out) {
-  return Handle(
-      coordinator_, metrics_, "ListWorkers", Kind::kRead, out,
-      [&]() -> absl::StatusOr<mq::v1::ListWorkersResponse> { return coordinator_->ListWorkers(); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "ListWorkers", Need::kView, Kind::kRead, out,
+                [&](const Caller&) -> absl::StatusOr<mq::v1::ListWorkersResponse> {
+                  return coordinator_->ListWorkers();
+                });
 }
 
-grpc::Status WorkerServiceImpl::RegisterWorker(grpc::ServerContext*,
+grpc::Status WorkerServiceImpl::RegisterWorker(grpc::ServerContext* ctx,
                                                const mq::v1::RegisterWorkerRequest* r,
                                                mq::v1::RegisterWorkerResponse* out) {
-  return Handle(coordinator_, metrics_, "RegisterWorker", Kind::kChange, out,
-                [&] { return coordinator_->RegisterWorker(*r); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "RegisterWorker", Need::kWork, Kind::kChange,
+                out,
+                [&](const Caller& caller) { return coordinator_->RegisterWorker(*r, caller); });
 }
 
-grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const mq::v1::HeartbeatRequest* r,
+grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext* ctx,
+                                          const mq::v1::HeartbeatRequest* r,
                                           mq::v1::HeartbeatResponse* out) {
   // In memory only: answered while the store cannot write, so leases survive the outage.
-  return Handle(coordinator_, metrics_, "Heartbeat", Kind::kRead, out,
-                [&] { return coordinator_->Heartbeat(*r); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "Heartbeat", Need::kWork, Kind::kRead, out,
+                [&](const Caller& caller) {
+                  return AsWorker(coordinator_, r->worker_id(), caller, [&] { return coordinator_->Heartbeat(*r); });
+                });
 }
 
 grpc::Status WorkerServiceImpl::PollAssignment(grpc::ServerContext* ctx,
@@ -400,39 +439,48 @@ grpc::Status WorkerServiceImpl::PollAssignment(grpc::ServerContext* ctx,
                                                mq::v1::PollAssignmentResponse* out) {
   Slot slot(long_polls_, limits_.max_long_polls);
   if (slot.taken() && metrics_) metrics_->long_polls->Increment();
-  grpc::Status status =
-      Handle(coordinator_, metrics_, "PollAssignment", Kind::kRead, out,
-             [&]() -> absl::StatusOr<mq::v1::PollAssignmentResponse> {
-               if (!slot.taken()) {
-                 return absl::ResourceExhaustedError(absl::StrCat(
-                     "too many PollAssignment calls waiting at once (", limits_.max_long_polls,
-                     ", mq-coordinator --max-long-polls); one per worker is normal"));
-               }
-               return coordinator_->PollAssignment(*r, DeadlineMs(ctx, coordinator_, 60000));
-             });
+  grpc::Status status = Handle(
+      coordinator_, metrics_, auth_, *ctx, "PollAssignment", Need::kWork, Kind::kRead, out,
+      [&](const Caller& caller) -> absl::StatusOr<mq::v1::PollAssignmentResponse> {
+        if (!slot.taken()) {
+          return absl::ResourceExhaustedError(absl::StrCat(
+              "too many PollAssignment calls waiting at once (", limits_.max_long_polls,
+              ", mq-coordinator --max-long-polls); one per worker is normal"));
+        }
+        return AsWorker(coordinator_, r->worker_id(), caller, [&] {
+          return coordinator_->PollAssignment(*r, DeadlineMs(ctx, coordinator_, 60000));
+        });
+      });
   if (slot.taken() && metrics_) metrics_->long_polls->Decrement();
   return status;
 }
 
-grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext*,
+grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext* ctx,
                                                const mq::v1::ReportProgressRequest* r,
                                                mq::v1::ReportProgressResponse* out) {
-  return Handle(coordinator_, metrics_, "ReportProgress", Kind::kChange, out,
-                [&] { return coordinator_->ReportProgress(*r); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "ReportProgress", Need::kWork, Kind::kChange,
+                out, [&](const Caller& caller) {
+                  return AsWorker(coordinator_, r->worker_id(), caller, [&] { return coordinator_->ReportProgress(*r); });
+                });
 }
 
-grpc::Status WorkerServiceImpl::CompleteAssignment(grpc::ServerContext*,
+grpc::Status WorkerServiceImpl::CompleteAssignment(grpc::ServerContext* ctx,
                                                    const mq::v1::CompleteAssignmentRequest* r,
                                                    mq::v1::CompleteAssignmentResponse* out) {
-  return Handle(coordinator_, metrics_, "CompleteAssignment", Kind::kChange, out,
-                [&] { return coordinator_->CompleteAssignment(*r); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "CompleteAssignment", Need::kWork,
+                Kind::kChange, out,
+                [&](const Caller& caller) {
+                  return AsWorker(coordinator_, r->worker_id(), caller, [&] { return coordinator_->CompleteAssignment(*r); });
+                });
 }
 
-grpc::Status WorkerServiceImpl::ReportLayer(grpc::ServerContext*,
+grpc::Status WorkerServiceImpl::ReportLayer(grpc::ServerContext* ctx,
                                             const mq::v1::ReportLayerRequest* r,
                                             mq::v1::ReportLayerResponse* out) {
-  return Handle(coordinator_, metrics_, "ReportLayer", Kind::kChange, out,
-                [&] { return coordinator_->ReportLayer(*r); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "ReportLayer", Need::kWork, Kind::kChange,
+                out, [&](const Caller& caller) {
+                  return AsWorker(coordinator_, r->worker_id(), caller, [&] { return coordinator_->ReportLayer(*r); });
+                });
 }
 
 }  // namespace mq::server

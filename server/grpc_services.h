@@ -13,6 +13,10 @@
 //   short RPCs (Heartbeat, ReportLayer, GetJob, ...) are always answered.
 // - Changes (submit, cancel, resume, register, reports) answer UNAVAILABLE while the
 //   coordinator is not serving (Coordinator::CheckServing).
+//
+// Every call is authenticated and authorized first (server/auth): UNAUTHENTICATED or
+// PERMISSION_DENIED before any handler runs; worker calls also pass
+// Coordinator::AuthorizeWorker. A null Authenticator means --insecure (everyone anonymous).
 #pragma once
 
 #include <atomic>
@@ -20,6 +24,7 @@
 
 #include "mq/v1/job_service.grpc.pb.h"
 #include "mq/v1/worker_service.grpc.pb.h"
+#include "server/auth/authenticator.h"
 #include "server/coordinator.h"
 
 namespace mq::server {
@@ -38,7 +43,7 @@ class JobServiceImpl final
     : public mq::v1::JobService::WithCallbackMethod_WatchJob<mq::v1::JobService::Service> {
  public:
   JobServiceImpl(Coordinator* coordinator, CoordinatorMetrics* metrics,
-                 ServiceLimits limits = ServiceLimits());
+                 ServiceLimits limits = ServiceLimits(), const Authenticator* auth = nullptr);
   ~JobServiceImpl() override;
 
   grpc::Status SubmitJob(grpc::ServerContext* ctx, const mq::v1::SubmitJobRequest* request,
@@ -64,6 +69,7 @@ class JobServiceImpl final
  private:
   Coordinator* coordinator_;
   CoordinatorMetrics* metrics_;
+  const Authenticator* auth_;
   std::unique_ptr<WatchPump> watches_;
   std::atomic<int> inspections_{0};
 };
@@ -71,8 +77,8 @@ class JobServiceImpl final
 class WorkerServiceImpl final : public mq::v1::WorkerService::Service {
  public:
   WorkerServiceImpl(Coordinator* coordinator, CoordinatorMetrics* metrics,
-                    ServiceLimits limits = ServiceLimits())
-      : coordinator_(coordinator), metrics_(metrics), limits_(limits) {}
+                    ServiceLimits limits = ServiceLimits(), const Authenticator* auth = nullptr)
+      : coordinator_(coordinator), metrics_(metrics), limits_(limits), auth_(auth) {}
 
   grpc::Status RegisterWorker(grpc::ServerContext* ctx,
                               const mq::v1::RegisterWorkerRequest* request,
@@ -95,6 +101,7 @@ class WorkerServiceImpl final : public mq::v1::WorkerService::Service {
   Coordinator* coordinator_;
   CoordinatorMetrics* metrics_;
   ServiceLimits limits_;
+  const Authenticator* auth_;
   std::atomic<int> long_polls_{0};
 };
 

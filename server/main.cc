@@ -11,13 +11,17 @@
 #include <fstream>
 #include <iostream>
 #include <mutex>
+#include <sstream>
+#include <vector>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/channel.h"
 #include "common/flags.h"
 #include "common/metrics.h"
 #include "common/util.h"
 #include "server/coordinator.h"
+#include "server/auth/authenticator.h"
 #include "server/grpc_services.h"
 #include "server/validation.h"
 
@@ -31,9 +35,63 @@ int Fail(const std::string& message) {
   return 2;
 }
 
+// The gRPC port's credentials: TLS from --tls-cert/--tls-key, client certificates (workers)
+// verified against --tls-ca when given; plaintext only with --insecure.
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
+    bool insecure, const std::string& cert, const std::string& key, const std::string& ca) {
+  if (insecure) return grpc::InsecureServerCredentials();
+  auto cert_pem = mq::ReadPemFile("tls-cert", cert);
+  if (!cert_pem.ok()) return cert_pem.status();
+  auto key_pem = mq::ReadPemFile("tls-key", key);
+  if (!key_pem.ok()) return key_pem.status();
+  grpc::SslServerCredentialsOptions options(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  options.pem_key_cert_pairs.push_back({*key_pem, *cert_pem});
+  if (!ca.empty()) {
+    auto ca_pem = mq::ReadPemFile("tls-ca", ca);
+    if (!ca_pem.ok()) return ca_pem.status();
+    options.pem_root_certs = *ca_pem;
+    // Optional for the peer (clients use tokens), verified when presented (workers).
+    options.client_certificate_request = GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(options);
+}
+
+// mq-coordinator add-token --tokens-file FILE --principal NAME --role ROLE
+int AddTokenCommand(int argc, char** argv) {
+  std::string tokens_file, principal, role;
+  bool help = false;
+  mq::Flags flags;
+  flags.String("tokens-file", &tokens_file, "the tokens file to append to (created 0600)");
+  flags.String("principal", &principal, "who the token identifies: 1..64 of [A-Za-z0-9._@-]");
+  flags.String("role", &role, "viewer, submitter, admin or worker");
+  flags.Bool("help", &help, "show this help");
+  if (absl::Status s = flags.Parse(argc, argv, 2); !s.ok()) return Fail(std::string(s.message()));
+  if (help) {
+    std::cout << "usage: mq-coordinator add-token --tokens-file FILE --principal NAME --role "
+                 "ROLE\nPrints a new bearer token once and appends its SHA-256 to the file; a "
+                 "running coordinator reads the file at start.\n"
+              << flags.Usage();
+    return 0;
+  }
+  if (tokens_file.empty() || principal.empty() || role.empty()) {
+    return Fail("add-token: --tokens-file, --principal and --role are required");
+  }
+  auto parsed = mq::server::ParseRole(role);
+  if (!parsed.ok()) return Fail(absl::StrCat("--role: ", parsed.status().message()));
+  auto token = mq::server::AddToken(tokens_file, principal, *parsed);
+  if (!token.ok()) return Fail(std::string(token.status().message()));
+  std::cout << *token << "\n";
+  std::fprintf(stderr,
+               "mq-coordinator: added %s (%s) to %s; the token above is shown only now (restart "
+               "the coordinator to use it)\n",
+               principal.c_str(), role.c_str(), tokens_file.c_str());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "add-token") return AddTokenCommand(argc, argv);
   std::string listen = "127.0.0.1:50051";
   std::string data_dir;
   std::string metrics_listen;
@@ -45,6 +103,8 @@ int main(int argc, char** argv) {
   int64_t max_watch_streams = 4096;
   int64_t max_long_polls = 256;
   int64_t store_reserve_mb = mq::server::kDefaultStoreReserveBytes >> 20;
+  std::string tls_cert, tls_key, tls_ca, tokens_file, health_listen;
+  bool insecure = false;
   bool reflection = false;
   bool help = false;
   mq::Flags flags;
@@ -72,12 +132,29 @@ int main(int argc, char** argv) {
   flags.Int("store-reserve-mb", &store_reserve_mb,
             "free space the state store keeps on its device: below it, changes are refused "
             "(UNAVAILABLE, health NOT_SERVING) until room is made (default 32)");
+  flags.String("tls-cert", &tls_cert, "server certificate chain (PEM) of the gRPC port");
+  flags.String("tls-key", &tls_key, "private key (PEM) of --tls-cert");
+  flags.String("tls-ca", &tls_ca,
+               "CA (PEM) whose client certificates identify workers (mTLS; optional: workers "
+               "may use worker tokens instead)");
+  flags.String("tokens-file", &tokens_file,
+               "bearer tokens: lines PRINCIPAL ROLE sha256:HEX (see `mq-coordinator add-token "
+               "--help`); required with TLS");
+  flags.Bool("insecure", &insecure,
+             "serve plaintext gRPC with no authentication: anyone who reaches the port may do "
+             "anything (demos on one machine only)");
+  flags.String("health-listen", &health_listen,
+               "also serve grpc.health.v1 alone, in plaintext, on HOST:PORT (for probes that "
+               "cannot speak TLS)");
   flags.Bool("enable-reflection", &reflection, "serve gRPC server reflection (v1alpha)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
   if (help) {
-    std::cout << "usage: mq-coordinator --listen HOST:PORT --data-dir DIR "
+    std::cout << "usage: mq-coordinator --listen HOST:PORT --data-dir DIR (--tls-cert FILE "
+                 "--tls-key FILE --tokens-file FILE [--tls-ca FILE] | --insecure) "
                  "[--metrics-listen HOST:PORT]\n"
+                 "       mq-coordinator add-token --tokens-file FILE --principal NAME --role "
+                 "ROLE\n"
               << flags.Usage();
     return 0;
   }
@@ -116,6 +193,28 @@ int main(int argc, char** argv) {
   if (listen.find(':') == std::string::npos) {
     return Fail("--listen = \"" + listen + "\": must be HOST:PORT");
   }
+  if (insecure && (!tls_cert.empty() || !tls_key.empty() || !tls_ca.empty() ||
+                   !tokens_file.empty())) {
+    return Fail(
+        "--insecure turns TLS and authentication off; it cannot be combined with --tls-cert, "
+        "--tls-key, --tls-ca or --tokens-file");
+  }
+  if (!insecure && (tls_cert.empty() || tls_key.empty() || tokens_file.empty())) {
+    return Fail(
+        "TLS and authentication are required: pass --tls-cert, --tls-key and --tokens-file "
+        "(and --tls-ca for workers with client certificates), or --insecure to serve plaintext "
+        "without authentication (demos only)");
+  }
+  auto credentials = ServerCredentials(insecure, tls_cert, tls_key, tls_ca);
+  if (!credentials.ok()) return Fail(std::string(credentials.status().message()));
+  std::unique_ptr<mq::server::Authenticator> authenticator;
+  if (insecure) {
+    authenticator = std::make_unique<mq::server::Authenticator>();
+  } else {
+    auto tokens = mq::server::TokenTable::Load(tokens_file);
+    if (!tokens.ok()) return Fail(std::string(tokens.status().message()));
+    authenticator = std::make_unique<mq::server::Authenticator>(*std::move(tokens));
+  }
 
   // Signals are taken by sigwait below; block them before any thread starts.
   sigset_t signals;
@@ -147,13 +246,15 @@ int main(int argc, char** argv) {
   mq::server::ServiceLimits limits;
   limits.max_watch_streams = static_cast<int>(max_watch_streams);
   limits.max_long_polls = static_cast<int>(max_long_polls);
-  mq::server::JobServiceImpl job_service(coordinator->get(), &metrics, limits);
-  mq::server::WorkerServiceImpl worker_service(coordinator->get(), &metrics, limits);
+  mq::server::JobServiceImpl job_service(coordinator->get(), &metrics, limits,
+                                         authenticator.get());
+  mq::server::WorkerServiceImpl worker_service(coordinator->get(), &metrics, limits,
+                                               authenticator.get());
   grpc::EnableDefaultHealthCheckService(true);
   if (reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(listen, *credentials, &port);
   builder.RegisterService(&job_service);
   builder.RegisterService(&worker_service);
   builder.SetMaxReceiveMessageSize(16 << 20);
@@ -171,14 +272,32 @@ int main(int argc, char** argv) {
     return Fail("--listen = \"" + listen + "\": cannot listen there (in use or invalid)");
   }
   const std::string bound = listen.substr(0, listen.rfind(':')) + ":" + std::to_string(port);
+  // The plaintext health port: its own server, with only the default health service.
+  std::unique_ptr<grpc::Server> health_server;
+  if (!health_listen.empty()) {
+    grpc::ServerBuilder health_builder;
+    int health_port = 0;
+    health_builder.AddListeningPort(health_listen, grpc::InsecureServerCredentials(),
+                                    &health_port);
+    health_server = health_builder.BuildAndStart();
+    if (!health_server || health_port == 0) {
+      return Fail("--health-listen = \"" + health_listen +
+                  "\": cannot listen there (in use or invalid)");
+    }
+  }
 
   // Health and mq_coordinator_ready follow Coordinator::serving() (a failed store write takes
   // the coordinator out of service until the store writes again) until shutdown begins.
-  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  std::vector<grpc::HealthCheckServiceInterface*> health_services = {
+      server->GetHealthCheckService()};
+  if (health_server) health_services.push_back(health_server->GetHealthCheckService());
+  auto set_health = [&](bool ok) {
+    for (grpc::HealthCheckServiceInterface* h : health_services) h->SetServingStatus(ok);
+  };
   std::mutex health_mu;
   bool shutting_down = false;
   bool serving = true;
-  health->SetServingStatus(true);
+  set_health(true);
   metrics.ready->Set(1);
 
   std::atomic<bool> stop{false};
@@ -190,7 +309,7 @@ int main(int argc, char** argv) {
         std::lock_guard<std::mutex> lock(health_mu);
         if (!shutting_down && now != serving) {
           serving = now;
-          health->SetServingStatus(now);
+          set_health(now);
           metrics.ready->Set(now ? 1 : 0);
           mq::LogLine(
               "coordinator", now ? "INFO" : "ERROR",
@@ -206,7 +325,10 @@ int main(int argc, char** argv) {
   }
   mq::LogLine("coordinator", "INFO",
               absl::StrCat("mq-coordinator ", mq::Version(), " ready on ", bound, " (data ",
-                           data_dir, ", epoch ", (*coordinator)->epoch(), ")"));
+                           data_dir, ", epoch ", (*coordinator)->epoch(), ", ",
+                           insecure ? "INSECURE: plaintext, no authentication"
+                                    : "TLS, token authentication",
+                           ")"));
 
   int sig = 0;
   sigwait(&signals, &sig);
@@ -215,11 +337,12 @@ int main(int argc, char** argv) {
     std::lock_guard<std::mutex> lock(health_mu);
     shutting_down = true;
     metrics.ready->Set(0);
-    health->SetServingStatus(false);
+    set_health(false);
   }
   job_service.Shutdown();
   (*coordinator)->WakeAll();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  if (health_server) health_server->Shutdown(std::chrono::system_clock::now());
   stop = true;
   ticker.join();
   return 0;

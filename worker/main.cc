@@ -15,6 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "common/channel.h"
 #include "common/flags.h"
 #include "common/metrics.h"
 #include "common/util.h"
@@ -65,6 +66,8 @@ int main(int argc, char** argv) {
   int64_t cpu_threads = 0;
   bool overlap_writes = true;
   bool prefetch = true;
+  mq::ChannelSecurity security;
+  std::string token_file;
   bool help = false;
   mq::Flags flags;
   flags.String("coordinator", &coordinator, "coordinator HOST:PORT (default $MQ_COORDINATOR)");
@@ -98,11 +101,24 @@ int main(int argc, char** argv) {
   flags.Bool("prefetch-next-layer", &prefetch,
              "read the next layer's weights into the page cache while a layer computes (default "
              "true)");
+  flags.String("tls-ca", &security.ca_file,
+               "CA (PEM) that signed the coordinator's certificate (default: the system's roots)");
+  flags.String("tls-server-name", &security.server_name,
+               "name in the coordinator's certificate, when it differs from --coordinator's host");
+  flags.String("tls-cert", &security.cert_file,
+               "client certificate (PEM) for mTLS: identifies this worker to a coordinator "
+               "with --tls-ca");
+  flags.String("tls-key", &security.key_file, "private key (PEM) of --tls-cert");
+  flags.String("token-file", &token_file,
+               "worker join token (a token of role worker; default $MQ_TOKEN_FILE)");
+  flags.Bool("insecure", &security.insecure,
+             "plaintext, no credentials: only for a coordinator run with --insecure");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
   if (help) {
-    std::cout << "usage: mq-worker --coordinator HOST:PORT [--device cpu|cuda:N] [--name NAME] "
-                 "[--scratch-dir DIR]\n"
+    std::cout << "usage: mq-worker --coordinator HOST:PORT (--tls-ca FILE (--token-file FILE | "
+                 "--tls-cert FILE --tls-key FILE) | --insecure) [--device cpu|cuda:N] "
+                 "[--name NAME] [--scratch-dir DIR]\n"
               << flags.Usage();
     return 0;
   }
@@ -116,6 +132,27 @@ int main(int argc, char** argv) {
   if (coordinator.empty() || coordinator.find(':') == std::string::npos) {
     return Fail("--coordinator = \"" + coordinator + "\": must be HOST:PORT (or set MQ_COORDINATOR)");
   }
+  if (token_file.empty()) {
+    const char* env = std::getenv("MQ_TOKEN_FILE");
+    token_file = env ? env : "";
+  }
+  if (security.insecure && (!token_file.empty() || !security.cert_file.empty())) {
+    return Fail("--insecure sends no credentials; drop --token-file/--tls-cert, or --insecure");
+  }
+  if (!security.insecure && token_file.empty() && security.cert_file.empty()) {
+    return Fail(
+        "a credential is required: --token-file FILE (a worker token) or --tls-cert and "
+        "--tls-key (a client certificate), with --tls-ca for the coordinator's CA; or "
+        "--insecure for a coordinator run with --insecure");
+  }
+  if (!token_file.empty()) {
+    auto token = mq::ReadTokenFile("token-file", token_file);
+    if (!token.ok()) return Fail(std::string(token.status().message()));
+    security.token = *token;
+  }
+  auto channel =
+      mq::SecureChannel(coordinator, security, mq::worker::CoordinatorChannelArgs());
+  if (!channel.ok()) return Fail(std::string(channel.status().message()));
   if (poll_wait_ms < 100 || poll_wait_ms > 60000) {
     return Fail(absl::StrCat("--poll-wait-ms = ", poll_wait_ms, ": must be between 100 and 60000"));
   }
@@ -196,6 +233,6 @@ int main(int argc, char** argv) {
   options.overlap_writes = overlap_writes;
   options.prefetch_next_layer = prefetch;
   options.gang_port = gang_port < 0 ? 0 : static_cast<int>(gang_port);
-  mq::worker::Worker worker(options, *info, &metrics);
+  mq::worker::Worker worker(options, *info, &metrics, *channel);
   return worker.Run(stop);
 }

@@ -166,8 +166,7 @@ void ToProto(const pipeline::StepStats& s, int step, int layer, mq::v1::LayerSta
 
 }  // namespace
 
-Worker::Worker(WorkerOptions options, DeviceInfo device, WorkerMetrics* metrics)
-    : options_(std::move(options)), device_(std::move(device)), metrics_(metrics) {
+grpc::ChannelArguments CoordinatorChannelArgs() {
   grpc::ChannelArguments args;
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
   args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
@@ -177,8 +176,15 @@ Worker::Worker(WorkerOptions options, DeviceInfo device, WorkerMetrics* metrics)
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
   args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 200);
   args.SetMaxReceiveMessageSize(64 << 20);
-  channel_ =
-      grpc::CreateCustomChannel(options_.coordinator, grpc::InsecureChannelCredentials(), args);
+  return args;
+}
+
+Worker::Worker(WorkerOptions options, DeviceInfo device, WorkerMetrics* metrics,
+               std::shared_ptr<grpc::Channel> channel)
+    : options_(std::move(options)),
+      device_(std::move(device)),
+      metrics_(metrics),
+      channel_(std::move(channel)) {
   stub_ = mq::v1::WorkerService::NewStub(channel_);
 }
 
@@ -186,6 +192,8 @@ std::unique_ptr<grpc::ClientContext> Worker::Context(int64_t timeout_ms, bool wa
   auto ctx = std::make_unique<grpc::ClientContext>();
   ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms));
   ctx->set_wait_for_ready(wait_for_ready);
+  std::lock_guard<std::mutex> lock(session_mu_);
+  if (!session_.empty()) ctx->AddMetadata("mq-worker-session", session_);
   return ctx;
 }
 
@@ -224,6 +232,10 @@ bool Worker::Register(const std::atomic<bool>& stop) {
   if (!s.ok()) {
     if (!stop) LogLine("worker", "ERROR", "registration refused: " + s.error_message());
     return false;
+  }
+  {
+    std::lock_guard<std::mutex> session_lock(session_mu_);
+    session_ = response.session();
   }
   std::lock_guard<std::mutex> lock(mu_);
   worker_id_ = response.worker_id();
@@ -555,6 +567,12 @@ int Worker::Run(const std::atomic<bool>& stop) {
     if (!s.ok()) {
       if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
         need_register_ = true;
+      } else if (s.error_code() == grpc::StatusCode::UNAUTHENTICATED ||
+                 s.error_code() == grpc::StatusCode::PERMISSION_DENIED) {
+        // Retrying cannot help: the credential (or the session) is not accepted.
+        LogLine("worker", "ERROR", "the coordinator refuses this worker: " + s.error_message());
+        quit_ = true;
+        break;
       } else {
         SleepMs(backoff, stop);
         backoff = std::min<int64_t>(backoff * 2, 2000);

@@ -20,6 +20,9 @@
 
 namespace mq::worker {
 
+// Channel arguments of the worker's connection to the coordinator (keepalives, reconnects).
+grpc::ChannelArguments CoordinatorChannelArgs();
+
 struct WorkerOptions {
   std::string coordinator;  // HOST:PORT
   std::string name;
@@ -38,7 +41,9 @@ struct WorkerOptions {
 
 class Worker {
  public:
-  Worker(WorkerOptions options, DeviceInfo device, WorkerMetrics* metrics);
+  // `channel` reaches the coordinator (common/channel.h: TLS, token or client certificate).
+  Worker(WorkerOptions options, DeviceInfo device, WorkerMetrics* metrics,
+         std::shared_ptr<grpc::Channel> channel);
 
   // Runs until `stop` becomes true. Returns the process exit code.
   int Run(const std::atomic<bool>& stop);
@@ -76,6 +81,9 @@ class Worker {
   std::atomic<bool> cancel_current_{false};
   std::atomic<bool> need_register_{false};
   std::atomic<bool> quit_{false};  // registration refused for good: the process ends
+  // The registration's session secret, sent as metadata "mq-worker-session" on every call.
+  std::mutex session_mu_;
+  std::string session_;
 };
 
 }  // namespace mq::worker

@@ -80,10 +80,85 @@ class Process:
         return Path(self.log_path).read_text(errors="replace")
 
 
-class Cluster:
-    """A coordinator (on a fixed port once chosen) plus any number of workers."""
+def make_pki(out_dir, server_ips=("127.0.0.1",), workers=("worker-a",)):
+    """A CA, a server certificate for `server_ips` and client certificates for `workers`, made
+    with openssl in out_dir. Returns a dict of paths: ca, server_cert, server_key, and
+    WORKER_cert / WORKER_key per worker."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
 
-    def __init__(self, tmp_path, lease_ms=3000, heartbeat_ms=300):
+    def run(*argv):
+        res = subprocess.run(["openssl", *argv], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, f"openssl {argv[0]} failed: {res.stderr}"
+
+    paths = {"ca": out / "ca.crt", "ca_key": out / "ca.key"}
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(paths["ca_key"]), "-out", str(paths["ca"]), "-days", "2",
+        "-subj", "/CN=mq test CA")
+
+    def issue(name, cn, ext):
+        key, csr, crt, extfile = (out / f"{name}.key", out / f"{name}.csr", out / f"{name}.crt",
+                                  out / f"{name}.ext")
+        extfile.write_text(ext)
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={cn}")
+        run("x509", "-req", "-in", str(csr), "-CA", str(paths["ca"]), "-CAkey",
+            str(paths["ca_key"]), "-CAcreateserial", "-out", str(crt), "-days", "2",
+            "-extfile", str(extfile))
+        return crt, key
+
+    sans = ",".join(f"IP:{ip}" for ip in server_ips) + ",DNS:localhost"
+    paths["server_cert"], paths["server_key"] = issue(
+        "server", "mq-coordinator", f"subjectAltName={sans}\nextendedKeyUsage=serverAuth\n")
+    for w in workers:
+        paths[f"{w}_cert"], paths[f"{w}_key"] = issue(
+            w, w, f"subjectAltName=DNS:{w}\nextendedKeyUsage=clientAuth\n")
+    return paths
+
+
+def add_token(tokens_file, principal, role, out_file):
+    """Adds a token with mq-coordinator add-token; writes the printed token to out_file."""
+    res = subprocess.run([str(COORDINATOR), "add-token", "--tokens-file", str(tokens_file),
+                          "--principal", principal, "--role", role],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    Path(out_file).write_text(res.stdout)
+    return Path(out_file)
+
+
+class Security:
+    """TLS and tokens for a Cluster: a PKI, a tokens file with an admin, a submitter, a viewer
+    and a worker token. `client_args(principal)` are mq-client's flags for that principal."""
+
+    def __init__(self, tmp_path, server_ips=("127.0.0.1",), workers=("worker-a",)):
+        self.dir = Path(tmp_path) / "security"
+        self.pki = make_pki(self.dir / "pki", server_ips, workers)
+        self.tokens_file = self.dir / "tokens"
+        self.token_files = {}
+        for principal, role in [("root", "admin"), ("alice", "submitter"), ("bob", "submitter"),
+                                ("vera", "viewer"), ("workers", "worker")]:
+            self.token_files[principal] = add_token(self.tokens_file, principal, role,
+                                                    self.dir / f"{principal}.token")
+
+    def coordinator_args(self, mtls=True):
+        args = ["--tls-cert", str(self.pki["server_cert"]), "--tls-key",
+                str(self.pki["server_key"]), "--tokens-file", str(self.tokens_file)]
+        return args + (["--tls-ca", str(self.pki["ca"])] if mtls else [])
+
+    def worker_args(self, principal="workers"):
+        return ["--tls-ca", str(self.pki["ca"]), "--token-file", str(self.token_files[principal])]
+
+    def client_args(self, principal="root"):
+        args = ["--tls-ca", str(self.pki["ca"])]
+        return args + (["--token-file", str(self.token_files[principal])] if principal else [])
+
+
+class Cluster:
+    """A coordinator (on a fixed port once chosen) plus any number of workers. Plaintext with
+    --insecure everywhere unless `security` (a Security) is given: then TLS and tokens, the
+    workers use the worker token and the client the admin's unless told otherwise."""
+
+    def __init__(self, tmp_path, lease_ms=3000, heartbeat_ms=300, security=None):
         self.tmp = Path(tmp_path)
         self.data_dir = self.tmp / "coordinator-data"
         self.lease_ms = lease_ms
@@ -95,6 +170,8 @@ class Cluster:
         self._starts = 0
         self.worker_args = []  # extra mq-worker flags for every worker
         self.coordinator_args = []  # extra mq-coordinator flags
+        self.security = security
+        self.client_principal = "root"  # with security: whose token mq-client uses
 
     # --- coordinator -------------------------------------------------------------------------
     def start_coordinator(self, metrics_port=None):
@@ -106,6 +183,7 @@ class Cluster:
                 "--heartbeat-interval-ms", str(self.heartbeat_ms)]
         if metrics_port:
             argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
+        argv += self.security.coordinator_args() if self.security else ["--insecure"]
         argv += self.coordinator_args
         self.coordinator = Process("coordinator", argv, self.tmp / "coordinator.log")
         wait_until(lambda: ready.exists() or not self.coordinator.alive(), 30, "coordinator ready")
@@ -120,6 +198,7 @@ class Cluster:
     def start_worker(self, name, env=None, wait=True, metrics_port=None, scratch=None):
         argv = [str(WORKER), "--coordinator", self.address, "--name", name, "--scratch-dir",
                 str(scratch or self.tmp / f"scratch-{name}"), "--poll-wait-ms", "1000",
+                *(self.security.worker_args() if self.security else ["--insecure"]),
                 *self.worker_args]
         if metrics_port:
             argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
@@ -141,8 +220,14 @@ class Cluster:
         return entry["state"] if entry else None
 
     # --- client ------------------------------------------------------------------------------
-    def client(self, *args, check=False, timeout=120):
-        res = subprocess.run([str(CLIENT), "--coordinator", self.address, *map(str, args)],
+    def client_security_args(self, principal=None):
+        if not self.security:
+            return ["--insecure"]
+        return self.security.client_args(principal or self.client_principal)
+
+    def client(self, *args, check=False, timeout=120, principal=None):
+        res = subprocess.run([str(CLIENT), "--coordinator", self.address,
+                              *self.client_security_args(principal), *map(str, args)],
                              capture_output=True, text=True, timeout=timeout)
         if check:
             assert res.returncode == 0, f"mq-client {args} failed: {res.stderr}{res.stdout}"

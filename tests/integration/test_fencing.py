@@ -135,7 +135,8 @@ def test_duplicate_worker_name_is_refused(cluster, tmp_path):
     cluster.start_worker("w1")
     holder = cluster.worker_entry("w1")["worker"]["worker_id"]
     dup = Process("dup", [str(WORKER), "--coordinator", cluster.address, "--name", "w1",
-                          "--scratch-dir", str(tmp_path / "scratch-dup"), "--gang-port", "-1"],
+                          "--scratch-dir", str(tmp_path / "scratch-dup"), "--gang-port", "-1",
+                          "--insecure"],
                   tmp_path / "worker-dup.log")
     try:
         wait_until(lambda: not dup.alive(), 30, "the duplicate worker exits")

@@ -287,7 +287,8 @@ def test_client_usage_errors(cluster, model, tmp_path):
 def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
     import subprocess
     from mq_cluster import CLIENT
-    res = subprocess.run([str(CLIENT), "--coordinator", "127.0.0.1:1", "--timeout", "2", "list"],
+    res = subprocess.run([str(CLIENT), "--coordinator", "127.0.0.1:1", "--timeout", "2", "--insecure",
+                          "list"],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 1
     assert "unavailable" in res.stderr or "deadline" in res.stderr
@@ -303,7 +304,7 @@ def test_worker_rejects_bad_flags(tmp_path, flag, value, allowed):
     import subprocess
     from mq_cluster import WORKER
     res = subprocess.run([str(WORKER), "--coordinator", "127.0.0.1:1", "--scratch-dir",
-                          str(tmp_path), flag, value], capture_output=True, text=True, timeout=60)
+                          str(tmp_path), "--insecure", flag, value], capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert f"{flag} = {value}" in res.stderr and allowed in res.stderr, res.stderr
 
@@ -313,7 +314,7 @@ def test_worker_rejects_bad_switch_values(tmp_path, flag):
     import subprocess
     from mq_cluster import WORKER
     res = subprocess.run([str(WORKER), "--coordinator", "127.0.0.1:1", "--scratch-dir",
-                          str(tmp_path), f"{flag}=maybe"], capture_output=True, text=True,
+                          str(tmp_path), "--insecure", f"{flag}=maybe"], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode != 0
     assert f'{flag} = "maybe": must be true or false' in res.stderr, res.stderr

@@ -120,7 +120,8 @@ def test_metrics_port_in_use_is_a_clear_error(tmp_path):
         s.listen()
         port = s.getsockname()[1]
         res = subprocess.run([str(COORDINATOR), "--listen", "127.0.0.1:0", "--data-dir",
-                              str(tmp_path / "d"), "--metrics-listen", f"127.0.0.1:{port}"],
+                              str(tmp_path / "d"), "--metrics-listen", f"127.0.0.1:{port}",
+                              "--insecure"],
                              capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert f"--metrics-listen = \"127.0.0.1:{port}\"" in res.stderr

@@ -103,7 +103,8 @@ def test_full_data_dir_stops_changes_then_serves_again(cluster, env, small_disk,
     assert cluster.coordinator.proc.returncode == 0, cluster.coordinator.output()[-2000:]
     assert "Assertion" not in cluster.coordinator.output()
     proc = subprocess.run([str(COORDINATOR), "--listen", cluster.address, "--data-dir",
-                           str(cluster.data_dir), "--store-reserve-mb", str(reserve_mb)],
+                           str(cluster.data_dir), "--store-reserve-mb", str(reserve_mb),
+                           "--insecure"],
                           capture_output=True, text=True, timeout=30)
     print("restart on a full disk:", proc.returncode, proc.stderr)
     assert proc.returncode not in (0, -6), proc.returncode  # -6: SIGABRT (an assertion)

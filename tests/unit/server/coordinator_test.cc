@@ -520,11 +520,18 @@ TEST_F(CoordinatorTest, WorkerNamesAreUniqueAmongLiveWorkers) {
             std::string::npos)
       << second.status();
   EXPECT_EQ(coordinator_->ListWorkers().workers_size(), 1);
-  // The holder registering again with its id keeps its name.
+  // Its id cannot be taken by a registration without the holder's session...
   r.set_worker_id(holder);
-  auto again = coordinator_->RegisterWorker(r);
+  auto taken = coordinator_->RegisterWorker(r);
+  ASSERT_EQ(taken.status().code(), absl::StatusCode::kAlreadyExists) << taken.status();
+  EXPECT_NE(taken.status().message().find("a live worker holds this id"), std::string::npos);
+  // ...and the holder registering again with its id and session keeps its name.
+  Caller holder_caller = Caller::Anonymous();
+  holder_caller.worker_session = first->session();
+  auto again = coordinator_->RegisterWorker(r, holder_caller);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->worker_id(), holder);
+  EXPECT_NE(again->session(), first->session());
   // Once it is declared dead the name is free.
   now_ += 2000;
   coordinator_->Tick();

@@ -66,8 +66,17 @@ class GrpcLimitsTest : public ::testing::Test {
     mq::v1::RegisterWorkerResponse resp;
     grpc::Status s = worker_stub_->RegisterWorker(&ctx, r, &resp);
     if (worker_id) *worker_id = resp.worker_id();
+    if (s.ok()) session_ = resp.session();
     return s;
   }
+
+  // Every worker call after registration carries its session.
+  void Deadline(grpc::ClientContext* ctx, const std::string& session, int seconds = 10) {
+    Deadline(ctx, seconds);
+    ctx->AddMetadata("mq-worker-session", session);
+  }
+
+  std::string session_;
 
   FaultyStore store_;
   std::unique_ptr<Coordinator> coordinator_;
@@ -126,13 +135,13 @@ TEST_F(GrpcLimitsTest, LongPollsBeyondTheLimitAreRefused) {
   poll.set_wait_ms(3000);
   auto first = std::async(std::launch::async, [&] {
     grpc::ClientContext ctx;
-    Deadline(&ctx);
+    Deadline(&ctx, session_);
     mq::v1::PollAssignmentResponse resp;
     return worker_stub_->PollAssignment(&ctx, poll, &resp);
   });
   std::this_thread::sleep_for(std::chrono::milliseconds(500));  // the first poll is waiting
   grpc::ClientContext ctx;
-  Deadline(&ctx);
+  Deadline(&ctx, session_);
   mq::v1::PollAssignmentResponse resp;
   grpc::Status second = worker_stub_->PollAssignment(&ctx, poll, &resp);
   EXPECT_EQ(second.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
@@ -141,7 +150,7 @@ TEST_F(GrpcLimitsTest, LongPollsBeyondTheLimitAreRefused) {
   EXPECT_TRUE(first.get().ok());
   // The slot is free again.
   grpc::ClientContext again_ctx;
-  Deadline(&again_ctx);
+  Deadline(&again_ctx, session_);
   poll.set_wait_ms(0);
   EXPECT_TRUE(worker_stub_->PollAssignment(&again_ctx, poll, &resp).ok());
 }
@@ -165,7 +174,7 @@ TEST_F(GrpcLimitsTest, NotServingRefusesChangesAndAnswersReads) {
   mq::v1::GetJobResponse job;
   EXPECT_TRUE(job_stub_->GetJob(&get_ctx, get, &job).ok());
   grpc::ClientContext hb_ctx;
-  Deadline(&hb_ctx);
+  Deadline(&hb_ctx, session_);
   mq::v1::HeartbeatRequest hb;
   hb.set_worker_id(worker_id);
   mq::v1::HeartbeatResponse beat;

@@ -64,8 +64,22 @@ class GrpcValidationTest : public ::testing::Test {
   grpc::Status Call(Method method, const Req& r) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    if (!session_.empty()) ctx.AddMetadata("mq-worker-session", session_);
     Resp resp;
     return method(&ctx, r, &resp);
+  }
+
+  // Registers a worker whose id and session later worker calls use (the identity check comes
+  // before the fields are validated).
+  void RegisterHolder() {
+    grpc::ClientContext ctx;
+    mq::v1::RegisterWorkerRequest r;
+    r.set_name("holder");
+    r.mutable_capabilities()->set_device("cpu");
+    mq::v1::RegisterWorkerResponse resp;
+    ASSERT_TRUE(worker_stub_->RegisterWorker(&ctx, r, &resp).ok());
+    worker_id_ = resp.worker_id();
+    session_ = resp.session();
   }
 
   static void ExpectInvalid(const grpc::Status& s, const std::string& field,
@@ -76,6 +90,7 @@ class GrpcValidationTest : public ::testing::Test {
         << what << ": message \"" << s.error_message() << "\" does not name " << field;
   }
 
+  std::string worker_id_, session_;
   std::filesystem::path dir_;
   std::unique_ptr<Store> store_;
   std::unique_ptr<Coordinator> coordinator_;
@@ -244,7 +259,9 @@ TEST_F(GrpcValidationTest, WorkerServiceRequests) {
                 "capabilities.device", "register");
   ExpectInvalid(reg([](auto& r) { r.set_worker_id("bogus"); }), "worker_id", "register");
 
+  RegisterHolder();
   mq::v1::PollAssignmentRequest poll;
+  poll.set_worker_id(worker_id_);
   poll.set_wait_ms(-1);
   ExpectInvalid(Call<mq::v1::PollAssignmentRequest, mq::v1::PollAssignmentResponse>(
                     [&](auto* c, auto& q, auto* p) { return worker_stub_->PollAssignment(c, q, p); }, poll),
@@ -256,6 +273,7 @@ TEST_F(GrpcValidationTest, WorkerServiceRequests) {
 
   auto progress = [&](std::function<void(mq::v1::ReportProgressRequest&)> f) {
     mq::v1::ReportProgressRequest r;
+    r.set_worker_id(worker_id_);
     f(r);
     return Call<mq::v1::ReportProgressRequest, mq::v1::ReportProgressResponse>(
         [&](auto* c, auto& q, auto* p) { return worker_stub_->ReportProgress(c, q, p); }, r);
@@ -265,6 +283,7 @@ TEST_F(GrpcValidationTest, WorkerServiceRequests) {
   ExpectInvalid(progress([](auto& r) { r.set_stage(std::string(300, 's')); }), "stage", "progress");
 
   mq::v1::CompleteAssignmentRequest complete;
+  complete.set_worker_id(worker_id_);
   complete.set_assignment_id("a-x");
   ExpectInvalid(Call<mq::v1::CompleteAssignmentRequest, mq::v1::CompleteAssignmentResponse>(
                     [&](auto* c, auto& q, auto* p) { return worker_stub_->CompleteAssignment(c, q, p); },
@@ -273,9 +292,10 @@ TEST_F(GrpcValidationTest, WorkerServiceRequests) {
 }
 
 TEST_F(GrpcValidationTest, MalformedReportLayerFieldsAreNamed) {
+  RegisterHolder();
   auto report = [&](std::function<void(mq::v1::ReportLayerRequest&)> f) {
     mq::v1::ReportLayerRequest r;
-    r.set_worker_id("w-00000000000000000000000000");
+    r.set_worker_id(worker_id_);
     r.set_assignment_id("a-x");
     r.set_step(0);
     r.set_rank(0);
@@ -357,6 +377,7 @@ TEST_F(GrpcValidationTest, MalformedReportLayerFieldsAreNamed) {
             "stats.awq[0].alpha = 1.5: must be in [0, 1]");
 
   mq::v1::CompleteAssignmentRequest complete;
+  complete.set_worker_id(worker_id_);
   complete.set_assignment_id("a-x");
   complete.mutable_finalized()->set_manifest_sha256("nothex");
   ExpectInvalid(Call<mq::v1::CompleteAssignmentRequest, mq::v1::CompleteAssignmentResponse>(
