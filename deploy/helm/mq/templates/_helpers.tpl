@@ -86,3 +86,77 @@ Address the workers dial: the coordinator's ClusterIP Service.
 {{- define "mq.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/*
+The Secret holding the coordinator's tls.crt, tls.key and ca.crt.
+*/}}
+{{- define "mq.tls.secretName" -}}
+{{- if .Values.tls.existingSecret }}
+{{- .Values.tls.existingSecret }}
+{{- else }}
+{{- printf "%s-tls" (include "mq.coordinator.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret holding the workers' client certificate (mTLS).
+*/}}
+{{- define "mq.workerTls.secretName" -}}
+{{- if .Values.tls.workerClientCert.existingSecret }}
+{{- .Values.tls.workerClientCert.existingSecret }}
+{{- else }}
+{{- printf "%s-tls" (include "mq.worker.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+DNS names the coordinator is reached at: its ClusterIP Service, short and
+qualified, plus its pod's name under the headless Service.
+*/}}
+{{- define "mq.coordinator.dnsNames" -}}
+{{- $svc := include "mq.coordinator.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) }}
+{{- $names = append $names (printf "%s-0.%s-headless.%s.svc.%s" $svc $svc $ns .Values.clusterDomain) }}
+{{- $names = append $names "localhost" }}
+{{- concat $names .Values.tls.certManager.extraDnsNames | uniq | toYaml }}
+{{- end }}
+
+{{/*
+Settings that the schema cannot check; every template includes this, so a
+bad combination fails the render with one clear message.
+*/}}
+{{- define "mq.validate" -}}
+{{- $tls := .Values.tls }}
+{{- if $tls.enabled }}
+{{- if and (not $tls.existingSecret) (not $tls.certManager.enabled) }}
+{{- fail "tls.enabled is true but no certificate is configured: set tls.existingSecret (a Secret with tls.crt, tls.key, ca.crt) or tls.certManager.enabled with tls.certManager.issuerRef.name, or tls.enabled=false for an insecure demo" }}
+{{- end }}
+{{- if and $tls.existingSecret $tls.certManager.enabled }}
+{{- fail "tls.existingSecret and tls.certManager.enabled are both set: choose one" }}
+{{- end }}
+{{- if and $tls.certManager.enabled (not $tls.certManager.issuerRef.name) }}
+{{- fail "tls.certManager.enabled is true but tls.certManager.issuerRef.name is empty: name the cert-manager Issuer or ClusterIssuer that signs the coordinator's certificate" }}
+{{- end }}
+{{- if and $tls.workerClientCert.enabled (not $tls.workerClientCert.existingSecret) (not $tls.certManager.enabled) }}
+{{- fail "tls.workerClientCert.enabled is true but no client certificate is configured: set tls.workerClientCert.existingSecret (tls.crt, tls.key) or tls.certManager.enabled" }}
+{{- end }}
+{{- if not .Values.auth.tokensSecret }}
+{{- fail "tls.enabled is true but auth.tokensSecret is empty: create a Secret with key `tokens` (mq-coordinator add-token --tokens-file tokens --principal NAME --role ROLE) and name it here" }}
+{{- end }}
+{{- if not .Values.auth.workerTokenSecret }}
+{{- fail "tls.enabled is true but auth.workerTokenSecret is empty: create a Secret with key `token` holding a token of role worker and name it here" }}
+{{- end }}
+{{- if or (not .Values.paths.allowRead) (not .Values.paths.allowWrite) }}
+{{- fail "tls.enabled is true but paths.allowRead or paths.allowWrite is empty: the coordinator needs the absolute directories jobs may read from and write to" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.storage.existingClaim .Values.storage.readOnly }}
+{{- $mount := trimSuffix "/" .Values.storage.mountPath }}
+{{- range .Values.paths.allowWrite }}
+{{- if or (eq (trimSuffix "/" .) $mount) (hasPrefix (printf "%s/" $mount) .) }}
+{{- fail (printf "paths.allowWrite %s lies on storage mounted read-only at %s (storage.readOnly is true)" . $mount) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
