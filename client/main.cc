@@ -349,6 +349,7 @@ void PrintJob(const mq::v1::JobRecord& j,
               const google::protobuf::RepeatedPtrField<mq::v1::AttemptRecord>& attempts) {
   const auto& s = j.spec();
   std::cout << "Job:          " << j.job_id() << "\n"
+            << "Owner:        " << (j.owner().empty() ? "(none recorded)" : j.owner()) << "\n"
             << "State:        " << JobStateName(j.state()) << "\n"
             << "Message:      " << j.message() << "\n"
             << "Model:        " << s.model_uri() << "\n"
@@ -424,7 +425,13 @@ void PrintJob(const mq::v1::JobRecord& j,
 }
 
 void PrintEvent(const mq::v1::JobEvent& e) {
-  std::cout << mq::client::Time(e.time_ms()) << "  " << e.kind() << "  " << e.message() << "\n";
+  std::cout << mq::client::Time(e.time_ms()) << "  " << e.kind() << "  " << e.message();
+  // Who caused it, when a client did (workers are named in the message; the coordinator's own
+  // events carry no name).
+  if (!e.principal().empty() && e.principal() != "mq-coordinator" && e.worker_id().empty()) {
+    std::cout << "  (by " << e.principal() << ")";
+  }
+  std::cout << "\n";
 }
 
 // --- commands -------------------------------------------------------------------------------

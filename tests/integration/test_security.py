@@ -163,6 +163,8 @@ def test_owners_and_principals(secure, model, tmp_path):
     job_now = secure.job(job)
     assert job_now["job"]["message"] == "cancelled by alice: mine"
     assert job_now["events"][-1]["principal"] == "alice"
+    human = secure.client("status", job, principal="vera", check=True).stdout
+    assert "Owner:        alice" in human and "mine  (by alice)" in human, human
     res = secure.client("resume", job, principal="bob")
     assert "may not resume it" in res.stderr, res.stderr
     # An admin can act on anyone's job.
