@@ -183,6 +183,7 @@ absl::Status Coordinator::Load() {
   }
 
   const int64_t now = Mono();
+  recovered_heartbeat_ms_ = now;  // mq_workers{state="unknown"} until heard from
   auto workers = store_->GetAll(Table::kWorkers);
   if (!workers.ok()) return workers.status();
   for (const auto& [key, value] : *workers) {
@@ -191,6 +192,7 @@ absl::Status Coordinator::Load() {
     WorkerEntry& w = workers_[key];
     w.record = *std::move(rec);
     w.last_heartbeat_ms = now;  // a fresh lease: the worker may still be running its work
+    w.recovered = true;
   }
   auto assignments = store_->GetAll(Table::kAssignments);
   if (!assignments.ok()) return assignments.status();
@@ -291,6 +293,7 @@ void Coordinator::ResetState() {
   layers_.clear();
   gang_wait_since_.clear();
   ended_seen_ms_.clear();
+  evicted_jobs_ = {};
   retry_not_before_.clear();  // as after a restart: a backed-off job may retry at once
 }
 
@@ -365,16 +368,38 @@ void Coordinator::WakeAll() {
 
 void Coordinator::UpdateGauges() {
   if (!metrics_) return;
-  std::array<int, 8> counts{};
-  for (const auto& [id, job] : jobs_) counts[job.state()]++;
-  for (int s = 1; s < 8; ++s) metrics_->jobs[s]->Set(counts[s]);
-  int idle = 0, busy = 0;
+  // mq_jobs counts what the store holds: the jobs in memory and those retention evicted.
+  std::array<int64_t, 8> counts = evicted_jobs_;
+  int64_t committed = 0, total = 0;
+  std::map<std::string, double> progress;  // running and finalizing jobs only (bounded)
+  for (const auto& [id, job] : jobs_) {
+    counts[job.state()]++;
+    if (job.state() != mq::v1::JOB_STATE_RUNNING && job.state() != mq::v1::JOB_STATE_FINALIZING) {
+      continue;
+    }
+    const int32_t done = job.progress().layers_committed(), all = job.progress().layers_total();
+    committed += done;
+    total += all;
+    progress[id] = all > 0 ? std::min(1.0, double(done) / all) : 0.0;
+  }
+  for (int s = 1; s < 8; ++s) metrics_->jobs[s]->Set(double(counts[s]));
+  metrics_->job_layers_committed->Set(double(committed));
+  metrics_->job_layers_total->Set(double(total));
+  metrics_->SetJobProgress(progress);
+  // A worker recovered from the store keeps the heartbeat time Load gave it until it calls
+  // (register, heartbeat, poll, report): until then it may be dead, so it is not idle/busy.
+  int idle = 0, busy = 0, unknown = 0;
   for (const auto& [id, w] : workers_) {
     if (w.dead) continue;
-    (w.assignment_id.empty() ? idle : busy)++;
+    if (w.recovered && w.last_heartbeat_ms == recovered_heartbeat_ms_) {
+      ++unknown;
+    } else {
+      (w.assignment_id.empty() ? idle : busy)++;
+    }
   }
   metrics_->workers_idle->Set(idle);
   metrics_->workers_busy->Set(busy);
+  metrics_->workers_unknown->Set(unknown);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -624,6 +649,7 @@ absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
                      "; only FAILED or CANCELLED jobs can be resumed"));
   }
   if (absl::Status s = CheckOutputFree(job.spec(), job.job_id()); !s.ok()) return s;
+  const int evicted_as = jobs_.count(job.job_id()) ? 0 : job.state();
   if (!jobs_.count(job.job_id())) {
     // Evicted (retention): bring its committed steps back from the store.
     auto layers = store_->GetAll(Table::kLayers, job.job_id() + "/");
@@ -655,6 +681,7 @@ absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
   }
   PutJob(batch, job);
   if (absl::Status s = Commit(batch); !s.ok()) return s;
+  if (evicted_as != 0) evicted_jobs_[evicted_as]--;  // back in memory (mq_jobs)
   jobs_[job.job_id()] = job;
   if (!job.idempotency_key().empty()) idempotency_[job.idempotency_key()] = job.job_id();
   Changed();
@@ -2032,10 +2059,9 @@ void Coordinator::Tick() {
   }
   ScheduleQueued();
   ForgetEnded();
-  if (changes_ != before) {
-    UpdateGauges();
-    cv_.notify_all();
-  }
+  // Every tick: a worker heard from for the first time since recovery changes no state.
+  UpdateGauges();
+  if (changes_ != before) cv_.notify_all();
 }
 
 }  // namespace mq::server

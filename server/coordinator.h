@@ -9,6 +9,7 @@
 // fresh lease, and only then may the gRPC layer start serving.
 #pragma once
 
+#include <array>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -136,6 +137,7 @@ class Coordinator {
     mq::v1::WorkerRecord record;
     int64_t last_heartbeat_ms = 0;  // monotonic
     bool dead = false;
+    bool recovered = false;     // loaded from the store by Load (see recovered_heartbeat_ms_)
     std::string assignment_id;  // live assignment (persisted or an inspection), if any
     bool delivered = false;
     // The coordinator ended an assignment this worker had received (abort, cancel): it may
@@ -274,6 +276,11 @@ class Coordinator {
   std::map<std::string, int64_t> gang_wait_since_;
   // Ended assignment id -> monotonic ms when ForgetEnded first saw it (not persisted).
   std::map<std::string, int64_t> ended_seen_ms_;
+  // Ended jobs evicted from memory by retention (still in the store), by JobState.
+  std::array<int64_t, 8> evicted_jobs_{};
+  // The heartbeat time Load gave the workers it recovered; a recovered one still holding it
+  // has not been heard from since (mq_workers{state="unknown"}). Monotonic ms.
+  int64_t recovered_heartbeat_ms_ = -1;
   // job id -> monotonic ms before which the job is not scheduled (infrastructure backoff; not
   // persisted: a restarted coordinator retries at once).
   std::map<std::string, int64_t> retry_not_before_;

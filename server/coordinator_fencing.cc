@@ -130,6 +130,7 @@ void Coordinator::ForgetEnded() {
     for (size_t i = 0; i < n; ++i) evict.insert(ended[i].second);
   }
   for (const std::string& id : evict) {
+    evicted_jobs_[jobs_[id].state()]++;  // mq_jobs still counts it (the store has it)
     jobs_.erase(id);
     gang_wait_since_.erase(id);
   }

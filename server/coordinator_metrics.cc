@@ -46,9 +46,15 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r) {
                       .Help("Quantize attempts started on a gang smaller than the job asked for")
                       .Register(r)
                       .Add({});
-  auto& workers = BuildGauge().Name("mq_workers").Help("Live workers by state").Register(r);
+  auto& workers = BuildGauge()
+                      .Name("mq_workers")
+                      .Help(
+                          "Workers not declared dead, by state (unknown: recovered from the "
+                          "state store, not heard from since the coordinator started)")
+                      .Register(r);
   workers_idle = &workers.Add({{"state", "idle"}});
   workers_busy = &workers.Add({{"state", "busy"}});
+  workers_unknown = &workers.Add({{"state", "unknown"}});
   workers_lost = &BuildCounter()
                       .Name("mq_workers_lost_total")
                       .Help("Workers declared dead after their lease expired")
@@ -95,6 +101,36 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r) {
                     .Help("PollAssignment calls waiting for work")
                     .Register(r)
                     .Add({});
+  auto& job_layers =
+      BuildGauge()
+          .Name("mq_job_layers")
+          .Help("Decoder layers of the running and finalizing jobs, committed and in total")
+          .Register(r);
+  job_layers_committed = &job_layers.Add({{"kind", "committed"}});
+  job_layers_total = &job_layers.Add({{"kind", "total"}});
+  job_progress_ = &BuildGauge()
+                       .Name("mq_job_progress_ratio")
+                       .Help(
+                           "Committed over total decoder layers of each running or finalizing "
+                           "job; the series is removed when the job leaves those states")
+                       .Register(r);
+}
+
+void CoordinatorMetrics::SetJobProgress(const std::map<std::string, double>& progress) {
+  std::lock_guard<std::mutex> lock(progress_mu_);
+  for (auto it = progress_series_.begin(); it != progress_series_.end();) {
+    if (progress.count(it->first)) {
+      ++it;
+      continue;
+    }
+    job_progress_->Remove(it->second);
+    it = progress_series_.erase(it);
+  }
+  for (const auto& [job_id, ratio] : progress) {
+    prometheus::Gauge*& g = progress_series_[job_id];
+    if (!g) g = &job_progress_->Add({{"job_id", job_id}});
+    g->Set(ratio);
+  }
 }
 
 void CoordinatorMetrics::CountAssignment(const std::string& kind, const std::string& result) {

@@ -452,6 +452,10 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.prefetch_next_layer = options_.prefetch_next_layer;
   const int64_t step_delay = FaultDelayMs("MQ_FAULT_STEP_DELAY_MS");
   in.on_step = [&](const pipeline::StepOutput& out) -> absl::Status {
+    // The stages ran whether or not the report is accepted.
+    metrics_->ObserveLayer({out.stats.load_seconds, out.stats.forward_seconds,
+                            out.stats.hessian_seconds, out.stats.solve_seconds,
+                            out.stats.propagate_seconds, out.stats.write_seconds});
     mq::v1::ReportLayerRequest request;
     request.set_assignment_id(a.assignment_id());
     request.set_lease_epoch(a.lease_epoch());
@@ -479,9 +483,6 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
       return absl::AbortedError(absl::StrCat("layer report refused: ", s.error_message()));
     }
     if (response.cancel()) cancel_current_ = true;
-    metrics_->ObserveStage("layer", out.stats.load_seconds + out.stats.forward_seconds +
-                                        out.stats.hessian_seconds + out.stats.solve_seconds +
-                                        out.stats.propagate_seconds + out.stats.write_seconds);
     for (int64_t waited = 0; waited < step_delay && !stop && !Cancelled(); waited += 50) {
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
@@ -517,9 +518,12 @@ bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   // published only with the coordinator's consent, so a cancelled or superseded finalizer
   // writes none.
   auto publish = [&]() -> absl::Status { return RequestPublish(a, stop); };
+  const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<pipeline::FinalizeAssignmentResult> r = pipeline::RunFinalizeAssignment(
       ToJobSpec(a.job_id(), a.spec()), ToFiles(a.committed_files()), a.total_steps(), publish);
   if (!r.ok() && (stop || Cancelled())) return false;  // publish refused: abandoned, nothing to report
+  metrics_->ObserveStage(
+      "finalize", std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   if (!r.ok()) {
     SetError(r.status(), result);
     LogLine("worker", "WARN",

@@ -14,15 +14,16 @@ WorkerMetrics::WorkerMetrics(prometheus::Registry& r, const std::string& worker,
                      .Name("mq_worker_assignments_total")
                      .Help("Assignments this worker finished, by kind and result")
                      .Register(r);
-  for (const char* kind : {"plan", "quantize"}) {
+  for (const char* kind : {"plan", "quantize", "finalize"}) {
     for (const char* result : {"ok", "failed", "aborted"}) {
       assignments->Add({{"kind", kind}, {"result", result}});
     }
   }
-  stage_seconds = &prometheus::BuildHistogram()
-                       .Name("mq_worker_stage_duration_seconds")
-                       .Help("Time spent per pipeline stage")
-                       .Register(r);
+  stage_seconds =
+      &prometheus::BuildHistogram()
+           .Name("mq_worker_stage_duration_seconds")
+           .Help("Seconds per pipeline stage: per plan, per layer and stage, per finalize")
+           .Register(r);
   heartbeats = &prometheus::BuildCounter()
                     .Name("mq_worker_heartbeats_total")
                     .Help("Heartbeats the coordinator accepted")
@@ -41,6 +42,15 @@ void WorkerMetrics::CountAssignment(const std::string& kind, const std::string& 
 
 void WorkerMetrics::ObserveStage(const std::string& stage, double seconds) {
   stage_seconds->Add({{"stage", stage}}, StageBuckets()).Observe(seconds);
+}
+
+void WorkerMetrics::ObserveLayer(const LayerStages& s) {
+  ObserveStage("load", s.load);
+  ObserveStage("forward", s.forward);
+  ObserveStage("hessian", s.hessian);
+  ObserveStage("solve", s.solve);
+  ObserveStage("propagate", s.propagate);
+  ObserveStage("write", s.write);
 }
 
 }  // namespace mq::worker

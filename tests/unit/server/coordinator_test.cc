@@ -4,6 +4,9 @@
 #include "server/coordinator.h"
 
 #include <gtest/gtest.h>
+#include <prometheus/client_metric.h>
+#include <prometheus/metric_family.h>
+#include <prometheus/registry.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -37,7 +40,7 @@ class CoordinatorTest : public ::testing::Test {
     options.retain_ended_jobs = retain_jobs_;
     options.retain_ended_ms = retain_ms_;
     options.ended_assignment_grace_ms = grace_ms_;
-    auto c = Coordinator::Recover(store_.get(), options, nullptr);
+    auto c = Coordinator::Recover(store_.get(), options, &metrics_);
     ASSERT_TRUE(c.ok()) << c.status();
     coordinator_ = *std::move(c);
   }
@@ -107,6 +110,27 @@ class CoordinatorTest : public ::testing::Test {
     ASSERT_TRUE(coordinator_->Heartbeat(r).ok());
   }
 
+  // The value of the series `name`{label=value} (any labels when `label` is empty), or -1
+  // when the registry has no such series.
+  double Metric(const std::string& name, const std::string& label = "",
+                const std::string& value = "") {
+    for (const prometheus::MetricFamily& f : registry_.Collect()) {
+      if (f.name != name) continue;
+      for (const prometheus::ClientMetric& m : f.metric) {
+        bool match = label.empty();
+        for (const prometheus::ClientMetric::Label& l : m.label) {
+          match = match || (l.name == label && l.value == value);
+        }
+        if (match) return f.type == prometheus::MetricType::Gauge ? m.gauge.value : m.counter.value;
+      }
+    }
+    return -1;
+  }
+
+  // Shared across "restarts", as one process's registry would not be: Recover must set every
+  // gauge from the recovered state.
+  prometheus::Registry registry_;
+  CoordinatorMetrics metrics_{registry_};
   int64_t now_ = 0;
   int outputs_ = 0;
   int64_t retain_jobs_ = 1000;
@@ -357,6 +381,40 @@ TEST_F(CoordinatorTest, WorkerThatNeverReturnsAfterRestartIsExpired) {
   EXPECT_EQ(job.attempts(0).state(), mq::v1::ATTEMPT_STATE_ABORTED);
 }
 
+TEST_F(CoordinatorTest, RecoveredWorkersAreUnknownUntilHeardFrom) {
+  const std::string w1 = Register("w1");
+  const std::string w2 = Register("w2");
+  const std::string id = Submit();
+  coordinator_->Tick();
+  Poll(w1);
+  Poll(w2);
+  EXPECT_EQ(Metric("mq_workers", "state", "busy"), 1);  // planning the job
+  EXPECT_EQ(Metric("mq_workers", "state", "idle"), 1);
+  EXPECT_EQ(Metric("mq_workers", "state", "unknown"), 0);
+  now_ += 10;
+  Restart();  // either worker may have died meanwhile
+  EXPECT_EQ(Metric("mq_workers", "state", "busy"), 0);
+  EXPECT_EQ(Metric("mq_workers", "state", "idle"), 0);
+  EXPECT_EQ(Metric("mq_workers", "state", "unknown"), 2);
+  EXPECT_EQ(Metric("mq_jobs", "state", "planning"), 1);
+  // w2 heartbeats: idle from the next tick on (a heartbeat changes no state).
+  now_ += 100;
+  Heartbeat(w2);
+  coordinator_->Tick();
+  EXPECT_EQ(Metric("mq_workers", "state", "idle"), 1);
+  EXPECT_EQ(Metric("mq_workers", "state", "unknown"), 1);
+  // w1 never calls: declared dead when its lease runs out, and no longer counted.
+  for (int i = 0; i < 12; ++i) {
+    now_ += 100;
+    Heartbeat(w2);
+    coordinator_->Tick();
+  }
+  EXPECT_EQ(Metric("mq_workers", "state", "unknown"), 0);
+  EXPECT_EQ(Metric("mq_workers", "state", "idle") + Metric("mq_workers", "state", "busy"), 1);
+  EXPECT_EQ(Metric("mq_workers_lost_total"), 1);
+  EXPECT_EQ(Get(id).attempts(0).state(), mq::v1::ATTEMPT_STATE_ABORTED);
+}
+
 TEST_F(CoordinatorTest, CancelStopsTheWorkersAssignment) {
   const std::string w = Register("w1");
   const std::string id = Submit();
@@ -571,6 +629,9 @@ TEST_F(CoordinatorTest, RetentionKeepsTheNewestEndedJobsInMemoryAndTheRestInTheS
     return out;
   };
   EXPECT_EQ(listed(), (std::vector<std::string>{live, ids[3], ids[2]}));
+  // mq_jobs counts what the store holds, evicted jobs too.
+  EXPECT_EQ(Metric("mq_jobs", "state", "cancelled"), 4);
+  EXPECT_EQ(Metric("mq_jobs", "state", "queued"), 1);
   // An evicted job is still answered from the store.
   auto old = Get(ids[0]);
   EXPECT_EQ(old.job().state(), mq::v1::JOB_STATE_CANCELLED);
@@ -590,9 +651,13 @@ TEST_F(CoordinatorTest, RetentionKeepsTheNewestEndedJobsInMemoryAndTheRestInTheS
   Restart();
   EXPECT_EQ(listed(), (std::vector<std::string>{live, ids[3], ids[2]}));
   EXPECT_EQ(Get(ids[1]).job().state(), mq::v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(Metric("mq_jobs", "state", "cancelled"), 4);
+  EXPECT_EQ(Metric("mq_jobs", "state", "queued"), 1);
   // Resuming an evicted job brings it back.
   ASSERT_TRUE(ResumeIt(*coordinator_, ids[0]).ok());
   EXPECT_EQ(Get(ids[0]).job().state(), mq::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(Metric("mq_jobs", "state", "cancelled"), 3);
+  EXPECT_EQ(Metric("mq_jobs", "state", "queued"), 2);
   coordinator_->Tick();
   EXPECT_EQ(listed(), (std::vector<std::string>{live, ids[3], ids[2], ids[0]}));
   mq::v1::GetJobRequest unknown;
@@ -906,6 +971,8 @@ TEST_F(PipelineTest, PlanThenGangThenFinalizeSucceeds) {
             std::string::npos)
       << LastEvent(id, "assigned");
 
+  EXPECT_EQ(Metric("mq_job_progress_ratio", "job_id", id), 0);
+  EXPECT_EQ(Metric("mq_job_layers", "kind", "total"), 4);
   for (int step = 0; step < 4; ++step) {
     auto r0 = Report(a, qa, step);
     ASSERT_TRUE(r0.ok()) << r0.status();
@@ -916,6 +983,8 @@ TEST_F(PipelineTest, PlanThenGangThenFinalizeSucceeds) {
     EXPECT_TRUE(r1->committed());
     EXPECT_FALSE(r1->cancel());
     EXPECT_EQ(Get(id).job().progress().layers_committed(), step + 1);
+    EXPECT_DOUBLE_EQ(Metric("mq_job_progress_ratio", "job_id", id), (step + 1) / 4.0);
+    EXPECT_EQ(Metric("mq_job_layers", "kind", "committed"), step + 1);
   }
   job = Get(id).job();
   const auto& last = job.progress().last_layer();
@@ -976,6 +1045,9 @@ TEST_F(PipelineTest, PlanThenGangThenFinalizeSucceeds) {
   ASSERT_TRUE(coordinator_->CompleteAssignment(done).ok());
   job = Get(id).job();
   EXPECT_EQ(job.state(), mq::v1::JOB_STATE_SUCCEEDED) << job.message();
+  EXPECT_EQ(Metric("mq_job_progress_ratio"), -1);  // the series went with the job
+  EXPECT_EQ(Metric("mq_job_layers", "kind", "committed"), 0);
+  EXPECT_EQ(Metric("mq_job_layers", "kind", "total"), 0);
   EXPECT_EQ(job.manifest_sha256(), Sha('e'));
   EXPECT_EQ(job.output_files(), 12);
   EXPECT_EQ(job.output_bytes(), 123456);
