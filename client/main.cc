@@ -92,17 +92,16 @@ int Fail(const std::string& message, int code = 1) {
 int RpcFail(const std::string& what, const grpc::Status& s, const Global& g) {
   std::string code;
   // A refused handshake looks like an unreachable coordinator; say where to look.
-  const std::string tls_hint =
-      g.security.insecure ? ""
-                          : "; with TLS, check --tls-ca (and --tls-server-name) match the "
-                            "coordinator's certificate";
+  const std::string tls_hint = g.security.insecure
+                                   ? ""
+                                   : "; with TLS, check --tls-ca (and --tls-server-name) match the "
+                                     "coordinator's certificate";
   switch (s.error_code()) {
     case grpc::StatusCode::UNAVAILABLE:
       return Fail(what + ": coordinator " + g.coordinator + " unavailable (" + s.error_message() +
                   ")" + tls_hint);
     case grpc::StatusCode::DEADLINE_EXCEEDED:
-      return Fail(what + ": no answer within the deadline (" + s.error_message() + ")" +
-                  tls_hint);
+      return Fail(what + ": no answer within the deadline (" + s.error_message() + ")" + tls_hint);
     case grpc::StatusCode::INVALID_ARGUMENT:
       code = "invalid argument";
       break;

@@ -80,8 +80,8 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> SecureChannel(const std::string& 
   }
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::SslCredentials(ssl);
   if (!security.token.empty()) {
-    credentials = grpc::CompositeChannelCredentials(
-        credentials, grpc::AccessTokenCredentials(security.token));
+    credentials = grpc::CompositeChannelCredentials(credentials,
+                                                    grpc::AccessTokenCredentials(security.token));
   }
   return grpc::CreateCustomChannel(address, credentials, args);
 }

@@ -26,12 +26,23 @@ int64_t DeadlineMs(grpc::ServerContext* ctx, const Coordinator* c, int64_t cap_m
 
 // Upper-case gRPC code names, as go-grpc-prometheus labels them ("OK", "INVALID_ARGUMENT").
 const char* CodeName(grpc::StatusCode code) {
-  static constexpr const char* kNames[] = {
-      "OK",        "CANCELLED",         "UNKNOWN",          "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",   "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",      "UNAVAILABLE",      "DATA_LOSS",
-      "UNAUTHENTICATED"};
+  static constexpr const char* kNames[] = {"OK",
+                                           "CANCELLED",
+                                           "UNKNOWN",
+                                           "INVALID_ARGUMENT",
+                                           "DEADLINE_EXCEEDED",
+                                           "NOT_FOUND",
+                                           "ALREADY_EXISTS",
+                                           "PERMISSION_DENIED",
+                                           "RESOURCE_EXHAUSTED",
+                                           "FAILED_PRECONDITION",
+                                           "ABORTED",
+                                           "OUT_OF_RANGE",
+                                           "UNIMPLEMENTED",
+                                           "INTERNAL",
+                                           "UNAVAILABLE",
+                                           "DATA_LOSS",
+                                           "UNAUTHENTICATED"};
   const int i = static_cast<int>(code);
   return i >= 0 && i < 17 ? kNames[i] : "UNKNOWN";
 }
@@ -73,7 +84,7 @@ grpc::Status Handle(Coordinator* coordinator, CoordinatorMetrics* metrics,
   const auto start = std::chrono::steady_clock::now();
   grpc::Status status;
   auto caller = Admit(auth, ctx, need, method);
-  absl::Status serving = !caller.ok()           ? caller.status()
+  absl::Status serving = !caller.ok()            ? caller.status()
                          : kind == Kind::kChange ? coordinator->CheckServing()
                                                  : absl::OkStatus();
   if (!serving.ok()) {
@@ -354,8 +365,8 @@ void JobServiceImpl::Shutdown() { watches_->Stop(); }
 
 grpc::Status JobServiceImpl::SubmitJob(grpc::ServerContext* ctx, const mq::v1::SubmitJobRequest* r,
                                        mq::v1::SubmitJobResponse* out) {
-  return Handle(coordinator_, metrics_, auth_, *ctx, "SubmitJob", Need::kSubmit, Kind::kChange,
-                out, [&](const Caller& caller) { return coordinator_->SubmitJob(*r, caller); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "SubmitJob", Need::kSubmit, Kind::kChange, out,
+                [&](const Caller& caller) { return coordinator_->SubmitJob(*r, caller); });
 }
 
 grpc::Status JobServiceImpl::GetJob(grpc::ServerContext* ctx, const mq::v1::GetJobRequest* r,
@@ -382,14 +393,14 @@ grpc::ServerWriteReactor<mq::v1::WatchJobResponse>* JobServiceImpl::WatchJob(
 
 grpc::Status JobServiceImpl::CancelJob(grpc::ServerContext* ctx, const mq::v1::CancelJobRequest* r,
                                        mq::v1::CancelJobResponse* out) {
-  return Handle(coordinator_, metrics_, auth_, *ctx, "CancelJob", Need::kSubmit, Kind::kChange,
-                out, [&](const Caller& caller) { return coordinator_->CancelJob(*r, caller); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "CancelJob", Need::kSubmit, Kind::kChange, out,
+                [&](const Caller& caller) { return coordinator_->CancelJob(*r, caller); });
 }
 
 grpc::Status JobServiceImpl::ResumeJob(grpc::ServerContext* ctx, const mq::v1::ResumeJobRequest* r,
                                        mq::v1::ResumeJobResponse* out) {
-  return Handle(coordinator_, metrics_, auth_, *ctx, "ResumeJob", Need::kSubmit, Kind::kChange,
-                out, [&](const Caller& caller) { return coordinator_->ResumeJob(*r, caller); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "ResumeJob", Need::kSubmit, Kind::kChange, out,
+                [&](const Caller& caller) { return coordinator_->ResumeJob(*r, caller); });
 }
 
 grpc::Status JobServiceImpl::InspectModel(grpc::ServerContext* ctx,
@@ -430,7 +441,8 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext* ctx,
   // In memory only: answered while the store cannot write, so leases survive the outage.
   return Handle(coordinator_, metrics_, auth_, *ctx, "Heartbeat", Need::kWork, Kind::kRead, out,
                 [&](const Caller& caller) {
-                  return AsWorker(coordinator_, r->worker_id(), caller, [&] { return coordinator_->Heartbeat(*r); });
+                  return AsWorker(coordinator_, r->worker_id(), caller,
+                                  [&] { return coordinator_->Heartbeat(*r); });
                 });
 }
 
@@ -439,18 +451,18 @@ grpc::Status WorkerServiceImpl::PollAssignment(grpc::ServerContext* ctx,
                                                mq::v1::PollAssignmentResponse* out) {
   Slot slot(long_polls_, limits_.max_long_polls);
   if (slot.taken() && metrics_) metrics_->long_polls->Increment();
-  grpc::Status status = Handle(
-      coordinator_, metrics_, auth_, *ctx, "PollAssignment", Need::kWork, Kind::kRead, out,
-      [&](const Caller& caller) -> absl::StatusOr<mq::v1::PollAssignmentResponse> {
-        if (!slot.taken()) {
-          return absl::ResourceExhaustedError(absl::StrCat(
-              "too many PollAssignment calls waiting at once (", limits_.max_long_polls,
-              ", mq-coordinator --max-long-polls); one per worker is normal"));
-        }
-        return AsWorker(coordinator_, r->worker_id(), caller, [&] {
-          return coordinator_->PollAssignment(*r, DeadlineMs(ctx, coordinator_, 60000));
-        });
-      });
+  grpc::Status status =
+      Handle(coordinator_, metrics_, auth_, *ctx, "PollAssignment", Need::kWork, Kind::kRead, out,
+             [&](const Caller& caller) -> absl::StatusOr<mq::v1::PollAssignmentResponse> {
+               if (!slot.taken()) {
+                 return absl::ResourceExhaustedError(absl::StrCat(
+                     "too many PollAssignment calls waiting at once (", limits_.max_long_polls,
+                     ", mq-coordinator --max-long-polls); one per worker is normal"));
+               }
+               return AsWorker(coordinator_, r->worker_id(), caller, [&] {
+                 return coordinator_->PollAssignment(*r, DeadlineMs(ctx, coordinator_, 60000));
+               });
+             });
   if (slot.taken() && metrics_) metrics_->long_polls->Decrement();
   return status;
 }
@@ -460,7 +472,8 @@ grpc::Status WorkerServiceImpl::ReportProgress(grpc::ServerContext* ctx,
                                                mq::v1::ReportProgressResponse* out) {
   return Handle(coordinator_, metrics_, auth_, *ctx, "ReportProgress", Need::kWork, Kind::kChange,
                 out, [&](const Caller& caller) {
-                  return AsWorker(coordinator_, r->worker_id(), caller, [&] { return coordinator_->ReportProgress(*r); });
+                  return AsWorker(coordinator_, r->worker_id(), caller,
+                                  [&] { return coordinator_->ReportProgress(*r); });
                 });
 }
 
@@ -468,18 +481,19 @@ grpc::Status WorkerServiceImpl::CompleteAssignment(grpc::ServerContext* ctx,
                                                    const mq::v1::CompleteAssignmentRequest* r,
                                                    mq::v1::CompleteAssignmentResponse* out) {
   return Handle(coordinator_, metrics_, auth_, *ctx, "CompleteAssignment", Need::kWork,
-                Kind::kChange, out,
-                [&](const Caller& caller) {
-                  return AsWorker(coordinator_, r->worker_id(), caller, [&] { return coordinator_->CompleteAssignment(*r); });
+                Kind::kChange, out, [&](const Caller& caller) {
+                  return AsWorker(coordinator_, r->worker_id(), caller,
+                                  [&] { return coordinator_->CompleteAssignment(*r); });
                 });
 }
 
 grpc::Status WorkerServiceImpl::ReportLayer(grpc::ServerContext* ctx,
                                             const mq::v1::ReportLayerRequest* r,
                                             mq::v1::ReportLayerResponse* out) {
-  return Handle(coordinator_, metrics_, auth_, *ctx, "ReportLayer", Need::kWork, Kind::kChange,
-                out, [&](const Caller& caller) {
-                  return AsWorker(coordinator_, r->worker_id(), caller, [&] { return coordinator_->ReportLayer(*r); });
+  return Handle(coordinator_, metrics_, auth_, *ctx, "ReportLayer", Need::kWork, Kind::kChange, out,
+                [&](const Caller& caller) {
+                  return AsWorker(coordinator_, r->worker_id(), caller,
+                                  [&] { return coordinator_->ReportLayer(*r); });
                 });
 }
 

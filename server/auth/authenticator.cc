@@ -56,8 +56,8 @@ absl::StatusOr<Caller> Authenticator::Authenticate(const grpc::ServerContextBase
   if (auth && auth->IsPeerAuthenticated()) {
     const std::vector<grpc::string_ref> identity = auth->GetPeerIdentity();
     if (!identity.empty()) {
-      caller.principal = absl::StrCat("x509:", absl::string_view(identity.front().data(),
-                                                                 identity.front().size()));
+      caller.principal = absl::StrCat(
+          "x509:", absl::string_view(identity.front().data(), identity.front().size()));
       caller.role = Role::kWorker;
       return caller;
     }
@@ -88,8 +88,8 @@ absl::Status Authorize(const Caller& caller, Need need, absl::string_view method
   }
   if (ok) return absl::OkStatus();
   return absl::PermissionDeniedError(absl::StrCat("principal \"", caller.principal, "\" (role ",
-                                                  RoleName(caller.role), ") may not call ",
-                                                  method, ": it needs role ", allowed));
+                                                  RoleName(caller.role), ") may not call ", method,
+                                                  ": it needs role ", allowed));
 }
 
 absl::Status AuthorizeOwner(const Caller& caller, absl::string_view owner, absl::string_view job_id,

@@ -16,9 +16,9 @@
 #include <grpcpp/grpcpp.h>
 
 #include <optional>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "server/auth/tokens.h"
 
 namespace mq::server {

@@ -51,9 +51,8 @@ absl::StatusOr<Role> ParseRole(absl::string_view name) {
   for (Role r : {Role::kViewer, Role::kSubmitter, Role::kAdmin, Role::kWorker}) {
     if (name == RoleName(r)) return r;
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      "role \"", absl::CHexEscape(name.substr(0, 32)),
-      "\": must be viewer, submitter, admin or worker"));
+  return absl::InvalidArgumentError(absl::StrCat("role \"", absl::CHexEscape(name.substr(0, 32)),
+                                                 "\": must be viewer, submitter, admin or worker"));
 }
 
 absl::Status ValidatePrincipal(absl::string_view principal) {
@@ -61,10 +60,9 @@ absl::Status ValidatePrincipal(absl::string_view principal) {
     return absl::InvalidArgumentError("principal: must be 1..64 characters of [A-Za-z0-9._@-]");
   }
   for (char c : principal) {
-    if (!(absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' ||
-          c == '-' || c == '@')) {
-      return absl::InvalidArgumentError(
-          "principal: must be 1..64 characters of [A-Za-z0-9._@-]");
+    if (!(absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-' ||
+          c == '@')) {
+      return absl::InvalidArgumentError("principal: must be 1..64 characters of [A-Za-z0-9._@-]");
     }
   }
   if (principal == "anonymous" || principal == Caller::kCoordinator ||
@@ -78,8 +76,8 @@ absl::Status ValidatePrincipal(absl::string_view principal) {
 absl::StatusOr<TokenTable> TokenTable::Load(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) {
-    return absl::NotFoundError(absl::StrCat("tokens file ", path, ": cannot open (",
-                                            std::strerror(errno), ")"));
+    return absl::NotFoundError(
+        absl::StrCat("tokens file ", path, ": cannot open (", std::strerror(errno), ")"));
   }
   std::stringstream buffer;
   buffer << in.rdbuf();
@@ -105,13 +103,15 @@ absl::StatusOr<TokenTable> TokenTable::Load(const std::string& path) {
       return absl::InvalidArgumentError(absl::StrCat(where(), s.message()));
     }
     auto role = ParseRole(fields[1]);
-    if (!role.ok()) return absl::InvalidArgumentError(absl::StrCat(where(), role.status().message()));
+    if (!role.ok())
+      return absl::InvalidArgumentError(absl::StrCat(where(), role.status().message()));
     absl::string_view hash = fields[2];
     if (hash.substr(0, kHashPrefix.size()) != kHashPrefix ||
         hash.size() != kHashPrefix.size() + 64 || !IsLowerHex(hash.substr(kHashPrefix.size()))) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where(), "third field must be sha256: and 64 lowercase hex digits (the hash of a "
-                   "token, never the token itself; mq-coordinator add-token writes it)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where(),
+                       "third field must be sha256: and 64 lowercase hex digits (the hash of a "
+                       "token, never the token itself; mq-coordinator add-token writes it)"));
     }
     const std::string key(hash.substr(kHashPrefix.size()));
     if (table.by_hash_.count(key)) {

@@ -140,8 +140,10 @@ int main(int argc, char** argv) {
     mq::v1::ReportProgressResponse response;
     status = stub->ReportProgress(&ctx, request, &response);
   } else {
-    std::fprintf(stderr, "mq-worker-call: CALL \"%s\": must be register, heartbeat, poll, "
-                 "complete or progress\n", call.c_str());
+    std::fprintf(stderr,
+                 "mq-worker-call: CALL \"%s\": must be register, heartbeat, poll, "
+                 "complete or progress\n",
+                 call.c_str());
     return 2;
   }
   std::cout << CodeName(status.error_code()) << "\n" << status.error_message() << "\n";

@@ -107,9 +107,9 @@ TEST(AuthorizeTest, RolesAndOwners) {
   EXPECT_TRUE(Authorize(Caller::Anonymous(), Need::kWork, "Heartbeat").ok());
   EXPECT_TRUE(AuthorizeOwner(submitter, "alice", "j-1", "cancel").ok());
   EXPECT_TRUE(AuthorizeOwner(admin, "alice", "j-1", "cancel").ok());
-  EXPECT_EQ(AuthorizeOwner(Caller{"bob", Role::kSubmitter, false, ""}, "alice", "j-1", "cancel")
-                .code(),
-            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(
+      AuthorizeOwner(Caller{"bob", Role::kSubmitter, false, ""}, "alice", "j-1", "cancel").code(),
+      absl::StatusCode::kPermissionDenied);
 }
 
 }  // namespace
