@@ -426,6 +426,7 @@ absl::StatusOr<mq::v1::SubmitJobResponse> Coordinator::SubmitJob(
   if (absl::Status s = ValidateIdempotencyKey(request.idempotency_key()); !s.ok()) return s;
   auto spec = NormalizeJobSpec(request.spec());
   if (!spec.ok()) return spec.status();
+  if (absl::Status s = CheckJobPaths(*spec, options_.path_policy); !s.ok()) return s;
 
   std::lock_guard<std::mutex> lock(mu_);
   mq::v1::SubmitJobResponse response;
@@ -648,6 +649,8 @@ absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
         absl::StrCat("job ", job.job_id(), " is ", JobStateName(job.state()),
                      "; only FAILED or CANCELLED jobs can be resumed"));
   }
+  // The policy may have changed since the job was submitted (a restart with other roots).
+  if (absl::Status s = CheckJobPaths(job.spec(), options_.path_policy); !s.ok()) return s;
   if (absl::Status s = CheckOutputFree(job.spec(), job.job_id()); !s.ok()) return s;
   const int evicted_as = jobs_.count(job.job_id()) ? 0 : job.state();
   if (!jobs_.count(job.job_id())) {
@@ -732,6 +735,7 @@ mq::v1::ListWorkersResponse Coordinator::ListWorkers() {
 absl::StatusOr<mq::v1::InspectModelResponse> Coordinator::InspectModel(
     const mq::v1::InspectModelRequest& request, int64_t deadline_ms) {
   if (absl::Status s = ValidateInspectRequest(request); !s.ok()) return s;
+  if (absl::Status s = CheckInspectPaths(request, options_.path_policy); !s.ok()) return s;
   auto inspection = std::make_shared<Inspection>();
   mq::v1::Assignment& a = inspection->assignment;
   a.set_assignment_id(NewId("i-"));
@@ -968,6 +972,7 @@ absl::StatusOr<mq::v1::PollAssignmentResponse> Coordinator::PollAssignment(
           }
         }
       }
+      *response.mutable_assignment()->mutable_path_policy() = options_.path_policy;
       w.delivered = true;
       return response;
     }

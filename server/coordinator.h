@@ -53,6 +53,10 @@ struct CoordinatorOptions {
   // An ended assignment is forgotten (memory and store) this long after the sweep first saw it,
   // once its job ended or moved on to a later attempt; a report for it is then NOT_FOUND.
   int64_t ended_assignment_grace_ms = 60000;
+  // Where jobs may read and write (mq-coordinator --allow-read / --allow-write): checked at
+  // submit, resume and inspection, and sent with every assignment for the worker to check
+  // again after resolving symlinks. Not enforced by default.
+  mq::v1::PathPolicy path_policy;
 };
 
 // Version of the records layout in the store; Recover refuses a newer one.

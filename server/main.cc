@@ -105,6 +105,8 @@ int main(int argc, char** argv) {
   int64_t store_reserve_mb = mq::server::kDefaultStoreReserveBytes >> 20;
   std::string tls_cert, tls_key, tls_ca, tokens_file, health_listen;
   bool insecure = false;
+  std::vector<std::string> allow_read;
+  std::vector<std::string> allow_write;
   bool reflection = false;
   bool help = false;
   mq::Flags flags;
@@ -146,6 +148,12 @@ int main(int argc, char** argv) {
   flags.String("health-listen", &health_listen,
                "also serve grpc.health.v1 alone, in plaintext, on HOST:PORT (for probes that "
                "cannot speak TLS)");
+  flags.Repeated("allow-read", &allow_read,
+                 "jobs may read models, datasets and tokenizers only under this absolute "
+                 "directory (repeatable); with neither --allow-read nor --allow-write, paths are "
+                 "unrestricted");
+  flags.Repeated("allow-write", &allow_write,
+                 "jobs may write outputs only under this absolute directory (repeatable)");
   flags.Bool("enable-reflection", &reflection, "serve gRPC server reflection (v1alpha)");
   flags.Bool("help", &help, "show this help");
   if (absl::Status s = flags.Parse(argc, argv); !s.ok()) return Fail(std::string(s.message()));
@@ -190,6 +198,8 @@ int main(int argc, char** argv) {
     return Fail(
         absl::StrCat("--store-reserve-mb = ", store_reserve_mb, ": must be between 1 and 1048576"));
   }
+  auto path_policy = mq::server::MakePathPolicy(allow_read, allow_write);
+  if (!path_policy.ok()) return Fail(std::string(path_policy.status().message()));
   if (listen.find(':') == std::string::npos) {
     return Fail("--listen = \"" + listen + "\": must be HOST:PORT");
   }
@@ -240,6 +250,7 @@ int main(int argc, char** argv) {
   options.gang_wait_ms = gang_wait_ms;
   options.retain_ended_jobs = retention->jobs;
   options.retain_ended_ms = retention->ms;
+  options.path_policy = *std::move(path_policy);
   auto coordinator = mq::server::Coordinator::Recover(store->get(), options, &metrics);
   if (!coordinator.ok()) return Fail(std::string(coordinator.status().message()));
 

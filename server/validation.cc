@@ -12,6 +12,8 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/names.h"
+#include "common/path_policy.h"
+#include "common/path_policy_proto.h"
 
 namespace mq::server {
 namespace {
@@ -174,6 +176,42 @@ PathOverlap ComparePaths(const std::string& path, const std::string& other) {
   if (within(path, other)) return PathOverlap::kInside;
   if (within(other, path)) return PathOverlap::kContains;
   return PathOverlap::kNone;
+}
+
+absl::StatusOr<mq::v1::PathPolicy> MakePathPolicy(const std::vector<std::string>& read_roots,
+                                                  const std::vector<std::string>& write_roots) {
+  PathPolicy policy;
+  policy.enforced = !read_roots.empty() || !write_roots.empty();
+  for (const std::string& root : read_roots) {
+    absl::StatusOr<std::string> r = NormalizeRoot("--allow-read", root);
+    if (!r.ok()) return r.status();
+    policy.read_roots.push_back(*std::move(r));
+  }
+  for (const std::string& root : write_roots) {
+    absl::StatusOr<std::string> r = NormalizeRoot("--allow-write", root);
+    if (!r.ok()) return r.status();
+    policy.write_roots.push_back(*std::move(r));
+  }
+  return ToProto(policy);
+}
+
+absl::Status CheckJobPaths(const JobSpec& spec, const mq::v1::PathPolicy& proto) {
+  const PathPolicy policy = FromProto(proto);
+  const std::pair<const char*, const std::string*> reads[] = {
+      {"spec.model_uri", &spec.model_uri()},
+      {"spec.calibration.dataset_uri", &spec.calibration().dataset_uri()},
+      {"spec.calibration.tokenizer_uri", &spec.calibration().tokenizer_uri()}};
+  for (const auto& [field, value] : reads) {
+    if (absl::Status s = CheckPathLexical(policy, PathAccess::kRead, field, *value); !s.ok()) {
+      return s;
+    }
+  }
+  return CheckPathLexical(policy, PathAccess::kWrite, "spec.output_uri", spec.output_uri());
+}
+
+absl::Status CheckInspectPaths(const mq::v1::InspectModelRequest& request,
+                               const mq::v1::PathPolicy& policy) {
+  return CheckPathLexical(FromProto(policy), PathAccess::kRead, "model_uri", request.model_uri());
 }
 
 absl::StatusOr<EndedJobRetention> ParseEndedJobRetention(const std::string& value) {

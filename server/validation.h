@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -52,6 +53,20 @@ std::string NormalLocationPath(const std::string& value);
 enum class PathOverlap { kNone, kSame, kInside, kContains };
 // kInside: `path` lies inside `other`; kContains: `other` lies inside `path`.
 PathOverlap ComparePaths(const std::string& path, const std::string& other);
+
+// The path policy of mq-coordinator --allow-read / --allow-write: each root absolute (or
+// file://) and lexically normalised; enforced when either flag was given. INVALID_ARGUMENT
+// naming the flag for an empty or relative root.
+absl::StatusOr<mq::v1::PathPolicy> MakePathPolicy(const std::vector<std::string>& read_roots,
+                                                  const std::vector<std::string>& write_roots);
+// A job's locations against `policy` (lexically; workers check again after resolving
+// symlinks): spec.model_uri, spec.calibration.dataset_uri and tokenizer_uri inside the read
+// roots, spec.output_uri inside the write roots. PERMISSION_DENIED naming the field, the path,
+// the allowed roots and the flag that sets them.
+absl::Status CheckJobPaths(const mq::v1::JobSpec& spec, const mq::v1::PathPolicy& policy);
+// InspectModel's model_uri inside the read roots; as CheckJobPaths.
+absl::Status CheckInspectPaths(const mq::v1::InspectModelRequest& request,
+                               const mq::v1::PathPolicy& policy);
 
 // How many ended jobs a coordinator keeps in memory (--retain-ended-jobs): a count ("1000")
 // or a duration ("3600s", "30m", "24h", "7d").
