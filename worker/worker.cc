@@ -6,7 +6,10 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/error_text.h"
+#include "common/path_policy.h"
+#include "common/path_policy_proto.h"
 #include "common/status.h"
 #include "common/util.h"
 #include "worker/plan_convert.h"
@@ -59,6 +62,33 @@ grpc::Status CallUntilSettled(const std::atomic<bool>& stop, const std::string& 
 int64_t FaultDelayMs(const char* variable) {
   const char* v = std::getenv(variable);
   return v ? std::atoll(v) : 0;
+}
+
+// The assignment's locations against its path policy, after resolving symlinks (the
+// coordinator checked them lexically at submit; a symlink may lead elsewhere): one
+// ("request.<field>", message) per refused location. Run before anything is read or created.
+std::vector<std::pair<std::string, std::string>> PathProblems(const mq::v1::Assignment& a) {
+  const PathPolicy policy = FromProto(a.path_policy());
+  const mq::v1::JobSpec& spec = a.spec();
+  struct Location {
+    const char* field;
+    const std::string& value;
+    PathAccess access;
+  };
+  std::vector<Location> locations = {{"model_uri", spec.model_uri(), PathAccess::kRead}};
+  if (!a.job_id().empty()) {  // a job (not an inspection): its data and output too
+    locations.push_back(
+        {"calibration.dataset_uri", spec.calibration().dataset_uri(), PathAccess::kRead});
+    locations.push_back(
+        {"calibration.tokenizer_uri", spec.calibration().tokenizer_uri(), PathAccess::kRead});
+    locations.push_back({"output_uri", spec.output_uri(), PathAccess::kWrite});
+  }
+  std::vector<std::pair<std::string, std::string>> problems;
+  for (const Location& l : locations) {
+    absl::Status s = CheckPathResolved(policy, l.access, absl::StrCat("spec.", l.field), l.value);
+    if (!s.ok()) problems.emplace_back(absl::StrCat("request.", l.field), std::string(s.message()));
+  }
+  return problems;
 }
 
 std::string KindName(mq::v1::AssignmentKind k) {
@@ -377,13 +407,23 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
       model::InspectRequest request = ToInspectRequest(a.spec());
       request.experts_per_pass = options_.experts_per_pass;  // how this pool's workers solve
       request.dispatch_tokens = options_.dispatch_tokens;
-      model::InspectReport report = model::InspectCheckpoint(request);
+      // A refused location is neither read nor created: the plan reports it instead.
+      const std::vector<std::pair<std::string, std::string>> refused = PathProblems(a);
+      model::InspectReport report;
+      if (refused.empty()) report = model::InspectCheckpoint(request);
       const double secs =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       metrics_->ObserveStage("plan", secs);
       *result.mutable_plan() = ToProto(report);
+      for (const auto& [where, what] : refused) {
+        mq::v1::Problem* p = result.mutable_plan()->add_problems();
+        p->set_where(where);
+        p->set_message(what);
+        LogLine("worker", "WARN", absl::StrCat("assignment ", a.assignment_id(), ": ", what));
+      }
 #if MQ_WORKER_HAS_PIPELINE
-      if (!a.job_id().empty() && options_.gang_port > 0) {  // also data and output location
+      // Also the data and output locations.
+      if (refused.empty() && !a.job_id().empty() && options_.gang_port > 0) {
         const pipeline::QuantizeJobSpec spec = ToJobSpec(a.job_id(), a.spec());
         for (const auto& [where, what] : pipeline::CheckQuantizeInputs(spec)) {
           mq::v1::Problem* p = result.mutable_plan()->add_problems();
@@ -407,6 +447,13 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
         result.mutable_plan()->set_worker_id(worker_id_);
       }
     }
+  } else if (const auto refused = PathProblems(a); !refused.empty()) {
+    // QUANTIZE and FINALIZE: checked again, the locations may have changed since planning.
+    std::vector<std::string> messages;
+    for (const auto& [where, what] : refused) messages.push_back(what);
+    result.set_error(EventMessage(absl::StrJoin(messages, "; "), kMaxResultErrorBytes));
+    LogLine("worker", "WARN",
+            absl::StrCat(kind, " assignment ", a.assignment_id(), " refused: ", result.error()));
   } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_QUANTIZE) {
     aborted = !RunQuantize(a, &result, stop);
   } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_FINALIZE) {

@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/path_policy.h"
 #include "nlohmann/json.hpp"
 #include "worker/model/json_util.h"
 #include "worker/model/mapping_guard.h"
@@ -130,14 +131,17 @@ absl::StatusOr<TensorView> SafetensorsFile::Get(const std::string& name) const {
 absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(const std::string& dir) {
   std::unique_ptr<CheckpointReader> reader(new CheckpointReader());
   reader->dir_ = dir;
-  const std::string index_path = absl::StrCat(dir, "/", kIndexFile);
+  absl::StatusOr<std::string> checked_index = ModelDirFile(dir, kIndexFile);
+  if (!checked_index.ok()) return checked_index.status();
+  const std::string& index_path = *checked_index;
   absl::StatusOr<bool> has_index = FileExists(index_path);
   if (!has_index.ok()) return has_index.status();
 
   if (!*has_index) {
-    const std::string single = absl::StrCat(dir, "/", kSingleFile);
+    absl::StatusOr<std::string> single = ModelDirFile(dir, kSingleFile);
+    if (!single.ok()) return single.status();
     absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
-        SafetensorsFile::Open(single, "model shard");
+        SafetensorsFile::Open(*single, "model shard");
     if (!file.ok()) {
       if (absl::IsNotFound(file.status())) {
         return absl::NotFoundError(absl::StrCat(dir, ": no ", kIndexFile, " and no ", kSingleFile,
@@ -201,8 +205,10 @@ absl::StatusOr<const SafetensorsFile*> CheckpointReader::Shard(const std::string
   std::lock_guard<std::mutex> lock(mu_);
   auto it = shards_.find(file);
   if (it != shards_.end()) return it->second.get();
+  absl::StatusOr<std::string> path = ModelDirFile(dir_, file);
+  if (!path.ok()) return path.status();
   absl::StatusOr<std::unique_ptr<SafetensorsFile>> opened =
-      SafetensorsFile::Open(absl::StrCat(dir_, "/", file), "model shard");
+      SafetensorsFile::Open(*path, "model shard");
   if (!opened.ok()) return opened.status();
   const SafetensorsFile* result = opened->get();
   shards_.emplace(file, *std::move(opened));

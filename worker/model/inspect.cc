@@ -12,6 +12,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/path_policy.h"
 #include "nlohmann/json.hpp"
 #include "worker/model/config.h"
 #include "worker/model/json_util.h"
@@ -83,7 +84,11 @@ class Inspector {
   void Add(std::string where, std::string message) {
     report_.problems.push_back(Problem{std::move(where), std::move(message)});
   }
-  std::string PathOf(std::string_view file) const { return (dir_ / file).string(); }
+  // Every file of the model directory is named through ModelDirFile: a symlink leading out of
+  // the directory is refused before anything is read through it.
+  absl::StatusOr<std::string> PathOf(std::string_view file) const {
+    return ModelDirFile(request_.model_dir, std::string(file));
+  }
 
   // request.<field> checks that do not need the config. True when all pass.
   bool CheckRequestFields() {
@@ -159,7 +164,12 @@ class Inspector {
   }
 
   bool LoadConfig() {
-    const std::string path = PathOf(kConfigFile);
+    const absl::StatusOr<std::string> checked = PathOf(kConfigFile);
+    if (!checked.ok()) {
+      Add(std::string(kConfigFile), std::string(checked.status().message()));
+      return false;
+    }
+    const std::string& path = *checked;
     absl::StatusOr<std::string> text = ReadFileToString(path, kMaxConfigBytes);
     if (!text.ok()) {
       Add(std::string(kConfigFile), absl::IsNotFound(text.status())
@@ -195,8 +205,13 @@ class Inspector {
   }
 
   void LoadIndex() {
-    const std::string index_path = PathOf(kIndexFile);
     const std::string where(kIndexFile);
+    const absl::StatusOr<std::string> checked = PathOf(kIndexFile);
+    if (!checked.ok()) {
+      Add(where, std::string(checked.status().message()));
+      return;
+    }
+    const std::string& index_path = *checked;
     absl::StatusOr<std::string> text = ReadFileToString(index_path, kMaxIndexBytes);
     if (!text.ok() && absl::IsNotFound(text.status())) {
       std::error_code ec;
@@ -272,7 +287,13 @@ class Inspector {
     }
     report_.summary.num_shards = static_cast<int>(mapped.size());
     for (const auto& [shard, count] : mapped) {
-      const std::string path = PathOf(shard);
+      const absl::StatusOr<std::string> checked = PathOf(shard);
+      if (!checked.ok()) {
+        Add(shard, std::string(checked.status().message()));
+        broken_shards_.insert(shard);
+        continue;
+      }
+      const std::string& path = *checked;
       absl::StatusOr<SafetensorsHeader> header = ReadSafetensorsHeader(path);
       if (!header.ok()) {
         const std::string lost =

@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/path_policy.h"
 #include "worker/model/checkpoint_reader.h"
 #include "worker/model/config.h"
 #include "worker/model/deepseek_v3.h"
@@ -978,8 +979,9 @@ absl::StatusOr<GangPipelineResult> RunGangPipeline(const GangPipelineOptions& op
   MQ_RETURN_IF_ERROR(quant::ValidateCompressedTensorsOptions(options.format));
   MQ_RETURN_IF_ERROR(quant::MakeDirs(options.scratch_dir));
   MQ_RETURN_IF_ERROR(quant::MakeDirs(options.output_dir));
-  absl::StatusOr<model::DeepseekV3Config> config =
-      model::LoadDeepseekV3Config(options.model_dir + "/config.json");
+  absl::StatusOr<std::string> config_path = ModelDirFile(options.model_dir, "config.json");
+  if (!config_path.ok()) return config_path.status();
+  absl::StatusOr<model::DeepseekV3Config> config = model::LoadDeepseekV3Config(*config_path);
   if (!config.ok()) return config.status();
   MQ_RETURN_IF_ERROR(quant::CheckSelectionConsistent(*config, options.format));
   absl::StatusOr<std::unique_ptr<model::CheckpointReader>> reader =

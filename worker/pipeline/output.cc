@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/path_policy.h"
 #include "worker/model/config.h"
 #include "worker/model/fp8.h"
 #include "worker/model/safetensors_writer.h"
@@ -493,14 +494,15 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
   small_files.push_back("model.safetensors.index.json");
 
   // config.json with the quantization config.
-  const std::string config_path = options.model_dir + "/config.json";
-  absl::StatusOr<model::DeepseekV3Config> config = model::LoadDeepseekV3Config(config_path);
+  absl::StatusOr<std::string> config_path = ModelDirFile(options.model_dir, "config.json");
+  if (!config_path.ok()) return config_path.status();
+  absl::StatusOr<model::DeepseekV3Config> config = model::LoadDeepseekV3Config(*config_path);
   if (!config.ok()) return config.status();
-  absl::StatusOr<std::string> text = quant::ReadFile(config_path);
+  absl::StatusOr<std::string> text = quant::ReadFile(*config_path);
   if (!text.ok()) return text.status();
   nlohmann::json raw = nlohmann::json::parse(*text, nullptr, false);
   if (raw.is_discarded() || !raw.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(config_path, ": not a JSON object"));
+    return absl::InvalidArgumentError(absl::StrCat(*config_path, ": not a JSON object"));
   }
   raw["quantization_config"] = quant::QuantizationConfigJson(options.format, *config);
   if (raw.contains("dtype")) raw["dtype"] = "bfloat16";
@@ -509,7 +511,10 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
   if (!s.ok()) return s;
   small_files.push_back("config.json");
   for (const char* f : kCopiedFiles) {
-    absl::StatusOr<std::string> content = quant::ReadFile(options.model_dir + "/" + f);
+    // A symlink leading out of the model directory fails the job; a missing file is skipped.
+    absl::StatusOr<std::string> path = ModelDirFile(options.model_dir, f);
+    if (!path.ok()) return path.status();
+    absl::StatusOr<std::string> content = quant::ReadFile(*path);
     if (!content.ok()) continue;
     s = model::WriteFileAtomic(out + "/" + f, *content);
     if (!s.ok()) return s;

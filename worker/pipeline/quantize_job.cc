@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/path_policy.h"
 #include "worker/data/calibration.h"
 #include "worker/model/config.h"
 #include "worker/pipeline/gang_pipeline.h"
@@ -28,10 +29,25 @@ absl::StatusOr<quant::CompressedTensorsOptions> Format(const QuantizeJobSpec& sp
   return f;
 }
 
-data::CalibrationSpec Calibration(const QuantizeJobSpec& spec) {
+// The model directory's config.json, read through ModelDirFile (never a symlink leading out).
+absl::StatusOr<model::DeepseekV3Config> LoadConfig(const std::string& model_dir) {
+  absl::StatusOr<std::string> path = ModelDirFile(model_dir, "config.json");
+  if (!path.ok()) return path.status();
+  return model::LoadDeepseekV3Config(*path);
+}
+
+// Without a tokenizer of its own, the job uses the model directory's tokenizer.json (through
+// ModelDirFile: never a symlink leading out of the directory).
+absl::StatusOr<data::CalibrationSpec> Calibration(const QuantizeJobSpec& spec) {
   data::CalibrationSpec c;
   c.dataset_path = spec.dataset;
-  c.tokenizer_path = spec.tokenizer.empty() ? spec.model_dir + "/tokenizer.json" : spec.tokenizer;
+  if (spec.tokenizer.empty()) {
+    absl::StatusOr<std::string> tokenizer = ModelDirFile(spec.model_dir, "tokenizer.json");
+    if (!tokenizer.ok()) return tokenizer.status();
+    c.tokenizer_path = *std::move(tokenizer);
+  } else {
+    c.tokenizer_path = spec.tokenizer;
+  }
   c.num_samples = spec.num_samples;
   c.max_sequence_length = spec.max_sequence_length;
   c.min_sequence_length = 2;
@@ -64,7 +80,9 @@ std::vector<std::pair<std::string, std::string>> CheckQuantizeInputs(const Quant
   if (spec.dataset.empty()) {
     problems.emplace_back("request.calibration.dataset_uri",
                           "a calibration dataset is required (JSONL or safetensors)");
-  } else if (absl::Status s = data::CheckCalibrationSource(Calibration(spec)); !s.ok()) {
+  } else if (absl::StatusOr<data::CalibrationSpec> c = Calibration(spec); !c.ok()) {
+    problems.emplace_back("request.calibration.tokenizer_uri", std::string(c.status().message()));
+  } else if (absl::Status s = data::CheckCalibrationSource(*c); !s.ok()) {
     problems.emplace_back("request.calibration.dataset_uri", std::string(s.message()));
   }
   if (absl::Status s = CheckOutputLocation(spec.model_dir, spec.output_dir, spec.job_id); !s.ok()) {
@@ -82,11 +100,11 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   if (absl::Status s = ClaimOutput(in.spec); !s.ok()) return s;
   absl::StatusOr<quant::CompressedTensorsOptions> format = Format(in.spec);
   if (!format.ok()) return format.status();
-  absl::StatusOr<model::DeepseekV3Config> config =
-      model::LoadDeepseekV3Config(in.spec.model_dir + "/config.json");
+  absl::StatusOr<model::DeepseekV3Config> config = LoadConfig(in.spec.model_dir);
   if (!config.ok()) return config.status();
-  absl::StatusOr<data::CalibrationSet> cal =
-      data::LoadCalibration(Calibration(in.spec), config->vocab_size);
+  absl::StatusOr<data::CalibrationSpec> cal_spec = Calibration(in.spec);
+  if (!cal_spec.ok()) return cal_spec.status();
+  absl::StatusOr<data::CalibrationSet> cal = data::LoadCalibration(*cal_spec, config->vocab_size);
   if (!cal.ok()) return cal.status();
 
   GangPipelineOptions o;
@@ -153,8 +171,7 @@ absl::StatusOr<FinalizeAssignmentResult> RunFinalizeAssignment(
     int total_steps, std::function<absl::Status()> publish) {
   absl::StatusOr<quant::CompressedTensorsOptions> format = Format(spec);
   if (!format.ok()) return format.status();
-  absl::StatusOr<model::DeepseekV3Config> config =
-      model::LoadDeepseekV3Config(spec.model_dir + "/config.json");
+  absl::StatusOr<model::DeepseekV3Config> config = LoadConfig(spec.model_dir);
   if (!config.ok()) return config.status();
   const std::vector<int> layers = PipelineLayers(*config, *format);
   if (static_cast<int>(layers.size()) != total_steps) {

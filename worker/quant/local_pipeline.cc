@@ -20,6 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/path_policy.h"
 #include "worker/model/checkpoint_reader.h"
 #include "worker/model/config.h"
 #include "worker/model/deepseek_v3.h"
@@ -122,7 +123,9 @@ absl::StatusOr<LocalQuantizeReport> QuantizeLocal(const LocalQuantizeOptions& op
   s = ValidateGptqOptions(gptq);
   if (!s.ok()) return s;
 
-  const std::string config_path = options.model_dir + "/config.json";
+  absl::StatusOr<std::string> checked_config = ModelDirFile(options.model_dir, "config.json");
+  if (!checked_config.ok()) return checked_config.status();
+  const std::string& config_path = *checked_config;
   absl::StatusOr<model::DeepseekV3Config> config = model::LoadDeepseekV3Config(config_path);
   if (!config.ok()) return config.status();
   absl::StatusOr<std::string> config_text = ReadFile(config_path);
@@ -347,7 +350,9 @@ absl::StatusOr<LocalQuantizeReport> QuantizeLocal(const LocalQuantizeOptions& op
   for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                         "tokenizer.model", "generation_config.json", "chat_template.jinja",
                         "configuration_deepseek.py", "modeling_deepseek.py"}) {
-    absl::StatusOr<std::string> text = ReadFile(options.model_dir + "/" + f);
+    absl::StatusOr<std::string> path = ModelDirFile(options.model_dir, f);
+    if (!path.ok()) return path.status();
+    absl::StatusOr<std::string> text = ReadFile(*path);
     if (!text.ok()) continue;
     s = model::WriteFileAtomic(options.output_dir + "/" + f, *text);
     if (!s.ok()) return s;
