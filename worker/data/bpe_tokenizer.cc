@@ -204,10 +204,9 @@ class Regex {
     if (code == nullptr) {
       PCRE2_UCHAR buffer[256];
       pcre2_get_error_message(error, buffer, sizeof(buffer));
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, " = ", Json(pattern).dump(),
-                       ": not a valid regex (PCRE2: ", reinterpret_cast<const char*>(buffer),
-                       " at offset ", offset, " of ", Json(translated).dump(), ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": not a valid regex (PCRE2: ", reinterpret_cast<const char*>(buffer),
+          " at offset ", offset, " of the ", translated.size(), "-byte translated pattern)"));
     }
     auto regex = std::shared_ptr<Regex>(new Regex());
     regex->code_ = code;
@@ -323,9 +322,24 @@ struct PostStep {
   std::vector<int32_t> prefix, suffix;
 };
 
+// A value in an error message. Short strings and scalars (token names, "type" values) are
+// quoted; arrays, objects and long strings are described by type and size only, so a file that
+// is not a tokenizer (e.g. a symlink to a secret) is not echoed into the job's events.
 std::string Quote(const Json& j) {
-  std::string s = j.dump();
-  return s.size() > 200 ? s.substr(0, 200) + "..." : s;
+  constexpr size_t kMaxQuotedString = 40;
+  switch (j.type()) {
+    case Json::value_t::string: {
+      const std::string& s = j.get_ref<const std::string&>();
+      if (s.size() <= kMaxQuotedString) return j.dump();
+      return absl::StrCat("<string of ", s.size(), " bytes>");
+    }
+    case Json::value_t::array:
+      return absl::StrCat("<array of ", j.size(), ">");
+    case Json::value_t::object:
+      return absl::StrCat("<object of ", j.size(), " keys>");
+    default:
+      return j.dump();
+  }
 }
 
 absl::Status Unsupported(const std::string& path, const Json& value, const std::string& allowed) {

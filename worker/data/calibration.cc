@@ -37,8 +37,28 @@ const char* KindName(Kind k) {
   return "?";
 }
 
-std::string Abbrev(std::string_view s) {
-  return s.size() > 80 ? std::string(s.substr(0, 80)) + "..." : std::string(s);
+// A dataset value in an error message: its JSON type, never its text (the dataset path may
+// name a file the submitter cannot read, and messages reach the job's events).
+const char* TypeOf(const Json& j) {
+  switch (j.type()) {
+    case Json::value_t::null:
+      return "null";
+    case Json::value_t::boolean:
+      return "a boolean";
+    case Json::value_t::number_integer:
+    case Json::value_t::number_unsigned:
+      return "an integer";
+    case Json::value_t::number_float:
+      return "a number";
+    case Json::value_t::string:
+      return "a string";
+    case Json::value_t::array:
+      return "an array";
+    case Json::value_t::object:
+      return "an object";
+    default:
+      return "a value";
+  }
 }
 
 absl::Status ValidateSpec(const CalibrationSpec& spec) {
@@ -86,8 +106,8 @@ std::string At(const std::string& path, int64_t line) {
 // Determines the kind of one parsed line.
 absl::StatusOr<Kind> KindOf(const Json& obj, const CalibrationSpec& spec, int64_t line) {
   if (!obj.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        At(spec.dataset_path, line), ": must be a JSON object, got ", Abbrev(obj.dump())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(At(spec.dataset_path, line), ": must be a JSON object, got ", TypeOf(obj)));
   }
   if (obj.contains("input_ids")) return Kind::kInputIds;
   if (obj.contains("messages")) return Kind::kMessages;
@@ -98,12 +118,17 @@ absl::StatusOr<Kind> KindOf(const Json& obj, const CalibrationSpec& spec, int64_
 }
 
 absl::StatusOr<Json> ParseLine(std::string_view text, const CalibrationSpec& spec, int64_t line) {
-  Json obj = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (obj.is_discarded()) {
+  try {
+    return Json::parse(text);
+  } catch (const Json::parse_error& e) {
+    // Only the position: the parser's own text quotes what it read.
     return absl::InvalidArgumentError(
-        absl::StrCat(At(spec.dataset_path, line), ": not valid JSON: ", Abbrev(text)));
+        absl::StrCat(At(spec.dataset_path, line), ": not valid JSON (syntax error at byte ", e.byte,
+                     " of the line; expected one JSON object per line)"));
+  } catch (const Json::exception&) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(At(spec.dataset_path, line), ": not valid JSON"));
   }
-  return obj;
 }
 
 // The text of a messages sample (see the header for the rendering rule).
@@ -118,7 +143,7 @@ absl::StatusOr<std::string> RenderMessages(const Json& messages, const std::stri
     if (!m.is_object() || !m.contains("role") || !m["role"].is_string() || !m.contains("content") ||
         !m["content"].is_string()) {
       return absl::InvalidArgumentError(
-          absl::StrCat(where, ": messages[", i, "] = ", Abbrev(m.dump()),
+          absl::StrCat(where, ": messages[", i, "] is ", TypeOf(m),
                        ": must be an object with string \"role\" and string \"content\""));
     }
     if (i > 0) out += "\n\n";
@@ -141,8 +166,8 @@ absl::Status CheckId(int64_t id, int64_t vocab_size, const std::string& where) {
 absl::StatusOr<std::vector<int32_t>> ParseIds(const Json& ids, int64_t vocab_size,
                                               const std::string& where) {
   if (!ids.is_array()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        where, ": \"input_ids\" must be an array of integers, got ", Abbrev(ids.dump())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": \"input_ids\" must be an array of integers, got ", TypeOf(ids)));
   }
   std::vector<int32_t> out;
   out.reserve(ids.size());
@@ -150,7 +175,7 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(const Json& ids, int64_t vocab_siz
     const Json& v = ids[i];
     if (!v.is_number_integer()) {
       return absl::InvalidArgumentError(
-          absl::StrCat(where, ": input_ids[", i, "] = ", Abbrev(v.dump()), ": not an integer"));
+          absl::StrCat(where, ": input_ids[", i, "] is ", TypeOf(v), ": not an integer"));
     }
     int64_t id =
         v.is_number_unsigned() && v.get<uint64_t>() > INT64_MAX ? INT64_MAX : v.get<int64_t>();
@@ -219,8 +244,8 @@ absl::StatusOr<std::pair<std::vector<std::vector<int32_t>>, Kind>> ReadJsonl(
       } else {
         const Json& t = (*obj)[spec.text_field];
         if (!t.is_string()) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              where, ": \"", spec.text_field, "\" must be a string, got ", Abbrev(t.dump())));
+          return absl::InvalidArgumentError(
+              absl::StrCat(where, ": \"", spec.text_field, "\" must be a string, got ", TypeOf(t)));
         }
         sample_text = t.get<std::string>();
       }
@@ -281,8 +306,12 @@ absl::StatusOr<model::SafetensorsHeader> ReadHeader(const std::string& path) {
   auto header = model::ReadSafetensorsHeaderFromFd(fd);
   ::close(fd);
   if (!header.ok()) {
+    // The header reader's reasons quote bytes of the file (its length field, keys, what the
+    // JSON parser last read): none of them are repeated here.
     return absl::InvalidArgumentError(
-        absl::StrCat("dataset ", path, ": ", header.status().message()));
+        absl::StrCat("dataset ", path,
+                     ": not a valid safetensors file (expected an 8-byte little-endian size, "
+                     "then a JSON header naming the tensors)"));
   }
   return header;
 }

@@ -16,6 +16,7 @@ namespace {
 using ::testing::AllOf;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 using Json = nlohmann::json;
 
 // A character-level BPE tokenizer.json (no pre-tokenizer) over a..e and space, with `merges`.
@@ -191,6 +192,12 @@ TEST(BpeTokenizerTest, LoadErrorsNameThePathAndValue) {
   EXPECT_THAT(LoadError(Json::array()), HasSubstr("must be a JSON object"));
   auto not_json = BpeTokenizer::FromJson("{not json");
   EXPECT_THAT(not_json.status().message(), HasSubstr("not valid JSON"));
+  // A JSON file that is not a tokenizer (e.g. a symlink to a secret) is described, not echoed.
+  const std::string secret = "s3cr3t-" + std::string(60, 'x');
+  EXPECT_THAT(LoadError(Json::array({secret, secret})),
+              AllOf(HasSubstr("<array of 2>"), Not(HasSubstr("s3cr3t"))));
+  EXPECT_THAT(LoadError(Json{{"model", secret}}),
+              AllOf(HasSubstr("<string of 67 bytes>"), Not(HasSubstr("s3cr3t"))));
 
   Json j = TinyTokenizer({"a b"});
   j["normalizer"] = {{"type", "NFC"}};
