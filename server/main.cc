@@ -150,8 +150,8 @@ int main(int argc, char** argv) {
                "cannot speak TLS)");
   flags.Repeated("allow-read", &allow_read,
                  "jobs may read models, datasets and tokenizers only under this absolute "
-                 "directory (repeatable); with neither --allow-read nor --allow-write, paths are "
-                 "unrestricted");
+                 "directory (repeatable; --allow-read / allows any); required with TLS; with "
+                 "--insecure and neither flag, paths are unrestricted");
   flags.Repeated("allow-write", &allow_write,
                  "jobs may write outputs only under this absolute directory (repeatable)");
   flags.Bool("enable-reflection", &reflection, "serve gRPC server reflection (v1alpha)");
@@ -214,6 +214,12 @@ int main(int argc, char** argv) {
         "TLS and authentication are required: pass --tls-cert, --tls-key and --tokens-file "
         "(and --tls-ca for workers with client certificates), or --insecure to serve plaintext "
         "without authentication (demos only)");
+  }
+  if (!insecure && allow_read.empty() && allow_write.empty()) {
+    return Fail(
+        "--allow-read and --allow-write are required: the directories jobs may read models and "
+        "datasets from and write outputs to (repeatable; `--allow-read /` allows any); only "
+        "--insecure runs without them");
   }
   auto credentials = ServerCredentials(insecure, tls_cert, tls_key, tls_ca);
   if (!credentials.ok()) return Fail(std::string(credentials.status().message()));

@@ -140,9 +140,10 @@ class Security:
             self.token_files[principal] = add_token(self.tokens_file, principal, role,
                                                     self.dir / f"{principal}.token")
 
-    def coordinator_args(self, mtls=True):
+    def coordinator_args(self, mtls=True, allow_read="/", allow_write="/"):
         args = ["--tls-cert", str(self.pki["server_cert"]), "--tls-key",
-                str(self.pki["server_key"]), "--tokens-file", str(self.tokens_file)]
+                str(self.pki["server_key"]), "--tokens-file", str(self.tokens_file),
+                "--allow-read", allow_read, "--allow-write", allow_write]
         return args + (["--tls-ca", str(self.pki["ca"])] if mtls else [])
 
     def worker_args(self, principal="workers"):

@@ -61,6 +61,10 @@ def test_coordinator_refuses_to_serve_plaintext_unless_told(tmp_path, security):
     assert res.returncode == 2
     assert "TLS and authentication are required" in res.stderr and "--insecure" in res.stderr
     res = subprocess.run([str(COORDINATOR), "--listen", "127.0.0.1:0", "--data-dir",
+                          str(tmp_path / "d"), *security.coordinator_args()[:6]],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "--allow-read and --allow-write are required" in res.stderr
+    res = subprocess.run([str(COORDINATOR), "--listen", "127.0.0.1:0", "--data-dir",
                           str(tmp_path / "d"), "--insecure", "--tokens-file",
                           str(security.tokens_file)], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "cannot be combined" in res.stderr, res.stderr
@@ -77,7 +81,7 @@ def test_tokens_file_errors_never_show_its_content(tmp_path, security):
     bad.write_text(f"# ops\nalice submitter {secret}\n")
     res = subprocess.run([str(COORDINATOR), "--listen", "127.0.0.1:0", "--data-dir",
                           str(tmp_path / "d"), *security.coordinator_args(mtls=False)[:4],
-                          "--tokens-file", str(bad)], capture_output=True, text=True, timeout=30)
+                          "--tokens-file", str(bad), "--allow-read", "/", "--allow-write", "/"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert f"tokens file {bad} line 2: third field must be sha256:" in res.stderr, res.stderr
     assert secret not in res.stderr and "ab" * 8 not in res.stderr
