@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "common/error_text.h"
 #include "common/names.h"
+#include "common/random_secret.h"
 #include "common/util.h"
 #include "server/scheduling/retry.h"
 #include "server/validation.h"
@@ -844,6 +845,7 @@ absl::StatusOr<mq::v1::PollAssignmentResponse> Coordinator::PollAssignment(
             a.kind() == mq::v1::ASSIGNMENT_KIND_FINALIZE) {
           out->set_start_step(a.start_step());
           out->set_rendezvous(a.rendezvous());
+          out->set_rendezvous_secret(a.rendezvous_secret());
           out->set_total_steps(job.plan().layers_size());
           auto layers = layers_.find(a.job_id());
           if (layers != layers_.end()) {
@@ -1801,6 +1803,13 @@ void Coordinator::ScheduleGang(const std::string& job_id) {
   const int size = static_cast<int>(decision.workers.size());
   const std::string rendezvous =
       workers_.at(decision.workers.front()).record.capabilities().gang_address();
+  // One secret per gang attempt (128 bits), the same for every rank. Never logged.
+  absl::StatusOr<std::string> secret = RandomHexSecret(16);
+  if (!secret.ok()) {
+    LogLine("coordinator", "ERROR",
+            absl::StrCat("job ", job_id, ": no rendezvous secret: ", secret.status().message()));
+    return;  // the job keeps waiting; the next tick tries again
+  }
   const AttemptRecord attempt = NewAttempt(job, "quantize", decision.workers, start);
   std::vector<AssignmentRecord> created;
   std::vector<std::string> names;
@@ -1810,6 +1819,7 @@ void Coordinator::ScheduleGang(const std::string& job_id) {
     AssignmentRecord a =
         NewAssignment(job, mq::v1::ASSIGNMENT_KIND_QUANTIZE, worker_id, rank, size, start);
     a.set_rendezvous(rendezvous);
+    a.set_rendezvous_secret(*secret);
     batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
     created.push_back(std::move(a));
   }
