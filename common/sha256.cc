@@ -2,12 +2,9 @@
 
 #include <fcntl.h>
 #include <openssl/evp.h>
-#include <openssl/rand.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -44,15 +41,6 @@ std::string Sha256::HexDigest() {
   unsigned n = 0;
   EVP_DigestFinal_ex(static_cast<EVP_MD_CTX*>(ctx_), md, &n);
   return Hex(md, n);
-}
-
-std::string RandomHex(size_t bytes) {
-  std::vector<unsigned char> buf(bytes);
-  if (RAND_bytes(buf.data(), static_cast<int>(bytes)) != 1) {
-    std::fprintf(stderr, "mq: the random generator failed\n");
-    std::abort();
-  }
-  return Hex(buf.data(), bytes);
 }
 
 std::string Sha256Hex(std::string_view data) {

@@ -20,10 +20,6 @@ std::string Sha256Hex(std::string_view data);
 // exist; an errno-derived status naming the path for other I/O errors.
 absl::StatusOr<std::string> Sha256OfFile(const std::string& path);
 
-// `bytes` random bytes from OpenSSL's CSPRNG as lowercase hex (tokens, session and rendezvous
-// secrets). Aborts if the generator fails: no secret is better than a guessable one.
-std::string RandomHex(size_t bytes);
-
 // An incremental SHA-256: Update any number of times, then HexDigest once.
 class Sha256 {
  public:

@@ -13,6 +13,7 @@
 #include "common/error_text.h"
 #include "common/names.h"
 #include "common/sha256.h"
+#include "common/random_secret.h"
 #include "common/util.h"
 #include "server/auth/authenticator.h"
 #include "server/scheduling/retry.h"
@@ -835,7 +836,9 @@ absl::StatusOr<mq::v1::RegisterWorkerResponse> Coordinator::RegisterWorker(
     }
   }
   if (absl::Status s = CheckNameFree(request.name(), id); !s.ok()) return s;
-  const std::string session = RandomHex(32);
+  auto secret = RandomHexSecret(32);
+  if (!secret.ok()) return secret.status();
+  const std::string session = *std::move(secret);
   mq::v1::WorkerRecord record;
   record.set_worker_id(id);
   record.set_name(request.name());
@@ -960,6 +963,7 @@ absl::StatusOr<mq::v1::PollAssignmentResponse> Coordinator::PollAssignment(
             a.kind() == mq::v1::ASSIGNMENT_KIND_FINALIZE) {
           out->set_start_step(a.start_step());
           out->set_rendezvous(a.rendezvous());
+          out->set_rendezvous_secret(a.rendezvous_secret());
           out->set_total_steps(job.plan().layers_size());
           auto layers = layers_.find(a.job_id());
           if (layers != layers_.end()) {
@@ -1918,6 +1922,13 @@ void Coordinator::ScheduleGang(const std::string& job_id) {
   const int size = static_cast<int>(decision.workers.size());
   const std::string rendezvous =
       workers_.at(decision.workers.front()).record.capabilities().gang_address();
+  // One secret per gang attempt (128 bits), the same for every rank. Never logged.
+  absl::StatusOr<std::string> secret = RandomHexSecret(16);
+  if (!secret.ok()) {
+    LogLine("coordinator", "ERROR",
+            absl::StrCat("job ", job_id, ": no rendezvous secret: ", secret.status().message()));
+    return;  // the job keeps waiting; the next tick tries again
+  }
   const AttemptRecord attempt = NewAttempt(job, "quantize", decision.workers, start);
   std::vector<AssignmentRecord> created;
   std::vector<std::string> names;
@@ -1927,6 +1938,7 @@ void Coordinator::ScheduleGang(const std::string& job_id) {
     AssignmentRecord a =
         NewAssignment(job, mq::v1::ASSIGNMENT_KIND_QUANTIZE, worker_id, rank, size, start);
     a.set_rendezvous(rendezvous);
+    a.set_rendezvous_secret(*secret);
     batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
     created.push_back(std::move(a));
   }

@@ -1,10 +1,7 @@
 // mq-worker: one process per GPU (or one CPU process in development). Registers with the
 // coordinator, heartbeats, runs assignments and reports.
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -17,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/channel.h"
 #include "common/flags.h"
+#include "common/listen_socket.h"
 #include "common/metrics.h"
 #include "common/util.h"
 #include "worker/device_info.h"
@@ -26,22 +24,20 @@
 namespace {
 
 // A port on `host` that is free now (bound to port 0 and released): the worker's gang
-// rendezvous port, advertised to the coordinator.
+// rendezvous port, advertised to the coordinator. `host` (an IP literal or a name, resolved)
+// must be an address of this host, as rank 0's store listens there only.
 absl::StatusOr<int> FreePort(const std::string& host) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return absl::InternalError("socket: cannot create");
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = 0;
-  if (::inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1) addr.sin_addr.s_addr = INADDR_ANY;
-  socklen_t len = sizeof(addr);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    ::close(fd);
-    return absl::UnavailableError("--gang-port: no free port to bind on " + host);
+  absl::StatusOr<int> fd = mq::ListenOn(host, 0);
+  if (!fd.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--gang-host = \"", host,
+                     "\": must be an address of this host (an IP literal or a name "
+                     "resolving to one; the gang rendezvous store listens there only): ",
+                     fd.status().message()));
   }
-  ::close(fd);
-  return ntohs(addr.sin_port);
+  absl::StatusOr<int> port = mq::BoundPort(*fd);
+  ::close(*fd);
+  return port;
 }
 
 int Fail(const std::string& message) {
@@ -77,7 +73,8 @@ int main(int argc, char** argv) {
   flags.String("metrics-listen", &metrics_listen, "serve Prometheus /metrics on HOST:PORT");
   flags.Int("poll-wait-ms", &poll_wait_ms, "long-poll duration for new work (default 5000)");
   flags.String("gang-host", &gang_host,
-               "address peers use to reach this worker's gang rendezvous (default 127.0.0.1)");
+               "address peers use to reach this worker's gang rendezvous, which listens on it "
+               "only: an address of this host or a name resolving to one (default 127.0.0.1)");
   flags.Int("gang-port", &gang_port,
             "port of this worker's gang rendezvous when it is rank 0 (default 0: a free port; "
             "-1: run no quantize assignments)");
@@ -175,10 +172,10 @@ int main(int argc, char** argv) {
     return Fail(absl::StrCat("--dispatch-tokens = ", dispatch_tokens,
                              ": must be 0 (all at once) or a positive token count"));
   }
-  if (gang_port == 0) {
+  if (gang_port >= 0) {  // also checks --gang-host when --gang-port is given
     absl::StatusOr<int> port = FreePort(gang_host);
     if (!port.ok()) return Fail(std::string(port.status().message()));
-    gang_port = *port;
+    if (gang_port == 0) gang_port = *port;
   }
   if (name.empty()) {
     char host[64] = {0};

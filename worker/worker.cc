@@ -485,6 +485,7 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.world_size = a.world_size();
   in.rendezvous = a.rendezvous();
   in.gang_key = absl::StrCat(a.job_id(), "/", a.attempt());
+  in.rendezvous_secret = a.rendezvous_secret();
   in.local_host = options_.gang_host;
   in.start_step = a.start_step();
   in.total_steps = a.total_steps();

@@ -14,6 +14,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/random_secret.h"
 #include "common/sha256.h"
 
 namespace mq::server {
@@ -134,7 +135,9 @@ absl::StatusOr<std::string> AddToken(const std::string& path, absl::string_view 
   if (::access(path.c_str(), F_OK) == 0) {
     if (auto existing = TokenTable::Load(path); !existing.ok()) return existing.status();
   }
-  const std::string token = absl::StrCat("mqt_", RandomHex(kTokenBytes));
+  auto secret = RandomHexSecret(kTokenBytes);
+  if (!secret.ok()) return secret.status();
+  const std::string token = absl::StrCat("mqt_", *secret);
   const std::string line =
       absl::StrCat(principal, " ", RoleName(role), " ", kHashPrefix, Sha256Hex(token), "\n");
   const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);

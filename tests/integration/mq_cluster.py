@@ -173,14 +173,22 @@ class Cluster:
         self.coordinator_args = []  # extra mq-coordinator flags
         self.security = security
         self.client_principal = "root"  # with security: whose token mq-client uses
+        self.client_args = []  # extra mq-client flags (after --coordinator)
+        # Where the coordinator listens, and argv prefixes: the coordinator's and mq-client's
+        # (e.g. ["ip", "netns", "exec", NS] to run them in a network namespace; the client must
+        # reach the coordinator's address). A worker's prefix is start_worker's `prefix`.
+        self.listen_host = "127.0.0.1"
+        self.coordinator_prefix = []
+        self.client_prefix = []
 
     # --- coordinator -------------------------------------------------------------------------
     def start_coordinator(self, metrics_port=None):
         self._starts += 1
         ready = self.tmp / f"ready-{self._starts}"
-        listen = self.address or "127.0.0.1:0"
-        argv = [str(COORDINATOR), "--listen", listen, "--data-dir", str(self.data_dir),
-                "--ready-file", str(ready), "--lease-ms", str(self.lease_ms),
+        listen = self.address or f"{self.listen_host}:0"
+        argv = [*self.coordinator_prefix, str(COORDINATOR), "--listen", listen,
+                "--data-dir", str(self.data_dir), "--ready-file", str(ready),
+                "--lease-ms", str(self.lease_ms),
                 "--heartbeat-interval-ms", str(self.heartbeat_ms)]
         if metrics_port:
             argv += ["--metrics-listen", f"127.0.0.1:{metrics_port}"]
@@ -196,9 +204,10 @@ class Cluster:
         self.coordinator.kill9()
 
     # --- workers -----------------------------------------------------------------------------
-    def start_worker(self, name, env=None, wait=True, metrics_port=None, scratch=None):
-        argv = [str(WORKER), "--coordinator", self.address, "--name", name, "--scratch-dir",
-                str(scratch or self.tmp / f"scratch-{name}"), "--poll-wait-ms", "1000",
+    def start_worker(self, name, env=None, wait=True, metrics_port=None, scratch=None, prefix=()):
+        argv = [*prefix, str(WORKER), "--coordinator", self.address, "--name", name,
+                "--scratch-dir", str(scratch or self.tmp / f"scratch-{name}"),
+                "--poll-wait-ms", "1000",
                 *(self.security.worker_args() if self.security else ["--insecure"]),
                 *self.worker_args]
         if metrics_port:
@@ -227,8 +236,9 @@ class Cluster:
         return self.security.client_args(principal or self.client_principal)
 
     def client(self, *args, check=False, timeout=120, principal=None):
-        res = subprocess.run([str(CLIENT), "--coordinator", self.address,
-                              *self.client_security_args(principal), *map(str, args)],
+        res = subprocess.run([*self.client_prefix, str(CLIENT), "--coordinator", self.address,
+                              *self.client_security_args(principal), *self.client_args,
+                              *map(str, args)],
                              capture_output=True, text=True, timeout=timeout)
         if check:
             assert res.returncode == 0, f"mq-client {args} failed: {res.stderr}{res.stdout}"

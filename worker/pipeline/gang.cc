@@ -7,13 +7,18 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <unistd.h>
+
 #include <chrono>
 #include <exception>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/error_text.h"
+#include "common/listen_socket.h"
+#include "common/sha256.h"
 #include "common/util.h"
 
 namespace mq::pipeline {
@@ -44,6 +49,14 @@ absl::Status Guard(const std::string& what, Fn&& fn) {
     return absl::UnavailableError(absl::StrCat(lead, WithoutBacktrace(e.what())));
   }
 }
+
+// Values derived from the attempt's secret, each for one purpose (so that neither reveals the
+// secret nor the other): the store keys' prefix, and the check value rank 0 publishes. c10d
+// names keys in its error messages, which are logged, so the keys never carry the secret itself.
+std::string SecretKeyPrefix(const std::string& secret) {
+  return Sha256Hex("mq-gang-keys\n" + secret).substr(0, 32);
+}
+std::string SecretCheck(const std::string& secret) { return Sha256Hex("mq-gang-check\n" + secret); }
 
 }  // namespace
 
@@ -82,6 +95,14 @@ absl::StatusOr<std::unique_ptr<Gang>> Gang::Join(const GangOptions& options) {
     return absl::InvalidArgumentError(absl::StrCat("rendezvous = \"", options.rendezvous,
                                                    "\": must be HOST:PORT with PORT in 1..65535"));
   }
+  if (options.secret.empty()) {
+    // Only a coordinator older than this worker sends none; a later attempt gets one once the
+    // coordinator is upgraded, so this is an infrastructure failure, not the job's.
+    return absl::UnavailableError(absl::StrCat(
+        "gang ", options.key, " of ", options.world_size,
+        " has no rendezvous secret (Assignment.rendezvous_secret is empty: the coordinator is "
+        "older than this worker); refusing to serve or join an unprotected rendezvous store"));
+  }
   auto impl = std::make_unique<Impl>();
   impl->timeout = options.timeout;
   // Names the address and where it comes from: the usual cause is rank 0's advertised
@@ -92,39 +113,94 @@ absl::StatusOr<std::unique_ptr<Gang>> Gang::Join(const GangOptions& options) {
                    " (rank 0's --gang-host/--gang-port: check that every worker of the gang can "
                    "reach it) within ",
                    options.join_timeout.count(), " ms: ");
+  // Rank 0 binds the store's socket itself, to its gang host only, and hands it to c10d
+  // (TCPStoreOptions::masterListenFd; the libuv backend, LibTorch's default, and the classic
+  // one both take the descriptor over and close it). Left to c10d, the store would listen on
+  // every interface.
+  std::optional<int> listen_fd;
+  if (options.rank == 0) {
+    absl::StatusOr<int> fd = ListenOn(options.local_host, port);
+    if (!fd.ok()) {
+      return absl::UnavailableError(absl::StrCat(
+          "cannot serve gang rendezvous store (this worker's --gang-host/--gang-port): ",
+          fd.status().message()));
+    }
+    listen_fd = *fd;
+  }
+  c10::intrusive_ptr<c10d::Store> gang_store;  // keys under "mq-gang/<key>/"
   absl::Status s = Guard("rendezvous", [&] {
     c10d::TCPStoreOptions so;
     so.port = static_cast<uint16_t>(port);
     so.isServer = options.rank == 0;
+    so.masterListenFd = listen_fd;
+    so.useLibUV = true;
     so.numWorkers = options.world_size;
     so.waitWorkers = false;  // the join barrier below waits, keyed by this gang
     so.timeout = options.join_timeout;
+    // From here on c10d owns the descriptor (closed with the store, or when starting it fails).
+    listen_fd.reset();
     auto tcp = c10::make_intrusive<c10d::TCPStore>(options.rendezvous.substr(0, colon), so);
-    impl->store = c10::make_intrusive<c10d::PrefixStore>("mq-gang/" + options.key, tcp);
-    // Join barrier with its own deadline: every rank of THIS gang (keys carry the gang's key)
-    // must arrive within join_timeout. A rank of another attempt that reached the same store
-    // never sees these keys and gives up at the deadline instead of waiting in Gloo's rendezvous
-    // for the whole collective timeout.
-    impl->store->set(absl::StrCat("joined/", options.rank), std::vector<uint8_t>{'1'});
-    std::vector<std::string> keys;
-    for (int r = 0; r < options.world_size; ++r) keys.push_back(absl::StrCat("joined/", r));
-    impl->store->wait(keys, options.join_timeout);
-#if MQ_WITH_NCCL
-    if (options.device.is_cuda()) {
-      auto no = c10d::ProcessGroupNCCL::Options::create();
-      no->timeout = options.timeout;
-      impl->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(impl->store, options.rank,
-                                                             options.world_size, no);
-      impl->device = options.device;
-      return;
-    }
-#endif
-    auto go = c10d::ProcessGroupGloo::Options::create();
-    go->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(options.local_host));
-    go->timeout = options.timeout;
-    impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl->store, options.rank,
-                                                           options.world_size, go);
+    gang_store = c10::make_intrusive<c10d::PrefixStore>("mq-gang/" + options.key, tcp);
   });
+  if (listen_fd) ::close(*listen_fd);  // only when c10d never got it
+  if (s.ok()) {
+    // The secret check, before anything of the gang is exchanged: rank 0 publishes it (or finds
+    // what an earlier publisher left), every other rank compares. A mismatch means the store at
+    // this address is not this attempt's (a stale rank 0 or a stranger's store).
+    const std::string mine = SecretCheck(options.secret);
+    const std::vector<uint8_t> want(mine.begin(), mine.end());
+    std::vector<uint8_t> found;
+    bool absent = false;
+    s = Guard("rendezvous", [&] {
+      if (options.rank == 0) {
+        found = gang_store->compareSet("secret-check", {}, want);
+        return;
+      }
+      try {
+        found = gang_store->get("secret-check");  // waits up to join_timeout
+      } catch (const c10::DistStoreError&) {
+        absent = true;
+      }
+    });
+    if (s.ok() && (absent || found != want)) {
+      return absl::UnavailableError(absl::StrCat(
+          "gang rendezvous store at ", options.rendezvous, " is not this attempt's (gang ",
+          options.key, "): its secret check value is ",
+          absent ? absl::StrCat("absent after ", options.join_timeout.count(), " ms")
+                 : "derived from another secret",
+          "; rank 0 of this attempt does not serve it (a stale or foreign store at that "
+          "address)"));
+    }
+  }
+  if (s.ok()) {
+    s = Guard("rendezvous", [&] {
+      impl->store =
+          c10::make_intrusive<c10d::PrefixStore>(SecretKeyPrefix(options.secret), gang_store);
+      // Join barrier with its own deadline: every rank of THIS gang (keys carry the gang's key)
+      // must arrive within join_timeout. A rank of another attempt that reached the same store
+      // never sees these keys and gives up at the deadline instead of waiting in Gloo's
+      // rendezvous for the whole collective timeout.
+      impl->store->set(absl::StrCat("joined/", options.rank), std::vector<uint8_t>{'1'});
+      std::vector<std::string> keys;
+      for (int r = 0; r < options.world_size; ++r) keys.push_back(absl::StrCat("joined/", r));
+      impl->store->wait(keys, options.join_timeout);
+#if MQ_WITH_NCCL
+      if (options.device.is_cuda()) {
+        auto no = c10d::ProcessGroupNCCL::Options::create();
+        no->timeout = options.timeout;
+        impl->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(impl->store, options.rank,
+                                                               options.world_size, no);
+        impl->device = options.device;
+        return;
+      }
+#endif
+      auto go = c10d::ProcessGroupGloo::Options::create();
+      go->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(options.local_host));
+      go->timeout = options.timeout;
+      impl->pg = c10::make_intrusive<c10d::ProcessGroupGloo>(impl->store, options.rank,
+                                                             options.world_size, go);
+    });
+  }
   if (!s.ok()) {
     std::string cause(s.message());
     if (const std::string lead = "gang rendezvous failed: "; cause.rfind(lead, 0) == 0) {

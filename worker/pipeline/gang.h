@@ -1,9 +1,10 @@
 // A gang: the K worker processes running one quantize attempt together, joined in one c10d
 // process group (the rendezvous store is served by rank 0 at the address the coordinator hands
-// out): NCCL between CUDA devices when built with MQ_ENABLE_NCCL, else Gloo, which moves tensors
-// through host memory (floating point as fp32, exact for bf16). Collectives used by the layer
-// pipeline: sum all-reduce, broadcast, and an all-to-all of rows with per-rank counts (token
-// dispatch to expert owners and back, and the row counts ahead of it).
+// out, listening on rank 0's gang host only; its keys live under the attempt's secret): NCCL
+// between CUDA devices when built with MQ_ENABLE_NCCL, else Gloo, which moves tensors through host
+// memory (floating point as fp32, exact for bf16). Collectives used by the layer pipeline: sum
+// all-reduce, broadcast, and an all-to-all of rows with per-rank counts (token dispatch to expert
+// owners and back, and the row counts ahead of it).
 //
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
 // Threading: one thread drives a gang; collectives are called in the same order on every rank.
@@ -29,14 +30,22 @@ namespace mq::pipeline {
 struct GangOptions {
   int rank = 0;
   int world_size = 1;
-  // HOST:PORT of the rendezvous store; rank 0 serves it on PORT (all interfaces).
+  // HOST:PORT of the rendezvous store; rank 0 serves it on PORT, listening on `local_host`
+  // only (not on every interface).
   std::string rendezvous;
   // Names this gang (e.g. "<job>/<attempt>"): the store keys are prefixed with it, so a rank of
   // an older attempt reaching the same rendezvous address can never join this one.
   std::string key = "gang";
+  // The attempt's rendezvous secret (issued by the coordinator, the same on every rank;
+  // required when world_size > 1). Every store key lives under a value derived from it, and
+  // rank 0 publishes a check value derived from it that the other ranks verify before the
+  // process group forms. c10d's store has no authentication: this keeps the keys of anyone
+  // without the secret apart from the gang's, it does not keep them out. Never logged.
+  std::string secret;
   // The compute device: a CUDA device selects NCCL when the build has it.
   at::Device device = at::kCPU;
-  // This process's address as its peers reach it (Gloo binds to it).
+  // This process's address as its peers reach it (Gloo binds to it; rank 0's store listens
+  // on it): an IP literal or a name resolving to an address of this host.
   std::string local_host = "127.0.0.1";
   // How long joining may take (every rank must arrive) before failing with UNAVAILABLE.
   std::chrono::milliseconds join_timeout{std::chrono::minutes(2)};
@@ -47,7 +56,9 @@ struct GangOptions {
 class Gang {
  public:
   // Joins the gang (blocks until every rank joined or `timeout`). UNAVAILABLE when the
-  // rendezvous fails; INVALID_ARGUMENT for bad options.
+  // rendezvous fails: rank 0 cannot listen on local_host:PORT, the store cannot be reached, or
+  // the store's check value is absent or was derived from another secret (a stale or foreign
+  // store); INVALID_ARGUMENT for bad options.
   static absl::StatusOr<std::unique_ptr<Gang>> Join(const GangOptions& options);
   ~Gang();
 

@@ -116,6 +116,7 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   o.gang.rendezvous = in.rendezvous;
   o.gang.local_host = in.local_host;
   o.gang.key = in.gang_key;
+  o.gang.secret = in.rendezvous_secret;
   o.gang.join_timeout = std::chrono::milliseconds(in.join_timeout_ms);
   o.start_step = in.start_step;
   o.total_steps = in.total_steps;

@@ -58,6 +58,7 @@ struct QuantizeAssignmentInput {
   int world_size = 1;
   std::string rendezvous;              // HOST:PORT served by rank 0
   std::string gang_key;                // unique per attempt, e.g. "<job>/<attempt>"
+  std::string rendezvous_secret;       // the attempt's (GangOptions::secret); never logged
   std::string local_host = "127.0.0.1";  // this worker's gang address host
   int start_step = 0;
   int total_steps = 0;

@@ -963,6 +963,12 @@ TEST_F(PipelineTest, PlanThenGangThenFinalizeSucceeds) {
   EXPECT_EQ(qa.total_steps(), 4);
   EXPECT_EQ(qa.rendezvous(), "w-a.host:29500");
   EXPECT_EQ(qb.rendezvous(), "w-a.host:29500");
+  // The attempt's rendezvous secret: 128 random bits as hex, the same for every rank, never
+  // shown to clients (the job, its attempts and events).
+  EXPECT_EQ(qa.rendezvous_secret().size(), 32u);
+  EXPECT_EQ(qa.rendezvous_secret().find_first_not_of("0123456789abcdef"), std::string::npos);
+  EXPECT_EQ(qb.rendezvous_secret(), qa.rendezvous_secret());
+  EXPECT_EQ(Get(id).DebugString().find(qa.rendezvous_secret()), std::string::npos);
   EXPECT_EQ(qa.committed_files_size(), 0);
   auto response = Get(id);
   EXPECT_EQ(response.attempts().rbegin()->phase(), "quantize");
@@ -1273,6 +1279,9 @@ TEST_F(PipelineTest, RankErrorFailsTheAttemptAndStopsPeers) {
   auto na = Poll(a);
   EXPECT_EQ(na.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
   EXPECT_EQ(na.start_step(), 1);
+  // A new attempt, a new rendezvous secret.
+  EXPECT_EQ(na.rendezvous_secret().size(), 32u);
+  EXPECT_NE(na.rendezvous_secret(), qa.rendezvous_secret());
 }
 
 TEST_F(PipelineTest, InfrastructureErrorIsNotCountedButBounded) {
@@ -1826,6 +1835,28 @@ TEST_F(PipelineRocksDbTest, RecoverMidAttemptKeepsCommittedLayersAndAcceptsRepor
   EXPECT_TRUE(Report(a, qa, 0)->committed());  // a repeat from before the restart
   EXPECT_EQ(Get(id).job().progress().layers_committed(), 2);
   EXPECT_EQ(CountEvents(id, "layer_committed"), 2);
+}
+
+TEST_F(PipelineRocksDbTest, RendezvousSecretSurvivesARestartMidAttempt) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(2);
+  Plan(id, {a, b});
+  coordinator_->Tick();
+  auto qa = Poll(a), qb = Poll(b);
+  ASSERT_EQ(qa.rendezvous_secret().size(), 32u);
+  ASSERT_EQ(qb.rendezvous_secret(), qa.rendezvous_secret());
+  Reopen();
+  Heartbeat(a);
+  Heartbeat(b);
+  coordinator_->Tick();
+  // Delivered again after the restart: the same attempt with the same secret, so ranks that
+  // polled before and after the restart still form one gang.
+  auto ra = Poll(a), rb = Poll(b);
+  ASSERT_EQ(ra.assignment_id(), qa.assignment_id());
+  ASSERT_EQ(rb.assignment_id(), qb.assignment_id());
+  EXPECT_EQ(ra.rendezvous_secret(), qa.rendezvous_secret());
+  EXPECT_EQ(rb.rendezvous_secret(), qa.rendezvous_secret());
 }
 
 }  // namespace
