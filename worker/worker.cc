@@ -64,6 +64,14 @@ int64_t FaultDelayMs(const char* variable) {
   return v ? std::atoll(v) : 0;
 }
 
+// Fault injection: MQ_FAULT_GANG_ADVERTISE_HOST makes the worker advertise that host as its gang
+// address (it still listens on --gang-host), as a misconfigured or unreachable address would:
+// its peers, and itself as rank 0, then cannot join.
+std::string GangAdvertiseHost(const std::string& gang_host) {
+  const char* v = std::getenv("MQ_FAULT_GANG_ADVERTISE_HOST");
+  return v && *v ? v : gang_host;
+}
+
 // The assignment's locations against its path policy, after resolving symlinks (the
 // coordinator checked them lexically at submit; a symlink may lead elsewhere): one
 // ("request.<field>", message) per refused location. Run before anything is read or created.
@@ -244,7 +252,8 @@ bool Worker::Register(const std::atomic<bool>& stop) {
     caps->add_capabilities("quantize:rtn");
     caps->add_capabilities("quantize:awq");
     caps->add_capabilities("quantize:awq-gptq");
-    caps->set_gang_address(absl::StrCat(options_.gang_host, ":", options_.gang_port));
+    caps->set_gang_address(
+        absl::StrCat(GangAdvertiseHost(options_.gang_host), ":", options_.gang_port));
   }
 #endif
   caps->set_version(Version());

@@ -94,13 +94,14 @@ def test_unreachable_rendezvous_fails_in_bounded_time_naming_the_address(cluster
     # Rank 0 advertises an address nobody can reach. No IP address is reliably unreachable on
     # every test machine (loopback-only ones fail fast; some sandboxes route every address to a
     # proxy that answers), so the address is a name under .invalid (RFC 6761: never resolves),
-    # which fails the same way, at once and deterministically: peers cannot connect to it.
+    # which fails the same way, at once and deterministically: peers cannot connect to it. A
+    # worker refuses such a --gang-host at start-up (it must listen there), so the advertised
+    # address comes from the fault-injection knob; the worker still listens on 127.0.0.1.
     cluster.start_coordinator()
     host = "rendezvous.invalid"
     for name in ("w1", "w2"):
-        cluster.worker_args = ["--gang-host", host, "--gang-port", str(free_port()),
-                               "--gang-join-timeout-ms", "1000"]
-        cluster.start_worker(name)
+        cluster.worker_args = ["--gang-port", str(free_port()), "--gang-join-timeout-ms", "1000"]
+        cluster.start_worker(name, env={"MQ_FAULT_GANG_ADVERTISE_HOST": host})
     cluster.worker_args = []
     started = time.monotonic()
     job_id = submit(cluster, env, tmp_path / "out", "--gang-size", 2, "--max-attempts", 2)
