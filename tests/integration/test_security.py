@@ -286,7 +286,13 @@ def test_secure_job_end_to_end_with_mtls_and_token_workers(tmp_path, security):
         job = c.client_json("list")["jobs"][0]
         assert job["owner"] == "alice"
         principals = {e["principal"] for e in c.job(job["job_id"])["events"]}
-        assert {"alice", "workers", "x509:worker-a", "mq-coordinator"} <= principals, principals
+        # Worker events carry the principal of whichever worker reported them (planner,
+        # finalizer, ranks' failures): one of the two credentials, by scheduling.
+        assert {"alice", "mq-coordinator"} <= principals, principals
+        assert principals & {"workers", "x509:worker-a"}, principals
+        by_name = {w["worker"]["name"]: w["worker"]["principal"]
+                   for w in c.client_json("workers")["workers"]}
+        assert by_name == {"tok": "workers", "crt": "x509:worker-a"}, by_name
         check_output_dir(out)
     finally:
         c.close()
