@@ -185,6 +185,139 @@ void ParseRopeScaling(const Json& value, ConfigParseResult& result) {
   result.config.rope_scaling = rope;
 }
 
+// A JSON array of strings at `key` (absent = empty); a problem otherwise.
+std::vector<std::string> StringList(FieldReader& r, std::string_view key) {
+  std::vector<std::string> out;
+  const Json* v = r.Find(key);
+  if (v == nullptr || v->is_null()) return out;
+  bool ok = v->is_array();
+  if (ok) {
+    for (const Json& e : *v) {
+      if (!e.is_string()) {
+        ok = false;
+        break;
+      }
+      out.push_back(e.get<std::string>());
+    }
+  }
+  if (!ok) {
+    r.Problem(absl::StrCat(r.Name(key), " = ", JsonForMessage(*v), ": must be a list of strings"));
+    out.clear();
+  }
+  return out;
+}
+
+// compressed-tensors (FORMATS.md §4.6): only what the engine reads (CompressedTensorsConfig).
+void ParseCompressedTensors(const Json& value, ConfigParseResult& result) {
+  std::vector<std::string>& problems = result.problems;
+  FieldReader r(value, "quantization_config.", &problems);
+  CompressedTensorsConfig ct;
+  const Json* format = r.Find("format");
+  if (format != nullptr && !format->is_null()) {
+    if (!format->is_string()) {
+      r.Problem(
+          absl::StrCat(r.Name("format"), " = ", JsonForMessage(*format), ": must be a string"));
+    } else {
+      ct.format = format->get<std::string>();
+    }
+  }
+  auto check_format = [&](const std::string& name, const std::string& f) {
+    if (f != "pack-quantized") {
+      problems.push_back(absl::StrCat("\"", name, "\" = \"", f, "\": compressed-tensors format \"",
+                                      f,
+                                      "\" cannot be read; only \"pack-quantized\" "
+                                      "(int4 weights, W4A16) is supported"));
+    }
+  };
+  if (!ct.format.empty()) check_format("quantization_config.format", ct.format);
+  if (const Json* status = r.Find("quantization_status");
+      status != nullptr && !(status->is_string() && status->get<std::string>() == "compressed")) {
+    r.Problem(absl::StrCat(r.Name("quantization_status"), " = ", JsonForMessage(*status),
+                           ": must be \"compressed\" (the weights on disk packed)"));
+  }
+  ct.ignore = StringList(r, "ignore");
+  if (const Json* kv = r.Find("kv_cache_scheme"); kv != nullptr && !kv->is_null()) {
+    r.Problem(absl::StrCat(r.Name("kv_cache_scheme"), " = ", JsonForMessage(*kv),
+                           ": must be null (a quantized KV cache is not supported)"));
+  }
+  const Json* groups = r.Find("config_groups");
+  if (groups == nullptr || !groups->is_object() || groups->empty()) {
+    r.Problem(absl::StrCat(r.Name("config_groups"),
+                           groups == nullptr ? " is missing" : " = " + JsonForMessage(*groups),
+                           ": must be an object of one or more quantization schemes"));
+    result.config.compressed_tensors = ct;
+    return;
+  }
+  for (const auto& [name, group] : groups->items()) {
+    const std::string prefix = absl::StrCat("quantization_config.config_groups.", name, ".");
+    if (!group.is_object()) {
+      problems.push_back(absl::StrCat("\"", prefix.substr(0, prefix.size() - 1),
+                                      "\" = ", JsonForMessage(group), ": must be an object"));
+      continue;
+    }
+    FieldReader g(group, prefix, &problems);
+    CompressedTensorsConfig::Group out;
+    out.name = name;
+    out.targets = StringList(g, "targets");
+    if (const Json* f = g.Find("format"); f != nullptr && !f->is_null()) {
+      if (f->is_string()) {
+        check_format(prefix + "format", f->get<std::string>());
+      } else {
+        g.Problem(absl::StrCat(g.Name("format"), " = ", JsonForMessage(*f), ": must be a string"));
+      }
+    } else if (ct.format.empty()) {
+      problems.push_back(absl::StrCat("\"quantization_config.format\" is missing and \"", prefix,
+                                      "format\" too (required: \"pack-quantized\")"));
+    }
+    for (const char* act : {"input_activations", "output_activations"}) {
+      if (const Json* a = g.Find(act); a != nullptr && !a->is_null()) {
+        g.Problem(absl::StrCat(g.Name(act), " = ", JsonForMessage(*a),
+                               ": must be null; only weight-only quantization (W4A16) is "
+                               "supported"));
+      }
+    }
+    const Json* weights = g.Find("weights");
+    if (weights == nullptr || !weights->is_object()) {
+      g.Problem(absl::StrCat(g.Name("weights"),
+                             weights == nullptr ? " is missing" : " = " + JsonForMessage(*weights),
+                             ": must be an object (int 4-bit weight quantization)"));
+      ct.groups.push_back(out);
+      continue;
+    }
+    FieldReader w(*weights, prefix + "weights.", &problems);
+    if (const Json* bits = w.Find("num_bits");
+        bits == nullptr || !bits->is_number_integer() || bits->get<int64_t>() != 4) {
+      w.Problem(absl::StrCat(w.Name("num_bits"),
+                             bits == nullptr ? " is missing" : " = " + JsonForMessage(*bits),
+                             ": must be 4 (only int4 pack-quantized weights are read)"));
+    }
+    w.String("type", {"int"});
+    Assign(out.symmetric, w.Bool("symmetric", true));
+    if (auto dynamic = w.Bool("dynamic", false); dynamic && *dynamic) {
+      w.Problem(absl::StrCat(w.Name("dynamic"), " = true: must be false (static weight scales)"));
+    }
+    Assign(out.strategy, w.String("strategy", {"group", "channel"}));
+    if (out.strategy == "group") {
+      Assign(out.group_size, w.Int("group_size", 1, kMaxConfigDim));
+    }
+    if (const Json* a = w.Find("actorder"); a != nullptr && !a->is_null()) {
+      const bool ok = a->is_string() &&
+                      (a->get<std::string>() == "static" || a->get<std::string>() == "weight");
+      if (!ok) {
+        w.Problem(absl::StrCat(w.Name("actorder"), " = ", JsonForMessage(*a),
+                               ": must be null, \"static\" or \"weight\" (group act-order with "
+                               "weight_g_idx is not supported)"));
+      }
+    }
+    if (const Json* b = w.Find("block_structure"); b != nullptr && !b->is_null()) {
+      w.Problem(
+          absl::StrCat(w.Name("block_structure"), " = ", JsonForMessage(*b), ": must be null"));
+    }
+    ct.groups.push_back(out);
+  }
+  result.config.compressed_tensors = ct;
+}
+
 void ParseQuantizationConfig(const Json& value, ConfigParseResult& result) {
   std::vector<std::string>& problems = result.problems;
   if (value.is_null()) return;
@@ -194,8 +327,14 @@ void ParseQuantizationConfig(const Json& value, ConfigParseResult& result) {
     return;
   }
   FieldReader r(value, "quantization_config.", &problems);
+  std::optional<std::string> method = r.String("quant_method", {"fp8", "compressed-tensors"});
+  if (method && *method == "compressed-tensors") {
+    ParseCompressedTensors(value, result);
+    return;
+  }
+  // FP8 (or an unknown method, already reported: the FP8 keys are checked too).
   Fp8QuantizationConfig quant;
-  Assign(quant.quant_method, r.String("quant_method", {"fp8"}));
+  Assign(quant.quant_method, method);
   Assign(quant.fmt, r.String("fmt", {"e4m3"}, ""));
   Assign(quant.activation_scheme, r.String("activation_scheme", {}, ""));
   Assign(quant.scale_fmt, r.String("scale_fmt", {}, ""));

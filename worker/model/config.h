@@ -44,6 +44,25 @@ struct Fp8QuantizationConfig {
   int64_t weight_block_cols = 128;
 };
 
+// "quantization_config" of a compressed-tensors checkpoint (FORMATS.md §4.6), as far as reading
+// its weights needs it. Only what the engine can load is accepted: format "pack-quantized",
+// quantization_status "compressed" (when present), and every config group int 4-bit weights
+// (strategy "group" or "channel", symmetric or not, static, actorder null/"static"/"weight")
+// with no input or output activation quantization (W4A16).
+struct CompressedTensorsConfig {
+  std::string format;  // "pack-quantized"
+  // One entry per config group, in the config's key order.
+  struct Group {
+    std::string name;
+    std::vector<std::string> targets;
+    std::string strategy;    // "group" or "channel"
+    int64_t group_size = 0;  // 0 for "channel"
+    bool symmetric = true;
+  };
+  std::vector<Group> groups;
+  std::vector<std::string> ignore;  // module names or "re:<regex>", as written
+};
+
 struct DeepseekV3Config {
   std::vector<std::string> architectures;  // optional; must contain "DeepseekV3ForCausalLM"
   std::string model_type;                  // "deepseek_v3" or "kimi_k2"
@@ -76,7 +95,9 @@ struct DeepseekV3Config {
   int64_t max_position_embeddings = 0;
   std::optional<RopeScalingConfig> rope_scaling;             // null or absent -> nullopt
   bool tie_word_embeddings = false;                          // default false
-  std::optional<Fp8QuantizationConfig> quantization_config;  // absent or null -> nullopt
+  std::optional<Fp8QuantizationConfig> quantization_config;  // FP8 input; else nullopt
+  // A compressed-tensors quantization_config (then quantization_config is nullopt).
+  std::optional<CompressedTensorsConfig> compressed_tensors;
 
   int64_t q_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   // Same rule as the modeling code: layer >= first_k_dense_replace && layer % moe_layer_freq == 0.
@@ -110,7 +131,9 @@ struct ConfigParseResult {
 //  * Types (integers must be JSON integers; floats accept any number), ranges (sizes >= 1 and
 //    below the kMaxConfig* bounds; counts such as n_shared_experts >= 0; floats > 0), enums
 //    (model_type deepseek_v3|kimi_k2, scoring_func, topk_method, rope type "yarn",
-//    quant_method "fp8", fmt "e4m3"), weight_block_size == [128, 128], and cross-field rules:
+//    quant_method "fp8" or "compressed-tensors", fmt "e4m3"), weight_block_size == [128, 128]
+//    (fp8), what CompressedTensorsConfig accepts (compressed-tensors; a problem names the
+//    unsupported format or scheme), and cross-field rules:
 //    first_k_dense_replace <= num_hidden_layers, n_group divides n_routed_experts, topk_group <=
 //    n_group, num_experts_per_tok <= n_routed_experts and, for grouped top-k methods, <=
 //    topk_group * (n_routed_experts / n_group).

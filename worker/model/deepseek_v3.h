@@ -115,8 +115,14 @@ struct LayerLoadOptions {
 // Reads tensor `name` and returns it on `device` as `dtype` (a fresh copy, never a view of the
 // mapping). F32/BF16/F16 are converted directly; F8_E4M3 weights are dequantized with their
 // `_scale_inv` by LoadAsBf16 (worker/model/fp8.h: fp32 math, one rounding to bf16) and then
-// converted. NOT_FOUND for a missing tensor; INVALID_ARGUMENT naming the tensor for a non-float
-// dtype or a shape different from `expected_shape` (when given).
+// converted. A "<module>.weight" that is absent while "<module>.weight_packed" exists is a
+// compressed-tensors pack-quantized linear (a W4A16 checkpoint; modules in its `ignore` list keep
+// a plain ".weight" and are read as stored): its weight_packed/weight_scale/weight_shape (and
+// weight_zero_point when asymmetric) are dequantized on `device` by DequantizePackedInt4
+// (packed_int4.h: bf16, bit-exact with compressed-tensors) and converted. NOT_FOUND for a missing
+// tensor; INVALID_ARGUMENT naming the tensor for a non-float dtype, a shape different from
+// `expected_shape` (when given; weight_shape for a packed linear), inconsistent packed tensors or
+// a weight_g_idx (group act-order, not supported).
 absl::StatusOr<at::Tensor> LoadTensor(CheckpointReader& reader, const std::string& name,
                                       at::Device device, at::ScalarType dtype,
                                       const std::vector<int64_t>* expected_shape = nullptr);

@@ -11,12 +11,15 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "kernels/torch/fp8_ops.h"
 #include "worker/model/deepseek_v3.h"
 #include "worker/model/deepseek_v3_internal.h"
 #include "worker/model/fp8.h"
+#include "worker/model/packed_int4.h"
+#include "worker/model/tensor_io.h"
 
 namespace mq::model {
 namespace {
@@ -83,14 +86,64 @@ absl::StatusOr<at::Tensor> LoadFp8OnDevice(CheckpointReader& reader, const Tenso
   absl::StatusOr<std::vector<float>> scales = Fp8BlockScales(view, &*scale_view);
   if (!scales.ok()) return scales.status();
   const at::Tensor codes = CopyToDevice(view.data, view.num_bytes, device).view(view.shape);
-  const at::Tensor scale_inv =
-      CopyToDevice(reinterpret_cast<const uint8_t*>(scales->data()), scales->size() * sizeof(float),
-                   device)
-          .view(at::kFloat)
-          .view(scale_view->shape);
+  const at::Tensor scale_inv = CopyToDevice(reinterpret_cast<const uint8_t*>(scales->data()),
+                                            scales->size() * sizeof(float), device)
+                                   .view(at::kFloat)
+                                   .view(scale_view->shape);
   absl::StatusOr<at::Tensor> bf16 = kernels::Fp8BlockDequantCuda(codes, scale_inv);
   if (!bf16.ok()) return bf16.status();
   return bf16->to(dtype);
+}
+
+// A compressed-tensors pack-quantized linear `module` (module.weight_packed, weight_scale,
+// weight_shape, optionally weight_zero_point): read as stored, dequantized on `device`
+// (packed_int4.h) and converted to `dtype`.
+absl::StatusOr<at::Tensor> LoadPackedLinear(CheckpointReader& reader, const std::string& module,
+                                            at::Device device, at::ScalarType dtype,
+                                            const std::vector<int64_t>* expected_shape) {
+  if (reader.Has(module + ".weight_g_idx")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor \"", module,
+                     ".weight_g_idx\": group act-order (actorder \"group\") "
+                     "checkpoints are not supported"));
+  }
+  auto read = [&](const std::string& suffix) -> absl::StatusOr<at::Tensor> {
+    absl::StatusOr<TensorView> view = reader.Get(module + suffix);
+    if (!view.ok()) return view.status();
+    return FromTensorView(*view);  // a CPU copy, read-checked
+  };
+  PackedInt4Linear linear;
+  for (auto [suffix, out] : {std::pair{".weight_packed", &linear.weight_packed},
+                             std::pair{".weight_scale", &linear.weight_scale},
+                             std::pair{".weight_shape", &linear.weight_shape}}) {
+    absl::StatusOr<at::Tensor> t = read(suffix);
+    if (!t.ok()) return t.status();
+    *out = *std::move(t);
+  }
+  if (reader.Has(module + ".weight_zero_point")) {
+    absl::StatusOr<at::Tensor> zp = read(".weight_zero_point");
+    if (!zp.ok()) return zp.status();
+    linear.weight_zero_point = *std::move(zp);
+  }
+  const at::Tensor shape = linear.weight_shape.to(at::kLong).flatten();
+  const std::vector<int64_t> stored(shape.data_ptr<int64_t>(),
+                                    shape.data_ptr<int64_t>() + shape.numel());
+  if (expected_shape != nullptr && stored != *expected_shape) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor \"", module, ".weight_shape\" = ", ShapeString(stored), ", expected ",
+                     ShapeString(*expected_shape), " from config.json"));
+  }
+  return internal::GuardTorch(
+      absl::StrCat("dequantizing \"", module, "\""), [&]() -> absl::StatusOr<at::Tensor> {
+        linear.weight_packed = linear.weight_packed.to(device);
+        linear.weight_scale = linear.weight_scale.to(device);
+        absl::StatusOr<at::Tensor> dense = DequantizePackedInt4(linear);
+        if (!dense.ok()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("tensor \"", module, "\": ", dense.status().message()));
+        }
+        return dense->to(dtype);
+      });
 }
 
 // Loads `name` with `shape` into `*out`.
@@ -122,6 +175,14 @@ absl::Status LoadMlp(CheckpointReader& reader, const std::string& prefix, int64_
 absl::StatusOr<at::Tensor> LoadTensor(CheckpointReader& reader, const std::string& name,
                                       at::Device device, at::ScalarType dtype,
                                       const std::vector<int64_t>* expected_shape) {
+  // A linear stored pack-quantized (compressed-tensors) has no ".weight"; it is read through its
+  // weight_packed/weight_scale/weight_shape instead.
+  if (absl::EndsWith(name, ".weight") && !reader.Has(name)) {
+    const std::string module = name.substr(0, name.size() - 7);
+    if (reader.Has(module + ".weight_packed")) {
+      return LoadPackedLinear(reader, module, device, dtype, expected_shape);
+    }
+  }
   absl::StatusOr<TensorView> view = reader.Get(name);
   if (!view.ok()) return view.status();
   if (expected_shape != nullptr && view->shape != *expected_shape) {

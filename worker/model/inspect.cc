@@ -179,6 +179,11 @@ class Inspector {
     }
     ConfigParseResult parsed = ParseDeepseekV3Config(*text);
     for (std::string& p : parsed.problems) Add(std::string(kConfigFile), std::move(p));
+    if (parsed.config.compressed_tensors) {
+      Add(std::string(kConfigFile),
+          "quantization_config is compressed-tensors (pack-quantized): the checkpoint is already "
+          "quantized; quantize the original (FP8 or BF16) checkpoint");
+    }
     config_ = std::move(parsed.config);
     ModelSummary& s = report_.summary;
     s.model_type = config_.model_type;
@@ -201,7 +206,7 @@ class Inspector {
     s.qk_rope_head_dim = config_.qk_rope_head_dim;
     s.v_head_dim = config_.v_head_dim;
     s.vocab_size = config_.vocab_size;
-    return parsed.problems.empty();
+    return parsed.problems.empty() && !config_.compressed_tensors;
   }
 
   void LoadIndex() {

@@ -983,6 +983,11 @@ absl::StatusOr<GangPipelineResult> RunGangPipeline(const GangPipelineOptions& op
   if (!config_path.ok()) return config_path.status();
   absl::StatusOr<model::DeepseekV3Config> config = model::LoadDeepseekV3Config(*config_path);
   if (!config.ok()) return config.status();
+  if (config->compressed_tensors) {
+    return absl::FailedPreconditionError(
+        "config.json: quantization_config is compressed-tensors (pack-quantized): the checkpoint "
+        "is already quantized; quantize the original (FP8 or BF16) checkpoint");
+  }
   MQ_RETURN_IF_ERROR(quant::CheckSelectionConsistent(*config, options.format));
   absl::StatusOr<std::unique_ptr<model::CheckpointReader>> reader =
       model::CheckpointReader::Open(options.model_dir);

@@ -128,6 +128,11 @@ absl::StatusOr<LocalQuantizeReport> QuantizeLocal(const LocalQuantizeOptions& op
   const std::string& config_path = *checked_config;
   absl::StatusOr<model::DeepseekV3Config> config = model::LoadDeepseekV3Config(config_path);
   if (!config.ok()) return config.status();
+  if (config->compressed_tensors) {
+    return absl::FailedPreconditionError(
+        "config.json: quantization_config is compressed-tensors (pack-quantized): the checkpoint "
+        "is already quantized; quantize the original (FP8 or BF16) checkpoint");
+  }
   absl::StatusOr<std::string> config_text = ReadFile(config_path);
   if (!config_text.ok()) return config_text.status();
   nlohmann::json raw_config = nlohmann::json::parse(*config_text, nullptr, false);

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/torch/pack_ops.h"
+#include "worker/model/packed_int4.h"
 #include "worker/quant/validate.h"
 
 namespace mq::quant {
@@ -51,17 +52,7 @@ absl::StatusOr<at::Tensor> PackInt4(const at::Tensor& codes) {
 }
 
 absl::StatusOr<at::Tensor> UnpackInt4(const at::Tensor& packed, int64_t cols) {
-  const int64_t words = (cols + kPerWord - 1) / kPerWord;
-  if (!packed.defined() || packed.dim() != 2 || packed.scalar_type() != at::kInt || cols < 0 ||
-      packed.size(1) != words) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("packed ", packed.defined() ? SizesString(packed) : "undefined",
-                     ": must be int32 [R, ", words, "] for ", cols, " columns"));
-  }
-  at::Tensor word = packed.to(at::kLong).bitwise_and(0xFFFFFFFFLL).unsqueeze(-1);
-  at::Tensor shifts = at::arange(0, 4 * kPerWord, 4, word.options());
-  at::Tensor u = word.bitwise_right_shift(shifts).bitwise_and(0xF);
-  return u.reshape({packed.size(0), words * kPerWord}).narrow(1, 0, cols).sub(8).to(at::kChar);
+  return model::UnpackInt4(packed, cols);  // the engine's loader reads packed weights with it too
 }
 
 absl::StatusOr<PackedWeight> PackWeight(const QuantizedWeight& q) {

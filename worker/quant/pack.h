@@ -40,7 +40,7 @@ struct PackedWeight {
 // [R, ceil(C/8)]. InvalidArgument for a non-2-D or non-integer tensor or an out-of-range value.
 absl::StatusOr<at::Tensor> PackInt4(const at::Tensor& codes);
 // Inverse of PackInt4: int8 [R, cols] in [-8, 7]. InvalidArgument when `packed` is not int32
-// [R, ceil(cols/8)].
+// [R, ceil(cols/8)]. This is model::UnpackInt4 (worker/model/packed_int4.h), the one unpacker.
 absl::StatusOr<at::Tensor> UnpackInt4(const at::Tensor& packed, int64_t cols);
 
 // The compressed-tensors tensors of a 4-bit QuantizedWeight. InvalidArgument when bits != 4 or

@@ -235,8 +235,85 @@ TEST(ConfigTest, ReportsEnumsAndQuantizationConfig) {
           "\"topk_method\" = \"random\": must be \"noaux_tc\", \"greedy\" or "
           "\"group_limited_greedy\"",
           "\"rope_scaling.type\" = \"linear\": must be \"yarn\"",
-          "\"quantization_config.quant_method\" = \"gptq\": must be \"fp8\"",
+          "\"quantization_config.quant_method\" = \"gptq\": must be \"fp8\" or "
+          "\"compressed-tensors\"",
           "\"quantization_config.weight_block_size\" = [64, 64]: must be [128, 128]"));
+}
+
+// FORMATS.md §4.6's block, as mq writes it.
+Json CompressedTensorsJson() {
+  return Json::parse(R"({
+    "config_groups": {"group_0": {
+      "input_activations": null, "output_activations": null, "targets": ["Linear"],
+      "weights": {"actorder": null, "block_structure": null, "dynamic": false,
+                  "group_size": 128, "num_bits": 4, "observer": "minmax", "observer_kwargs": {},
+                  "strategy": "group", "symmetric": true, "type": "int"}}},
+    "format": "pack-quantized", "global_compression_ratio": null,
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp\\.gate$"],
+    "kv_cache_scheme": null, "quant_method": "compressed-tensors",
+    "quantization_status": "compressed"})");
+}
+
+TEST(ConfigTest, ParsesCompressedTensorsPackQuantized) {
+  Json j = DeepseekV3Json();
+  j["quantization_config"] = CompressedTensorsJson();
+  ConfigParseResult r = ParseDeepseekV3Config(j.dump());
+  ASSERT_THAT(r.problems, IsEmpty());
+  EXPECT_FALSE(r.config.quantization_config.has_value());
+  ASSERT_TRUE(r.config.compressed_tensors.has_value());
+  const CompressedTensorsConfig& ct = *r.config.compressed_tensors;
+  EXPECT_EQ(ct.format, "pack-quantized");
+  EXPECT_THAT(ct.ignore, ElementsAre("lm_head", "re:.*self_attn.*", "re:.*mlp\\.gate$"));
+  ASSERT_EQ(ct.groups.size(), 1u);
+  EXPECT_EQ(ct.groups[0].name, "group_0");
+  EXPECT_THAT(ct.groups[0].targets, ElementsAre("Linear"));
+  EXPECT_EQ(ct.groups[0].strategy, "group");
+  EXPECT_EQ(ct.groups[0].group_size, 128);
+  EXPECT_TRUE(ct.groups[0].symmetric);
+
+  // Per-channel, asymmetric, format given per group only.
+  Json channel = CompressedTensorsJson();
+  channel.erase("format");
+  channel["config_groups"]["group_0"]["format"] = "pack-quantized";
+  channel["config_groups"]["group_0"]["weights"]["strategy"] = "channel";
+  channel["config_groups"]["group_0"]["weights"]["group_size"] = nullptr;
+  channel["config_groups"]["group_0"]["weights"]["symmetric"] = false;
+  j["quantization_config"] = channel;
+  r = ParseDeepseekV3Config(j.dump());
+  ASSERT_THAT(r.problems, IsEmpty());
+  EXPECT_EQ(r.config.compressed_tensors->groups[0].strategy, "channel");
+  EXPECT_EQ(r.config.compressed_tensors->groups[0].group_size, 0);
+  EXPECT_FALSE(r.config.compressed_tensors->groups[0].symmetric);
+}
+
+TEST(ConfigTest, RefusesCompressedTensorsFormatsItCannotRead) {
+  Json j = DeepseekV3Json();
+  Json q = CompressedTensorsJson();
+  q["format"] = "marlin-24";
+  j["quantization_config"] = q;
+  EXPECT_THAT(ProblemsOf(j),
+              ElementsAre("\"quantization_config.format\" = \"marlin-24\": compressed-tensors "
+                          "format \"marlin-24\" cannot be read; only \"pack-quantized\" (int4 "
+                          "weights, W4A16) is supported"));
+
+  q = CompressedTensorsJson();
+  q["format"] = "float-quantized";
+  q["config_groups"]["group_0"]["weights"]["num_bits"] = 8;
+  q["config_groups"]["group_0"]["weights"]["actorder"] = "group";
+  q["config_groups"]["group_0"]["input_activations"] = {{"num_bits", 8}};
+  q["quantization_status"] = "frozen";
+  j["quantization_config"] = q;
+  EXPECT_THAT(
+      ProblemsOf(j),
+      UnorderedElementsAre(
+          HasSubstr("compressed-tensors format \"float-quantized\" cannot be read"),
+          "\"quantization_config.quantization_status\" = \"frozen\": must be \"compressed\" (the "
+          "weights on disk packed)",
+          HasSubstr("\"quantization_config.config_groups.group_0.input_activations\" = "),
+          "\"quantization_config.config_groups.group_0.weights.num_bits\" = 8: must be 4 (only "
+          "int4 pack-quantized weights are read)",
+          HasSubstr("\"quantization_config.config_groups.group_0.weights.actorder\" = \"group\": "
+                    "must be null, \"static\" or \"weight\"")));
 }
 
 TEST(ConfigTest, ReportsBadRopeScaling) {

@@ -527,6 +527,24 @@ TEST(InspectTest, ReportsBadConfigIndexAndShardFiles) {
                                 "\"weight_map\""));
 }
 
+TEST(InspectTest, RefusesAnAlreadyQuantizedCheckpoint) {
+  TempDir dir;
+  TinyDims d;
+  Json config = TinyConfig(d);
+  config["quantization_config"] = Json::parse(R"({
+    "quant_method": "compressed-tensors", "format": "pack-quantized",
+    "quantization_status": "compressed", "ignore": ["lm_head"],
+    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+      "num_bits": 4, "type": "int", "symmetric": true, "strategy": "group",
+      "group_size": 128}}}})");
+  WriteCheckpoint(dir.path(), config, TinyTensors(d, true, true), 2);
+  InspectReport report = InspectCheckpoint(Request(dir.path()));
+  EXPECT_THAT(Render(report.problems),
+              testing::Contains("config.json: quantization_config is compressed-tensors "
+                                "(pack-quantized): the checkpoint is already quantized; quantize "
+                                "the original (FP8 or BF16) checkpoint"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Plan and estimate, checked against hand computation for the tiny model (FP8, G = 128,
 // experts only, gang 3, 8 sequences of 16 tokens, include_mtp).
