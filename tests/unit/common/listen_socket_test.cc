@@ -13,21 +13,12 @@
 #include <string>
 
 #include "common/random_secret.h"
+#include "tests/unit/common/connects.h"
 
 namespace mq {
 namespace {
 
-// Whether a TCP connection to ip:port is accepted.
-bool Connects(const char* ip, int port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  ::inet_pton(AF_INET, ip, &addr.sin_addr);
-  const bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
-  ::close(fd);
-  return ok;
-}
+using mq::testing::Connects;
 
 TEST(ListenOnTest, ListensOnTheGivenAddressOnly) {
   absl::StatusOr<int> fd = ListenOn("127.0.0.1", 0);

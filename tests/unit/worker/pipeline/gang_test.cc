@@ -15,6 +15,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/listen_socket.h"
+#include "tests/unit/common/connects.h"
 
 namespace mq::pipeline {
 namespace {
@@ -27,16 +28,7 @@ int FreePort() {
   return port;
 }
 
-bool Connects(const char* ip, int port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  ::inet_pton(AF_INET, ip, &addr.sin_addr);
-  const bool ok = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
-  ::close(fd);
-  return ok;
-}
+using mq::testing::Connects;
 
 GangOptions Options(int rank, int port, const std::string& secret) {
   GangOptions o;
