@@ -29,6 +29,7 @@
 #include "worker/model/checkpoint_reader.h"
 #include "worker/model/safetensors_writer.h"
 #include "worker/model/tensor_io.h"
+#include "tests/tools/tool_args.h"
 
 namespace mq::tools {
 namespace {
@@ -52,42 +53,14 @@ struct Options {
 
 absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
   Options o;
-  std::map<std::string, std::string*> flags = {
-      {"--reference", &o.reference},  {"--model", &o.model},   {"--input", &o.input},
-      {"--output", &o.output},        {"--device", &o.device}, {"--dtype", &o.dtype},
-      {"--batch-size", &o.batch_size}};
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      std::cout << kUsage;
-      std::exit(0);
-    }
-    auto it = flags.find(arg);
-    if (it == flags.end()) return absl::InvalidArgumentError(absl::StrCat("unknown flag ", arg));
-    if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(arg, " needs a value"));
-    *it->second = argv[++i];
-  }
-  for (const char* required : {"--reference", "--model", "--input"}) {
-    if (flags[required]->empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(required, " is required"));
-    }
-  }
+  absl::Status s = ParseToolFlags(
+      argc, argv,
+      {{"--reference", &o.reference}, {"--model", &o.model}, {"--input", &o.input},
+       {"--output", &o.output}, {"--device", &o.device}, {"--dtype", &o.dtype},
+       {"--batch-size", &o.batch_size}},
+      {"--reference", "--model", "--input"}, kUsage);
+  if (!s.ok()) return s;
   return o;
-}
-
-absl::StatusOr<at::Tensor> ReadInputIds(const std::string& path) {
-  absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> file = model::SafetensorsFile::Open(path);
-  if (!file.ok()) return file.status();
-  absl::StatusOr<model::TensorView> view = (*file)->Get("input_ids");
-  if (!view.ok()) return view.status();
-  if (view->dtype != model::DType::kI64 && view->dtype != model::DType::kI32) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": \"input_ids\" has dtype ",
-                                                   std::string(model::DTypeName(view->dtype)),
-                                                   ": must be I64 or I32"));
-  }
-  absl::StatusOr<at::Tensor> ids = model::FromTensorView(*view);
-  if (!ids.ok()) return ids.status();
-  return ids->to(at::kLong);
 }
 
 absl::Status Run(const Options& o) {

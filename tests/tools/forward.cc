@@ -30,6 +30,7 @@
 #include "worker/model/deepseek_v3.h"
 #include "worker/model/safetensors_writer.h"
 #include "worker/model/tensor_io.h"
+#include "tests/tools/tool_args.h"
 
 namespace mq::tools {
 namespace {
@@ -51,53 +52,15 @@ struct Options {
 
 absl::StatusOr<Options> ParseArgs(int argc, char** argv) {
   Options o;
-  std::map<std::string, std::string*> flags = {{"--model", &o.model},
-                                               {"--input", &o.input},
-                                               {"--output", &o.output},
-                                               {"--device", &o.device},
-                                               {"--dtype", &o.dtype}};
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      std::cout << kUsage;
-      std::exit(0);
-    }
-    auto it = flags.find(arg);
-    if (it == flags.end()) return absl::InvalidArgumentError(absl::StrCat("unknown flag ", arg));
-    if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(arg, " needs a value"));
-    *it->second = argv[++i];
-  }
-  for (const char* required : {"--model", "--input", "--output"}) {
-    if (flags[required]->empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(required, " is required"));
-    }
-  }
+  absl::Status s = ParseToolFlags(argc, argv,
+                                  {{"--model", &o.model},
+                                   {"--input", &o.input},
+                                   {"--output", &o.output},
+                                   {"--device", &o.device},
+                                   {"--dtype", &o.dtype}},
+                                  {"--model", "--input", "--output"}, kUsage);
+  if (!s.ok()) return s;
   return o;
-}
-
-absl::StatusOr<at::Tensor> ReadInputIds(const std::string& path) {
-  absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> file = model::SafetensorsFile::Open(path);
-  if (!file.ok()) return file.status();
-  absl::StatusOr<model::TensorView> view = (*file)->Get("input_ids");
-  if (!view.ok()) return view.status();
-  at::ScalarType type;
-  if (view->dtype == model::DType::kI64) {
-    type = at::kLong;
-  } else if (view->dtype == model::DType::kI32) {
-    type = at::kInt;
-  } else {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": \"input_ids\" has dtype ",
-                                                   std::string(model::DTypeName(view->dtype)),
-                                                   ": must be I64 or I32"));
-  }
-  if (view->shape.size() != 2) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": \"input_ids\" must be 2-D [batch, seq], found ",
-                     model::ShapeToString(view->shape)));
-  }
-  at::Tensor ids = at::empty(view->shape, at::TensorOptions().dtype(type));
-  std::memcpy(ids.data_ptr(), view->data, view->num_bytes);
-  return ids.to(at::kLong);
 }
 
 absl::Status Run(const Options& o) {
