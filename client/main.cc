@@ -44,8 +44,12 @@ commands:
   submit --model DIR --output DIR [--method gptq|awq|awq-gptq|rtn] [--bits 4]
          [--group-size N] [--dataset PATH] [--tokenizer PATH] [--num-calibration-samples N]
          [--max-sequence-length N] [--seed N] [--gang-size K] [--min-expert-tokens N]
-         [--rare-expert-rtn] [--awq-grid N] [--awq-tokens N] [--wait] [--json] ...
+         [--rare-expert-rtn] [--awq-grid N] [--awq-tokens N] [--eval-samples N]
+         [--eval-dataset PATH] [--max-kl X] [--max-ppl-ratio R] [--wait] [--json] ...
                                                   submit a quantization job, print its id
+  eval --model DIR --reference DIR --dataset PATH [--samples N] [--max-kl X]
+       [--max-ppl-ratio R] [--wait] [--json] ...  measure a checkpoint (any tool's) against
+                                                  its original as a job of its own
   status JOB [--json]                             a job with its plan, attempts and history
   list [--state STATE]... [--limit N] [--json]    jobs, newest first: every live one and the
                                                   ended ones the coordinator keeps in memory
@@ -344,21 +348,87 @@ std::string Attempts(const mq::v1::JobRecord& j,
                       phase, ": ", counted, " of at most ", j.spec().max_attempts(), " counted)");
 }
 
+// The evaluation's settings and results (status): what it runs on, what it measured, the gate.
+void PrintQuality(const mq::v1::JobRecord& j) {
+  const mq::v1::EvalSpec& e = j.spec().eval();
+  const bool eval_job = !e.candidate_uri().empty();
+  if (!eval_job && e.num_samples() == 0) {
+    std::cout << "Evaluation:   off (--eval-samples 0)\n";
+    return;
+  }
+  std::cout << "Evaluation:   " << e.num_samples() << " sequences of at most "
+            << e.max_sequence_length() << " tokens from "
+            << (e.dataset_uri().empty() ? "the calibration dataset, held out (not used by "
+                                          "calibration)"
+                                        : e.dataset_uri());
+  if (e.has_max_kl() || e.has_max_ppl_ratio()) {
+    std::vector<std::string> limits;
+    if (e.has_max_kl()) limits.push_back(absl::StrCat("max KL ", e.max_kl()));
+    if (e.has_max_ppl_ratio()) {
+      limits.push_back(absl::StrCat("max perplexity ratio ", e.max_ppl_ratio()));
+    }
+    std::cout << "; gate: " << absl::StrJoin(limits, ", ");
+  }
+  std::cout << "\n";
+  if (!j.has_quality()) return;
+  const mq::v1::QualityReport& q = j.quality();
+  if (!q.not_measured().empty()) {
+    std::cout << "Quality:      not measured: " << q.not_measured() << "\n";
+  } else {
+    const double ratio =
+        q.perplexity_reference() > 0 ? q.perplexity_candidate() / q.perplexity_reference() : 0;
+    int worst = -1;
+    double worst_error = 0;
+    for (const mq::v1::LayerQuality& l : q.layers()) {
+      if (l.relative_error() >= worst_error) {
+        worst = l.layer();
+        worst_error = l.relative_error();
+      }
+    }
+    char buf[512];
+    std::snprintf(buf, sizeof(buf),
+                  "Quality:      KL(original || %s) mean %.5f, p99 %.4f, max %.4f nats; top-1 "
+                  "agreement %.2f%%\n"
+                  "              perplexity %.4f (original) -> %.4f (x%.4f)\n",
+                  eval_job ? "model" : "quantized", q.kl_mean(), q.kl_p99(), q.kl_max(),
+                  100 * q.top1_agreement(), q.perplexity_reference(), q.perplexity_candidate(),
+                  ratio);
+    std::cout << buf;
+    if (worst >= 0) {
+      std::snprintf(buf, sizeof(buf), "%.4f at layer %d (last layer %.4f)", worst_error, worst,
+                    q.layers(q.layers_size() - 1).relative_error());
+      std::cout << "              hidden-state error: largest " << buf << "\n";
+    }
+    std::cout << "              on " << q.source() << " (" << q.positions() << " positions, "
+              << Seconds(q.seconds()) << ")\n";
+  }
+  if (!q.gate().empty()) std::cout << "Gate:         " << q.gate() << "\n";
+}
+
 void PrintJob(const mq::v1::JobRecord& j,
               const google::protobuf::RepeatedPtrField<mq::v1::AttemptRecord>& attempts) {
   const auto& s = j.spec();
+  const bool eval_job = !s.eval().candidate_uri().empty();
   std::cout << "Job:          " << j.job_id() << "\n"
             << "Owner:        " << (j.owner().empty() ? "(none recorded)" : j.owner()) << "\n"
             << "State:        " << JobStateName(j.state()) << "\n"
-            << "Message:      " << j.message() << "\n"
-            << "Model:        " << s.model_uri() << "\n"
-            << "Output:       " << s.output_uri() << "\n"
-            << "Method:       " << MethodName(s.method()) << " " << s.bits() << "-bit, group "
-            << (s.group_size() == -1 ? std::string("per-channel") : std::to_string(s.group_size()))
-            << (s.symmetric() ? ", symmetric" : ", asymmetric")
-            << (s.act_order() && s.method() != mq::v1::METHOD_RTN ? ", act-order" : "")
-            << ", gang size " << s.gang_size() << "\n";
-  if (IsAwq(s.method())) {
+            << "Message:      " << j.message() << "\n";
+  if (eval_job) {
+    std::cout << "Kind:         evaluation (measures a checkpoint; writes nothing)\n"
+              << "Model:        " << s.eval().candidate_uri() << "\n"
+              << "Reference:    " << s.model_uri() << "\n";
+  } else {
+    std::cout << "Model:        " << s.model_uri() << "\n"
+              << "Output:       " << s.output_uri() << "\n"
+              << "Method:       " << MethodName(s.method()) << " " << s.bits() << "-bit, group "
+              << (s.group_size() == -1 ? std::string("per-channel")
+                                       : std::to_string(s.group_size()))
+              << (s.symmetric() ? ", symmetric" : ", asymmetric")
+              << (s.act_order() && s.method() != mq::v1::METHOD_RTN ? ", act-order" : "")
+              << ", gang size " << s.gang_size() << "\n";
+  }
+  PrintQuality(j);
+  if (IsAwq(s.method()) && !eval_job) {
     std::cout << "AWQ:          grid " << s.awq().grid()
               << (s.awq().grid() == 0 ? " (only s = 1)" : " over alpha (and s = 1)")
               << ", scale search on up to " << s.awq().max_tokens() << " tokens per layer\n";
@@ -462,6 +532,74 @@ void AcceptGlobalFlags(mq::Flags& f) {
   f.Bool("insecure", &ignored_bool, "see mq-client --help");
 }
 
+// A number flag's value: InvalidArgument naming the flag and `allowed` when it does not parse.
+absl::StatusOr<double> ParseNumber(const std::string& command, const std::string& flag,
+                                   const std::string& value, const std::string& allowed) {
+  char* end = nullptr;
+  const double d = std::strtod(value.c_str(), &end);
+  if (value.empty() || end == value.c_str() || *end != '\0') {
+    return absl::InvalidArgumentError(
+        absl::StrCat(command, ": --", flag, " = \"", value, "\": must be ", allowed));
+  }
+  return d;
+}
+
+// The evaluation flags of submit and eval (spec.eval).
+struct EvalFlags {
+  int64_t samples = 0;
+  int64_t seqlen = 0;
+  std::string dataset;
+  std::string max_kl;
+  std::string max_ppl_ratio;
+};
+
+void AddEvalFlags(mq::Flags& f, EvalFlags* e, const std::string& samples_flag,
+                  const std::string& samples_help) {
+  f.Int(samples_flag, &e->samples, samples_help);
+  f.String("max-kl", &e->max_kl,
+           "quality gate: the job FAILS when the mean per-token KL(original || quantized) "
+           "exceeds this (nats)");
+  f.String("max-ppl-ratio", &e->max_ppl_ratio,
+           "quality gate: the job FAILS when perplexity(quantized) / perplexity(original) "
+           "exceeds this");
+}
+
+// Fills spec.eval from the flags that were given (the coordinator applies the defaults).
+absl::Status FillEvalSpec(const std::string& command, const mq::Flags& f, const EvalFlags& e,
+                          const std::string& samples_flag, mq::v1::EvalSpec* spec) {
+  if (f.Given(samples_flag)) spec->set_num_samples(e.samples);
+  spec->set_max_sequence_length(e.seqlen);
+  spec->set_dataset_uri(Absolute(e.dataset));
+  if (!e.max_kl.empty()) {
+    absl::StatusOr<double> v = ParseNumber(command, "max-kl", e.max_kl, "a number >= 0");
+    if (!v.ok()) return v.status();
+    spec->set_max_kl(*v);
+  }
+  if (!e.max_ppl_ratio.empty()) {
+    absl::StatusOr<double> v =
+        ParseNumber(command, "max-ppl-ratio", e.max_ppl_ratio, "a number > 0");
+    if (!v.ok()) return v.status();
+    spec->set_max_ppl_ratio(*v);
+  }
+  return absl::OkStatus();
+}
+
+// Sends `request` and prints the job id (or JSON); with `wait`, follows the job to its end.
+int SubmitAndMaybeWait(Client& c, const mq::v1::SubmitJobRequest& request, bool json, bool wait,
+                       const std::string& command) {
+  mq::v1::SubmitJobResponse response;
+  auto ctx = c.Ctx(60);
+  grpc::Status s = c.stub().SubmitJob(ctx.get(), request, &response);
+  if (!s.ok()) return RpcFail(command, s, c.global());
+  if (json && !wait) {
+    std::cout << Json(response) << "\n";
+  } else if (!json) {
+    std::cout << response.job().job_id() << "\n";
+  }
+  if (!wait) return 0;
+  return WaitForJob(c, response.job().job_id(), json, /*print_events=*/false);
+}
+
 int Submit(Client& c, int argc, char** argv, int first) {
   std::string model, output, method = "gptq", dataset, tokenizer, targets = "routed-experts",
                              scale_search, key;
@@ -470,6 +608,7 @@ int Submit(Client& c, int argc, char** argv, int first) {
   std::string damping;
   bool wait = false, no_act_order = false, mtp = false, rare_rtn = false, json = c.global().json;
   std::vector<std::string> ignore;
+  EvalFlags eval;
   mq::Flags f;
   f.String("model", &model, "input checkpoint directory (HF layout)");
   f.String("output", &output, "output directory");
@@ -499,6 +638,14 @@ int Submit(Client& c, int argc, char** argv, int first) {
   f.Bool("include-mtp", &mtp, "also quantize the MTP layer's experts");
   f.Int("priority", &priority, "higher runs first (default 0)");
   f.Int("max-attempts", &max_attempts, "attempts before giving up (default 3)");
+  AddEvalFlags(f, &eval, "eval-samples",
+               "sequences the finished output is evaluated on against the original (default "
+               "16; 0: no evaluation)");
+  f.String("eval-dataset", &eval.dataset,
+           "dataset of those sequences (default: calibration-dataset sequences that calibration "
+           "did not use)");
+  f.Int("eval-max-sequence-length", &eval.seqlen,
+        "tokens per evaluated sequence (default: --max-sequence-length)");
   f.String("idempotency-key", &key, "makes repeated submits return the same job");
   f.Bool("wait", &wait, "wait until the job ends; exit 1 unless it SUCCEEDED");
   f.Bool("json", &json, "print JSON");
@@ -552,12 +699,13 @@ int Submit(Client& c, int argc, char** argv, int first) {
     return Fail("submit: --scale-search = \"" + scale_search + "\": must be minmax or mse", 2);
   }
   if (!damping.empty()) {
-    char* end = nullptr;
-    double d = std::strtod(damping.c_str(), &end);
-    if (end == damping.c_str() || *end != '\0') {
-      return Fail("submit: --damping = \"" + damping + "\": must be a number in (0, 1]", 2);
-    }
-    spec->set_damping(d);
+    absl::StatusOr<double> d = ParseNumber("submit", "damping", damping, "a number in (0, 1]");
+    if (!d.ok()) return Fail(std::string(d.status().message()), 2);
+    spec->set_damping(*d);
+  }
+  if (absl::Status s = FillEvalSpec("submit", f, eval, "eval-samples", spec->mutable_eval());
+      !s.ok()) {
+    return Fail(std::string(s.message()), 2);
   }
   for (const auto& re : ignore) spec->add_ignore(re);
   spec->set_symmetric(true);
@@ -575,18 +723,52 @@ int Submit(Client& c, int argc, char** argv, int first) {
   cal->set_rare_expert_rtn(rare_rtn);
   // A key of our own makes the client's retries safe even when the user gave none.
   request.set_idempotency_key(key.empty() ? mq::NewId("c-") : key);
+  return SubmitAndMaybeWait(c, request, json, wait, "submit");
+}
 
-  mq::v1::SubmitJobResponse response;
-  auto ctx = c.Ctx(60);
-  grpc::Status s = c.stub().SubmitJob(ctx.get(), request, &response);
-  if (!s.ok()) return RpcFail("submit", s, c.global());
-  if (json && !wait) {
-    std::cout << Json(response) << "\n";
-  } else if (!json) {
-    std::cout << response.job().job_id() << "\n";
+// An evaluation job: --model (e.g. another tool's W4A16 output) measured against --reference.
+int Eval(Client& c, int argc, char** argv, int first) {
+  std::string model, reference, tokenizer, key;
+  int64_t seed = 0, priority = 0, max_attempts = 0;
+  bool wait = false, json = c.global().json;
+  EvalFlags eval;
+  mq::Flags f;
+  f.String("model", &model, "the checkpoint measured (FP8, BF16 or compressed-tensors W4A16)");
+  f.String("reference", &reference, "the original it is measured against (same architecture)");
+  f.String("dataset", &eval.dataset, "sequences (JSONL text, chat messages or input_ids)");
+  f.String("tokenizer", &tokenizer, "tokenizer.json (default: the reference's)");
+  AddEvalFlags(f, &eval, "samples", "sequences evaluated (default 16)");
+  f.Int("max-sequence-length", &eval.seqlen, "tokens per sequence (default 4096)");
+  f.Int("seed", &seed, "shuffle seed choosing the sequences (default 0)");
+  f.Int("priority", &priority, "higher runs first (default 0)");
+  f.Int("max-attempts", &max_attempts, "attempts before giving up (default 3)");
+  f.String("idempotency-key", &key, "makes repeated submits return the same job");
+  f.Bool("wait", &wait, "wait until the job ends; exit 1 unless it SUCCEEDED");
+  f.Bool("json", &json, "print JSON");
+  AcceptGlobalFlags(f);
+  if (int rc = ParseOrFail(
+          f, argc, argv, first,
+          "usage: mq-client eval --model DIR --reference DIR --dataset PATH [options]");
+      rc >= 0) {
+    return rc;
   }
-  if (!wait) return 0;
-  return WaitForJob(c, response.job().job_id(), json, /*print_events=*/false);
+  if (!f.positional().empty()) return Fail("eval: unexpected argument " + f.positional()[0], 2);
+  if (model.empty()) return Fail("eval: --model DIR (the checkpoint measured) is required", 2);
+  if (reference.empty()) return Fail("eval: --reference DIR (the original) is required", 2);
+  if (eval.dataset.empty()) return Fail("eval: --dataset PATH is required", 2);
+  mq::v1::SubmitJobRequest request;
+  mq::v1::JobSpec* spec = request.mutable_spec();
+  spec->set_model_uri(Absolute(reference));
+  spec->mutable_eval()->set_candidate_uri(Absolute(model));
+  if (absl::Status s = FillEvalSpec("eval", f, eval, "samples", spec->mutable_eval()); !s.ok()) {
+    return Fail(std::string(s.message()), 2);
+  }
+  spec->mutable_calibration()->set_tokenizer_uri(Absolute(tokenizer));
+  spec->mutable_calibration()->set_seed(static_cast<uint64_t>(seed));
+  spec->set_priority(static_cast<int32_t>(priority));
+  spec->set_max_attempts(static_cast<int32_t>(max_attempts));
+  request.set_idempotency_key(key.empty() ? mq::NewId("c-") : key);
+  return SubmitAndMaybeWait(c, request, json, wait, "eval");
 }
 
 int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_events) {
@@ -613,7 +795,7 @@ int WaitForJob(Client& c, const std::string& job_id, bool json, bool print_event
         if (print_events && !json) {
           PrintEvent(e);
         } else if (!json && (e.kind() == "state" || e.kind() == "layer_committed" ||
-                             e.kind() == "finalized")) {
+                             e.kind() == "finalized" || e.kind() == "evaluated")) {
           PrintEvent(e);  // submit --wait: one line per state change and committed layer
         }
         std::cout << std::flush;
@@ -1034,6 +1216,7 @@ int main(int argc, char** argv) {
   Client client(g);
   if (!client.error().empty()) return Fail(client.error(), 2);
   if (command == "submit") return Submit(client, argc, argv, first);
+  if (command == "eval") return Eval(client, argc, argv, first);
   if (command == "status") return Status(client, argc, argv, first);
   if (command == "list") return List(client, argc, argv, first);
   if (command == "watch") return Watch(client, argc, argv, first);
@@ -1043,7 +1226,7 @@ int main(int argc, char** argv) {
   if (command == "workers") return Workers(client, argc, argv, first);
   if (command == "health") return Health(client, argc, argv, first);
   return Fail("unknown command \"" + command +
-                  "\": must be submit, status, list, watch, cancel, resume, inspect, workers, "
-                  "health or verify",
+                  "\": must be submit, eval, status, list, watch, cancel, resume, inspect, "
+                  "workers, health or verify",
               2);
 }

@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "common/error_text.h"
 #include "common/names.h"
+#include "common/quality_gate.h"
 #include "common/sha256.h"
 #include "common/random_secret.h"
 #include "common/util.h"
@@ -54,6 +55,8 @@ std::string KindName(mq::v1::AssignmentKind k) {
       return "quantize";
     case mq::v1::ASSIGNMENT_KIND_FINALIZE:
       return "finalize";
+    case mq::v1::ASSIGNMENT_KIND_EVALUATE:
+      return "evaluate";
     default:
       return "plan";
   }
@@ -64,6 +67,35 @@ bool IsPlanned(const JobRecord& job) { return job.has_plan() && job.plan().probl
 
 std::string QuantizeCapability(const JobRecord& job) {
   return "quantize:" + MethodName(job.spec().method());
+}
+
+// An evaluation job (mq-client eval): it only measures a candidate against spec.model_uri.
+bool IsEvalJob(const JobRecord& job) { return !job.spec().eval().candidate_uri().empty(); }
+
+// A quantize job evaluates its output after finalization unless spec.eval.num_samples is 0.
+bool EvaluatesOutput(const JobRecord& job) {
+  return !IsEvalJob(job) && job.spec().eval().num_samples() > 0;
+}
+
+QualityGate GateOf(const mq::v1::EvalSpec& e) {
+  QualityGate gate;
+  if (e.has_max_kl()) gate.max_kl = e.max_kl();
+  if (e.has_max_ppl_ratio()) gate.max_ppl_ratio = e.max_ppl_ratio();
+  return gate;
+}
+
+// "mean KL 0.0189 (p99 0.12), top-1 agreement 92.9%, perplexity 10.21 -> 10.43 (x1.022) on
+// 16 held-out sequences of ..." (or why nothing was measured).
+std::string QualitySummary(const mq::v1::QualityReport& q) {
+  if (!q.not_measured().empty()) return "quality not measured: " + q.not_measured();
+  return absl::StrCat("mean KL ", absl::SixDigits(q.kl_mean()), " (p99 ",
+                      absl::SixDigits(q.kl_p99()), "), top-1 agreement ",
+                      absl::SixDigits(100 * q.top1_agreement()), "%, perplexity ",
+                      absl::SixDigits(q.perplexity_reference()), " -> ",
+                      absl::SixDigits(q.perplexity_candidate()), " (x",
+                      absl::SixDigits(PerplexityRatio(q.perplexity_reference(),
+                                                      q.perplexity_candidate())),
+                      ") on ", q.source());
 }
 
 std::string Plural(int64_t n, const std::string& word) {
@@ -370,7 +402,7 @@ void Coordinator::WakeAll() {
 void Coordinator::UpdateGauges() {
   if (!metrics_) return;
   // mq_jobs counts what the store holds: the jobs in memory and those retention evicted.
-  std::array<int64_t, 8> counts = evicted_jobs_;
+  std::array<int64_t, kJobStates> counts = evicted_jobs_;
   int64_t committed = 0, total = 0;
   std::map<std::string, double> progress;  // running and finalizing jobs only (bounded)
   for (const auto& [id, job] : jobs_) {
@@ -383,7 +415,7 @@ void Coordinator::UpdateGauges() {
     total += all;
     progress[id] = all > 0 ? std::min(1.0, double(done) / all) : 0.0;
   }
-  for (int s = 1; s < 8; ++s) metrics_->jobs[s]->Set(double(counts[s]));
+  for (int s = 1; s < kJobStates; ++s) metrics_->jobs[s]->Set(double(counts[s]));
   metrics_->job_layers_committed->Set(double(committed));
   metrics_->job_layers_total->Set(double(total));
   metrics_->SetJobProgress(progress);
@@ -477,9 +509,15 @@ absl::StatusOr<mq::v1::SubmitJobResponse> Coordinator::SubmitJob(
   job.set_message("waiting for a worker");
   WriteBatch batch;
   AddEvent(job, batch, "submitted",
-           absl::StrCat("submitted: ", MethodName(spec->method()), " ", spec->bits(), "-bit g",
-                        spec->group_size(), " of ", spec->model_uri(), " to ", spec->output_uri(),
-                        ", gang size ", spec->gang_size(), ", owner ", caller.principal),
+           IsEvalJob(job)
+               ? absl::StrCat("submitted: evaluation of ", spec->eval().candidate_uri(),
+                              " against ", spec->model_uri(), " on ",
+                              spec->eval().num_samples(), " sequences of ",
+                              spec->eval().dataset_uri(), ", owner ", caller.principal)
+               : absl::StrCat("submitted: ", MethodName(spec->method()), " ", spec->bits(),
+                              "-bit g", spec->group_size(), " of ", spec->model_uri(), " to ",
+                              spec->output_uri(), ", gang size ", spec->gang_size(), ", owner ",
+                              caller.principal),
            "", caller.principal);
   PutJob(batch, job);
   if (!key.empty()) batch.Put(Table::kIdempotency, key, job.job_id());
@@ -671,7 +709,15 @@ absl::StatusOr<mq::v1::ResumeJobResponse> Coordinator::ResumeJob(
   job.clear_infrastructure_failures();
   job.clear_missing_capability();
   job.set_finished_at_ms(0);
-  if (IsPlanned(job)) {
+  // A resumed job finalizes again before it evaluates (finalization verifies every committed
+  // file and repairs the rest), so a damaged output is never measured as it is.
+  job.clear_manifest_sha256();
+  job.clear_quality();
+  if (IsEvalJob(job)) {
+    SetJobState(job, batch, mq::v1::JOB_STATE_QUEUED,
+                absl::StrCat("resumed by ", caller.principal, "; waiting for a worker to evaluate"),
+                "", caller.principal);
+  } else if (IsPlanned(job)) {
     SetJobState(job, batch, mq::v1::JOB_STATE_QUEUED,
                 absl::StrCat("resumed by ", caller.principal, ": ", CommittedPrefix(job.job_id()),
                              " of ", job.plan().layers_size(),
@@ -975,6 +1021,11 @@ absl::StatusOr<mq::v1::PollAssignmentResponse> Coordinator::PollAssignment(
             }
           }
         }
+      }
+      if (auto a = assignments_.find(w.assignment_id);
+          a != assignments_.end() && a->second.kind() == mq::v1::ASSIGNMENT_KIND_EVALUATE) {
+        response.mutable_assignment()->set_manifest_sha256(
+            jobs_.at(a->second.job_id()).manifest_sha256());
       }
       *response.mutable_assignment()->mutable_path_policy() = options_.path_policy;
       w.delivered = true;
@@ -1403,14 +1454,22 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
   const Request::ResultCase expected =
       a.kind() == mq::v1::ASSIGNMENT_KIND_QUANTIZE   ? Request::kQuantized
       : a.kind() == mq::v1::ASSIGNMENT_KIND_FINALIZE ? Request::kFinalized
+      : a.kind() == mq::v1::ASSIGNMENT_KIND_EVALUATE ? Request::kEvaluated
                                                      : Request::kPlan;
   if (request.result_case() != Request::kError && request.result_case() != expected) {
     return absl::InvalidArgumentError(absl::StrCat("result: a ", KindName(a.kind()),
                                                    " assignment completes with ",
                                                    expected == Request::kQuantized   ? "quantized"
                                                    : expected == Request::kFinalized ? "finalized"
+                                                   : expected == Request::kEvaluated ? "evaluated"
                                                                                      : "plan",
                                                    " or error"));
+  }
+  if (request.has_evaluated()) {
+    if (absl::Status s = ValidateEvaluateResult(request.evaluated(), !IsEvalJob(jobs_.at(a.job_id())));
+        !s.ok()) {
+      return s;
+    }
   }
   JobRecord job = jobs_.at(a.job_id());
   WriteBatch batch;
@@ -1509,7 +1568,7 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
         RetryOrFail(job, batch, reason);
       }
     }
-  } else {  // FINALIZE
+  } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_FINALIZE) {
     const mq::v1::FinalizeResult& f = request.finalized();
     if (absl::Status st = EndAssignment(a, batch, mq::v1::ATTEMPT_STATE_SUCCEEDED, "completed",
                                         /*completed=*/true);
@@ -1529,12 +1588,78 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
                               ? absl::StrCat("; removed ", Plural(f.removed_files(), "stray file"))
                               : ""),
              request.worker_id());
-    SetJobState(
-        job, batch, mq::v1::JOB_STATE_SUCCEEDED,
+    const std::string done =
         absl::StrCat(job.plan().layers_size(), " steps quantized; ", Plural(f.files(), "file"),
-                     ", ", HumanBytes(f.total_bytes()), " in ", job.spec().output_uri()),
-        request.worker_id());
+                     ", ", HumanBytes(f.total_bytes()), " in ", job.spec().output_uri());
+    if (EvaluatesOutput(job)) {
+      job.set_attempt_base(job.attempt());  // a phase that succeeded: evaluation gets a budget
+      job.clear_quality();
+      SetJobState(job, batch, mq::v1::JOB_STATE_EVALUATING,
+                  absl::StrCat(done, "; waiting for a worker to measure it against the original"),
+                  request.worker_id());
+    } else {
+      SetJobState(job, batch, mq::v1::JOB_STATE_SUCCEEDED, done, request.worker_id());
+    }
     PutJob(batch, job);
+  } else {  // EVALUATE
+    const mq::v1::EvaluateResult& e = request.evaluated();
+    if (absl::Status st = EndAssignment(a, batch, mq::v1::ATTEMPT_STATE_SUCCEEDED, "completed",
+                                        /*completed=*/true);
+        !st.ok()) {
+      return st;
+    }
+    *job.mutable_quality() = e.quality();
+    const QualityGate gate = GateOf(job.spec().eval());
+    const mq::v1::QualityReport& q = e.quality();
+    std::string failure;
+    if (gate.active()) {
+      failure = q.not_measured().empty()
+                    ? QualityGateFailure(gate, q.kl_mean(), q.perplexity_reference(),
+                                         q.perplexity_candidate())
+                    : "nothing was measured: " + q.not_measured();
+      job.mutable_quality()->set_gate(failure.empty() ? "passed" : failure);
+    } else {
+      job.mutable_quality()->clear_gate();
+    }
+    if (!e.manifest_sha256().empty()) {
+      job.set_manifest_sha256(e.manifest_sha256());
+      job.set_output_files(e.files());
+      job.set_output_bytes(e.total_bytes());
+    }
+    job.mutable_progress()->set_stage("");
+    job.mutable_progress()->set_stage_fraction(0);
+    const std::string summary = QualitySummary(q);
+    AddEvent(job, batch, "evaluated",
+             absl::StrCat(summary, " in ", absl::SixDigits(q.seconds()), " s",
+                          e.manifest_sha256().empty()
+                              ? ""
+                              : absl::StrCat("; quality.json added, manifest sha256 ",
+                                             e.manifest_sha256()),
+                          gate.active() ? (failure.empty() ? "; quality gate passed"
+                                                           : "; quality gate FAILED")
+                                        : ""),
+             request.worker_id());
+    const std::string where =
+        IsEvalJob(job) ? job.spec().eval().candidate_uri() : job.spec().output_uri();
+    if (!failure.empty()) {
+      SetJobState(job, batch, mq::v1::JOB_STATE_FAILED,
+                  absl::StrCat("failed the quality gate: ", failure, " (", summary, ")",
+                               IsEvalJob(job) ? ""
+                                              : absl::StrCat("; the output stays in ", where,
+                                                             " with its manifest and quality.json")),
+                  request.worker_id());
+      if (metrics_) metrics_->jobs_failed->Increment();
+    } else {
+      SetJobState(job, batch, mq::v1::JOB_STATE_SUCCEEDED,
+                  IsEvalJob(job) ? absl::StrCat("measured ", where, ": ", summary)
+                                 : absl::StrCat(job.plan().layers_size(), " steps quantized; ",
+                                                Plural(job.output_files(), "file"), ", ",
+                                                HumanBytes(job.output_bytes()), " in ", where,
+                                                "; ", summary),
+                  request.worker_id());
+    }
+    PutJob(batch, job);
+    if (metrics_) metrics_->ObserveQuality(q, gate.active(), failure.empty());
   }
   if (absl::Status st = Commit(batch); !st.ok()) return st;
   for (int step : uncommitted) layers_[a.job_id()].erase(step);
@@ -1767,7 +1892,8 @@ void Coordinator::ExpireWorker(const std::string& worker_id, const std::string& 
 void Coordinator::ScheduleQueued() {
   std::vector<const JobRecord*> queue;
   for (const auto& [id, job] : jobs_) {
-    if (job.state() != mq::v1::JOB_STATE_QUEUED && job.state() != mq::v1::JOB_STATE_FINALIZING) {
+    if (job.state() != mq::v1::JOB_STATE_QUEUED && job.state() != mq::v1::JOB_STATE_FINALIZING &&
+        job.state() != mq::v1::JOB_STATE_EVALUATING) {
       continue;
     }
     // Never two attempts of a job at once (e.g. two finalizers on one directory): an ended
@@ -1790,6 +1916,8 @@ void Coordinator::ScheduleQueued() {
     const JobRecord& job = jobs_.at(id);
     if (job.state() == mq::v1::JOB_STATE_FINALIZING) {
       ScheduleFinalize(id);
+    } else if (job.state() == mq::v1::JOB_STATE_EVALUATING || IsEvalJob(job)) {
+      ScheduleEvaluate(id);
     } else if (!IsPlanned(job)) {
       SchedulePlan(id);
     } else {
@@ -1801,7 +1929,8 @@ void Coordinator::ScheduleQueued() {
     auto job = jobs_.find(it->first);
     const bool waiting =
         job != jobs_.end() && (job->second.state() == mq::v1::JOB_STATE_QUEUED ||
-                               job->second.state() == mq::v1::JOB_STATE_FINALIZING);
+                               job->second.state() == mq::v1::JOB_STATE_FINALIZING ||
+                               job->second.state() == mq::v1::JOB_STATE_EVALUATING);
     it = waiting && now < it->second ? std::next(it) : retry_not_before_.erase(it);
   }
   // Forget waiting starts of jobs no longer waiting.
@@ -1884,6 +2013,18 @@ void Coordinator::ScheduleGang(const std::string& job_id) {
   const int total = job.plan().layers_size();
   const int start = CommittedPrefix(job_id);
   WriteBatch batch;
+  if (start >= total && !job.manifest_sha256().empty() && EvaluatesOutput(job)) {
+    // Finalized; the evaluation failed or its worker was lost: evaluate again.
+    job.mutable_progress()->set_layers_committed(total);
+    SetJobState(job, batch, mq::v1::JOB_STATE_EVALUATING,
+                "the output is finalized; waiting for a worker to measure it against the original");
+    PutJob(batch, job);
+    if (!Commit(batch).ok()) return;
+    jobs_[job_id] = job;
+    ++changes_;
+    ScheduleEvaluate(job_id);
+    return;
+  }
   if (start >= total) {
     // Nothing left to quantize (e.g. a finalize attempt failed): finalize again.
     job.mutable_progress()->set_layers_committed(total);
@@ -1930,6 +2071,8 @@ void Coordinator::ScheduleGang(const std::string& job_id) {
     return;  // the job keeps waiting; the next tick tries again
   }
   const AttemptRecord attempt = NewAttempt(job, "quantize", decision.workers, start);
+  job.clear_manifest_sha256();  // steps are computed again: the output must be finalized anew
+  job.clear_quality();
   std::vector<AssignmentRecord> created;
   std::vector<std::string> names;
   for (int rank = 0; rank < size; ++rank) {
@@ -2033,6 +2176,56 @@ void Coordinator::ScheduleFinalize(const std::string& job_id) {
            worker_id);
   job.set_message(absl::StrCat("finalizing the output on worker ", name));
   job.set_updated_at_ms(Wall());
+  PutJob(batch, job);
+  if (!Commit(batch).ok()) return;
+  HandOut(a);
+  jobs_[job_id] = job;
+  ++changes_;
+  if (metrics_) metrics_->job_attempts->Increment();
+}
+
+void Coordinator::ScheduleEvaluate(const std::string& job_id) {
+  if (HasLiveAssignment(job_id)) return;
+  JobRecord job = jobs_.at(job_id);
+  auto pick = PickGang(WorkerViews(), kEvaluateCapability, 1);
+  if (!pick) {
+    const std::string message =
+        absl::StrCat(IsEvalJob(job) ? "waiting for a worker to evaluate "
+                                    : "the output is finalized; waiting for a worker to evaluate ",
+                     "it (capability \"", kEvaluateCapability, "\")");
+    if (job.message() != message) {
+      WriteBatch batch;
+      job.set_message(message);
+      job.set_updated_at_ms(Wall());
+      PutJob(batch, job);
+      if (!Commit(batch).ok()) return;
+      jobs_[job_id] = job;
+      ++changes_;
+    }
+    return;
+  }
+  const std::string& worker_id = pick->front();
+  const int total = job.plan().layers_size();
+  const AttemptRecord attempt = NewAttempt(job, "evaluate", {worker_id}, total);
+  const AssignmentRecord a =
+      NewAssignment(job, mq::v1::ASSIGNMENT_KIND_EVALUATE, worker_id, 0, 1, total);
+  WriteBatch batch;
+  batch.Put(Table::kAssignments, a.assignment_id(), a.SerializeAsString());
+  batch.Put(Table::kAttempts, AttemptKey(job_id, job.attempt()), attempt.SerializeAsString());
+  const std::string& name = workers_.at(worker_id).record.name();
+  AddEvent(job, batch, "assigned",
+           absl::StrCat("attempt ", job.attempt(), ": evaluating on worker ", worker_id, " (",
+                        name, ")"),
+           worker_id);
+  const std::string message = absl::StrCat(
+      "measuring ", IsEvalJob(job) ? job.spec().eval().candidate_uri() : "the output",
+      " against ", job.spec().model_uri(), " on worker ", name);
+  if (job.state() != mq::v1::JOB_STATE_EVALUATING) {
+    SetJobState(job, batch, mq::v1::JOB_STATE_EVALUATING, message, worker_id);
+  } else {
+    job.set_message(message);
+    job.set_updated_at_ms(Wall());
+  }
   PutJob(batch, job);
   if (!Commit(batch).ok()) return;
   HandOut(a);

@@ -61,6 +61,10 @@ struct CoordinatorOptions {
 
 // Version of the records layout in the store; Recover refuses a newer one.
 inline constexpr uint32_t kSchemaVersion = 1;
+// Entries of arrays indexed by mq::v1::JobState (0 = unspecified .. EVALUATING).
+inline constexpr int kJobStates = 9;
+// The worker capability an EVALUATE assignment needs.
+inline constexpr char kEvaluateCapability[] = "evaluate";
 
 class Coordinator {
  public:
@@ -224,6 +228,9 @@ class Coordinator {
   void SchedulePlan(const std::string& job_id);
   void ScheduleGang(const std::string& job_id);
   void ScheduleFinalize(const std::string& job_id);
+  // EVALUATING jobs (and queued evaluation jobs) without a live assignment: one worker with the
+  // "evaluate" capability measures the output (or the candidate).
+  void ScheduleEvaluate(const std::string& job_id);
   bool HasLiveAssignment(const std::string& job_id) const;
   // Number of leading steps (0, 1, ...) that are committed.
   int CommittedPrefix(const std::string& job_id) const;
@@ -281,7 +288,7 @@ class Coordinator {
   // Ended assignment id -> monotonic ms when ForgetEnded first saw it (not persisted).
   std::map<std::string, int64_t> ended_seen_ms_;
   // Ended jobs evicted from memory by retention (still in the store), by JobState.
-  std::array<int64_t, 8> evicted_jobs_{};
+  std::array<int64_t, kJobStates> evicted_jobs_{};
   // The heartbeat time Load gave the workers it recovered; a recovered one still holding it
   // has not been heard from since (mq_workers{state="unknown"}). Monotonic ms.
   int64_t recovered_heartbeat_ms_ = -1;

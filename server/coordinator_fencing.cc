@@ -23,8 +23,9 @@ using mq::v1::JobRecord;
 absl::Status Coordinator::CheckOutputFree(const mq::v1::JobSpec& spec,
                                           const std::string& self_id) const {
   const std::string path = NormalLocationPath(spec.output_uri());
+  if (spec.output_uri().empty()) return absl::OkStatus();  // an evaluation job writes nothing
   for (const auto& [id, job] : jobs_) {
-    if (id == self_id || IsTerminal(job.state())) continue;
+    if (id == self_id || IsTerminal(job.state()) || job.spec().output_uri().empty()) continue;
     const std::string other = NormalLocationPath(job.spec().output_uri());
     const PathOverlap overlap = ComparePaths(path, other);
     if (overlap == PathOverlap::kNone) continue;

@@ -10,9 +10,10 @@ using prometheus::BuildHistogram;
 
 CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r) {
   auto& jobs_family = BuildGauge().Name("mq_jobs").Help("Jobs by state").Register(r);
-  const std::array<const char*, 8> names = {"",           "queued",    "planning", "running",
-                                            "finalizing", "succeeded", "failed",   "cancelled"};
-  for (int s = 1; s < 8; ++s) jobs[s] = &jobs_family.Add({{"state", names[s]}});
+  const std::array<const char*, 9> names = {"",          "queued",    "planning",
+                                            "running",   "finalizing", "succeeded",
+                                            "failed",    "cancelled",  "evaluating"};
+  for (size_t s = 1; s < names.size(); ++s) jobs[s] = &jobs_family.Add({{"state", names[s]}});
   jobs_submitted = &BuildCounter()
                         .Name("mq_jobs_submitted_total")
                         .Help("Jobs created by SubmitJob")
@@ -64,7 +65,7 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r) {
                      .Name("mq_assignments_total")
                      .Help("Assignments that ended, by kind and result")
                      .Register(r);
-  for (const char* kind : {"plan", "quantize", "finalize"}) {
+  for (const char* kind : {"plan", "quantize", "finalize", "evaluate"}) {
     for (const char* result : {"ok", "failed", "reassigned", "aborted"}) {
       assignments->Add({{"kind", kind}, {"result", result}});
     }
@@ -101,6 +102,25 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r) {
                     .Help("PollAssignment calls waiting for work")
                     .Register(r)
                     .Add({});
+  quality_kl_mean =
+      &BuildHistogram()
+           .Name("mq_job_quality_kl_mean")
+           .Help("Mean per-token KL(original || quantized) in nats measured by each evaluation")
+           .Register(r)
+           .Add({}, prometheus::Histogram::BucketBoundaries{0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+                                                            0.1, 0.2, 0.5, 1, 2, 5});
+  quality_top1 =
+      &BuildHistogram()
+           .Name("mq_job_quality_top1_agreement")
+           .Help("Top-1 next-token agreement with the original measured by each evaluation")
+           .Register(r)
+           .Add({}, prometheus::Histogram::BucketBoundaries{0.5, 0.7, 0.8, 0.9, 0.95, 0.98,
+                                                            0.99, 0.995, 0.999, 1});
+  quality_gate = &BuildCounter()
+                      .Name("mq_job_quality_gate_total")
+                      .Help("Evaluations of jobs with a quality gate, by result")
+                      .Register(r);
+  for (const char* result : {"passed", "failed"}) quality_gate->Add({{"result", result}});
   auto& job_layers =
       BuildGauge()
           .Name("mq_job_layers")
@@ -131,6 +151,15 @@ void CoordinatorMetrics::SetJobProgress(const std::map<std::string, double>& pro
     if (!g) g = &job_progress_->Add({{"job_id", job_id}});
     g->Set(ratio);
   }
+}
+
+void CoordinatorMetrics::ObserveQuality(const mq::v1::QualityReport& quality, bool gated,
+                                        bool passed) {
+  if (quality.not_measured().empty()) {
+    quality_kl_mean->Observe(quality.kl_mean());
+    quality_top1->Observe(quality.top1_agreement());
+  }
+  if (gated) quality_gate->Add({{"result", passed ? "passed" : "failed"}}).Increment();
 }
 
 void CoordinatorMetrics::CountAssignment(const std::string& kind, const std::string& result) {

@@ -8,14 +8,15 @@
 #include <string>
 
 #include "common/metrics.h"
+#include "mq/v1/state.pb.h"
 
 namespace mq::server {
 
 struct CoordinatorMetrics {
   explicit CoordinatorMetrics(prometheus::Registry& registry);
 
-  // mq_jobs{state}: index by mq::v1::JobState (1..7).
-  std::array<prometheus::Gauge*, 8> jobs{};
+  // mq_jobs{state}: index by mq::v1::JobState (1..8).
+  std::array<prometheus::Gauge*, 9> jobs{};
   prometheus::Counter* jobs_submitted = nullptr;
   prometheus::Counter* jobs_succeeded = nullptr;
   prometheus::Counter* jobs_failed = nullptr;
@@ -40,12 +41,20 @@ struct CoordinatorMetrics {
   prometheus::Counter* store_write_failures = nullptr;
   prometheus::Gauge* watch_streams = nullptr;  // open WatchJob streams
   prometheus::Gauge* long_polls = nullptr;     // PollAssignment calls waiting for work
+  prometheus::Histogram* quality_kl_mean = nullptr;
+  prometheus::Histogram* quality_top1 = nullptr;
+  prometheus::Family<prometheus::Counter>* quality_gate = nullptr;  // {result}
 
   // mq_job_layers{kind}: summed over the jobs in running or finalizing.
   prometheus::Gauge* job_layers_committed = nullptr;
   prometheus::Gauge* job_layers_total = nullptr;
 
   void CountAssignment(const std::string& kind, const std::string& result);
+
+  // An evaluation's result: mq_job_quality_kl_mean and mq_job_quality_top1_agreement observe
+  // it (when something was measured), mq_job_quality_gate_total{result} counts gated jobs
+  // (passed / failed).
+  void ObserveQuality(const mq::v1::QualityReport& quality, bool gated, bool passed);
 
   // Sets mq_job_progress_ratio{job_id} to committed/total layers for exactly the jobs in
   // `progress` (job id -> ratio in [0, 1]): series of jobs not in it are removed, so the

@@ -206,6 +206,15 @@ absl::Status CheckJobPaths(const JobSpec& spec, const mq::v1::PathPolicy& proto)
       return s;
     }
   }
+  if (absl::Status s = CheckPathLexical(policy, PathAccess::kRead, "spec.eval.dataset_uri",
+                                        spec.eval().dataset_uri());
+      !s.ok()) {
+    return s;
+  }
+  if (!spec.eval().candidate_uri().empty()) {  // an evaluation job writes nothing
+    return CheckPathLexical(policy, PathAccess::kRead, "spec.eval.candidate_uri",
+                            spec.eval().candidate_uri());
+  }
   return CheckPathLexical(policy, PathAccess::kWrite, "spec.output_uri", spec.output_uri());
 }
 
@@ -281,18 +290,80 @@ absl::Status ValidateLocation(const std::string& field, const std::string& value
   return absl::OkStatus();
 }
 
+namespace {
+
+// spec.eval of a spec whose calibration is normalized: defaults, ranges, the gate.
+absl::Status NormalizeEvalSpec(JobSpec& spec) {
+  mq::v1::EvalSpec* e = spec.mutable_eval();
+  const bool eval_job = !e->candidate_uri().empty();
+  if (!e->has_num_samples()) e->set_num_samples(16);
+  if (absl::Status s = CheckInt("spec.eval.num_samples", e->num_samples(), eval_job ? 1 : 0,
+                                100000);
+      !s.ok()) {
+    return eval_job ? Invalid("spec.eval.num_samples", absl::StrCat(e->num_samples()),
+                              "an evaluation job needs between 1 and 100000 sequences")
+                    : s;
+  }
+  if (absl::Status s = ValidateLocation("spec.eval.dataset_uri", e->dataset_uri(), eval_job);
+      !s.ok()) {
+    return eval_job && e->dataset_uri().empty()
+               ? Invalid("spec.eval.dataset_uri", "\"\"",
+                         "an evaluation job needs a dataset (it has no calibration to hold out "
+                         "from)")
+               : s;
+  }
+  if (e->max_sequence_length() == 0) {
+    e->set_max_sequence_length(spec.calibration().max_sequence_length());
+  }
+  if (absl::Status s =
+          CheckInt("spec.eval.max_sequence_length", e->max_sequence_length(), 2, 1 << 20);
+      !s.ok()) {
+    return s;
+  }
+  if (e->has_max_kl() && !(std::isfinite(e->max_kl()) && e->max_kl() >= 0)) {
+    return Invalid("spec.eval.max_kl", absl::StrCat(e->max_kl()),
+                   "must be a finite number >= 0 (nats of mean per-token KL)");
+  }
+  if (e->has_max_ppl_ratio() && !(std::isfinite(e->max_ppl_ratio()) && e->max_ppl_ratio() > 0)) {
+    return Invalid("spec.eval.max_ppl_ratio", absl::StrCat(e->max_ppl_ratio()),
+                   "must be a finite number > 0 (perplexity of the output over the original's)");
+  }
+  if (e->num_samples() == 0 && (e->has_max_kl() || e->has_max_ppl_ratio())) {
+    return Invalid("spec.eval.num_samples", "0",
+                   "a quality gate (max_kl, max_ppl_ratio) needs the evaluation: give it "
+                   "sequences or drop the gate");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<JobSpec> NormalizeJobSpec(const JobSpec& in) {
   JobSpec spec = in;
   if (absl::Status s = ValidateLocation("spec.model_uri", spec.model_uri(), true); !s.ok())
     return s;
-  if (absl::Status s = ValidateLocation("spec.output_uri", spec.output_uri(), true); !s.ok()) {
-    return s;
-  }
   const std::string model = LocationPath(spec.model_uri());
-  const std::string output = LocationPath(spec.output_uri());
-  if (output == model || absl::StartsWith(output, model + "/")) {
-    return Invalid("spec.output_uri", Quote(spec.output_uri()),
-                   "must not be the model directory or inside it");
+  if (!spec.eval().candidate_uri().empty()) {
+    // An evaluation job: a candidate against spec.model_uri; nothing is written.
+    if (absl::Status s = ValidateLocation("spec.eval.candidate_uri", spec.eval().candidate_uri(),
+                                          true);
+        !s.ok()) {
+      return s;
+    }
+    if (!spec.output_uri().empty()) {
+      return Invalid("spec.output_uri", Quote(spec.output_uri()),
+                     "must be empty for an evaluation job (it writes no files; its results are "
+                     "in the job's status)");
+    }
+  } else {
+    if (absl::Status s = ValidateLocation("spec.output_uri", spec.output_uri(), true); !s.ok()) {
+      return s;
+    }
+    const std::string output = LocationPath(spec.output_uri());
+    if (output == model || absl::StartsWith(output, model + "/")) {
+      return Invalid("spec.output_uri", Quote(spec.output_uri()),
+                     "must not be the model directory or inside it");
+    }
   }
 
   if (!mq::v1::Method_IsValid(spec.method())) {
@@ -391,6 +462,8 @@ absl::StatusOr<JobSpec> NormalizeJobSpec(const JobSpec& in) {
       !s.ok()) {
     return s;
   }
+
+  if (absl::Status s = NormalizeEvalSpec(spec); !s.ok()) return s;
 
   if (spec.gang_size() == 0) spec.set_gang_size(1);
   if (absl::Status s = CheckInt("spec.gang_size", spec.gang_size(), 1, 1024); !s.ok()) return s;
@@ -540,6 +613,55 @@ absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& r) {
     if (absl::Status s = ValidateAwqMapping(absl::StrCat("stats.awq[", i, "]"), st.awq(i));
         !s.ok()) {
       return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateEvaluateResult(const mq::v1::EvaluateResult& r, bool writes_output) {
+  if (writes_output != !r.manifest_sha256().empty() ||
+      (writes_output && !IsSha256(r.manifest_sha256()))) {
+    return Invalid("evaluated.manifest_sha256", Quote(r.manifest_sha256()),
+                   writes_output ? "must be 64 lowercase hex characters (the output's manifest)"
+                                 : "must be empty for an evaluation job (it writes no files)");
+  }
+  if (r.files() < 0 || r.total_bytes() < 0) {
+    return Invalid("evaluated.files", absl::StrCat(r.files(), " files, ", r.total_bytes(), " bytes"),
+                   "must be >= 0");
+  }
+  const mq::v1::QualityReport& q = r.quality();
+  if (absl::Status s = CheckCounts("evaluated.quality.", {{"sequences", q.sequences()},
+                                                          {"sequence_length", q.sequence_length()},
+                                                          {"positions", q.positions()}});
+      !s.ok()) {
+    return s;
+  }
+  for (const auto& [name, value] :
+       {std::pair<const char*, double>{"kl_mean", q.kl_mean()}, {"kl_p99", q.kl_p99()},
+        {"kl_max", q.kl_max()}, {"top1_agreement", q.top1_agreement()},
+        {"perplexity_reference", q.perplexity_reference()},
+        {"perplexity_candidate", q.perplexity_candidate()}, {"seconds", q.seconds()}}) {
+    // A broken model may have an infinite perplexity; NaN or a negative value is a bad report.
+    if (std::isnan(value) || value < 0) {
+      return Invalid(absl::StrCat("evaluated.quality.", name), absl::StrCat(value),
+                     "must be a number >= 0");
+    }
+  }
+  if (q.layers_size() > 100000) {
+    return Invalid("evaluated.quality.layers", absl::StrCat(q.layers_size()), "at most 100000");
+  }
+  for (int i = 0; i < q.layers_size(); ++i) {
+    if (std::isnan(q.layers(i).relative_error()) || q.layers(i).relative_error() < 0) {
+      return Invalid(absl::StrCat("evaluated.quality.layers[", i, "].relative_error"),
+                     absl::StrCat(q.layers(i).relative_error()), "must be a number >= 0");
+    }
+  }
+  for (const auto& [name, value] :
+       {std::pair<const char*, const std::string*>{"source", &q.source()},
+        {"not_measured", &q.not_measured()}, {"gate", &q.gate()}}) {
+    if (value->size() > 4096) {
+      return Invalid(absl::StrCat("evaluated.quality.", name), Quote(*value),
+                     "at most 4096 characters");
     }
   }
   return absl::OkStatus();

@@ -39,6 +39,9 @@ absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& request);
 absl::Status ValidateOutputFile(const std::string& field, const mq::v1::OutputFile& file);
 // A FINALIZE result: manifest_sha256 64 lowercase hex, counts >= 0.
 absl::Status ValidateFinalizeResult(const mq::v1::FinalizeResult& result);
+// An EVALUATE assignment's result: numbers >= 0 (perplexities may be infinite), bounded strings
+// and layer count, a manifest hash exactly when the job writes an output (`writes_output`).
+absl::Status ValidateEvaluateResult(const mq::v1::EvaluateResult& result, bool writes_output);
 
 // The path part of a validated location ("file:///a/b" -> "/a/b").
 std::string LocationPath(const std::string& value);

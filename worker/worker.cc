@@ -14,6 +14,7 @@
 #include "common/util.h"
 #include "worker/plan_convert.h"
 #if MQ_WORKER_HAS_PIPELINE
+#include "worker/pipeline/evaluate_job.h"
 #include "worker/pipeline/quantize_job.h"
 #endif
 
@@ -57,6 +58,8 @@ grpc::Status CallUntilSettled(const std::atomic<bool>& stop, const std::string& 
 // assignment, so tests can kill, cancel or resume while work is in flight:
 //   MQ_FAULT_PLAN_DELAY_MS      inside a PLAN assignment, before inspecting;
 //   MQ_FAULT_STEP_DELAY_MS      after each reported pipeline step;
+//   MQ_FAULT_EVAL_LAYER_DELAY_MS  inside an EVALUATE assignment after each progress report (each
+//                               evaluated layer);
 //   MQ_FAULT_FINALIZE_DELAY_MS  inside a FINALIZE assignment just before asking to publish the
 //                               manifest, deaf to cancellation like a finalizer busy writing.
 int64_t FaultDelayMs(const char* variable) {
@@ -89,7 +92,12 @@ std::vector<std::pair<std::string, std::string>> PathProblems(const mq::v1::Assi
         {"calibration.dataset_uri", spec.calibration().dataset_uri(), PathAccess::kRead});
     locations.push_back(
         {"calibration.tokenizer_uri", spec.calibration().tokenizer_uri(), PathAccess::kRead});
-    locations.push_back({"output_uri", spec.output_uri(), PathAccess::kWrite});
+    locations.push_back({"eval.dataset_uri", spec.eval().dataset_uri(), PathAccess::kRead});
+    if (spec.eval().candidate_uri().empty()) {
+      locations.push_back({"output_uri", spec.output_uri(), PathAccess::kWrite});
+    } else {  // an evaluation job reads its candidate and writes nothing
+      locations.push_back({"eval.candidate_uri", spec.eval().candidate_uri(), PathAccess::kRead});
+    }
   }
   std::vector<std::pair<std::string, std::string>> problems;
   for (const Location& l : locations) {
@@ -103,6 +111,7 @@ std::string KindName(mq::v1::AssignmentKind k) {
   switch (k) {
     case mq::v1::ASSIGNMENT_KIND_QUANTIZE: return "quantize";
     case mq::v1::ASSIGNMENT_KIND_FINALIZE: return "finalize";
+    case mq::v1::ASSIGNMENT_KIND_EVALUATE: return "evaluate";
     default: return "plan";
   }
 }
@@ -142,6 +151,13 @@ pipeline::QuantizeJobSpec ToJobSpec(const std::string& job_id, const mq::v1::Job
   j.seed = c.seed();
   j.min_expert_tokens = c.min_expert_tokens() == 0 ? 16 : c.min_expert_tokens();
   j.rare_expert_rtn = c.rare_expert_rtn();
+  const mq::v1::EvalSpec& e = spec.eval();
+  j.eval_samples = e.has_num_samples() ? e.num_samples() : 16;
+  j.eval_dataset = LocalPath(e.dataset_uri());
+  j.eval_max_sequence_length = e.max_sequence_length();
+  if (e.has_max_kl()) j.max_kl = e.max_kl();
+  if (e.has_max_ppl_ratio()) j.max_ppl_ratio = e.max_ppl_ratio();
+  j.candidate_dir = LocalPath(e.candidate_uri());
   return j;
 }
 
@@ -252,6 +268,7 @@ bool Worker::Register(const std::atomic<bool>& stop) {
     caps->add_capabilities("quantize:rtn");
     caps->add_capabilities("quantize:awq");
     caps->add_capabilities("quantize:awq-gptq");
+    caps->add_capabilities("evaluate");
     caps->set_gang_address(
         absl::StrCat(GangAdvertiseHost(options_.gang_host), ":", options_.gang_port));
   }
@@ -467,6 +484,8 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
     aborted = !RunQuantize(a, &result, stop);
   } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_FINALIZE) {
     aborted = !RunFinalize(a, &result, stop);
+  } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_EVALUATE) {
+    aborted = !RunEvaluate(a, &result, stop);
   } else {
     result.set_error(
         absl::StrCat("this mq-worker (", Version(), ") cannot run ", kind, " assignments"));
@@ -595,6 +614,64 @@ bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   f->set_removed_files(r->removed_files);
   return true;
 }
+
+bool Worker::RunEvaluate(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
+                         const std::atomic<bool>& stop) {
+  pipeline::EvaluateAssignmentInput in;
+  in.spec = ToJobSpec(a.job_id(), a.spec());
+  in.manifest_sha256 = a.manifest_sha256();
+  in.device = device_.device;
+  in.cpu_threads = options_.cpu_threads;
+  const int64_t delay = FaultDelayMs("MQ_FAULT_EVAL_LAYER_DELAY_MS");
+  in.on_progress = [&](const std::string& stage, double fraction) {
+    Progress(a, stage, fraction);
+    if (delay > 0) SleepMs(delay, stop);
+  };
+  in.cancelled = [&] { return stop || Cancelled(); };
+  Progress(a, "evaluating: loading the sequences", 0);
+  absl::StatusOr<pipeline::EvaluateAssignmentResult> r = pipeline::RunEvaluateAssignment(in);
+  if (!r.ok() && (stop || Cancelled())) return false;
+  if (!r.ok()) {
+    SetError(r.status(), result);
+    LogLine("worker", "WARN",
+            absl::StrCat("evaluate assignment ", a.assignment_id(), " failed: ",
+                         r.status().ToString()));
+    return true;
+  }
+  metrics_->ObserveStage("evaluate", r->seconds);
+  mq::v1::EvaluateResult* e = result->mutable_evaluated();
+  mq::v1::QualityReport* q = e->mutable_quality();
+  const eval::NextTokenQuality& t = r->report.next_token;
+  q->set_sequences(r->report.sequences);
+  q->set_sequence_length(r->report.sequence_length);
+  q->set_positions(t.positions);
+  q->set_kl_mean(t.kl_mean);
+  q->set_kl_p99(t.kl_p99);
+  q->set_kl_max(t.kl_max);
+  q->set_top1_agreement(t.top1_agreement);
+  q->set_perplexity_reference(t.perplexity_reference);
+  q->set_perplexity_candidate(t.perplexity_candidate);
+  for (const eval::LayerError& l : r->report.layers) {
+    mq::v1::LayerQuality* lq = q->add_layers();
+    lq->set_layer(l.layer);
+    lq->set_relative_error(l.relative_error);
+  }
+  q->set_source(r->source);
+  q->set_seconds(r->seconds);
+  q->set_not_measured(r->not_measured);
+  q->set_gate(r->gate);
+  e->set_manifest_sha256(r->manifest_sha256);
+  e->set_files(r->files);
+  e->set_total_bytes(r->total_bytes);
+  LogLine("worker", "INFO",
+          absl::StrCat("evaluate assignment ", a.assignment_id(), " of job ", a.job_id(), ": ",
+                       r->not_measured.empty()
+                           ? absl::StrCat("mean KL ", t.kl_mean, ", top-1 agreement ",
+                                          t.top1_agreement)
+                           : r->not_measured,
+                       " in ", absl::SixDigits(r->seconds), " s"));
+  return true;
+}
 #else
 bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
                          const std::atomic<bool>&) {
@@ -602,6 +679,10 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   return true;
 }
 bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
+                         const std::atomic<bool>& stop) {
+  return RunQuantize(a, result, stop);
+}
+bool Worker::RunEvaluate(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
                          const std::atomic<bool>& stop) {
   return RunQuantize(a, result, stop);
 }

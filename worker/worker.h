@@ -57,10 +57,14 @@ class Worker {
   // Sends the result until the coordinator accepts or rejects it for good.
   void Complete(mq::v1::CompleteAssignmentRequest request, const std::atomic<bool>& stop);
   void Progress(const mq::v1::Assignment& assignment, const std::string& stage, double fraction);
-  // QUANTIZE / FINALIZE: fill `result` (quantized, finalized or error); false when abandoned.
+  // QUANTIZE / FINALIZE / EVALUATE: fill `result` (quantized, finalized, evaluated or error);
+  // false when abandoned.
   bool RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
                    const std::atomic<bool>& stop);
   bool RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
+                   const std::atomic<bool>& stop);
+  // EVALUATE: measures the output (pipeline/evaluate_job.h) and fills `evaluated` or error.
+  bool RunEvaluate(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
                    const std::atomic<bool>& stop);
   // FINALIZE: asks the coordinator to publish the manifest (ReportProgress with publish =
   // true; UNAVAILABLE and the like are retried). OK: write it; ABORTED: the assignment was

@@ -14,7 +14,7 @@ WorkerMetrics::WorkerMetrics(prometheus::Registry& r, const std::string& worker,
                      .Name("mq_worker_assignments_total")
                      .Help("Assignments this worker finished, by kind and result")
                      .Register(r);
-  for (const char* kind : {"plan", "quantize", "finalize"}) {
+  for (const char* kind : {"plan", "quantize", "finalize", "evaluate"}) {
     for (const char* result : {"ok", "failed", "aborted"}) {
       assignments->Add({{"kind", kind}, {"result", result}});
     }
@@ -22,7 +22,7 @@ WorkerMetrics::WorkerMetrics(prometheus::Registry& r, const std::string& worker,
   stage_seconds =
       &prometheus::BuildHistogram()
            .Name("mq_worker_stage_duration_seconds")
-           .Help("Seconds per pipeline stage: per plan, per layer and stage, per finalize")
+           .Help("Seconds per pipeline stage: per plan, per layer and stage, per finalize, per evaluation")
            .Register(r);
   heartbeats = &prometheus::BuildCounter()
                     .Name("mq_worker_heartbeats_total")

@@ -75,6 +75,10 @@ absl::Status ValidateSpec(const CalibrationSpec& spec) {
     return absl::InvalidArgumentError(
         absl::StrCat("spec.max_sequence_length = ", spec.max_sequence_length, ": must be > 0"));
   }
+  if (spec.skip_samples < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("spec.skip_samples = ", spec.skip_samples, ": must be >= 0"));
+  }
   if (spec.min_sequence_length < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("spec.min_sequence_length = ", spec.min_sequence_length, ": must be >= 0"));
@@ -416,9 +420,10 @@ absl::StatusOr<CalibrationSet> LoadCalibration(const CalibrationSpec& spec, int6
         " tokens"));
   }
   std::vector<int64_t> order = CalibrationShuffle(out.available, spec.seed);
-  int64_t take = std::min(spec.num_samples, out.available);
+  const int64_t first = std::min(spec.skip_samples, out.available);
+  const int64_t take = std::min(spec.num_samples, out.available - first);
   out.samples.reserve(take);
-  for (int64_t i = 0; i < take; ++i) {
+  for (int64_t i = first; i < first + take; ++i) {
     std::vector<int32_t>& s = usable[order[i]];
     if (static_cast<int64_t>(s.size()) > spec.max_sequence_length) {
       s.resize(spec.max_sequence_length);

@@ -16,9 +16,11 @@
 //
 // Selection: every sample is parsed (and tokenized); samples with fewer than
 // min_sequence_length tokens are dropped; the remaining ones, in file order, are shuffled with
-// CalibrationShuffle(n, seed); the first num_samples are taken and each is truncated to
-// max_sequence_length tokens (no padding). When fewer than num_samples are usable all of them are
-// returned (`available` says how many).
+// CalibrationShuffle(n, seed); the first skip_samples of that order are passed over, the next
+// num_samples are taken and each is truncated to max_sequence_length tokens (no padding). When
+// fewer are left, all of them are returned (`available` says how many passed the filter), possibly
+// none: held-out sequences are those after a calibration's (skip_samples = its num_samples, same
+// seed and filter), so the two never share a sample.
 #ifndef MQ_WORKER_DATA_CALIBRATION_H_
 #define MQ_WORKER_DATA_CALIBRATION_H_
 
@@ -38,12 +40,13 @@ struct CalibrationSpec {
   int64_t max_sequence_length = 2048;  // > 0; longer samples are truncated (no padding)
   int64_t min_sequence_length = 1;     // >= 0; shorter samples (after tokenization) are skipped
   uint64_t seed = 0;                   // deterministic shuffle (CalibrationShuffle)
+  int64_t skip_samples = 0;            // >= 0; leading samples of the shuffled order passed over
   bool add_special_tokens = true;      // passed to BpeTokenizer::Encode
   std::string text_field = "text";     // key of the text in JSONL text datasets
 };
 
 struct CalibrationSet {
-  std::vector<std::vector<int32_t>> samples;  // min(num_samples, available) samples
+  std::vector<std::vector<int32_t>> samples;  // min(num_samples, available - skip) samples
   int64_t total_tokens = 0;                   // sum of the sample lengths
   std::string format;                         // "text", "messages", "input_ids" or "safetensors"
   int64_t skipped_short = 0;  // samples dropped for being shorter than min_sequence_length

@@ -41,6 +41,16 @@ struct Side {
   std::vector<at::Tensor> hidden;  // per batch [b, seq, H]
 };
 
+// The rows of an integer [n >= 1, seq >= 2] matrix of ids.
+absl::StatusOr<std::vector<at::Tensor>> Rows(const at::Tensor& input_ids) {
+  if (!input_ids.defined() || input_ids.dim() != 2 || input_ids.size(0) < 1 ||
+      input_ids.size(1) < 2 || !at::isIntegralType(input_ids.scalar_type(), false)) {
+    return absl::InvalidArgumentError(
+        "input_ids: must be an integer tensor [n >= 1, seq >= 2] of token ids");
+  }
+  return input_ids.unbind(0);
+}
+
 std::string Text(bool v) { return v ? "true" : "false"; }
 template <typename T>
 std::string Text(const T& v) {
@@ -104,7 +114,7 @@ absl::StatusOr<QualityReport> CompareModels(CheckpointReader& reference,
                                             const DeepseekV3Config& reference_config,
                                             CheckpointReader& candidate,
                                             const DeepseekV3Config& candidate_config,
-                                            const at::Tensor& input_ids,
+                                            const std::vector<at::Tensor>& sequences,
                                             const CompareOptions& options) {
   if (absl::Status s = CheckSameArchitecture(reference_config, candidate_config); !s.ok()) {
     return s;
@@ -113,24 +123,39 @@ absl::StatusOr<QualityReport> CompareModels(CheckpointReader& reference,
     return absl::InvalidArgumentError(
         absl::StrCat("batch_size = ", options.batch_size, ": must be >= 1"));
   }
-  if (!input_ids.defined() || input_ids.dim() != 2 || input_ids.size(0) < 1 ||
-      input_ids.size(1) < 2 || !at::isIntegralType(input_ids.scalar_type(), false)) {
-    return absl::InvalidArgumentError(
-        "input_ids: must be an integer tensor [n >= 1, seq >= 2] of token ids");
-  }
-  const at::Tensor ids = input_ids.to(at::kCPU, at::kLong).contiguous();
+  if (sequences.empty()) return absl::InvalidArgumentError("sequences: none given");
   const int64_t vocab = reference_config.vocab_size;
-  if (ids.min().item<int64_t>() < 0 || ids.max().item<int64_t>() >= vocab) {
-    return absl::InvalidArgumentError(absl::StrCat("input_ids: token ids must be in [0, ", vocab,
-                                                   ") (vocab_size of config.json)"));
+  std::vector<at::Tensor> rows;  // on the CPU, int64
+  for (size_t i = 0; i < sequences.size(); ++i) {
+    const at::Tensor& t = sequences[i];
+    if (!t.defined() || t.dim() != 1 || t.size(0) < 2 ||
+        !at::isIntegralType(t.scalar_type(), false)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", i, ": must be an integer tensor [seq >= 2] of token ids"));
+    }
+    rows.push_back(t.to(at::kCPU, at::kLong).contiguous());
+    if (rows.back().min().item<int64_t>() < 0 || rows.back().max().item<int64_t>() >= vocab) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", i, ": token ids must be in [0, ", vocab, ") (vocab_size of config.json)"));
+    }
   }
-  const int64_t n = ids.size(0);
-  const int64_t seq = ids.size(1);
-  std::vector<at::Tensor> batches;  // ids per batch, on the compute device
-  for (int64_t b = 0; b < n; b += options.batch_size) {
-    batches.push_back(ids.narrow(0, b, std::min(options.batch_size, n - b)).to(options.device));
+  // Batches of equal length, longest first (stable, so equal lengths keep their order).
+  std::vector<size_t> order(rows.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return rows[a].size(0) > rows[b].size(0); });
+  std::vector<at::Tensor> batches;    // ids per batch [b, seq], on the compute device
+  std::vector<at::Tensor> positions;  // per batch [seq]
+  for (size_t i = 0; i < order.size();) {
+    const int64_t len = rows[order[i]].size(0);
+    std::vector<at::Tensor> batch;
+    while (i < order.size() && rows[order[i]].size(0) == len &&
+           static_cast<int64_t>(batch.size()) < options.batch_size) {
+      batch.push_back(rows[order[i++]]);
+    }
+    batches.push_back(at::stack(batch).to(options.device));
+    positions.push_back(at::arange(len, at::TensorOptions(at::kLong).device(options.device)));
   }
-  const at::Tensor positions = at::arange(seq, at::TensorOptions(at::kLong).device(options.device));
 
   Side sides[2] = {{"reference", &reference, &reference_config, {}},
                    {"candidate", &candidate, &candidate_config, {}}};
@@ -149,22 +174,26 @@ absl::StatusOr<QualityReport> CompareModels(CheckpointReader& reference,
   }
 
   QualityReport report;
-  report.sequences = n;
-  report.sequence_length = seq;
-  for (int layer = 0; layer < reference_config.num_hidden_layers; ++layer) {
+  report.sequences = static_cast<int64_t>(rows.size());
+  report.sequence_length = rows[order.front()].size(0);
+  const int total = reference_config.num_hidden_layers;
+  for (int layer = 0; layer < total; ++layer) {
     for (Side& side : sides) {  // one layer resident at a time
       absl::StatusOr<model::LayerWeights> weights =
           model::LoadLayer(*side.reader, *side.config, layer, options.device, options.dtype);
       if (!weights.ok()) return Named(side.name, weights.status());
-      for (at::Tensor& h : side.hidden) {
-        absl::StatusOr<at::Tensor> next = model::RunLayer(*weights, h, positions);
+      for (size_t b = 0; b < side.hidden.size(); ++b) {
+        absl::StatusOr<at::Tensor> next = model::RunLayer(*weights, side.hidden[b], positions[b]);
         if (!next.ok()) return Named(side.name, next.status());
-        h = *std::move(next);
+        side.hidden[b] = *std::move(next);
       }
     }
     SquaredSums sums;
     for (size_t b = 0; b < batches.size(); ++b) sums.Add(sides[0].hidden[b], sides[1].hidden[b]);
     report.layers.push_back({layer, sums.Relative()});
+    if (options.on_layer) {
+      if (absl::Status s = options.on_layer(layer + 1, total); !s.ok()) return s;
+    }
   }
 
   NextTokenAccumulator acc;
@@ -186,9 +215,20 @@ absl::StatusOr<QualityReport> CompareModels(CheckpointReader& reference,
   return report;
 }
 
+absl::StatusOr<QualityReport> CompareModels(CheckpointReader& reference,
+                                            const DeepseekV3Config& reference_config,
+                                            CheckpointReader& candidate,
+                                            const DeepseekV3Config& candidate_config,
+                                            const at::Tensor& input_ids,
+                                            const CompareOptions& options) {
+  absl::StatusOr<std::vector<at::Tensor>> rows = Rows(input_ids);
+  if (!rows.ok()) return rows.status();
+  return CompareModels(reference, reference_config, candidate, candidate_config, *rows, options);
+}
+
 absl::StatusOr<QualityReport> CompareCheckpoints(const std::string& reference_dir,
                                                  const std::string& candidate_dir,
-                                                 const at::Tensor& input_ids,
+                                                 const std::vector<at::Tensor>& sequences,
                                                  const CompareOptions& options) {
   absl::StatusOr<DeepseekV3Config> ref_config =
       model::LoadDeepseekV3Config(reference_dir + "/config.json");
@@ -200,7 +240,16 @@ absl::StatusOr<QualityReport> CompareCheckpoints(const std::string& reference_di
   if (!ref.ok()) return Named("reference", ref.status());
   absl::StatusOr<std::unique_ptr<CheckpointReader>> cand = CheckpointReader::Open(candidate_dir);
   if (!cand.ok()) return Named("candidate", cand.status());
-  return CompareModels(**ref, *ref_config, **cand, *cand_config, input_ids, options);
+  return CompareModels(**ref, *ref_config, **cand, *cand_config, sequences, options);
+}
+
+absl::StatusOr<QualityReport> CompareCheckpoints(const std::string& reference_dir,
+                                                 const std::string& candidate_dir,
+                                                 const at::Tensor& input_ids,
+                                                 const CompareOptions& options) {
+  absl::StatusOr<std::vector<at::Tensor>> rows = Rows(input_ids);
+  if (!rows.ok()) return rows.status();
+  return CompareCheckpoints(reference_dir, candidate_dir, *rows, options);
 }
 
 nlohmann::json QualityReportJson(const QualityReport& report) {

@@ -25,6 +25,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -41,18 +42,9 @@ struct CompareOptions {
   at::Device device = at::kCPU;
   at::ScalarType dtype = at::kFloat;  // compute dtype of both models: kFloat or kBFloat16
   int64_t batch_size = 8;             // sequences per forward call (> 0)
-};
-
-struct LayerError {
-  int layer = 0;
-  double relative_error = 0;  // ‖h_cand − h_ref‖ / ‖h_ref‖ of the layer's output
-};
-
-struct QualityReport {
-  int64_t sequences = 0;
-  int64_t sequence_length = 0;
-  std::vector<LayerError> layers;  // decoder layers 0..num_hidden_layers-1, in order
-  NextTokenQuality next_token;
+  // Called after each decoder layer with (layers done, layers in all); a non-OK status stops the
+  // comparison with that status (e.g. a cancelled job). Empty: no calls.
+  std::function<absl::Status(int, int)> on_layer;
 };
 
 // OK when the two configs describe the same architecture (every shape- or routing-determining
@@ -60,10 +52,19 @@ struct QualityReport {
 absl::Status CheckSameArchitecture(const model::DeepseekV3Config& reference,
                                    const model::DeepseekV3Config& candidate);
 
-// Runs the procedure above on `input_ids` (integer [n, seq], n >= 1, seq >= 2, ids below the
-// vocabulary size; any device). InvalidArgument for bad ids, options or differing architectures;
-// the engine's load and forward errors (naming the checkpoint: "reference: ..." or
-// "candidate: ...").
+// Runs the procedure above on `sequences` (each an integer 1-D tensor of >= 2 ids below the
+// vocabulary size, lengths may differ; any device). Sequences are batched by length (stable sort,
+// longest first, at most batch_size of one length per forward call), which changes float
+// rounding only. InvalidArgument for bad ids, options or differing architectures; the engine's
+// load and forward errors (naming the checkpoint: "reference: ..." or "candidate: ..."); the
+// status of options.on_layer when it stopped the run.
+absl::StatusOr<QualityReport> CompareModels(model::CheckpointReader& reference,
+                                            const model::DeepseekV3Config& reference_config,
+                                            model::CheckpointReader& candidate,
+                                            const model::DeepseekV3Config& candidate_config,
+                                            const std::vector<at::Tensor>& sequences,
+                                            const CompareOptions& options = {});
+// The same on the rows of `input_ids` (integer [n, seq], n >= 1, seq >= 2).
 absl::StatusOr<QualityReport> CompareModels(model::CheckpointReader& reference,
                                             const model::DeepseekV3Config& reference_config,
                                             model::CheckpointReader& candidate,
@@ -72,6 +73,10 @@ absl::StatusOr<QualityReport> CompareModels(model::CheckpointReader& reference,
                                             const CompareOptions& options = {});
 
 // CompareModels on two checkpoint directories (config.json + safetensors).
+absl::StatusOr<QualityReport> CompareCheckpoints(const std::string& reference_dir,
+                                                 const std::string& candidate_dir,
+                                                 const std::vector<at::Tensor>& sequences,
+                                                 const CompareOptions& options = {});
 absl::StatusOr<QualityReport> CompareCheckpoints(const std::string& reference_dir,
                                                  const std::string& candidate_dir,
                                                  const at::Tensor& input_ids,

@@ -30,20 +30,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "worker/eval/quality.h"
 
 namespace mq::eval {
-
-struct NextTokenQuality {
-  int64_t positions = 0;  // N
-  double kl_mean = 0;
-  double kl_p99 = 0;
-  double kl_max = 0;
-  double top1_agreement = 0;
-  double nll_reference = 0;
-  double nll_candidate = 0;
-  double perplexity_reference = 0;
-  double perplexity_candidate = 0;
-};
 
 // KL_t of each row of two logit matrices [N, V] (same shape, any float dtype, same device):
 // float64 [N] on their device, as defined above.

@@ -53,7 +53,8 @@ bool IsOutputName(const std::string& n) {
   for (const char* f : kCopiedFiles) {
     if (n == f || absl::StartsWith(n, absl::StrCat(f, ".tmp."))) return true;
   }
-  for (const char* f : {"config.json", "model.safetensors.index.json", kManifestFileName}) {
+  for (const char* f :
+       {"config.json", "model.safetensors.index.json", kManifestFileName, kQualityFileName}) {
     if (n == f || absl::StartsWith(n, absl::StrCat(f, ".tmp."))) return true;
   }
   return false;
@@ -114,8 +115,8 @@ class MarkerLock {
       ::close(fd);
       if (err == EWOULDBLOCK) {
         return absl::UnavailableError(
-            absl::StrCat("another finalization holds ", dir, " (a lock on ", kOwnerMarkerName,
-                         "): at most one finalization runs per output directory"));
+            absl::StrCat("another finalization or evaluation holds ", dir, " (a lock on ",
+                         kOwnerMarkerName, "): at most one runs per output directory"));
       }
       errno = err;
       return Errno(absl::StrCat("lock ", path));
@@ -128,6 +129,51 @@ class MarkerLock {
   explicit MarkerLock(int fd) : fd_(fd) {}
   int fd_;
 };
+
+// manifest.json's bytes for `files` (sorted by name), and their count and total size.
+std::string ManifestText(const std::map<std::string, OutputFileInfo>& files, int* count,
+                         int64_t* total_bytes) {
+  nlohmann::json list = nlohmann::json::array();
+  *count = 0;
+  *total_bytes = 0;
+  for (const auto& [name, info] : files) {
+    list.push_back({{"name", name}, {"size", info.size}, {"sha256", info.sha256}});
+    ++*count;
+    *total_bytes += info.size;
+  }
+  return nlohmann::json{{"format", "mq-manifest-1"}, {"files", list}}.dump(2) + "\n";
+}
+
+// The files manifest.json lists; DATA_LOSS when it is missing or not an mq manifest.
+absl::StatusOr<std::map<std::string, OutputFileInfo>> ReadManifest(const std::string& dir) {
+  const std::string path = dir + "/" + kManifestFileName;
+  absl::StatusOr<std::string> text = quant::ReadFile(path);
+  if (!text.ok()) {
+    return absl::DataLossError(absl::StrCat(path, ": cannot be read (", text.status().message(),
+                                            "); the output is not finalized"));
+  }
+  const nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
+  std::map<std::string, OutputFileInfo> files;
+  if (j.is_object() && j.value("format", "") == "mq-manifest-1" && j.contains("files") &&
+      j["files"].is_array()) {
+    for (const nlohmann::json& f : j["files"]) {
+      if (!f.is_object() || !f.contains("name") || !f["name"].is_string() ||
+          !f.contains("size") || !f["size"].is_number_integer() || !f.contains("sha256") ||
+          !f["sha256"].is_string()) {
+        files.clear();
+        break;
+      }
+      OutputFileInfo info;
+      info.name = f["name"].get<std::string>();
+      info.size = f["size"].get<int64_t>();
+      info.sha256 = f["sha256"].get<std::string>();
+      files[info.name] = info;
+    }
+    if (!files.empty()) return files;
+  }
+  return absl::DataLossError(
+      absl::StrCat(path, ": not an mq manifest (format mq-manifest-1 with a list of files)"));
+}
 
 }  // namespace
 
@@ -532,14 +578,7 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
     if (absl::Status s = options.publish(); !s.ok()) return s;
   }
   FinalizeOutput result;
-  nlohmann::json files = nlohmann::json::array();
-  for (const auto& [name, info] : keep) {
-    files.push_back({{"name", name}, {"size", info.size}, {"sha256", info.sha256}});
-    ++result.files;
-    result.total_bytes += info.size;
-  }
-  const std::string manifest =
-      nlohmann::json{{"format", "mq-manifest-1"}, {"files", files}}.dump(2) + "\n";
+  const std::string manifest = ManifestText(keep, &result.files, &result.total_bytes);
   s = model::WriteFileAtomic(out + "/" + kManifestFileName, manifest);
   if (!s.ok()) return s;
   result.manifest_sha256 = Sha256Hex(manifest);
@@ -558,6 +597,54 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
     ++result.removed_files;
   }
   if (absl::Status s = FsyncDir(out); !s.ok()) return s;
+  return result;
+}
+
+absl::Status CheckFinalizedOutput(const std::string& output_dir, const std::string& job_id,
+                                  const std::string& manifest_sha256) {
+  absl::StatusOr<std::string> owner = OutputOwner(output_dir);
+  if (!owner.ok()) return owner.status();
+  if (*owner != job_id) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(output_dir, " belongs to job ", *owner, ", not to ", job_id));
+  }
+  absl::StatusOr<std::map<std::string, OutputFileInfo>> files = ReadManifest(output_dir);
+  if (!files.ok()) return files.status();
+  files->erase(kQualityFileName);
+  int count = 0;
+  int64_t bytes = 0;
+  const std::string sha = Sha256Hex(ManifestText(*files, &count, &bytes));
+  if (sha != manifest_sha256) {
+    return absl::DataLossError(absl::StrCat(
+        output_dir, "/", kManifestFileName, " lists other files than finalization wrote (sha256 ",
+        sha.substr(0, 16), "... without ", kQualityFileName, ", finalization wrote ",
+        manifest_sha256.substr(0, 16), "...): the output changed after it was finalized"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<FinalizeOutput> AddToManifest(const std::string& output_dir,
+                                             const std::string& job_id,
+                                             const std::string& manifest_sha256,
+                                             const std::string& name,
+                                             const std::string& content) {
+  absl::StatusOr<std::unique_ptr<MarkerLock>> lock = MarkerLock::Acquire(output_dir);
+  if (!lock.ok()) return lock.status();
+  if (absl::Status s = CheckFinalizedOutput(output_dir, job_id, manifest_sha256); !s.ok()) {
+    return s;
+  }
+  absl::StatusOr<std::map<std::string, OutputFileInfo>> files = ReadManifest(output_dir);
+  if (!files.ok()) return files.status();
+  if (absl::Status s = model::WriteFileAtomic(output_dir + "/" + name, content); !s.ok()) return s;
+  (*files)[name] = OutputFileInfo{name, static_cast<int64_t>(content.size()), Sha256Hex(content)};
+  FinalizeOutput result;
+  const std::string manifest = ManifestText(*files, &result.files, &result.total_bytes);
+  if (absl::Status s = model::WriteFileAtomic(output_dir + "/" + kManifestFileName, manifest);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = FsyncDir(output_dir); !s.ok()) return s;
+  result.manifest_sha256 = Sha256Hex(manifest);
   return result;
 }
 

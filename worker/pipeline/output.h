@@ -8,7 +8,8 @@
 //   model-globals.safetensors                    embedding, final norm, lm_head, and the tensors of
 //                                                layers outside the pipeline (e.g. MTP, ignored)
 //   model.safetensors.index.json, config.json (with quantization_config), tokenizer and
-//   generation files copied from the model, and manifest.json (written last).
+//   generation files copied from the model, and manifest.json (written last); quality.json
+//   (the evaluation's measures) when the job evaluated its output, added to the manifest then.
 // manifest.json lists every other file with its size and SHA-256, sorted by name, except the
 // marker (it holds the job id, and the manifest holds no time or job id, so the same output
 // always has the same manifest bytes).
@@ -64,6 +65,8 @@ absl::StatusOr<OutputFileInfo> WriteDescribedSafetensors(const std::string& dir,
 std::string LayerFileName(int layer, int rank, int world_size);
 inline constexpr char kGlobalsFileName[] = "model-globals.safetensors";
 inline constexpr char kManifestFileName[] = "manifest.json";
+// What the job's evaluation measured (EVALUATING); added to the manifest after finalization.
+inline constexpr char kQualityFileName[] = "quality.json";
 // The owner marker: {"job_id": "<job>"} (not listed in the manifest).
 inline constexpr char kOwnerMarkerName[] = ".mq-job";
 
@@ -165,5 +168,22 @@ struct FinalizeOutput {
 // calls options.publish, writes manifest.json, then deletes every other file that an mq output
 // could contain (files of uncommitted steps, temporaries) and nothing else; the marker stays.
 absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options);
+
+// OK when `output_dir` belongs to `job_id` and its manifest.json, without any quality.json
+// entry, has the SHA-256 finalization reported (`manifest_sha256`); so it does before and after
+// AddToManifest added quality.json. FailedPrecondition for another owner; DATA_LOSS naming
+// manifest.json when it is missing, malformed or lists other files.
+absl::Status CheckFinalizedOutput(const std::string& output_dir, const std::string& job_id,
+                                  const std::string& manifest_sha256);
+
+// Writes `name` (e.g. quality.json) into job `job_id`'s finished output with `content` (temp
+// file, fsync, rename) and rewrites manifest.json listing it (replacing an earlier entry of that
+// name), under the marker's lock (UNAVAILABLE while a finalization or another addition holds
+// it). CheckFinalizedOutput must pass first; nothing is written otherwise. A crash leaves either
+// the old manifest or the new one (both pass CheckFinalizedOutput), so running it again repairs.
+absl::StatusOr<FinalizeOutput> AddToManifest(const std::string& output_dir,
+                                             const std::string& job_id,
+                                             const std::string& manifest_sha256,
+                                             const std::string& name, const std::string& content);
 
 }  // namespace mq::pipeline

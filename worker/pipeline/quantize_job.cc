@@ -91,6 +91,10 @@ std::vector<std::pair<std::string, std::string>> CheckQuantizeInputs(const Quant
   return problems;
 }
 
+absl::StatusOr<data::CalibrationSpec> JobCalibrationSpec(const QuantizeJobSpec& spec) {
+  return Calibration(spec);
+}
+
 absl::Status ClaimOutput(const QuantizeJobSpec& spec) {
   return ClaimOutputLocation(spec.model_dir, spec.output_dir, spec.job_id);
 }

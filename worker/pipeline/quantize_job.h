@@ -6,11 +6,13 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "worker/data/calibration.h"
 #include "worker/pipeline/types.h"
 
 namespace mq::pipeline {
@@ -41,12 +43,25 @@ struct QuantizeJobSpec {
   // AWQ (methods awq and awq-gptq): grid points (0 = only s = 1) and cached tokens per layer.
   int awq_grid = 20;
   int64_t awq_max_tokens = 32768;
+  // Evaluation (evaluate_job.h): sequences (0 = none), their dataset (empty: held-out sequences
+  // of the calibration dataset), tokens per sequence, the gate, and for an evaluation job the
+  // candidate checkpoint (empty: the job's output).
+  int64_t eval_samples = 0;
+  std::string eval_dataset;
+  int64_t eval_max_sequence_length = 0;
+  std::optional<double> max_kl;
+  std::optional<double> max_ppl_ratio;
+  std::string candidate_dir;
 };
 
 // Problems with a job's inputs that the checkpoint inspection does not see: the calibration
 // dataset (and tokenizer), the output location (new, empty, or already spec.job_id's),
 // unsupported settings. Each is (where, what). Writes nothing but a missing output directory.
 std::vector<std::pair<std::string, std::string>> CheckQuantizeInputs(const QuantizeJobSpec& spec);
+
+// The calibration dataset's selection for `spec` (its dataset, tokenizer, samples, length limit,
+// seed and length filter). The tokenizer is spec.tokenizer or the model directory's.
+absl::StatusOr<data::CalibrationSpec> JobCalibrationSpec(const QuantizeJobSpec& spec);
 
 // Claims spec.output_dir for spec.job_id (the owner marker; idempotent for the same job).
 // FailedPrecondition naming the owning job or the entries found when it belongs to someone else.
