@@ -131,7 +131,6 @@ absl::StatusOr<EvaluateAssignmentResult> RunEvaluateAssignment(const EvaluateAss
   quality["format"] = "mq-quality-1";
   quality["source"] = result.source;
   quality["reference"] = spec.model_dir;
-  quality["candidate"] = candidate;
   quality["gate"] = GateJson(gate, result.gate);
   if (job_output) {
     absl::StatusOr<FinalizeOutput> out =

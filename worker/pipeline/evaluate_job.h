@@ -9,10 +9,10 @@
 // truncated to spec.eval_max_sequence_length tokens.
 //
 // quality.json (format "mq-quality-1"): compare.h's QualityReportJson plus "source" (where the
-// sequences came from), "reference" and "candidate" (the two checkpoints' locations) and "gate"
-// ({"max_kl", "max_ppl_ratio", "verdict"} with verdict "passed" or the failure, or null without
-// a gate). It holds no time, so the same job measured again on the same device writes the same
-// bytes.
+// sequences came from), "reference" (the original's location) and "gate" ({"max_kl",
+// "max_ppl_ratio", "verdict"} with verdict "passed" or the failure, or null without a gate). It
+// holds no time and not the output's own location, so the same job measured again on the same
+// device writes the same bytes, into any output directory.
 //
 // Threading: one assignment at a time per process; callbacks run on the calling thread.
 #pragma once
