@@ -94,13 +94,14 @@ else
   echo "model reused (same flags)" > "$LOG/gen-reuse.log"
 fi
 
-# Calibration: 128 sequences of SEQLEN random ids < 8192 (a job takes its first SAMPLES after
-# the deterministic shuffle).
+# Calibration: 160 sequences of SEQLEN random ids < 8192 (a job takes its first SAMPLES after
+# the deterministic shuffle; the evaluation, on by default, the next 16 of that order, so a job of
+# up to 144 samples is evaluated on held-out sequences).
 python3 - "$W/calibration.jsonl" "$SEQLEN" <<'EOF'
 import json, random, sys
 rng = random.Random(1234)
 with open(sys.argv[1], "w") as f:
-    for _ in range(128):
+    for _ in range(160):
         f.write(json.dumps({"input_ids": [rng.randrange(8192) for _ in range(int(sys.argv[2]))]}) + "\n")
 EOF
 
@@ -234,6 +235,7 @@ r["layers"] = [{"layer": l.get("layer"), "committed_at_ms": l.get("committed_at_
                for l in job.get("layers", [])]
 r["events"] = [(e.get("time_ms"), e.get("kind"), e.get("message", "")[:160]) for e in job.get("events", [])]
 r["created_at_ms"] = j.get("created_at_ms"); r["finished_at_ms"] = j.get("finished_at_ms")
+r["quality"] = j.get("quality")
 all_r = json.load(open(res_path)); all_r.append(r)
 json.dump(all_r, open(res_path, "w"), indent=1)
 EOF
@@ -263,6 +265,18 @@ for r in runs:
         print("   message:", r["message"][:300])
     for t, kind, msg in ev:
         print(f"   +{(int(t) - t_sub)/1000:7.1f}s {kind:18s} {msg}")
+    q = r.get("quality") or {}
+    if q:
+        # Quantization: from the quantize attempt's start to the output's finalization.
+        starts = [int(t) for t, kind, msg in ev if kind == "assigned" and "steps" in msg]
+        fin = [int(t) for t, kind, msg in ev if kind == "finalized"]
+        quant = (fin[-1] - starts[0]) / 1000 if starts and fin else 0
+        secs = f(q.get("seconds"))
+        print(f"   evaluation: {secs:.1f} s = {100 * secs / quant if quant else 0:.1f}% of the "
+              f"quantization ({quant:.1f} s from the quantize assignment to the finalized output); "
+              f"KL mean {f(q.get('kl_mean')):.4g} p99 {f(q.get('kl_p99')):.4g}, top-1 "
+              f"{f(q.get('top1_agreement')):.4f}, ppl {f(q.get('perplexity_reference')):.4g} -> "
+              f"{f(q.get('perplexity_candidate')):.4g}; {q.get('source') or q.get('not_measured')}")
     for l in r["layers"]:
         print(f"   layer {l['layer']} committed at +{(int(l['committed_at_ms'] or 0) - t_sub)/1000:.1f}s")
         print("   rank  load  fwd   hess  solve  prop  write  sum    tok min/med/max  linears fb  mean_rel_err  rounds/passes  exch")

@@ -102,9 +102,9 @@ def test_cancel_then_resume_at_once_runs_one_finalizer(cluster, env, tmp_path):
     done = cluster.wait_job(job_id, "JOB_STATE_SUCCEEDED", timeout=120)
     assert kinds(done).count("publishing") == 1, kinds(done)
     assert kinds(done).count("finalized") == 1
-    phases = [a["phase"] for a in done["attempts"]]
-    assert phases.count("finalize") == 2, phases
-    assert done["attempts"][-2]["state"] == "ATTEMPT_STATE_ABORTED"
+    finalizers = [a for a in done["attempts"] if a["phase"] == "finalize"]
+    assert len(finalizers) == 2, done["attempts"]
+    assert [a["state"] for a in finalizers] == ["ATTEMPT_STATE_ABORTED", "ATTEMPT_STATE_SUCCEEDED"]
     check_output_dir(out)  # every file listed with its hash, nothing else
     for w in workers.values():
         assert "rename" not in w.output(), w.output()

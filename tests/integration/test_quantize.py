@@ -266,7 +266,7 @@ def test_rtn_all_linear_with_narrow_attention_runs_in_transformers(cluster, tmp_
             assert all(r["treatment"] == "rtn" for r in st.get("rare", [])), st
     status = cluster.client("status", job_id, check=True).stdout
     assert "Method:       rtn 4-bit, group 128, symmetric, gang size 1\n" in status, status
-    assert ("Attempts:     plan 1, quantize 1, finalize 1 (finalize: 1 of at most 3 counted)"
+    assert ("Attempts:     plan 1, quantize 1, finalize 1, evaluate 1 (evaluate: 1 of at most 3 counted)"
             in status), status
     assert "round (RTN)" in status and "hessian" not in status, status
     assert "Notes (4):" in status, status
