@@ -435,12 +435,36 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
       request.dispatch_tokens = options_.dispatch_tokens;
       // A refused location is neither read nor created: the plan reports it instead.
       const std::vector<std::pair<std::string, std::string>> refused = PathProblems(a);
+      // The dataset may hold fewer sequences than asked for: the job then calibrates on what
+      // it has, and the plan estimates for that (and says so in a note).
+      std::string fewer;
+#if MQ_WORKER_HAS_PIPELINE
+      if (refused.empty() && !a.job_id().empty() && options_.gang_port > 0) {
+        const pipeline::QuantizeJobSpec spec = ToJobSpec(a.job_id(), a.spec());
+        absl::StatusOr<int64_t> held = pipeline::DatasetSamples(spec);
+        if (held.ok() && *held > 0 && *held < request.num_calibration_samples) {
+          fewer = absl::StrCat(
+              "the dataset ", spec.dataset, " holds ", *held, " sequences, fewer than the ",
+              request.num_calibration_samples, " asked for: the job calibrates on ", *held,
+              " and this plan is for them",
+              spec.eval_samples > 0 && spec.eval_dataset.empty()
+                  ? " (none is left for the evaluation to hold out: give it --eval-dataset)"
+                  : "");
+          request.num_calibration_samples = *held;
+        }
+      }
+#endif
       model::InspectReport report;
       if (refused.empty()) report = model::InspectCheckpoint(request);
       const double secs =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       metrics_->ObserveStage("plan", secs);
       *result.mutable_plan() = ToProto(report);
+      if (!fewer.empty()) {
+        mq::v1::Problem* note = result.mutable_plan()->add_notes();
+        note->set_where("request.calibration.num_samples");
+        note->set_message(fewer);
+      }
       for (const auto& [where, what] : refused) {
         mq::v1::Problem* p = result.mutable_plan()->add_problems();
         p->set_where(where);

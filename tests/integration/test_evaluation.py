@@ -209,9 +209,16 @@ def test_not_measured_eval_off_and_bad_settings(cluster, tmp_path):
 
     # Calibration takes every sequence of the dataset: nothing is left to evaluate on. Without
     # a gate the job succeeds and says so; with one it fails, saying why.
-    job, _ = quantize(cluster, tmp_path / "all", "rtn", "--num-calibration-samples", 150,
+    # (1000 asked for, the dataset holds 150: the plan says so and estimates for 150.)
+    job, _ = quantize(cluster, tmp_path / "all", "rtn", "--num-calibration-samples", 1000,
                       "--max-kl", "1", expect=1, seqlen=64)
     st = cluster.client_json("status", job)["job"]
+    notes = {n["where"]: n["message"] for n in st["plan"].get("notes", [])}
+    assert "holds 150 sequences, fewer than the 1000 asked for: the job calibrates on 150" in \
+        notes["request.calibration.num_samples"], notes
+    assert "none is left for the evaluation to hold out" in notes["request.calibration.num_samples"]
+    assert int(st["plan"]["estimate"]["calibration_tokens"]) == 150 * 64
+    assert "holds 150 sequences" in cluster.client("status", job).stdout
     assert st["state"] == "JOB_STATE_FAILED"
     assert "no held-out sequence: calibration used 150 of the 150" in st["quality"]["not_measured"]
     assert "failed the quality gate: nothing was measured" in st["message"]

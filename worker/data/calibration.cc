@@ -445,4 +445,31 @@ absl::Status CheckCalibrationSource(const CalibrationSpec& spec) {
   return ReadJsonl(spec, /*vocab_size=*/0, /*first_only=*/true).status();
 }
 
+absl::StatusOr<int64_t> CountCalibrationSamples(const CalibrationSpec& spec) {
+  if (spec.dataset_path.empty()) {
+    return absl::InvalidArgumentError("spec.dataset_path is empty: must name a .jsonl or "
+                                      ".safetensors file");
+  }
+  if (absl::EndsWith(spec.dataset_path, ".safetensors")) {
+    auto header = ReadHeader(spec.dataset_path);
+    if (!header.ok()) return header.status();
+    auto tensor = InputIdsTensor(spec.dataset_path, *header);
+    if (!tensor.ok()) return tensor.status();
+    return tensor->shape[0];
+  }
+  errno = 0;
+  std::ifstream in(spec.dataset_path, std::ios::binary);
+  if (!in) return OpenError("dataset", spec.dataset_path);
+  int64_t count = 0;
+  std::string text;
+  while (std::getline(in, text)) {
+    if (!absl::StripAsciiWhitespace(text).empty()) ++count;
+  }
+  if (in.bad()) {
+    return absl::DataLossError(absl::StrCat("dataset ", spec.dataset_path, ": read error after ",
+                                            count, " samples"));
+  }
+  return count;
+}
+
 }  // namespace mq::data

@@ -72,6 +72,12 @@ absl::StatusOr<CalibrationSet> LoadCalibration(const CalibrationSpec& spec, int6
 // one. Does not read the whole dataset. Same error codes as LoadCalibration.
 absl::Status CheckCalibrationSource(const CalibrationSpec& spec);
 
+// Samples the dataset holds, counted without parsing or tokenizing them: non-blank lines of a
+// .jsonl file, rows of a .safetensors input_ids tensor. An upper bound of LoadCalibration's
+// `available` (the length filter may drop some). NOT_FOUND / INVALID_ARGUMENT as CheckCalibration-
+// Source; DATA_LOSS for a read error. Reads the whole file once (JSONL); cheap next to loading.
+absl::StatusOr<int64_t> CountCalibrationSamples(const CalibrationSpec& spec);
+
 // The deterministic, platform-independent permutation used for selection: indices 0..n-1
 // shuffled by Fisher–Yates driven by splitmix64 seeded with `seed`:
 //   state = seed

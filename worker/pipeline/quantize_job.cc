@@ -95,6 +95,12 @@ absl::StatusOr<data::CalibrationSpec> JobCalibrationSpec(const QuantizeJobSpec& 
   return Calibration(spec);
 }
 
+absl::StatusOr<int64_t> DatasetSamples(const QuantizeJobSpec& spec) {
+  data::CalibrationSpec c;
+  c.dataset_path = spec.dataset;
+  return data::CountCalibrationSamples(c);
+}
+
 absl::Status ClaimOutput(const QuantizeJobSpec& spec) {
   return ClaimOutputLocation(spec.model_dir, spec.output_dir, spec.job_id);
 }

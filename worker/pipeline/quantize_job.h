@@ -63,6 +63,9 @@ std::vector<std::pair<std::string, std::string>> CheckQuantizeInputs(const Quant
 // seed and length filter). The tokenizer is spec.tokenizer or the model directory's.
 absl::StatusOr<data::CalibrationSpec> JobCalibrationSpec(const QuantizeJobSpec& spec);
 
+// Samples spec.dataset holds (data::CountCalibrationSamples: lines or rows, not tokenized).
+absl::StatusOr<int64_t> DatasetSamples(const QuantizeJobSpec& spec);
+
 // Claims spec.output_dir for spec.job_id (the owner marker; idempotent for the same job).
 // FailedPrecondition naming the owning job or the entries found when it belongs to someone else.
 absl::Status ClaimOutput(const QuantizeJobSpec& spec);
