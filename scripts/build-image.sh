@@ -7,8 +7,9 @@
 #
 # usage: scripts/build-image.sh [--tag NAME:TAG] [--build-dir DIR] [--cache-dir DIR]
 #                               [--refresh-base] [--keep-context]
-#   --tag           image name (default localhost/mq:<the chart's appVersion>, what
-#                   deploy/helm/mq/values.yaml runs by default; $MQ_IMAGE_TAG)
+#   --tag           image name (default: the chart's default image, deploy/helm/mq/values.yaml
+#                   image.repository:image.tag, the tag defaulting to appVersion, i.e.
+#                   localhost/mq:0.1.0; $MQ_IMAGE_TAG)
 #   --build-dir     the CMake build directory holding server/mq-coordinator, worker/mq-worker and
 #                   client/mq-client (default ./build; $MQ_BUILD_DIR)
 #   --cache-dir     where the debootstrap base tarball is kept between builds
@@ -27,8 +28,17 @@ SRC="$(cd "$(dirname "$0")/.." && pwd)"
 die() { echo "build-image: error: $*" >&2; exit 2; }
 note() { echo "build-image: $*"; }
 
-app_version="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$SRC/deploy/helm/mq/Chart.yaml")"
-TAG="${MQ_IMAGE_TAG:-localhost/mq:${app_version:-latest}}"
+# The default name is the chart's default image: values.yaml image.repository, and image.tag or,
+# when that is empty, Chart.yaml appVersion.
+CHART="$SRC/deploy/helm/mq"
+app_version="$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$CHART/Chart.yaml")"
+chart_image() {  # chart_image KEY: image.KEY from values.yaml, quotes removed
+  awk -v key="$1" '/^image:/ { f = 1; next } f && /^[^ #]/ { exit }
+    f && $1 == key ":" { v = $2; gsub(/"/, "", v); print v; exit }' "$CHART/values.yaml"
+}
+chart_repository="$(chart_image repository)"
+chart_tag="$(chart_image tag)"
+TAG="${MQ_IMAGE_TAG:-${chart_repository:-localhost/mq}:${chart_tag:-${app_version:-latest}}}"
 BUILD_DIR="${MQ_BUILD_DIR:-$SRC/build}"
 CACHE_DIR="${MQ_IMAGE_CACHE:-/var/cache/mq-image}"
 MIRROR="${MQ_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
@@ -36,6 +46,7 @@ STORAGE_DRIVER="${MQ_STORAGE_DRIVER:-vfs}"
 SUITE=bookworm
 refresh_base=0
 keep_context=0
+ARGS=("$@")
 
 while (($#)); do
   case "$1" in
@@ -50,7 +61,7 @@ while (($#)); do
 done
 
 # ---------------------------------------------------------------- preconditions
-[[ "$(id -u)" -eq 0 ]] || die "must run as root (debootstrap and buildah's chroot isolation need it); try: sudo $0 $*"
+[[ "$(id -u)" -eq 0 ]] || die "must run as root (debootstrap and buildah's chroot isolation need it); try: sudo $0 ${ARGS[*]}"
 missing=()
 for tool in buildah debootstrap patchelf strip ldd dpkg; do
   command -v "$tool" >/dev/null || missing+=("$tool")
@@ -169,10 +180,17 @@ rm -rf "$CTX/opt/torch/torch/lib/libtorch_python.so" "$CTX/opt/torch/torch/lib/l
 for d in "${nvidia_dirs[@]}"; do
   link_or_copy "$SITE_DIR/$d" "$CTX/opt/torch/$d"
 done
-# Static archives and libraries nothing in torch loads (checked with strings over torch/lib:
-# no reference): the BLAS and FFTW drop-ins, multi-GPU cuSOLVER, and nvrtc's .alt build.
+# Left out: static archives; libraries nothing in torch loads (no reference to them in
+# torch/lib): the BLAS and FFTW drop-ins, multi-GPU cuSOLVER, nvrtc's .alt build; and optional
+# plugins whose own dependencies are not Debian runtime libraries mq needs: NVSHMEM's MPI,
+# OpenSHMEM and PMIx bootstraps and UCX and libfabric transports (NVSHMEM then uses its default
+# bootstrap and the InfiniBand/verbs transports, which stay), and cuFile's RDMA plugin
+# (librdmacm; GPUDirect Storage is not used).
 find "$CTX/opt/torch" \( -name '*.a' -o -name 'libnvblas.so*' -o -name 'libcufftw.so*' \
-  -o -name 'libcusolverMg.so*' -o -name 'libnvrtc*.alt.so*' \) -delete
+  -o -name 'libcusolverMg.so*' -o -name 'libnvrtc*.alt.so*' \
+  -o -name 'nvshmem_bootstrap_mpi.so*' -o -name 'nvshmem_bootstrap_shmem.so*' \
+  -o -name 'nvshmem_bootstrap_pmix.so*' -o -name 'nvshmem_transport_ucx.so*' \
+  -o -name 'nvshmem_transport_libfabric.so*' -o -name 'libcufile_rdma.so*' \) -delete
 find "$CTX/opt/torch" -name __pycache__ -prune -exec rm -rf {} +
 find "$CTX/opt/torch" -name '__init__.py' -delete
 
@@ -197,6 +215,12 @@ sys_libs="$(
   { resolved_libs "${BINARIES[@]/#/$BUILD_DIR/}"; resolved_libs "${shipped[@]}"; } |
     awk -F'\t' '$3 ~ /^\// { print $3 }' | grep -v -e "^$SITE_DIR/" -e "^$CTX/" | sort -u
 )"
+# Every shipped library must resolve here, in the image's layout, before anything is built
+# (libcuda.so.1 excepted: the host's driver, mounted by the NVIDIA container runtime).
+unresolved="$(resolved_libs "${shipped[@]}" | awk -F'\t' '$3 == "not found" && $2 != "libcuda.so.1"')"
+[[ -z "$unresolved" ]] || die "shipped torch/CUDA libraries with unresolved dependencies (leave the
+plugin out or add its Debian package):
+$(sed "s|$CTX||" <<<"$unresolved")"
 packages=()
 unowned=()
 while IFS= read -r lib; do

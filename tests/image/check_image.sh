@@ -88,7 +88,8 @@ run bash -c '
     if [[ -n "$missing" ]]; then echo "  $f:"; echo "$missing"; bad=1; fi
   done
   cuda_users="$(for f in $(find /opt/torch -type f -name "*.so*"); do
-    ldd "$f" | grep -q "libcuda\.so\.1 => not found" && basename "$f"; done | tr "\n" " ")"
+    if ldd "$f" | grep -q "libcuda\.so\.1 => not found"; then basename "$f"; fi; done |
+    tr "\n" " ")"
   echo "  $checked files; every library resolves; libcuda.so.1 (the host driver) is needed directly by: ${cuda_users:-none}"
   for b in mq-coordinator mq-worker mq-client; do
     if ldd "/usr/local/bin/$b" | grep -q "=> /opt/torch/"; then
@@ -145,8 +146,16 @@ print(f"  ok: {len(m['files'])} files match manifest.json (size and sha256, chec
 PY
 lap "job"
 
-echo "== image composition (du inside the image)"
-du -sb "$MNT" "$MNT/opt/torch" "$MNT/usr/local/bin" "$MNT/opt/torch/torch/lib" \
-  "$MNT"/opt/torch/nvidia/*/lib 2>/dev/null | sed "s|$MNT||; s|\t$|\t/ (all)|" |
-  numfmt --to=iec --suffix=B --field=1 | awk '{ printf "  %-28s %s\n", ($2 == "" ? "/" : $2), $1 }'
+echo "== image composition (du of the image's root filesystem)"
+size_of() { du -sb "$@" | awk '{ s += $1 } END { print s + 0 }'; }
+total=$(size_of "$MNT")
+torch=$(size_of "$MNT/opt/torch")
+parts=("/opt/torch/torch/lib" "$MNT"/opt/torch/nvidia/*/lib)
+for p in "${parts[@]}" /usr/local/bin; do
+  p="${p#"$MNT"}"
+  printf '  %-32s %8s\n' "$p" "$(numfmt --to=iec --suffix=B "$(size_of "$MNT$p")")"
+done
+bin=$(size_of "$MNT/usr/local/bin")
+printf '  %-32s %8s\n' "the rest (Debian 12 + packages)" "$(numfmt --to=iec --suffix=B $((total - torch - bin)))"
+printf '  %-32s %8s\n' "total" "$(numfmt --to=iec --suffix=B "$total")"
 echo "image_checks: PASS"
