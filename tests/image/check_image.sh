@@ -147,7 +147,7 @@ PY
 lap "job"
 
 echo "== image composition (du of the image's root filesystem)"
-size_of() { du -sb "$@" | awk '{ s += $1 } END { print s + 0 }'; }
+size_of() { du -sb "$@" | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
 total=$(size_of "$MNT")
 torch=$(size_of "$MNT/opt/torch")
 parts=("/opt/torch/torch/lib" "$MNT"/opt/torch/nvidia/*/lib)
