@@ -118,6 +118,8 @@ fi
 BASE_TAR="$CACHE_DIR/debian-$SUITE-minbase.tar"
 make_base() {
   local root="$CACHE_DIR/rootfs.tmp"
+  # A debootstrap killed earlier may have left /proc or /sys mounted in its target.
+  findmnt -rn -o TARGET | grep -F "$root/" | sort -r | xargs -r umount 2>/dev/null || true
   rm -rf "$root"
   note "making the Debian $SUITE base with debootstrap from $MIRROR (about 1-2 min)"
   if ! debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >"$CACHE_DIR/debootstrap.log" 2>&1; then
