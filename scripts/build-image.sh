@@ -240,6 +240,10 @@ mapfile -t packages < <(printf '%s\n' "${packages[@]}" | sort -u)
 note "Debian runtime packages (${#packages[@]}): ${packages[*]}"
 
 # ---------------------------------------------------------------- build
+# The commit the binaries were built from, as well as it can be known: the HEAD of the build
+# directory's source tree now (read only; a build older than that HEAD is not detected).
+build_src="$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' "$BUILD_DIR/CMakeCache.txt" 2>/dev/null || true)"
+revision="$(git -C "${build_src:-$SRC}" rev-parse HEAD 2>/dev/null || echo unknown)"
 old_id="$("${BUILDAH[@]}" images --noheading --format '{{.ID}}' "$TAG" 2>/dev/null | head -n1 || true)"
 note "building $TAG (buildah $STORAGE_DRIVER storage, chroot isolation)"
 start=$SECONDS
@@ -247,7 +251,7 @@ start=$SECONDS
   --build-arg RUNTIME_PACKAGES="${packages[*]}" \
   --label "org.opencontainers.image.title=mq" \
   --label "org.opencontainers.image.version=$app_version" \
-  --label "org.opencontainers.image.revision=$(git -C "$SRC" rev-parse HEAD 2>/dev/null || echo unknown)" \
+  --label "org.opencontainers.image.revision=$revision" \
   --label "mq.torch.version=${torch_version:-unknown}" \
   -f "$CTX/Containerfile" -t "$TAG" "$CTX" >/dev/null
 new_id="$("${BUILDAH[@]}" images --noheading --format '{{.ID}}' "$TAG" | head -n1)"
