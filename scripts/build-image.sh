@@ -276,4 +276,6 @@ done
 size_b="$(numfmt --from=si "$(tr -d ' B' <<<"$size")" 2>/dev/null || echo 0)"
 rest_b=$((size_b - torch_b - bin_b))
 for d in "${nvidia_dirs[@]}"; do rest_b=$((rest_b - $(du_b "$CTX/opt/torch/$d"))); done
-((rest_b > 0)) && printf '    %-34s %8s\n' "Debian 12 minbase + runtime pkgs" "$(human "$rest_b")"
+if ((rest_b > 0)); then  # buildah's size has 3 significant digits: the rest is approximate
+  printf '    %-34s %8s\n' "Debian 12 + runtime pkgs (about)" "$(human "$rest_b")"
+fi
