@@ -4,7 +4,8 @@
 #   - mq-coordinator, mq-worker and mq-client --help work,
 #   - ldd resolves every library of the three binaries and of every shipped torch/CUDA library
 #     (libcuda.so.1 alone may be missing: the NVIDIA container runtime mounts the host's),
-#   - it runs as uid 10001 and holds no compiler,
+#   - it runs as uid 10001 and holds no compiler; without the host's CUDA driver (the NVIDIA
+#     container runtime mounts it) mq-worker --device cuda:0 says that it is missing,
 #   - a CPU quantization job end to end: coordinator, worker and mq-client in the container on
 #     loopback (--insecure), a generated 3-layer model (mq-gen-model, run outside the image) and
 #     a generated input_ids calibration set; the job must SUCCEED and its output must match its
@@ -105,6 +106,11 @@ uid="$(run id -u)"
 compilers="$(run bash -c 'for c in cc gcc g++ c++ clang ld; do command -v $c || true; done')"
 [[ -z "$compilers" ]] || { echo "the image holds compilers/linkers: $compilers" >&2; exit 1; }
 echo "  ok: uid 10001, no compiler"
+# The image carries no CUDA driver: without the NVIDIA runtime's mount, --device cuda:0 says so.
+out="$(run mq-worker --coordinator 127.0.0.1:1 --insecure --device cuda:0 2>&1 || true)"
+grep -q "no CUDA driver on this machine (libcuda.so.1" <<<"$out" \
+  || { echo "mq-worker --device cuda:0 without a driver printed: $out" >&2; exit 1; }
+echo "  ok: $(grep -m1 "no CUDA driver" <<<"$out")"
 lap "checks"
 
 # ---------------------------------------------------------------- a job
