@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything mq needs to build, run and test on Debian 12: compilers and Debian
 # packages (gRPC, Protobuf, Abseil, RocksDB, prometheus-cpp, GoogleTest, ...), the Python
-# packages the tests use (torch for LibTorch, safetensors, ...) and helm for the chart checks.
+# packages the tests use (torch for LibTorch, safetensors, ...), helm for the chart checks and
+# buildah, debootstrap and patchelf for the container image (scripts/build-image.sh).
 # Idempotent: installs only what is missing, so re-running it is cheap.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ APT_PACKAGES=(
   libabsl-dev librocksdb-dev prometheus-cpp-dev libcivetweb-dev civetweb nlohmann-json3-dev
   libgtest-dev libgmock-dev googletest clang libclang-rt-14-dev libpcre2-dev libgloo-dev libssl-dev
   prometheus yamllint python3-yaml python3-jsonschema curl
+  buildah debootstrap patchelf
 )
 PIP_PACKAGES=(
   "torch==2.11.0"

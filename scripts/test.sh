@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh
 export MQ_REQUIRE_INTEROP=1
+export MQ_REQUIRE_IMAGE=1
 ctest --test-dir "${MQ_BUILD_DIR:-build}" --output-on-failure -LE gpu -j "$(nproc)" "$@"
