@@ -70,8 +70,8 @@ def test_thousand_watchers_while_a_job_runs(cluster, env, tmp_path):
     assert done["job"]["state"] == "JOB_STATE_SUCCEEDED", done["job"]["message"]
     kinds = [e["kind"] for e in done.get("events", [])]
     assert "lease_expired" not in kinds, kinds
-    # One attempt per phase (plan, quantize, finalize), none lost or retried.
-    assert [a["state"] for a in done["attempts"]] == ["ATTEMPT_STATE_SUCCEEDED"] * 3, \
+    # One attempt per phase (plan, quantize, finalize, evaluate), none lost or retried.
+    assert [a["state"] for a in done["attempts"]] == ["ATTEMPT_STATE_SUCCEEDED"] * 4, \
         done["attempts"]
     # Every watcher saw the job end and its stream closed normally.
     second = json.loads(out.strip().splitlines()[-1])
