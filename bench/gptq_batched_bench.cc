@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "bench/bench_util.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/gptq_batched.h"
@@ -23,6 +24,15 @@
 #include "worker/quant/rtn.h"
 
 namespace {
+
+const char* FactorizationName(mq::quant::HessianFactorization how) {
+  switch (how) {
+    case mq::quant::HessianFactorization::kInverseCholesky: return "chain";
+    case mq::quant::HessianFactorization::kReversedCholesky: return "reversed Cholesky";
+    case mq::quant::HessianFactorization::kCholeskyFeedback: return "Cholesky feedback";
+  }
+  return "?";
+}
 
 using namespace mq::quant;
 using mq::bench::Activations;
@@ -101,13 +111,20 @@ int main(int argc, char** argv) {
     const HessianFactorization kChain = HessianFactorization::kInverseCholesky;
     const HessianFactorization kRev = HessianFactorization::kReversedCholesky;
     const HessianFactorization kFb = HessianFactorization::kCholeskyFeedback;
+    // The row "(mq's defaults)" is GptqBatchOptions{} as the pipeline uses it (its
+    // factorization, kernels and streams, whatever they are), with the error of both scale
+    // searches; the other rows vary one choice.
+    const GptqBatchOptions defaults;
     for (Variant v : {Variant{"fp64 chain (PrepareHessian's), ATen", true, kChain, false, 1, false},
                       Variant{"fp64 reversed, ATen trsm", true, kRev, false, 1, false},
                       Variant{"fp64 reversed, ATen trsm, 4 streams", true, kRev, false, 4, false},
                       Variant{"fp64 reversed, cuSOLVER trtri, 1 stream", true, kRev, true, 1, false},
-                      Variant{"fp64 Cholesky feedback (default)", true, kFb, true, 1, true},
-                      Variant{"fp64 Cholesky feedback, 4 streams", true, kFb, true, 4, false},
-                      Variant{"fp32 Cholesky feedback", false, kFb, true, 1, false}}) {
+                      Variant{"fp64 Cholesky feedback, kernels, 1 stream", true, kFb, true, 1, false},
+                      Variant{"fp64 Cholesky feedback, kernels, 4 streams", true, kFb, true, 4, false},
+                      Variant{"fp32 Cholesky feedback, kernels", false, kFb, true, 1, false},
+                      Variant{"(mq's defaults: GptqBatchOptions{})", options.fp64_factorization,
+                              defaults.factorization, defaults.factor_kernels,
+                              defaults.factor_streams, true}}) {
       GptqOptions o = options;
       o.fp64_factorization = v.fp64;
       GptqBatchOptions bo;
@@ -118,8 +135,16 @@ int main(int argc, char** argv) {
       const double ms = MedianMs(d, std::max(1, iters - 1), [&] { p = Must(PrepareHessiansBatched(hs, o, bo)); });
       auto r = Must(QuantizeGptqBatched({ws[0]}, {0}, std::vector<PreparedHessian>{p[0]}, options));
       const double err = Must(RelativeOutputError(ws[0], r[0].weight.dequantized, held_out));
-      std::printf("prepare %-42s: %8.2f ms per Hessian (batch of %lld), err(matrix 0) %.5e\n",
-                  v.name, ms / experts, (long long)experts, err);
+      auto r_mse = Must(QuantizeGptqBatched({ws[0]}, {0}, std::vector<PreparedHessian>{p[0]}, mse));
+      const double err_mse = Must(RelativeOutputError(ws[0], r_mse[0].weight.dequantized, held_out));
+      std::printf("prepare %-42s: %8.2f ms per Hessian (batch of %lld), err(matrix 0) minmax "
+                  "%.5e, mse %.5e%s\n",
+                  v.name, ms / experts, (long long)experts, err, err_mse,
+                  v.is_default ? absl::StrCat(" [", FactorizationName(v.how), ", kernels ",
+                                              v.kernels ? "on" : "off", ", ", v.streams,
+                                              " stream(s), fp64 ", v.fp64 ? "on" : "off", "]")
+                                     .c_str()
+                               : "");
       if (v.is_default) prepared = p;
     }
     const double prep1_ms = MedianMs(d, iters, [&] {
