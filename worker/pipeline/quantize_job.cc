@@ -36,13 +36,29 @@ absl::StatusOr<model::DeepseekV3Config> LoadConfig(const std::string& model_dir)
   return model::LoadDeepseekV3Config(*path);
 }
 
-// Without a tokenizer of its own, the job uses the model directory's tokenizer.json (through
-// ModelDirFile: never a symlink leading out of the directory).
+// The model directory's tokenizer, through ModelDirFile (never a symlink leading out): its
+// tokenizer.json when present, else its tiktoken.model (Kimi-K2; read with the
+// tokenizer_config.json beside it, which is checked too), else the tokenizer.json path, so that
+// a text dataset reports it missing (an input_ids dataset needs no tokenizer).
+absl::StatusOr<std::string> ModelDirTokenizer(const std::string& model_dir) {
+  absl::StatusOr<std::string> json = ModelDirFile(model_dir, "tokenizer.json");
+  if (!json.ok()) return json.status();
+  struct stat st;
+  if (::stat(json->c_str(), &st) == 0) return json;
+  absl::StatusOr<std::string> ranks = ModelDirFile(model_dir, "tiktoken.model");
+  if (!ranks.ok()) return ranks.status();
+  if (::stat(ranks->c_str(), &st) != 0) return json;
+  absl::StatusOr<std::string> config = ModelDirFile(model_dir, "tokenizer_config.json");
+  if (!config.ok()) return config.status();
+  return ranks;
+}
+
+// Without a tokenizer of its own, the job uses the model directory's (ModelDirTokenizer).
 absl::StatusOr<data::CalibrationSpec> Calibration(const QuantizeJobSpec& spec) {
   data::CalibrationSpec c;
   c.dataset_path = spec.dataset;
   if (spec.tokenizer.empty()) {
-    absl::StatusOr<std::string> tokenizer = ModelDirFile(spec.model_dir, "tokenizer.json");
+    absl::StatusOr<std::string> tokenizer = ModelDirTokenizer(spec.model_dir);
     if (!tokenizer.ok()) return tokenizer.status();
     c.tokenizer_path = *std::move(tokenizer);
   } else {
