@@ -6,7 +6,7 @@ being W4A16 compressed-tensors (as Kimi-K2-Thinking ships), is then refused as a
 planning. `mq-client inspect` on header-only checkpoints of Kimi-K2's and DeepSeek-V3's real
 dimensions gives credible totals (about 1.03T and 685B parameters, MTP and scales included)."""
 import json
-from pathlib import Path
+import shutil
 
 import pytest
 
@@ -43,10 +43,9 @@ def test_kimi_k2_job_with_tiktoken_calibration(cluster, tmp_path):
     out = tmp_path / "out"
     res = cluster.client("submit", "--model", model, "--output", out, "--dataset", dataset,
                          "--num-calibration-samples", 32, "--max-sequence-length", 64,
-                         "--seed", 1, "--wait", timeout=600)
+                         "--seed", 1, "--scale-search", "minmax", "--wait", timeout=600)
     assert res.returncode == 0, f"{res.stdout}\n{res.stderr}"
     full = cluster.job(res.stdout.split()[0])
-    print("\n".join(f"{e.get('time', '')} {e['kind']} {e.get('message', '')[:100]}" for e in full["events"]))
     job = full["job"]
     assert job["state"] == "JOB_STATE_SUCCEEDED", job
     assert job["progress"]["layers_committed"] == job["progress"]["layers_total"] == 2
@@ -127,3 +126,6 @@ def test_inspect_real_dimensions(cluster, tmp_path, name, params):
     human = cluster.client("inspect", model, "--gang-size", 8, check=True).stdout
     print(human)
     assert "Estimate (gang of 8)" in human
+    # The shards are sparse (about 1 TB apparent size): do not leave them to pytest's kept
+    # temporary directories.
+    shutil.rmtree(model)

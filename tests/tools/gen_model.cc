@@ -276,7 +276,8 @@ Options ParseArgs(int argc, char** argv) {
   if (!have_output) UsageError("--output DIR is required (see --help)");
   if (opt.kimi && opt.vocab < kKimiVocab) {
     UsageError(absl::StrCat("--vocab = ", opt.vocab, ": must be >= ", kKimiVocab,
-                            " with --kimi (the tokenizer's ", kKimiRanks, " ranks + 256 specials)"));
+                            " with --kimi (the tokenizer's ", kKimiRanks,
+                            " ranks + 256 specials)"));
   }
   if (opt.header_only && !opt.defects.empty()) {
     UsageError("--defect cannot be combined with --header-only (no tensor data is written)");
@@ -756,8 +757,8 @@ absl::Status WriteKimiTokenizer(const std::filesystem::path& dir) {
   std::string ranks;
   int64_t rank = 0;
   for (int b = 0; b < 256; ++b) {
-    absl::StrAppend(&ranks, absl::Base64Escape(std::string(1, static_cast<char>(b))), " ",
-                    rank++, "\n");
+    absl::StrAppend(&ranks, absl::Base64Escape(std::string(1, static_cast<char>(b))), " ", rank++,
+                    "\n");
   }
   for (char a : std::string_view(kKimiMergeChars)) {
     for (char b : std::string_view(kKimiMergeChars)) {
@@ -768,22 +769,27 @@ absl::Status WriteKimiTokenizer(const std::filesystem::path& dir) {
     return s;
   }
   // Kimi-K2's named special tokens (tokenizer_config.json), as offsets from the first id.
-  const std::vector<std::pair<int, std::string>> named = {
-      {0, "[BOS]"},          {1, "[EOS]"},         {2, "<|im_end|>"},
-      {3, "<|im_user|>"},    {4, "<|im_assistant|>"}, {6, "<|start_header_id|>"},
-      {7, "<|end_header_id|>"}, {9, "[EOT]"},      {10, "<|im_system|>"},
-      {21, "<|im_middle|>"}};
+  const std::vector<std::pair<int, std::string>> named = {{0, "[BOS]"},
+                                                          {1, "[EOS]"},
+                                                          {2, "<|im_end|>"},
+                                                          {3, "<|im_user|>"},
+                                                          {4, "<|im_assistant|>"},
+                                                          {6, "<|start_header_id|>"},
+                                                          {7, "<|end_header_id|>"},
+                                                          {9, "[EOT]"},
+                                                          {10, "<|im_system|>"},
+                                                          {21, "<|im_middle|>"}};
   nlohmann::json decoder = nlohmann::json::object();
   for (const auto& [k, content] : named) {
-    decoder[std::to_string(kKimiRanks + k)] = {{"content", content}, {"lstrip", false},
-                                               {"normalized", false}, {"rstrip", false},
+    decoder[std::to_string(kKimiRanks + k)] = {{"content", content},   {"lstrip", false},
+                                               {"normalized", false},  {"rstrip", false},
                                                {"single_word", false}, {"special", true}};
   }
   nlohmann::json config = {
       {"added_tokens_decoder", decoder},
-      {"additional_special_tokens", {"<|im_end|>", "<|im_user|>", "<|im_assistant|>",
-                                     "<|start_header_id|>", "<|end_header_id|>", "[EOT]",
-                                     "<|im_system|>", "<|im_middle|>"}},
+      {"additional_special_tokens",
+       {"<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>", "<|end_header_id|>",
+        "[EOT]", "<|im_system|>", "<|im_middle|>"}},
       {"auto_map", {{"AutoTokenizer", {"tokenization_kimi.TikTokenTokenizer", nullptr}}}},
       {"bos_token", "[BOS]"},
       {"clean_up_tokenization_spaces", false},
@@ -793,8 +799,8 @@ absl::Status WriteKimiTokenizer(const std::filesystem::path& dir) {
       {"pad_token", "[EOS]"},
       {"tokenizer_class", "TikTokenTokenizer"},
       {"unk_token", "[EOS]"}};
-  if (absl::Status s = model::WriteFileAtomic((dir / "tokenizer_config.json").string(),
-                                              config.dump(2) + "\n");
+  if (absl::Status s =
+          model::WriteFileAtomic((dir / "tokenizer_config.json").string(), config.dump(2) + "\n");
       !s.ok()) {
     return s;
   }

@@ -3,9 +3,9 @@
 //
 //   mq-tokenize --tokenizer T [--no-special] [--json] < lines
 //       T: a tokenizer.json, a tiktoken.model (with tokenizer_config.json beside it) or a
-//       directory holding either (data::LoadTokenizer). Encodes every stdin line (without its '\n') and prints its ids as a JSON array, one line
-//       per input line. With --json every input line is a JSON string literal instead (so texts
-//       may contain newlines).
+//       directory holding either (data::LoadTokenizer). Encodes every stdin line (without its '\n')
+//       and prints its ids as a JSON array, one line per input line. With --json every input line
+//       is a JSON string literal instead (so texts may contain newlines).
 //   mq-tokenize --calibration --dataset P [--tokenizer T] [--num-samples N] [--max-seq-len N]
 //               [--min-seq-len N] [--seed S] [--vocab-size V] [--text-field F] [--no-special]
 //               [--check]

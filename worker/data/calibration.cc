@@ -187,8 +187,8 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(const Json& ids, int64_t vocab_siz
   return out;
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizerFor(const CalibrationSpec& spec,
-                                                            Kind kind, int64_t line) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizerFor(const CalibrationSpec& spec, Kind kind,
+                                                            int64_t line) {
   if (spec.tokenizer_path.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat(At(spec.dataset_path, line), ": a ", KindName(kind),

@@ -92,7 +92,6 @@ bool IsWhiteSpace(uint32_t c) {
          c == 0x3000;
 }
 
-
 absl::Status CheckUtf8(std::string_view text) {
   if (size_t bad = FindInvalidUtf8(text); bad != std::string_view::npos) {
     return absl::InvalidArgumentError(
@@ -177,8 +176,8 @@ absl::StatusOr<std::shared_ptr<const Regex>> Regex::Compile(const std::string& p
     PCRE2_UCHAR buffer[256];
     pcre2_get_error_message(error, buffer, sizeof(buffer));
     return absl::InvalidArgumentError(absl::StrCat(
-        where, ": not a valid regex (PCRE2: ", reinterpret_cast<const char*>(buffer),
-        " at offset ", offset, " of the ", pcre2_pattern.size(), "-byte translated pattern)"));
+        where, ": not a valid regex (PCRE2: ", reinterpret_cast<const char*>(buffer), " at offset ",
+        offset, " of the ", pcre2_pattern.size(), "-byte translated pattern)"));
   }
   auto regex = std::shared_ptr<Regex>(new Regex());
   regex->code_ = code;

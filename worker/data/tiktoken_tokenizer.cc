@@ -206,7 +206,8 @@ absl::StatusOr<TiktokenTokenizer> TiktokenTokenizer::Create(std::string_view ran
   if (impl->encoder.empty()) return absl::InvalidArgumentError("no ranks (the file is empty)");
   std::vector<std::string> missing;
   for (int b = 0; b < 256; ++b) {
-    if (impl->byte_rank[b] < 0) missing.push_back(absl::StrCat("0x", absl::Hex(b, absl::kZeroPad2)));
+    if (impl->byte_rank[b] < 0)
+      missing.push_back(absl::StrCat("0x", absl::Hex(b, absl::kZeroPad2)));
   }
   if (!missing.empty()) {
     const size_t n = missing.size();
@@ -237,9 +238,9 @@ absl::StatusOr<TiktokenTokenizer> TiktokenTokenizer::Create(std::string_view ran
     absl::flat_hash_map<int32_t, std::string> seen;
     for (const auto& [content, id] : options.special_tokens) {
       if (auto [it, fresh] = seen.try_emplace(id, content); !fresh) {
-        return absl::InvalidArgumentError(absl::StrCat("special tokens ", Describe(Json(it->second)),
-                                                       " and ", Describe(Json(content)),
-                                                       " share id ", id));
+        return absl::InvalidArgumentError(absl::StrCat("special tokens ",
+                                                       Describe(Json(it->second)), " and ",
+                                                       Describe(Json(content)), " share id ", id));
       }
     }
   }
@@ -272,15 +273,16 @@ absl::StatusOr<TiktokenTokenizer> TiktokenTokenizer::FromFile(const std::string&
   if (!ranks.ok()) return ranks.status();
   absl::StatusOr<TiktokenTokenizer> t = Create(*ranks, std::move(options));
   if (!t.ok()) {
-    return absl::Status(t.status().code(),
-                        absl::StrCat("tiktoken ranks file ", ranks_path, ": ", t.status().message()));
+    return absl::Status(t.status().code(), absl::StrCat("tiktoken ranks file ", ranks_path, ": ",
+                                                        t.status().message()));
   }
   return t;
 }
 
 absl::StatusOr<TiktokenTokenizer> TiktokenTokenizer::FromModelFiles(
     const std::string& ranks_path, const std::string& config_path) {
-  absl::StatusOr<std::string> text = ReadSmallFile(config_path, kMaxConfigBytes, "tokenizer config");
+  absl::StatusOr<std::string> text =
+      ReadSmallFile(config_path, kMaxConfigBytes, "tokenizer config");
   if (!text.ok()) {
     if (absl::IsNotFound(text.status())) {
       return absl::NotFoundError(absl::StrCat(
@@ -319,15 +321,15 @@ absl::StatusOr<TiktokenTokenizer> TiktokenTokenizer::FromModelFiles(
         return absl::InvalidArgumentError(absl::StrCat(at, ": the key must be an integer id"));
       }
       if (id < first || id >= last) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            at, ": id outside the special-token range [", first, ", ", last,
-            ") that follows the ", num_base, " ranks of ", ranks_path));
+        return absl::InvalidArgumentError(absl::StrCat(at, ": id outside the special-token range [",
+                                                       first, ", ", last, ") that follows the ",
+                                                       num_base, " ranks of ", ranks_path));
       }
-      const Json* content = value.is_object() && value.contains("content") ? &value["content"]
-                                                                            : nullptr;
-      if (content == nullptr || !content->is_string() || content->get_ref<const std::string&>().empty()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(at, ".content must be a non-empty string"));
+      const Json* content =
+          value.is_object() && value.contains("content") ? &value["content"] : nullptr;
+      if (content == nullptr || !content->is_string() ||
+          content->get_ref<const std::string&>().empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(at, ".content must be a non-empty string"));
       }
       named[id] = content->get<std::string>();
     }
@@ -373,10 +375,10 @@ absl::StatusOr<TiktokenTokenizer> TiktokenTokenizer::FromModelFiles(
   if (!t.ok()) {
     // Pattern problems come from the config; everything else from the ranks file.
     const bool pattern = absl::StartsWith(t.status().message(), "pre-tokenizer pattern");
-    return absl::Status(t.status().code(),
-                        absl::StrCat(pattern ? where : absl::StrCat("tiktoken ranks file ",
-                                                                    ranks_path, ": "),
-                                     t.status().message()));
+    return absl::Status(
+        t.status().code(),
+        absl::StrCat(pattern ? where : absl::StrCat("tiktoken ranks file ", ranks_path, ": "),
+                     t.status().message()));
   }
   return t;
 }
@@ -410,7 +412,8 @@ absl::StatusOr<std::vector<int32_t>> TiktokenTokenizer::Encode(std::string_view 
 int64_t TiktokenTokenizer::vocab_size() const { return impl_->vocab_size; }
 
 std::optional<int32_t> TiktokenTokenizer::TokenToId(std::string_view token) const {
-  if (auto it = impl_->special_by_content.find(Absl(token)); it != impl_->special_by_content.end()) {
+  if (auto it = impl_->special_by_content.find(Absl(token));
+      it != impl_->special_by_content.end()) {
     return it->second;
   }
   if (token.empty()) return std::nullopt;

@@ -53,8 +53,7 @@ class TiktokenTokenizer final : public Tokenizer {
   // INVALID_ARGUMENT naming the line number and the problem (file contents are never quoted);
   // also for a pattern that does not translate or compile, bad special tokens, or a bos_id that
   // is not a special token's id.
-  static absl::StatusOr<TiktokenTokenizer> Create(std::string_view ranks,
-                                                  TiktokenOptions options);
+  static absl::StatusOr<TiktokenTokenizer> Create(std::string_view ranks, TiktokenOptions options);
 
   // Reads the ranks file at `ranks_path` (NOT_FOUND when it cannot be opened; other messages
   // start with the path) and calls Create.

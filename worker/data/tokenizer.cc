@@ -59,7 +59,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path
   }
   // A file: tokenizer.json is a JSON object; anything else is read as tiktoken ranks.
   std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("tokenizer ", path, ": cannot open for reading"));
+  if (!in)
+    return absl::NotFoundError(absl::StrCat("tokenizer ", path, ": cannot open for reading"));
   char c = 0;
   while (in.get(c) && (c == ' ' || c == '\t' || c == '\n' || c == '\r')) {
   }

@@ -29,16 +29,11 @@ namespace mq::pipeline {
 namespace {
 
 // Files copied from the model directory when present.
-constexpr const char* kCopiedFiles[] = {"tokenizer.json",
-                                        "tokenizer_config.json",
-                                        "special_tokens_map.json",
-                                        "tokenizer.model",
-                                        "tiktoken.model",
-                                        "tokenization_kimi.py",
-                                        "generation_config.json",
-                                        "chat_template.jinja",
-                                        "configuration_deepseek.py",
-                                        "modeling_deepseek.py"};
+constexpr const char* kCopiedFiles[] = {
+    "tokenizer.json",         "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model",        "tiktoken.model",        "tokenization_kimi.py",
+    "generation_config.json", "chat_template.jinja",   "configuration_deepseek.py",
+    "modeling_deepseek.py"};
 
 absl::Status Errno(const std::string& what) {
   return absl::InternalError(absl::StrCat(what, ": ", std::strerror(errno)));

@@ -352,10 +352,10 @@ absl::StatusOr<LocalQuantizeReport> QuantizeLocal(const LocalQuantizeOptions& op
   s = model::WriteShardedIndex(options.output_dir + "/model.safetensors.index.json", total_size,
                                weight_map);
   if (!s.ok()) return s;
-  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                        "tokenizer.model", "tiktoken.model", "tokenization_kimi.py",
-                        "generation_config.json", "chat_template.jinja",
-                        "configuration_deepseek.py", "modeling_deepseek.py"}) {
+  for (const char* f :
+       {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+        "tiktoken.model", "tokenization_kimi.py", "generation_config.json", "chat_template.jinja",
+        "configuration_deepseek.py", "modeling_deepseek.py"}) {
     absl::StatusOr<std::string> path = ModelDirFile(options.model_dir, f);
     if (!path.ok()) return path.status();
     absl::StatusOr<std::string> text = ReadFile(*path);

@@ -93,8 +93,7 @@ TEST(RustRegexTest, KimiPatternSplitsLikeTiktoken) {
   EXPECT_EQ(Pieces(kKimiK2Pattern, "東京タワー"), (std::vector<std::string>{"東京", "タワー"}));
   EXPECT_EQ(Pieces(kKimiK2Pattern, "HTTPServer I'M x123456"),
             (std::vector<std::string>{"HTTPServer", " I'M", " x", "123", "456"}));
-  EXPECT_EQ(Pieces(kKimiK2Pattern, "a  \n\n b"),
-            (std::vector<std::string>{"a", "  \n\n", " b"}));
+  EXPECT_EQ(Pieces(kKimiK2Pattern, "a  \n\n b"), (std::vector<std::string>{"a", "  \n\n", " b"}));
 }
 
 }  // namespace

@@ -54,8 +54,8 @@ TEST(TiktokenTokenizerTest, MergesByLowestRank) {
   EXPECT_THAT(Ids(t, "abcd"), ElementsAre(258));  // the whole piece is a token
   // ab (256) first, then cd (257), then ab+cd (258); x stays a byte.
   EXPECT_THAT(Ids(t, "abcdx"), ElementsAre(258, 'x'));
-  EXPECT_THAT(Ids(t, "aaa"), ElementsAre(260, 'a'));   // leftmost on a tie
-  EXPECT_THAT(Ids(t, "bab"), ElementsAre('b', 256));   // "ba" has no rank
+  EXPECT_THAT(Ids(t, "aaa"), ElementsAre(260, 'a'));        // leftmost on a tie
+  EXPECT_THAT(Ids(t, "bab"), ElementsAre('b', 256));        // "ba" has no rank
   EXPECT_THAT(Ids(t, " abz"), ElementsAre(' ', 256, 'z'));  // ab (256) before " a" (259)
   EXPECT_THAT(Ids(t, "x y"), ElementsAre('x', ' ', 'y'));
   EXPECT_THAT(Ids(t, ""), ElementsAre());
@@ -186,8 +186,7 @@ TEST_F(TiktokenDirTest, LoaderPicksByContent) {
   EXPECT_EQ(LoadTokenizer(dir_.string()).status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(LoadTokenizer(dir_.string()).status().message(),
               HasSubstr("neither tokenizer.json nor tiktoken.model"));
-  EXPECT_EQ(LoadTokenizer((dir_ / "nope").string()).status().code(),
-            absl::StatusCode::kNotFound);
+  EXPECT_EQ(LoadTokenizer((dir_ / "nope").string()).status().code(), absl::StatusCode::kNotFound);
   // tokenizer.json wins over tiktoken.model in a directory; a JSON file is a tokenizer.json.
   Write("tiktoken.model", Ranks({}));
   Write("tokenizer_config.json", "{}");
