@@ -12,6 +12,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "worker/data/calibration.h"
 #include "worker/data/tokenizer.h"
 
 namespace mq::data {
@@ -196,6 +197,24 @@ TEST_F(TiktokenDirTest, LoaderPicksByContent) {
   absl::StatusOr<std::unique_ptr<Tokenizer>> t = LoadTokenizer(dir_.string());
   ASSERT_TRUE(t.ok()) << t.status();
   EXPECT_EQ((*t)->vocab_size(), 256 + kKimiReservedSpecialTokens);
+}
+
+TEST_F(TiktokenDirTest, CalibrationTokenizesTextWithATiktokenDirectory) {
+  Write("tiktoken.model", Ranks({"ab"}));  // 257 ranks: [BOS] is 257
+  Write("tokenizer_config.json",
+        Json({{"added_tokens_decoder", {{"257", {{"content", "[BOS]"}}}}}, {"bos_token", "[BOS]"}})
+            .dump());
+  CalibrationSpec spec;
+  spec.dataset_path = Write("data.jsonl", "{\"text\": \"abab\"}\n{\"text\": \"ab[BOS]\"}\n");
+  spec.tokenizer_path = dir_.string();
+  spec.num_samples = 2;
+  absl::StatusOr<CalibrationSet> set = LoadCalibration(spec, 514);
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_THAT(set->samples, ::testing::UnorderedElementsAre(ElementsAre(257, 256, 256),
+                                                            ElementsAre(257, 256, 257)));
+  EXPECT_TRUE(CheckCalibrationSource(spec).ok());
+  spec.tokenizer_path = (dir_ / "tiktoken.model").string();
+  EXPECT_TRUE(LoadCalibration(spec, 514).ok());
 }
 
 }  // namespace
