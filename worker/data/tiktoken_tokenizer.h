@@ -11,6 +11,10 @@
 // (text between matches is dropped, as tiktoken does), a piece that is itself a token becomes
 // that token, and any other piece is merged from its bytes by repeatedly joining the adjacent
 // pair whose concatenation has the lowest rank (leftmost on ties), tiktoken's byte_pair_merge.
+// Kimi-K2's tokenization_kimi.py also cuts a text into chunks of at most 400,000 characters and
+// runs of at most 25,000 consecutive whitespace or non-whitespace characters before calling
+// tiktoken (a guard against tiktoken's stack limits); texts are encoded whole here, so ids can
+// differ from that file's only at such cut points of very long texts.
 // The pattern is Rust regex syntax (tiktoken uses fancy-regex), translated to PCRE2 by
 // RustRegexToPcre2 (rust_regex.h) and matched with UTF + UCP. Unicode tables may differ for
 // characters assigned after the PCRE2 library's Unicode version (PCRE2 10.42: Unicode 14).
