@@ -129,3 +129,21 @@ def test_inspect_real_dimensions(cluster, tmp_path, name, params):
     # The shards are sparse (about 1 TB apparent size): do not leave them to pytest's kept
     # temporary directories.
     shutil.rmtree(model)
+
+
+def test_tokenizer_config_symlink_leading_out_is_refused(cluster, tmp_path):
+    """tokenizer_config.json is read beside tiktoken.model: like every model-directory file, it
+    may not be a symlink leading out of the directory."""
+    model = kimi_model(tmp_path)
+    outside = tmp_path / "elsewhere.json"
+    (model / "tokenizer_config.json").rename(outside)
+    (model / "tokenizer_config.json").symlink_to(outside)
+    dataset = tmp_path / "calibration.jsonl"
+    dataset.write_text(json.dumps({"text": TEXTS[0]}) + "\n")
+    cluster.start_coordinator()
+    cluster.start_worker("w1")
+    res = cluster.client("submit", "--model", model, "--output", tmp_path / "out", "--dataset",
+                         dataset, "--num-calibration-samples", 1, "--wait", timeout=120)
+    assert res.returncode == 1
+    assert "tokenizer_config.json" in res.stdout + res.stderr
+    assert "symlink leading out of the model directory" in res.stdout + res.stderr

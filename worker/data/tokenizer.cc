@@ -41,7 +41,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTiktoken(const std::string& ranks
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path) {
+absl::StatusOr<std::vector<std::string>> TokenizerFiles(const std::string& path) {
   struct stat st;
   if (path.empty()) return absl::InvalidArgumentError("tokenizer path is empty");
   if (::stat(path.c_str(), &st) != 0) {
@@ -50,22 +50,32 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path
   }
   if (S_ISDIR(st.st_mode)) {
     const std::string dir = path.back() == '/' ? path.substr(0, path.size() - 1) : path;
-    if (Exists(dir + "/tokenizer.json")) return LoadBpe(dir + "/tokenizer.json");
+    if (Exists(dir + "/tokenizer.json")) return std::vector<std::string>{dir + "/tokenizer.json"};
     if (Exists(dir + "/tiktoken.model")) {
-      return LoadTiktoken(dir + "/tiktoken.model", dir + "/tokenizer_config.json");
+      return std::vector<std::string>{dir + "/tiktoken.model", dir + "/tokenizer_config.json"};
     }
     return absl::NotFoundError(absl::StrCat(
         "tokenizer ", path, ": a directory with neither tokenizer.json nor tiktoken.model"));
   }
-  // A file: tokenizer.json is a JSON object; anything else is read as tiktoken ranks.
+  // A file: a *.json file or one holding a JSON object is a tokenizer.json; anything else is
+  // read as tiktoken ranks.
   std::ifstream in(path, std::ios::binary);
-  if (!in)
+  if (!in) {
     return absl::NotFoundError(absl::StrCat("tokenizer ", path, ": cannot open for reading"));
+  }
   char c = 0;
   while (in.get(c) && (c == ' ' || c == '\t' || c == '\n' || c == '\r')) {
   }
-  if (in && c == '{') return LoadBpe(path);
-  return LoadTiktoken(path, Dirname(path) + "/tokenizer_config.json");
+  const bool json = path.size() >= 5 && path.compare(path.size() - 5, 5, ".json") == 0;
+  if (json || (in && c == '{')) return std::vector<std::string>{path};
+  return std::vector<std::string>{path, Dirname(path) + "/tokenizer_config.json"};
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path) {
+  absl::StatusOr<std::vector<std::string>> files = TokenizerFiles(path);
+  if (!files.ok()) return files.status();
+  if (files->size() == 1) return LoadBpe(files->front());
+  return LoadTiktoken((*files)[0], (*files)[1]);
 }
 
 }  // namespace mq::data

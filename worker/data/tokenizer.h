@@ -36,12 +36,19 @@ class Tokenizer {
 // Loads the tokenizer at `path`, which is one of:
 //   a directory        its tokenizer.json when present, else its tiktoken.model (with the
 //                      tokenizer_config.json beside it)
-//   a file             a tokenizer.json (first non-blank byte '{'), or else a tiktoken BPE ranks
-//                      file (e.g. tiktoken.model) read with the tokenizer_config.json in the same
-//                      directory (TiktokenTokenizer::FromModelFiles)
+//   a file             a tokenizer.json (a name ending in .json, or first non-blank byte '{'),
+//                      or else a tiktoken BPE ranks file (e.g. tiktoken.model) read with the
+//                      tokenizer_config.json in the same directory
+//                      (TiktokenTokenizer::FromModelFiles)
 // NOT_FOUND when `path` does not exist or a directory holds neither file; otherwise the errors
 // of BpeTokenizer::FromFile / TiktokenTokenizer::FromModelFiles (messages name the file).
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path);
+
+// The files LoadTokenizer(path) reads, the one that decides the format first: [tokenizer.json]
+// or [tiktoken ranks file, tokenizer_config.json]; a directory's files are inside it. Lets a
+// caller check each file (e.g. for symlinks leading out of a directory) before loading.
+// NOT_FOUND as LoadTokenizer.
+absl::StatusOr<std::vector<std::string>> TokenizerFiles(const std::string& path);
 
 }  // namespace mq::data
 
