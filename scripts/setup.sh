@@ -23,6 +23,7 @@ PIP_PACKAGES=(
   "kubernetes-validate>=1.27"
   "transformers==5.24.0"
   "compressed-tensors==0.20.0"
+  "tiktoken>=0.7"
 )
 
 SUDO=""

@@ -4,6 +4,14 @@
 // defects for tests. The output depends only on the flags and --seed: every tensor draws from
 // its own PRNG stream seeded by (seed, tensor name), so it is also independent of sharding.
 //
+// --kimi writes a Kimi-K2-shaped checkpoint instead: model_type kimi_k2 and Kimi-K2's config keys
+// (384 experts, n_group = topk_group = 1, 8 experts per token, one dense layer, routed scaling
+// 2.827, unless flags say otherwise) and its tokenizer files: tiktoken.model (the 256 bytes and
+// 225 two-byte merges), tokenizer_config.json (special tokens from id 481) and a placeholder
+// tokenization_kimi.py. --header-only writes every shard's real safetensors header but no tensor
+// data: the file is extended to its full size as a sparse file (no disk used), so checkpoints
+// of real dimensions (DeepSeek-V3, Kimi-K2) can be inspected and planned.
+//
 // Command-line tool: tensors are drawn on --threads threads (one tensor per thread at a time;
 // the output does not depend on the thread count); all files are written from the main thread
 // with the temp + fsync + rename protocol of worker/model/safetensors_writer.h.
@@ -15,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <limits>
 #include <map>
@@ -26,6 +35,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -57,6 +67,8 @@ struct Options {
   std::string output;
   bool fp8 = true;
   bool yarn = true;
+  bool kimi = false;         // Kimi-K2 config keys and tiktoken tokenizer files
+  bool header_only = false;  // headers + sparse files, no tensor data
   uint64_t seed = 0;
   int64_t layers = 3;
   int64_t dense_layers = 1;
@@ -139,7 +151,12 @@ std::string Usage() {
       "                          model-XXXXX-of-YYYYY.safetensors files in it are removed)\n"
       "  --format fp8|bf16       fp8: F8_E4M3 + weight_scale_inv 128x128 (default); bf16\n"
       "  --seed N                PRNG seed, unsigned 64-bit (default 0)\n"
-      "  --no-yarn               rope_scaling null (default: DeepSeek-V3 yarn block)\n";
+      "  --no-yarn               rope_scaling null (default: DeepSeek-V3 yarn block)\n"
+      "  --kimi                  Kimi-K2: model_type kimi_k2, its config keys, tiktoken.model +\n"
+      "                          tokenizer_config.json; defaults --experts 384 --groups 1\n"
+      "                          --topk-groups 1 --experts-per-tok 8 --dense-layers 1\n"
+      "                          --vocab 737 (the tokenizer's; a larger --vocab is allowed)\n"
+      "  --header-only           real headers, no tensor data (sparse files of full size)\n";
   for (const IntFlag& f : IntFlags()) {
     out += absl::StrFormat("  %-23s %s\n", absl::StrCat(f.name, " N"), f.help);
   }
@@ -158,15 +175,31 @@ std::string Usage() {
 }
 
 std::string AllowedFlags() {
-  std::vector<std::string> names = {"--output",  "--format", "--seed",
-                                    "--no-yarn", "--defect", "--help"};
+  std::vector<std::string> names = {"--output", "--format", "--seed",        "--no-yarn",
+                                    "--kimi",   "--defect", "--header-only", "--help"};
   for (const IntFlag& f : IntFlags()) names.push_back(f.name);
   return absl::StrJoin(names, ", ");
 }
 
+// Kimi-K2's tokenizer as written by --kimi: 256 single bytes, then every pair of kKimiMergeChars.
+constexpr char kKimiMergeChars[] = " etaoinshrdlcum";
+constexpr int64_t kKimiRanks = 256 + 15 * 15;
+constexpr int64_t kKimiVocab = kKimiRanks + 256;  // + Kimi's 256 reserved special tokens
+
 Options ParseArgs(int argc, char** argv) {
   Options opt;
   bool have_output = false;
+  for (int i = 1; i < argc; ++i) {  // --kimi changes the defaults the other flags override
+    if (std::string(argv[i]) == "--kimi") {
+      opt.kimi = true;
+      opt.experts = 384;
+      opt.groups = 1;
+      opt.topk_groups = 1;
+      opt.experts_per_tok = 8;
+      opt.dense_layers = 1;
+      opt.vocab = kKimiVocab;
+    }
+  }
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     std::string value;
@@ -187,6 +220,11 @@ Options ParseArgs(int argc, char** argv) {
     } else if (arg == "--no-yarn") {
       if (has_inline_value) UsageError("--no-yarn takes no value");
       opt.yarn = false;
+    } else if (arg == "--kimi") {
+      if (has_inline_value) UsageError("--kimi takes no value");
+    } else if (arg == "--header-only") {
+      if (has_inline_value) UsageError("--header-only takes no value");
+      opt.header_only = true;
     } else if (arg == "--output") {
       opt.output = take_value();
       if (opt.output.empty()) UsageError("--output is empty: need a directory path");
@@ -236,6 +274,14 @@ Options ParseArgs(int argc, char** argv) {
     }
   }
   if (!have_output) UsageError("--output DIR is required (see --help)");
+  if (opt.kimi && opt.vocab < kKimiVocab) {
+    UsageError(absl::StrCat("--vocab = ", opt.vocab, ": must be >= ", kKimiVocab,
+                            " with --kimi (the tokenizer's ", kKimiRanks,
+                            " ranks + 256 specials)"));
+  }
+  if (opt.header_only && !opt.defects.empty()) {
+    UsageError("--defect cannot be combined with --header-only (no tensor data is written)");
+  }
 
   // Cross-flag constraints.
   if (opt.dense_layers > opt.layers) {
@@ -585,7 +631,7 @@ nlohmann::json Config(const Options& o) {
   c["intermediate_size"] = o.intermediate;
   c["kv_lora_rank"] = o.kv_lora_rank;
   c["max_position_embeddings"] = o.yarn ? 163840 : 4096;
-  c["model_type"] = "deepseek_v3";
+  c["model_type"] = o.kimi ? "kimi_k2" : "deepseek_v3";
   c["moe_intermediate_size"] = o.moe_intermediate;
   c["moe_layer_freq"] = 1;
   c["n_group"] = o.groups;
@@ -617,7 +663,7 @@ nlohmann::json Config(const Options& o) {
     c["rope_scaling"] = nullptr;
   }
   c["rope_theta"] = 10000;
-  c["routed_scaling_factor"] = 2.5;
+  c["routed_scaling_factor"] = o.kimi ? 2.827 : 2.5;
   c["scoring_func"] = "sigmoid";
   c["seq_aux"] = true;
   c["tie_word_embeddings"] = false;
@@ -628,6 +674,20 @@ nlohmann::json Config(const Options& o) {
   c["use_cache"] = true;
   c["v_head_dim"] = o.v_dim;
   c["vocab_size"] = o.vocab;
+  if (o.kimi) {  // Kimi-K2's config.json values where they differ from DeepSeek-V3's
+    c["auto_map"] = {{"AutoConfig", "configuration_deepseek.DeepseekV3Config"},
+                     {"AutoModel", "modeling_deepseek.DeepseekV3Model"},
+                     {"AutoModelForCausalLM", "modeling_deepseek.DeepseekV3ForCausalLM"}};
+    c["bos_token_id"] = kKimiRanks;
+    c["eos_token_id"] = kKimiRanks + 1;
+    c["rope_theta"] = 50000.0;
+    if (o.yarn) {
+      c["max_position_embeddings"] = 131072;
+      c["rope_scaling"]["beta_fast"] = 1.0;
+      c["rope_scaling"]["factor"] = 32.0;
+    }
+    c["transformers_version"] = "4.48.3";
+  }
   return c;
 }
 
@@ -648,6 +708,107 @@ std::vector<std::vector<TensorData>> MaterializeAll(const std::vector<Spec>& spe
   work();
   for (std::thread& t : pool) t.join();
   return out;
+}
+
+// The tensors Materialize would write for `s`, with empty bytes (for --header-only).
+std::vector<TensorData> Shapes(const Spec& s, const Options& o) {
+  if (s.kind == Kind::kLinear && o.fp8) {
+    return {{s.name, DType::kF8E4M3, s.shape, {}},
+            {s.name + "_scale_inv",
+             DType::kF32,
+             {CeilDiv(s.shape[0], kBlock), CeilDiv(s.shape[1], kBlock)},
+             {}}};
+  }
+  return {{s.name, s.kind == Kind::kBias ? DType::kF32 : DType::kBF16, s.shape, {}}};
+}
+
+// A safetensors file with the header of `tensors` and a data buffer of zeros left as a hole
+// (ftruncate), so it has its full size without using disk. Returns the data bytes.
+absl::StatusOr<int64_t> WriteHeaderOnly(const std::string& path,
+                                        const std::vector<TensorData>& tensors) {
+  nlohmann::json header = nlohmann::json::object();
+  int64_t offset = 0;
+  for (const TensorData& t : tensors) {
+    const int64_t bytes = Elements(t.shape) * model::DTypeBits(t.dtype) / 8;
+    header[t.name] = {{"dtype", std::string(model::DTypeName(t.dtype))},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::string file(8, '\0');
+  const uint64_t n = text.size();
+  for (int i = 0; i < 8; ++i) file[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  file += text;
+  {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(file.data(), static_cast<std::streamsize>(file.size()));
+    if (!out) return absl::InternalError(absl::StrCat(path, ": write failed"));
+  }
+  std::error_code ec;
+  std::filesystem::resize_file(path, file.size() + static_cast<uint64_t>(offset), ec);
+  if (ec) return absl::InternalError(absl::StrCat(path, ": cannot extend: ", ec.message()));
+  return offset;
+}
+
+// tiktoken.model, tokenizer_config.json and a placeholder tokenization_kimi.py (--kimi).
+absl::Status WriteKimiTokenizer(const std::filesystem::path& dir) {
+  std::string ranks;
+  int64_t rank = 0;
+  for (int b = 0; b < 256; ++b) {
+    absl::StrAppend(&ranks, absl::Base64Escape(std::string(1, static_cast<char>(b))), " ", rank++,
+                    "\n");
+  }
+  for (char a : std::string_view(kKimiMergeChars)) {
+    for (char b : std::string_view(kKimiMergeChars)) {
+      absl::StrAppend(&ranks, absl::Base64Escape(std::string{a, b}), " ", rank++, "\n");
+    }
+  }
+  if (absl::Status s = model::WriteFileAtomic((dir / "tiktoken.model").string(), ranks); !s.ok()) {
+    return s;
+  }
+  // Kimi-K2's named special tokens (tokenizer_config.json), as offsets from the first id.
+  const std::vector<std::pair<int, std::string>> named = {{0, "[BOS]"},
+                                                          {1, "[EOS]"},
+                                                          {2, "<|im_end|>"},
+                                                          {3, "<|im_user|>"},
+                                                          {4, "<|im_assistant|>"},
+                                                          {6, "<|start_header_id|>"},
+                                                          {7, "<|end_header_id|>"},
+                                                          {9, "[EOT]"},
+                                                          {10, "<|im_system|>"},
+                                                          {21, "<|im_middle|>"}};
+  nlohmann::json decoder = nlohmann::json::object();
+  for (const auto& [k, content] : named) {
+    decoder[std::to_string(kKimiRanks + k)] = {{"content", content},   {"lstrip", false},
+                                               {"normalized", false},  {"rstrip", false},
+                                               {"single_word", false}, {"special", true}};
+  }
+  nlohmann::json config = {
+      {"added_tokens_decoder", decoder},
+      {"additional_special_tokens",
+       {"<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|start_header_id|>", "<|end_header_id|>",
+        "[EOT]", "<|im_system|>", "<|im_middle|>"}},
+      {"auto_map", {{"AutoTokenizer", {"tokenization_kimi.TikTokenTokenizer", nullptr}}}},
+      {"bos_token", "[BOS]"},
+      {"clean_up_tokenization_spaces", false},
+      {"eos_token", "[EOS]"},
+      {"extra_special_tokens", nlohmann::json::object()},
+      {"model_max_length", 1048576},
+      {"pad_token", "[EOS]"},
+      {"tokenizer_class", "TikTokenTokenizer"},
+      {"unk_token", "[EOS]"}};
+  if (absl::Status s =
+          model::WriteFileAtomic((dir / "tokenizer_config.json").string(), config.dump(2) + "\n");
+      !s.ok()) {
+    return s;
+  }
+  return model::WriteFileAtomic(
+      (dir / "tokenization_kimi.py").string(),
+      "# Placeholder written by mq-gen-model for tests: Kimi-K2 ships the real\n"
+      "# tokenization_kimi.py (TikTokenTokenizer over tiktoken.model); mq copies this file\n"
+      "# into its outputs unchanged and reads the tokenizer itself (worker/data).\n");
 }
 
 [[noreturn]] void Fail(const absl::Status& status) {
@@ -713,6 +874,21 @@ int Run(int argc, char** argv) {
     const std::string file = ShardName(shard, shards);
     const size_t first_spec = next_spec;
     while (next_spec < specs.size() && shard_of[specs[next_spec].unit] == shard) ++next_spec;
+    if (opt.header_only) {
+      std::vector<TensorData> shapes;
+      for (size_t i = first_spec; i < next_spec; ++i) {
+        for (TensorData& t : Shapes(specs[i], opt)) {
+          weight_map[t.name] = file;
+          ++num_tensors;
+          shapes.push_back(std::move(t));
+        }
+      }
+      absl::StatusOr<int64_t> bytes = WriteHeaderOnly((dir / file).string(), shapes);
+      if (!bytes.ok()) Fail(bytes.status());
+      total_bytes += *bytes;
+      written_files.insert(file);
+      continue;
+    }
     std::vector<std::vector<TensorData>> drawn = MaterializeAll(specs, first_spec, next_spec, opt);
     std::vector<TensorData> tensors;
     for (std::vector<TensorData>& spec_tensors : drawn) {
@@ -743,6 +919,9 @@ int Run(int argc, char** argv) {
       !s.ok()) {
     Fail(s);
   }
+  if (opt.kimi) {
+    if (absl::Status s = WriteKimiTokenizer(dir); !s.ok()) Fail(s);
+  }
 
   // Remove shards of an earlier run with a different --shards, so that every *.safetensors in
   // the directory is listed in the index.
@@ -756,7 +935,8 @@ int Run(int argc, char** argv) {
 
   std::cout << "mq-gen-model: wrote " << num_tensors << " tensors, " << total_bytes
             << " bytes of tensor data in " << shards << " shards to " << opt.output << " ("
-            << (opt.fp8 ? "fp8" : "bf16") << ", seed " << opt.seed << ")\n";
+            << (opt.fp8 ? "fp8" : "bf16") << (opt.kimi ? ", kimi_k2" : "")
+            << (opt.header_only ? ", headers only" : "") << ", seed " << opt.seed << ")\n";
   return 0;
 }
 

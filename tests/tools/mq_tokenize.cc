@@ -1,9 +1,11 @@
-// mq-tokenize: command-line access to worker/data for tests (tests/interop/test_tokenizer.py).
+// mq-tokenize: command-line access to worker/data for tests (tests/interop/test_tokenizer.py,
+// tests/interop/test_tiktoken.py).
 //
-//   mq-tokenize --tokenizer tokenizer.json [--no-special] [--json] < lines
-//       Encodes every stdin line (without its '\n') and prints its ids as a JSON array, one line
-//       per input line. With --json every input line is a JSON string literal instead (so texts
-//       may contain newlines).
+//   mq-tokenize --tokenizer T [--no-special] [--json] < lines
+//       T: a tokenizer.json, a tiktoken.model (with tokenizer_config.json beside it) or a
+//       directory holding either (data::LoadTokenizer). Encodes every stdin line (without its '\n')
+//       and prints its ids as a JSON array, one line per input line. With --json every input line
+//       is a JSON string literal instead (so texts may contain newlines).
 //   mq-tokenize --calibration --dataset P [--tokenizer T] [--num-samples N] [--max-seq-len N]
 //               [--min-seq-len N] [--seed S] [--vocab-size V] [--text-field F] [--no-special]
 //               [--check]
@@ -17,8 +19,8 @@
 
 #include "absl/strings/numbers.h"
 #include "nlohmann/json.hpp"
-#include "worker/data/bpe_tokenizer.h"
 #include "worker/data/calibration.h"
+#include "worker/data/tokenizer.h"
 
 namespace {
 
@@ -102,7 +104,7 @@ int main(int argc, char** argv) {
   }
 
   if (!values.count("--tokenizer")) return Usage("--tokenizer is required");
-  auto tokenizer = mq::data::BpeTokenizer::FromFile(values["--tokenizer"]);
+  auto tokenizer = mq::data::LoadTokenizer(values["--tokenizer"]);
   if (!tokenizer.ok()) {
     std::cerr << "mq-tokenize: " << tokenizer.status() << "\n";
     return 1;
@@ -121,7 +123,7 @@ int main(int argc, char** argv) {
       }
       text = j.get<std::string>();
     }
-    auto ids = tokenizer->Encode(text, !no_special);
+    auto ids = (*tokenizer)->Encode(text, !no_special);
     if (!ids.ok()) {
       std::cerr << "mq-tokenize: stdin line " << line_no << ": " << ids.status() << "\n";
       return 1;

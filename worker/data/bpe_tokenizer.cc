@@ -1,8 +1,5 @@
 #include "worker/data/bpe_tokenizer.h"
 
-#define PCRE2_CODE_UNIT_WIDTH 8
-#include <pcre2.h>
-
 #include <algorithm>
 #include <array>
 #include <fstream>
@@ -18,11 +15,23 @@
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "nlohmann/json.hpp"
+#include "worker/data/text_internal.h"
 
 namespace mq::data {
 namespace {
 
 using Json = nlohmann::json;
+using internal::AppendUtf8;
+using internal::DecodeAt;
+using internal::IsWhiteSpace;
+using internal::Regex;
+using internal::Utf8Len;
+
+// Compiles a tokenizer.json regex (Oniguruma syntax) with PCRE2.
+absl::StatusOr<std::shared_ptr<const Regex>> CompileOniguruma(const std::string& pattern,
+                                                              const std::string& where) {
+  return Regex::Compile(internal::ToPcre2Syntax(pattern), where);
+}
 
 // The GPT-2 pre-tokenization regex used by ByteLevel(use_regex=true).
 constexpr char kGpt2Pattern[] =
@@ -31,89 +40,6 @@ constexpr char kGpt2Pattern[] =
 constexpr char kWordCharPattern[] = R"([\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\p{Join_Control}])";
 // Entries kept in the word cache before it is cleared (bounds memory on huge corpora).
 constexpr size_t kMaxCacheEntries = 1 << 20;
-
-// ---- UTF-8 helpers ------------------------------------------------------------------------
-
-// Byte length of the UTF-8 sequence starting with `lead` (input already validated).
-size_t Utf8Len(unsigned char lead) {
-  if (lead < 0x80) return 1;
-  if ((lead >> 5) == 0x6) return 2;
-  if ((lead >> 4) == 0xe) return 3;
-  return 4;
-}
-
-uint32_t DecodeAt(std::string_view s, size_t i) {
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data()) + i;
-  switch (Utf8Len(p[0])) {
-    case 1:
-      return p[0];
-    case 2:
-      return ((p[0] & 0x1fu) << 6) | (p[1] & 0x3fu);
-    case 3:
-      return ((p[0] & 0x0fu) << 12) | ((p[1] & 0x3fu) << 6) | (p[2] & 0x3fu);
-    default:
-      return ((p[0] & 0x07u) << 18) | ((p[1] & 0x3fu) << 12) | ((p[2] & 0x3fu) << 6) |
-             (p[3] & 0x3fu);
-  }
-}
-
-void AppendUtf8(uint32_t cp, std::string* out) {
-  if (cp < 0x80) {
-    out->push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out->push_back(static_cast<char>(0xc0 | (cp >> 6)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3f)));
-  } else if (cp < 0x10000) {
-    out->push_back(static_cast<char>(0xe0 | (cp >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3f)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3f)));
-  } else {
-    out->push_back(static_cast<char>(0xf0 | (cp >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3f)));
-    out->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3f)));
-    out->push_back(static_cast<char>(0x80 | (cp & 0x3f)));
-  }
-}
-
-// Returns the offset of the first invalid byte, or npos when `s` is valid UTF-8 (no overlongs,
-// no surrogates, nothing above U+10FFFF).
-size_t FindInvalidUtf8(std::string_view s) {
-  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-  size_t i = 0, n = s.size();
-  while (i < n) {
-    unsigned char c = p[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    size_t len;
-    uint32_t min;
-    if ((c >> 5) == 0x6) {
-      len = 2, min = 0x80;
-    } else if ((c >> 4) == 0xe) {
-      len = 3, min = 0x800;
-    } else if ((c >> 3) == 0x1e) {
-      len = 4, min = 0x10000;
-    } else {
-      return i;
-    }
-    if (i + len > n) return i;
-    for (size_t k = 1; k < len; ++k) {
-      if ((p[i + k] & 0xc0) != 0x80) return i;
-    }
-    uint32_t cp = DecodeAt(s, i);
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return i;
-    i += len;
-  }
-  return std::string_view::npos;
-}
-
-// Unicode White_Space (Rust's char::is_whitespace and regex `\s`).
-bool IsWhiteSpace(uint32_t c) {
-  return (c >= 0x9 && c <= 0xd) || c == 0x20 || c == 0x85 || c == 0xa0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f ||
-         c == 0x3000;
-}
 
 // GPT-2's bytes_to_unicode(): the printable stand-in (UTF-8) of every byte.
 const std::array<std::string, 256>& ByteToUnicode() {
@@ -129,149 +55,6 @@ const std::array<std::string, 256>& ByteToUnicode() {
   }();
   return table;
 }
-
-// ---- PCRE2 -------------------------------------------------------------------------------
-
-// Rewrites Oniguruma escapes whose PCRE2 meaning differs: `\s`/`\S` become White_Space (PCRE2
-// also counts U+180E), `\w`/`\W` become Oniguruma's word class (letters, marks, Nd, Pc).
-// `\W` inside a character class is kept as is.
-std::string ToPcre2Syntax(const std::string& pattern) {
-  constexpr char kWord[] = R"(\p{L}\p{M}\p{Nd}\p{Pc})";
-  std::string out;
-  out.reserve(pattern.size() + 16);
-  bool in_class = false;
-  for (size_t i = 0; i < pattern.size(); ++i) {
-    char c = pattern[i];
-    if (c == '\\' && i + 1 < pattern.size()) {
-      char e = pattern[++i];
-      if (e == 's') {
-        out += R"(\p{White_Space})";
-      } else if (e == 'S') {
-        out += R"(\P{White_Space})";
-      } else if (e == 'w') {
-        out += in_class ? std::string(kWord) : absl::StrCat("[", kWord, "]");
-      } else if (e == 'W' && !in_class) {
-        out += absl::StrCat("[^", kWord, "]");
-      } else {
-        out += c;
-        out += e;
-      }
-      continue;
-    }
-    if (!in_class && c == '[') {
-      in_class = true;
-      out += c;
-      // A ']' right after '[' or '[^' is a literal.
-      if (i + 1 < pattern.size() && pattern[i + 1] == '^') out += pattern[++i];
-      if (i + 1 < pattern.size() && pattern[i + 1] == ']') out += pattern[++i];
-      continue;
-    }
-    if (in_class && c == '[' && i + 1 < pattern.size() && pattern[i + 1] == ':') {
-      size_t end = pattern.find(":]", i + 2);  // POSIX class such as [:alpha:]
-      if (end != std::string::npos) {
-        out.append(pattern, i, end + 2 - i);
-        i = end + 1;
-        continue;
-      }
-    }
-    if (in_class && c == ']') in_class = false;
-    out += c;
-  }
-  return out;
-}
-
-pcre2_jit_stack* ThreadJitStack(void*) {
-  struct Holder {
-    pcre2_jit_stack* stack = pcre2_jit_stack_create(32 * 1024, 8 * 1024 * 1024, nullptr);
-    ~Holder() { pcre2_jit_stack_free(stack); }
-  };
-  thread_local Holder holder;
-  return holder.stack;
-}
-
-// A compiled UTF/UCP regex. Thread-safety: immutable after Compile; FindAll may run
-// concurrently (match data is per call, the JIT stack per thread).
-class Regex {
- public:
-  static absl::StatusOr<std::shared_ptr<const Regex>> Compile(const std::string& pattern,
-                                                              const std::string& where) {
-    int error = 0;
-    PCRE2_SIZE offset = 0;
-    const std::string translated = ToPcre2Syntax(pattern);
-    pcre2_code* code =
-        pcre2_compile(reinterpret_cast<PCRE2_SPTR>(translated.data()), translated.size(),
-                      PCRE2_UTF | PCRE2_UCP, &error, &offset, nullptr);
-    if (code == nullptr) {
-      PCRE2_UCHAR buffer[256];
-      pcre2_get_error_message(error, buffer, sizeof(buffer));
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ": not a valid regex (PCRE2: ", reinterpret_cast<const char*>(buffer),
-          " at offset ", offset, " of the ", translated.size(), "-byte translated pattern)"));
-    }
-    auto regex = std::shared_ptr<Regex>(new Regex());
-    regex->code_ = code;
-    // Without JIT support pcre2_match falls back to the interpreter.
-    pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);
-    regex->context_ = pcre2_match_context_create(nullptr);
-    pcre2_jit_stack_assign(regex->context_, ThreadJitStack, nullptr);
-    return std::shared_ptr<const Regex>(std::move(regex));
-  }
-  ~Regex() {
-    pcre2_match_context_free(context_);
-    pcre2_code_free(code_);
-  }
-  Regex(const Regex&) = delete;
-  Regex& operator=(const Regex&) = delete;
-
-  // All matches of the regex in `s` as (begin, end) byte offsets, with the semantics of the
-  // Rust `onig` crate's find_iter (an empty match right after the previous match is skipped by
-  // advancing one character). `s` must be valid UTF-8.
-  absl::Status FindAll(std::string_view s, std::vector<std::pair<size_t, size_t>>* out) const {
-    out->clear();
-    pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
-    size_t last_end = 0;
-    std::optional<size_t> last_match_end;
-    absl::Status status;
-    while (last_end <= s.size()) {
-      int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), last_end,
-                           PCRE2_NO_UTF_CHECK, md, context_);
-      if (rc == PCRE2_ERROR_NOMATCH) break;
-      if (rc < 0) {
-        PCRE2_UCHAR buffer[256];
-        pcre2_get_error_message(rc, buffer, sizeof(buffer));
-        status = absl::InvalidArgumentError(
-            absl::StrCat("regex match failed on a ", s.size(),
-                         "-byte piece: ", reinterpret_cast<const char*>(buffer)));
-        break;
-      }
-      PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
-      size_t begin = ov[0], end = ov[1];
-      if (begin == end && last_match_end == end) {
-        last_end += last_end < s.size() ? Utf8Len(static_cast<unsigned char>(s[last_end])) : 1;
-        continue;
-      }
-      last_end = end;
-      last_match_end = end;
-      out->emplace_back(begin, end);
-    }
-    pcre2_match_data_free(md);
-    return status;
-  }
-
-  // True when the regex matches at exactly offset `at` of `s` (anchored).
-  bool MatchesAt(std::string_view s, size_t at) const {
-    pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
-    int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), at,
-                         PCRE2_NO_UTF_CHECK | PCRE2_ANCHORED, md, context_);
-    pcre2_match_data_free(md);
-    return rc >= 0;
-  }
-
- private:
-  Regex() = default;
-  pcre2_code* code_ = nullptr;
-  pcre2_match_context* context_ = nullptr;
-};
 
 // ---- pipeline pieces ----------------------------------------------------------------------
 
@@ -298,21 +81,14 @@ struct AddedToken {
   bool lstrip = false, rstrip = false, single_word = false, normalized = false;
 };
 
-// Added tokens of one kind (normalized or not), indexed by first byte, longest first.
+// Added tokens of one kind (normalized or not), matched leftmost-longest.
 struct AddedMatcher {
   std::vector<AddedToken> tokens;
-  std::array<std::vector<int>, 256> by_first_byte;
+  internal::LiteralMatcher literals;  // content -> index in tokens
 
   void Build() {
-    for (int i = 0; i < static_cast<int>(tokens.size()); ++i) {
-      if (tokens[i].content.empty()) continue;
-      by_first_byte[static_cast<unsigned char>(tokens[i].content[0])].push_back(i);
-    }
-    for (auto& list : by_first_byte) {
-      std::stable_sort(list.begin(), list.end(), [&](int a, int b) {
-        return tokens[a].content.size() > tokens[b].content.size();
-      });
-    }
+    for (int i = 0; i < static_cast<int>(tokens.size()); ++i) literals.Add(tokens[i].content, i);
+    literals.Finish();
   }
   bool empty() const { return tokens.empty(); }
 };
@@ -424,7 +200,7 @@ absl::Status BpeTokenizer::Impl::ParseAddedTokens(const Json& root) {
     if (id < 0 || id > INT32_MAX) {
       return absl::InvalidArgumentError(absl::StrCat(path, ".id = ", id, ": must be in [0, 2^31)"));
     }
-    if (FindInvalidUtf8(token.content) != std::string_view::npos) {
+    if (internal::FindInvalidUtf8(token.content) != std::string_view::npos) {
       return absl::InvalidArgumentError(absl::StrCat(path, ".content is not valid UTF-8"));
     }
     token.id = static_cast<int32_t>(id);
@@ -499,7 +275,7 @@ absl::Status BpeTokenizer::Impl::ParsePreTokenizer(const Json& j, const std::str
     if (b = GetBool(j, path, "use_regex", true); !b.ok()) return b.status();
     p.use_regex = *b;
     if (p.use_regex) {
-      auto re = Regex::Compile(kGpt2Pattern, "ByteLevel regex");
+      auto re = CompileOniguruma(kGpt2Pattern, "ByteLevel regex");
       if (!re.ok()) return re.status();
       p.regex = *re;
       p.behavior = Behavior::kIsolated;
@@ -520,7 +296,7 @@ absl::Status BpeTokenizer::Impl::ParsePreTokenizer(const Json& j, const std::str
     } else {
       return Unsupported(path + ".pattern", pattern, "{\"Regex\": string} or {\"String\": string}");
     }
-    auto re = Regex::Compile(regex, path + ".pattern");
+    auto re = CompileOniguruma(regex, path + ".pattern");
     if (!re.ok()) return re.status();
     p.regex = *re;
     const Json& behavior = j.value("behavior", Json());
@@ -543,7 +319,7 @@ absl::Status BpeTokenizer::Impl::ParsePreTokenizer(const Json& j, const std::str
   } else if (*type == "Digits") {
     auto b = GetBool(j, path, "individual_digits", false);
     if (!b.ok()) return b.status();
-    auto re = Regex::Compile("\\p{N}", "Digits regex");
+    auto re = CompileOniguruma("\\p{N}", "Digits regex");
     if (!re.ok()) return re.status();
     p.regex = *re;
     p.behavior = *b ? Behavior::kIsolated : Behavior::kContiguous;
@@ -751,14 +527,8 @@ void BpeTokenizer::Impl::SplitAdded(const AddedMatcher& m, std::vector<Piece>* p
     };
     size_t pos = 0;
     while (pos < s.size()) {
-      const AddedToken* found = nullptr;
-      for (int idx : m.by_first_byte[static_cast<unsigned char>(s[pos])]) {
-        const AddedToken& t = m.tokens[idx];
-        if (s.compare(pos, t.content.size(), t.content) == 0) {
-          found = &t;
-          break;
-        }
-      }
+      std::optional<std::pair<int32_t, size_t>> hit = m.literals.LongestAt(s, pos);
+      const AddedToken* found = hit ? &m.tokens[hit->first] : nullptr;
       if (found == nullptr) {
         ++pos;
         continue;
@@ -1029,7 +799,7 @@ absl::StatusOr<BpeTokenizer> BpeTokenizer::FromJson(std::string_view json) {
         absl::StrCat("top level = ", Quote(root), ": must be a JSON object"));
   }
   auto impl = std::make_unique<Impl>();
-  auto word = Regex::Compile(kWordCharPattern, "word-character regex");
+  auto word = CompileOniguruma(kWordCharPattern, "word-character regex");
   if (!word.ok()) return word.status();
   impl->word_char = *word;
   for (const char* key : {"truncation", "padding"}) {
@@ -1056,12 +826,7 @@ absl::StatusOr<BpeTokenizer> BpeTokenizer::FromJson(std::string_view json) {
 
 absl::StatusOr<std::vector<int32_t>> BpeTokenizer::Encode(std::string_view text,
                                                           bool add_special_tokens) const {
-  if (size_t bad = FindInvalidUtf8(text); bad != std::string_view::npos) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("text is not valid UTF-8: bad byte 0x",
-                     absl::Hex(static_cast<unsigned char>(text[bad]), absl::kZeroPad2),
-                     " at offset ", bad, " of ", text.size()));
-  }
+  if (absl::Status s = internal::CheckUtf8(text); !s.ok()) return s;
   std::vector<Piece> pieces;
   if (!text.empty()) pieces.push_back(Piece{std::string(text), -1});
   impl_->SplitAdded(impl_->raw_added, &pieces);

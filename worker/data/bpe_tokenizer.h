@@ -34,13 +34,14 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "worker/data/tokenizer.h"
 
 namespace mq::data {
 
 // An immutable, loaded tokenizer. Thread-safety: every const method may be called concurrently
 // from any number of threads (the word cache inside is guarded by a mutex). Movable, not
 // copyable. No durability: it only reads the file once, in FromFile.
-class BpeTokenizer {
+class BpeTokenizer final : public Tokenizer {
  public:
   // Reads and parses `path` (a tokenizer.json). NOT_FOUND when the file cannot be opened;
   // INVALID_ARGUMENT (message starts with the path) when the JSON is malformed or uses a
@@ -51,17 +52,18 @@ class BpeTokenizer {
 
   BpeTokenizer(BpeTokenizer&&) noexcept;
   BpeTokenizer& operator=(BpeTokenizer&&) noexcept;
-  ~BpeTokenizer();
+  ~BpeTokenizer() override;
 
   // Encodes UTF-8 `text` to token ids. `add_special_tokens` applies the post-processor (e.g.
   // prepends BOS); added tokens in the text are always split out. INVALID_ARGUMENT when `text`
   // is not valid UTF-8 (the message gives the byte offset) or a regex match fails.
-  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_special_tokens) const;
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
+                                              bool add_special_tokens) const override;
 
   // Max id + 1 over the model vocab and the added tokens.
-  int64_t vocab_size() const;
+  int64_t vocab_size() const override;
   // The id of a vocab entry or added token (its exact content), if any.
-  std::optional<int32_t> TokenToId(std::string_view token) const;
+  std::optional<int32_t> TokenToId(std::string_view token) const override;
 
   struct Impl;
 

@@ -14,7 +14,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "nlohmann/json.hpp"
-#include "worker/data/bpe_tokenizer.h"
+#include "worker/data/tokenizer.h"
 #include "worker/model/dtype.h"
 #include "worker/model/safetensors.h"
 
@@ -191,14 +191,14 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(const Json& ids, int64_t vocab_siz
   return out;
 }
 
-absl::StatusOr<BpeTokenizer> LoadTokenizerFor(const CalibrationSpec& spec, Kind kind,
-                                              int64_t line) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizerFor(const CalibrationSpec& spec, Kind kind,
+                                                            int64_t line) {
   if (spec.tokenizer_path.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat(At(spec.dataset_path, line), ": a ", KindName(kind),
                      " sample needs a tokenizer, but spec.tokenizer_path is empty"));
   }
-  return BpeTokenizer::FromFile(spec.tokenizer_path);
+  return LoadTokenizer(spec.tokenizer_path);
 }
 
 // All samples of a JSONL dataset, in file order, before length filtering.
@@ -210,7 +210,7 @@ absl::StatusOr<std::pair<std::vector<std::vector<int32_t>>, Kind>> ReadJsonl(
   std::vector<std::vector<int32_t>> samples;
   std::optional<Kind> kind;
   int64_t first_line = 0;
-  std::optional<BpeTokenizer> tokenizer;
+  std::unique_ptr<Tokenizer> tokenizer;
   std::string text;
   int64_t line = 0;
   while (std::getline(in, text)) {
@@ -226,7 +226,7 @@ absl::StatusOr<std::pair<std::vector<std::vector<int32_t>>, Kind>> ReadJsonl(
       if (*kind != Kind::kInputIds) {
         auto t = LoadTokenizerFor(spec, *kind, line);
         if (!t.ok()) return t.status();
-        tokenizer.emplace(*std::move(t));
+        tokenizer = *std::move(t);
       }
     } else if (*k != *kind) {
       return absl::InvalidArgumentError(absl::StrCat(

@@ -7,11 +7,16 @@
 //              "input_ids": [int, ...]   pre-tokenized (Hugging Face convention); no tokenizer
 //              "messages": [{"role": str, "content": str}, ...]
 //                        rendered as "<role>: <content>" per message, messages joined by a
-//                        blank line ("\n\n"), no trailing newline; then tokenized as text
+//                        blank line ("\n\n"), no trailing newline; then tokenized as text.
+//                        The role marker is the role name as plain text ("user: ..."), the
+//                        same for every tokenizer: no chat template and no role special tokens
+//                        (such as Kimi-K2's <|im_user|>) are inserted; special tokens written
+//                        in the content itself are still recognised by the tokenizer
 //              "<text_field>": str       plain text (text_field defaults to "text")
 //   *.safetensors  one tensor named "input_ids", 2-D [num_rows, seq_len], dtype I32 or I64;
 //            every row is one sample (no padding is removed).
-// Text and messages are tokenized with BpeTokenizer (spec.tokenizer_path) and
+// Text and messages are tokenized with the tokenizer LoadTokenizer (tokenizer.h) finds at
+// spec.tokenizer_path (a tokenizer.json, a tiktoken.model or a directory holding one) and
 // spec.add_special_tokens.
 //
 // Selection: every sample is parsed (and tokenized); samples with fewer than
@@ -35,13 +40,13 @@ namespace mq::data {
 
 struct CalibrationSpec {
   std::string dataset_path;            // .jsonl or .safetensors
-  std::string tokenizer_path;          // tokenizer.json; required only for text/messages datasets
+  std::string tokenizer_path;  // LoadTokenizer's path; required only for text/messages datasets
   int64_t num_samples = 128;           // > 0
   int64_t max_sequence_length = 2048;  // > 0; longer samples are truncated (no padding)
   int64_t min_sequence_length = 1;     // >= 0; shorter samples (after tokenization) are skipped
   uint64_t seed = 0;                   // deterministic shuffle (CalibrationShuffle)
   int64_t skip_samples = 0;            // >= 0; leading samples of the shuffled order passed over
-  bool add_special_tokens = true;      // passed to BpeTokenizer::Encode
+  bool add_special_tokens = true;      // passed to Tokenizer::Encode
   std::string text_field = "text";     // key of the text in JSONL text datasets
 };
 

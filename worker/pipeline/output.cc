@@ -29,14 +29,11 @@ namespace mq::pipeline {
 namespace {
 
 // Files copied from the model directory when present.
-constexpr const char* kCopiedFiles[] = {"tokenizer.json",
-                                        "tokenizer_config.json",
-                                        "special_tokens_map.json",
-                                        "tokenizer.model",
-                                        "generation_config.json",
-                                        "chat_template.jinja",
-                                        "configuration_deepseek.py",
-                                        "modeling_deepseek.py"};
+constexpr const char* kCopiedFiles[] = {
+    "tokenizer.json",         "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model",        "tiktoken.model",        "tokenization_kimi.py",
+    "generation_config.json", "chat_template.jinja",   "configuration_deepseek.py",
+    "modeling_deepseek.py"};
 
 absl::Status Errno(const std::string& what) {
   return absl::InternalError(absl::StrCat(what, ": ", std::strerror(errno)));
@@ -551,6 +548,10 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
     return absl::InvalidArgumentError(absl::StrCat(*config_path, ": not a JSON object"));
   }
   raw["quantization_config"] = quant::QuantizationConfigJson(options.format, *config);
+  // Kimi-K2 names its DeepseekV3 architecture "kimi_k2", which transformers does not register:
+  // the output says deepseek_v3 so that it loads without trust_remote_code (with it, auto_map,
+  // kept as is, still picks the model's own classes).
+  if (raw.value("model_type", "") == "kimi_k2") raw["model_type"] = "deepseek_v3";
   if (raw.contains("dtype")) raw["dtype"] = "bfloat16";
   raw["torch_dtype"] = "bfloat16";
   s = model::WriteFileAtomic(out + "/config.json", raw.dump(2) + "\n");

@@ -1,12 +1,11 @@
 #include "worker/pipeline/quantize_job.h"
 
-#include <sys/stat.h>
-
 #include <ATen/Parallel.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/path_policy.h"
 #include "worker/data/calibration.h"
+#include "worker/data/tokenizer.h"
 #include "worker/model/config.h"
 #include "worker/pipeline/gang_pipeline.h"
 #include "worker/pipeline/output.h"
@@ -36,18 +35,35 @@ absl::StatusOr<model::DeepseekV3Config> LoadConfig(const std::string& model_dir)
   return model::LoadDeepseekV3Config(*path);
 }
 
-// Without a tokenizer of its own, the job uses the model directory's tokenizer.json (through
-// ModelDirFile: never a symlink leading out of the directory).
+// The tokenizer path calibration loads. Every file data::LoadTokenizer will read, other than the
+// given path itself (checked against the path policy already), goes through ModelDirFile in its
+// directory: a symlink leading out of the model directory, a --tokenizer directory or the
+// directory of a tiktoken.model is refused. Without spec.tokenizer the model directory's
+// tokenizer is used: its tokenizer.json, else its tiktoken.model (Kimi-K2) with the
+// tokenizer_config.json beside it. When no tokenizer is found, the path is returned unchanged
+// (the model directory's tokenizer.json), so that only a dataset that needs one fails.
+absl::StatusOr<std::string> TokenizerPath(const QuantizeJobSpec& spec) {
+  const std::string path = spec.tokenizer.empty() ? spec.model_dir : spec.tokenizer;
+  absl::StatusOr<std::vector<std::string>> files = data::TokenizerFiles(path);
+  if (!files.ok()) {
+    if (!spec.tokenizer.empty()) return spec.tokenizer;
+    return ModelDirFile(spec.model_dir, "tokenizer.json");
+  }
+  for (const std::string& f : *files) {
+    if (f == path) continue;
+    const size_t slash = f.find_last_of('/');
+    absl::StatusOr<std::string> checked = ModelDirFile(f.substr(0, slash), f.substr(slash + 1));
+    if (!checked.ok()) return checked.status();
+  }
+  return files->front();
+}
+
 absl::StatusOr<data::CalibrationSpec> Calibration(const QuantizeJobSpec& spec) {
   data::CalibrationSpec c;
   c.dataset_path = spec.dataset;
-  if (spec.tokenizer.empty()) {
-    absl::StatusOr<std::string> tokenizer = ModelDirFile(spec.model_dir, "tokenizer.json");
-    if (!tokenizer.ok()) return tokenizer.status();
-    c.tokenizer_path = *std::move(tokenizer);
-  } else {
-    c.tokenizer_path = spec.tokenizer;
-  }
+  absl::StatusOr<std::string> tokenizer = TokenizerPath(spec);
+  if (!tokenizer.ok()) return tokenizer.status();
+  c.tokenizer_path = *std::move(tokenizer);
   c.num_samples = spec.num_samples;
   c.max_sequence_length = spec.max_sequence_length;
   c.min_sequence_length = 2;

@@ -34,7 +34,7 @@ struct QuantizeJobSpec {
   bool include_mtp = false;
   // Calibration.
   std::string dataset;
-  std::string tokenizer;  // empty: the model directory's tokenizer.json
+  std::string tokenizer;  // empty: the model directory's tokenizer.json or tiktoken.model
   int64_t num_samples = 512;
   int64_t max_sequence_length = 4096;
   uint64_t seed = 0;

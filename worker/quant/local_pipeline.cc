@@ -352,9 +352,10 @@ absl::StatusOr<LocalQuantizeReport> QuantizeLocal(const LocalQuantizeOptions& op
   s = model::WriteShardedIndex(options.output_dir + "/model.safetensors.index.json", total_size,
                                weight_map);
   if (!s.ok()) return s;
-  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                        "tokenizer.model", "generation_config.json", "chat_template.jinja",
-                        "configuration_deepseek.py", "modeling_deepseek.py"}) {
+  for (const char* f :
+       {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+        "tiktoken.model", "tokenization_kimi.py", "generation_config.json", "chat_template.jinja",
+        "configuration_deepseek.py", "modeling_deepseek.py"}) {
     absl::StatusOr<std::string> path = ModelDirFile(options.model_dir, f);
     if (!path.ok()) return path.status();
     absl::StatusOr<std::string> text = ReadFile(*path);
@@ -368,6 +369,8 @@ absl::StatusOr<LocalQuantizeReport> QuantizeLocal(const LocalQuantizeOptions& op
     if (!s.ok()) return s;
   }
   raw_config["quantization_config"] = QuantizationConfigJson(options.format, *config);
+  // As in the gang pipeline's output: kimi_k2 is written as deepseek_v3 (transformers knows it).
+  if (raw_config.value("model_type", "") == "kimi_k2") raw_config["model_type"] = "deepseek_v3";
   if (raw_config.contains("dtype")) raw_config["dtype"] = "bfloat16";
   raw_config["torch_dtype"] = "bfloat16";
   s = model::WriteFileAtomic(options.output_dir + "/config.json", raw_config.dump(2) + "\n");
