@@ -162,7 +162,8 @@ for run in $RUNS; do
     stamp "workers restarted: $(idle) of $NGPU idle"
   fi
   [ "$K" -le "$NGPU" ] || { echo "skip gang $K: only $NGPU GPUs"; continue; }
-  tag="k${K}-s${S}-${METHOD}"
+  RUN_NO=$(( ${RUN_NO:-0} + 1 ))
+  tag="r${RUN_NO}-k${K}-s${S}-${METHOD}"  # the run number keeps repeated runs' logs apart
   O="$W/out-$tag"; rm -rf "$O"
   left=$(( DEADLINE - $(date +%s) ))
   [ "$left" -gt 30 ] || { echo "skip $tag: ${left}s left before the deadline"; continue; }
@@ -236,6 +237,7 @@ r["layers"] = [{"layer": l.get("layer"), "committed_at_ms": l.get("committed_at_
 r["events"] = [(e.get("time_ms"), e.get("kind"), e.get("message", "")[:160]) for e in job.get("events", [])]
 r["created_at_ms"] = j.get("created_at_ms"); r["finished_at_ms"] = j.get("finished_at_ms")
 r["quality"] = j.get("quality")
+r["plan_gpu_bytes"] = j.get("plan", {}).get("estimate", {}).get("gpu_bytes_per_rank")
 all_r = json.load(open(res_path)); all_r.append(r)
 json.dump(all_r, open(res_path, "w"), indent=1)
 EOF
@@ -263,6 +265,11 @@ for r in runs:
           f"manifest {(r.get('manifest_sha256') or '')[:16]}")
     if r["message"]:
         print("   message:", r["message"][:300])
+    plan_gpu = f(r.get("plan_gpu_bytes")) / 2**30
+    peak = max([int(v) for v in (r["peak_gpu_mib"] or {}).values()] or [0]) / 1024
+    if plan_gpu and peak:
+        print(f"   GPU memory: planned {plan_gpu:.2f} GiB per rank, nvidia-smi peak {peak:.2f} GiB "
+              f"({100 * (plan_gpu - peak) / peak:+.1f}%)")
     for t, kind, msg in ev:
         print(f"   +{(int(t) - t_sub)/1000:7.1f}s {kind:18s} {msg}")
     q = r.get("quality") or {}

@@ -301,7 +301,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     const int64_t hidden_states = SatMul({tokens, h, 2, 2});
     const int64_t experts = any_moe ? rp.num_experts : 0;
     const int64_t expert_weights = SatMul({experts, 3, moe, h, 2});
-    const int64_t activations = SatAdd(hidden_states, attention_scores);
+    const int64_t activations =
+        SatAdd(SatMul({tokens, h, 2, kHiddenCopiesOnDevice}), attention_scores);
     // Routed rows of the MoE block.
     int64_t dispatch = 0;
     if (experts > 0) {
@@ -322,7 +323,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     const int64_t solve =
         SatAdd({SatMul({pass, square, 4, 2}), std::min(int64_t{4} << 30, SatMul({pass, square, 8})),
                 SatMul({2, pass, moe, h, 18}), non_expert_hessian_bytes});
-    rp.gpu_bytes = SatAdd({replicated_bytes, expert_weights, activations, dispatch, solve});
+    rp.gpu_bytes = SatAdd(
+        {replicated_bytes, expert_weights, activations, dispatch, solve, kDeviceOverheadBytes});
     rp.host_bytes = SatAdd(hidden_states, staging_bytes);
     est.gpu_bytes_per_rank = std::max(est.gpu_bytes_per_rank, rp.gpu_bytes);
     est.host_bytes_per_rank = std::max(est.host_bytes_per_rank, rp.host_bytes);

@@ -100,6 +100,15 @@ struct JobPlan {
 
 // Attention scores are materialized for this many heads at a time.
 inline constexpr int64_t kAttentionHeadsPerChunk = 16;
+// Token-sized bf16 tensors of hidden width a rank holds on its device at its peak (the attention
+// pass keeps every token's input, residual and normalized MoE input, the latter twice while the
+// chunks are concatenated, and the MoE block adds its output): fitted to the peaks nvidia-smi
+// showed for one full-width layer on an H200 at 64 x 4096 and 128 x 4096 tokens (78.6 and
+// 99.8 GiB, bench/RESULTS.md 2026-12-05), where two (the hidden states in and out) gave estimates
+// 21% and 31% under.
+inline constexpr int64_t kHiddenCopiesOnDevice = 6;
+// The CUDA context, library workspaces and the caching allocator's slack (same fit).
+inline constexpr int64_t kDeviceOverheadBytes = int64_t{5} << 29;  // 2.5 GiB
 
 // Plans the job. `request` must be valid (gang_size in [1, n_routed_experts], bits 4, group
 // size 0/32/64/128, samples and sequence length >= 1) and `config` free of problems. `stored`
@@ -126,7 +135,7 @@ inline constexpr int64_t kAttentionHeadsPerChunk = 16;
 // Over the planned layers, with H = hidden, I_e = moe_intermediate_size, S = max_sequence_length:
 //   replicated = max over layers of 2 * elements of the layer's tensors other than routed experts
 //   experts(r) = num_experts(r) * 3 * I_e * H * 2                   (bf16, 0 without MoE layers)
-//   activations(r) = tokens(r) * H * 2 * 2 (hidden states in + out, bf16)
+//   activations(r) = tokens(r) * H * 2 * kHiddenCopiesOnDevice (bf16 token-sized tensors)
 //                    + S^2 * min(heads, kAttentionHeadsPerChunk) * 4 (fp32 scores, 1 sequence)
 //   dispatch(r) = routed rows held during one dispatch round of the MoE block (0 without MoE
 //                 layers), bf16, with k = num_experts_per_tok,
@@ -146,9 +155,7 @@ inline constexpr int64_t kAttentionHeadsPerChunk = 16;
 //              + with all_linear: max over layers of the sum, over distinct input_id of the
 //                quantized non-expert linears, of in_dim^2 * 4
 //   gpu(r) = replicated + experts(r) + activations(r) + dispatch(r) + solve(r)
-//   (tensors only: the CUDA context, library workspaces and the caching allocator's slack come on
-//   top: for one full-width layer at 64 x 1024 tokens on one H100 this gives 55.7 GiB, and
-//   nvidia-smi showed a 64.3 GiB peak, bench/RESULTS.md)
+//            + kDeviceOverheadBytes (context, workspaces, allocator slack)
 //   host(r) = tokens(r) * H * 2 * 2 + max over layers of input_bytes (pinned staging)
 //   scratch(r) = tokens(r) * H * 2 * 2 (two bf16 hidden-state checkpoints)
 // estimate: gpu/host/scratch = max over ranks; output_bytes = model-level tensors (embeddings,

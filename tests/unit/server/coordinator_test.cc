@@ -63,10 +63,12 @@ class CoordinatorTest : public ::testing::Test {
     return outputs_ == 1 ? "/out/dsv3-w4" : "/out/dsv3-w4-" + std::to_string(outputs_);
   }
 
+  // Jobs of these tests end at finalization (no EVALUATING; EvaluationAfterFinalize covers it).
   std::string Submit(const std::string& key = "") {
     mq::v1::SubmitJobRequest r;
     r.mutable_spec()->set_model_uri("/models/dsv3");
     r.mutable_spec()->set_output_uri(NextOutput());
+    r.mutable_spec()->mutable_eval()->set_num_samples(0);
     r.set_idempotency_key(key);
     auto resp = coordinator_->SubmitJob(r);
     EXPECT_TRUE(resp.ok()) << resp.status();
@@ -361,6 +363,7 @@ TEST_F(CoordinatorTest, RestartKeepsJobsWorkersAndLiveAssignments) {
   mq::v1::SubmitJobRequest again;
   again.mutable_spec()->set_model_uri("/models/dsv3");
   again.mutable_spec()->set_output_uri("/out/dsv3-w4");
+  again.mutable_spec()->mutable_eval()->set_num_samples(0);  // the same spec as Submit's
   again.set_idempotency_key("key-1");
   auto resp = coordinator_->SubmitJob(again);
   ASSERT_TRUE(resp.ok());
@@ -722,6 +725,7 @@ class PipelineTest : public CoordinatorTest {
     r.mutable_capabilities()->set_device("cpu");
     r.mutable_capabilities()->add_capabilities("plan");
     r.mutable_capabilities()->add_capabilities("quantize:gptq");
+    r.mutable_capabilities()->add_capabilities("evaluate");
     if (with_address) r.mutable_capabilities()->set_gang_address(name + ".host:29500");
     auto resp = coordinator_->RegisterWorker(r);
     EXPECT_TRUE(resp.ok()) << resp.status();
@@ -729,12 +733,18 @@ class PipelineTest : public CoordinatorTest {
     return resp->worker_id();
   }
 
-  std::string SubmitGang(int gang_size, int max_attempts = 0) {
+  std::string SubmitGang(int gang_size, int max_attempts = 0,
+                         const std::function<void(mq::v1::EvalSpec&)>& eval = {}) {
     mq::v1::SubmitJobRequest r;
     r.mutable_spec()->set_model_uri("/models/dsv3");
     r.mutable_spec()->set_output_uri(NextOutput());
     r.mutable_spec()->set_gang_size(gang_size);
     r.mutable_spec()->set_max_attempts(max_attempts);
+    if (eval) {
+      eval(*r.mutable_spec()->mutable_eval());
+    } else {
+      r.mutable_spec()->mutable_eval()->set_num_samples(0);
+    }
     auto resp = coordinator_->SubmitJob(r);
     EXPECT_TRUE(resp.ok()) << resp.status();
     return resp->job().job_id();
@@ -1529,6 +1539,86 @@ TEST_F(PipelineTest, CorruptCommittedFileIsUncommittedAndComputedAgain) {
   ASSERT_TRUE(coordinator_->CompleteAssignment(done).ok());
   EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_SUCCEEDED);
   EXPECT_EQ(CountEvents(id, "layer_committed"), 4 + 3);
+}
+
+// EVALUATING: after finalization one worker measures the output; its report (validated) sets
+// the job's quality, the manifest and the gate's verdict. A lost evaluator's work runs again
+// without finalizing again; a job over its gate fails with the measured value.
+TEST_F(PipelineTest, EvaluationAfterFinalizeAndTheGate) {
+  const std::string w = RegisterQ("w1");
+  const std::string id = SubmitGang(1, 0, [](mq::v1::EvalSpec& e) { e.set_max_kl(0.05); });
+  ASSERT_EQ(Get(id).job().spec().eval().num_samples(), 16);  // the default
+  Plan(id, {w});
+  auto fin = QuantizeAndFinalize(w, id, 0);
+  mq::v1::CompleteAssignmentRequest done;
+  done.set_worker_id(w);
+  done.set_assignment_id(fin.assignment_id());
+  done.set_lease_epoch(fin.lease_epoch());
+  done.mutable_finalized()->set_manifest_sha256(Sha('e'));
+  ASSERT_TRUE(coordinator_->CompleteAssignment(done).ok());
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_EVALUATING);
+  EXPECT_EQ(Metric("mq_jobs", "state", "evaluating"), 1);
+
+  // The first evaluator is lost: the evaluation runs again, finalization does not.
+  coordinator_->Tick();
+  auto lost = Poll(w);
+  ASSERT_EQ(lost.kind(), mq::v1::ASSIGNMENT_KIND_EVALUATE);
+  EXPECT_EQ(lost.manifest_sha256(), Sha('e'));
+  const std::string w2 = RegisterQ("w2");
+  Advance(20000, {w2});
+  coordinator_->Tick();  // w1's lease expires; the job goes back to evaluating
+  Advance(2000, {w2});
+  coordinator_->Tick();
+  ASSERT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_EVALUATING) << Get(id).job().message();
+  auto a = Poll(w2);
+  ASSERT_EQ(a.kind(), mq::v1::ASSIGNMENT_KIND_EVALUATE);
+  EXPECT_EQ(a.manifest_sha256(), Sha('e'));
+
+  mq::v1::CompleteAssignmentRequest r;
+  r.set_worker_id(w2);
+  r.set_assignment_id(a.assignment_id());
+  r.set_lease_epoch(a.lease_epoch());
+  mq::v1::QualityReport* q = r.mutable_evaluated()->mutable_quality();
+  q->set_sequences(16);
+  q->set_positions(16 * 4095);
+  q->set_kl_mean(0.4123);
+  q->set_kl_p99(1.5);
+  q->set_top1_agreement(0.61);
+  q->set_perplexity_reference(10);
+  q->set_perplexity_candidate(12.5);
+  q->add_layers()->set_relative_error(0.2);
+  q->set_source("16 held-out sequences");
+  // Bad reports are refused before anything changes.
+  mq::v1::CompleteAssignmentRequest bad = r;
+  EXPECT_EQ(coordinator_->CompleteAssignment(bad).status().code(),
+            absl::StatusCode::kInvalidArgument);  // no manifest for a quantize job
+  r.mutable_evaluated()->set_manifest_sha256(Sha('f'));
+  bad = r;
+  bad.mutable_evaluated()->mutable_quality()->set_kl_mean(std::nan(""));
+  EXPECT_EQ(coordinator_->CompleteAssignment(bad).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  bad = r;
+  bad.mutable_finalized();
+  EXPECT_EQ(coordinator_->CompleteAssignment(bad).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_EVALUATING);
+
+  ASSERT_TRUE(coordinator_->CompleteAssignment(r).ok());
+  const mq::v1::JobRecord job = Get(id).job();
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_FAILED);
+  EXPECT_NE(job.message().find("failed the quality gate: mean KL 0.4123 > max_kl 0.05"),
+            std::string::npos)
+      << job.message();
+  EXPECT_NE(job.message().find("the output stays in"), std::string::npos) << job.message();
+  EXPECT_EQ(job.quality().kl_mean(), 0.4123);
+  EXPECT_EQ(job.manifest_sha256(), Sha('f'));  // the manifest with quality.json
+  std::vector<std::string> phases;
+  const auto full = Get(id);
+  for (const auto& at : full.attempts()) phases.push_back(at.phase());
+  EXPECT_EQ(phases, (std::vector<std::string>{"plan", "quantize", "finalize", "evaluate",
+                                              "evaluate"}));
+  EXPECT_EQ(CountEvents(id, "evaluated"), 1);
+  EXPECT_EQ(Metric("mq_job_quality_gate_total", "result", "failed"), 1);
 }
 
 // A rank replaying committed layers found step 0's file damaged: everything is uncommitted.

@@ -617,8 +617,8 @@ TEST(InspectTest, PlanMatchesHandComputation) {
     const int64_t dispatch = (tokens * 2 + 2 * (64 * experts)) * 200 * 2;
     const int64_t solve = experts * square * 4 * 2 + experts * square * 8 +
                           2 * experts * 64 * 200 * 18;
-    return replicated + experts * 3 * 64 * 200 * 2 + tokens * 200 * 2 * 2 + scores + dispatch +
-           solve;
+    return replicated + experts * 3 * 64 * 200 * 2 + tokens * 200 * 2 * kHiddenCopiesOnDevice +
+           scores + dispatch + solve + kDeviceOverheadBytes;
   };
   EXPECT_EQ(report.ranks[0].gpu_bytes, gpu(2, 3));
   EXPECT_EQ(report.ranks[1].gpu_bytes, gpu(1, 3));
@@ -671,9 +671,9 @@ TEST(InspectTest, AllLinearPlanCountsAndHessians) {
   // A gang of one keeps its routed rows (tokens * top-2) and their outputs; one pass of 4 experts.
   const int64_t square = 200 * 200 + 64 * 64;
   EXPECT_EQ(report.ranks.at(0).gpu_bytes,
-            replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 4 + 16 * 16 * 4 * 4 +
-                2 * (tokens * 2) * 200 * 2 + 4 * square * 4 * 2 + 4 * square * 8 +
-                2 * 4 * 64 * 200 * 18 + layer0_h);
+            replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 2 * kHiddenCopiesOnDevice +
+                16 * 16 * 4 * 4 + 2 * (tokens * 2) * 200 * 2 + 4 * square * 4 * 2 +
+                4 * square * 8 + 2 * 4 * 64 * 200 * 18 + layer0_h + kDeviceOverheadBytes);
   // Passes of 3 experts bound the solve's working set.
   request.experts_per_pass = 3;
   EXPECT_EQ(InspectCheckpoint(request).ranks.at(0).gpu_bytes,
@@ -876,14 +876,16 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(plan.ranks[7].num_experts, 32);
   EXPECT_EQ(plan.ranks[7].num_sequences, 64);
   EXPECT_EQ(plan.estimate.output_bytes, 371407749120);
-  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 35258269696);
+  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 35258269696 + 262144LL * 7168 * 2 * 4 +
+                                                 kDeviceOverheadBytes);
   EXPECT_EQ(plan.estimate.host_bytes_per_rank, 19028140256);
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
   EXPECT_EQ(plan.estimate.dispatch_rounds, 32);
   request.dispatch_tokens = 0;
-  EXPECT_EQ(PlanJob(c, request, stored).estimate.gpu_bytes_per_rank, 122634010624);
+  EXPECT_EQ(PlanJob(c, request, stored).estimate.gpu_bytes_per_rank,
+            122634010624 + 262144LL * 7168 * 2 * 4 + kDeviceOverheadBytes);
   EXPECT_EQ(PlanJob(c, request, stored).estimate.dispatch_rounds, 1);
 }
 
