@@ -246,6 +246,13 @@ void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
     if (e.dispatch_rounds() > 0) {
       std::cout << "  dispatch rounds:       " << e.dispatch_rounds() << " per MoE layer\n";
     }
+    if (e.total_seconds() > 0) {
+      char per_layer[32];
+      std::snprintf(per_layer, sizeof(per_layer), "%.1f s", e.seconds_per_layer());
+      std::cout << "  time (projected):      "
+                << mq::client::Duration(static_cast<int64_t>(e.total_seconds() * 1000)) << " ("
+                << per_layer << "/layer) with one H200 per rank, GPTQ, from measured stage rates\n";
+    }
     Table ranks({"RANK", "EXPERTS", "SEQUENCES", "GPU", "HOST"});
     for (const auto& rk : r.ranks()) {
       ranks.Add(

@@ -90,6 +90,8 @@ mq::v1::InspectReport ToProto(const model::InspectReport& in) {
   q->set_calibration_tokens(e.calibration_tokens);
   q->set_tokens_per_expert(e.tokens_per_expert);
   q->set_dispatch_rounds(e.dispatch_rounds);
+  q->set_seconds_per_layer(e.seconds_per_layer);
+  q->set_total_seconds(e.total_seconds);
   return out;
 }
 

@@ -126,6 +126,14 @@ def test_inspect_real_dimensions(cluster, tmp_path, name, params):
     human = cluster.client("inspect", model, "--gang-size", 8, check=True).stdout
     print(human)
     assert "Estimate (gang of 8)" in human
+    # A projected time for the whole quantize phase (one H200 per rank, GPTQ).
+    assert 5 * 60 < est["total_seconds"] < 60 * 60, est
+    assert "time (projected):" in human
+    # One H200 cannot hold the default 512 x 4096 calibration tokens of a gang of one.
+    alone = json.loads(cluster.client("inspect", model, "--gang-size", 1, "--json",
+                                      check=True).stdout)["report"]["estimate"]
+    print("gang of one:", json.dumps(alone, indent=1))
+    assert int(alone["gpu_bytes_per_rank"]) > 141 * gib
     # The shards are sparse (about 1 TB apparent size): do not leave them to pytest's kept
     # temporary directories.
     shutil.rmtree(model)

@@ -95,6 +95,8 @@ struct ResourceEstimate {
   int64_t calibration_tokens = 0;
   double tokens_per_expert = 0;  // mean routed tokens each expert sees per layer
   int64_t dispatch_rounds = 0;   // of each MoE layer (plan.h; 0 without MoE layers)
+  double seconds_per_layer = 0;  // projected quantize time per planned layer (plan.h)
+  double total_seconds = 0;      // projected quantize phase
 };
 
 struct InspectReport {

@@ -331,6 +331,27 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     est.scratch_bytes_per_rank = std::max(est.scratch_bytes_per_rank, hidden_states);
     plan.ranks.push_back(rp);
   }
+  // Projected time (plan.h): the rank with the most tokens and experts sets the pace.
+  int64_t max_tokens = 0, max_experts = 0;
+  for (const RankPlan& rp : plan.ranks) {
+    max_tokens = std::max(max_tokens, SatMul(rp.num_sequences, seq));
+    max_experts = std::max<int64_t>(max_experts, rp.num_experts);
+  }
+  double total = 0, previous_write = 0;
+  for (const LayerPlan& lp : plan.layers) {
+    const double compute =
+        static_cast<double>(lp.input_bytes) / gang / kLoadBytesPerSecond +
+        static_cast<double>(max_tokens) * kSecondsPerToken +
+        (lp.kind == LayerKind::kDense ? 0.0
+                                      : static_cast<double>(max_experts) * kSolveSecondsPerExpert);
+    total += std::max(compute, previous_write);
+    previous_write = (static_cast<double>(lp.output_bytes) / gang +
+                      static_cast<double>(max_tokens) * static_cast<double>(h) * 2) /
+                     kWriteBytesPerSecond;
+  }
+  total += previous_write;
+  est.total_seconds = plan.layers.empty() ? 0 : total;
+  est.seconds_per_layer = plan.layers.empty() ? 0 : total / plan.layers.size();
   est.output_bytes = output_bytes;
   est.calibration_tokens = SatMul(request.num_calibration_samples, seq);
   est.tokens_per_expert = static_cast<double>(request.num_calibration_samples) *

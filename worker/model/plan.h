@@ -110,6 +110,14 @@ inline constexpr int64_t kHiddenCopiesOnDevice = 6;
 // The CUDA context, library workspaces and the caching allocator's slack (same fit).
 inline constexpr int64_t kDeviceOverheadBytes = int64_t{5} << 29;  // 2.5 GiB
 
+// Stage rates of the quantize pipeline measured on one H200 (one full-width DeepSeek-V3 MoE
+// layer, GPTQ, 128 x 4096 tokens, gang of one, bench/RESULTS.md 2026-12-05): they turn a plan into
+// a projected time (ResourceEstimate::seconds_per_layer, total_seconds).
+inline constexpr double kLoadBytesPerSecond = 8.4e9;     // checkpoint bytes onto the device
+inline constexpr double kSecondsPerToken = 14.1e-6;      // forward + Hessians + propagation
+inline constexpr double kSolveSecondsPerExpert = 0.0586; // batched GPTQ of gate, up and down
+inline constexpr double kWriteBytesPerSecond = 0.5e9;    // layer file + hidden-state checkpoint
+
 // Plans the job. `request` must be valid (gang_size in [1, n_routed_experts], bits 4, group
 // size 0/32/64/128, samples and sequence length >= 1) and `config` free of problems. `stored`
 // holds every tensor of the checkpoint (absent tensors just count as 0 input bytes).
@@ -162,6 +170,14 @@ inline constexpr int64_t kDeviceOverheadBytes = int64_t{5} << 29;  // 2.5 GiB
 // model.norm, lm_head) + sum of layer output_bytes; calibration_tokens = samples * S;
 // tokens_per_expert = samples * S * num_experts_per_tok / n_routed_experts;
 // dispatch_rounds = rounds above (0 without MoE layers).
+// Time, per planned layer on the slowest rank (ranks work in parallel):
+//   compute = input_bytes / gang / kLoadBytesPerSecond + tokens(r) * kSecondsPerToken
+//             + experts(r) * kSolveSecondsPerExpert (MoE layers)
+//   write   = (output_bytes / gang + tokens(r) * H * 2) / kWriteBytesPerSecond
+// A layer's write overlaps the next layer's compute: total_seconds = sum over layers of
+// max(compute, write of the layer before) + the last layer's write; seconds_per_layer =
+// total_seconds / layers. A projection for one H200 per rank and GPTQ: other cards, methods,
+// storage and gang communication change it.
 // All sums saturate at INT64_MAX instead of overflowing.
 JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
                 const StoredTensors& stored);

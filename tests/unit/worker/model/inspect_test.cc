@@ -883,6 +883,13 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
   EXPECT_EQ(plan.estimate.dispatch_rounds, 32);
+  // Projected time on 8 H200s: per MoE layer 64 x 4096 tokens and 32 experts a rank.
+  const double moe_compute = 11511947488.0 / 8 / kLoadBytesPerSecond +
+                             262144 * kSecondsPerToken + 32 * kSolveSecondsPerExpert;
+  EXPECT_GT(plan.estimate.seconds_per_layer, moe_compute * 0.9);
+  EXPECT_GT(plan.estimate.total_seconds, 58 * moe_compute);
+  EXPECT_LT(plan.estimate.total_seconds, 61 * 20.0);
+  EXPECT_NEAR(plan.estimate.seconds_per_layer * 61, plan.estimate.total_seconds, 1e-6);
   request.dispatch_tokens = 0;
   EXPECT_EQ(PlanJob(c, request, stored).estimate.gpu_bytes_per_rank,
             122634010624 + 262144LL * 7168 * 2 * 4 + kDeviceOverheadBytes);
