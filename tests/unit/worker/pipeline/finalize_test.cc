@@ -163,7 +163,7 @@ TEST(FinalizeTest, SecondFinalizerOnTheDirectoryFailsAtOnce) {
   ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
   absl::StatusOr<FinalizeOutput> r = FinalizeOutputDir(o);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
-  EXPECT_NE(r.status().message().find("another finalization holds " + out), std::string::npos)
+  EXPECT_NE(r.status().message().find("another finalization or evaluation holds " + out), std::string::npos)
       << r.status();
   EXPECT_FALSE(Exists(out + "/model-globals.safetensors"));
   ::close(fd);
