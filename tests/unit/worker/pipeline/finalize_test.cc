@@ -173,4 +173,40 @@ TEST(FinalizeTest, SecondFinalizerOnTheDirectoryFailsAtOnce) {
 }
 
 }  // namespace
+// quality.json joins a finished output's manifest; the check accepts the manifest before and
+// after, and refuses a manifest that changed otherwise or another job's directory.
+TEST(FinalizeTest, QualityFileJoinsTheManifest) {
+  const std::string out = TempDir() + "/out";
+  FinalizeOptions o = Prepared("j-q", out);
+  absl::StatusOr<FinalizeOutput> f = FinalizeOutputDir(o);
+  ASSERT_TRUE(f.ok()) << f.status();
+  ASSERT_TRUE(CheckFinalizedOutput(out, "j-q", f->manifest_sha256).ok());
+  absl::StatusOr<FinalizeOutput> added =
+      AddToManifest(out, "j-q", f->manifest_sha256, kQualityFileName, "{\"kl\": 1}\n");
+  ASSERT_TRUE(added.ok()) << added.status();
+  EXPECT_EQ(added->files, f->files + 1);
+  EXPECT_EQ(added->total_bytes, f->total_bytes + 10);
+  const std::string manifest = Read(out + "/manifest.json");
+  EXPECT_EQ(Sha256Hex(manifest), added->manifest_sha256);
+  EXPECT_NE(manifest.find("\"quality.json\""), std::string::npos) << manifest;
+  // Before and after: the same finalized output. Again (a crash after the rename): replaced.
+  EXPECT_TRUE(CheckFinalizedOutput(out, "j-q", f->manifest_sha256).ok());
+  absl::StatusOr<FinalizeOutput> again =
+      AddToManifest(out, "j-q", f->manifest_sha256, kQualityFileName, "{\"kl\": 1}\n");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->manifest_sha256, added->manifest_sha256);
+  // Another job, or a manifest changed by hand: refused, nothing written.
+  EXPECT_EQ(CheckFinalizedOutput(out, "j-other", f->manifest_sha256).code(),
+            absl::StatusCode::kFailedPrecondition);
+  // (Whitespace is not a change: the files listed are what counts.)
+  std::ofstream(out + "/manifest.json", std::ios::app) << " ";
+  absl::StatusOr<FinalizeOutput> tampered =
+      AddToManifest(out, "j-q", f->manifest_sha256, kQualityFileName, "{}\n");
+  EXPECT_EQ(tampered.status().code(), absl::StatusCode::kOk) << tampered.status();
+  std::ofstream(out + "/manifest.json") << "{\"format\": \"mq-manifest-1\", \"files\": []}";
+  tampered = AddToManifest(out, "j-q", f->manifest_sha256, kQualityFileName, "{}\n");
+  EXPECT_EQ(tampered.status().code(), absl::StatusCode::kDataLoss) << tampered.status();
+  EXPECT_EQ(Read(out + "/quality.json"), "{}\n");  // the last accepted addition's, untouched
+}
+
 }  // namespace mq::pipeline
