@@ -876,7 +876,7 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(plan.ranks[7].num_experts, 32);
   EXPECT_EQ(plan.ranks[7].num_sequences, 64);
   EXPECT_EQ(plan.estimate.output_bytes, 371407749120);
-  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 35258269696 + 262144LL * 7168 * 2 * 4 +
+  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 35258269696 + 262144LL * 7168 * 2 * 5 +
                                                  kDeviceOverheadBytes);
   EXPECT_EQ(plan.estimate.host_bytes_per_rank, 19028140256);
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
@@ -892,7 +892,7 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_NEAR(plan.estimate.seconds_per_layer * 61, plan.estimate.total_seconds, 1e-6);
   request.dispatch_tokens = 0;
   EXPECT_EQ(PlanJob(c, request, stored).estimate.gpu_bytes_per_rank,
-            122634010624 + 262144LL * 7168 * 2 * 4 + kDeviceOverheadBytes);
+            122634010624 + 262144LL * 7168 * 2 * 5 + kDeviceOverheadBytes);
   EXPECT_EQ(PlanJob(c, request, stored).estimate.dispatch_rounds, 1);
 }
 
