@@ -2047,17 +2047,9 @@ void Coordinator::ScheduleGang(const std::string& job_id) {
   request.gang_wait_ms = options_.gang_wait_ms;
   const GangDecision decision = DecideGang(WorkerViews(), request);
   if (decision.workers.empty()) {
-    const std::string message =
-        absl::StrCat("planned: ", start, " of ", total, " steps committed; waiting for a gang of ",
-                     request.gang_size, ": ", decision.waiting);
-    if (job.message() != message) {
-      job.set_message(message);
-      job.set_updated_at_ms(Wall());
-      PutJob(batch, job);
-      if (!Commit(batch).ok()) return;
-      jobs_[job_id] = job;
-      ++changes_;
-    }
+    SetWaitingMessage(job, absl::StrCat("planned: ", start, " of ", total,
+                                        " steps committed; waiting for a gang of ",
+                                        request.gang_size, ": ", decision.waiting));
     return;
   }
   const int size = static_cast<int>(decision.workers.size());
@@ -2184,24 +2176,27 @@ void Coordinator::ScheduleFinalize(const std::string& job_id) {
   if (metrics_) metrics_->job_attempts->Increment();
 }
 
+void Coordinator::SetWaitingMessage(JobRecord job, const std::string& message) {
+  if (job.message() == message) return;
+  WriteBatch batch;
+  job.set_message(message);
+  job.set_updated_at_ms(Wall());
+  PutJob(batch, job);
+  if (!Commit(batch).ok()) return;  // only a message: the next tick tries again
+  jobs_[job.job_id()] = job;
+  ++changes_;
+}
+
 void Coordinator::ScheduleEvaluate(const std::string& job_id) {
   if (HasLiveAssignment(job_id)) return;
   JobRecord job = jobs_.at(job_id);
   auto pick = PickGang(WorkerViews(), kEvaluateCapability, 1);
   if (!pick) {
-    const std::string message =
-        absl::StrCat(IsEvalJob(job) ? "waiting for a worker to evaluate "
-                                    : "the output is finalized; waiting for a worker to evaluate ",
-                     "it (capability \"", kEvaluateCapability, "\")");
-    if (job.message() != message) {
-      WriteBatch batch;
-      job.set_message(message);
-      job.set_updated_at_ms(Wall());
-      PutJob(batch, job);
-      if (!Commit(batch).ok()) return;
-      jobs_[job_id] = job;
-      ++changes_;
-    }
+    SetWaitingMessage(
+        job, absl::StrCat(IsEvalJob(job) ? "waiting for a worker to evaluate "
+                                         : "the output is finalized; waiting for a worker to "
+                                           "evaluate ",
+                          "it (capability \"", kEvaluateCapability, "\")"));
     return;
   }
   const std::string& worker_id = pick->front();

@@ -231,6 +231,8 @@ class Coordinator {
   // EVALUATING jobs (and queued evaluation jobs) without a live assignment: one worker with the
   // "evaluate" capability measures the output (or the candidate).
   void ScheduleEvaluate(const std::string& job_id);
+  // A waiting job's message (why it waits), stored only when it changed.
+  void SetWaitingMessage(mq::v1::JobRecord job, const std::string& message);
   bool HasLiveAssignment(const std::string& job_id) const;
   // Number of leading steps (0, 1, ...) that are committed.
   int CommittedPrefix(const std::string& job_id) const;

@@ -93,3 +93,17 @@ CONFIGS = {
     "wide_fp8": ["--hidden", "384", "--moe-intermediate", "256", "--q-lora-rank", "200",
                  "--shared-experts", "2", "--shards", "1"],
 }
+
+
+def assigned_chars():
+    """Code points assigned in Python's Unicode database (14.0, the version PCRE2 10.42 uses),
+    excluding surrogates and private use: the alphabet of the tokenizer tests' random strings."""
+    import unicodedata
+    out = []
+    for cp in list(range(0x20, 0x3400)) + list(range(0x4e00, 0x4f00)) + \
+            list(range(0xa000, 0xd7a4)) + list(range(0xf900, 0x10000)) + \
+            list(range(0x10000, 0x10a00)) + list(range(0x1d400, 0x1d800)) + \
+            list(range(0x1f300, 0x1fb00)) + list(range(0x20000, 0x20100)):
+        if unicodedata.category(chr(cp)) not in ("Cn", "Cs", "Co"):
+            out.append(chr(cp))
+    return out

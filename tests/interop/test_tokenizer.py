@@ -7,11 +7,10 @@ import json
 import os
 import random
 import subprocess
-import unicodedata
 
 import pytest
 
-from interop_util import _binary, require
+from interop_util import _binary, assigned_chars, require
 
 tokenizers = require("tokenizers")
 from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers,  # noqa: E402
@@ -66,19 +65,6 @@ def gen_text(rng, n_parts):
         else:
             parts.append(" ")
     return "".join(parts)
-
-
-def assigned_chars():
-    """Code points assigned in Python's Unicode database (14.0, the version PCRE2 10.42 uses),
-    excluding surrogates and private use."""
-    out = []
-    for cp in list(range(0x20, 0x3400)) + list(range(0x4e00, 0x4f00)) + \
-            list(range(0xa000, 0xd7a4)) + list(range(0xf900, 0x10000)) + \
-            list(range(0x10000, 0x10a00)) + list(range(0x1d400, 0x1d800)) + \
-            list(range(0x1f300, 0x1fb00)) + list(range(0x20000, 0x20100)):
-        if unicodedata.category(chr(cp)) not in ("Cn", "Cs", "Co"):
-            out.append(chr(cp))
-    return out
 
 
 CHARS = assigned_chars()
