@@ -14,6 +14,7 @@
 #include "common/names.h"
 #include "common/path_policy.h"
 #include "common/path_policy_proto.h"
+#include "common/s3/s3_config.h"
 
 namespace mq::server {
 namespace {
@@ -277,8 +278,15 @@ absl::Status ValidateLocation(const std::string& field, const std::string& value
     }
   }
   if (absl::StartsWith(value, "s3://")) {
-    return Invalid(field, Quote(value),
-                   "s3:// locations are not supported yet; use an absolute path or file:// URI");
+    // Inputs may live in an S3 store (the worker stages them); outputs not yet.
+    if (field == "spec.output_uri") {
+      return Invalid(field, Quote(value),
+                     "s3:// outputs are not supported yet (models, datasets and tokenizers may be "
+                     "read from s3://); use an absolute path or file:// URI");
+    }
+    absl::StatusOr<s3::S3Uri> uri = s3::ParseS3Uri(field, value);
+    if (!uri.ok()) return uri.status();
+    return absl::OkStatus();
   }
   const std::string path = absl::StartsWith(value, "file://") ? value.substr(7) : value;
   if (path.empty() || path.front() != '/') {

@@ -13,6 +13,7 @@
 #include "common/status.h"
 #include "common/util.h"
 #include "worker/plan_convert.h"
+#include "worker/s3_inputs.h"
 #if MQ_WORKER_HAS_PIPELINE
 #include "worker/pipeline/evaluate_job.h"
 #include "worker/pipeline/quantize_job.h"
@@ -405,11 +406,20 @@ void Worker::Complete(mq::v1::CompleteAssignmentRequest request, const std::atom
   }
 }
 
-void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>& stop) {
+void Worker::RunAssignment(const mq::v1::Assignment& original, const std::atomic<bool>& stop) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    current_assignment_ = a.assignment_id();
+    current_assignment_ = original.assignment_id();
   }
+  // s3:// inputs allowed by the path policy are staged into local copies (s3_inputs.h); the rest
+  // of the assignment reads those. The policy is checked on the locations the job named.
+  mq::v1::Assignment staged;
+  absl::Status staging;
+  const bool s3_inputs = HasS3Inputs(original) && PathProblems(original).empty();
+  if (s3_inputs) {
+    staging = StageS3Inputs(options_.scratch_dir + "/s3-inputs", original, &staged);
+  }
+  const mq::v1::Assignment& a = s3_inputs && staging.ok() ? staged : original;
   cancel_current_ = false;
   const std::string kind = KindName(a.kind());
   LogLine(
@@ -434,7 +444,8 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
       request.experts_per_pass = options_.experts_per_pass;  // how this pool's workers solve
       request.dispatch_tokens = options_.dispatch_tokens;
       // A refused location is neither read nor created: the plan reports it instead.
-      const std::vector<std::pair<std::string, std::string>> refused = PathProblems(a);
+      std::vector<std::pair<std::string, std::string>> refused = PathProblems(original);
+      if (!staging.ok()) refused.emplace_back("request.s3", std::string(staging.message()));
       model::InspectReport report;
       if (refused.empty()) report = model::InspectCheckpoint(request);
       const double secs =
@@ -473,8 +484,9 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
         result.mutable_plan()->set_worker_id(worker_id_);
       }
     }
-  } else if (const auto refused = PathProblems(a); !refused.empty()) {
+  } else if (auto refused = PathProblems(original); !refused.empty() || !staging.ok()) {
     // QUANTIZE and FINALIZE: checked again, the locations may have changed since planning.
+    if (!staging.ok()) refused.emplace_back("request.s3", std::string(staging.message()));
     std::vector<std::string> messages;
     for (const auto& [where, what] : refused) messages.push_back(what);
     result.set_error(EventMessage(absl::StrJoin(messages, "; "), kMaxResultErrorBytes));

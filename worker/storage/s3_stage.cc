@@ -1,11 +1,12 @@
 #include "worker/storage/s3_stage.h"
 
 #include <fcntl.h>
+#include <ftw.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
-#include <filesystem>
 #include <string_view>
 
 #include "absl/strings/match.h"
@@ -47,6 +48,30 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& dat
   return absl::OkStatus();
 }
 
+// POSIX rather than std::filesystem: in the worker, torch's libraries export std::filesystem
+// symbols of another ABI that the dynamic linker may bind these calls to.
+absl::Status MakeDirs(const std::string& dir) {
+  for (size_t pos = 1; pos <= dir.size(); ++pos) {
+    if (pos != dir.size() && dir[pos] != '/') continue;
+    const std::string part = dir.substr(0, pos);
+    if (::mkdir(part.c_str(), 0755) != 0 && errno != EEXIST) {
+      return absl::ErrnoToStatus(errno, absl::StrCat(part, ": cannot create"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RemoveTree(const std::string& dir) {
+  struct stat st;
+  if (::lstat(dir.c_str(), &st) != 0) return absl::OkStatus();
+  const int rc = ::nftw(
+      dir.c_str(),
+      [](const char* path, const struct stat*, int, struct FTW*) { return ::remove(path); }, 16,
+      FTW_DEPTH | FTW_PHYS);
+  if (rc != 0) return absl::ErrnoToStatus(errno, absl::StrCat(dir, ": cannot remove"));
+  return absl::OkStatus();
+}
+
 uint64_t LittleEndian64(const std::string& b) {
   uint64_t v = 0;
   for (int i = 7; i >= 0; --i) v = (v << 8) | static_cast<uint8_t>(b[i]);
@@ -72,12 +97,8 @@ absl::StatusOr<StageResult> StageRemoteCheckpoint(s3::S3Client& client, const st
                                             "\": no objects under this prefix (a model directory "
                                             "holds config.json and *.safetensors)"));
   }
-  std::error_code ec;
-  std::filesystem::remove_all(local_dir, ec);
-  std::filesystem::create_directories(local_dir, ec);
-  if (ec) {
-    return absl::InternalError(absl::StrCat(local_dir, ": cannot create: ", ec.message()));
-  }
+  if (absl::Status s = RemoveTree(local_dir); !s.ok()) return s;
+  if (absl::Status s = MakeDirs(local_dir); !s.ok()) return s;
   StageResult result;
   for (const s3::ListedObject& o : *objects) {
     const std::string name = o.key.substr(prefix.size());
@@ -147,8 +168,10 @@ absl::Status StageRemoteFile(s3::S3Client& client, const std::string& field,
     return absl::Status(data.status().code(),
                         absl::StrCat(field, " = \"", uri, "\": ", data.status().message()));
   }
-  std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(local_path).parent_path(), ec);
+  const size_t slash = local_path.rfind('/');
+  if (slash != std::string::npos && slash > 0) {
+    if (absl::Status s = MakeDirs(local_path.substr(0, slash)); !s.ok()) return s;
+  }
   return WriteFileAtomically(local_path, *data, data->size());
 }
 
