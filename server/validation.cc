@@ -278,12 +278,7 @@ absl::Status ValidateLocation(const std::string& field, const std::string& value
     }
   }
   if (absl::StartsWith(value, "s3://")) {
-    // Inputs may live in an S3 store (the worker stages them); outputs not yet.
-    if (field == "spec.output_uri") {
-      return Invalid(field, Quote(value),
-                     "s3:// outputs are not supported yet (models, datasets and tokenizers may be "
-                     "read from s3://); use an absolute path or file:// URI");
-    }
+    // An S3 store (path-style s3://bucket/prefix): the worker stages inputs and mirrors outputs.
     absl::StatusOr<s3::S3Uri> uri = s3::ParseS3Uri(field, value);
     if (!uri.ok()) return uri.status();
     return absl::OkStatus();

@@ -416,8 +416,13 @@ void Worker::RunAssignment(const mq::v1::Assignment& original, const std::atomic
   mq::v1::Assignment staged;
   absl::Status staging;
   const bool s3_inputs = HasS3Inputs(original) && PathProblems(original).empty();
+  s3_output_ = S3Output();
   if (s3_inputs) {
-    staging = StageS3Inputs(options_.scratch_dir + "/s3-inputs", original, &staged);
+    staging =
+        StageS3Inputs(options_.scratch_dir + "/s3-inputs", original, &staged, &s3_output_);
+    if (staging.ok() && original.kind() != mq::v1::ASSIGNMENT_KIND_PLAN) {
+      staging = PrepareS3Output(s3_output_, staged);
+    }
   }
   const mq::v1::Assignment& a = s3_inputs && staging.ok() ? staged : original;
   cancel_current_ = false;
@@ -557,6 +562,10 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
       p->set_sha256(f.sha256);
     }
     ToProto(out.stats, out.step, out.layer, request.mutable_stats());
+    // An s3:// output: the layer's objects are complete before the layer is reported.
+    std::vector<std::pair<std::string, std::string>> uploads;
+    for (const pipeline::OutputFileInfo& f : out.files) uploads.emplace_back(f.name, f.sha256);
+    if (absl::Status s = UploadS3Files(s3_output_, uploads); !s.ok()) return s;
     mq::v1::ReportLayerResponse response;
     grpc::Status s = CallUntilSettled(stop, absl::StrCat("layer ", out.layer, " report"), [&] {
       {
@@ -610,6 +619,9 @@ bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   absl::StatusOr<pipeline::FinalizeAssignmentResult> r = pipeline::RunFinalizeAssignment(
       ToJobSpec(a.job_id(), a.spec()), ToFiles(a.committed_files()), a.total_steps(), publish);
   if (!r.ok() && (stop || Cancelled())) return false;  // publish refused: abandoned, nothing to report
+  if (r.ok()) {
+    if (absl::Status s = PublishS3Output(s3_output_); !s.ok()) r = s;  // manifest uploaded last
+  }
   metrics_->ObserveStage(
       "finalize", std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   if (!r.ok()) {
@@ -643,6 +655,9 @@ bool Worker::RunEvaluate(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   Progress(a, "evaluating: loading the sequences", 0);
   absl::StatusOr<pipeline::EvaluateAssignmentResult> r = pipeline::RunEvaluateAssignment(in);
   if (!r.ok() && (stop || Cancelled())) return false;
+  if (r.ok()) {
+    if (absl::Status s = PublishS3Output(s3_output_); !s.ok()) r = s;  // quality.json, manifest
+  }
   if (!r.ok()) {
     SetError(r.status(), result);
     LogLine("worker", "WARN",

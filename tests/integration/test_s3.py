@@ -132,6 +132,82 @@ def test_job_reads_model_and_dataset_from_s3(cluster, env, tmp_path):
         server.close()
 
 
+def s3_client(server):
+    import boto3
+    return boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
+                        aws_access_key_id=ACCESS, aws_secret_access_key=SECRET)
+
+
+def object_files(server, bucket, prefix):
+    """{name: (size, sha256)} of the objects under the prefix, read back through S3."""
+    import hashlib
+    s3 = s3_client(server)
+    out = {}
+    for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", []):
+        data = s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        out[o["Key"][len(prefix) + 1:]] = (len(data), hashlib.sha256(data).hexdigest())
+    return out
+
+
+def test_job_writes_to_s3_and_survives_a_worker_killed_mid_upload(cluster, env, tmp_path):
+    """s3:// in and out: the objects equal the local job's files; a worker SIGKILLed while a
+    layer's multipart upload is half done is replaced, the job completes, and no incomplete
+    upload is left. 64 KiB parts so that the small model's layer files are multipart."""
+    (env["data"] / "outputs").mkdir(exist_ok=True)
+    server = S3Server(tmp_path, env["data"], proxy=True)
+    worker_env = dict(server.env(), MQ_S3_PART_BYTES="65536")
+    try:
+        cluster.start_coordinator()
+        cluster.start_worker("w1", env=worker_env)
+        out_local = tmp_path / "out-local"
+        res = cluster.client(*submit_args(env["model"], out_local, env["dataset"]), "--wait",
+                             timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+        # A part of layer 1's file hangs in the proxy; the worker is killed meanwhile.
+        server.faults([{"match": "PUT /outputs/job1/model-layer00001", "kind": "latency",
+                        "delay_ms": 6000, "count": 1}])
+        res = cluster.client(*submit_args("s3://models/ds3-fp8", "s3://outputs/job1",
+                                          "s3://models/calibration.jsonl"))
+        assert res.returncode == 0, res.stdout + res.stderr
+        job_id = res.stdout.split()[0]
+        wait_until(lambda: server.faults([])["applied"].get("latency") == 1, 120,
+                   "layer 1 upload in flight")
+        s3 = s3_client(server)
+        assert s3.list_multipart_uploads(Bucket="outputs", Prefix="job1/").get("Uploads")
+        cluster.workers["w1"].kill9()
+        cluster.start_worker("w2", env=worker_env)
+        job = cluster.wait_job(job_id, ["JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"],
+                               timeout=300)["job"]
+        assert job["state"] == "JOB_STATE_SUCCEEDED", json.dumps(job)[:3000]
+        assert job["spec"]["output_uri"] == "s3://outputs/job1"
+        assert "aborted" in cluster.workers["w2"].output()
+
+        objects = object_files(server, "outputs", "job1")
+        local = files_of(out_local)
+        assert objects.pop(".mq-job")
+        objects.pop("manifest.json")
+        local_q, s3_q = local.pop("quality.json"), objects.pop("quality.json")
+        assert objects == local
+        assert not s3.list_multipart_uploads(Bucket="outputs", Prefix="job1/").get("Uploads")
+        # Every object carries its SHA-256; the manifest lists exactly the other objects.
+        manifest = json.loads(s3.get_object(Bucket="outputs", Key="job1/manifest.json")["Body"]
+                              .read())
+        assert {f["name"] for f in manifest["files"]} == set(objects) | {"quality.json"}
+        for name, (_, sha) in objects.items():
+            meta = {k.lower(): v for k, v in  # (rclone capitalizes metadata names)
+                    s3.head_object(Bucket="outputs", Key="job1/" + name)["Metadata"].items()}
+            assert meta.get("sha256") == sha, (name, meta)
+
+        # A second job may not write into the first one's prefix.
+        res = cluster.client(*submit_args("s3://models/ds3-fp8", "s3://outputs/job1",
+                                          "s3://models/calibration.jsonl"), "--wait", timeout=120)
+        assert res.returncode == 1
+        assert "belongs to job " + job_id in res.stdout + res.stderr
+    finally:
+        server.close()
+
+
 def test_bad_s3_settings_are_plan_problems(cluster, env, tmp_path):
     server = S3Server(tmp_path, env["data"])
 
