@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mq_cluster import wait_until
-from quantize_env import check_output_dir, make_model, submit_args
+from mq_cluster import CLIENT, wait_until
+from quantize_env import check_output_dir, make_model, run_in_transformers, submit_args
 
 ACCESS = "AKIAMQINTEGRATION001"
 SECRET = "mqIntegrationSecret/K7MDENG/bPxRfiCYEXAMPLE"
@@ -198,6 +198,25 @@ def test_job_writes_to_s3_and_survives_a_worker_killed_mid_upload(cluster, env, 
             meta = {k.lower(): v for k, v in  # (rclone capitalizes metadata names)
                     s3.head_object(Bucket="outputs", Key="job1/" + name)["Metadata"].items()}
             assert meta.get("sha256") == sha, (name, meta)
+
+        # mq-client verify re-hashes the objects; a changed object is named.
+        verify_env = dict(os.environ, **server.env())
+        res = subprocess.run([str(CLIENT), "verify", "s3://outputs/job1"],
+                             capture_output=True, text=True, env=verify_env, timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "every size and SHA-256 matches" in res.stdout
+        # transformers loads the output as downloaded from the store.
+        download = tmp_path / "downloaded"
+        download.mkdir()
+        for name in list(objects) + ["quality.json", "manifest.json"]:
+            (download / name).write_bytes(
+                s3.get_object(Bucket="outputs", Key="job1/" + name)["Body"].read())
+        assert run_in_transformers(download)
+        s3.put_object(Bucket="outputs", Key="job1/config.json", Body=b"{}")
+        res = subprocess.run([str(CLIENT), "verify", "s3://outputs/job1"],
+                             capture_output=True, text=True, env=verify_env, timeout=60)
+        assert res.returncode == 1
+        assert "config.json: 2 bytes, the manifest lists" in res.stderr, res.stderr
 
         # A second job may not write into the first one's prefix.
         res = cluster.client(*submit_args("s3://models/ds3-fp8", "s3://outputs/job1",
