@@ -1,6 +1,8 @@
 // Staging an s3:// model directory and reading it through CheckpointReader, against a real S3
 // server (rclone serve s3) and the fault proxy: every tensor equals the local reader's.
 #include "worker/storage/s3_stage.h"
+#include "worker/storage/s3_output.h"
+#include "common/sha256.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -156,6 +158,85 @@ TEST_F(S3StageTest, ClearErrors) {
   s = StageRemoteFile(*client_, "f", "s3://models/ds3/config.json", (staged_ / "d/c.json").string());
   ASSERT_TRUE(s.ok()) << s;
   EXPECT_EQ(ReadFile((staged_ / "d/c.json").string()), ReadFile(ModelDir() + "/config.json"));
+}
+
+}  // namespace
+}  // namespace mq::storage
+
+namespace mq::storage {
+namespace {
+
+class S3OutputTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    MQ_REQUIRE_S3(env_);
+    env_.CreateBucket("outputs");
+    client_ = std::make_unique<s3::S3Client>(env_.Config());
+    mirror_ = std::filesystem::temp_directory_path() /
+              ("mq-mirror-test-" + std::to_string(::getpid()));
+    std::filesystem::remove_all(mirror_);
+  }
+  void TearDown() override { std::filesystem::remove_all(mirror_); }
+  std::vector<std::string> Keys(const std::string& prefix) {
+    std::vector<std::string> keys;
+    absl::StatusOr<std::vector<s3::ListedObject>> objects = client_->ListObjects("outputs", prefix);
+    EXPECT_TRUE(objects.ok()) << objects.status();
+    if (!objects.ok()) return keys;
+    for (const s3::ListedObject& o : *objects) keys.push_back(o.key);
+    return keys;
+  }
+  testing::S3TestEnv env_;
+  std::unique_ptr<s3::S3Client> client_;
+  std::filesystem::path mirror_;
+};
+
+TEST_F(S3OutputTest, ClaimRefusesForeignObjectsAndOtherJobs) {
+  ASSERT_TRUE(client_->Put("outputs", "theirs/notes.txt", "mine").ok());
+  absl::Status s = ClaimS3Output(*client_, "s3://outputs/theirs", "j-1");
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("theirs/notes.txt"));
+  EXPECT_THAT(Keys("theirs/"), ::testing::ElementsAre("theirs/notes.txt"));  // untouched
+
+  ASSERT_TRUE(ClaimS3Output(*client_, "s3://outputs/job", "j-1").ok());
+  ASSERT_TRUE(ClaimS3Output(*client_, "s3://outputs/job", "j-1").ok());  // idempotent
+  s = ClaimS3Output(*client_, "s3://outputs/job", "j-2");
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("belongs to job j-1"));
+}
+
+TEST_F(S3OutputTest, PublishUploadsManifestLastAndRemovesOnlyItsStrays) {
+  ASSERT_TRUE(ClaimS3Output(*client_, "s3://outputs/job", "j-1").ok());
+  ASSERT_TRUE(PrepareMirror(mirror_.string(), "j-1").ok());
+  EXPECT_TRUE(std::filesystem::exists(mirror_ / ".mq-job"));
+  std::ofstream(mirror_ / "model-layer00000-rank000-of-001.safetensors") << "layer0";
+  std::ofstream(mirror_ / "config.json") << "{}";
+  // A layer file of an earlier attempt (another gang size) is in the store, and an object the
+  // job did not write under a name mq never uses.
+  ASSERT_TRUE(client_->Put("outputs", "job/model-layer00000-rank000-of-002.safetensors", "x").ok());
+  ASSERT_TRUE(client_->Put("outputs", "job/README.md", "user's").ok());
+  absl::StatusOr<std::string> sha = UploadOutputFile(
+      *client_, "s3://outputs/job", mirror_.string(), "model-layer00000-rank000-of-001.safetensors",
+      Sha256Hex("layer0"), 64 << 10);
+  ASSERT_TRUE(sha.ok()) << sha.status();
+  // A recorded hash that does not match is refused before anything is sent.
+  EXPECT_EQ(UploadOutputFile(*client_, "s3://outputs/job", mirror_.string(), "config.json",
+                             Sha256Hex("other"), 64 << 10)
+                .status()
+                .code(),
+            absl::StatusCode::kDataLoss);
+  std::ofstream(mirror_ / "manifest.json")
+      << "{\"files\": [{\"name\": \"config.json\", \"size\": 2, \"sha256\": \"" << Sha256Hex("{}")
+      << "\"}, {\"name\": \"model-layer00000-rank000-of-001.safetensors\", \"size\": 6, "
+         "\"sha256\": \""
+      << Sha256Hex("layer0") << "\"}]}";
+  ASSERT_TRUE(PublishS3Output(*client_, "s3://outputs/job", mirror_.string(), "j-1", 64 << 10).ok());
+  EXPECT_THAT(Keys("job/"),
+              ::testing::ElementsAre("job/.mq-job", "job/README.md", "job/config.json",
+                                     "job/manifest.json",
+                                     "job/model-layer00000-rank000-of-001.safetensors"));
+  // Another job's mirror may not publish there.
+  EXPECT_EQ(PublishS3Output(*client_, "s3://outputs/job", mirror_.string(), "j-2", 64 << 10).code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace
