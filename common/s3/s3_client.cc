@@ -141,6 +141,8 @@ struct S3Client::Request {
   uint64_t out_size = 0;
   // For other 2xx bodies: kept up to this many bytes (a longer body is an error).
   size_t max_body = kMaxXmlBody;
+  // When set, receives the number of tries made.
+  int* tries = nullptr;
 };
 
 struct S3Client::Response {
@@ -456,6 +458,7 @@ absl::StatusOr<S3Client::Response> S3Client::Run(const Request& original) {
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.requests;
     }
+    if (request.tries != nullptr) *request.tries = attempt;
     std::unique_ptr<Handle> handle = TakeHandle();
     Response r = Perform(*handle, request);
     if (r.curl != CURLE_OK || r.http < 200 || r.http >= 300) {
@@ -698,11 +701,12 @@ absl::Status S3Client::CompleteMultipartUpload(const std::string& bucket, const 
   req.query = {{"uploadId", upload_id}};
   req.headers.push_back("Content-Type: application/xml");
   req.body = xml;
-  const uint64_t requests_before = stats().requests;
+  int tries = 0;
+  req.tries = &tries;
   absl::Status s = Run(req).status();
   // A retried Complete whose first try succeeded (the answer was lost) finds the upload gone;
   // the object then exists and the upload did complete.
-  if (absl::IsNotFound(s) && stats().requests > requests_before + 1 &&
+  if (absl::IsNotFound(s) && tries > 1 &&
       absl::StrContains(s.message(), "NoSuchUpload") && Head(bucket, key).ok()) {
     return absl::OkStatus();
   }
