@@ -26,8 +26,7 @@
 namespace {
 
 double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 double Median(std::vector<double> v) {
@@ -99,8 +98,9 @@ int main(int argc, char** argv) {
       for (uint64_t i; (i = next.fetch_add(1)) * kChunk < bytes;) {
         const uint64_t off = i * kChunk;
         const uint64_t n = std::min(kChunk, bytes - off);
-        if (!client.GetRange(bucket, "mq-bench/object.bin", off, n,
-                             reinterpret_cast<uint8_t*>(back.data() + off))
+        if (!client
+                 .GetRange(bucket, "mq-bench/object.bin", off, n,
+                           reinterpret_cast<uint8_t*>(back.data() + off))
                  .ok()) {
           failed = true;
         }
@@ -118,8 +118,8 @@ int main(int argc, char** argv) {
   ::unlink(path.c_str());
   (void)client.Delete(bucket, "mq-bench/object.bin");
   const double mb = 1e6;
-  std::printf("object %llu MiB, %d repeats (medians)\n", static_cast<unsigned long long>(bytes >> 20),
-              repeats);
+  std::printf("object %llu MiB, %d repeats (medians)\n",
+              static_cast<unsigned long long>(bytes >> 20), repeats);
   std::printf("local disk write+fsync  %8.1f MB/s\n", Median(local_write) / mb);
   std::printf("local disk read (cold)  %8.1f MB/s\n", Median(local_read) / mb);
   std::printf("S3 multipart upload     %8.1f MB/s  (64 MiB parts, 4 in flight, SHA-256 per part)\n",

@@ -42,13 +42,12 @@ absl::StatusOr<std::unique_ptr<s3::S3Client>> ClientFromEnv() {
 bool HasS3Inputs(const mq::v1::Assignment& a) {
   const mq::v1::JobSpec& s = a.spec();
   for (const std::string* uri :
-       {&s.model_uri(), &s.output_uri(), &s.calibration().dataset_uri(), &s.calibration().tokenizer_uri(),
-        &s.eval().dataset_uri(), &s.eval().candidate_uri()}) {
+       {&s.model_uri(), &s.output_uri(), &s.calibration().dataset_uri(),
+        &s.calibration().tokenizer_uri(), &s.eval().dataset_uri(), &s.eval().candidate_uri()}) {
     if (s3::IsS3Uri(*uri)) return true;
   }
   return false;
 }
-
 
 bool HasS3Output(const mq::v1::Assignment& a) { return s3::IsS3Uri(a.spec().output_uri()); }
 
@@ -69,8 +68,8 @@ absl::Status PrepareS3Output(const S3Output& output, const mq::v1::Assignment& a
     for (const mq::v1::OutputFile& f : a.committed_files()) names.push_back(f.name());
   } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_EVALUATE) {
     // The finished output: its manifest, then what it lists.
-    if (absl::Status s = storage::FetchOutputFiles(**client, output.uri, output.mirror,
-                                                   {"manifest.json"});
+    if (absl::Status s =
+            storage::FetchOutputFiles(**client, output.uri, output.mirror, {"manifest.json"});
         !s.ok()) {
       return s;
     }
@@ -137,11 +136,11 @@ absl::Status StageS3Inputs(const std::string& stage_root, const mq::v1::Assignme
     const char* field;
     std::string* uri;
   };
-  for (File f : {File{"spec.calibration.dataset_uri",
-                      spec->mutable_calibration()->mutable_dataset_uri()},
-                 File{"spec.calibration.tokenizer_uri",
-                      spec->mutable_calibration()->mutable_tokenizer_uri()},
-                 File{"spec.eval.dataset_uri", spec->mutable_eval()->mutable_dataset_uri()}}) {
+  for (File f :
+       {File{"spec.calibration.dataset_uri", spec->mutable_calibration()->mutable_dataset_uri()},
+        File{"spec.calibration.tokenizer_uri",
+             spec->mutable_calibration()->mutable_tokenizer_uri()},
+        File{"spec.eval.dataset_uri", spec->mutable_eval()->mutable_dataset_uri()}}) {
     if (!s3::IsS3Uri(*f.uri)) continue;
     const std::string local =
         absl::StrCat(stage_root, "/", LocalName(*f.uri), "-", BaseName(*f.uri));

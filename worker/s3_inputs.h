@@ -32,10 +32,11 @@ bool HasS3Output(const mq::v1::Assignment& a);
 
 // Stages every s3:// input of `a` under `stage_root` (created) and sets `staged` to `a` with those
 // locations replaced by the local paths. An s3:// output is claimed for the job (the marker
-// object) and replaced by a mirror folder under `stage_root`, described in `output`. The S3 client is configured from the environment
-// (MQ_S3_ENDPOINT, AWS_REGION, credentials: common/s3/s3_config.h). An error names the spec field
-// and the URI (e.g. `spec.model_uri = "s3://m/ds3": no objects under this prefix ...`) or the
-// configuration problem (missing credentials); `staged` is then unspecified.
+// object) and replaced by a mirror folder under `stage_root`, described in `output`. The S3 client
+// is configured from the environment (MQ_S3_ENDPOINT, AWS_REGION, credentials:
+// common/s3/s3_config.h). An error names the spec field and the URI (e.g. `spec.model_uri =
+// "s3://m/ds3": no objects under this prefix ...`) or the configuration problem (missing
+// credentials); `staged` is then unspecified.
 absl::Status StageS3Inputs(const std::string& stage_root, const mq::v1::Assignment& a,
                            mq::v1::Assignment* staged, S3Output* output);
 

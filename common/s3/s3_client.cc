@@ -21,8 +21,8 @@
 namespace mq::s3 {
 namespace {
 
-constexpr size_t kMaxErrorBody = 64 << 10;      // kept of a non-2xx body
-constexpr size_t kMaxXmlBody = 64 << 20;        // largest listing page accepted
+constexpr size_t kMaxErrorBody = 64 << 10;  // kept of a non-2xx body
+constexpr size_t kMaxXmlBody = 64 << 20;    // largest listing page accepted
 constexpr const char* kEmptySha256 =
     "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
@@ -133,7 +133,7 @@ struct S3Client::Request {
   std::string bucket;
   std::string key;
   std::vector<std::pair<std::string, std::string>> query;  // sorted by Run
-  std::vector<std::string> headers;                       // "name: value"
+  std::vector<std::string> headers;                        // "name: value"
   absl::string_view body;
   const std::string* body_sha256 = nullptr;  // precomputed hash of `body`; computed when null
   // For ranged GETs: the bytes go here and exactly `out_size` must arrive.
@@ -296,8 +296,8 @@ int64_t BackoffMs(const S3Config& c, int attempt) {
 
 S3Client::S3Client(S3Config config) : config_(std::move(config)) {
   GlobalInit();
-  userpwd_ = absl::StrCat(config_.credentials.access_key_id, ":",
-                          config_.credentials.secret_access_key);
+  userpwd_ =
+      absl::StrCat(config_.credentials.access_key_id, ":", config_.credentials.secret_access_key);
   sigv4_ = absl::StrCat("aws:amz:", config_.region, ":s3");
 }
 
@@ -365,8 +365,9 @@ S3Client::Response S3Client::Perform(Handle& handle, const Request& request) {
     absl::StrAppend(&url, "?", absl::StrJoin(parts, "&"));
   }
   std::string sha = request.body_sha256 != nullptr ? *request.body_sha256
-                    : request.body.empty()           ? std::string(kEmptySha256)
-                                                     : Sha256Hex(std::string_view(request.body.data(), request.body.size()));
+                    : request.body.empty()
+                        ? std::string(kEmptySha256)
+                        : Sha256Hex(std::string_view(request.body.data(), request.body.size()));
   curl_slist* headers = nullptr;
   std::vector<std::string> header_lines = request.headers;
   header_lines.push_back(absl::StrCat("x-amz-content-sha256: ", sha));
@@ -404,8 +405,7 @@ S3Client::Response S3Client::Perform(Handle& handle, const Request& request) {
     curl_easy_setopt(curl, CURLOPT_UPLOAD, 1L);
     curl_easy_setopt(curl, CURLOPT_READFUNCTION, ReadCallback);
     curl_easy_setopt(curl, CURLOPT_READDATA, &t);
-    curl_easy_setopt(curl, CURLOPT_INFILESIZE_LARGE,
-                     static_cast<curl_off_t>(request.body.size()));
+    curl_easy_setopt(curl, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(request.body.size()));
   } else if (request.method == "POST") {
     curl_easy_setopt(curl, CURLOPT_POST, 1L);
     curl_easy_setopt(curl, CURLOPT_POSTFIELDS, request.body.data());
@@ -423,8 +423,8 @@ S3Client::Response S3Client::Perform(Handle& handle, const Request& request) {
   }
   if (stall.stalled) {
     response.curl = CURLE_OPERATION_TIMEDOUT;
-    response.curl_error = absl::StrCat("stalled: no byte moved for ", config_.stall_timeout_ms,
-                                       " ms");
+    response.curl_error =
+        absl::StrCat("stalled: no byte moved for ", config_.stall_timeout_ms, " ms");
   }
   curl_slist_free_all(headers);
   return response;
@@ -481,8 +481,8 @@ absl::StatusOr<S3Client::Response> S3Client::Run(const Request& original) {
         last_code = absl::StatusCode::kDataLoss;
       }
       if (RetryableCurl(r.curl) || r.overflow) continue;
-      return absl::UnavailableError(absl::StrCat(request.op, " ", where, " (", config_.endpoint,
-                                                 "): ", last_error));
+      return absl::UnavailableError(
+          absl::StrCat(request.op, " ", where, " (", config_.endpoint, "): ", last_error));
     }
     if (r.http >= 200 && r.http < 300) {
       if (request.out != nullptr && r.out_written != request.out_size) {
@@ -492,11 +492,11 @@ absl::StatusOr<S3Client::Response> S3Client::Run(const Request& original) {
         if (range != r.headers.end() && range->second.rfind('/') != std::string::npos &&
             absl::SimpleAtoi(range->second.substr(range->second.rfind('/') + 1), &total) &&
             r.out_written < request.out_size) {
-          return absl::OutOfRangeError(absl::StrCat(request.op, " ", where, ": the object is ",
-                                                    total, " bytes"));
+          return absl::OutOfRangeError(
+              absl::StrCat(request.op, " ", where, ": the object is ", total, " bytes"));
         }
-        last_error = absl::StrCat("short read: ", r.out_written, " of ", request.out_size,
-                                  " bytes arrived");
+        last_error =
+            absl::StrCat("short read: ", r.out_written, " of ", request.out_size, " bytes arrived");
         last_code = absl::StatusCode::kDataLoss;
         continue;
       }
@@ -544,8 +544,7 @@ absl::StatusOr<S3Client::Response> S3Client::Run(const Request& original) {
     return absl::InvalidArgumentError(text);
   }
   return absl::Status(last_code, absl::StrCat(request.op, " ", where, ": ", last_error,
-                                              " (gave up after ", config_.max_attempts,
-                                              " tries)"));
+                                              " (gave up after ", config_.max_attempts, " tries)"));
 }
 
 absl::StatusOr<ObjectInfo> S3Client::Head(const std::string& bucket, const std::string& key) {
@@ -569,8 +568,8 @@ absl::StatusOr<ObjectInfo> S3Client::Head(const std::string& bucket, const std::
   return info;
 }
 
-absl::Status S3Client::GetRange(const std::string& bucket, const std::string& key,
-                                uint64_t offset, uint64_t length, uint8_t* out) {
+absl::Status S3Client::GetRange(const std::string& bucket, const std::string& key, uint64_t offset,
+                                uint64_t length, uint8_t* out) {
   if (length == 0) return absl::OkStatus();
   Request req;
   req.op = "GetObject";
@@ -582,9 +581,9 @@ absl::Status S3Client::GetRange(const std::string& bucket, const std::string& ke
   absl::StatusOr<Response> r = Run(req);
   if (!r.ok()) {
     if (absl::IsOutOfRange(r.status())) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          r.status().message(), " (bytes ", offset, "-", offset + length - 1,
-          " lie past the end of the object)"));
+      return absl::InvalidArgumentError(absl::StrCat(r.status().message(), " (bytes ", offset, "-",
+                                                     offset + length - 1,
+                                                     " lie past the end of the object)"));
     }
     return r.status();
   }
@@ -595,8 +594,8 @@ absl::Status S3Client::GetRange(const std::string& bucket, const std::string& ke
   const bool ranged = range != r->headers.end() &&
                       absl::StartsWith(range->second, absl::StrCat("bytes ", offset, "-"));
   if (r->http == 200 && offset != 0 && !ranged) {
-    return absl::InternalError(absl::StrCat("GetObject s3://", bucket, "/", key,
-                                            ": the server ignored the Range header"));
+    return absl::InternalError(
+        absl::StrCat("GetObject s3://", bucket, "/", key, ": the server ignored the Range header"));
   }
   return absl::OkStatus();
 }
@@ -606,13 +605,11 @@ absl::StatusOr<std::string> S3Client::GetObject(const std::string& bucket, const
   absl::StatusOr<ObjectInfo> info = Head(bucket, key);
   if (!info.ok()) return info.status();
   if (info->size > max_bytes) {
-    return absl::FailedPreconditionError(absl::StrCat("s3://", bucket, "/", key, " is ",
-                                                      info->size, " bytes; at most ", max_bytes,
-                                                      " are read"));
+    return absl::FailedPreconditionError(absl::StrCat("s3://", bucket, "/", key, " is ", info->size,
+                                                      " bytes; at most ", max_bytes, " are read"));
   }
   std::string data(info->size, '\0');
-  absl::Status s =
-      GetRange(bucket, key, 0, info->size, reinterpret_cast<uint8_t*>(data.data()));
+  absl::Status s = GetRange(bucket, key, 0, info->size, reinterpret_cast<uint8_t*>(data.data()));
   if (!s.ok()) return s;
   return data;
 }
@@ -663,9 +660,8 @@ absl::StatusOr<std::string> S3Client::UploadPart(const std::string& bucket, cons
                                                  const std::string& upload_id, int part_number,
                                                  absl::string_view data) {
   if (part_number < 1 || part_number > 10000) {
-    return absl::InvalidArgumentError(absl::StrCat("UploadPart s3://", bucket, "/", key,
-                                                   ": part number ", part_number,
-                                                   " must be 1-10000"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "UploadPart s3://", bucket, "/", key, ": part number ", part_number, " must be 1-10000"));
   }
   Request req;
   req.op = "UploadPart";
@@ -706,8 +702,8 @@ absl::Status S3Client::CompleteMultipartUpload(const std::string& bucket, const 
   absl::Status s = Run(req).status();
   // A retried Complete whose first try succeeded (the answer was lost) finds the upload gone;
   // the object then exists and the upload did complete.
-  if (absl::IsNotFound(s) && tries > 1 &&
-      absl::StrContains(s.message(), "NoSuchUpload") && Head(bucket, key).ok()) {
+  if (absl::IsNotFound(s) && tries > 1 && absl::StrContains(s.message(), "NoSuchUpload") &&
+      Head(bucket, key).ok()) {
     return absl::OkStatus();
   }
   return s;
@@ -753,7 +749,7 @@ absl::StatusOr<std::vector<MultipartUpload>> S3Client::ListMultipartUploads(
 }
 
 absl::StatusOr<std::vector<ListedObject>> S3Client::ListObjects(const std::string& bucket,
-                                                               const std::string& prefix) {
+                                                                const std::string& prefix) {
   std::vector<ListedObject> out;
   std::string token;
   for (int page = 0; page < 1000000; ++page) {
@@ -811,9 +807,8 @@ absl::StatusOr<std::string> UploadObject(S3Client& client, const std::string& bu
   const uint64_t num_parts = (data.size() + part_bytes - 1) / part_bytes;
   if (num_parts > 10000) {
     return absl::InvalidArgumentError(absl::StrCat("s3://", bucket, "/", key, ": ", data.size(),
-                                                   " bytes need ", num_parts,
-                                                   " parts of ", part_bytes,
-                                                   " bytes; S3 allows 10000"));
+                                                   " bytes need ", num_parts, " parts of ",
+                                                   part_bytes, " bytes; S3 allows 10000"));
   }
   absl::StatusOr<std::string> upload = client.CreateMultipartUpload(bucket, key, opts);
   if (!upload.ok()) return upload.status();
@@ -824,7 +819,8 @@ absl::StatusOr<std::string> UploadObject(S3Client& client, const std::string& bu
   auto worker = [&] {
     for (uint64_t i; !failed && (i = next.fetch_add(1)) < num_parts;) {
       const uint64_t begin = i * part_bytes;
-      absl::string_view part = data.substr(begin, std::min<uint64_t>(part_bytes, data.size() - begin));
+      absl::string_view part =
+          data.substr(begin, std::min<uint64_t>(part_bytes, data.size() - begin));
       absl::StatusOr<std::string> etag =
           client.UploadPart(bucket, key, *upload, static_cast<int>(i + 1), part);
       if (!etag.ok()) {
@@ -850,9 +846,8 @@ absl::StatusOr<std::string> UploadObject(S3Client& client, const std::string& bu
   if (!status.ok()) {
     absl::Status abort = client.AbortMultipartUpload(bucket, key, *upload);
     if (!abort.ok() && !absl::IsNotFound(abort)) {
-      return absl::Status(status.code(),
-                          absl::StrCat(status.message(), "; aborting upload ", *upload,
-                                       " also failed: ", abort.message()));
+      return absl::Status(status.code(), absl::StrCat(status.message(), "; aborting upload ",
+                                                      *upload, " also failed: ", abort.message()));
     }
     return status;
   }

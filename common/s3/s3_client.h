@@ -32,8 +32,9 @@ namespace mq::s3 {
 
 struct ObjectInfo {
   uint64_t size = 0;
-  std::string etag;                            // without quotes
-  std::map<std::string, std::string> metadata;  // x-amz-meta-* headers, names lowercased, prefix cut
+  std::string etag;  // without quotes
+  std::map<std::string, std::string>
+      metadata;  // x-amz-meta-* headers, names lowercased, prefix cut
 };
 
 struct ListedObject {
@@ -105,11 +106,11 @@ class S3Client {
                                     const std::string& upload_id);
   // Incomplete uploads whose key starts with `prefix` (all pages).
   absl::StatusOr<std::vector<MultipartUpload>> ListMultipartUploads(const std::string& bucket,
-                                                                   const std::string& prefix);
+                                                                    const std::string& prefix);
 
   // ListObjectsV2 of every key starting with `prefix` (all pages), in key order.
   absl::StatusOr<std::vector<ListedObject>> ListObjects(const std::string& bucket,
-                                                       const std::string& prefix);
+                                                        const std::string& prefix);
 
   // DeleteObject; OK when the key does not exist (S3 semantics).
   absl::Status Delete(const std::string& bucket, const std::string& key);

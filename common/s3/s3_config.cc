@@ -43,8 +43,8 @@ absl::StatusOr<std::optional<std::string>> ReadSmallFile(const std::string& path
   in.read(data.data(), static_cast<std::streamsize>(data.size()));
   data.resize(static_cast<size_t>(in.gcount()));
   if (data.size() > kMaxSecretFileBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": larger than ", kMaxSecretFileBytes, " bytes; not a credentials file"));
+    return absl::InvalidArgumentError(absl::StrCat(path, ": larger than ", kMaxSecretFileBytes,
+                                                   " bytes; not a credentials file"));
   }
   return std::optional<std::string>(std::move(data));
 }
@@ -64,10 +64,10 @@ absl::StatusOr<std::optional<Credentials>> FromSecretDir(const std::string& dir)
     if (!data.ok()) return data.status();
     if (!data->has_value()) {
       if (!f.required) continue;
-      return absl::UnauthenticatedError(absl::StrCat(
-          "MQ_S3_CREDENTIALS_DIR=", dir, ": no file ", f.file,
-          " (the directory must hold access_key_id and secret_access_key, optionally "
-          "session_token)"));
+      return absl::UnauthenticatedError(
+          absl::StrCat("MQ_S3_CREDENTIALS_DIR=", dir, ": no file ", f.file,
+                       " (the directory must hold access_key_id and secret_access_key, optionally "
+                       "session_token)"));
     }
     *f.value = std::string(absl::StripAsciiWhitespace(**data));
   }
@@ -105,9 +105,8 @@ absl::StatusOr<std::optional<Credentials>> FromSharedFile(const std::string& pat
   }
   if (!seen_profile) {
     if (profile_named) {
-      return absl::UnauthenticatedError(
-          absl::StrCat(path, ": AWS_PROFILE=", profile, " but the file has no [", profile,
-                       "] section"));
+      return absl::UnauthenticatedError(absl::StrCat(
+          path, ": AWS_PROFILE=", profile, " but the file has no [", profile, "] section"));
     }
     return std::optional<Credentials>();
   }
@@ -237,9 +236,9 @@ absl::StatusOr<S3Config> S3ConfigFromEnv(const Env& env) {
     while (absl::EndsWith(endpoint, "/")) endpoint.pop_back();
     absl::string_view rest = endpoint;
     if (!absl::ConsumePrefix(&rest, "http://") && !absl::ConsumePrefix(&rest, "https://")) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "MQ_S3_ENDPOINT = \"", *e,
-          "\": must be an http:// or https:// URL such as http://127.0.0.1:9000"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("MQ_S3_ENDPOINT = \"", *e,
+                       "\": must be an http:// or https:// URL such as http://127.0.0.1:9000"));
     }
     if (rest.empty() || absl::StrContains(rest, "/") || absl::StrContains(rest, "?") ||
         absl::StrContains(rest, "@") || absl::StrContains(rest, "#")) {

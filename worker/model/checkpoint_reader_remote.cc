@@ -48,7 +48,7 @@ absl::StatusOr<std::string> RemoteShardsUri(const std::string& dir) {
 }
 
 absl::StatusOr<std::unique_ptr<RemoteShards>> RemoteShards::Open(const std::string& dir,
-                                                                  const std::string& uri) {
+                                                                 const std::string& uri) {
   absl::StatusOr<s3::S3Config> config = s3::S3ConfigFromEnv(s3::ProcessEnv());
   if (!config.ok()) {
     return absl::Status(config.status().code(),
@@ -137,8 +137,8 @@ void RemoteShards::Admit(const std::string& cache_key, uint64_t bytes) {
 absl::StatusOr<TensorView> RemoteShards::Get(const std::string& shard, const std::string& name) {
   const std::string object = uri_.Child(shard).key;
   auto prefix = [&] {
-    return absl::StrCat("tensor \"", name, "\" (shard ", shard, ", s3://", uri_.bucket, "/",
-                        object, "): ");
+    return absl::StrCat("tensor \"", name, "\" (shard ", shard, ", s3://", uri_.bucket, "/", object,
+                        "): ");
   };
   absl::StatusOr<const SafetensorsHeader*> header = Header(shard);
   if (!header.ok()) {

@@ -21,7 +21,9 @@
 namespace mq::storage {
 namespace {
 
-absl::StatusOr<s3::S3Uri> Parse(const std::string& uri) { return s3::ParseS3Uri("spec.output_uri", uri); }
+absl::StatusOr<s3::S3Uri> Parse(const std::string& uri) {
+  return s3::ParseS3Uri("spec.output_uri", uri);
+}
 
 std::string Prefix(const s3::S3Uri& u) { return u.key.empty() ? "" : u.key + "/"; }
 
@@ -89,13 +91,12 @@ absl::Status ClaimS3Output(s3::S3Client& client, const std::string& uri,
   absl::StatusOr<std::string> owner = MarkerOwner(client, *u);
   if (owner.ok()) {
     if (*owner == job_id) return absl::OkStatus();
-    return absl::FailedPreconditionError(absl::StrCat(
-        "output ", uri, " belongs to job ", *owner, " (its ", kS3OwnerMarker,
-        " marker): mq never writes into another job's output; choose another prefix"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("output ", uri, " belongs to job ", *owner, " (its ", kS3OwnerMarker,
+                     " marker): mq never writes into another job's output; choose another prefix"));
   }
   if (!absl::IsNotFound(owner.status())) return owner.status();
-  absl::StatusOr<std::vector<s3::ListedObject>> objects =
-      client.ListObjects(u->bucket, Prefix(*u));
+  absl::StatusOr<std::vector<s3::ListedObject>> objects = client.ListObjects(u->bucket, Prefix(*u));
   if (!objects.ok()) return objects.status();
   if (!objects->empty()) {
     std::vector<std::string> names;
@@ -137,16 +138,14 @@ absl::StatusOr<std::string> UploadOutputFile(s3::S3Client& client, const std::st
 }
 
 absl::Status FetchOutputFiles(s3::S3Client& client, const std::string& uri,
-                              const std::string& local_dir,
-                              const std::vector<std::string>& names) {
+                              const std::string& local_dir, const std::vector<std::string>& names) {
   absl::StatusOr<s3::S3Uri> u = Parse(uri);
   if (!u.ok()) return u.status();
   for (const std::string& name : names) {
     const std::string path = absl::StrCat(local_dir, "/", name);
     struct stat st;
     if (::stat(path.c_str(), &st) == 0) continue;
-    absl::StatusOr<std::string> data =
-        client.GetObject(u->bucket, Prefix(*u) + name, 64ull << 30);
+    absl::StatusOr<std::string> data = client.GetObject(u->bucket, Prefix(*u) + name, 64ull << 30);
     if (!data.ok()) return data.status();
     if (absl::Status s = WriteLocal(path, *data); !s.ok()) return s;
   }

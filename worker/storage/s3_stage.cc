@@ -20,8 +20,7 @@ namespace {
 
 // Writes `size` bytes of which only the first `data.size()` are given (the rest a hole) to
 // `path` through a temporary name.
-absl::Status WriteFileAtomically(const std::string& path, const std::string& data,
-                                 uint64_t size) {
+absl::Status WriteFileAtomically(const std::string& path, const std::string& data, uint64_t size) {
   const std::string tmp = absl::StrCat(path, ".mq-tmp");
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat(tmp, ": cannot create"));
@@ -114,22 +113,22 @@ absl::StatusOr<StageResult> StageRemoteCheckpoint(s3::S3Client& client, const st
             absl::StrCat(where, ": ", o.size, " bytes; a safetensors file has at least 8"));
       }
       std::string len(8, '\0');
-      absl::Status s = client.GetRange(parsed->bucket, o.key, 0, 8,
-                                       reinterpret_cast<uint8_t*>(len.data()));
+      absl::Status s =
+          client.GetRange(parsed->bucket, o.key, 0, 8, reinterpret_cast<uint8_t*>(len.data()));
       if (!s.ok()) return s;
       const uint64_t header_len = LittleEndian64(len);
       if (header_len > model::kMaxSafetensorsHeaderBytes || 8 + header_len > o.size) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            where, ": header length ", header_len, " does not fit the object's ", o.size,
-            " bytes (at most ", model::kMaxSafetensorsHeaderBytes, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": header length ", header_len, " does not fit the object's ",
+                         o.size, " bytes (at most ", model::kMaxSafetensorsHeaderBytes, ")"));
       }
       std::string head(8 + header_len, '\0');
       std::memcpy(head.data(), len.data(), 8);
       s = client.GetRange(parsed->bucket, o.key, 8, header_len,
                           reinterpret_cast<uint8_t*>(head.data() + 8));
       if (!s.ok()) return s;
-      absl::StatusOr<model::SafetensorsHeader> header = model::ParseSafetensorsHeader(
-          std::string_view(head).substr(8), header_len, o.size);
+      absl::StatusOr<model::SafetensorsHeader> header =
+          model::ParseSafetensorsHeader(std::string_view(head).substr(8), header_len, o.size);
       if (!header.ok()) {
         return absl::InvalidArgumentError(absl::StrCat(where, ": ", header.status().message()));
       }
@@ -154,8 +153,8 @@ absl::StatusOr<StageResult> StageRemoteCheckpoint(s3::S3Client& client, const st
   return result;
 }
 
-absl::Status StageRemoteFile(s3::S3Client& client, const std::string& field,
-                             const std::string& uri, const std::string& local_path) {
+absl::Status StageRemoteFile(s3::S3Client& client, const std::string& field, const std::string& uri,
+                             const std::string& local_path) {
   absl::StatusOr<s3::S3Uri> parsed = s3::ParseS3Uri(field, uri);
   if (!parsed.ok()) return parsed.status();
   if (parsed->key.empty()) {

@@ -43,7 +43,7 @@ absl::StatusOr<StageResult> StageRemoteCheckpoint(s3::S3Client& client, const st
 
 // Downloads the object `uri` to `local_path` (temporary name, then rename). NOT_FOUND naming the
 // URI when it does not exist; FAILED_PRECONDITION when larger than kMaxStagedFileBytes.
-absl::Status StageRemoteFile(s3::S3Client& client, const std::string& field,
-                             const std::string& uri, const std::string& local_path);
+absl::Status StageRemoteFile(s3::S3Client& client, const std::string& field, const std::string& uri,
+                             const std::string& local_path);
 
 }  // namespace mq::storage

@@ -45,9 +45,10 @@ TEST_F(S3ClientTest, PutHeadGetListDelete) {
   EXPECT_EQ(info->metadata["sha256"], Sha256Hex(data));
 
   std::string part(1000, '\0');
-  ASSERT_TRUE(client_->GetRange("bkt", "m/a b+c/obj.bin", 5000, 1000,
-                                reinterpret_cast<uint8_t*>(part.data()))
-                  .ok());
+  ASSERT_TRUE(
+      client_
+          ->GetRange("bkt", "m/a b+c/obj.bin", 5000, 1000, reinterpret_cast<uint8_t*>(part.data()))
+          .ok());
   EXPECT_EQ(part, data.substr(5000, 1000));
   absl::StatusOr<std::string> whole = client_->GetObject("bkt", "m/a b+c/obj.bin", 1 << 20);
   ASSERT_TRUE(whole.ok()) << whole.status();
@@ -103,8 +104,8 @@ TEST_F(S3ClientTest, WrongSecretIsPermissionDeniedAndNeverPrinted) {
 
 TEST_F(S3ClientTest, MultipartUploadListAbort) {
   const std::string data = RandomBytes((11 << 20) + 12345, 2);
-  absl::StatusOr<std::string> sha = UploadObject(*client_, "bkt", "out/layer.safetensors", data,
-                                                 5 << 20, 3);
+  absl::StatusOr<std::string> sha =
+      UploadObject(*client_, "bkt", "out/layer.safetensors", data, 5 << 20, 3);
   ASSERT_TRUE(sha.ok()) << sha.status();
   EXPECT_EQ(*sha, Sha256Hex(data));
   absl::StatusOr<ObjectInfo> info = client_->Head("bkt", "out/layer.safetensors");
@@ -154,8 +155,8 @@ TEST_F(S3FaultTest, RetriesServerErrorsAndSlowDown) {
                  {"match":"GET /bkt/obj","kind":"status","status":503,"count":1},
                  {"match":"GET /bkt/obj","kind":"slowdown","count":1}])");
   std::string out(data_.size(), '\0');
-  ASSERT_TRUE(client_->GetRange("bkt", "obj", 0, out.size(), reinterpret_cast<uint8_t*>(out.data()))
-                  .ok());
+  ASSERT_TRUE(
+      client_->GetRange("bkt", "obj", 0, out.size(), reinterpret_cast<uint8_t*>(out.data())).ok());
   EXPECT_EQ(out, data_);
   EXPECT_EQ(Retries(), 3u);
   EXPECT_THAT(env_.Fault("GET"), HasSubstr("\"slowdown\": 1"));

@@ -30,9 +30,7 @@ std::filesystem::path TempDir(const std::string& name) {
   return dir;
 }
 
-void Write(const std::filesystem::path& p, const std::string& text) {
-  std::ofstream(p) << text;
-}
+void Write(const std::filesystem::path& p, const std::string& text) { std::ofstream(p) << text; }
 
 TEST(ParseS3Uri, Good) {
   absl::StatusOr<S3Uri> u = ParseS3Uri("spec.model_uri", "s3://my-bucket/models/ds3/");
@@ -150,7 +148,8 @@ TEST(S3ConfigFromEnv, EndpointRegionAndLimits) {
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->region, "eu-west-1");
   EXPECT_EQ(c->endpoint, "https://s3.eu-west-1.amazonaws.com");
-  c = with({{"AWS_REGION", "us-west-2"}, {"AWS_DEFAULT_REGION", "eu-west-1"},
+  c = with({{"AWS_REGION", "us-west-2"},
+            {"AWS_DEFAULT_REGION", "eu-west-1"},
             {"MQ_S3_ENDPOINT", "http://127.0.0.1:9000/"}});
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->region, "us-west-2");

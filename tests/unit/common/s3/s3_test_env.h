@@ -105,8 +105,7 @@ class S3TestEnv {
     endpoint_ = "http://127.0.0.1:" + std::to_string(server_port_);
     if (with_proxy) {
       const char* src = std::getenv("MQ_SOURCE_DIR");
-      const std::string script =
-          std::string(src ? src : ".") + "/tests/fakes/s3_fault_proxy.py";
+      const std::string script = std::string(src ? src : ".") + "/tests/fakes/s3_fault_proxy.py";
       const std::string port_file = (dir_ / "proxy.port").string();
       proxy_ = Spawn({FindOnPath("python3"), script, "--upstream",
                       "127.0.0.1:" + std::to_string(server_port_), "--port-file", port_file},
@@ -155,7 +154,9 @@ class S3TestEnv {
     c.base_backoff_ms = 10;
     c.max_backoff_ms = 100;
     c.stall_timeout_ms = 2000;
-    c.on_retry = [](const std::string& why) { std::fprintf(stderr, "s3 retry: %s\n", why.c_str()); };
+    c.on_retry = [](const std::string& why) {
+      std::fprintf(stderr, "s3 retry: %s\n", why.c_str());
+    };
     return c;
   }
 
@@ -171,11 +172,11 @@ class S3TestEnv {
       curl_easy_setopt(curl, CURLOPT_POSTFIELDS, json.c_str());
       curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE, static_cast<long>(json.size()));
     }
-    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION,
-                     +[](char* d, size_t s, size_t n, void* u) -> size_t {
-                       static_cast<std::string*>(u)->append(d, s * n);
-                       return s * n;
-                     });
+    curl_easy_setopt(
+        curl, CURLOPT_WRITEFUNCTION, +[](char* d, size_t s, size_t n, void* u) -> size_t {
+          static_cast<std::string*>(u)->append(d, s * n);
+          return s * n;
+        });
     curl_easy_setopt(curl, CURLOPT_WRITEDATA, &out);
     curl_easy_perform(curl);
     curl_easy_cleanup(curl);
@@ -199,10 +200,10 @@ class S3TestEnv {
 }  // namespace mq::testing
 
 // Skips the test when the S3 server cannot be had, or fails it under MQ_REQUIRE_INTEROP=1.
-#define MQ_REQUIRE_S3(env)                                                        \
-  do {                                                                            \
-    if (!(env).error().empty()) {                                                 \
-      if (::mq::testing::RequireInterop()) FAIL() << (env).error();               \
-      GTEST_SKIP() << (env).error() << " (set MQ_REQUIRE_INTEROP=1 to fail)";     \
-    }                                                                             \
+#define MQ_REQUIRE_S3(env)                                                    \
+  do {                                                                        \
+    if (!(env).error().empty()) {                                             \
+      if (::mq::testing::RequireInterop()) FAIL() << (env).error();           \
+      GTEST_SKIP() << (env).error() << " (set MQ_REQUIRE_INTEROP=1 to fail)"; \
+    }                                                                         \
   } while (0)

@@ -1,8 +1,6 @@
 // Staging an s3:// model directory and reading it through CheckpointReader, against a real S3
 // server (rclone serve s3) and the fault proxy: every tensor equals the local reader's.
 #include "worker/storage/s3_stage.h"
-#include "worker/storage/s3_output.h"
-#include "common/sha256.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -13,9 +11,11 @@
 #include <sstream>
 #include <thread>
 
+#include "common/sha256.h"
 #include "tests/unit/common/s3/s3_test_env.h"
 #include "worker/model/checkpoint_reader.h"
 #include "worker/model/checkpoint_reader_remote.h"
+#include "worker/storage/s3_output.h"
 
 namespace mq::storage {
 namespace {
@@ -44,12 +44,12 @@ class S3StageTest : public ::testing::Test {
     client_ = std::make_shared<s3::S3Client>(env_.Config());
     for (const char* f : {"config.json", "generation_config.json", "model.safetensors",
                           "tokenizer.json", "tokenizer_config.json"}) {
-      ASSERT_TRUE(client_->Put("models", std::string("ds3/") + f, ReadFile(ModelDir() + "/" + f))
-                      .ok());
+      ASSERT_TRUE(
+          client_->Put("models", std::string("ds3/") + f, ReadFile(ModelDir() + "/" + f)).ok());
     }
     ASSERT_TRUE(client_->Put("models", "ds3/sub/ignored.bin", "x").ok());
-    staged_ = std::filesystem::temp_directory_path() /
-              ("mq-stage-test-" + std::to_string(::getpid()));
+    staged_ =
+        std::filesystem::temp_directory_path() / ("mq-stage-test-" + std::to_string(::getpid()));
   }
   void TearDown() override { std::filesystem::remove_all(staged_); }
 
@@ -134,28 +134,33 @@ TEST_F(S3StageTest, ConcurrentGetsFetchOnceAndTheCacheIsBounded) {
 }
 
 TEST_F(S3StageTest, ClearErrors) {
-  absl::StatusOr<StageResult> r =
-      StageRemoteCheckpoint(*client_, "spec.model_uri", "s3://models/nothing-here", staged_.string());
+  absl::StatusOr<StageResult> r = StageRemoteCheckpoint(
+      *client_, "spec.model_uri", "s3://models/nothing-here", staged_.string());
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(std::string(r.status().message()), HasSubstr("spec.model_uri = \"s3://models/nothing-here\""));
+  EXPECT_THAT(std::string(r.status().message()),
+              HasSubstr("spec.model_uri = \"s3://models/nothing-here\""));
   r = StageRemoteCheckpoint(*client_, "spec.model_uri", "s3://no-such-bucket/m", staged_.string());
   ASSERT_FALSE(r.ok());
   EXPECT_THAT(std::string(r.status().message()), HasSubstr("NoSuchBucket"));
   r = StageRemoteCheckpoint(*client_, "spec.model_uri", "s3://Bad_Bucket/m", staged_.string());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   // A shard whose header is garbage.
-  ASSERT_TRUE(client_->Put("models", "bad/model.safetensors", std::string("\x10\0\0\0\0\0\0\0{not json}xxxxxx", 24)).ok());
+  ASSERT_TRUE(client_
+                  ->Put("models", "bad/model.safetensors",
+                        std::string("\x10\0\0\0\0\0\0\0{not json}xxxxxx", 24))
+                  .ok());
   r = StageRemoteCheckpoint(*client_, "spec.model_uri", "s3://models/bad", staged_.string());
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(r.status().message()), HasSubstr("s3://models/bad/model.safetensors"));
 
-  absl::Status s = StageRemoteFile(*client_, "spec.calibration.dataset_uri", "s3://models/none.jsonl",
-                                   (staged_ / "x").string());
+  absl::Status s = StageRemoteFile(*client_, "spec.calibration.dataset_uri",
+                                   "s3://models/none.jsonl", (staged_ / "x").string());
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(std::string(s.message()), HasSubstr("spec.calibration.dataset_uri"));
-  s = StageRemoteFile(*client_, "f", "s3://models/ds3/config.json", (staged_ / "d/c.json").string());
+  s = StageRemoteFile(*client_, "f", "s3://models/ds3/config.json",
+                      (staged_ / "d/c.json").string());
   ASSERT_TRUE(s.ok()) << s;
   EXPECT_EQ(ReadFile((staged_ / "d/c.json").string()), ReadFile(ModelDir() + "/config.json"));
 }
@@ -172,8 +177,8 @@ class S3OutputTest : public ::testing::Test {
     MQ_REQUIRE_S3(env_);
     env_.CreateBucket("outputs");
     client_ = std::make_unique<s3::S3Client>(env_.Config());
-    mirror_ = std::filesystem::temp_directory_path() /
-              ("mq-mirror-test-" + std::to_string(::getpid()));
+    mirror_ =
+        std::filesystem::temp_directory_path() / ("mq-mirror-test-" + std::to_string(::getpid()));
     std::filesystem::remove_all(mirror_);
   }
   void TearDown() override { std::filesystem::remove_all(mirror_); }
@@ -214,9 +219,9 @@ TEST_F(S3OutputTest, PublishUploadsManifestLastAndRemovesOnlyItsStrays) {
   // job did not write under a name mq never uses.
   ASSERT_TRUE(client_->Put("outputs", "job/model-layer00000-rank000-of-002.safetensors", "x").ok());
   ASSERT_TRUE(client_->Put("outputs", "job/README.md", "user's").ok());
-  absl::StatusOr<std::string> sha = UploadOutputFile(
-      *client_, "s3://outputs/job", mirror_.string(), "model-layer00000-rank000-of-001.safetensors",
-      Sha256Hex("layer0"), 64 << 10);
+  absl::StatusOr<std::string> sha = UploadOutputFile(*client_, "s3://outputs/job", mirror_.string(),
+                                                     "model-layer00000-rank000-of-001.safetensors",
+                                                     Sha256Hex("layer0"), 64 << 10);
   ASSERT_TRUE(sha.ok()) << sha.status();
   // A recorded hash that does not match is refused before anything is sent.
   EXPECT_EQ(UploadOutputFile(*client_, "s3://outputs/job", mirror_.string(), "config.json",
@@ -229,11 +234,12 @@ TEST_F(S3OutputTest, PublishUploadsManifestLastAndRemovesOnlyItsStrays) {
       << "\"}, {\"name\": \"model-layer00000-rank000-of-001.safetensors\", \"size\": 6, "
          "\"sha256\": \""
       << Sha256Hex("layer0") << "\"}]}";
-  ASSERT_TRUE(PublishS3Output(*client_, "s3://outputs/job", mirror_.string(), "j-1", 64 << 10).ok());
-  EXPECT_THAT(Keys("job/"),
-              ::testing::ElementsAre("job/.mq-job", "job/README.md", "job/config.json",
-                                     "job/manifest.json",
-                                     "job/model-layer00000-rank000-of-001.safetensors"));
+  ASSERT_TRUE(
+      PublishS3Output(*client_, "s3://outputs/job", mirror_.string(), "j-1", 64 << 10).ok());
+  EXPECT_THAT(
+      Keys("job/"),
+      ::testing::ElementsAre("job/.mq-job", "job/README.md", "job/config.json", "job/manifest.json",
+                             "job/model-layer00000-rank000-of-001.safetensors"));
   // Another job's mirror may not publish there.
   EXPECT_EQ(PublishS3Output(*client_, "s3://outputs/job", mirror_.string(), "j-2", 64 << 10).code(),
             absl::StatusCode::kFailedPrecondition);
