@@ -85,6 +85,13 @@ absl::Status PrepareS3Output(const S3Output& output, const mq::v1::Assignment& a
   return storage::FetchOutputFiles(**client, output.uri, output.mirror, names);
 }
 
+absl::Status ClaimS3OutputPrefix(const S3Output& output) {
+  if (output.uri.empty()) return absl::OkStatus();
+  absl::StatusOr<std::unique_ptr<s3::S3Client>> client = ClientFromEnv();
+  if (!client.ok()) return client.status();
+  return storage::ClaimS3Output(**client, output.uri, output.job_id);
+}
+
 absl::Status UploadS3Files(const S3Output& output,
                            const std::vector<std::pair<std::string, std::string>>& name_sha256) {
   if (output.uri.empty()) return absl::OkStatus();
@@ -151,7 +158,11 @@ absl::Status StageS3Inputs(const std::string& stage_root, const mq::v1::Assignme
   }
   if (s3::IsS3Uri(spec->output_uri()) && !a.job_id().empty()) {
     const std::string uri = spec->output_uri();
-    if (absl::Status s = storage::ClaimS3Output(client, uri, a.job_id()); !s.ok()) return s;
+    const bool plan = a.kind() == mq::v1::ASSIGNMENT_KIND_PLAN;
+    if (absl::Status s = storage::ClaimS3Output(client, uri, a.job_id(), /*check_only=*/plan);
+        !s.ok()) {
+      return s;
+    }
     output->uri = uri;
     output->mirror = absl::StrCat(stage_root, "/out-", LocalName(uri));
     output->job_id = a.job_id();

@@ -40,6 +40,10 @@ bool HasS3Output(const mq::v1::Assignment& a);
 absl::Status StageS3Inputs(const std::string& stage_root, const mq::v1::Assignment& a,
                            mq::v1::Assignment* staged, S3Output* output);
 
+// Claims the output prefix for the job (its marker object). StageS3Inputs claims it for every
+// assignment but PLAN, where it only checks it: a plan claims it once it found no problems.
+absl::Status ClaimS3OutputPrefix(const S3Output& output);
+
 // Before an assignment writing or reading an s3:// output runs: aborts the incomplete multipart
 // uploads a killed attempt left (QUANTIZE, FINALIZE), and fetches into the mirror the committed
 // files (QUANTIZE, FINALIZE) or the finished output (EVALUATE) it lacks.

@@ -475,7 +475,9 @@ void Worker::RunAssignment(const mq::v1::Assignment& original, const std::atomic
         // A plan without problems claims the output directory for the job (one with problems
         // leaves it unclaimed, so a corrected job may use it).
         if (result.plan().problems_size() == 0) {
-          if (absl::Status s = pipeline::ClaimOutput(spec); !s.ok()) {
+          absl::Status s = pipeline::ClaimOutput(spec);
+          if (s.ok()) s = ClaimS3OutputPrefix(s3_output_);  // an s3:// output's marker object
+          if (!s.ok()) {
             mq::v1::Problem* p = result.mutable_plan()->add_problems();
             p->set_where("request.output_uri");
             p->set_message(std::string(s.message()));

@@ -12,6 +12,7 @@ DELETE /__mq_fault clears it; GET /__mq_fault returns {"requests": n, "applied":
 A fault is {"match": "PUT /bucket/key", "kind": KIND, "count": N, "status": 503, "delay_ms": 300}:
 the first `count` requests whose "METHOD /path?query" contains `match` get it. Kinds:
   status          answer `status` (default 500) with an InternalError body, do not forward
+  error           answer `status` with S3 error `code`, `message` (and `region`), do not forward
   slowdown        answer 503 SlowDown, do not forward
   reset           read the request, then reset the connection without answering
   reset_mid_body  forward, send the headers and half the body, then reset
@@ -45,9 +46,10 @@ def take_fault(line):
     return None
 
 
-def error_xml(code, message):
+def error_xml(code, message, region=None):
+    extra = "<Region>%s</Region>" % region if region else ""
     return ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>%s</Code><Message>%s</Message>'
-            '</Error>' % (code, message)).encode()
+            '%s</Error>' % (code, message, extra)).encode()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -95,11 +97,13 @@ class Handler(BaseHTTPRequestHandler):
         body = self.body()
         fault = take_fault("%s %s" % (self.command, self.path))
         kind = fault["kind"] if fault else None
-        if kind in ("status", "slowdown"):
+        if kind in ("status", "slowdown", "error"):
             status = 503 if kind == "slowdown" else int(fault.get("status", 500))
             code = "SlowDown" if kind == "slowdown" else (
                 "ServiceUnavailable" if status == 503 else "InternalError")
-            out = error_xml(code, "injected by s3_fault_proxy")
+            code = fault.get("code", code)
+            out = error_xml(code, fault.get("message", "injected by s3_fault_proxy"),
+                            fault.get("region"))
             self.send_response(status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(out)))

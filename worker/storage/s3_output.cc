@@ -84,8 +84,8 @@ uint64_t OutputPartBytesFromEnv() {
   return 64ull << 20;
 }
 
-absl::Status ClaimS3Output(s3::S3Client& client, const std::string& uri,
-                           const std::string& job_id) {
+absl::Status ClaimS3Output(s3::S3Client& client, const std::string& uri, const std::string& job_id,
+                           bool check_only) {
   absl::StatusOr<s3::S3Uri> u = Parse(uri);
   if (!u.ok()) return u.status();
   absl::StatusOr<std::string> owner = MarkerOwner(client, *u);
@@ -106,6 +106,7 @@ absl::Status ClaimS3Output(s3::S3Client& client, const std::string& uri,
         absl::StrJoin(names, ", "), objects->size() > 3 ? ", ..." : "",
         "): mq writes only into a new or empty prefix; choose another prefix"));
   }
+  if (check_only) return absl::OkStatus();
   s3::PutOptions put;
   put.if_none_match = true;
   absl::Status s = client.Put(u->bucket, Prefix(*u) + kS3OwnerMarker,

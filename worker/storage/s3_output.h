@@ -26,9 +26,11 @@ namespace mq::storage {
 inline constexpr char kS3OwnerMarker[] = ".mq-job";
 
 // Claims s3://bucket/prefix for `job_id`: OK when its marker names `job_id` already, or when the
-// prefix is empty (the marker is then written with If-None-Match and read back).
-// FAILED_PRECONDITION naming the other job, or the objects found (first few and count).
-absl::Status ClaimS3Output(s3::S3Client& client, const std::string& uri, const std::string& job_id);
+// prefix is empty (the marker is then written with If-None-Match and read back; with
+// `check_only`, nothing is written). FAILED_PRECONDITION naming the other job, or the objects
+// found (first few and count).
+absl::Status ClaimS3Output(s3::S3Client& client, const std::string& uri, const std::string& job_id,
+                           bool check_only = false);
 
 // Creates the local mirror folder of job `job_id`'s s3:// output (with parents) and its owner
 // marker when absent, so the engine's ownership checks treat it as the job's own directory.

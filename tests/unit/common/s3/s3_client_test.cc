@@ -224,6 +224,21 @@ TEST_F(S3FaultTest, MultipartRetriesPartsAndAbortsOnFailure) {
   EXPECT_EQ(client_->Head("bkt", "mp2").status().code(), absl::StatusCode::kNotFound);
 }
 
+TEST_F(S3FaultTest, WrongRegionSaysWhichRegionAndIsNotRetried) {
+  env_.Fault("POST", R"([{"match":"GET /bkt/obj","kind":"error","status":400,
+                          "code":"AuthorizationHeaderMalformed","region":"eu-west-1",
+                          "message":"the region 'us-east-1' is wrong; expecting 'eu-west-1'"}])");
+  const uint64_t before = client_->stats().requests;
+  uint8_t buf[4];
+  absl::Status s = client_->GetRange("bkt", "obj", 0, 4, buf);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(std::string(s.message()), HasSubstr("s3://bkt/obj"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("AuthorizationHeaderMalformed"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("signed for region us-east-1; the bucket is in eu-west-1; set AWS_REGION"));
+  EXPECT_EQ(client_->stats().requests, before + 1);
+}
+
 TEST(S3ClientNoServer, ConnectionRefusedIsBoundedUnavailable) {
   S3Config c;
   c.endpoint = "http://127.0.0.1:1";  // nothing listens on port 1
