@@ -258,3 +258,21 @@ def test_bad_s3_settings_are_plan_problems(cluster, env, tmp_path):
         fails("s3://models/ds3-fp8", "o4", "no S3 credentials")
     finally:
         server.close()
+
+
+def test_s3_locations_against_allowed_roots(cluster, env, tmp_path):
+    """--allow-read / --allow-write take s3:// roots; an s3 location outside them is refused at
+    submit, naming the field and the roots (no worker needed: the check is the coordinator's)."""
+    cluster.coordinator_args = ["--allow-read", "s3://models/team", "--allow-read", str(tmp_path),
+                                "--allow-write", "s3://outputs/team"]
+    cluster.start_coordinator()
+    dataset = tmp_path / "calibration.jsonl"
+    dataset.write_text('{"text": "x"}\n')
+    res = cluster.client(*submit_args("s3://models/other", "s3://outputs/team/j1", dataset))
+    assert res.returncode == 1
+    assert "spec.model_uri" in res.stderr and "s3://models/other" in res.stderr, res.stderr
+    res = cluster.client(*submit_args("s3://models/team/ds3", "s3://outputs/elsewhere", dataset))
+    assert res.returncode == 1
+    assert "spec.output_uri" in res.stderr and "allowed write roots" in res.stderr, res.stderr
+    res = cluster.client(*submit_args("s3://models/team/ds3", "s3://outputs/team/j1", dataset))
+    assert res.returncode == 0, res.stderr  # queued (no worker)
