@@ -61,7 +61,7 @@ commands:
   inspect MODEL_DIR [--gang-size N] [--json]      check a checkpoint and estimate a job
   workers [--json]                                registered workers
   health                                          is the coordinator serving?
-  verify OUTPUT_DIR [--json]                      re-check a finished output against its
+  verify OUTPUT_DIR|s3://B/P [--json]             re-check a finished output against its
                                                   manifest (sizes, SHA-256); no coordinator
 
 The coordinator defaults to $MQ_COORDINATOR, else 127.0.0.1:50051.

@@ -13,6 +13,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/table.h"
+#include "common/s3/s3_client.h"
+#include "common/s3/s3_config.h"
 #include "common/sha256.h"
 
 namespace mq::client {
@@ -94,15 +96,113 @@ VerifyReport VerifyOutput(const std::string& output_dir) {
   return report;
 }
 
+VerifyReport VerifyS3Output(const std::string& uri) {
+  VerifyReport report;
+  absl::StatusOr<s3::S3Uri> u = s3::ParseS3Uri("OUTPUT", uri);
+  if (!u.ok()) {
+    report.problems.push_back(std::string(u.status().message()));
+    return report;
+  }
+  absl::StatusOr<s3::S3Config> config = s3::S3ConfigFromEnv(s3::ProcessEnv());
+  if (!config.ok()) {
+    report.problems.push_back(absl::StrCat("S3 settings: ", config.status().message()));
+    return report;
+  }
+  s3::S3Client client(*std::move(config));
+  const std::string prefix = u->key.empty() ? "" : u->key + "/";
+  absl::StatusOr<std::string> text = client.GetObject(u->bucket, prefix + kManifest, 1ull << 30);
+  if (!text.ok()) {
+    report.problems.push_back(absl::StrCat(kManifest, ": ", text.status().message(),
+                                           absl::IsNotFound(text.status())
+                                               ? " (not a finished mq output)"
+                                               : ""));
+    return report;
+  }
+  report.manifest_sha256 = Sha256Hex(*text);
+  nlohmann::json m = nlohmann::json::parse(*text, nullptr, false);
+  if (m.is_discarded() || !m.is_object() || !m.contains("files") || !m["files"].is_array()) {
+    report.problems.push_back(
+        absl::StrCat(kManifest, ": not an mq manifest (a JSON object with a \"files\" array)"));
+    return report;
+  }
+  std::set<std::string> listed;
+  constexpr uint64_t kChunk = 64ull << 20;
+  std::string buffer;
+  for (const nlohmann::json& f : m["files"]) {
+    if (!f.is_object() || !f.contains("name") || !f["name"].is_string() || !f.contains("size") ||
+        !f["size"].is_number_integer() || !f.contains("sha256") || !f["sha256"].is_string()) {
+      report.problems.push_back(
+          absl::StrCat(kManifest, ": entry ", f.dump(), " lacks a name, size or sha256"));
+      continue;
+    }
+    const std::string name = f["name"].get<std::string>();
+    const int64_t size = f["size"].get<int64_t>();
+    const std::string sha = f["sha256"].get<std::string>();
+    listed.insert(name);
+    ++report.files;
+    report.total_bytes += size;
+    absl::StatusOr<s3::ObjectInfo> info = client.Head(u->bucket, prefix + name);
+    if (!info.ok()) {
+      report.problems.push_back(absl::StrCat(
+          name, absl::IsNotFound(info.status()) ? ": missing (listed with " : ": cannot be read (",
+          absl::IsNotFound(info.status()) ? absl::StrCat(size, " bytes)")
+                                          : absl::StrCat(info.status().message(), ")")));
+      continue;
+    }
+    if (static_cast<int64_t>(info->size) != size) {
+      report.problems.push_back(
+          absl::StrCat(name, ": ", info->size, " bytes, the manifest lists ", size));
+      continue;
+    }
+    Sha256 hash;
+    absl::Status read;
+    for (uint64_t off = 0; off < info->size && read.ok(); off += kChunk) {
+      const uint64_t n = std::min(kChunk, info->size - off);
+      buffer.resize(n);
+      read = client.GetRange(u->bucket, prefix + name, off, n,
+                             reinterpret_cast<uint8_t*>(buffer.data()));
+      hash.Update(buffer.data(), n);
+    }
+    if (!read.ok()) {
+      report.problems.push_back(absl::StrCat(name, ": cannot be read: ", read.message()));
+      continue;
+    }
+    const std::string actual = hash.HexDigest();
+    if (actual != sha) {
+      report.problems.push_back(
+          absl::StrCat(name, ": SHA-256 ", actual, " differs from the manifest's ", sha));
+    }
+  }
+  absl::StatusOr<std::vector<s3::ListedObject>> objects = client.ListObjects(u->bucket, prefix);
+  if (!objects.ok()) {
+    report.problems.push_back(absl::StrCat(uri, ": cannot list: ", objects.status().message()));
+    return report;
+  }
+  for (const s3::ListedObject& o : *objects) {
+    const std::string name = o.key.substr(prefix.size());
+    if (name == kManifest || name == kMarker || listed.count(name)) continue;
+    report.problems.push_back(absl::StrCat(name, ": not listed in ", kManifest));
+  }
+  absl::StatusOr<std::vector<s3::MultipartUpload>> open =
+      client.ListMultipartUploads(u->bucket, prefix);
+  if (open.ok() && !open->empty()) {
+    report.problems.push_back(absl::StrCat(open->size(), " incomplete multipart upload(s) under ",
+                                           uri, " (first: ", (*open)[0].key, ")"));
+  }
+  return report;
+}
+
 int VerifyCommand(int argc, char** argv, int first) {
   std::string dir;
   bool json = false;
   for (int i = first; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") {
-      std::cout << "usage: mq-client verify OUTPUT_DIR [--json]\n"
+      std::cout << "usage: mq-client verify OUTPUT_DIR|s3://BUCKET/PREFIX [--json]\n"
                    "  re-hashes every file manifest.json lists (size and SHA-256) and reports\n"
-                   "  missing, different and unlisted files; needs no coordinator\n";
+                   "  missing, different and unlisted files; needs no coordinator. For s3://,\n"
+                   "  the store and credentials come from MQ_S3_ENDPOINT, AWS_REGION and the\n"
+                   "  AWS credential variables or files (also reports incomplete uploads)\n";
       return 0;
     }
     if (a == "--json") {
@@ -126,7 +226,7 @@ int VerifyCommand(int argc, char** argv, int first) {
     return 2;
   }
   if (dir.rfind("file://", 0) == 0) dir = dir.substr(7);
-  const VerifyReport r = VerifyOutput(dir);
+  const VerifyReport r = s3::IsS3Uri(dir) ? VerifyS3Output(dir) : VerifyOutput(dir);
   if (json) {
     nlohmann::json out = {{"output", dir},
                           {"ok", r.problems.empty()},

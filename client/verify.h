@@ -23,6 +23,11 @@ struct VerifyReport {
 // Checks `output_dir`. A missing or malformed manifest is one problem naming manifest.json.
 VerifyReport VerifyOutput(const std::string& output_dir);
 
+// The same for an output in an S3 store (s3://bucket/prefix; objects read by ranged GETs, the
+// client configured from the environment), plus a problem for incomplete multipart uploads
+// under the prefix. Unusable S3 settings are one problem saying what is wrong.
+VerifyReport VerifyS3Output(const std::string& uri);
+
 // The command: argv[first..] = OUTPUT_DIR [--json]. Exit 0 with a one-line summary when the
 // output matches its manifest, 1 with one stderr line per problem, 2 for a bad command line.
 int VerifyCommand(int argc, char** argv, int first);

@@ -102,7 +102,31 @@ bool PathWithin(absl::string_view path, absl::string_view root) {
   return path.size() == root.size() || path[root.size()] == '/';
 }
 
+namespace {
+
+constexpr absl::string_view kS3Scheme = "s3://";
+
+// An s3:// location as a path in its own namespace: "s3://b/p/" -> "/b/p" (lexically normal).
+std::string S3Path(absl::string_view location) {
+  return LexicalNormal(location.substr(kS3Scheme.size()));
+}
+
+// S3 locations have no symlinks: lexical containment in an s3:// root of `access`'s kind.
+absl::Status CheckS3Location(const PathPolicy& policy, PathAccess access, absl::string_view field,
+                             absl::string_view location);
+
+}  // namespace
+
 absl::StatusOr<std::string> NormalizeRoot(absl::string_view flag, absl::string_view root) {
+  if (absl::StartsWith(root, kS3Scheme)) {
+    const std::string path = S3Path(root);
+    if (path == "/" || absl::StrContains(root, "..") ||
+        absl::StrContains(root.substr(kS3Scheme.size()), "//")) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          flag, " = ", Quote(root), ": an s3:// root is s3://bucket or s3://bucket/prefix"));
+    }
+    return absl::StrCat("s3:/", path);  // "s3://bucket/prefix"
+  }
   const absl::string_view path = StripFileScheme(root);
   if (path.empty()) {
     return absl::InvalidArgumentError(
@@ -124,10 +148,14 @@ absl::StatusOr<std::string> NormalizeRoot(absl::string_view flag, absl::string_v
 absl::Status CheckPathLexical(const PathPolicy& policy, PathAccess access, absl::string_view field,
                               absl::string_view location) {
   if (!policy.enforced || location.empty()) return absl::OkStatus();
+  if (absl::StartsWith(location, kS3Scheme)) {
+    return CheckS3Location(policy, access, field, location);
+  }
   const absl::string_view path = StripFileScheme(location);
   if (path.empty() || path.front() != '/') return Refuse(policy, access, field, location, "");
   const std::string normal = LexicalNormal(path);
   for (const std::string& root : RootsOf(policy, access)) {
+    if (absl::StartsWith(root, kS3Scheme)) continue;
     if (PathWithin(normal, LexicalNormal(root))) return absl::OkStatus();
   }
   return Refuse(policy, access, field, location, "");
@@ -177,6 +205,9 @@ absl::StatusOr<std::string> ResolvePath(absl::string_view path) {
 absl::Status CheckPathResolved(const PathPolicy& policy, PathAccess access, absl::string_view field,
                                absl::string_view location) {
   if (!policy.enforced || location.empty()) return absl::OkStatus();
+  if (absl::StartsWith(location, kS3Scheme)) {
+    return CheckS3Location(policy, access, field, location);
+  }
   const absl::string_view path = StripFileScheme(location);
   if (path.empty() || path.front() != '/') return Refuse(policy, access, field, location, "");
   absl::StatusOr<std::string> resolved = ResolvePath(path);
@@ -186,6 +217,7 @@ absl::Status CheckPathResolved(const PathPolicy& policy, PathAccess access, absl
                      KindName(access), " roots: ", resolved.status().message()));
   }
   for (const std::string& root : RootsOf(policy, access)) {
+    if (absl::StartsWith(root, kS3Scheme)) continue;
     // A root that cannot be resolved (e.g. a dangling symlink) is taken as written.
     absl::StatusOr<std::string> real_root = ResolvePath(LexicalNormal(root));
     if (PathWithin(*resolved, real_root.ok() ? *real_root : LexicalNormal(root))) {
@@ -195,6 +227,19 @@ absl::Status CheckPathResolved(const PathPolicy& policy, PathAccess access, absl
   const std::string lexical = LexicalNormal(path);
   return Refuse(policy, access, field, location, *resolved == lexical ? "" : *resolved);
 }
+
+namespace {
+absl::Status CheckS3Location(const PathPolicy& policy, PathAccess access, absl::string_view field,
+                             absl::string_view location) {
+  const std::string path = S3Path(location);
+  for (const std::string& root : RootsOf(policy, access)) {
+    if (absl::StartsWith(root, kS3Scheme) && PathWithin(path, S3Path(root))) {
+      return absl::OkStatus();
+    }
+  }
+  return Refuse(policy, access, field, location, "");
+}
+}  // namespace
 
 absl::StatusOr<std::string> ModelDirFile(absl::string_view model_dir, absl::string_view name) {
   const std::string path = absl::StrCat(model_dir, "/", name);

@@ -42,8 +42,10 @@ std::string LexicalNormal(absl::string_view path);
 // "/data/out2" is not inside "/data/out"; everything is inside "/".
 bool PathWithin(absl::string_view path, absl::string_view root);
 
-// A root given on the command line: must be non-empty and absolute (or file://); returns its
-// lexical normal form. INVALID_ARGUMENT naming `flag` otherwise.
+// A root given on the command line: must be non-empty and absolute (or file://), or an S3
+// prefix "s3://bucket[/prefix]"; returns its lexical normal form. INVALID_ARGUMENT naming `flag`
+// otherwise. An s3:// location is allowed only inside an s3:// root (lexically: S3 has no
+// symlinks), by both checks below.
 absl::StatusOr<std::string> NormalizeRoot(absl::string_view flag, absl::string_view root);
 
 // Lexical check (the coordinator, at submit): `location` (a path or file:// URI named `field`)

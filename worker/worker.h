@@ -16,6 +16,7 @@
 #include "absl/status/status.h"
 #include "mq/v1/worker_service.grpc.pb.h"
 #include "worker/device_info.h"
+#include "worker/s3_inputs.h"
 #include "worker/worker_metrics.h"
 
 namespace mq::worker {
@@ -82,6 +83,8 @@ class Worker {
   std::string worker_id_;
   int64_t heartbeat_interval_ms_ = 1000;
   std::string current_assignment_;
+  // The running assignment's s3:// output (empty uri: local); set and read by the worker loop.
+  S3Output s3_output_;
   std::atomic<bool> cancel_current_{false};
   std::atomic<bool> need_register_{false};
   std::atomic<bool> quit_{false};  // registration refused for good: the process ends

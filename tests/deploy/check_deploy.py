@@ -642,8 +642,12 @@ def check_coordinator(name, by_kind, values):
         for flag in ("--tls-cert", "--tls-key", "--tls-ca", "--tokens-file"):
             if flag in flags:
                 fail(f"{name}: coordinator has {flag} while tls.enabled is false")
+    s3 = values.get("s3", {})
+    s3_root = []
+    if s3.get("enabled") and s3.get("bucket"):  # s3.bucket/prefix is allowed both ways
+        s3_root = ["s3://" + s3["bucket"] + ("/" + s3["prefix"] if s3.get("prefix") else "")]
     for flag, key in (("--allow-read", "allowRead"), ("--allow-write", "allowWrite")):
-        if flags.get(flag, []) != values["paths"][key]:
+        if flags.get(flag, []) != values["paths"][key] + s3_root:
             fail(f"{name}: coordinator {flag} {flags.get(flag, [])}, want paths.{key} "
                  f"{values['paths'][key]}")
 

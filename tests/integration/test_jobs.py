@@ -213,7 +213,7 @@ def test_idempotent_submit(cluster, model, tmp_path):
     (["--max-attempts", "1000"], "spec.max_attempts = 1000"),
     (["--priority", "5000"], "spec.priority = 5000"),
     (["--idempotency-key", "has space"], "idempotency_key"),
-    (["--dataset", "s3://bucket/data.jsonl"], "spec.calibration.dataset_uri"),
+    (["--dataset", "s3://Bad_Bucket/data.jsonl"], "spec.calibration.dataset_uri"),
     (["--method", "awq", "--awq-grid", "101"],
      "spec.awq.grid = 101: must be in [0, 100] (0 keeps only s = 1)"),
     (["--method", "awq-gptq", "--awq-tokens", "-1"],

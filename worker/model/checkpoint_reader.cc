@@ -14,6 +14,7 @@
 #include "common/path_policy.h"
 #include "nlohmann/json.hpp"
 #include "worker/model/json_util.h"
+#include "worker/model/checkpoint_reader_remote.h"
 #include "worker/model/mapping_guard.h"
 
 namespace mq::model {
@@ -78,6 +79,15 @@ absl::Status CheckTensorRead(const TensorView& view) {
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path,
                                                                        const std::string& kind) {
+  // A shard of a staged remote checkpoint is a sparse stub: its data would read as zeros.
+  const size_t slash = path.rfind('/');
+  const std::string parent = slash == std::string::npos ? "." : path.substr(0, slash);
+  absl::StatusOr<bool> stub = FileExists(absl::StrCat(parent, "/", kRemoteShardsFile));
+  if (stub.ok() && *stub) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        path, ": a header-only stub of a remote shard (", parent, " is a staged remote "
+        "checkpoint); read its tensors through CheckpointReader"));
+  }
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     const int err = errno;
@@ -128,16 +138,29 @@ absl::StatusOr<TensorView> SafetensorsFile::Get(const std::string& name) const {
   return view;
 }
 
+CheckpointReader::~CheckpointReader() = default;
+
 absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(const std::string& dir) {
   std::unique_ptr<CheckpointReader> reader(new CheckpointReader());
   reader->dir_ = dir;
+  absl::StatusOr<std::string> remote_uri = RemoteShardsUri(dir);
+  if (!remote_uri.ok()) return remote_uri.status();
+  if (!remote_uri->empty()) {
+    absl::StatusOr<std::unique_ptr<RemoteShards>> remote = RemoteShards::Open(dir, *remote_uri);
+    if (!remote.ok()) return remote.status();
+    reader->remote_ = *std::move(remote);
+  }
   absl::StatusOr<std::string> checked_index = ModelDirFile(dir, kIndexFile);
   if (!checked_index.ok()) return checked_index.status();
   const std::string& index_path = *checked_index;
   absl::StatusOr<bool> has_index = FileExists(index_path);
   if (!has_index.ok()) return has_index.status();
 
-  if (!*has_index) {
+  if (!*has_index && reader->remote_ != nullptr) {
+    absl::StatusOr<std::vector<std::string>> names = reader->remote_->Names(kSingleFile);
+    if (!names.ok()) return names.status();
+    for (const std::string& name : *names) reader->shard_of_.emplace(name, kSingleFile);
+  } else if (!*has_index) {
     absl::StatusOr<std::string> single = ModelDirFile(dir, kSingleFile);
     if (!single.ok()) return single.status();
     absl::StatusOr<std::unique_ptr<SafetensorsFile>> file =
@@ -221,6 +244,7 @@ absl::StatusOr<TensorView> CheckpointReader::Get(const std::string& name) {
     return absl::NotFoundError(
         absl::StrCat("tensor ", Quote(name), " is not in the checkpoint ", dir_));
   }
+  if (remote_ != nullptr) return remote_->Get(it->second, name);
   absl::StatusOr<const SafetensorsFile*> shard = Shard(it->second);
   if (!shard.ok()) {
     return Annotate(shard.status(),

@@ -20,13 +20,18 @@
 
 namespace mq::model {
 
-// A tensor's bytes inside a mapped file (little-endian, row-major, no strides).
+// A tensor's bytes inside a mapped file, or inside a host buffer its bytes were fetched into
+// from a remote store (little-endian, row-major, no strides).
 struct TensorView {
   std::string name;
   DType dtype = DType::kBool;
   std::vector<int64_t> shape;
   const uint8_t* data = nullptr;
   uint64_t num_bytes = 0;
+  // For fetched tensors: keeps the buffer `data` points into alive as long as any copy of the
+  // view exists (the reader's cache may drop it earlier). Null for mapped files (the mapping
+  // lives as long as its reader).
+  std::shared_ptr<const void> owner;
 
   int64_t num_elements() const;
 };
@@ -78,9 +83,24 @@ class SafetensorsFile {
   int guard_ = -1;  // RegisterMapping handle
 };
 
+// The file in a staged remote checkpoint directory that names where its shards are:
+// {"uri": "s3://bucket/prefix"}. A staged directory (worker/storage/s3_stage.h) holds the
+// checkpoint's small files (config, index, tokenizer) as copies and each shard as a sparse stub
+// of the shard's size holding only its header; the tensors' bytes stay in the store.
+inline constexpr char kRemoteShardsFile[] = ".mq-remote.json";
+
+class RemoteShards;  // checkpoint_reader_remote.cc
+
 // A whole HF checkpoint directory. The name -> shard map is fixed at Open; shards are opened
 // (validated and mapped) on first use under `mu_` and then stay mapped until destruction, so
 // Get may be called from any number of threads and views stay valid for the reader's lifetime.
+//
+// A staged remote checkpoint (kRemoteShardsFile present) reads the same way, except that Get
+// fetches the tensor's bytes from the store by parallel ranged GETs into a host buffer (the
+// view's `owner`) and blocks until they arrived; fetched tensors are kept in a cache of
+// MQ_S3_READ_CACHE_BYTES (default 16 GiB; least recently fetched dropped first) so that a Get
+// from a prefetching thread serves the loading thread's Get of the same tensor, and a Get of a
+// tensor being fetched waits for that fetch instead of starting another.
 class CheckpointReader {
  public:
   // Reads `dir`/model.safetensors.index.json (FORMATS.md §1.4: "weight_map" of tensor name ->
@@ -89,6 +109,7 @@ class CheckpointReader {
   // (not an object, no weight_map, a non-string or empty shard name, a shard name with '/', NUL
   // or ".."); NotFound when neither file exists. Shards named by the index are not opened here.
   static absl::StatusOr<std::unique_ptr<CheckpointReader>> Open(const std::string& dir);
+  ~CheckpointReader();
 
   // Largest index file accepted (DeepSeek-V3's is about 9 MB).
   static constexpr uint64_t kMaxIndexBytes = 256ull << 20;
@@ -114,6 +135,11 @@ class CheckpointReader {
   std::map<std::string, std::string> shard_of_;  // tensor -> shard file name
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<SafetensorsFile>> shards_;
+  std::unique_ptr<RemoteShards> remote_;  // set for a staged remote checkpoint
 };
+
+// For a staged remote checkpoint directory: the store URI its shards are in; nullopt-like empty
+// string for an ordinary directory. Errors for an unreadable or malformed kRemoteShardsFile.
+absl::StatusOr<std::string> RemoteShardsUri(const std::string& dir);
 
 }  // namespace mq::model

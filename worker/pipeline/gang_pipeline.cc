@@ -40,17 +40,17 @@ namespace gang_internal {
 void Runner::StartPrefetch(int layer) {
   if (!o_.prefetch_next_layer) return;
   if (prefetch_.valid()) prefetch_.wait();
-  std::vector<model::TensorView> views;
+  std::vector<std::string> names;
   const std::string prefix = absl::StrCat("model.layers.", layer, ".");
   for (const std::string& n : reader_.names()) {
-    if (n.rfind(prefix, 0) != 0 || !Owns(n)) continue;
-    absl::StatusOr<model::TensorView> v = reader_.Get(n);
-    if (v.ok()) views.push_back(*std::move(v));  // a bad tensor fails its load, not this hint
+    if (n.rfind(prefix, 0) == 0 && Owns(n)) names.push_back(n);
   }
-  prefetch_ = std::async(std::launch::async, [this, views = std::move(views)] {
-    for (const model::TensorView& v : views) {
+  // Get runs on the prefetch thread too: for a staged remote checkpoint it is the fetch.
+  prefetch_ = std::async(std::launch::async, [this, names = std::move(names)] {
+    for (const std::string& n : names) {
       if (stop_prefetch_) return;
-      model::TouchTensor(v);
+      absl::StatusOr<model::TensorView> v = reader_.Get(n);
+      if (v.ok()) model::TouchTensor(*v);  // a bad tensor fails its load, not this hint
     }
   });
 }

@@ -85,6 +85,31 @@ TEST(PathPolicyLexical, PrefixTrickeryAndDotDot) {
   EXPECT_TRUE(CheckPathLexical(p, PathAccess::kRead, "spec.calibration.tokenizer_uri", "").ok());
 }
 
+TEST(PathPolicyLexical, S3RootsAndLocations) {
+  absl::StatusOr<std::string> root = NormalizeRoot("--allow-read", "s3://models/team/");
+  ASSERT_TRUE(root.ok()) << root.status();
+  EXPECT_EQ(*root, "s3://models/team");
+  for (const char* bad : {"s3://", "s3://b/../x", "s3://b//x"}) {
+    EXPECT_EQ(NormalizeRoot("--allow-read", bad).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << bad;
+  }
+  const PathPolicy p = Policy({"/data/models", "s3://models/team"}, {"/data/out"});
+  for (auto check : {CheckPathLexical, CheckPathResolved}) {
+    EXPECT_TRUE(check(p, PathAccess::kRead, "spec.model_uri", "s3://models/team/ds3").ok());
+    EXPECT_TRUE(check(p, PathAccess::kRead, "spec.model_uri", "s3://models/team").ok());
+    for (const char* bad : {"s3://models/team2/x", "s3://models/other", "s3://other/team/x"}) {
+      absl::Status s = check(p, PathAccess::kRead, "spec.model_uri", bad);
+      ASSERT_FALSE(s.ok()) << bad;
+      EXPECT_EQ(s.code(), absl::StatusCode::kPermissionDenied);
+      EXPECT_THAT(s.message(), HasSubstr(bad));
+    }
+    // An s3:// read root allows no s3:// writes, and no local path looking like it.
+    EXPECT_FALSE(check(p, PathAccess::kWrite, "spec.output_uri", "s3://models/team/o").ok());
+    EXPECT_FALSE(check(p, PathAccess::kRead, "spec.model_uri", "/s3:/models/team/x").ok());
+  }
+}
+
 TEST(PathPolicyLexical, EmptyListAllowsNothingAndSaysSo) {
   const PathPolicy p = Policy({"/data"}, {});
   absl::Status s = CheckPathLexical(p, PathAccess::kWrite, "spec.output_uri", "/data/out");

@@ -113,7 +113,9 @@ TEST_F(GrpcValidationTest, EveryBadSpecFieldIsNamed) {
       {"spec", [](auto& r) { r.clear_spec(); }},
       {"spec.model_uri", [](auto& r) { r.mutable_spec()->clear_model_uri(); }},
       {"spec.model_uri", [](auto& r) { r.mutable_spec()->set_model_uri("models/rel"); }},
-      {"spec.model_uri", [](auto& r) { r.mutable_spec()->set_model_uri("s3://b/m"); }},
+      {"spec.model_uri", [](auto& r) { r.mutable_spec()->set_model_uri("s3://b/m"); }},  // bucket
+      {"spec.model_uri", [](auto& r) { r.mutable_spec()->set_model_uri("s3://bucket/a//m"); }},
+      {"spec.output_uri", [](auto& r) { r.mutable_spec()->set_output_uri("s3://bucket/o/../p"); }},
       {"spec.model_uri", [](auto& r) { r.mutable_spec()->set_model_uri("ftp://h/m"); }},
       {"spec.model_uri", [](auto& r) { r.mutable_spec()->set_model_uri("/a\nb"); }},
       {"spec.model_uri", [](auto& r) { r.mutable_spec()->set_model_uri(std::string("/a\0b", 4)); }},
