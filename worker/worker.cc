@@ -10,6 +10,7 @@
 #include "common/error_text.h"
 #include "common/path_policy.h"
 #include "common/path_policy_proto.h"
+#include "common/s3/s3_config.h"
 #include "common/status.h"
 #include "common/util.h"
 #include "worker/plan_convert.h"
@@ -528,7 +529,7 @@ void Worker::RunAssignment(const mq::v1::Assignment& original, const std::atomic
   } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_FINALIZE) {
     aborted = !RunFinalize(a, &result, stop);
   } else if (a.kind() == mq::v1::ASSIGNMENT_KIND_EVALUATE) {
-    aborted = !RunEvaluate(a, &result, stop);
+    aborted = !RunEvaluate(a, original.spec(), &result, stop);
   } else {
     result.set_error(
         absl::StrCat("this mq-worker (", Version(), ") cannot run ", kind, " assignments"));
@@ -665,10 +666,16 @@ bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   return true;
 }
 
-bool Worker::RunEvaluate(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
-                         const std::atomic<bool>& stop) {
+bool Worker::RunEvaluate(const mq::v1::Assignment& a, const mq::v1::JobSpec& named,
+                         mq::v1::CompleteAssignmentRequest* result, const std::atomic<bool>& stop) {
   pipeline::EvaluateAssignmentInput in;
   in.spec = ToJobSpec(a.job_id(), a.spec());
+  // quality.json names an s3:// input by its URI, not by the staged copy's path.
+  const std::string& dataset = named.eval().dataset_uri().empty()
+                                   ? named.calibration().dataset_uri()
+                                   : named.eval().dataset_uri();
+  if (s3::IsS3Uri(named.model_uri())) in.reference_name = named.model_uri();
+  if (s3::IsS3Uri(dataset)) in.dataset_name = dataset;
   in.manifest_sha256 = a.manifest_sha256();
   in.device = device_.device;
   in.cpu_threads = options_.cpu_threads;
@@ -735,8 +742,8 @@ bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
                          const std::atomic<bool>& stop) {
   return RunQuantize(a, result, stop);
 }
-bool Worker::RunEvaluate(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
-                         const std::atomic<bool>& stop) {
+bool Worker::RunEvaluate(const mq::v1::Assignment& a, const mq::v1::JobSpec&,
+                         mq::v1::CompleteAssignmentRequest* result, const std::atomic<bool>& stop) {
   return RunQuantize(a, result, stop);
 }
 #endif

@@ -65,8 +65,9 @@ class Worker {
   bool RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
                    const std::atomic<bool>& stop);
   // EVALUATE: measures the output (pipeline/evaluate_job.h) and fills `evaluated` or error.
-  bool RunEvaluate(const mq::v1::Assignment& a, mq::v1::CompleteAssignmentRequest* result,
-                   const std::atomic<bool>& stop);
+  // `named`: the spec as the job gave it (before s3:// inputs were staged), for quality.json.
+  bool RunEvaluate(const mq::v1::Assignment& a, const mq::v1::JobSpec& named,
+                   mq::v1::CompleteAssignmentRequest* result, const std::atomic<bool>& stop);
   // FINALIZE: asks the coordinator to publish the manifest (ReportProgress with publish =
   // true; UNAVAILABLE and the like are retried). OK: write it; ABORTED: the assignment was
   // cancelled or superseded, so write nothing more and abandon it.

@@ -1,11 +1,15 @@
 #include "common/s3/s3_client.h"
 
 #include <curl/curl.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <future>
 #include <random>
 #include <thread>
@@ -788,25 +792,34 @@ absl::Status S3Client::Delete(const std::string& bucket, const std::string& key)
   return s;
 }
 
-absl::StatusOr<std::string> UploadObject(S3Client& client, const std::string& bucket,
-                                         const std::string& key, absl::string_view data,
-                                         uint64_t part_bytes, int parallel,
-                                         const PutOptions& options) {
+namespace {
+
+// Reads `n` bytes at `offset` of the object being uploaded into `buffer`.
+using PartReader = std::function<absl::Status(uint64_t offset, uint64_t n, std::string* buffer)>;
+
+// UploadObject's body for an object of `size` bytes whose SHA-256 is `sha`: one Put below
+// `part_bytes`, else a multipart upload with up to `parallel` parts in flight, each read by
+// `read` just before it is sent (so at most `parallel` parts are in memory).
+absl::StatusOr<std::string> UploadParts(S3Client& client, const std::string& bucket,
+                                        const std::string& key, uint64_t size,
+                                        const std::string& sha, const PartReader& read,
+                                        uint64_t part_bytes, int parallel,
+                                        const PutOptions& options) {
   // S3 wants parts of at least 5 MiB (but the last); smaller ones are the caller's choice for
   // stores that take them (tests).
   constexpr uint64_t kMinPart = 64ull << 10;
   part_bytes = std::max(part_bytes, kMinPart);
-  const std::string sha = Sha256Hex(std::string_view(data.data(), data.size()));
   PutOptions opts = options;
   opts.metadata["sha256"] = sha;
-  if (data.size() < part_bytes) {
-    absl::Status s = client.Put(bucket, key, data, opts);
-    if (!s.ok()) return s;
+  if (size < part_bytes) {
+    std::string data;
+    if (absl::Status s = read(0, size, &data); !s.ok()) return s;
+    if (absl::Status s = client.Put(bucket, key, data, opts); !s.ok()) return s;
     return sha;
   }
-  const uint64_t num_parts = (data.size() + part_bytes - 1) / part_bytes;
+  const uint64_t num_parts = (size + part_bytes - 1) / part_bytes;
   if (num_parts > 10000) {
-    return absl::InvalidArgumentError(absl::StrCat("s3://", bucket, "/", key, ": ", data.size(),
+    return absl::InvalidArgumentError(absl::StrCat("s3://", bucket, "/", key, ": ", size,
                                                    " bytes need ", num_parts, " parts of ",
                                                    part_bytes, " bytes; S3 allows 10000"));
   }
@@ -817,12 +830,11 @@ absl::StatusOr<std::string> UploadObject(S3Client& client, const std::string& bu
   std::atomic<uint64_t> next{0};
   std::atomic<bool> failed{false};
   auto worker = [&] {
+    std::string part;
     for (uint64_t i; !failed && (i = next.fetch_add(1)) < num_parts;) {
       const uint64_t begin = i * part_bytes;
-      absl::string_view part =
-          data.substr(begin, std::min<uint64_t>(part_bytes, data.size() - begin));
-      absl::StatusOr<std::string> etag =
-          client.UploadPart(bucket, key, *upload, static_cast<int>(i + 1), part);
+      absl::StatusOr<std::string> etag = read(begin, std::min(part_bytes, size - begin), &part);
+      if (etag.ok()) etag = client.UploadPart(bucket, key, *upload, static_cast<int>(i + 1), part);
       if (!etag.ok()) {
         results[i] = etag.status();
         failed = true;
@@ -852,6 +864,74 @@ absl::StatusOr<std::string> UploadObject(S3Client& client, const std::string& bu
     return status;
   }
   return sha;
+}
+
+// pread until `n` bytes are in `buffer`; a file shorter than that is DATA_LOSS.
+absl::Status ReadAt(int fd, const std::string& path, uint64_t offset, uint64_t n,
+                    std::string* buffer) {
+  buffer->resize(n);
+  uint64_t done = 0;
+  while (done < n) {
+    const ssize_t r = ::pread(fd, buffer->data() + done, n - done, offset + done);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return absl::ErrnoToStatus(errno, absl::StrCat(path, ": read"));
+    if (r == 0) {
+      return absl::DataLossError(absl::StrCat(path, ": ended at byte ", offset + done,
+                                              " while uploading; the file changed"));
+    }
+    done += static_cast<uint64_t>(r);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> UploadObject(S3Client& client, const std::string& bucket,
+                                         const std::string& key, absl::string_view data,
+                                         uint64_t part_bytes, int parallel,
+                                         const PutOptions& options) {
+  const std::string sha = Sha256Hex(std::string_view(data.data(), data.size()));
+  auto read = [&](uint64_t offset, uint64_t n, std::string* buffer) {
+    buffer->assign(data.data() + offset, n);
+    return absl::OkStatus();
+  };
+  return UploadParts(client, bucket, key, data.size(), sha, read, part_bytes, parallel, options);
+}
+
+absl::StatusOr<std::string> UploadFile(S3Client& client, const std::string& bucket,
+                                       const std::string& key, const std::string& path,
+                                       const std::string& sha256, uint64_t part_bytes,
+                                       int parallel, const PutOptions& options) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat(path, ": cannot open"));
+  struct FdCloser {
+    int fd;
+    ~FdCloser() { ::close(fd); }
+  } closer{fd};
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return absl::ErrnoToStatus(errno, absl::StrCat(path, ": stat"));
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  // The SHA-256 goes into the upload's metadata, which is set when the upload starts: one pass
+  // over the file first (in 8 MiB reads), the parts in a second.
+  Sha256 hash;
+  std::string chunk;
+  for (uint64_t offset = 0; offset < size; offset += chunk.size()) {
+    if (absl::Status s = ReadAt(fd, path, offset, std::min<uint64_t>(8ull << 20, size - offset),
+                                &chunk);
+        !s.ok()) {
+      return s;
+    }
+    hash.Update(chunk);
+  }
+  const std::string sha = hash.HexDigest();
+  if (!sha256.empty() && sha != sha256) {
+    return absl::DataLossError(
+        absl::StrCat(path, ": SHA-256 differs from the recorded one; not uploaded"));
+  }
+  auto read = [&](uint64_t offset, uint64_t n, std::string* buffer) {
+    return ReadAt(fd, path, offset, n, buffer);
+  };
+  return UploadParts(client, bucket, key, size, sha, read, part_bytes, parallel, options);
 }
 
 }  // namespace mq::s3

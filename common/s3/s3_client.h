@@ -150,4 +150,13 @@ absl::StatusOr<std::string> UploadObject(S3Client& client, const std::string& bu
                                          uint64_t part_bytes = 64ull << 20, int parallel = 4,
                                          const PutOptions& options = {});
 
+// UploadObject of the file at `path`, streamed: read once for its SHA-256, then part by part, so
+// that at most `parallel` parts are in memory. DATA_LOSS naming the path when `sha256` is given
+// and the file's differs (nothing is uploaded), or when the file shrinks during the upload.
+absl::StatusOr<std::string> UploadFile(S3Client& client, const std::string& bucket,
+                                       const std::string& key, const std::string& path,
+                                       const std::string& sha256 = "",
+                                       uint64_t part_bytes = 64ull << 20, int parallel = 4,
+                                       const PutOptions& options = {});
+
 }  // namespace mq::s3

@@ -113,7 +113,8 @@ def test_job_reads_model_and_dataset_from_s3(cluster, env, tmp_path):
         assert applied.get("slowdown") == 3 and applied.get("reset_mid_body") == 2, applied
 
         # Every output file equals the local job's, byte for byte; quality.json also names the
-        # inputs (the local job's paths, the s3 job's staged copies), and measured the same.
+        # inputs (the local job's paths, the s3 job's URIs, not its staged copies), and measured
+        # the same.
         a, b = files_of(out_s3), files_of(out_local)
         assert set(a) == set(b)
         assert {n: a[n] for n in a if n != "quality.json"} == \
@@ -125,6 +126,12 @@ def test_job_reads_model_and_dataset_from_s3(cluster, env, tmp_path):
             q.pop("source")
             return q
         assert measures(out_s3) == measures(out_local)
+        q = json.loads((out_s3 / "quality.json").read_text())
+        assert q["reference"] == "s3://models/ds3-fp8", q
+        assert " of s3://models/calibration.jsonl (shuffled positions" in q["source"], q
+        local_q = json.loads((out_local / "quality.json").read_text())
+        assert q["source"] == local_q["source"].replace(str(env["dataset"]),
+                                                        "s3://models/calibration.jsonl")
         log = cluster.workers["w1"].output()
         assert "staged s3://models/ds3-fp8" in log, log
         assert SECRET not in log
@@ -187,7 +194,7 @@ def test_job_writes_to_s3_and_survives_a_worker_killed_mid_upload(cluster, env, 
         local = files_of(out_local)
         assert objects.pop(".mq-job")
         objects.pop("manifest.json")
-        local_q, s3_q = local.pop("quality.json"), objects.pop("quality.json")
+        local.pop("quality.json"), objects.pop("quality.json")
         assert objects == local
         assert not s3.list_multipart_uploads(Bucket="outputs", Prefix="job1/").get("Uploads")
         # Every object carries its SHA-256; the manifest lists exactly the other objects.

@@ -23,7 +23,8 @@ struct Sequences {
   std::string not_measured;
 };
 
-absl::StatusOr<Sequences> LoadSequences(const QuantizeJobSpec& spec, int64_t vocab_size) {
+absl::StatusOr<Sequences> LoadSequences(const QuantizeJobSpec& spec, int64_t vocab_size,
+                                        const std::string& dataset_name) {
   QuantizeJobSpec eval = spec;
   const bool held_out = spec.eval_dataset.empty();
   if (!held_out) eval.dataset = spec.eval_dataset;
@@ -40,23 +41,24 @@ absl::StatusOr<Sequences> LoadSequences(const QuantizeJobSpec& spec, int64_t voc
     out.ids.push_back(at::tensor(s, at::TensorOptions(at::kInt)).to(at::kLong));
   }
   const int64_t n = static_cast<int64_t>(out.ids.size());
+  const std::string& dataset = dataset_name.empty() ? c->dataset_path : dataset_name;
   const std::string fewer =
       n < spec.eval_samples ? absl::StrCat(" (", spec.eval_samples, " asked for)") : "";
   if (held_out) {
     if (n == 0) {
       out.not_measured = absl::StrCat(
           "no held-out sequence: calibration used ", std::min(spec.num_samples, set->available),
-          " of the ", set->available, " usable sequences of ", c->dataset_path,
+          " of the ", set->available, " usable sequences of ", dataset,
           "; give the evaluation its own dataset (--eval-dataset) or calibrate on fewer "
           "sequences than the dataset has");
       return out;
     }
     out.source = absl::StrCat(n, " held-out sequence", n == 1 ? "" : "s", fewer, " of ",
-                              c->dataset_path, " (shuffled positions ", spec.num_samples, "..",
+                              dataset, " (shuffled positions ", spec.num_samples, "..",
                               spec.num_samples + n - 1, "; calibration used 0..",
                               spec.num_samples - 1, ")");
   } else {
-    out.source = absl::StrCat(n, " sequence", n == 1 ? "" : "s", fewer, " of ", c->dataset_path);
+    out.source = absl::StrCat(n, " sequence", n == 1 ? "" : "s", fewer, " of ", dataset);
   }
   absl::StrAppend(&out.source, ", at most ", c->max_sequence_length, " tokens each");
   return out;
@@ -88,7 +90,7 @@ absl::StatusOr<EvaluateAssignmentResult> RunEvaluateAssignment(const EvaluateAss
   absl::StatusOr<model::DeepseekV3Config> config =
       model::LoadDeepseekV3Config(spec.model_dir + "/config.json");
   if (!config.ok()) return config.status();
-  absl::StatusOr<Sequences> seqs = LoadSequences(spec, config->vocab_size);
+  absl::StatusOr<Sequences> seqs = LoadSequences(spec, config->vocab_size, in.dataset_name);
   if (!seqs.ok()) return seqs.status();
 
   EvaluateAssignmentResult result;
@@ -130,7 +132,7 @@ absl::StatusOr<EvaluateAssignmentResult> RunEvaluateAssignment(const EvaluateAss
   }
   quality["format"] = "mq-quality-1";
   quality["source"] = result.source;
-  quality["reference"] = spec.model_dir;
+  quality["reference"] = in.reference_name.empty() ? spec.model_dir : in.reference_name;
   quality["gate"] = GateJson(gate, result.gate);
   if (job_output) {
     absl::StatusOr<FinalizeOutput> out =

@@ -29,6 +29,11 @@ namespace mq::pipeline {
 
 struct EvaluateAssignmentInput {
   QuantizeJobSpec spec;  // model_dir is the reference
+  // The reference's and the sequences' dataset's locations as the job named them, recorded in
+  // quality.json and the source line (a worker reads s3:// inputs from local staged copies,
+  // whose paths mean nothing to the user). Empty: spec.model_dir and the dataset's path.
+  std::string reference_name;
+  std::string dataset_name;
   // A quantize job's: SHA-256 of the manifest finalization wrote (output.h CheckFinalizedOutput).
   // Empty for an evaluation job (spec.candidate_dir set), which writes nothing.
   std::string manifest_sha256;

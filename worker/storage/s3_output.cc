@@ -128,14 +128,8 @@ absl::StatusOr<std::string> UploadOutputFile(s3::S3Client& client, const std::st
                                              const std::string& sha256, uint64_t part_bytes) {
   absl::StatusOr<s3::S3Uri> u = Parse(uri);
   if (!u.ok()) return u.status();
-  absl::StatusOr<std::string> data = ReadLocal(absl::StrCat(local_dir, "/", name));
-  if (!data.ok()) return data.status();
-  if (!sha256.empty() && Sha256Hex(*data) != sha256) {
-    return absl::DataLossError(absl::StrCat(local_dir, "/", name,
-                                            ": SHA-256 differs from the recorded one; not "
-                                            "uploaded"));
-  }
-  return s3::UploadObject(client, u->bucket, Prefix(*u) + name, *data, part_bytes);
+  return s3::UploadFile(client, u->bucket, Prefix(*u) + name, absl::StrCat(local_dir, "/", name),
+                       sha256, part_bytes);
 }
 
 absl::Status FetchOutputFiles(s3::S3Client& client, const std::string& uri,

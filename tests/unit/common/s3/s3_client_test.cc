@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdio>
+#include <fstream>
 #include <random>
 
 #include "common/sha256.h"
@@ -131,6 +133,39 @@ TEST_F(S3ClientTest, MultipartUploadListAbort) {
   EXPECT_TRUE(open->empty());
   EXPECT_EQ(client_->Head("bkt", "out/open").status().code(), absl::StatusCode::kNotFound);
   EXPECT_FALSE(client_->UploadPart("bkt", "out/open", *id, 0, "x").ok());  // part number
+}
+
+TEST_F(S3ClientTest, UploadFileStreamsPartsAndChecksTheRecordedHash) {
+  const std::string data = RandomBytes((11 << 20) + 321, 5);
+  const std::string path = ::testing::TempDir() + "/upload-file.bin";
+  {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(data.data(), static_cast<std::streamsize>(data.size()));
+  }
+  absl::StatusOr<std::string> sha =
+      UploadFile(*client_, "bkt", "file/layer", path, Sha256Hex(data), 5 << 20, 2);
+  ASSERT_TRUE(sha.ok()) << sha.status();
+  EXPECT_EQ(*sha, Sha256Hex(data));
+  absl::StatusOr<std::string> back = client_->GetObject("bkt", "file/layer", 1 << 30);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(*back, data);
+  absl::StatusOr<ObjectInfo> info = client_->Head("bkt", "file/layer");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->metadata["sha256"], *sha);
+
+  // Below a part: one Put, hash computed when none is given.
+  sha = UploadFile(*client_, "bkt", "file/small", path, "", 64 << 20);
+  ASSERT_TRUE(sha.ok()) << sha.status();
+  EXPECT_EQ(*sha, Sha256Hex(data));
+
+  // A file whose content is not what was recorded is not uploaded.
+  sha = UploadFile(*client_, "bkt", "file/wrong", path, std::string(64, '0'), 5 << 20);
+  EXPECT_EQ(sha.status().code(), absl::StatusCode::kDataLoss) << sha.status();
+  EXPECT_THAT(std::string(sha.status().message()), HasSubstr(path));
+  EXPECT_EQ(client_->Head("bkt", "file/wrong").status().code(), absl::StatusCode::kNotFound);
+  sha = UploadFile(*client_, "bkt", "file/none", path + ".missing");
+  EXPECT_EQ(sha.status().code(), absl::StatusCode::kNotFound) << sha.status();
+  std::remove(path.c_str());
 }
 
 class S3FaultTest : public ::testing::Test {
