@@ -833,8 +833,10 @@ absl::StatusOr<std::string> UploadParts(S3Client& client, const std::string& buc
     std::string part;
     for (uint64_t i; !failed && (i = next.fetch_add(1)) < num_parts;) {
       const uint64_t begin = i * part_bytes;
-      absl::StatusOr<std::string> etag = read(begin, std::min(part_bytes, size - begin), &part);
-      if (etag.ok()) etag = client.UploadPart(bucket, key, *upload, static_cast<int>(i + 1), part);
+      absl::Status got = read(begin, std::min(part_bytes, size - begin), &part);
+      absl::StatusOr<std::string> etag =
+          got.ok() ? client.UploadPart(bucket, key, *upload, static_cast<int>(i + 1), part)
+                   : absl::StatusOr<std::string>(got);
       if (!etag.ok()) {
         results[i] = etag.status();
         failed = true;
