@@ -73,10 +73,40 @@ at::Tensor ApplyRopeInterleaved(const at::Tensor& x, const at::Tensor& cos, cons
   return at::cat({x1 * cos - x2 * sin, x2 * cos + x1 * sin}, -1);
 }
 
-// Eager attention: softmax(q·kᵀ·scale + causal mask) in fp32, cast back, times v.
-// q, k [b, nh, s, dq], v [b, nh, s, dv] -> [b, nh, s, dv]. Computed per batch row and chunk of
-// heads so that the score tensor stays below kMaxScoreElements.
+// Fused causal attention on CUDA (scaled_dot_product_attention: flash, memory-efficient or
+// cuDNN kernels, no materialized scores), one sequence of all heads per call. v is zero-padded to
+// q's head width when narrower (DeepSeek-V3: 192 vs 128), which flash kernels require and which
+// leaves the first dv output columns exact; the padding is sliced off. Returns an undefined
+// tensor when no fused kernel takes these shapes (the caller then runs the eager path, whose
+// memory the plan bounds).
+at::Tensor AttendFused(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       double scale) {
+  const int64_t dq = q.size(3), dv = v.size(3);
+  at::Tensor vp = dv < dq ? at::constant_pad_nd(v, {0, dq - dv}) : v;
+  constexpr int64_t kMath = 0;  // sdp::SDPBackend::math
+  const int64_t backend = at::_fused_sdp_choice(q.narrow(0, 0, 1), k.narrow(0, 0, 1),
+                                                vp.narrow(0, 0, 1), {}, 0.0, /*is_causal=*/true,
+                                                scale);
+  if (backend <= kMath) return at::Tensor();
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), dv}, q.options());
+  for (int64_t i = 0; i < q.size(0); ++i) {
+    at::Tensor o = at::scaled_dot_product_attention(q.narrow(0, i, 1), k.narrow(0, i, 1),
+                                                    vp.narrow(0, i, 1), {}, 0.0,
+                                                    /*is_causal=*/true, scale);
+    out.narrow(0, i, 1).copy_(o.narrow(-1, 0, dv));
+  }
+  return out;
+}
+
+// Attention: on CUDA the fused path above; otherwise (and when no fused kernel fits) eager:
+// softmax(q·kᵀ·scale + causal mask) in fp32, cast back, times v, as transformers' eager
+// attention computes it. q, k [b, nh, s, dq], v [b, nh, s, dv] -> [b, nh, s, dv]. The eager path
+// runs per batch row and chunk of heads so that the score tensor stays below kMaxScoreElements.
 at::Tensor Attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  if (q.is_cuda() && q.size(0) > 0 && q.size(2) > 0) {
+    at::Tensor fused = AttendFused(q, k, v, scale);
+    if (fused.defined()) return fused;
+  }
   const int64_t b = q.size(0), nh = q.size(1), s = q.size(2), dv = v.size(3);
   at::Tensor out = at::empty({b, nh, s, dv}, q.options());
   at::Tensor masked =
