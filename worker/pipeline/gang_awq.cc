@@ -108,7 +108,8 @@ class AwqSmoother {
       const std::vector<at::Tensor> rows = SubsetRows();
       for (size_t i = 0; i < r_.chunks_.size(); ++i) {
         if (rows[i].numel() == 0) continue;
-        at::Tensor hidden = r_.chunks_[i].hidden.index_select(0, rows[i]);
+        at::Tensor hidden =
+            r_.chunks_[i].hidden.index_select(0, rows[i].to(at::kCPU)).to(r_.o_.device);
         at::Tensor pos = r_.Positions(hidden.size(1)).unsqueeze(0);
         at::Tensor x = model::RmsNorm(hidden, w_.input_layernorm, r_.config_.rms_norm_eps);
         at::Tensor attn = model::RunAttention(w_, x, pos, capture);

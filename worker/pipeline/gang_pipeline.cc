@@ -96,7 +96,7 @@ absl::Status Runner::Embed() {
     chunk.ids = ids.to(o_.device);
     absl::StatusOr<at::Tensor> e = model::Embed(globals_, chunk.ids);
     if (!e.ok()) return e.status();
-    chunk.hidden = *std::move(e);
+    chunk.hidden = ToHost(*e);
     chunks_.push_back(std::move(chunk));
     i = j;
   }
@@ -108,14 +108,15 @@ absl::Status Runner::EnterLayer(int layer) {
   std::vector<at::Tensor> ids, hidden;
   for (const Chunk& c : chunks_) {
     ids.push_back(c.ids);
-    hidden.push_back(c.hidden);
+    hidden.push_back(c.hidden.to(o_.device));
   }
   absl::StatusOr<std::vector<at::Tensor>> in =
       quant::MtpInputs(reader_, config_, globals_, layer, ids, hidden);
   if (!in.ok()) return in.status();
+  hidden.clear();
   for (size_t i = 0; i < chunks_.size(); ++i) {
     // The MTP layer sees one token fewer; its ids keep the shifted-in positions for bookkeeping.
-    chunks_[i].hidden = (*in)[i];
+    chunks_[i].hidden = ToHost((*in)[i]);
     chunks_[i].ids = chunks_[i].ids.slice(1, 0, chunks_[i].ids.size(1) - 1);
   }
   in_mtp_ = true;
@@ -133,18 +134,22 @@ absl::StatusOr<MoeInput> Runner::Attention(const model::LayerWeights& w,
                                            const model::ForwardHooks& hooks) {
   return Guarded(absl::StrCat("layer ", w.layer, " attention"), [&]() -> absl::StatusOr<MoeInput> {
     MoeInput in;
-    std::vector<at::Tensor> us;
+    int64_t tokens = 0;
+    for (const Chunk& c : chunks_) tokens += c.hidden.size(0) * c.hidden.size(1);
+    in.u = at::empty({tokens, config_.hidden_size},
+                     at::TensorOptions().dtype(o_.dtype).device(o_.device));
+    int64_t row = 0;
     for (const Chunk& c : chunks_) {
       const int64_t b = c.hidden.size(0), s = c.hidden.size(1), hd = c.hidden.size(2);
-      at::Tensor x = model::RmsNorm(c.hidden, w.input_layernorm, config_.rms_norm_eps);
-      at::Tensor h = c.hidden + model::RunAttention(w, x, Positions(s).unsqueeze(0), hooks);
-      us.push_back(model::RmsNorm(h, w.post_attention_layernorm, config_.rms_norm_eps)
-                       .reshape({b * s, hd}));
-      in.residual.push_back(h);
+      at::Tensor hidden = c.hidden.to(o_.device);
+      at::Tensor x = model::RmsNorm(hidden, w.input_layernorm, config_.rms_norm_eps);
+      at::Tensor h = hidden + model::RunAttention(w, x, Positions(s).unsqueeze(0), hooks);
+      in.u.narrow(0, row, b * s)
+          .copy_(model::RmsNorm(h, w.post_attention_layernorm, config_.rms_norm_eps)
+                     .reshape({b * s, hd}));
+      in.residual.push_back(ToHost(h));
+      row += b * s;
     }
-    in.u = us.empty() ? at::empty({0, config_.hidden_size},
-                                  at::TensorOptions().dtype(o_.dtype).device(o_.device))
-                      : at::cat(us, 0);
     model::Routing r = model::RouteTokens(w, in.u, hooks);
     in.topk_indices = r.topk_indices.to(at::kCPU).contiguous();
     in.topk_weights = r.topk_weights.to(at::kCPU).contiguous();
@@ -313,14 +318,18 @@ absl::Status Runner::CombineInto(const Dispatch& d, const at::Tensor& expert_out
 
 std::vector<at::Tensor> Runner::FinishMoe(const model::LayerWeights& w, const MoeInput& in,
                                           at::Tensor out, const model::ForwardHooks& hooks) {
-  if (w.shared_experts.defined()) {
-    out = out + model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts, in.u, hooks);
-  }
+  // Chunk by chunk: the shared experts' output is added to the routed output's rows, then the
+  // residual (brought from the host), and the result goes back to the host.
   std::vector<at::Tensor> next;
   int64_t row = 0;
   for (const at::Tensor& h : in.residual) {
     const int64_t t = h.size(0) * h.size(1);
-    next.push_back(h + out.narrow(0, row, t).view(h.sizes()));
+    at::Tensor y = out.narrow(0, row, t);
+    if (w.shared_experts.defined()) {
+      y = y + model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts,
+                                in.u.narrow(0, row, t), hooks);
+    }
+    next.push_back(ToHost(h.to(o_.device) + y.view(h.sizes())));
     row += t;
   }
   return next;
@@ -335,9 +344,10 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeig
   if (!w.is_moe) {
     std::vector<at::Tensor> next;
     for (const Chunk& c : chunks_) {
-      absl::StatusOr<at::Tensor> y = model::RunLayer(w, c.hidden, Positions(c.hidden.size(1)), hooks);
+      absl::StatusOr<at::Tensor> y =
+          model::RunLayer(w, c.hidden.to(o_.device), Positions(c.hidden.size(1)), hooks);
       if (!y.ok()) return y.status();
-      next.push_back(*std::move(y));
+      next.push_back(ToHost(*y));
     }
     return next;
   }
@@ -503,7 +513,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   } else if (!rep_groups.empty() && !rtn) {
     for (const Chunk& c : chunks_) {
       absl::StatusOr<at::Tensor> y =
-          model::RunLayer(w, c.hidden, Positions(c.hidden.size(1)), collect);
+          model::RunLayer(w, c.hidden.to(o_.device), Positions(c.hidden.size(1)), collect);
       if (!y.ok()) return y.status();
     }
   }
@@ -757,9 +767,9 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     }
     result.plain.push_back(n);
   }
-  const Clock::time_point h = Clock::now();
-  result.hidden = HiddenStates();  // copied to the host: the next step replaces chunks_
-  st.write_seconds = Since(h);
+  // Already on the host and never changed in place (the next step replaces chunks_' tensors):
+  // the write thread reads them as they are.
+  result.hidden = HiddenStates();
   st.exchange_seconds = gang_.exchange_seconds() - exchange0;
   Progress(where + ": writing", 0.9);
   return result;
@@ -822,16 +832,25 @@ std::string Runner::CheckpointPath(int step) const {
   return o_.scratch_dir + buf;
 }
 
-std::vector<model::TensorData> Runner::HiddenStates() const {
-  std::vector<model::TensorData> tensors;
-  for (size_t i = 0; i < chunks_.size(); ++i) {
-    tensors.push_back(model::ToTensorData(absl::StrCat("chunk.", i), chunks_[i].hidden));
-  }
-  return tensors;
+at::Tensor Runner::ToHost(const at::Tensor& t) const {
+  if (!o_.device.is_cuda()) return t.to(at::kCPU);
+  at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+  host.copy_(t);
+  return host;
 }
 
-absl::Status Runner::SaveCheckpoint(int step, std::vector<model::TensorData> hidden) {
-  MQ_RETURN_IF_ERROR(WriteHiddenCheckpoint(CheckpointPath(step), std::move(hidden)));
+std::vector<at::Tensor> Runner::HiddenStates() const {
+  std::vector<at::Tensor> hidden;
+  for (const Chunk& c : chunks_) hidden.push_back(c.hidden);
+  return hidden;
+}
+
+absl::Status Runner::SaveCheckpoint(int step, const std::vector<at::Tensor>& hidden) {
+  std::vector<model::TensorData> chunks;
+  for (size_t i = 0; i < hidden.size(); ++i) {
+    chunks.push_back(model::ToTensorData(absl::StrCat("chunk.", i), hidden[i]));
+  }
+  MQ_RETURN_IF_ERROR(WriteHiddenCheckpoint(CheckpointPath(step), std::move(chunks)));
   if (step >= 1) ::unlink(CheckpointPath(step - 1).c_str());  // keep only the newest
   return absl::OkStatus();
 }
@@ -859,7 +878,7 @@ absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
     if (!t.ok() || t->sizes().vec() != expected) {
       return unusable(absl::StrCat("hidden-state checkpoint ", path, " has other shapes"));
     }
-    hidden.push_back(t->to(o_.device, o_.dtype));
+    hidden.push_back(ToHost(t->to(o_.dtype)));
   }
   for (size_t i = 0; i < chunks_.size(); ++i) chunks_[i].hidden = hidden[i];
   return true;

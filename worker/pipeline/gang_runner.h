@@ -74,14 +74,18 @@ auto Guarded(const std::string& what, Fn&& fn) -> decltype(fn()) {
 }
 
 
+// Memory: the hidden states of the rank's tokens (a step's input and output, and the residual
+// after attention) live in host memory, page-locked when the compute device is a GPU, and go to
+// the device one chunk at a time; the device holds only the MoE block's token-sized tensors (u
+// and the routed output). At 512 x 4096 calibration tokens one such tensor is ~30 GB.
 struct Chunk {
   at::Tensor ids;     // int64 [b, s] on the compute device
-  at::Tensor hidden;  // [b, s, H] compute dtype: this step's input
+  at::Tensor hidden;  // [b, s, H] compute dtype, on the host: this step's input
 };
 
 // Per-layer inputs of the MoE block for the rank's tokens.
 struct MoeInput {
-  std::vector<at::Tensor> residual;  // per chunk, h after attention [b, s, H]
+  std::vector<at::Tensor> residual;  // per chunk, h after attention [b, s, H], on the host
   at::Tensor u;                      // [T, H] normalised, every chunk's tokens concatenated
   at::Tensor topk_indices, topk_weights;  // [T, k] on the host (int64, fp32)
 };
@@ -117,7 +121,7 @@ struct StepWrite {
   // Solved tensors of this rank (packed), and the AWQ-folded unquantized tensors it writes.
   std::vector<model::TensorData> tensors;
   std::vector<std::string> plain;          // unquantized tensors of the layer this rank writes
-  std::vector<model::TensorData> hidden;   // the step's output hidden states, per chunk
+  std::vector<at::Tensor> hidden;          // the step's output hidden states, per chunk (host)
 };
 
 class AwqSmoother;
@@ -150,6 +154,8 @@ class Runner {
     int e = 0;
     return !IsRoutedExpert(name, &e) || OwnerOf(e) == gang_.rank();
   }
+  // `t` in host memory (page-locked when the device is a GPU); on a CPU device `t` itself.
+  at::Tensor ToHost(const at::Tensor& t) const;
   at::Tensor Positions(int64_t seq) const {
     return at::arange(seq, at::TensorOptions().dtype(at::kLong).device(o_.device));
   }
@@ -212,8 +218,8 @@ class Runner {
   absl::Status WriteStep(StepWrite w);
   absl::Status Replay(int step, int layer, const FileSetReader& committed);
   std::string CheckpointPath(int step) const;
-  std::vector<model::TensorData> HiddenStates() const;
-  absl::Status SaveCheckpoint(int step, std::vector<model::TensorData> hidden);
+  std::vector<at::Tensor> HiddenStates() const;
+  absl::Status SaveCheckpoint(int step, const std::vector<at::Tensor>& hidden);
   absl::StatusOr<bool> LoadCheckpoint(int step);
   // AWQ (gang_awq.cc): chooses the scales of layer `w`'s smoothing mappings on a subset of the
   // calibration sequences and folds them into `w` (its tensors replaced). The folded tensors
