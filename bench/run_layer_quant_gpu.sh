@@ -16,6 +16,8 @@
 #                 count; METHOD gptq (default), rtn, awq or awq-gptq)
 #   MQ_SUBMIT_ARGS  extra mq-client submit flags for every job, e.g. --awq-tokens 16384
 #   MQ_SEQLEN     tokens per calibration sequence (default 1024)
+#   MQ_SEQS       sequences in the calibration file (default 160; a job of S samples evaluates
+#                 on the 16 after its S, so S + 16 are needed for a held-out evaluation)
 #   MQ_EXPERTS    routed experts of the generated layer (default 256)
 #   MQ_LAYERS     MoE layers of the generated checkpoint (default 1; 11.75 GB each)
 #   MQ_WORKER_ARGS  extra mq-worker flags, e.g. --overlap-writes=false
@@ -94,14 +96,14 @@ else
   echo "model reused (same flags)" > "$LOG/gen-reuse.log"
 fi
 
-# Calibration: 160 sequences of SEQLEN random ids < 8192 (a job takes its first SAMPLES after
+# Calibration: MQ_SEQS sequences of SEQLEN random ids < 8192 (a job takes its first SAMPLES after
 # the deterministic shuffle; the evaluation, on by default, the next 16 of that order, so a job of
-# up to 144 samples is evaluated on held-out sequences).
-python3 - "$W/calibration.jsonl" "$SEQLEN" <<'EOF'
+# up to MQ_SEQS - 16 samples is evaluated on held-out sequences).
+python3 - "$W/calibration.jsonl" "$SEQLEN" "${MQ_SEQS:-160}" <<'EOF'
 import json, random, sys
 rng = random.Random(1234)
 with open(sys.argv[1], "w") as f:
-    for _ in range(160):
+    for _ in range(int(sys.argv[3])):
         f.write(json.dumps({"input_ids": [rng.randrange(8192) for _ in range(int(sys.argv[2]))]}) + "\n")
 EOF
 

@@ -284,6 +284,11 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   const int gang = request.gang_size;
   const int64_t attention_scores =
       SatMul({seq, seq, std::min<int64_t>(config.num_attention_heads, kAttentionHeadsPerChunk), 4});
+  const int64_t heads = config.num_attention_heads;
+  const int64_t attention_bytes_per_token =
+      2 * (2 * config.q_lora_rank + 4 * heads * config.q_head_dim() +
+           heads * (config.qk_nope_head_dim + config.v_head_dim) + 2 * heads * config.v_head_dim +
+           4 * h);
   ResourceEstimate& est = plan.estimate;
   // Dispatch rounds of the MoE block (the pipeline counts the real tokens, at most this many).
   const int64_t samples = std::max<int64_t>(1, request.num_calibration_samples);
@@ -299,10 +304,13 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     rp.num_sequences = ShareOf(request.num_calibration_samples, gang, rank);
     const int64_t tokens = SatMul(rp.num_sequences, seq);
     const int64_t hidden_states = SatMul({tokens, h, 2, 2});
+    const int64_t token_tensor = SatMul({tokens, h, 2});
     const int64_t experts = any_moe ? rp.num_experts : 0;
     const int64_t expert_weights = SatMul({experts, 3, moe, h, 2});
-    const int64_t activations =
-        SatAdd(SatMul({tokens, h, 2, kHiddenCopiesOnDevice}), attention_scores);
+    const int64_t chunk_tokens = std::min(tokens, std::max(seq, kForwardBatchTokens));
+    const int64_t attention = SatAdd({SatMul(chunk_tokens, attention_bytes_per_token),
+                                      attention_scores,
+                                      SatMul({tokens, config.n_routed_experts, 4, 4})});
     // Routed rows of the MoE block.
     int64_t dispatch = 0;
     if (experts > 0) {
@@ -323,9 +331,14 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     const int64_t solve =
         SatAdd({SatMul({pass, square, 4, 2}), std::min(int64_t{4} << 30, SatMul({pass, square, 8})),
                 SatMul({2, pass, moe, h, 18}), non_expert_hessian_bytes});
+    const int64_t hessians = SatMul({pass, square, 4});
+    const int64_t phase = std::max(
+        {attention, SatAdd(dispatch, hessians),
+         SatAdd(solve, rounds == 1 ? dispatch : 0),  // one round's dispatch is kept throughout
+         SatAdd(SatMul(token_tensor, kHiddenCopiesOnDevice - 1), dispatch)});
     rp.gpu_bytes = SatAdd(
-        {replicated_bytes, expert_weights, activations, dispatch, solve, kDeviceOverheadBytes});
-    rp.host_bytes = SatAdd(hidden_states, staging_bytes);
+        {replicated_bytes, expert_weights, token_tensor, phase, kDeviceOverheadBytes});
+    rp.host_bytes = SatAdd(SatMul(token_tensor, kHiddenCopiesOnHost), staging_bytes);
     est.gpu_bytes_per_rank = std::max(est.gpu_bytes_per_rank, rp.gpu_bytes);
     est.host_bytes_per_rank = std::max(est.host_bytes_per_rank, rp.host_bytes);
     est.scratch_bytes_per_rank = std::max(est.scratch_bytes_per_rank, hidden_states);

@@ -98,15 +98,19 @@ struct JobPlan {
   ResourceEstimate estimate;
 };
 
-// Attention scores are materialized for this many heads at a time.
+// Attention scores are materialized for this many heads at a time (the eager path: CPU, or a GPU
+// without a fused kernel for the shapes).
 inline constexpr int64_t kAttentionHeadsPerChunk = 16;
-// Token-sized bf16 tensors of hidden width a rank holds on its device at its peak (the attention
-// pass keeps every token's input, residual and normalized MoE input, the latter twice while the
-// chunks are concatenated, and the MoE block adds its output), rounded up: fitted to the peaks
-// nvidia-smi showed for full-width layers on an H200 (bench/RESULTS.md 2026-12-05: 78.6 GiB at
-// 64 x 4096 tokens, 99.8 at 128 x 4096, 111.6 with two layers at 160 x 4096), which this puts
-// 4-7% under the estimate; two (the hidden states in and out) had estimates 21-31% under.
-inline constexpr int64_t kHiddenCopiesOnDevice = 7;
+// Tokens per forward call of the pipeline (GangPipelineOptions::max_batch_tokens): the per-chunk
+// temporaries scale with it, not with the calibration set.
+inline constexpr int64_t kForwardBatchTokens = 16384;
+// Token-sized bf16 tensors of hidden width a rank holds on its device at its peak: the MoE block's
+// normalized input u and its routed output (the hidden states and the residual stay in host
+// memory, gang_runner.h).
+inline constexpr int64_t kHiddenCopiesOnDevice = 2;
+// Token-sized bf16 tensors of hidden width in host memory: a step's input (also read by the write
+// thread for its checkpoint), the residual after attention, and the step's output.
+inline constexpr int64_t kHiddenCopiesOnHost = 3;
 // The CUDA context, library workspaces and the caching allocator's slack (same fit).
 inline constexpr int64_t kDeviceOverheadBytes = int64_t{5} << 29;  // 2.5 GiB
 
@@ -143,8 +147,13 @@ inline constexpr double kWriteBytesPerSecond = 0.5e9;    // layer file + hidden-
 // Over the planned layers, with H = hidden, I_e = moe_intermediate_size, S = max_sequence_length:
 //   replicated = max over layers of 2 * elements of the layer's tensors other than routed experts
 //   experts(r) = num_experts(r) * 3 * I_e * H * 2                   (bf16, 0 without MoE layers)
-//   activations(r) = tokens(r) * H * 2 * kHiddenCopiesOnDevice (bf16 token-sized tensors)
-//                    + S^2 * min(heads, kAttentionHeadsPerChunk) * 4 (fp32 scores, 1 sequence)
+//   T(r) = tokens(r) * H * 2 (one bf16 token-sized tensor)
+//   chunk(r) = min(tokens(r), max(S, kForwardBatchTokens)) tokens per forward call, whose
+//              attention temporaries are chunk(r) * attention_bytes, attention_bytes =
+//              2 * (2 * q_lora_rank + 4 * heads * (qk_nope + qk_rope) + heads * (qk_nope + v)
+//                   + 2 * heads * v + 4 * H)      (q, query, key, padded value, kv, output)
+//              + S^2 * min(heads, kAttentionHeadsPerChunk) * 4 (fp32 scores of the eager path)
+//   routing(r) = tokens(r) * n_routed_experts * 4 * 4   (fp32 router scores and their copies)
 //   dispatch(r) = routed rows held during one dispatch round of the MoE block (0 without MoE
 //                 layers), bf16, with k = num_experts_per_tok,
 //                 rounds = dispatch_tokens > 0 ? clamp(ceil(samples * S / dispatch_tokens),
@@ -162,9 +171,14 @@ inline constexpr double kWriteBytesPerSecond = 0.5e9;    // layer file + hidden-
 //                                                  transposed copy, original copy, codes, grids)
 //              + with all_linear: max over layers of the sum, over distinct input_id of the
 //                quantized non-expert linears, of in_dim^2 * 4
-//   gpu(r) = replicated + experts(r) + activations(r) + dispatch(r) + solve(r)
-//            + kDeviceOverheadBytes (context, workspaces, allocator slack)
-//   host(r) = tokens(r) * H * 2 * 2 + max over layers of input_bytes (pinned staging)
+//   The step's phases hold, besides the weights, u (one T) and:
+//     attention:   attention temporaries of one chunk + routing(r)
+//     experts:     dispatch(r) + the pass's fp32 Hessian accumulators P * (H^2 + I_e^2) * 4
+//     solve:       solve(r) (+ dispatch(r) with one round: its rows are kept for propagation)
+//     propagation: the routed output (T(r) * (kHiddenCopiesOnDevice - 1)) + dispatch(r)
+//   gpu(r) = replicated + experts(r) + T(r) + max over the phases + kDeviceOverheadBytes
+//            (context, workspaces, allocator slack)
+//   host(r) = T(r) * kHiddenCopiesOnHost + max over layers of input_bytes (pinned staging)
 //   scratch(r) = tokens(r) * H * 2 * 2 (two bf16 hidden-state checkpoints)
 // estimate: gpu/host/scratch = max over ranks; output_bytes = model-level tensors (embeddings,
 // model.norm, lm_head) + sum of layer output_bytes; calibration_tokens = samples * S;

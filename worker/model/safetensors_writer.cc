@@ -199,9 +199,9 @@ absl::Status CheckTensor(const TensorData& t, size_t index) {
         "tensor \"", t.name, "\": shape ", ShapeString(t.shape), " of ",
         std::string(DTypeName(t.dtype)), " is ", bits, " bits, not a whole number of bytes"));
   }
-  if (t.bytes.size() != bits / 8) {
+  if (t.size() != bits / 8) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "tensor \"", t.name, "\": data is ", t.bytes.size(), " bytes but shape ",
+        "tensor \"", t.name, "\": data is ", t.size(), " bytes but shape ",
         ShapeString(t.shape), " of ", std::string(DTypeName(t.dtype)), " needs ", bits / 8));
   }
   return absl::OkStatus();
@@ -300,7 +300,7 @@ absl::Status WriteSafetensorsObserved(const std::string& path, std::vector<Tenso
   }
   uint64_t offset = 0;
   for (const TensorData& t : tensors) {
-    const uint64_t size = t.bytes.size();
+    const uint64_t size = t.size();
     if (!first) header.push_back(',');
     first = false;
     AppendSerdeString(t.name, &header);
@@ -327,14 +327,14 @@ absl::Status WriteSafetensorsObserved(const std::string& path, std::vector<Tenso
     observer = std::thread([&] {
       observe(length_le, sizeof(length_le));
       observe(header.data(), header.size());
-      for (const TensorData& t : tensors) observe(t.bytes.data(), t.bytes.size());
+      for (const TensorData& t : tensors) observe(t.data(), t.size());
     });
   }
   absl::Status status = CommitAtomic(path, [&](int fd, const std::string& tmp) -> absl::Status {
     if (absl::Status s = WriteAll(fd, length_le, sizeof(length_le), tmp); !s.ok()) return s;
     if (absl::Status s = WriteAll(fd, header.data(), header.size(), tmp); !s.ok()) return s;
     for (const TensorData& t : tensors) {
-      if (absl::Status s = WriteAll(fd, t.bytes.data(), t.bytes.size(), tmp); !s.ok()) return s;
+      if (absl::Status s = WriteAll(fd, t.data(), t.size(), tmp); !s.ok()) return s;
     }
     return absl::OkStatus();
   });

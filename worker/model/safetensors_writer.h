@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -33,6 +34,14 @@ struct TensorData {
   DType dtype = DType::kF32;
   std::vector<int64_t> shape;  // {} = scalar (1 element); a 0 dimension = empty tensor
   std::vector<uint8_t> bytes;  // size must be prod(shape) * DTypeBits(dtype) / 8
+  // Instead of `bytes`: `view_size` bytes at `view`, owned elsewhere and kept alive by `owner`
+  // (e.g. a host tensor written without a copy).
+  const uint8_t* view = nullptr;
+  uint64_t view_size = 0;
+  std::shared_ptr<const void> owner;
+
+  const uint8_t* data() const { return view ? view : bytes.data(); }
+  uint64_t size() const { return view ? view_size : bytes.size(); }
 };
 
 // Writes a safetensors file at `path`. `metadata` becomes the `__metadata__` object (keys in

@@ -1,6 +1,7 @@
 #include "worker/model/tensor_io.h"
 
 #include <cstring>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 
@@ -30,6 +31,28 @@ TensorData ToTensorData(const std::string& name, const at::Tensor& t) {
   d.shape.assign(c.sizes().begin(), c.sizes().end());
   d.bytes.resize(c.nbytes());
   std::memcpy(d.bytes.data(), c.data_ptr(), c.nbytes());
+  return d;
+}
+
+TensorData ToTensorDataView(const std::string& name, const at::Tensor& t) {
+  DType dtype;
+  switch (t.scalar_type()) {
+    case at::kChar: dtype = DType::kI8; break;
+    case at::kInt: dtype = DType::kI32; break;
+    case at::kLong: dtype = DType::kI64; break;
+    case at::kBFloat16: dtype = DType::kBF16; break;
+    case at::kFloat: dtype = DType::kF32; break;
+    default: return ToTensorData(name, t);
+  }
+  if (!t.device().is_cpu() || !t.is_contiguous()) return ToTensorData(name, t);
+  TensorData d;
+  d.name = name;
+  d.dtype = dtype;
+  d.shape.assign(t.sizes().begin(), t.sizes().end());
+  auto owner = std::make_shared<at::Tensor>(t);
+  d.view = static_cast<const uint8_t*>(owner->data_ptr());
+  d.view_size = owner->nbytes();
+  d.owner = std::move(owner);
   return d;
 }
 

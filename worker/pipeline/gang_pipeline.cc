@@ -505,7 +505,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     st.expert_passes = plan_.passes;
     absl::Status s = Guarded(where + " shared experts", [&]() -> absl::Status {
       if (w.shared_experts.defined() && !rtn) {
-        model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts, moe_in.u, collect);
+        RunRowBlocks(w.prefix + "mlp.shared_experts.", w.shared_experts, moe_in.u, collect);
       }
       return absl::OkStatus();
     });
@@ -640,8 +640,8 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
       if (o_.rare_expert_rtn || moe_in.u.size(0) == 0) return absl::OkStatus();
       for (int e : rare_experts) {
         if (e < p0 || e >= p1) continue;
-        model::RunMlpRows(absl::StrCat(w.prefix, "mlp.experts.", e, "."), w.experts[e],
-                          moe_in.u, collect);
+        RunRowBlocks(absl::StrCat(w.prefix, "mlp.experts.", e, "."), w.experts[e], moe_in.u,
+                     collect);
       }
       return absl::OkStatus();
     });
@@ -832,6 +832,14 @@ std::string Runner::CheckpointPath(int step) const {
   return o_.scratch_dir + buf;
 }
 
+void Runner::RunRowBlocks(const std::string& prefix, const model::MlpWeights& mlp,
+                          const at::Tensor& rows, const model::ForwardHooks& hooks) const {
+  const int64_t block = std::max<int64_t>(1, o_.max_batch_tokens);
+  for (int64_t r = 0; r < rows.size(0); r += block) {
+    model::RunMlpRows(prefix, mlp, rows.narrow(0, r, std::min(block, rows.size(0) - r)), hooks);
+  }
+}
+
 at::Tensor Runner::ToHost(const at::Tensor& t) const {
   if (!o_.device.is_cuda()) return t.to(at::kCPU);
   at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
@@ -848,7 +856,7 @@ std::vector<at::Tensor> Runner::HiddenStates() const {
 absl::Status Runner::SaveCheckpoint(int step, const std::vector<at::Tensor>& hidden) {
   std::vector<model::TensorData> chunks;
   for (size_t i = 0; i < hidden.size(); ++i) {
-    chunks.push_back(model::ToTensorData(absl::StrCat("chunk.", i), hidden[i]));
+    chunks.push_back(model::ToTensorDataView(absl::StrCat("chunk.", i), hidden[i]));
   }
   MQ_RETURN_IF_ERROR(WriteHiddenCheckpoint(CheckpointPath(step), std::move(chunks)));
   if (step >= 1) ::unlink(CheckpointPath(step - 1).c_str());  // keep only the newest

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "worker/model/plan.h"
 #include "worker/pipeline/gang.h"
 #include "worker/pipeline/output.h"
 #include "worker/pipeline/types.h"
@@ -71,7 +72,10 @@ struct GangPipelineOptions {
   bool rare_expert_rtn = false;
   at::Device device = at::kCPU;
   at::ScalarType dtype = at::kFloat;  // compute dtype: kFloat or kBFloat16
-  int64_t max_batch_tokens = 65536;   // tokens per forward call (sequences of equal length batch)
+  // Tokens per forward call (sequences of equal length batch; a longer sequence is one call). It
+  // bounds the device's per-chunk temporaries (the attention's projections: ~390 KB per token for
+  // DeepSeek-V3, i.e. ~6 GB at this default).
+  int64_t max_batch_tokens = model::kForwardBatchTokens;
   // Own experts whose Hessians are held (and solved in one batch) at once; 0 = all of them.
   int64_t max_experts_per_pass = 0;
   // Calibration tokens, over the whole gang, whose routed rows an MoE block dispatches at once

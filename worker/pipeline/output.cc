@@ -337,7 +337,7 @@ absl::Status WriteHiddenCheckpoint(const std::string& path, std::vector<model::T
                                                      i, " is \"", chunks[i].name,
                                                      "\"; must be chunk.", i));
     }
-    HashChunk(h, chunks[i].bytes.data(), chunks[i].bytes.size());
+    HashChunk(h, chunks[i].data(), chunks[i].size());
   }
   return model::WriteSafetensors(path, std::move(chunks),
                                  {{"format", "pt"}, {kCheckpointDigestKey, h.HexDigest()}});

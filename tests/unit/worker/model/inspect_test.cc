@@ -611,23 +611,30 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   const int64_t scores = 16 * 16 * 4 * 4;  // S^2 * min(heads = 4, 16) * 4
   // Routed rows (gang of 3, top-2 of 4 experts, 8 x 16 tokens in all): sent tokens * 2, received
   // ceil(8 * 16 * 2 * experts / 4) and as many expert outputs; one pass solves every expert.
-  auto gpu = [&](int64_t experts, int64_t sequences) {
+  // Attention temporaries per token: 2 * (2 * q_lora 96 + 4 * heads 4 * 48 + 4 * (32 + 32)
+  // + 2 * 4 * 32 + 4 * H 200) = 4,544 bytes; router scores 4 experts * 4 * 4.
+  auto gpu = [&](int64_t experts, int64_t sequences, int64_t dispatch, bool one_round) {
     const int64_t tokens = sequences * 16;
+    const int64_t t = tokens * 200 * 2;
     const int64_t square = 200 * 200 + 64 * 64;
-    const int64_t dispatch = (tokens * 2 + 2 * (64 * experts)) * 200 * 2;
     const int64_t solve = experts * square * 4 * 2 + experts * square * 8 +
                           2 * experts * 64 * 200 * 18;
-    return replicated + experts * 3 * 64 * 200 * 2 + tokens * 200 * 2 * kHiddenCopiesOnDevice +
-           scores + dispatch + solve + kDeviceOverheadBytes;
+    const int64_t phase =
+        std::max({tokens * 4544 + scores + tokens * 4 * 4 * 4, dispatch + experts * square * 4,
+                  solve + (one_round ? dispatch : 0), t * (kHiddenCopiesOnDevice - 1) + dispatch});
+    return replicated + experts * 3 * 64 * 200 * 2 + t + phase + kDeviceOverheadBytes;
   };
-  EXPECT_EQ(report.ranks[0].gpu_bytes, gpu(2, 3));
-  EXPECT_EQ(report.ranks[1].gpu_bytes, gpu(1, 3));
-  EXPECT_EQ(report.ranks[2].gpu_bytes, gpu(1, 2));
+  auto one_round = [](int64_t experts, int64_t sequences) {
+    return (sequences * 16 * 2 + 2 * (64 * experts)) * 200 * 2;
+  };
+  EXPECT_EQ(report.ranks[0].gpu_bytes, gpu(2, 3, one_round(2, 3), true));
+  EXPECT_EQ(report.ranks[1].gpu_bytes, gpu(1, 3, one_round(1, 3), true));
+  EXPECT_EQ(report.ranks[2].gpu_bytes, gpu(1, 2, one_round(1, 2), true));
   const int64_t staging = report.layers[2].input_bytes;
-  EXPECT_EQ(report.ranks[0].host_bytes, 48 * 200 * 4 + staging);
-  EXPECT_EQ(report.ranks[2].host_bytes, 32 * 200 * 4 + staging);
-  EXPECT_EQ(report.estimate.gpu_bytes_per_rank, gpu(2, 3));
-  EXPECT_EQ(report.estimate.host_bytes_per_rank, 48 * 200 * 4 + staging);
+  EXPECT_EQ(report.ranks[0].host_bytes, 48 * 200 * 2 * kHiddenCopiesOnHost + staging);
+  EXPECT_EQ(report.ranks[2].host_bytes, 32 * 200 * 2 * kHiddenCopiesOnHost + staging);
+  EXPECT_EQ(report.estimate.gpu_bytes_per_rank, gpu(2, 3, one_round(2, 3), true));
+  EXPECT_EQ(report.estimate.host_bytes_per_rank, 48 * 200 * 2 * kHiddenCopiesOnHost + staging);
   EXPECT_EQ(report.estimate.scratch_bytes_per_rank, 48 * 200 * 4);
   EXPECT_EQ(report.estimate.calibration_tokens, 128);
   EXPECT_DOUBLE_EQ(report.estimate.tokens_per_expert, 128.0 * 2 / 4);
@@ -639,13 +646,11 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   request.dispatch_tokens = 40;
   const InspectReport rounds = InspectCheckpoint(request);
   EXPECT_EQ(rounds.estimate.dispatch_rounds, 4);
-  const int64_t unrounded_dispatch = (3 * 16 * 2 + 2 * 64 * 2) * 200 * 2;
-  EXPECT_EQ(rounds.ranks.at(0).gpu_bytes,
-            gpu(2, 3) - unrounded_dispatch + (1 * 16 * 2 + 2 * 32) * 200 * 2);
+  EXPECT_EQ(rounds.ranks.at(0).gpu_bytes, gpu(2, 3, (1 * 16 * 2 + 2 * 32) * 200 * 2, false));
   // More rounds than sequences are not possible: one sequence per round at most.
   request.dispatch_tokens = 1;
   EXPECT_EQ(InspectCheckpoint(request).ranks.at(0).gpu_bytes,
-            gpu(2, 3) - unrounded_dispatch + (1 * 16 * 2 + 2 * 16) * 200 * 2);
+            gpu(2, 3, (1 * 16 * 2 + 2 * 16) * 200 * 2, false));
 }
 
 TEST(InspectTest, AllLinearPlanCountsAndHessians) {
@@ -670,10 +675,11 @@ TEST(InspectTest, AllLinearPlanCountsAndHessians) {
   const int64_t tokens = 8 * 16;
   // A gang of one keeps its routed rows (tokens * top-2) and their outputs; one pass of 4 experts.
   const int64_t square = 200 * 200 + 64 * 64;
+  // The solve is the largest phase (the one round's rows are kept through it).
   EXPECT_EQ(report.ranks.at(0).gpu_bytes,
-            replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 2 * kHiddenCopiesOnDevice +
-                16 * 16 * 4 * 4 + 2 * (tokens * 2) * 200 * 2 + 4 * square * 4 * 2 +
-                4 * square * 8 + 2 * 4 * 64 * 200 * 18 + layer0_h + kDeviceOverheadBytes);
+            replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 2 + 2 * (tokens * 2) * 200 * 2 +
+                4 * square * 4 * 2 + 4 * square * 8 + 2 * 4 * 64 * 200 * 18 + layer0_h +
+                kDeviceOverheadBytes);
   // Passes of 3 experts bound the solve's working set.
   request.experts_per_pass = 3;
   EXPECT_EQ(InspectCheckpoint(request).ranks.at(0).gpu_bytes,
@@ -876,9 +882,17 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(plan.ranks[7].num_experts, 32);
   EXPECT_EQ(plan.ranks[7].num_sequences, 64);
   EXPECT_EQ(plan.estimate.output_bytes, 371407749120);
-  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 35258269696 + 262144LL * 7168 * 2 * 5 +
-                                                 kDeviceOverheadBytes);
-  EXPECT_EQ(plan.estimate.host_bytes_per_rank, 19028140256);
+  // Rank 7: dense layer 0's replicated tensors (the largest), 32 experts, u of 262144 tokens,
+  // and the solve of a pass of 16 experts (the largest phase with 32 dispatch rounds).
+  const int64_t replicated = 2 * 583483392LL;
+  const int64_t experts = 32LL * 3 * 2048 * 7168 * 2;
+  const int64_t u = 262144LL * 7168 * 2;
+  const int64_t square = 7168LL * 7168 + 2048 * 2048;
+  const int64_t solve =
+      16 * square * 8 + (int64_t{4} << 30) + 2LL * 16 * 2048 * 7168 * 18;  // passes of 16
+  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank,
+            replicated + experts + u + solve + kDeviceOverheadBytes);
+  EXPECT_EQ(plan.estimate.host_bytes_per_rank, u * kHiddenCopiesOnHost + 11511947488);
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
@@ -891,8 +905,11 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_LT(plan.estimate.total_seconds, 61 * 20.0);
   EXPECT_NEAR(plan.estimate.seconds_per_layer * 61, plan.estimate.total_seconds, 1e-6);
   request.dispatch_tokens = 0;
+  // One round: rank 7 sends 262144 * 8 rows and receives twice 512 * 4096 * 8 * 32 / 256 (rows and
+  // outputs), all kept through the solve.
+  const int64_t dispatch = (262144LL * 8 + 2 * 2097152LL) * 7168 * 2;
   EXPECT_EQ(PlanJob(c, request, stored).estimate.gpu_bytes_per_rank,
-            122634010624 + 262144LL * 7168 * 2 * 5 + kDeviceOverheadBytes);
+            replicated + experts + u + solve + dispatch + kDeviceOverheadBytes);
   EXPECT_EQ(PlanJob(c, request, stored).estimate.dispatch_rounds, 1);
 }
 

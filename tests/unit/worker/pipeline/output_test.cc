@@ -3,6 +3,8 @@
 // hidden-state checkpoints.
 #include "worker/pipeline/output.h"
 
+#include <ATen/ATen.h>
+
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -11,6 +13,8 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+
+#include "worker/model/tensor_io.h"
 
 namespace mq::pipeline {
 namespace {
@@ -271,6 +275,38 @@ TEST(OutputTest, HiddenCheckpointWithDamagedBytesIsRefused) {
   // Chunks must be named in order.
   std::swap(chunks[0].name, chunks[1].name);
   EXPECT_EQ(WriteHiddenCheckpoint(path, chunks).code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(OutputTest, HiddenCheckpointFromTensorViewsEqualsOneFromCopies) {
+  const std::string dir = TempDir();
+  std::vector<at::Tensor> hidden = {at::randn({2, 5, 64}).to(at::kBFloat16),
+                                    at::randn({1, 7, 64}).to(at::kBFloat16)};
+  std::vector<model::TensorData> copies, views;
+  for (size_t i = 0; i < hidden.size(); ++i) {
+    copies.push_back(model::ToTensorData("chunk." + std::to_string(i), hidden[i]));
+    views.push_back(model::ToTensorDataView("chunk." + std::to_string(i), hidden[i]));
+    EXPECT_EQ(views.back().data(), hidden[i].data_ptr());  // no copy
+    EXPECT_TRUE(views.back().bytes.empty());
+  }
+  // A non-contiguous tensor is copied.
+  model::TensorData strided = model::ToTensorDataView("t", hidden[0].transpose(1, 2));
+  EXPECT_EQ(strided.size(), hidden[0].nbytes());
+  EXPECT_EQ(strided.view, nullptr);
+  ASSERT_TRUE(WriteHiddenCheckpoint(dir + "/a.safetensors", std::move(copies)).ok());
+  ASSERT_TRUE(WriteHiddenCheckpoint(dir + "/b.safetensors", std::move(views)).ok());
+  auto read = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  };
+  EXPECT_EQ(read(dir + "/a.safetensors"), read(dir + "/b.safetensors"));
+  absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> f =
+      OpenHiddenCheckpoint(dir + "/b.safetensors", 2);
+  ASSERT_TRUE(f.ok()) << f.status();
+  absl::StatusOr<at::Tensor> back = model::FromTensorView(*(*f)->Get("chunk.1"));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(at::equal(*back, hidden[1]));
 }
 
 TEST(OutputTest, RemoveHiddenCheckpointsKeepsOtherFiles) {
