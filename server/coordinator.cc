@@ -1503,6 +1503,10 @@ absl::StatusOr<mq::v1::CompleteAssignmentResponse> Coordinator::CompleteAssignme
     const std::string give_up = request.corrupt_files_size() > 0
                                     ? UncommitCorruptFiles(job, batch, request, &uncommitted)
                                     : std::string();
+    if (a.kind() == mq::v1::ASSIGNMENT_KIND_EVALUATE && request.corrupt_files_size() > 0) {
+      job.clear_manifest_sha256();  // a finalized file changed: finalize (and evaluate) again
+      job.clear_quality();
+    }
     if (!give_up.empty()) {
       SetJobState(job, batch, mq::v1::JOB_STATE_FAILED, give_up);
       PutJob(batch, job);

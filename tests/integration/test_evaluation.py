@@ -6,7 +6,8 @@ numbers equal an independent transformers computation on the same tokens (1e-3 r
 definitions of tests/interop/test_eval.py), GPTQ is closer to the original than RTN, a broken
 checkpoint fails a --max-kl gate with the measured value in the reason while a good one passes,
 SIGKILL of the coordinator or the worker during EVALUATING ends with the same quality.json and
-no layer quantized again, and bad settings get clear errors."""
+no layer quantized again, a file changed after finalization is recomputed instead of measured,
+and bad settings get clear errors."""
 import importlib.util
 import json
 import os
@@ -184,6 +185,45 @@ def test_kill_during_evaluating_keeps_quantization_and_quality(cluster, tmp_path
     for q in (a, b):
         assert "held-out sequences" in q["source"] and "calibration used 0..127" in q["source"]
     assert a == b
+
+
+def test_file_changed_after_finalization_is_recomputed_not_measured(cluster, tmp_path):
+    """A layer file whose byte flips between finalization and evaluation is not measured as it
+    is: the evaluation verifies every file against the manifest first, the coordinator
+    uncommits that layer, quantizes it again, finalizes and evaluates again; the job succeeds
+    with an output that verifies and the same quality.json as an undisturbed job."""
+    cluster.start_coordinator()
+    # The delay holds the evaluation before its verification (its first progress report).
+    cluster.start_worker("w0", env={"MQ_FAULT_EVAL_LAYER_DELAY_MS": "3000"})
+    outs = {}
+    for case in ("clean", "flipped"):
+        out = tmp_path / case
+        res = cluster.client("submit", "--model", DATA, "--output", out, "--dataset",
+                             DATA / "calibration.jsonl", "--num-calibration-samples", 128,
+                             "--max-sequence-length", 128, "--seed", 1, "--method", "rtn",
+                             "--eval-samples", 8)
+        assert res.returncode == 0, res.stderr
+        job = res.stdout.split()[0]
+        if case == "flipped":
+            cluster.wait_job(job, "JOB_STATE_EVALUATING", timeout=600)
+            victim = sorted(out.glob("model-layer00001-*.safetensors"))[0]
+            data = bytearray(victim.read_bytes())
+            data[len(data) // 2] ^= 0x40
+            victim.write_bytes(bytes(data))
+        cluster.wait_job(job, {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"}, timeout=600)
+        status = cluster.client_json("status", job)
+        assert status["job"]["state"] == "JOB_STATE_SUCCEEDED", json.dumps(status)[:3000]
+        ph = phases(cluster, job)
+        if case == "flipped":
+            corrupt = [e["message"] for e in status["events"] if e["kind"] == "file_corrupt"]
+            assert len(corrupt) == 1 and victim.name in corrupt[0], status["events"]
+            assert ph.count("quantize") == 2 and ph.count("finalize") == 2, ph
+            assert ph.count("evaluate") == 2, ph
+        else:
+            assert ph.count("evaluate") == 1, ph
+        check_output_dir(out)
+        outs[case] = (quality(out), {p.name: p.read_bytes() for p in out.glob("model-layer*")})
+    assert outs["clean"] == outs["flipped"]
 
 
 def test_not_measured_eval_off_and_bad_settings(cluster, tmp_path):

@@ -86,6 +86,10 @@ absl::StatusOr<EvaluateAssignmentResult> RunEvaluateAssignment(const EvaluateAss
         !s.ok()) {
       return s;
     }
+    // A file changed since finalization would be measured as it is now: every file is checked
+    // against the manifest first (DATA_LOSS names them; the coordinator recomputes their layers).
+    if (in.on_progress) in.on_progress("evaluating: verifying the output's files", 0);
+    if (absl::Status s = VerifyFinalizedFiles(spec.output_dir); !s.ok()) return s;
   }
   absl::StatusOr<model::DeepseekV3Config> config =
       model::LoadDeepseekV3Config(spec.model_dir + "/config.json");

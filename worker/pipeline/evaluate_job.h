@@ -57,7 +57,8 @@ struct EvaluateAssignmentResult {
 };
 
 // Runs the evaluation. FailedPrecondition / DATA_LOSS when the output is not this job's
-// finalized output (CheckFinalizedOutput); InvalidArgument for a dataset or candidate that does
+// finalized output (CheckFinalizedOutput) or a file it lists differs from its manifest entry
+// (VerifyFinalizedFiles: DATA_LOSS naming the files, CorruptFilesOf); InvalidArgument for a dataset or candidate that does
 // not fit (naming it); CANCELLED when `cancelled` returned true; the engine's errors otherwise.
 // No sequence left to evaluate on is not an error: not_measured says why (and for a quantize job
 // quality.json says so too).

@@ -624,6 +624,15 @@ absl::Status CheckFinalizedOutput(const std::string& output_dir, const std::stri
   return absl::OkStatus();
 }
 
+absl::Status VerifyFinalizedFiles(const std::string& output_dir) {
+  absl::StatusOr<std::map<std::string, OutputFileInfo>> listed = ReadManifest(output_dir);
+  if (!listed.ok()) return listed.status();
+  listed->erase(kQualityFileName);
+  std::vector<OutputFileInfo> files;
+  for (const auto& [name, info] : *listed) files.push_back(info);
+  return VerifyFiles(output_dir, files);
+}
+
 absl::StatusOr<FinalizeOutput> AddToManifest(const std::string& output_dir,
                                              const std::string& job_id,
                                              const std::string& manifest_sha256,

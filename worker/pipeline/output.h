@@ -176,6 +176,10 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
 absl::Status CheckFinalizedOutput(const std::string& output_dir, const std::string& job_id,
                                   const std::string& manifest_sha256);
 
+// Re-hashes every file manifest.json lists but quality.json: OK, or DATA_LOSS naming every
+// missing or different file (CorruptFilesOf lists them), as VerifyFiles. Reads the whole output.
+absl::Status VerifyFinalizedFiles(const std::string& output_dir);
+
 // Writes `name` (e.g. quality.json) into job `job_id`'s finished output with `content` (temp
 // file, fsync, rename) and rewrites manifest.json listing it (replacing an earlier entry of that
 // name), under the marker's lock (UNAVAILABLE while a finalization or another addition holds
