@@ -221,7 +221,8 @@ def test_forced_checkpoint_cadence_resumes_by_replay(cluster, env, reference, tm
     assert job["job"]["state"] == "JOB_STATE_SUCCEEDED", job["job"]["message"]
     assert job["job"]["manifest_sha256"] == reference["manifest_sha256"]
     log = cluster.workers["w1"].output()
-    done = [line for line in log.splitlines() if f"of job {job_id}: " in line]
+    done = [line for line in log.splitlines()
+            if "quantize assignment" in line and f"of job {job_id}: " in line]
     assert done and done[-1].endswith(
         "2 steps run, 1 replayed from the embeddings; hidden states checkpointed every 2 steps"), \
         done
