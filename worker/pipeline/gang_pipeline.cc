@@ -893,8 +893,7 @@ absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
   // the committed (verified) layers from the embeddings.
   auto unusable = [&](const std::string& why) {
     const std::string message = absl::StrCat(
-        why, "; not used (an older checkpoint, or the embeddings, and the committed layers "
-             "instead)");
+        why, "; not used: the resume starts from an older checkpoint or from the embeddings");
     if (o_.on_warning) o_.on_warning(message);
     Progress(message, 0);
     return false;
