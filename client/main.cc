@@ -246,6 +246,15 @@ void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
     if (e.dispatch_rounds() > 0) {
       std::cout << "  dispatch rounds:       " << e.dispatch_rounds() << " per MoE layer\n";
     }
+    if (e.checkpoint_every() == 1) {
+      std::cout << "  hidden states saved:   after every layer (a resume replays none)\n";
+    } else if (e.checkpoint_every() > 1) {
+      char resume[32];
+      std::snprintf(resume, sizeof(resume), "%.0f s", e.resume_replay_seconds());
+      std::cout << "  hidden states saved:   every " << e.checkpoint_every()
+                << " layers (a resume replays at most " << e.checkpoint_every() - 1
+                << " layers, ~" << resume << " projected)\n";
+    }
     if (e.total_seconds() > 0) {
       char per_layer[32];
       std::snprintf(per_layer, sizeof(per_layer), "%.1f s", e.seconds_per_layer());

@@ -59,6 +59,7 @@ int main(int argc, char** argv) {
   int64_t gang_join_timeout_ms = 120000;
   int64_t experts_per_pass = 16;
   int64_t dispatch_tokens = 65536;
+  int64_t checkpoint_every = 0;
   int64_t cpu_threads = 0;
   bool overlap_writes = true;
   bool prefetch = true;
@@ -89,6 +90,12 @@ int main(int argc, char** argv) {
             "calibration tokens, over the whole gang, whose routed rows an MoE layer sends to "
             "their experts at once; bounds memory: DeepSeek-V3 holds 3 x 8 rows of 14 KB per "
             "token (sent, received, returned), spread over the gang (default 65536; 0 = all)");
+  flags.Int("checkpoint-every", &checkpoint_every,
+            "layers per hidden-state checkpoint in the scratch directory (tokens x hidden x 2 "
+            "bytes each, ~30 GB per rank for DeepSeek-V3 at 512 x 4096): a resumed job replays at "
+            "most this many minus one committed layers (default 0: the smallest count that keeps "
+            "checkpoint writes within 10% of a layer's time; at least the job's layer count: "
+            "none)");
   flags.Int("cpu-threads", &cpu_threads,
             "threads for host-side tensor work (default 0: 4 with a CUDA device, so that one "
             "worker per GPU does not oversubscribe the host; every core with --device cpu)");
@@ -164,6 +171,10 @@ int main(int argc, char** argv) {
     return Fail(absl::StrCat("--experts-per-pass = ", experts_per_pass,
                              ": must be between 0 (all) and 4096"));
   }
+  if (checkpoint_every < 0 || checkpoint_every > 100000) {
+    return Fail(absl::StrCat("--checkpoint-every = ", checkpoint_every,
+                             ": must be between 0 (chosen by the cost model) and 100000"));
+  }
   if (cpu_threads < 0 || cpu_threads > 4096) {
     return Fail(absl::StrCat("--cpu-threads = ", cpu_threads,
                              ": must be between 0 (automatic) and 4096"));
@@ -226,6 +237,7 @@ int main(int argc, char** argv) {
   options.gang_join_timeout_ms = gang_join_timeout_ms;
   options.experts_per_pass = experts_per_pass;
   options.dispatch_tokens = dispatch_tokens;
+  options.checkpoint_every = checkpoint_every;
   options.cpu_threads = static_cast<int>(cpu_threads);
   options.overlap_writes = overlap_writes;
   options.prefetch_next_layer = prefetch;

@@ -92,6 +92,8 @@ mq::v1::InspectReport ToProto(const model::InspectReport& in) {
   q->set_dispatch_rounds(e.dispatch_rounds);
   q->set_seconds_per_layer(e.seconds_per_layer);
   q->set_total_seconds(e.total_seconds);
+  q->set_checkpoint_every(e.checkpoint_every);
+  q->set_resume_replay_seconds(e.resume_replay_seconds);
   return out;
 }
 

@@ -449,6 +449,7 @@ void Worker::RunAssignment(const mq::v1::Assignment& original, const std::atomic
       model::InspectRequest request = ToInspectRequest(a.spec());
       request.experts_per_pass = options_.experts_per_pass;  // how this pool's workers solve
       request.dispatch_tokens = options_.dispatch_tokens;
+      request.checkpoint_every = options_.checkpoint_every;
       // A refused location is neither read nor created: the plan reports it instead.
       std::vector<std::pair<std::string, std::string>> refused = PathProblems(original);
       if (!staging.ok()) refused.emplace_back("request.s3", std::string(staging.message()));
@@ -567,6 +568,7 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.join_timeout_ms = options_.gang_join_timeout_ms;
   in.experts_per_pass = options_.experts_per_pass;
   in.dispatch_tokens = options_.dispatch_tokens;
+  in.checkpoint_every = options_.checkpoint_every;
   in.cpu_threads = options_.cpu_threads;
   in.overlap_writes = options_.overlap_writes;
   in.prefetch_next_layer = options_.prefetch_next_layer;
@@ -631,7 +633,14 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   result->mutable_quantized()->set_steps_replayed(r->steps_replayed);
   LogLine("worker", "INFO",
           absl::StrCat("quantize assignment ", a.assignment_id(), " of job ", a.job_id(), ": ",
-                       r->steps_run, " steps run, ", r->steps_replayed, " replayed"));
+                       r->steps_run, " steps run, ", r->steps_replayed, " replayed",
+                       a.start_step() == 0 ? ""
+                       : r->resumed_from_step >= 0
+                           ? absl::StrCat(" after the hidden-state checkpoint of step ",
+                                          r->resumed_from_step + 1)
+                           : std::string(" from the embeddings"),
+                       "; hidden states checkpointed every ", r->checkpoint_every,
+                       r->checkpoint_every == 1 ? " step" : " steps"));
   return true;
 }
 

@@ -35,6 +35,7 @@ struct WorkerOptions {
   int64_t gang_join_timeout_ms = 120000;
   int64_t experts_per_pass = 16;
   int64_t dispatch_tokens = 65536;  // gang-wide tokens an MoE layer dispatches at once (0 = all)
+  int64_t checkpoint_every = 0;  // steps per hidden-state checkpoint (0 = the cost model's)
   int cpu_threads = 0;  // host threads for tensor work (0: 4 on CUDA, every core on CPU)
   bool overlap_writes = true;  // a layer's write and report beside the next layer's work
   bool prefetch_next_layer = true;  // the next layer's weights into the page cache meanwhile

@@ -299,6 +299,7 @@ def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
     ("--dispatch-tokens", "-1", "0 (all at once) or a positive token count"),
     ("--cpu-threads", "-2", "between 0 (automatic) and 4096"),
     ("--experts-per-pass", "5000", "between 0 (all) and 4096"),
+    ("--checkpoint-every", "-1", "between 0 (chosen by the cost model) and 100000"),
 ])
 def test_worker_rejects_bad_flags(tmp_path, flag, value, allowed):
     import subprocess

@@ -204,6 +204,31 @@ def test_damaged_hidden_state_checkpoint_is_not_used(cluster, env, reference, tm
     check_output_dir(out)
 
 
+def test_forced_checkpoint_cadence_resumes_by_replay(cluster, env, reference, tmp_path):
+    """mq-worker --checkpoint-every 2 on three layers: a hidden-state checkpoint after layer 1
+    only. Stopped after one layer, there is none; the resume on the same worker replays layer 0
+    from the embeddings and the output is the uninterrupted run's."""
+    cluster.start_coordinator()
+    cluster.worker_args = ["--overlap-writes=false", "--checkpoint-every", "2"]
+    cluster.start_worker("w1", env={"MQ_FAULT_STEP_DELAY_MS": "5000"})
+    out = tmp_path / "out"
+    job_id = submit(cluster, env, out)
+    stop_after(cluster, job_id, 1)
+    scratch = tmp_path / "scratch-w1" / job_id
+    assert not list(scratch.glob("hidden-step*")), list(scratch.iterdir())
+    cluster.client("resume", job_id, check=True)
+    job = cluster.wait_job(job_id, {"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"}, timeout=300)
+    assert job["job"]["state"] == "JOB_STATE_SUCCEEDED", job["job"]["message"]
+    assert job["job"]["manifest_sha256"] == reference["manifest_sha256"]
+    log = cluster.workers["w1"].output()
+    done = [line for line in log.splitlines()
+            if "quantize assignment" in line and f"of job {job_id}: " in line]
+    assert done and done[-1].endswith(
+        "2 steps run, 1 replayed from the embeddings; hidden states checkpointed every 2 steps"), \
+        done
+    check_output_dir(out)
+
+
 def test_verify_names_a_damaged_file(env, reference, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(reference["out"], out)

@@ -28,6 +28,9 @@ struct InspectRequest {
   // Calibration tokens over the gang whose routed rows a layer dispatches at once (mq-worker
   // --dispatch-tokens; 0 = all): bounds the routed rows held, so it enters the GPU estimate.
   int64_t dispatch_tokens = 65536;
+  // Steps per hidden-state checkpoint (mq-worker --checkpoint-every; 0 = chosen by the cost
+  // model, plan.h ChooseCheckpointCadence): sets the scratch estimate and the resume cost.
+  int64_t checkpoint_every = 0;
 };
 
 // One thing wrong with the checkpoint. Inspection collects every problem it finds.
@@ -95,6 +98,8 @@ struct ResourceEstimate {
   int64_t calibration_tokens = 0;
   double tokens_per_expert = 0;  // mean routed tokens each expert sees per layer
   int64_t dispatch_rounds = 0;   // of each MoE layer (plan.h; 0 without MoE layers)
+  int checkpoint_every = 1;      // steps per hidden-state checkpoint (plan.h)
+  double resume_replay_seconds = 0;  // at most, replaying steps after the newest checkpoint
   double seconds_per_layer = 0;  // projected quantize time per planned layer (plan.h)
   double total_seconds = 0;      // projected quantize phase
 };

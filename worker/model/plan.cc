@@ -1,6 +1,7 @@
 #include "worker/model/plan.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <set>
 #include <utility>
@@ -168,6 +169,24 @@ int64_t OutputBytes(const ExpectedTensor& t, const InspectRequest& request,
 // Splits `total` into `parts` contiguous ranges; the first total % parts get one more.
 int64_t ShareOf(int64_t total, int parts, int index) {
   return total / parts + (index < total % parts ? 1 : 0);
+}
+
+// The hidden-state checkpoint cadence of `plan` (its ranks and layers set) and what it needs:
+// est's scratch_bytes_per_rank, checkpoint_every and resume_replay_seconds (plan.h).
+CheckpointCadence PlanCheckpoints(const DeepseekV3Config& config, const InspectRequest& request,
+                                  const JobPlan& plan, bool any_moe, ResourceEstimate* est) {
+  int64_t tokens = 0, experts = 0;
+  for (const RankPlan& rp : plan.ranks) {
+    tokens = std::max(tokens, SatMul(rp.num_sequences, request.max_sequence_length));
+    experts = std::max<int64_t>(experts, any_moe ? rp.num_experts : 0);
+  }
+  const CheckpointCadence c =
+      ChooseCheckpointCadence(tokens, config.hidden_size, experts,
+                              static_cast<int>(plan.layers.size()), request.checkpoint_every);
+  est->scratch_bytes_per_rank = SatMul(c.bytes, std::min(2, c.checkpoints));
+  est->checkpoint_every = c.every;
+  est->resume_replay_seconds = c.resume_seconds;
+  return c;
 }
 
 }  // namespace
@@ -341,7 +360,6 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     rp.host_bytes = SatAdd(SatMul(token_tensor, kHiddenCopiesOnHost), staging_bytes);
     est.gpu_bytes_per_rank = std::max(est.gpu_bytes_per_rank, rp.gpu_bytes);
     est.host_bytes_per_rank = std::max(est.host_bytes_per_rank, rp.host_bytes);
-    est.scratch_bytes_per_rank = std::max(est.scratch_bytes_per_rank, hidden_states);
     plan.ranks.push_back(rp);
   }
   // Projected time (plan.h): the rank with the most tokens and experts sets the pace.
@@ -350,16 +368,20 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     max_tokens = std::max(max_tokens, SatMul(rp.num_sequences, seq));
     max_experts = std::max<int64_t>(max_experts, rp.num_experts);
   }
+  const CheckpointCadence cadence = PlanCheckpoints(config, request, plan, any_moe, &est);
   double total = 0, previous_write = 0;
-  for (const LayerPlan& lp : plan.layers) {
+  for (size_t i = 0; i < plan.layers.size(); ++i) {
+    const LayerPlan& lp = plan.layers[i];
     const double compute =
         static_cast<double>(lp.input_bytes) / gang / kLoadBytesPerSecond +
         static_cast<double>(max_tokens) * kSecondsPerToken +
         (lp.kind == LayerKind::kDense ? 0.0
                                       : static_cast<double>(max_experts) * kSolveSecondsPerExpert);
     total += std::max(compute, previous_write);
+    const bool checkpoint =
+        IsCheckpointStep(static_cast<int>(i), static_cast<int>(plan.layers.size()), cadence.every);
     previous_write = (static_cast<double>(lp.output_bytes) / gang +
-                      static_cast<double>(max_tokens) * static_cast<double>(h) * 2) /
+                      (checkpoint ? static_cast<double>(cadence.bytes) : 0.0)) /
                      kWriteBytesPerSecond;
   }
   total += previous_write;
@@ -371,6 +393,35 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
                           static_cast<double>(seq) * config.num_experts_per_tok /
                           config.n_routed_experts;
   return plan;
+}
+
+CheckpointCadence ChooseCheckpointCadence(int64_t tokens, int64_t hidden_size, int64_t experts,
+                                          int steps, int64_t forced_every) {
+  CheckpointCadence c;
+  const int most = std::max(1, steps);
+  c.bytes = SatMul({std::max<int64_t>(0, tokens), std::max<int64_t>(0, hidden_size), 2});
+  c.write_seconds = static_cast<double>(c.bytes) / kWriteBytesPerSecond;
+  c.layer_seconds = static_cast<double>(std::max<int64_t>(0, tokens)) * kSecondsPerToken +
+                    static_cast<double>(std::max<int64_t>(0, experts)) * kSolveSecondsPerExpert;
+  c.replay_seconds =
+      static_cast<double>(std::max<int64_t>(0, tokens)) * kSecondsPerToken *
+      kReplayShareOfTokenSeconds;
+  if (forced_every > 0) {
+    c.every = static_cast<int>(std::min<int64_t>(forced_every, most));
+  } else if (c.layer_seconds <= 0) {
+    c.every = c.write_seconds > 0 ? most : 1;  // nothing to amortise against
+  } else {
+    // Smallest K with write / K <= share * layer; computed in double, capped before the cast.
+    const double k = std::ceil(c.write_seconds / (kCheckpointShareOfLayer * c.layer_seconds));
+    c.every = static_cast<int>(std::clamp(k, 1.0, static_cast<double>(most)));
+  }
+  c.checkpoints = steps >= 1 ? (steps - 1) / c.every : 0;
+  c.resume_seconds = (c.every - 1) * c.replay_seconds;
+  return c;
+}
+
+bool IsCheckpointStep(int step, int steps, int every) {
+  return every >= 1 && step >= 0 && step + 1 < steps && (step + 1) % every == 0;
 }
 
 int64_t DispatchRounds(int64_t tokens, int64_t sequences, int64_t dispatch_tokens) {

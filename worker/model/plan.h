@@ -122,6 +122,56 @@ inline constexpr double kSecondsPerToken = 14.1e-6;      // forward + Hessians +
 inline constexpr double kSolveSecondsPerExpert = 0.0586; // batched GPTQ of gate, up and down
 inline constexpr double kWriteBytesPerSecond = 0.5e9;    // layer file + hidden-state checkpoint
 
+// Hidden-state checkpoints. A rank's checkpoint of step s holds its hidden states after step s
+// (bf16, tokens(r) * H * 2 bytes: ~30 GB for DeepSeek-V3 at 512 x 4096 on one rank). They are
+// written every `every` steps: after the steps s with (s + 1) % every == 0, never after the last
+// step (the job is done once every step is reported). The embeddings serve as the free
+// checkpoint before step 0. A resume at step t loads the newest checkpoint c < t that every rank
+// has and can use and replays steps c + 1 .. t - 1 with the committed weights, so it replays at
+// most every - 1 steps (all of t's predecessors when no checkpoint is usable). A rank keeps its
+// newest checkpoint until a newer one is durable and the newer one's step is reported (in a gang,
+// a peer lost between its own and that report leaves a resume only the embeddings): at most two
+// per rank are on disk at once.
+// Cost model, for the rank with the most tokens (T) and routed experts (X, 0 without MoE layers):
+//   write  = T * H * 2 / kWriteBytesPerSecond                (seconds to write one checkpoint)
+//   layer  = T * kSecondsPerToken + X * kSolveSecondsPerExpert   (a layer's compute without its
+//            load, so the share below errs toward fewer checkpoints)
+//   every  = the smallest K >= 1 with write / K <= kCheckpointShareOfLayer * layer, at most the
+//            number of steps (every = steps writes none); a forced value (mq-worker
+//            --checkpoint-every) replaces it, also capped at the number of steps
+//   replay = T * kSecondsPerToken * kReplayShareOfTokenSeconds   (per replayed step, plus its
+//            load)
+//   resume <= (every - 1) * replay
+// DeepSeek-V3 at 512 x 4096 with GPTQ: every 14 steps on one H200 (write 60 s, layer 45 s) and
+// on 8 (write 7.5 s, layer 5.6 s); a resume replays at most 13 steps (~5 min on one H200,
+// ~40 s on 8).
+inline constexpr double kCheckpointShareOfLayer = 0.10;
+// The forward share of kSecondsPerToken: a replayed step runs attention and the experts once
+// with the committed weights (no Hessians). Of the 7.4 s per layer that rate was fitted to
+// (forward 4.3, Hessians 1.7, propagation 1.4 at 128 x 4096 tokens), forward and propagation
+// are 5.7 s.
+inline constexpr double kReplayShareOfTokenSeconds = 5.7 / 7.4;
+
+struct CheckpointCadence {
+  int every = 1;              // steps per checkpoint (see above)
+  int checkpoints = 0;        // written over the job: (steps - 1) / every
+  int64_t bytes = 0;          // one checkpoint of the largest rank
+  double write_seconds = 0;   // of one checkpoint
+  double layer_seconds = 0;   // the layer compute the checkpoint's share is measured against
+  double replay_seconds = 0;  // per replayed step (without its load)
+  double resume_seconds = 0;  // at most, replaying from the newest checkpoint
+};
+
+// The cadence for a job of `steps` pipeline steps whose largest rank holds `tokens` calibration
+// tokens and `experts` routed experts (0 without MoE layers), hidden width `hidden_size`.
+// `forced_every` > 0 sets `every` (capped at steps); 0 (or less) chooses it by the cost model.
+// The plan and the pipeline both call this.
+CheckpointCadence ChooseCheckpointCadence(int64_t tokens, int64_t hidden_size, int64_t experts,
+                                          int steps, int64_t forced_every);
+
+// Whether step `step` (0-based) of `steps` writes a hidden-state checkpoint with cadence `every`.
+bool IsCheckpointStep(int step, int steps, int every);
+
 // Plans the job. `request` must be valid (gang_size in [1, n_routed_experts], bits 4, group
 // size 0/32/64/128, samples and sequence length >= 1) and `config` free of problems. `stored`
 // holds every tensor of the checkpoint (absent tensors just count as 0 input bytes).
@@ -179,15 +229,20 @@ inline constexpr double kWriteBytesPerSecond = 0.5e9;    // layer file + hidden-
 //   gpu(r) = replicated + experts(r) + T(r) + max over the phases + kDeviceOverheadBytes
 //            (context, workspaces, allocator slack)
 //   host(r) = T(r) * kHiddenCopiesOnHost + max over layers of input_bytes (pinned staging)
-//   scratch(r) = tokens(r) * H * 2 * 2 (two bf16 hidden-state checkpoints)
+//   scratch(r) = tokens(r) * H * 2 * min(2, checkpoints) (bf16 hidden-state checkpoints: the
+//                newest and the next one being written; checkpoints = ChooseCheckpointCadence's
+//                over the planned layers, with request.checkpoint_every)
 // estimate: gpu/host/scratch = max over ranks; output_bytes = model-level tensors (embeddings,
 // model.norm, lm_head) + sum of layer output_bytes; calibration_tokens = samples * S;
 // tokens_per_expert = samples * S * num_experts_per_tok / n_routed_experts;
-// dispatch_rounds = rounds above (0 without MoE layers).
+// dispatch_rounds = rounds above (0 without MoE layers); checkpoint_every and
+// resume_replay_seconds = ChooseCheckpointCadence's every and resume_seconds for the largest
+// rank's tokens and experts.
 // Time, per planned layer on the slowest rank (ranks work in parallel):
 //   compute = input_bytes / gang / kLoadBytesPerSecond + tokens(r) * kSecondsPerToken
 //             + experts(r) * kSolveSecondsPerExpert (MoE layers)
-//   write   = (output_bytes / gang + tokens(r) * H * 2) / kWriteBytesPerSecond
+//   write   = (output_bytes / gang + (the layer's step writes a checkpoint ? tokens(r) * H * 2
+//             : 0)) / kWriteBytesPerSecond
 // A layer's write overlaps the next layer's compute: total_seconds = sum over layers of
 // max(compute, write of the layer before) + the last layer's write; seconds_per_layer =
 // total_seconds / layers. A projection for one H200 per rank and GPTQ: other cards, methods,

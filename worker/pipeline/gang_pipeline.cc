@@ -767,9 +767,10 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     }
     result.plain.push_back(n);
   }
+  result.checkpoint = model::IsCheckpointStep(step, o_.total_steps, checkpoint_every_);
   // Already on the host and never changed in place (the next step replaces chunks_' tensors):
-  // the write thread reads them as they are.
-  result.hidden = HiddenStates();
+  // the write thread reads them as they are, only for a step that checkpoints.
+  if (result.checkpoint) result.hidden = HiddenStates();
   st.exchange_seconds = gang_.exchange_seconds() - exchange0;
   Progress(where + ": writing", 0.9);
   return result;
@@ -789,9 +790,11 @@ absl::Status Runner::WriteStep(StepWrite w) {
     if (!info.ok()) return info.status();
     w.out.files.push_back(*std::move(info));
   }
-  MQ_RETURN_IF_ERROR(SaveCheckpoint(w.out.step, std::move(w.hidden)));
+  if (w.checkpoint) MQ_RETURN_IF_ERROR(SaveCheckpoint(w.out.step, std::move(w.hidden)));
   w.out.stats.write_seconds += Since(t);
   if (o_.on_step) MQ_RETURN_IF_ERROR(o_.on_step(w.out));
+  // The step is reported: a resume starts after it, so older checkpoints are of no use.
+  if (w.checkpoint) RemoveCheckpointsBefore(w.out.step);
   return absl::OkStatus();
 }
 
@@ -858,16 +861,65 @@ absl::Status Runner::SaveCheckpoint(int step, const std::vector<at::Tensor>& hid
   for (size_t i = 0; i < hidden.size(); ++i) {
     chunks.push_back(model::ToTensorDataView(absl::StrCat("chunk.", i), hidden[i]));
   }
-  MQ_RETURN_IF_ERROR(WriteHiddenCheckpoint(CheckpointPath(step), std::move(chunks)));
-  if (step >= 1) ::unlink(CheckpointPath(step - 1).c_str());  // keep only the newest
+  return WriteHiddenCheckpoint(CheckpointPath(step), std::move(chunks));
+}
+
+void Runner::RemoveCheckpointsBefore(int step) const {
+  for (int s : CheckpointSteps()) {
+    if (s < step) ::unlink(CheckpointPath(s).c_str());
+  }
+}
+
+std::vector<int> Runner::CheckpointSteps() const {
+  std::vector<int> steps;
+  bool exists = false;
+  absl::StatusOr<std::vector<std::string>> names = ListDirectory(o_.scratch_dir, &exists);
+  if (!names.ok()) return steps;
+  for (const std::string& n : *names) {
+    int step = -1;
+    // Only names this rank writes (its slice, no temporary files): the path must round-trip.
+    if (std::sscanf(n.c_str(), "hidden-step%d-", &step) == 1 && step >= 0 &&
+        CheckpointPath(step) == o_.scratch_dir + "/" + n) {
+      steps.push_back(step);
+    }
+  }
+  std::sort(steps.begin(), steps.end());
+  return steps;
+}
+
+absl::Status Runner::AgreeCheckpointCadence() {
+  at::Tensor forced = at::tensor(std::vector<int64_t>{o_.checkpoint_every}, at::kLong);
+  MQ_RETURN_IF_ERROR(gang_.Broadcast(forced, 0));
+  // The cost model's inputs for the largest rank, the same on every rank (every rank has every
+  // sample, and the slices and expert ranges follow from the gang size).
+  const int64_t n = static_cast<int64_t>(o_.samples.size()), k = gang_.size();
+  int64_t tokens = 0, experts = 0;
+  bool moe = false;
+  for (int l : layers_) moe = moe || config_.IsMoeLayer(l);
+  for (int64_t r = 0; r < k; ++r) {
+    int64_t t = 0;
+    for (int64_t i = n * r / k; i < n * (r + 1) / k; ++i) {
+      t += static_cast<int64_t>(o_.samples[i].size());
+    }
+    tokens = std::max(tokens, t);
+    if (moe) {
+      experts = std::max<int64_t>(experts, FirstExpert(static_cast<int>(r) + 1) -
+                                               FirstExpert(static_cast<int>(r)));
+    }
+  }
+  const model::CheckpointCadence c = model::ChooseCheckpointCadence(
+      tokens, config_.hidden_size, experts, o_.total_steps, forced.item<int64_t>());
+  checkpoint_every_ = c.every;
   return absl::OkStatus();
 }
 
 absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
   const std::string path = CheckpointPath(step);
-  // A damaged checkpoint is no checkpoint: the gang then replays the committed (verified) layers.
+  // A damaged checkpoint is no checkpoint: the gang then resumes from an older one, or replays
+  // the committed (verified) layers from the embeddings.
   auto unusable = [&](const std::string& why) {
-    const std::string message = absl::StrCat(why, "; replaying the committed layers instead");
+    const std::string message = absl::StrCat(
+        why, "; not used: the resume starts from an older checkpoint or from the embeddings");
     if (o_.on_warning) o_.on_warning(message);
     Progress(message, 0);
     return false;
@@ -892,6 +944,62 @@ absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
   return true;
 }
 
+absl::Status Runner::Resume(GangPipelineResult* result) {
+  const std::vector<int>& layers = layers_;
+  const int start = o_.start_step;
+  // The embeddings' ids: a checkpoint of an MTP step holds one token fewer per sequence.
+  std::vector<at::Tensor> ids;
+  for (const Chunk& c : chunks_) ids.push_back(c.ids);
+  // Which steps before `start` every rank has a checkpoint file for (one all-reduce), then the
+  // newest of them that every rank can load (one all-reduce per checkpoint tried).
+  const std::vector<int> own = CheckpointSteps();
+  at::Tensor have = at::zeros({start}, at::kLong);
+  for (int s : own) {
+    if (s < start) have[s] = 1;
+  }
+  MQ_RETURN_IF_ERROR(gang_.AllReduceSum(have));
+  const at::Tensor counts = have.cpu().contiguous();
+  int from = -1;
+  for (int c = start - 1; c >= 0 && from < 0; --c) {
+    if (counts.data_ptr<int64_t>()[c] != gang_.size()) continue;
+    in_mtp_ = layers[c] >= config_.num_hidden_layers;
+    for (size_t i = 0; i < chunks_.size(); ++i) {
+      chunks_[i].ids = in_mtp_ ? ids[i].slice(1, 0, ids[i].size(1) - 1) : ids[i];
+    }
+    absl::StatusOr<bool> loaded = Guarded(absl::StrCat("loading the checkpoint of step ", c + 1),
+                                          [&] { return LoadCheckpoint(c); });
+    if (!loaded.ok()) return loaded.status();
+    at::Tensor all = at::full({1}, *loaded ? 1 : 0, at::kLong);
+    MQ_RETURN_IF_ERROR(gang_.AllReduceSum(all));
+    if (all.item<int64_t>() == gang_.size()) from = c;
+  }
+  if (from < 0) MQ_RETURN_IF_ERROR(Embed());  // every rank replays from the embeddings
+  // Checkpoints of uncommitted steps (a stopped attempt's) are of no use: the steps run again.
+  for (int s : own) {
+    if (s >= start) ::unlink(CheckpointPath(s).c_str());
+  }
+  result->resumed_from_step = from;
+  const int replay = start - 1 - from;
+  Progress(from >= 0 ? absl::StrCat("resuming from the hidden-state checkpoint of step ", from + 1,
+                                    " (layer ", layers[from], "): replaying ", replay,
+                                    " committed step", replay == 1 ? "" : "s")
+                     : absl::StrCat("resuming without a hidden-state checkpoint every rank can "
+                                    "use: replaying ", replay, " committed step",
+                                    replay == 1 ? "" : "s", " from the embeddings"),
+           0);
+  if (replay == 0) return absl::OkStatus();
+  absl::StatusOr<std::unique_ptr<FileSetReader>> committed =
+      FileSetReader::Open(o_.output_dir, o_.committed_files);
+  if (!committed.ok()) return committed.status();
+  for (int s = from + 1; s < start; ++s) {
+    MQ_RETURN_IF_ERROR(CheckCancelled());
+    MQ_RETURN_IF_ERROR(Guarded(absl::StrCat("replaying layer ", layers[s]),
+                               [&] { return Replay(s, layers[s], **committed); }));
+    ++result->steps_replayed;
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<GangPipelineResult> Runner::Run() {
   GangPipelineResult result;
   layers_ = PipelineLayers(config_, o_.format);
@@ -906,34 +1014,10 @@ absl::StatusOr<GangPipelineResult> Runner::Run() {
         absl::StrCat("start_step = ", o_.start_step, ": must be in [0, ", o_.total_steps, "]"));
   }
   MQ_RETURN_IF_ERROR(AgreeDispatchPlan());
+  MQ_RETURN_IF_ERROR(AgreeCheckpointCadence());
+  result.checkpoint_every = checkpoint_every_;
   MQ_RETURN_IF_ERROR(Embed());
-  if (o_.start_step > 0) {
-    // Resume: from every rank's checkpoint of the previous step, else replay committed steps.
-    // Entering the MTP part needs the main model's output, so a checkpoint before an MTP step
-    // must follow the MTP transform exactly as the uninterrupted run did.
-    if (layers[o_.start_step - 1] >= config_.num_hidden_layers) {
-      // The checkpoint holds an MTP layer's output: one token shorter per sequence.
-      for (Chunk& c : chunks_) c.ids = c.ids.slice(1, 0, c.ids.size(1) - 1);
-      in_mtp_ = true;
-    }
-    absl::StatusOr<bool> loaded = LoadCheckpoint(o_.start_step - 1);
-    if (!loaded.ok()) return loaded.status();
-    const int64_t have = *loaded ? 1 : 0;
-    at::Tensor all = at::full({1}, have, at::kLong);
-    MQ_RETURN_IF_ERROR(gang_.AllReduceSum(all));
-    if (all.item<int64_t>() != gang_.size()) {
-      MQ_RETURN_IF_ERROR(Embed());  // every rank replays from the embeddings
-      absl::StatusOr<std::unique_ptr<FileSetReader>> committed =
-          FileSetReader::Open(o_.output_dir, o_.committed_files);
-      if (!committed.ok()) return committed.status();
-      for (int s = 0; s < o_.start_step; ++s) {
-        MQ_RETURN_IF_ERROR(CheckCancelled());
-        MQ_RETURN_IF_ERROR(Guarded(absl::StrCat("replaying layer ", layers[s]),
-                                   [&] { return Replay(s, layers[s], **committed); }));
-        ++result.steps_replayed;
-      }
-    }
-  }
+  if (o_.start_step > 0) MQ_RETURN_IF_ERROR(Resume(&result));
   // With overlap_writes, step s is written and reported on another thread while step s + 1
   // runs; at most one write is in flight, so reports stay in step order. Every return below
   // waits for it first (it uses this Runner and the caller's callbacks).

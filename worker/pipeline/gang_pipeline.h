@@ -19,11 +19,17 @@
 //   5. propagates: the layer again with the quantized weights (expert rows dispatched and their
 //      outputs returned and combined), giving the next step's input;
 //   6. writes its tensors (rank 0 also the layer's unquantized non-expert tensors) to one file,
-//      checkpoints its hidden states in the scratch directory, and reports the step; by default
-//      on a second thread while the next step runs (overlap_writes).
-// A resumed attempt starts at `start_step`: from the hidden-state checkpoint of step
-// start_step − 1 when every rank has one for its slice, else by replaying the committed steps'
-// forward with the committed (dequantized) weights. Nothing committed is re-quantized.
+//      every `checkpoint_every` steps checkpoints its hidden states in the scratch directory
+//      (worker/model/plan.h ChooseCheckpointCadence: the cadence, its cost model and the resume
+//      cost), and reports the step; by default on a second thread while the next step runs
+//      (overlap_writes).
+// A resumed attempt starts at `start_step`: from the newest hidden-state checkpoint of a step
+// before it that every rank has and can use for its slice (found with one all-reduce over the
+// steps, then one per checkpoint tried), replaying the committed steps after that one with the
+// committed (dequantized) weights; without such a checkpoint, by replaying every committed step
+// from the embeddings. A checkpoint of an MTP step holds the MTP layer's input form (one token
+// fewer per sequence): loading it restores that form, and replaying into the first MTP step
+// applies the MTP transform as the uninterrupted run did. Nothing committed is re-quantized.
 //
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
 // Threading: one call per process at a time; on_progress and cancelled run on the calling
@@ -91,6 +97,10 @@ struct GangPipelineOptions {
   // While a step computes, a second thread reads the next step's tensors that this rank loads
   // into the page cache (a hint: nothing changes but where the load's bytes come from).
   bool prefetch_next_layer = true;
+  // Steps per hidden-state checkpoint: 0 = the cost model's choice (plan.h
+  // ChooseCheckpointCadence, from the gang's largest rank's tokens and experts); n > 0 = every
+  // n steps (n >= total_steps: none). Rank 0's value applies to the whole gang.
+  int64_t checkpoint_every = 0;
   // Called after a step's files and checkpoint are durable; must return once the coordinator
   // accepted the report (an error stops the pipeline and is returned). With overlap_writes it
   // runs on the writing thread, beside the next step's on_progress calls.
@@ -105,6 +115,10 @@ struct GangPipelineOptions {
 struct GangPipelineResult {
   int steps_run = 0;
   int steps_replayed = 0;
+  // A resumed attempt: the step whose hidden-state checkpoint it started from (-1: replayed
+  // from the embeddings, or not resumed).
+  int resumed_from_step = -1;
+  int checkpoint_every = 1;  // the cadence the gang used
 };
 
 // The checkpoint layers the pipeline processes, in order: decoder layers 0..L−1, then the MTP

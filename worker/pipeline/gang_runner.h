@@ -121,7 +121,10 @@ struct StepWrite {
   // Solved tensors of this rank (packed), and the AWQ-folded unquantized tensors it writes.
   std::vector<model::TensorData> tensors;
   std::vector<std::string> plain;          // unquantized tensors of the layer this rank writes
-  std::vector<at::Tensor> hidden;          // the step's output hidden states, per chunk (host)
+  // The step's output hidden states, per chunk (host tensors, read in place by the write
+  // thread); empty when the step writes no checkpoint.
+  std::vector<at::Tensor> hidden;
+  bool checkpoint = false;  // the step writes a hidden-state checkpoint (the cadence's)
 };
 
 class AwqSmoother;
@@ -223,8 +226,24 @@ class Runner {
   absl::Status Replay(int step, int layer, const FileSetReader& committed);
   std::string CheckpointPath(int step) const;
   std::vector<at::Tensor> HiddenStates() const;
+  // Writes step `step`'s checkpoint (atomically) from the host tensors, without copying them. The
+  // older ones stay until the step is reported (RemoveCheckpointsBefore): a resume before that
+  // may need them.
   absl::Status SaveCheckpoint(int step, const std::vector<at::Tensor>& hidden);
+  // Removes this rank's checkpoints of steps before `step`.
+  void RemoveCheckpointsBefore(int step) const;
+  // Loads step `step`'s checkpoint into chunks_ (whose ids must have the step's shape): false
+  // when this rank has none or it is damaged (on_warning says why).
   absl::StatusOr<bool> LoadCheckpoint(int step);
+  // Steps (ascending) of the checkpoints this rank has in the scratch directory for its slice.
+  std::vector<int> CheckpointSteps() const;
+  // Agrees on the hidden-state checkpoint cadence (rank 0's forced value or the cost model's),
+  // once per run.
+  absl::Status AgreeCheckpointCadence();
+  // Start of a resumed attempt (start_step > 0): the newest checkpoint every rank can use, then
+  // the replay of the committed steps after it (or of every committed step, from the
+  // embeddings).
+  absl::Status Resume(GangPipelineResult* result);
   // AWQ (gang_awq.cc): chooses the scales of layer `w`'s smoothing mappings on a subset of the
   // calibration sequences and folds them into `w` (its tensors replaced). The folded tensors
   // the output keeps unquantized go to `folded` (tensor name -> CPU tensor as stored), the
@@ -249,6 +268,7 @@ class Runner {
   DispatchPlan plan_;
   bool in_mtp_ = false;
   std::vector<int> layers_;  // the pipeline's layers, by step
+  int checkpoint_every_ = 1;  // steps per hidden-state checkpoint (AgreeCheckpointCadence)
   std::future<void> prefetch_;
   std::atomic<bool> stop_prefetch_{false};
 };

@@ -162,6 +162,7 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   o.min_expert_tokens = in.spec.min_expert_tokens;
   o.max_experts_per_pass = in.experts_per_pass;
   o.max_dispatch_tokens = in.dispatch_tokens;
+  o.checkpoint_every = in.checkpoint_every;
   o.rare_expert_rtn = in.spec.rare_expert_rtn;
   if (in.device.rfind("cuda", 0) == 0) {
     o.device = at::Device(in.device);
@@ -181,7 +182,8 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   o.cancelled = in.cancelled;
   absl::StatusOr<GangPipelineResult> r = RunGangPipeline(o);
   if (!r.ok()) return r.status();
-  return QuantizeAssignmentResult{r->steps_run, r->steps_replayed};
+  return QuantizeAssignmentResult{r->steps_run, r->steps_replayed, r->resumed_from_step,
+                                  r->checkpoint_every};
 }
 
 void RemoveScratchExcept(const std::string& scratch_dir, const std::string& keep_job) {

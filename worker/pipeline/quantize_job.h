@@ -86,6 +86,7 @@ struct QuantizeAssignmentInput {
   int64_t join_timeout_ms = 120000;  // gang rendezvous
   int64_t experts_per_pass = 16;     // routed experts whose Hessians are held at once (0 = all)
   int64_t dispatch_tokens = 65536;   // gang-wide tokens an MoE block dispatches at once (0 = all)
+  int64_t checkpoint_every = 0;  // GangPipelineOptions::checkpoint_every (0 = the cost model's)
   int cpu_threads = 0;  // intra-op threads for host tensor work (0: 4 on CUDA, all cores on CPU)
   bool overlap_writes = true;  // GangPipelineOptions::overlap_writes
   bool prefetch_next_layer = true;  // GangPipelineOptions::prefetch_next_layer
@@ -98,6 +99,8 @@ struct QuantizeAssignmentInput {
 struct QuantizeAssignmentResult {
   int steps_run = 0;
   int steps_replayed = 0;
+  int resumed_from_step = -1;  // GangPipelineResult::resumed_from_step
+  int checkpoint_every = 1;    // GangPipelineResult::checkpoint_every
 };
 
 // Claims the output directory (ClaimOutput), loads the calibration set and runs this rank's part

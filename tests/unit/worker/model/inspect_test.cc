@@ -651,6 +651,24 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   request.dispatch_tokens = 1;
   EXPECT_EQ(InspectCheckpoint(request).ranks.at(0).gpu_bytes,
             gpu(2, 3, (1 * 16 * 2 + 2 * 16) * 200 * 2, false));
+
+  // Hidden-state checkpoints: a checkpoint (48 x 200 x 2 bytes) costs far less than the layer,
+  // so one after every step but the last (two of three steps: at most two on disk); every 2
+  // steps, one; every 3 (the steps), none.
+  EXPECT_EQ(report.estimate.checkpoint_every, 1);
+  EXPECT_EQ(report.estimate.resume_replay_seconds, 0);
+  request.checkpoint_every = 2;
+  InspectReport forced = InspectCheckpoint(request);
+  EXPECT_EQ(forced.estimate.checkpoint_every, 2);
+  EXPECT_EQ(forced.estimate.scratch_bytes_per_rank, 48 * 200 * 2);
+  EXPECT_DOUBLE_EQ(forced.estimate.resume_replay_seconds,
+                   48 * kSecondsPerToken * kReplayShareOfTokenSeconds);
+  request.checkpoint_every = 3;
+  forced = InspectCheckpoint(request);
+  EXPECT_EQ(forced.estimate.checkpoint_every, 3);
+  EXPECT_EQ(forced.estimate.scratch_bytes_per_rank, 0);
+  request.checkpoint_every = 1000;  // capped at the steps
+  EXPECT_EQ(InspectCheckpoint(request).estimate.checkpoint_every, 3);
 }
 
 TEST(InspectTest, AllLinearPlanCountsAndHessians) {
@@ -800,6 +818,67 @@ TEST(PlanTest, PartialGroupLinears) {
                           "mlp.shared_experts.down_proj:96"));
 }
 
+TEST(PlanTest, CheckpointCadence) {
+  // A tiny model: a checkpoint (128 tokens x 200 x 2 bytes, 0.1 ms) is far below 10% of the
+  // layer (1.8 ms of tokens + 2 experts' solve): every step.
+  CheckpointCadence c = ChooseCheckpointCadence(128, 200, 2, 5, 0);
+  EXPECT_EQ(c.every, 1);
+  EXPECT_EQ(c.checkpoints, 4);  // all but the last step
+  EXPECT_EQ(c.bytes, 128 * 200 * 2);
+  EXPECT_DOUBLE_EQ(c.resume_seconds, 0);
+
+  // DeepSeek-V3 at 512 x 4096 on one rank: a 30 GB checkpoint (60 s) against a 45 s layer.
+  c = ChooseCheckpointCadence(512 * 4096, 7168, 256, 61, 0);
+  EXPECT_EQ(c.bytes, int64_t{512} * 4096 * 7168 * 2);
+  EXPECT_DOUBLE_EQ(c.write_seconds, c.bytes / kWriteBytesPerSecond);
+  EXPECT_DOUBLE_EQ(c.layer_seconds, 512 * 4096 * kSecondsPerToken + 256 * kSolveSecondsPerExpert);
+  EXPECT_EQ(c.every, 14);
+  // The smallest K within the share: 14 is, 13 is not.
+  EXPECT_LE(c.write_seconds / c.every, kCheckpointShareOfLayer * c.layer_seconds);
+  EXPECT_GT(c.write_seconds / (c.every - 1), kCheckpointShareOfLayer * c.layer_seconds);
+  EXPECT_EQ(c.checkpoints, 60 / 14);
+  EXPECT_DOUBLE_EQ(c.resume_seconds, 13 * c.replay_seconds);
+  EXPECT_NEAR(c.resume_seconds, 296, 1);
+  // More tokens per rank than the expert solve can hide: a larger cadence; fewer, a smaller one.
+  EXPECT_GT(ChooseCheckpointCadence(4 * 512 * 4096, 7168, 256, 61, 0).every, 14);
+  EXPECT_LT(ChooseCheckpointCadence(64 * 4096, 7168, 256, 61, 0).every, 14);
+  // Without MoE layers (no solve to amortise against): ceil(28.7 us / 1.41 us) = 21 per token,
+  // capped at the steps (then no checkpoint is written).
+  EXPECT_EQ(ChooseCheckpointCadence(512 * 4096, 7168, 0, 61, 0).every, 21);
+  c = ChooseCheckpointCadence(512 * 4096, 7168, 0, 10, 0);
+  EXPECT_EQ(c.every, 10);
+  EXPECT_EQ(c.checkpoints, 0);
+
+  // A forced cadence replaces the model's, capped at the steps.
+  EXPECT_EQ(ChooseCheckpointCadence(128, 200, 2, 5, 2).every, 2);
+  EXPECT_EQ(ChooseCheckpointCadence(512 * 4096, 7168, 256, 61, 1).every, 1);
+  EXPECT_EQ(ChooseCheckpointCadence(512 * 4096, 7168, 256, 61, 1).checkpoints, 60);
+  EXPECT_EQ(ChooseCheckpointCadence(128, 200, 2, 5, 99).every, 5);
+  // Degenerate inputs stay in bounds.
+  EXPECT_EQ(ChooseCheckpointCadence(0, 7168, 0, 61, 0).every, 1);
+  EXPECT_EQ(ChooseCheckpointCadence(128, 200, 2, 0, 0).every, 1);
+  EXPECT_EQ(ChooseCheckpointCadence(128, 200, 2, 0, 0).checkpoints, 0);
+  c = ChooseCheckpointCadence(std::numeric_limits<int64_t>::max(), 7168, 0, 61, 0);
+  EXPECT_GE(c.every, 1);
+  EXPECT_LE(c.every, 61);
+
+  // Which steps checkpoint: after every `every` steps, never the last.
+  std::vector<int> steps;
+  for (int s = 0; s < 6; ++s) {
+    if (IsCheckpointStep(s, 6, 2)) steps.push_back(s);
+  }
+  EXPECT_THAT(steps, ElementsAre(1, 3));
+  steps.clear();
+  for (int s = 0; s < 6; ++s) {
+    if (IsCheckpointStep(s, 6, 1)) steps.push_back(s);
+  }
+  EXPECT_THAT(steps, ElementsAre(0, 1, 2, 3, 4));
+  EXPECT_FALSE(IsCheckpointStep(0, 1, 1));
+  EXPECT_TRUE(IsCheckpointStep(2, 6, 3));
+  EXPECT_FALSE(IsCheckpointStep(5, 6, 3));  // the last step
+  EXPECT_FALSE(IsCheckpointStep(1, 6, 0));
+}
+
 TEST(PlanTest, DispatchRounds) {
   EXPECT_EQ(DispatchRounds(128, 8, 40), 4);      // ceil(128 / 40)
   EXPECT_EQ(DispatchRounds(128, 8, 1), 8);       // at most one round per sequence
@@ -824,7 +903,8 @@ TEST(PlanTest, DispatchRounds) {
 //             122,634,010,624 bytes (~122.6 GB, more than an 80 GB card) with the whole layer's
 //             rows dispatched at once (dispatch_tokens = 0: 90.2 GB of routed rows)
 //   host    =  19,028,140,256 bytes per rank (7.5 GB hidden states + 11.5 GB FP8 MoE layer staged)
-//   scratch =   7,516,192,768 bytes per rank
+//   scratch =   7,516,192,768 bytes per rank (two checkpoints of 64 x 4096 x 7168 x 2 bytes; one
+//             every 14 layers: 3.76 GB take 7.5 s to write against a 5.6 s layer)
 TEST(PlanTest, DeepseekV3FullScaleSanity) {
   DeepseekV3Config c;
   c.model_type = "deepseek_v3";
@@ -897,6 +977,9 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
   EXPECT_EQ(plan.estimate.dispatch_rounds, 32);
+  EXPECT_EQ(plan.estimate.checkpoint_every, 14);
+  EXPECT_NEAR(plan.estimate.resume_replay_seconds, 13 * 262144 * kSecondsPerToken * 5.7 / 7.4,
+              1e-6);
   // Projected time on 8 H200s: per MoE layer 64 x 4096 tokens and 32 experts a rank.
   const double moe_compute = 11511947488.0 / 8 / kLoadBytesPerSecond +
                              262144 * kSecondsPerToken + 32 * kSolveSecondsPerExpert;
