@@ -110,9 +110,9 @@ class Inspector {
       Add("request.max_sequence_length",
           absl::StrCat("max_sequence_length = ", r.max_sequence_length, ": must be >= 1"));
     }
-    for (const auto& [field, value] : {std::pair<const char*, int64_t>{"experts_per_pass",
-                                                                         r.experts_per_pass},
-                                        {"dispatch_tokens", r.dispatch_tokens}}) {
+    for (const auto& [field, value] :
+         {std::pair<const char*, int64_t>{"experts_per_pass", r.experts_per_pass},
+          {"dispatch_tokens", r.dispatch_tokens}}) {
       if (value < 0 && value != kChooseSetting) {
         Add(absl::StrCat("request.", field),
             absl::StrCat(field, " = ", value, ": must be >= 0 (0 = all) or ", kChooseSetting,

@@ -354,20 +354,21 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
       const int64_t own_in = SatMul(expert_input[layer], rp.num_experts) / n;
       const int64_t own_out = SatMul(expert_output[layer], rp.num_experts) / n;
       in = std::max(in, SatAdd(plan.layers[layer].input_bytes - expert_input[layer], own_in));
-      const int64_t others = rp.rank == 0 ? plan.layers[layer].output_bytes - expert_output[layer]
-                                          : 0;
+      const int64_t others =
+          rp.rank == 0 ? plan.layers[layer].output_bytes - expert_output[layer] : 0;
       out = std::max(out, SatAdd(others, own_out));
     }
-    host_base.push_back(SatAdd({SatMul({tokens, h, 2, 2}),
-                                SatMul({std::min(tokens, kForwardBatchTokens), h, 2}),
-                                SatMul(out, 2), SatMul(in, 2), SatMul({samples, seq, 4}),
-                                SatMul(tokens, 8), SatMul({tokens, k, 20}), kPinnedStagingBytes,
-                                kHostOverheadBytes}));
+    host_base.push_back(
+        SatAdd({SatMul({tokens, h, 2, 2}), SatMul({std::min(tokens, kForwardBatchTokens), h, 2}),
+                SatMul(out, 2), SatMul(in, 2), SatMul({samples, seq, 4}), SatMul(tokens, 8),
+                SatMul({tokens, k, 20}), kPinnedStagingBytes, kHostOverheadBytes}));
   }
 
   // The settings (plan.h ChooseSettings).
   int64_t most_experts = 0;
-  for (const RankPlan& rp : plan.ranks) most_experts = std::max<int64_t>(most_experts, rp.num_experts);
+  for (const RankPlan& rp : plan.ranks) {
+    most_experts = std::max<int64_t>(most_experts, rp.num_experts);
+  }
   if (!any_moe) most_experts = 0;
   const bool choose_pass = request.experts_per_pass == kChooseSetting;
   const bool choose_dispatch = request.dispatch_tokens == kChooseSetting;
@@ -430,10 +431,10 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   est.dispatch_tokens_chosen = choose_dispatch;
   est.device_memory_bytes = memory;
   est.expert_passes =
-      most_experts == 0 ? 0
-                        : CeilDiv(most_experts, experts_per_pass > 0
-                                                    ? std::min(experts_per_pass, most_experts)
-                                                    : most_experts);
+      most_experts == 0
+          ? 0
+          : CeilDiv(most_experts,
+                    experts_per_pass > 0 ? std::min(experts_per_pass, most_experts) : most_experts);
 
   for (RankPlan& rp : plan.ranks) {
     rp.gpu_bytes = gpu_bytes(rp, experts_per_pass, rounds);

@@ -117,7 +117,7 @@ inline constexpr int64_t kDeviceOverheadBytes = int64_t{5} << 29;  // 2.5 GiB
 // side, allocator arenas) and the pinned staging buffers of host-to-device copies (64 MiB each,
 // kept by torch's pinned allocator; a few are in flight). Not fitted to a measurement yet:
 // bench/run_layer_quant_gpu.sh prints the worker's peak resident set next to the estimate.
-inline constexpr int64_t kHostOverheadBytes = int64_t{2} << 30;    // 2 GiB
+inline constexpr int64_t kHostOverheadBytes = int64_t{2} << 30;     // 2 GiB
 inline constexpr int64_t kPinnedStagingBytes = int64_t{256} << 20;  // 4 x 64 MiB
 // Tokens of one forward batch (GangPipelineOptions.max_batch_tokens): the hidden states go to the
 // host one batch at a time.

@@ -1029,8 +1029,7 @@ TEST_F(ChosenSettingsTest, SmallerDevicesTakeMorePassesThenMoreRounds) {
             << "), " << smaller.dispatch_tokens << " (" << smaller.dispatch_rounds << ")\n";
   // Passes as even as possible: P = ceil(256 / passes).
   if (h200.expert_passes > 1) {
-    EXPECT_EQ(h200.experts_per_pass,
-              (256 + h200.expert_passes - 1) / h200.expert_passes);
+    EXPECT_EQ(h200.experts_per_pass, (256 + h200.expert_passes - 1) / h200.expert_passes);
   }
   // Tokens per round: ceil(T / rounds), and the plan's rounds are the pipeline's count.
   if (h200.dispatch_rounds > 1) {
