@@ -23,10 +23,9 @@
 #   MQ_WORKER_ARGS  extra mq-worker flags, e.g. --overlap-writes=false
 #   MQ_COLD       set: drop the checkpoint's files from the page cache before each job
 #                 (fsync + posix_fadvise DONTNEED), so the job reads them from the disk
-#   MQ_EPP        mq-worker --experts-per-pass (default 16: with 32, a gang of one at 64x1024
-#                 tokens ran out of memory on an 80 GB H100; see bench/RESULTS.md)
-#   MQ_DISPATCH   mq-worker --dispatch-tokens (default 65536, the worker's default: 64x1024 is
-#                 one dispatch round)
+#   MQ_EPP        mq-worker --experts-per-pass (default auto, the worker's default: the plan
+#                 chooses it for the GPU; the summary says what it chose)
+#   MQ_DISPATCH   mq-worker --dispatch-tokens (default auto, the worker's default)
 #   MQ_ALLOC_CONF PYTORCH_CUDA_ALLOC_CONF for the workers (default expandable_segments:True)
 #   MQ_TARGETS    routed-experts (default, the product's default) or all-linear
 #   MQ_JOB_TIMEOUT  seconds per job before it is abandoned (default 420; also cut to what is
@@ -37,6 +36,11 @@
 # Results: $OUT/summary.txt (also printed), $OUT/results.json, $OUT/gpu.txt, $OUT/logs.tar.gz.
 # Peak GPU memory is per job, but workers keep torch's allocator reserve between jobs: only a
 # worker's first job gives a clean peak. A worker that dies is restarted before the next job.
+# Peak host memory of each worker process (bench/proc_mem.py: /proc/<pid>/status every 0.2 s,
+# VmHWM reset before each job) is printed next to the plan's host estimate: VmHWM (the resident
+# set's peak: also the mapped checkpoint's pages and the libraries) and the peak of RssAnon +
+# RssShmem (what the process allocated itself; the heap keeps freed memory between jobs, so
+# again a worker's first job is the clean one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -51,8 +55,8 @@ RUNS="${MQ_RUNS:-1:64 $NGPU:64}"
 SEQLEN="${MQ_SEQLEN:-1024}"
 EXPERTS="${MQ_EXPERTS:-256}"
 LAYERS="${MQ_LAYERS:-1}"
-EPP="${MQ_EPP:-16}"
-DISPATCH="${MQ_DISPATCH:-65536}"
+EPP="${MQ_EPP:-auto}"
+DISPATCH="${MQ_DISPATCH:-auto}"
 TARGETS="${MQ_TARGETS:-routed-experts}"
 JOB_TIMEOUT="${MQ_JOB_TIMEOUT:-420}"
 B=build-gpu
@@ -140,7 +144,7 @@ start_worker() {  # start_worker GPU: (re)starts that GPU's worker
 }
 for i in $(seq 0 $((NGPU - 1))); do start_worker $i; done
 cleanup() {
-  for p in "${WORKER_PIDS[@]}" $COORD_PID ${SMI_PID:-}; do kill "$p" 2>/dev/null; done
+  for p in "${WORKER_PIDS[@]}" $COORD_PID ${SMI_PID:-} ${MEM_PID:-}; do kill "$p" 2>/dev/null; done
   wait 2>/dev/null
   finish
 }
@@ -173,6 +177,11 @@ for run in $RUNS; do
   nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200 \
     > "$LOG/gpumem-$tag.csv" 2>/dev/null &
   SMI_PID=$!
+  # Host memory of the workers: peaks reset, then sampled until the job ends.
+  python3 bench/proc_mem.py reset "${WORKER_PIDS[@]}"
+  : > "$LOG/hostmem-$tag.txt"
+  python3 bench/proc_mem.py sample "$LOG/hostmem-$tag.txt" "${WORKER_PIDS[@]}" &
+  MEM_PID=$!
   if [ -n "${MQ_COLD:-}" ]; then
     python3 - "$M" <<'EOF'
 import os, sys
@@ -207,14 +216,21 @@ EOF
   if [ -z "$rc" ]; then wait $CPID; rc=$?; fi
   wall=$(since "$t0")
   kill $SMI_PID 2>/dev/null; wait $SMI_PID 2>/dev/null; SMI_PID=""
+  kill $MEM_PID 2>/dev/null; wait $MEM_PID 2>/dev/null; MEM_PID=""
+  python3 bench/proc_mem.py sample --once "$LOG/hostmem-$tag.txt" "${WORKER_PIDS[@]}"  # VmHWM
+  python3 bench/proc_mem.py summary "$LOG/hostmem-$tag.txt" > "$LOG/hostmem-$tag.json"
+  # Worker index by pid, for the summary.
+  for i in "${!WORKER_PIDS[@]}"; do echo "${WORKER_PIDS[$i]} $i"; done > "$LOG/workers-$tag.txt"
   cat "$LOG/submit-$tag.log"
   JOB=$(head -1 "$LOG/submit-$tag.log" | awk '{print $1}')
   "$CLIENT" --coordinator "$ADDR" status "$JOB" --json > "$LOG/job-$tag.json" 2>&1
   stamp "job $tag: rc=$rc wall=${wall}s"
   python3 - "$W/results.json" "$LOG/job-$tag.json" "$LOG/gpumem-$tag.csv" "$tag" "$K" "$S" \
-    "$SEQLEN" "$wall" "$rc" "$(du -sb "$O" 2>/dev/null | cut -f1)" <<'EOF'
+    "$SEQLEN" "$wall" "$rc" "$(du -sb "$O" 2>/dev/null | cut -f1)" "$LOG/hostmem-$tag.json" \
+    "$LOG/workers-$tag.txt" <<'EOF'
 import json, sys
-res_path, job_path, mem_path, tag, K, S, seqlen, wall, rc, out_bytes = sys.argv[1:]
+(res_path, job_path, mem_path, tag, K, S, seqlen, wall, rc, out_bytes, host_path,
+ workers_path) = sys.argv[1:]
 try:
     job = json.load(open(job_path))
 except Exception as e:
@@ -239,7 +255,17 @@ r["layers"] = [{"layer": l.get("layer"), "committed_at_ms": l.get("committed_at_
 r["events"] = [(e.get("time_ms"), e.get("kind"), e.get("message", "")[:160]) for e in job.get("events", [])]
 r["created_at_ms"] = j.get("created_at_ms"); r["finished_at_ms"] = j.get("finished_at_ms")
 r["quality"] = j.get("quality")
-r["plan_gpu_bytes"] = j.get("plan", {}).get("estimate", {}).get("gpu_bytes_per_rank")
+est = j.get("plan", {}).get("estimate", {})
+r["plan_gpu_bytes"] = est.get("gpu_bytes_per_rank")
+r["plan_host_bytes"] = est.get("host_bytes_per_rank")
+r["plan_settings"] = {k: est.get(k) for k in (
+    "experts_per_pass", "dispatch_tokens", "experts_per_pass_chosen", "dispatch_tokens_chosen",
+    "expert_passes", "dispatch_rounds", "device_memory_bytes")}
+try:  # peak host memory by worker index (bench/proc_mem.py summary)
+    index = dict(line.split() for line in open(workers_path) if line.strip())
+    r["peak_host"] = {index.get(pid, pid): v for pid, v in json.load(open(host_path)).items()}
+except (OSError, ValueError) as e:
+    r["peak_host"] = {"error": str(e)}
 all_r = json.load(open(res_path)); all_r.append(r)
 json.dump(all_r, open(res_path, "w"), indent=1)
 EOF
@@ -272,6 +298,23 @@ for r in runs:
     if plan_gpu and peak:
         print(f"   GPU memory: planned {plan_gpu:.2f} GiB per rank, nvidia-smi peak {peak:.2f} GiB "
               f"({100 * (plan_gpu - peak) / peak:+.1f}%)")
+    ps = r.get("plan_settings") or {}
+    if ps.get("expert_passes"):
+        how = lambda chosen: "chosen by the plan" if chosen else "given"
+        print(f"   settings: experts per pass {ps.get('experts_per_pass') or 'all'} "
+              f"({ps.get('expert_passes')} passes, {how(ps.get('experts_per_pass_chosen'))}), "
+              f"dispatch tokens {ps.get('dispatch_tokens') or 'all'} ({ps.get('dispatch_rounds')} "
+              f"rounds, {how(ps.get('dispatch_tokens_chosen'))}) for "
+              f"{f(ps.get('device_memory_bytes')) / 2**30:.2f} GiB")
+    plan_host = f(r.get("plan_host_bytes")) / 2**30
+    for worker, h in sorted((r.get("peak_host") or {}).items()):
+        if not isinstance(h, dict):
+            continue
+        hwm, own, mapped = (h.get(k, 0) / 2**30 for k in ("vm_hwm", "anon_shmem", "file_at_anon_peak"))
+        vs = lambda x: f" ({100 * (plan_host - x) / x:+.1f}%)" if plan_host and x else ""
+        print(f"   host memory, worker {worker}: planned {plan_host:.2f} GiB per rank, peak RSS "
+              f"(VmHWM) {hwm:.2f} GiB{vs(hwm)}; peak anonymous + shared {own:.2f} GiB{vs(own)} "
+              f"with {mapped:.2f} GiB file-backed then ({h.get('samples', 0)} samples)")
     for t, kind, msg in ev:
         print(f"   +{(int(t) - t_sub)/1000:7.1f}s {kind:18s} {msg}")
     q = r.get("quality") or {}

@@ -255,6 +255,25 @@ void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
                 << " layers (a resume replays at most " << e.checkpoint_every() - 1
                 << " layers, ~" << resume << " projected)\n";
     }
+    if (e.expert_passes() > 0) {
+      // How the settings came about: the planning worker's flags, or the plan's choice for its
+      // device (plans from before settings were planned have neither: nothing is printed).
+      const std::string device =
+          e.device_memory_bytes() > 0
+              ? "chosen by the plan for " + Bytes(e.device_memory_bytes()) + " of device memory"
+              : "chosen by the plan (device memory unknown: the fallback)";
+      auto origin = [&](bool chosen, const char* flag) {
+        return chosen ? device : std::string("given (mq-worker ") + flag + ")";
+      };
+      std::cout << "  experts per pass:      "
+                << (e.experts_per_pass() > 0 ? std::to_string(e.experts_per_pass()) : "all") << " ("
+                << e.expert_passes() << " pass" << (e.expert_passes() == 1 ? "" : "es")
+                << " per MoE layer), " << origin(e.experts_per_pass_chosen(), "--experts-per-pass")
+                << "\n"
+                << "  dispatch tokens:       "
+                << (e.dispatch_tokens() > 0 ? std::to_string(e.dispatch_tokens()) : "all") << ", "
+                << origin(e.dispatch_tokens_chosen(), "--dispatch-tokens") << "\n";
+    }
     if (e.total_seconds() > 0) {
       char per_layer[32];
       std::snprintf(per_layer, sizeof(per_layer), "%.1f s", e.seconds_per_layer());

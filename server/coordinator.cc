@@ -62,6 +62,20 @@ std::string KindName(mq::v1::AssignmentKind k) {
   }
 }
 
+// " (this plan: 16 experts per pass, 65536 dispatch tokens, chosen by the plan for the planning
+// worker's device)" for a refusal,
+// or "" for a plan without settings.
+std::string SettingsOfPlan(const mq::v1::ResourceEstimate& e) {
+  if (e.expert_passes() == 0) return "";
+  auto value = [](int64_t v) { return v > 0 ? absl::StrCat(v) : std::string("all"); };
+  const bool chosen = e.experts_per_pass_chosen() || e.dispatch_tokens_chosen();
+  return absl::StrCat(" (this plan: ", value(e.experts_per_pass()), " experts per pass, ",
+                      value(e.dispatch_tokens()), " dispatch tokens",
+                      chosen ? ", chosen by the plan for the planning worker's device"
+                             : ", as the planning worker's flags gave them",
+                      ")");
+}
+
 // A job whose plan succeeded (it has one without problems) runs the pipeline next.
 bool IsPlanned(const JobRecord& job) { return job.has_plan() && job.plan().problems_size() == 0; }
 
@@ -1011,6 +1025,14 @@ absl::StatusOr<mq::v1::PollAssignmentResponse> Coordinator::PollAssignment(
           out->set_rendezvous(a.rendezvous());
           out->set_rendezvous_secret(a.rendezvous_secret());
           out->set_total_steps(job.plan().layers_size());
+          // The plan's settings (a job planned before plans carried them has none: 0 passes).
+          const mq::v1::ResourceEstimate& e = job.plan().estimate();
+          if (a.kind() == mq::v1::ASSIGNMENT_KIND_QUANTIZE &&
+              (e.expert_passes() > 0 || e.experts_per_pass_chosen() ||
+               e.dispatch_tokens_chosen())) {
+            out->mutable_settings()->set_experts_per_pass(e.experts_per_pass());
+            out->mutable_settings()->set_dispatch_tokens(e.dispatch_tokens());
+          }
           auto layers = layers_.find(a.job_id());
           if (layers != layers_.end()) {
             for (const auto& [step, rec] : layers->second) {
@@ -1374,8 +1396,8 @@ void Coordinator::ApplyPlanResult(JobRecord& job, WriteBatch& batch,
                      capability, "\" (", HumanBytes(*largest),
                      "): submit again with a larger --gang-size (fewer experts and sequences per "
                      "rank), fewer --num-calibration-samples or a shorter --max-sequence-length, "
-                     "or start workers with a lower --dispatch-tokens or --experts-per-pass, or "
-                     "with larger GPUs, and `mq-client resume ",
+                     "or start workers with a lower --dispatch-tokens or --experts-per-pass",
+                     SettingsOfPlan(report.estimate()), ", or with larger GPUs, and `mq-client resume ",
                      job.job_id(), "`"));
     if (metrics_) metrics_->jobs_failed->Increment();
     return;

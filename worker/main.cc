@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/channel.h"
 #include "common/flags.h"
@@ -57,8 +58,8 @@ int main(int argc, char** argv) {
   std::string gang_host = "127.0.0.1";
   int64_t gang_port = 0;
   int64_t gang_join_timeout_ms = 120000;
-  int64_t experts_per_pass = 16;
-  int64_t dispatch_tokens = 65536;
+  std::string experts_per_pass_flag = "auto";
+  std::string dispatch_tokens_flag = "auto";
   int64_t checkpoint_every = 0;
   int64_t cpu_threads = 0;
   bool overlap_writes = true;
@@ -82,14 +83,16 @@ int main(int argc, char** argv) {
   flags.Int("gang-join-timeout-ms", &gang_join_timeout_ms,
             "how long a gang's rendezvous may take before the attempt is given up (default "
             "120000)");
-  flags.Int("experts-per-pass", &experts_per_pass,
-            "routed experts whose Hessians are held (and solved in one batch) at once; bounds "
-            "memory: a DeepSeek-V3 expert's Hessians take 222 MB (default 16; 0 = all of a "
-            "rank's)");
-  flags.Int("dispatch-tokens", &dispatch_tokens,
-            "calibration tokens, over the whole gang, whose routed rows an MoE layer sends to "
-            "their experts at once; bounds memory: DeepSeek-V3 holds 3 x 8 rows of 14 KB per "
-            "token (sent, received, returned), spread over the gang (default 65536; 0 = all)");
+  flags.String("experts-per-pass", &experts_per_pass_flag,
+               "routed experts whose Hessians are held (and solved in one batch) at once; bounds "
+               "memory: a DeepSeek-V3 expert's Hessians take 222 MB (default auto: the job's plan "
+               "chooses the fewest passes that fit this worker's device; 0 = all of a rank's; "
+               "a job runs with its plan's value on every rank)");
+  flags.String("dispatch-tokens", &dispatch_tokens_flag,
+               "calibration tokens, over the whole gang, whose routed rows an MoE layer sends to "
+               "their experts at once; bounds memory: DeepSeek-V3 holds 3 x 8 rows of 14 KB per "
+               "token (sent, received, returned), spread over the gang (default auto: the job's "
+               "plan chooses the fewest rounds that fit this worker's device; 0 = all)");
   flags.Int("checkpoint-every", &checkpoint_every,
             "layers per hidden-state checkpoint in the scratch directory (tokens x hidden x 2 "
             "bytes each, ~30 GB per rank for DeepSeek-V3 at 512 x 4096): a resumed job replays at "
@@ -167,9 +170,13 @@ int main(int argc, char** argv) {
     return Fail(absl::StrCat("--gang-join-timeout-ms = ", gang_join_timeout_ms,
                              ": must be between 1000 and 3600000"));
   }
-  if (experts_per_pass < 0 || experts_per_pass > 4096) {
-    return Fail(absl::StrCat("--experts-per-pass = ", experts_per_pass,
-                             ": must be between 0 (all) and 4096"));
+  // "auto" = mq::model::kChooseSetting (-1): the plan chooses.
+  int64_t experts_per_pass = -1, dispatch_tokens = -1;
+  if (experts_per_pass_flag != "auto" &&
+      (!absl::SimpleAtoi(experts_per_pass_flag, &experts_per_pass) || experts_per_pass < 0 ||
+       experts_per_pass > 4096)) {
+    return Fail(absl::StrCat("--experts-per-pass = ", experts_per_pass_flag,
+                             ": must be auto (chosen by the plan), 0 (all) or 1..4096"));
   }
   if (checkpoint_every < 0 || checkpoint_every > 100000) {
     return Fail(absl::StrCat("--checkpoint-every = ", checkpoint_every,
@@ -179,9 +186,11 @@ int main(int argc, char** argv) {
     return Fail(absl::StrCat("--cpu-threads = ", cpu_threads,
                              ": must be between 0 (automatic) and 4096"));
   }
-  if (dispatch_tokens < 0) {
-    return Fail(absl::StrCat("--dispatch-tokens = ", dispatch_tokens,
-                             ": must be 0 (all at once) or a positive token count"));
+  if (dispatch_tokens_flag != "auto" &&
+      (!absl::SimpleAtoi(dispatch_tokens_flag, &dispatch_tokens) || dispatch_tokens < 0)) {
+    return Fail(absl::StrCat("--dispatch-tokens = ", dispatch_tokens_flag,
+                             ": must be auto (chosen by the plan), 0 (all at once) or a positive "
+                             "token count"));
   }
   if (gang_port >= 0) {  // also checks --gang-host when --gang-port is given
     absl::StatusOr<int> port = FreePort(gang_host);

@@ -94,6 +94,12 @@ mq::v1::InspectReport ToProto(const model::InspectReport& in) {
   q->set_total_seconds(e.total_seconds);
   q->set_checkpoint_every(e.checkpoint_every);
   q->set_resume_replay_seconds(e.resume_replay_seconds);
+  q->set_experts_per_pass(e.experts_per_pass);
+  q->set_dispatch_tokens(e.dispatch_tokens);
+  q->set_experts_per_pass_chosen(e.experts_per_pass_chosen);
+  q->set_dispatch_tokens_chosen(e.dispatch_tokens_chosen);
+  q->set_expert_passes(e.expert_passes);
+  q->set_device_memory_bytes(e.device_memory_bytes);
   return out;
 }
 

@@ -13,6 +13,7 @@
 #include "common/s3/s3_config.h"
 #include "common/status.h"
 #include "common/util.h"
+#include "worker/model/plan.h"
 #include "worker/plan_convert.h"
 #include "worker/s3_inputs.h"
 #if MQ_WORKER_HAS_PIPELINE
@@ -447,9 +448,14 @@ void Worker::RunAssignment(const mq::v1::Assignment& original, const std::atomic
     if (!aborted) {
       Progress(a, "reading config, index and safetensors headers", 0);
       model::InspectRequest request = ToInspectRequest(a.spec());
-      request.experts_per_pass = options_.experts_per_pass;  // how this pool's workers solve
+      // How this pool's workers solve: as the flags say, or chosen by the plan for this
+      // worker's device (its host memory on the CPU).
+      request.experts_per_pass = options_.experts_per_pass;
       request.dispatch_tokens = options_.dispatch_tokens;
       request.checkpoint_every = options_.checkpoint_every;
+      request.device_is_host = device_.device_memory_bytes <= 0;
+      request.device_memory_bytes =
+          request.device_is_host ? device_.host_memory_bytes : device_.device_memory_bytes;
       // A refused location is neither read nor created: the plan reports it instead.
       std::vector<std::pair<std::string, std::string>> refused = PathProblems(original);
       if (!staging.ok()) refused.emplace_back("request.s3", std::string(staging.message()));
@@ -566,8 +572,19 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.scratch_dir = options_.scratch_dir + "/" + a.job_id();
   in.device = device_.device;
   in.join_timeout_ms = options_.gang_join_timeout_ms;
-  in.experts_per_pass = options_.experts_per_pass;
-  in.dispatch_tokens = options_.dispatch_tokens;
+  if (a.has_settings()) {  // the job's plan: every rank runs what it estimated
+    in.experts_per_pass = a.settings().experts_per_pass();
+    in.dispatch_tokens = a.settings().dispatch_tokens();
+  } else {  // a job planned without settings: this worker's flags, their former defaults
+    in.experts_per_pass =
+        options_.experts_per_pass >= 0 ? options_.experts_per_pass : model::kFallbackExpertsPerPass;
+    in.dispatch_tokens =
+        options_.dispatch_tokens >= 0 ? options_.dispatch_tokens : model::kFallbackDispatchTokens;
+  }
+  LogLine("worker", "INFO",
+          absl::StrCat("job ", a.job_id(), " rank ", a.rank(), ": experts per pass ",
+                       in.experts_per_pass, ", dispatch tokens ", in.dispatch_tokens,
+                       a.has_settings() ? " (the job's plan)" : " (this worker's flags)"));
   in.checkpoint_every = options_.checkpoint_every;
   in.cpu_threads = options_.cpu_threads;
   in.overlap_writes = options_.overlap_writes;

@@ -33,8 +33,11 @@ struct WorkerOptions {
   std::string gang_host = "127.0.0.1";
   int gang_port = 0;  // 0 = none (the worker then runs no QUANTIZE assignments)
   int64_t gang_join_timeout_ms = 120000;
-  int64_t experts_per_pass = 16;
-  int64_t dispatch_tokens = 65536;  // gang-wide tokens an MoE layer dispatches at once (0 = all)
+  // Routed experts solved at once and gang-wide tokens an MoE layer dispatches at once (0 = all;
+  // -1 = chosen by the job's plan for this worker's device). A QUANTIZE assignment's settings
+  // (its job's plan) take precedence; these apply to jobs planned without settings.
+  int64_t experts_per_pass = -1;
+  int64_t dispatch_tokens = -1;
   int64_t checkpoint_every = 0;  // steps per hidden-state checkpoint (0 = the cost model's)
   int cpu_threads = 0;  // host threads for tensor work (0: 4 on CUDA, every core on CPU)
   bool overlap_writes = true;  // a layer's write and report beside the next layer's work

@@ -57,7 +57,15 @@ def test_fp8_model_with_ragged_dims(served, tmp_path):
     est = report["estimate"]
     assert int(est["calibration_tokens"]) == 512 * 4096
     assert est["tokens_per_expert"] == 512 * 4096 * 4 / 16
-    assert int(est["dispatch_rounds"]) == 512 * 4096 // 65536  # the worker's --dispatch-tokens
+    # The worker leaves --experts-per-pass and --dispatch-tokens to the plan: chosen for its
+    # host memory (a CPU worker), the fewest passes, then the fewest rounds, that fit.
+    assert est.get("experts_per_pass_chosen") and est.get("dispatch_tokens_chosen"), est
+    assert int(est["device_memory_bytes"]) > 0
+    assert int(est["gpu_bytes_per_rank"]) <= 0.95 * int(est["device_memory_bytes"])
+    per_pass, tokens = int(est.get("experts_per_pass", 0)), int(est.get("dispatch_tokens", 0))
+    passes = 1 if per_pass == 0 else -(-8 // per_pass)  # 8 experts a rank
+    rounds = 1 if tokens == 0 else min(512, -(-512 * 4096 // tokens))
+    assert int(est["expert_passes"]) == passes and int(est["dispatch_rounds"]) == rounds, est
     for key in ("gpu_bytes_per_rank", "host_bytes_per_rank", "output_bytes",
                 "scratch_bytes_per_rank"):
         assert int(est[key]) > 0, key
@@ -71,7 +79,9 @@ def test_fp8_model_with_ragged_dims(served, tmp_path):
     human = served.client("inspect", model, "--gang-size", "2", "--layers", "--group-size", "-1",
                           check=True).stdout
     for text in ("fp8 weights", "Layers:       4 (1 dense, 3 MoE) + 1 MTP",
-                 "Estimate (gang of 2)", "dispatch rounds:       32 per MoE layer", "RANK",
+                 "Estimate (gang of 2)", f"dispatch rounds:       {rounds} per MoE layer",
+                 f"experts per pass:      {per_pass or 'all'} ({passes} pass",
+                 "per MoE layer), chosen by the plan for ", "RANK",
                  "0..7", "8..15", "LAYER  KIND",
                  # A checkpoint costs little against these layers: one after each.
                  "hidden states saved:   after every layer (a resume replays none)"):

@@ -296,9 +296,11 @@ def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("flag,value,allowed", [
-    ("--dispatch-tokens", "-1", "0 (all at once) or a positive token count"),
+    ("--dispatch-tokens", "-1", "auto (chosen by the plan), 0 (all at once) or a positive token "
+     "count"),
     ("--cpu-threads", "-2", "between 0 (automatic) and 4096"),
-    ("--experts-per-pass", "5000", "between 0 (all) and 4096"),
+    ("--experts-per-pass", "5000", "auto (chosen by the plan), 0 (all) or 1..4096"),
+    ("--experts-per-pass", "many", "auto (chosen by the plan), 0 (all) or 1..4096"),
     ("--checkpoint-every", "-1", "between 0 (chosen by the cost model) and 100000"),
 ])
 def test_worker_rejects_bad_flags(tmp_path, flag, value, allowed):

@@ -295,3 +295,61 @@ def test_rtn_all_linear_with_narrow_attention_runs_in_transformers(cluster, tmp_
     lines = [l for l in (res.stdout + res.stderr).splitlines() if "nope.jsonl" in l]
     assert len(lines) == 1, res.stdout + res.stderr
     assert "ended FAILED: the request has 1 problem: request.calibration.dataset_uri" in lines[0]
+
+
+def test_the_plans_settings_reach_every_rank(cluster, env, tmp_path):
+    """The expert passes and dispatch rounds a job runs are those of its plan, whatever the flags
+    of the workers that run it: planned by a worker that leaves them to the plan (chosen for its
+    host memory: everything at once for this small model), run by two workers whose flags say
+    otherwise; then the other way round."""
+    cluster.start_coordinator()
+
+    def plan_then_run(planner_args, runner_args, out):
+        cluster.worker_args = planner_args
+        planner = f"planner-{out.name}"
+        cluster.start_worker(planner)
+        job_id = cluster.client(*submit_args(env["model"], out, env["dataset"], "--gang-size", 2),
+                                check=True).stdout.split()[0]
+        # Planned, then waiting for a gang of two: the planner leaves before it forms.
+        job = wait_until(lambda: (j := cluster.job(job_id))["job"].get("plan", {}).get("layers")
+                         and j["job"]["state"] == "JOB_STATE_QUEUED" and j, 60, "job planned")
+        cluster.workers[planner].stop()
+        cluster.worker_args = runner_args
+        runners = [f"runner-{out.name}-{i}" for i in range(2)]
+        for name in runners:
+            cluster.start_worker(name)
+        done = cluster.wait_job(job_id, ["JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"], timeout=600)
+        assert done["job"]["state"] == "JOB_STATE_SUCCEEDED", done["job"].get("message")
+        for name in runners:
+            cluster.workers[name].stop()
+        return job_id, job["job"]["plan"]["estimate"], done, runners
+
+    # Chosen by the plan: all 4 experts of a rank in one pass, all tokens in one round.
+    job_id, est, done, runners = plan_then_run([], ["--experts-per-pass", "1", "--dispatch-tokens", "40"],
+                                       tmp_path / "out-chosen")
+    assert est.get("experts_per_pass_chosen") and est.get("dispatch_tokens_chosen"), est
+    assert int(est.get("experts_per_pass", 0)) == 0 and int(est.get("dispatch_tokens", 0)) == 0
+    assert int(est["expert_passes"]) == 1 and int(est["dispatch_rounds"]) == 1, est
+    last = done["job"]["progress"]["last_layer"]
+    assert last["expert_passes"] == 1 and last["dispatch_rounds"] == 1, last  # not 4 and > 32
+    for name in runners:
+        log = (cluster.tmp / f"worker-{name}.log").read_text()
+        assert "experts per pass 0, dispatch tokens 0 (the job's plan)" in log, log[-2000:]
+    status = cluster.client("status", job_id, check=True).stdout
+    assert "experts per pass:      all (1 pass per MoE layer), chosen by the plan for" in status
+    assert "dispatch tokens:       all, chosen by the plan for" in status, status
+
+    # Given by the planner's flags: two experts a pass, rounds of at most 300 tokens; the
+    # runners leave both to the plan (alone they would run one pass and one round).
+    job_id, est, done, runners = plan_then_run(["--experts-per-pass", "2", "--dispatch-tokens", "300"], [],
+                                       tmp_path / "out-given")
+    assert not est.get("experts_per_pass_chosen") and not est.get("dispatch_tokens_chosen"), est
+    assert int(est["experts_per_pass"]) == 2 and int(est["dispatch_tokens"]) == 300, est
+    assert int(est["expert_passes"]) == 2 and int(est["dispatch_rounds"]) == 11, est  # 64 x 48
+    last = done["job"]["progress"]["last_layer"]
+    assert last["expert_passes"] == 2, last
+    assert 1 < last["dispatch_rounds"] <= 11, last  # sequences of 2 to 48 tokens
+    status = cluster.client("status", job_id, check=True).stdout
+    assert "experts per pass:      2 (2 passes per MoE layer), given (mq-worker " \
+           "--experts-per-pass)" in status, status
+    cluster.worker_args = []

@@ -110,6 +110,20 @@ class Inspector {
       Add("request.max_sequence_length",
           absl::StrCat("max_sequence_length = ", r.max_sequence_length, ": must be >= 1"));
     }
+    for (const auto& [field, value] :
+         {std::pair<const char*, int64_t>{"experts_per_pass", r.experts_per_pass},
+          {"dispatch_tokens", r.dispatch_tokens}}) {
+      if (value < 0 && value != kChooseSetting) {
+        Add(absl::StrCat("request.", field),
+            absl::StrCat(field, " = ", value, ": must be >= 0 (0 = all) or ", kChooseSetting,
+                         " (chosen by the plan)"));
+      }
+    }
+    if (r.device_memory_bytes < 0) {
+      Add("request.device_memory_bytes",
+          absl::StrCat("device_memory_bytes = ", r.device_memory_bytes,
+                       ": must be >= 0 (0 = unknown)"));
+    }
     return report_.problems.size() == before;
   }
 
@@ -495,6 +509,7 @@ class Inspector {
           absl::StrCat("left unquantized (BF16, in quantization_config.ignore): ", p.in_features,
                        " input columns are not a multiple of group_size ", request_.group_size)});
     }
+    for (Problem& note : plan.notes) report_.notes.push_back(std::move(note));
     report_.layers = std::move(plan.layers);
     report_.ranks = std::move(plan.ranks);
     report_.estimate = plan.estimate;

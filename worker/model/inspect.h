@@ -22,16 +22,29 @@ struct InspectRequest {
   bool include_mtp = false;  // also plan the MTP layer(s) at index num_hidden_layers
   int64_t num_calibration_samples = 512;
   int64_t max_sequence_length = 4096;
-  // Routed experts a rank solves at once (mq-worker --experts-per-pass; 0 = all of its experts):
-  // bounds the Hessians and solve buffers held together, so it enters the GPU estimate.
+  // Routed experts a rank solves at once (mq-worker --experts-per-pass; 0 = all of its experts;
+  // kChooseSetting = the plan chooses it for device_memory_bytes): bounds the Hessians and solve
+  // buffers held together, so it enters the GPU estimate.
   int64_t experts_per_pass = 16;
   // Calibration tokens over the gang whose routed rows a layer dispatches at once (mq-worker
-  // --dispatch-tokens; 0 = all): bounds the routed rows held, so it enters the GPU estimate.
+  // --dispatch-tokens; 0 = all; kChooseSetting = chosen by the plan): bounds the routed rows
+  // held, so it enters the GPU estimate.
   int64_t dispatch_tokens = 65536;
   // Steps per hidden-state checkpoint (mq-worker --checkpoint-every; 0 = chosen by the cost
   // model, plan.h ChooseCheckpointCadence): sets the scratch estimate and the resume cost.
   int64_t checkpoint_every = 0;
+  // Memory of the device each rank computes on, which chosen settings must fit (plan.h
+  // ChooseSettings): the planning worker's GPU, or its host memory when it computes on the CPU
+  // (device_is_host). 0 = unknown: chosen settings are then kFallbackExpertsPerPass and
+  // kFallbackDispatchTokens.
+  int64_t device_memory_bytes = 0;
+  // The ranks compute on the CPU: their device working set is host memory too (plan.h host(r)).
+  bool device_is_host = false;
 };
+
+// experts_per_pass / dispatch_tokens value that asks the plan to choose (mq-worker's default,
+// "auto" on its command line).
+inline constexpr int64_t kChooseSetting = -1;
 
 // One thing wrong with the checkpoint. Inspection collects every problem it finds.
 struct Problem {
@@ -100,6 +113,15 @@ struct ResourceEstimate {
   int64_t dispatch_rounds = 0;   // of each MoE layer (plan.h; 0 without MoE layers)
   int checkpoint_every = 1;      // steps per hidden-state checkpoint (plan.h)
   double resume_replay_seconds = 0;  // at most, replaying steps after the newest checkpoint
+  // The settings the job's ranks run with (0 = all), as the request gave them or as the plan
+  // chose them (plan.h ChooseSettings), and the expert passes of the rank with the most experts
+  // (0 without MoE layers).
+  int64_t experts_per_pass = 0;
+  int64_t dispatch_tokens = 0;
+  bool experts_per_pass_chosen = false;
+  bool dispatch_tokens_chosen = false;
+  int64_t expert_passes = 0;
+  int64_t device_memory_bytes = 0;  // the request's: what chosen settings were fitted to
   double seconds_per_layer = 0;  // projected quantize time per planned layer (plan.h)
   double total_seconds = 0;      // projected quantize phase
 };
@@ -130,7 +152,9 @@ struct InspectReport {
 //   request.<field>        "<field> = <value>: must be <rule>", e.g. "gang_size = 0: must be >= 1",
 //                          "group_size = 96: must be 0 (per-channel), 32, 64 or 128",
 //                          "gang_size = 512: must be <= n_routed_experts = 256 (every rank owns
-//                          at least one expert)", "include_mtp is set but config.json
+//                          at least one expert)", "experts_per_pass = -2: must be >= 0
+//                          (0 = all) or -1 (chosen by the plan)" (dispatch_tokens alike),
+//                          "include_mtp is set but config.json
 //                          \"num_nextn_predict_layers\" = 0 (no MTP layers)",
 //                          "group_size = 128: the routed experts' mlp.experts.*.down_proj has
 //                          96 input columns, not a multiple of 128 (...): use group_size 32 or

@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 
 namespace mq::model {
 namespace {
@@ -30,6 +31,10 @@ int64_t SatAdd(std::initializer_list<int64_t> terms) {
   return sum;
 }
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+std::string Gib(int64_t bytes) {
+  return absl::StrFormat("%.2f GiB", static_cast<double>(bytes) / (int64_t{1} << 30));
+}
 
 int64_t Elements(const std::vector<int64_t>& shape) {
   int64_t n = 1;
@@ -255,6 +260,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   }
 
   plan.layers.resize(num_layers);
+  // Input and output bytes of each layer's routed experts (the rest is every rank's or rank 0's).
+  std::vector<int64_t> expert_input(num_layers, 0), expert_output(num_layers, 0);
   std::vector<int64_t> replicated_elements(num_layers, 0);
   std::vector<std::map<std::string, int64_t>> hessian_inputs(num_layers);  // input_id -> in dim
   bool any_moe = false;
@@ -271,6 +278,9 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
          it != stored.end() && std::string_view(it->first).substr(0, prefix.size()) == prefix;
          ++it) {
       lp.input_bytes = SatAdd(lp.input_bytes, it->second.num_bytes);
+      if (it->first.find(".mlp.experts.", prefix.size() - 1) != std::string::npos) {
+        expert_input[layer] = SatAdd(expert_input[layer], it->second.num_bytes);
+      }
     }
   }
   for (const ExpectedTensor& t : inventory) {
@@ -279,6 +289,7 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     if (t.layer < 0) continue;
     LayerPlan& lp = plan.layers[t.layer];
     lp.output_bytes = SatAdd(lp.output_bytes, bytes);
+    if (t.routed_expert) expert_output[t.layer] = SatAdd(expert_output[t.layer], bytes);
     const bool quantized = IsQuantized(t, request.all_linear, partial);
     if (quantized) ++lp.num_quantized_linears;
     if (!t.routed_expert) {
@@ -289,7 +300,6 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
 
   int64_t replicated_bytes = 0;
   int64_t non_expert_hessian_bytes = 0;
-  int64_t staging_bytes = 0;
   for (int layer = 0; layer < num_layers; ++layer) {
     replicated_bytes = std::max(replicated_bytes, SatMul(replicated_elements[layer], 2));
     int64_t hessians = 0;
@@ -297,7 +307,6 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
       hessians = SatAdd(hessians, SatMul({dim, dim, 4}));
     }
     non_expert_hessian_bytes = std::max(non_expert_hessian_bytes, hessians);
-    staging_bytes = std::max(staging_bytes, plan.layers[layer].input_bytes);
   }
 
   const int gang = request.gang_size;
@@ -309,10 +318,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
            heads * (config.qk_nope_head_dim + config.v_head_dim) + 2 * heads * config.v_head_dim +
            4 * h);
   ResourceEstimate& est = plan.estimate;
-  // Dispatch rounds of the MoE block (the pipeline counts the real tokens, at most this many).
   const int64_t samples = std::max<int64_t>(1, request.num_calibration_samples);
-  const int64_t rounds = DispatchRounds(SatMul(samples, seq), samples, request.dispatch_tokens);
-  est.dispatch_rounds = any_moe ? rounds : 0;
+  const int64_t k = any_moe ? config.num_experts_per_tok : 0;
   int first_expert = 0;
   for (int rank = 0; rank < gang; ++rank) {
     RankPlan rp;
@@ -321,8 +328,12 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     rp.num_experts = static_cast<int>(ShareOf(config.n_routed_experts, gang, rank));
     first_expert += rp.num_experts;
     rp.num_sequences = ShareOf(request.num_calibration_samples, gang, rank);
+    plan.ranks.push_back(rp);
+  }
+  const int64_t square = SatAdd(SatMul(h, h), SatMul(moe, moe));
+  // gpu(r) for the two settings (plan.h).
+  auto gpu_bytes = [&](const RankPlan& rp, int64_t experts_per_pass, int64_t rounds) {
     const int64_t tokens = SatMul(rp.num_sequences, seq);
-    const int64_t hidden_states = SatMul({tokens, h, 2, 2});
     const int64_t token_tensor = SatMul({tokens, h, 2});
     const int64_t experts = any_moe ? rp.num_experts : 0;
     const int64_t expert_weights = SatMul({experts, 3, moe, h, 2});
@@ -333,7 +344,6 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     // Routed rows of the MoE block.
     int64_t dispatch = 0;
     if (experts > 0) {
-      const int64_t k = config.num_experts_per_tok;
       const int64_t seqs_per_round = CeilDiv(rp.num_sequences, rounds);
       const int64_t rows = SatMul({seqs_per_round, seq, k});
       const int64_t all_rows = SatMul({CeilDiv(samples, rounds), seq, k, experts});
@@ -343,10 +353,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
       dispatch = SatMul({held, h, 2});
     }
     // One pass of the batched solve.
-    const int64_t pass = request.experts_per_pass > 0
-                             ? std::min<int64_t>(request.experts_per_pass, experts)
-                             : experts;
-    const int64_t square = SatAdd(SatMul(h, h), SatMul(moe, moe));
+    const int64_t pass =
+        experts_per_pass > 0 ? std::min<int64_t>(experts_per_pass, experts) : experts;
     const int64_t solve =
         SatAdd({SatMul({pass, square, 4, 2}), std::min(int64_t{4} << 30, SatMul({pass, square, 8})),
                 SatMul({2, pass, moe, h, 18}), non_expert_hessian_bytes});
@@ -355,12 +363,134 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
         {attention, SatAdd(dispatch, hessians),
          SatAdd(solve, rounds == 1 ? dispatch : 0),  // one round's dispatch is kept throughout
          SatAdd(SatMul(token_tensor, kHiddenCopiesOnDevice - 1), dispatch)});
-    rp.gpu_bytes = SatAdd(
-        {replicated_bytes, expert_weights, token_tensor, phase, kDeviceOverheadBytes});
-    rp.host_bytes = SatAdd(SatMul(token_tensor, kHiddenCopiesOnHost), staging_bytes);
+    return SatAdd({replicated_bytes, expert_weights, token_tensor, phase, kDeviceOverheadBytes});
+  };
+  const int64_t calibration_tokens = SatMul(samples, seq);
+  auto peak = [&](int64_t experts_per_pass, int64_t dispatch_tokens) {
+    const int64_t rounds = DispatchRounds(calibration_tokens, samples, dispatch_tokens);
+    int64_t most = 0;
+    for (const RankPlan& rp : plan.ranks) {
+      most = std::max(most, gpu_bytes(rp, experts_per_pass, rounds));
+    }
+    return most;
+  };
+
+  // Host memory without the device's working set (plan.h host(r)).
+  std::vector<int64_t> host_base;
+  for (const RankPlan& rp : plan.ranks) {
+    const int64_t tokens = SatMul(rp.num_sequences, seq);
+    int64_t in = 0, out = 0;
+    for (int layer = 0; layer < num_layers; ++layer) {
+      const int64_t n = std::max(1, config.n_routed_experts);
+      const int64_t own_in = SatMul(expert_input[layer], rp.num_experts) / n;
+      const int64_t own_out = SatMul(expert_output[layer], rp.num_experts) / n;
+      in = std::max(in, SatAdd(plan.layers[layer].input_bytes - expert_input[layer], own_in));
+      const int64_t others =
+          rp.rank == 0 ? plan.layers[layer].output_bytes - expert_output[layer] : 0;
+      out = std::max(out, SatAdd(others, own_out));
+    }
+    host_base.push_back(
+        SatAdd({SatMul({tokens, h, 2, kHiddenCopiesOnHost}), SatMul(out, 2), SatMul(in, 2), SatMul({samples, seq, 4}), SatMul(tokens, 8),
+                SatMul({tokens, k, 20}), kPinnedStagingBytes, kHostOverheadBytes}));
+  }
+
+  // The settings (plan.h ChooseSettings).
+  int64_t most_experts = 0;
+  for (const RankPlan& rp : plan.ranks) {
+    most_experts = std::max<int64_t>(most_experts, rp.num_experts);
+  }
+  if (!any_moe) most_experts = 0;
+  const bool choose_pass = request.experts_per_pass == kChooseSetting;
+  const bool choose_dispatch = request.dispatch_tokens == kChooseSetting;
+  int64_t experts_per_pass = choose_pass ? 0 : request.experts_per_pass;
+  int64_t dispatch_tokens = choose_dispatch ? 0 : request.dispatch_tokens;
+  const int64_t memory = request.device_memory_bytes;
+  // On the CPU the device's working set shares host memory with the rest of host(r).
+  int64_t budget = static_cast<int64_t>(static_cast<double>(memory) * (1.0 - kDeviceMemoryMargin));
+  if (request.device_is_host) {
+    for (int64_t base : host_base) budget = std::max<int64_t>(0, std::min(budget, memory - base));
+  }
+  if (any_moe && memory == 0) {
+    if (choose_pass) experts_per_pass = kFallbackExpertsPerPass;
+    if (choose_dispatch) dispatch_tokens = kFallbackDispatchTokens;
+  } else if (any_moe && (choose_pass || choose_dispatch)) {
+    // Candidates: experts per pass for 1, 2, ... passes; tokens per round for 1, 2, ... rounds.
+    std::vector<int64_t> passes;
+    if (choose_pass) {
+      for (int64_t n = 1; n <= std::max<int64_t>(1, most_experts); ++n) {
+        const int64_t per_pass = CeilDiv(std::max<int64_t>(1, most_experts), n);
+        if (CeilDiv(std::max<int64_t>(1, most_experts), per_pass) < n) continue;
+        passes.push_back(n == 1 ? 0 : per_pass);
+      }
+    } else {
+      passes.push_back(experts_per_pass);
+    }
+    auto tokens_for = [&](int64_t rounds) {
+      return rounds == 1 ? int64_t{0} : CeilDiv(calibration_tokens, rounds);
+    };
+    bool found = false;
+    for (int64_t per_pass : passes) {
+      // Fewest rounds that fit with this pass size (more rounds never hold more).
+      int64_t lo = 1, hi = choose_dispatch ? samples : 1;
+      const int64_t given = dispatch_tokens;
+      auto tokens = [&](int64_t rounds) { return choose_dispatch ? tokens_for(rounds) : given; };
+      if (peak(per_pass, tokens(hi)) > budget) continue;
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (peak(per_pass, tokens(mid)) <= budget) {
+          hi = mid;
+        } else {
+          lo = mid + 1;
+        }
+      }
+      experts_per_pass = per_pass;
+      dispatch_tokens = tokens(lo);
+      found = true;
+      break;
+    }
+    if (!found) {
+      experts_per_pass = passes.back();
+      if (choose_dispatch) dispatch_tokens = tokens_for(samples);
+    }
+  }
+  const int64_t rounds = DispatchRounds(calibration_tokens, samples, dispatch_tokens);
+  est.dispatch_rounds = any_moe ? rounds : 0;
+  est.experts_per_pass = experts_per_pass;
+  est.dispatch_tokens = dispatch_tokens;
+  est.experts_per_pass_chosen = choose_pass;
+  est.dispatch_tokens_chosen = choose_dispatch;
+  est.device_memory_bytes = memory;
+  est.expert_passes =
+      most_experts == 0
+          ? 0
+          : CeilDiv(most_experts,
+                    experts_per_pass > 0 ? std::min(experts_per_pass, most_experts) : most_experts);
+
+  for (RankPlan& rp : plan.ranks) {
+    rp.gpu_bytes = gpu_bytes(rp, experts_per_pass, rounds);
+    rp.host_bytes = host_base[rp.rank];
+    if (request.device_is_host) {
+      rp.host_bytes = SatAdd(rp.host_bytes, rp.gpu_bytes - kDeviceOverheadBytes);
+    }
     est.gpu_bytes_per_rank = std::max(est.gpu_bytes_per_rank, rp.gpu_bytes);
     est.host_bytes_per_rank = std::max(est.host_bytes_per_rank, rp.host_bytes);
-    plan.ranks.push_back(rp);
+  }
+  if (memory > 0 && est.gpu_bytes_per_rank > budget) {
+    const auto setting = [](int64_t v, bool chosen) {
+      return absl::StrCat(v == 0 ? std::string("0 (all)") : absl::StrCat(v),
+                          chosen ? " (the least memory the plan can choose)" : " (as given)");
+    };
+    plan.notes.push_back(Problem{
+        "estimate.gpu_bytes_per_rank",
+        absl::StrCat("the estimate of ", Gib(est.gpu_bytes_per_rank),
+                     " per rank with experts_per_pass = ", setting(experts_per_pass, choose_pass),
+                     " and dispatch_tokens = ", setting(dispatch_tokens, choose_dispatch),
+                     " exceeds the ", Gib(budget), " a rank may use of the ", Gib(memory),
+                     " device planned for (",
+                     static_cast<int>(100 * (1 - kDeviceMemoryMargin) + 0.5), "%",
+                     request.device_is_host ? ", less the rest of the host memory estimate" : "",
+                     "): a larger gang, fewer calibration samples or shorter sequences need less "
+                     "per rank")});
   }
   // Projected time (plan.h): the rank with the most tokens and experts sets the pace.
   int64_t max_tokens = 0, max_experts = 0;

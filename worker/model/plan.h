@@ -96,6 +96,9 @@ struct JobPlan {
   std::vector<LayerPlan> layers;
   std::vector<RankPlan> ranks;
   ResourceEstimate estimate;
+  // Where the plan's settings do not fit the device (ChooseSettings below); inspection reports
+  // them as notes.
+  std::vector<Problem> notes;
 };
 
 // Attention scores are materialized for this many heads at a time (the eager path: CPU, or a GPU
@@ -111,8 +114,23 @@ inline constexpr int64_t kHiddenCopiesOnDevice = 2;
 // Token-sized bf16 tensors of hidden width in host memory: a step's input (also read by the write
 // thread for its checkpoint), the residual after attention, and the step's output.
 inline constexpr int64_t kHiddenCopiesOnHost = 3;
-// The CUDA context, library workspaces and the caching allocator's slack (same fit).
+// The CUDA context, library workspaces and the caching allocator's slack (fitted with the layout
+// that kept the hidden states on the device: bench/RESULTS.md 2026-12-05).
 inline constexpr int64_t kDeviceOverheadBytes = int64_t{5} << 29;  // 2.5 GiB
+
+// Host memory the worker process holds whatever the job (libraries, the CUDA context's host
+// side, allocator arenas) and the pinned staging buffers of host-to-device copies (64 MiB each,
+// kept by torch's pinned allocator; a few are in flight). Not fitted to a measurement yet:
+// bench/run_layer_quant_gpu.sh prints the worker's peak resident set next to the estimate.
+inline constexpr int64_t kHostOverheadBytes = int64_t{2} << 30;     // 2 GiB
+inline constexpr int64_t kPinnedStagingBytes = int64_t{256} << 20;  // 4 x 64 MiB
+
+// Share of the device's memory chosen settings leave free (fragmentation, what the estimate
+// misses): the estimate must fit in (1 - kDeviceMemoryMargin) * device memory.
+inline constexpr double kDeviceMemoryMargin = 0.05;
+// Chosen settings when the device's memory is unknown (request.device_memory_bytes = 0).
+inline constexpr int64_t kFallbackExpertsPerPass = 16;
+inline constexpr int64_t kFallbackDispatchTokens = 65536;
 
 // Stage rates of the quantize pipeline measured on one H200 (one full-width DeepSeek-V3 MoE
 // layer, GPTQ, 128 x 4096 tokens, gang of one, bench/RESULTS.md 2026-12-05): they turn a plan into
@@ -228,14 +246,37 @@ bool IsCheckpointStep(int step, int steps, int every);
 //     propagation: the routed output (T(r) * (kHiddenCopiesOnDevice - 1)) + dispatch(r)
 //   gpu(r) = replicated + experts(r) + T(r) + max over the phases + kDeviceOverheadBytes
 //            (context, workspaces, allocator slack)
-//   host(r) = T(r) * kHiddenCopiesOnHost + max over layers of input_bytes (pinned staging)
+//   host(r) = what the worker process holds in host memory during a step (resident set):
+//             T(r) * kHiddenCopiesOnHost  the hidden states, which live in host memory: the
+//                                     step's input (also what the writing thread checkpoints),
+//                                     the residual after attention and the step's output
+//             + out(r) * 2            the layer file's tensors: the step's being written, the
+//                                     next step's as its linears are solved
+//             + in(r) * 2             the checkpoint bytes the rank loads for the step and those
+//                                     the prefetch reads for the next one: mapped file pages,
+//                                     resident while mapped (page cache the kernel may reclaim)
+//             + samples * S * 4 + tokens(r) * 8   calibration ids: the whole set (int32) and the
+//                                     rank's sequences (int64)
+//             + tokens(r) * k * 20    routing on the host: top-k indices (int64) and weights
+//                                     (fp32), the dispatch rows (int64); 0 without MoE layers
+//             + kPinnedStagingBytes + kHostOverheadBytes
+//             + gpu(r) - kDeviceOverheadBytes when request.device_is_host (the device's working
+//               set is host memory then)
+//     in(r) = max over layers of (stored bytes of the layer's tensors other than routed experts
+//             + the layer's routed experts' stored bytes * num_experts(r) / n_routed_experts)
+//     out(r) = max over layers of (rank 0: output bytes of the layer's tensors other than routed
+//             experts; others 0) + the routed experts' output bytes * num_experts(r) /
+//             n_routed_experts
 //   scratch(r) = tokens(r) * H * 2 * min(2, checkpoints) (bf16 hidden-state checkpoints: the
 //                newest and the next one being written; checkpoints = ChooseCheckpointCadence's
 //                over the planned layers, with request.checkpoint_every)
 // estimate: gpu/host/scratch = max over ranks; output_bytes = model-level tensors (embeddings,
 // model.norm, lm_head) + sum of layer output_bytes; calibration_tokens = samples * S;
 // tokens_per_expert = samples * S * num_experts_per_tok / n_routed_experts;
-// dispatch_rounds = rounds above (0 without MoE layers); checkpoint_every and
+// dispatch_rounds = rounds above (0 without MoE layers); experts_per_pass, dispatch_tokens and
+// the *_chosen flags as ChooseSettings made them; expert_passes = ceil(E_max / P) with P =
+// experts_per_pass or E_max (0 without MoE layers), E_max = the most experts a rank owns;
+// checkpoint_every and
 // resume_replay_seconds = ChooseCheckpointCadence's every and resume_seconds for the largest
 // rank's tokens and experts.
 // Time, per planned layer on the slowest rank (ranks work in parallel):
@@ -250,6 +291,22 @@ bool IsCheckpointStep(int step, int steps, int every);
 // All sums saturate at INT64_MAX instead of overflowing.
 JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
                 const StoredTensors& stored);
+
+// Settings a request leaves to the plan (experts_per_pass / dispatch_tokens = kChooseSetting)
+// are chosen for the device, M = request.device_memory_bytes, within PlanJob:
+//   candidates, with E_max the most experts a rank owns and T = samples * S:
+//     passes n = 1, 2, ..., E_max, each with P(n) = ceil(E_max / n) experts per pass (the most
+//     even split into n passes; n = 1 is written 0 = all), skipping P(n) that give fewer passes;
+//     rounds m = 1, 2, ..., samples, each with D(m) = ceil(T / m) tokens per round (m = 1 is
+//     written 0 = all);
+//     a setting the request gives is the only candidate for it.
+//   chosen: the first candidate, in order of fewer passes, then fewer rounds (each pass solves a
+//   batch; each round is another exchange), whose gpu_bytes_per_rank <= (1 - kDeviceMemoryMargin)
+//   * M. When none fits, the candidate that holds least (most passes, most rounds) and a note
+//   naming the estimate and M; with given settings that do not fit, the same note. M = 0: the
+//   chosen settings are kFallbackExpertsPerPass and kFallbackDispatchTokens.
+//   Without MoE layers neither setting matters: chosen settings are 0 (all).
+// The result depends only on the config, the request and the stored sizes (deterministic).
 
 // Rounds in which an MoE layer dispatches the routed rows of `tokens` calibration tokens in
 // `sequences` sequences: ceil(tokens / dispatch_tokens), between 1 and `sequences` (a round holds

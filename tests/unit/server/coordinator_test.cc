@@ -752,7 +752,8 @@ class PipelineTest : public CoordinatorTest {
 
   // Runs the PLAN assignment on whichever worker got it; the plan has `steps` layers whose
   // checkpoint indices are 10 + step.
-  void Plan(const std::string& job_id, const std::vector<std::string>& workers, int steps = 4) {
+  void Plan(const std::string& job_id, const std::vector<std::string>& workers, int steps = 4,
+            const mq::v1::ResourceEstimate& estimate = {}) {
     coordinator_->Tick();
     ASSERT_EQ(Get(job_id).job().state(), mq::v1::JOB_STATE_PLANNING);
     for (const std::string& w : workers) {
@@ -764,6 +765,7 @@ class PipelineTest : public CoordinatorTest {
       r.set_assignment_id(a.assignment_id());
       r.set_lease_epoch(a.lease_epoch());
       for (int i = 0; i < steps; ++i) r.mutable_plan()->add_layers()->set_index(10 + i);
+      *r.mutable_plan()->mutable_estimate() = estimate;
       ASSERT_TRUE(coordinator_->CompleteAssignment(r).ok());
       return;
     }
@@ -945,6 +947,42 @@ TEST_F(PipelineTest, EstimateAboveEveryGpuFailsThePlan) {
                   }()).ok());
     }
   }
+}
+
+// Every rank runs the expert passes and dispatch rounds its job's plan estimated.
+TEST_F(PipelineTest, QuantizeAssignmentsCarryThePlansSettings) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(2);
+  mq::v1::ResourceEstimate e;
+  e.set_experts_per_pass(52);
+  e.set_dispatch_tokens(32768);
+  e.set_experts_per_pass_chosen(true);
+  e.set_dispatch_tokens_chosen(true);
+  e.set_expert_passes(3);
+  e.set_dispatch_rounds(16);
+  Plan(id, {a, b}, 4, e);
+  coordinator_->Tick();
+  ASSERT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_RUNNING) << Get(id).job().message();
+  EXPECT_EQ(Get(id).job().plan().estimate().experts_per_pass(), 52);  // stored with the job
+  for (const std::string& w : {a, b}) {
+    const mq::v1::Assignment q = Poll(w);
+    ASSERT_EQ(q.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+    ASSERT_TRUE(q.has_settings()) << w;
+    EXPECT_EQ(q.settings().experts_per_pass(), 52) << w;
+    EXPECT_EQ(q.settings().dispatch_tokens(), 32768) << w;
+  }
+}
+
+// A plan without settings (an older worker's): the workers' own flags apply.
+TEST_F(PipelineTest, APlanWithoutSettingsSendsNone) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1);
+  Plan(id, {a});
+  coordinator_->Tick();
+  const mq::v1::Assignment q = Poll(a);
+  ASSERT_EQ(q.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE) << Get(id).job().message();
+  EXPECT_FALSE(q.has_settings());
 }
 
 TEST_F(PipelineTest, PlanThenGangThenFinalizeSucceeds) {

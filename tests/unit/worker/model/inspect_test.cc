@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iostream>
 #include <limits>
 #include <map>
 #include <string>
@@ -481,6 +482,17 @@ TEST(InspectTest, ValidatesRequest) {
               ElementsAre("request.gang_size: gang_size = 5: must be <= n_routed_experts = 4 "
                           "(every rank owns at least one expert)"));
   EXPECT_THAT(report.layers, IsEmpty());
+  InspectRequest settings = Request(dir.path());
+  settings.experts_per_pass = -2;
+  settings.dispatch_tokens = -7;
+  settings.device_memory_bytes = -1;
+  EXPECT_THAT(Render(InspectCheckpoint(settings).problems),
+              ElementsAre("request.experts_per_pass: experts_per_pass = -2: must be >= 0 (0 = "
+                          "all) or -1 (chosen by the plan)",
+                          "request.dispatch_tokens: dispatch_tokens = -7: must be >= 0 (0 = all) "
+                          "or -1 (chosen by the plan)",
+                          "request.device_memory_bytes: device_memory_bytes = -1: must be >= 0 "
+                          "(0 = unknown)"));
 }
 
 TEST(InspectTest, ReportsMissingFiles) {
@@ -630,11 +642,30 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   EXPECT_EQ(report.ranks[0].gpu_bytes, gpu(2, 3, one_round(2, 3), true));
   EXPECT_EQ(report.ranks[1].gpu_bytes, gpu(1, 3, one_round(1, 3), true));
   EXPECT_EQ(report.ranks[2].gpu_bytes, gpu(1, 2, one_round(1, 2), true));
-  const int64_t staging = report.layers[2].input_bytes;
-  EXPECT_EQ(report.ranks[0].host_bytes, 48 * 200 * 2 * kHiddenCopiesOnHost + staging);
-  EXPECT_EQ(report.ranks[2].host_bytes, 32 * 200 * 2 * kHiddenCopiesOnHost + staging);
+  // Host (plan.h host(r)): the hidden states (kHiddenCopiesOnHost copies), the layer file's tensors twice (rank 0 also writes the non-expert ones), the
+  // rank's mapped checkpoint bytes twice (the MTP layer is the largest), the calibration ids
+  // (8 x 16 int32 for the whole set, int64 for the rank's) and routing (top-2: 2 x 20 bytes a
+  // token).
+  const int64_t expert_in = expert_linear + 4 * expert_scales;
+  const int64_t others_in = report.layers[2].input_bytes - 4 * expert_in;
+  const int64_t others_out = report.layers[2].output_bytes - 4 * expert_out;
+  auto host = [&](int rank, int64_t experts, int64_t sequences) {
+    const int64_t tokens = sequences * 16;
+    const int64_t out = (rank == 0 ? others_out : 0) + experts * expert_out;
+    const int64_t in = others_in + experts * expert_in;
+    return tokens * 200 * 2 * kHiddenCopiesOnHost + 2 * out + 2 * in + 8 * 16 * 4 + tokens * 8 + tokens * 2 * 20 +
+           kPinnedStagingBytes + kHostOverheadBytes;
+  };
+  EXPECT_EQ(report.ranks[0].host_bytes, host(0, 2, 3));
+  EXPECT_EQ(report.ranks[1].host_bytes, host(1, 1, 3));
+  EXPECT_EQ(report.ranks[2].host_bytes, host(2, 1, 2));
   EXPECT_EQ(report.estimate.gpu_bytes_per_rank, gpu(2, 3, one_round(2, 3), true));
-  EXPECT_EQ(report.estimate.host_bytes_per_rank, 48 * 200 * 2 * kHiddenCopiesOnHost + staging);
+  EXPECT_EQ(report.estimate.host_bytes_per_rank, host(0, 2, 3));
+  // On a CPU the device's working set is host memory too.
+  InspectRequest on_host = request;
+  on_host.device_is_host = true;
+  EXPECT_EQ(InspectCheckpoint(on_host).ranks.at(2).host_bytes,
+            host(2, 1, 2) + gpu(1, 2, one_round(1, 2), true) - kDeviceOverheadBytes);
   EXPECT_EQ(report.estimate.scratch_bytes_per_rank, 48 * 200 * 4);
   EXPECT_EQ(report.estimate.calibration_tokens, 128);
   EXPECT_DOUBLE_EQ(report.estimate.tokens_per_expert, 128.0 * 2 / 4);
@@ -894,18 +925,23 @@ TEST(PlanTest, DispatchRounds) {
 // independent Python transcription of the formulas):
 //   output  = 371,407,749,120 bytes (~371.4 GB: 337.2 GB int4 experts with BF16 group scales,
 //             the rest BF16: embeddings, lm_head, attention, dense MLPs, shared experts, routers)
-//   gpu     =  35,258,269,696 bytes per rank (~35.3 GB: 1.17 GB replicated dense layer,
-//             2.8 GB bf16 weights of 32 experts, 7.5 GB hidden states of 64 x 4096 tokens, 1 GiB
-//             attention scores, 2.8 GB routed rows of one dispatch round (32 rounds of 65,536
-//             tokens: 65,536 rows sent, as many received, and their outputs, x 7168 x 2 bytes),
-//             19.9 GB for one pass of 16 experts: Hessians and factors 7.1 GB, fp64 chunk 4 GiB,
-//             solve buffers 8.5 GB);
-//             122,634,010,624 bytes (~122.6 GB, more than an 80 GB card) with the whole layer's
-//             rows dispatched at once (dispatch_tokens = 0: 90.2 GB of routed rows)
-//   host    =  19,028,140,256 bytes per rank (7.5 GB hidden states + 11.5 GB FP8 MoE layer staged)
+//   gpu     =  30,292,213,760 bytes per rank (~30.3 GB: 1.17 GB replicated dense layer,
+//             2.8 GB bf16 weights of 32 experts, 3.76 GB u of 64 x 4096 tokens, and the largest
+//             phase, the solve of one pass of 16 experts, 19.9 GB: Hessians and factors 7.1 GB,
+//             fp64 chunk 4 GiB, solve buffers 8.5 GB; the attention phase's chunk temporaries,
+//             scores and router copies come to 8.6 GB, the routed rows of one of 32 dispatch
+//             rounds to 2.8 GB);
+//             120,486,526,976 bytes (~120.5 GB, more than an 80 GB card) with the whole layer's
+//             rows dispatched at once (dispatch_tokens = 0: 90.2 GB of routed rows, kept through
+//             the solve)
+//   host    =  19,417,028,032 bytes per rank (rank 0: 3 x 3.76 GB hidden states, 2 x 1.2 GB
+//             layer file tensors (32 experts' int4 and the BF16 rest),
+//             2 x 1.6 GB mapped checkpoint bytes (the MoE layer's non-expert tensors and 32
+//             experts, FP8), 46 MB ids and routing, 0.25 GiB pinned staging, 2 GiB overhead)
 //   scratch =   7,516,192,768 bytes per rank (two checkpoints of 64 x 4096 x 7168 x 2 bytes; one
 //             every 14 layers: 3.76 GB take 7.5 s to write against a 5.6 s layer)
-TEST(PlanTest, DeepseekV3FullScaleSanity) {
+// The real DeepSeek-V3 config (671B).
+DeepseekV3Config DeepseekV3() {
   DeepseekV3Config c;
   c.model_type = "deepseek_v3";
   c.vocab_size = 129280;
@@ -928,8 +964,11 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   c.qk_nope_head_dim = 128;
   c.qk_rope_head_dim = 64;
   c.v_head_dim = 128;
+  return c;
+}
 
-  // Ideal FP8 checkpoint: linears F8_E4M3 + F32 scales, router/norms BF16, bias F32.
+// Ideal FP8 checkpoint: linears F8_E4M3 + F32 scales, router/norms BF16, bias F32.
+StoredTensors IdealFp8(const DeepseekV3Config& c) {
   StoredTensors stored;
   for (const ExpectedTensor& t : ExpectedInventory(c, 1)) {
     int64_t n = 1;
@@ -945,6 +984,12 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
       stored[t.name] = {DType::kBF16, n * 2};
     }
   }
+  return stored;
+}
+
+TEST(PlanTest, DeepseekV3FullScaleSanity) {
+  const DeepseekV3Config c = DeepseekV3();
+  const StoredTensors stored = IdealFp8(c);
   InspectRequest request;
   request.gang_size = 8;
   request.group_size = 128;
@@ -972,7 +1017,9 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
       16 * square * 8 + (int64_t{4} << 30) + 2LL * 16 * 2048 * 7168 * 18;  // passes of 16
   EXPECT_EQ(plan.estimate.gpu_bytes_per_rank,
             replicated + experts + u + solve + kDeviceOverheadBytes);
-  EXPECT_EQ(plan.estimate.host_bytes_per_rank, u * kHiddenCopiesOnHost + 11511947488);
+  // Host: the hidden states, then (rank 0) 2 x layer file tensors, 2 x mapped checkpoint bytes,
+  // ids, routing, staging and overhead (8,142,738,880 bytes).
+  EXPECT_EQ(plan.estimate.host_bytes_per_rank, u * kHiddenCopiesOnHost + 8142738880);
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
@@ -994,6 +1041,176 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(PlanJob(c, request, stored).estimate.gpu_bytes_per_rank,
             replicated + experts + u + solve + dispatch + kDeviceOverheadBytes);
   EXPECT_EQ(PlanJob(c, request, stored).estimate.dispatch_rounds, 1);
+}
+
+// Settings chosen for the device (plan.h ChooseSettings), on DeepSeek-V3 cut to its three dense
+// layers and one MoE layer, 128 x 4096 calibration tokens, a gang of one.
+class ChosenSettingsTest : public ::testing::Test {
+ protected:
+  static constexpr int64_t kH200 = 150754820096;  // 143,771 MiB (nvidia-smi)
+  static constexpr int64_t kH100 = 85520809984;   // 81,559 MiB: too small for this job
+  static constexpr int64_t k100GiB = int64_t{100} << 30;
+  static constexpr int64_t kTokens = 128 * 4096;
+
+  ChosenSettingsTest() : config_(DeepseekV3()) {
+    config_.num_hidden_layers = 4;
+    stored_ = IdealFp8(config_);
+    request_.gang_size = 1;
+    request_.num_calibration_samples = 128;
+    request_.max_sequence_length = 4096;
+    request_.experts_per_pass = kChooseSetting;
+    request_.dispatch_tokens = kChooseSetting;
+  }
+
+  JobPlan Plan(int64_t device_memory, int64_t experts_per_pass = kChooseSetting,
+               int64_t dispatch_tokens = kChooseSetting) const {
+    InspectRequest r = request_;
+    r.device_memory_bytes = device_memory;
+    r.experts_per_pass = experts_per_pass;
+    r.dispatch_tokens = dispatch_tokens;
+    return PlanJob(config_, r, stored_);
+  }
+  static int64_t Budget(int64_t device_memory) {
+    return static_cast<int64_t>(static_cast<double>(device_memory) * (1 - kDeviceMemoryMargin));
+  }
+  // The estimate with the given settings.
+  int64_t Gpu(int64_t experts_per_pass, int64_t dispatch_tokens) const {
+    return Plan(0, experts_per_pass, dispatch_tokens).estimate.gpu_bytes_per_rank;
+  }
+  // Checks that `e` fits `device_memory` and that one pass or one round fewer would not.
+  void ExpectFewestThatFit(const ResourceEstimate& e, int64_t device_memory) const {
+    EXPECT_LE(e.gpu_bytes_per_rank, Budget(device_memory));
+    EXPECT_EQ(e.gpu_bytes_per_rank, Gpu(e.experts_per_pass, e.dispatch_tokens));
+    const int64_t n = e.expert_passes, m = e.dispatch_rounds;
+    if (n > 1) {  // n - 1 passes do not fit even with a sequence per round
+      const int64_t per_pass = n - 1 == 1 ? 0 : (256 + n - 2) / (n - 1);
+      EXPECT_GT(Gpu(per_pass, 4096), Budget(device_memory)) << n;
+    }
+    if (m > 1) {  // with these passes, m - 1 rounds do not fit
+      const int64_t tokens = m - 1 == 1 ? 0 : (kTokens + m - 2) / (m - 1);
+      EXPECT_GT(Gpu(e.experts_per_pass, tokens), Budget(device_memory)) << m;
+    }
+  }
+
+  DeepseekV3Config config_;
+  StoredTensors stored_;
+  InspectRequest request_;
+};
+
+TEST_F(ChosenSettingsTest, AHugeDeviceTakesOnePassAndOneRound) {
+  const int64_t huge = int64_t{1} << 50;
+  const JobPlan plan = Plan(huge);
+  const ResourceEstimate& e = plan.estimate;
+  EXPECT_EQ(e.experts_per_pass, 0);  // all
+  EXPECT_EQ(e.dispatch_tokens, 0);   // all
+  EXPECT_EQ(e.expert_passes, 1);
+  EXPECT_EQ(e.dispatch_rounds, 1);
+  EXPECT_TRUE(e.experts_per_pass_chosen);
+  EXPECT_TRUE(e.dispatch_tokens_chosen);
+  EXPECT_EQ(e.device_memory_bytes, huge);
+  EXPECT_EQ(e.gpu_bytes_per_rank, Gpu(0, 0));
+  EXPECT_THAT(plan.notes, IsEmpty());
+}
+
+TEST_F(ChosenSettingsTest, SmallerDevicesTakeMorePassesThenMoreRounds) {
+  const ResourceEstimate h200 = Plan(kH200).estimate;
+  const ResourceEstimate smaller = Plan(k100GiB).estimate;
+  // 128 x 4096 tokens do not fit an H200 in one pass and one round (the routed rows alone are
+  // 2 x 8 x 524,288 x 7168 x 2 bytes = 120 GB at once).
+  EXPECT_GT(h200.expert_passes * 1000 + h200.dispatch_rounds, 1001);
+  ExpectFewestThatFit(h200, kH200);
+  ExpectFewestThatFit(smaller, k100GiB);
+  EXPECT_TRUE(smaller.expert_passes > h200.expert_passes ||
+              (smaller.expert_passes == h200.expert_passes &&
+               smaller.dispatch_rounds > h200.dispatch_rounds))
+      << smaller.expert_passes << "/" << smaller.dispatch_rounds << " vs " << h200.expert_passes
+      << "/" << h200.dispatch_rounds;
+  std::cout << "chosen: H200 " << h200.experts_per_pass << " experts a pass (" << h200.expert_passes
+            << " passes), " << h200.dispatch_tokens << " tokens a round (" << h200.dispatch_rounds
+            << " rounds); 100 GiB " << smaller.experts_per_pass << " (" << smaller.expert_passes
+            << "), " << smaller.dispatch_tokens << " (" << smaller.dispatch_rounds << ")\n";
+  // Passes as even as possible: P = ceil(256 / passes).
+  if (h200.expert_passes > 1) {
+    EXPECT_EQ(h200.experts_per_pass, (256 + h200.expert_passes - 1) / h200.expert_passes);
+  }
+  // Tokens per round: ceil(T / rounds), and the plan's rounds are the pipeline's count.
+  if (h200.dispatch_rounds > 1) {
+    EXPECT_EQ(h200.dispatch_tokens, (kTokens + h200.dispatch_rounds - 1) / h200.dispatch_rounds);
+  }
+  EXPECT_EQ(DispatchRounds(kTokens, 128, h200.dispatch_tokens), h200.dispatch_rounds);
+}
+
+TEST_F(ChosenSettingsTest, TheChoiceIsDeterministic) {
+  const ResourceEstimate a = Plan(kH200).estimate, b = Plan(kH200).estimate;
+  EXPECT_EQ(a.experts_per_pass, b.experts_per_pass);
+  EXPECT_EQ(a.dispatch_tokens, b.dispatch_tokens);
+  EXPECT_EQ(a.gpu_bytes_per_rank, b.gpu_bytes_per_rank);
+  EXPECT_EQ(a.host_bytes_per_rank, b.host_bytes_per_rank);
+}
+
+TEST_F(ChosenSettingsTest, GivenSettingsAreKeptEvenWhenTheyDoNotFit) {
+  const JobPlan plan = Plan(kH100, 0, 0);
+  const ResourceEstimate& e = plan.estimate;
+  EXPECT_EQ(e.experts_per_pass, 0);
+  EXPECT_EQ(e.dispatch_tokens, 0);
+  EXPECT_FALSE(e.experts_per_pass_chosen);
+  EXPECT_FALSE(e.dispatch_tokens_chosen);
+  EXPECT_EQ(e.expert_passes, 1);
+  EXPECT_EQ(e.dispatch_rounds, 1);
+  EXPECT_GT(e.gpu_bytes_per_rank, kH100);
+  ASSERT_EQ(plan.notes.size(), 1u);
+  EXPECT_EQ(plan.notes[0].where, "estimate.gpu_bytes_per_rank");
+  EXPECT_THAT(plan.notes[0].message,
+              HasSubstr("per rank with experts_per_pass = 0 (all) (as given) and "
+                        "dispatch_tokens = 0 (all) (as given) exceeds the 75.67 GiB a rank may "
+                        "use of the 79.65 GiB device planned for (95%)"));
+  // One given, the other chosen for it: 16 experts a pass, the fewest rounds that fit.
+  const ResourceEstimate mixed = Plan(kH200, 16, kChooseSetting).estimate;
+  EXPECT_EQ(mixed.experts_per_pass, 16);
+  EXPECT_FALSE(mixed.experts_per_pass_chosen);
+  EXPECT_TRUE(mixed.dispatch_tokens_chosen);
+  EXPECT_EQ(mixed.expert_passes, 16);
+  EXPECT_LE(mixed.gpu_bytes_per_rank, Budget(kH200));
+  if (mixed.dispatch_rounds > 1) {
+    const int64_t m = mixed.dispatch_rounds - 1;
+    EXPECT_GT(Gpu(16, m == 1 ? 0 : (kTokens + m - 1) / m), Budget(kH200));
+  }
+}
+
+TEST_F(ChosenSettingsTest, NothingFitsTakesTheLeastAndSaysSo) {
+  const int64_t small = int64_t{16} << 30;  // less than the layer's weights and hidden states
+  const JobPlan plan = Plan(small);
+  const ResourceEstimate& e = plan.estimate;
+  EXPECT_EQ(e.experts_per_pass, 1);
+  EXPECT_EQ(e.expert_passes, 256);
+  EXPECT_EQ(e.dispatch_tokens, 4096);  // one sequence a round
+  EXPECT_EQ(e.dispatch_rounds, 128);
+  ASSERT_EQ(plan.notes.size(), 1u);
+  EXPECT_THAT(plan.notes[0].message,
+              HasSubstr("with experts_per_pass = 1 (the least memory the plan can choose) and "
+                        "dispatch_tokens = 4096 (the least memory the plan can choose) exceeds "
+                        "the 15.20 GiB a rank may use of the 16.00 GiB device planned for"));
+}
+
+TEST_F(ChosenSettingsTest, AnUnknownDeviceGetsTheFallback) {
+  const JobPlan plan = Plan(0);
+  EXPECT_EQ(plan.estimate.experts_per_pass, kFallbackExpertsPerPass);
+  EXPECT_EQ(plan.estimate.dispatch_tokens, kFallbackDispatchTokens);
+  EXPECT_TRUE(plan.estimate.experts_per_pass_chosen);
+  EXPECT_EQ(plan.estimate.expert_passes, 16);
+  EXPECT_EQ(plan.estimate.dispatch_rounds, 8);
+  EXPECT_THAT(plan.notes, IsEmpty());
+}
+
+TEST_F(ChosenSettingsTest, OnTheCpuTheRestOfHostMemoryCounts) {
+  // The same memory as host memory fits less: the host estimate shares it.
+  request_.device_is_host = true;
+  const JobPlan host = Plan(kH200);
+  request_.device_is_host = false;
+  const JobPlan device = Plan(kH200);
+  EXPECT_TRUE(host.estimate.expert_passes > device.estimate.expert_passes ||
+              host.estimate.dispatch_rounds > device.estimate.dispatch_rounds);
+  EXPECT_LE(host.estimate.host_bytes_per_rank, kH200);
 }
 
 }  // namespace
