@@ -59,6 +59,16 @@ def quantize(cluster, out, method, *extra, expect=0, seqlen=256):
     return res.stdout.split()[0], res
 
 
+def submit_rtn(cluster, out):
+    """Submits a small RTN job (128 x 128 calibration, 8 evaluation sequences); its id."""
+    res = cluster.client("submit", "--model", DATA, "--output", out, "--dataset",
+                         DATA / "calibration.jsonl", "--num-calibration-samples", 128,
+                         "--max-sequence-length", 128, "--seed", 1, "--method", "rtn",
+                         "--eval-samples", 8)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split()[0]
+
+
 def quality(out):
     return json.loads((Path(out) / "quality.json").read_text())
 
@@ -154,12 +164,7 @@ def test_kill_during_evaluating_keeps_quantization_and_quality(cluster, tmp_path
     outs, ids = {}, {}
     for case in ("coordinator", "worker"):
         out = tmp_path / case
-        res = cluster.client("submit", "--model", DATA, "--output", out, "--dataset",
-                             DATA / "calibration.jsonl", "--num-calibration-samples", 128,
-                             "--max-sequence-length", 128, "--seed", 1, "--method", "rtn",
-                             "--eval-samples", 8)
-        assert res.returncode == 0, res.stderr
-        job = res.stdout.split()[0]
+        job = submit_rtn(cluster, out)
         cluster.wait_job(job, "JOB_STATE_EVALUATING", timeout=600)
         time.sleep(1.0)
         if case == "coordinator":
@@ -198,12 +203,7 @@ def test_file_changed_after_finalization_is_recomputed_not_measured(cluster, tmp
     outs = {}
     for case in ("clean", "flipped"):
         out = tmp_path / case
-        res = cluster.client("submit", "--model", DATA, "--output", out, "--dataset",
-                             DATA / "calibration.jsonl", "--num-calibration-samples", 128,
-                             "--max-sequence-length", 128, "--seed", 1, "--method", "rtn",
-                             "--eval-samples", 8)
-        assert res.returncode == 0, res.stderr
-        job = res.stdout.split()[0]
+        job = submit_rtn(cluster, out)
         if case == "flipped":
             cluster.wait_job(job, "JOB_STATE_EVALUATING", timeout=600)
             victim = sorted(out.glob("model-layer00001-*.safetensors"))[0]
