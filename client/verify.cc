@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -23,6 +24,37 @@ namespace {
 constexpr char kManifest[] = "manifest.json";
 constexpr char kMarker[] = ".mq-job";
 
+// The entries of manifest `text`, for a local directory and an s3:// prefix alike, in order:
+// `check` gets each well-formed one (name, size, sha256), a malformed one adds a problem instead.
+// Sets the report's manifest_sha256, files and total_bytes and adds every listed name to
+// `listed`. False (with the problem) when `text` is not an mq manifest.
+bool ParseManifest(
+    const std::string& text, VerifyReport& report, std::set<std::string>* listed,
+    const std::function<void(const std::string&, int64_t, const std::string&)>& check) {
+  report.manifest_sha256 = Sha256Hex(text);
+  nlohmann::json m = nlohmann::json::parse(text, nullptr, false);
+  if (m.is_discarded() || !m.is_object() || !m.contains("files") || !m["files"].is_array()) {
+    report.problems.push_back(
+        absl::StrCat(kManifest, ": not an mq manifest (a JSON object with a \"files\" array)"));
+    return false;
+  }
+  for (const nlohmann::json& f : m["files"]) {
+    if (!f.is_object() || !f.contains("name") || !f["name"].is_string() || !f.contains("size") ||
+        !f["size"].is_number_integer() || !f.contains("sha256") || !f["sha256"].is_string()) {
+      report.problems.push_back(
+          absl::StrCat(kManifest, ": entry ", f.dump(), " lacks a name, size or sha256"));
+      continue;
+    }
+    const std::string name = f["name"].get<std::string>();
+    const int64_t size = f["size"].get<int64_t>();
+    listed->insert(name);
+    ++report.files;
+    report.total_bytes += size;
+    check(name, size, f["sha256"].get<std::string>());
+  }
+  return true;
+}
+
 }  // namespace
 
 VerifyReport VerifyOutput(const std::string& output_dir) {
@@ -36,43 +68,23 @@ VerifyReport VerifyOutput(const std::string& output_dir) {
   }
   std::stringstream buffer;
   buffer << in.rdbuf();
-  const std::string text = buffer.str();
-  report.manifest_sha256 = Sha256Hex(text);
-  nlohmann::json m = nlohmann::json::parse(text, nullptr, false);
-  if (m.is_discarded() || !m.is_object() || !m.contains("files") || !m["files"].is_array()) {
-    report.problems.push_back(
-        absl::StrCat(kManifest, ": not an mq manifest (a JSON object with a \"files\" array)"));
-    return report;
-  }
   std::set<std::string> listed;
-  for (const nlohmann::json& f : m["files"]) {
-    if (!f.is_object() || !f.contains("name") || !f["name"].is_string() || !f.contains("size") ||
-        !f["size"].is_number_integer() || !f.contains("sha256") || !f["sha256"].is_string()) {
-      report.problems.push_back(
-          absl::StrCat(kManifest, ": entry ", f.dump(), " lacks a name, size or sha256"));
-      continue;
-    }
-    const std::string name = f["name"].get<std::string>();
-    const int64_t size = f["size"].get<int64_t>();
-    const std::string sha = f["sha256"].get<std::string>();
-    listed.insert(name);
-    ++report.files;
-    report.total_bytes += size;
+  auto check = [&](const std::string& name, int64_t size, const std::string& sha) {
     if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..") {
       report.problems.push_back(absl::StrCat(kManifest, ": file name \"", name,
                                              "\" is not a name inside the output directory"));
-      continue;
+      return;
     }
     const std::string path = output_dir + "/" + name;
     struct stat st;
     if (::stat(path.c_str(), &st) != 0) {
       report.problems.push_back(absl::StrCat(name, ": missing (listed with ", size, " bytes)"));
-      continue;
+      return;
     }
     if (static_cast<int64_t>(st.st_size) != size) {
       report.problems.push_back(
           absl::StrCat(name, ": ", st.st_size, " bytes, the manifest lists ", size));
-      continue;
+      return;
     }
     absl::StatusOr<std::string> actual = Sha256OfFile(path);
     if (!actual.ok()) {
@@ -82,7 +94,8 @@ VerifyReport VerifyOutput(const std::string& output_dir) {
       report.problems.push_back(
           absl::StrCat(name, ": SHA-256 ", *actual, " differs from the manifest's ", sha));
     }
-  }
+  };
+  if (!ParseManifest(buffer.str(), report, &listed, check)) return report;
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator(output_dir, ec)) {
     const std::string name = entry.path().filename().string();
@@ -118,41 +131,22 @@ VerifyReport VerifyS3Output(const std::string& uri) {
                                                : ""));
     return report;
   }
-  report.manifest_sha256 = Sha256Hex(*text);
-  nlohmann::json m = nlohmann::json::parse(*text, nullptr, false);
-  if (m.is_discarded() || !m.is_object() || !m.contains("files") || !m["files"].is_array()) {
-    report.problems.push_back(
-        absl::StrCat(kManifest, ": not an mq manifest (a JSON object with a \"files\" array)"));
-    return report;
-  }
   std::set<std::string> listed;
   constexpr uint64_t kChunk = 64ull << 20;
   std::string buffer;
-  for (const nlohmann::json& f : m["files"]) {
-    if (!f.is_object() || !f.contains("name") || !f["name"].is_string() || !f.contains("size") ||
-        !f["size"].is_number_integer() || !f.contains("sha256") || !f["sha256"].is_string()) {
-      report.problems.push_back(
-          absl::StrCat(kManifest, ": entry ", f.dump(), " lacks a name, size or sha256"));
-      continue;
-    }
-    const std::string name = f["name"].get<std::string>();
-    const int64_t size = f["size"].get<int64_t>();
-    const std::string sha = f["sha256"].get<std::string>();
-    listed.insert(name);
-    ++report.files;
-    report.total_bytes += size;
+  auto check = [&](const std::string& name, int64_t size, const std::string& sha) {
     absl::StatusOr<s3::ObjectInfo> info = client.Head(u->bucket, prefix + name);
     if (!info.ok()) {
       report.problems.push_back(absl::StrCat(
           name, absl::IsNotFound(info.status()) ? ": missing (listed with " : ": cannot be read (",
           absl::IsNotFound(info.status()) ? absl::StrCat(size, " bytes)")
                                           : absl::StrCat(info.status().message(), ")")));
-      continue;
+      return;
     }
     if (static_cast<int64_t>(info->size) != size) {
       report.problems.push_back(
           absl::StrCat(name, ": ", info->size, " bytes, the manifest lists ", size));
-      continue;
+      return;
     }
     Sha256 hash;
     absl::Status read;
@@ -165,14 +159,15 @@ VerifyReport VerifyS3Output(const std::string& uri) {
     }
     if (!read.ok()) {
       report.problems.push_back(absl::StrCat(name, ": cannot be read: ", read.message()));
-      continue;
+      return;
     }
     const std::string actual = hash.HexDigest();
     if (actual != sha) {
       report.problems.push_back(
           absl::StrCat(name, ": SHA-256 ", actual, " differs from the manifest's ", sha));
     }
-  }
+  };
+  if (!ParseManifest(*text, report, &listed, check)) return report;
   absl::StatusOr<std::vector<s3::ListedObject>> objects = client.ListObjects(u->bucket, prefix);
   if (!objects.ok()) {
     report.problems.push_back(absl::StrCat(uri, ": cannot list: ", objects.status().message()));
