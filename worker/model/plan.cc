@@ -171,6 +171,28 @@ int64_t OutputBytes(const ExpectedTensor& t, const InspectRequest& request,
   return SatMul(Elements(t.shape), bytes_per_element_x8 / 8);
 }
 
+// Smallest power of two >= n (n >= 1).
+int64_t PowerOfTwoAtLeast(int64_t n) {
+  int64_t p = 1;
+  while (p < n && p < (int64_t{1} << 62)) p <<= 1;
+  return p;
+}
+
+// Host bytes a worker holds for `t` until its layer file is written: OutputBytes, except that on
+// a GPU the packed weight and the scales of a quantized linear are page-locked copies, whose
+// allocator rounds each up to a power of two.
+int64_t HeldOutputBytes(const ExpectedTensor& t, const InspectRequest& request,
+                        const StoredTensors& stored, const std::set<std::string>& partial) {
+  if (request.device_is_host || !IsQuantized(t, request.all_linear, partial)) {
+    return OutputBytes(t, request, stored, partial);
+  }
+  const int64_t out = t.shape[0];
+  const int64_t in = t.shape[1];
+  const int64_t groups = request.group_size > 0 ? CeilDiv(in, request.group_size) : 1;
+  return SatAdd({PowerOfTwoAtLeast(SatMul({out, CeilDiv(in, 8), 4})),
+                 PowerOfTwoAtLeast(SatMul({out, groups, 2})), 16});
+}
+
 // Splits `total` into `parts` contiguous ranges; the first total % parts get one more.
 int64_t ShareOf(int64_t total, int parts, int index) {
   return total / parts + (index < total % parts ? 1 : 0);
@@ -262,6 +284,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   plan.layers.resize(num_layers);
   // Input and output bytes of each layer's routed experts (the rest is every rank's or rank 0's).
   std::vector<int64_t> expert_input(num_layers, 0), expert_output(num_layers, 0);
+  // The same as host memory holds it before the write (HeldOutputBytes).
+  std::vector<int64_t> layer_held(num_layers, 0), expert_held(num_layers, 0);
   std::vector<int64_t> replicated_elements(num_layers, 0);
   std::vector<std::map<std::string, int64_t>> hessian_inputs(num_layers);  // input_id -> in dim
   bool any_moe = false;
@@ -290,6 +314,9 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     LayerPlan& lp = plan.layers[t.layer];
     lp.output_bytes = SatAdd(lp.output_bytes, bytes);
     if (t.routed_expert) expert_output[t.layer] = SatAdd(expert_output[t.layer], bytes);
+    const int64_t held = HeldOutputBytes(t, request, stored, partial);
+    layer_held[t.layer] = SatAdd(layer_held[t.layer], held);
+    if (t.routed_expert) expert_held[t.layer] = SatAdd(expert_held[t.layer], held);
     const bool quantized = IsQuantized(t, request.all_linear, partial);
     if (quantized) ++lp.num_quantized_linears;
     if (!t.routed_expert) {
@@ -383,10 +410,9 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     for (int layer = 0; layer < num_layers; ++layer) {
       const int64_t n = std::max(1, config.n_routed_experts);
       const int64_t own_in = SatMul(expert_input[layer], rp.num_experts) / n;
-      const int64_t own_out = SatMul(expert_output[layer], rp.num_experts) / n;
+      const int64_t own_out = SatMul(expert_held[layer], rp.num_experts) / n;
       in = std::max(in, SatAdd(plan.layers[layer].input_bytes - expert_input[layer], own_in));
-      const int64_t others =
-          rp.rank == 0 ? plan.layers[layer].output_bytes - expert_output[layer] : 0;
+      const int64_t others = rp.rank == 0 ? layer_held[layer] - expert_held[layer] : 0;
       out = std::max(out, SatAdd(others, own_out));
     }
     host_base.push_back(

@@ -266,7 +266,9 @@ bool IsCheckpointStep(int step, int steps, int every);
 //             + the layer's routed experts' stored bytes * num_experts(r) / n_routed_experts)
 //     out(r) = max over layers of (rank 0: output bytes of the layer's tensors other than routed
 //             experts; others 0) + the routed experts' output bytes * num_experts(r) /
-//             n_routed_experts
+//             n_routed_experts, where on a GPU (not request.device_is_host) a quantized linear's
+//             weight_packed and weight_scale each count as the next power of two of their bytes
+//             (page-locked copies from the device, rounded by the pinned-memory allocator)
 //   scratch(r) = tokens(r) * H * 2 * min(2, checkpoints) (bf16 hidden-state checkpoints: the
 //                newest and the next one being written; checkpoints = ChooseCheckpointCadence's
 //                over the planned layers, with request.checkpoint_every)

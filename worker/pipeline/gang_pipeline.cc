@@ -555,9 +555,11 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   std::vector<model::TensorData>& tensors = result.tensors;
   std::set<std::string> written_quantized;
   model::WeightOverrides overrides;
-  double err_sum = 0;
-  int err_n = 0;
-  // Stats, packed tensors and the propagation override of one solved group.
+  // Each solved linear's error traces (HessianErrorTraces), queued on the device and read once
+  // at the end of the stage: no host sync per linear.
+  std::vector<at::Tensor> error_traces;
+  // Stats, packed tensors and the propagation override of one solved group. The packed tensors'
+  // copies to the host are queued too (SyncDevice at the end of the stage completes them).
   auto record = [&](const HessianGroup& g, const std::vector<at::Tensor>& ws,
                     const std::vector<GptqResult>& results, const at::Tensor& h) -> absl::Status {
     for (size_t i = 0; i < g.members.size(); ++i) {
@@ -565,17 +567,18 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
       ++st.quantized_linears;
       if (r.fallback != quant::Fallback::kNone) ++st.fallbacks;
       if (h.defined()) {
-        absl::StatusOr<double> err = quant::RelativeHessianError(ws[i], r.weight.dequantized, h);
-        if (err.ok() && std::isfinite(*err)) {
-          err_sum += *err;
-          ++err_n;
-        }
+        absl::StatusOr<at::Tensor> traces =
+            quant::HessianErrorTraces(ws[i], r.weight.dequantized, h, kErrorStatRows);
+        if (!traces.ok()) return traces.status();
+        error_traces.push_back(*std::move(traces));
       }
       absl::StatusOr<quant::PackedWeight> packed = quant::PackWeight(r.weight);
       if (!packed.ok()) return packed.status();
       const std::string& m = g.members[i];
-      tensors.push_back(model::ToTensorData(m + ".weight_packed", packed->weight_packed));
-      tensors.push_back(model::ToTensorData(m + ".weight_scale", packed->weight_scale));
+      tensors.push_back(
+          model::ToTensorDataView(m + ".weight_packed", ToHostQueued(packed->weight_packed)));
+      tensors.push_back(
+          model::ToTensorDataView(m + ".weight_scale", ToHostQueued(packed->weight_scale)));
       tensors.push_back(model::ToTensorData(m + ".weight_shape", packed->weight_shape));
       written_quantized.insert(m);
       // On the GPU the dequantized weight replaces the original in place (nothing reads the
@@ -715,6 +718,19 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     }
   }
   acc.clear();
+  // The one host sync of the stage's statistics (it also completes the queued copies).
+  double err_sum = 0;
+  int err_n = 0;
+  if (!error_traces.empty()) {
+    const at::Tensor traces = at::stack(error_traces).cpu();
+    const double* t = traces.data_ptr<double>();
+    for (int64_t i = 0; i < traces.size(0); ++i) {
+      const double err = quant::RelativeErrorOf(t[2 * i], t[2 * i + 1]);
+      if (!std::isfinite(err)) continue;
+      err_sum += err;
+      ++err_n;
+    }
+  }
   st.mean_relative_error = err_n > 0 ? err_sum / err_n : 0;
   SyncDevice(o_.device);
   // The experts' forward and Hessian accumulation happened inside this stage: Hessian time.
@@ -847,6 +863,13 @@ at::Tensor Runner::ToHost(const at::Tensor& t) const {
   if (!o_.device.is_cuda()) return t.to(at::kCPU);
   at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
   host.copy_(t);
+  return host;
+}
+
+at::Tensor Runner::ToHostQueued(const at::Tensor& t) const {
+  if (!t.is_cuda()) return t.to(at::kCPU).contiguous();
+  at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+  host.copy_(t, /*non_blocking=*/true);
   return host;
 }
 

@@ -51,6 +51,11 @@ inline void SyncDevice(const at::Device& device) {
   if (device.is_cuda()) at::zeros({1}, at::TensorOptions().device(device)).cpu();
 }
 
+// Rows of a weight its error statistic (StepStats.mean_relative_error) is estimated on
+// (HessianErrorTraces): for a DeepSeek-V3 layer's 768 expert linears all rows are ~250 TFLOP of
+// float64 products (>= 3.7 s at an H200's fp64 peak), 128 rows ~14 TFLOP.
+inline constexpr int64_t kErrorStatRows = 128;
+
 #define MQ_RETURN_IF_ERROR(expr)           \
   do {                                     \
     absl::Status _st = (expr);             \
@@ -163,6 +168,10 @@ class Runner {
                     const model::ForwardHooks& hooks) const;
   // `t` in host memory (page-locked when the device is a GPU); on a CPU device `t` itself.
   at::Tensor ToHost(const at::Tensor& t) const;
+  // The same for a CUDA `t` without waiting: a page-locked tensor whose copy is queued on the
+  // current stream, so its bytes are valid only after the next SyncDevice. Host tensors: `t`,
+  // contiguous.
+  at::Tensor ToHostQueued(const at::Tensor& t) const;
   at::Tensor Positions(int64_t seq) const {
     return at::arange(seq, at::TensorOptions().dtype(at::kLong).device(o_.device));
   }

@@ -46,7 +46,9 @@ struct StepStats {
   int quantized_linears = 0;  // solved by this rank
   int fallbacks = 0;
   std::vector<RareExpertInfo> rare;  // this rank's experts
-  double mean_relative_error = 0;    // over this rank's solved linears with tokens
+  // Mean over this rank's solved linears with tokens of tr(ΔHΔᵀ)/tr(WHWᵀ), each on at most
+  // 128 evenly spaced rows of the weight (gang_runner.h kErrorStatRows).
+  double mean_relative_error = 0;
   std::vector<AwqMappingInfo> awq;   // AWQ jobs: the mappings this rank chose scales for
 };
 

@@ -277,12 +277,12 @@ absl::StatusOr<std::vector<GptqResult>> QuantizeGptqShared(const std::vector<at:
   return results;
 }
 
-namespace {
-
-double Ratio(double num, double den) {
+double RelativeErrorOf(double num, double den) {
   if (den == 0.0) return num == 0.0 ? 0.0 : std::numeric_limits<double>::infinity();
   return num / den;
 }
+
+namespace {
 
 absl::Status CheckPair(const at::Tensor& w, const at::Tensor& q) {
   if (!w.defined() || !q.defined() || w.dim() != 2 || w.sizes() != q.sizes()) {
@@ -308,23 +308,39 @@ absl::StatusOr<double> RelativeOutputError(const at::Tensor& w, const at::Tensor
   at::Tensor delta = wd - q.to(wd.device(), at::kDouble);
   const double num = at::mm(delta, xd.t()).square().sum().item<double>();
   const double den = at::mm(wd, xd.t()).square().sum().item<double>();
-  return Ratio(num, den);
+  return RelativeErrorOf(num, den);
 }
 
 absl::StatusOr<double> RelativeHessianError(const at::Tensor& w, const at::Tensor& q,
                                             const at::Tensor& h) {
+  absl::StatusOr<at::Tensor> traces = HessianErrorTraces(w, q, h);
+  if (!traces.ok()) return traces.status();
+  const at::Tensor t = traces->cpu();
+  return RelativeErrorOf(t[0].item<double>(), t[1].item<double>());
+}
+
+absl::StatusOr<at::Tensor> HessianErrorTraces(const at::Tensor& w, const at::Tensor& q,
+                                              const at::Tensor& h, int64_t max_rows) {
   if (absl::Status s = CheckPair(w, q); !s.ok()) return s;
   if (!h.defined() || h.dim() != 2 || h.size(0) != w.size(1) || h.size(1) != w.size(1)) {
     return absl::InvalidArgumentError(absl::StrCat("hessian has shape ",
                                                    h.defined() ? SizesString(h) : "undefined",
                                                    ": must be [", w.size(1), ", ", w.size(1), "]"));
   }
-  at::Tensor wd = w.to(at::kDouble);
-  at::Tensor hd = h.to(wd.device(), at::kDouble);
-  at::Tensor delta = wd - q.to(wd.device(), at::kDouble);
-  const double num = at::mm(delta, hd).mul_(delta).sum().item<double>();
-  const double den = at::mm(wd, hd).mul_(wd).sum().item<double>();
-  return Ratio(num, den);
+  at::Tensor ws = w, qs = q;
+  const int64_t rows = w.size(0);
+  if (max_rows > 0 && rows > max_rows) {
+    const at::Tensor pick =
+        at::floor_divide(at::arange(max_rows, w.options().dtype(at::kLong)) * rows, max_rows);
+    ws = w.index_select(0, pick);
+    qs = q.to(w.device()).index_select(0, pick);
+  }
+  // Both traces from one product: [W − Q; W] H, each row dotted with its own row.
+  at::Tensor wd = ws.to(at::kDouble);
+  at::Tensor both = at::cat({wd - qs.to(wd.device(), at::kDouble), wd});
+  at::Tensor per_row = at::mm(both, h.to(wd.device(), at::kDouble)).mul_(both).sum(1);
+  const int64_t n = ws.size(0);
+  return at::stack({per_row.narrow(0, 0, n).sum(), per_row.narrow(0, n, n).sum()});
 }
 
 }  // namespace mq::quant

@@ -125,4 +125,15 @@ absl::StatusOr<double> RelativeOutputError(const at::Tensor& w, const at::Tensor
 absl::StatusOr<double> RelativeHessianError(const at::Tensor& w, const at::Tensor& q,
                                             const at::Tensor& h);
 
+// The two traces of RelativeHessianError, tr((W − Q) H (W − Q)ᵀ) and tr(W H Wᵀ), as a float64
+// tensor [2] on the weight's device, queued without waiting for the device (no host sync), over
+// at most `max_rows` rows of W and Q: all rows when W has no more (then the traces are exact),
+// otherwise `max_rows` evenly spaced ones (rows ⌊i·O/max_rows⌋), whose ratio estimates the
+// relative error at a fraction of the cost (O·I² per trace for all rows). max_rows <= 0: all
+// rows. RelativeErrorOf turns the traces into the ratio. InvalidArgument on shape mismatch.
+absl::StatusOr<at::Tensor> HessianErrorTraces(const at::Tensor& w, const at::Tensor& q,
+                                              const at::Tensor& h, int64_t max_rows = 0);
+// num / den; 0 when both are 0, +inf when only den is.
+double RelativeErrorOf(double num, double den);
+
 }  // namespace mq::quant

@@ -649,9 +649,14 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   const int64_t expert_in = expert_linear + 4 * expert_scales;
   const int64_t others_in = report.layers[2].input_bytes - 4 * expert_in;
   const int64_t others_out = report.layers[2].output_bytes - 4 * expert_out;
-  auto host = [&](int rank, int64_t experts, int64_t sequences) {
+  // On a GPU a quantized linear's packed weight and scales are held in page-locked copies, each
+  // rounded up to a power of two: gate/up 6,400 -> 8,192 and 128 bytes, down 6,400 -> 8,192 and
+  // 400 -> 512 bytes (+16 for weight_shape).
+  const int64_t expert_held = 2 * (8192 + 128 + 16) + (8192 + 512 + 16);  // 25,392
+  auto host = [&](int rank, int64_t experts, int64_t sequences, bool gpu = true) {
     const int64_t tokens = sequences * 16;
-    const int64_t out = (rank == 0 ? others_out : 0) + experts * expert_out;
+    const int64_t out =
+        (rank == 0 ? others_out : 0) + experts * (gpu ? expert_held : expert_out);
     const int64_t in = others_in + experts * expert_in;
     return tokens * 200 * 2 * kHiddenCopiesOnHost + 2 * out + 2 * in + 8 * 16 * 4 + tokens * 8 + tokens * 2 * 20 +
            kPinnedStagingBytes + kHostOverheadBytes;
@@ -665,7 +670,8 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   InspectRequest on_host = request;
   on_host.device_is_host = true;
   EXPECT_EQ(InspectCheckpoint(on_host).ranks.at(2).host_bytes,
-            host(2, 1, 2) + gpu(1, 2, one_round(1, 2), true) - kDeviceOverheadBytes);
+            host(2, 1, 2, /*gpu=*/false) + gpu(1, 2, one_round(1, 2), true) -
+                kDeviceOverheadBytes);
   EXPECT_EQ(report.estimate.scratch_bytes_per_rank, 48 * 200 * 4);
   EXPECT_EQ(report.estimate.calibration_tokens, 128);
   EXPECT_DOUBLE_EQ(report.estimate.tokens_per_expert, 128.0 * 2 / 4);
@@ -1018,8 +1024,10 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(plan.estimate.gpu_bytes_per_rank,
             replicated + experts + u + solve + kDeviceOverheadBytes);
   // Host: the hidden states, then (rank 0) 2 x layer file tensors, 2 x mapped checkpoint bytes,
-  // ids, routing, staging and overhead (8,142,738,880 bytes).
-  EXPECT_EQ(plan.estimate.host_bytes_per_rank, u * kHiddenCopiesOnHost + 8142738880);
+  // ids, routing, staging and overhead (8,350,356,928 bytes: 8,142,738,880 plus the pinned
+  // copies' rounding, 7 MiB -> 8 MiB per packed weight and 224 -> 256 KiB per scale tensor, for
+  // 2 x 96 linears).
+  EXPECT_EQ(plan.estimate.host_bytes_per_rank, u * kHiddenCopiesOnHost + 8350356928);
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);

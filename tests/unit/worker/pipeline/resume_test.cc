@@ -153,6 +153,15 @@ class ResumeTest : public ::testing::Test {
     EXPECT_EQ(r->steps_run, 6);
     EXPECT_EQ(r->checkpoint_every, 2);
     EXPECT_EQ(r->resumed_from_step, -1);
+    // The MoE steps solved their experts with calibration tokens (the dense step 0 quantizes
+    // nothing): their mean relative error (read back from the device once per step) is a small
+    // positive number.
+    for (const auto& [step, s] : reference_) {
+      if (step == 0) continue;
+      EXPECT_GT(s.stats.quantized_linears, 0) << "step " << step;
+      EXPECT_GT(s.stats.mean_relative_error, 0) << "step " << step;
+      EXPECT_LT(s.stats.mean_relative_error, 0.5) << "step " << step;
+    }
     // After steps 1 and 3 (step 3 is the first MTP layer's); the older is removed once the
     // newer's step is reported; none after the last step; none left once every step is
     // reported.

@@ -5,7 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <limits>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "worker/quant/hessian.h"
@@ -261,6 +263,40 @@ TEST(GptqTest, OutputErrorThroughInputsEqualsThroughHessian) {
   EXPECT_NEAR(*RelativeOutputError(w, q, x), *RelativeHessianError(w, q, h), 1e-9);
   EXPECT_EQ(*RelativeOutputError(w, w, x), 0.0);
   EXPECT_FALSE(RelativeOutputError(w, q, at::ones({3, 41})).ok());
+}
+
+TEST(GptqTest, HessianErrorTracesOnEvenlySpacedRows) {
+  at::Tensor x = CorrelatedInputs(500, 48, 6, 38);
+  at::manual_seed(39);
+  at::Tensor w = at::randn({300, 48});
+  at::Tensor q = w + 0.02 * at::randn({300, 48});
+  at::Tensor h = HessianOf(x);
+  // All rows (max_rows 0 or >= the rows): the exact traces of RelativeHessianError.
+  for (int64_t max_rows : {0, 300, 1000}) {
+    absl::StatusOr<at::Tensor> all = HessianErrorTraces(w, q, h, max_rows);
+    ASSERT_TRUE(all.ok()) << all.status();
+    ASSERT_EQ(all->scalar_type(), at::kDouble);
+    EXPECT_NEAR(RelativeErrorOf((*all)[0].item<double>(), (*all)[1].item<double>()),
+                *RelativeHessianError(w, q, h), 1e-12);
+  }
+  // 64 of 300 rows: the traces of exactly rows floor(i * 300 / 64), and a close estimate.
+  absl::StatusOr<at::Tensor> some = HessianErrorTraces(w, q, h, 64);
+  ASSERT_TRUE(some.ok()) << some.status();
+  std::vector<int64_t> rows;
+  for (int64_t i = 0; i < 64; ++i) rows.push_back(i * 300 / 64);
+  const at::Tensor pick = at::tensor(rows, at::kLong);
+  absl::StatusOr<at::Tensor> picked =
+      HessianErrorTraces(w.index_select(0, pick), q.index_select(0, pick), h);
+  ASSERT_TRUE(picked.ok());
+  EXPECT_TRUE(at::allclose(*some, *picked, 1e-12, 0));
+  const double estimate = RelativeErrorOf((*some)[0].item<double>(), (*some)[1].item<double>());
+  EXPECT_NEAR(estimate, *RelativeHessianError(w, q, h), 0.2 * *RelativeHessianError(w, q, h));
+  // Identical weights: 0; a zero weight with a nonzero error: +inf; bad shapes: an error.
+  absl::StatusOr<at::Tensor> same = HessianErrorTraces(w, w, h, 64);
+  EXPECT_EQ(RelativeErrorOf((*same)[0].item<double>(), (*same)[1].item<double>()), 0.0);
+  EXPECT_TRUE(std::isinf(RelativeErrorOf(1.0, 0.0)));
+  EXPECT_FALSE(HessianErrorTraces(w, q.narrow(0, 0, 10), h, 64).ok());
+  EXPECT_FALSE(HessianErrorTraces(w, q, at::ones({47, 47}), 64).ok());
 }
 
 }  // namespace
