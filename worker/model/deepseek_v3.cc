@@ -56,11 +56,18 @@ at::Tensor Linear(const std::string& name, const at::Tensor& x2d, const at::Tens
   return at::linear(x2d, WeightFor(name, weight, hooks));
 }
 
-at::Tensor RunMlp(const std::string& prefix, const MlpWeights& mlp, const at::Tensor& x2d,
-                  const ForwardHooks& hooks) {
+// down_proj's input of the MLP on x2d.
+at::Tensor MlpActivation(const std::string& prefix, const MlpWeights& mlp, const at::Tensor& x2d,
+                         const ForwardHooks& hooks) {
   at::Tensor gate = Linear(prefix + "gate_proj", x2d, mlp.gate_proj, hooks);
   at::Tensor up = Linear(prefix + "up_proj", x2d, mlp.up_proj, hooks);
-  return Linear(prefix + "down_proj", at::silu(gate) * up, mlp.down_proj, hooks);
+  return at::silu(gate) * up;
+}
+
+at::Tensor RunMlp(const std::string& prefix, const MlpWeights& mlp, const at::Tensor& x2d,
+                  const ForwardHooks& hooks) {
+  return Linear(prefix + "down_proj", MlpActivation(prefix, mlp, x2d, hooks), mlp.down_proj,
+                hooks);
 }
 
 // Interleaved-pair rotation (transformers' apply_rotary_pos_emb_interleave): pairs
@@ -385,6 +392,12 @@ at::Tensor RunAttention(const LayerWeights& w, const at::Tensor& x, const at::Te
 at::Tensor RunMlpRows(const std::string& prefix, const MlpWeights& mlp, const at::Tensor& x2d,
                       const ForwardHooks& hooks) {
   return RunMlp(prefix, mlp, x2d, hooks);
+}
+
+void RunMlpInputs(const std::string& prefix, const MlpWeights& mlp, const at::Tensor& x2d,
+                  const ForwardHooks& hooks) {
+  const at::Tensor act = MlpActivation(prefix, mlp, x2d, hooks);
+  if (hooks.on_linear_input) hooks.on_linear_input(prefix + "down_proj", act);
 }
 
 at::Tensor RunMlpBlock(const LayerWeights& w, const at::Tensor& x, const ForwardHooks& hooks) {

@@ -225,6 +225,12 @@ at::Tensor RunAttention(const LayerWeights& weights, const at::Tensor& x,
 at::Tensor RunMlpRows(const std::string& prefix, const MlpWeights& mlp, const at::Tensor& x2d,
                       const ForwardHooks& hooks = {});
 
+// RunMlpRows for callers that only collect linear inputs (Hessians): the same hook calls
+// (gate_proj's and up_proj's input x2d, down_proj's input silu(gate(x2d)) * up(x2d)), without
+// the down_proj product (a third of the MLP's work) and without a result.
+void RunMlpInputs(const std::string& prefix, const MlpWeights& mlp, const at::Tensor& x2d,
+                  const ForwardHooks& hooks);
+
 // MLP block (dense MLP or MoE) on the normalised input [batch, seq, H] -> [batch, seq, H].
 at::Tensor RunMlpBlock(const LayerWeights& weights, const at::Tensor& x,
                        const ForwardHooks& hooks = {});

@@ -287,9 +287,13 @@ at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
       continue;
     }
     at::Tensor idx = order.narrow(0, offset, n);
-    at::Tensor y = model::RunMlpRows(absl::StrCat(w.prefix, "mlp.experts.", e, "."),
-                                     w.experts[e], d.recv_rows.index_select(0, idx), hooks);
-    if (want_outputs) out.index_copy_(0, idx, y);
+    const std::string prefix = absl::StrCat(w.prefix, "mlp.experts.", e, ".");
+    at::Tensor rows = d.recv_rows.index_select(0, idx);
+    if (want_outputs) {
+      out.index_copy_(0, idx, model::RunMlpRows(prefix, w.experts[e], rows, hooks));
+    } else {  // Hessians only: no down_proj product
+      model::RunMlpInputs(prefix, w.experts[e], rows, hooks);
+    }
     offset += n;
   }
   return out;
@@ -855,7 +859,7 @@ void Runner::RunRowBlocks(const std::string& prefix, const model::MlpWeights& ml
                           const at::Tensor& rows, const model::ForwardHooks& hooks) const {
   const int64_t block = std::max<int64_t>(1, o_.max_batch_tokens);
   for (int64_t r = 0; r < rows.size(0); r += block) {
-    model::RunMlpRows(prefix, mlp, rows.narrow(0, r, std::min(block, rows.size(0) - r)), hooks);
+    model::RunMlpInputs(prefix, mlp, rows.narrow(0, r, std::min(block, rows.size(0) - r)), hooks);
   }
 }
 

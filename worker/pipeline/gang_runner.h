@@ -162,8 +162,8 @@ class Runner {
     int e = 0;
     return !IsRoutedExpert(name, &e) || OwnerOf(e) == gang_.rank();
   }
-  // The MLP `mlp` over `rows` in blocks of at most o_.max_batch_tokens rows, for the hooks only
-  // (Hessians): bounds the intermediate activations held at once.
+  // The MLP `mlp`'s linear inputs over `rows` in blocks of at most o_.max_batch_tokens rows, for
+  // the hooks only (Hessians; model::RunMlpInputs): bounds the activations held at once.
   void RunRowBlocks(const std::string& prefix, const model::MlpWeights& mlp, const at::Tensor& rows,
                     const model::ForwardHooks& hooks) const;
   // `t` in host memory (page-locked when the device is a GPU); on a CPU device `t` itself.

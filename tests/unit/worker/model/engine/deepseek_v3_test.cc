@@ -12,6 +12,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tests/unit/worker/model/engine/engine_test_util.h"
@@ -77,6 +78,31 @@ TEST(DeepseekV3Norm, RmsNormCastsBeforeTheWeight) {
   at::Tensor got = RmsNorm(x, w, 1e-6);
   EXPECT_EQ(got.scalar_type(), at::kBFloat16);
   EXPECT_TRUE(at::equal(got, expected));
+}
+
+TEST(DeepseekV3Mlp, InputsOnlyCallsTheHooksOfTheFullMlp) {
+  MlpWeights mlp;
+  mlp.gate_proj = at::randn({6, 10});
+  mlp.up_proj = at::randn({6, 10});
+  mlp.down_proj = at::randn({10, 6});
+  const at::Tensor x = at::randn({7, 10});
+  auto record = [](std::vector<std::pair<std::string, at::Tensor>>* seen) {
+    ForwardHooks hooks;
+    hooks.on_linear_input = [seen](const std::string& name, const at::Tensor& in) {
+      seen->emplace_back(name, in.clone());
+    };
+    return hooks;
+  };
+  std::vector<std::pair<std::string, at::Tensor>> full, inputs;
+  RunMlpRows("m.", mlp, x, record(&full));
+  RunMlpInputs("m.", mlp, x, record(&inputs));
+  ASSERT_EQ(full.size(), 3u);
+  ASSERT_EQ(inputs.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(inputs[i].first, full[i].first);
+    EXPECT_TRUE(at::equal(inputs[i].second, full[i].second)) << full[i].first;
+  }
+  EXPECT_EQ(full[2].first, "m.down_proj");
 }
 
 // Router with zero gate weights (all scores 0.5) so that only the bias decides.
