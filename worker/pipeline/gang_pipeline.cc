@@ -139,20 +139,22 @@ absl::StatusOr<MoeInput> Runner::Attention(const model::LayerWeights& w,
     in.u = at::empty({tokens, config_.hidden_size},
                      at::TensorOptions().dtype(o_.dtype).device(o_.device));
     int64_t row = 0;
+    HostTransfers::Uploads up = transfers_.Upload(HiddenStates());
     for (const Chunk& c : chunks_) {
       const int64_t b = c.hidden.size(0), s = c.hidden.size(1), hd = c.hidden.size(2);
-      at::Tensor hidden = c.hidden.to(o_.device);
+      at::Tensor hidden = up.Next();
       at::Tensor x = model::RmsNorm(hidden, w.input_layernorm, config_.rms_norm_eps);
       at::Tensor h = hidden + model::RunAttention(w, x, Positions(s).unsqueeze(0), hooks);
       in.u.narrow(0, row, b * s)
           .copy_(model::RmsNorm(h, w.post_attention_layernorm, config_.rms_norm_eps)
                      .reshape({b * s, hd}));
-      in.residual.push_back(ToHost(h));
+      in.residual.push_back(transfers_.Download(h));
       row += b * s;
     }
     model::Routing r = model::RouteTokens(w, in.u, hooks);
     in.topk_indices = r.topk_indices.to(at::kCPU).contiguous();
     in.topk_weights = r.topk_weights.to(at::kCPU).contiguous();
+    transfers_.Wait();
     return in;
   });
 }
@@ -326,6 +328,7 @@ std::vector<at::Tensor> Runner::FinishMoe(const model::LayerWeights& w, const Mo
   // residual (brought from the host), and the result goes back to the host.
   std::vector<at::Tensor> next;
   int64_t row = 0;
+  HostTransfers::Uploads up = transfers_.Upload(in.residual);
   for (const at::Tensor& h : in.residual) {
     const int64_t t = h.size(0) * h.size(1);
     at::Tensor y = out.narrow(0, row, t);
@@ -333,9 +336,10 @@ std::vector<at::Tensor> Runner::FinishMoe(const model::LayerWeights& w, const Mo
       y = y + model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts,
                                 in.u.narrow(0, row, t), hooks);
     }
-    next.push_back(ToHost(h.to(o_.device) + y.view(h.sizes())));
+    next.push_back(transfers_.Download(up.Next() + y.view(h.sizes())));
     row += t;
   }
+  transfers_.Wait();
   return next;
 }
 
@@ -347,12 +351,14 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeig
   hooks.weight_overrides = &overrides;
   if (!w.is_moe) {
     std::vector<at::Tensor> next;
+    HostTransfers::Uploads up = transfers_.Upload(HiddenStates());
     for (const Chunk& c : chunks_) {
       absl::StatusOr<at::Tensor> y =
-          model::RunLayer(w, c.hidden.to(o_.device), Positions(c.hidden.size(1)), hooks);
+          model::RunLayer(w, up.Next(), Positions(c.hidden.size(1)), hooks);
       if (!y.ok()) return y.status();
-      next.push_back(ToHost(*y));
+      next.push_back(transfers_.Download(*y));
     }
+    transfers_.Wait();
     return next;
   }
   MoeInput fresh_in;
@@ -515,9 +521,10 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     });
     MQ_RETURN_IF_ERROR(s);
   } else if (!rep_groups.empty() && !rtn) {
+    HostTransfers::Uploads up = transfers_.Upload(HiddenStates());
     for (const Chunk& c : chunks_) {
       absl::StatusOr<at::Tensor> y =
-          model::RunLayer(w, c.hidden.to(o_.device), Positions(c.hidden.size(1)), collect);
+          model::RunLayer(w, up.Next(), Positions(c.hidden.size(1)), collect);
       if (!y.ok()) return y.status();
     }
   }

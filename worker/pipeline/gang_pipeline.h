@@ -94,6 +94,11 @@ struct GangPipelineOptions {
   // step in flight, reports in step order); false: each step is written and reported before the
   // next one starts. The outputs are the same either way.
   bool overlap_writes = true;
+  // On a CUDA device, the hidden states' host<->device copies run on a copy stream beside the
+  // compute stream (host_transfers.h): the next chunk's upload and the last chunk's download
+  // overlap the current chunk's kernels. false: every copy waits. The outputs are the same
+  // either way.
+  bool overlap_transfers = true;
   // While a step computes, a second thread reads the next step's tensors that this rank loads
   // into the page cache (a hint: nothing changes but where the load's bytes come from).
   bool prefetch_next_layer = true;

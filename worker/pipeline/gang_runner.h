@@ -29,6 +29,7 @@
 #include "worker/model/tensor_io.h"
 #include "worker/pipeline/gang.h"
 #include "worker/pipeline/gang_pipeline.h"
+#include "worker/pipeline/host_transfers.h"
 #include "worker/pipeline/output.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/hessian.h"
@@ -139,7 +140,7 @@ class Runner {
   Runner(const GangPipelineOptions& o, Gang& gang, model::CheckpointReader& reader,
          model::DeepseekV3Config config, model::GlobalWeights globals)
       : o_(o), gang_(gang), reader_(reader), config_(std::move(config)),
-        globals_(std::move(globals)) {}
+        globals_(std::move(globals)), transfers_(o.device, o.overlap_transfers) {}
   ~Runner() { StopPrefetch(); }  // the prefetch thread reads through reader_
 
   absl::StatusOr<GangPipelineResult> Run();
@@ -278,6 +279,9 @@ class Runner {
   bool in_mtp_ = false;
   std::vector<int> layers_;  // the pipeline's layers, by step
   int checkpoint_every_ = 1;  // steps per hidden-state checkpoint (AgreeCheckpointCadence)
+  // The hidden states' copies between host and device. Every method that returns or stores
+  // host tensors it downloaded waits for them before it returns.
+  HostTransfers transfers_;
   std::future<void> prefetch_;
   std::atomic<bool> stop_prefetch_{false};
 };

@@ -1,0 +1,128 @@
+#include "worker/pipeline/host_transfers.h"
+
+#include <utility>
+
+#if MQ_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace mq::pipeline {
+
+#if MQ_WITH_CUDA
+struct HostTransfers::Streams {
+  explicit Streams(at::Device device)
+      : copy(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index())) {}
+  c10::cuda::CUDAStream compute() const {
+    return c10::cuda::getCurrentCUDAStream(copy.device_index());
+  }
+  // The copy stream waits for what the compute stream has queued so far.
+  void CopyAfterCompute() const {
+    at::cuda::CUDAEvent queued;
+    queued.record(compute());
+    queued.block(copy);
+  }
+  c10::cuda::CUDAStream copy;
+};
+
+struct HostTransfers::Uploads::Pending {
+  at::Tensor device;
+  at::cuda::CUDAEvent copied;
+};
+#else
+struct HostTransfers::Streams {};
+struct HostTransfers::Uploads::Pending {
+  at::Tensor device;
+};
+#endif
+
+HostTransfers::HostTransfers(at::Device device, bool overlap) : device_(device) {
+#if MQ_WITH_CUDA
+  if (overlap && device.is_cuda()) {
+    if (!device_.has_index()) device_ = at::Device(at::kCUDA, c10::cuda::current_device());
+    streams_ = std::make_unique<Streams>(device_);
+  }
+#else
+  (void)overlap;
+#endif
+}
+
+HostTransfers::~HostTransfers() = default;
+
+bool HostTransfers::overlapping() const { return streams_ != nullptr; }
+
+HostTransfers::Uploads::Uploads(HostTransfers* owner, std::vector<at::Tensor> hosts)
+    : owner_(owner), hosts_(std::move(hosts)) {
+  pending_.resize(hosts_.size());
+}
+
+HostTransfers::Uploads::Uploads(Uploads&&) noexcept = default;
+HostTransfers::Uploads::~Uploads() = default;
+
+void HostTransfers::Uploads::Queue(size_t i) {
+  auto p = std::make_unique<Pending>();
+#if MQ_WITH_CUDA
+  if (owner_->streams_) {
+    const Streams& s = *owner_->streams_;
+    // Allocated for the compute stream, whose earlier work may still use the block: the copy
+    // waits for it, and the block is not reused before the copy is done even if the tensor is
+    // dropped unused.
+    p->device = at::empty(hosts_[i].sizes(), hosts_[i].options().device(owner_->device_));
+    s.CopyAfterCompute();
+    {
+      const c10::cuda::CUDAStreamGuard guard(s.copy);
+      p->device.copy_(hosts_[i], /*non_blocking=*/true);
+    }
+    p->device.record_stream(s.copy);
+    p->copied.record(s.copy);
+    pending_[i] = std::move(p);
+    return;
+  }
+#endif
+  p->device = hosts_[i].to(owner_->device_);
+  pending_[i] = std::move(p);
+}
+
+at::Tensor HostTransfers::Uploads::Next() {
+  const size_t i = next_++;
+  if (i == 0 && !hosts_.empty()) Queue(0);
+  if (i + 1 < hosts_.size()) Queue(i + 1);
+  std::unique_ptr<Pending> p = std::move(pending_.at(i));
+#if MQ_WITH_CUDA
+  if (owner_->streams_) p->copied.block(owner_->streams_->compute());
+#endif
+  hosts_[i] = at::Tensor();  // the caller keeps it if it needs it
+  return std::move(p->device);
+}
+
+HostTransfers::Uploads HostTransfers::Upload(std::vector<at::Tensor> hosts) {
+  return Uploads(this, std::move(hosts));
+}
+
+at::Tensor HostTransfers::Download(const at::Tensor& t) {
+#if MQ_WITH_CUDA
+  if (streams_ && t.is_cuda()) {
+    at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+    streams_->CopyAfterCompute();
+    {
+      const c10::cuda::CUDAStreamGuard guard(streams_->copy);
+      host.copy_(t, /*non_blocking=*/true);
+    }
+    t.record_stream(streams_->copy);  // t's block is not reused before the copy is done
+    return host;
+  }
+#endif
+  if (!device_.is_cuda()) return t.to(at::kCPU);
+  at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
+  host.copy_(t);
+  return host;
+}
+
+void HostTransfers::Wait() {
+#if MQ_WITH_CUDA
+  if (streams_) streams_->copy.synchronize();
+#endif
+}
+
+}  // namespace mq::pipeline

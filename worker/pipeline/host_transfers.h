@@ -1,0 +1,69 @@
+// Hidden-state chunks between page-locked host memory and the compute device (gang_runner.h).
+//
+// On a CUDA device with overlap on, the copies run on a copy stream beside the compute stream,
+// so that PCIe transfers overlap the layer's kernels: a sequence of uploads keeps the next
+// chunk's copy in flight while the current chunk computes, and downloads are queued without
+// waiting. Elsewhere (a CPU device, or overlap off) every call is a plain copy and Wait() does
+// nothing.
+//
+// Contract: a device tensor from Uploads::Next() may be used on the compute stream (the current
+// stream of the device when Next() is called) at once; a host tensor from Download() holds its
+// bytes only after Wait(), except for an Upload of it, which the copy stream orders after the
+// download. Device memory: at most two chunks of an upload sequence are on the device at once.
+//
+// For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
+// Threading: one thread (the runner's) uses an instance and the Uploads it returned.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstddef>
+#include <memory>
+#include <vector>
+
+namespace mq::pipeline {
+
+class HostTransfers {
+ public:
+  HostTransfers(at::Device device, bool overlap);
+  ~HostTransfers();
+  HostTransfers(const HostTransfers&) = delete;
+  HostTransfers& operator=(const HostTransfers&) = delete;
+
+  // Whether copies run on a copy stream (a CUDA device with overlap on).
+  bool overlapping() const;
+
+  // Device copies of `hosts` (host tensors), in order.
+  class Uploads {
+   public:
+    Uploads(Uploads&&) noexcept;
+    ~Uploads();
+    // The next host tensor's device copy, ready for the compute stream; queues the copy of the
+    // one after it. Called at most hosts.size() times.
+    at::Tensor Next();
+
+   private:
+    friend class HostTransfers;
+    struct Pending;
+    Uploads(HostTransfers* owner, std::vector<at::Tensor> hosts);
+    void Queue(size_t i);
+    HostTransfers* owner_;
+    std::vector<at::Tensor> hosts_;
+    size_t next_ = 0;
+    std::vector<std::unique_ptr<Pending>> pending_;  // by index; empty once handed out
+  };
+  Uploads Upload(std::vector<at::Tensor> hosts);
+
+  // `t` (device, written on the compute stream) in a new host tensor (page-locked on CUDA).
+  at::Tensor Download(const at::Tensor& t);
+
+  // Blocks until every queued copy is done.
+  void Wait();
+
+ private:
+  struct Streams;
+  at::Device device_;
+  std::unique_ptr<Streams> streams_;  // null: plain copies
+};
+
+}  // namespace mq::pipeline
