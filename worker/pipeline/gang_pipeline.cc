@@ -759,15 +759,19 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     }
   }
 
-  // Pass 2: quantized propagation (attention reused when nothing replicated was quantized).
+  // Pass 2: quantized propagation (attention reused when nothing replicated was quantized),
+  // for the next step: the last step's output hidden states are used by nothing (no checkpoint
+  // follows the last step), so its files go to the writer at once.
   t = Clock::now();
-  Progress(where + ": propagating", 0.7);
   const bool reuse = w.is_moe && rep_groups.empty();
-  absl::StatusOr<std::vector<at::Tensor>> next =
-      Propagate(w, overrides, reuse ? &moe_in : nullptr,
-                reuse && plan_.rounds == 1 ? &dispatch : nullptr);
-  if (!next.ok()) return next.status();
-  for (size_t i = 0; i < chunks_.size(); ++i) chunks_[i].hidden = (*next)[i];
+  if (step + 1 < o_.total_steps) {
+    Progress(where + ": propagating", 0.7);
+    absl::StatusOr<std::vector<at::Tensor>> next =
+        Propagate(w, overrides, reuse ? &moe_in : nullptr,
+                  reuse && plan_.rounds == 1 ? &dispatch : nullptr);
+    if (!next.ok()) return next.status();
+    for (size_t i = 0; i < chunks_.size(); ++i) chunks_[i].hidden = (*next)[i];
+  }
   moe_in = MoeInput();
   dispatch = Dispatch();
   SyncDevice(o_.device);
