@@ -20,7 +20,11 @@
 #                 on the 16 after its S, so S + 16 are needed for a held-out evaluation)
 #   MQ_EXPERTS    routed experts of the generated layer (default 256)
 #   MQ_LAYERS     MoE layers of the generated checkpoint (default 1; 11.75 GB each)
-#   MQ_WORKER_ARGS  extra mq-worker flags, e.g. --overlap-writes=false
+#   MQ_WORKER_ARGS  extra mq-worker flags, e.g. --overlap-writes=false or
+#                 --overlap-transfers=false
+#   MQ_PROFILE_LAYERS  comma-separated layers to profile (mq-worker --profile-layers): per job
+#                 and rank, $OUT/profiles/*.txt (stage wall vs device-busy seconds, top kernels)
+#                 and the Chrome trace, gzipped
 #   MQ_COLD       set: drop the checkpoint's files from the page cache before each job
 #                 (fsync + posix_fadvise DONTNEED), so the job reads them from the disk
 #   MQ_EPP        mq-worker --experts-per-pass (default auto, the worker's default: the plan
@@ -134,11 +138,13 @@ ADDR=$(cat "$W/ready" 2>/dev/null)
 export PYTORCH_CUDA_ALLOC_CONF="${MQ_ALLOC_CONF-expandable_segments:True}"
 WORKER_PIDS=()
 STARTS=0
+[ -z "${MQ_PROFILE_LAYERS:-}" ] || mkdir -p "$OUT/profiles"
 start_worker() {  # start_worker GPU: (re)starts that GPU's worker
   local i=$1
   STARTS=$((STARTS + 1))
   "$WORKER" --coordinator "$ADDR" --device cuda:$i --name gpu$i-$STARTS --scratch-dir "$W/scratch$i" \
     --experts-per-pass "$EPP" --dispatch-tokens "$DISPATCH" --poll-wait-ms 1000 --insecure ${MQ_WORKER_ARGS:-} \
+    ${MQ_PROFILE_LAYERS:+--profile-layers "$MQ_PROFILE_LAYERS" --profile-dir "$OUT/profiles"} \
     >> "$LOG/worker$i.log" 2>&1 &
   WORKER_PIDS[$i]=$!
 }
@@ -277,6 +283,10 @@ EOF
   fi
 done
 cp "$W/results.json" "$OUT/results.json"
+if [ -n "${MQ_PROFILE_LAYERS:-}" ]; then
+  gzip -f "$OUT"/profiles/*.json 2>/dev/null
+  for f in "$OUT"/profiles/*.txt; do [ -f "$f" ] && { echo "== $f"; head -40 "$f"; }; done
+fi
 grep -H -E "what\(\)|terminate called|ERROR|WARN|out of memory|failed" "$LOG"/worker*.log | cut -c1-400 | head -30
 
 # --- summary ----------------------------------------------------------------------------------

@@ -9,10 +9,12 @@
 #include <filesystem>
 #include <iostream>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/channel.h"
 #include "common/flags.h"
 #include "common/listen_socket.h"
@@ -64,6 +66,9 @@ int main(int argc, char** argv) {
   int64_t cpu_threads = 0;
   bool overlap_writes = true;
   bool prefetch = true;
+  bool overlap_transfers = true;
+  std::string profile_layers_flag;
+  std::string profile_dir;
   mq::ChannelSecurity security;
   std::string token_file;
   bool help = false;
@@ -108,6 +113,15 @@ int main(int argc, char** argv) {
   flags.Bool("prefetch-next-layer", &prefetch,
              "read the next layer's weights into the page cache while a layer computes (default "
              "true)");
+  flags.Bool("overlap-transfers", &overlap_transfers,
+             "on a GPU, copy hidden states between host and device on a second CUDA stream "
+             "while the layer computes (default true)");
+  flags.String("profile-layers", &profile_layers_flag,
+               "comma-separated layer numbers whose steps are profiled (kernel-level, for "
+               "benchmarks): a Chrome trace and a per-stage summary per layer in --profile-dir");
+  flags.String("profile-dir", &profile_dir,
+               "existing directory for --profile-layers' files (mq-profile-<job>-layer<L>-"
+               "rank<R>.json and .txt; existing files are never overwritten)");
   flags.String("tls-ca", &security.ca_file,
                "CA (PEM) that signed the coordinator's certificate (default: the system's roots)");
   flags.String("tls-server-name", &security.server_name,
@@ -192,6 +206,22 @@ int main(int argc, char** argv) {
                              ": must be auto (chosen by the plan), 0 (all at once) or a positive "
                              "token count"));
   }
+  std::vector<int> profile_layers;
+  for (absl::string_view part : absl::StrSplit(profile_layers_flag, ',', absl::SkipEmpty())) {
+    int layer = -1;
+    if (!absl::SimpleAtoi(part, &layer) || layer < 0 || layer > 100000) {
+      return Fail(absl::StrCat("--profile-layers = \"", profile_layers_flag,
+                               "\": must be comma-separated layer numbers (0..100000)"));
+    }
+    profile_layers.push_back(layer);
+  }
+  if (!profile_layers.empty()) {
+    std::error_code dir_ec;
+    if (profile_dir.empty() || !std::filesystem::is_directory(profile_dir, dir_ec)) {
+      return Fail(absl::StrCat("--profile-dir = \"", profile_dir,
+                               "\": --profile-layers needs an existing directory"));
+    }
+  }
   if (gang_port >= 0) {  // also checks --gang-host when --gang-port is given
     absl::StatusOr<int> port = FreePort(gang_host);
     if (!port.ok()) return Fail(std::string(port.status().message()));
@@ -250,6 +280,9 @@ int main(int argc, char** argv) {
   options.cpu_threads = static_cast<int>(cpu_threads);
   options.overlap_writes = overlap_writes;
   options.prefetch_next_layer = prefetch;
+  options.overlap_transfers = overlap_transfers;
+  options.profile_layers = profile_layers;
+  options.profile_dir = profile_dir;
   options.gang_port = gang_port < 0 ? 0 : static_cast<int>(gang_port);
   mq::worker::Worker worker(options, *info, &metrics, *channel);
   return worker.Run(stop);

@@ -589,6 +589,9 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.cpu_threads = options_.cpu_threads;
   in.overlap_writes = options_.overlap_writes;
   in.prefetch_next_layer = options_.prefetch_next_layer;
+  in.overlap_transfers = options_.overlap_transfers;
+  in.profile_layers = options_.profile_layers;
+  in.profile_dir = options_.profile_dir;
   const int64_t step_delay = FaultDelayMs("MQ_FAULT_STEP_DELAY_MS");
   in.on_step = [&](const pipeline::StepOutput& out) -> absl::Status {
     // The stages ran whether or not the report is accepted.

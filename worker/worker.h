@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "mq/v1/worker_service.grpc.pb.h"
@@ -42,6 +43,10 @@ struct WorkerOptions {
   int cpu_threads = 0;  // host threads for tensor work (0: 4 on CUDA, every core on CPU)
   bool overlap_writes = true;  // a layer's write and report beside the next layer's work
   bool prefetch_next_layer = true;  // the next layer's weights into the page cache meanwhile
+  bool overlap_transfers = true;  // hidden-state copies on a copy stream (GPU workers)
+  // Layers whose steps are profiled into profile_dir (GangPipelineOptions::profile_layers).
+  std::vector<int> profile_layers;
+  std::string profile_dir;
 };
 
 class Worker {

@@ -432,6 +432,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   Clock::time_point t = Clock::now();
   const double exchange0 = gang_.exchange_seconds();
   Progress(where + ": loading", 0);
+  marks_.Begin("mq::load");
   MQ_RETURN_IF_ERROR(EnterLayer(layer));
   absl::StatusOr<model::LayerWeights> loaded = Load(layer);
   if (!loaded.ok()) return loaded.status();
@@ -450,6 +451,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   if (quant::UsesAwq(o_.method)) {
     t = Clock::now();
     Progress(where + ": AWQ scale search", 0.05);
+    marks_.Begin("mq::awq");
     MQ_RETURN_IF_ERROR(
         SmoothLayer(w, std::set<std::string>(quantized.begin(), quantized.end()), &folded, &st));
     SyncDevice(o_.device);
@@ -490,6 +492,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   // Pass 1: original weights; Hessians.
   t = Clock::now();
   Progress(where + ": calibration forward", 0.1);
+  marks_.Begin("mq::forward");
   MoeInput moe_in;
   Dispatch dispatch;
   std::vector<int64_t> gang_counts;
@@ -563,6 +566,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   // Solve: own experts, and replicated groups round-robin; replicated results broadcast.
   t = Clock::now();
   Progress(where + (rtn ? ": rounding (RTN)" : ": solving"), 0.4);
+  marks_.Begin("mq::solve");
   std::vector<model::TensorData>& tensors = result.tensors;
   std::set<std::string> written_quantized;
   model::WeightOverrides overrides;
@@ -642,6 +646,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     }
     if (pass.empty() && rounds.empty()) continue;
     const std::vector<bool> in_pass = rounds.empty() ? std::vector<bool>() : PassExperts(p);
+    marks_.Begin("mq::expert_hessians");
     absl::Status s = Guarded(where + " experts", [&]() -> absl::Status {
       if (rounds.empty()) {
         RunExperts(w, dispatch, collect, /*want_outputs=*/false, p0, p1);
@@ -675,6 +680,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
       }
     }
     const Clock::time_point s0 = Clock::now();
+    marks_.Begin("mq::expert_solve");
     // GPTQ groups with tokens go to one batched solve; the rest (RTN) one by one.
     std::vector<const HessianGroup*> batched;
     std::vector<at::Tensor> ws, hs;
@@ -716,6 +722,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     solve_only += Since(s0);
   }
   const Clock::time_point r0 = Clock::now();
+  marks_.Begin("mq::replicated_solve");
   for (size_t gi = 0; gi < rep_groups.size(); ++gi) {
     const int solver = static_cast<int>(gi % gang_.size());
     if (solver == gang_.rank()) MQ_RETURN_IF_ERROR(solve_group(rep_groups[gi], false));
@@ -766,6 +773,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   const bool reuse = w.is_moe && rep_groups.empty();
   if (step + 1 < o_.total_steps) {
     Progress(where + ": propagating", 0.7);
+    marks_.Begin("mq::propagate");
     absl::StatusOr<std::vector<at::Tensor>> next =
         Propagate(w, overrides, reuse ? &moe_in : nullptr,
                   reuse && plan_.rounds == 1 ? &dispatch : nullptr);
@@ -803,6 +811,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   // the write thread reads them as they are, only for a step that checkpoints.
   if (result.checkpoint) result.hidden = HiddenStates();
   st.exchange_seconds = gang_.exchange_seconds() - exchange0;
+  marks_.End();
   Progress(where + ": writing", 0.9);
   return result;
 }
@@ -871,6 +880,23 @@ void Runner::RunRowBlocks(const std::string& prefix, const model::MlpWeights& ml
   const int64_t block = std::max<int64_t>(1, o_.max_batch_tokens);
   for (int64_t r = 0; r < rows.size(0); r += block) {
     model::RunMlpInputs(prefix, mlp, rows.narrow(0, r, std::min(block, rows.size(0) - r)), hooks);
+  }
+}
+
+void Runner::WriteProfile(StepProfile& profile, int layer) const {
+  const std::string base = absl::StrCat(o_.profile_prefix, "-layer", layer, "-rank", gang_.rank());
+  // A free name: an existing file (another run's, or not mq's) is never overwritten.
+  std::string name = base;
+  for (int n = 2; ::access((name + ".json").c_str(), F_OK) == 0 ||
+                  ::access((name + ".txt").c_str(), F_OK) == 0;
+       ++n) {
+    name = absl::StrCat(base, "-", n);
+  }
+  absl::StatusOr<std::string> summary = profile.Finish(name + ".json");
+  absl::Status written =
+      summary.ok() ? model::WriteFileAtomic(name + ".txt", *summary) : summary.status();
+  if (!written.ok() && o_.on_warning) {
+    o_.on_warning(absl::StrCat("profile of layer ", layer, ": ", written.message()));
   }
 }
 
@@ -1065,12 +1091,23 @@ absl::StatusOr<GangPipelineResult> Runner::Run() {
   };
   for (int s = o_.start_step; s < o_.total_steps; ++s) {
     absl::Status st = CheckCancelled();
+    std::unique_ptr<StepProfile> profile;
+    if (st.ok() && o_.profile_layers.count(layers[s])) {
+      absl::StatusOr<std::unique_ptr<StepProfile>> started = StepProfile::Start(o_.device);
+      if (started.ok()) {
+        profile = *std::move(started);
+      } else if (o_.on_warning) {
+        o_.on_warning(absl::StrCat("layer ", layers[s], " is not profiled: ",
+                                   started.status().message()));
+      }
+    }
     // Torch errors anywhere in the step (device out of memory included) fail the job with a
     // status instead of ending the process.
     absl::StatusOr<StepWrite> w =
         st.ok() ? Guarded(absl::StrCat("layer ", layers[s]),
                           [&] { return QuantizeStep(s, layers[s]); })
                 : absl::StatusOr<StepWrite>(st);
+    if (profile && w.ok()) WriteProfile(*profile, layers[s]);
     // The previous step's write failed first when both failed.
     MQ_RETURN_IF_ERROR(wait_write());
     if (!w.ok()) return w.status();

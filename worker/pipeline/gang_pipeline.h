@@ -42,6 +42,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -99,6 +100,11 @@ struct GangPipelineOptions {
   // overlap the current chunk's kernels. false: every copy waits. The outputs are the same
   // either way.
   bool overlap_transfers = true;
+  // Kernel-level profiles (step_profile.h) of the steps of these layers, written to
+  // profile_prefix + "-layer<L>-rank<R>.json" (Chrome trace) and ".txt" (summary); a name that
+  // exists already gets a "-2", "-3", ... before its extension instead. Empty: none.
+  std::set<int> profile_layers;
+  std::string profile_prefix;
   // While a step computes, a second thread reads the next step's tensors that this rank loads
   // into the page cache (a hint: nothing changes but where the load's bytes come from).
   bool prefetch_next_layer = true;

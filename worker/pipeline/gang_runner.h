@@ -30,6 +30,7 @@
 #include "worker/pipeline/gang.h"
 #include "worker/pipeline/gang_pipeline.h"
 #include "worker/pipeline/host_transfers.h"
+#include "worker/pipeline/step_profile.h"
 #include "worker/pipeline/output.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/hessian.h"
@@ -226,6 +227,9 @@ class Runner {
                                                     const MoeInput* cached_in,
                                                     const Dispatch* cached_d);
   absl::StatusOr<StepWrite> QuantizeStep(int step, int layer);
+  // Finishes `profile` of `layer`'s step into o_.profile_prefix's files (a warning when that
+  // fails: a profile never fails the job).
+  void WriteProfile(StepProfile& profile, int layer) const;
   // With o_.prefetch_next_layer: reads the tensors of `layer` that this rank loads into the page
   // cache on another thread (the previous prefetch is waited for first).
   void StartPrefetch(int layer);
@@ -282,6 +286,7 @@ class Runner {
   // The hidden states' copies between host and device. Every method that returns or stores
   // host tensors it downloaded waits for them before it returns.
   HostTransfers transfers_;
+  StageMarks marks_;  // the running step's stage, for a profile
   std::future<void> prefetch_;
   std::atomic<bool> stop_prefetch_{false};
 };

@@ -176,6 +176,9 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   if (threads > 0) at::set_num_threads(threads);
   o.overlap_writes = in.overlap_writes;
   o.prefetch_next_layer = in.prefetch_next_layer;
+  o.overlap_transfers = in.overlap_transfers;
+  o.profile_layers.insert(in.profile_layers.begin(), in.profile_layers.end());
+  o.profile_prefix = absl::StrCat(in.profile_dir, "/mq-profile-", in.spec.job_id);
   o.on_step = in.on_step;
   o.on_progress = in.on_progress;
   o.on_warning = in.on_warning;

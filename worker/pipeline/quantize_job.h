@@ -90,6 +90,10 @@ struct QuantizeAssignmentInput {
   int cpu_threads = 0;  // intra-op threads for host tensor work (0: 4 on CUDA, all cores on CPU)
   bool overlap_writes = true;  // GangPipelineOptions::overlap_writes
   bool prefetch_next_layer = true;  // GangPipelineOptions::prefetch_next_layer
+  bool overlap_transfers = true;    // GangPipelineOptions::overlap_transfers
+  // GangPipelineOptions::profile_layers, written as <profile_dir>/mq-profile-<job>-layer<L>-...
+  std::vector<int> profile_layers;
+  std::string profile_dir;
   std::function<absl::Status(const StepOutput&)> on_step;
   std::function<void(const std::string&, double)> on_progress;
   std::function<void(const std::string&)> on_warning;  // GangPipelineOptions::on_warning

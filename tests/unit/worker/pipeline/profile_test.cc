@@ -1,0 +1,123 @@
+// Step profiles (worker/pipeline/step_profile.h): the summary's arithmetic on hand-made
+// intervals (device time as the union of overlapping kernels, per stage), and a real profile of
+// a gang pipeline step on the CPU: the trace and summary files, the stages, and that an existing
+// file of the same name is left alone.
+#include "worker/pipeline/step_profile.h"
+
+#include <ATen/ATen.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "tests/unit/worker/model/engine/engine_test_util.h"
+#include "worker/model/config.h"
+#include "worker/pipeline/gang_pipeline.h"
+
+namespace mq::pipeline {
+namespace {
+
+using ::testing::HasSubstr;
+using Kind = ProfiledInterval::Kind;
+
+constexpr int64_t kMs = 1000000;
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+TEST(StepProfileTest, SummaryCountsOverlappingKernelsOnceAndSplitsByStage) {
+  const std::vector<ProfiledInterval> intervals = {
+      {Kind::kStage, "forward", 0, 100 * kMs},
+      {Kind::kStage, "solve", 100 * kMs, 400 * kMs},
+      {Kind::kStage, "solve", 500 * kMs, 600 * kMs},  // a second pass of the same stage
+      {Kind::kHost, "aten::mm", 0, 50 * kMs},
+      // forward: 10..60 and 40..80 on two streams: 70 ms busy, 90 ms of kernels.
+      {Kind::kDevice, "gemm", 10 * kMs, 60 * kMs},
+      {Kind::kDevice, "Memcpy HtoD", 40 * kMs, 80 * kMs},
+      // solve: 150..250, then 550..560; 300 ms + 100 ms of wall.
+      {Kind::kDevice, "gptq_block", 150 * kMs, 250 * kMs},
+      {Kind::kDevice, "gemm", 550 * kMs, 560 * kMs},
+  };
+  const std::string s = SummarizeProfile(intervals, 10);
+  // 600 ms profiled, 180 ms busy.
+  EXPECT_THAT(s, HasSubstr("profiled 0.600 s, device busy 0.180 s (30.0%)")) << s;
+  EXPECT_THAT(s, HasSubstr("forward                           0.100      0.070      0.030")) << s;
+  EXPECT_THAT(s, HasSubstr("solve                             0.400      0.110      0.290")) << s;
+  // Kernels by total time: gptq_block 100 ms, gemm 60 ms (2 calls), the copy 40 ms.
+  const size_t block = s.find("gptq_block"), gemm = s.find("gemm"), copy = s.find("Memcpy");
+  ASSERT_NE(block, std::string::npos);
+  EXPECT_LT(block, gemm);
+  EXPECT_LT(gemm, copy);
+  EXPECT_THAT(s, HasSubstr("     0.060        2  30.0%  gemm")) << s;
+  EXPECT_EQ(SummarizeProfile({}, 10), "empty profile\n");
+}
+
+TEST(StepProfileTest, ProfilesAPipelineStepOnTheCpu) {
+  const std::string model = model::testing::GenerateModel(
+      "profile", {"--layers 2", "--dense-layers 1", "--hidden 64", "--intermediate 96",
+                  "--moe-intermediate 32", "--heads 2", "--vocab 128"});
+  ASSERT_FALSE(model.empty());
+  absl::StatusOr<model::DeepseekV3Config> config =
+      model::LoadDeepseekV3Config(model + "/config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  GangPipelineOptions o;
+  o.model_dir = model;
+  o.output_dir = model + "/out";
+  o.scratch_dir = model + "/scratch";
+  o.format.group_size = 32;
+  o.total_steps = static_cast<int>(PipelineLayers(*config, o.format).size());
+  ASSERT_EQ(o.total_steps, 2);
+  std::mt19937 rng(5);
+  for (int i = 0; i < 4; ++i) {
+    std::vector<int32_t> s(16);
+    for (int32_t& t : s) t = static_cast<int32_t>(rng() % 128);
+    o.samples.push_back(s);
+  }
+  o.profile_layers = {1};
+  o.profile_prefix = model + "/mq-profile-job";
+  // Someone else's file under the name the profile would take: left alone.
+  const std::string theirs = model + "/mq-profile-job-layer1-rank0.txt";
+  std::ofstream(theirs) << "not mq's";
+  std::vector<std::string> warnings;
+  o.on_warning = [&](const std::string& m) { warnings.push_back(m); };
+  // A profile already running in the process: the step runs unprofiled, with a warning.
+  {
+    absl::StatusOr<std::unique_ptr<StepProfile>> other = StepProfile::Start(at::kCPU);
+    ASSERT_TRUE(other.ok()) << other.status();
+    EXPECT_EQ(StepProfile::Start(at::kCPU).status().code(),
+              absl::StatusCode::kFailedPrecondition);
+    o.output_dir = model + "/out-busy";
+    ASSERT_TRUE(RunGangPipeline(o).ok());
+    ASSERT_EQ(warnings.size(), 1u);
+    EXPECT_THAT(warnings[0], HasSubstr("layer 1 is not profiled: a profile is already running"));
+  }
+  warnings.clear();
+  o.output_dir = model + "/out";
+  absl::StatusOr<GangPipelineResult> r = RunGangPipeline(o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(warnings.empty()) << warnings[0];
+  EXPECT_EQ(ReadFile(theirs), "not mq's");
+  EXPECT_NE(::access((model + "/mq-profile-job-layer1-rank0.json").c_str(), F_OK), 0);
+  const std::string summary = ReadFile(model + "/mq-profile-job-layer1-rank0-2.txt");
+  EXPECT_THAT(summary, HasSubstr("profiled "));
+  for (const char* stage : {"load", "forward", "solve", "expert_hessians", "expert_solve"}) {
+    EXPECT_THAT(summary, HasSubstr(std::string("\n") + stage + " ")) << summary;
+  }
+  // Layer 0 was not asked for.
+  EXPECT_NE(::access((model + "/mq-profile-job-layer0-rank0.txt").c_str(), F_OK), 0);
+  const std::string trace = ReadFile(model + "/mq-profile-job-layer1-rank0-2.json");
+  EXPECT_THAT(trace, HasSubstr("\"traceEvents\""));
+  EXPECT_THAT(trace, HasSubstr("mq::expert_solve"));
+}
+
+}  // namespace
+}  // namespace mq::pipeline

@@ -1,0 +1,192 @@
+#include "worker/pipeline/step_profile.h"
+
+#include <torch/csrc/autograd/profiler_kineto.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <map>
+#include <set>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace mq::pipeline {
+
+namespace {
+
+std::atomic<bool> profiling{false};
+
+constexpr char kStagePrefix[] = "mq::";
+
+using Span = std::pair<int64_t, int64_t>;
+
+// Disjoint, sorted union of `spans`.
+std::vector<Span> Union(std::vector<Span> spans) {
+  std::sort(spans.begin(), spans.end());
+  std::vector<Span> out;
+  for (const Span& s : spans) {
+    if (s.second <= s.first) continue;
+    if (!out.empty() && s.first <= out.back().second) {
+      out.back().second = std::max(out.back().second, s.second);
+    } else {
+      out.push_back(s);
+    }
+  }
+  return out;
+}
+
+// Length of the part of [lo, hi) that `merged` (disjoint, sorted) covers.
+int64_t Covered(const std::vector<Span>& merged, int64_t lo, int64_t hi) {
+  auto it = std::upper_bound(merged.begin(), merged.end(), Span{lo, INT64_MAX});
+  if (it != merged.begin()) --it;
+  int64_t covered = 0;
+  for (; it != merged.end() && it->first < hi; ++it) {
+    covered += std::max<int64_t>(0, std::min(hi, it->second) - std::max(lo, it->first));
+  }
+  return covered;
+}
+
+double Seconds(int64_t ns) { return static_cast<double>(ns) * 1e-9; }
+
+}  // namespace
+
+std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int top) {
+  std::vector<Span> device;
+  int64_t first = INT64_MAX, last = INT64_MIN;
+  for (const ProfiledInterval& i : intervals) {
+    first = std::min(first, i.start_ns);
+    last = std::max(last, i.end_ns);
+    if (i.kind == ProfiledInterval::Kind::kDevice) device.emplace_back(i.start_ns, i.end_ns);
+  }
+  if (intervals.empty()) return "empty profile\n";
+  const std::vector<Span> busy = Union(device);
+  const int64_t busy_all = Covered(busy, first, last);
+  std::string out = absl::StrFormat("profiled %.3f s, device busy %.3f s (%.1f%%)\n",
+                                    Seconds(last - first), Seconds(busy_all),
+                                    last > first ? 100.0 * busy_all / (last - first) : 0.0);
+  // Stages by name, in order of first appearance.
+  std::vector<std::string> order;
+  std::map<std::string, std::pair<int64_t, int64_t>> stages;  // wall, device busy
+  for (const ProfiledInterval& i : intervals) {
+    if (i.kind != ProfiledInterval::Kind::kStage) continue;
+    auto [it, fresh] = stages.try_emplace(i.name, 0, 0);
+    if (fresh) order.push_back(i.name);
+    it->second.first += i.end_ns - i.start_ns;
+    it->second.second += Covered(busy, i.start_ns, i.end_ns);
+  }
+  if (!order.empty()) {
+    absl::StrAppend(&out, absl::StrFormat("%-28s %10s %10s %10s\n", "stage", "wall s",
+                                          "device s", "idle s"));
+    for (const std::string& name : order) {
+      const auto [wall, on] = stages[name];
+      absl::StrAppend(&out, absl::StrFormat("%-28s %10.3f %10.3f %10.3f\n", name, Seconds(wall),
+                                            Seconds(on), Seconds(wall - on)));
+    }
+  }
+  // Kernels and copies by total time.
+  std::map<std::string, std::pair<int64_t, int64_t>> kernels;  // calls, total ns
+  int64_t kernel_total = 0;
+  for (const ProfiledInterval& i : intervals) {
+    if (i.kind != ProfiledInterval::Kind::kDevice) continue;
+    auto& k = kernels[i.name];
+    ++k.first;
+    k.second += i.end_ns - i.start_ns;
+    kernel_total += i.end_ns - i.start_ns;
+  }
+  std::vector<std::pair<int64_t, std::string>> ranked;
+  for (const auto& [name, k] : kernels) ranked.emplace_back(k.second, name);
+  std::sort(ranked.rbegin(), ranked.rend());
+  if (!ranked.empty()) {
+    absl::StrAppend(&out, absl::StrFormat("%10s %8s %6s  %s\n", "device s", "calls", "share",
+                                          "kernel or copy"));
+  }
+  for (int n = 0; n < top && n < static_cast<int>(ranked.size()); ++n) {
+    const auto& [ns, name] = ranked[n];
+    absl::StrAppend(&out, absl::StrFormat("%10.3f %8d %5.1f%%  %s\n", Seconds(ns),
+                                          kernels[name].first, 100.0 * ns / kernel_total,
+                                          name.substr(0, 100)));
+  }
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<StepProfile>> StepProfile::Start(const at::Device& device) {
+  bool expected = false;
+  if (!profiling.compare_exchange_strong(expected, true)) {
+    return absl::FailedPreconditionError("a profile is already running in this process");
+  }
+  using torch::profiler::impl::ActivityType;
+  std::set<ActivityType> activities{ActivityType::CPU};
+  if (device.is_cuda()) activities.insert(ActivityType::CUDA);
+  const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  try {
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
+  } catch (const c10::Error& e) {
+    profiling = false;
+    return absl::InternalError(
+        absl::StrCat("starting the profiler: ", e.what_without_backtrace()));
+  }
+  std::unique_ptr<StepProfile> p(new StepProfile());
+  p->running_ = true;
+  return p;
+}
+
+StepProfile::~StepProfile() {
+  if (!running_) return;
+  try {
+    torch::autograd::profiler::disableProfiler();
+  } catch (const c10::Error&) {
+  }
+  profiling = false;
+}
+
+absl::StatusOr<std::string> StepProfile::Finish(const std::string& trace_path, int top) {
+  if (!running_) return absl::FailedPreconditionError("the profile was already finished");
+  running_ = false;
+  std::unique_ptr<torch::autograd::profiler::ProfilerResult> result;
+  try {
+    result = torch::autograd::profiler::disableProfiler();
+  } catch (const c10::Error& e) {
+    profiling = false;
+    return absl::InternalError(
+        absl::StrCat("stopping the profiler: ", e.what_without_backtrace()));
+  }
+  profiling = false;
+  std::vector<ProfiledInterval> intervals;
+  for (const torch::autograd::profiler::KinetoEvent& e : result->events()) {
+    ProfiledInterval i;
+    i.name = e.name();
+    i.start_ns = static_cast<int64_t>(e.startNs());
+    i.end_ns = static_cast<int64_t>(e.endNs());
+    if (e.deviceType() == c10::DeviceType::CUDA) {
+      i.kind = ProfiledInterval::Kind::kDevice;
+    } else if (e.scope() == static_cast<uint8_t>(at::RecordScope::USER_SCOPE) &&
+               i.name.rfind(kStagePrefix, 0) == 0) {
+      i.kind = ProfiledInterval::Kind::kStage;
+      i.name = i.name.substr(sizeof(kStagePrefix) - 1);
+    } else {
+      i.kind = ProfiledInterval::Kind::kHost;
+    }
+    intervals.push_back(std::move(i));
+  }
+  try {
+    result->save(trace_path);
+  } catch (const c10::Error& e) {
+    return absl::InternalError(
+        absl::StrCat("writing the trace ", trace_path, ": ", e.what_without_backtrace()));
+  }
+  return SummarizeProfile(intervals, top);
+}
+
+void StageMarks::Begin(const char* name) {
+  scope_.reset();
+  scope_.emplace(at::RecordScope::USER_SCOPE);
+  if (scope_->isActive()) {
+    scope_->before(std::string_view(name), c10::ArrayRef<const c10::IValue>{});
+  }
+}
+
+}  // namespace mq::pipeline
