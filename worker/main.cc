@@ -210,8 +210,8 @@ int main(int argc, char** argv) {
   for (absl::string_view part : absl::StrSplit(profile_layers_flag, ',', absl::SkipEmpty())) {
     int layer = -1;
     if (!absl::SimpleAtoi(part, &layer) || layer < 0 || layer > 100000) {
-      return Fail(absl::StrCat("--profile-layers = \"", profile_layers_flag,
-                               "\": must be comma-separated layer numbers (0..100000)"));
+      return Fail(absl::StrCat("--profile-layers = ", profile_layers_flag,
+                               ": must be comma-separated layer numbers (0..100000)"));
     }
     profile_layers.push_back(layer);
   }
@@ -219,7 +219,7 @@ int main(int argc, char** argv) {
     std::error_code dir_ec;
     if (profile_dir.empty() || !std::filesystem::is_directory(profile_dir, dir_ec)) {
       return Fail(absl::StrCat("--profile-dir = \"", profile_dir,
-                               "\": --profile-layers needs an existing directory"));
+                               "\": --profile-layers needs --profile-dir, an existing directory"));
     }
   }
   if (gang_port >= 0) {  // also checks --gang-host when --gang-port is given

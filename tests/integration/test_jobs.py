@@ -302,6 +302,8 @@ def test_unreachable_coordinator_is_a_one_line_error(tmp_path):
     ("--experts-per-pass", "5000", "auto (chosen by the plan), 0 (all) or 1..4096"),
     ("--experts-per-pass", "many", "auto (chosen by the plan), 0 (all) or 1..4096"),
     ("--checkpoint-every", "-1", "between 0 (chosen by the cost model) and 100000"),
+    ("--profile-layers", "3,x", "must be comma-separated layer numbers (0..100000)"),
+    ("--profile-layers", "-1", "must be comma-separated layer numbers (0..100000)"),
 ])
 def test_worker_rejects_bad_flags(tmp_path, flag, value, allowed):
     import subprocess
@@ -312,7 +314,20 @@ def test_worker_rejects_bad_flags(tmp_path, flag, value, allowed):
     assert f"{flag} = {value}" in res.stderr and allowed in res.stderr, res.stderr
 
 
-@pytest.mark.parametrize("flag", ["--overlap-writes", "--prefetch-next-layer"])
+def test_worker_profile_layers_need_an_existing_directory(tmp_path):
+    import subprocess
+    from mq_cluster import WORKER
+    for extra in ([], ["--profile-dir", str(tmp_path / "absent")]):
+        res = subprocess.run([str(WORKER), "--coordinator", "127.0.0.1:1", "--scratch-dir",
+                              str(tmp_path), "--insecure", "--profile-layers", "3"] + extra,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode != 0
+        assert "--profile-layers needs --profile-dir, an existing directory" in res.stderr, \
+            res.stderr
+
+
+@pytest.mark.parametrize("flag", ["--overlap-writes", "--prefetch-next-layer",
+                                  "--overlap-transfers"])
 def test_worker_rejects_bad_switch_values(tmp_path, flag):
     import subprocess
     from mq_cluster import WORKER
