@@ -830,11 +830,22 @@ absl::Status Runner::WriteStep(StepWrite w) {
     if (!info.ok()) return info.status();
     w.out.files.push_back(*std::move(info));
   }
-  if (w.checkpoint) MQ_RETURN_IF_ERROR(SaveCheckpoint(w.out.step, std::move(w.hidden)));
+  // A checkpoint only shortens a resume: one that cannot be written (a full scratch disk) is
+  // skipped with a warning, and the older ones stay for a resume to start from.
+  bool checkpointed = false;
+  if (w.checkpoint) {
+    const absl::Status saved = SaveCheckpoint(w.out.step, std::move(w.hidden));
+    checkpointed = saved.ok();
+    if (!saved.ok() && o_.on_warning) {
+      o_.on_warning(absl::StrCat("the hidden-state checkpoint of layer ", w.out.layer, " (step ",
+                                 w.out.step + 1, ") was not written (", saved.message(),
+                                 "): a resume starts from an older checkpoint"));
+    }
+  }
   w.out.stats.write_seconds += Since(t);
   if (o_.on_step) MQ_RETURN_IF_ERROR(o_.on_step(w.out));
   // The step is reported: a resume starts after it, so older checkpoints are of no use.
-  if (w.checkpoint) RemoveCheckpointsBefore(w.out.step);
+  if (checkpointed) RemoveCheckpointsBefore(w.out.step);
   return absl::OkStatus();
 }
 

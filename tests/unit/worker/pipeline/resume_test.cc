@@ -4,7 +4,8 @@
 // stopped after a given step (the step reports after it refused, as when a worker dies), then
 // resumed with the committed steps' files: the resume starts from the newest checkpoint it can
 // use and replays the committed steps after it, and the files it writes are byte-identical to an
-// uninterrupted run's. Only the newest checkpoint is kept once its step is reported.
+// uninterrupted run's. Only the newest checkpoint is kept once its step is reported; one that
+// does not fit on the scratch disk (a small tmpfs) is skipped and the older one kept.
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -197,6 +198,39 @@ TEST_F(ResumeTest, StoppedAfterAStepWithoutCheckpointResumesFromTheOlderOneAndRe
   EXPECT_EQ(r->steps_replayed, 1);  // step 2
   EXPECT_EQ(r->steps_run, 3);
   EXPECT_TRUE(warnings_.empty());
+  ExpectSameAsReference(out, steps, 0);
+}
+
+TEST_F(ResumeTest, ACheckpointThatDoesNotFitIsSkippedAndTheOlderOneKept) {
+  RunReference();
+  // The scratch directory on a tmpfs with room for one checkpoint (~98 KB each): step 1's is
+  // written, step 3's write runs out of space.
+  const std::string out = tmp_ + "/full", scratch = tmp_ + "/full-scratch";
+  fs::create_directories(scratch);
+  const std::string mount = "mount -t tmpfs -o size=150k tmpfs '" + scratch + "' 2>/dev/null";
+  if (std::system(mount.c_str()) != 0) {
+    GTEST_SKIP() << "cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)";
+  }
+  std::map<int, StepOutput> steps;
+  absl::StatusOr<GangPipelineResult> r = Run(out, scratch, 0, {}, 4, &steps);
+  EXPECT_FALSE(r.ok());
+  EXPECT_EQ(r.status().message(), "stopped by the test");
+  ASSERT_EQ(warnings_.size(), 1u);
+  EXPECT_NE(warnings_[0].find("the hidden-state checkpoint of layer 3 (step 4) was not written"),
+            std::string::npos)
+      << warnings_[0];
+  EXPECT_NE(warnings_[0].find("a resume starts from an older checkpoint"), std::string::npos);
+  // Step 1's checkpoint is kept, and the failed write left no temporary file.
+  EXPECT_EQ(Checkpoints(scratch), std::vector<std::string>{CheckpointName(1)});
+  bool exists = false;
+  EXPECT_EQ(ListDirectory(scratch, &exists)->size(), 1u);
+  // The resume starts from it, replays steps 2..4 and writes the reference's files.
+  r = Run(out, scratch, 5, FilesBefore(steps, 5), 99, &steps);
+  const std::string umount = "umount -l '" + scratch + "'";
+  EXPECT_EQ(std::system(umount.c_str()), 0);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->resumed_from_step, 1);
+  EXPECT_EQ(r->steps_replayed, 3);
   ExpectSameAsReference(out, steps, 0);
 }
 
