@@ -193,6 +193,19 @@ int64_t HeldOutputBytes(const ExpectedTensor& t, const InspectRequest& request,
                  PowerOfTwoAtLeast(SatMul({out, groups, 2})), 16});
 }
 
+// Host bytes of one copy of a rank's hidden states: its sequences of `seq` tokens in forward
+// calls of max(1, kForwardBatchTokens / seq) sequences (gang_runner.h Chunk), each call's tensor
+// [sequences, seq, hidden] bf16; on a GPU page-locked, in PlanPinnedSlabs' slabs.
+int64_t HiddenCopyBytes(int64_t sequences, int64_t seq, int64_t hidden, bool pinned) {
+  const int64_t exact = SatMul({sequences, seq, hidden, 2});
+  if (!pinned || sequences <= 0 || seq <= 0) return exact;
+  const int64_t per_call = std::max<int64_t>(1, kForwardBatchTokens / seq);
+  std::vector<int64_t> calls(static_cast<size_t>(sequences / per_call),
+                             SatMul({per_call, seq, hidden, 2}));
+  if (sequences % per_call > 0) calls.push_back(SatMul({sequences % per_call, seq, hidden, 2}));
+  return PinnedSlabsBytes(calls);
+}
+
 // Splits `total` into `parts` contiguous ranges; the first total % parts get one more.
 int64_t ShareOf(int64_t total, int parts, int index) {
   return total / parts + (index < total % parts ? 1 : 0);
@@ -416,7 +429,9 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
       out = std::max(out, SatAdd(others, own_out));
     }
     host_base.push_back(
-        SatAdd({SatMul({tokens, h, 2, kHiddenCopiesOnHost}), SatMul(out, 2), SatMul(in, 2), SatMul({samples, seq, 4}), SatMul(tokens, 8),
+        SatAdd({SatMul(HiddenCopyBytes(rp.num_sequences, seq, h, !request.device_is_host),
+                       kHiddenCopiesOnHost),
+                SatMul(out, 2), SatMul(in, 2), SatMul({samples, seq, 4}), SatMul(tokens, 8),
                 SatMul({tokens, k, 20}), kPinnedStagingBytes, kHostOverheadBytes}));
   }
 
@@ -585,6 +600,39 @@ int64_t DispatchRounds(int64_t tokens, int64_t sequences, int64_t dispatch_token
   // Written so that tokens near INT64_MAX (saturated products) cannot overflow.
   const int64_t rounds = tokens / dispatch_tokens + (tokens % dispatch_tokens != 0 ? 1 : 0);
   return std::clamp<int64_t>(rounds, 1, std::max<int64_t>(1, sequences));
+}
+
+std::vector<PinnedSlab> PlanPinnedSlabs(const std::vector<int64_t>& tensor_bytes) {
+  auto aligned = [](int64_t b) {
+    return SatMul(CeilDiv(std::max<int64_t>(b, 1), kPinnedAlignment), kPinnedAlignment);
+  };
+  int64_t left = 0;
+  for (int64_t b : tensor_bytes) left = SatAdd(left, aligned(b));
+  std::vector<PinnedSlab> slabs;
+  const int64_t n = static_cast<int64_t>(tensor_bytes.size());
+  for (int64_t i = 0; i < n;) {
+    PinnedSlab slab;
+    slab.first = i;
+    slab.bytes = left >= kPinnedSlabBytes
+                     ? std::max(kPinnedSlabBytes, PowerOfTwoAtLeast(aligned(tensor_bytes[i])))
+                     : PowerOfTwoAtLeast(left);
+    int64_t used = 0;
+    while (i < n && used + aligned(tensor_bytes[i]) <= slab.bytes) {
+      slab.offsets.push_back(used);
+      used += aligned(tensor_bytes[i]);
+      left -= aligned(tensor_bytes[i]);
+      ++i;
+    }
+    slab.count = i - slab.first;
+    slabs.push_back(std::move(slab));
+  }
+  return slabs;
+}
+
+int64_t PinnedSlabsBytes(const std::vector<int64_t>& tensor_bytes) {
+  int64_t bytes = 0;
+  for (const PinnedSlab& s : PlanPinnedSlabs(tensor_bytes)) bytes = SatAdd(bytes, s.bytes);
+  return bytes;
 }
 
 }  // namespace mq::model

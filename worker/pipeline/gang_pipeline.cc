@@ -94,12 +94,19 @@ absl::Status Runner::Embed() {
     }
     Chunk chunk;
     chunk.ids = ids.to(o_.device);
-    absl::StatusOr<at::Tensor> e = model::Embed(globals_, chunk.ids);
-    if (!e.ok()) return e.status();
-    chunk.hidden = ToHost(*e);
     chunks_.push_back(std::move(chunk));
     i = j;
   }
+  std::vector<std::vector<int64_t>> shapes;
+  for (const Chunk& c : chunks_) shapes.push_back({c.ids.size(0), c.ids.size(1), config_.hidden_size});
+  std::vector<at::Tensor> hidden = transfers_.AllocateHost(shapes, o_.dtype);
+  for (size_t c = 0; c < chunks_.size(); ++c) {
+    absl::StatusOr<at::Tensor> e = model::Embed(globals_, chunks_[c].ids);
+    if (!e.ok()) return e.status();
+    transfers_.DownloadInto(*e, hidden[c]);
+    chunks_[c].hidden = hidden[c];
+  }
+  transfers_.Wait();
   return absl::OkStatus();
 }
 
@@ -114,11 +121,16 @@ absl::Status Runner::EnterLayer(int layer) {
       quant::MtpInputs(reader_, config_, globals_, layer, ids, hidden);
   if (!in.ok()) return in.status();
   hidden.clear();
+  std::vector<std::vector<int64_t>> shapes;
+  for (const at::Tensor& t : *in) shapes.push_back(t.sizes().vec());
+  hidden = transfers_.AllocateHost(shapes, o_.dtype);
   for (size_t i = 0; i < chunks_.size(); ++i) {
     // The MTP layer sees one token fewer; its ids keep the shifted-in positions for bookkeeping.
-    chunks_[i].hidden = ToHost((*in)[i]);
+    transfers_.DownloadInto((*in)[i].to(o_.dtype), hidden[i]);
+    chunks_[i].hidden = hidden[i];
     chunks_[i].ids = chunks_[i].ids.slice(1, 0, chunks_[i].ids.size(1) - 1);
   }
+  transfers_.Wait();
   in_mtp_ = true;
   return absl::OkStatus();
 }
@@ -140,15 +152,17 @@ absl::StatusOr<MoeInput> Runner::Attention(const model::LayerWeights& w,
                      at::TensorOptions().dtype(o_.dtype).device(o_.device));
     int64_t row = 0;
     HostTransfers::Uploads up = transfers_.Upload(HiddenStates());
-    for (const Chunk& c : chunks_) {
-      const int64_t b = c.hidden.size(0), s = c.hidden.size(1), hd = c.hidden.size(2);
+    in.residual = transfers_.AllocateHost(ChunkShapes(), o_.dtype);
+    for (size_t i = 0; i < chunks_.size(); ++i) {
+      const at::Tensor& chunk = chunks_[i].hidden;
+      const int64_t b = chunk.size(0), s = chunk.size(1), hd = chunk.size(2);
       at::Tensor hidden = up.Next();
       at::Tensor x = model::RmsNorm(hidden, w.input_layernorm, config_.rms_norm_eps);
       at::Tensor h = hidden + model::RunAttention(w, x, Positions(s).unsqueeze(0), hooks);
       in.u.narrow(0, row, b * s)
           .copy_(model::RmsNorm(h, w.post_attention_layernorm, config_.rms_norm_eps)
                      .reshape({b * s, hd}));
-      in.residual.push_back(transfers_.Download(h));
+      transfers_.DownloadInto(h, in.residual[i]);
       row += b * s;
     }
     model::Routing r = model::RouteTokens(w, in.u, hooks);
@@ -326,8 +340,9 @@ std::vector<at::Tensor> Runner::FinishMoe(const model::LayerWeights& w, const Mo
                                           at::Tensor out, const model::ForwardHooks& hooks) {
   // Chunk by chunk: the shared experts' output is added to the routed output's rows, then the
   // residual (brought from the host), and the result goes back to the host.
-  std::vector<at::Tensor> next;
+  std::vector<at::Tensor> next = transfers_.AllocateHost(ChunkShapes(), o_.dtype);
   int64_t row = 0;
+  size_t i = 0;
   HostTransfers::Uploads up = transfers_.Upload(in.residual);
   for (const at::Tensor& h : in.residual) {
     const int64_t t = h.size(0) * h.size(1);
@@ -336,7 +351,7 @@ std::vector<at::Tensor> Runner::FinishMoe(const model::LayerWeights& w, const Mo
       y = y + model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts,
                                 in.u.narrow(0, row, t), hooks);
     }
-    next.push_back(transfers_.Download(up.Next() + y.view(h.sizes())));
+    transfers_.DownloadInto(up.Next() + y.view(h.sizes()), next[i++]);
     row += t;
   }
   transfers_.Wait();
@@ -350,13 +365,13 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeig
   model::ForwardHooks hooks;
   hooks.weight_overrides = &overrides;
   if (!w.is_moe) {
-    std::vector<at::Tensor> next;
+    std::vector<at::Tensor> next = transfers_.AllocateHost(ChunkShapes(), o_.dtype);
     HostTransfers::Uploads up = transfers_.Upload(HiddenStates());
-    for (const Chunk& c : chunks_) {
+    for (size_t i = 0; i < chunks_.size(); ++i) {
       absl::StatusOr<at::Tensor> y =
-          model::RunLayer(w, up.Next(), Positions(c.hidden.size(1)), hooks);
+          model::RunLayer(w, up.Next(), Positions(chunks_[i].hidden.size(1)), hooks);
       if (!y.ok()) return y.status();
-      next.push_back(transfers_.Download(*y));
+      transfers_.DownloadInto(*y, next[i]);
     }
     transfers_.Wait();
     return next;
@@ -911,18 +926,17 @@ void Runner::WriteProfile(StepProfile& profile, int layer) const {
   }
 }
 
-at::Tensor Runner::ToHost(const at::Tensor& t) const {
-  if (!o_.device.is_cuda()) return t.to(at::kCPU);
-  at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
-  host.copy_(t);
-  return host;
-}
-
 at::Tensor Runner::ToHostQueued(const at::Tensor& t) const {
   if (!t.is_cuda()) return t.to(at::kCPU).contiguous();
   at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
   host.copy_(t, /*non_blocking=*/true);
   return host;
+}
+
+std::vector<std::vector<int64_t>> Runner::ChunkShapes() const {
+  std::vector<std::vector<int64_t>> shapes;
+  for (const Chunk& c : chunks_) shapes.push_back(c.hidden.sizes().vec());
+  return shapes;
 }
 
 std::vector<at::Tensor> Runner::HiddenStates() const {
@@ -1003,17 +1017,17 @@ absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
       OpenHiddenCheckpoint(path, chunks_.size());
   if (absl::IsNotFound(file.status())) return false;
   if (!file.ok()) return unusable(std::string(file.status().message()));
-  std::vector<at::Tensor> hidden;
+  std::vector<std::vector<int64_t>> shapes;
+  for (const Chunk& c : chunks_) shapes.push_back({c.ids.size(0), c.ids.size(1), config_.hidden_size});
+  std::vector<at::Tensor> hidden = transfers_.AllocateHost(shapes, o_.dtype);
   for (size_t i = 0; i < chunks_.size(); ++i) {
     absl::StatusOr<model::TensorView> v = (*file)->Get(absl::StrCat("chunk.", i));
     if (!v.ok()) return unusable(std::string(v.status().message()));
     absl::StatusOr<at::Tensor> t = model::FromTensorView(*v);
-    const std::vector<int64_t> expected = {chunks_[i].ids.size(0), chunks_[i].ids.size(1),
-                                           config_.hidden_size};
-    if (!t.ok() || t->sizes().vec() != expected) {
+    if (!t.ok() || t->sizes().vec() != shapes[i]) {
       return unusable(absl::StrCat("hidden-state checkpoint ", path, " has other shapes"));
     }
-    hidden.push_back(ToHost(t->to(o_.dtype)));
+    hidden[i].copy_(*t);
   }
   for (size_t i = 0; i < chunks_.size(); ++i) chunks_[i].hidden = hidden[i];
   return true;

@@ -168,8 +168,8 @@ class Runner {
   // the hooks only (Hessians; model::RunMlpInputs): bounds the activations held at once.
   void RunRowBlocks(const std::string& prefix, const model::MlpWeights& mlp, const at::Tensor& rows,
                     const model::ForwardHooks& hooks) const;
-  // `t` in host memory (page-locked when the device is a GPU); on a CPU device `t` itself.
-  at::Tensor ToHost(const at::Tensor& t) const;
+  // The shapes of chunks_' hidden states, for HostTransfers::AllocateHost.
+  std::vector<std::vector<int64_t>> ChunkShapes() const;
   // The same for a CUDA `t` without waiting: a page-locked tensor whose copy is queued on the
   // current stream, so its bytes are valid only after the next SyncDevice. Host tensors: `t`,
   // contiguous.

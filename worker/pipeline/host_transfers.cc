@@ -2,6 +2,8 @@
 
 #include <utility>
 
+#include "worker/model/plan.h"
+
 #if MQ_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -100,23 +102,48 @@ HostTransfers::Uploads HostTransfers::Upload(std::vector<at::Tensor> hosts) {
   return Uploads(this, std::move(hosts));
 }
 
-at::Tensor HostTransfers::Download(const at::Tensor& t) {
+std::vector<at::Tensor> HostTransfers::AllocateHost(
+    const std::vector<std::vector<int64_t>>& shapes, at::ScalarType dtype) const {
+  std::vector<at::Tensor> out;
+  const auto options = at::TensorOptions().dtype(dtype);
+  if (!device_.is_cuda()) {
+    for (const std::vector<int64_t>& shape : shapes) out.push_back(at::empty(shape, options));
+    return out;
+  }
+  const int64_t item = static_cast<int64_t>(c10::elementSize(dtype));
+  std::vector<int64_t> bytes;
+  for (const std::vector<int64_t>& shape : shapes) {
+    int64_t n = item;
+    for (int64_t d : shape) n *= d;
+    bytes.push_back(n);
+  }
+  for (const model::PinnedSlab& slab : model::PlanPinnedSlabs(bytes)) {
+    const at::Tensor block =
+        at::empty({slab.bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    for (int64_t k = 0; k < slab.count; ++k) {
+      const size_t i = static_cast<size_t>(slab.first + k);
+      out.push_back(
+          block.narrow(0, slab.offsets[k], bytes[i]).view(dtype).view(shapes[i]));
+    }
+  }
+  return out;
+}
+
+void HostTransfers::DownloadInto(const at::Tensor& t, const at::Tensor& host) {
 #if MQ_WITH_CUDA
   if (streams_ && t.is_cuda()) {
-    at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
     streams_->CopyAfterCompute();
     {
       const c10::cuda::CUDAStreamGuard guard(streams_->copy);
-      host.copy_(t, /*non_blocking=*/true);
+      at::Tensor dst = host;
+      dst.copy_(t, /*non_blocking=*/true);
     }
     t.record_stream(streams_->copy);  // t's block is not reused before the copy is done
-    return host;
+    return;
   }
 #endif
-  if (!device_.is_cuda()) return t.to(at::kCPU);
-  at::Tensor host = at::empty(t.sizes(), t.options().device(at::kCPU).pinned_memory(true));
-  host.copy_(t);
-  return host;
+  at::Tensor dst = host;
+  dst.copy_(t);
 }
 
 void HostTransfers::Wait() {

@@ -6,10 +6,17 @@
 // waiting. Elsewhere (a CPU device, or overlap off) every call is a plain copy and Wait() does
 // nothing.
 //
+// Host tensors come from AllocateHost: on a CUDA device page-locked (so that copies can run
+// asynchronously) and packed into slabs (worker/model/plan.h PlanPinnedSlabs: torch's pinned
+// allocator rounds every allocation up to a power of two, which one tensor per chunk would pay
+// for with up to 2x, 14% for DeepSeek-V3's chunks); a slab is freed when the last of its tensors
+// is.
+//
 // Contract: a device tensor from Uploads::Next() may be used on the compute stream (the current
-// stream of the device when Next() is called) at once; a host tensor from Download() holds its
-// bytes only after Wait(), except for an Upload of it, which the copy stream orders after the
-// download. Device memory: at most two chunks of an upload sequence are on the device at once.
+// stream of the device when Next() is called) at once; a host tensor written by DownloadInto()
+// holds its bytes only after Wait(), except for an Upload of it, which the copy stream orders
+// after the download. Device memory: at most two chunks of an upload sequence are on the device
+// at once.
 //
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
 // Threading: one thread (the runner's) uses an instance and the Uploads it returned.
@@ -54,8 +61,13 @@ class HostTransfers {
   };
   Uploads Upload(std::vector<at::Tensor> hosts);
 
-  // `t` (device, written on the compute stream) in a new host tensor (page-locked on CUDA).
-  at::Tensor Download(const at::Tensor& t);
+  // Host tensors of these shapes and `dtype`, in order (see above).
+  std::vector<at::Tensor> AllocateHost(const std::vector<std::vector<int64_t>>& shapes,
+                                       at::ScalarType dtype) const;
+
+  // Copies `t` (device, written on the compute stream) into `host` (from AllocateHost, same shape
+  // and dtype).
+  void DownloadInto(const at::Tensor& t, const at::Tensor& host);
 
   // Blocks until every queued copy is done.
   void Wait();

@@ -653,13 +653,16 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   // rounded up to a power of two: gate/up 6,400 -> 8,192 and 128 bytes, down 6,400 -> 8,192 and
   // 400 -> 512 bytes (+16 for weight_shape).
   const int64_t expert_held = 2 * (8192 + 128 + 16) + (8192 + 512 + 16);  // 25,392
+  // The hidden states too: one forward call's tensor (all of a rank's 2 or 3 sequences of 16
+  // tokens) rounded up to a power of two, 19,200 -> 32,768 and 12,800 -> 16,384 bytes.
   auto host = [&](int rank, int64_t experts, int64_t sequences, bool gpu = true) {
     const int64_t tokens = sequences * 16;
     const int64_t out =
         (rank == 0 ? others_out : 0) + experts * (gpu ? expert_held : expert_out);
     const int64_t in = others_in + experts * expert_in;
-    return tokens * 200 * 2 * kHiddenCopiesOnHost + 2 * out + 2 * in + 8 * 16 * 4 + tokens * 8 + tokens * 2 * 20 +
-           kPinnedStagingBytes + kHostOverheadBytes;
+    const int64_t hidden = gpu ? (sequences == 3 ? 32768 : 16384) : tokens * 200 * 2;
+    return hidden * kHiddenCopiesOnHost + 2 * out + 2 * in + 8 * 16 * 4 + tokens * 8 +
+           tokens * 2 * 20 + kPinnedStagingBytes + kHostOverheadBytes;
   };
   EXPECT_EQ(report.ranks[0].host_bytes, host(0, 2, 3));
   EXPECT_EQ(report.ranks[1].host_bytes, host(1, 1, 3));
@@ -1026,8 +1029,11 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   // Host: the hidden states, then (rank 0) 2 x layer file tensors, 2 x mapped checkpoint bytes,
   // ids, routing, staging and overhead (8,350,356,928 bytes: 8,142,738,880 plus the pinned
   // copies' rounding, 7 MiB -> 8 MiB per packed weight and 224 -> 256 KiB per scale tensor, for
-  // 2 x 96 linears).
-  EXPECT_EQ(plan.estimate.host_bytes_per_rank, u * kHiddenCopiesOnHost + 8350356928);
+  // 2 x 96 linears). The hidden states are page-locked per forward call of 4 sequences
+  // (16,384 tokens: 224 MiB, rounded to 256 MiB), 16 calls a copy.
+  const int64_t hidden_copy = 16 * (int64_t{256} << 20);
+  EXPECT_GT(hidden_copy, u);
+  EXPECT_EQ(plan.estimate.host_bytes_per_rank, hidden_copy * kHiddenCopiesOnHost + 8350356928);
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);

@@ -1,5 +1,6 @@
 // The hidden states' host<->device copies (worker/pipeline/host_transfers.h). On the CPU
-// (pipeline_transfers_test): uploads and downloads are plain copies. On CUDA
+// (pipeline_transfers_test): the slab layout of page-locked host tensors; uploads and downloads
+// are plain copies. On CUDA
 // (pipeline_transfers_gpu_test, label gpu, skips itself without a device): copies on the copy
 // stream return the same bytes as synchronous copies while kernels run on the compute stream,
 // and the gang pipeline (one rank, bf16, several chunks per layer) writes byte-identical files
@@ -16,20 +17,27 @@
 
 #include "tests/unit/worker/model/engine/engine_test_util.h"
 #include "worker/model/config.h"
+#include "worker/model/plan.h"
 #include "worker/pipeline/gang_pipeline.h"
 
 namespace mq::pipeline {
 namespace {
 
+std::vector<std::vector<int64_t>> ShapesOf(const std::vector<at::Tensor>& ts) {
+  std::vector<std::vector<int64_t>> shapes;
+  for (const at::Tensor& t : ts) shapes.push_back(t.sizes().vec());
+  return shapes;
+}
+
 // Per chunk: y = (x @ m) * 0.5 + x, computed on `device` between the upload and the download.
 std::vector<at::Tensor> RoundTrip(HostTransfers& transfers, const std::vector<at::Tensor>& hosts,
                                   const at::Tensor& m) {
-  std::vector<at::Tensor> out;
+  std::vector<at::Tensor> out = transfers.AllocateHost(ShapesOf(hosts), at::kFloat);
   HostTransfers::Uploads up = transfers.Upload(hosts);
   for (size_t i = 0; i < hosts.size(); ++i) {
     at::Tensor x = up.Next();
     EXPECT_EQ(x.device(), m.device());
-    out.push_back(transfers.Download(at::mm(x, m) * 0.5 + x));
+    transfers.DownloadInto(at::mm(x, m) * 0.5 + x, out[i]);
   }
   transfers.Wait();
   return out;
@@ -45,6 +53,36 @@ std::vector<at::Tensor> Chunks(int n, int64_t rows, int64_t cols, bool pinned) {
   return hosts;
 }
 
+TEST(PinnedSlabsTest, PackedInOrderIntoPowerOfTwoSlabs) {
+  // DeepSeek-V3 at 512 x 4096 on one rank: 128 forward calls of 16,384 tokens, 224 MiB each.
+  const int64_t call = int64_t{16384} * 7168 * 2;
+  const std::vector<model::PinnedSlab> slabs =
+      model::PlanPinnedSlabs(std::vector<int64_t>(128, call));
+  ASSERT_EQ(slabs.size(), 15u);
+  for (size_t i = 0; i < 14; ++i) {
+    EXPECT_EQ(slabs[i].bytes, model::kPinnedSlabBytes);
+    EXPECT_EQ(slabs[i].first, static_cast<int64_t>(9 * i));
+    EXPECT_EQ(slabs[i].count, 9);
+    EXPECT_EQ(slabs[i].offsets[8], 8 * call);
+  }
+  EXPECT_EQ(slabs[14].bytes, int64_t{512} << 20);
+  EXPECT_EQ(slabs[14].count, 2);
+  EXPECT_EQ(model::PinnedSlabsBytes(std::vector<int64_t>(128, call)),
+            14 * model::kPinnedSlabBytes + (int64_t{512} << 20));
+  // Odd sizes start at 4 KiB boundaries; what is left after full slabs takes the next power of
+  // two; a tensor larger than a slab gets its own power of two.
+  const std::vector<model::PinnedSlab> odd = model::PlanPinnedSlabs({10, 5000, 1});
+  ASSERT_EQ(odd.size(), 1u);
+  EXPECT_EQ(odd[0].bytes, 16384);
+  EXPECT_EQ(odd[0].offsets, (std::vector<int64_t>{0, 4096, 12288}));
+  const int64_t big = (int64_t{5} << 30) / 2;  // 2.5 GiB
+  const std::vector<model::PinnedSlab> large = model::PlanPinnedSlabs({big, 100});
+  ASSERT_EQ(large.size(), 1u);
+  EXPECT_EQ(large[0].bytes, int64_t{4} << 30);
+  EXPECT_EQ(large[0].count, 2);
+  EXPECT_TRUE(model::PlanPinnedSlabs({}).empty());
+}
+
 TEST(HostTransfersTest, OnTheCpuUploadsAndDownloadsArePlainCopies) {
   HostTransfers transfers(at::kCPU, /*overlap=*/true);
   EXPECT_FALSE(transfers.overlapping());
@@ -56,6 +94,7 @@ TEST(HostTransfersTest, OnTheCpuUploadsAndDownloadsArePlainCopies) {
     EXPECT_TRUE(got[i].device().is_cpu());
     EXPECT_TRUE(at::equal(got[i], at::mm(hosts[i], m) * 0.5 + hosts[i])) << i;
   }
+  EXPECT_FALSE(got[0].is_pinned());
   // An empty sequence, and a sequence dropped before its end, are fine.
   HostTransfers::Uploads none = transfers.Upload({});
   HostTransfers::Uploads part = transfers.Upload(hosts);
@@ -82,12 +121,34 @@ TEST(HostTransfersTest, CudaCopiesOnTheCopyStreamEqualSynchronousCopies) {
     }
   }
   // A downloaded tensor uploaded again without a Wait in between: the copy stream orders them.
+  std::vector<at::Tensor> back = overlapped.AllocateHost(ShapesOf({hosts[0], hosts[0]}),
+                                                         at::kFloat);
   HostTransfers::Uploads up = overlapped.Upload({hosts[0]});
-  const at::Tensor back = overlapped.Download(up.Next() * 3);
-  HostTransfers::Uploads again = overlapped.Upload({back});
-  const at::Tensor twice = overlapped.Download(again.Next() + 1);
+  overlapped.DownloadInto(up.Next() * 3, back[0]);
+  HostTransfers::Uploads again = overlapped.Upload({back[0]});
+  overlapped.DownloadInto(again.Next() + 1, back[1]);
   overlapped.Wait();
-  EXPECT_TRUE(at::equal(twice, hosts[0].cuda().mul(3).add(1).cpu()));
+  EXPECT_TRUE(at::equal(back[1], hosts[0].cuda().mul(3).add(1).cpu()));
+}
+
+TEST(HostTransfersTest, CudaHostTensorsArePageLockedSlabs) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  // 5 tensors of 56 MiB (4,096 tokens of DeepSeek-V3's hidden width): views into one page-locked
+  // slab of 512 MiB (PlanPinnedSlabs), each writable on its own.
+  HostTransfers transfers(at::kCUDA, true);
+  const std::vector<std::vector<int64_t>> shapes(5, std::vector<int64_t>{4, 1024, 7168});
+  std::vector<at::Tensor> hosts = transfers.AllocateHost(shapes, at::kBFloat16);
+  ASSERT_EQ(hosts.size(), 5u);
+  for (size_t i = 0; i < hosts.size(); ++i) {
+    EXPECT_TRUE(hosts[i].is_pinned());
+    EXPECT_TRUE(hosts[i].is_contiguous());
+    EXPECT_EQ(hosts[i].sizes().vec(), shapes[i]);
+    hosts[i].fill_(static_cast<double>(i));
+  }
+  for (size_t i = 0; i < hosts.size(); ++i) {
+    EXPECT_EQ(hosts[i].min().item<double>(), static_cast<double>(i));
+    EXPECT_EQ(hosts[i].max().item<double>(), static_cast<double>(i));
+  }
 }
 
 // The files of every step, by name -> SHA-256.
