@@ -1055,6 +1055,14 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(PlanJob(c, request, stored).estimate.gpu_bytes_per_rank,
             replicated + experts + u + solve + dispatch + kDeviceOverheadBytes);
   EXPECT_EQ(PlanJob(c, request, stored).estimate.dispatch_rounds, 1);
+  // A gang of one at the same calibration: the three hidden-state copies take 3 x 28.5 GiB of
+  // page-locked slabs (14 of 2 GiB and one of 512 MiB each, for 28 GiB of tensors), and the
+  // whole host estimate fits the 128 GiB of the one-H200 machine.
+  request.gang_size = 1;
+  request.dispatch_tokens = 65536;
+  const JobPlan alone = PlanJob(c, request, stored);  // 131,825,019,328 bytes (122.8 GiB)
+  EXPECT_GT(alone.estimate.host_bytes_per_rank, 3 * (int64_t{57} << 29));
+  EXPECT_LT(alone.estimate.host_bytes_per_rank, int64_t{128} << 30);
 }
 
 // Settings chosen for the device (plan.h ChooseSettings), on DeepSeek-V3 cut to its three dense
