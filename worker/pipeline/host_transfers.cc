@@ -102,8 +102,8 @@ HostTransfers::Uploads HostTransfers::Upload(std::vector<at::Tensor> hosts) {
   return Uploads(this, std::move(hosts));
 }
 
-std::vector<at::Tensor> HostTransfers::AllocateHost(
-    const std::vector<std::vector<int64_t>>& shapes, at::ScalarType dtype) const {
+std::vector<at::Tensor> HostTransfers::AllocateHost(const std::vector<std::vector<int64_t>>& shapes,
+                                                    at::ScalarType dtype) const {
   std::vector<at::Tensor> out;
   const auto options = at::TensorOptions().dtype(dtype);
   if (!device_.is_cuda()) {
@@ -122,8 +122,7 @@ std::vector<at::Tensor> HostTransfers::AllocateHost(
         at::empty({slab.bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     for (int64_t k = 0; k < slab.count; ++k) {
       const size_t i = static_cast<size_t>(slab.first + k);
-      out.push_back(
-          block.narrow(0, slab.offsets[k], bytes[i]).view(dtype).view(shapes[i]));
+      out.push_back(block.narrow(0, slab.offsets[k], bytes[i]).view(dtype).view(shapes[i]));
     }
   }
   return out;

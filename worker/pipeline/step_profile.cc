@@ -64,9 +64,9 @@ std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int
   if (intervals.empty()) return "empty profile\n";
   const std::vector<Span> busy = Union(device);
   const int64_t busy_all = Covered(busy, first, last);
-  std::string out = absl::StrFormat("profiled %.3f s, device busy %.3f s (%.1f%%)\n",
-                                    Seconds(last - first), Seconds(busy_all),
-                                    last > first ? 100.0 * busy_all / (last - first) : 0.0);
+  std::string out =
+      absl::StrFormat("profiled %.3f s, device busy %.3f s (%.1f%%)\n", Seconds(last - first),
+                      Seconds(busy_all), last > first ? 100.0 * busy_all / (last - first) : 0.0);
   // Stages by name, in order of first appearance.
   std::vector<std::string> order;
   std::map<std::string, std::pair<int64_t, int64_t>> stages;  // wall, device busy
@@ -78,8 +78,8 @@ std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int
     it->second.second += Covered(busy, i.start_ns, i.end_ns);
   }
   if (!order.empty()) {
-    absl::StrAppend(&out, absl::StrFormat("%-28s %10s %10s %10s\n", "stage", "wall s",
-                                          "device s", "idle s"));
+    absl::StrAppend(
+        &out, absl::StrFormat("%-28s %10s %10s %10s\n", "stage", "wall s", "device s", "idle s"));
     for (const std::string& name : order) {
       const auto [wall, on] = stages[name];
       absl::StrAppend(&out, absl::StrFormat("%-28s %10.3f %10.3f %10.3f\n", name, Seconds(wall),
@@ -105,9 +105,9 @@ std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int
   }
   for (int n = 0; n < top && n < static_cast<int>(ranked.size()); ++n) {
     const auto& [ns, name] = ranked[n];
-    absl::StrAppend(&out, absl::StrFormat("%10.3f %8d %5.1f%%  %s\n", Seconds(ns),
-                                          kernels[name].first, 100.0 * ns / kernel_total,
-                                          name.substr(0, 100)));
+    absl::StrAppend(&out,
+                    absl::StrFormat("%10.3f %8d %5.1f%%  %s\n", Seconds(ns), kernels[name].first,
+                                    100.0 * ns / kernel_total, name.substr(0, 100)));
   }
   return out;
 }
@@ -126,8 +126,7 @@ absl::StatusOr<std::unique_ptr<StepProfile>> StepProfile::Start(const at::Device
     torch::autograd::profiler::enableProfiler(config, activities);
   } catch (const c10::Error& e) {
     profiling = false;
-    return absl::InternalError(
-        absl::StrCat("starting the profiler: ", e.what_without_backtrace()));
+    return absl::InternalError(absl::StrCat("starting the profiler: ", e.what_without_backtrace()));
   }
   std::unique_ptr<StepProfile> p(new StepProfile());
   p->running_ = true;
@@ -151,8 +150,7 @@ absl::StatusOr<std::string> StepProfile::Finish(const std::string& trace_path, i
     result = torch::autograd::profiler::disableProfiler();
   } catch (const c10::Error& e) {
     profiling = false;
-    return absl::InternalError(
-        absl::StrCat("stopping the profiler: ", e.what_without_backtrace()));
+    return absl::InternalError(absl::StrCat("stopping the profiler: ", e.what_without_backtrace()));
   }
   profiling = false;
   std::vector<ProfiledInterval> intervals;

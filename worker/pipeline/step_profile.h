@@ -27,8 +27,8 @@ namespace mq::pipeline {
 
 // One interval of a profile, as the summary reads it.
 struct ProfiledInterval {
-  enum class Kind { kStage, kDevice, kHost };  // a StageMarks stage, a device kernel or copy,
-                                               // a host operator
+  // A StageMarks stage, a device kernel or copy, a host operator.
+  enum class Kind { kStage, kDevice, kHost };
   Kind kind = Kind::kHost;
   std::string name;
   int64_t start_ns = 0, end_ns = 0;

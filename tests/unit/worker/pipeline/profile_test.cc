@@ -2,8 +2,6 @@
 // intervals (device time as the union of overlapping kernels, per stage), and a real profile of
 // a gang pipeline step on the CPU: the trace and summary files, the stages, and that an existing
 // file of the same name is left alone.
-#include "worker/pipeline/step_profile.h"
-
 #include <ATen/ATen.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -18,6 +16,7 @@
 #include "tests/unit/worker/model/engine/engine_test_util.h"
 #include "worker/model/config.h"
 #include "worker/pipeline/gang_pipeline.h"
+#include "worker/pipeline/step_profile.h"
 
 namespace mq::pipeline {
 namespace {
@@ -93,8 +92,7 @@ TEST(StepProfileTest, ProfilesAPipelineStepOnTheCpu) {
   {
     absl::StatusOr<std::unique_ptr<StepProfile>> other = StepProfile::Start(at::kCPU);
     ASSERT_TRUE(other.ok()) << other.status();
-    EXPECT_EQ(StepProfile::Start(at::kCPU).status().code(),
-              absl::StatusCode::kFailedPrecondition);
+    EXPECT_EQ(StepProfile::Start(at::kCPU).status().code(), absl::StatusCode::kFailedPrecondition);
     o.output_dir = model + "/out-busy";
     ASSERT_TRUE(RunGangPipeline(o).ok());
     ASSERT_EQ(warnings.size(), 1u);

@@ -5,8 +5,6 @@
 // stream return the same bytes as synchronous copies while kernels run on the compute stream,
 // and the gang pipeline (one rank, bf16, several chunks per layer) writes byte-identical files
 // with overlap_transfers on and off.
-#include "worker/pipeline/host_transfers.h"
-
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -19,6 +17,7 @@
 #include "worker/model/config.h"
 #include "worker/model/plan.h"
 #include "worker/pipeline/gang_pipeline.h"
+#include "worker/pipeline/host_transfers.h"
 
 namespace mq::pipeline {
 namespace {
@@ -121,8 +120,8 @@ TEST(HostTransfersTest, CudaCopiesOnTheCopyStreamEqualSynchronousCopies) {
     }
   }
   // A downloaded tensor uploaded again without a Wait in between: the copy stream orders them.
-  std::vector<at::Tensor> back = overlapped.AllocateHost(ShapesOf({hosts[0], hosts[0]}),
-                                                         at::kFloat);
+  std::vector<at::Tensor> back =
+      overlapped.AllocateHost(ShapesOf({hosts[0], hosts[0]}), at::kFloat);
   HostTransfers::Uploads up = overlapped.Upload({hosts[0]});
   overlapped.DownloadInto(up.Next() * 3, back[0]);
   HostTransfers::Uploads again = overlapped.Upload({back[0]});
@@ -190,8 +189,7 @@ TEST(HostTransfersTest, GangPipelineWritesTheSameFilesWithAndWithoutOverlap) {
                     "--moe-intermediate 64", "--heads 2", "--vocab 256"});
   ASSERT_FALSE(model.empty());
   const std::map<std::string, std::string> with = RunPipeline(model, model + "/out-on", true);
-  const std::map<std::string, std::string> without =
-      RunPipeline(model, model + "/out-off", false);
+  const std::map<std::string, std::string> without = RunPipeline(model, model + "/out-off", false);
   EXPECT_FALSE(with.empty());
   EXPECT_EQ(with, without);
 }
