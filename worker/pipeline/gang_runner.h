@@ -170,8 +170,8 @@ class Runner {
                     const model::ForwardHooks& hooks) const;
   // The shapes of chunks_' hidden states, for HostTransfers::AllocateHost.
   std::vector<std::vector<int64_t>> ChunkShapes() const;
-  // The same for a CUDA `t` without waiting: a page-locked tensor whose copy is queued on the
-  // current stream, so its bytes are valid only after the next SyncDevice. Host tensors: `t`,
+  // A CUDA `t` in page-locked host memory without waiting: the copy is queued on the current
+  // stream, so the bytes are valid only after the next SyncDevice. Host tensors: `t`,
   // contiguous.
   at::Tensor ToHostQueued(const at::Tensor& t) const;
   at::Tensor Positions(int64_t seq) const {
