@@ -97,9 +97,7 @@ absl::Status Runner::Embed() {
     chunks_.push_back(std::move(chunk));
     i = j;
   }
-  std::vector<std::vector<int64_t>> shapes;
-  for (const Chunk& c : chunks_) shapes.push_back({c.ids.size(0), c.ids.size(1), config_.hidden_size});
-  std::vector<at::Tensor> hidden = transfers_.AllocateHost(shapes, o_.dtype);
+  std::vector<at::Tensor> hidden = transfers_.AllocateHost(ChunkShapes(), o_.dtype);
   for (size_t c = 0; c < chunks_.size(); ++c) {
     absl::StatusOr<at::Tensor> e = model::Embed(globals_, chunks_[c].ids);
     if (!e.ok()) return e.status();
@@ -120,15 +118,12 @@ absl::Status Runner::EnterLayer(int layer) {
   absl::StatusOr<std::vector<at::Tensor>> in =
       quant::MtpInputs(reader_, config_, globals_, layer, ids, hidden);
   if (!in.ok()) return in.status();
-  hidden.clear();
-  std::vector<std::vector<int64_t>> shapes;
-  for (const at::Tensor& t : *in) shapes.push_back(t.sizes().vec());
-  hidden = transfers_.AllocateHost(shapes, o_.dtype);
+  // The MTP layer sees one token fewer; its ids keep the shifted-in positions for bookkeeping.
+  for (Chunk& c : chunks_) c.ids = c.ids.slice(1, 0, c.ids.size(1) - 1);
+  hidden = transfers_.AllocateHost(ChunkShapes(), o_.dtype);
   for (size_t i = 0; i < chunks_.size(); ++i) {
-    // The MTP layer sees one token fewer; its ids keep the shifted-in positions for bookkeeping.
     transfers_.DownloadInto((*in)[i].to(o_.dtype), hidden[i]);
     chunks_[i].hidden = hidden[i];
-    chunks_[i].ids = chunks_[i].ids.slice(1, 0, chunks_[i].ids.size(1) - 1);
   }
   transfers_.Wait();
   in_mtp_ = true;
@@ -935,7 +930,9 @@ at::Tensor Runner::ToHostQueued(const at::Tensor& t) const {
 
 std::vector<std::vector<int64_t>> Runner::ChunkShapes() const {
   std::vector<std::vector<int64_t>> shapes;
-  for (const Chunk& c : chunks_) shapes.push_back(c.hidden.sizes().vec());
+  for (const Chunk& c : chunks_) {
+    shapes.push_back({c.ids.size(0), c.ids.size(1), config_.hidden_size});
+  }
   return shapes;
 }
 
@@ -1017,8 +1014,7 @@ absl::StatusOr<bool> Runner::LoadCheckpoint(int step) {
       OpenHiddenCheckpoint(path, chunks_.size());
   if (absl::IsNotFound(file.status())) return false;
   if (!file.ok()) return unusable(std::string(file.status().message()));
-  std::vector<std::vector<int64_t>> shapes;
-  for (const Chunk& c : chunks_) shapes.push_back({c.ids.size(0), c.ids.size(1), config_.hidden_size});
+  const std::vector<std::vector<int64_t>> shapes = ChunkShapes();
   std::vector<at::Tensor> hidden = transfers_.AllocateHost(shapes, o_.dtype);
   for (size_t i = 0; i < chunks_.size(); ++i) {
     absl::StatusOr<model::TensorView> v = (*file)->Get(absl::StrCat("chunk.", i));

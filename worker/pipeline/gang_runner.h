@@ -168,7 +168,8 @@ class Runner {
   // the hooks only (Hessians; model::RunMlpInputs): bounds the activations held at once.
   void RunRowBlocks(const std::string& prefix, const model::MlpWeights& mlp, const at::Tensor& rows,
                     const model::ForwardHooks& hooks) const;
-  // The shapes of chunks_' hidden states, for HostTransfers::AllocateHost.
+  // The shapes of chunks_' hidden states ([sequences, tokens, hidden], from their ids), for
+  // HostTransfers::AllocateHost.
   std::vector<std::vector<int64_t>> ChunkShapes() const;
   // A CUDA `t` in page-locked host memory without waiting: the copy is queued on the current
   // stream, so the bytes are valid only after the next SyncDevice. Host tensors: `t`,
