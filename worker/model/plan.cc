@@ -155,13 +155,23 @@ bool IsQuantized(const ExpectedTensor& t, bool all_linear, const std::set<std::s
 }
 
 // Output bytes of one expected tensor (see plan.h).
+// The tensors a quantized linear `t` is written as: weight_packed (I32), weight_scale (BF16)
+// and weight_shape (I64 [2]), in bytes.
+struct PackedLinearBytes {
+  int64_t packed = 0, scale = 0, shape = 16;
+};
+PackedLinearBytes PackedBytes(const ExpectedTensor& t, const InspectRequest& request) {
+  const int64_t out = t.shape[0];
+  const int64_t in = t.shape[1];
+  const int64_t groups = request.group_size > 0 ? CeilDiv(in, request.group_size) : 1;
+  return {SatMul({out, CeilDiv(in, 8), 4}), SatMul({out, groups, 2})};
+}
+
 int64_t OutputBytes(const ExpectedTensor& t, const InspectRequest& request,
                     const StoredTensors& stored, const std::set<std::string>& partial) {
   if (IsQuantized(t, request.all_linear, partial)) {
-    const int64_t out = t.shape[0];
-    const int64_t in = t.shape[1];
-    const int64_t groups = request.group_size > 0 ? CeilDiv(in, request.group_size) : 1;
-    return SatAdd(SatAdd(SatMul({out, CeilDiv(in, 8), 4}), SatMul({out, groups, 2})), 16);
+    const PackedLinearBytes b = PackedBytes(t, request);
+    return SatAdd({b.packed, b.scale, b.shape});
   }
   int64_t bytes_per_element_x8 = 16;  // BF16
   auto it = stored.find(t.name);
@@ -186,11 +196,8 @@ int64_t HeldOutputBytes(const ExpectedTensor& t, const InspectRequest& request,
   if (request.device_is_host || !IsQuantized(t, request.all_linear, partial)) {
     return OutputBytes(t, request, stored, partial);
   }
-  const int64_t out = t.shape[0];
-  const int64_t in = t.shape[1];
-  const int64_t groups = request.group_size > 0 ? CeilDiv(in, request.group_size) : 1;
-  return SatAdd({PowerOfTwoAtLeast(SatMul({out, CeilDiv(in, 8), 4})),
-                 PowerOfTwoAtLeast(SatMul({out, groups, 2})), 16});
+  const PackedLinearBytes b = PackedBytes(t, request);
+  return SatAdd({PowerOfTwoAtLeast(b.packed), PowerOfTwoAtLeast(b.scale), b.shape});
 }
 
 // Host bytes of one copy of a rank's hidden states: its sequences of `seq` tokens in forward
