@@ -8,12 +8,12 @@
 #include <unistd.h>
 
 #include <fstream>
-#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include "tests/unit/worker/model/engine/engine_test_util.h"
+#include "tests/unit/worker/pipeline/pipeline_test_util.h"
 #include "worker/model/config.h"
 #include "worker/pipeline/gang_pipeline.h"
 #include "worker/pipeline/step_profile.h"
@@ -75,12 +75,7 @@ TEST(StepProfileTest, ProfilesAPipelineStepOnTheCpu) {
   o.format.group_size = 32;
   o.total_steps = static_cast<int>(PipelineLayers(*config, o.format).size());
   ASSERT_EQ(o.total_steps, 2);
-  std::mt19937 rng(5);
-  for (int i = 0; i < 4; ++i) {
-    std::vector<int32_t> s(16);
-    for (int32_t& t : s) t = static_cast<int32_t>(rng() % 128);
-    o.samples.push_back(s);
-  }
+  o.samples = testing::RandomSamples(4, 16, 128, 5);
   o.profile_layers = {1};
   o.profile_prefix = model + "/mq-profile-job";
   // Someone else's file under the name the profile would take: left alone.

@@ -16,11 +16,11 @@
 #include <fstream>
 #include <functional>
 #include <map>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "tests/unit/worker/pipeline/pipeline_test_util.h"
 #include "worker/model/config.h"
 #include "worker/pipeline/gang_pipeline.h"
 #include "worker/pipeline/output.h"
@@ -83,12 +83,7 @@ class ResumeTest : public ::testing::Test {
     base_.format.group_size = 32;  // the experts are 64 wide
     base_.total_steps = static_cast<int>(PipelineLayers(*config, base_.format).size());
     ASSERT_EQ(base_.total_steps, 6);
-    std::mt19937 rng(7);
-    for (int i = 0; i < 8; ++i) {
-      std::vector<int32_t> s(24);
-      for (int32_t& t : s) t = static_cast<int32_t>(rng() % 256);
-      base_.samples.push_back(s);
-    }
+    base_.samples = testing::RandomSamples(8, 24, 256, 7);
     base_.checkpoint_every = 2;
     base_.on_warning = [this](const std::string& m) { warnings_.push_back(m); };
   }

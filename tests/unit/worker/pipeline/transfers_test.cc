@@ -9,11 +9,11 @@
 #include <gtest/gtest.h>
 
 #include <map>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "tests/unit/worker/model/engine/engine_test_util.h"
+#include "tests/unit/worker/pipeline/pipeline_test_util.h"
 #include "worker/model/config.h"
 #include "worker/model/plan.h"
 #include "worker/pipeline/gang_pipeline.h"
@@ -166,12 +166,7 @@ std::map<std::string, std::string> RunPipeline(const std::string& model, const s
   o.dtype = at::kBFloat16;
   o.max_batch_tokens = 48;  // 8 sequences of 24 tokens: 4 chunks per layer
   o.overlap_transfers = overlap;
-  std::mt19937 rng(7);
-  for (int i = 0; i < 8; ++i) {
-    std::vector<int32_t> s(24);
-    for (int32_t& t : s) t = static_cast<int32_t>(rng() % 256);
-    o.samples.push_back(s);
-  }
+  o.samples = testing::RandomSamples(8, 24, 256, 7);
   std::map<std::string, std::string> files;
   o.on_step = [&](const StepOutput& s) -> absl::Status {
     for (const OutputFileInfo& f : s.files) files[f.name] = f.sha256;
