@@ -113,9 +113,7 @@ std::vector<at::Tensor> HostTransfers::AllocateHost(const std::vector<std::vecto
   const int64_t item = static_cast<int64_t>(c10::elementSize(dtype));
   std::vector<int64_t> bytes;
   for (const std::vector<int64_t>& shape : shapes) {
-    int64_t n = item;
-    for (int64_t d : shape) n *= d;
-    bytes.push_back(n);
+    bytes.push_back(item * static_cast<int64_t>(c10::multiply_integers(shape)));
   }
   for (const model::PinnedSlab& slab : model::PlanPinnedSlabs(bytes)) {
     const at::Tensor block =
@@ -134,15 +132,13 @@ void HostTransfers::DownloadInto(const at::Tensor& t, const at::Tensor& host) {
     streams_->CopyAfterCompute();
     {
       const c10::cuda::CUDAStreamGuard guard(streams_->copy);
-      at::Tensor dst = host;
-      dst.copy_(t, /*non_blocking=*/true);
+      host.copy_(t, /*non_blocking=*/true);
     }
     t.record_stream(streams_->copy);  // t's block is not reused before the copy is done
     return;
   }
 #endif
-  at::Tensor dst = host;
-  dst.copy_(t);
+  host.copy_(t);
 }
 
 void HostTransfers::Wait() {
