@@ -908,9 +908,13 @@ void Runner::WriteProfile(StepProfile& profile, int layer) const {
   const std::string base = absl::StrCat(o_.profile_prefix, "-layer", layer, "-rank", gang_.rank());
   // A free name: an existing file (another run's, or not mq's) is never overwritten.
   std::string name = base;
-  for (int n = 2; ::access((name + ".json").c_str(), F_OK) == 0 ||
-                  ::access((name + ".txt").c_str(), F_OK) == 0;
-       ++n) {
+  auto taken = [](const std::string& n) {
+    for (const char* suffix : {".json", ".json.tmp", ".txt"}) {
+      if (::access((n + suffix).c_str(), F_OK) == 0) return true;
+    }
+    return false;
+  };
+  for (int n = 2; taken(name); ++n) {
     name = absl::StrCat(base, "-", n);
   }
   absl::StatusOr<std::string> summary = profile.Finish(name + ".json");

@@ -1,6 +1,7 @@
 #include "worker/pipeline/step_profile.h"
 
 #include <torch/csrc/autograd/profiler_kineto.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -170,11 +171,20 @@ absl::StatusOr<std::string> StepProfile::Finish(const std::string& trace_path, i
     }
     intervals.push_back(std::move(i));
   }
+  // Kineto writes <path>.tmp and renames it to <path>; a write that fails (a full disk) raises
+  // nothing, leaves the temporary file and no trace: that is an error, and the partial file goes.
+  const std::string partial = trace_path + ".tmp";
   try {
     result->save(trace_path);
   } catch (const c10::Error& e) {
+    ::unlink(partial.c_str());
     return absl::InternalError(
         absl::StrCat("writing the trace ", trace_path, ": ", e.what_without_backtrace()));
+  }
+  if (::access(trace_path.c_str(), F_OK) != 0) {
+    ::unlink(partial.c_str());
+    return absl::InternalError(
+        absl::StrCat("writing the trace ", trace_path, " failed (is its disk full?)"));
   }
   return SummarizeProfile(intervals, top);
 }

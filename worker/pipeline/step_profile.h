@@ -46,7 +46,8 @@ class StepProfile {
   StepProfile(const StepProfile&) = delete;
   StepProfile& operator=(const StepProfile&) = delete;
 
-  // Stops recording, writes the Chrome trace to `trace_path` and returns the summary.
+  // Stops recording, writes the Chrome trace to `trace_path` (through `trace_path`.tmp, which a
+  // failed write removes) and returns the summary.
   absl::StatusOr<std::string> Finish(const std::string& trace_path, int top = 25);
 
  private:

@@ -1,12 +1,15 @@
 // Step profiles (worker/pipeline/step_profile.h): the summary's arithmetic on hand-made
 // intervals (device time as the union of overlapping kernels, per stage), and a real profile of
-// a gang pipeline step on the CPU: the trace and summary files, the stages, and that an existing
-// file of the same name is left alone.
+// a gang pipeline step on the CPU: the trace and summary files, the stages, that an existing
+// file of the same name is left alone, and that a full disk leaves a warning and no partial file.
 #include <ATen/ATen.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -110,6 +113,47 @@ TEST(StepProfileTest, ProfilesAPipelineStepOnTheCpu) {
   const std::string trace = ReadFile(model + "/mq-profile-job-layer1-rank0-2.json");
   EXPECT_THAT(trace, HasSubstr("\"traceEvents\""));
   EXPECT_THAT(trace, HasSubstr("mq::expert_solve"));
+}
+
+// The profile directory on a 64 KiB tmpfs (the trace is ~12 MB): the job succeeds, the failed
+// profile is one warning, and no partial file is left.
+TEST(StepProfileTest, AFullProfileDiskIsAWarningAndLeavesNoPartialFile) {
+  const std::string model = model::testing::GenerateModel(
+      "profile_full", {"--layers 2", "--dense-layers 1", "--hidden 64", "--intermediate 96",
+                       "--moe-intermediate 32", "--heads 2", "--vocab 128"});
+  ASSERT_FALSE(model.empty());
+  const std::string disk = model + "/disk";
+  ASSERT_EQ(::mkdir(disk.c_str(), 0755), 0);
+  const std::string mount = "mount -t tmpfs -o size=64k tmpfs '" + disk + "' 2>/dev/null";
+  if (std::system(mount.c_str()) != 0) {
+    GTEST_SKIP() << "cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)";
+  }
+  absl::StatusOr<model::DeepseekV3Config> config =
+      model::LoadDeepseekV3Config(model + "/config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  GangPipelineOptions o;
+  o.model_dir = model;
+  o.output_dir = model + "/out";
+  o.scratch_dir = model + "/scratch";
+  o.format.group_size = 32;
+  o.total_steps = static_cast<int>(PipelineLayers(*config, o.format).size());
+  o.samples = testing::RandomSamples(4, 16, 128, 5);
+  o.profile_layers = {1};
+  o.profile_prefix = disk + "/mq-profile-job";
+  std::vector<std::string> warnings;
+  o.on_warning = [&](const std::string& m) { warnings.push_back(m); };
+  absl::StatusOr<GangPipelineResult> r = RunGangPipeline(o);
+  std::string listing;
+  for (const auto& e : std::filesystem::directory_iterator(disk)) {
+    listing += e.path().filename().string() + " ";
+  }
+  const std::string umount = "umount -l '" + disk + "'";
+  EXPECT_EQ(std::system(umount.c_str()), 0);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(warnings.size(), 1u);
+  EXPECT_THAT(warnings[0], HasSubstr("profile of layer 1: writing the trace "));
+  EXPECT_THAT(warnings[0], HasSubstr("failed (is its disk full?)"));
+  EXPECT_EQ(listing, "");  // neither a partial trace nor a summary
 }
 
 }  // namespace
