@@ -25,6 +25,9 @@
 #   MQ_PROFILE_LAYERS  comma-separated layers to profile (mq-worker --profile-layers): per job
 #                 and rank, $OUT/profiles/*.txt (stage wall vs device-busy seconds, top kernels)
 #                 and the Chrome trace, gzipped
+#   MQ_RESTART_WORKERS  set: start fresh worker processes before every job after the first, so
+#                 every job's peak GPU and host memory is a clean one (no reserve held from an
+#                 earlier job)
 #   MQ_COLD       set: drop the checkpoint's files from the page cache before each job
 #                 (fsync + posix_fadvise DONTNEED), so the job reads them from the disk
 #   MQ_EPP        mq-worker --experts-per-pass (default auto, the worker's default: the plan
@@ -166,6 +169,10 @@ for run in $RUNS; do
   K=${run%%:*}; rest=${run#*:}; S=${rest%%:*}; METHOD=gptq
   [ "$rest" != "$S" ] && METHOD=${rest#*:}
   restarted=0
+  if [ -n "${MQ_RESTART_WORKERS:-}" ] && [ -n "${RUN_NO:-}" ]; then
+    for i in $(seq 0 $((NGPU - 1))); do kill "${WORKER_PIDS[$i]}" 2>/dev/null; done
+    for i in $(seq 0 $((NGPU - 1))); do wait "${WORKER_PIDS[$i]}" 2>/dev/null; done
+  fi
   for i in $(seq 0 $((NGPU - 1))); do
     kill -0 "${WORKER_PIDS[$i]}" 2>/dev/null || { start_worker $i; restarted=1; }
   done
