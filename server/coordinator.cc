@@ -1402,6 +1402,24 @@ void Coordinator::ApplyPlanResult(JobRecord& job, WriteBatch& batch,
     if (metrics_) metrics_->jobs_failed->Increment();
     return;
   }
+  // The same for host memory: a rank keeps its share of the hidden states there (page-locked),
+  // and one that does not fit is killed by the kernel mid-layer rather than failing cleanly.
+  const int64_t need_host = report.estimate().host_bytes_per_rank();
+  if (std::optional<int64_t> largest = LargestHostMemory(WorkerViews(), capability);
+      largest && need_host > *largest) {
+    SetJobState(
+        job, batch, mq::v1::JOB_STATE_FAILED,
+        absl::StrCat("planning succeeded (", summary, "), but the estimate of ",
+                     HumanBytes(need_host),
+                     " host memory per rank exceeds the host memory of every worker offering \"",
+                     capability, "\" (the largest has ", HumanBytes(*largest),
+                     "): submit again with a larger --gang-size (fewer sequences per rank), fewer "
+                     "--num-calibration-samples or a shorter --max-sequence-length, or start "
+                     "workers on hosts with more memory, and `mq-client resume ",
+                     job.job_id(), "`"));
+    if (metrics_) metrics_->jobs_failed->Increment();
+    return;
+  }
   job.clear_missing_capability();
   // A phase that succeeded: the pipeline gets the full spec.max_attempts budget.
   job.set_attempt_base(job.attempt());
@@ -1860,6 +1878,7 @@ std::vector<WorkerView> Coordinator::WorkerViews() const {
     v.registered_at_ms = w.record.registered_at_ms();
     v.gang_address = w.record.capabilities().gang_address();
     v.device_memory_bytes = w.record.capabilities().device_memory_bytes();
+    v.host_memory_bytes = w.record.capabilities().host_memory_bytes();
     views.push_back(std::move(v));
   }
   return views;

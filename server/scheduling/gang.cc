@@ -53,6 +53,17 @@ std::optional<int64_t> LargestDeviceMemory(const std::vector<WorkerView>& worker
   return largest;
 }
 
+std::optional<int64_t> LargestHostMemory(const std::vector<WorkerView>& workers,
+                                         const std::string& capability) {
+  std::optional<int64_t> largest;
+  for (const WorkerView& w : workers) {
+    if (!w.alive || !Offers(w, capability)) continue;
+    if (w.device_memory_bytes <= 0 || w.host_memory_bytes <= 0) return std::nullopt;
+    largest = std::max(largest.value_or(0), w.host_memory_bytes);
+  }
+  return largest;
+}
+
 GangDecision DecideGang(const std::vector<WorkerView>& workers, const GangRequest& request) {
   GangDecision d;
   const int k = std::max(1, request.gang_size);

@@ -19,6 +19,8 @@ struct WorkerView {
   std::string gang_address;
   // Device memory in bytes (0: a CPU worker, or not reported).
   int64_t device_memory_bytes = 0;
+  // The worker's host memory in bytes (0: not reported).
+  int64_t host_memory_bytes = 0;
 };
 
 // Picks `count` alive, idle workers that offer `capability`, oldest registration first (ties
@@ -34,6 +36,12 @@ bool AnyWorkerOffers(const std::vector<WorkerView>& workers, const std::string& 
 // did not report (their memory is then not a device limit this policy can judge).
 std::optional<int64_t> LargestDeviceMemory(const std::vector<WorkerView>& workers,
                                            const std::string& capability);
+
+// The most host memory among the alive GPU workers offering `capability`, when every one of
+// them reports it; nullopt when none offers it, any is a CPU worker (its plan already budgets
+// host memory as its device) or any did not report.
+std::optional<int64_t> LargestHostMemory(const std::vector<WorkerView>& workers,
+                                         const std::string& capability);
 
 // A planned job waiting for a gang of quantize workers.
 struct GangRequest {

@@ -949,6 +949,63 @@ TEST_F(PipelineTest, EstimateAboveEveryGpuFailsThePlan) {
   }
 }
 
+// The same for host memory: a GPU worker reports its host's memory, and a plan whose per-rank
+// host estimate exceeds every capable worker's fails at once; a CPU worker's plan budgets host
+// memory as its device, so only the GPU check applies to it.
+TEST_F(PipelineTest, HostEstimateAboveEveryWorkersHostFailsThePlan) {
+  auto register_worker = [&](const std::string& name, int64_t device_gib) {
+    mq::v1::RegisterWorkerRequest reg;
+    reg.set_name(name);
+    reg.mutable_capabilities()->set_device(device_gib > 0 ? "cuda:0" : "cpu");
+    reg.mutable_capabilities()->set_device_memory_bytes(device_gib << 30);
+    reg.mutable_capabilities()->set_host_memory_bytes(int64_t{128} << 30);
+    reg.mutable_capabilities()->add_capabilities("plan");
+    reg.mutable_capabilities()->add_capabilities("quantize:gptq");
+    reg.mutable_capabilities()->set_gang_address(name + ".host:29500");
+    auto registered = coordinator_->RegisterWorker(reg);
+    EXPECT_TRUE(registered.ok()) << registered.status();
+    return registered.ok() ? registered->worker_id() : "";
+  };
+  const std::string w = register_worker("gpu0", 141);
+  auto plan_job = [&](int64_t host_gib) {
+    const std::string id = SubmitGang(1);
+    coordinator_->Tick();
+    auto a = Poll(w);
+    EXPECT_EQ(a.kind(), mq::v1::ASSIGNMENT_KIND_PLAN);
+    mq::v1::CompleteAssignmentRequest r;
+    r.set_worker_id(w);
+    r.set_assignment_id(a.assignment_id());
+    r.set_lease_epoch(a.lease_epoch());
+    r.mutable_plan()->add_layers()->set_index(0);
+    r.mutable_plan()->mutable_estimate()->set_gpu_bytes_per_rank(int64_t{95} << 30);
+    r.mutable_plan()->mutable_estimate()->set_host_bytes_per_rank(host_gib << 30);
+    EXPECT_TRUE(coordinator_->CompleteAssignment(r).ok());
+    return Get(id).job();
+  };
+  auto cancel = [&](const std::string& id) {
+    mq::v1::CancelJobRequest c;
+    c.set_job_id(id);
+    ASSERT_TRUE(coordinator_->CancelJob(c).ok());
+  };
+  // Kimi-K2's 139 GiB on a 128 GiB host: refused with the numbers and what to change.
+  auto job = plan_job(139);
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_FAILED);
+  EXPECT_NE(job.message().find("139.00 GiB host memory per rank exceeds the host memory"),
+            std::string::npos)
+      << job.message();
+  EXPECT_NE(job.message().find("128.00 GiB"), std::string::npos) << job.message();
+  EXPECT_NE(job.message().find("--gang-size"), std::string::npos) << job.message();
+  // DeepSeek-V3's 123 GiB fits and waits for its gang.
+  job = plan_job(123);
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED) << job.message();
+  cancel(job.job_id());
+  // With a CPU worker in the pool the host check is the CPU plan's own: no refusal here.
+  register_worker("cpu0", 0);
+  job = plan_job(139);
+  EXPECT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED) << job.message();
+  cancel(job.job_id());
+}
+
 // Every rank runs the expert passes and dispatch rounds its job's plan estimated.
 TEST_F(PipelineTest, QuantizeAssignmentsCarryThePlansSettings) {
   const std::string a = RegisterQ("w-a");

@@ -52,6 +52,26 @@ TEST(LargestDeviceMemory, OnlyWhenEveryCapableWorkerReportsOne) {
   EXPECT_FALSE(LargestDeviceMemory({gpu("a", true, 80), gpu("b", true, 0)}, "q"));
 }
 
+TEST(LargestHostMemory, OnlyWhenEveryCapableWorkerIsAGpuWorkerThatReportsIt) {
+  auto worker = [](std::string id, bool alive, int64_t device, int64_t host,
+                   std::string cap = "q") {
+    WorkerView v = W(std::move(id), alive, true, 0, {cap});
+    v.device_memory_bytes = device;
+    v.host_memory_bytes = host;
+    return v;
+  };
+  EXPECT_FALSE(LargestHostMemory({}, "q"));
+  EXPECT_EQ(LargestHostMemory({worker("a", true, 80, 256), worker("b", true, 140, 128)}, "q"), 256);
+  // Dead workers and workers without the capability do not count.
+  EXPECT_EQ(LargestHostMemory({worker("a", false, 80, 512), worker("b", true, 140, 128),
+                               worker("c", true, 0, 0, "other")},
+                              "q"),
+            128);
+  // A CPU worker, or one that did not report its host memory: nothing to judge.
+  EXPECT_FALSE(LargestHostMemory({worker("a", true, 80, 256), worker("b", true, 0, 64)}, "q"));
+  EXPECT_FALSE(LargestHostMemory({worker("a", true, 80, 256), worker("b", true, 80, 0)}, "q"));
+}
+
 WorkerView Q(std::string id, bool alive, bool idle, int64_t t, bool address = true) {
   WorkerView v = W(id, alive, idle, t, {"plan", "quantize:gptq"});
   if (address) v.gang_address = id + ":29500";
