@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <charconv>
+#include <fstream>
+#include <optional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -30,8 +32,8 @@ absl::Status ProbeCuda(int ordinal, DeviceInfo& info) {
   void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
   if (!lib) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "--device = ", info.device, ": no CUDA driver on this machine (libcuda.so.1: ",
-        dlerror(), "); use --device cpu"));
+        "--device = ", info.device, ": no CUDA driver on this machine (libcuda.so.1: ", dlerror(),
+        "); use --device cpu"));
   }
   CudaDriver d;
   d.init = reinterpret_cast<CudaDriver::InitFn>(dlsym(lib, "cuInit"));
@@ -49,8 +51,8 @@ absl::Status ProbeCuda(int ordinal, DeviceInfo& info) {
   int count = 0;
   d.count(&count);
   if (ordinal >= count) {
-    return absl::InvalidArgumentError(absl::StrCat("--device = ", info.device,
-                                                   ": this machine has ", count, " GPU(s)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--device = ", info.device, ": this machine has ", count, " GPU(s)"));
   }
   int dev = 0;
   d.get(&dev, ordinal);
@@ -63,18 +65,52 @@ absl::Status ProbeCuda(int ordinal, DeviceInfo& info) {
   return absl::OkStatus();
 }
 
+// The first line of `path` as a byte count; nullopt when absent, "max" or not a number.
+std::optional<int64_t> ReadLimit(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  if (!in || !std::getline(in, line)) return std::nullopt;
+  int64_t v = 0;
+  auto [ptr, ec] = std::from_chars(line.data(), line.data() + line.size(), v);
+  if (ec != std::errc() || v <= 0) return std::nullopt;
+  return v;
+}
+
+// The process's cgroup v2 path ("0::/kubepods/..."), empty when none is listed.
+std::string UnifiedGroup(const std::string& proc_cgroup) {
+  std::ifstream in(proc_cgroup);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("0::", 0) == 0) return line.substr(3);
+  }
+  return "";
+}
+
 }  // namespace
+
+int64_t HostMemoryLimit(int64_t physical, const std::string& cgroup_root,
+                        const std::string& proc_cgroup) {
+  int64_t limit = physical;
+  auto lower = [&](std::optional<int64_t> v) {
+    if (v && *v < limit) limit = *v;  // v1's "no limit" is a huge number: never lower
+  };
+  const std::string group = UnifiedGroup(proc_cgroup);
+  if (!group.empty() && group != "/") lower(ReadLimit(cgroup_root + group + "/memory.max"));
+  lower(ReadLimit(cgroup_root + "/memory.max"));
+  lower(ReadLimit(cgroup_root + "/memory/memory.limit_in_bytes"));
+  return limit;
+}
 
 absl::StatusOr<DeviceInfo> ProbeDevice(const std::string& device, const std::string& scratch_dir) {
   DeviceInfo info;
   info.device = device;
   info.cpu_cores = static_cast<int>(std::thread::hardware_concurrency());
-  info.host_memory_bytes =
-      static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<int64_t>(sysconf(_SC_PAGESIZE));
+  info.host_memory_bytes = HostMemoryLimit(static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) *
+                                           static_cast<int64_t>(sysconf(_SC_PAGESIZE)));
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
   info.hostname = host;
-  struct statvfs fs{};
+  struct statvfs fs {};
   if (!scratch_dir.empty() && statvfs(scratch_dir.c_str(), &fs) == 0) {
     info.scratch_free_bytes = static_cast<int64_t>(fs.f_bavail) * static_cast<int64_t>(fs.f_frsize);
   }

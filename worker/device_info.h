@@ -23,4 +23,11 @@ struct DeviceInfo {
 // loaded at run time, so the worker binary runs on machines without one (device "cpu").
 absl::StatusOr<DeviceInfo> ProbeDevice(const std::string& device, const std::string& scratch_dir);
 
+// The host memory this process may use: `physical`, or less where its control group limits it
+// (a container's memory limit: cgroup v2 memory.max of the process's own group or of the root
+// mounted at `cgroup_root`, else cgroup v1 memory/memory.limit_in_bytes). `proc_cgroup` is the
+// /proc/self/cgroup to read the process's group from.
+int64_t HostMemoryLimit(int64_t physical, const std::string& cgroup_root = "/sys/fs/cgroup",
+                        const std::string& proc_cgroup = "/proc/self/cgroup");
+
 }  // namespace mq::worker
