@@ -274,6 +274,9 @@ void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
                 << (e.dispatch_tokens() > 0 ? std::to_string(e.dispatch_tokens()) : "all") << ", "
                 << origin(e.dispatch_tokens_chosen(), "--dispatch-tokens") << "\n";
     }
+    if (e.preload_next_layer()) {
+      std::cout << "  next layer's weights:  loaded onto the device while a layer solves\n";
+    }
     if (e.total_seconds() > 0) {
       char per_layer[32];
       std::snprintf(per_layer, sizeof(per_layer), "%.1f s", e.seconds_per_layer());

@@ -1032,6 +1032,7 @@ absl::StatusOr<mq::v1::PollAssignmentResponse> Coordinator::PollAssignment(
                e.dispatch_tokens_chosen())) {
             out->mutable_settings()->set_experts_per_pass(e.experts_per_pass());
             out->mutable_settings()->set_dispatch_tokens(e.dispatch_tokens());
+            out->mutable_settings()->set_preload_next_layer(e.preload_next_layer());
           }
           auto layers = layers_.find(a.job_id());
           if (layers != layers_.end()) {

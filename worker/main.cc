@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
   bool overlap_writes = true;
   bool prefetch = true;
   bool overlap_transfers = true;
+  bool preload = true;
   std::string profile_layers_flag;
   std::string profile_dir;
   mq::ChannelSecurity security;
@@ -116,6 +117,9 @@ int main(int argc, char** argv) {
   flags.Bool("overlap-transfers", &overlap_transfers,
              "on a GPU, copy hidden states between host and device on a second CUDA stream "
              "while the layer computes (default true)");
+  flags.Bool("preload-next-layer", &preload,
+             "on a GPU, load the next layer's weights onto the device while a layer solves, "
+             "where the job's plan finds room for them (default true; false: never)");
   flags.String("profile-layers", &profile_layers_flag,
                "comma-separated layer numbers whose steps are profiled (kernel-level, for "
                "benchmarks): a Chrome trace and a per-stage summary per layer in --profile-dir");
@@ -281,6 +285,7 @@ int main(int argc, char** argv) {
   options.overlap_writes = overlap_writes;
   options.prefetch_next_layer = prefetch;
   options.overlap_transfers = overlap_transfers;
+  options.preload_next_layer = preload;
   options.profile_layers = profile_layers;
   options.profile_dir = profile_dir;
   options.gang_port = gang_port < 0 ? 0 : static_cast<int>(gang_port);

@@ -93,6 +93,7 @@ mq::v1::InspectReport ToProto(const model::InspectReport& in) {
   q->set_seconds_per_layer(e.seconds_per_layer);
   q->set_total_seconds(e.total_seconds);
   q->set_checkpoint_every(e.checkpoint_every);
+  q->set_preload_next_layer(e.preload_next_layer);
   q->set_resume_replay_seconds(e.resume_replay_seconds);
   q->set_experts_per_pass(e.experts_per_pass);
   q->set_dispatch_tokens(e.dispatch_tokens);

@@ -453,6 +453,7 @@ void Worker::RunAssignment(const mq::v1::Assignment& original, const std::atomic
       request.experts_per_pass = options_.experts_per_pass;
       request.dispatch_tokens = options_.dispatch_tokens;
       request.checkpoint_every = options_.checkpoint_every;
+      request.preload_next_layer = options_.preload_next_layer;
       request.device_is_host = device_.device_memory_bytes <= 0;
       request.device_memory_bytes =
           request.device_is_host ? device_.host_memory_bytes : device_.device_memory_bytes;
@@ -590,6 +591,8 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.overlap_writes = options_.overlap_writes;
   in.prefetch_next_layer = options_.prefetch_next_layer;
   in.overlap_transfers = options_.overlap_transfers;
+  in.preload_next_layer =
+      options_.preload_next_layer && a.has_settings() && a.settings().preload_next_layer();
   in.profile_layers = options_.profile_layers;
   in.profile_dir = options_.profile_dir;
   const int64_t step_delay = FaultDelayMs("MQ_FAULT_STEP_DELAY_MS");

@@ -44,6 +44,9 @@ struct WorkerOptions {
   bool overlap_writes = true;  // a layer's write and report beside the next layer's work
   bool prefetch_next_layer = true;  // the next layer's weights into the page cache meanwhile
   bool overlap_transfers = true;  // hidden-state copies on a copy stream (GPU workers)
+  // The next layer's weights onto the device while a layer solves, where the job's plan found
+  // room (QuantizeSettings.preload_next_layer); false: never, and plans made here say so.
+  bool preload_next_layer = true;
   // Layers whose steps are profiled into profile_dir (GangPipelineOptions::profile_layers).
   std::vector<int> profile_layers;
   std::string profile_dir;

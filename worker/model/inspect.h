@@ -33,6 +33,9 @@ struct InspectRequest {
   // Steps per hidden-state checkpoint (mq-worker --checkpoint-every; 0 = chosen by the cost
   // model, plan.h ChooseCheckpointCadence): sets the scratch estimate and the resume cost.
   int64_t checkpoint_every = 0;
+  // The next layer's weights may be loaded onto the device while a layer solves (mq-worker
+  // --preload-next-layer): the plan turns it on where it fits the device (plan.h).
+  bool preload_next_layer = true;
   // Memory of the device each rank computes on, which chosen settings must fit (plan.h
   // ChooseSettings): the planning worker's GPU, or its host memory when it computes on the CPU
   // (device_is_host). 0 = unknown: chosen settings are then kFallbackExpertsPerPass and
@@ -122,6 +125,8 @@ struct ResourceEstimate {
   bool dispatch_tokens_chosen = false;
   int64_t expert_passes = 0;
   int64_t device_memory_bytes = 0;  // the request's: what chosen settings were fitted to
+  // The ranks load the next layer's weights onto the device while a layer solves (plan.h).
+  bool preload_next_layer = false;
   double seconds_per_layer = 0;  // projected quantize time per planned layer (plan.h)
   double total_seconds = 0;      // projected quantize phase
 };

@@ -379,7 +379,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   }
   const int64_t square = SatAdd(SatMul(h, h), SatMul(moe, moe));
   // gpu(r) for the two settings (plan.h).
-  auto gpu_bytes = [&](const RankPlan& rp, int64_t experts_per_pass, int64_t rounds) {
+  auto gpu_bytes = [&](const RankPlan& rp, int64_t experts_per_pass, int64_t rounds,
+                       bool preload) {
     const int64_t tokens = SatMul(rp.num_sequences, seq);
     const int64_t token_tensor = SatMul({tokens, h, 2});
     const int64_t experts = any_moe ? rp.num_experts : 0;
@@ -406,18 +407,21 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
         SatAdd({SatMul({pass, square, 4, 2}), std::min(int64_t{4} << 30, SatMul({pass, square, 8})),
                 SatMul({2, pass, moe, h, 18}), non_expert_hessian_bytes});
     const int64_t hessians = SatMul({pass, square, 4});
-    const int64_t phase = std::max(
-        {attention, SatAdd(dispatch, hessians),
+    const int64_t after_attention = std::max(
+        {SatAdd(dispatch, hessians),
          SatAdd(solve, rounds == 1 ? dispatch : 0),  // one round's dispatch is kept throughout
          SatAdd(SatMul(token_tensor, kHiddenCopiesOnDevice - 1), dispatch)});
-    return SatAdd({replicated_bytes, expert_weights, token_tensor, phase, kDeviceOverheadBytes});
+    // A preloaded next layer is on the device from the expert passes on.
+    const int64_t weights = SatAdd(replicated_bytes, expert_weights);
+    const int64_t phase = std::max(attention, SatAdd(after_attention, preload ? weights : 0));
+    return SatAdd({weights, token_tensor, phase, kDeviceOverheadBytes});
   };
   const int64_t calibration_tokens = SatMul(samples, seq);
   auto peak = [&](int64_t experts_per_pass, int64_t dispatch_tokens) {
     const int64_t rounds = DispatchRounds(calibration_tokens, samples, dispatch_tokens);
     int64_t most = 0;
     for (const RankPlan& rp : plan.ranks) {
-      most = std::max(most, gpu_bytes(rp, experts_per_pass, rounds));
+      most = std::max(most, gpu_bytes(rp, experts_per_pass, rounds, /*preload=*/false));
     }
     return most;
   };
@@ -514,8 +518,16 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
           : CeilDiv(most_experts,
                     experts_per_pass > 0 ? std::min(experts_per_pass, most_experts) : most_experts);
 
+  // The next layer's weights are preloaded where the chosen settings leave room for them on
+  // every rank (plan.h).
+  bool preload = request.preload_next_layer && !request.device_is_host && memory > 0 &&
+                 plan.layers.size() > 1;
+  for (const RankPlan& rp : plan.ranks) {
+    preload = preload && gpu_bytes(rp, experts_per_pass, rounds, true) <= budget;
+  }
+  est.preload_next_layer = preload;
   for (RankPlan& rp : plan.ranks) {
-    rp.gpu_bytes = gpu_bytes(rp, experts_per_pass, rounds);
+    rp.gpu_bytes = gpu_bytes(rp, experts_per_pass, rounds, preload);
     rp.host_bytes = host_base[rp.rank];
     if (request.device_is_host) {
       rp.host_bytes = SatAdd(rp.host_bytes, rp.gpu_bytes - kDeviceOverheadBytes);
@@ -550,9 +562,11 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   double total = 0, previous_write = 0;
   for (size_t i = 0; i < plan.layers.size(); ++i) {
     const LayerPlan& lp = plan.layers[i];
+    // A preloaded layer's load overlapped the layer before it.
+    const double load =
+        preload && i > 0 ? 0.0 : static_cast<double>(lp.input_bytes) / gang / kLoadBytesPerSecond;
     const double compute =
-        static_cast<double>(lp.input_bytes) / gang / kLoadBytesPerSecond +
-        static_cast<double>(max_tokens) * kSecondsPerToken +
+        load + static_cast<double>(max_tokens) * kSecondsPerToken +
         (lp.kind == LayerKind::kDense ? 0.0
                                       : static_cast<double>(max_experts) * kSolveSecondsPerExpert);
     total += std::max(compute, previous_write);

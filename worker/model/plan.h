@@ -262,8 +262,13 @@ bool IsCheckpointStep(int step, int steps, int every);
 //     experts:     dispatch(r) + the pass's fp32 Hessian accumulators P * (H^2 + I_e^2) * 4
 //     solve:       solve(r) (+ dispatch(r) with one round: its rows are kept for propagation)
 //     propagation: the routed output (T(r) * (kHiddenCopiesOnDevice - 1)) + dispatch(r)
+//     and with preload, the next layer's replicated + experts(r) in every phase after attention
 //   gpu(r) = replicated + experts(r) + T(r) + max over the phases + kDeviceOverheadBytes
 //            (context, workspaces, allocator slack)
+//   preload (estimate.preload_next_layer): request.preload_next_layer, a GPU of known memory,
+//            more than one planned layer, and gpu(r) with preload <= (1 - kDeviceMemoryMargin) *
+//            device_memory_bytes on every rank with the chosen settings (the settings are chosen
+//            without it: preloading never costs an expert pass or a dispatch round)
 //   host(r) = what the worker process holds in host memory during a step (resident set):
 //             T(r) * kHiddenCopiesOnHost  the hidden states, which live in host memory: the
 //                                     step's input (also what the writing thread checkpoints),
@@ -303,7 +308,8 @@ bool IsCheckpointStep(int step, int steps, int every);
 // resume_replay_seconds = ChooseCheckpointCadence's every and resume_seconds for the largest
 // rank's tokens and experts.
 // Time, per planned layer on the slowest rank (ranks work in parallel):
-//   compute = input_bytes / gang / kLoadBytesPerSecond + tokens(r) * kSecondsPerToken
+//   compute = input_bytes / gang / kLoadBytesPerSecond (the first layer only, with preload: the
+//             others load while the layer before solves) + tokens(r) * kSecondsPerToken
 //             + experts(r) * kSolveSecondsPerExpert (MoE layers)
 //   write   = (output_bytes / gang + (the layer's step writes a checkpoint ? tokens(r) * H * 2
 //             : 0)) / kWriteBytesPerSecond

@@ -134,7 +134,34 @@ absl::StatusOr<model::LayerWeights> Runner::Load(int layer) {
   model::LayerLoadOptions lo;
   lo.expert_begin = FirstExpert(gang_.rank());
   lo.expert_end = FirstExpert(gang_.rank() + 1);
-  return model::LoadLayer(reader_, config_, layer, o_.device, o_.dtype, lo);
+  if (!plan_.preload) return model::LoadLayer(reader_, config_, layer, o_.device, o_.dtype, lo);
+  absl::StatusOr<model::LayerWeights> w = absl::UnknownError("not loaded");
+  const absl::Status run = Guarded(absl::StrCat("loading layer ", layer), [&]() -> absl::Status {
+    side_.Run([&] { w = model::LoadLayer(reader_, config_, layer, o_.device, o_.dtype, lo); });
+    return absl::OkStatus();
+  });
+  if (!run.ok()) return run;
+  return w;
+}
+
+void Runner::StartPreload(int layer) {
+  if (preload_.valid()) preload_.wait();
+  preload_layer_ = layer;
+  preload_ = std::async(std::launch::async, [this, layer] { return Load(layer); });
+}
+
+absl::StatusOr<model::LayerWeights> Runner::TakeLoaded(int layer, bool* preloaded) {
+  *preloaded = false;
+  if (!preload_.valid()) return Load(layer);
+  absl::StatusOr<model::LayerWeights> w = preload_.get();
+  if (preload_layer_ != layer) return Load(layer);  // not the one asked for (not expected)
+  *preloaded = w.ok();
+  if (w.ok()) return w;
+  if (o_.on_warning) {
+    o_.on_warning(absl::StrCat("preloading layer ", layer, " failed (", w.status().message(),
+                               "): loading it now"));
+  }
+  return Load(layer);
 }
 
 absl::StatusOr<MoeInput> Runner::Attention(const model::LayerWeights& w,
@@ -267,10 +294,12 @@ std::vector<bool> Runner::PassExperts(int p) const {
 }
 
 absl::Status Runner::AgreeDispatchPlan() {
-  at::Tensor settings =
-      at::tensor(std::vector<int64_t>{o_.max_experts_per_pass, o_.max_dispatch_tokens}, at::kLong);
+  at::Tensor settings = at::tensor(
+      std::vector<int64_t>{o_.max_experts_per_pass, o_.max_dispatch_tokens, o_.preload_next_layer},
+      at::kLong);
   MQ_RETURN_IF_ERROR(gang_.Broadcast(settings, 0));
   const int64_t per_pass = settings[0].item<int64_t>(), dispatch_tokens = settings[1].item<int64_t>();
+  plan_.preload = settings[2].item<int64_t>() != 0;
   const int64_t e = config_.n_routed_experts, k = gang_.size();
   const int64_t most_own = (e + k - 1) / k;  // experts of the largest range
   const int64_t whole = std::max<int64_t>(1, most_own);
@@ -444,7 +473,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   Progress(where + ": loading", 0);
   marks_.Begin("mq::load");
   MQ_RETURN_IF_ERROR(EnterLayer(layer));
-  absl::StatusOr<model::LayerWeights> loaded = Load(layer);
+  absl::StatusOr<model::LayerWeights> loaded = TakeLoaded(layer, &st.preloaded);
   if (!loaded.ok()) return loaded.status();
   model::LayerWeights& w = *loaded;
   SyncDevice(o_.device);
@@ -572,6 +601,11 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   st.forward_seconds = Since(t) - hessian_seconds;
   const double st_hessian_before_solve = hessian_seconds;
   MQ_RETURN_IF_ERROR(CheckCancelled());
+  // The next layer's weights load beside the expert passes, the solve and the propagation (the
+  // device was just synchronized: the previous layer's freed weights are no longer used).
+  if (plan_.preload && step + 1 < static_cast<int>(layers_.size())) {
+    StartPreload(layers_[step + 1]);
+  }
 
   // Solve: own experts, and replicated groups round-robin; replicated results broadcast.
   t = Clock::now();

@@ -108,6 +108,11 @@ struct GangPipelineOptions {
   // While a step computes, a second thread reads the next step's tensors that this rank loads
   // into the page cache (a hint: nothing changes but where the load's bytes come from).
   bool prefetch_next_layer = true;
+  // While a step solves, another thread loads the next step's weights onto the device (a second
+  // CUDA stream on a GPU), so the next step starts without its load. The job's plan turns it on
+  // where the device has room for two layers' weights (plan.h); rank 0's value applies to the
+  // whole gang. The outputs are the same either way.
+  bool preload_next_layer = false;
   // Steps per hidden-state checkpoint: 0 = the cost model's choice (plan.h
   // ChooseCheckpointCadence, from the gang's largest rank's tokens and experts); n > 0 = every
   // n steps (n >= total_steps: none). Rank 0's value applies to the whole gang.

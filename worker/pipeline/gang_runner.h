@@ -118,6 +118,7 @@ struct DispatchPlan {
   int64_t rounds = 1;
   int per_pass = 1;  // own experts per pass
   int passes = 1;    // passes every rank runs (the largest expert range needs this many)
+  bool preload = false;  // GangPipelineOptions::preload_next_layer
 };
 
 // What is left of a step once its layer has been propagated: its files and hidden-state
@@ -141,8 +142,13 @@ class Runner {
   Runner(const GangPipelineOptions& o, Gang& gang, model::CheckpointReader& reader,
          model::DeepseekV3Config config, model::GlobalWeights globals)
       : o_(o), gang_(gang), reader_(reader), config_(std::move(config)),
-        globals_(std::move(globals)), transfers_(o.device, o.overlap_transfers) {}
-  ~Runner() { StopPrefetch(); }  // the prefetch thread reads through reader_
+        globals_(std::move(globals)), transfers_(o.device, o.overlap_transfers),
+        side_(o.device) {}
+  // The prefetch and preload threads read through reader_ (and the preload uses side_).
+  ~Runner() {
+    StopPrefetch();
+    if (preload_.valid()) preload_.wait();
+  }
 
   absl::StatusOr<GangPipelineResult> Run();
 
@@ -197,7 +203,18 @@ class Runner {
 
   absl::Status Embed();
   absl::Status EnterLayer(int layer);  // MTP input transform when `layer` is an MTP layer
+  // This rank's weights of `layer` on the device: with plan_.preload on side_ (every layer's
+  // weights then come from the side stream's pool, so the device holds at most two layers' of
+  // them), otherwise on the current stream.
   absl::StatusOr<model::LayerWeights> Load(int layer);
+  // The weights of `layer` from StartPreload when it preloaded that layer (waiting for it), else
+  // Load(layer); *preloaded says which. A preload that failed (device memory) is reported as a
+  // warning and the layer is loaded again here.
+  absl::StatusOr<model::LayerWeights> TakeLoaded(int layer, bool* preloaded);
+  // With plan_.preload: loads `layer` on another thread (Load on side_) while the step goes on.
+  // Called when nothing queued on the compute stream uses memory freed since the last device
+  // synchronization (side_'s contract).
+  void StartPreload(int layer);
   absl::StatusOr<MoeInput> Attention(const model::LayerWeights& w, const model::ForwardHooks& h);
   // Sends rows of `in` to their experts' owners: the tokens (rows of in.u) listed in `tokens`
   // (int64, ascending, on the host; undefined = all), and only the experts `in_pass` accepts
@@ -290,6 +307,9 @@ class Runner {
   StageMarks marks_;  // the running step's stage, for a profile
   std::future<void> prefetch_;
   std::atomic<bool> stop_prefetch_{false};
+  SideStream side_;  // the preload's stream
+  std::future<absl::StatusOr<model::LayerWeights>> preload_;
+  int preload_layer_ = -1;  // the layer preload_ loads
 };
 
 }  // namespace mq::pipeline::gang_internal

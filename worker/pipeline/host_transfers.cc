@@ -147,4 +147,39 @@ void HostTransfers::Wait() {
 #endif
 }
 
+#if MQ_WITH_CUDA
+struct SideStream::Stream {
+  explicit Stream(at::Device device)
+      : stream(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index())) {}
+  c10::cuda::CUDAStream stream;
+};
+#else
+struct SideStream::Stream {};
+#endif
+
+SideStream::SideStream(at::Device device) {
+#if MQ_WITH_CUDA
+  if (device.is_cuda()) {
+    if (!device.has_index()) device = at::Device(at::kCUDA, c10::cuda::current_device());
+    stream_ = std::make_unique<Stream>(device);
+  }
+#else
+  (void)device;
+#endif
+}
+
+SideStream::~SideStream() = default;
+
+void SideStream::Run(const std::function<void()>& fn) const {
+#if MQ_WITH_CUDA
+  if (stream_) {
+    c10::cuda::CUDAStreamGuard on_side(stream_->stream);
+    fn();
+    stream_->stream.synchronize();
+    return;
+  }
+#endif
+  fn();
+}
+
 }  // namespace mq::pipeline

@@ -25,6 +25,7 @@
 #include <ATen/ATen.h>
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -76,6 +77,25 @@ class HostTransfers {
   struct Streams;
   at::Device device_;
   std::unique_ptr<Streams> streams_;  // null: plain copies
+};
+
+// A second CUDA stream of a device (one per instance, from torch's pool) for work that runs
+// beside the compute stream on another thread: Run(fn) makes it fn's current stream and waits for
+// it before returning, so the tensors fn made are complete and may be used on any stream. They
+// come from this stream's pool of the caching allocator, and blocks freed there are reused only by
+// later work on this stream: the caller must not free such a tensor while another stream's work
+// on it is still queued. On a CPU device Run(fn) just calls fn. One thread at a time.
+class SideStream {
+ public:
+  explicit SideStream(at::Device device);
+  ~SideStream();
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  void Run(const std::function<void()>& fn) const;
+
+ private:
+  struct Stream;
+  std::unique_ptr<Stream> stream_;  // null: a CPU device
 };
 
 }  // namespace mq::pipeline

@@ -177,6 +177,7 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   o.overlap_writes = in.overlap_writes;
   o.prefetch_next_layer = in.prefetch_next_layer;
   o.overlap_transfers = in.overlap_transfers;
+  o.preload_next_layer = in.preload_next_layer;
   o.profile_layers.insert(in.profile_layers.begin(), in.profile_layers.end());
   o.profile_prefix = absl::StrCat(in.profile_dir, "/mq-profile-", in.spec.job_id);
   o.on_step = in.on_step;

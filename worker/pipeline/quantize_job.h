@@ -91,6 +91,7 @@ struct QuantizeAssignmentInput {
   bool overlap_writes = true;  // GangPipelineOptions::overlap_writes
   bool prefetch_next_layer = true;  // GangPipelineOptions::prefetch_next_layer
   bool overlap_transfers = true;    // GangPipelineOptions::overlap_transfers
+  bool preload_next_layer = false;  // GangPipelineOptions::preload_next_layer
   // GangPipelineOptions::profile_layers, written as <profile_dir>/mq-profile-<job>-layer<L>-...
   std::vector<int> profile_layers;
   std::string profile_dir;

@@ -39,6 +39,7 @@ struct StepStats {
   double load_seconds = 0, forward_seconds = 0, hessian_seconds = 0, solve_seconds = 0,
          propagate_seconds = 0, write_seconds = 0;
   double exchange_seconds = 0;  // of the above, in the gang's collectives
+  bool preloaded = false;  // the layer's weights were loaded while the step before solved
   // Routed tokens per expert over the whole gang (every rank reports the same values).
   int64_t expert_tokens_min = 0, expert_tokens_median = 0, expert_tokens_max = 0;
   // The gang's dispatch rounds and expert passes of an MoE layer (0 for a dense layer).

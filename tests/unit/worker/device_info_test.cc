@@ -1,33 +1,34 @@
 #include "worker/device_info.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
-#include <filesystem>
+#include <cstdlib>
 #include <fstream>
 
 namespace mq::worker {
 namespace {
 
-namespace fs = std::filesystem;
-
+// POSIX only: the worker library links libtorch, whose own std::filesystem symbols crash here.
 class HostMemoryLimitTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    root_ =
-        fs::path(::testing::TempDir()) /
-        ("cgroup-" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
-    fs::remove_all(root_);
-    fs::create_directories(root_);
+    std::string templ = ::testing::TempDir() + "cgroup-XXXXXX";
+    ASSERT_NE(::mkdtemp(templ.data()), nullptr);
+    root_ = templ;
   }
+  // Writes `text` to root_/rel, creating its folders.
   void Write(const std::string& rel, const std::string& text) {
-    fs::create_directories((root_ / rel).parent_path());
-    std::ofstream(root_ / rel) << text;
+    for (size_t at = rel.find('/'); at != std::string::npos; at = rel.find('/', at + 1)) {
+      ::mkdir((root_ + "/" + rel.substr(0, at)).c_str(), 0755);
+    }
+    std::ofstream(root_ + "/" + rel) << text;
   }
   int64_t Limit(int64_t physical) {
-    return HostMemoryLimit(physical, root_.string(), (root_ / "proc-cgroup").string());
+    return HostMemoryLimit(physical, root_, root_ + "/proc-cgroup");
   }
-  fs::path root_;
+  std::string root_;
 };
 
 constexpr int64_t kGiB = int64_t{1} << 30;

@@ -1065,6 +1065,64 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_LT(alone.estimate.host_bytes_per_rank, int64_t{128} << 30);
 }
 
+// The next layer's weights are preloaded where the chosen settings leave room for them: on eight
+// H200s for DeepSeek-V3 at 512 x 4096, at the cost of a second layer's weights in the estimate and
+// without the loads after the first in the projected time. On one H200 the settings chosen
+// first (fewest expert passes, then fewest dispatch rounds) fill the device: no preload.
+TEST(PlanJob, PreloadsTheNextLayerWhereTheDeviceHasRoom) {
+  const DeepseekV3Config c = DeepseekV3();
+  const StoredTensors stored = IdealFp8(c);
+  constexpr int64_t kH200 = 150754820096;
+  InspectRequest request;
+  request.gang_size = 8;
+  request.group_size = 128;
+  request.num_calibration_samples = 512;
+  request.max_sequence_length = 4096;
+  request.experts_per_pass = kChooseSetting;
+  request.dispatch_tokens = kChooseSetting;
+  request.device_memory_bytes = kH200;
+  const JobPlan on = PlanJob(c, request, stored);
+  request.preload_next_layer = false;
+  const JobPlan off = PlanJob(c, request, stored);
+  EXPECT_TRUE(on.estimate.preload_next_layer);
+  EXPECT_FALSE(off.estimate.preload_next_layer);
+  // The same settings either way (they are chosen first).
+  EXPECT_EQ(on.estimate.experts_per_pass, off.estimate.experts_per_pass);
+  EXPECT_EQ(on.estimate.dispatch_tokens, off.estimate.dispatch_tokens);
+  // The next layer's weights (dense layer 0's replicated tensors, the largest, and 32 experts)
+  // in the phases after attention.
+  const int64_t weights = 2 * 583483392LL + 32LL * 3 * 2048 * 7168 * 2;
+  EXPECT_EQ(on.estimate.gpu_bytes_per_rank, off.estimate.gpu_bytes_per_rank + weights);
+  EXPECT_LE(on.estimate.gpu_bytes_per_rank, kH200 * (1 - kDeviceMemoryMargin));
+  // 60 loads fewer on the critical path (the write of the layer before can still set the pace).
+  double loads = 0;
+  for (size_t i = 1; i < on.layers.size(); ++i) {
+    loads += static_cast<double>(on.layers[i].input_bytes) / 8 / kLoadBytesPerSecond;
+  }
+  EXPECT_LT(on.estimate.total_seconds, off.estimate.total_seconds);
+  EXPECT_GE(on.estimate.total_seconds, off.estimate.total_seconds - loads - 1e-6);
+  // One H200: the chosen settings leave no room.
+  request.preload_next_layer = true;
+  request.gang_size = 1;
+  const JobPlan alone = PlanJob(c, request, stored);
+  EXPECT_FALSE(alone.estimate.preload_next_layer);
+  EXPECT_LE(alone.estimate.gpu_bytes_per_rank, kH200 * (1 - kDeviceMemoryMargin));
+  // Not on the CPU, for an unknown device, or for one layer.
+  request.gang_size = 8;
+  request.device_is_host = true;
+  request.device_memory_bytes = int64_t{2} << 40;
+  EXPECT_FALSE(PlanJob(c, request, stored).estimate.preload_next_layer);
+  request.device_is_host = false;
+  request.device_memory_bytes = 0;
+  EXPECT_FALSE(PlanJob(c, request, stored).estimate.preload_next_layer);
+  request.device_memory_bytes = kH200;
+  DeepseekV3Config single = c;
+  single.num_hidden_layers = 1;
+  const JobPlan one = PlanJob(single, request, IdealFp8(single));
+  ASSERT_EQ(one.layers.size(), 1u);
+  EXPECT_FALSE(one.estimate.preload_next_layer);
+}
+
 // Settings chosen for the device (plan.h ChooseSettings), on DeepSeek-V3 cut to its three dense
 // layers and one MoE layer, 128 x 4096 calibration tokens, a gang of one.
 class ChosenSettingsTest : public ::testing::Test {
@@ -1130,7 +1188,10 @@ TEST_F(ChosenSettingsTest, AHugeDeviceTakesOnePassAndOneRound) {
   EXPECT_TRUE(e.experts_per_pass_chosen);
   EXPECT_TRUE(e.dispatch_tokens_chosen);
   EXPECT_EQ(e.device_memory_bytes, huge);
-  EXPECT_EQ(e.gpu_bytes_per_rank, Gpu(0, 0));
+  // Room for the next layer's weights too: the three dense layers' largest replicated tensors
+  // and the MoE layer's 256 experts.
+  EXPECT_TRUE(e.preload_next_layer);
+  EXPECT_EQ(e.gpu_bytes_per_rank, Gpu(0, 0) + 2 * 583483392LL + 256LL * 3 * 2048 * 7168 * 2);
   EXPECT_THAT(plan.notes, IsEmpty());
 }
 

@@ -4,7 +4,8 @@
 // (pipeline_transfers_gpu_test, label gpu, skips itself without a device): copies on the copy
 // stream return the same bytes as synchronous copies while kernels run on the compute stream,
 // and the gang pipeline (one rank, bf16, several chunks per layer) writes byte-identical files
-// with overlap_transfers on and off.
+// with overlap_transfers on and off. On both: the same files with preload_next_layer on and off
+// (the next layer's weights loaded on another thread, on CUDA on a second stream).
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
@@ -100,6 +101,68 @@ TEST(HostTransfersTest, OnTheCpuUploadsAndDownloadsArePlainCopies) {
   EXPECT_TRUE(at::equal(part.Next(), hosts[0]));
 }
 
+// The files of every step, by name -> SHA-256, and which steps' weights were preloaded.
+struct PipelineRun {
+  std::map<std::string, std::string> files;
+  std::vector<bool> preloaded;
+};
+
+PipelineRun RunPipeline(const std::string& model, const std::string& out, at::Device device,
+                        bool overlap, bool preload) {
+  absl::StatusOr<model::DeepseekV3Config> config =
+      model::LoadDeepseekV3Config(model + "/config.json");
+  EXPECT_TRUE(config.ok()) << config.status();
+  GangPipelineOptions o;
+  o.model_dir = model;
+  o.output_dir = out;
+  o.scratch_dir = out + "-scratch";
+  o.format.group_size = 32;
+  o.total_steps = static_cast<int>(PipelineLayers(*config, o.format).size());
+  o.device = device;
+  o.dtype = at::kBFloat16;
+  o.max_batch_tokens = 48;  // 8 sequences of 24 tokens: 4 chunks per layer
+  o.overlap_transfers = overlap;
+  o.preload_next_layer = preload;
+  o.samples = testing::RandomSamples(8, 24, 256, 7);
+  PipelineRun run;
+  o.on_step = [&](const StepOutput& s) -> absl::Status {
+    for (const OutputFileInfo& f : s.files) run.files[f.name] = f.sha256;
+    run.preloaded.push_back(s.stats.preloaded);
+    return absl::OkStatus();
+  };
+  std::vector<std::string> warnings;
+  o.on_warning = [&](const std::string& w) { warnings.push_back(w); };
+  absl::StatusOr<GangPipelineResult> r = RunGangPipeline(o);
+  EXPECT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(warnings.empty()) << warnings.front();
+  return run;
+}
+
+std::string TransfersModel() {
+  return model::testing::GenerateModel(
+      "transfers", {"--layers 3", "--dense-layers 1", "--hidden 128", "--intermediate 192",
+                    "--moe-intermediate 64", "--heads 2", "--vocab 256"});
+}
+
+// With preload_next_layer the weights of every step after the first were loaded while the step
+// before solved (on another thread; on CUDA on a second stream), and the files are the same.
+void ExpectPreloadChangesNothing(at::Device device) {
+  const std::string model = TransfersModel();
+  ASSERT_FALSE(model.empty());
+  const std::string tag = device.is_cuda() ? "cuda" : "cpu";
+  const PipelineRun with = RunPipeline(model, model + "/out-preload-" + tag, device, true, true);
+  const PipelineRun without =
+      RunPipeline(model, model + "/out-plain-" + tag, device, true, false);
+  EXPECT_FALSE(with.files.empty());
+  EXPECT_EQ(with.files, without.files);
+  EXPECT_EQ(with.preloaded, std::vector<bool>({false, true, true}));
+  EXPECT_EQ(without.preloaded, std::vector<bool>({false, false, false}));
+}
+
+TEST(PreloadTest, GangPipelineWritesTheSameFilesWithAndWithoutPreload) {
+  ExpectPreloadChangesNothing(at::kCPU);
+}
+
 #if MQ_TRANSFERS_GPU
 TEST(HostTransfersTest, CudaCopiesOnTheCopyStreamEqualSynchronousCopies) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
@@ -150,43 +213,20 @@ TEST(HostTransfersTest, CudaHostTensorsArePageLockedSlabs) {
   }
 }
 
-// The files of every step, by name -> SHA-256.
-std::map<std::string, std::string> RunPipeline(const std::string& model, const std::string& out,
-                                               bool overlap) {
-  absl::StatusOr<model::DeepseekV3Config> config =
-      model::LoadDeepseekV3Config(model + "/config.json");
-  EXPECT_TRUE(config.ok()) << config.status();
-  GangPipelineOptions o;
-  o.model_dir = model;
-  o.output_dir = out;
-  o.scratch_dir = out + "-scratch";
-  o.format.group_size = 32;
-  o.total_steps = static_cast<int>(PipelineLayers(*config, o.format).size());
-  o.device = at::Device(at::kCUDA, 0);
-  o.dtype = at::kBFloat16;
-  o.max_batch_tokens = 48;  // 8 sequences of 24 tokens: 4 chunks per layer
-  o.overlap_transfers = overlap;
-  o.samples = testing::RandomSamples(8, 24, 256, 7);
-  std::map<std::string, std::string> files;
-  o.on_step = [&](const StepOutput& s) -> absl::Status {
-    for (const OutputFileInfo& f : s.files) files[f.name] = f.sha256;
-    return absl::OkStatus();
-  };
-  absl::StatusOr<GangPipelineResult> r = RunGangPipeline(o);
-  EXPECT_TRUE(r.ok()) << r.status();
-  return files;
-}
-
 TEST(HostTransfersTest, GangPipelineWritesTheSameFilesWithAndWithoutOverlap) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  const std::string model = model::testing::GenerateModel(
-      "transfers", {"--layers 3", "--dense-layers 1", "--hidden 128", "--intermediate 192",
-                    "--moe-intermediate 64", "--heads 2", "--vocab 256"});
+  const std::string model = TransfersModel();
   ASSERT_FALSE(model.empty());
-  const std::map<std::string, std::string> with = RunPipeline(model, model + "/out-on", true);
-  const std::map<std::string, std::string> without = RunPipeline(model, model + "/out-off", false);
-  EXPECT_FALSE(with.empty());
-  EXPECT_EQ(with, without);
+  const at::Device cuda(at::kCUDA, 0);
+  const PipelineRun with = RunPipeline(model, model + "/out-on", cuda, true, false);
+  const PipelineRun without = RunPipeline(model, model + "/out-off", cuda, false, false);
+  EXPECT_FALSE(with.files.empty());
+  EXPECT_EQ(with.files, without.files);
+}
+
+TEST(PreloadTest, CudaGangPipelineWritesTheSameFilesWithAndWithoutPreload) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  ExpectPreloadChangesNothing(at::Device(at::kCUDA, 0));
 }
 #endif
 
