@@ -196,6 +196,29 @@ TEST_F(ResumeTest, StoppedAfterAStepWithoutCheckpointResumesFromTheOlderOneAndRe
   ExpectSameAsReference(out, steps, 0);
 }
 
+// With the next layer preloaded (through the dense, MoE and MTP layers): a run stopped while a
+// preload is in flight, and its resume (which replays a step), write the reference's files.
+TEST_F(ResumeTest, WithPreloadTheFilesAreTheSameAndAStopWaitsForTheLoadInFlight) {
+  RunReference();
+  base_.preload_next_layer = true;
+  const std::string out = tmp_ + "/p", scratch = tmp_ + "/p-scratch";
+  std::map<int, StepOutput> steps;
+  absl::StatusOr<GangPipelineResult> r = Run(out, scratch, 0, {}, 2, &steps);
+  ASSERT_FALSE(r.ok());
+  ASSERT_TRUE(steps.count(2));
+  EXPECT_FALSE(steps.at(0).stats.preloaded);
+  EXPECT_TRUE(steps.at(1).stats.preloaded);
+  EXPECT_TRUE(steps.at(2).stats.preloaded);
+  r = Run(out, scratch, 3, FilesBefore(steps, 3), 99, &steps);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->steps_replayed, 1);
+  EXPECT_FALSE(steps.at(3).stats.preloaded);  // the first step after the replay
+  EXPECT_TRUE(steps.at(4).stats.preloaded);
+  EXPECT_TRUE(steps.at(5).stats.preloaded);
+  EXPECT_TRUE(warnings_.empty());
+  ExpectSameAsReference(out, steps, 0);
+}
+
 TEST_F(ResumeTest, ACheckpointThatDoesNotFitIsSkippedAndTheOlderOneKept) {
   RunReference();
   // The scratch directory on a tmpfs with room for one checkpoint (~98 KB each): step 1's is
