@@ -386,9 +386,11 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     const int64_t experts = any_moe ? rp.num_experts : 0;
     const int64_t expert_weights = SatMul({experts, 3, moe, h, 2});
     const int64_t chunk_tokens = std::min(tokens, std::max(seq, kForwardBatchTokens));
-    const int64_t attention = SatAdd({SatMul(chunk_tokens, attention_bytes_per_token),
-                                      attention_scores,
-                                      SatMul({tokens, config.n_routed_experts, 4, 4})});
+    const int64_t attention =
+        SatAdd(SatMul(chunk_tokens, attention_bytes_per_token), attention_scores);
+    // The router's fp32 scores and their copies: freed after routing, but their blocks stay in
+    // the caching allocator's reserve through the later phases (fitted, plan.h).
+    const int64_t routing = any_moe ? SatMul({tokens, config.n_routed_experts, 4, 4}) : 0;
     // Routed rows of the MoE block.
     int64_t dispatch = 0;
     if (experts > 0) {
@@ -414,7 +416,7 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     // A preloaded next layer is on the device from the expert passes on.
     const int64_t weights = SatAdd(replicated_bytes, expert_weights);
     const int64_t phase = std::max(attention, SatAdd(after_attention, preload ? weights : 0));
-    return SatAdd({weights, token_tensor, phase, kDeviceOverheadBytes});
+    return SatAdd({weights, token_tensor, routing, phase, kDeviceOverheadBytes});
   };
   const int64_t calibration_tokens = SatMul(samples, seq);
   auto peak = [&](int64_t experts_per_pass, int64_t dispatch_tokens) {
@@ -428,6 +430,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
 
   // Host memory without the device's working set (plan.h host(r)).
   std::vector<int64_t> host_base;
+  // A job of one step neither propagates (no output copy of the hidden states) nor prefetches.
+  const bool several = plan.layers.size() > 1;
   for (const RankPlan& rp : plan.ranks) {
     const int64_t tokens = SatMul(rp.num_sequences, seq);
     int64_t in = 0, out = 0;
@@ -441,8 +445,9 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     }
     host_base.push_back(
         SatAdd({SatMul(HiddenCopyBytes(rp.num_sequences, seq, h, !request.device_is_host),
-                       kHiddenCopiesOnHost),
-                SatMul(out, 2), SatMul(in, 2), SatMul({samples, seq, 4}), SatMul(tokens, 8),
+                       several ? kHiddenCopiesOnHost : kHiddenCopiesOnHost - 1),
+                SatMul(out, 2), SatMul(in, several ? 2 : 1), SatMul({samples, seq, 4}),
+                SatMul(tokens, 8),
                 SatMul({tokens, k, 20}), kPinnedStagingBytes, kHostOverheadBytes}));
   }
 

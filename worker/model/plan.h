@@ -114,9 +114,11 @@ inline constexpr int64_t kHiddenCopiesOnDevice = 2;
 // Token-sized bf16 tensors of hidden width in host memory: a step's input (also read by the write
 // thread for its checkpoint), the residual after attention, and the step's output.
 inline constexpr int64_t kHiddenCopiesOnHost = 3;
-// The CUDA context, library workspaces and the caching allocator's slack (fitted with the layout
-// that kept the hidden states on the device: bench/RESULTS.md 2026-12-05).
-inline constexpr int64_t kDeviceOverheadBytes = int64_t{5} << 29;  // 2.5 GiB
+// The CUDA context, library workspaces and the caching allocator's slack, fitted with the routing
+// term of gpu(r) (below) to the peaks nvidia-smi showed for one full-width DeepSeek-V3 layer on
+// one H200 at 128 x 4096 and 512 x 4096 calibration tokens (bench/RESULTS.md, 2026-12-05, the
+// host-resident layout): +0.45% and +0.6% over them.
+inline constexpr int64_t kDeviceOverheadBytes = int64_t{5} << 30;  // 5 GiB
 
 // Host memory the worker process holds whatever the job (libraries, the CUDA context's host
 // side, allocator arenas) and the pinned staging buffers of host-to-device copies (64 MiB each,
@@ -239,7 +241,9 @@ bool IsCheckpointStep(int step, int steps, int every);
 //              2 * (2 * q_lora_rank + 4 * heads * (qk_nope + qk_rope) + heads * (qk_nope + v)
 //                   + 2 * heads * v + 4 * H)      (q, query, key, padded value, kv, output)
 //              + S^2 * min(heads, kAttentionHeadsPerChunk) * 4 (fp32 scores of the eager path)
-//   routing(r) = tokens(r) * n_routed_experts * 4 * 4   (fp32 router scores and their copies)
+//   routing(r) = tokens(r) * n_routed_experts * 4 * 4   (fp32 router scores and their copies;
+//                0 without MoE layers): freed after routing, but held in the caching allocator's
+//                reserve through the step (with kDeviceOverheadBytes, fitted to measured peaks)
 //   dispatch(r) = routed rows held during one dispatch round of the MoE block (0 without MoE
 //                 layers), bf16, with k = num_experts_per_tok,
 //                 rounds = dispatch_tokens > 0 ? clamp(ceil(samples * S / dispatch_tokens),
@@ -258,12 +262,12 @@ bool IsCheckpointStep(int step, int steps, int every);
 //              + with all_linear: max over layers of the sum, over distinct input_id of the
 //                quantized non-expert linears, of in_dim^2 * 4
 //   The step's phases hold, besides the weights, u (one T) and:
-//     attention:   attention temporaries of one chunk + routing(r)
+//     attention:   attention temporaries of one chunk
 //     experts:     dispatch(r) + the pass's fp32 Hessian accumulators P * (H^2 + I_e^2) * 4
 //     solve:       solve(r) (+ dispatch(r) with one round: its rows are kept for propagation)
 //     propagation: the routed output (T(r) * (kHiddenCopiesOnDevice - 1)) + dispatch(r)
 //     and with preload, the next layer's replicated + experts(r) in every phase after attention
-//   gpu(r) = replicated + experts(r) + T(r) + max over the phases + kDeviceOverheadBytes
+//   gpu(r) = replicated + experts(r) + T(r) + routing(r) + max over the phases + kDeviceOverheadBytes
 //            (context, workspaces, allocator slack)
 //   preload (estimate.preload_next_layer): request.preload_next_layer, a GPU of known memory,
 //            more than one planned layer, and gpu(r) with preload <= (1 - kDeviceMemoryMargin) *
@@ -275,12 +279,16 @@ bool IsCheckpointStep(int step, int steps, int every);
 //                                     the residual after attention and the step's output; on a
 //                                     GPU page-locked, one tensor per forward call of
 //                                     max(1, kForwardBatchTokens / S) sequences, packed into
-//                                     PlanPinnedSlabs' slabs
+//                                     PlanPinnedSlabs' slabs (kHiddenCopiesOnHost - 1 for a
+//                                     plan of one layer: its step is not propagated)
 //             + out(r) * 2            the layer file's tensors: the step's being written, the
 //                                     next step's as its linears are solved
 //             + in(r) * 2             the checkpoint bytes the rank loads for the step and those
 //                                     the prefetch reads for the next one: mapped file pages,
-//                                     resident while mapped (page cache the kernel may reclaim)
+//                                     resident while mapped (page cache the kernel may reclaim);
+//                                     in(r) * 1 for a plan of one layer
+//             (for one full-width DeepSeek-V3 layer on one H200 this is +1.0% and +4.2% over the
+//             worker's peak resident set at 512 x 4096 and 128 x 4096, bench/RESULTS.md)
 //             + samples * S * 4 + tokens(r) * 8   calibration ids: the whole set (int32) and the
 //                                     rank's sequences (int64)
 //             + tokens(r) * k * 20    routing on the host: top-k indices (int64) and weights
