@@ -287,7 +287,7 @@ bool IsCheckpointStep(int step, int steps, int every);
 //                                     the prefetch reads for the next one: mapped file pages,
 //                                     resident while mapped (page cache the kernel may reclaim);
 //                                     in(r) * 1 for a plan of one layer
-//             (for one full-width DeepSeek-V3 layer on one H200 this is +1.0% and +4.2% over the
+//             (for one full-width DeepSeek-V3 layer on one H200 this is +1.0% and +2.1% over the
 //             worker's peak resident set at 512 x 4096 and 128 x 4096, bench/RESULTS.md)
 //             + samples * S * 4 + tokens(r) * 8   calibration ids: the whole set (int32) and the
 //                                     rank's sequences (int64)
