@@ -555,9 +555,15 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     st.expert_tokens_median = sorted[sorted.size() / 2];
     st.dispatch_rounds = static_cast<int>(plan_.rounds);
     st.expert_passes = plan_.passes;
+    // The shared experts' inputs, only where one of their linears is quantized (all-linear
+    // targets): with routed experts only, the pass would feed no accumulator.
+    const std::string shared = w.prefix + "mlp.shared_experts.";
+    const auto first_shared = acc.lower_bound(shared);
+    const bool shared_hessians =
+        first_shared != acc.end() && first_shared->first.rfind(shared, 0) == 0;
     absl::Status s = Guarded(where + " shared experts", [&]() -> absl::Status {
-      if (w.shared_experts.defined() && !rtn) {
-        RunRowBlocks(w.prefix + "mlp.shared_experts.", w.shared_experts, moe_in.u, collect);
+      if (w.shared_experts.defined() && shared_hessians) {
+        RunRowBlocks(shared, w.shared_experts, moe_in.u, collect);
       }
       return absl::OkStatus();
     });

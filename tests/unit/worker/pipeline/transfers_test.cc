@@ -163,6 +163,44 @@ TEST(PreloadTest, GangPipelineWritesTheSameFilesWithAndWithoutPreload) {
   ExpectPreloadChangesNothing(at::kCPU);
 }
 
+// With all-linear targets the shared experts' linears are solved with the Hessians of their
+// calibration inputs (the MoE steps have no fallback to RTN); with routed experts only their
+// inputs are not collected at all, and those steps still solve every expert with tokens.
+TEST(SharedExpertsTest, SolvedWithHessiansOnlyWhereTargeted) {
+  const std::string model = TransfersModel();
+  ASSERT_FALSE(model.empty());
+  for (bool all : {true, false}) {
+    SCOPED_TRACE(all ? "all-linear" : "routed experts");
+    absl::StatusOr<model::DeepseekV3Config> config =
+        model::LoadDeepseekV3Config(model + "/config.json");
+    ASSERT_TRUE(config.ok()) << config.status();
+    GangPipelineOptions o;
+    o.model_dir = model;
+    o.output_dir = model + (all ? "/out-all" : "/out-routed");
+    o.scratch_dir = o.output_dir + "-scratch";
+    o.format.group_size = 32;
+    if (all) o.format.targets = quant::TargetSet::kAllLinear;
+    o.total_steps = static_cast<int>(PipelineLayers(*config, o.format).size());
+    o.samples = testing::RandomSamples(8, 24, 256, 7);
+    std::vector<StepStats> stats;
+    o.on_step = [&](const StepOutput& s) -> absl::Status {
+      stats.push_back(s.stats);
+      return absl::OkStatus();
+    };
+    absl::StatusOr<GangPipelineResult> r = RunGangPipeline(o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(stats.size(), 3u);
+    for (size_t step = 1; step < stats.size(); ++step) {  // the MoE steps
+      EXPECT_GT(stats[step].quantized_linears, 0) << step;
+      EXPECT_EQ(stats[step].fallbacks, 0) << step;
+      EXPECT_GT(stats[step].hessian_seconds, 0) << step;
+    }
+    if (all) {
+      EXPECT_GT(stats[1].quantized_linears, 4 * 3 + 3) << "attention and shared experts too";
+    }
+  }
+}
+
 #if MQ_TRANSFERS_GPU
 TEST(HostTransfersTest, CudaCopiesOnTheCopyStreamEqualSynchronousCopies) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
