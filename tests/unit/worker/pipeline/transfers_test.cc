@@ -151,8 +151,7 @@ void ExpectPreloadChangesNothing(at::Device device) {
   ASSERT_FALSE(model.empty());
   const std::string tag = device.is_cuda() ? "cuda" : "cpu";
   const PipelineRun with = RunPipeline(model, model + "/out-preload-" + tag, device, true, true);
-  const PipelineRun without =
-      RunPipeline(model, model + "/out-plain-" + tag, device, true, false);
+  const PipelineRun without = RunPipeline(model, model + "/out-plain-" + tag, device, true, false);
   EXPECT_FALSE(with.files.empty());
   EXPECT_EQ(with.files, without.files);
   EXPECT_EQ(with.preloaded, std::vector<bool>({false, true, true}));
