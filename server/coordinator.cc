@@ -1374,51 +1374,50 @@ void Coordinator::ApplyPlanResult(JobRecord& job, WriteBatch& batch,
       report.layers_size(), " steps, ", HumanBytes(report.estimate().gpu_bytes_per_rank()),
       " GPU and ", HumanBytes(report.estimate().host_bytes_per_rank()), " host memory per rank, ",
       HumanBytes(report.estimate().output_bytes()), " output");
-  if (!AnyWorkerOffers(WorkerViews(), capability)) {
-    job.set_missing_capability(capability);
-    SetJobState(job, batch, mq::v1::JOB_STATE_FAILED,
-                absl::StrCat("planning succeeded (", summary,
-                             "), but no live worker offers capability \"", capability,
-                             "\": start mq-worker processes that offer it (`mq-client workers` "
-                             "lists them), then `mq-client resume ",
-                             job.job_id(), "`"));
+  // A refusal after planning: the job fails with `message` (the plan stays for a resume).
+  auto refuse = [&](const std::string& message) {
+    SetJobState(job, batch, mq::v1::JOB_STATE_FAILED, message);
     if (metrics_) metrics_->jobs_failed->Increment();
+  };
+  const std::vector<WorkerView> views = WorkerViews();
+  if (!AnyWorkerOffers(views, capability)) {
+    job.set_missing_capability(capability);
+    refuse(absl::StrCat("planning succeeded (", summary,
+                        "), but no live worker offers capability \"", capability,
+                        "\": start mq-worker processes that offer it (`mq-client workers` "
+                        "lists them), then `mq-client resume ",
+                        job.job_id(), "`"));
     return;
   }
   // A job whose per-rank estimate exceeds every capable GPU worker's memory would run out of
   // device memory on its first layer, attempt after attempt: say so now.
   const int64_t need = report.estimate().gpu_bytes_per_rank();
-  if (std::optional<int64_t> largest = LargestDeviceMemory(WorkerViews(), capability);
+  if (std::optional<int64_t> largest = LargestDeviceMemory(views, capability);
       largest && need > *largest) {
-    SetJobState(
-        job, batch, mq::v1::JOB_STATE_FAILED,
-        absl::StrCat("planning succeeded (", summary, "), but the estimate of ", HumanBytes(need),
-                     " GPU memory per rank exceeds the largest device of the workers offering \"",
-                     capability, "\" (", HumanBytes(*largest),
-                     "): submit again with a larger --gang-size (fewer experts and sequences per "
-                     "rank), fewer --num-calibration-samples or a shorter --max-sequence-length, "
-                     "or start workers with a lower --dispatch-tokens or --experts-per-pass",
-                     SettingsOfPlan(report.estimate()), ", or with larger GPUs, and `mq-client resume ",
-                     job.job_id(), "`"));
-    if (metrics_) metrics_->jobs_failed->Increment();
+    refuse(absl::StrCat(
+        "planning succeeded (", summary, "), but the estimate of ", HumanBytes(need),
+        " GPU memory per rank exceeds the largest device of the workers offering \"", capability,
+        "\" (", HumanBytes(*largest),
+        "): submit again with a larger --gang-size (fewer experts and sequences per "
+        "rank), fewer --num-calibration-samples or a shorter --max-sequence-length, "
+        "or start workers with a lower --dispatch-tokens or --experts-per-pass",
+        SettingsOfPlan(report.estimate()), ", or with larger GPUs, and `mq-client resume ",
+        job.job_id(), "`"));
     return;
   }
   // The same for host memory: a rank keeps its share of the hidden states there (page-locked),
   // and one that does not fit is killed by the kernel mid-layer rather than failing cleanly.
   const int64_t need_host = report.estimate().host_bytes_per_rank();
-  if (std::optional<int64_t> largest = LargestHostMemory(WorkerViews(), capability);
+  if (std::optional<int64_t> largest = LargestHostMemory(views, capability);
       largest && need_host > *largest) {
-    SetJobState(
-        job, batch, mq::v1::JOB_STATE_FAILED,
-        absl::StrCat("planning succeeded (", summary, "), but the estimate of ",
-                     HumanBytes(need_host),
-                     " host memory per rank exceeds the host memory of every worker offering \"",
-                     capability, "\" (the largest has ", HumanBytes(*largest),
-                     "): submit again with a larger --gang-size (fewer sequences per rank), fewer "
-                     "--num-calibration-samples or a shorter --max-sequence-length, or start "
-                     "workers on hosts with more memory, and `mq-client resume ",
-                     job.job_id(), "`"));
-    if (metrics_) metrics_->jobs_failed->Increment();
+    refuse(absl::StrCat(
+        "planning succeeded (", summary, "), but the estimate of ", HumanBytes(need_host),
+        " host memory per rank exceeds the host memory of every worker offering \"", capability,
+        "\" (the largest has ", HumanBytes(*largest),
+        "): submit again with a larger --gang-size (fewer sequences per rank), fewer "
+        "--num-calibration-samples or a shorter --max-sequence-length, or start "
+        "workers on hosts with more memory, and `mq-client resume ",
+        job.job_id(), "`"));
     return;
   }
   job.clear_missing_capability();
