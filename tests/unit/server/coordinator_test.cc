@@ -733,6 +733,48 @@ class PipelineTest : public CoordinatorTest {
     return resp->worker_id();
   }
 
+  // A worker offering plan and quantize:gptq with a gang address: a GPU worker with
+  // `device_gib` of device memory, or a CPU worker with 0; `host_gib` of host memory (0: not
+  // reported).
+  std::string RegisterMemory(const std::string& name, int64_t device_gib, int64_t host_gib) {
+    mq::v1::RegisterWorkerRequest r;
+    r.set_name(name);
+    r.mutable_capabilities()->set_device(device_gib > 0 ? "cuda:0" : "cpu");
+    r.mutable_capabilities()->set_device_memory_bytes(device_gib << 30);
+    r.mutable_capabilities()->set_host_memory_bytes(host_gib << 30);
+    r.mutable_capabilities()->add_capabilities("plan");
+    r.mutable_capabilities()->add_capabilities("quantize:gptq");
+    r.mutable_capabilities()->set_gang_address(name + ".host:29500");
+    auto resp = coordinator_->RegisterWorker(r);
+    EXPECT_TRUE(resp.ok()) << resp.status();
+    return resp.ok() ? resp->worker_id() : "";
+  }
+
+  // Submits a gang-of-one job, has `worker` plan it with a one-layer plan of these per-rank
+  // estimates, and returns the job as the plan left it in `*job`.
+  void PlanWithEstimate(const std::string& worker, int64_t gpu_gib, int64_t host_gib,
+                        mq::v1::JobRecord* job) {
+    const std::string id = SubmitGang(1);
+    coordinator_->Tick();
+    auto a = Poll(worker);
+    ASSERT_EQ(a.kind(), mq::v1::ASSIGNMENT_KIND_PLAN);
+    mq::v1::CompleteAssignmentRequest r;
+    r.set_worker_id(worker);
+    r.set_assignment_id(a.assignment_id());
+    r.set_lease_epoch(a.lease_epoch());
+    r.mutable_plan()->add_layers()->set_index(0);
+    r.mutable_plan()->mutable_estimate()->set_gpu_bytes_per_rank(gpu_gib << 30);
+    r.mutable_plan()->mutable_estimate()->set_host_bytes_per_rank(host_gib << 30);
+    ASSERT_TRUE(coordinator_->CompleteAssignment(r).ok());
+    *job = Get(id).job();
+  }
+
+  void Cancel(const std::string& id) {
+    mq::v1::CancelJobRequest c;
+    c.set_job_id(id);
+    ASSERT_TRUE(coordinator_->CancelJob(c).ok());
+  }
+
   std::string SubmitGang(int gang_size, int max_attempts = 0,
                          const std::function<void(mq::v1::EvalSpec&)>& eval = {}) {
     mq::v1::SubmitJobRequest r;
@@ -909,30 +951,11 @@ class PipelineTest : public CoordinatorTest {
 // A plan whose per-rank GPU estimate exceeds every capable GPU worker's memory fails at once
 // with the numbers and what to change; one that fits waits for its gang.
 TEST_F(PipelineTest, EstimateAboveEveryGpuFailsThePlan) {
-  mq::v1::RegisterWorkerRequest reg;
-  reg.set_name("gpu0");
-  reg.mutable_capabilities()->set_device("cuda:0");
-  reg.mutable_capabilities()->set_device_memory_bytes(int64_t{80} << 30);
-  reg.mutable_capabilities()->add_capabilities("plan");
-  reg.mutable_capabilities()->add_capabilities("quantize:gptq");
-  reg.mutable_capabilities()->set_gang_address("gpu0.host:29500");
-  auto registered = coordinator_->RegisterWorker(reg);
-  ASSERT_TRUE(registered.ok()) << registered.status();
-  const std::string w = registered->worker_id();
+  const std::string w = RegisterMemory("gpu0", 80, 0);
   for (int64_t need_gib : {100, 50}) {
     SCOPED_TRACE(need_gib);
-    const std::string id = SubmitGang(1);
-    coordinator_->Tick();
-    auto a = Poll(w);
-    ASSERT_EQ(a.kind(), mq::v1::ASSIGNMENT_KIND_PLAN);
-    mq::v1::CompleteAssignmentRequest r;
-    r.set_worker_id(w);
-    r.set_assignment_id(a.assignment_id());
-    r.set_lease_epoch(a.lease_epoch());
-    r.mutable_plan()->add_layers()->set_index(0);
-    r.mutable_plan()->mutable_estimate()->set_gpu_bytes_per_rank(need_gib << 30);
-    ASSERT_TRUE(coordinator_->CompleteAssignment(r).ok());
-    auto job = Get(id).job();
+    mq::v1::JobRecord job;
+    ASSERT_NO_FATAL_FAILURE(PlanWithEstimate(w, need_gib, 0, &job));
     if (need_gib == 100) {
       EXPECT_EQ(job.state(), mq::v1::JOB_STATE_FAILED);
       EXPECT_NE(job.message().find("exceeds the largest device"), std::string::npos)
@@ -940,11 +963,7 @@ TEST_F(PipelineTest, EstimateAboveEveryGpuFailsThePlan) {
       EXPECT_NE(job.message().find("--gang-size"), std::string::npos) << job.message();
     } else {
       EXPECT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED) << job.message();
-      ASSERT_TRUE(coordinator_->CancelJob([&] {
-                    mq::v1::CancelJobRequest c;
-                    c.set_job_id(id);
-                    return c;
-                  }()).ok());
+      Cancel(job.job_id());
     }
   }
 }
@@ -953,42 +972,10 @@ TEST_F(PipelineTest, EstimateAboveEveryGpuFailsThePlan) {
 // host estimate exceeds every capable worker's fails at once; a CPU worker's plan budgets host
 // memory as its device, so only the GPU check applies to it.
 TEST_F(PipelineTest, HostEstimateAboveEveryWorkersHostFailsThePlan) {
-  auto register_worker = [&](const std::string& name, int64_t device_gib) {
-    mq::v1::RegisterWorkerRequest reg;
-    reg.set_name(name);
-    reg.mutable_capabilities()->set_device(device_gib > 0 ? "cuda:0" : "cpu");
-    reg.mutable_capabilities()->set_device_memory_bytes(device_gib << 30);
-    reg.mutable_capabilities()->set_host_memory_bytes(int64_t{128} << 30);
-    reg.mutable_capabilities()->add_capabilities("plan");
-    reg.mutable_capabilities()->add_capabilities("quantize:gptq");
-    reg.mutable_capabilities()->set_gang_address(name + ".host:29500");
-    auto registered = coordinator_->RegisterWorker(reg);
-    EXPECT_TRUE(registered.ok()) << registered.status();
-    return registered.ok() ? registered->worker_id() : "";
-  };
-  const std::string w = register_worker("gpu0", 141);
-  auto plan_job = [&](int64_t host_gib) {
-    const std::string id = SubmitGang(1);
-    coordinator_->Tick();
-    auto a = Poll(w);
-    EXPECT_EQ(a.kind(), mq::v1::ASSIGNMENT_KIND_PLAN);
-    mq::v1::CompleteAssignmentRequest r;
-    r.set_worker_id(w);
-    r.set_assignment_id(a.assignment_id());
-    r.set_lease_epoch(a.lease_epoch());
-    r.mutable_plan()->add_layers()->set_index(0);
-    r.mutable_plan()->mutable_estimate()->set_gpu_bytes_per_rank(int64_t{95} << 30);
-    r.mutable_plan()->mutable_estimate()->set_host_bytes_per_rank(host_gib << 30);
-    EXPECT_TRUE(coordinator_->CompleteAssignment(r).ok());
-    return Get(id).job();
-  };
-  auto cancel = [&](const std::string& id) {
-    mq::v1::CancelJobRequest c;
-    c.set_job_id(id);
-    ASSERT_TRUE(coordinator_->CancelJob(c).ok());
-  };
+  const std::string w = RegisterMemory("gpu0", 141, 128);
   // Kimi-K2's 139 GiB on a 128 GiB host: refused with the numbers and what to change.
-  auto job = plan_job(139);
+  mq::v1::JobRecord job;
+  ASSERT_NO_FATAL_FAILURE(PlanWithEstimate(w, 95, 139, &job));
   EXPECT_EQ(job.state(), mq::v1::JOB_STATE_FAILED);
   EXPECT_NE(job.message().find("139.00 GiB host memory per rank exceeds the host memory"),
             std::string::npos)
@@ -996,14 +983,14 @@ TEST_F(PipelineTest, HostEstimateAboveEveryWorkersHostFailsThePlan) {
   EXPECT_NE(job.message().find("128.00 GiB"), std::string::npos) << job.message();
   EXPECT_NE(job.message().find("--gang-size"), std::string::npos) << job.message();
   // DeepSeek-V3's 123 GiB fits and waits for its gang.
-  job = plan_job(123);
+  ASSERT_NO_FATAL_FAILURE(PlanWithEstimate(w, 95, 123, &job));
   EXPECT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED) << job.message();
-  cancel(job.job_id());
+  Cancel(job.job_id());
   // With a CPU worker in the pool the host check is the CPU plan's own: no refusal here.
-  register_worker("cpu0", 0);
-  job = plan_job(139);
+  RegisterMemory("cpu0", 0, 128);
+  ASSERT_NO_FATAL_FAILURE(PlanWithEstimate(w, 95, 139, &job));
   EXPECT_EQ(job.state(), mq::v1::JOB_STATE_QUEUED) << job.message();
-  cancel(job.job_id());
+  Cancel(job.job_id());
 }
 
 // Every rank runs the expert passes and dispatch rounds its job's plan estimated.
