@@ -68,17 +68,9 @@ TEST(StepProfileTest, ProfilesAPipelineStepOnTheCpu) {
       "profile", {"--layers 2", "--dense-layers 1", "--hidden 64", "--intermediate 96",
                   "--moe-intermediate 32", "--heads 2", "--vocab 128"});
   ASSERT_FALSE(model.empty());
-  absl::StatusOr<model::DeepseekV3Config> config =
-      model::LoadDeepseekV3Config(model + "/config.json");
-  ASSERT_TRUE(config.ok()) << config.status();
-  GangPipelineOptions o;
-  o.model_dir = model;
-  o.output_dir = model + "/out";
-  o.scratch_dir = model + "/scratch";
-  o.format.group_size = 32;
-  o.total_steps = static_cast<int>(PipelineLayers(*config, o.format).size());
+  GangPipelineOptions o =
+      testing::PipelineOptions(model, model + "/out", testing::RandomSamples(4, 16, 128, 5));
   ASSERT_EQ(o.total_steps, 2);
-  o.samples = testing::RandomSamples(4, 16, 128, 5);
   o.profile_layers = {1};
   o.profile_prefix = model + "/mq-profile-job";
   // Someone else's file under the name the profile would take: left alone.
@@ -128,16 +120,9 @@ TEST(StepProfileTest, AFullProfileDiskIsAWarningAndLeavesNoPartialFile) {
   if (std::system(mount.c_str()) != 0) {
     GTEST_SKIP() << "cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)";
   }
-  absl::StatusOr<model::DeepseekV3Config> config =
-      model::LoadDeepseekV3Config(model + "/config.json");
-  ASSERT_TRUE(config.ok()) << config.status();
-  GangPipelineOptions o;
-  o.model_dir = model;
-  o.output_dir = model + "/out";
-  o.scratch_dir = model + "/scratch";
-  o.format.group_size = 32;
-  o.total_steps = static_cast<int>(PipelineLayers(*config, o.format).size());
-  o.samples = testing::RandomSamples(4, 16, 128, 5);
+  GangPipelineOptions o =
+      testing::PipelineOptions(model, model + "/out", testing::RandomSamples(4, 16, 128, 5));
+  ASSERT_EQ(o.total_steps, 2);
   o.profile_layers = {1};
   o.profile_prefix = disk + "/mq-profile-job";
   std::vector<std::string> warnings;

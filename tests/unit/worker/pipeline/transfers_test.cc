@@ -109,21 +109,13 @@ struct PipelineRun {
 
 PipelineRun RunPipeline(const std::string& model, const std::string& out, at::Device device,
                         bool overlap, bool preload) {
-  absl::StatusOr<model::DeepseekV3Config> config =
-      model::LoadDeepseekV3Config(model + "/config.json");
-  EXPECT_TRUE(config.ok()) << config.status();
-  GangPipelineOptions o;
-  o.model_dir = model;
-  o.output_dir = out;
-  o.scratch_dir = out + "-scratch";
-  o.format.group_size = 32;
-  o.total_steps = static_cast<int>(PipelineLayers(*config, o.format).size());
+  GangPipelineOptions o =
+      testing::PipelineOptions(model, out, testing::RandomSamples(8, 24, 256, 7));
   o.device = device;
   o.dtype = at::kBFloat16;
   o.max_batch_tokens = 48;  // 8 sequences of 24 tokens: 4 chunks per layer
   o.overlap_transfers = overlap;
   o.preload_next_layer = preload;
-  o.samples = testing::RandomSamples(8, 24, 256, 7);
   PipelineRun run;
   o.on_step = [&](const StepOutput& s) -> absl::Status {
     for (const OutputFileInfo& f : s.files) run.files[f.name] = f.sha256;
@@ -170,17 +162,10 @@ TEST(SharedExpertsTest, SolvedWithHessiansOnlyWhereTargeted) {
   ASSERT_FALSE(model.empty());
   for (bool all : {true, false}) {
     SCOPED_TRACE(all ? "all-linear" : "routed experts");
-    absl::StatusOr<model::DeepseekV3Config> config =
-        model::LoadDeepseekV3Config(model + "/config.json");
-    ASSERT_TRUE(config.ok()) << config.status();
-    GangPipelineOptions o;
-    o.model_dir = model;
-    o.output_dir = model + (all ? "/out-all" : "/out-routed");
-    o.scratch_dir = o.output_dir + "-scratch";
-    o.format.group_size = 32;
+    GangPipelineOptions o = testing::PipelineOptions(
+        model, model + (all ? "/out-all" : "/out-routed"), testing::RandomSamples(8, 24, 256, 7));
+    ASSERT_EQ(o.total_steps, 3);
     if (all) o.format.targets = quant::TargetSet::kAllLinear;
-    o.total_steps = static_cast<int>(PipelineLayers(*config, o.format).size());
-    o.samples = testing::RandomSamples(8, 24, 256, 7);
     std::vector<StepStats> stats;
     o.on_step = [&](const StepOutput& s) -> absl::Status {
       stats.push_back(s.stats);
