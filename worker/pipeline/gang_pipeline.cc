@@ -135,13 +135,12 @@ absl::StatusOr<model::LayerWeights> Runner::Load(int layer) {
   lo.expert_begin = FirstExpert(gang_.rank());
   lo.expert_end = FirstExpert(gang_.rank() + 1);
   if (!plan_.preload) return model::LoadLayer(reader_, config_, layer, o_.device, o_.dtype, lo);
-  absl::StatusOr<model::LayerWeights> w = absl::UnknownError("not loaded");
-  const absl::Status run = Guarded(absl::StrCat("loading layer ", layer), [&]() -> absl::Status {
+  auto on_side = [&]() -> absl::StatusOr<model::LayerWeights> {
+    absl::StatusOr<model::LayerWeights> w = absl::UnknownError("not run");
     side_.Run([&] { w = model::LoadLayer(reader_, config_, layer, o_.device, o_.dtype, lo); });
-    return absl::OkStatus();
-  });
-  if (!run.ok()) return run;
-  return w;
+    return w;
+  };
+  return Guarded(absl::StrCat("loading layer ", layer), on_side);
 }
 
 void Runner::StartPreload(int layer) {

@@ -13,9 +13,22 @@
 namespace mq::pipeline {
 
 #if MQ_WITH_CUDA
+namespace {
+
+// `device` with its index: the current CUDA device when it names none.
+at::Device Indexed(at::Device device) {
+  return device.has_index() ? device : at::Device(at::kCUDA, c10::cuda::current_device());
+}
+
+// A stream of torch's pool on CUDA `device`.
+c10::cuda::CUDAStream PooledStream(at::Device device) {
+  return c10::cuda::getStreamFromPool(/*isHighPriority=*/false, Indexed(device).index());
+}
+
+}  // namespace
+
 struct HostTransfers::Streams {
-  explicit Streams(at::Device device)
-      : copy(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index())) {}
+  explicit Streams(at::Device device) : copy(PooledStream(device)) {}
   c10::cuda::CUDAStream compute() const {
     return c10::cuda::getCurrentCUDAStream(copy.device_index());
   }
@@ -42,7 +55,7 @@ struct HostTransfers::Uploads::Pending {
 HostTransfers::HostTransfers(at::Device device, bool overlap) : device_(device) {
 #if MQ_WITH_CUDA
   if (overlap && device.is_cuda()) {
-    if (!device_.has_index()) device_ = at::Device(at::kCUDA, c10::cuda::current_device());
+    device_ = Indexed(device_);
     streams_ = std::make_unique<Streams>(device_);
   }
 #else
@@ -149,8 +162,7 @@ void HostTransfers::Wait() {
 
 #if MQ_WITH_CUDA
 struct SideStream::Stream {
-  explicit Stream(at::Device device)
-      : stream(c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index())) {}
+  explicit Stream(at::Device device) : stream(PooledStream(device)) {}
   c10::cuda::CUDAStream stream;
 };
 #else
@@ -159,10 +171,7 @@ struct SideStream::Stream {};
 
 SideStream::SideStream(at::Device device) {
 #if MQ_WITH_CUDA
-  if (device.is_cuda()) {
-    if (!device.has_index()) device = at::Device(at::kCUDA, c10::cuda::current_device());
-    stream_ = std::make_unique<Stream>(device);
-  }
+  if (device.is_cuda()) stream_ = std::make_unique<Stream>(device);
 #else
   (void)device;
 #endif
