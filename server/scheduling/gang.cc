@@ -42,26 +42,37 @@ bool AnyWorkerOffers(const std::vector<WorkerView>& workers, const std::string& 
                      [&](const WorkerView& w) { return w.alive && Offers(w, capability); });
 }
 
-std::optional<int64_t> LargestDeviceMemory(const std::vector<WorkerView>& workers,
-                                           const std::string& capability) {
+namespace {
+
+// The largest `reported` (bytes; <= 0: unknown) among the alive workers offering `capability`,
+// when every one of them reports it.
+template <typename Reported>
+std::optional<int64_t> LargestReported(const std::vector<WorkerView>& workers,
+                                       const std::string& capability, Reported reported) {
   std::optional<int64_t> largest;
   for (const WorkerView& w : workers) {
     if (!w.alive || !Offers(w, capability)) continue;
-    if (w.device_memory_bytes <= 0) return std::nullopt;
-    largest = std::max(largest.value_or(0), w.device_memory_bytes);
+    const int64_t bytes = reported(w);
+    if (bytes <= 0) return std::nullopt;
+    largest = std::max(largest.value_or(0), bytes);
   }
   return largest;
 }
 
+}  // namespace
+
+std::optional<int64_t> LargestDeviceMemory(const std::vector<WorkerView>& workers,
+                                           const std::string& capability) {
+  return LargestReported(workers, capability,
+                         [](const WorkerView& w) { return w.device_memory_bytes; });
+}
+
 std::optional<int64_t> LargestHostMemory(const std::vector<WorkerView>& workers,
                                          const std::string& capability) {
-  std::optional<int64_t> largest;
-  for (const WorkerView& w : workers) {
-    if (!w.alive || !Offers(w, capability)) continue;
-    if (w.device_memory_bytes <= 0 || w.host_memory_bytes <= 0) return std::nullopt;
-    largest = std::max(largest.value_or(0), w.host_memory_bytes);
-  }
-  return largest;
+  // A CPU worker's host memory is its device: its plan budgets it already.
+  return LargestReported(workers, capability, [](const WorkerView& w) {
+    return w.device_memory_bytes > 0 ? w.host_memory_bytes : int64_t{0};
+  });
 }
 
 GangDecision DecideGang(const std::vector<WorkerView>& workers, const GangRequest& request) {
