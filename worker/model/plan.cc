@@ -154,7 +154,6 @@ bool IsQuantized(const ExpectedTensor& t, bool all_linear, const std::set<std::s
   return all_linear && t.quantized_with_all_linear && partial.count(ModuleKind(t.name)) == 0;
 }
 
-// Output bytes of one expected tensor (see plan.h).
 // The tensors a quantized linear `t` is written as: weight_packed (I32), weight_scale (BF16)
 // and weight_shape (I64 [2]), in bytes.
 struct PackedLinearBytes {
@@ -167,6 +166,7 @@ PackedLinearBytes PackedBytes(const ExpectedTensor& t, const InspectRequest& req
   return {SatMul({out, CeilDiv(in, 8), 4}), SatMul({out, groups, 2})};
 }
 
+// Output bytes of one expected tensor (see plan.h).
 int64_t OutputBytes(const ExpectedTensor& t, const InspectRequest& request,
                     const StoredTensors& stored, const std::set<std::string>& partial) {
   if (IsQuantized(t, request.all_linear, partial)) {
