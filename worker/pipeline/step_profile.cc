@@ -54,6 +54,20 @@ double Seconds(int64_t ns) { return static_cast<double>(ns) * 1e-9; }
 
 }  // namespace
 
+std::optional<ProfiledInterval::Kind> KindOfEvent(const std::string& name, bool on_device,
+                                                  bool user_scope, std::string* stage) {
+  const bool marked = name.rfind(kStagePrefix, 0) == 0;
+  if (on_device) {
+    if (marked) return std::nullopt;
+    return ProfiledInterval::Kind::kDevice;
+  }
+  if (user_scope && marked) {
+    *stage = name.substr(sizeof(kStagePrefix) - 1);
+    return ProfiledInterval::Kind::kStage;
+  }
+  return ProfiledInterval::Kind::kHost;
+}
+
 std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int top) {
   std::vector<Span> device;
   int64_t first = INT64_MAX, last = INT64_MIN;
@@ -158,17 +172,13 @@ absl::StatusOr<std::string> StepProfile::Finish(const std::string& trace_path, i
   for (const torch::autograd::profiler::KinetoEvent& e : result->events()) {
     ProfiledInterval i;
     i.name = e.name();
+    const std::optional<ProfiledInterval::Kind> kind =
+        KindOfEvent(i.name, e.deviceType() == c10::DeviceType::CUDA,
+                    e.scope() == static_cast<uint8_t>(at::RecordScope::USER_SCOPE), &i.name);
+    if (!kind) continue;
+    i.kind = *kind;
     i.start_ns = static_cast<int64_t>(e.startNs());
     i.end_ns = static_cast<int64_t>(e.endNs());
-    if (e.deviceType() == c10::DeviceType::CUDA) {
-      i.kind = ProfiledInterval::Kind::kDevice;
-    } else if (e.scope() == static_cast<uint8_t>(at::RecordScope::USER_SCOPE) &&
-               i.name.rfind(kStagePrefix, 0) == 0) {
-      i.kind = ProfiledInterval::Kind::kStage;
-      i.name = i.name.substr(sizeof(kStagePrefix) - 1);
-    } else {
-      i.kind = ProfiledInterval::Kind::kHost;
-    }
     intervals.push_back(std::move(i));
   }
   // Kineto writes <path>.tmp and renames it to <path>; a write that fails (a full disk) raises

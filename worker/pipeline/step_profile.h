@@ -34,6 +34,14 @@ struct ProfiledInterval {
   int64_t start_ns = 0, end_ns = 0;
 };
 
+// How the summary reads one profiler event: a device event (`on_device`) is a kernel or copy,
+// except the device-side span of a stage's annotation (CUPTI reports one per "mq::" range,
+// from its first kernel to its last, gaps included), which is dropped (nullopt); a user-scope
+// host event named "mq::<stage>" is that stage (`*stage` = "<stage>"); anything else is a host
+// operator.
+std::optional<ProfiledInterval::Kind> KindOfEvent(const std::string& name, bool on_device,
+                                                  bool user_scope, std::string* stage);
+
 // The summary text of `intervals` (see the file comment); `top` kernels are listed.
 std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int top);
 

@@ -63,6 +63,25 @@ TEST(StepProfileTest, SummaryCountsOverlappingKernelsOnceAndSplitsByStage) {
   EXPECT_EQ(SummarizeProfile({}, 10), "empty profile\n");
 }
 
+// On a GPU, CUPTI also reports each "mq::" annotation as a device span from its first kernel to its
+// last: it is neither a kernel nor busy time (counted as one, a stage's idle gaps would read as
+// busy, as a 128 x 4096 layer's expert_solve did on an H200: 12.4 s "busy" of 12.4 s wall).
+TEST(StepProfileTest, DeviceSpansOfStageAnnotationsAreDropped) {
+  std::string name = "mq::expert_solve";
+  EXPECT_EQ(KindOfEvent(name, /*on_device=*/true, /*user_scope=*/true, &name), std::nullopt);
+  EXPECT_EQ(KindOfEvent(name, true, false, &name), std::nullopt);
+  EXPECT_EQ(name, "mq::expert_solve");
+  EXPECT_EQ(KindOfEvent(name, false, true, &name), ProfiledInterval::Kind::kStage);
+  EXPECT_EQ(name, "expert_solve");
+  std::string kernel = "nvjet_sm90_tss_128x256_64x4_2x1_v_bz_coopA_NTN";
+  EXPECT_EQ(KindOfEvent(kernel, true, false, &kernel), ProfiledInterval::Kind::kDevice);
+  std::string op = "mq::helper";  // an "mq::" name outside the user scope: a host operator
+  EXPECT_EQ(KindOfEvent(op, false, false, &op), ProfiledInterval::Kind::kHost);
+  EXPECT_EQ(op, "mq::helper");
+  std::string mm = "aten::mm";
+  EXPECT_EQ(KindOfEvent(mm, false, true, &mm), ProfiledInterval::Kind::kHost);
+}
+
 TEST(StepProfileTest, ProfilesAPipelineStepOnTheCpu) {
   const std::string model = model::testing::GenerateModel(
       "profile", {"--layers 2", "--dense-layers 1", "--hidden 64", "--intermediate 96",
