@@ -463,6 +463,7 @@ void PrintJob(const mq::v1::JobRecord& j,
                                        : std::to_string(s.group_size()))
               << (s.symmetric() ? ", symmetric" : ", asymmetric")
               << (s.act_order() && s.method() != mq::v1::METHOD_RTN ? ", act-order" : "")
+              << (s.tf32_update() ? ", TF32 update" : "")
               << ", gang size " << s.gang_size() << "\n";
   }
   PrintQuality(j);
@@ -644,7 +645,8 @@ int Submit(Client& c, int argc, char** argv, int first) {
   int64_t bits = 4, group_size = 128, gang = 1, samples = 0, seqlen = 0, seed = 0, priority = 0,
           max_attempts = 0, min_expert_tokens = 0, awq_grid = 0, awq_tokens = 0;
   std::string damping;
-  bool wait = false, no_act_order = false, mtp = false, rare_rtn = false, json = c.global().json;
+  bool wait = false, no_act_order = false, mtp = false, rare_rtn = false, tf32 = false,
+       json = c.global().json;
   std::vector<std::string> ignore;
   EvalFlags eval;
   mq::Flags f;
@@ -673,6 +675,9 @@ int Submit(Client& c, int argc, char** argv, int first) {
   f.String("scale-search", &scale_search, "mse (default) or minmax");
   f.String("damping", &damping, "GPTQ relative damping in (0, 1] (default 0.01)");
   f.Bool("no-act-order", &no_act_order, "GPTQ: keep the original column order");
+  f.Bool("tf32-update", &tf32,
+         "GPTQ on GPU workers: the solve's lazy update in TF32 on the tensor cores (default "
+         "false: fp32)");
   f.Bool("include-mtp", &mtp, "also quantize the MTP layer's experts");
   f.Int("priority", &priority, "higher runs first (default 0)");
   f.Int("max-attempts", &max_attempts, "attempts before giving up (default 3)");
@@ -748,6 +753,7 @@ int Submit(Client& c, int argc, char** argv, int first) {
   for (const auto& re : ignore) spec->add_ignore(re);
   spec->set_symmetric(true);
   spec->set_act_order(!no_act_order);
+  if (f.Given("tf32-update")) spec->set_tf32_update(tf32);
   spec->set_include_mtp(mtp);
   spec->set_priority(static_cast<int32_t>(priority));
   spec->set_max_attempts(static_cast<int32_t>(max_attempts));

@@ -391,6 +391,7 @@ absl::StatusOr<JobSpec> NormalizeJobSpec(const JobSpec& in) {
       spec.method() == mq::v1::METHOD_GPTQ || spec.method() == mq::v1::METHOD_AWQ_GPTQ;
   if (!spec.has_act_order()) spec.set_act_order(gptq_solve);
   if (!gptq_solve) spec.set_act_order(false);
+  if (!spec.has_tf32_update() || !gptq_solve) spec.set_tf32_update(false);
 
   if (absl::Status s = NormalizeAwqSpec(spec); !s.ok()) return s;
 

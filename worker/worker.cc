@@ -141,6 +141,7 @@ pipeline::QuantizeJobSpec ToJobSpec(const std::string& job_id, const mq::v1::Job
   j.group_size = spec.group_size() == 0 ? 128 : spec.group_size();
   j.symmetric = !spec.has_symmetric() || spec.symmetric();
   j.act_order = !spec.has_act_order() || spec.act_order();
+  j.tf32_update = spec.tf32_update();
   j.scale_search = spec.scale_search() == mq::v1::SCALE_SEARCH_MSE ? "mse" : "minmax";
   j.damping = spec.damping() > 0 ? spec.damping() : 0.01;
   j.targets = spec.targets() == mq::v1::TARGET_SET_ALL_LINEAR ? "all_linear" : "routed_experts";

@@ -258,6 +258,20 @@ def test_awq_submit_fills_its_defaults(cluster, model, tmp_path):
     assert "awq" not in gptq["spec"]  # cleared for the other methods
 
 
+def test_tf32_update_is_stored_for_gptq_solves_only(cluster, model, tmp_path):
+    """--tf32-update is a setting of the GPTQ solve: stored and shown for gptq and awq-gptq,
+    stored false for RTN and AWQ (no GPTQ solve) and by default."""
+    cluster.start_coordinator()  # no worker: the jobs stay queued
+    job_id = submit(cluster, model, tmp_path / "tf32", "--tf32-update")
+    assert cluster.job(job_id)["job"]["spec"]["tf32_update"] is True
+    human = cluster.client("status", job_id, check=True).stdout
+    assert "Method:       gptq 4-bit, group 128, symmetric, act-order, TF32 update" in human, human
+    cases = (["--method", "rtn", "--tf32-update"], ["--method", "awq", "--tf32-update"], [])
+    for i, args in enumerate(cases):
+        spec = cluster.job(submit(cluster, model, tmp_path / f"out{i}", *args))["job"]["spec"]
+        assert spec["tf32_update"] is False, (args, spec)
+
+
 def test_output_inside_model_is_refused(cluster, model):
     cluster.start_coordinator()
     res = cluster.client("submit", "--model", model, "--output", model / "out")

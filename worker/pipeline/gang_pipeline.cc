@@ -754,7 +754,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     }
     if (!batched.empty()) {
       absl::StatusOr<std::vector<GptqResult>> results =
-          quant::QuantizeGptqBatched(ws, hessian_of, hs, SolveOptions());
+          quant::QuantizeGptqBatched(ws, hessian_of, hs, SolveOptions(), o_.gptq_batch);
       if (!results.ok()) return results.status();
       size_t k = 0;
       for (size_t gi = 0; gi < batched.size(); ++gi) {

@@ -54,6 +54,7 @@
 #include "worker/quant/awq.h"
 #include "worker/quant/compressed_tensors.h"
 #include "worker/quant/gptq.h"
+#include "worker/quant/gptq_batched.h"
 #include "worker/quant/local_pipeline.h"
 
 namespace mq::pipeline {
@@ -70,6 +71,8 @@ struct GangPipelineOptions {
   quant::QuantMethod method = quant::QuantMethod::kGptq;
   quant::CompressedTensorsOptions format;
   quant::GptqOptions gptq;
+  // How CUDA devices run the batched expert solves (the job's tf32_update; the rest defaults).
+  quant::GptqBatchOptions gptq_batch;
   quant::AwqOptions awq;  // methods kAwq and kAwqGptq
   // Tests of AWQ's folding: scales chosen and folded as usual, then nothing quantized; the
   // step files hold every tensor of the layer folded, in bf16 (not a servable output: the

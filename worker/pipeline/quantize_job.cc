@@ -156,6 +156,7 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   o.format = *format;
   o.gptq.act_order = in.spec.act_order;
   o.gptq.rel_damp = in.spec.damping;
+  o.gptq_batch.tf32_update = in.spec.tf32_update;
   absl::StatusOr<quant::ScaleSearch> search = quant::ParseScaleSearch(in.spec.scale_search);
   if (!search.ok()) return search.status();
   o.gptq.grid.scale_search = *search;
