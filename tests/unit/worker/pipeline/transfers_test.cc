@@ -5,9 +5,12 @@
 // stream return the same bytes as synchronous copies while kernels run on the compute stream,
 // and the gang pipeline (one rank, bf16, several chunks per layer) writes byte-identical files
 // with overlap_transfers on and off. On both: the same files with preload_next_layer on and off
-// (the next layer's weights loaded on another thread, on CUDA on a second stream).
+// (the next layer's weights loaded on another thread, on CUDA on a second stream), and a shard
+// that shrinks mid-job fails the job with the same error with preload on and off.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <map>
 #include <string>
@@ -152,6 +155,78 @@ void ExpectPreloadChangesNothing(at::Device device) {
 
 TEST(PreloadTest, GangPipelineWritesTheSameFilesWithAndWithoutPreload) {
   ExpectPreloadChangesNothing(at::kCPU);
+}
+
+// The shard of the model's last layer shrinks to half its size once the first step is reported
+// (overlap_writes off: before the second step starts). With preload on, the second step's preload
+// of that layer reads the lost part (zeros in place of the missing pages, mapping_guard.h) and
+// fails, which is one warning; the last step loads the layer again and fails the job naming the
+// damaged tensor, with the same error as without preload. No files of the last step are reported.
+struct ShrunkRun {
+  absl::Status status;
+  std::string error;  // the status message, the model's directory replaced by MODEL
+  std::vector<std::string> warnings;
+  std::vector<int> reported;
+  std::vector<bool> preloaded;
+};
+
+ShrunkRun RunWithShrinkingLastShard(bool preload) {
+  ShrunkRun run;
+  const std::string model = model::testing::GenerateModel(
+      preload ? "shrink-preload" : "shrink-plain",
+      {"--layers 3", "--dense-layers 1", "--hidden 128", "--intermediate 192",
+       "--moe-intermediate 64", "--heads 2", "--vocab 256", "--shards 5"});
+  if (model.empty()) return run;
+  // Shards hold whole units in order (embed, layers 0..2, head): layer 2 is alone in shard 4.
+  const std::string shard = model + "/model-00004-of-00005.safetensors";
+  struct stat st {};
+  if (::stat(shard.c_str(), &st) != 0) {
+    ADD_FAILURE() << shard << " missing";
+    return run;
+  }
+  GangPipelineOptions o =
+      testing::PipelineOptions(model, model + "/out", testing::RandomSamples(8, 24, 256, 7));
+  o.dtype = at::kBFloat16;
+  o.max_batch_tokens = 48;
+  o.overlap_writes = false;
+  o.preload_next_layer = preload;
+  o.on_step = [&](const StepOutput& s) -> absl::Status {
+    run.reported.push_back(s.step);
+    run.preloaded.push_back(s.stats.preloaded);
+    if (s.step == 0 && ::truncate(shard.c_str(), st.st_size / 2) != 0) {
+      ADD_FAILURE() << "truncate " << shard;
+    }
+    return absl::OkStatus();
+  };
+  o.on_warning = [&](const std::string& w) { run.warnings.push_back(w); };
+  absl::StatusOr<GangPipelineResult> r = RunGangPipeline(o);
+  run.status = r.status();
+  run.error = std::string(run.status.message());
+  for (size_t at = run.error.find(model); at != std::string::npos; at = run.error.find(model)) {
+    run.error.replace(at, model.size(), "MODEL");
+  }
+  return run;
+}
+
+TEST(PreloadTest, AShardThatShrinksMidJobFailsItAsWithoutPreload) {
+  const ShrunkRun with = RunWithShrinkingLastShard(true);
+  const ShrunkRun without = RunWithShrinkingLastShard(false);
+  ASSERT_FALSE(with.status.ok());
+  ASSERT_FALSE(without.status.ok());
+  EXPECT_NE(without.error.find("model.layers.2."), std::string::npos) << without.error;
+  EXPECT_NE(without.error.find("MODEL/model-00004-of-00005.safetensors: file is "),
+            std::string::npos)
+      << without.error;
+  EXPECT_EQ(with.status.code(), without.status.code());
+  EXPECT_EQ(with.error, without.error);
+  EXPECT_EQ(with.reported, std::vector<int>({0, 1}));
+  EXPECT_EQ(without.reported, std::vector<int>({0, 1}));
+  EXPECT_EQ(with.preloaded, std::vector<bool>({false, true}));
+  ASSERT_EQ(with.warnings.size(), 1u) << ::testing::PrintToString(with.warnings);
+  EXPECT_NE(with.warnings[0].find("preloading layer 2 failed ("), std::string::npos)
+      << with.warnings[0];
+  EXPECT_NE(with.warnings[0].find("): loading it now"), std::string::npos) << with.warnings[0];
+  EXPECT_TRUE(without.warnings.empty()) << ::testing::PrintToString(without.warnings);
 }
 
 // With all-linear targets the shared experts' linears are solved with the Hessians of their
