@@ -17,9 +17,14 @@
 //
 // Arithmetic is spelled with the _rn intrinsics (IEEE division, no FMA contraction) so that the
 // candidates are bit-identical to the CPU reference's; never build with --use_fast_math or
-// -ftz=true (powf would become the approximate __powf and subnormal weights would flush).
+// -ftz=true (subnormal weights would flush). The loss term |e|^norm for norm != 2 is
+// e^⌊norm⌋ · 2^(f·log2 e) with f = norm − ⌊norm⌋ from the hardware's base-2 logarithm and
+// exponential (lg2/ex2.approx): powf computes its logarithm in extended precision and was most
+// of the kernel's instructions (norm 2.4: f = 0.4, so the approximation's error is scaled by 0.4;
+// under 1e-6 relative per term, against powf's 2 ulp).
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "kernels/cuda_image.h"
@@ -47,7 +52,8 @@ struct Params {
   float qmin, qmax;
   float half_range;  // (qmax - qmin) / 2, exact
   float range;       // qmax - qmin, exact
-  float norm;
+  int norm_int;      // ⌊norm⌋
+  float norm_frac;   // norm − ⌊norm⌋, in [0, 1)
 };
 
 struct Candidate {
@@ -88,6 +94,21 @@ __device__ __forceinline__ Candidate MakeCandidate(const Params& p, int k, float
   return c;
 }
 
+// e^norm for e >= 0 (0 for e = 0): e^⌊norm⌋ exactly multiplied out, times 2^(f·log2 e) from the
+// approximate base-2 log and exponential (both handle subnormals without -ftz).
+__device__ __forceinline__ float Power(float e, const Params& p) {
+  float r = 1.0f;
+  if (p.norm_frac != 0.0f) {
+    float l, x;
+    asm("lg2.approx.f32 %0, %1;" : "=f"(l) : "f"(e));  // -inf for e = 0
+    const float t = __fmul_rn(p.norm_frac, l);
+    asm("ex2.approx.f32 %0, %1;" : "=f"(x) : "f"(t));  // 0 for -inf
+    r = x;
+  }
+  for (int i = 0; i < p.norm_int; ++i) r = __fmul_rn(r, e);
+  return r;
+}
+
 // |bf16((q - z)·s) - x|^norm for q = clamp(rint(x / s + z), qmin, qmax).
 template <bool kSym, bool kNorm2>
 __device__ __forceinline__ float Term(float x, const Candidate& c, const Params& p) {
@@ -99,7 +120,7 @@ __device__ __forceinline__ float Term(float x, const Candidate& c, const Params&
   if constexpr (kNorm2) {
     return __fmul_rn(e, e);
   } else {
-    return powf(e, p.norm);
+    return Power(e, p);
   }
 }
 
@@ -326,7 +347,8 @@ cudaError_t LaunchGridSearchRaw(const GridSearchRawArgs& a, cudaStream_t stream)
   p.qmax = static_cast<float>((1 << (a.bits - 1)) - 1);
   p.half_range = static_cast<float>((static_cast<double>(p.qmax) - p.qmin) / 2.0);
   p.range = p.qmax - p.qmin;
-  p.norm = static_cast<float>(a.norm);
+  p.norm_int = static_cast<int>(std::floor(a.norm));
+  p.norm_frac = static_cast<float>(a.norm - std::floor(a.norm));
   const bool norm2 = a.norm == 2.0;
   if (a.symmetric) {
     return norm2 ? LaunchTyped<true, true>(p, stream) : LaunchTyped<true, false>(p, stream);

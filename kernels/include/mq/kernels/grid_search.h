@@ -16,16 +16,18 @@
 //               z_k = clamp(rint(qmin - lo / s_k), qmin, qmax)
 //   where R rounds to bf16 and replaces a zero or subnormal result by 2^-7;
 //   loss_k = Σ_columns |bf16((q - z_k)·s_k) - w|^norm,  q = clamp(rint(w / s_k + z_k), qmin, qmax)
-//   (the per-element term in fp32: e·e when norm == 2, powf(e, norm) otherwise).
+//   (the per-element term in fp32: e·e when norm == 2, otherwise powf(e, norm) on the CPU and
+//   e^⌊norm⌋ · 2^((norm − ⌊norm⌋)·log2 e) from the approximate base-2 log and exponential on CUDA,
+//   under 1e-6 relative from powf).
 // The output is the candidate of smallest loss; ties keep the smaller k (larger p), and k = 0
 // (plain min-max) is the starting point, so a NaN or infinite loss never displaces it.
 //
 // Determinism and agreement: the candidates (s_k, z_k) are bit-identical between the CPU
 // reference, the CUDA kernel and worker/quant's CPU ATen path. The losses are not: the CPU
 // reference sums the fp32 terms in double in column order, the CUDA kernel sums them in fp32 in
-// a tree order (per thread, then across the warp / block), and CUDA's powf may differ from the
-// host's by an ulp. So when two candidates' losses are within rounding (~1e-6 relative) of each
-// other, the paths can choose different ones; each result is deterministic for a given input and
+// a tree order (per thread, then across the warp / block), and CUDA's power differs from the
+// host's powf (above). So when two candidates' losses are within rounding (~1e-6 relative) of
+// each other, the paths can choose different ones; each result is deterministic for a given input and
 // path. (ATen's CUDA ops divide by a scalar as a multiply by its reciprocal, so candidate scales
 // computed that way can also differ by one bf16 step at a rounding boundary; these functions
 // always divide.)
