@@ -58,6 +58,7 @@ struct Params {
 
 struct Candidate {
   float s, z;
+  float inv;  // 1 / s, rounded: the loss quantizes x·inv (see Term)
 };
 
 // bf16 round-to-nearest-even of a finite float, back to float.
@@ -91,6 +92,7 @@ __device__ __forceinline__ Candidate MakeCandidate(const Params& p, int k, float
     c.s = RoundScale(__fdiv_rn(__fsub_rn(hi, lo), p.range));
     c.z = fminf(fmaxf(rintf(__fsub_rn(p.qmin, __fdiv_rn(lo, c.s))), p.qmin), p.qmax);
   }
+  c.inv = __frcp_rn(c.s);
   return c;
 }
 
@@ -109,10 +111,12 @@ __device__ __forceinline__ float Power(float e, const Params& p) {
   return r;
 }
 
-// |bf16((q - z)·s) - x|^norm for q = clamp(rint(x / s + z), qmin, qmax).
+// |bf16((q - z)·s) - x|^norm for q = clamp(rint(x·(1/s) + z), qmin, qmax). x·(1/s) differs from
+// x / s by at most an ulp, so q differs from the reference's only where x / s is within an ulp of
+// a rounding midpoint, and there both codes are half a step from x: the term changes by rounding.
 template <bool kSym, bool kNorm2>
 __device__ __forceinline__ float Term(float x, const Candidate& c, const Params& p) {
-  float q = __fdiv_rn(x, c.s);
+  float q = __fmul_rn(x, c.inv);
   if constexpr (!kSym) q = __fadd_rn(q, c.z);
   q = fminf(fmaxf(rintf(q), p.qmin), p.qmax);
   const float d = kSym ? q : __fsub_rn(q, c.z);
@@ -151,6 +155,7 @@ __device__ __forceinline__ Candidate BroadcastCandidate(const Candidate& mine, i
   Candidate c;
   c.s = __shfl_sync(kFullMask, mine.s, j);
   c.z = kSym ? 0.0f : __shfl_sync(kFullMask, mine.z, j);
+  c.inv = __shfl_sync(kFullMask, mine.inv, j);
   return c;
 }
 
@@ -182,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) GridSearchWarpKernel(const Params p)
     }
     WarpMinMax(mn, mx);
 
-    Candidate best{0.0f, 0.0f};
+    Candidate best{0.0f, 0.0f, 0.0f};
     float best_loss = 0.0f;
     for (int k0 = 0; k0 < p.n_points; k0 += 32) {
       const Candidate mine = LaneCandidate<kSym>(p, k0, lane, mn, mx);
@@ -256,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) GridSearchBlockKernel(const Params p
       mx = fmaxf(mx, mx_s[w]);
     }
 
-    Candidate best{0.0f, 0.0f};
+    Candidate best{0.0f, 0.0f, 0.0f};
     float best_loss = 0.0f;
     for (int k0 = 0; k0 < p.n_points; k0 += 32) {
       const Candidate mine = LaneCandidate<kSym>(p, k0, lane, mn, mx);

@@ -18,7 +18,8 @@
 //   loss_k = Σ_columns |bf16((q - z_k)·s_k) - w|^norm,  q = clamp(rint(w / s_k + z_k), qmin, qmax)
 //   (the per-element term in fp32: e·e when norm == 2, otherwise powf(e, norm) on the CPU and
 //   e^⌊norm⌋ · 2^((norm − ⌊norm⌋)·log2 e) from the approximate base-2 log and exponential on CUDA,
-//   under 1e-6 relative from powf).
+//   under 1e-6 relative from powf; CUDA quantizes w·(1/s_k) for w / s_k, which moves a code only
+//   at a rounding midpoint, where both codes are equally far from w).
 // The output is the candidate of smallest loss; ties keep the smaller k (larger p), and k = 0
 // (plain min-max) is the starting point, so a NaN or infinite loss never displaces it.
 //
