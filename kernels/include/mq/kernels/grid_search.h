@@ -28,9 +28,9 @@
 // reference sums the fp32 terms in double in column order, the CUDA kernel sums them in fp32 in
 // a tree order (per thread, then across the warp / block), and CUDA's power differs from the
 // host's powf (above). So when two candidates' losses are within rounding (~1e-6 relative) of
-// each other, the paths can choose different ones; each result is deterministic for a given input and
-// path. (ATen's CUDA ops divide by a scalar as a multiply by its reciprocal, so candidate scales
-// computed that way can also differ by one bf16 step at a rounding boundary; these functions
+// each other, the paths can choose different ones; each result is deterministic for a given input
+// and path. (ATen's CUDA ops divide by a scalar as a multiply by its reciprocal, so candidate
+// scales computed that way can also differ by one bf16 step at a rounding boundary; these functions
 // always divide.)
 //
 // This header compiles without CUDA: cudaStream_t is only forward-declared.
