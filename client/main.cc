@@ -463,8 +463,8 @@ void PrintJob(const mq::v1::JobRecord& j,
                                        : std::to_string(s.group_size()))
               << (s.symmetric() ? ", symmetric" : ", asymmetric")
               << (s.act_order() && s.method() != mq::v1::METHOD_RTN ? ", act-order" : "")
-              << (s.tf32_update() ? ", TF32 update" : "")
-              << ", gang size " << s.gang_size() << "\n";
+              << (s.tf32_update() ? ", TF32 update" : "") << ", gang size " << s.gang_size()
+              << "\n";
   }
   PrintQuality(j);
   if (IsAwq(s.method()) && !eval_job) {

@@ -27,7 +27,7 @@ struct QuantizeJobSpec {
   int group_size = 128;         // 32, 64, 128, or -1 = per output channel
   bool symmetric = true;
   bool act_order = true;
-  bool tf32_update = false;  // GangPipelineOptions::gptq_batch.tf32_update
+  bool tf32_update = false;             // GangPipelineOptions::gptq_batch.tf32_update
   std::string scale_search = "minmax";  // or "mse"
   double damping = 0.01;
   std::string targets = "routed_experts";  // or "all_linear"
