@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <charconv>
+#include <cstdlib>
 #include <fstream>
 #include <optional>
 #include <thread>
@@ -127,6 +128,13 @@ absl::StatusOr<DeviceInfo> ProbeDevice(const std::string& device, const std::str
   }
   return absl::InvalidArgumentError(
       absl::StrCat("--device = \"", device, "\": must be cpu or cuda:N (N = 0, 1, ...)"));
+}
+
+void DefaultCudaAllocatorConfig() {
+  if (std::getenv("PYTORCH_CUDA_ALLOC_CONF") == nullptr &&
+      std::getenv("PYTORCH_ALLOC_CONF") == nullptr) {
+    ::setenv("PYTORCH_CUDA_ALLOC_CONF", kDefaultCudaAllocConf, /*overwrite=*/0);
+  }
 }
 
 }  // namespace mq::worker

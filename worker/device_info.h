@@ -30,4 +30,12 @@ absl::StatusOr<DeviceInfo> ProbeDevice(const std::string& device, const std::str
 int64_t HostMemoryLimit(int64_t physical, const std::string& cgroup_root = "/sys/fs/cgroup",
                         const std::string& proc_cgroup = "/proc/self/cgroup");
 
+// torch's CUDA caching allocators read PYTORCH_CUDA_ALLOC_CONF (or PYTORCH_ALLOC_CONF) at their
+// first use. Unless the environment sets one of them, sets PYTORCH_CUDA_ALLOC_CONF to
+// kDefaultCudaAllocConf: expandable segments, with which the plan's device-memory estimates were
+// fitted (fixed-size segments fragment under a layer's changing tensor sizes). Call before
+// anything uses CUDA; not thread-safe (setenv).
+inline constexpr char kDefaultCudaAllocConf[] = "expandable_segments:True";
+void DefaultCudaAllocatorConfig();
+
 }  // namespace mq::worker

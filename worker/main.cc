@@ -6,7 +6,6 @@
 
 #include <atomic>
 #include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <thread>
@@ -44,19 +43,6 @@ absl::StatusOr<int> FreePort(const std::string& host) {
   return port;
 }
 
-// torch's CUDA caching allocators read PYTORCH_CUDA_ALLOC_CONF (or PYTORCH_ALLOC_CONF) at their
-// first use. Unless the environment sets one, mq-worker runs with this configuration: expandable
-// segments, with which the plan's device-memory estimates were fitted (fixed-size segments
-// fragment under a layer's changing tensor sizes).
-constexpr char kDefaultAllocConf[] = "expandable_segments:True";
-
-void DefaultAllocatorConfig() {
-  if (std::getenv("PYTORCH_CUDA_ALLOC_CONF") == nullptr &&
-      std::getenv("PYTORCH_ALLOC_CONF") == nullptr) {
-    ::setenv("PYTORCH_CUDA_ALLOC_CONF", kDefaultAllocConf, /*overwrite=*/0);
-  }
-}
-
 int Fail(const std::string& message) {
   std::fprintf(stderr, "mq-worker: %s\n", message.c_str());
   return 2;
@@ -65,7 +51,7 @@ int Fail(const std::string& message) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  DefaultAllocatorConfig();
+  mq::worker::DefaultCudaAllocatorConfig();
   std::string coordinator;
   std::string device = "cpu";
   std::string name;

@@ -78,5 +78,25 @@ TEST(ProbeDevice, ReportsTheHostMemoryLimitOnThisMachine) {
             HostMemoryLimit(static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE)));
 }
 
+// The worker's allocator default applies only where the environment sets neither variable.
+TEST(DefaultCudaAllocatorConfig, SetsExpandableSegmentsOnlyWhereNothingIsSet) {
+  ::unsetenv("PYTORCH_CUDA_ALLOC_CONF");
+  ::unsetenv("PYTORCH_ALLOC_CONF");
+  DefaultCudaAllocatorConfig();
+  ASSERT_NE(std::getenv("PYTORCH_CUDA_ALLOC_CONF"), nullptr);
+  EXPECT_STREQ(std::getenv("PYTORCH_CUDA_ALLOC_CONF"), "expandable_segments:True");
+
+  ::setenv("PYTORCH_CUDA_ALLOC_CONF", "", 1);  // set, even empty: the user's choice
+  DefaultCudaAllocatorConfig();
+  EXPECT_STREQ(std::getenv("PYTORCH_CUDA_ALLOC_CONF"), "");
+
+  ::unsetenv("PYTORCH_CUDA_ALLOC_CONF");
+  ::setenv("PYTORCH_ALLOC_CONF", "pinned_use_cuda_host_register:True", 1);
+  DefaultCudaAllocatorConfig();
+  EXPECT_EQ(std::getenv("PYTORCH_CUDA_ALLOC_CONF"), nullptr);
+  EXPECT_STREQ(std::getenv("PYTORCH_ALLOC_CONF"), "pinned_use_cuda_host_register:True");
+  ::unsetenv("PYTORCH_ALLOC_CONF");
+}
+
 }  // namespace
 }  // namespace mq::worker
