@@ -88,14 +88,21 @@ run bash -c '
     missing="$(grep "not found" <<<"$out" | grep -v "^\s*libcuda\.so\.1 =>" || true)"
     if [[ -n "$missing" ]]; then echo "  $f:"; echo "$missing"; bad=1; fi
   done
+  # ldd writes line by line: grep -q on a pipe may exit first and fail ldd with SIGPIPE under
+  # pipefail, so every check reads a captured output.
   cuda_users="$(for f in $(find /opt/torch -type f -name "*.so*"); do
-    if ldd "$f" | grep -q "libcuda\.so\.1 => not found"; then basename "$f"; fi; done |
+    deps="$(ldd "$f" 2>&1 || true)"
+    if grep -q "libcuda\.so\.1 => not found" <<<"$deps"; then basename "$f"; fi; done |
     tr "\n" " ")"
   echo "  $checked files; every library resolves; libcuda.so.1 (the host driver) is needed directly by: ${cuda_users:-none}"
   for b in mq-coordinator mq-worker mq-client; do
-    if ldd "/usr/local/bin/$b" | grep -q "=> /opt/torch/"; then
-      ldd "/usr/local/bin/$b" | grep -q "libtorch_cuda.so => /opt/torch/torch/lib/" \
-        || { echo "  $b: libtorch_cuda does not come from /opt/torch/torch/lib"; bad=1; }
+    deps="$(ldd "/usr/local/bin/$b" 2>&1)"
+    if grep -q "=> /opt/torch/" <<<"$deps"; then
+      grep -q "libtorch_cuda.so => /opt/torch/torch/lib/" <<<"$deps" || {
+        echo "  $b: libtorch_cuda does not come from /opt/torch/torch/lib:"
+        grep "torch" <<<"$deps" || true
+        bad=1
+      }
     fi
   done
   exit $bad'
