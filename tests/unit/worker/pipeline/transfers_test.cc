@@ -110,13 +110,19 @@ struct PipelineRun {
   std::vector<bool> preloaded;
 };
 
-PipelineRun RunPipeline(const std::string& model, const std::string& out, at::Device device,
-                        bool overlap, bool preload) {
+// bf16, 8 sequences of 24 tokens in 4 chunks per layer.
+GangPipelineOptions TransfersOptions(const std::string& model, const std::string& out) {
   GangPipelineOptions o =
       testing::PipelineOptions(model, out, testing::RandomSamples(8, 24, 256, 7));
-  o.device = device;
   o.dtype = at::kBFloat16;
-  o.max_batch_tokens = 48;  // 8 sequences of 24 tokens: 4 chunks per layer
+  o.max_batch_tokens = 48;
+  return o;
+}
+
+PipelineRun RunPipeline(const std::string& model, const std::string& out, at::Device device,
+                        bool overlap, bool preload) {
+  GangPipelineOptions o = TransfersOptions(model, out);
+  o.device = device;
   o.overlap_transfers = overlap;
   o.preload_next_layer = preload;
   PipelineRun run;
@@ -133,10 +139,14 @@ PipelineRun RunPipeline(const std::string& model, const std::string& out, at::De
   return run;
 }
 
-std::string TransfersModel() {
-  return model::testing::GenerateModel(
-      "transfers", {"--layers 3", "--dense-layers 1", "--hidden 128", "--intermediate 192",
-                    "--moe-intermediate 64", "--heads 2", "--vocab 256"});
+// Three layers (one dense), 2 shards unless `extra` says otherwise.
+std::string TransfersModel(const std::string& name = "transfers",
+                           const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> flags = {"--layers 3",         "--dense-layers 1",      "--hidden 128",
+                                    "--intermediate 192", "--moe-intermediate 64", "--heads 2",
+                                    "--vocab 256"};
+  flags.insert(flags.end(), extra.begin(), extra.end());
+  return model::testing::GenerateModel(name, flags);
 }
 
 // With preload_next_layer the weights of every step after the first were loaded while the step
@@ -172,10 +182,8 @@ struct ShrunkRun {
 
 ShrunkRun RunWithShrinkingLastShard(bool preload) {
   ShrunkRun run;
-  const std::string model = model::testing::GenerateModel(
-      preload ? "shrink-preload" : "shrink-plain",
-      {"--layers 3", "--dense-layers 1", "--hidden 128", "--intermediate 192",
-       "--moe-intermediate 64", "--heads 2", "--vocab 256", "--shards 5"});
+  const std::string model =
+      TransfersModel(preload ? "shrink-preload" : "shrink-plain", {"--shards 5"});
   if (model.empty()) return run;
   // Shards hold whole units in order (embed, layers 0..2, head): layer 2 is alone in shard 4.
   const std::string shard = model + "/model-00004-of-00005.safetensors";
@@ -184,10 +192,7 @@ ShrunkRun RunWithShrinkingLastShard(bool preload) {
     ADD_FAILURE() << shard << " missing";
     return run;
   }
-  GangPipelineOptions o =
-      testing::PipelineOptions(model, model + "/out", testing::RandomSamples(8, 24, 256, 7));
-  o.dtype = at::kBFloat16;
-  o.max_batch_tokens = 48;
+  GangPipelineOptions o = TransfersOptions(model, model + "/out");
   o.overlap_writes = false;
   o.preload_next_layer = preload;
   o.on_step = [&](const StepOutput& s) -> absl::Status {
