@@ -1,6 +1,12 @@
 // GPTQ input Hessian accumulation (DESIGN.md §4): H = (2/N)·Σ x xᵀ over the N calibration tokens
 // a linear layer sees, accumulated in fp32.
 //
+// Σ xxᵀ is symmetric, so a wide accumulator computes only its lower half: the columns are cut
+// into panels of `panel` columns, and each Add multiplies panel i's columns with columns
+// [0, end of panel i) — one rectangular GEMM per panel, (P+1)/2P of the full product's work for
+// P panels (62.5% at 7168 columns and the default panel). The upper half is mirrored from the
+// lower when the sum is read (sum, Finalize, Merge of this accumulator into another).
+//
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
 // Threading: one owner; Add/Merge mutate the accumulator and must not run concurrently with any
 // other call on the same object. Durability: in memory only.
@@ -18,9 +24,16 @@ namespace mq::quant {
 
 class HessianAccumulator {
  public:
+  // Columns per panel of the lower-half accumulation by default: large enough that every
+  // panel's GEMM fills an H100/H200 with tiles, small enough to save a third of the work at the
+  // experts' 7168 columns.
+  static constexpr int64_t kDefaultPanel = 1792;
+
   // An empty accumulator (Σ xxᵀ = 0, N = 0) for inputs of `in_features` (> 0) columns, kept as
-  // fp32 [in, in] on `device`.
-  explicit HessianAccumulator(int64_t in_features, c10::Device device = c10::kCPU);
+  // fp32 [in, in] on `device`. Inputs narrower than two panels are multiplied whole; `panel`
+  // (> 0; tests use small ones) sets the panel width.
+  explicit HessianAccumulator(int64_t in_features, c10::Device device = c10::kCPU,
+                              int64_t panel = kDefaultPanel);
 
   // Adds the rows of `x` ([..., in_features]; the leading dimensions are flattened to tokens;
   // any floating dtype, any device — moved to the accumulator's device) to Σ xxᵀ and N. fp32 and
@@ -41,8 +54,9 @@ class HessianAccumulator {
 
   int64_t in_features() const { return in_features_; }
   int64_t tokens() const { return tokens_; }
-  // Σ xxᵀ, fp32 [in, in] (a reference to the live accumulator; clone to keep).
-  const at::Tensor& sum() const { return sum_; }
+  // Σ xxᵀ, fp32 [in, in] (a reference to the live accumulator; clone to keep; the next Add
+  // changes it).
+  const at::Tensor& sum() const;
 
   // H = (2/N)·Σ xxᵀ (fp32 [in, in], a new tensor); all zeros when N = 0 (GPTQ then falls back to
   // RTN and says so). InvalidArgument "hessian of N tokens contains NaN or Inf" when the sum is
@@ -50,9 +64,16 @@ class HessianAccumulator {
   absl::StatusOr<at::Tensor> Finalize() const;
 
  private:
+  // Copies the lower half's panels onto the upper half when an Add left it stale.
+  void Mirror() const;
+
   int64_t in_features_;
+  int64_t panel_;  // == in_features_ when the product is taken whole
   int64_t tokens_ = 0;
-  at::Tensor sum_;
+  // Only the lower half (panel rows × the columns up to the panel's end) is accumulated; the
+  // rest is valid while `mirrored_` holds (a lazily refreshed view of the symmetric sum).
+  mutable at::Tensor sum_;
+  mutable bool mirrored_ = true;
 };
 
 }  // namespace mq::quant

@@ -31,15 +31,22 @@ at::Tensor Inputs(int64_t tokens, int64_t in, int64_t rank, uint64_t seed) {
 
 TEST_F(CudaTest, HessianFromBf16MatchesCpu) {
   at::Tensor x = Inputs(4096, 512, 32, 40).to(at::kBFloat16);
-  HessianAccumulator cpu(512), gpu(512, at::Device(at::kCUDA));
+  // The GPU accumulators take the tensor-core GEMM with fp32 output: whole, and in panels of
+  // the lower half (a partial last one) accumulated in place over two Adds.
+  HessianAccumulator cpu(512), gpu(512, at::Device(at::kCUDA), /*panel=*/512),
+      panelled(512, at::Device(at::kCUDA), /*panel=*/160);
   ASSERT_TRUE(cpu.Add(x).ok());
   ASSERT_TRUE(gpu.Add(x.cuda()).ok());
-  // Both are fp32 sums of exact bf16 products in different orders: compare each with float64.
+  ASSERT_TRUE(panelled.Add(x.narrow(0, 0, 1500).cuda()).ok());
+  ASSERT_TRUE(panelled.Add(x.narrow(0, 1500, 4096 - 1500).cuda()).ok());
+  // All are fp32 sums of exact bf16 products in different orders: compare each with float64.
   at::Tensor xd = x.to(at::kDouble);
   at::Tensor ref = at::mm(xd.t(), xd).mul(2.0 / 4096);
-  for (const at::Tensor& h : {*cpu.Finalize(), gpu.Finalize()->cpu()}) {
+  for (const at::Tensor& h :
+       {*cpu.Finalize(), gpu.Finalize()->cpu(), panelled.Finalize()->cpu()}) {
     EXPECT_LT(((h.to(at::kDouble) - ref).abs().max() / ref.abs().max()).item<double>(), 3e-5);
   }
+  EXPECT_EQ(panelled.tokens(), 4096);
 }
 
 TEST_F(CudaTest, RtnAndPackingBitExactWithCpu) {

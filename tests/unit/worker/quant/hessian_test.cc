@@ -1,5 +1,5 @@
-// Hessian accumulation: (2/N)·Σ xxᵀ against float64, shard merging, bf16 inputs, zero tokens and
-// non-finite inputs.
+// Hessian accumulation: (2/N)·Σ xxᵀ against float64, shard merging, bf16 inputs, the panelled
+// lower-half product, zero tokens and non-finite inputs.
 #include "worker/quant/hessian.h"
 
 #include <ATen/ATen.h>
@@ -53,6 +53,42 @@ TEST(HessianTest, Bf16InputsAreWidenedExactly) {
   ASSERT_TRUE(acc.Add(x).ok());
   at::Tensor xd = x.to(at::kDouble);
   EXPECT_LT(MaxRelDiff(*acc.Finalize(), at::mm(xd.t(), xd).mul(2.0 / 30)), 1e-6);
+}
+
+// Panelled accumulation (the lower half, mirrored on read) against a whole product, across a
+// partial last panel, reads between Adds (mirror, then stale again), merging and bf16 inputs.
+TEST(HessianTest, PanelledLowerHalfEqualsTheWholeProduct) {
+  at::manual_seed(13);
+  const int64_t in = 53;
+  at::Tensor x1 = at::randn({40, in}), x2 = at::randn({2, 9, in}), x3 = at::randn({17, in});
+  HessianAccumulator whole(in, c10::kCPU, /*panel=*/in), panelled(in, c10::kCPU, /*panel=*/12);
+  for (const at::Tensor& x : {x1, x2}) {
+    ASSERT_TRUE(whole.Add(x).ok());
+    ASSERT_TRUE(panelled.Add(x).ok());
+  }
+  EXPECT_TRUE(at::allclose(panelled.sum(), whole.sum(), 1e-5, 1e-5));
+  // A read in between, then more rows: the mirrored half must follow the new ones.
+  ASSERT_TRUE(whole.Add(x3).ok());
+  ASSERT_TRUE(panelled.Add(x3).ok());
+  at::Tensor h = *panelled.Finalize();
+  EXPECT_TRUE(at::equal(h, h.t())) << "the mirrored upper half is the lower half's transpose";
+  at::Tensor x = at::cat({x1, x2.reshape({-1, in}), x3}).to(at::kDouble);
+  EXPECT_LT(MaxRelDiff(h, at::mm(x.t(), x).mul(2.0 / 75)), 1e-5);
+  EXPECT_TRUE(at::allclose(h, *whole.Finalize(), 1e-5, 1e-6));
+
+  // Merging a panelled accumulator whose upper half is stale takes its symmetric sum.
+  HessianAccumulator left(in, c10::kCPU, 12), right(in, c10::kCPU, 20);
+  ASSERT_TRUE(left.Add(x1).ok());
+  ASSERT_TRUE(right.Add(x3).ok());
+  ASSERT_TRUE(left.Merge(right).ok());
+  at::Tensor lr = at::cat({x1, x3}).to(at::kDouble);
+  EXPECT_LT(MaxRelDiff(*left.Finalize(), at::mm(lr.t(), lr).mul(2.0 / 57)), 1e-5);
+
+  at::Tensor xb = x1.to(at::kBFloat16);
+  HessianAccumulator b(in, c10::kCPU, 16);
+  ASSERT_TRUE(b.Add(xb).ok());
+  at::Tensor xd = xb.to(at::kDouble);
+  EXPECT_LT(MaxRelDiff(*b.Finalize(), at::mm(xd.t(), xd).mul(2.0 / 40)), 1e-6);
 }
 
 TEST(HessianTest, ZeroTokensGiveZeroHessian) {
