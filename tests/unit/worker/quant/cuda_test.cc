@@ -42,8 +42,7 @@ TEST_F(CudaTest, HessianFromBf16MatchesCpu) {
   // All are fp32 sums of exact bf16 products in different orders: compare each with float64.
   at::Tensor xd = x.to(at::kDouble);
   at::Tensor ref = at::mm(xd.t(), xd).mul(2.0 / 4096);
-  for (const at::Tensor& h :
-       {*cpu.Finalize(), gpu.Finalize()->cpu(), panelled.Finalize()->cpu()}) {
+  for (const at::Tensor& h : {*cpu.Finalize(), gpu.Finalize()->cpu(), panelled.Finalize()->cpu()}) {
     EXPECT_LT(((h.to(at::kDouble) - ref).abs().max() / ref.abs().max()).item<double>(), 3e-5);
   }
   EXPECT_EQ(panelled.tokens(), 4096);
