@@ -233,8 +233,12 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tens
     int64_t* o = order.data_ptr<int64_t>();
     for (int64_t i = 0; i < flat.size(0); ++i) o[next[fe[i]]++] = i;
   }
-  d.send_tokens = token_of.index_select(0, order);
-  d.send_weights = weights.index_select(0, order);
+  // Both on the compute device from here on (the rows' gather and the combine use them there):
+  // the combine then copies nothing from the host, so it does not wait for the round's experts,
+  // and the host prepares the next round while they run. This copy waits for the work queued
+  // before it (the previous round's), after the host work above.
+  d.send_tokens = token_of.index_select(0, order).to(o_.device);
+  d.send_weights = weights.index_select(0, order).to(o_.device);
   d.send_expert_counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + e_count);
   d.send_counts.assign(size, 0);
   for (int64_t e = 0; e < e_count; ++e) d.send_counts[OwnerOf(e)] += d.send_expert_counts[e];
@@ -356,8 +360,8 @@ absl::Status Runner::CombineInto(const Dispatch& d, const at::Tensor& expert_out
   // As the single-process MoE block: each expert's outputs (compute dtype) weighted in fp32,
   // cast, accumulated in ascending expert order (a token's experts all come in one dispatch).
   at::Tensor y_all = back->to(o_.device, o_.dtype);
-  at::Tensor tokens = d.send_tokens.to(o_.device);
-  at::Tensor weights = d.send_weights.to(o_.device);
+  const at::Tensor& tokens = d.send_tokens;
+  const at::Tensor& weights = d.send_weights;
   int64_t offset = 0;
   for (int64_t e = 0; e < config_.n_routed_experts; ++e) {
     const int64_t n = d.send_expert_counts[e];

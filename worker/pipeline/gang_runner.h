@@ -99,8 +99,9 @@ struct MoeInput {
 
 // Rows sent to expert owners (origin side) and received from every rank (owner side).
 struct Dispatch {
-  at::Tensor send_tokens;              // int64 [S]: token (row of u) of each sent row
-  at::Tensor send_weights;             // fp32 [S]
+  // On the compute device: the token (row of u) and routing weight of each sent row.
+  at::Tensor send_tokens;                   // int64 [S]
+  at::Tensor send_weights;                  // fp32 [S]
   std::vector<int64_t> send_expert_counts;  // [E]: sent rows per expert (send order = experts asc)
   std::vector<int64_t> send_counts, recv_counts;  // per rank
   at::Tensor recv_rows;     // [R, H] compute dtype, grouped by source rank
