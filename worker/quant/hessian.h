@@ -8,8 +8,8 @@
 // lower when the sum is read (sum, Finalize, Merge of this accumulator into another).
 //
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
-// Threading: one owner; Add/Merge mutate the accumulator and must not run concurrently with any
-// other call on the same object. Durability: in memory only.
+// Threading: one owner; every call on an object, the const ones included (reading the sum may
+// refresh its mirrored half), from one thread at a time. Durability: in memory only.
 #pragma once
 
 #include <ATen/core/Tensor.h>
