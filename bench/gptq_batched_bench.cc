@@ -76,18 +76,17 @@ int main(int argc, char** argv) {
     at::Tensor x = Activations(tokens, in, d, 1);
     at::Tensor held_out = Activations(4096, in, d, 2);
     at::Tensor h;
-    // The accumulator as the pipeline uses it (lower half in panels for wide inputs), and the
-    // whole product in one GEMM for comparison.
-    const double hess_ms = MedianMs(d, iters, [&] {
-      HessianAccumulator acc(in, d);
-      if (!acc.Add(x).ok()) std::abort();
-      h = Must(acc.Finalize());
-    });
-    const double whole_ms = MedianMs(d, iters, [&] {
-      HessianAccumulator acc(in, d, /*panel=*/in);
-      if (!acc.Add(x).ok()) std::abort();
-      (void)Must(acc.Finalize());
-    });
+    auto hessian_ms = [&](int64_t panel) {
+      return MedianMs(d, iters, [&] {
+        HessianAccumulator acc(in, d, panel);
+        if (!acc.Add(x).ok()) std::abort();
+        h = Must(acc.Finalize());
+      });
+    };
+    // The whole product in one GEMM for comparison, then the accumulator as the pipeline uses it
+    // (lower half in panels for wide inputs), whose H the solves below take.
+    const double whole_ms = hessian_ms(in);
+    const double hess_ms = hessian_ms(HessianAccumulator::kDefaultPanel);
     x.reset();
     std::vector<at::Tensor> hs, ws;
     std::vector<int64_t> of;
