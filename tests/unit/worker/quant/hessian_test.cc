@@ -114,6 +114,16 @@ TEST(HessianTest, NonFiniteInputsFailFinalizeAndBadShapesFailAdd) {
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(s.message().find("in_features = 4"), std::string::npos);
   EXPECT_FALSE(acc.Add(at::ones({3, 4}, at::kInt)).ok());
+
+  // Panelled: an Inf in the last column reaches only the lower half's last panel row; the
+  // mirrored sum still carries it and Finalize still refuses.
+  HessianAccumulator panelled(40, c10::kCPU, /*panel=*/8);
+  at::Tensor y = at::randn({6, 40});
+  y.index_put_({2, 39}, std::numeric_limits<float>::infinity());
+  ASSERT_TRUE(panelled.Add(y).ok());
+  absl::StatusOr<at::Tensor> hp = panelled.Finalize();
+  ASSERT_FALSE(hp.ok());
+  EXPECT_NE(hp.status().message().find("NaN or Inf"), std::string::npos);
 }
 
 }  // namespace
