@@ -33,7 +33,7 @@
 #   MQ_EPP        mq-worker --experts-per-pass (default auto, the worker's default: the plan
 #                 chooses it for the GPU; the summary says what it chose)
 #   MQ_DISPATCH   mq-worker --dispatch-tokens (default auto, the worker's default)
-#   MQ_ALLOC_CONF PYTORCH_CUDA_ALLOC_CONF for the workers (default expandable_segments:True)
+#   MQ_ALLOC_CONF PYTORCH_CUDA_ALLOC_CONF for the workers (default unset: mq-worker's own default)
 #   MQ_TARGETS    routed-experts (default, the product's default) or all-linear
 #   MQ_JOB_TIMEOUT  seconds per job before it is abandoned (default 420; also cut to what is
 #                 left of MQ_DEADLINE, default 570 s after the start)
@@ -137,8 +137,9 @@ COORD_PID=$!
 for _ in $(seq 100); do [ -s "$W/ready" ] && break; sleep 0.2; done
 ADDR=$(cat "$W/ready" 2>/dev/null)
 [ -n "$ADDR" ] || { echo "coordinator did not start"; tail "$LOG/coordinator.log"; exit 1; }
-# The caching allocator's expandable segments cut fragmentation (set MQ_ALLOC_CONF= to disable).
-export PYTORCH_CUDA_ALLOC_CONF="${MQ_ALLOC_CONF-expandable_segments:True}"
+# Unset: mq-worker's default allocator settings (expandable segments, page-locked memory made by
+# registering pages on 16 threads). MQ_ALLOC_CONF= (set, empty) runs torch's own defaults.
+if [ -n "${MQ_ALLOC_CONF+x}" ]; then export PYTORCH_CUDA_ALLOC_CONF="$MQ_ALLOC_CONF"; else unset PYTORCH_CUDA_ALLOC_CONF; fi
 WORKER_PIDS=()
 STARTS=0
 [ -z "${MQ_PROFILE_LAYERS:-}" ] || mkdir -p "$OUT/profiles"

@@ -84,7 +84,9 @@ TEST(DefaultCudaAllocatorConfig, SetsExpandableSegmentsOnlyWhereNothingIsSet) {
   ::unsetenv("PYTORCH_ALLOC_CONF");
   DefaultCudaAllocatorConfig();
   ASSERT_NE(std::getenv("PYTORCH_CUDA_ALLOC_CONF"), nullptr);
-  EXPECT_STREQ(std::getenv("PYTORCH_CUDA_ALLOC_CONF"), "expandable_segments:True");
+  EXPECT_STREQ(std::getenv("PYTORCH_CUDA_ALLOC_CONF"),
+               "expandable_segments:True,pinned_use_cuda_host_register:True,"
+               "pinned_num_register_threads:16");
 
   ::setenv("PYTORCH_CUDA_ALLOC_CONF", "", 1);  // set, even empty: the user's choice
   DefaultCudaAllocatorConfig();
