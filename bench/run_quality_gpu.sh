@@ -8,7 +8,7 @@
 # Reuses build-gpu when bench/run_layer_quant_gpu.sh built it in the same call.
 #
 # Knobs (environment):
-#   MQ_QUALITY_RUNS  "NAME:METHOD[:FLAG,FLAG...] ..." (default "gptq:gptq gptq-tf32:gptq:--tf32-update
+#   MQ_QUALITY_RUNS  "NAME:METHOD[:FLAG,FLAG...] ..." (default "gptq:gptq gptq-fp32:gptq:--tf32-update=false
 #                    rtn:rtn"); flags go to mq-client submit
 #   MQ_QUALITY_SAMPLES  calibration sequences of 256 tokens (default 128 of the 150; the
 #                    evaluation takes 16 of the rest)
@@ -21,7 +21,7 @@ source .device/env.sh
 W=/tmp/mq-quality
 rm -rf "$W"; mkdir -p "$W/logs"
 B=build-gpu
-RUNS="${MQ_QUALITY_RUNS:-gptq:gptq gptq-tf32:gptq:--tf32-update rtn:rtn}"
+RUNS="${MQ_QUALITY_RUNS:-gptq:gptq gptq-fp32:gptq:--tf32-update=false rtn:rtn}"
 DATA=tests/data/ds3-trained
 
 cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release -DMQ_ENABLE_CUDA=ON $MQ_DEVICE_CMAKE_ARGS \

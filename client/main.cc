@@ -677,7 +677,7 @@ int Submit(Client& c, int argc, char** argv, int first) {
   f.Bool("no-act-order", &no_act_order, "GPTQ: keep the original column order");
   f.Bool("tf32-update", &tf32,
          "GPTQ on GPU workers: the solve's lazy update in TF32 on the tensor cores (default "
-         "false: fp32)");
+         "true; --tf32-update=false: fp32)");
   f.Bool("include-mtp", &mtp, "also quantize the MTP layer's experts");
   f.Int("priority", &priority, "higher runs first (default 0)");
   f.Int("max-attempts", &max_attempts, "attempts before giving up (default 3)");

@@ -259,14 +259,21 @@ def test_awq_submit_fills_its_defaults(cluster, model, tmp_path):
 
 
 def test_tf32_update_is_stored_for_gptq_solves_only(cluster, model, tmp_path):
-    """--tf32-update is a setting of the GPTQ solve: stored and shown for gptq and awq-gptq,
-    stored false for RTN and AWQ (no GPTQ solve) and by default."""
+    """--tf32-update is a setting of the GPTQ solve: on by default and shown for gptq and
+    awq-gptq, off when asked (--tf32-update=false), stored false for RTN and AWQ (no GPTQ
+    solve) even when asked for."""
     cluster.start_coordinator()  # no worker: the jobs stay queued
-    job_id = submit(cluster, model, tmp_path / "tf32", "--tf32-update")
-    assert cluster.job(job_id)["job"]["spec"]["tf32_update"] is True
+    for i, args in enumerate(([], ["--tf32-update"], ["--method", "awq-gptq"])):
+        job_id = submit(cluster, model, tmp_path / f"on{i}", *args)
+        assert cluster.job(job_id)["job"]["spec"]["tf32_update"] is True, args
     human = cluster.client("status", job_id, check=True).stdout
-    assert "Method:       gptq 4-bit, group 128, symmetric, act-order, TF32 update" in human, human
-    cases = (["--method", "rtn", "--tf32-update"], ["--method", "awq", "--tf32-update"], [])
+    assert "TF32 update" in human, human
+    job_id = submit(cluster, model, tmp_path / "fp32", "--tf32-update=false")
+    assert cluster.job(job_id)["job"]["spec"]["tf32_update"] is False
+    human = cluster.client("status", job_id, check=True).stdout
+    assert "Method:       gptq 4-bit, group 128, symmetric, act-order, gang size" in human, human
+    cases = (["--method", "rtn", "--tf32-update"], ["--method", "awq", "--tf32-update"],
+             ["--method", "rtn"])
     for i, args in enumerate(cases):
         spec = cluster.job(submit(cluster, model, tmp_path / f"out{i}", *args))["job"]["spec"]
         assert spec["tf32_update"] is False, (args, spec)
