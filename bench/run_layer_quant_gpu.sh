@@ -316,6 +316,23 @@ for r in runs:
     if plan_gpu and peak:
         print(f"   GPU memory: planned {plan_gpu:.2f} GiB per rank, nvidia-smi peak {peak:.2f} GiB "
               f"({100 * (plan_gpu - peak) / peak:+.1f}%)")
+    # torch's allocator per step and rank (LayerStats.device_peak_*): bytes in tensors, bytes held
+    # from the driver, allocations retried after releasing its cache (the card was full).
+    steps = []
+    for layer in r.get("layers") or []:
+        for rep in layer.get("reports") or []:
+            st = rep.get("stats") or {}
+            if f(st.get("device_peak_reserved_bytes")):
+                steps.append((layer.get("layer"), rep.get("rank", 0),
+                              f(st.get("device_peak_allocated_bytes")) / 2**30,
+                              f(st.get("device_peak_reserved_bytes")) / 2**30,
+                              int(st.get("device_alloc_retries") or 0)))
+    if steps:
+        top = max(s[2] for s in steps)
+        print("   torch allocator, layer/rank: peak in tensors / held, retries: " + "; ".join(
+            f"L{l}/r{k} {a:.2f}/{h:.2f} GiB, {n}" for l, k, a, h, n in steps) +
+            (f"; planned {plan_gpu:.2f} GiB vs peak in tensors {top:.2f} GiB "
+             f"({100 * (plan_gpu - top) / top:+.1f}%)" if plan_gpu and top else ""))
     ps = r.get("plan_settings") or {}
     if ps.get("expert_passes"):
         how = lambda chosen: "chosen by the plan" if chosen else "given"

@@ -514,6 +514,16 @@ void PrintJob(const mq::v1::JobRecord& j,
                 << (l.dispatch_rounds() == 1 ? "" : "s") << ", " << l.expert_passes()
                 << " expert pass" << (l.expert_passes() == 1 ? "" : "es") << "\n";
     }
+    if (l.device_peak_reserved_bytes() > 0) {
+      std::cout << "GPU memory:   peak " << Bytes(l.device_peak_allocated_bytes())
+                << " in tensors, " << Bytes(l.device_peak_reserved_bytes())
+                << " held by the allocator";
+      if (l.device_alloc_retries() > 0) {
+        std::cout << ", " << l.device_alloc_retries()
+                  << " allocations retried after releasing its cache (the card was full)";
+      }
+      std::cout << "\n";
+    }
   }
   if (p.layers_committed() || p.fallbacks() || p.rare_experts()) {
     std::cout << "Fallbacks:    " << p.fallbacks() << "\n"

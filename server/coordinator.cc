@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
+#include <limits>
 #include <cstdio>
 
 #include "absl/strings/match.h"
@@ -144,6 +145,15 @@ mq::v1::LayerStats MergeStats(const mq::v1::LayerRecord& rec) {
     out.set_exchange_seconds(std::max(out.exchange_seconds(), st.exchange_seconds()));
     out.set_quantized_linears(out.quantized_linears() + st.quantized_linears());
     out.set_fallbacks(out.fallbacks() + st.fallbacks());
+    out.set_device_peak_allocated_bytes(
+        std::max(out.device_peak_allocated_bytes(), st.device_peak_allocated_bytes()));
+    out.set_device_peak_reserved_bytes(
+        std::max(out.device_peak_reserved_bytes(), st.device_peak_reserved_bytes()));
+    // Saturating: each report is validated >= 0, not bounded above.
+    out.set_device_alloc_retries(
+        std::min(out.device_alloc_retries(),
+                 std::numeric_limits<int64_t>::max() - st.device_alloc_retries()) +
+        st.device_alloc_retries());
     out.set_rare_experts(out.rare_experts() + st.rare_experts());
     for (const mq::v1::RareExpert& e : st.rare()) *out.add_rare() = e;
     for (const mq::v1::AwqMapping& m : st.awq()) *out.add_awq() = m;

@@ -594,7 +594,12 @@ absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& r) {
                                               {"fallbacks", st.fallbacks()},
                                               {"rare_experts", st.rare_experts()},
                                               {"dispatch_rounds", st.dispatch_rounds()},
-                                              {"expert_passes", st.expert_passes()}});
+                                              {"expert_passes", st.expert_passes()},
+                                              {"device_peak_allocated_bytes",
+                                               st.device_peak_allocated_bytes()},
+                                              {"device_peak_reserved_bytes",
+                                               st.device_peak_reserved_bytes()},
+                                              {"device_alloc_retries", st.device_alloc_retries()}});
       !s.ok()) {
     return s;
   }

@@ -206,6 +206,9 @@ void ToProto(const pipeline::StepStats& s, int step, int layer, mq::v1::LayerSta
     e->set_treatment(r.treatment);
   }
   p->set_mean_relative_error(s.mean_relative_error);
+  p->set_device_peak_allocated_bytes(s.device_peak_allocated_bytes);
+  p->set_device_peak_reserved_bytes(s.device_peak_reserved_bytes);
+  p->set_device_alloc_retries(s.device_alloc_retries);
   for (const pipeline::AwqMappingInfo& m : s.awq) {
     mq::v1::AwqMapping* a = p->add_awq();
     a->set_smooth(m.smooth);

@@ -19,6 +19,8 @@
 #include <utility>
 #include <vector>
 
+#include <c10/core/CachingDeviceAllocator.h>
+
 #include "absl/strings/str_cat.h"
 #include "common/path_policy.h"
 #include "worker/model/checkpoint_reader.h"
@@ -36,7 +38,27 @@
 
 namespace mq::pipeline {
 namespace gang_internal {
+namespace {
 
+// torch's caching allocator on a CUDA `device` (device-generic API, no CUDA headers); zeros and
+// no-ops elsewhere. Peaks count from the last ResetDevicePeaks; retries since the process began.
+struct DeviceMemory {
+  int64_t peak_allocated = 0, peak_reserved = 0, retries = 0;
+};
+
+void ResetDevicePeaks(const at::Device& device) {
+  if (device.is_cuda()) c10::getDeviceAllocator(device.type())->resetPeakStats(device.index());
+}
+
+DeviceMemory ReadDeviceMemory(const at::Device& device) {
+  if (!device.is_cuda()) return {};
+  const c10::CachingDeviceAllocator::DeviceStats s =
+      c10::getDeviceAllocator(device.type())->getDeviceStats(device.index());
+  constexpr auto kAll = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  return {s.allocated_bytes[kAll].peak, s.reserved_bytes[kAll].peak, s.num_alloc_retries};
+}
+
+}  // namespace
 
 void Runner::StartPrefetch(int layer) {
   if (!o_.prefetch_next_layer) return;
@@ -483,6 +505,8 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
                                          o_.total_steps, ")");
   Clock::time_point t = Clock::now();
   const double exchange0 = gang_.exchange_seconds();
+  ResetDevicePeaks(o_.device);
+  const int64_t retries0 = ReadDeviceMemory(o_.device).retries;
   Progress(where + ": loading", 0);
   marks_.Begin("mq::load");
   MQ_RETURN_IF_ERROR(EnterLayer(layer));
@@ -847,6 +871,10 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   dispatch = Dispatch();
   SyncDevice(o_.device);
   st.propagate_seconds = Since(t);
+  const DeviceMemory memory = ReadDeviceMemory(o_.device);
+  st.device_peak_allocated_bytes = memory.peak_allocated;
+  st.device_peak_reserved_bytes = memory.peak_reserved;
+  st.device_alloc_retries = memory.retries - retries0;
 
   // What this rank writes: its solved tensors, and the layer's unquantized tensors it owns.
   const std::string prefix = absl::StrCat("model.layers.", layer, ".");

@@ -51,6 +51,10 @@ struct StepStats {
   // 128 evenly spaced rows of the weight (gang_runner.h kErrorStatRows).
   double mean_relative_error = 0;
   std::vector<AwqMappingInfo> awq;   // AWQ jobs: the mappings this rank chose scales for
+  // torch's caching allocator over the step (CUDA; 0 elsewhere): peak bytes in tensors, peak
+  // bytes held from the driver, allocations retried after releasing the allocator's cache.
+  int64_t device_peak_allocated_bytes = 0, device_peak_reserved_bytes = 0;
+  int64_t device_alloc_retries = 0;
 };
 
 struct StepOutput {

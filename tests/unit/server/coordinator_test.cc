@@ -12,6 +12,7 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "common/error_text.h"
@@ -844,6 +845,10 @@ class PipelineTest : public CoordinatorTest {
     st->set_dispatch_rounds(4);
     st->set_expert_passes(2);
     st->set_exchange_seconds(0.5 + a.rank());
+    st->set_device_peak_allocated_bytes(a.rank() == 0 ? 70 : 60);
+    st->set_device_peak_reserved_bytes(a.rank() == 0 ? 75 : 80);
+    // A lying rank's huge count saturates the sum instead of wrapping around.
+    st->set_device_alloc_retries(a.rank() == 0 ? 3 : std::numeric_limits<int64_t>::max() - 1);
     mq::v1::RareExpert* rare = st->add_rare();
     rare->set_expert(7 + a.rank());
     rare->set_routed_tokens(3);
@@ -1102,6 +1107,9 @@ TEST_F(PipelineTest, PlanThenGangThenFinalizeSucceeds) {
   EXPECT_EQ(last.dispatch_rounds(), 4);  // rank 0's (the gang's)
   EXPECT_EQ(last.expert_passes(), 2);
   EXPECT_DOUBLE_EQ(last.exchange_seconds(), 1.5);  // max over ranks
+  EXPECT_EQ(last.device_peak_allocated_bytes(), 70);  // max over ranks, each peak on its own
+  EXPECT_EQ(last.device_peak_reserved_bytes(), 80);
+  EXPECT_EQ(last.device_alloc_retries(), std::numeric_limits<int64_t>::max());
   EXPECT_EQ(job.progress().fallbacks(), 4);
   EXPECT_EQ(job.progress().rare_experts(), 8);
   EXPECT_EQ(CountEvents(id, "layer_committed"), 4);

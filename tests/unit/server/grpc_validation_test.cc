@@ -345,6 +345,8 @@ TEST_F(GrpcValidationTest, MalformedReportLayerFieldsAreNamed) {
       {"stats.exchange_seconds", [](auto& r) { r.mutable_stats()->set_exchange_seconds(-0.5); }},
       {"stats.dispatch_rounds", [](auto& r) { r.mutable_stats()->set_dispatch_rounds(-1); }},
       {"stats.expert_passes", [](auto& r) { r.mutable_stats()->set_expert_passes(-2); }},
+      {"stats.device_peak_reserved_bytes", [](auto& r) { r.mutable_stats()->set_device_peak_reserved_bytes(-1); }},
+      {"stats.device_alloc_retries", [](auto& r) { r.mutable_stats()->set_device_alloc_retries(-4); }},
       {"stats.rare[0]", [](auto& r) { r.mutable_stats()->add_rare()->set_expert(-1); }},
       {"stats.awq", [](auto& r) { for (int i = 0; i < 65; ++i) r.mutable_stats()->add_awq(); }},
       {"stats.awq[1].smooth", [](auto& r) { r.mutable_stats()->add_awq(); r.mutable_stats()->add_awq()->set_smooth(std::string(513, 's')); }},
