@@ -138,6 +138,16 @@ absl::StatusOr<TensorView> SafetensorsFile::Get(const std::string& name) const {
   return view;
 }
 
+void SafetensorsFile::Release(const std::string& name) const {
+  const TensorInfo* info = header_.Find(name);
+  if (info == nullptr || base_ == nullptr) return;
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t data = reinterpret_cast<uintptr_t>(base_ + info->file_offset);
+  const uintptr_t begin = (data + page - 1) & ~(page - 1);
+  const uintptr_t end = (data + info->num_bytes()) & ~(page - 1);
+  if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 CheckpointReader::~CheckpointReader() = default;
 
 absl::StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(const std::string& dir) {
@@ -236,6 +246,19 @@ absl::StatusOr<const SafetensorsFile*> CheckpointReader::Shard(const std::string
   const SafetensorsFile* result = opened->get();
   shards_.emplace(file, *std::move(opened));
   return result;
+}
+
+void CheckpointReader::Release(const std::string& name) {
+  if (remote_ != nullptr) return;
+  auto it = shard_of_.find(name);
+  if (it == shard_of_.end()) return;
+  const SafetensorsFile* shard = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto found = shards_.find(it->second);
+    if (found != shards_.end()) shard = found->second.get();  // open until the reader goes
+  }
+  if (shard != nullptr) shard->Release(name);
 }
 
 absl::StatusOr<TensorView> CheckpointReader::Get(const std::string& name) {

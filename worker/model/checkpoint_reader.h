@@ -73,6 +73,12 @@ class SafetensorsFile {
   const SafetensorsHeader& header() const { return header_; }
   // NOT_FOUND naming the tensor and the file when absent.
   absl::StatusOr<TensorView> Get(const std::string& name) const;
+  // Drops the mapped pages lying wholly inside tensor `name` from this process (madvise
+  // MADV_DONTNEED; the pages it shares with its neighbours stay). They stay in the page cache and
+  // a later read maps them again from the file, so views stay valid: this only lowers the
+  // process's resident set once the tensor has been copied out. A hint; unknown names and
+  // failures are ignored.
+  void Release(const std::string& name) const;
 
  private:
   SafetensorsFile() = default;
@@ -124,6 +130,9 @@ class CheckpointReader {
   // (prefixed with the tensor name) when the shard is missing or malformed; NotFound when the
   // shard does not contain the tensor the index puts there.
   absl::StatusOr<TensorView> Get(const std::string& name);
+  // SafetensorsFile::Release for the tensor's shard when that shard is open; nothing for a
+  // staged remote checkpoint (its fetched buffers are the read cache's) or an unknown name.
+  void Release(const std::string& name);
 
  private:
   CheckpointReader() = default;

@@ -937,6 +937,14 @@ absl::Status Runner::WriteStep(StepWrite w) {
   if (o_.on_step) MQ_RETURN_IF_ERROR(o_.on_step(w.out));
   // The step is reported: a resume starts after it, so older checkpoints are of no use.
   if (checkpointed) RemoveCheckpointsBefore(w.out.step);
+  // Every tensor of the layer has been copied out (by its load, and by this write for the
+  // unquantized ones): their mapped pages leave the resident set, which then holds the checkpoint
+  // pages of at most the layer in work and the next one, as the plan's host estimate counts.
+  const std::string prefix = absl::StrCat("model.layers.", w.out.layer, ".");
+  for (auto n = std::lower_bound(reader_.names().begin(), reader_.names().end(), prefix);
+       n != reader_.names().end() && n->rfind(prefix, 0) == 0; ++n) {
+    reader_.Release(*n);
+  }
   return absl::OkStatus();
 }
 

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -119,6 +120,52 @@ TEST_F(CheckpointReaderTest, FileViewsPointAtTheExactBytes) {
   const TensorInfo* info = (*file)->header().Find("b.bias");
   ASSERT_NE(info, nullptr);
   EXPECT_EQ(std::memcmp(raw.data() + info->file_offset, (*file)->Get("b.bias")->data, 28), 0);
+}
+
+// Resident kB of this process's mapping that contains `address` (/proc/self/smaps); -1 if none.
+int64_t ResidentKbOfMappingAt(const void* address) {
+  std::ifstream smaps("/proc/self/smaps");
+  const unsigned long a = reinterpret_cast<uintptr_t>(address);
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    unsigned long lo = 0, hi = 0;  // a mapping's first line: "lo-hi perms offset ..."
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2) {
+      inside = lo <= a && a < hi;
+    } else if (inside && line.rfind("Rss:", 0) == 0) {
+      return std::strtoll(line.c_str() + 4, nullptr, 10);
+    }
+  }
+  return -1;
+}
+
+TEST_F(CheckpointReaderTest, ReleaseDropsATensorsPagesAndItsViewsStillRead) {
+  constexpr int64_t kBig = int64_t{32} << 20;
+  std::vector<TensorData> tensors = {Patterned("model.layers.0.a", DType::kU8, {1000}, 1),
+                                     Patterned("model.layers.0.big", DType::kU8, {kBig}, 2),
+                                     Patterned("model.layers.1.c", DType::kU8, {1000}, 3)};
+  const std::vector<TensorData> expected = tensors;
+  ASSERT_TRUE(WriteSafetensors(Path("model.safetensors"), std::move(tensors)).ok());
+  absl::StatusOr<std::unique_ptr<CheckpointReader>> reader = CheckpointReader::Open(Dir());
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  reader->get()->Release("model.layers.0.big");  // not opened yet: nothing to do
+  std::vector<TensorView> views;
+  for (const TensorData& t : expected) {
+    absl::StatusOr<TensorView> v = (*reader)->Get(t.name);
+    ASSERT_TRUE(v.ok()) << v.status();
+    EXPECT_EQ(Bytes(*v), t.bytes) << t.name;  // every page read, so resident
+    views.push_back(*v);
+  }
+  const int64_t before = ResidentKbOfMappingAt(views[1].data);
+  ASSERT_GE(before, kBig / 1024) << "the tensor's pages were read";
+
+  (*reader)->Release("model.layers.0.big");
+  (*reader)->Release("no.such.tensor");  // ignored
+  const int64_t after = ResidentKbOfMappingAt(views[1].data);
+  // All of the tensor's whole pages left; at most the two it shares with its neighbours stay.
+  EXPECT_LE(after, before - kBig / 1024 + 2 * ::sysconf(_SC_PAGESIZE) / 1024)
+      << "before " << before << " kB, after " << after << " kB";
+  // Nothing was lost: every view reads the file's bytes again, the neighbours' shared pages too.
+  for (size_t i = 0; i < views.size(); ++i) EXPECT_EQ(Bytes(views[i]), expected[i].bytes) << i;
 }
 
 TEST_F(CheckpointReaderTest, FileWithEmptyDataRegion) {
