@@ -127,11 +127,11 @@ def test_inspect_real_dimensions(cluster, tmp_path, name, params):
     print(human)
     assert "Estimate (gang of 8)" in human
     # A projected time for the whole quantize phase (one H200 per rank, GPTQ).
-    assert 5 * 60 < est["total_seconds"] < 60 * 60, est
+    assert 60 < est["total_seconds"] < 60 * 60, est
     assert "time (projected):" in human
-    # Hidden-state checkpoints (3.76 GB per rank, 7.5 s to write) every 12 (Kimi-K2: 48 experts
-    # a rank) or 14 (DeepSeek-V3: 32) layers, within 10% of a layer's time; two on disk at most.
-    every = {"kimi_k2": 12, "deepseek_v3": 14}[name]
+    # Hidden-state checkpoints (3.76 GB per rank, 7.5 s to write) every 24 (Kimi-K2: 48 experts
+    # a rank) or 28 (DeepSeek-V3: 32) layers, within 10% of a layer's time; two on disk at most.
+    every = {"kimi_k2": 24, "deepseek_v3": 28}[name]
     assert est["checkpoint_every"] == every, est
     assert int(est["scratch_bytes_per_rank"]) == 2 * 64 * 4096 * 7168 * 2
     assert f"hidden states saved:   every {every} layers (a resume replays at most {every - 1}" \

@@ -152,12 +152,15 @@ inline constexpr double kDeviceMemoryMargin = 0.05;
 inline constexpr int64_t kFallbackExpertsPerPass = 16;
 inline constexpr int64_t kFallbackDispatchTokens = 65536;
 
-// Stage rates of the quantize pipeline measured on one H200 (one full-width DeepSeek-V3 MoE
-// layer, GPTQ, 128 x 4096 tokens, gang of one, bench/RESULTS.md 2026-12-05): they turn a plan into
-// a projected time (ResourceEstimate::seconds_per_layer, total_seconds).
+// Stage rates of the quantize pipeline: they turn a plan into a projected time
+// (ResourceEstimate::seconds_per_layer, total_seconds). Load and write: one H200 (2026-12-05).
+// Per token and per expert: the steady-state layer (the second of three full-width DeepSeek-V3
+// MoE layers, GPTQ with the TF32 update, 128 x 4096 tokens, gang of one) on one H100, whose
+// tensor-core throughput an H200 shares (forward 0.9 + Hessians 1.2 + propagation 1.7 s over
+// 524,288 tokens; solve 7.07 s over 256 experts; bench/RESULTS.md 2026-12-06).
 inline constexpr double kLoadBytesPerSecond = 8.4e9;     // checkpoint bytes onto the device
-inline constexpr double kSecondsPerToken = 14.1e-6;      // forward + Hessians + propagation
-inline constexpr double kSolveSecondsPerExpert = 0.0586; // batched GPTQ of gate, up and down
+inline constexpr double kSecondsPerToken = 7.2e-6;       // forward + Hessians + propagation
+inline constexpr double kSolveSecondsPerExpert = 0.0276; // batched GPTQ of gate, up and down
 inline constexpr double kWriteBytesPerSecond = 0.5e9;    // layer file + hidden-state checkpoint
 
 // Hidden-state checkpoints. A rank's checkpoint of step s holds its hidden states after step s
@@ -180,15 +183,15 @@ inline constexpr double kWriteBytesPerSecond = 0.5e9;    // layer file + hidden-
 //   replay = T * kSecondsPerToken * kReplayShareOfTokenSeconds   (per replayed step, plus its
 //            load)
 //   resume <= (every - 1) * replay
-// DeepSeek-V3 at 512 x 4096 with GPTQ: every 14 steps on one H200 (write 60 s, layer 45 s) and
-// on 8 (write 7.5 s, layer 5.6 s); a resume replays at most 13 steps (~5 min on one H200,
-// ~40 s on 8).
+// DeepSeek-V3 at 512 x 4096 with GPTQ: every 28 steps on one H200 (write 60 s, layer 22 s) and
+// on 8 (write 7.5 s, layer 2.8 s); a resume replays at most 27 steps (~4.6 min on one H200,
+// ~35 s on 8).
 inline constexpr double kCheckpointShareOfLayer = 0.10;
 // The forward share of kSecondsPerToken: a replayed step runs attention and the experts once
-// with the committed weights (no Hessians). Of the 7.4 s per layer that rate was fitted to
-// (forward 4.3, Hessians 1.7, propagation 1.4 at 128 x 4096 tokens), forward and propagation
-// are 5.7 s.
-inline constexpr double kReplayShareOfTokenSeconds = 5.7 / 7.4;
+// with the committed weights (no Hessians). Of the 3.8 s per layer that rate was fitted to
+// (forward 0.9, Hessians 1.2, propagation 1.7 at 128 x 4096 tokens), forward and propagation
+// are 2.6 s.
+inline constexpr double kReplayShareOfTokenSeconds = 2.6 / 3.8;
 
 struct CheckpointCadence {
   int every = 1;              // steps per checkpoint (see above)

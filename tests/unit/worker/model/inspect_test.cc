@@ -868,24 +868,24 @@ TEST(PlanTest, CheckpointCadence) {
   EXPECT_EQ(c.bytes, 128 * 200 * 2);
   EXPECT_DOUBLE_EQ(c.resume_seconds, 0);
 
-  // DeepSeek-V3 at 512 x 4096 on one rank: a 30 GB checkpoint (60 s) against a 45 s layer.
+  // DeepSeek-V3 at 512 x 4096 on one rank: a 30 GB checkpoint (60 s) against a 22 s layer.
   c = ChooseCheckpointCadence(512 * 4096, 7168, 256, 61, 0);
   EXPECT_EQ(c.bytes, int64_t{512} * 4096 * 7168 * 2);
   EXPECT_DOUBLE_EQ(c.write_seconds, c.bytes / kWriteBytesPerSecond);
   EXPECT_DOUBLE_EQ(c.layer_seconds, 512 * 4096 * kSecondsPerToken + 256 * kSolveSecondsPerExpert);
-  EXPECT_EQ(c.every, 14);
-  // The smallest K within the share: 14 is, 13 is not.
+  EXPECT_EQ(c.every, 28);
+  // The smallest K within the share: 28 is, 27 is not.
   EXPECT_LE(c.write_seconds / c.every, kCheckpointShareOfLayer * c.layer_seconds);
   EXPECT_GT(c.write_seconds / (c.every - 1), kCheckpointShareOfLayer * c.layer_seconds);
-  EXPECT_EQ(c.checkpoints, 60 / 14);
-  EXPECT_DOUBLE_EQ(c.resume_seconds, 13 * c.replay_seconds);
-  EXPECT_NEAR(c.resume_seconds, 296, 1);
+  EXPECT_EQ(c.checkpoints, 60 / 28);
+  EXPECT_DOUBLE_EQ(c.resume_seconds, 27 * c.replay_seconds);
+  EXPECT_NEAR(c.resume_seconds, 279, 1);
   // More tokens per rank than the expert solve can hide: a larger cadence; fewer, a smaller one.
-  EXPECT_GT(ChooseCheckpointCadence(4 * 512 * 4096, 7168, 256, 61, 0).every, 14);
-  EXPECT_LT(ChooseCheckpointCadence(64 * 4096, 7168, 256, 61, 0).every, 14);
-  // Without MoE layers (no solve to amortise against): ceil(28.7 us / 1.41 us) = 21 per token,
+  EXPECT_GT(ChooseCheckpointCadence(4 * 512 * 4096, 7168, 256, 61, 0).every, 28);
+  EXPECT_LT(ChooseCheckpointCadence(64 * 4096, 7168, 256, 61, 0).every, 28);
+  // Without MoE layers (no solve to amortise against): ceil(28.7 us / 0.72 us) = 40 per token,
   // capped at the steps (then no checkpoint is written).
-  EXPECT_EQ(ChooseCheckpointCadence(512 * 4096, 7168, 0, 61, 0).every, 21);
+  EXPECT_EQ(ChooseCheckpointCadence(512 * 4096, 7168, 0, 61, 0).every, 40);
   c = ChooseCheckpointCadence(512 * 4096, 7168, 0, 10, 0);
   EXPECT_EQ(c.every, 10);
   EXPECT_EQ(c.checkpoints, 0);
@@ -949,7 +949,7 @@ TEST(PlanTest, DispatchRounds) {
 //             2 x 1.6 GB mapped checkpoint bytes (the MoE layer's non-expert tensors and 32
 //             experts, FP8), 46 MB ids and routing, 0.25 GiB pinned staging, 2 GiB overhead)
 //   scratch =   7,516,192,768 bytes per rank (two checkpoints of 64 x 4096 x 7168 x 2 bytes; one
-//             every 14 layers: 3.76 GB take 7.5 s to write against a 5.6 s layer)
+//             every 28 layers: 3.76 GB take 7.5 s to write against a 2.8 s layer)
 // The real DeepSeek-V3 config (671B).
 DeepseekV3Config DeepseekV3() {
   DeepseekV3Config c;
@@ -1040,8 +1040,8 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
   EXPECT_EQ(plan.estimate.dispatch_rounds, 32);
-  EXPECT_EQ(plan.estimate.checkpoint_every, 14);
-  EXPECT_NEAR(plan.estimate.resume_replay_seconds, 13 * 262144 * kSecondsPerToken * 5.7 / 7.4,
+  EXPECT_EQ(plan.estimate.checkpoint_every, 28);
+  EXPECT_NEAR(plan.estimate.resume_replay_seconds, 27 * 262144 * kSecondsPerToken * 2.6 / 3.8,
               1e-6);
   // Projected time on 8 H200s: per MoE layer 64 x 4096 tokens and 32 experts a rank.
   const double moe_compute = 11511947488.0 / 8 / kLoadBytesPerSecond +
