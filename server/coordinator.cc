@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <chrono>
 #include <climits>
-#include <limits>
 #include <cstdio>
+#include <limits>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"

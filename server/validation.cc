@@ -587,19 +587,18 @@ absl::Status ValidateReportLayer(const mq::v1::ReportLayerRequest& r) {
   for (const auto& [field, value] : seconds) {
     if (absl::Status s = CheckFiniteNonNegative(field, value); !s.ok()) return s;
   }
-  if (absl::Status s = CheckCounts("stats.", {{"expert_tokens_min", st.expert_tokens_min()},
-                                              {"expert_tokens_median", st.expert_tokens_median()},
-                                              {"expert_tokens_max", st.expert_tokens_max()},
-                                              {"quantized_linears", st.quantized_linears()},
-                                              {"fallbacks", st.fallbacks()},
-                                              {"rare_experts", st.rare_experts()},
-                                              {"dispatch_rounds", st.dispatch_rounds()},
-                                              {"expert_passes", st.expert_passes()},
-                                              {"device_peak_allocated_bytes",
-                                               st.device_peak_allocated_bytes()},
-                                              {"device_peak_reserved_bytes",
-                                               st.device_peak_reserved_bytes()},
-                                              {"device_alloc_retries", st.device_alloc_retries()}});
+  if (absl::Status s =
+          CheckCounts("stats.", {{"expert_tokens_min", st.expert_tokens_min()},
+                                 {"expert_tokens_median", st.expert_tokens_median()},
+                                 {"expert_tokens_max", st.expert_tokens_max()},
+                                 {"quantized_linears", st.quantized_linears()},
+                                 {"fallbacks", st.fallbacks()},
+                                 {"rare_experts", st.rare_experts()},
+                                 {"dispatch_rounds", st.dispatch_rounds()},
+                                 {"expert_passes", st.expert_passes()},
+                                 {"device_peak_allocated_bytes", st.device_peak_allocated_bytes()},
+                                 {"device_peak_reserved_bytes", st.device_peak_reserved_bytes()},
+                                 {"device_alloc_retries", st.device_alloc_retries()}});
       !s.ok()) {
     return s;
   }

@@ -158,10 +158,10 @@ inline constexpr int64_t kFallbackDispatchTokens = 65536;
 // MoE layers, GPTQ with the TF32 update, 128 x 4096 tokens, gang of one) on one H100, whose
 // tensor-core throughput an H200 shares (forward 0.9 + Hessians 1.2 + propagation 1.7 s over
 // 524,288 tokens; solve 7.07 s over 256 experts; bench/RESULTS.md 2026-12-06).
-inline constexpr double kLoadBytesPerSecond = 8.4e9;     // checkpoint bytes onto the device
-inline constexpr double kSecondsPerToken = 7.2e-6;       // forward + Hessians + propagation
-inline constexpr double kSolveSecondsPerExpert = 0.0276; // batched GPTQ of gate, up and down
-inline constexpr double kWriteBytesPerSecond = 0.5e9;    // layer file + hidden-state checkpoint
+inline constexpr double kLoadBytesPerSecond = 8.4e9;      // checkpoint bytes onto the device
+inline constexpr double kSecondsPerToken = 7.2e-6;        // forward + Hessians + propagation
+inline constexpr double kSolveSecondsPerExpert = 0.0276;  // batched GPTQ of gate, up and down
+inline constexpr double kWriteBytesPerSecond = 0.5e9;     // layer file + hidden-state checkpoint
 
 // Hidden-state checkpoints. A rank's checkpoint of step s holds its hidden states after step s
 // (bf16, tokens(r) * H * 2 bytes: ~30 GB for DeepSeek-V3 at 512 x 4096 on one rank). They are
