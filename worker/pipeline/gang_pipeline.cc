@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <future>
 #include <limits>
 #include <map>
@@ -42,20 +43,29 @@ namespace {
 
 // torch's caching allocator on a CUDA `device` (device-generic API, no CUDA headers); zeros and
 // no-ops elsewhere. Peaks count from the last ResetDevicePeaks; retries since the process began.
+// Statistics only: an allocator that cannot give them reads as zeros and never fails the step.
 struct DeviceMemory {
   int64_t peak_allocated = 0, peak_reserved = 0, retries = 0;
 };
 
 void ResetDevicePeaks(const at::Device& device) {
-  if (device.is_cuda()) c10::getDeviceAllocator(device.type())->resetPeakStats(device.index());
+  if (!device.is_cuda()) return;
+  try {
+    c10::getDeviceAllocator(device.type())->resetPeakStats(device.index());
+  } catch (const std::exception&) {
+  }
 }
 
 DeviceMemory ReadDeviceMemory(const at::Device& device) {
   if (!device.is_cuda()) return {};
-  const c10::CachingDeviceAllocator::DeviceStats s =
-      c10::getDeviceAllocator(device.type())->getDeviceStats(device.index());
-  constexpr auto kAll = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
-  return {s.allocated_bytes[kAll].peak, s.reserved_bytes[kAll].peak, s.num_alloc_retries};
+  try {
+    const c10::CachingDeviceAllocator::DeviceStats s =
+        c10::getDeviceAllocator(device.type())->getDeviceStats(device.index());
+    constexpr auto kAll = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    return {s.allocated_bytes[kAll].peak, s.reserved_bytes[kAll].peak, s.num_alloc_retries};
+  } catch (const std::exception&) {
+    return {};
+  }
 }
 
 }  // namespace
