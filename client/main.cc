@@ -253,7 +253,8 @@ void PrintReport(const mq::v1::InspectReport& r, bool with_layers) {
       std::snprintf(resume, sizeof(resume), "%.0f s", e.resume_replay_seconds());
       std::cout << "  hidden states saved:   every " << e.checkpoint_every()
                 << " layers (a resume replays at most " << e.checkpoint_every() - 1
-                << " layers, ~" << resume << " projected)\n";
+                << (e.checkpoint_every() == 2 ? " layer" : " layers") << ", ~" << resume
+                << " projected)\n";
     }
     if (e.expert_passes() > 0) {
       // How the settings came about: the planning worker's flags, or the plan's choice for its
