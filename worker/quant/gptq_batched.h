@@ -45,7 +45,8 @@ enum class HessianFactorization {
 
 struct GptqBatchOptions {
   // Lazy-update GEMM in TF32 (tensor cores) instead of fp32. Off: the arithmetic of QuantizeGptq
-  // with torch's default (TF32 off).
+  // with torch's default (TF32 off). Jobs turn it on unless asked not to (JobSpec.tf32_update,
+  // normalized by the coordinator); this library default stays the reference arithmetic.
   bool tf32_update = false;
   HessianFactorization factorization = HessianFactorization::kCholeskyFeedback;
   // kReversedCholesky through kernels/hessian_factor.h (flip, cuSOLVER potrf + trtri, one
