@@ -277,6 +277,13 @@ def test_tf32_update_is_stored_for_gptq_solves_only(cluster, model, tmp_path):
     for i, args in enumerate(cases):
         spec = cluster.job(submit(cluster, model, tmp_path / f"out{i}", *args))["job"]["spec"]
         assert spec["tf32_update"] is False, (args, spec)
+    # A value that is neither true nor false is refused by the client, naming it; no job is made.
+    before = cluster.client("list", check=True).stdout
+    res = cluster.client("submit", "--model", model, "--output", tmp_path / "bad",
+                         "--tf32-update=maybe")
+    assert res.returncode != 0
+    assert '--tf32-update = "maybe": must be true or false' in res.stderr, res.stderr
+    assert cluster.client("list", check=True).stdout == before
 
 
 def test_output_inside_model_is_refused(cluster, model):
