@@ -122,6 +122,13 @@ std::string Plural(int64_t n, const std::string& word) {
 // gang-wide values);
 // counts are summed; rare experts and AWQ mappings are concatenated in rank order (each rank
 // reports its own); the error is weighted by quantized linears.
+// a + b for counts validated >= 0 and not bounded above: stops at the type's maximum instead of
+// wrapping around, so that ranks reporting huge counts cannot make a sum negative.
+template <typename T>
+T SaturatingAdd(T a, T b) {
+  return std::min(a, std::numeric_limits<T>::max() - b) + b;
+}
+
 mq::v1::LayerStats MergeStats(const mq::v1::LayerRecord& rec) {
   mq::v1::LayerStats out;
   if (rec.reports_size() == 0) return out;
@@ -133,7 +140,7 @@ mq::v1::LayerStats MergeStats(const mq::v1::LayerRecord& rec) {
   out.set_expert_tokens_max(r0.expert_tokens_max());
   out.set_dispatch_rounds(r0.dispatch_rounds());
   out.set_expert_passes(r0.expert_passes());
-  double weighted_error = 0;
+  double weighted_error = 0, linears = 0;  // in double: the error's weights are not saturated
   for (const mq::v1::LayerReport& report : rec.reports()) {
     const mq::v1::LayerStats& st = report.stats();
     out.set_load_seconds(std::max(out.load_seconds(), st.load_seconds()));
@@ -143,24 +150,21 @@ mq::v1::LayerStats MergeStats(const mq::v1::LayerRecord& rec) {
     out.set_propagate_seconds(std::max(out.propagate_seconds(), st.propagate_seconds()));
     out.set_write_seconds(std::max(out.write_seconds(), st.write_seconds()));
     out.set_exchange_seconds(std::max(out.exchange_seconds(), st.exchange_seconds()));
-    out.set_quantized_linears(out.quantized_linears() + st.quantized_linears());
-    out.set_fallbacks(out.fallbacks() + st.fallbacks());
+    out.set_quantized_linears(SaturatingAdd(out.quantized_linears(), st.quantized_linears()));
+    out.set_fallbacks(SaturatingAdd(out.fallbacks(), st.fallbacks()));
     out.set_device_peak_allocated_bytes(
         std::max(out.device_peak_allocated_bytes(), st.device_peak_allocated_bytes()));
     out.set_device_peak_reserved_bytes(
         std::max(out.device_peak_reserved_bytes(), st.device_peak_reserved_bytes()));
-    // Saturating: each report is validated >= 0, not bounded above.
     out.set_device_alloc_retries(
-        std::min(out.device_alloc_retries(),
-                 std::numeric_limits<int64_t>::max() - st.device_alloc_retries()) +
-        st.device_alloc_retries());
-    out.set_rare_experts(out.rare_experts() + st.rare_experts());
+        SaturatingAdd(out.device_alloc_retries(), st.device_alloc_retries()));
+    out.set_rare_experts(SaturatingAdd(out.rare_experts(), st.rare_experts()));
     for (const mq::v1::RareExpert& e : st.rare()) *out.add_rare() = e;
     for (const mq::v1::AwqMapping& m : st.awq()) *out.add_awq() = m;
     weighted_error += st.mean_relative_error() * st.quantized_linears();
+    linears += st.quantized_linears();
   }
-  out.set_mean_relative_error(out.quantized_linears() > 0 ? weighted_error / out.quantized_linears()
-                                                          : 0.0);
+  out.set_mean_relative_error(linears > 0 ? weighted_error / linears : 0.0);
   return out;
 }
 
@@ -1835,8 +1839,8 @@ absl::StatusOr<mq::v1::ReportLayerResponse> Coordinator::ReportLayer(
     mq::v1::JobProgress* p = job.mutable_progress();
     p->set_layers_committed(prefix);
     *p->mutable_last_layer() = merged;
-    p->set_fallbacks(p->fallbacks() + merged.fallbacks());
-    p->set_rare_experts(p->rare_experts() + merged.rare_experts());
+    p->set_fallbacks(SaturatingAdd<int64_t>(p->fallbacks(), merged.fallbacks()));
+    p->set_rare_experts(SaturatingAdd<int64_t>(p->rare_experts(), merged.rare_experts()));
     auto attempt = LoadAttempt(a.job_id(), a.attempt());
     if (!attempt.ok()) return attempt.status();
     const double elapsed_s = std::max<int64_t>(0, Wall() - attempt->started_at_ms()) / 1000.0;

@@ -1190,6 +1190,36 @@ TEST_F(PipelineTest, ReportLayerIsIdempotent) {
   EXPECT_EQ(CountEvents(id, "layer_committed"), 1);
 }
 
+TEST_F(PipelineTest, HugeCountsFromEveryRankSaturateInsteadOfWrappingAround) {
+  const std::string a = RegisterQ("w-a");
+  const std::string b = RegisterQ("w-b");
+  const std::string id = SubmitGang(2);
+  Plan(id, {a, b});
+  coordinator_->Tick();
+  auto qa = Poll(a), qb = Poll(b);
+  constexpr int32_t kMax = std::numeric_limits<int32_t>::max();
+  for (int step = 0; step < 2; ++step) {
+    for (const auto& [worker, assignment] : {std::pair{a, qa}, std::pair{b, qb}}) {
+      mq::v1::ReportLayerRequest r = Layer(worker, assignment, step);
+      r.mutable_stats()->set_quantized_linears(kMax);
+      r.mutable_stats()->set_fallbacks(kMax);
+      r.mutable_stats()->set_rare_experts(kMax);
+      r.mutable_stats()->set_mean_relative_error(0.25);
+      auto response = coordinator_->ReportLayer(r);
+      ASSERT_TRUE(response.ok()) << response.status();
+    }
+  }
+  const auto job = Get(id).job();
+  ASSERT_EQ(job.progress().layers_committed(), 2);
+  const auto& last = job.progress().last_layer();
+  EXPECT_EQ(last.quantized_linears(), kMax);
+  EXPECT_EQ(last.fallbacks(), kMax);
+  EXPECT_EQ(last.rare_experts(), kMax);
+  EXPECT_DOUBLE_EQ(last.mean_relative_error(), 0.25);        // weighted by the unsaturated counts
+  EXPECT_EQ(job.progress().fallbacks(), int64_t{2} * kMax);  // two layers, each saturated
+  EXPECT_EQ(job.progress().rare_experts(), int64_t{2} * kMax);
+}
+
 TEST_F(PipelineTest, MalformedReportsAreInvalid) {
   const std::string a = RegisterQ("w-a");
   const std::string b = RegisterQ("w-b");
