@@ -613,6 +613,33 @@ TEST_F(ShrinkingShardTest, ReadingAfterTruncationIsAnErrorNamingTheFile) {
   EXPECT_TRUE(early.ok()) << early.status();
 }
 
+// A written layer's pages are released (CheckpointReader::Release) and its shard then shrinks: the
+// pages fault in again through the same guarded mapping, so the read is DATA_LOSS, not SIGBUS and
+// not zeros taken for weights.
+TEST_F(ShrinkingShardTest, ReadingAReleasedTensorAfterTruncationIsAnErrorToo) {
+  absl::StatusOr<TensorView> view = reader_->Get("big.weight");
+  ASSERT_TRUE(view.ok()) << view.status();
+  ASSERT_TRUE(LoadAsBf16(*reader_, "big.weight").ok());  // resident
+  reader_->Release("big.weight");
+  ASSERT_TRUE(LoadAsBf16(*reader_, "big.weight").ok());  // read back from the page cache
+  reader_->Release("big.weight");
+  const uint64_t faults = GuardedMappingFaults();
+  Truncate(4096);
+
+  absl::StatusOr<std::vector<uint16_t>> bits = LoadAsBf16(*reader_, "big.weight");
+  ASSERT_FALSE(bits.ok());
+  EXPECT_EQ(bits.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(std::string(bits.status().message()),
+              HasSubstr("model shard " + Path("model.safetensors") +
+                        " shrank or became unreadable while reading tensor \"big.weight\""));
+  EXPECT_GT(GuardedMappingFaults(), faults);
+  TouchTensor(*view);
+  EXPECT_EQ(CheckTensorRead(*view).code(), absl::StatusCode::kDataLoss);
+  reader_->Release("big.weight");  // releasing pages beyond the file's end is harmless
+  EXPECT_EQ(CheckTensorRead(*view).code(), absl::StatusCode::kDataLoss);
+  EXPECT_TRUE(LoadAsBf16(*reader_, "a.early").ok());
+}
+
 TEST_F(ShrinkingShardTest, FaultsOnOtherThreadsAreCaughtToo) {
   absl::StatusOr<TensorView> view = reader_->Get("big.weight");
   ASSERT_TRUE(view.ok()) << view.status();
