@@ -434,21 +434,22 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   const bool several = plan.layers.size() > 1;
   for (const RankPlan& rp : plan.ranks) {
     const int64_t tokens = SatMul(rp.num_sequences, seq);
-    int64_t in = 0, out = 0;
+    int64_t in = 0, out = 0, rewritten = 0;
     for (int layer = 0; layer < num_layers; ++layer) {
       const int64_t n = std::max(1, config.n_routed_experts);
       const int64_t own_in = SatMul(expert_input[layer], rp.num_experts) / n;
       const int64_t own_out = SatMul(expert_held[layer], rp.num_experts) / n;
-      in = std::max(in, SatAdd(plan.layers[layer].input_bytes - expert_input[layer], own_in));
+      const int64_t others_in = plan.layers[layer].input_bytes - expert_input[layer];
+      in = std::max(in, SatAdd(others_in, own_in));
+      if (rp.rank == 0) rewritten = std::max(rewritten, others_in);
       const int64_t others = rp.rank == 0 ? layer_held[layer] - expert_held[layer] : 0;
       out = std::max(out, SatAdd(others, own_out));
     }
-    host_base.push_back(
-        SatAdd({SatMul(HiddenCopyBytes(rp.num_sequences, seq, h, !request.device_is_host),
-                       several ? kHiddenCopiesOnHost : kHiddenCopiesOnHost - 1),
-                SatMul(out, 2), SatMul(in, several ? 2 : 1), SatMul({samples, seq, 4}),
-                SatMul(tokens, 8),
-                SatMul({tokens, k, 20}), kPinnedStagingBytes, kHostOverheadBytes}));
+    host_base.push_back(SatAdd(
+        {SatMul(HiddenCopyBytes(rp.num_sequences, seq, h, !request.device_is_host),
+                several ? kHiddenCopiesOnHost : kHiddenCopiesOnHost - 1),
+         SatMul(out, 2), several ? SatAdd(in, rewritten) : in, SatMul({samples, seq, 4}),
+         SatMul(tokens, 8), SatMul({tokens, k, 20}), kPinnedStagingBytes, kHostOverheadBytes}));
   }
 
   // The settings (plan.h ChooseSettings).

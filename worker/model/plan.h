@@ -270,8 +270,8 @@ bool IsCheckpointStep(int step, int steps, int every);
 //     solve:       solve(r) (+ dispatch(r) with one round: its rows are kept for propagation)
 //     propagation: the routed output (T(r) * (kHiddenCopiesOnDevice - 1)) + dispatch(r)
 //     and with preload, the next layer's replicated + experts(r) in every phase after attention
-//   gpu(r) = replicated + experts(r) + T(r) + routing(r) + max over the phases + kDeviceOverheadBytes
-//            (context, workspaces, allocator slack)
+//   gpu(r) = replicated + experts(r) + T(r) + routing(r) + max over the phases
+//            + kDeviceOverheadBytes (context, workspaces, allocator slack)
 //   preload (estimate.preload_next_layer): request.preload_next_layer, a GPU of known memory,
 //            more than one planned layer, and gpu(r) with preload <= (1 - kDeviceMemoryMargin) *
 //            device_memory_bytes on every rank with the chosen settings (the settings are chosen
@@ -286,10 +286,12 @@ bool IsCheckpointStep(int step, int steps, int every);
 //                                     plan of one layer: its step is not propagated)
 //             + out(r) * 2            the layer file's tensors: the step's being written, the
 //                                     next step's as its linears are solved
-//             + in(r) * 2             the checkpoint bytes the rank loads for the step and those
-//                                     the prefetch reads for the next one: mapped file pages,
-//                                     resident while mapped (page cache the kernel may reclaim);
-//                                     in(r) * 1 for a plan of one layer
+//             + in(r) + rewritten(r)  mapped checkpoint pages (page cache the kernel may
+//                                     reclaim), resident while mapped: one layer's, as it loads
+//                                     or as the prefetch reads it ahead (a layer's pages are
+//                                     released once it is loaded), and the previous layer's
+//                                     tensors its write reads again; in(r) alone for a plan of
+//                                     one layer
 //             (for one full-width DeepSeek-V3 layer on one H200 this is +1.0% and +2.1% over the
 //             worker's peak resident set at 512 x 4096 and 128 x 4096, bench/RESULTS.md)
 //             + samples * S * 4 + tokens(r) * 8   calibration ids: the whole set (int32) and the
@@ -301,6 +303,8 @@ bool IsCheckpointStep(int step, int steps, int every);
 //               set is host memory then)
 //     in(r) = max over layers of (stored bytes of the layer's tensors other than routed experts
 //             + the layer's routed experts' stored bytes * num_experts(r) / n_routed_experts)
+//     rewritten(r) = rank 0: max over layers of the stored bytes of the layer's tensors other
+//             than routed experts (what the write may read again); 0 for the other ranks
 //     out(r) = max over layers of (rank 0: output bytes of the layer's tensors other than routed
 //             experts; others 0) + the routed experts' output bytes * num_experts(r) /
 //             n_routed_experts, where on a GPU (not request.device_is_host) a quantized linear's

@@ -525,6 +525,11 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   model::LayerWeights& w = *loaded;
   SyncDevice(o_.device);
   st.load_seconds = Since(t);
+  // The layer is on the device: its checkpoint pages leave the resident set now, not after its
+  // write (which maps again only the few tensors it writes unquantized). The prefetch that read
+  // them ahead is finished first, so that it cannot map them back.
+  if (prefetch_.valid()) prefetch_.wait();
+  ReleaseLayerPages(layer);
   // The next layer's bytes come from storage while this one computes.
   if (step + 1 < static_cast<int>(layers_.size())) StartPrefetch(layers_[step + 1]);
 
@@ -947,21 +952,24 @@ absl::Status Runner::WriteStep(StepWrite w) {
   if (o_.on_step) MQ_RETURN_IF_ERROR(o_.on_step(w.out));
   // The step is reported: a resume starts after it, so older checkpoints are of no use.
   if (checkpointed) RemoveCheckpointsBefore(w.out.step);
-  // Every tensor of the layer has been copied out (by its load, and by this write for the
-  // unquantized ones): their mapped pages leave the resident set, which then holds the checkpoint
-  // pages of at most the layer in work and the next one, as the plan's host estimate counts.
-  const std::string prefix = absl::StrCat("model.layers.", w.out.layer, ".");
+  // The tensors this write read from the checkpoint leave the resident set again.
+  ReleaseLayerPages(w.out.layer);
+  return absl::OkStatus();
+}
+
+void Runner::ReleaseLayerPages(int layer) const {
+  const std::string prefix = absl::StrCat("model.layers.", layer, ".");
   for (auto n = std::lower_bound(reader_.names().begin(), reader_.names().end(), prefix);
        n != reader_.names().end() && n->rfind(prefix, 0) == 0; ++n) {
     reader_.Release(*n);
   }
-  return absl::OkStatus();
 }
 
 absl::Status Runner::Replay(int step, int layer, const FileSetReader& committed) {
   MQ_RETURN_IF_ERROR(EnterLayer(layer));
   absl::StatusOr<model::LayerWeights> loaded = Load(layer);
   if (!loaded.ok()) return loaded.status();
+  ReleaseLayerPages(layer);  // a resume replaying many layers keeps none of them mapped
   if (quant::UsesAwq(o_.method)) MQ_RETURN_IF_ERROR(UseCommittedTensors(*loaded, committed));
   model::WeightOverrides overrides;
   for (const std::string& m : quant::QuantizedLinears(config_, layer, o_.format)) {

@@ -253,6 +253,9 @@ class Runner {
   // cache on another thread (the previous prefetch is waited for first).
   void StartPrefetch(int layer);
   void StopPrefetch();
+  // The mapped checkpoint pages of `layer`'s tensors leave the resident set
+  // (CheckpointReader::Release): nothing is lost, a later read maps them again.
+  void ReleaseLayerPages(int layer) const;
   // Writes the step's files and checkpoint, then reports it (o_.on_step). Touches no device
   // tensor and no member that a running step changes, so it may run beside the next step.
   absl::Status WriteStep(StepWrite w);
