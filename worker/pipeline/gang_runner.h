@@ -107,6 +107,11 @@ struct Dispatch {
   at::Tensor recv_rows;     // [R, H] compute dtype, grouped by source rank
   at::Tensor recv_order;    // int64 [R]: received rows ordered by (expert, source, token)
   std::vector<int64_t> recv_expert_counts;  // [E]
+  // On the compute device, for a dispatch of every routed entry of its tokens (not a pass's):
+  // the tokens (rows of u) in the order of combine_entries' columns, and [k, T] positions in
+  // send order of each token's k rows, by ascending expert. Undefined otherwise.
+  at::Tensor combine_tokens;   // int64 [T]
+  at::Tensor combine_entries;  // int64 [k, T]
 };
 
 // How the MoE block's routed rows are dispatched, the same on every rank (rank 0's settings).
