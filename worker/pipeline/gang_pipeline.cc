@@ -16,7 +16,6 @@
 #include <limits>
 #include <map>
 #include <memory>
-#include <numeric>
 #include <set>
 #include <utility>
 #include <vector>
@@ -32,6 +31,7 @@
 #include "worker/model/plan.h"
 #include "worker/model/safetensors_writer.h"
 #include "worker/model/tensor_io.h"
+#include "worker/pipeline/moe_combine.h"
 #include "worker/quant/gptq_batched.h"
 #include "worker/quant/hessian.h"
 #include "worker/quant/layer_tools.h"
@@ -41,6 +41,9 @@
 namespace mq::pipeline {
 namespace gang_internal {
 namespace {
+
+// Device bytes of one chunk of rows gathered by CombinePerToken in CombineInto.
+constexpr int64_t kCombineChunkBytes = int64_t{256} << 20;
 
 // torch's caching allocator on a CUDA `device` (device-generic API, no CUDA headers); zeros and
 // no-ops elsewhere. Peaks count from the last ResetDevicePeaks; retries since the process began.
@@ -272,26 +275,10 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tens
   // before it (the previous round's), after the host work above.
   d.send_tokens = token_of.index_select(0, order).to(o_.device);
   d.send_weights = weights.index_select(0, order).to(o_.device);
-  if (!in_pass && k > 0) {
-    // Each token's k entries (a token's experts are distinct) by ascending expert, as positions
-    // in send order.
-    const int64_t n = flat.size(0), t_count = n / k;
-    std::vector<int64_t> position(static_cast<size_t>(n));
-    const int64_t* o = order.data_ptr<int64_t>();
-    for (int64_t p = 0; p < n; ++p) position[o[p]] = p;
-    at::Tensor entries = at::empty({k, t_count}, at::kLong);
-    int64_t* en = entries.data_ptr<int64_t>();
-    const int64_t* fe = flat.data_ptr<int64_t>();
-    std::vector<int64_t> slots(static_cast<size_t>(k));
-    for (int64_t t = 0; t < t_count; ++t) {
-      const int64_t* experts = fe + t * k;
-      std::iota(slots.begin(), slots.end(), int64_t{0});
-      std::sort(slots.begin(), slots.end(),
-                [&](int64_t a, int64_t b) { return experts[a] < experts[b]; });
-      for (int64_t j = 0; j < k; ++j) en[j * t_count + t] = position[t * k + slots[j]];
-    }
-    d.combine_tokens = (tokens.defined() ? tokens : at::arange(t_count, at::kLong)).to(o_.device);
-    d.combine_entries = entries.to(o_.device);
+  if (!in_pass && k > 0) {  // every entry of the selected tokens: the combine goes by token
+    d.combine_tokens =
+        (tokens.defined() ? tokens : at::arange(flat.size(0) / k, at::kLong)).to(o_.device);
+    d.combine_entries = CombineEntries(flat, order, k).to(o_.device);
   }
   d.send_expert_counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + e_count);
   d.send_counts.assign(size, 0);
@@ -415,27 +402,10 @@ absl::Status Runner::CombineInto(const Dispatch& d, const at::Tensor& expert_out
   // cast, accumulated in ascending expert order (a token's experts all come in one dispatch).
   at::Tensor y_all = back->to(o_.device, o_.dtype);
   if (d.combine_entries.defined() && y_all.scalar_type() == out.scalar_type()) {
-    // The same roundings in the same order, token by token: the weighting in place (fp32
-    // arithmetic, stored in the compute dtype), then the k rows of each token added to its row
-    // of `out` by ascending expert. Gathers and adds of whole rows, no atomic scatter-add.
-    if (d.combine_tokens.size(0) == 0) return absl::OkStatus();
-    y_all.mul_(d.send_weights.unsqueeze(1));
-    at::Tensor sum = out.index_select(0, d.combine_tokens);
-    for (int64_t j = 0; j < d.combine_entries.size(0); ++j) {
-      sum.add_(y_all.index_select(0, d.combine_entries[j]));
-    }
-    out.index_copy_(0, d.combine_tokens, sum);
-    return absl::OkStatus();
-  }
-  const at::Tensor& tokens = d.send_tokens;
-  const at::Tensor& weights = d.send_weights;
-  int64_t offset = 0;
-  for (int64_t e = 0; e < config_.n_routed_experts; ++e) {
-    const int64_t n = d.send_expert_counts[e];
-    if (n == 0) continue;
-    at::Tensor y = y_all.narrow(0, offset, n) * weights.narrow(0, offset, n).unsqueeze(1);
-    out.index_add_(0, tokens.narrow(0, offset, n), y.to(out.scalar_type()));
-    offset += n;
+    CombinePerToken(y_all, d.send_weights, d.combine_tokens, d.combine_entries, out,
+                    kCombineChunkBytes);
+  } else {
+    CombinePerExpert(y_all, d.send_weights, d.send_tokens, d.send_expert_counts, out);
   }
   return absl::OkStatus();
 }
