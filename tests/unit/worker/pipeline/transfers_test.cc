@@ -108,6 +108,7 @@ TEST(HostTransfersTest, OnTheCpuUploadsAndDownloadsArePlainCopies) {
 struct PipelineRun {
   std::map<std::string, std::string> files;
   std::vector<bool> preloaded;
+  std::vector<StepStats> stats;
 };
 
 // bf16, 8 sequences of 24 tokens in 4 chunks per layer.
@@ -129,6 +130,7 @@ PipelineRun RunPipeline(const std::string& model, const std::string& out, at::De
   o.on_step = [&](const StepOutput& s) -> absl::Status {
     for (const OutputFileInfo& f : s.files) run.files[f.name] = f.sha256;
     run.preloaded.push_back(s.stats.preloaded);
+    run.stats.push_back(s.stats);
     return absl::OkStatus();
   };
   std::vector<std::string> warnings;
@@ -161,6 +163,22 @@ void ExpectPreloadChangesNothing(at::Device device) {
   EXPECT_EQ(with.files, without.files);
   EXPECT_EQ(with.preloaded, std::vector<bool>({false, true, true}));
   EXPECT_EQ(without.preloaded, std::vector<bool>({false, false, false}));
+  // Each step's GPU memory peaks come from torch's caching allocator on CUDA; the CPU has none.
+  for (const PipelineRun* run : {&with, &without}) {
+    ASSERT_EQ(run->stats.size(), 3u);
+    for (size_t step = 0; step < run->stats.size(); ++step) {
+      const StepStats& st = run->stats[step];
+      if (device.is_cuda()) {
+        EXPECT_GT(st.device_peak_allocated_bytes, 0) << "step " << step;
+        EXPECT_GE(st.device_peak_reserved_bytes, st.device_peak_allocated_bytes);
+        EXPECT_GE(st.device_alloc_retries, 0);
+      } else {
+        EXPECT_EQ(st.device_peak_allocated_bytes, 0);
+        EXPECT_EQ(st.device_peak_reserved_bytes, 0);
+        EXPECT_EQ(st.device_alloc_retries, 0);
+      }
+    }
+  }
 }
 
 TEST(PreloadTest, GangPipelineWritesTheSameFilesWithAndWithoutPreload) {
