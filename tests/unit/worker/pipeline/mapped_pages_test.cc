@@ -6,16 +6,19 @@
 // are released the same way. The pages are measured in /proc/self/smaps (Rss of the mappings of
 // the checkpoint's shard files).
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <map>
 #include <string>
 #include <vector>
 
+#include "tests/unit/worker/model/engine/engine_test_util.h"
 #include "tests/unit/worker/pipeline/pipeline_test_util.h"
 #include "worker/model/config.h"
 #include "worker/pipeline/gang_pipeline.h"
@@ -24,28 +27,18 @@
 namespace mq::pipeline {
 namespace {
 
-namespace fs = std::filesystem;
-
-std::string TempDir() {
-  char tmpl[] = "/tmp/mq-mapped-pages-test-XXXXXX";
-  const char* d = ::mkdtemp(tmpl);
-  EXPECT_NE(d, nullptr);
-  return d ? d : "/tmp";
-}
-
 // Three decoder layers (layer 0 dense), one shard per layer. Each MoE layer holds 16 FP8 experts
-// of 256 x 1024 (12 MiB) and about 0.2 MiB of other tensors.
+// of 256 x 1024 (12 MiB) and about 0.2 MiB of other tensors. The path is resolved (realpath), as
+// /proc/self/smaps names the mapped files.
 const std::string& Model() {
   static const std::string* dir = [] {
-    const char* build = std::getenv("MQ_BUILD_DIR");
-    auto* d = new std::string(TempDir() + "/model");
-    const std::string cmd = std::string(build ? build : ".") +
-                            "/tests/tools/mq-gen-model --output '" + *d +
-                            "' --layers 3 --dense-layers 1 --experts 16 --experts-per-tok 2 "
-                            "--groups 2 --hidden 256 --intermediate 256 --moe-intermediate 1024 "
-                            "--heads 2 --vocab 256 --shards 5 > /dev/null";
-    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd << " (set MQ_BUILD_DIR)";
-    return d;
+    const std::string made = model::testing::GenerateModel(
+        "mapped_pages",
+        {"--layers 3", "--dense-layers 1", "--experts 16", "--experts-per-tok 2", "--groups 2",
+         "--hidden 256", "--intermediate 256", "--moe-intermediate 1024", "--heads 2",
+         "--vocab 256", "--shards 5", "> /dev/null"});
+    char resolved[PATH_MAX];
+    return new std::string(!made.empty() && ::realpath(made.c_str(), resolved) ? resolved : "");
   }();
   return *dir;
 }
@@ -59,7 +52,7 @@ int64_t ResidentKbUnder(const std::string& dir) {
     unsigned long lo = 0, hi = 0;  // a mapping's first line: "lo-hi perms offset dev inode path"
     if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2) {
       const size_t slash = line.find('/');
-      inside = slash != std::string::npos && line.compare(slash, dir.size(), dir) == 0;
+      inside = slash != std::string::npos && line.compare(slash, dir.size() + 1, dir + "/") == 0;
     } else if (inside && line.rfind("Rss:", 0) == 0) {
       kb += std::strtoll(line.c_str() + 4, nullptr, 10);
     }
@@ -70,8 +63,10 @@ int64_t ResidentKbUnder(const std::string& dir) {
 class MappedPagesTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    tmp_ = TempDir();
-    model_ = fs::canonical(Model()).string();
+    model_ = Model();
+    ASSERT_FALSE(model_.empty());
+    tmp_ = model_ + "-runs";  // beside the model: its files are not the checkpoint's
+    ASSERT_TRUE(::mkdir(tmp_.c_str(), 0755) == 0 || errno == EEXIST) << tmp_;
     base_ = testing::PipelineOptions(model_, tmp_ + "/out", testing::RandomSamples(8, 32, 256, 5));
     ASSERT_EQ(base_.total_steps, 3);
     base_.overlap_writes = false;  // on_step runs on this thread, right after the step's write
@@ -110,8 +105,10 @@ TEST_F(MappedPagesTest, ALoadedLayersPagesLeaveTheResidentSetBeforeItsWrite) {
   absl::StatusOr<GangPipelineResult> r = Run(tmp_ + "/a", 0, {}, &steps, &kb);
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(kb.size(), 3u);
-  // Reporting step 1 (MoE layer 1): layer 1's unquantized tensors and the prefetched layer 2.
+  // Reporting step 1 (MoE layer 1): layer 1's unquantized tensors and the prefetched layer 2
+  // (which also shows that the measurement sees the checkpoint's mappings).
   EXPECT_LT(kb[1], ExpertKb() + ExpertKb() / 4) << "layer 1's experts stayed mapped";
+  EXPECT_GT(kb[1], ExpertKb() / 2) << "the prefetched layer 2 is not seen in /proc/self/smaps";
   // Reporting the last step: nothing is prefetched after it, and its experts were released
   // after their load, so less than a quarter of one layer's experts is resident.
   EXPECT_LT(kb[2], ExpertKb() / 4) << "layer 2's experts stayed mapped";
