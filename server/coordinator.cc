@@ -117,11 +117,6 @@ std::string Plural(int64_t n, const std::string& word) {
   return absl::StrCat(n, " ", word, n == 1 ? "" : "s");
 }
 
-// Stats of a committed step from its ranks' reports (sorted by rank): stage seconds are the
-// slowest rank's; token counts, dispatch rounds, passes and step/layer are rank 0's (ranks report
-// gang-wide values);
-// counts are summed; rare experts and AWQ mappings are concatenated in rank order (each rank
-// reports its own); the error is weighted by quantized linears.
 // a + b for counts validated >= 0 and not bounded above: stops at the type's maximum instead of
 // wrapping around, so that ranks reporting huge counts cannot make a sum negative.
 template <typename T>
@@ -129,6 +124,11 @@ T SaturatingAdd(T a, T b) {
   return std::min(a, std::numeric_limits<T>::max() - b) + b;
 }
 
+// Stats of a committed step from its ranks' reports (sorted by rank): stage seconds are the
+// slowest rank's; token counts, dispatch rounds, passes and step/layer are rank 0's (ranks report
+// gang-wide values); GPU memory peaks are the largest rank's; counts are summed, saturating;
+// rare experts and AWQ mappings are concatenated in rank order (each rank reports its own); the
+// error is weighted by quantized linears.
 mq::v1::LayerStats MergeStats(const mq::v1::LayerRecord& rec) {
   mq::v1::LayerStats out;
   if (rec.reports_size() == 0) return out;
