@@ -78,9 +78,8 @@ void Runner::StartPrefetch(int layer) {
   if (!o_.prefetch_next_layer) return;
   if (prefetch_.valid()) prefetch_.wait();
   std::vector<std::string> names;
-  const std::string prefix = absl::StrCat("model.layers.", layer, ".");
-  for (const std::string& n : reader_.names()) {
-    if (n.rfind(prefix, 0) == 0 && Owns(n)) names.push_back(n);
+  for (const std::string& n : LayerNames(layer)) {
+    if (Owns(n)) names.push_back(n);
   }
   // Get runs on the prefetch thread too: for a staged remote checkpoint it is the fetch.
   prefetch_ = std::async(std::launch::async, [this, names = std::move(names)] {
@@ -897,9 +896,8 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   st.device_alloc_retries = memory.retries - retries0;
 
   // What this rank writes: its solved tensors, and the layer's unquantized tensors it owns.
-  const std::string prefix = absl::StrCat("model.layers.", layer, ".");
-  for (const std::string& n : reader_.names()) {
-    if (n.rfind(prefix, 0) != 0 || quant::EndsWith(n, model::kScaleInvSuffix)) continue;
+  for (const std::string& n : LayerNames(layer)) {
+    if (quant::EndsWith(n, model::kScaleInvSuffix)) continue;
     if (quant::EndsWith(n, ".weight") && written_quantized.count(n.substr(0, n.size() - 7))) {
       continue;
     }
@@ -962,12 +960,17 @@ absl::Status Runner::WriteStep(StepWrite w) {
   return absl::OkStatus();
 }
 
-void Runner::ReleaseLayerPages(int layer) const {
+std::span<const std::string> Runner::LayerNames(int layer) const {
   const std::string prefix = absl::StrCat("model.layers.", layer, ".");
-  for (auto n = std::lower_bound(reader_.names().begin(), reader_.names().end(), prefix);
-       n != reader_.names().end() && n->rfind(prefix, 0) == 0; ++n) {
-    reader_.Release(*n);
-  }
+  const std::vector<std::string>& names = reader_.names();
+  const auto first = std::lower_bound(names.begin(), names.end(), prefix);
+  auto last = first;
+  while (last != names.end() && last->rfind(prefix, 0) == 0) ++last;
+  return {first, last};
+}
+
+void Runner::ReleaseLayerPages(int layer) const {
+  for (const std::string& n : LayerNames(layer)) reader_.Release(n);
 }
 
 absl::Status Runner::Replay(int step, int layer, const FileSetReader& committed) {

@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -258,6 +259,8 @@ class Runner {
   // cache on another thread (the previous prefetch is waited for first).
   void StartPrefetch(int layer);
   void StopPrefetch();
+  // The checkpoint's tensor names of `layer` ("model.layers.<layer>."), sorted.
+  std::span<const std::string> LayerNames(int layer) const;
   // The mapped checkpoint pages of `layer`'s tensors leave the resident set
   // (CheckpointReader::Release): nothing is lost, a later read maps them again.
   void ReleaseLayerPages(int layer) const;
