@@ -16,12 +16,14 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/unit/worker/model/smaps_test_util.h"
 #include "worker/model/fp8.h"
 #include "worker/model/mapping_guard.h"
 #include "worker/model/numeric.h"
@@ -122,20 +124,11 @@ TEST_F(CheckpointReaderTest, FileViewsPointAtTheExactBytes) {
   EXPECT_EQ(std::memcmp(raw.data() + info->file_offset, (*file)->Get("b.bias")->data, 28), 0);
 }
 
-// Resident kB of this process's mapping that contains `address` (/proc/self/smaps); -1 if none.
+// Resident kB of this process's mapping that contains `address`.
 int64_t ResidentKbOfMappingAt(const void* address) {
-  std::ifstream smaps("/proc/self/smaps");
-  const unsigned long a = reinterpret_cast<uintptr_t>(address);
-  bool inside = false;
-  for (std::string line; std::getline(smaps, line);) {
-    unsigned long lo = 0, hi = 0;  // a mapping's first line: "lo-hi perms offset ..."
-    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2) {
-      inside = lo <= a && a < hi;
-    } else if (inside && line.rfind("Rss:", 0) == 0) {
-      return std::strtoll(line.c_str() + 4, nullptr, 10);
-    }
-  }
-  return -1;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(address);
+  return testing::ResidentKbOfMappings(
+      [a](uintptr_t lo, uintptr_t hi, std::string_view) { return lo <= a && a < hi; });
 }
 
 TEST_F(CheckpointReaderTest, ReleaseDropsATensorsPagesAndItsViewsStillRead) {
@@ -585,6 +578,21 @@ class ShrinkingShardTest : public CheckpointReaderTest {
   void Truncate(off_t size) {
     ASSERT_EQ(::truncate(Path("model.safetensors").c_str(), size), 0) << std::strerror(errno);
   }
+  // After Truncate(4096): reading big.weight is DATA_LOSS naming the shard and its size, through
+  // a caught fault (more than `faults_before`); the process lives on, and the same view keeps
+  // failing when prefetched and checked.
+  void ExpectTruncatedReadFails(const TensorView& view, uint64_t faults_before) {
+    absl::StatusOr<std::vector<uint16_t>> bits = LoadAsBf16(*reader_, "big.weight");
+    ASSERT_FALSE(bits.ok());
+    EXPECT_EQ(bits.status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_THAT(std::string(bits.status().message()),
+                HasSubstr("model shard " + Path("model.safetensors") +
+                          " shrank or became unreadable while reading tensor \"big.weight\""));
+    EXPECT_THAT(std::string(bits.status().message()), HasSubstr("4096 bytes on disk now"));
+    EXPECT_GT(GuardedMappingFaults(), faults_before);
+    TouchTensor(view);
+    EXPECT_EQ(CheckTensorRead(view).code(), absl::StatusCode::kDataLoss);
+  }
   std::unique_ptr<CheckpointReader> reader_;
 };
 
@@ -595,19 +603,9 @@ TEST_F(ShrinkingShardTest, ReadingAfterTruncationIsAnErrorNamingTheFile) {
   ASSERT_TRUE(LoadAsBf16(*reader_, "big.weight").ok());
   const uint64_t faults = GuardedMappingFaults();
   Truncate(4096);
-
-  absl::StatusOr<std::vector<uint16_t>> bits = LoadAsBf16(*reader_, "big.weight");
-  ASSERT_FALSE(bits.ok());
-  EXPECT_EQ(bits.status().code(), absl::StatusCode::kDataLoss);
-  EXPECT_THAT(std::string(bits.status().message()),
-              HasSubstr("model shard " + Path("model.safetensors") +
-                        " shrank or became unreadable while reading tensor \"big.weight\""));
-  EXPECT_THAT(std::string(bits.status().message()), HasSubstr("4096 bytes on disk now"));
-  EXPECT_GT(GuardedMappingFaults(), faults);
   // The process is alive; the same view keeps failing, and prefetching it neither crashes nor
   // succeeds silently.
-  TouchTensor(*view);
-  EXPECT_EQ(CheckTensorRead(*view).code(), absl::StatusCode::kDataLoss);
+  ExpectTruncatedReadFails(*view, faults);
   // A tensor entirely inside the surviving first page was read intact.
   absl::StatusOr<std::vector<uint16_t>> early = LoadAsBf16(*reader_, "a.early");
   EXPECT_TRUE(early.ok()) << early.status();
@@ -625,16 +623,7 @@ TEST_F(ShrinkingShardTest, ReadingAReleasedTensorAfterTruncationIsAnErrorToo) {
   reader_->Release("big.weight");
   const uint64_t faults = GuardedMappingFaults();
   Truncate(4096);
-
-  absl::StatusOr<std::vector<uint16_t>> bits = LoadAsBf16(*reader_, "big.weight");
-  ASSERT_FALSE(bits.ok());
-  EXPECT_EQ(bits.status().code(), absl::StatusCode::kDataLoss);
-  EXPECT_THAT(std::string(bits.status().message()),
-              HasSubstr("model shard " + Path("model.safetensors") +
-                        " shrank or became unreadable while reading tensor \"big.weight\""));
-  EXPECT_GT(GuardedMappingFaults(), faults);
-  TouchTensor(*view);
-  EXPECT_EQ(CheckTensorRead(*view).code(), absl::StatusCode::kDataLoss);
+  ExpectTruncatedReadFails(*view, faults);
   reader_->Release("big.weight");  // releasing pages beyond the file's end is harmless
   EXPECT_EQ(CheckTensorRead(*view).code(), absl::StatusCode::kDataLoss);
   EXPECT_TRUE(LoadAsBf16(*reader_, "a.early").ok());

@@ -11,14 +11,15 @@
 
 #include <cerrno>
 #include <climits>
-#include <cstdio>
+#include <cstdint>
 #include <cstdlib>
-#include <fstream>
 #include <map>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "tests/unit/worker/model/engine/engine_test_util.h"
+#include "tests/unit/worker/model/smaps_test_util.h"
 #include "tests/unit/worker/pipeline/pipeline_test_util.h"
 #include "worker/model/config.h"
 #include "worker/pipeline/gang_pipeline.h"
@@ -45,19 +46,9 @@ const std::string& Model() {
 
 // Resident kB of this process's mappings of files under `dir`.
 int64_t ResidentKbUnder(const std::string& dir) {
-  std::ifstream smaps("/proc/self/smaps");
-  bool inside = false;
-  int64_t kb = 0;
-  for (std::string line; std::getline(smaps, line);) {
-    unsigned long lo = 0, hi = 0;  // a mapping's first line: "lo-hi perms offset dev inode path"
-    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2) {
-      const size_t slash = line.find('/');
-      inside = slash != std::string::npos && line.compare(slash, dir.size() + 1, dir + "/") == 0;
-    } else if (inside && line.rfind("Rss:", 0) == 0) {
-      kb += std::strtoll(line.c_str() + 4, nullptr, 10);
-    }
-  }
-  return kb;
+  return model::testing::ResidentKbOfMappings([&](uintptr_t, uintptr_t, std::string_view path) {
+    return path.substr(0, dir.size() + 1) == dir + "/";
+  });
 }
 
 class MappedPagesTest : public ::testing::Test {
