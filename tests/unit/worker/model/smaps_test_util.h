@@ -23,8 +23,9 @@ inline int64_t ResidentKbOfMappings(
     unsigned long lo = 0, hi = 0;  // a mapping's first line: "lo-hi perms offset dev inode path"
     if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2) {
       const size_t slash = line.find('/');
-      inside = keep(lo, hi, slash == std::string::npos ? std::string_view()
-                                                       : std::string_view(line).substr(slash));
+      const std::string_view path =
+          slash == std::string::npos ? std::string_view() : std::string_view(line).substr(slash);
+      inside = keep(lo, hi, path);
     } else if (inside && line.rfind("Rss:", 0) == 0) {
       kb += std::strtoll(line.c_str() + 4, nullptr, 10);
     }
