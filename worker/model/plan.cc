@@ -449,7 +449,7 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
         {SatMul(HiddenCopyBytes(rp.num_sequences, seq, h, !request.device_is_host),
                 several ? kHiddenCopiesOnHost : kHiddenCopiesOnHost - 1),
          SatMul(out, 2), several ? SatAdd(in, rewritten) : in, SatMul({samples, seq, 4}),
-         SatMul(tokens, 8), SatMul({tokens, k, 20}), kPinnedStagingBytes, kHostOverheadBytes}));
+         SatMul(tokens, 8), SatMul({tokens, k, 32}), kPinnedStagingBytes, kHostOverheadBytes}));
   }
 
   // The settings (plan.h ChooseSettings).

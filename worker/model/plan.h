@@ -296,8 +296,10 @@ bool IsCheckpointStep(int step, int steps, int every);
 //             worker's peak resident set at 512 x 4096 and 128 x 4096, bench/RESULTS.md)
 //             + samples * S * 4 + tokens(r) * 8   calibration ids: the whole set (int32) and the
 //                                     rank's sequences (int64)
-//             + tokens(r) * k * 20    routing on the host: top-k indices (int64) and weights
-//                                     (fp32), the dispatch rows (int64); 0 without MoE layers
+//             + tokens(r) * k * 32    routing on the host: top-k indices (int64) and weights
+//                                     (fp32), the dispatch rows (int64), and every dispatch
+//                                     round's entries sorted by expert for the expert passes
+//                                     (int64 token, fp32 weight); 0 without MoE layers
 //             + kPinnedStagingBytes + kHostOverheadBytes
 //             + gpu(r) - kDeviceOverheadBytes when request.device_is_host (the device's working
 //               set is host memory then)

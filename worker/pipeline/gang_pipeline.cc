@@ -230,12 +230,11 @@ absl::StatusOr<MoeInput> Runner::Attention(const model::LayerWeights& w,
   });
 }
 
-absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tensor& tokens,
-                                              const std::vector<bool>* in_pass) {
+absl::StatusOr<RoutedEntries> Runner::SortEntries(const MoeInput& in, const at::Tensor& tokens) {
   const int64_t e_count = config_.n_routed_experts, k = config_.num_experts_per_tok;
   const int size = gang_.size();
-  Dispatch d;
-  // (token, expert) entries of the selected tokens, optionally only the pass's experts.
+  RoutedEntries r;
+  // (token, expert) entries of the selected tokens, token by token.
   at::Tensor flat = in.topk_indices;
   at::Tensor weights = in.topk_weights;
   at::Tensor token_of = at::arange(flat.size(0), at::kLong);
@@ -244,53 +243,64 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tens
     weights = weights.index_select(0, tokens);
     token_of = tokens;
   }
-  flat = flat.reshape({-1}).contiguous();
+  r.experts = flat.reshape({-1}).contiguous();
   weights = weights.reshape({-1});
   token_of = token_of.repeat_interleave(k);
-  if (in_pass) {
-    at::Tensor keep = at::empty({flat.size(0)}, at::kBool);
-    const int64_t* e = flat.data_ptr<int64_t>();
-    bool* kp = keep.data_ptr<bool>();
-    for (int64_t i = 0; i < flat.size(0); ++i) kp[i] = (*in_pass)[e[i]];
-    at::Tensor idx = at::nonzero(keep).reshape({-1});
-    flat = flat.index_select(0, idx);
-    weights = weights.index_select(0, idx);
-    token_of = token_of.index_select(0, idx);
-  }
-  at::Tensor counts = at::bincount(flat, {}, e_count);
+  const at::Tensor counts = at::bincount(r.experts, {}, e_count);
+  r.counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + e_count);
+  r.starts.assign(static_cast<size_t>(e_count), 0);
+  for (int64_t e = 1; e < e_count; ++e) r.starts[e] = r.starts[e - 1] + r.counts[e - 1];
   // The entries by expert, in token order within each (a stable counting sort: O(entries)).
-  at::Tensor order = at::empty({flat.size(0)}, at::kLong);
+  r.order = at::empty({r.experts.size(0)}, at::kLong);
   {
-    const int64_t* c = counts.data_ptr<int64_t>();
-    std::vector<int64_t> next(static_cast<size_t>(e_count), 0);
-    for (int64_t e = 1; e < e_count; ++e) next[e] = next[e - 1] + c[e - 1];
-    const int64_t* fe = flat.data_ptr<int64_t>();
-    int64_t* o = order.data_ptr<int64_t>();
-    for (int64_t i = 0; i < flat.size(0); ++i) o[next[fe[i]]++] = i;
+    std::vector<int64_t> next = r.starts;
+    const int64_t* fe = r.experts.data_ptr<int64_t>();
+    int64_t* o = r.order.data_ptr<int64_t>();
+    for (int64_t i = 0; i < r.experts.size(0); ++i) o[next[fe[i]]++] = i;
+  }
+  r.tokens = token_of.index_select(0, r.order);
+  r.weights = weights.index_select(0, r.order);
+  // Every rank learns every rank's rows per expert (one row of E counts to each rank), which
+  // gives the received rows' layout: by source rank, then expert, then token.
+  at::Tensor all_counts = counts.unsqueeze(0).expand({size, e_count}).contiguous();
+  absl::StatusOr<at::Tensor> from = gang_.AllToAllRows(all_counts, std::vector<int64_t>(size, 1),
+                                                       std::vector<int64_t>(size, 1));
+  if (!from.ok()) return from.status();
+  r.source_counts = from->cpu().contiguous();  // [size, E]
+  return r;
+}
+
+absl::StatusOr<Dispatch> Runner::DispatchEntries(const MoeInput& in, const RoutedEntries& r,
+                                                 const std::vector<bool>* in_pass) {
+  const int64_t e_count = config_.n_routed_experts;
+  const int size = gang_.size();
+  auto taken = [&](int64_t e) { return in_pass == nullptr || (*in_pass)[e]; };
+  Dispatch d;
+  at::Tensor send_tokens = r.tokens, send_weights = r.weights;
+  if (in_pass) {  // the pass's experts' ranges of the sorted entries, still by expert
+    std::vector<at::Tensor> tokens, weights;
+    for (int64_t e = 0; e < e_count; ++e) {
+      if (!taken(e) || r.counts[e] == 0) continue;
+      tokens.push_back(r.tokens.narrow(0, r.starts[e], r.counts[e]));
+      weights.push_back(r.weights.narrow(0, r.starts[e], r.counts[e]));
+    }
+    send_tokens = tokens.empty() ? r.tokens.narrow(0, 0, 0) : at::cat(tokens);
+    send_weights = weights.empty() ? r.weights.narrow(0, 0, 0) : at::cat(weights);
   }
   // Both on the compute device from here on (the rows' gather and the combine use them there):
   // the combine then copies nothing from the host, so it does not wait for the round's experts,
   // and the host prepares the next round while they run. This copy waits for the work queued
   // before it (the previous round's), after the host work above.
-  d.send_tokens = token_of.index_select(0, order).to(o_.device);
-  d.send_weights = weights.index_select(0, order).to(o_.device);
-  if (!in_pass && k > 0) {  // every entry of the selected tokens: the combine goes by token
-    d.combine_tokens =
-        (tokens.defined() ? tokens : at::arange(flat.size(0) / k, at::kLong)).to(o_.device);
-    d.combine_entries = CombineEntries(flat, order, k).to(o_.device);
-  }
-  d.send_expert_counts.assign(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + e_count);
+  d.send_tokens = send_tokens.to(o_.device);
+  d.send_weights = send_weights.to(o_.device);
+  d.send_expert_counts.assign(static_cast<size_t>(e_count), 0);
   d.send_counts.assign(size, 0);
-  for (int64_t e = 0; e < e_count; ++e) d.send_counts[OwnerOf(e)] += d.send_expert_counts[e];
-  // Every rank learns every rank's rows per expert (one row of E counts to each rank), which
-  // gives the received rows' layout: by source rank, then expert, then token.
-  at::Tensor all_counts = counts.unsqueeze(0).expand({size, e_count}).contiguous();
-  absl::StatusOr<at::Tensor> from =
-      gang_.AllToAllRows(all_counts, std::vector<int64_t>(size, 1),
-                              std::vector<int64_t>(size, 1));
-  if (!from.ok()) return from.status();
-  const at::Tensor source_counts = from->cpu().contiguous();  // [size, E]
-  const int64_t* sc = source_counts.data_ptr<int64_t>();
+  for (int64_t e = 0; e < e_count; ++e) {
+    if (!taken(e)) continue;
+    d.send_expert_counts[e] = r.counts[e];
+    d.send_counts[OwnerOf(e)] += r.counts[e];
+  }
+  const int64_t* sc = r.source_counts.data_ptr<int64_t>();
   const int first = FirstExpert(gang_.rank()), last = FirstExpert(gang_.rank() + 1);
   d.recv_counts.assign(size, 0);
   d.recv_expert_counts.assign(e_count, 0);
@@ -298,6 +308,7 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tens
   int64_t row = 0;
   for (int s = 0; s < size; ++s) {
     for (int e = first; e < last; ++e) {
+      if (!taken(e)) continue;
       start[static_cast<size_t>(s) * e_count + e] = row;
       row += sc[s * e_count + e];
       d.recv_counts[s] += sc[s * e_count + e];
@@ -308,6 +319,7 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tens
   d.recv_order = at::empty({row}, at::kLong);
   int64_t* ro = d.recv_order.data_ptr<int64_t>();
   for (int e = first; e < last; ++e) {
+    if (!taken(e)) continue;
     for (int s = 0; s < size; ++s) {
       const int64_t b = start[static_cast<size_t>(s) * e_count + e];
       for (int64_t i = 0; i < sc[s * e_count + e]; ++i) *ro++ = b + i;
@@ -318,6 +330,20 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tens
   absl::StatusOr<at::Tensor> recv = gang_.AllToAllRows(rows, d.send_counts, d.recv_counts);
   if (!recv.ok()) return recv.status();
   d.recv_rows = recv->to(o_.device, o_.dtype);
+  return d;
+}
+
+absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tensor& tokens) {
+  absl::StatusOr<RoutedEntries> r = SortEntries(in, tokens);
+  if (!r.ok()) return r.status();
+  absl::StatusOr<Dispatch> d = DispatchEntries(in, *r, nullptr);
+  if (!d.ok()) return d.status();
+  const int64_t k = config_.num_experts_per_tok;
+  if (k > 0) {  // every entry of the selected tokens: the combine goes by token
+    d->combine_tokens =
+        (tokens.defined() ? tokens : at::arange(r->experts.size(0) / k, at::kLong)).to(o_.device);
+    d->combine_entries = CombineEntries(r->experts, r->order, k).to(o_.device);
+  }
   return d;
 }
 
@@ -730,6 +756,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   const int first_own = FirstExpert(gang_.rank()), last_own = FirstExpert(gang_.rank() + 1);
   const std::vector<at::Tensor> rounds =
       w.is_moe && plan_.rounds > 1 ? RoundTokens() : std::vector<at::Tensor>();
+  std::vector<RoutedEntries> round_entries;  // of `rounds`, made by the first pass that dispatches
   double solve_only = 0;
   for (int p = 0; p < plan_.passes; ++p) {
     const int p0 = std::min(last_own, first_own + p * plan_.per_pass);
@@ -757,8 +784,17 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
       if (rounds.empty()) {
         RunExperts(w, dispatch, collect, /*want_outputs=*/false, p0, p1);
       }
-      for (const at::Tensor& round : rounds) {
-        absl::StatusOr<Dispatch> d = DispatchRows(moe_in, round, &in_pass);
+      // Each round's entries are sorted by expert once a layer; a pass sends its experts' ranges.
+      if (round_entries.empty()) {
+        for (const at::Tensor& round : rounds) {
+          absl::StatusOr<RoutedEntries> r = SortEntries(moe_in, round);
+          if (!r.ok()) return r.status();
+          r->experts = r->order = at::Tensor();  // only a combine needs them
+          round_entries.push_back(*std::move(r));
+        }
+      }
+      for (const RoutedEntries& entries : round_entries) {
+        absl::StatusOr<Dispatch> d = DispatchEntries(moe_in, entries, &in_pass);
         if (!d.ok()) return d.status();
         RunExperts(w, *d, collect, /*want_outputs=*/false, p0, p1);
       }

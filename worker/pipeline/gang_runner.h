@@ -115,6 +115,18 @@ struct Dispatch {
   at::Tensor combine_entries;  // int64 [k, T]
 };
 
+// One dispatch round's routed (token, expert) entries on the host, sorted by expert once, so that
+// each expert pass sends a slice of them: the entries of expert e are [starts[e], starts[e] +
+// counts[e]) of the sorted order, in token order.
+struct RoutedEntries {
+  at::Tensor experts;  // int64 [n]: the entries' experts, token by token (k per token)
+  at::Tensor order;    // int64 [n]: the entry (index into experts) at each sorted position
+  at::Tensor tokens;   // int64 [n]: sorted entries' tokens (rows of u)
+  at::Tensor weights;  // fp32 [n]: sorted entries' routing weights
+  std::vector<int64_t> counts, starts;  // [E]
+  at::Tensor source_counts;             // int64 [gang size, E]: every rank's counts
+};
+
 // How the MoE block's routed rows are dispatched, the same on every rank (rank 0's settings).
 // Dispatch rounds bound the rows held at once: calibration sequence i (global index) belongs to
 // round i mod rounds, so each round takes a slice of every rank's tokens, and the rows an
@@ -223,11 +235,16 @@ class Runner {
   // synchronization (side_'s contract).
   void StartPreload(int layer);
   absl::StatusOr<MoeInput> Attention(const model::LayerWeights& w, const model::ForwardHooks& h);
-  // Sends rows of `in` to their experts' owners: the tokens (rows of in.u) listed in `tokens`
-  // (int64, ascending, on the host; undefined = all), and only the experts `in_pass` accepts
+  // The routed entries of the tokens (rows of in.u) listed in `tokens` (int64, ascending, on the
+  // host; undefined = all), sorted by expert, and every rank's counts (a gang collective).
+  absl::StatusOr<RoutedEntries> SortEntries(const MoeInput& in, const at::Tensor& tokens);
+  // Sends the rows of `r`'s entries to their experts' owners, only the experts `in_pass` accepts
   // (null = all).
-  absl::StatusOr<Dispatch> DispatchRows(const MoeInput& in, const at::Tensor& tokens = {},
-                                        const std::vector<bool>* in_pass = nullptr);
+  absl::StatusOr<Dispatch> DispatchEntries(const MoeInput& in, const RoutedEntries& r,
+                                           const std::vector<bool>* in_pass);
+  // Sends every routed row of the tokens `tokens` (as SortEntries) to its expert's owner, with
+  // what the token-by-token combine needs.
+  absl::StatusOr<Dispatch> DispatchRows(const MoeInput& in, const at::Tensor& tokens = {});
   // Rows of in.u (int64, ascending, on the host) per dispatch round.
   std::vector<at::Tensor> RoundTokens() const;
   // Whether routed expert e is solved in pass p by its owner, for every expert.

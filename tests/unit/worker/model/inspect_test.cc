@@ -645,7 +645,7 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   EXPECT_EQ(report.ranks[2].gpu_bytes, gpu(1, 2, one_round(1, 2), true));
   // Host (plan.h host(r)): the hidden states (kHiddenCopiesOnHost copies), the layer file's tensors twice (rank 0 also writes the non-expert ones), the
   // rank's mapped checkpoint bytes twice (the MTP layer is the largest), the calibration ids
-  // (8 x 16 int32 for the whole set, int64 for the rank's) and routing (top-2: 2 x 20 bytes a
+  // (8 x 16 int32 for the whole set, int64 for the rank's) and routing (top-2: 2 x 32 bytes a
   // token).
   const int64_t expert_in = expert_linear + 4 * expert_scales;
   const int64_t others_in = report.layers[2].input_bytes - 4 * expert_in;
@@ -664,7 +664,7 @@ TEST(InspectTest, PlanMatchesHandComputation) {
     const int64_t hidden = gpu ? (sequences == 3 ? 32768 : 16384) : tokens * 200 * 2;
     // One layer's mapped bytes, and rank 0's unquantized tensors read again by the write.
     return hidden * kHiddenCopiesOnHost + 2 * out + in + (rank == 0 ? others_in : 0) + 8 * 16 * 4 +
-           tokens * 8 + tokens * 2 * 20 + kPinnedStagingBytes + kHostOverheadBytes;
+           tokens * 8 + tokens * 2 * 32 + kPinnedStagingBytes + kHostOverheadBytes;
   };
   EXPECT_EQ(report.ranks[0].host_bytes, host(0, 2, 3));
   EXPECT_EQ(report.ranks[1].host_bytes, host(1, 1, 3));
@@ -1031,13 +1031,13 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
             replicated + experts + u + routing + solve + kDeviceOverheadBytes);
   // Host: the hidden states, then (rank 0) 2 x layer file tensors, one MoE layer's mapped
   // checkpoint bytes and the dense layer's (written unquantized, so read again by its write),
-  // ids, routing, staging and overhead (7,289,463,232 bytes: 7,081,845,184 plus the pinned
+  // ids, routing, staging and overhead (7,314,629,056 bytes: 7,107,011,008 plus the pinned
   // copies' rounding, 7 MiB -> 8 MiB per packed weight and 224 -> 256 KiB per scale tensor, for
   // 2 x 96 linears). The hidden states are page-locked per forward call of 4 sequences
   // (16,384 tokens: 224 MiB, rounded to 256 MiB), 16 calls a copy.
   const int64_t hidden_copy = 16 * (int64_t{256} << 20);
   EXPECT_GT(hidden_copy, u);
-  EXPECT_EQ(plan.estimate.host_bytes_per_rank, hidden_copy * kHiddenCopiesOnHost + 7289463232);
+  EXPECT_EQ(plan.estimate.host_bytes_per_rank, hidden_copy * kHiddenCopiesOnHost + 7314629056);
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
