@@ -261,11 +261,32 @@ void CheckpointReader::Release(const std::string& name) {
   if (shard != nullptr) shard->Release(name);
 }
 
+void CheckpointReader::Stage(TensorView view) {
+  if (!Has(view.name)) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string name = view.name;
+  staged_.insert_or_assign(std::move(name), std::move(view));
+}
+
+void CheckpointReader::Unstage(const std::string& name) {
+  TensorView dropped;  // its buffer is released outside the lock
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = staged_.find(name);
+  if (it == staged_.end()) return;
+  dropped = std::move(it->second);
+  staged_.erase(it);
+}
+
 absl::StatusOr<TensorView> CheckpointReader::Get(const std::string& name) {
   auto it = shard_of_.find(name);
   if (it == shard_of_.end()) {
     return absl::NotFoundError(
         absl::StrCat("tensor ", Quote(name), " is not in the checkpoint ", dir_));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto staged = staged_.find(name);
+    if (staged != staged_.end()) return staged->second;
   }
   if (remote_ != nullptr) return remote_->Get(it->second, name);
   absl::StatusOr<const SafetensorsFile*> shard = Shard(it->second);

@@ -32,6 +32,9 @@ struct TensorView {
   // view exists (the reader's cache may drop it earlier). Null for mapped files (the mapping
   // lives as long as its reader).
   std::shared_ptr<const void> owner;
+  // `data` is page-locked host memory (a staged copy, CheckpointReader::Stage): a device copy
+  // may read it directly, without going through a staging buffer.
+  bool page_locked = false;
 
   int64_t num_elements() const;
 };
@@ -133,6 +136,14 @@ class CheckpointReader {
   // SafetensorsFile::Release for the tensor's shard when that shard is open; nothing for a
   // staged remote checkpoint (its fetched buffers are the read cache's) or an unknown name.
   void Release(const std::string& name);
+  // From now on Get(view.name) returns `view`: a copy of that tensor's bytes made earlier (e.g.
+  // into page-locked memory ahead of a load), whose buffer view.owner keeps alive. It must hold
+  // the same dtype, shape and bytes as the stored tensor, read intact (CheckTensorRead). Ignored
+  // for a name the checkpoint does not have. Until Unstage(view.name).
+  void Stage(TensorView view);
+  // Get(name) reads the checkpoint again, and the staged copy's buffer is no longer referenced
+  // by the reader.
+  void Unstage(const std::string& name);
 
  private:
   CheckpointReader() = default;
@@ -144,6 +155,7 @@ class CheckpointReader {
   std::map<std::string, std::string> shard_of_;  // tensor -> shard file name
   std::mutex mu_;
   std::map<std::string, std::unique_ptr<SafetensorsFile>> shards_;
+  std::map<std::string, TensorView> staged_;  // under mu_
   std::unique_ptr<RemoteShards> remote_;  // set for a staged remote checkpoint
 };
 

@@ -57,12 +57,19 @@ absl::Status CheckComputeDtype(at::ScalarType dtype) {
 // new uint8 tensor on CUDA `device`, through pinned staging buffers: the host copy into one
 // buffer overlaps the transfer of the one before (torch's pinned allocator keeps a buffer until
 // its transfer has finished). Returns after the last host copy; the transfers are enqueued on
-// the current stream.
-at::Tensor CopyToDevice(const uint8_t* data, uint64_t bytes, at::Device device) {
+// the current stream. When `data` is page-locked already (a staged copy), it is transferred
+// directly, and the call returns once the transfer is done (the caller may then reuse the
+// memory).
+at::Tensor CopyToDevice(const uint8_t* data, uint64_t bytes, at::Device device,
+                        bool page_locked) {
   constexpr int64_t kStageBytes = int64_t{64} << 20;
   constexpr int64_t kGrainBytes = int64_t{4} << 20;
   const int64_t n = static_cast<int64_t>(bytes);
   at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(device));
+  if (page_locked) {
+    out.copy_(at::from_blob(const_cast<uint8_t*>(data), {n}, at::TensorOptions().dtype(at::kByte)));
+    return out;
+  }
   for (int64_t offset = 0; offset < n; offset += kStageBytes) {
     const int64_t len = std::min(kStageBytes, n - offset);
     at::Tensor staged = at::empty({len}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
@@ -85,9 +92,10 @@ absl::StatusOr<at::Tensor> LoadFp8OnDevice(CheckpointReader& reader, const Tenso
   if (!scale_view.ok()) return scale_view.status();
   absl::StatusOr<std::vector<float>> scales = Fp8BlockScales(view, &*scale_view);
   if (!scales.ok()) return scales.status();
-  const at::Tensor codes = CopyToDevice(view.data, view.num_bytes, device).view(view.shape);
+  const at::Tensor codes =
+      CopyToDevice(view.data, view.num_bytes, device, view.page_locked).view(view.shape);
   const at::Tensor scale_inv = CopyToDevice(reinterpret_cast<const uint8_t*>(scales->data()),
-                                            scales->size() * sizeof(float), device)
+                                            scales->size() * sizeof(float), device, false)
                                    .view(at::kFloat)
                                    .view(scale_view->shape);
   absl::StatusOr<at::Tensor> bf16 = kernels::Fp8BlockDequantCuda(codes, scale_inv);
@@ -198,7 +206,7 @@ absl::StatusOr<at::Tensor> LoadTensor(CheckpointReader& reader, const std::strin
             return LoadFp8OnDevice(reader, *view, device, dtype);
           }
           if (std::optional<at::ScalarType> direct = DirectTorchType(view->dtype)) {
-            return CopyToDevice(view->data, view->num_bytes, device)
+            return CopyToDevice(view->data, view->num_bytes, device, view->page_locked)
                 .view(*direct)
                 .view(view->shape)
                 .to(dtype);

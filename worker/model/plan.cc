@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <set>
 #include <utility>
@@ -308,6 +309,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   std::vector<int64_t> layer_held(num_layers, 0), expert_held(num_layers, 0);
   std::vector<int64_t> replicated_elements(num_layers, 0);
   std::vector<std::map<std::string, int64_t>> hessian_inputs(num_layers);  // input_id -> in dim
+  // Each layer's stored tensors in name order: (routed expert, or -1 for every rank's, bytes).
+  std::vector<std::vector<std::pair<int, int64_t>>> layer_tensors(num_layers);
   bool any_moe = false;
   int64_t output_bytes = 0;
   for (int layer = 0; layer < num_layers; ++layer) {
@@ -322,9 +325,13 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
          it != stored.end() && std::string_view(it->first).substr(0, prefix.size()) == prefix;
          ++it) {
       lp.input_bytes = SatAdd(lp.input_bytes, it->second.num_bytes);
-      if (it->first.find(".mlp.experts.", prefix.size() - 1) != std::string::npos) {
+      const size_t at = it->first.find(".mlp.experts.", prefix.size() - 1);
+      int expert = -1;
+      if (at != std::string::npos) {
         expert_input[layer] = SatAdd(expert_input[layer], it->second.num_bytes);
+        expert = std::atoi(it->first.c_str() + at + 13);
       }
+      layer_tensors[layer].emplace_back(expert, it->second.num_bytes);
     }
   }
   for (const ExpectedTensor& t : inventory) {
@@ -434,8 +441,15 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   const bool several = plan.layers.size() > 1;
   for (const RankPlan& rp : plan.ranks) {
     const int64_t tokens = SatMul(rp.num_sequences, seq);
-    int64_t in = 0, out = 0, rewritten = 0;
+    int64_t in = 0, out = 0, rewritten = 0, staged = 0;
     for (int layer = 0; layer < num_layers; ++layer) {
+      std::vector<int64_t> loaded;  // the tensors this rank loads, as the prefetch stages them
+      for (const auto& [expert, bytes] : layer_tensors[layer]) {
+        if (expert < 0 || (expert >= rp.first_expert && expert < rp.first_expert + rp.num_experts)) {
+          loaded.push_back(bytes);
+        }
+      }
+      staged = std::max(staged, PinnedSlabsBytes(loaded));
       const int64_t n = std::max(1, config.n_routed_experts);
       const int64_t own_in = SatMul(expert_input[layer], rp.num_experts) / n;
       const int64_t own_out = SatMul(expert_held[layer], rp.num_experts) / n;
@@ -448,7 +462,9 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     host_base.push_back(SatAdd(
         {SatMul(HiddenCopyBytes(rp.num_sequences, seq, h, !request.device_is_host),
                 several ? kHiddenCopiesOnHost : kHiddenCopiesOnHost - 1),
-         SatMul(out, 2), several ? SatAdd(in, rewritten) : in, SatMul({samples, seq, 4}),
+         SatMul(out, 2),
+         several ? SatAdd(request.device_is_host ? in : std::max(in, staged), rewritten) : in,
+         SatMul({samples, seq, 4}),
          SatMul(tokens, 8), SatMul({tokens, k, 32}), kPinnedStagingBytes, kHostOverheadBytes}));
   }
 

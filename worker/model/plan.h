@@ -291,7 +291,11 @@ bool IsCheckpointStep(int step, int steps, int every);
 //                                     or as the prefetch reads it ahead (a layer's pages are
 //                                     released once it is loaded), and the previous layer's
 //                                     tensors its write reads again; in(r) alone for a plan of
-//                                     one layer
+//                                     one layer. On a GPU in(r) is at least staged(r): the
+//                                     prefetch copies the next layer into page-locked slabs
+//                                     (worker/pipeline/layer_staging.h), which replace its
+//                                     mapped pages: max over layers of PinnedSlabsBytes of the
+//                                     tensors the rank loads, in name order
 //             (for one full-width DeepSeek-V3 layer on one H200 this is +1.0% and +2.1% over the
 //             worker's peak resident set at 512 x 4096 and 128 x 4096, bench/RESULTS.md)
 //             + samples * S * 4 + tokens(r) * 8   calibration ids: the whole set (int32) and the

@@ -83,12 +83,23 @@ void Runner::StartPrefetch(int layer) {
   }
   // Get runs on the prefetch thread too: for a staged remote checkpoint it is the fetch.
   prefetch_ = std::async(std::launch::async, [this, names = std::move(names)] {
+    if (Staging()) {
+      staged_bytes_ = staging_.Stage(reader_, names, stop_prefetch_);
+      return;
+    }
     for (const std::string& n : names) {
       if (stop_prefetch_) return;
       absl::StatusOr<model::TensorView> v = reader_.Get(n);
       if (v.ok()) model::TouchTensor(*v);  // a bad tensor fails its load, not this hint
     }
   });
+}
+
+bool Runner::Staging() const {
+  using S = GangPipelineOptions::Staging;
+  return o_.prefetch_next_layer && !plan_.preload &&
+         (o_.stage_next_layer == S::kOn ||
+          (o_.stage_next_layer == S::kAuto && o_.device.is_cuda()));
 }
 
 void Runner::StopPrefetch() {
@@ -550,6 +561,9 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   Progress(where + ": loading", 0);
   marks_.Begin("mq::load");
   MQ_RETURN_IF_ERROR(EnterLayer(layer));
+  // A staging prefetch is finished first: the load then reads every staged copy, none of the
+  // same bytes from the checkpoint again.
+  if (Staging() && prefetch_.valid()) prefetch_.wait();
   absl::StatusOr<model::LayerWeights> loaded = TakeLoaded(layer, &st.preloaded);
   if (!loaded.ok()) return loaded.status();
   model::LayerWeights& w = *loaded;
@@ -557,8 +571,14 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   st.load_seconds = Since(t);
   // The layer is on the device: its checkpoint pages leave the resident set now, not after its
   // write (which maps again only the few tensors it writes unquantized). The prefetch that read
-  // them ahead is finished first, so that it cannot map them back.
+  // them ahead is finished first, so that it cannot map them back. Its staged copies are no
+  // longer read (the device copies are complete), so the next layer's may take their memory.
   if (prefetch_.valid()) prefetch_.wait();
+  if (Staging()) {
+    st.staged_bytes = staged_bytes_;
+    staged_bytes_ = 0;
+    staging_.Unstage(reader_);
+  }
   ReleaseLayerPages(layer);
   // The next layer's bytes come from storage while this one computes.
   if (step + 1 < static_cast<int>(layers_.size())) StartPrefetch(layers_[step + 1]);

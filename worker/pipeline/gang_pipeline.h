@@ -111,6 +111,12 @@ struct GangPipelineOptions {
   // While a step computes, a second thread reads the next step's tensors that this rank loads
   // into the page cache (a hint: nothing changes but where the load's bytes come from).
   bool prefetch_next_layer = true;
+  // With prefetch_next_layer and without the preload, the prefetch copies those tensors into
+  // host memory (page-locked on a GPU; layer_staging.h) and the next step's load reads the
+  // copies: its host copy leaves the critical path. kAuto: on a CUDA device only (on the CPU it
+  // is one more copy). The outputs are the same either way.
+  enum class Staging { kAuto, kOn, kOff };
+  Staging stage_next_layer = Staging::kAuto;
   // While a step solves, another thread loads the next step's weights onto the device (a second
   // CUDA stream on a GPU), so the next step starts without its load. The job's plan turns it on
   // where the device has room for two layers' weights (plan.h); rank 0's value applies to the

@@ -31,6 +31,7 @@
 #include "worker/pipeline/gang.h"
 #include "worker/pipeline/gang_pipeline.h"
 #include "worker/pipeline/host_transfers.h"
+#include "worker/pipeline/layer_staging.h"
 #include "worker/pipeline/step_profile.h"
 #include "worker/pipeline/output.h"
 #include "worker/quant/gptq.h"
@@ -162,11 +163,13 @@ class Runner {
          model::DeepseekV3Config config, model::GlobalWeights globals)
       : o_(o), gang_(gang), reader_(reader), config_(std::move(config)),
         globals_(std::move(globals)), transfers_(o.device, o.overlap_transfers),
-        side_(o.device) {}
-  // The prefetch and preload threads read through reader_ (and the preload uses side_).
+        staging_(o.device), side_(o.device) {}
+  // The prefetch and preload threads read through reader_ (and the preload uses side_); the
+  // reader outlives the runner, so it must not keep serving staged copies.
   ~Runner() {
     StopPrefetch();
     if (preload_.valid()) preload_.wait();
+    staging_.Unstage(reader_);
   }
 
   absl::StatusOr<GangPipelineResult> Run();
@@ -273,8 +276,11 @@ class Runner {
   // fails: a profile never fails the job).
   void WriteProfile(StepProfile& profile, int layer) const;
   // With o_.prefetch_next_layer: reads the tensors of `layer` that this rank loads into the page
-  // cache on another thread (the previous prefetch is waited for first).
+  // cache on another thread (the previous prefetch is waited for first), or, Staging(), copies
+  // them into staging_ (after the staged copies of the layer before were unstaged).
   void StartPrefetch(int layer);
+  // Whether the prefetch stages the next layer (GangPipelineOptions::stage_next_layer).
+  bool Staging() const;
   void StopPrefetch();
   // The checkpoint's tensor names of `layer` ("model.layers.<layer>."), sorted.
   std::span<const std::string> LayerNames(int layer) const;
@@ -336,6 +342,8 @@ class Runner {
   StageMarks marks_;  // the running step's stage, for a profile
   std::future<void> prefetch_;
   std::atomic<bool> stop_prefetch_{false};
+  LayerStaging staging_;  // the prefetch's copies of the next layer
+  int64_t staged_bytes_ = 0;  // what the last prefetch staged
   SideStream side_;  // the preload's stream
   std::future<absl::StatusOr<model::LayerWeights>> preload_;
   int preload_layer_ = -1;  // the layer preload_ loads

@@ -40,6 +40,9 @@ struct StepStats {
          propagate_seconds = 0, write_seconds = 0;
   double exchange_seconds = 0;  // of the above, in the gang's collectives
   bool preloaded = false;  // the layer's weights were loaded while the step before solved
+  // Checkpoint bytes of the layer that its load read from copies staged while the step before
+  // computed (layer_staging.h).
+  int64_t staged_bytes = 0;
   // Routed tokens per expert over the whole gang (every rank reports the same values).
   int64_t expert_tokens_min = 0, expert_tokens_median = 0, expert_tokens_max = 0;
   // The gang's dispatch rounds and expert passes of an MoE layer (0 for a dense layer).

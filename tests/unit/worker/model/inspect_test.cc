@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -561,6 +562,24 @@ TEST(InspectTest, RefusesAnAlreadyQuantizedCheckpoint) {
 // Plan and estimate, checked against hand computation for the tiny model (FP8, G = 128,
 // experts only, gang 3, 8 sequences of 16 tokens, include_mtp).
 
+// What rank [first, first + count) of the routed experts loads of `layer` (its tensors in name
+// order: every non-expert one and its experts'), staged in page-locked slabs, less those
+// tensors' bytes: the slabs' rounding and alignment (plan.h host(r), staged(r)).
+int64_t StagingSlack(const StoredTensors& stored, int layer, int first, int count) {
+  const std::string prefix = "model.layers." + std::to_string(layer) + ".";
+  std::vector<int64_t> loaded;
+  int64_t bytes = 0;
+  for (auto it = stored.lower_bound(prefix); it != stored.end() && it->first.rfind(prefix, 0) == 0;
+       ++it) {
+    const size_t at = it->first.find(".mlp.experts.");
+    const int e = at == std::string::npos ? -1 : std::atoi(it->first.c_str() + at + 13);
+    if (e >= 0 && (e < first || e >= first + count)) continue;
+    loaded.push_back(it->second.num_bytes);
+    bytes += it->second.num_bytes;
+  }
+  return PinnedSlabsBytes(loaded) - bytes;
+}
+
 TEST(InspectTest, PlanMatchesHandComputation) {
   TempDir dir;
   TinyDims d;
@@ -656,11 +675,20 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   const int64_t expert_held = 2 * (8192 + 128 + 16) + (8192 + 512 + 16);  // 25,392
   // The hidden states too: one forward call's tensor (all of a rank's 2 or 3 sequences of 16
   // tokens) rounded up to a power of two, 19,200 -> 32,768 and 12,800 -> 16,384 bytes.
+  // On a GPU the next layer is staged in page-locked slabs, each tensor 4 KiB-aligned.
+  StoredTensors tiny;
+  for (const Spec& t : TinyTensors(d, true, true)) {
+    int64_t n = t.dtype == "F32" ? 4 : t.dtype == "BF16" ? 2 : 1;
+    for (int64_t e : t.shape) n *= e;
+    tiny[t.name] = {t.dtype == "F32" ? DType::kF32 : DType::kBF16, n};
+  }
   auto host = [&](int rank, int64_t experts, int64_t sequences, bool gpu = true) {
     const int64_t tokens = sequences * 16;
     const int64_t out =
         (rank == 0 ? others_out : 0) + experts * (gpu ? expert_held : expert_out);
-    const int64_t in = others_in + experts * expert_in;
+    const int first = rank == 0 ? 0 : rank + 1;
+    const int64_t in = others_in + experts * expert_in +
+                       (gpu ? StagingSlack(tiny, 2, first, static_cast<int>(experts)) : 0);
     const int64_t hidden = gpu ? (sequences == 3 ? 32768 : 16384) : tokens * 200 * 2;
     // One layer's mapped bytes, and rank 0's unquantized tensors read again by the write.
     return hidden * kHiddenCopiesOnHost + 2 * out + in + (rank == 0 ? others_in : 0) + 8 * 16 * 4 +
@@ -1037,7 +1065,9 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   // (16,384 tokens: 224 MiB, rounded to 256 MiB), 16 calls a copy.
   const int64_t hidden_copy = 16 * (int64_t{256} << 20);
   EXPECT_GT(hidden_copy, u);
-  EXPECT_EQ(plan.estimate.host_bytes_per_rank, hidden_copy * kHiddenCopiesOnHost + 7314629056);
+  // The next MoE layer is staged in page-locked slabs: their rounding comes on top (rank 0).
+  EXPECT_EQ(plan.estimate.host_bytes_per_rank,
+            hidden_copy * kHiddenCopiesOnHost + 7314629056 + StagingSlack(stored, 3, 0, 32));
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
@@ -1155,8 +1185,10 @@ TEST(PlanJob, OneLayerHoldsTwoHiddenCopiesAndItsBytesOnce) {
   const int64_t hidden_copy = 14 * (int64_t{2} << 30) + (int64_t{512} << 20);  // 28.5 GiB
   // 256 experts of three 2048 x 7168 FP8 matrices, each with 16 x 56 fp32 block scales.
   const int64_t experts = int64_t{256} * 3 * (2048 * 7168 + 16 * 56 * 4);
+  // With two steps the second layer is staged ahead of its load, in page-locked slabs.
   EXPECT_EQ(two.estimate.host_bytes_per_rank - one.estimate.host_bytes_per_rank,
-            hidden_copy + one.layers[0].input_bytes - experts);
+            hidden_copy + one.layers[0].input_bytes - experts +
+                StagingSlack(IdealFp8(c), 0, 0, 256));
 }
 
 // Settings chosen for the device (plan.h ChooseSettings), on DeepSeek-V3 cut to its three dense

@@ -13,11 +13,14 @@
 #include <unistd.h>
 
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "tests/unit/worker/model/engine/engine_test_util.h"
 #include "tests/unit/worker/pipeline/pipeline_test_util.h"
+#include "worker/model/checkpoint_reader.h"
 #include "worker/model/config.h"
 #include "worker/model/plan.h"
 #include "worker/pipeline/gang_pipeline.h"
@@ -121,11 +124,13 @@ GangPipelineOptions TransfersOptions(const std::string& model, const std::string
 }
 
 PipelineRun RunPipeline(const std::string& model, const std::string& out, at::Device device,
-                        bool overlap, bool preload) {
+                        bool overlap, bool preload,
+                        GangPipelineOptions::Staging staging = GangPipelineOptions::Staging::kAuto) {
   GangPipelineOptions o = TransfersOptions(model, out);
   o.device = device;
   o.overlap_transfers = overlap;
   o.preload_next_layer = preload;
+  o.stage_next_layer = staging;
   PipelineRun run;
   o.on_step = [&](const StepOutput& s) -> absl::Status {
     for (const OutputFileInfo& f : s.files) run.files[f.name] = f.sha256;
@@ -198,10 +203,15 @@ struct ShrunkRun {
   std::vector<bool> preloaded;
 };
 
-ShrunkRun RunWithShrinkingLastShard(bool preload) {
+ShrunkRun RunWithShrinkingLastShard(bool preload,
+                                    GangPipelineOptions::Staging staging =
+                                        GangPipelineOptions::Staging::kAuto,
+                                    int shrink_after_step = 0) {
   ShrunkRun run;
-  const std::string model =
-      TransfersModel(preload ? "shrink-preload" : "shrink-plain", {"--shards 5"});
+  const std::string model = TransfersModel(
+      absl::StrCat("shrink-", preload ? "preload" : "plain", "-",
+                   staging == GangPipelineOptions::Staging::kOn ? "staged" : "", shrink_after_step),
+      {"--shards 5"});
   if (model.empty()) return run;
   // Shards hold whole units in order (embed, layers 0..2, head): layer 2 is alone in shard 4.
   const std::string shard = model + "/model-00004-of-00005.safetensors";
@@ -213,10 +223,11 @@ ShrunkRun RunWithShrinkingLastShard(bool preload) {
   GangPipelineOptions o = TransfersOptions(model, model + "/out");
   o.overlap_writes = false;
   o.preload_next_layer = preload;
+  o.stage_next_layer = staging;
   o.on_step = [&](const StepOutput& s) -> absl::Status {
     run.reported.push_back(s.step);
     run.preloaded.push_back(s.stats.preloaded);
-    if (s.step == 0 && ::truncate(shard.c_str(), st.st_size / 2) != 0) {
+    if (s.step == shrink_after_step && ::truncate(shard.c_str(), st.st_size / 2) != 0) {
       ADD_FAILURE() << "truncate " << shard;
     }
     return absl::OkStatus();
@@ -250,6 +261,61 @@ TEST(PreloadTest, AShardThatShrinksMidJobFailsItAsWithoutPreload) {
       << with.warnings[0];
   EXPECT_NE(with.warnings[0].find("): loading it now"), std::string::npos) << with.warnings[0];
   EXPECT_TRUE(without.warnings.empty()) << ::testing::PrintToString(without.warnings);
+}
+
+// With the next layer staged (on the CPU only when asked; layer_staging.h), every step after the
+// first loads its layer from the staged copies, all of its checkpoint bytes, and the files are
+// the same as without.
+TEST(StagingTest, GangPipelineWritesTheSameFilesWithAndWithoutStaging) {
+  const std::string model = TransfersModel("staging");
+  ASSERT_FALSE(model.empty());
+  using S = GangPipelineOptions::Staging;
+  const PipelineRun on = RunPipeline(model, model + "/out-on", at::kCPU, true, false, S::kOn);
+  const PipelineRun off = RunPipeline(model, model + "/out-off", at::kCPU, true, false, S::kOff);
+  const PipelineRun cpu = RunPipeline(model, model + "/out-auto", at::kCPU, true, false);
+  EXPECT_FALSE(on.files.empty());
+  EXPECT_EQ(on.files, off.files);
+  EXPECT_EQ(cpu.files, off.files);
+  absl::StatusOr<std::unique_ptr<model::CheckpointReader>> reader =
+      model::CheckpointReader::Open(model);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  ASSERT_EQ(on.stats.size(), 3u);
+  for (int layer = 0; layer < 3; ++layer) {
+    const std::string prefix = absl::StrCat("model.layers.", layer, ".");
+    int64_t bytes = 0;
+    for (const std::string& n : (*reader)->names()) {
+      if (n.rfind(prefix, 0) == 0) bytes += static_cast<int64_t>((*reader)->Get(n)->num_bytes);
+    }
+    EXPECT_EQ(on.stats[layer].staged_bytes, layer == 0 ? 0 : bytes) << "layer " << layer;
+    EXPECT_EQ(off.stats[layer].staged_bytes, 0) << "layer " << layer;
+    EXPECT_EQ(cpu.stats[layer].staged_bytes, 0) << "layer " << layer;  // auto: CUDA only
+  }
+  // The preload loads the next layer itself: nothing is staged then.
+  const PipelineRun preload = RunPipeline(model, model + "/out-pre", at::kCPU, true, true, S::kOn);
+  EXPECT_EQ(preload.files, off.files);
+  for (const StepStats& st : preload.stats) EXPECT_EQ(st.staged_bytes, 0);
+}
+
+// A shard that shrinks before its layer is staged fails the job as without staging (the lost
+// tensors are not staged; their load reports them). One that shrinks while or after its layer
+// is staged (when the step before is reported) fails it with DATA_LOSS naming the file too:
+// copies made before the shrink are intact, and the load of a lost tensor, or the write reading
+// the layer's unquantized tensors from the file again, reports the lost part.
+TEST(StagingTest, AShardThatShrinksMidJobFailsItWithStagingToo) {
+  using S = GangPipelineOptions::Staging;
+  const ShrunkRun before = RunWithShrinkingLastShard(false, S::kOn, 0);
+  const ShrunkRun without = RunWithShrinkingLastShard(false, S::kOff, 0);
+  ASSERT_FALSE(before.status.ok());
+  EXPECT_EQ(before.status.code(), without.status.code());
+  EXPECT_EQ(before.error, without.error);
+  EXPECT_EQ(before.reported, std::vector<int>({0, 1}));
+  EXPECT_TRUE(before.warnings.empty()) << ::testing::PrintToString(before.warnings);
+  const ShrunkRun after = RunWithShrinkingLastShard(false, S::kOn, 1);
+  ASSERT_FALSE(after.status.ok());
+  EXPECT_EQ(after.status.code(), absl::StatusCode::kDataLoss) << after.status;
+  EXPECT_NE(after.error.find("MODEL/model-00004-of-00005.safetensors"), std::string::npos)
+      << after.error;
+  EXPECT_EQ(after.reported, std::vector<int>({0, 1}));
 }
 
 // With all-linear targets the shared experts' linears are solved with the Hessians of their
