@@ -408,6 +408,10 @@ at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
   at::Tensor out;
   if (want_outputs) out = at::empty_like(d.recv_rows);
   at::Tensor order = d.recv_order.to(o_.device);
+  // An expert's received rows are ascending positions (by source, then token); when they are
+  // one run of consecutive rows (always in a gang of one), the expert reads and writes that
+  // slice in place instead of gathering and scattering.
+  const int64_t* ro = d.recv_order.data_ptr<int64_t>();
   int64_t offset = 0;
   for (int64_t e = 0; e < config_.n_routed_experts; ++e) {
     const int64_t n = d.recv_expert_counts[e];
@@ -416,11 +420,18 @@ at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
       offset += n;
       continue;
     }
+    const bool run = ro[offset + n - 1] - ro[offset] == n - 1;
     at::Tensor idx = order.narrow(0, offset, n);
     const std::string prefix = absl::StrCat(w.prefix, "mlp.experts.", e, ".");
-    at::Tensor rows = d.recv_rows.index_select(0, idx);
+    at::Tensor rows =
+        run ? d.recv_rows.narrow(0, ro[offset], n) : d.recv_rows.index_select(0, idx);
     if (want_outputs) {
-      out.index_copy_(0, idx, model::RunMlpRows(prefix, w.experts[e], rows, hooks));
+      at::Tensor y = model::RunMlpRows(prefix, w.experts[e], rows, hooks);
+      if (run) {
+        out.narrow(0, ro[offset], n).copy_(y);
+      } else {
+        out.index_copy_(0, idx, y);
+      }
     } else {  // Hessians only: no down_proj product
       model::RunMlpInputs(prefix, w.experts[e], rows, hooks);
     }
