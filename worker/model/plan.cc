@@ -584,9 +584,11 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
   double total = 0, previous_write = 0;
   for (size_t i = 0; i < plan.layers.size(); ++i) {
     const LayerPlan& lp = plan.layers[i];
-    // A preloaded layer's load overlapped the layer before it.
-    const double load =
-        preload && i > 0 ? 0.0 : static_cast<double>(lp.input_bytes) / gang / kLoadBytesPerSecond;
+    // A preloaded layer's load overlapped the layer before it; on a GPU a staged one is only
+    // transfers to the device.
+    const double rate =
+        i > 0 && !request.device_is_host ? kStagedLoadBytesPerSecond : kLoadBytesPerSecond;
+    const double load = preload && i > 0 ? 0.0 : static_cast<double>(lp.input_bytes) / gang / rate;
     const double compute =
         load + static_cast<double>(max_tokens) * kSecondsPerToken +
         (lp.kind == LayerKind::kDense ? 0.0

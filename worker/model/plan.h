@@ -159,6 +159,10 @@ inline constexpr int64_t kFallbackDispatchTokens = 65536;
 // tensor-core throughput an H200 shares (forward 0.9 + Hessians 1.2 + propagation 1.7 s over
 // 524,288 tokens; solve 7.07 s over 256 experts; bench/RESULTS.md 2026-12-06).
 inline constexpr double kLoadBytesPerSecond = 8.4e9;      // checkpoint bytes onto the device
+// The same from copies staged in page-locked memory while the layer before computed
+// (worker/pipeline/layer_staging.h; every layer after the first on a GPU): 11.5 GB in 0.28-0.30 s
+// on one H100 (2026-12-06, bench/RESULTS.md), which the H200's PCIe 5 link shares.
+inline constexpr double kStagedLoadBytesPerSecond = 3.8e10;
 inline constexpr double kSecondsPerToken = 7.2e-6;        // forward + Hessians + propagation
 inline constexpr double kSolveSecondsPerExpert = 0.0276;  // batched GPTQ of gate, up and down
 inline constexpr double kWriteBytesPerSecond = 0.5e9;     // layer file + hidden-state checkpoint
@@ -329,8 +333,9 @@ bool IsCheckpointStep(int step, int steps, int every);
 // resume_replay_seconds = ChooseCheckpointCadence's every and resume_seconds for the largest
 // rank's tokens and experts.
 // Time, per planned layer on the slowest rank (ranks work in parallel):
-//   compute = input_bytes / gang / kLoadBytesPerSecond (the first layer only, with preload: the
-//             others load while the layer before solves) + tokens(r) * kSecondsPerToken
+//   compute = input_bytes / gang / kLoadBytesPerSecond (the first layer; the others, staged, at
+//             kStagedLoadBytesPerSecond on a GPU, and not at all with preload: they load while
+//             the layer before solves) + tokens(r) * kSecondsPerToken
 //             + experts(r) * kSolveSecondsPerExpert (MoE layers)
 //   write   = (output_bytes / gang + (the layer's step writes a checkpoint ? tokens(r) * H * 2
 //             : 0)) / kWriteBytesPerSecond

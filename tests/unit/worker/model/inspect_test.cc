@@ -1075,8 +1075,9 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_EQ(plan.estimate.checkpoint_every, 28);
   EXPECT_NEAR(plan.estimate.resume_replay_seconds, 27 * 262144 * kSecondsPerToken * 2.6 / 3.8,
               1e-6);
-  // Projected time on 8 H200s: per MoE layer 64 x 4096 tokens and 32 experts a rank.
-  const double moe_compute = 11511947488.0 / 8 / kLoadBytesPerSecond +
+  // Projected time on 8 H200s: per MoE layer 64 x 4096 tokens and 32 experts a rank, the layer
+  // staged ahead of its load.
+  const double moe_compute = 11511947488.0 / 8 / kStagedLoadBytesPerSecond +
                              262144 * kSecondsPerToken + 32 * kSolveSecondsPerExpert;
   EXPECT_GT(plan.estimate.seconds_per_layer, moe_compute * 0.9);
   EXPECT_GT(plan.estimate.total_seconds, 58 * moe_compute);
@@ -1128,10 +1129,11 @@ TEST(PlanJob, PreloadsTheNextLayerWhereTheDeviceHasRoom) {
   const int64_t weights = 2 * 583483392LL + 32LL * 3 * 2048 * 7168 * 2;
   EXPECT_EQ(on.estimate.gpu_bytes_per_rank, off.estimate.gpu_bytes_per_rank + weights);
   EXPECT_LE(on.estimate.gpu_bytes_per_rank, kH200 * (1 - kDeviceMemoryMargin));
-  // 60 loads fewer on the critical path (the write of the layer before can still set the pace).
+  // 60 loads fewer on the critical path, each of a staged layer (the write of the layer before
+  // can still set the pace).
   double loads = 0;
   for (size_t i = 1; i < on.layers.size(); ++i) {
-    loads += static_cast<double>(on.layers[i].input_bytes) / 8 / kLoadBytesPerSecond;
+    loads += static_cast<double>(on.layers[i].input_bytes) / 8 / kStagedLoadBytesPerSecond;
   }
   EXPECT_LT(on.estimate.total_seconds, off.estimate.total_seconds);
   EXPECT_GE(on.estimate.total_seconds, off.estimate.total_seconds - loads - 1e-6);
