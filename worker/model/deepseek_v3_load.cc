@@ -60,8 +60,7 @@ absl::Status CheckComputeDtype(at::ScalarType dtype) {
 // the current stream. When `data` is page-locked already (a staged copy), it is transferred
 // directly, and the call returns once the transfer is done (the caller may then reuse the
 // memory).
-at::Tensor CopyToDevice(const uint8_t* data, uint64_t bytes, at::Device device,
-                        bool page_locked) {
+at::Tensor CopyToDevice(const uint8_t* data, uint64_t bytes, at::Device device, bool page_locked) {
   constexpr int64_t kStageBytes = int64_t{64} << 20;
   constexpr int64_t kGrainBytes = int64_t{4} << 20;
   const int64_t n = static_cast<int64_t>(bytes);

@@ -445,7 +445,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     for (int layer = 0; layer < num_layers; ++layer) {
       std::vector<int64_t> loaded;  // the tensors this rank loads, as the prefetch stages them
       for (const auto& [expert, bytes] : layer_tensors[layer]) {
-        if (expert < 0 || (expert >= rp.first_expert && expert < rp.first_expert + rp.num_experts)) {
+        if (expert < 0 ||
+            (expert >= rp.first_expert && expert < rp.first_expert + rp.num_experts)) {
           loaded.push_back(bytes);
         }
       }
@@ -464,8 +465,8 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
                 several ? kHiddenCopiesOnHost : kHiddenCopiesOnHost - 1),
          SatMul(out, 2),
          several ? SatAdd(request.device_is_host ? in : std::max(in, staged), rewritten) : in,
-         SatMul({samples, seq, 4}),
-         SatMul(tokens, 8), SatMul({tokens, k, 32}), kPinnedStagingBytes, kHostOverheadBytes}));
+         SatMul({samples, seq, 4}), SatMul(tokens, 8), SatMul({tokens, k, 32}), kPinnedStagingBytes,
+         kHostOverheadBytes}));
   }
 
   // The settings (plan.h ChooseSettings).

@@ -274,8 +274,8 @@ absl::StatusOr<RoutedEntries> Runner::SortEntries(const MoeInput& in, const at::
   // Every rank learns every rank's rows per expert (one row of E counts to each rank), which
   // gives the received rows' layout: by source rank, then expert, then token.
   at::Tensor all_counts = counts.unsqueeze(0).expand({size, e_count}).contiguous();
-  absl::StatusOr<at::Tensor> from = gang_.AllToAllRows(all_counts, std::vector<int64_t>(size, 1),
-                                                       std::vector<int64_t>(size, 1));
+  absl::StatusOr<at::Tensor> from =
+      gang_.AllToAllRows(all_counts, std::vector<int64_t>(size, 1), std::vector<int64_t>(size, 1));
   if (!from.ok()) return from.status();
   r.source_counts = from->cpu().contiguous();  // [size, E]
   return r;
@@ -423,8 +423,7 @@ at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
     const bool run = ro[offset + n - 1] - ro[offset] == n - 1;
     at::Tensor idx = order.narrow(0, offset, n);
     const std::string prefix = absl::StrCat(w.prefix, "mlp.experts.", e, ".");
-    at::Tensor rows =
-        run ? d.recv_rows.narrow(0, ro[offset], n) : d.recv_rows.index_select(0, idx);
+    at::Tensor rows = run ? d.recv_rows.narrow(0, ro[offset], n) : d.recv_rows.index_select(0, idx);
     if (want_outputs) {
       at::Tensor y = model::RunMlpRows(prefix, w.experts[e], rows, hooks);
       if (run) {

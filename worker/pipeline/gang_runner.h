@@ -32,8 +32,8 @@
 #include "worker/pipeline/gang_pipeline.h"
 #include "worker/pipeline/host_transfers.h"
 #include "worker/pipeline/layer_staging.h"
-#include "worker/pipeline/step_profile.h"
 #include "worker/pipeline/output.h"
+#include "worker/pipeline/step_profile.h"
 #include "worker/quant/gptq.h"
 #include "worker/quant/hessian.h"
 #include "worker/quant/layer_tools.h"
@@ -161,9 +161,14 @@ class Runner {
  public:
   Runner(const GangPipelineOptions& o, Gang& gang, model::CheckpointReader& reader,
          model::DeepseekV3Config config, model::GlobalWeights globals)
-      : o_(o), gang_(gang), reader_(reader), config_(std::move(config)),
-        globals_(std::move(globals)), transfers_(o.device, o.overlap_transfers),
-        staging_(o.device), side_(o.device) {}
+      : o_(o),
+        gang_(gang),
+        reader_(reader),
+        config_(std::move(config)),
+        globals_(std::move(globals)),
+        transfers_(o.device, o.overlap_transfers),
+        staging_(o.device),
+        side_(o.device) {}
   // The prefetch and preload threads read through reader_ (and the preload uses side_); the
   // reader outlives the runner, so it must not keep serving staged copies.
   ~Runner() {
@@ -342,7 +347,7 @@ class Runner {
   StageMarks marks_;  // the running step's stage, for a profile
   std::future<void> prefetch_;
   std::atomic<bool> stop_prefetch_{false};
-  LayerStaging staging_;  // the prefetch's copies of the next layer
+  LayerStaging staging_;      // the prefetch's copies of the next layer
   int64_t staged_bytes_ = 0;  // what the last prefetch staged
   SideStream side_;  // the preload's stream
   std::future<absl::StatusOr<model::LayerWeights>> preload_;

@@ -8,8 +8,8 @@
 
 namespace mq::pipeline {
 
-int64_t LayerStaging::Stage(model::CheckpointReader& reader,
-                            const std::vector<std::string>& names, const std::atomic<bool>& stop) {
+int64_t LayerStaging::Stage(model::CheckpointReader& reader, const std::vector<std::string>& names,
+                            const std::atomic<bool>& stop) {
   std::vector<model::TensorView> views;
   std::vector<int64_t> bytes;
   for (const std::string& n : names) {

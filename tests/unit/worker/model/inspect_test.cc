@@ -662,10 +662,10 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   EXPECT_EQ(report.ranks[0].gpu_bytes, gpu(2, 3, one_round(2, 3), true));
   EXPECT_EQ(report.ranks[1].gpu_bytes, gpu(1, 3, one_round(1, 3), true));
   EXPECT_EQ(report.ranks[2].gpu_bytes, gpu(1, 2, one_round(1, 2), true));
-  // Host (plan.h host(r)): the hidden states (kHiddenCopiesOnHost copies), the layer file's tensors twice (rank 0 also writes the non-expert ones), the
-  // rank's mapped checkpoint bytes twice (the MTP layer is the largest), the calibration ids
-  // (8 x 16 int32 for the whole set, int64 for the rank's) and routing (top-2: 2 x 32 bytes a
-  // token).
+  // Host (plan.h host(r)): the hidden states (kHiddenCopiesOnHost copies), the layer file's tensors
+  // twice (rank 0 also writes the non-expert ones), the rank's mapped checkpoint bytes twice (the
+  // MTP layer is the largest), the calibration ids (8 x 16 int32 for the whole set, int64 for the
+  // rank's) and routing (top-2: 2 x 32 bytes a token).
   const int64_t expert_in = expert_linear + 4 * expert_scales;
   const int64_t others_in = report.layers[2].input_bytes - 4 * expert_in;
   const int64_t others_out = report.layers[2].output_bytes - 4 * expert_out;
@@ -1188,9 +1188,9 @@ TEST(PlanJob, OneLayerHoldsTwoHiddenCopiesAndItsBytesOnce) {
   // 256 experts of three 2048 x 7168 FP8 matrices, each with 16 x 56 fp32 block scales.
   const int64_t experts = int64_t{256} * 3 * (2048 * 7168 + 16 * 56 * 4);
   // With two steps the second layer is staged ahead of its load, in page-locked slabs.
-  EXPECT_EQ(two.estimate.host_bytes_per_rank - one.estimate.host_bytes_per_rank,
-            hidden_copy + one.layers[0].input_bytes - experts +
-                StagingSlack(IdealFp8(c), 0, 0, 256));
+  EXPECT_EQ(
+      two.estimate.host_bytes_per_rank - one.estimate.host_bytes_per_rank,
+      hidden_copy + one.layers[0].input_bytes - experts + StagingSlack(IdealFp8(c), 0, 0, 256));
 }
 
 // Settings chosen for the device (plan.h ChooseSettings), on DeepSeek-V3 cut to its three dense

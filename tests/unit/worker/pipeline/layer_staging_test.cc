@@ -30,9 +30,9 @@ namespace {
 // mapped files by their real path.
 std::string MakeModel(const std::string& name) {
   const std::string made = model::testing::GenerateModel(
-      name, {"--layers 3", "--dense-layers 1", "--experts 16", "--experts-per-tok 2",
-             "--groups 2", "--hidden 256", "--intermediate 256", "--moe-intermediate 1024",
-             "--heads 2", "--vocab 256", "--shards 5", "> /dev/null"});
+      name, {"--layers 3", "--dense-layers 1", "--experts 16", "--experts-per-tok 2", "--groups 2",
+             "--hidden 256", "--intermediate 256", "--moe-intermediate 1024", "--heads 2",
+             "--vocab 256", "--shards 5", "> /dev/null"});
   char resolved[PATH_MAX];
   return !made.empty() && ::realpath(made.c_str(), resolved) ? resolved : "";
 }

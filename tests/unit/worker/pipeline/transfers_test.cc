@@ -123,9 +123,9 @@ GangPipelineOptions TransfersOptions(const std::string& model, const std::string
   return o;
 }
 
-PipelineRun RunPipeline(const std::string& model, const std::string& out, at::Device device,
-                        bool overlap, bool preload,
-                        GangPipelineOptions::Staging staging = GangPipelineOptions::Staging::kAuto) {
+PipelineRun RunPipeline(
+    const std::string& model, const std::string& out, at::Device device, bool overlap, bool preload,
+    GangPipelineOptions::Staging staging = GangPipelineOptions::Staging::kAuto) {
   GangPipelineOptions o = TransfersOptions(model, out);
   o.device = device;
   o.overlap_transfers = overlap;
@@ -203,10 +203,9 @@ struct ShrunkRun {
   std::vector<bool> preloaded;
 };
 
-ShrunkRun RunWithShrinkingLastShard(bool preload,
-                                    GangPipelineOptions::Staging staging =
-                                        GangPipelineOptions::Staging::kAuto,
-                                    int shrink_after_step = 0) {
+ShrunkRun RunWithShrinkingLastShard(
+    bool preload, GangPipelineOptions::Staging staging = GangPipelineOptions::Staging::kAuto,
+    int shrink_after_step = 0) {
   ShrunkRun run;
   const std::string model = TransfersModel(
       absl::StrCat("shrink-", preload ? "preload" : "plain", "-",
