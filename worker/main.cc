@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
   int64_t cpu_threads = 0;
   bool overlap_writes = true;
   bool prefetch = true;
+  bool stage = true;
   bool overlap_transfers = true;
   bool preload = true;
   std::string profile_layers_flag;
@@ -115,6 +116,10 @@ int main(int argc, char** argv) {
   flags.Bool("prefetch-next-layer", &prefetch,
              "read the next layer's weights into the page cache while a layer computes (default "
              "true)");
+  flags.Bool("stage-next-layer", &stage,
+             "on a GPU, the prefetch copies the next layer's weights into page-locked host memory, "
+             "so that its load is only transfers to the device (default true; needs "
+             "--prefetch-next-layer; false: the load copies them itself)");
   flags.Bool("overlap-transfers", &overlap_transfers,
              "on a GPU, copy hidden states between host and device on a second CUDA stream "
              "while the layer computes (default true)");
@@ -285,6 +290,7 @@ int main(int argc, char** argv) {
   options.cpu_threads = static_cast<int>(cpu_threads);
   options.overlap_writes = overlap_writes;
   options.prefetch_next_layer = prefetch;
+  options.stage_next_layer = stage;
   options.overlap_transfers = overlap_transfers;
   options.preload_next_layer = preload;
   options.profile_layers = profile_layers;

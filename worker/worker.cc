@@ -594,6 +594,7 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
   in.cpu_threads = options_.cpu_threads;
   in.overlap_writes = options_.overlap_writes;
   in.prefetch_next_layer = options_.prefetch_next_layer;
+  in.stage_next_layer = options_.stage_next_layer;
   in.overlap_transfers = options_.overlap_transfers;
   in.preload_next_layer =
       options_.preload_next_layer && a.has_settings() && a.settings().preload_next_layer();

@@ -355,7 +355,7 @@ def test_worker_profile_layers_need_an_existing_directory(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--overlap-writes", "--prefetch-next-layer",
-                                  "--overlap-transfers"])
+                                  "--stage-next-layer", "--overlap-transfers"])
 def test_worker_rejects_bad_switch_values(tmp_path, flag):
     import subprocess
     from mq_cluster import WORKER

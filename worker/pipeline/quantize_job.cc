@@ -177,6 +177,8 @@ absl::StatusOr<QuantizeAssignmentResult> RunQuantizeAssignment(const QuantizeAss
   if (threads > 0) at::set_num_threads(threads);
   o.overlap_writes = in.overlap_writes;
   o.prefetch_next_layer = in.prefetch_next_layer;
+  o.stage_next_layer = in.stage_next_layer ? GangPipelineOptions::Staging::kAuto
+                                           : GangPipelineOptions::Staging::kOff;
   o.overlap_transfers = in.overlap_transfers;
   o.preload_next_layer = in.preload_next_layer;
   o.profile_layers.insert(in.profile_layers.begin(), in.profile_layers.end());
