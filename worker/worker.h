@@ -43,7 +43,7 @@ struct WorkerOptions {
   int cpu_threads = 0;  // host threads for tensor work (0: 4 on CUDA, every core on CPU)
   bool overlap_writes = true;  // a layer's write and report beside the next layer's work
   bool prefetch_next_layer = true;  // the next layer's weights into the page cache meanwhile
-  bool stage_next_layer = true;  // ... into page-locked memory on a GPU (layer_staging.h)
+  bool stage_next_layer = true;     // ... into page-locked memory on a GPU (layer_staging.h)
   bool overlap_transfers = true;  // hidden-state copies on a copy stream (GPU workers)
   // The next layer's weights onto the device while a layer solves, where the job's plan found
   // room (QuantizeSettings.preload_next_layer); false: never, and plans made here say so.

@@ -91,7 +91,7 @@ struct QuantizeAssignmentInput {
   int cpu_threads = 0;  // intra-op threads for host tensor work (0: 4 on CUDA, all cores on CPU)
   bool overlap_writes = true;  // GangPipelineOptions::overlap_writes
   bool prefetch_next_layer = true;  // GangPipelineOptions::prefetch_next_layer
-  bool stage_next_layer = true;  // false: GangPipelineOptions::Staging::kOff (true: kAuto)
+  bool stage_next_layer = true;     // false: GangPipelineOptions::Staging::kOff (true: kAuto)
   bool overlap_transfers = true;    // GangPipelineOptions::overlap_transfers
   bool preload_next_layer = false;  // GangPipelineOptions::preload_next_layer
   // GangPipelineOptions::profile_layers, written as <profile_dir>/mq-profile-<job>-layer<L>-...
