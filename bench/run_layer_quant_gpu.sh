@@ -20,8 +20,8 @@
 #                 on the 16 after its S, so S + 16 are needed for a held-out evaluation)
 #   MQ_EXPERTS    routed experts of the generated layer (default 256)
 #   MQ_LAYERS     MoE layers of the generated checkpoint (default 1; 11.75 GB each)
-#   MQ_WORKER_ARGS  extra mq-worker flags, e.g. --overlap-writes=false or
-#                 --overlap-transfers=false
+#   MQ_WORKER_ARGS  extra mq-worker flags, e.g. --overlap-writes=false,
+#                 --overlap-transfers=false or --stage-next-layer=false
 #   MQ_PROFILE_LAYERS  comma-separated layers to profile (mq-worker --profile-layers): per job
 #                 and rank, $OUT/profiles/*.txt (stage wall vs device-busy seconds, top kernels)
 #                 and the Chrome trace, gzipped
