@@ -8,6 +8,16 @@
 
 namespace mq::pipeline {
 
+LayerStaging::LayerStaging(at::Device device, Allocate allocate)
+    : device_(device), allocate_(std::move(allocate)) {
+  if (!allocate_) {
+    const bool page_locked = device.is_cuda();
+    allocate_ = [page_locked](int64_t bytes) {
+      return at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(page_locked));
+    };
+  }
+}
+
 int64_t LayerStaging::Stage(model::CheckpointReader& reader, const std::vector<std::string>& names,
                             const std::atomic<bool>& stop) {
   std::vector<model::TensorView> views;
@@ -28,11 +38,16 @@ int64_t LayerStaging::Stage(model::CheckpointReader& reader, const std::vector<s
     slabs_.clear();
     try {
       for (const model::PinnedSlab& slab : plan) {
-        slabs_.push_back(std::make_shared<at::Tensor>(at::empty(
-            {slab.bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(device_.is_cuda()))));
+        slabs_.push_back(std::make_shared<at::Tensor>(allocate_(slab.bytes)));
       }
-    } catch (const std::exception&) {  // no memory for the slabs: the load reads the checkpoint
+    } catch (const std::exception&) {
+      // No page-locked memory for the slabs (host memory, a locked-memory limit): the load reads
+      // the checkpoint, whose pages are at least read ahead as without staging.
       slabs_.clear();
+      for (const model::TensorView& v : views) {
+        if (stop) break;
+        model::TouchTensor(v);
+      }
       return 0;
     }
   }

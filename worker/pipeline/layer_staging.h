@@ -11,7 +11,8 @@
 //
 // A tensor that cannot be staged (its read is not intact, the slabs cannot be allocated) is left
 // to the reader as it is: the load reads it from the checkpoint, and reports a damaged read
-// there. The bytes the load sees are the same either way.
+// there (when the slabs cannot be allocated, the layer's pages are read ahead instead, as
+// without staging). The bytes the load sees are the same either way.
 //
 // For torch code only (includes ATen). Threading: Stage on one thread at a time; Unstage after
 // that Stage returned, when nothing copies from the staged memory any more.
@@ -20,6 +21,7 @@
 #include <ATen/ATen.h>
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,8 +32,11 @@ namespace mq::pipeline {
 
 class LayerStaging {
  public:
-  // Page-locked slabs on a CUDA device; ordinary host memory otherwise.
-  explicit LayerStaging(at::Device device) : device_(device) {}
+  // Allocates a slab of `bytes` (throws when it cannot).
+  using Allocate = std::function<at::Tensor(int64_t bytes)>;
+  // Page-locked slabs on a CUDA device; ordinary host memory otherwise. `allocate` replaces the
+  // slabs' allocation (tests).
+  explicit LayerStaging(at::Device device, Allocate allocate = nullptr);
   LayerStaging(const LayerStaging&) = delete;
   LayerStaging& operator=(const LayerStaging&) = delete;
 
@@ -47,6 +52,7 @@ class LayerStaging {
 
  private:
   at::Device device_;
+  Allocate allocate_;
   std::vector<std::shared_ptr<at::Tensor>> slabs_;
   std::vector<std::string> staged_;
 };

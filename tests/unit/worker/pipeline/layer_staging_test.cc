@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -153,6 +154,31 @@ TEST_F(LayerStagingTest, TheCopiedTensorsPagesAreReleased) {
   LayerStaging staging(at::kCPU);
   ASSERT_GT(staging.Stage(*reader_, names, stop_), 0);
   EXPECT_LT(resident_kb(), touched / 8);
+  staging.Unstage(*reader_);
+}
+
+// Slabs that cannot be allocated (no page-locked memory, a locked-memory limit) stage nothing,
+// and the layer's pages are read ahead instead, as without staging.
+TEST_F(LayerStagingTest, WithoutMemoryForTheSlabsThePagesAreReadAhead) {
+  const std::string shard = model_ + "/model-00004-of-00005.safetensors";  // layer 2
+  const std::vector<std::string> names = LayerNames(*reader_, 2);
+  ASSERT_TRUE(reader_->Get(names.front()).ok());  // maps the shard
+  for (const std::string& n : names) reader_->Release(n);
+  auto resident_kb = [&] {
+    return model::testing::ResidentKbOfMappings(
+        [&](uintptr_t, uintptr_t, std::string_view path) { return path == shard; });
+  };
+  ASSERT_LT(resident_kb(), 1024);
+  int attempts = 0;
+  LayerStaging staging(at::kCPU, [&](int64_t) -> at::Tensor {
+    ++attempts;
+    throw std::bad_alloc();
+  });
+  EXPECT_EQ(staging.Stage(*reader_, names, stop_), 0);
+  EXPECT_EQ(attempts, 1);
+  EXPECT_EQ(staging.slab_bytes(), 0);
+  for (const std::string& n : names) EXPECT_EQ(reader_->Get(n)->owner, nullptr) << n;
+  EXPECT_GT(resident_kb(), 8 * 1024);  // 12 MiB of experts read ahead
   staging.Unstage(*reader_);
 }
 
