@@ -519,4 +519,19 @@ absl::StatusOr<DeepseekV3Config> LoadDeepseekV3Config(const std::string& path) {
   return std::move(result.config);
 }
 
+bool RoutedExpertOf(std::string_view name, int* expert) {
+  const size_t at = name.find(".mlp.experts.");
+  if (at == std::string_view::npos) return false;
+  size_t p = at + 13;
+  int e = 0;
+  bool digits = false;
+  while (p < name.size() && name[p] >= '0' && name[p] <= '9') {
+    e = e * 10 + (name[p++] - '0');
+    digits = true;
+  }
+  if (!digits) return false;
+  *expert = e;
+  return true;
+}
+
 }  // namespace mq::model

@@ -143,4 +143,8 @@ ConfigParseResult ParseDeepseekV3Config(std::string_view json_text);
 // InvalidArgument listing every problem, each prefixed with "config.json: " and joined by "; ".
 absl::StatusOr<DeepseekV3Config> LoadDeepseekV3Config(const std::string& path);
 
+// The routed expert a tensor or module belongs to ("model.layers.3.mlp.experts.17.up_proj.weight"
+// gives 17 in *expert): false for every other name (shared experts, the router, attention).
+bool RoutedExpertOf(std::string_view name, int* expert);
+
 }  // namespace mq::model

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <set>
 #include <utility>
@@ -325,13 +324,12 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
          it != stored.end() && std::string_view(it->first).substr(0, prefix.size()) == prefix;
          ++it) {
       lp.input_bytes = SatAdd(lp.input_bytes, it->second.num_bytes);
-      const size_t at = it->first.find(".mlp.experts.", prefix.size() - 1);
-      int expert = -1;
-      if (at != std::string::npos) {
+      if (it->first.find(".mlp.experts.", prefix.size() - 1) != std::string::npos) {
         expert_input[layer] = SatAdd(expert_input[layer], it->second.num_bytes);
-        expert = std::atoi(it->first.c_str() + at + 13);
       }
-      layer_tensors[layer].emplace_back(expert, it->second.num_bytes);
+      int e = 0;
+      layer_tensors[layer].emplace_back(RoutedExpertOf(it->first, &e) ? e : -1,
+                                        it->second.num_bytes);
     }
   }
   for (const ExpectedTensor& t : inventory) {

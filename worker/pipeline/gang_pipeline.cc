@@ -107,21 +107,6 @@ void Runner::StopPrefetch() {
   if (prefetch_.valid()) prefetch_.wait();
 }
 
-bool Runner::IsRoutedExpert(const std::string& name, int* expert) const {
-  const size_t at = name.find(".mlp.experts.");
-  if (at == std::string::npos) return false;
-  size_t p = at + 13;
-  int e = 0;
-  bool digits = false;
-  while (p < name.size() && name[p] >= '0' && name[p] <= '9') {
-    e = e * 10 + (name[p++] - '0');
-    digits = true;
-  }
-  if (!digits) return false;
-  *expert = e;
-  return true;
-}
-
 absl::Status Runner::Embed() {
   const int64_t n = static_cast<int64_t>(o_.samples.size()), k = gang_.size();
   in_mtp_ = false;
@@ -613,7 +598,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   std::vector<std::string> replicated, own_experts;
   for (const std::string& m : quantized) {
     int e = 0;
-    if (!IsRoutedExpert(m, &e)) {
+    if (!model::RoutedExpertOf(m, &e)) {
       replicated.push_back(m);
     } else if (OwnerOf(e) == gang_.rank()) {
       own_experts.push_back(m);
@@ -695,7 +680,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   if (w.is_moe && o_.min_expert_tokens > 0) {
     for (const HessianGroup& g : exp_groups) {
       int e = 0;
-      IsRoutedExpert(g.members[0], &e);
+      model::RoutedExpertOf(g.members[0], &e);
       if (gang_counts[e] >= o_.min_expert_tokens || rare_experts.count(e)) continue;
       rare_experts.insert(e);
       st.rare.push_back({e, gang_counts[e], o_.rare_expert_rtn || rtn ? "rtn" : "topped_up"});
@@ -794,7 +779,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     std::vector<const HessianGroup*> pass;
     for (const HessianGroup& g : exp_groups) {
       int e = 0;
-      IsRoutedExpert(g.members[0], &e);
+      model::RoutedExpertOf(g.members[0], &e);
       if (e < p0 || e >= p1) continue;
       pass.push_back(&g);
       if (rtn) continue;
@@ -841,7 +826,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     // Every row routed to an own expert anywhere in the gang reached its Hessians exactly once.
     for (const HessianGroup* g : pass) {
       int e = 0;
-      IsRoutedExpert(g->members[0], &e);
+      model::RoutedExpertOf(g->members[0], &e);
       const int64_t expected =
           gang_counts[e] + (rare_experts.count(e) && !o_.rare_expert_rtn ? moe_in.u.size(0) : 0);
       if (acc[g->members[0]]->tokens() != expected) {
@@ -859,7 +844,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
     std::vector<int64_t> hessian_of;
     for (const HessianGroup* g : pass) {
       int e = 0;
-      IsRoutedExpert(g->members[0], &e);
+      model::RoutedExpertOf(g->members[0], &e);
       const bool rtn = o_.rare_expert_rtn && rare_experts.count(e);
       const HessianAccumulator* a = acc[g->members[0]].get();
       if (!quant::UsesHessians(o_.method) || rtn || a->tokens() == 0) {
@@ -968,7 +953,7 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
       continue;
     }
     int e = 0;
-    const bool expert = IsRoutedExpert(n, &e);
+    const bool expert = model::RoutedExpertOf(n, &e);
     if (expert ? OwnerOf(e) != gang_.rank() : gang_.rank() != 0) continue;
     if (!expert && quant::EndsWith(n, ".weight") &&
         std::find(replicated.begin(), replicated.end(), n.substr(0, n.size() - 7)) !=

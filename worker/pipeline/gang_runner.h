@@ -192,10 +192,9 @@ class Runner {
   int FirstExpert(int rank) const {
     return static_cast<int>(static_cast<int64_t>(config_.n_routed_experts) * rank / gang_.size());
   }
-  bool IsRoutedExpert(const std::string& name, int* expert) const;
   bool Owns(const std::string& name) const {
     int e = 0;
-    return !IsRoutedExpert(name, &e) || OwnerOf(e) == gang_.rank();
+    return !model::RoutedExpertOf(name, &e) || OwnerOf(e) == gang_.rank();
   }
   // The MLP `mlp`'s linear inputs over `rows` in blocks of at most o_.max_batch_tokens rows, for
   // the hooks only (Hessians; model::RunMlpInputs): bounds the activations held at once.

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -571,9 +570,8 @@ int64_t StagingSlack(const StoredTensors& stored, int layer, int first, int coun
   int64_t bytes = 0;
   for (auto it = stored.lower_bound(prefix); it != stored.end() && it->first.rfind(prefix, 0) == 0;
        ++it) {
-    const size_t at = it->first.find(".mlp.experts.");
-    const int e = at == std::string::npos ? -1 : std::atoi(it->first.c_str() + at + 13);
-    if (e >= 0 && (e < first || e >= first + count)) continue;
+    int e = -1;
+    if (RoutedExpertOf(it->first, &e) && (e < first || e >= first + count)) continue;
     loaded.push_back(it->second.num_bytes);
     bytes += it->second.num_bytes;
   }
