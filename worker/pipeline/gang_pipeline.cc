@@ -82,16 +82,10 @@ void Runner::StartPrefetch(int layer) {
     if (Owns(n)) names.push_back(n);
   }
   // Get runs on the prefetch thread too: for a staged remote checkpoint it is the fetch.
-  prefetch_ = std::async(std::launch::async, [this, names = std::move(names)] {
-    if (Staging()) {
-      staged_bytes_ = staging_.Stage(reader_, names, stop_prefetch_);
-      return;
-    }
-    for (const std::string& n : names) {
-      if (stop_prefetch_) return;
-      absl::StatusOr<model::TensorView> v = reader_.Get(n);
-      if (v.ok()) model::TouchTensor(*v);  // a bad tensor fails its load, not this hint
-    }
+  prefetch_ = std::async(std::launch::async, [this, names = std::move(names)]() -> int64_t {
+    if (Staging()) return staging_.Stage(reader_, names, stop_prefetch_);
+    ReadAhead(reader_, names, stop_prefetch_);
+    return 0;
   });
 }
 
@@ -568,10 +562,9 @@ absl::StatusOr<StepWrite> Runner::QuantizeStep(int step, int layer) {
   // write (which maps again only the few tensors it writes unquantized). The prefetch that read
   // them ahead is finished first, so that it cannot map them back. Its staged copies are no
   // longer read (the device copies are complete), so the next layer's may take their memory.
-  if (prefetch_.valid()) prefetch_.wait();
+  const int64_t staged = prefetch_.valid() ? prefetch_.get() : 0;
   if (Staging()) {
-    st.staged_bytes = staged_bytes_;
-    staged_bytes_ = 0;
+    st.staged_bytes = staged;
     staging_.Unstage(reader_);
   }
   ReleaseLayerPages(layer);

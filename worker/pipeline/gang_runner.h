@@ -344,10 +344,9 @@ class Runner {
   // host tensors it downloaded waits for them before it returns.
   HostTransfers transfers_;
   StageMarks marks_;  // the running step's stage, for a profile
-  std::future<void> prefetch_;
+  std::future<int64_t> prefetch_;  // the bytes it staged
   std::atomic<bool> stop_prefetch_{false};
-  LayerStaging staging_;      // the prefetch's copies of the next layer
-  int64_t staged_bytes_ = 0;  // what the last prefetch staged
+  LayerStaging staging_;  // the prefetch's copies of the next layer
   SideStream side_;  // the preload's stream
   std::future<absl::StatusOr<model::LayerWeights>> preload_;
   int preload_layer_ = -1;  // the layer preload_ loads

@@ -8,6 +8,15 @@
 
 namespace mq::pipeline {
 
+void ReadAhead(model::CheckpointReader& reader, const std::vector<std::string>& names,
+               const std::atomic<bool>& stop) {
+  for (const std::string& n : names) {
+    if (stop) return;
+    absl::StatusOr<model::TensorView> v = reader.Get(n);
+    if (v.ok()) model::TouchTensor(*v);
+  }
+}
+
 LayerStaging::LayerStaging(at::Device device, Allocate allocate)
     : device_(device), allocate_(std::move(allocate)) {
   if (!allocate_) {
@@ -44,10 +53,7 @@ int64_t LayerStaging::Stage(model::CheckpointReader& reader, const std::vector<s
       // No page-locked memory for the slabs (host memory, a locked-memory limit): the load reads
       // the checkpoint, whose pages are at least read ahead as without staging.
       slabs_.clear();
-      for (const model::TensorView& v : views) {
-        if (stop) break;
-        model::TouchTensor(v);
-      }
+      ReadAhead(reader, names, stop);
       return 0;
     }
   }

@@ -30,6 +30,12 @@
 
 namespace mq::pipeline {
 
+// Reads the tensors `names` of `reader` into the page cache and maps them (model::TouchTensor),
+// stopping between tensors once `stop` is set. A hint: a tensor that cannot be read is left to
+// its load, which reports it.
+void ReadAhead(model::CheckpointReader& reader, const std::vector<std::string>& names,
+               const std::atomic<bool>& stop);
+
 class LayerStaging {
  public:
   // Allocates a slab of `bytes` (throws when it cannot).
