@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "worker/model/deepseek_v3_internal.h"
+#include "worker/model/plan.h"
 
 namespace mq::model {
 namespace {
@@ -300,27 +301,25 @@ double SoftmaxScale(const DeepseekV3Config& config) {
   return scale;
 }
 
-// Rows per router product. The products run on row blocks of this fixed size (the last one
-// padded with zeros), so a token's scores do not depend on how many tokens are routed with it:
-// BLAS libraries pick kernels, and with them summation orders, by matrix shape, and a score
-// that moved in its last bit could break a near-tie between two experts differently on a rank
-// that routes fewer tokens (a gang of 4 against one GPU). See bench/RESULTS.md.
-constexpr int64_t kRouterBlockRows = 4096;
+// The router's product runs on row blocks of kRouterBlockRows (plan.h; the last one padded with
+// zeros), so a token's scores do not depend on how many tokens are routed with it: BLAS
+// libraries pick kernels, and with them summation orders, by matrix shape, and a score that
+// moved in its last bit could break a near-tie between two experts differently on a rank that
+// routes fewer tokens (a gang of 4 against one GPU). See bench/RESULTS.md. The rest of routing
+// runs on segments of kRouterSegmentRows rows.
+namespace {
 
-Routing RouteTokens(const LayerWeights& w, const at::Tensor& x, const ForwardHooks& hooks) {
+Routing RouteSegment(const LayerWeights& w, const at::Tensor& x, const at::Tensor& gate) {
   const DeepseekV3Config& c = w.config;
-  const std::string name = w.prefix + "mlp.gate";
-  if (hooks.on_linear_input) hooks.on_linear_input(name, x);
-  at::Tensor gate = WeightFor(name, w.gate, hooks).to(at::kFloat);  // fp32
-  const at::Tensor xf = x.to(at::kFloat);
   std::vector<at::Tensor> blocks;
-  for (int64_t r = 0; r < xf.size(0); r += kRouterBlockRows) {
-    const int64_t n = std::min(kRouterBlockRows, xf.size(0) - r);
-    at::Tensor rows = xf.slice(0, r, r + n);
+  for (int64_t r = 0; r < x.size(0); r += kRouterBlockRows) {
+    const int64_t n = std::min(kRouterBlockRows, x.size(0) - r);
+    at::Tensor rows = x.slice(0, r, r + n).to(at::kFloat);
     if (n < kRouterBlockRows) rows = at::constant_pad_nd(rows, {0, 0, 0, kRouterBlockRows - n});
     blocks.push_back(at::linear(rows, gate).slice(0, 0, n));
   }
-  at::Tensor logits = blocks.empty() ? at::linear(xf, gate) : at::cat(blocks);
+  at::Tensor logits = blocks.empty() ? at::linear(x.to(at::kFloat), gate) : at::cat(blocks);
+  blocks.clear();
   at::Tensor scores = logits.sigmoid();
   at::Tensor choice = scores + w.e_score_correction_bias;
   const int64_t t = x.size(0);
@@ -342,6 +341,22 @@ Routing RouteTokens(const LayerWeights& w, const at::Tensor& x, const ForwardHoo
   if (c.norm_topk_prob) weights = weights / (weights.sum(-1, /*keepdim=*/true) + 1e-20);
   r.topk_weights = weights * c.routed_scaling_factor;
   return r;
+}
+
+}  // namespace
+
+Routing RouteTokens(const LayerWeights& w, const at::Tensor& x, const ForwardHooks& hooks) {
+  const std::string name = w.prefix + "mlp.gate";
+  if (hooks.on_linear_input) hooks.on_linear_input(name, x);
+  at::Tensor gate = WeightFor(name, w.gate, hooks).to(at::kFloat);  // fp32
+  if (x.size(0) <= kRouterSegmentRows) return RouteSegment(w, x, gate);
+  std::vector<at::Tensor> indices, weights;
+  for (int64_t r = 0; r < x.size(0); r += kRouterSegmentRows) {
+    Routing s = RouteSegment(w, x.slice(0, r, std::min(x.size(0), r + kRouterSegmentRows)), gate);
+    indices.push_back(std::move(s.topk_indices));
+    weights.push_back(std::move(s.topk_weights));
+  }
+  return Routing{at::cat(indices), at::cat(weights)};
 }
 
 at::Tensor RunAttention(const LayerWeights& w, const at::Tensor& x, const at::Tensor& positions,

@@ -393,9 +393,15 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     const int64_t chunk_tokens = std::min(tokens, std::max(seq, kForwardBatchTokens));
     const int64_t attention =
         SatAdd(SatMul(chunk_tokens, attention_bytes_per_token), attention_scores);
-    // The router's fp32 scores and their copies: freed after routing, but their blocks stay in
-    // the caching allocator's reserve through the later phases (fitted, plan.h).
-    const int64_t routing = any_moe ? SatMul({tokens, config.n_routed_experts, 4, 4}) : 0;
+    // Routing, one segment of rows at a time: the fp32 scores and their copies, and one row
+    // block's fp32 input.
+    const int64_t routing =
+        any_moe ? SatAdd(SatMul({std::min(tokens, kRouterSegmentRows), config.n_routed_experts, 4,
+                                 4}),
+                         SatMul({std::min(tokens, kRouterBlockRows), h, 4}))
+                : 0;
+    // The propagation's routed output, one dispatch round's rows at a time.
+    const int64_t round_output = SatMul({CeilDiv(rp.num_sequences, rounds), seq, h, 2});
     // Routed rows of the MoE block.
     int64_t dispatch = 0;
     if (experts > 0) {
@@ -417,11 +423,12 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     const int64_t after_attention = std::max(
         {SatAdd(dispatch, hessians),
          SatAdd(solve, rounds == 1 ? dispatch : 0),  // one round's dispatch is kept throughout
-         SatAdd(SatMul(token_tensor, kHiddenCopiesOnDevice - 1), dispatch)});
+         SatAdd(round_output, dispatch)});
     // A preloaded next layer is on the device from the expert passes on.
     const int64_t weights = SatAdd(replicated_bytes, expert_weights);
-    const int64_t phase = std::max(attention, SatAdd(after_attention, preload ? weights : 0));
-    return SatAdd({weights, token_tensor, routing, phase, kDeviceOverheadBytes});
+    const int64_t phase =
+        std::max({attention, routing, SatAdd(after_attention, preload ? weights : 0)});
+    return SatAdd({weights, token_tensor, phase, kDeviceOverheadBytes});
   };
   const int64_t calibration_tokens = SatMul(samples, seq);
   auto peak = [&](int64_t experts_per_pass, int64_t dispatch_tokens) {

@@ -107,17 +107,19 @@ inline constexpr int64_t kAttentionHeadsPerChunk = 16;
 // Tokens per forward call of the pipeline (GangPipelineOptions::max_batch_tokens): the per-chunk
 // temporaries scale with it, not with the calibration set.
 inline constexpr int64_t kForwardBatchTokens = 16384;
-// Token-sized bf16 tensors of hidden width a rank holds on its device at its peak: the MoE block's
-// normalized input u and its routed output (the hidden states and the residual stay in host
-// memory, gang_runner.h).
-inline constexpr int64_t kHiddenCopiesOnDevice = 2;
+// Routing runs the router's product on blocks of kRouterBlockRows rows (a token's scores do not
+// depend on how many tokens are routed with it) and the rest on segments of kRouterSegmentRows
+// rows, so its fp32 temporaries do not grow with the calibration set.
+inline constexpr int64_t kRouterBlockRows = 4096;
+inline constexpr int64_t kRouterSegmentRows = 16 * kRouterBlockRows;
 // Token-sized bf16 tensors of hidden width in host memory: a step's input (also read by the write
 // thread for its checkpoint), the residual after attention, and the step's output.
 inline constexpr int64_t kHiddenCopiesOnHost = 3;
-// The CUDA context, library workspaces and the caching allocator's slack, fitted with the routing
-// term of gpu(r) (below) to the peaks nvidia-smi showed for one full-width DeepSeek-V3 layer on
-// one H200 at 128 x 4096 and 512 x 4096 calibration tokens (bench/RESULTS.md, 2026-12-05, the
-// host-resident layout): +0.45% and +0.6% over them.
+// The CUDA context, library workspaces and the caching allocator's slack, fitted to the peaks
+// nvidia-smi showed for one full-width DeepSeek-V3 layer on one H200 at 128 x 4096 and 512 x 4096
+// calibration tokens (bench/RESULTS.md, 2026-12-05, the host-resident layout): +0.45% and +0.6%
+// over them, together with a routing term of all the tokens' fp32 scores that routing no longer
+// holds (it routes a segment at a time).
 inline constexpr int64_t kDeviceOverheadBytes = int64_t{5} << 30;  // 5 GiB
 
 // Host memory the worker process holds whatever the job (libraries, the CUDA context's host
@@ -248,9 +250,9 @@ bool IsCheckpointStep(int step, int steps, int every);
 //              2 * (2 * q_lora_rank + 4 * heads * (qk_nope + qk_rope) + heads * (qk_nope + v)
 //                   + 2 * heads * v + 4 * H)      (q, query, key, padded value, kv, output)
 //              + S^2 * min(heads, kAttentionHeadsPerChunk) * 4 (fp32 scores of the eager path)
-//   routing(r) = tokens(r) * n_routed_experts * 4 * 4   (fp32 router scores and their copies;
-//                0 without MoE layers): freed after routing, but held in the caching allocator's
-//                reserve through the step (with kDeviceOverheadBytes, fitted to measured peaks)
+//   routing(r) = min(tokens(r), kRouterSegmentRows) * n_routed_experts * 4 * 4
+//                + min(tokens(r), kRouterBlockRows) * H * 4  (fp32 router scores and their copies
+//                for one segment, one block's fp32 input; 0 without MoE layers)
 //   dispatch(r) = routed rows held during one dispatch round of the MoE block (0 without MoE
 //                 layers), bf16, with k = num_experts_per_tok,
 //                 rounds = dispatch_tokens > 0 ? clamp(ceil(samples * S / dispatch_tokens),
@@ -272,9 +274,11 @@ bool IsCheckpointStep(int step, int steps, int every);
 //     attention:   attention temporaries of one chunk
 //     experts:     dispatch(r) + the pass's fp32 Hessian accumulators P * (H^2 + I_e^2) * 4
 //     solve:       solve(r) (+ dispatch(r) with one round: its rows are kept for propagation)
-//     propagation: the routed output (T(r) * (kHiddenCopiesOnDevice - 1)) + dispatch(r)
+//     routing:     routing(r)
+//     propagation: one dispatch round's routed output, ceil(num_sequences(r) / rounds) * S * H * 2
+//                  (all of T(r) with one round) + dispatch(r)
 //     and with preload, the next layer's replicated + experts(r) in every phase after attention
-//   gpu(r) = replicated + experts(r) + T(r) + routing(r) + max over the phases
+//   gpu(r) = replicated + experts(r) + T(r) + max over the phases
 //            + kDeviceOverheadBytes (context, workspaces, allocator slack)
 //   preload (estimate.preload_next_layer): request.preload_next_layer, a GPU of known memory,
 //            more than one planned layer, and gpu(r) with preload <= (1 - kDeviceMemoryMargin) *

@@ -383,7 +383,7 @@ class AwqSmoother {
   absl::StatusOr<at::Tensor> Routed(const Dispatch& d, const model::ForwardHooks& hooks) {
     at::Tensor out = at::zeros_like(u_);
     MQ_RETURN_IF_ERROR(
-        r_.CombineInto(d, r_.RunExperts(w_, d, hooks, /*want_outputs=*/true), out));
+        r_.CombineInto(d, r_.RunExperts(w_, d, hooks, /*want_outputs=*/true), out, 0));
     return out;
   }
 

@@ -354,6 +354,22 @@ std::vector<at::Tensor> Runner::RoundTokens() const {
   return out;
 }
 
+std::vector<std::pair<int64_t, int64_t>> Runner::RoundRanges() const {
+  std::vector<int64_t> first_row{0};  // of each of this rank's sequences, and the end
+  for (const Chunk& c : chunks_) {
+    for (int64_t b = 0; b < c.hidden.size(0); ++b) {
+      first_row.push_back(first_row.back() + c.hidden.size(1));
+    }
+  }
+  const int64_t n = hi_ - lo_, rounds = plan_.rounds;
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t r = 0; r < rounds; ++r) {
+    const int64_t a = first_row[r * n / rounds], b = first_row[(r + 1) * n / rounds];
+    out.emplace_back(a, b - a);
+  }
+  return out;
+}
+
 std::vector<bool> Runner::PassExperts(int p) const {
   std::vector<bool> in(config_.n_routed_experts);
   for (int e = 0; e < config_.n_routed_experts; ++e) {
@@ -418,8 +434,8 @@ at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
   return out;
 }
 
-absl::Status Runner::CombineInto(const Dispatch& d, const at::Tensor& expert_out,
-                                 at::Tensor& out) {
+absl::Status Runner::CombineInto(const Dispatch& d, const at::Tensor& expert_out, at::Tensor& out,
+                                 int64_t first_row) {
   absl::StatusOr<at::Tensor> back =
       gang_.AllToAllRows(expert_out, d.recv_counts, d.send_counts);
   if (!back.ok()) return back.status();
@@ -427,34 +443,45 @@ absl::Status Runner::CombineInto(const Dispatch& d, const at::Tensor& expert_out
   // cast, accumulated in ascending expert order (a token's experts all come in one dispatch).
   at::Tensor y_all = back->to(o_.device, o_.dtype);
   if (d.combine_entries.defined() && y_all.scalar_type() == out.scalar_type()) {
-    CombinePerToken(y_all, d.send_weights, d.combine_tokens, d.combine_entries, out,
-                    kCombineChunkBytes);
+    const at::Tensor tokens = first_row == 0 ? d.combine_tokens : d.combine_tokens - first_row;
+    CombinePerToken(y_all, d.send_weights, tokens, d.combine_entries, out, kCombineChunkBytes);
   } else {
-    CombinePerExpert(y_all, d.send_weights, d.send_tokens, d.send_expert_counts, out);
+    const at::Tensor tokens = first_row == 0 ? d.send_tokens : d.send_tokens - first_row;
+    CombinePerExpert(y_all, d.send_weights, tokens, d.send_expert_counts, out);
   }
   return absl::OkStatus();
 }
 
-std::vector<at::Tensor> Runner::FinishMoe(const model::LayerWeights& w, const MoeInput& in,
-                                          at::Tensor out, const model::ForwardHooks& hooks) {
-  // Chunk by chunk: the shared experts' output is added to the routed output's rows, then the
-  // residual (brought from the host), and the result goes back to the host.
-  std::vector<at::Tensor> next = transfers_.AllocateHost(ChunkShapes(), o_.dtype);
+void Runner::FinishRows(const model::LayerWeights& w, const MoeInput& in, const at::Tensor& out,
+                        int64_t first_row, const std::vector<at::Tensor>& next,
+                        const model::ForwardHooks& hooks) {
+  // The chunks' pieces inside the rows: whole sequences, so each piece is a range of a chunk's
+  // sequences, consecutive in its host tensors.
+  const int64_t last_row = first_row + out.size(0);
+  std::vector<at::Tensor> residual, into;
+  std::vector<int64_t> piece_row;
   int64_t row = 0;
-  size_t i = 0;
-  HostTransfers::Uploads up = transfers_.Upload(in.residual);
-  for (const at::Tensor& h : in.residual) {
-    const int64_t t = h.size(0) * h.size(1);
-    at::Tensor y = out.narrow(0, row, t);
+  for (size_t i = 0; i < in.residual.size(); ++i) {
+    const at::Tensor& h = in.residual[i];
+    const int64_t len = h.size(1), lo = std::max(row, first_row);
+    const int64_t hi = std::min(row + h.size(0) * len, last_row);
+    if (lo < hi) {
+      residual.push_back(h.narrow(0, (lo - row) / len, (hi - lo) / len));
+      into.push_back(next[i].narrow(0, (lo - row) / len, (hi - lo) / len));
+      piece_row.push_back(lo);
+    }
+    row += h.size(0) * len;
+  }
+  HostTransfers::Uploads up = transfers_.Upload(residual);
+  for (size_t j = 0; j < residual.size(); ++j) {
+    const int64_t t = residual[j].size(0) * residual[j].size(1);
+    at::Tensor y = out.narrow(0, piece_row[j] - first_row, t);
     if (w.shared_experts.defined()) {
       y = y + model::RunMlpRows(w.prefix + "mlp.shared_experts.", w.shared_experts,
-                                in.u.narrow(0, row, t), hooks);
+                                in.u.narrow(0, piece_row[j], t), hooks);
     }
-    transfers_.DownloadInto(up.Next() + y.view(h.sizes()), next[i++]);
-    row += t;
+    transfers_.DownloadInto(up.Next() + y.view(residual[j].sizes()), into[j]);
   }
-  transfers_.Wait();
-  return next;
 }
 
 absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeights& w,
@@ -463,8 +490,8 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeig
                                                           const Dispatch* cached_d) {
   model::ForwardHooks hooks;
   hooks.weight_overrides = &overrides;
+  std::vector<at::Tensor> next = transfers_.AllocateHost(ChunkShapes(), o_.dtype);
   if (!w.is_moe) {
-    std::vector<at::Tensor> next = transfers_.AllocateHost(ChunkShapes(), o_.dtype);
     HostTransfers::Uploads up = transfers_.Upload(HiddenStates());
     for (size_t i = 0; i < chunks_.size(); ++i) {
       absl::StatusOr<at::Tensor> y =
@@ -483,27 +510,29 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeig
     cached_in = &fresh_in;
   }
   const std::string where = absl::StrCat("layer ", w.layer, " experts");
-  at::Tensor out = at::zeros_like(cached_in->u);
-  auto experts_into_out = [&](const Dispatch& d) {
+  // One dispatch round at a time: its routed output (rows [first, first + rows) of in.u, the
+  // round's tokens) is combined, finished and sent to the host before the next round, so the
+  // device holds one round's output, not all the tokens'.
+  auto round_into_next = [&](const Dispatch& d, int64_t first, int64_t rows) {
     return Guarded(where, [&]() -> absl::Status {
-      return CombineInto(d, RunExperts(w, d, hooks, /*want_outputs=*/true), out);
+      at::Tensor out = at::zeros({rows, cached_in->u.size(1)}, cached_in->u.options());
+      MQ_RETURN_IF_ERROR(CombineInto(d, RunExperts(w, d, hooks, /*want_outputs=*/true), out, first));
+      FinishRows(w, *cached_in, out, first, next, hooks);
+      return absl::OkStatus();
     });
   };
   if (cached_d) {
-    MQ_RETURN_IF_ERROR(experts_into_out(*cached_d));
+    MQ_RETURN_IF_ERROR(round_into_next(*cached_d, 0, cached_in->u.size(0)));
   } else {
-    // One dispatch round at a time (undefined tokens: every row in one round).
-    const std::vector<at::Tensor> rounds =
-        plan_.rounds > 1 ? RoundTokens() : std::vector<at::Tensor>{at::Tensor()};
-    for (const at::Tensor& round : rounds) {
-      absl::StatusOr<Dispatch> d = DispatchRows(*cached_in, round);
+    for (const auto& [first, rows] : RoundRanges()) {
+      absl::StatusOr<Dispatch> d =
+          DispatchRows(*cached_in, at::arange(first, first + rows, at::kLong));
       if (!d.ok()) return d.status();
-      MQ_RETURN_IF_ERROR(experts_into_out(*d));
+      MQ_RETURN_IF_ERROR(round_into_next(*d, first, rows));
     }
   }
-  return Guarded(where, [&]() -> absl::StatusOr<std::vector<at::Tensor>> {
-    return FinishMoe(w, *cached_in, std::move(out), hooks);
-  });
+  transfers_.Wait();
+  return next;
 }
 
 absl::StatusOr<std::vector<GptqResult>> Runner::Solve(const std::vector<at::Tensor>& ws,

@@ -252,8 +252,14 @@ class Runner {
   // Sends every routed row of the tokens `tokens` (as SortEntries) to its expert's owner, with
   // what the token-by-token combine needs.
   absl::StatusOr<Dispatch> DispatchRows(const MoeInput& in, const at::Tensor& tokens = {});
-  // Rows of in.u (int64, ascending, on the host) per dispatch round.
+  // Rows of in.u (int64, ascending, on the host) per dispatch round of the Hessian passes:
+  // sequence i in round i mod rounds, i counted over the gang, so that any gang sums the
+  // Hessians in the same pieces.
   std::vector<at::Tensor> RoundTokens() const;
+  // The propagation's dispatch rounds (as many): this rank's sequences in `rounds` consecutive
+  // runs, each (first row of in.u, rows). A round's output is finished and sent to the host
+  // before the next round, so one round's worth of rows is on the device, not all of them.
+  std::vector<std::pair<int64_t, int64_t>> RoundRanges() const;
   // Whether routed expert e is solved in pass p by its owner, for every expert.
   std::vector<bool> PassExperts(int p) const;
   // Agrees on the dispatch settings (rank 0's), once per run.
@@ -264,12 +270,16 @@ class Runner {
   at::Tensor RunExperts(const model::LayerWeights& w, const Dispatch& d,
                         const model::ForwardHooks& hooks, bool want_outputs, int first = 0,
                         int last = std::numeric_limits<int>::max());
-  // Returns the expert outputs to their tokens' ranks and adds them, weighted, to `out` ([T, H],
-  // rows of in.u).
-  absl::Status CombineInto(const Dispatch& d, const at::Tensor& expert_out, at::Tensor& out);
-  // The MoE block's output `out` (routed part) plus the shared experts, added to the residual.
-  std::vector<at::Tensor> FinishMoe(const model::LayerWeights& w, const MoeInput& in,
-                                    at::Tensor out, const model::ForwardHooks& hooks);
+  // Returns the expert outputs to their tokens' ranks and adds them, weighted, to `out` (rows
+  // [first_row, first_row + out.size(0)) of in.u, which hold every token of `d`).
+  absl::Status CombineInto(const Dispatch& d, const at::Tensor& expert_out, at::Tensor& out,
+                           int64_t first_row);
+  // The MoE block's output for the rows [first_row, first_row + out.size(0)) of in.u (whole
+  // sequences), whose routed part is `out`: plus the shared experts, plus the residual (from
+  // the host), into those sequences of `next` (host, by chunk; complete after transfers_.Wait()).
+  void FinishRows(const model::LayerWeights& w, const MoeInput& in, const at::Tensor& out,
+                  int64_t first_row, const std::vector<at::Tensor>& next,
+                  const model::ForwardHooks& hooks);
   // Next hidden states with `overrides` (quantized weights); reuses `cached` when given.
   absl::StatusOr<std::vector<at::Tensor>> Propagate(const model::LayerWeights& w,
                                                     const model::WeightOverrides& overrides,

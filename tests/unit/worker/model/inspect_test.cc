@@ -641,18 +641,19 @@ TEST(InspectTest, PlanMatchesHandComputation) {
   // Routed rows (gang of 3, top-2 of 4 experts, 8 x 16 tokens in all): sent tokens * 2, received
   // ceil(8 * 16 * 2 * experts / 4) and as many expert outputs; one pass solves every expert.
   // Attention temporaries per token: 2 * (2 * q_lora 96 + 4 * heads 4 * 48 + 4 * (32 + 32)
-  // + 2 * 4 * 32 + 4 * H 200) = 4,544 bytes; router scores 4 experts * 4 * 4.
+  // + 2 * 4 * 32 + 4 * H 200) = 4,544 bytes; routing: router scores 4 experts * 4 * 4 and the
+  // fp32 input, 200 * 4 bytes a token (every token in one segment and one block here). The
+  // propagation holds one round's routed output (one round: all of the rank's tokens).
   auto gpu = [&](int64_t experts, int64_t sequences, int64_t dispatch, bool one_round) {
     const int64_t tokens = sequences * 16;
     const int64_t t = tokens * 200 * 2;
     const int64_t square = 200 * 200 + 64 * 64;
     const int64_t solve = experts * square * 4 * 2 + experts * square * 8 +
                           2 * experts * 64 * 200 * 18;
-    const int64_t phase =
-        std::max({tokens * 4544 + scores, dispatch + experts * square * 4,
-                  solve + (one_round ? dispatch : 0), t * (kHiddenCopiesOnDevice - 1) + dispatch});
-    const int64_t routing = tokens * 4 * 4 * 4;  // held through the step
-    return replicated + experts * 3 * 64 * 200 * 2 + t + routing + phase + kDeviceOverheadBytes;
+    const int64_t routing = tokens * 4 * 4 * 4 + tokens * 200 * 4;
+    const int64_t phase = std::max({tokens * 4544 + scores, routing, dispatch + experts * square * 4,
+                                    solve + (one_round ? dispatch : 0), t + dispatch});
+    return replicated + experts * 3 * 64 * 200 * 2 + t + phase + kDeviceOverheadBytes;
   };
   auto one_round = [](int64_t experts, int64_t sequences) {
     return (sequences * 16 * 2 + 2 * (64 * experts)) * 200 * 2;
@@ -763,7 +764,7 @@ TEST(InspectTest, AllLinearPlanCountsAndHessians) {
   const int64_t square = 200 * 200 + 64 * 64;
   // The solve is the largest phase (the one round's rows are kept through it).
   EXPECT_EQ(report.ranks.at(0).gpu_bytes,
-            replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 2 + tokens * 4 * 4 * 4 +
+            replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 2 +
                 2 * (tokens * 2) * 200 * 2 + 4 * square * 4 * 2 + 4 * square * 8 +
                 2 * 4 * 64 * 200 * 18 + layer0_h + kDeviceOverheadBytes);
   // Passes of 3 experts bound the solve's working set.
@@ -962,13 +963,13 @@ TEST(PlanTest, DispatchRounds) {
 // independent Python transcription of the formulas):
 //   output  = 371,407,749,120 bytes (~371.4 GB: 337.2 GB int4 experts with BF16 group scales,
 //             the rest BF16: embeddings, lm_head, attention, dense MLPs, shared experts, routers)
-//   gpu     =  30,292,213,760 bytes per rank (~30.3 GB: 1.17 GB replicated dense layer,
+//   gpu     =  32,976,568,320 bytes per rank (~33.0 GB: 1.17 GB replicated dense layer,
 //             2.8 GB bf16 weights of 32 experts, 3.76 GB u of 64 x 4096 tokens, and the largest
 //             phase, the solve of one pass of 16 experts, 19.9 GB: Hessians and factors 7.1 GB,
-//             fp64 chunk 4 GiB, solve buffers 8.5 GB; the attention phase's chunk temporaries,
-//             scores and router copies come to 8.6 GB, the routed rows of one of 32 dispatch
-//             rounds to 2.8 GB);
-//             120,486,526,976 bytes (~120.5 GB, more than an 80 GB card) with the whole layer's
+//             fp64 chunk 4 GiB, solve buffers 8.5 GB; the attention phase's chunk temporaries
+//             and scores come to 7.5 GB, the routed rows of one of 32 dispatch rounds to
+//             2.8 GB, routing a segment at a time to 0.2 GB);
+//             123,170,881,536 bytes (~123.2 GB, more than an 80 GB card) with the whole layer's
 //             rows dispatched at once (dispatch_tokens = 0: 90.2 GB of routed rows, kept through
 //             the solve)
 //   host    =  19,417,028,032 bytes per rank (rank 0: 3 x 3.76 GB hidden states, 2 x 1.2 GB
@@ -1049,12 +1050,12 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   const int64_t replicated = 2 * 583483392LL;
   const int64_t experts = 32LL * 3 * 2048 * 7168 * 2;
   const int64_t u = 262144LL * 7168 * 2;
-  const int64_t routing = 262144LL * 256 * 4 * 4;  // the router's fp32 scores, held through
   const int64_t square = 7168LL * 7168 + 2048 * 2048;
   const int64_t solve =
       16 * square * 8 + (int64_t{4} << 30) + 2LL * 16 * 2048 * 7168 * 18;  // passes of 16
   EXPECT_EQ(plan.estimate.gpu_bytes_per_rank,
-            replicated + experts + u + routing + solve + kDeviceOverheadBytes);
+            replicated + experts + u + solve + kDeviceOverheadBytes);
+  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 32976568320);
   // Host: the hidden states, then (rank 0) 2 x layer file tensors, one MoE layer's mapped
   // checkpoint bytes and the dense layer's (written unquantized, so read again by its write),
   // ids, routing, staging and overhead (7,314,629,056 bytes: 7,107,011,008 plus the pinned
@@ -1086,7 +1087,7 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   // outputs), all kept through the solve.
   const int64_t dispatch = (262144LL * 8 + 2 * 2097152LL) * 7168 * 2;
   EXPECT_EQ(PlanJob(c, request, stored).estimate.gpu_bytes_per_rank,
-            replicated + experts + u + routing + solve + dispatch + kDeviceOverheadBytes);
+            replicated + experts + u + solve + dispatch + kDeviceOverheadBytes);
   EXPECT_EQ(PlanJob(c, request, stored).estimate.dispatch_rounds, 1);
   // A gang of one at the same calibration: the three hidden-state copies take 3 x 28.5 GiB of
   // page-locked slabs (14 of 2 GiB and one of 512 MiB each, for 28 GiB of tensors), and the
@@ -1102,7 +1103,7 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
 // H200s for DeepSeek-V3 at 512 x 4096 with 16 experts a pass and 65,536 tokens a round, at the
 // cost of a second layer's weights in the estimate and without the loads after the first in the
 // projected time. Settings the plan chooses (fewest expert passes, then fewest dispatch rounds)
-// fill the device first, on one H200 as on eight: no preload then.
+// fill the device first; what is left may still hold the next layer.
 TEST(PlanJob, PreloadsTheNextLayerWhereTheDeviceHasRoom) {
   const DeepseekV3Config c = DeepseekV3();
   const StoredTensors stored = IdealFp8(c);
@@ -1135,14 +1136,18 @@ TEST(PlanJob, PreloadsTheNextLayerWhereTheDeviceHasRoom) {
   }
   EXPECT_LT(on.estimate.total_seconds, off.estimate.total_seconds);
   EXPECT_GE(on.estimate.total_seconds, off.estimate.total_seconds - loads - 1e-6);
-  // Chosen settings leave no room, on eight H200s or one.
+  // Chosen settings: eight H200s take all of a rank's experts in one pass and one dispatch round
+  // and still have room for the next layer's weights; one H200 fills its memory with the passes
+  // (64 experts a pass), so no preload there.
   request.preload_next_layer = true;
   request.experts_per_pass = kChooseSetting;
   request.dispatch_tokens = kChooseSetting;
   for (int gang : {8, 1}) {
     request.gang_size = gang;
     const JobPlan chosen = PlanJob(c, request, stored);
-    EXPECT_FALSE(chosen.estimate.preload_next_layer) << gang;
+    EXPECT_EQ(chosen.estimate.preload_next_layer, gang == 8) << gang;
+    EXPECT_EQ(chosen.estimate.expert_passes == 1 && chosen.estimate.dispatch_rounds == 1, gang == 8)
+        << gang;
     EXPECT_LE(chosen.estimate.gpu_bytes_per_rank, kH200 * (1 - kDeviceMemoryMargin)) << gang;
   }
   request.experts_per_pass = 16;
@@ -1341,6 +1346,25 @@ TEST_F(ChosenSettingsTest, NothingFitsTakesTheLeastAndSaysSo) {
               HasSubstr("with experts_per_pass = 1 (the least memory the plan can choose) and "
                         "dispatch_tokens = 4096 (the least memory the plan can choose) exceeds "
                         "the 15.20 GiB a rank may use of the 16.00 GiB device planned for"));
+}
+
+// The real calibration size on one 80 GB card: the MoE block's routed output is made one
+// dispatch round at a time and routing holds its fp32 scores one segment at a time, so what
+// grows with the tokens on the device is u (30 GB at 512 x 4096) and the rounds' routed rows,
+// which the plan bounds with more rounds.
+TEST_F(ChosenSettingsTest, TheRealCalibrationSizeFitsOneH100) {
+  InspectRequest r = request_;
+  r.num_calibration_samples = 512;
+  r.device_memory_bytes = kH100;
+  const JobPlan plan = PlanJob(config_, r, stored_);
+  const ResourceEstimate& e = plan.estimate;
+  EXPECT_TRUE(plan.notes.empty()) << plan.notes[0].message;
+  EXPECT_LE(e.gpu_bytes_per_rank, Budget(kH100));
+  EXPECT_GT(e.gpu_bytes_per_rank, int64_t{512} * 4096 * 7168 * 2);  // u, at least
+  std::cout << "512 x 4096 on one H100: " << e.experts_per_pass << " experts a pass ("
+            << e.expert_passes << " passes), " << e.dispatch_tokens << " tokens a round ("
+            << e.dispatch_rounds << " rounds), " << e.gpu_bytes_per_rank / double(1 << 30)
+            << " GiB\n";
 }
 
 TEST_F(ChosenSettingsTest, AnUnknownDeviceGetsTheFallback) {
