@@ -410,7 +410,7 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
       const int64_t all_rows = SatMul({CeilDiv(samples, rounds), seq, k, experts});
       const int64_t recv =
           all_rows / config.n_routed_experts + (all_rows % config.n_routed_experts != 0 ? 1 : 0);
-      const int64_t held = gang > 1 ? SatAdd(rows, SatMul(recv, 2)) : SatMul(rows, 2);
+      const int64_t held = gang > 1 ? SatAdd(rows, recv) : rows;
       dispatch = SatMul({held, h, 2});
     }
     // One pass of the batched solve.

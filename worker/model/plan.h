@@ -260,8 +260,9 @@ bool IsCheckpointStep(int step, int steps, int every);
 //                 rows(r) = ceil(num_sequences(r) / rounds) * S * k and
 //                 recv(r) = ceil(ceil(samples / rounds) * S * k * num_experts(r)
 //                                / n_routed_experts):
-//                 gang > 1: (rows(r) + 2 * recv(r)) * H * 2  (sent rows, received rows, outputs)
-//                 gang = 1: 2 * rows(r) * H * 2             (rows and outputs, nothing sent)
+//                 gang > 1: (rows(r) + recv(r)) * H * 2  (sent rows, and received rows that
+//                                                      the experts' outputs overwrite)
+//                 gang = 1: rows(r) * H * 2             (rows, overwritten by the outputs)
 //   solve(r) = the working set of one pass of P = min(experts_per_pass or all, num_experts(r))
 //              experts (gate/up share [H,H]; down [I_e,I_e]):
 //                P * (H^2 + I_e^2) * 4 * 2       (fp32 Hessian accumulators + their factors)

@@ -399,9 +399,9 @@ absl::Status Runner::AgreeDispatchPlan() {
 
 at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
                               const model::ForwardHooks& hooks, bool want_outputs, int first,
-                              int last) {
+                              int last, bool in_place) {
   at::Tensor out;
-  if (want_outputs) out = at::empty_like(d.recv_rows);
+  if (want_outputs) out = in_place ? d.recv_rows : at::empty_like(d.recv_rows);
   at::Tensor order = d.recv_order.to(o_.device);
   // An expert's received rows are ascending positions (by source, then token); when they are
   // one run of consecutive rows (always in a gang of one), the expert reads and writes that
@@ -516,7 +516,10 @@ absl::StatusOr<std::vector<at::Tensor>> Runner::Propagate(const model::LayerWeig
   auto round_into_next = [&](const Dispatch& d, int64_t first, int64_t rows) {
     return Guarded(where, [&]() -> absl::Status {
       at::Tensor out = at::zeros({rows, cached_in->u.size(1)}, cached_in->u.options());
-      MQ_RETURN_IF_ERROR(CombineInto(d, RunExperts(w, d, hooks, /*want_outputs=*/true), out, first));
+      // The experts' outputs replace their rows: the round's rows are not used again.
+      at::Tensor y = RunExperts(w, d, hooks, /*want_outputs=*/true, 0,
+                                std::numeric_limits<int>::max(), /*in_place=*/true);
+      MQ_RETURN_IF_ERROR(CombineInto(d, y, out, first));
       FinishRows(w, *cached_in, out, first, next, hooks);
       return absl::OkStatus();
     });

@@ -265,11 +265,12 @@ class Runner {
   // Agrees on the dispatch settings (rank 0's), once per run.
   absl::Status AgreeDispatchPlan();
   // Owner side: every own expert over its received rows; returns outputs in received order
-  // (undefined when !want_outputs).
-  // Experts [first, last) only (default: all).
+  // (undefined when !want_outputs). Experts [first, last) only (default: all). in_place: the
+  // outputs are written over d.recv_rows (returned), for a dispatch whose rows are not used
+  // again.
   at::Tensor RunExperts(const model::LayerWeights& w, const Dispatch& d,
                         const model::ForwardHooks& hooks, bool want_outputs, int first = 0,
-                        int last = std::numeric_limits<int>::max());
+                        int last = std::numeric_limits<int>::max(), bool in_place = false);
   // Returns the expert outputs to their tokens' ranks and adds them, weighted, to `out` (rows
   // [first_row, first_row + out.size(0)) of in.u, which hold every token of `d`).
   absl::Status CombineInto(const Dispatch& d, const at::Tensor& expert_out, at::Tensor& out,

@@ -639,7 +639,8 @@ TEST(InspectTest, PlanMatchesHandComputation) {
       2 * (attn_linear + attn_norms + router + bias + expert_linear + mtp_extras_bf16);
   const int64_t scores = 16 * 16 * 4 * 4;  // S^2 * min(heads = 4, 16) * 4
   // Routed rows (gang of 3, top-2 of 4 experts, 8 x 16 tokens in all): sent tokens * 2, received
-  // ceil(8 * 16 * 2 * experts / 4) and as many expert outputs; one pass solves every expert.
+  // ceil(8 * 16 * 2 * experts / 4), overwritten by the experts' outputs; one pass solves every
+  // expert.
   // Attention temporaries per token: 2 * (2 * q_lora 96 + 4 * heads 4 * 48 + 4 * (32 + 32)
   // + 2 * 4 * 32 + 4 * H 200) = 4,544 bytes; routing: router scores 4 experts * 4 * 4 and the
   // fp32 input, 200 * 4 bytes a token (every token in one segment and one block here). The
@@ -656,7 +657,7 @@ TEST(InspectTest, PlanMatchesHandComputation) {
     return replicated + experts * 3 * 64 * 200 * 2 + t + phase + kDeviceOverheadBytes;
   };
   auto one_round = [](int64_t experts, int64_t sequences) {
-    return (sequences * 16 * 2 + 2 * (64 * experts)) * 200 * 2;
+    return (sequences * 16 * 2 + 64 * experts) * 200 * 2;
   };
   EXPECT_EQ(report.ranks[0].gpu_bytes, gpu(2, 3, one_round(2, 3), true));
   EXPECT_EQ(report.ranks[1].gpu_bytes, gpu(1, 3, one_round(1, 3), true));
@@ -760,12 +761,13 @@ TEST(InspectTest, AllLinearPlanCountsAndHessians) {
   const int64_t replicated =
       2 * (96 * 200 + 192 * 96 + 80 * 200 + 256 * 64 + 200 * 128 + 560 + 3 * 384 * 200);
   const int64_t tokens = 8 * 16;
-  // A gang of one keeps its routed rows (tokens * top-2) and their outputs; one pass of 4 experts.
+  // A gang of one keeps its routed rows (tokens * top-2), which the experts' outputs overwrite;
+  // one pass of 4 experts.
   const int64_t square = 200 * 200 + 64 * 64;
   // The solve is the largest phase (the one round's rows are kept through it).
   EXPECT_EQ(report.ranks.at(0).gpu_bytes,
             replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 2 +
-                2 * (tokens * 2) * 200 * 2 + 4 * square * 4 * 2 + 4 * square * 8 +
+                (tokens * 2) * 200 * 2 + 4 * square * 4 * 2 + 4 * square * 8 +
                 2 * 4 * 64 * 200 * 18 + layer0_h + kDeviceOverheadBytes);
   // Passes of 3 experts bound the solve's working set.
   request.experts_per_pass = 3;
@@ -1083,9 +1085,9 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_LT(plan.estimate.total_seconds, 61 * 20.0);
   EXPECT_NEAR(plan.estimate.seconds_per_layer * 61, plan.estimate.total_seconds, 1e-6);
   request.dispatch_tokens = 0;
-  // One round: rank 7 sends 262144 * 8 rows and receives twice 512 * 4096 * 8 * 32 / 256 (rows and
-  // outputs), all kept through the solve.
-  const int64_t dispatch = (262144LL * 8 + 2 * 2097152LL) * 7168 * 2;
+  // One round: rank 7 sends 262144 * 8 rows and receives 512 * 4096 * 8 * 32 / 256 (which the
+  // experts' outputs overwrite), all kept through the solve.
+  const int64_t dispatch = (262144LL * 8 + 2097152LL) * 7168 * 2;
   EXPECT_EQ(PlanJob(c, request, stored).estimate.gpu_bytes_per_rank,
             replicated + experts + u + solve + dispatch + kDeviceOverheadBytes);
   EXPECT_EQ(PlanJob(c, request, stored).estimate.dispatch_rounds, 1);
