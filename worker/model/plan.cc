@@ -396,10 +396,10 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     // Routing, one segment of rows at a time: the fp32 scores and their copies, and one row
     // block's fp32 input.
     const int64_t routing =
-        any_moe ? SatAdd(SatMul({std::min(tokens, kRouterSegmentRows), config.n_routed_experts, 4,
-                                 4}),
-                         SatMul({std::min(tokens, kRouterBlockRows), h, 4}))
-                : 0;
+        any_moe
+            ? SatAdd(SatMul({std::min(tokens, kRouterSegmentRows), config.n_routed_experts, 4, 4}),
+                     SatMul({std::min(tokens, kRouterBlockRows), h, 4}))
+            : 0;
     // The propagation's routed output, one dispatch round's rows at a time.
     const int64_t round_output = SatMul({CeilDiv(rp.num_sequences, rounds), seq, h, 2});
     // Routed rows of the MoE block.

@@ -652,8 +652,9 @@ TEST(InspectTest, PlanMatchesHandComputation) {
     const int64_t solve = experts * square * 4 * 2 + experts * square * 8 +
                           2 * experts * 64 * 200 * 18;
     const int64_t routing = tokens * 4 * 4 * 4 + tokens * 200 * 4;
-    const int64_t phase = std::max({tokens * 4544 + scores, routing, dispatch + experts * square * 4,
-                                    solve + (one_round ? dispatch : 0), t + dispatch});
+    const int64_t phase =
+        std::max({tokens * 4544 + scores, routing, dispatch + experts * square * 4,
+                  solve + (one_round ? dispatch : 0), t + dispatch});
     return replicated + experts * 3 * 64 * 200 * 2 + t + phase + kDeviceOverheadBytes;
   };
   auto one_round = [](int64_t experts, int64_t sequences) {
@@ -765,10 +766,10 @@ TEST(InspectTest, AllLinearPlanCountsAndHessians) {
   // one pass of 4 experts.
   const int64_t square = 200 * 200 + 64 * 64;
   // The solve is the largest phase (the one round's rows are kept through it).
-  EXPECT_EQ(report.ranks.at(0).gpu_bytes,
-            replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 2 +
-                (tokens * 2) * 200 * 2 + 4 * square * 4 * 2 + 4 * square * 8 +
-                2 * 4 * 64 * 200 * 18 + layer0_h + kDeviceOverheadBytes);
+  EXPECT_EQ(report.ranks.at(0).gpu_bytes, replicated + 4 * 3 * 64 * 200 * 2 + tokens * 200 * 2 +
+                                              (tokens * 2) * 200 * 2 + 4 * square * 4 * 2 +
+                                              4 * square * 8 + 2 * 4 * 64 * 200 * 18 + layer0_h +
+                                              kDeviceOverheadBytes);
   // Passes of 3 experts bound the solve's working set.
   request.experts_per_pass = 3;
   EXPECT_EQ(InspectCheckpoint(request).ranks.at(0).gpu_bytes,
