@@ -7,12 +7,15 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <climits>
 #include <cstdio>
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <system_error>
+#include <thread>
 
 #include "absl/strings/cord.h"
 #include "absl/strings/match.h"
@@ -79,8 +82,22 @@ absl::Status FsyncDir(const std::string& dir) {
   return absl::OkStatus();
 }
 
-// Size (stat) then SHA-256 of `dir`/`f.name` against the record: "" when they match, else what
-// differs.
+// Threads that hash committed files at once when they are verified (VerifyFiles).
+constexpr size_t kVerifyThreads = 8;
+
+// SHA-256 of `dir`/`f.name` against the record: "" when it matches, else what differs.
+std::string HashProblem(const std::string& dir, const OutputFileInfo& f) {
+  absl::StatusOr<std::string> sha = Sha256OfFile(dir + "/" + f.name);
+  if (!sha.ok()) return absl::StrCat(f.name, " cannot be read: ", sha.status().message());
+  if (*sha != f.sha256) {
+    return absl::StrCat(f.name, " has SHA-256 ", sha->substr(0, 16), "..., ",
+                        f.sha256.substr(0, 16), "... was committed");
+  }
+  return "";
+}
+
+// Size (stat) then, with `hash`, SHA-256 of `dir`/`f.name` against the record: "" when they
+// match, else what differs.
 std::string FileProblem(const std::string& dir, const OutputFileInfo& f, bool hash) {
   const std::string path = dir + "/" + f.name;
   struct stat st;
@@ -90,14 +107,7 @@ std::string FileProblem(const std::string& dir, const OutputFileInfo& f, bool ha
   if (static_cast<int64_t>(st.st_size) != f.size) {
     return absl::StrCat(f.name, " has ", st.st_size, " bytes, ", f.size, " were committed");
   }
-  if (!hash) return "";
-  absl::StatusOr<std::string> sha = Sha256OfFile(path);
-  if (!sha.ok()) return absl::StrCat(f.name, " cannot be read: ", sha.status().message());
-  if (*sha != f.sha256) {
-    return absl::StrCat(f.name, " has SHA-256 ", sha->substr(0, 16), "..., ",
-                        f.sha256.substr(0, 16), "... was committed");
-  }
-  return "";
+  return hash ? HashProblem(dir, f) : "";
 }
 
 // An exclusive flock on the marker, held until destruction.
@@ -193,12 +203,36 @@ std::vector<std::string> CorruptFilesOf(const absl::Status& status) {
 }
 
 absl::Status VerifyFiles(const std::string& dir, const std::vector<OutputFileInfo>& files) {
+  std::vector<std::string> problem(files.size());
+  std::vector<size_t> hashed;  // present with the committed size: their bytes are read
+  for (size_t i = 0; i < files.size(); ++i) {
+    problem[i] = FileProblem(dir, files[i], /*hash=*/false);
+    if (problem[i].empty()) hashed.push_back(i);
+  }
+  // Several files at a time: one thread hashes about 1 GB/s, and a whole model's output is
+  // hundreds of GiB. The calling thread takes part, so fewer threads (none) only take longer.
+  std::atomic<size_t> next{0};
+  auto hash = [&] {
+    for (size_t k = next++; k < hashed.size(); k = next++) {
+      problem[hashed[k]] = HashProblem(dir, files[hashed[k]]);
+    }
+  };
+  std::vector<std::thread> threads;
+  const size_t want = std::min<size_t>(hashed.size(), kVerifyThreads);
+  for (size_t t = 1; t < want; ++t) {
+    try {
+      threads.emplace_back(hash);
+    } catch (const std::system_error&) {
+      break;
+    }
+  }
+  hash();
+  for (std::thread& t : threads) t.join();
   std::vector<std::string> bad, problems;
-  for (const OutputFileInfo& f : files) {
-    std::string p = FileProblem(dir, f, /*hash=*/true);
-    if (p.empty()) continue;
-    bad.push_back(f.name);
-    problems.push_back(std::move(p));
+  for (size_t i = 0; i < files.size(); ++i) {
+    if (problem[i].empty()) continue;
+    bad.push_back(files[i].name);
+    problems.push_back(std::move(problem[i]));
   }
   if (bad.empty()) return absl::OkStatus();
   return CorruptFilesError(

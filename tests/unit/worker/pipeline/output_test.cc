@@ -200,6 +200,35 @@ TEST(OutputTest, VerifyFilesNamesEveryDamagedFile) {
   EXPECT_TRUE(CorruptFilesOf(absl::DataLossError("no payload")).empty());
 }
 
+// More files than verification hashes at once (several threads): every damaged one is still
+// named, each with its own problem, in the files' order.
+TEST(OutputTest, VerifyFilesHashedAtOnceNamesEachDamagedFileInOrder) {
+  const std::string dir = TempDir();
+  std::vector<OutputFileInfo> files;
+  for (int i = 0; i < 21; ++i) {
+    absl::StatusOr<OutputFileInfo> f =
+        WriteDescribedSafetensors(dir, LayerFileName(i, 0, 1), SmallTensors(i));
+    ASSERT_TRUE(f.ok()) << f.status();
+    files.push_back(*f);
+  }
+  EXPECT_TRUE(VerifyFiles(dir, files).ok());
+  const std::vector<int> damaged = {2, 9, 10, 20};
+  for (int i : damaged) FlipByte(dir + "/" + files[i].name, -1 - i);
+  ::truncate((dir + "/" + files[15].name).c_str(), 7);
+  absl::Status s = VerifyFiles(dir, files);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(CorruptFilesOf(s), (std::vector<std::string>{files[2].name, files[9].name,
+                                                         files[10].name, files[15].name,
+                                                         files[20].name}));
+  size_t at = 0;
+  for (int i : {2, 9, 10, 15, 20}) {
+    const std::string what = files[i].name + (i == 15 ? " has 7 bytes" : " has SHA-256");
+    const size_t found = s.message().find(what, at);
+    EXPECT_NE(found, std::string::npos) << what << " in " << s;
+    at = found == std::string::npos ? at : found;
+  }
+}
+
 TEST(OutputTest, FileSetReaderVerifiesEachFileBeforeUse) {
   const std::string dir = TempDir();
   absl::StatusOr<OutputFileInfo> a = WriteDescribedSafetensors(
