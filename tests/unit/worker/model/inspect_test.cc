@@ -899,24 +899,24 @@ TEST(PlanTest, CheckpointCadence) {
   EXPECT_EQ(c.bytes, 128 * 200 * 2);
   EXPECT_DOUBLE_EQ(c.resume_seconds, 0);
 
-  // DeepSeek-V3 at 512 x 4096 on one rank: a 30 GB checkpoint (60 s) against a 22 s layer.
+  // DeepSeek-V3 at 512 x 4096 on one rank: a 30 GB checkpoint (60 s) against a 19.8 s layer.
   c = ChooseCheckpointCadence(512 * 4096, 7168, 256, 61, 0);
   EXPECT_EQ(c.bytes, int64_t{512} * 4096 * 7168 * 2);
   EXPECT_DOUBLE_EQ(c.write_seconds, c.bytes / kWriteBytesPerSecond);
   EXPECT_DOUBLE_EQ(c.layer_seconds, 512 * 4096 * kSecondsPerToken + 256 * kSolveSecondsPerExpert);
-  EXPECT_EQ(c.every, 28);
-  // The smallest K within the share: 28 is, 27 is not.
+  EXPECT_EQ(c.every, 31);
+  // The smallest K within the share: 31 is, 30 is not.
   EXPECT_LE(c.write_seconds / c.every, kCheckpointShareOfLayer * c.layer_seconds);
   EXPECT_GT(c.write_seconds / (c.every - 1), kCheckpointShareOfLayer * c.layer_seconds);
-  EXPECT_EQ(c.checkpoints, 60 / 28);
-  EXPECT_DOUBLE_EQ(c.resume_seconds, 27 * c.replay_seconds);
-  EXPECT_NEAR(c.resume_seconds, 279, 1);
+  EXPECT_EQ(c.checkpoints, 60 / 31);
+  EXPECT_DOUBLE_EQ(c.resume_seconds, 30 * c.replay_seconds);
+  EXPECT_NEAR(c.resume_seconds, 264, 1);
   // More tokens per rank than the expert solve can hide: a larger cadence; fewer, a smaller one.
-  EXPECT_GT(ChooseCheckpointCadence(4 * 512 * 4096, 7168, 256, 61, 0).every, 28);
-  EXPECT_LT(ChooseCheckpointCadence(64 * 4096, 7168, 256, 61, 0).every, 28);
-  // Without MoE layers (no solve to amortise against): ceil(28.7 us / 0.72 us) = 40 per token,
+  EXPECT_GT(ChooseCheckpointCadence(4 * 512 * 4096, 7168, 256, 61, 0).every, 31);
+  EXPECT_LT(ChooseCheckpointCadence(64 * 4096, 7168, 256, 61, 0).every, 31);
+  // Without MoE layers (no solve to amortise against): ceil(28.7 us / 0.61 us) = 48 per token,
   // capped at the steps (then no checkpoint is written).
-  EXPECT_EQ(ChooseCheckpointCadence(512 * 4096, 7168, 0, 61, 0).every, 40);
+  EXPECT_EQ(ChooseCheckpointCadence(512 * 4096, 7168, 0, 61, 0).every, 48);
   c = ChooseCheckpointCadence(512 * 4096, 7168, 0, 10, 0);
   EXPECT_EQ(c.every, 10);
   EXPECT_EQ(c.checkpoints, 0);
@@ -979,8 +979,8 @@ TEST(PlanTest, DispatchRounds) {
 //             layer file tensors (32 experts' int4 and the BF16 rest),
 //             2 x 1.6 GB mapped checkpoint bytes (the MoE layer's non-expert tensors and 32
 //             experts, FP8), 46 MB ids and routing, 0.25 GiB pinned staging, 2 GiB overhead)
-//   scratch =   7,516,192,768 bytes per rank (two checkpoints of 64 x 4096 x 7168 x 2 bytes; one
-//             every 28 layers: 3.76 GB take 7.5 s to write against a 2.8 s layer)
+//   scratch =   3,758,096,384 bytes per rank (one checkpoint of 64 x 4096 x 7168 x 2 bytes, every
+//             31 layers: 3.76 GB take 7.5 s to write against a 2.5 s layer)
 // The real DeepSeek-V3 config (671B).
 DeepseekV3Config DeepseekV3() {
   DeepseekV3Config c;
@@ -1070,12 +1070,12 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   // The next MoE layer is staged in page-locked slabs: their rounding comes on top (rank 0).
   EXPECT_EQ(plan.estimate.host_bytes_per_rank,
             hidden_copy * kHiddenCopiesOnHost + 7314629056 + StagingSlack(stored, 3, 0, 32));
-  EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 7516192768);
+  EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 3758096384);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
   EXPECT_EQ(plan.estimate.dispatch_rounds, 32);
-  EXPECT_EQ(plan.estimate.checkpoint_every, 28);
-  EXPECT_NEAR(plan.estimate.resume_replay_seconds, 27 * 262144 * kSecondsPerToken * 2.6 / 3.8,
+  EXPECT_EQ(plan.estimate.checkpoint_every, 31);
+  EXPECT_NEAR(plan.estimate.resume_replay_seconds, 30 * 262144 * kSecondsPerToken * kReplayShareOfTokenSeconds,
               1e-6);
   // Projected time on 8 H200s: per MoE layer 64 x 4096 tokens and 32 experts a rank, the layer
   // staged ahead of its load.
