@@ -83,9 +83,9 @@ def test_fp8_model_with_ragged_dims(served, tmp_path):
                  f"experts per pass:      {per_pass or 'all'} ({passes} pass",
                  "per MoE layer), chosen by the plan for ", "RANK",
                  "0..7", "8..15", "LAYER  KIND",
-                 # 1 M tokens of 200 wide per rank: a checkpoint (0.84 s to write) is 11% of a
-                 # 7.8 s layer, so one every two layers.
-                 "hidden states saved:   every 2 layers (a resume replays at most 1 layer, ~5 s"):
+                 # 1 M tokens of 200 wide per rank: a checkpoint (0.84 s to write) is 13% of a
+                 # 6.6 s layer, so one every two layers.
+                 "hidden states saved:   every 2 layers (a resume replays at most 1 layer, ~4 s"):
         assert text in human, human
 
 

@@ -3,6 +3,7 @@
 // tested in tests/interop/test_forward.py.
 
 #include "worker/model/deepseek_v3.h"
+#include "worker/model/plan.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -141,6 +142,29 @@ TEST(DeepseekV3Router, GroupScoreIsTheSumOfTheTopTwo) {
   at::Tensor chosen = r.topk_indices.flatten();
   for (int64_t i = 0; i < chosen.numel(); ++i) {
     EXPECT_THAT(chosen[i].item<int64_t>(), ::testing::AnyOf(3, 4));
+  }
+}
+
+// More rows than one routing segment (kRouterSegmentRows) are routed segment by segment: every
+// token gets the experts and weights it gets when routed alone with a few others (a random gate,
+// so the scores differ by token and the choices are not ties).
+TEST(DeepseekV3Router, RoutingInSegmentsEqualsRoutingPieceByPiece) {
+  at::manual_seed(5);
+  LayerWeights w = RouterOnly({0.1f, -0.2f, 0.05f, 0.0f, -0.1f, 0.2f, 0.0f, -0.05f}, 2, 1, 2);
+  w.gate = at::randn({8, 4});
+  const int64_t rows = kRouterSegmentRows + kRouterBlockRows + 123;
+  const at::Tensor x = at::randn({rows, 4}).to(at::kBFloat16);
+  const Routing all = RouteTokens(w, x);
+  ASSERT_EQ(all.topk_indices.size(0), rows);
+  for (const auto& [first, n] : std::vector<std::pair<int64_t, int64_t>>{
+           {0, 7}, {kRouterSegmentRows - 3, 9}, {rows - 130, 130}}) {
+    const Routing piece = RouteTokens(w, x.narrow(0, first, n));
+    const at::Tensor a = std::get<0>(all.topk_indices.narrow(0, first, n).sort(-1));
+    const at::Tensor b = std::get<0>(piece.topk_indices.sort(-1));
+    EXPECT_TRUE(at::equal(a, b)) << first;
+    const at::Tensor wa = std::get<0>(all.topk_weights.narrow(0, first, n).sort(-1));
+    const at::Tensor wb = std::get<0>(piece.topk_weights.sort(-1));
+    EXPECT_TRUE(at::equal(wa, wb)) << first;
   }
 }
 
