@@ -1075,8 +1075,8 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
   EXPECT_EQ(plan.estimate.dispatch_rounds, 32);
   EXPECT_EQ(plan.estimate.checkpoint_every, 31);
-  EXPECT_NEAR(plan.estimate.resume_replay_seconds, 30 * 262144 * kSecondsPerToken * kReplayShareOfTokenSeconds,
-              1e-6);
+  EXPECT_NEAR(plan.estimate.resume_replay_seconds,
+              30 * 262144 * kSecondsPerToken * kReplayShareOfTokenSeconds, 1e-6);
   // Projected time on 8 H200s: per MoE layer 64 x 4096 tokens and 32 experts a rank, the layer
   // staged ahead of its load.
   const double moe_compute = 11511947488.0 / 8 / kStagedLoadBytesPerSecond +

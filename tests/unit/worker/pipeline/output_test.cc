@@ -176,15 +176,22 @@ std::vector<model::TensorData> SmallTensors(uint8_t fill) {
   return tensors;
 }
 
-TEST(OutputTest, VerifyFilesNamesEveryDamagedFile) {
-  const std::string dir = TempDir();
+// `n` small layer files written into `dir` (with their sizes and SHA-256).
+std::vector<OutputFileInfo> LayerFiles(const std::string& dir, int n) {
   std::vector<OutputFileInfo> files;
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < n; ++i) {
     absl::StatusOr<OutputFileInfo> f =
         WriteDescribedSafetensors(dir, LayerFileName(i, 0, 1), SmallTensors(i));
-    ASSERT_TRUE(f.ok()) << f.status();
-    files.push_back(*f);
+    EXPECT_TRUE(f.ok()) << f.status();
+    if (f.ok()) files.push_back(*f);
   }
+  return files;
+}
+
+TEST(OutputTest, VerifyFilesNamesEveryDamagedFile) {
+  const std::string dir = TempDir();
+  const std::vector<OutputFileInfo> files = LayerFiles(dir, 4);
+  ASSERT_EQ(files.size(), 4u);
   EXPECT_TRUE(VerifyFiles(dir, files).ok());
   FlipByte(dir + "/" + files[1].name, -3);               // same size, other bytes
   ::truncate((dir + "/" + files[2].name).c_str(), 100);  // shorter
@@ -204,22 +211,17 @@ TEST(OutputTest, VerifyFilesNamesEveryDamagedFile) {
 // named, each with its own problem, in the files' order.
 TEST(OutputTest, VerifyFilesHashedAtOnceNamesEachDamagedFileInOrder) {
   const std::string dir = TempDir();
-  std::vector<OutputFileInfo> files;
-  for (int i = 0; i < 21; ++i) {
-    absl::StatusOr<OutputFileInfo> f =
-        WriteDescribedSafetensors(dir, LayerFileName(i, 0, 1), SmallTensors(i));
-    ASSERT_TRUE(f.ok()) << f.status();
-    files.push_back(*f);
-  }
+  const std::vector<OutputFileInfo> files = LayerFiles(dir, 21);
+  ASSERT_EQ(files.size(), 21u);
   EXPECT_TRUE(VerifyFiles(dir, files).ok());
   const std::vector<int> damaged = {2, 9, 10, 20};
   for (int i : damaged) FlipByte(dir + "/" + files[i].name, -1 - i);
   ::truncate((dir + "/" + files[15].name).c_str(), 7);
   absl::Status s = VerifyFiles(dir, files);
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
-  EXPECT_EQ(CorruptFilesOf(s), (std::vector<std::string>{files[2].name, files[9].name,
-                                                         files[10].name, files[15].name,
-                                                         files[20].name}));
+  EXPECT_EQ(CorruptFilesOf(s),
+            (std::vector<std::string>{files[2].name, files[9].name, files[10].name, files[15].name,
+                                      files[20].name}));
   size_t at = 0;
   for (int i : {2, 9, 10, 15, 20}) {
     const std::string what = files[i].name + (i == 15 ? " has 7 bytes" : " has SHA-256");

@@ -3,7 +3,6 @@
 // tested in tests/interop/test_forward.py.
 
 #include "worker/model/deepseek_v3.h"
-#include "worker/model/plan.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -19,6 +18,7 @@
 #include "tests/unit/worker/model/engine/engine_test_util.h"
 #include "worker/model/checkpoint_reader.h"
 #include "worker/model/config.h"
+#include "worker/model/plan.h"
 
 namespace mq::model {
 namespace {
