@@ -20,6 +20,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/parallel.h"
 #include "common/sha256.h"
 
 namespace mq::s3 {
@@ -845,10 +846,7 @@ absl::StatusOr<std::string> UploadParts(S3Client& client, const std::string& buc
       parts[i] = {static_cast<int>(i + 1), *etag};
     }
   };
-  std::vector<std::thread> threads;
-  const int n = static_cast<int>(std::min<uint64_t>(std::max(1, parallel), num_parts));
-  for (int t = 0; t < n; ++t) threads.emplace_back(worker);
-  for (std::thread& t : threads) t.join();
+  RunOnThreads(static_cast<size_t>(std::min<uint64_t>(std::max(1, parallel), num_parts)), worker);
   absl::Status status;
   for (const absl::Status& r : results) {
     if (!r.ok()) {

@@ -6,12 +6,12 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
-#include <thread>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/parallel.h"
 #include "common/path_policy.h"
 #include "nlohmann/json.hpp"
 #include "worker/model/json_util.h"
@@ -112,11 +112,7 @@ absl::Status RemoteShards::FetchInto(const std::string& key, uint64_t offset, ui
       }
     }
   };
-  std::vector<std::thread> threads;
-  const int n = static_cast<int>(std::min<uint64_t>(kParallel, chunks));
-  for (int t = 1; t < n; ++t) threads.emplace_back(work);
-  work();
-  for (std::thread& t : threads) t.join();
+  RunOnThreads(static_cast<size_t>(std::min<uint64_t>(kParallel, chunks)), work);
   return first_error;
 }
 

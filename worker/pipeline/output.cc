@@ -14,14 +14,13 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <system_error>
-#include <thread>
 
 #include "absl/strings/cord.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/parallel.h"
 #include "common/path_policy.h"
 #include "worker/model/config.h"
 #include "worker/model/fp8.h"
@@ -210,24 +209,14 @@ absl::Status VerifyFiles(const std::string& dir, const std::vector<OutputFileInf
     if (problem[i].empty()) hashed.push_back(i);
   }
   // Several files at a time: one thread hashes about 1 GB/s, and a whole model's output is
-  // hundreds of GiB. The calling thread takes part, so fewer threads (none) only take longer.
+  // hundreds of GiB.
   std::atomic<size_t> next{0};
   auto hash = [&] {
     for (size_t k = next++; k < hashed.size(); k = next++) {
       problem[hashed[k]] = HashProblem(dir, files[hashed[k]]);
     }
   };
-  std::vector<std::thread> threads;
-  const size_t want = std::min<size_t>(hashed.size(), kVerifyThreads);
-  for (size_t t = 1; t < want; ++t) {
-    try {
-      threads.emplace_back(hash);
-    } catch (const std::system_error&) {
-      break;
-    }
-  }
-  hash();
-  for (std::thread& t : threads) t.join();
+  RunOnThreads(std::min<size_t>(hashed.size(), kVerifyThreads), hash);
   std::vector<std::string> bad, problems;
   for (size_t i = 0; i < files.size(); ++i) {
     if (problem[i].empty()) continue;
