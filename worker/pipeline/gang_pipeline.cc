@@ -337,15 +337,22 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tens
   return d;
 }
 
-std::vector<at::Tensor> Runner::RoundTokens() const {
-  std::vector<std::vector<int64_t>> rows(plan_.rounds);
-  int64_t seq = lo_, row = 0;
+std::vector<int64_t> Runner::SequenceRows() const {
+  std::vector<int64_t> first_row{0};
   for (const Chunk& c : chunks_) {
-    const int64_t len = c.hidden.size(1);
-    for (int64_t b = 0; b < c.hidden.size(0); ++b, ++seq) {
-      std::vector<int64_t>& r = rows[seq % plan_.rounds];
-      for (int64_t t = 0; t < len; ++t) r.push_back(row++);
+    for (int64_t b = 0; b < c.hidden.size(0); ++b) {
+      first_row.push_back(first_row.back() + c.hidden.size(1));
     }
+  }
+  return first_row;
+}
+
+std::vector<at::Tensor> Runner::RoundTokens() const {
+  const std::vector<int64_t> first_row = SequenceRows();
+  std::vector<std::vector<int64_t>> rows(plan_.rounds);
+  for (int64_t s = 0; s + 1 < static_cast<int64_t>(first_row.size()); ++s) {
+    std::vector<int64_t>& r = rows[(lo_ + s) % plan_.rounds];
+    for (int64_t row = first_row[s]; row < first_row[s + 1]; ++row) r.push_back(row);
   }
   std::vector<at::Tensor> out;
   for (std::vector<int64_t>& r : rows) {
@@ -355,12 +362,7 @@ std::vector<at::Tensor> Runner::RoundTokens() const {
 }
 
 std::vector<std::pair<int64_t, int64_t>> Runner::RoundRanges() const {
-  std::vector<int64_t> first_row{0};  // of each of this rank's sequences, and the end
-  for (const Chunk& c : chunks_) {
-    for (int64_t b = 0; b < c.hidden.size(0); ++b) {
-      first_row.push_back(first_row.back() + c.hidden.size(1));
-    }
-  }
+  const std::vector<int64_t> first_row = SequenceRows();
   const int64_t n = hi_ - lo_, rounds = plan_.rounds;
   std::vector<std::pair<int64_t, int64_t>> out;
   for (int64_t r = 0; r < rounds; ++r) {

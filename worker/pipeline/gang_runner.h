@@ -252,6 +252,8 @@ class Runner {
   // Sends every routed row of the tokens `tokens` (as SortEntries) to its expert's owner, with
   // what the token-by-token combine needs.
   absl::StatusOr<Dispatch> DispatchRows(const MoeInput& in, const at::Tensor& tokens = {});
+  // The first row of in.u of each of this rank's sequences [lo_, hi_), and the rows' end.
+  std::vector<int64_t> SequenceRows() const;
   // Rows of in.u (int64, ascending, on the host) per dispatch round of the Hessian passes:
   // sequence i in round i mod rounds, i counted over the gang, so that any gang sums the
   // Hessians in the same pieces.
