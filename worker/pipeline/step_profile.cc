@@ -52,6 +52,34 @@ int64_t Covered(const std::vector<Span>& merged, int64_t lo, int64_t hi) {
 
 double Seconds(int64_t ns) { return static_cast<double>(ns) * 1e-9; }
 
+// Kernels or copies listed per stage.
+constexpr int kStageTop = 8;
+
+// Calls and device time per kernel or copy name.
+struct KernelTotals {
+  std::map<std::string, std::pair<int64_t, int64_t>> calls;  // name -> calls, total ns
+  int64_t total_ns = 0;
+
+  void Add(const ProfiledInterval& i) {
+    auto& k = calls[i.name];
+    ++k.first;
+    k.second += i.end_ns - i.start_ns;
+    total_ns += i.end_ns - i.start_ns;
+  }
+  // The `top` names by total time: seconds, calls, share of total_ns, name.
+  void AppendTop(int top, std::string* out) const {
+    std::vector<std::pair<int64_t, std::string>> ranked;
+    for (const auto& [name, k] : calls) ranked.emplace_back(k.second, name);
+    std::sort(ranked.rbegin(), ranked.rend());
+    for (int n = 0; n < top && n < static_cast<int>(ranked.size()); ++n) {
+      const auto& [ns, name] = ranked[n];
+      absl::StrAppend(
+          out, absl::StrFormat("%10.3f %8d %5.1f%%  %s\n", Seconds(ns), calls.at(name).first,
+                               total_ns > 0 ? 100.0 * ns / total_ns : 0.0, name.substr(0, 100)));
+    }
+  }
+};
+
 }  // namespace
 
 std::optional<ProfiledInterval::Kind> KindOfEvent(const std::string& name, bool on_device,
@@ -101,28 +129,41 @@ std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int
                                             Seconds(on), Seconds(wall - on)));
     }
   }
-  // Kernels and copies by total time.
-  std::map<std::string, std::pair<int64_t, int64_t>> kernels;  // calls, total ns
-  int64_t kernel_total = 0;
+  // Kernels and copies by total time: the whole step, then each stage's (a kernel counts in the
+  // stage whose wall time holds its start; one queued near a stage's end may start in the next).
+  std::vector<std::pair<Span, std::string>> stage_spans;
+  for (const ProfiledInterval& i : intervals) {
+    if (i.kind == ProfiledInterval::Kind::kStage) {
+      stage_spans.push_back({{i.start_ns, i.end_ns}, i.name});
+    }
+  }
+  std::sort(stage_spans.begin(), stage_spans.end());
+  auto stage_of = [&](int64_t start) -> const std::string* {
+    auto it = std::upper_bound(stage_spans.begin(), stage_spans.end(),
+                               std::pair<Span, std::string>{{start, INT64_MAX}, ""});
+    if (it == stage_spans.begin()) return nullptr;
+    --it;
+    return start < it->first.second ? &it->second : nullptr;
+  };
+  KernelTotals all;
+  std::map<std::string, KernelTotals> by_stage;
   for (const ProfiledInterval& i : intervals) {
     if (i.kind != ProfiledInterval::Kind::kDevice) continue;
-    auto& k = kernels[i.name];
-    ++k.first;
-    k.second += i.end_ns - i.start_ns;
-    kernel_total += i.end_ns - i.start_ns;
+    all.Add(i);
+    if (const std::string* stage = stage_of(i.start_ns)) by_stage[*stage].Add(i);
   }
-  std::vector<std::pair<int64_t, std::string>> ranked;
-  for (const auto& [name, k] : kernels) ranked.emplace_back(k.second, name);
-  std::sort(ranked.rbegin(), ranked.rend());
-  if (!ranked.empty()) {
+  if (!all.calls.empty()) {
     absl::StrAppend(&out, absl::StrFormat("%10s %8s %6s  %s\n", "device s", "calls", "share",
                                           "kernel or copy"));
+    all.AppendTop(top, &out);
   }
-  for (int n = 0; n < top && n < static_cast<int>(ranked.size()); ++n) {
-    const auto& [ns, name] = ranked[n];
-    absl::StrAppend(&out,
-                    absl::StrFormat("%10.3f %8d %5.1f%%  %s\n", Seconds(ns), kernels[name].first,
-                                    100.0 * ns / kernel_total, name.substr(0, 100)));
+  for (const std::string& name : order) {
+    auto it = by_stage.find(name);
+    if (it == by_stage.end()) continue;
+    absl::StrAppend(&out, "\n", name, ": its ",
+                    std::min<size_t>(kStageTop, it->second.calls.size()),
+                    " largest kernels or copies (share of the stage's kernel time)\n");
+    it->second.AppendTop(kStageTop, &out);
   }
   return out;
 }

@@ -6,7 +6,9 @@
 // Finish writes the Chrome trace (open it in chrome://tracing or Perfetto) and returns a text
 // summary: per stage its wall time and the time the device was busy inside it (the union of the
 // kernel and copy intervals, so concurrent streams are not counted twice), then the kernels by
-// total device time. A stage whose device time is far below its wall time waits on the host.
+// total device time, then each stage's largest kernels (a kernel belongs to the stage during
+// whose wall time it started). A stage whose device time is far below its wall time waits on
+// the host.
 //
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
 // Threading: one profile at a time per process; Start, the marks and Finish on one thread.
@@ -42,7 +44,8 @@ struct ProfiledInterval {
 std::optional<ProfiledInterval::Kind> KindOfEvent(const std::string& name, bool on_device,
                                                   bool user_scope, std::string* stage);
 
-// The summary text of `intervals` (see the file comment); `top` kernels are listed.
+// The summary text of `intervals` (see the file comment); `top` kernels are listed for the
+// step, up to 8 for each stage.
 std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int top);
 
 class StepProfile {

@@ -25,6 +25,7 @@ namespace mq::pipeline {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using Kind = ProfiledInterval::Kind;
 
 constexpr int64_t kMs = 1000000;
@@ -61,6 +62,38 @@ TEST(StepProfileTest, SummaryCountsOverlappingKernelsOnceAndSplitsByStage) {
   EXPECT_LT(gemm, copy);
   EXPECT_THAT(s, HasSubstr("     0.060        2  30.0%  gemm")) << s;
   EXPECT_EQ(SummarizeProfile({}, 10), "empty profile\n");
+}
+
+TEST(StepProfileTest, EachStageListsTheKernelsThatStartedInIt) {
+  const std::vector<ProfiledInterval> intervals = {
+      {Kind::kStage, "forward", 0, 100 * kMs},
+      {Kind::kStage, "solve", 100 * kMs, 400 * kMs},
+      {Kind::kStage, "solve", 500 * kMs, 600 * kMs},
+      // Queued in forward, run into solve's time: forward's.
+      {Kind::kDevice, "gemm", 90 * kMs, 120 * kMs},
+      {Kind::kDevice, "Memcpy HtoD", 10 * kMs, 20 * kMs},
+      {Kind::kDevice, "gptq_block", 150 * kMs, 250 * kMs},
+      {Kind::kDevice, "gemm", 550 * kMs, 560 * kMs},
+      {Kind::kDevice, "gptq_block", 560 * kMs, 590 * kMs},
+      // Between the two solve spans: in the step's table, in no stage's.
+      {Kind::kDevice, "stray", 420 * kMs, 470 * kMs},
+  };
+  const std::string s = SummarizeProfile(intervals, 10);
+  const size_t forward = s.find("\nforward: its 2 largest kernels or copies");
+  const size_t solve = s.find("\nsolve: its 2 largest kernels or copies");
+  ASSERT_NE(forward, std::string::npos) << s;
+  ASSERT_NE(solve, std::string::npos) << s;
+  EXPECT_LT(forward, solve);
+  const std::string f = s.substr(forward, solve - forward), v = s.substr(solve);
+  // forward: gemm 30 ms (75%), the copy 10 ms (25%), in that order.
+  EXPECT_THAT(f, HasSubstr("     0.030        1  75.0%  gemm\n     0.010        1  25.0%  Memcpy"))
+      << s;
+  // solve: gptq_block 130 ms over both spans (2 calls, 92.9%), gemm 10 ms.
+  EXPECT_THAT(v,
+              HasSubstr("     0.130        2  92.9%  gptq_block\n     0.010        1   7.1%  gemm"))
+      << s;
+  EXPECT_THAT(s.substr(0, forward), HasSubstr("stray")) << s;
+  EXPECT_THAT(s.substr(forward), Not(HasSubstr("stray"))) << s;
 }
 
 // On a GPU, CUPTI also reports each "mq::" annotation as a device span from its first kernel to its
