@@ -55,21 +55,21 @@ absl::StatusOr<std::string> Sha256OfFile(const std::string& path) {
     if (errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": no such file"));
     return absl::InternalError(absl::StrCat("open ", path, ": ", std::strerror(errno)));
   }
+  absl::StatusOr<std::string> sha = Sha256OfOpenFile(fd, path);
+  ::close(fd);
+  return sha;
+}
+
+absl::StatusOr<std::string> Sha256OfOpenFile(int fd, const std::string& path) {
   Sha256 h;
   std::vector<char> buf(1 << 22);
-  absl::Status status;
   while (true) {
     const ssize_t r = ::read(fd, buf.data(), buf.size());
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) {
-      status = absl::InternalError(absl::StrCat("read ", path, ": ", std::strerror(errno)));
-      break;
-    }
+    if (r < 0) return absl::InternalError(absl::StrCat("read ", path, ": ", std::strerror(errno)));
     if (r == 0) break;
     h.Update(buf.data(), static_cast<size_t>(r));
   }
-  ::close(fd);
-  if (!status.ok()) return status;
   return h.HexDigest();
 }
 

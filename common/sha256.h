@@ -19,6 +19,8 @@ std::string Sha256Hex(std::string_view data);
 // Lowercase hex SHA-256 of the file's content. NOT_FOUND naming the path when it does not
 // exist; an errno-derived status naming the path for other I/O errors.
 absl::StatusOr<std::string> Sha256OfFile(const std::string& path);
+// Same, of an open file read from its current offset to the end; `path` only names it in errors.
+absl::StatusOr<std::string> Sha256OfOpenFile(int fd, const std::string& path);
 
 // An incremental SHA-256: Update any number of times, then HexDigest once.
 class Sha256 {

@@ -553,6 +553,12 @@ absl::Status ValidateOutputFile(const std::string& field, const mq::v1::OutputFi
   if (f.size_bytes() < 0) {
     return Invalid(field + ".size_bytes", absl::StrCat(f.size_bytes()), "must be >= 0");
   }
+  if (f.verified().mtime_ns() < 0 || f.verified().ctime_ns() < 0) {
+    return Invalid(
+        field + ".verified",
+        absl::StrCat("mtime_ns ", f.verified().mtime_ns(), ", ctime_ns ", f.verified().ctime_ns()),
+        "times must be >= 0 (nanoseconds since the epoch)");
+  }
   return absl::OkStatus();
 }
 

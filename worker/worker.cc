@@ -177,7 +177,14 @@ void SetError(const absl::Status& status, mq::v1::CompleteAssignmentRequest* res
 std::vector<pipeline::OutputFileInfo> ToFiles(
     const google::protobuf::RepeatedPtrField<mq::v1::OutputFile>& files) {
   std::vector<pipeline::OutputFileInfo> out;
-  for (const mq::v1::OutputFile& f : files) out.push_back({f.name(), f.size_bytes(), f.sha256()});
+  for (const mq::v1::OutputFile& f : files) {
+    pipeline::OutputFileInfo info{f.name(), f.size_bytes(), f.sha256(), std::nullopt};
+    if (f.has_verified()) {
+      const mq::v1::FileStamp& v = f.verified();
+      info.verified = pipeline::FileStamp{v.device(), v.inode(), v.mtime_ns(), v.ctime_ns()};
+    }
+    out.push_back(std::move(info));
+  }
   return out;
 }
 
@@ -617,6 +624,13 @@ bool Worker::RunQuantize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
       p->set_name(f.name);
       p->set_size_bytes(f.size);
       p->set_sha256(f.sha256);
+      if (f.verified) {
+        mq::v1::FileStamp* v = p->mutable_verified();
+        v->set_device(f.verified->device);
+        v->set_inode(f.verified->inode);
+        v->set_mtime_ns(f.verified->mtime_ns);
+        v->set_ctime_ns(f.verified->ctime_ns);
+      }
     }
     ToProto(out.stats, out.step, out.layer, request.mutable_stats());
     // An s3:// output: the layer's objects are complete before the layer is reported.
@@ -695,6 +709,11 @@ bool Worker::RunFinalize(const mq::v1::Assignment& a, mq::v1::CompleteAssignment
                          " failed: ", r.status().ToString()));
     return true;
   }
+  const pipeline::VerifyCounts& v = r->verified;
+  LogLine("worker", "INFO",
+          absl::StrCat("finalize assignment ", a.assignment_id(), ": committed files checked, ",
+                       v.hashed_files, " read again (", v.hashed_bytes, " bytes), ",
+                       v.stamped_files, " unchanged since read back after their commit"));
   mq::v1::FinalizeResult* f = result->mutable_finalized();
   f->set_manifest_sha256(r->manifest_sha256);
   f->set_files(r->files);

@@ -39,6 +39,11 @@ def reference(env):
         job_id = submit(c, env, out)
         job = c.wait_job(job_id, "JOB_STATE_SUCCEEDED", timeout=300)["job"]
         check_output_dir(out)
+        # Each layer file was read back from the storage after its commit: finalization read
+        # none of them again (their stamps had not changed).
+        log = c.workers["r1"].output()
+        assert ("committed files checked, 0 read again (0 bytes), 3 unchanged since read back"
+                in log), log[-3000:]
         return {"manifest_sha256": job["manifest_sha256"], "out": out, "job_id": job_id}
     finally:
         c.close()

@@ -1015,6 +1015,9 @@ absl::Status Runner::WriteStep(StepWrite w) {
     absl::StatusOr<OutputFileInfo> info =
         WriteDescribedSafetensors(o_.output_dir, name, std::move(w.tensors));
     if (!info.ok()) return info.status();
+    // Read back from the storage now, beside the next layer, so that finalization need not
+    // read it again (VerifyFiles trusts an unchanged stamp).
+    MQ_RETURN_IF_ERROR(ReadBackCommitted(o_.output_dir, &*info));
     w.out.files.push_back(*std::move(info));
   }
   // A checkpoint only shortens a resume: one that cannot be written (a full scratch disk) is

@@ -12,6 +12,7 @@
 #include <climits>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -22,6 +23,7 @@
 #include "absl/strings/str_split.h"
 #include "common/parallel.h"
 #include "common/path_policy.h"
+#include "common/sha256.h"
 #include "worker/model/config.h"
 #include "worker/model/fp8.h"
 #include "worker/model/safetensors_writer.h"
@@ -93,6 +95,19 @@ std::string HashProblem(const std::string& dir, const OutputFileInfo& f) {
                         f.sha256.substr(0, 16), "... was committed");
   }
   return "";
+}
+
+FileStamp StampOf(const struct stat& st) {
+  return FileStamp{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino),
+                   st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec,
+                   st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec};
+}
+
+// True when `dir`/`f.name` still has the stamp it had when its bytes were read back.
+bool StampUnchanged(const std::string& dir, const OutputFileInfo& f) {
+  struct stat st;
+  if (!f.verified || ::stat((dir + "/" + f.name).c_str(), &st) != 0) return false;
+  return st.st_size == f.size && StampOf(st) == *f.verified;
 }
 
 // Size (stat) then, with `hash`, SHA-256 of `dir`/`f.name` against the record: "" when they
@@ -201,13 +216,70 @@ std::vector<std::string> CorruptFilesOf(const absl::Status& status) {
   return files;
 }
 
-absl::Status VerifyFiles(const std::string& dir, const std::vector<OutputFileInfo>& files) {
+absl::Status ReadBackCommitted(const std::string& dir, OutputFileInfo* f) {
+  const std::string path = dir + "/" + f->name;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return CorruptFilesError(
+        absl::StrCat("the committed file ", path, " cannot be read back: ", std::strerror(errno)),
+        {f->name});
+  }
+  struct stat before, after, named;
+  ::fstat(fd, &before);
+  // Written and synced, so its pages are clean: dropped, they are read from the storage again.
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  absl::StatusOr<std::string> sha = Sha256OfOpenFile(fd, path);
+  ::fstat(fd, &after);
+  ::close(fd);
+  if (!sha.ok()) return CorruptFilesError(std::string(sha.status().message()), {f->name});
+  if (::stat(path.c_str(), &named) != 0 || !(StampOf(before) == StampOf(after)) ||
+      !(StampOf(named) == StampOf(after))) {
+    return CorruptFilesError(
+        absl::StrCat("the committed file ", path, " changed while it was read back"), {f->name});
+  }
+  if (after.st_size != f->size || *sha != f->sha256) {
+    return CorruptFilesError(
+        absl::StrCat("the committed file ", path, " reads back as ", after.st_size,
+                     " bytes with SHA-256 ", sha->substr(0, 16), "..., but ", f->size,
+                     " bytes with SHA-256 ", f->sha256.substr(0, 16),
+                     "... were written (damaged by the storage, or changed outside mq)"),
+        {f->name});
+  }
+  // File times come from the kernel's coarse clock (a tick, 1-10 ms): a change made in the same
+  // tick as the commit would keep the stamp. Once that clock has passed the stamp's times, any
+  // later change moves them. A clock that does not pass them within a second (stepped back)
+  // leaves the file without a stamp: finalization reads it again.
+  const FileStamp stamp = StampOf(after);
+  for (int waited_ms = 0; waited_ms < 1000; ++waited_ms) {
+    struct timespec now;
+    ::clock_gettime(CLOCK_REALTIME_COARSE, &now);
+    const int64_t now_ns = now.tv_sec * 1000000000LL + now.tv_nsec;
+    if (now_ns > std::max(stamp.mtime_ns, stamp.ctime_ns)) {
+      f->verified = stamp;
+      break;
+    }
+    ::usleep(1000);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status VerifyFiles(const std::string& dir, const std::vector<OutputFileInfo>& files,
+                         VerifyCounts* counts) {
   std::vector<std::string> problem(files.size());
   std::vector<size_t> hashed;  // present with the committed size: their bytes are read
+  VerifyCounts c;
   for (size_t i = 0; i < files.size(); ++i) {
     problem[i] = FileProblem(dir, files[i], /*hash=*/false);
-    if (problem[i].empty()) hashed.push_back(i);
+    if (!problem[i].empty()) continue;
+    if (StampUnchanged(dir, files[i])) {
+      ++c.stamped_files;
+      continue;
+    }
+    hashed.push_back(i);
+    ++c.hashed_files;
+    c.hashed_bytes += files[i].size;
   }
+  if (counts) *counts = c;
   // Several files at a time: one thread hashes about 1 GB/s, and a whole model's output is
   // hundreds of GiB.
   std::atomic<size_t> next{0};
@@ -256,7 +328,7 @@ absl::StatusOr<OutputFileInfo> DescribeFile(const std::string& dir, const std::s
   if (::stat(path.c_str(), &st) != 0) return Errno(absl::StrCat("stat ", path));
   absl::StatusOr<std::string> sha = Sha256OfFile(path);
   if (!sha.ok()) return sha.status();
-  return OutputFileInfo{name, static_cast<int64_t>(st.st_size), *sha};
+  return OutputFileInfo{name, static_cast<int64_t>(st.st_size), *sha, std::nullopt};
 }
 
 absl::StatusOr<OutputFileInfo> WriteDescribedSafetensors(const std::string& dir,
@@ -270,7 +342,7 @@ absl::StatusOr<OutputFileInfo> WriteDescribedSafetensors(const std::string& dir,
         size += static_cast<int64_t>(n);
       });
   if (!written.ok()) return written;
-  return OutputFileInfo{name, size, hash.HexDigest()};
+  return OutputFileInfo{name, size, hash.HexDigest(), std::nullopt};
 }
 
 std::string LayerFileName(int layer, int rank, int world_size) {
@@ -517,7 +589,8 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
   absl::StatusOr<std::unique_ptr<MarkerLock>> lock = MarkerLock::Acquire(out);
   if (!lock.ok()) return lock.status();
   // Every committed byte is checked before anything is written.
-  if (absl::Status s = VerifyFiles(out, options.committed_files); !s.ok()) return s;
+  VerifyCounts verified;
+  if (absl::Status s = VerifyFiles(out, options.committed_files, &verified); !s.ok()) return s;
   std::map<std::string, OutputFileInfo> keep;  // name -> described file
   for (const OutputFileInfo& f : options.committed_files) keep[f.name] = f;
 
@@ -602,6 +675,7 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
     if (absl::Status s = options.publish(); !s.ok()) return s;
   }
   FinalizeOutput result;
+  result.verified = verified;
   const std::string manifest = ManifestText(keep, &result.files, &result.total_bytes);
   s = model::WriteFileAtomic(out + "/" + kManifestFileName, manifest);
   if (!s.ok()) return s;
@@ -669,7 +743,8 @@ absl::StatusOr<FinalizeOutput> AddToManifest(const std::string& output_dir,
   absl::StatusOr<std::map<std::string, OutputFileInfo>> files = ReadManifest(output_dir);
   if (!files.ok()) return files.status();
   if (absl::Status s = model::WriteFileAtomic(output_dir + "/" + name, content); !s.ok()) return s;
-  (*files)[name] = OutputFileInfo{name, static_cast<int64_t>(content.size()), Sha256Hex(content)};
+  (*files)[name] =
+      OutputFileInfo{name, static_cast<int64_t>(content.size()), Sha256Hex(content), std::nullopt};
   FinalizeOutput result;
   const std::string manifest = ManifestText(*files, &result.files, &result.total_bytes);
   if (absl::Status s = model::WriteFileAtomic(output_dir + "/" + kManifestFileName, manifest);

@@ -70,9 +70,19 @@ inline constexpr char kQualityFileName[] = "quality.json";
 // The owner marker: {"job_id": "<job>"} (not listed in the manifest).
 inline constexpr char kOwnerMarkerName[] = ".mq-job";
 
-// Checks each file's size and SHA-256 in `dir` against `files` (all of them, a full read each).
-// OK, or DATA_LOSS naming every missing or different file (CorruptFilesOf lists them).
-absl::Status VerifyFiles(const std::string& dir, const std::vector<OutputFileInfo>& files);
+// Reads the committed file `dir`/`f->name` back from the storage (its pages dropped from the
+// page cache first, so the bytes come from the disk, not from what was just written) and checks
+// its size and SHA-256; then f->verified is the stamp the file had while it was read. DATA_LOSS
+// naming the file when the bytes differ (CorruptFilesOf lists it) or the file changed while it
+// was read.
+absl::Status ReadBackCommitted(const std::string& dir, OutputFileInfo* f);
+
+// Checks each file's size and SHA-256 in `dir` against `files`: a full read each, except a file
+// whose stamp still equals its `verified` one (read back after its commit and not changed
+// since: ReadBackCommitted). OK, or DATA_LOSS naming every missing or different file
+// (CorruptFilesOf lists them). `counts` (optional) says what was read.
+absl::Status VerifyFiles(const std::string& dir, const std::vector<OutputFileInfo>& files,
+                         VerifyCounts* counts = nullptr);
 
 // Tensors of a set of safetensors files in one directory, by name (e.g. the committed files of
 // a job, read back to replay earlier layers). Every file is checked before its bytes are used:
@@ -158,12 +168,14 @@ struct FinalizeOutput {
   int files = 0;            // files listed in the manifest
   int64_t total_bytes = 0;  // their sizes summed
   int removed_files = 0;    // stray files deleted
+  VerifyCounts verified;    // how the committed files were checked
 };
 
 // Claims the directory for options.job_id (ClaimOutputLocation) and holds an exclusive flock on
 // its marker until it returns (UNAVAILABLE "another finalization holds DIR" when another process
-// holds it), verifies every committed file's size and SHA-256 before writing anything (DATA_LOSS
-// naming every bad file), writes model-globals.safetensors, the index (from the files' own
+// holds it), verifies every committed file's size and SHA-256 before writing anything (VerifyFiles:
+// a file read back after its commit and unchanged since is not read again; DATA_LOSS naming
+// every bad file), writes model-globals.safetensors, the index (from the files' own
 // headers), config.json and the copied tokenizer/generation files, describes them from disk,
 // calls options.publish, writes manifest.json, then deletes every other file that an mq output
 // could contain (files of uncommitted steps, temporaries) and nothing else; the marker stays.

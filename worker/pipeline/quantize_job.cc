@@ -226,7 +226,7 @@ absl::StatusOr<FinalizeAssignmentResult> RunFinalizeAssignment(
   absl::StatusOr<FinalizeOutput> out = FinalizeOutputDir(f);
   if (!out.ok()) return out.status();
   return FinalizeAssignmentResult{out->manifest_sha256, out->files, out->total_bytes,
-                                  out->removed_files};
+                                  out->removed_files, out->verified};
 }
 
 }  // namespace mq::pipeline

@@ -120,6 +120,7 @@ struct FinalizeAssignmentResult {
   int files = 0;
   int64_t total_bytes = 0;
   int removed_files = 0;
+  VerifyCounts verified;
 };
 
 // Removes the hidden-state checkpoints of every job but `keep_job` from `scratch_dir` (job folders

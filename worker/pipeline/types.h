@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -10,10 +11,28 @@
 
 namespace mq::pipeline {
 
+// What stat() says of a file: any change to its content or metadata through the file system
+// changes its ctime, which no caller can set back.
+struct FileStamp {
+  uint64_t device = 0, inode = 0;
+  int64_t mtime_ns = 0, ctime_ns = 0;
+  bool operator==(const FileStamp&) const = default;
+};
+
 struct OutputFileInfo {
   std::string name;  // relative to the output directory
   int64_t size = 0;
   std::string sha256;  // lowercase hex
+  // The file's stamp when its bytes were last read back from storage and matched `sha256`
+  // (ReadBackCommitted); none when they were not.
+  std::optional<FileStamp> verified;
+};
+
+// What a verification of committed files (VerifyFiles) read.
+struct VerifyCounts {
+  int hashed_files = 0;
+  int64_t hashed_bytes = 0;
+  int stamped_files = 0;  // verified by an unchanged stamp, not read again
 };
 
 struct RareExpertInfo {

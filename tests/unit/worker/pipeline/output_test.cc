@@ -4,7 +4,7 @@
 #include "worker/pipeline/output.h"
 
 #include <ATen/ATen.h>
-
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -229,6 +229,71 @@ TEST(OutputTest, VerifyFilesHashedAtOnceNamesEachDamagedFileInOrder) {
     EXPECT_NE(found, std::string::npos) << what << " in " << s;
     at = found == std::string::npos ? at : found;
   }
+}
+
+// A committed file read back after its write carries its stamp; verification then reads only
+// the files whose stamp changed (a byte written in place, a file replaced, times touched) and
+// still names every damaged one.
+TEST(OutputTest, ReadBackFilesAreReadAgainOnlyWhenTheirStampChanged) {
+  const std::string dir = TempDir();
+  std::vector<OutputFileInfo> files = LayerFiles(dir, 6);
+  ASSERT_EQ(files.size(), 6u);
+  for (OutputFileInfo& f : files) {
+    ASSERT_TRUE(ReadBackCommitted(dir, &f).ok()) << f.name;
+    ASSERT_TRUE(f.verified.has_value()) << f.name;
+  }
+  VerifyCounts counts;
+  EXPECT_TRUE(VerifyFiles(dir, files, &counts).ok());
+  EXPECT_EQ(counts.stamped_files, 6);
+  EXPECT_EQ(counts.hashed_files, 0);
+  // Right after the read-back (the same clock tick, for files this small): each change is seen.
+  FlipByte(dir + "/" + files[1].name, -2);  // in place: same size and inode
+  {
+    const std::string copy = dir + "/copy";  // replaced by an equal copy: a new inode
+    std::ofstream(copy, std::ios::binary) << Read(dir + "/" + files[3].name);
+    ASSERT_EQ(::rename(copy.c_str(), (dir + "/" + files[3].name).c_str()), 0);
+  }
+  {
+    const std::string copy = dir + "/copy";  // replaced by another file of the same size
+    std::string other = Read(dir + "/" + files[4].name);
+    other[other.size() - 1] ^= 1;
+    std::ofstream(copy, std::ios::binary) << other;
+    ASSERT_EQ(::rename(copy.c_str(), (dir + "/" + files[4].name).c_str()), 0);
+  }
+  // Times set back to the stamp's: the change of ctime still shows.
+  const struct timespec times[2] = {
+      {files[5].verified->mtime_ns / 1000000000, files[5].verified->mtime_ns % 1000000000},
+      {files[5].verified->mtime_ns / 1000000000, files[5].verified->mtime_ns % 1000000000}};
+  FlipByte(dir + "/" + files[5].name, 0);
+  ASSERT_EQ(::utimensat(AT_FDCWD, (dir + "/" + files[5].name).c_str(), times, 0), 0);
+  absl::Status s = VerifyFiles(dir, files, &counts);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_EQ(CorruptFilesOf(s),
+            (std::vector<std::string>{files[1].name, files[4].name, files[5].name}));
+  EXPECT_EQ(counts.stamped_files, 2);  // 0 and 2
+  EXPECT_EQ(counts.hashed_files, 4);   // 1, 3 (equal: passes), 4 and 5
+  // Without stamps (a file committed before stamps, or by another host) every file is read.
+  for (OutputFileInfo& f : files) f.verified.reset();
+  EXPECT_EQ(VerifyFiles(dir, files, &counts).code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(counts.hashed_files, 6);
+  EXPECT_EQ(counts.stamped_files, 0);
+}
+
+TEST(OutputTest, ReadBackNamesAFileThatDiffersFromWhatWasWritten) {
+  const std::string dir = TempDir();
+  std::vector<OutputFileInfo> files = LayerFiles(dir, 2);
+  ASSERT_EQ(files.size(), 2u);
+  FlipByte(dir + "/" + files[0].name, 10);
+  absl::Status s = ReadBackCommitted(dir, &files[0]);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_EQ(CorruptFilesOf(s), std::vector<std::string>{files[0].name});
+  EXPECT_NE(s.message().find("reads back as"), std::string::npos) << s;
+  EXPECT_FALSE(files[0].verified.has_value());
+  ::unlink((dir + "/" + files[1].name).c_str());
+  s = ReadBackCommitted(dir, &files[1]);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_NE(s.message().find("cannot be read back"), std::string::npos) << s;
+  EXPECT_FALSE(files[1].verified.has_value());
 }
 
 TEST(OutputTest, FileSetReaderVerifiesEachFileBeforeUse) {
