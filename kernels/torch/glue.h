@@ -1,5 +1,5 @@
 // Helpers shared by the torch glue files of kernels/torch/ (ops.cc, grid_ops.cc, pack_ops.cc,
-// fp8_ops.cc).
+// fp8_ops.cc, combine_ops.cc).
 // For torch code only (includes ATen).
 #pragma once
 

@@ -2,6 +2,10 @@
 
 #include <algorithm>
 #include <numeric>
+#include <string>
+
+#include "kernels/torch/combine_ops.h"
+#include "mq/kernels/moe_combine.h"
 
 namespace mq::pipeline {
 
@@ -38,6 +42,16 @@ void CombinePerExpert(const at::Tensor& rows, const at::Tensor& weights, const a
 
 void CombinePerToken(at::Tensor& rows, const at::Tensor& weights, const at::Tensor& column_tokens,
                      const at::Tensor& entries, at::Tensor& out, int64_t chunk_bytes) {
+  // One pass over the rows instead of a weighting, k gathers and k adds of whole rows per chunk.
+  if (rows.is_cuda() && rows.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
+      out.is_contiguous() && entries.size(0) <= kernels::kMaxCombineExperts &&
+      entries.size(0) > 0 && kernels::MoeCombineTorchSupported(rows.device()).ok()) {
+    const absl::Status s =
+        kernels::MoeCombineCuda(rows.contiguous(), weights.to(at::kFloat).contiguous(),
+                                entries.contiguous(), column_tokens.contiguous(), out);
+    if (s.ok()) return;
+    TORCH_CHECK(false, "MoE combine: ", std::string(s.message()));
+  }
   // fp32 arithmetic stored in rows' dtype: the rounding of CombinePerExpert's product and cast.
   rows.mul_(weights.unsqueeze(1));
   const int64_t t_count = column_tokens.size(0);

@@ -26,9 +26,10 @@ at::Tensor CombineEntries(const at::Tensor& experts, const at::Tensor& send_orde
 void CombinePerExpert(const at::Tensor& rows, const at::Tensor& weights, const at::Tensor& tokens,
                       const std::vector<int64_t>& expert_counts, at::Tensor& out);
 
-// The same result as CombinePerExpert, token by token. `rows` (of out's dtype) is weighted in
-// place. Column t of `entries` (CombineEntries, on rows' device) holds the rows of token
-// column_tokens[t]; the gathered rows take at most about 2 * chunk_bytes at once.
+// The same result as CombinePerExpert, token by token. Column t of `entries` (CombineEntries, on
+// rows' device) holds the rows of token column_tokens[t]. bf16 on a CUDA device that runs it: one
+// kernel (mq/kernels/moe_combine.h), `rows` unchanged. Otherwise torch: `rows` (of out's dtype)
+// is weighted in place and the gathered rows take at most about 2 * chunk_bytes at once.
 void CombinePerToken(at::Tensor& rows, const at::Tensor& weights, const at::Tensor& column_tokens,
                      const at::Tensor& entries, at::Tensor& out, int64_t chunk_bytes);
 
