@@ -96,7 +96,8 @@ at::Tensor AttendFused(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                                                 vp.narrow(0, 0, 1), {}, 0.0, /*is_causal=*/true,
                                                 scale);
   if (backend <= kMath) return at::Tensor();
-  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), dv}, q.options());
+  // [b, nh, s, dv] laid out as [b, s, nh, dv]: the o_proj input it becomes is then a view.
+  at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), dv}, q.options()).transpose(1, 2);
   for (int64_t i = 0; i < q.size(0); ++i) {
     at::Tensor o = at::scaled_dot_product_attention(q.narrow(0, i, 1), k.narrow(0, i, 1),
                                                     vp.narrow(0, i, 1), {}, 0.0,
@@ -379,7 +380,6 @@ at::Tensor RunAttention(const LayerWeights& w, const at::Tensor& x, const at::Te
     q = Linear(attn + "q_proj", x2, w.q_proj, hooks);
   }
   q = q.view({b, s, nh, dn + dr}).transpose(1, 2);
-  at::Tensor q_pass = q.narrow(-1, 0, dn);
   at::Tensor q_rot = q.narrow(-1, dn, dr);
 
   // Latent kv and the shared rope key.
@@ -388,9 +388,10 @@ at::Tensor RunAttention(const LayerWeights& w, const at::Tensor& x, const at::Te
   at::Tensor k_rot = compressed.narrow(-1, rkv, dr).reshape({b, 1, s, dr});
 
   auto [cos, sin] = RopeCosSin(c, positions, x.scalar_type());
-  q_rot = ApplyRopeInterleaved(q_rot, cos, sin);
+  // The rotated part is written back into q, which then is the query (no concatenated copy).
+  q_rot.copy_(ApplyRopeInterleaved(q_rot, cos, sin));
   k_rot = ApplyRopeInterleaved(k_rot, cos, sin);
-  at::Tensor query = at::cat({q_pass, q_rot}, -1);
+  const at::Tensor& query = q;
 
   at::Tensor kv = Linear(attn + "kv_b_proj", kv_nope.contiguous(), w.kv_b_proj, hooks)
                       .view({b, s, nh, dn + dv})
