@@ -277,12 +277,11 @@ absl::StatusOr<Dispatch> Runner::DispatchEntries(const MoeInput& in, const Route
     send_tokens = tokens.empty() ? r.tokens.narrow(0, 0, 0) : at::cat(tokens);
     send_weights = weights.empty() ? r.weights.narrow(0, 0, 0) : at::cat(weights);
   }
-  // Both on the compute device from here on (the rows' gather and the combine use them there):
-  // the combine then copies nothing from the host, so it does not wait for the round's experts,
-  // and the host prepares the next round while they run. This copy waits for the work queued
-  // before it (the previous round's), after the host work above.
-  d.send_tokens = send_tokens.to(o_.device);
-  d.send_weights = send_weights.to(o_.device);
+  // Both on the compute device from here on (the rows' gather and the combine use them there),
+  // copied without waiting for the work queued before them: the host prepares the next round
+  // (or pass) while the device runs this one.
+  d.send_tokens = ToDeviceQueued(send_tokens);
+  d.send_weights = ToDeviceQueued(send_weights);
   d.send_expert_counts.assign(static_cast<size_t>(e_count), 0);
   d.send_counts.assign(size, 0);
   for (int64_t e = 0; e < e_count; ++e) {
@@ -331,8 +330,8 @@ absl::StatusOr<Dispatch> Runner::DispatchRows(const MoeInput& in, const at::Tens
   const int64_t k = config_.num_experts_per_tok;
   if (k > 0) {  // every entry of the selected tokens: the combine goes by token
     d->combine_tokens =
-        (tokens.defined() ? tokens : at::arange(r->experts.size(0) / k, at::kLong)).to(o_.device);
-    d->combine_entries = CombineEntries(r->experts, r->order, k).to(o_.device);
+        ToDeviceQueued(tokens.defined() ? tokens : at::arange(r->experts.size(0) / k, at::kLong));
+    d->combine_entries = ToDeviceQueued(CombineEntries(r->experts, r->order, k));
   }
   return d;
 }
@@ -404,7 +403,7 @@ at::Tensor Runner::RunExperts(const model::LayerWeights& w, const Dispatch& d,
                               int last, bool in_place) {
   at::Tensor out;
   if (want_outputs) out = in_place ? d.recv_rows : at::empty_like(d.recv_rows);
-  at::Tensor order = d.recv_order.to(o_.device);
+  at::Tensor order = ToDeviceQueued(d.recv_order);
   // An expert's received rows are ascending positions (by source, then token); when they are
   // one run of consecutive rows (always in a gang of one), the expert reads and writes that
   // slice in place instead of gathering and scattering.
@@ -1119,6 +1118,11 @@ void Runner::WriteProfile(StepProfile& profile, int layer) const {
   if (!written.ok() && o_.on_warning) {
     o_.on_warning(absl::StrCat("profile of layer ", layer, ": ", written.message()));
   }
+}
+
+at::Tensor Runner::ToDeviceQueued(const at::Tensor& t) const {
+  if (!o_.device.is_cuda() || t.device() == o_.device) return t.to(o_.device);
+  return t.contiguous().pin_memory().to(o_.device, /*non_blocking=*/true);
 }
 
 at::Tensor Runner::ToHostQueued(const at::Tensor& t) const {

@@ -207,6 +207,10 @@ class Runner {
   // stream, so the bytes are valid only after the next SyncDevice. Host tensors: `t`,
   // contiguous.
   at::Tensor ToHostQueued(const at::Tensor& t) const;
+  // A host `t` on the device without waiting: copied through page-locked memory on the current
+  // stream (torch's host allocator keeps that buffer until the copy is done), so the host goes
+  // on queuing the next dispatch while the device works. Off CUDA, t.to(device).
+  at::Tensor ToDeviceQueued(const at::Tensor& t) const;
   at::Tensor Positions(int64_t seq) const {
     return at::arange(seq, at::TensorOptions().dtype(at::kLong).device(o_.device));
   }
