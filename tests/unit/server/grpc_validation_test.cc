@@ -330,6 +330,10 @@ TEST_F(GrpcValidationTest, MalformedReportLayerFieldsAreNamed) {
       {"files[0].sha256", [](auto& r) { r.mutable_files(0)->set_sha256(std::string(63, 'a')); }},
       {"files[0].sha256", [](auto& r) { r.mutable_files(0)->set_sha256(std::string(64, 'g')); }},
       {"files[0].size_bytes", [](auto& r) { r.mutable_files(0)->set_size_bytes(-1); }},
+      {"files[0].verified",
+       [](auto& r) { r.mutable_files(0)->mutable_verified()->set_ctime_ns(-1); }},
+      {"files[0].verified",
+       [](auto& r) { r.mutable_files(0)->mutable_verified()->set_mtime_ns(-5); }},
       {"files[1].name", [](auto& r) { *r.add_files() = r.files(0); }},
       {"files[1].sha256", [](auto& r) {
          auto* f = r.add_files();
