@@ -1330,7 +1330,8 @@ std::string Coordinator::UncommitCorruptFiles(JobRecord& job, WriteBatch& batch,
     } else {
       AddEvent(job, batch, "file_corrupt",
                absl::StrCat("output file ", f, " failed verification; no committed step ",
-                            "lists it: the output is finalized again"),
+                            "lists it (a file read back right after its write, or one only ",
+                            "finalization writes): the assignment that found it runs again"),
                request.worker_id());
     }
     if (times >= job.spec().max_attempts() && give_up.empty()) {

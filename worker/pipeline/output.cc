@@ -588,7 +588,8 @@ absl::StatusOr<FinalizeOutput> FinalizeOutputDir(const FinalizeOptions& options)
   }
   absl::StatusOr<std::unique_ptr<MarkerLock>> lock = MarkerLock::Acquire(out);
   if (!lock.ok()) return lock.status();
-  // Every committed byte is checked before anything is written.
+  // Every committed file is checked before anything is written (read again unless its stamp
+  // says it has not changed since it was read back after its commit).
   VerifyCounts verified;
   if (absl::Status s = VerifyFiles(out, options.committed_files, &verified); !s.ok()) return s;
   std::map<std::string, OutputFileInfo> keep;  // name -> described file

@@ -1761,6 +1761,29 @@ TEST_F(PipelineTest, CorruptFileFoundByReplayRestartsFromItsStep) {
   EXPECT_EQ(next.committed_files_size(), 0);
 }
 
+// A rank that read back the layer file it had just written and found other bytes: the file is
+// in no committed step, so nothing is uncommitted; the attempt fails and the job goes on from
+// the committed steps.
+TEST_F(PipelineTest, FileDamagedAtItsReadBackUncommitsNothing) {
+  const std::string a = RegisterQ("w-a");
+  const std::string id = SubmitGang(1);
+  Plan(id, {a});
+  coordinator_->Tick();
+  auto q = Poll(a);
+  ASSERT_TRUE(Report(a, q, 0)->committed());
+  ASSERT_TRUE(Report(a, q, 1)->committed());
+  ASSERT_TRUE(Corrupt(a, q, {"layer-12-rank-0.safetensors"}).ok());
+  EXPECT_EQ(Get(id).layers_size(), 2);
+  EXPECT_EQ(Get(id).job().progress().layers_committed(), 2);
+  EXPECT_NE(LastEvent(id, "file_corrupt").find("read back right after its write"),
+            std::string::npos)
+      << LastEvent(id, "file_corrupt");
+  coordinator_->Tick();
+  auto next = Poll(a);
+  ASSERT_EQ(next.kind(), mq::v1::ASSIGNMENT_KIND_QUANTIZE);
+  EXPECT_EQ(next.start_step(), 2);
+}
+
 // A damaged file that belongs to no committed step (the globals file finalization writes):
 // finalization runs again; nothing is uncommitted.
 TEST_F(PipelineTest, CorruptFileOfNoStepRetriesFinalization) {
