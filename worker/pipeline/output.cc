@@ -103,16 +103,11 @@ FileStamp StampOf(const struct stat& st) {
                    st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec};
 }
 
-// True when `dir`/`f.name` still has the stamp it had when its bytes were read back.
-bool StampUnchanged(const std::string& dir, const OutputFileInfo& f) {
-  struct stat st;
-  if (!f.verified || ::stat((dir + "/" + f.name).c_str(), &st) != 0) return false;
-  return st.st_size == f.size && StampOf(st) == *f.verified;
-}
-
 // Size (stat) then, with `hash`, SHA-256 of `dir`/`f.name` against the record: "" when they
-// match, else what differs.
-std::string FileProblem(const std::string& dir, const OutputFileInfo& f, bool hash) {
+// match, else what differs. `stamp` (optional) receives the file's stamp when it has the
+// recorded size.
+std::string FileProblem(const std::string& dir, const OutputFileInfo& f, bool hash,
+                        FileStamp* stamp = nullptr) {
   const std::string path = dir + "/" + f.name;
   struct stat st;
   if (::stat(path.c_str(), &st) != 0) {
@@ -121,6 +116,7 @@ std::string FileProblem(const std::string& dir, const OutputFileInfo& f, bool ha
   if (static_cast<int64_t>(st.st_size) != f.size) {
     return absl::StrCat(f.name, " has ", st.st_size, " bytes, ", f.size, " were committed");
   }
+  if (stamp) *stamp = StampOf(st);
   return hash ? HashProblem(dir, f) : "";
 }
 
@@ -269,9 +265,10 @@ absl::Status VerifyFiles(const std::string& dir, const std::vector<OutputFileInf
   std::vector<size_t> hashed;  // present with the committed size: their bytes are read
   VerifyCounts c;
   for (size_t i = 0; i < files.size(); ++i) {
-    problem[i] = FileProblem(dir, files[i], /*hash=*/false);
+    FileStamp stamp;
+    problem[i] = FileProblem(dir, files[i], /*hash=*/false, &stamp);
     if (!problem[i].empty()) continue;
-    if (StampUnchanged(dir, files[i])) {
+    if (files[i].verified && stamp == *files[i].verified) {  // unchanged since its read-back
       ++c.stamped_files;
       continue;
     }
