@@ -903,6 +903,16 @@ class PipelineTest : public CoordinatorTest {
     return coordinator_->CompleteAssignment(r).status();
   }
 
+  // Plans the job on `w` alone, takes its quantize assignment and commits steps [0, committed).
+  mq::v1::Assignment QuantizeCommitting(const std::string& w, const std::string& id,
+                                        int committed) {
+    Plan(id, {w});
+    coordinator_->Tick();
+    auto q = Poll(w);
+    for (int step = 0; step < committed; ++step) EXPECT_TRUE(Report(w, q, step)->committed());
+    return q;
+  }
+
   // Commits steps [from, 4) with a gang of one and finishes the quantize phase; returns the
   // finalize assignment.
   mq::v1::Assignment QuantizeAndFinalize(const std::string& w, const std::string& id, int from) {
@@ -1559,10 +1569,7 @@ TEST_F(PipelineTest, EventsCarryNoStackTracesAndAreCapped) {
 TEST_F(PipelineTest, RanksDoneWithStepsMissingFailTheAttempt) {
   const std::string a = RegisterQ("w-a");
   const std::string id = SubmitGang(1);
-  Plan(id, {a});
-  coordinator_->Tick();
-  auto q = Poll(a);
-  ASSERT_TRUE(Report(a, q, 0)->committed());
+  auto q = QuantizeCommitting(a, id, 1);
   ASSERT_TRUE(Quantized(a, q).ok());
   auto job = Get(id);
   EXPECT_EQ(job.job().state(), mq::v1::JOB_STATE_QUEUED);
@@ -1574,11 +1581,7 @@ TEST_F(PipelineTest, RanksDoneWithStepsMissingFailTheAttempt) {
 TEST_F(PipelineTest, ResumeAfterFailureStartsAtFirstUncommittedStep) {
   const std::string a = RegisterQ("w-a");
   const std::string id = SubmitGang(1, /*max_attempts=*/1);
-  Plan(id, {a});
-  coordinator_->Tick();
-  auto q = Poll(a);
-  ASSERT_TRUE(Report(a, q, 0)->committed());
-  ASSERT_TRUE(Report(a, q, 1)->committed());
+  auto q = QuantizeCommitting(a, id, 2);
   ASSERT_TRUE(Error(a, q).ok());
   ASSERT_EQ(Get(id).job().state(), mq::v1::JOB_STATE_FAILED);
   mq::v1::ResumeJobRequest r;
@@ -1745,11 +1748,7 @@ TEST_F(PipelineTest, EvaluationAfterFinalizeAndTheGate) {
 TEST_F(PipelineTest, CorruptFileFoundByReplayRestartsFromItsStep) {
   const std::string a = RegisterQ("w-a");
   const std::string id = SubmitGang(1);
-  Plan(id, {a});
-  coordinator_->Tick();
-  auto q = Poll(a);
-  ASSERT_TRUE(Report(a, q, 0)->committed());
-  ASSERT_TRUE(Report(a, q, 1)->committed());
+  auto q = QuantizeCommitting(a, id, 2);
   ASSERT_TRUE(Report(a, q, 2).ok());
   ASSERT_TRUE(Corrupt(a, q, {"layer-10-rank-0.safetensors"}).ok());
   EXPECT_EQ(Get(id).layers_size(), 0);
@@ -1767,11 +1766,7 @@ TEST_F(PipelineTest, CorruptFileFoundByReplayRestartsFromItsStep) {
 TEST_F(PipelineTest, FileDamagedAtItsReadBackUncommitsNothing) {
   const std::string a = RegisterQ("w-a");
   const std::string id = SubmitGang(1);
-  Plan(id, {a});
-  coordinator_->Tick();
-  auto q = Poll(a);
-  ASSERT_TRUE(Report(a, q, 0)->committed());
-  ASSERT_TRUE(Report(a, q, 1)->committed());
+  auto q = QuantizeCommitting(a, id, 2);
   ASSERT_TRUE(Corrupt(a, q, {"layer-12-rank-0.safetensors"}).ok());
   EXPECT_EQ(Get(id).layers_size(), 2);
   EXPECT_EQ(Get(id).job().progress().layers_committed(), 2);
