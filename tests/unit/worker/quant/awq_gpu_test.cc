@@ -36,16 +36,25 @@ TEST(AwqGpuTest, SearchPrimitivesMatchTheCpu) {
     ASSERT_TRUE(cpu.ok() && gpu.ok());
     const at::Tensor differ = (*cpu != gpu->cpu());
     const int64_t n = differ.sum().item<int64_t>();
-    std::printf("%s: %lld of %lld elements differ between CPU and GPU\n",
+    const int64_t groups = w.numel() / 128;
+    const int64_t n_groups = differ.view({w.size(0), -1, 128}).any(-1).sum().item<int64_t>();
+    std::printf("%s: %lld of %lld elements (%lld of %lld groups) differ between CPU and GPU\n",
                 ScaleSearchName(search).c_str(), static_cast<long long>(n),
-                static_cast<long long>(w.numel()));
+                static_cast<long long>(w.numel()), static_cast<long long>(n_groups),
+                static_cast<long long>(groups));
     if (search == ScaleSearch::kMinMax) {
       // Min-max grids (ATen ops on both devices) come out different for about 1% of the
       // elements (measured on an H200: 158,704 of 14,680,064, more than one per group, so whole
-      // groups' scales differ; cause not found yet). The mse grid, the default, matched exactly.
+      // groups' scales differ; cause not found yet).
       EXPECT_LT(n, w.numel() / 50);
     } else {
-      EXPECT_LT(n, w.numel() / 10000);  // candidates whose losses tie may be picked apart
+      // The mse grid kernel sums its losses in another order and with approximate exp/log
+      // (mq/kernels/grid_search.h): a group whose best candidates are a near-tie may get the
+      // other one; the kernel allows 1 in 1000 such groups (grid_search_gpu_test checks that
+      // each is a near-tie). Measured on an H100: 2,449 of the 14,680,064 elements differ.
+      EXPECT_LE(n_groups, groups / 1000);
+      const double e_cpu = SquaredError(*cpu, w), e_gpu = SquaredError(gpu->cpu(), w);
+      EXPECT_NEAR(e_gpu, e_cpu, 1e-4 * e_cpu) << "near-ties change the total error little";
     }
   }
 }
