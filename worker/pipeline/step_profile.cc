@@ -8,7 +8,9 @@
 #include <cstdio>
 #include <map>
 #include <set>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -79,6 +81,97 @@ struct KernelTotals {
     }
   }
 };
+
+// Host-side causes shown per stage.
+constexpr int kIdleTop = 6;
+
+// What the host ran while the device idled inside a stage: idle time and gaps per cause.
+struct IdleCauses {
+  struct Cause {
+    int64_t ns = 0, gaps = 0;
+    int64_t last_gap = -1;
+  };
+  std::map<std::string, Cause> causes;
+  int64_t total_ns = 0, gaps = 0;
+
+  void Add(const std::string& cause, int64_t ns, int64_t gap) {
+    Cause& c = causes[cause];
+    c.ns += ns;
+    if (c.last_gap != gap) ++c.gaps;
+    c.last_gap = gap;
+    total_ns += ns;
+  }
+};
+
+// Text for the segment of an idle gap during which `active` (start, index into `host`) host
+// intervals run: the outermost (earliest start) and the innermost (latest start).
+std::string CauseOf(const std::set<std::pair<int64_t, size_t>>& active,
+                    const std::vector<const ProfiledInterval*>& host) {
+  if (active.empty()) return "(host code outside torch operators and CUDA calls)";
+  const std::string& outer = host[active.begin()->second]->name;
+  const std::string& inner = host[active.rbegin()->second]->name;
+  if (active.size() == 1 || outer == inner) return outer.substr(0, 100);
+  return absl::StrCat(outer.substr(0, 60), " > ", inner.substr(0, 60));
+}
+
+// Per stage (stage_spans sorted and disjoint), the device's idle gaps inside it (its wall time
+// minus `busy`) split at every host interval's start and end, each piece charged to what the
+// host was running then (CauseOf).
+std::map<std::string, IdleCauses> AttributeIdle(
+    const std::vector<ProfiledInterval>& intervals, const std::vector<Span>& busy,
+    const std::vector<std::pair<Span, std::string>>& stage_spans) {
+  struct Gap {
+    int64_t lo, hi;
+    const std::string* stage;
+  };
+  std::vector<Gap> gaps;
+  for (const auto& [span, name] : stage_spans) {
+    int64_t at = span.first;
+    auto it = std::upper_bound(busy.begin(), busy.end(), Span{span.first, INT64_MAX});
+    if (it != busy.begin()) --it;
+    for (; it != busy.end() && it->first < span.second; ++it) {
+      if (it->second <= at) continue;
+      if (it->first > at) gaps.push_back({at, it->first, &name});
+      at = it->second;
+    }
+    if (at < span.second) gaps.push_back({at, span.second, &name});
+  }
+  std::vector<const ProfiledInterval*> host;
+  std::vector<std::pair<int64_t, size_t>> starts, ends;
+  for (const ProfiledInterval& i : intervals) {
+    if (i.kind != ProfiledInterval::Kind::kHost || i.end_ns <= i.start_ns) continue;
+    starts.emplace_back(i.start_ns, host.size());
+    ends.emplace_back(i.end_ns, host.size());
+    host.push_back(&i);
+  }
+  std::sort(starts.begin(), starts.end());
+  std::sort(ends.begin(), ends.end());
+  std::set<std::pair<int64_t, size_t>> active;
+  size_t si = 0, ei = 0;
+  // Applies every start, then every end, at or before t: what remains runs over [t, next).
+  auto advance = [&](int64_t t) {
+    for (; si < starts.size() && starts[si].first <= t; ++si) active.insert(starts[si]);
+    for (; ei < ends.size() && ends[ei].first <= t; ++ei) {
+      active.erase({host[ends[ei].second]->start_ns, ends[ei].second});
+    }
+  };
+  std::map<std::string, IdleCauses> by_stage;
+  for (size_t g = 0; g < gaps.size(); ++g) {
+    IdleCauses& causes = by_stage[*gaps[g].stage];
+    ++causes.gaps;
+    int64_t t = gaps[g].lo;
+    advance(t);
+    while (t < gaps[g].hi) {
+      int64_t next = gaps[g].hi;
+      if (si < starts.size()) next = std::min(next, starts[si].first);
+      if (ei < ends.size()) next = std::min(next, ends[ei].first);
+      causes.Add(CauseOf(active, host), next - t, static_cast<int64_t>(g));
+      t = next;
+      advance(t);
+    }
+  }
+  return by_stage;
+}
 
 }  // namespace
 
@@ -164,6 +257,26 @@ std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int
                     std::min<size_t>(kStageTop, it->second.calls.size()),
                     " largest kernels or copies (share of the stage's kernel time)\n");
     it->second.AppendTop(kStageTop, &out);
+  }
+  // Where the device waited on the host: each stage's idle time by the host calls running then.
+  const std::map<std::string, IdleCauses> idle = AttributeIdle(intervals, busy, stage_spans);
+  for (const std::string& name : order) {
+    auto it = idle.find(name);
+    if (it == idle.end() || it->second.total_ns == 0) continue;
+    const IdleCauses& c = it->second;
+    absl::StrAppend(&out, "\n", name,
+                    absl::StrFormat(": device idle %.3f s in %d gap%s, by what the host ran then "
+                                    "(outermost > innermost call)\n",
+                                    Seconds(c.total_ns), c.gaps, c.gaps == 1 ? "" : "s"));
+    std::vector<std::pair<int64_t, std::string>> ranked;
+    for (const auto& [cause, k] : c.causes) ranked.emplace_back(k.ns, cause);
+    std::sort(ranked.rbegin(), ranked.rend());
+    for (int n = 0; n < kIdleTop && n < static_cast<int>(ranked.size()); ++n) {
+      const auto& [ns, cause] = ranked[n];
+      absl::StrAppend(&out, absl::StrFormat("%10.3f %8d %5.1f%%  %s\n", Seconds(ns),
+                                            c.causes.at(cause).gaps, 100.0 * ns / c.total_ns,
+                                            cause));
+    }
   }
   return out;
 }

@@ -7,8 +7,11 @@
 // summary: per stage its wall time and the time the device was busy inside it (the union of the
 // kernel and copy intervals, so concurrent streams are not counted twice), then the kernels by
 // total device time, then each stage's largest kernels (a kernel belongs to the stage during
-// whose wall time it started). A stage whose device time is far below its wall time waits on
-// the host.
+// whose wall time it started), then each stage's idle device time by what the host was running
+// meanwhile. A stage whose device time is far below its wall time waits on the host; the idle
+// table says on which call: each idle piece is charged to the outermost and innermost host
+// interval running then (a torch operator and, on a GPU, the CUDA runtime call inside it, e.g.
+// "aten::item > cudaStreamSynchronize"), or to host code outside any operator (mq's own).
 //
 // For torch code only (includes ATen; never include together with a .pb.h, DESIGN.md §7).
 // Threading: one profile at a time per process; Start, the marks and Finish on one thread.

@@ -96,6 +96,39 @@ TEST(StepProfileTest, EachStageListsTheKernelsThatStartedInIt) {
   EXPECT_THAT(s.substr(forward), Not(HasSubstr("stray"))) << s;
 }
 
+TEST(StepProfileTest, EachStageChargesItsIdleTimeToTheHostCallsRunningThen) {
+  const std::vector<ProfiledInterval> intervals = {
+      {Kind::kStage, "hessians", 0, 100 * kMs},
+      {Kind::kStage, "solve", 100 * kMs, 200 * kMs},
+      {Kind::kDevice, "gemm", 0, 10 * kMs},
+      {Kind::kDevice, "gemm", 50 * kMs, 80 * kMs},
+      {Kind::kDevice, "gemm", 82 * kMs, 100 * kMs},
+      {Kind::kDevice, "gptq_block", 100 * kMs, 200 * kMs},  // solve: never idle
+      // Gap 10-50 ms: 30 ms in a sync inside aten::item, 5 ms in aten::item after it, 5 ms in
+      // no operator.
+      {Kind::kHost, "aten::item", 5 * kMs, 45 * kMs},
+      {Kind::kHost, "cudaStreamSynchronize", 10 * kMs, 40 * kMs},
+      // Gap 80-82 ms: a sync again, alone, outside the stage's first gap.
+      {Kind::kHost, "cudaStreamSynchronize", 79 * kMs, 90 * kMs},
+      // Host work while the device is busy is no one's idle time.
+      {Kind::kHost, "aten::mm", 150 * kMs, 160 * kMs},
+  };
+  const std::string s = SummarizeProfile(intervals, 10);
+  const size_t at = s.find("\nhessians: device idle 0.042 s in 2 gaps");
+  ASSERT_NE(at, std::string::npos) << s;
+  EXPECT_THAT(s.substr(at), HasSubstr("     0.030        1  71.4%  aten::item > "
+                                      "cudaStreamSynchronize\n"))
+      << s;
+  EXPECT_THAT(s.substr(at), HasSubstr("     0.005        1  11.9%  aten::item\n")) << s;
+  EXPECT_THAT(s.substr(at), HasSubstr("     0.005        1  11.9%  (host code outside torch "
+                                      "operators and CUDA calls)\n"))
+      << s;
+  EXPECT_THAT(s.substr(at), HasSubstr("     0.002        1   4.8%  cudaStreamSynchronize\n"))
+      << s;
+  EXPECT_THAT(s, Not(HasSubstr("solve: device idle"))) << s;
+  EXPECT_THAT(s, Not(HasSubstr("aten::mm"))) << s;
+}
+
 // On a GPU, CUPTI also reports each "mq::" annotation as a device span from its first kernel to its
 // last: it is neither a kernel nor busy time (counted as one, a stage's idle gaps would read as
 // busy, as a 128 x 4096 layer's expert_solve did on an H200: 12.4 s "busy" of 12.4 s wall).
@@ -152,6 +185,9 @@ TEST(StepProfileTest, ProfilesAPipelineStepOnTheCpu) {
   for (const char* stage : {"load", "forward", "solve", "expert_hessians", "expert_solve"}) {
     EXPECT_THAT(summary, HasSubstr(std::string("\n") + stage + " ")) << summary;
   }
+  // No device: every stage's time is idle, charged to the torch operators the step ran.
+  EXPECT_THAT(summary, HasSubstr("\nexpert_solve: device idle ")) << summary;
+  EXPECT_THAT(summary, HasSubstr("aten::")) << summary;
   // Layer 0 was not asked for.
   EXPECT_NE(::access((model + "/mq-profile-job-layer0-rank0.txt").c_str(), F_OK), 0);
   const std::string trace = ReadFile(model + "/mq-profile-job-layer1-rank0-2.json");
