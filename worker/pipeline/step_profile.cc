@@ -273,9 +273,9 @@ std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int
     std::sort(ranked.rbegin(), ranked.rend());
     for (int n = 0; n < kIdleTop && n < static_cast<int>(ranked.size()); ++n) {
       const auto& [ns, cause] = ranked[n];
-      absl::StrAppend(&out, absl::StrFormat("%10.3f %8d %5.1f%%  %s\n", Seconds(ns),
-                                            c.causes.at(cause).gaps, 100.0 * ns / c.total_ns,
-                                            cause));
+      absl::StrAppend(
+          &out, absl::StrFormat("%10.3f %8d %5.1f%%  %s\n", Seconds(ns), c.causes.at(cause).gaps,
+                                100.0 * ns / c.total_ns, cause));
     }
   }
   return out;

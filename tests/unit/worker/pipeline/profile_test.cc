@@ -123,8 +123,7 @@ TEST(StepProfileTest, EachStageChargesItsIdleTimeToTheHostCallsRunningThen) {
   EXPECT_THAT(s.substr(at), HasSubstr("     0.005        1  11.9%  (host code outside torch "
                                       "operators and CUDA calls)\n"))
       << s;
-  EXPECT_THAT(s.substr(at), HasSubstr("     0.002        1   4.8%  cudaStreamSynchronize\n"))
-      << s;
+  EXPECT_THAT(s.substr(at), HasSubstr("     0.002        1   4.8%  cudaStreamSynchronize\n")) << s;
   EXPECT_THAT(s, Not(HasSubstr("solve: device idle"))) << s;
   EXPECT_THAT(s, Not(HasSubstr("aten::mm"))) << s;
 }
