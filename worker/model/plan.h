@@ -159,15 +159,15 @@ inline constexpr int64_t kFallbackDispatchTokens = 65536;
 // Per token and per expert: the steady-state layer (the second of three full-width DeepSeek-V3
 // MoE layers, GPTQ with the TF32 update, the real 512 x 4096 calibration tokens, gang of one,
 // 15 expert passes and 14 dispatch rounds) on one H100 80GB, whose tensor-core throughput an H200
-// shares (forward 3.8 + Hessians 4.0 + propagation 5.0 s over 2,097,152 tokens; solve 7.0 s over
-// 256 experts; bench/RESULTS.md 2026-12-06, "512 x 4096 on one H100").
+// shares (forward 3.6 + Hessians 3.7 + propagation 4.2 s over 2,097,152 tokens; solve 7.6 s over
+// 256 experts; bench/RESULTS.md 2026-12-06, "seventh session").
 inline constexpr double kLoadBytesPerSecond = 8.4e9;      // checkpoint bytes onto the device
 // The same from copies staged in page-locked memory while the layer before computed
 // (worker/pipeline/layer_staging.h; every layer after the first on a GPU): 11.5 GB in 0.28-0.30 s
 // on one H100 (2026-12-06, bench/RESULTS.md), which the H200's PCIe 5 link shares.
 inline constexpr double kStagedLoadBytesPerSecond = 3.8e10;
-inline constexpr double kSecondsPerToken = 6.1e-6;        // forward + Hessians + propagation
-inline constexpr double kSolveSecondsPerExpert = 0.0273;  // batched GPTQ of gate, up and down
+inline constexpr double kSecondsPerToken = 5.5e-6;        // forward + Hessians + propagation
+inline constexpr double kSolveSecondsPerExpert = 0.0297;  // batched GPTQ of gate, up and down
 inline constexpr double kWriteBytesPerSecond = 0.5e9;     // layer file + hidden-state checkpoint
 
 // Hidden-state checkpoints. A rank's checkpoint of step s holds its hidden states after step s
@@ -190,15 +190,15 @@ inline constexpr double kWriteBytesPerSecond = 0.5e9;     // layer file + hidden
 //   replay = T * kSecondsPerToken * kReplayShareOfTokenSeconds   (per replayed step, plus its
 //            load)
 //   resume <= (every - 1) * replay
-// DeepSeek-V3 at 512 x 4096 with GPTQ: every 31 steps on one H200 (write 60 s, layer 19.8 s) and
-// on 8 (write 7.5 s, layer 2.5 s); a resume replays at most 30 steps (~4.4 min on one H200,
-// ~33 s on 8).
+// DeepSeek-V3 at 512 x 4096 with GPTQ: every 32 steps on one H200 (write 60 s, layer 19.1 s) and
+// on 8 (write 7.5 s, layer 2.4 s); a resume replays at most 31 steps (~4.0 min on one H200,
+// ~31 s on 8).
 inline constexpr double kCheckpointShareOfLayer = 0.10;
 // The forward share of kSecondsPerToken: a replayed step runs attention and the experts once
-// with the committed weights (no Hessians). Of the 12.8 s per layer that rate was fitted to
-// (forward 3.8, Hessians 4.0, propagation 5.0 at 512 x 4096 tokens), forward and propagation
-// are 8.8 s.
-inline constexpr double kReplayShareOfTokenSeconds = 8.8 / 12.8;
+// with the committed weights (no Hessians). Of the 11.5 s per layer that rate was fitted to
+// (forward 3.6, Hessians 3.7, propagation 4.2 at 512 x 4096 tokens), forward and propagation
+// are 7.8 s.
+inline constexpr double kReplayShareOfTokenSeconds = 7.8 / 11.5;
 
 struct CheckpointCadence {
   int every = 1;              // steps per checkpoint (see above)

@@ -112,14 +112,17 @@ class FileSetReader {
 };
 
 // Hidden-state checkpoints (the pipeline's scratch files, hidden-step*.safetensors): tensors
-// chunk.0 .. chunk.N-1 with a checksum in the safetensors metadata ("mq_sha256": SHA-256 over the
-// chunks in order, each as its byte count, 8 bytes little-endian, then its bytes).
+// chunk.0 .. chunk.N-1 with checksums in the safetensors metadata ("mq_chunk_sha256": each chunk's
+// SHA-256, hex, comma-separated in chunk order, computed and checked on several threads).
+// Checkpoints of older workers carry "mq_sha256" instead (one SHA-256 over the chunks in order,
+// each as its byte count, 8 bytes little-endian, then its bytes), which is still checked.
 // WriteHiddenCheckpoint writes one atomically (temp + fsync + rename); `chunks` must be named
 // chunk.0 .. chunk.N-1 in order.
 absl::Status WriteHiddenCheckpoint(const std::string& path, std::vector<model::TensorData> chunks);
 // Opens a checkpoint of `num_chunks` chunks and verifies its checksum: NOT_FOUND when there is
-// none; DATA_LOSS naming the file when it is unreadable, has no checksum, lacks a chunk, or its
-// bytes differ from the checksum (a damaged checkpoint must not be used).
+// none; DATA_LOSS naming the file when it is unreadable, has no checksum (or not one per chunk),
+// lacks a chunk, or its bytes differ from the checksum, naming the first chunk that differs (a
+// damaged checkpoint must not be used).
 absl::StatusOr<std::unique_ptr<model::SafetensorsFile>> OpenHiddenCheckpoint(
     const std::string& path, size_t num_chunks);
 

@@ -14,6 +14,7 @@
 #include <sstream>
 #include <string>
 
+#include "common/sha256.h"
 #include "worker/model/tensor_io.h"
 
 namespace mq::pipeline {
@@ -362,12 +363,42 @@ TEST(OutputTest, HiddenCheckpointWithDamagedBytesIsRefused) {
   f = OpenHiddenCheckpoint(path, 3);
   EXPECT_EQ(f.status().code(), absl::StatusCode::kDataLoss) << f.status();
   EXPECT_NE(f.status().message().find(path), std::string::npos) << f.status();
-  EXPECT_NE(f.status().message().find("SHA-256"), std::string::npos) << f.status();
+  EXPECT_NE(f.status().message().find("failed its SHA-256 check in chunk.2"), std::string::npos)
+      << f.status();
   // A checkpoint without a checksum (or with fewer chunks) is not used either.
   ASSERT_TRUE(model::WriteSafetensors(path, chunks).ok());
   EXPECT_EQ(OpenHiddenCheckpoint(path, 3).status().code(), absl::StatusCode::kDataLoss);
   ASSERT_TRUE(WriteHiddenCheckpoint(path, chunks).ok());
   EXPECT_EQ(OpenHiddenCheckpoint(path, 4).status().code(), absl::StatusCode::kDataLoss);
+  // Checksums for another number of chunks than the file holds.
+  ASSERT_TRUE(
+      model::WriteSafetensors(
+          path, chunks, {{"mq_chunk_sha256", std::string(64, '0') + "," + std::string(64, '0')}})
+          .ok());
+  f = OpenHiddenCheckpoint(path, 3);
+  EXPECT_EQ(f.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(f.status().message().find("has 2 chunk checksums for 3 chunks"), std::string::npos)
+      << f.status();
+  // An older worker's checkpoint (one SHA-256 over every chunk's length and bytes) is still read,
+  // and still refused once damaged.
+  Sha256 whole;
+  for (const model::TensorData& c : chunks) {
+    uint8_t len[8];
+    for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(c.size() >> (8 * i));
+    whole.Update(len, sizeof(len));
+    whole.Update(c.data(), c.size());
+  }
+  ASSERT_TRUE(model::WriteSafetensors(path, chunks, {{"mq_sha256", whole.HexDigest()}}).ok());
+  f = OpenHiddenCheckpoint(path, 3);
+  ASSERT_TRUE(f.ok()) << f.status();
+  {
+    std::fstream out(path, std::ios::in | std::ios::out | std::ios::binary);
+    out.seekp(-8192, std::ios::end);
+    out.write("\x01", 1);
+  }
+  f = OpenHiddenCheckpoint(path, 3);
+  EXPECT_EQ(f.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(f.status().message().find("failed its SHA-256 check"), std::string::npos) << f.status();
   // Chunks must be named in order.
   std::swap(chunks[0].name, chunks[1].name);
   EXPECT_EQ(WriteHiddenCheckpoint(path, chunks).code(), absl::StatusCode::kInvalidArgument);
