@@ -1152,9 +1152,22 @@ TEST(PlanJob, PreloadsTheNextLayerWhereTheDeviceHasRoom) {
     EXPECT_EQ(chosen.estimate.expert_passes == 1 && chosen.estimate.dispatch_rounds == 1, gang == 8)
         << gang;
     EXPECT_LE(chosen.estimate.gpu_bytes_per_rank, kH200 * (1 - kDeviceMemoryMargin)) << gang;
-    // The projection README.md quotes (DeepSeek-V3, 512 x 4096, GPTQ, H200s).
-    std::cout << "projected on " << gang << " H200: " << chosen.estimate.seconds_per_layer
-              << " s a layer, " << chosen.estimate.total_seconds << " s\n";
+    // The projections README.md quotes (512 x 4096, GPTQ, H200s): DeepSeek-V3, then Kimi-K2's
+    // dimensions (384 experts, 64 heads, one dense layer, its vocabulary).
+    DeepseekV3Config kimi = c;
+    kimi.model_type = "kimi_k2";
+    kimi.n_routed_experts = 384;
+    kimi.num_attention_heads = kimi.num_key_value_heads = 64;
+    kimi.first_k_dense_replace = 1;
+    kimi.n_group = kimi.topk_group = 1;
+    kimi.vocab_size = 163840;
+    const JobPlan k2 = PlanJob(kimi, request, IdealFp8(kimi));
+    for (const auto& [name, p] : {std::pair{"DeepSeek-V3", &chosen}, std::pair{"Kimi-K2", &k2}}) {
+      std::cout << "projected: " << name << " on " << gang << " H200: "
+                << p->estimate.seconds_per_layer << " s a layer, " << p->estimate.total_seconds
+                << " s\n";
+    }
+    EXPECT_GT(k2.estimate.total_seconds, chosen.estimate.total_seconds) << gang;
   }
   request.experts_per_pass = 16;
   request.dispatch_tokens = 65536;
