@@ -1163,9 +1163,9 @@ TEST(PlanJob, PreloadsTheNextLayerWhereTheDeviceHasRoom) {
     kimi.vocab_size = 163840;
     const JobPlan k2 = PlanJob(kimi, request, IdealFp8(kimi));
     for (const auto& [name, p] : {std::pair{"DeepSeek-V3", &chosen}, std::pair{"Kimi-K2", &k2}}) {
-      std::cout << "projected: " << name << " on " << gang << " H200: "
-                << p->estimate.seconds_per_layer << " s a layer, " << p->estimate.total_seconds
-                << " s\n";
+      std::cout << "projected: " << name << " on " << gang
+                << " H200: " << p->estimate.seconds_per_layer << " s a layer, "
+                << p->estimate.total_seconds << " s\n";
     }
     EXPECT_GT(k2.estimate.total_seconds, chosen.estimate.total_seconds) << gang;
   }
