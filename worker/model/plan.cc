@@ -602,9 +602,9 @@ JobPlan PlanJob(const DeepseekV3Config& config, const InspectRequest& request,
     total += std::max(compute, previous_write);
     const bool checkpoint =
         IsCheckpointStep(static_cast<int>(i), static_cast<int>(plan.layers.size()), cadence.every);
-    previous_write = (static_cast<double>(lp.output_bytes) / gang +
-                      (checkpoint ? static_cast<double>(cadence.bytes) : 0.0)) /
-                     kWriteBytesPerSecond;
+    previous_write =
+        static_cast<double>(lp.output_bytes) / gang / kWriteBytesPerSecond +
+        (checkpoint ? static_cast<double>(cadence.bytes) / kCheckpointWriteBytesPerSecond : 0.0);
   }
   total += previous_write;
   est.total_seconds = plan.layers.empty() ? 0 : total;
@@ -622,7 +622,7 @@ CheckpointCadence ChooseCheckpointCadence(int64_t tokens, int64_t hidden_size, i
   CheckpointCadence c;
   const int most = std::max(1, steps);
   c.bytes = SatMul({std::max<int64_t>(0, tokens), std::max<int64_t>(0, hidden_size), 2});
-  c.write_seconds = static_cast<double>(c.bytes) / kWriteBytesPerSecond;
+  c.write_seconds = static_cast<double>(c.bytes) / kCheckpointWriteBytesPerSecond;
   c.layer_seconds = static_cast<double>(std::max<int64_t>(0, tokens)) * kSecondsPerToken +
                     static_cast<double>(std::max<int64_t>(0, experts)) * kSolveSecondsPerExpert;
   c.replay_seconds =

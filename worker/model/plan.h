@@ -168,7 +168,11 @@ inline constexpr double kLoadBytesPerSecond = 8.4e9;      // checkpoint bytes on
 inline constexpr double kStagedLoadBytesPerSecond = 3.8e10;
 inline constexpr double kSecondsPerToken = 5.5e-6;        // forward + Hessians + propagation
 inline constexpr double kSolveSecondsPerExpert = 0.0297;  // batched GPTQ of gate, up and down
-inline constexpr double kWriteBytesPerSecond = 0.5e9;     // layer file + hidden-state checkpoint
+inline constexpr double kWriteBytesPerSecond = 0.5e9;  // a layer file (SHA-256, fsync, read back)
+// A hidden-state checkpoint: per-chunk SHA-256 on 8 threads, write, fsync (mq-bench-checkpoint:
+// 15.03 GB in 8.74 s on one H100 machine's disk, 2026-12-06; one SHA-256 on one core took 10.9 s
+// of that before).
+inline constexpr double kCheckpointWriteBytesPerSecond = 1.7e9;
 
 // Hidden-state checkpoints. A rank's checkpoint of step s holds its hidden states after step s
 // (bf16, tokens(r) * H * 2 bytes: ~30 GB for DeepSeek-V3 at 512 x 4096 on one rank). They are
@@ -181,7 +185,7 @@ inline constexpr double kWriteBytesPerSecond = 0.5e9;     // layer file + hidden
 // a peer lost between its own and that report leaves a resume only the embeddings): at most two
 // per rank are on disk at once.
 // Cost model, for the rank with the most tokens (T) and routed experts (X, 0 without MoE layers):
-//   write  = T * H * 2 / kWriteBytesPerSecond                (seconds to write one checkpoint)
+//   write  = T * H * 2 / kCheckpointWriteBytesPerSecond      (seconds to write one checkpoint)
 //   layer  = T * kSecondsPerToken + X * kSolveSecondsPerExpert   (a layer's compute without its
 //            load, so the share below errs toward fewer checkpoints)
 //   every  = the smallest K >= 1 with write / K <= kCheckpointShareOfLayer * layer, at most the
@@ -190,10 +194,13 @@ inline constexpr double kWriteBytesPerSecond = 0.5e9;     // layer file + hidden
 //   replay = T * kSecondsPerToken * kReplayShareOfTokenSeconds   (per replayed step, plus its
 //            load)
 //   resume <= (every - 1) * replay
-// DeepSeek-V3 at 512 x 4096 with GPTQ: every 32 steps on one H200 (write 60 s, layer 19.1 s) and
-// on 8 (write 7.5 s, layer 2.4 s); a resume replays at most 31 steps (~4.0 min on one H200,
-// ~31 s on 8).
-inline constexpr double kCheckpointShareOfLayer = 0.10;
+// DeepSeek-V3 at 512 x 4096 with GPTQ: every 31 steps on one H200 (write 17.7 s, layer 19.1 s)
+// and on 8 (write 2.2 s, layer 2.4 s); a resume replays at most 30 steps (~3.9 min on one H200,
+// ~29 s on 8). The share bounds what checkpoints add to a job (at most 3% of its layers' time,
+// less where the layer's compute hides the write) against what a resume replays: with 10%, the
+// same write would checkpoint every 10 layers and add ~60 s to a one-GPU DeepSeek-V3 job to save
+// replaying at most 21 more layers after a crash.
+inline constexpr double kCheckpointShareOfLayer = 0.03;
 // The forward share of kSecondsPerToken: a replayed step runs attention and the experts once
 // with the committed weights (no Hessians). Of the 11.5 s per layer that rate was fitted to
 // (forward 3.6, Hessians 3.7, propagation 4.2 at 512 x 4096 tokens), forward and propagation
@@ -343,8 +350,8 @@ bool IsCheckpointStep(int step, int steps, int every);
 //             kStagedLoadBytesPerSecond on a GPU, and not at all with preload: they load while
 //             the layer before solves) + tokens(r) * kSecondsPerToken
 //             + experts(r) * kSolveSecondsPerExpert (MoE layers)
-//   write   = (output_bytes / gang + (the layer's step writes a checkpoint ? tokens(r) * H * 2
-//             : 0)) / kWriteBytesPerSecond
+//   write   = output_bytes / gang / kWriteBytesPerSecond + (the layer's step writes a
+//             checkpoint ? tokens(r) * H * 2 / kCheckpointWriteBytesPerSecond : 0)
 // A layer's write overlaps the next layer's compute: total_seconds = sum over layers of
 // max(compute, write of the layer before) + the last layer's write; seconds_per_layer =
 // total_seconds / layers. A projection for one H200 per rank and GPTQ: other cards, methods,
