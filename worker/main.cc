@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
             "layers per hidden-state checkpoint in the scratch directory (tokens x hidden x 2 "
             "bytes each, ~30 GB per rank for DeepSeek-V3 at 512 x 4096): a resumed job replays at "
             "most this many minus one committed layers (default 0: the smallest count that keeps "
-            "checkpoint writes within 10% of a layer's time; at least the job's layer count: "
+            "checkpoint writes within 3% of a layer's time; at least the job's layer count: "
             "none)");
   flags.Int("cpu-threads", &cpu_threads,
             "threads for host-side tensor work (default 0: 4 with a CUDA device, so that one "
