@@ -3,7 +3,8 @@
 # machine (device tool; carry [".device"]).   command: bash bench/run_gpu_tests.sh
 # Only the gpu tests' targets are built, so the service's libraries are shared with
 # bench/run_layer_quant_gpu.sh in the same call (give that MQ_EXTRA_CMAKE_ARGS=-DMQ_BUILD_TESTS=ON
-# so the cache is not reconfigured). Logs: $OUT/gpu-tests*.log; exit status: ctest's.
+# so the cache is not reconfigured). Logs: $OUT/gpu-tests.log (and the configure or build log when
+# that step fails); exit status: ctest's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/mq-gpu-out}"
@@ -19,6 +20,9 @@ mapfile -t TARGETS < <(ctest --test-dir $B -N -L gpu | sed -n 's/^ *Test *#[0-9]
 cmake --build $B -j 16 --target "${TARGETS[@]}" > "$OUT/gpu-tests-build.log" 2>&1 \
   || { grep -E "error" -A5 "$OUT/gpu-tests-build.log" | head -60; exit 1; }
 echo "[$(( $(date +%s) - T0 ))s] built ${#TARGETS[@]} gpu tests: ${TARGETS[*]}"
+# The device tool brings back at most 8 files from $OUT: the configure and build logs only
+# matter when those steps fail, so they go once both succeeded.
+rm -f "$OUT/gpu-tests-configure.log" "$OUT/gpu-tests-build.log"
 ctest --test-dir $B -L gpu --output-on-failure --timeout 300 > "$OUT/gpu-tests.log" 2>&1
 rc=$?
 grep -E "Test +#|tests passed|tests failed|Failed|FAILED" "$OUT/gpu-tests.log" | head -40
