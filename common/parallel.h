@@ -2,6 +2,8 @@
 // S3 client, the worker's model readers and its output code).
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <system_error>
 #include <thread>
@@ -25,6 +27,16 @@ void RunOnThreads(size_t threads, const Work& work) {
   }
   work();
   for (std::thread& t : started) t.join();
+}
+
+// Calls fn(i) once for every i in [0, count), on up to `threads` threads (RunOnThreads), each
+// thread taking the next index until none is left; returns once every call has returned.
+template <typename Fn>
+void ForEachIndexOnThreads(size_t count, size_t threads, const Fn& fn) {
+  std::atomic<size_t> next{0};
+  RunOnThreads(std::min(count, threads), [&] {
+    for (size_t i = next++; i < count; i = next++) fn(i);
+  });
 }
 
 }  // namespace mq

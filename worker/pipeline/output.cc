@@ -7,7 +7,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <climits>
 #include <cstdio>
@@ -83,8 +82,9 @@ absl::Status FsyncDir(const std::string& dir) {
   return absl::OkStatus();
 }
 
-// Threads that hash committed files at once when they are verified (VerifyFiles).
-constexpr size_t kVerifyThreads = 8;
+// Threads that hash at once: committed files when they are verified (VerifyFiles), the chunks
+// of a hidden-state checkpoint. One thread hashes about 1-2 GB/s.
+constexpr size_t kHashThreads = 8;
 
 // SHA-256 of `dir`/`f.name` against the record: "" when it matches, else what differs.
 std::string HashProblem(const std::string& dir, const OutputFileInfo& f) {
@@ -279,13 +279,8 @@ absl::Status VerifyFiles(const std::string& dir, const std::vector<OutputFileInf
   if (counts) *counts = c;
   // Several files at a time: one thread hashes about 1 GB/s, and a whole model's output is
   // hundreds of GiB.
-  std::atomic<size_t> next{0};
-  auto hash = [&] {
-    for (size_t k = next++; k < hashed.size(); k = next++) {
-      problem[hashed[k]] = HashProblem(dir, files[hashed[k]]);
-    }
-  };
-  RunOnThreads(std::min<size_t>(hashed.size(), kVerifyThreads), hash);
+  ForEachIndexOnThreads(hashed.size(), kHashThreads,
+                        [&](size_t k) { problem[hashed[k]] = HashProblem(dir, files[hashed[k]]); });
   std::vector<std::string> bad, problems;
   for (size_t i = 0; i < files.size(); ++i) {
     if (problem[i].empty()) continue;
@@ -411,11 +406,10 @@ absl::StatusOr<model::TensorView> FileSetReader::Get(const std::string& name) co
 namespace {
 
 // Checkpoints carry one SHA-256 per chunk (comma-separated, chunk order), computed on up to
-// kChunkHashThreads threads: one digest over 30 GB would take one core ~15 s. Older workers'
+// kHashThreads threads: one digest over 30 GB would take one core ~15 s. Older workers'
 // checkpoints carry one digest over all chunks (kCheckpointDigestKey), still accepted.
 constexpr char kCheckpointChunkDigestsKey[] = "mq_chunk_sha256";
 constexpr char kCheckpointDigestKey[] = "mq_sha256";
-constexpr size_t kChunkHashThreads = 8;
 
 void HashChunk(Sha256& h, const uint8_t* data, uint64_t size) {
   uint8_t len[8];
@@ -426,16 +420,13 @@ void HashChunk(Sha256& h, const uint8_t* data, uint64_t size) {
 
 using ChunkBytes = std::pair<const uint8_t*, uint64_t>;
 
-// SHA-256 (hex) of each chunk's bytes, spread over up to kChunkHashThreads threads.
+// SHA-256 (hex) of each chunk's bytes, spread over up to kHashThreads threads.
 std::vector<std::string> ChunkDigests(const std::vector<ChunkBytes>& chunks) {
   std::vector<std::string> out(chunks.size());
-  std::atomic<size_t> next{0};
-  RunOnThreads(std::min(kChunkHashThreads, chunks.size()), [&] {
-    for (size_t i = next++; i < chunks.size(); i = next++) {
-      Sha256 h;
-      h.Update(chunks[i].first, chunks[i].second);
-      out[i] = h.HexDigest();
-    }
+  ForEachIndexOnThreads(chunks.size(), kHashThreads, [&](size_t i) {
+    Sha256 h;
+    h.Update(chunks[i].first, chunks[i].second);
+    out[i] = h.HexDigest();
   });
   return out;
 }
