@@ -57,19 +57,22 @@ double Seconds(int64_t ns) { return static_cast<double>(ns) * 1e-9; }
 // Kernels or copies listed per stage.
 constexpr int kStageTop = 8;
 
-// Calls and device time per kernel or copy name.
-struct KernelTotals {
-  std::map<std::string, std::pair<int64_t, int64_t>> calls;  // name -> calls, total ns
+// Count and time per name: calls and device time per kernel or copy, or gaps and idle time per
+// host cause.
+struct NamedTotals {
+  std::map<std::string, std::pair<int64_t, int64_t>> calls;  // name -> count, total ns
   int64_t total_ns = 0;
 
-  void Add(const ProfiledInterval& i) {
-    auto& k = calls[i.name];
-    ++k.first;
-    k.second += i.end_ns - i.start_ns;
-    total_ns += i.end_ns - i.start_ns;
+  void Add(const ProfiledInterval& i) { Add(i.name, 1, i.end_ns - i.start_ns); }
+  void Add(const std::string& name, int64_t count, int64_t ns) {
+    auto& k = calls[name];
+    k.first += count;
+    k.second += ns;
+    total_ns += ns;
   }
-  // The `top` names by total time: seconds, calls, share of total_ns, name.
-  void AppendTop(int top, std::string* out) const {
+  // The `top` names by total time: seconds, count, share of total_ns, name (its first
+  // `width` characters).
+  void AppendTop(int top, std::string* out, size_t width = 100) const {
     std::vector<std::pair<int64_t, std::string>> ranked;
     for (const auto& [name, k] : calls) ranked.emplace_back(k.second, name);
     std::sort(ranked.rbegin(), ranked.rend());
@@ -77,7 +80,7 @@ struct KernelTotals {
       const auto& [ns, name] = ranked[n];
       absl::StrAppend(
           out, absl::StrFormat("%10.3f %8d %5.1f%%  %s\n", Seconds(ns), calls.at(name).first,
-                               total_ns > 0 ? 100.0 * ns / total_ns : 0.0, name.substr(0, 100)));
+                               total_ns > 0 ? 100.0 * ns / total_ns : 0.0, name.substr(0, width)));
     }
   }
 };
@@ -87,19 +90,15 @@ constexpr int kIdleTop = 6;
 
 // What the host ran while the device idled inside a stage: idle time and gaps per cause.
 struct IdleCauses {
-  struct Cause {
-    int64_t ns = 0, gaps = 0;
-    int64_t last_gap = -1;
-  };
-  std::map<std::string, Cause> causes;
-  int64_t total_ns = 0, gaps = 0;
+  NamedTotals causes;                       // cause -> gaps it appears in, idle ns
+  std::map<std::string, int64_t> last_gap;  // cause -> the last gap counted for it
+  int64_t gaps = 0;
 
   void Add(const std::string& cause, int64_t ns, int64_t gap) {
-    Cause& c = causes[cause];
-    c.ns += ns;
-    if (c.last_gap != gap) ++c.gaps;
-    c.last_gap = gap;
-    total_ns += ns;
+    auto [it, fresh] = last_gap.try_emplace(cause, gap);
+    const bool new_gap = fresh || it->second != gap;
+    it->second = gap;
+    causes.Add(cause, new_gap ? 1 : 0, ns);
   }
 };
 
@@ -238,8 +237,8 @@ std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int
     --it;
     return start < it->first.second ? &it->second : nullptr;
   };
-  KernelTotals all;
-  std::map<std::string, KernelTotals> by_stage;
+  NamedTotals all;
+  std::map<std::string, NamedTotals> by_stage;
   for (const ProfiledInterval& i : intervals) {
     if (i.kind != ProfiledInterval::Kind::kDevice) continue;
     all.Add(i);
@@ -262,21 +261,13 @@ std::string SummarizeProfile(const std::vector<ProfiledInterval>& intervals, int
   const std::map<std::string, IdleCauses> idle = AttributeIdle(intervals, busy, stage_spans);
   for (const std::string& name : order) {
     auto it = idle.find(name);
-    if (it == idle.end() || it->second.total_ns == 0) continue;
+    if (it == idle.end() || it->second.causes.total_ns == 0) continue;
     const IdleCauses& c = it->second;
     absl::StrAppend(&out, "\n", name,
                     absl::StrFormat(": device idle %.3f s in %d gap%s, by what the host ran then "
                                     "(outermost > innermost call)\n",
-                                    Seconds(c.total_ns), c.gaps, c.gaps == 1 ? "" : "s"));
-    std::vector<std::pair<int64_t, std::string>> ranked;
-    for (const auto& [cause, k] : c.causes) ranked.emplace_back(k.ns, cause);
-    std::sort(ranked.rbegin(), ranked.rend());
-    for (int n = 0; n < kIdleTop && n < static_cast<int>(ranked.size()); ++n) {
-      const auto& [ns, cause] = ranked[n];
-      absl::StrAppend(
-          &out, absl::StrFormat("%10.3f %8d %5.1f%%  %s\n", Seconds(ns), c.causes.at(cause).gaps,
-                                100.0 * ns / c.total_ns, cause));
-    }
+                                    Seconds(c.causes.total_ns), c.gaps, c.gaps == 1 ? "" : "s"));
+    c.causes.AppendTop(kIdleTop, &out, std::string::npos);  // CauseOf bounds its text
   }
   return out;
 }
