@@ -160,7 +160,7 @@ inline constexpr int64_t kFallbackDispatchTokens = 65536;
 // MoE layers, GPTQ with the TF32 update, the real 512 x 4096 calibration tokens, gang of one,
 // 15 expert passes and 14 dispatch rounds) on one H100 80GB, whose tensor-core throughput an H200
 // shares (forward 3.6 + Hessians 3.7 + propagation 4.2 s over 2,097,152 tokens; solve 7.6 s over
-// 256 experts; bench/RESULTS.md 2026-12-06, "seventh session").
+// 256 experts; bench/RESULTS.md, "The fifth session's changes measured", machine D).
 inline constexpr double kLoadBytesPerSecond = 8.4e9;      // checkpoint bytes onto the device
 // The same from copies staged in page-locked memory while the layer before computed
 // (worker/pipeline/layer_staging.h; every layer after the first on a GPU): 11.5 GB in 0.28-0.30 s
