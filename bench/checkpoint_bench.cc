@@ -7,6 +7,12 @@
 //   checkpoint open     OpenHiddenCheckpoint after posix_fadvise DONTNEED (a resume's read and
 //                       check, from the disk)
 //   plain write         the same bytes through WriteSafetensors without checksums (the disk alone)
+// and what a layer file of DeepSeek-V3's size (the first chunks that make >= 5.8 GB: a layer's
+// packed experts on one rank) costs the write thread:
+//   layer write         WriteDescribedSafetensors with read-back ranges (whole-file SHA-256 on
+//                       one thread, the ranges' on others, while the file is written and fsynced)
+//   read back, ranges   ReadBackCommitted with those ranges (several threads, from the disk)
+//   read back, whole    ReadBackCommitted without them (one SHA-256 over the file, from the disk)
 // One file on disk at a time (DIR needs CHUNKS x TOKENS x HIDDEN x 2 bytes free).
 //
 // usage: mq-bench-checkpoint DIR [CHUNKS=128] [TOKENS=16384] [HIDDEN=7168]
@@ -109,5 +115,32 @@ int main(int argc, char** argv) {
   }
   Report("plain write", Now() - t, bytes);
   ::unlink(path.c_str());
+
+  std::vector<at::Tensor> layer;
+  double layer_bytes = 0;
+  for (size_t i = 0; i < chunks.size() && layer_bytes < 5.8e9; ++i) {
+    layer.push_back(chunks[i]);
+    layer_bytes += static_cast<double>(chunks[i].nbytes());
+  }
+  mq::pipeline::ReadBackRanges ranges;
+  t = Now();
+  absl::StatusOr<mq::pipeline::OutputFileInfo> info = mq::pipeline::WriteDescribedSafetensors(
+      dir, "mq-bench-layer.safetensors", Views(layer), &ranges);
+  if (!info.ok()) {
+    std::fprintf(stderr, "layer write: %s\n", info.status().ToString().c_str());
+    return 1;
+  }
+  Report("layer write", Now() - t, layer_bytes);
+  t = Now();
+  s = mq::pipeline::ReadBackCommitted(dir, &*info, &ranges);
+  Report("read back, ranges", Now() - t, layer_bytes);
+  t = Now();
+  if (s.ok()) s = mq::pipeline::ReadBackCommitted(dir, &*info);
+  Report("read back, whole", Now() - t, layer_bytes);
+  ::unlink((dir + "/" + info->name).c_str());
+  if (!s.ok()) {
+    std::fprintf(stderr, "read back: %s\n", s.ToString().c_str());
+    return 1;
+  }
   return 0;
 }

@@ -4,6 +4,7 @@
 #include <openssl/evp.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <vector>
@@ -69,6 +70,25 @@ absl::StatusOr<std::string> Sha256OfOpenFile(int fd, const std::string& path) {
     if (r < 0) return absl::InternalError(absl::StrCat("read ", path, ": ", std::strerror(errno)));
     if (r == 0) break;
     h.Update(buf.data(), static_cast<size_t>(r));
+  }
+  return h.HexDigest();
+}
+
+absl::StatusOr<std::string> Sha256OfFileRange(int fd, uint64_t offset, uint64_t size,
+                                              const std::string& path) {
+  Sha256 h;
+  std::vector<char> buf(std::min<uint64_t>(size, 1 << 22));
+  for (uint64_t at = offset, end = offset + size; at < end;) {
+    const ssize_t r =
+        ::pread(fd, buf.data(), std::min<uint64_t>(buf.size(), end - at), static_cast<off_t>(at));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return absl::InternalError(absl::StrCat("read ", path, ": ", std::strerror(errno)));
+    if (r == 0) {
+      return absl::OutOfRangeError(
+          absl::StrCat(path, " ends at byte ", at, ", before byte ", end, " of the range read"));
+    }
+    h.Update(buf.data(), static_cast<size_t>(r));
+    at += static_cast<uint64_t>(r);
   }
   return h.HexDigest();
 }

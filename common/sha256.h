@@ -21,6 +21,11 @@ std::string Sha256Hex(std::string_view data);
 absl::StatusOr<std::string> Sha256OfFile(const std::string& path);
 // Same, of an open file read from its current offset to the end; `path` only names it in errors.
 absl::StatusOr<std::string> Sha256OfOpenFile(int fd, const std::string& path);
+// Same, of `size` bytes from `offset` (pread: the file offset is not moved, so several threads
+// may hash ranges of one open file at once). OUT_OF_RANGE naming the path when the file ends
+// before offset + size.
+absl::StatusOr<std::string> Sha256OfFileRange(int fd, uint64_t offset, uint64_t size,
+                                              const std::string& path);
 
 // An incremental SHA-256: Update any number of times, then HexDigest once.
 class Sha256 {

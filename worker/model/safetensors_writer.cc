@@ -262,7 +262,7 @@ absl::Status WriteSafetensors(const std::string& path, std::vector<TensorData> t
 
 absl::Status WriteSafetensorsObserved(const std::string& path, std::vector<TensorData> tensors,
                                       const std::map<std::string, std::string>& metadata,
-                                      const ByteObserver& observe) {
+                                      const FileObserver& observe) {
   std::set<std::string_view> names;
   for (size_t i = 0; i < tensors.size(); ++i) {
     if (absl::Status status = CheckTensor(tensors[i], i); !status.ok()) return status;
@@ -325,9 +325,10 @@ absl::Status WriteSafetensorsObserved(const std::string& path, std::vector<Tenso
   std::thread observer;
   if (observe) {
     observer = std::thread([&] {
-      observe(length_le, sizeof(length_le));
-      observe(header.data(), header.size());
-      for (const TensorData& t : tensors) observe(t.data(), t.size());
+      std::vector<FilePiece> pieces = {{length_le, sizeof(length_le)},
+                                       {header.data(), header.size()}};
+      for (const TensorData& t : tensors) pieces.push_back({t.data(), t.size()});
+      observe(pieces);
     });
   }
   absl::Status status = CommitAtomic(path, [&](int fd, const std::string& tmp) -> absl::Status {

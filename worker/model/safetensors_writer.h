@@ -56,16 +56,22 @@ absl::Status WriteSafetensors(const std::string& path, std::vector<TensorData> t
                               const std::map<std::string, std::string>& metadata = {
                                   {"format", "pt"}});
 
-// Receives the bytes of a file being written, in file order, in pieces.
-using ByteObserver = std::function<void(const void* data, size_t size)>;
+// One contiguous piece of a file being written: `size` bytes at `data`.
+struct FilePiece {
+  const void* data = nullptr;
+  size_t size = 0;
+};
+// Receives every byte of a file being written, as its pieces in file order, in one call; the
+// pieces stay valid until it returns.
+using FileObserver = std::function<void(const std::vector<FilePiece>& pieces)>;
 
-// WriteSafetensors that also hands every byte of the file, in order, to `observe` — called on a
-// second thread while this one writes and fsyncs, so a digest of the file (e.g. its SHA-256)
-// costs neither an extra read nor extra wall time. `observe` has seen the whole file when this
-// returns OK (on an error it may have seen part of it).
+// WriteSafetensors that also hands the file's bytes to `observe` — called once, on a second
+// thread, while this one writes and fsyncs, so digests of the file (e.g. its SHA-256) cost
+// neither an extra read nor extra wall time. `observe` has returned when this returns (OK or
+// not); on an error the file may not exist.
 absl::Status WriteSafetensorsObserved(const std::string& path, std::vector<TensorData> tensors,
                                       const std::map<std::string, std::string>& metadata,
-                                      const ByteObserver& observe);
+                                      const FileObserver& observe);
 
 // Returns `json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map},
 // indent=2, sort_keys=True) + "\n"` byte for byte (ensure_ascii: non-ASCII and control

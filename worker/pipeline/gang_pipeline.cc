@@ -1011,12 +1011,14 @@ absl::Status Runner::WriteStep(StepWrite w) {
   }
   if (!w.tensors.empty()) {
     const std::string name = LayerFileName(w.out.layer, gang_.rank(), gang_.size());
+    ReadBackRanges ranges;
     absl::StatusOr<OutputFileInfo> info =
-        WriteDescribedSafetensors(o_.output_dir, name, std::move(w.tensors));
+        WriteDescribedSafetensors(o_.output_dir, name, std::move(w.tensors), &ranges);
     if (!info.ok()) return info.status();
     // Read back from the storage now, beside the next layer, so that finalization need not
-    // read it again (VerifyFiles trusts an unchanged stamp).
-    MQ_RETURN_IF_ERROR(ReadBackCommitted(o_.output_dir, &*info));
+    // read it again (VerifyFiles trusts an unchanged stamp); range by range on several threads,
+    // since the last layer's read-back is on the job's critical path.
+    MQ_RETURN_IF_ERROR(ReadBackCommitted(o_.output_dir, &*info, &ranges));
     w.out.files.push_back(*std::move(info));
   }
   // A checkpoint only shortens a resume: one that cannot be written (a full scratch disk) is

@@ -212,7 +212,51 @@ std::vector<std::string> CorruptFilesOf(const absl::Status& status) {
   return files;
 }
 
-absl::Status ReadBackCommitted(const std::string& dir, OutputFileInfo* f) {
+namespace {
+
+size_t RangeCount(int64_t size, int64_t range_bytes) {
+  return static_cast<size_t>((size + range_bytes - 1) / range_bytes);
+}
+
+// Feeds bytes [begin, end) of the file that `pieces` make up to `h`.
+void HashFileRange(const std::vector<model::FilePiece>& pieces, uint64_t begin, uint64_t end,
+                   Sha256& h) {
+  uint64_t at = 0;
+  for (const model::FilePiece& p : pieces) {
+    const uint64_t lo = std::max(begin, at), hi = std::min<uint64_t>(end, at + p.size);
+    if (lo < hi) h.Update(static_cast<const uint8_t*>(p.data) + (lo - at), hi - lo);
+    at += p.size;
+    if (at >= end) break;
+  }
+}
+
+// The read-back of an open file of f.size bytes, range by range on several threads: "" when
+// every range has its recorded digest, else what differs in the first range that does not.
+std::string RangeProblem(int fd, const std::string& path, const OutputFileInfo& f,
+                         const ReadBackRanges& ranges) {
+  const uint64_t step = static_cast<uint64_t>(ranges.range_bytes);
+  std::vector<std::string> problem(ranges.sha256.size());
+  ForEachIndexOnThreads(ranges.sha256.size(), kHashThreads, [&](size_t i) {
+    const uint64_t begin = i * step, end = std::min<uint64_t>(f.size, begin + step);
+    absl::StatusOr<std::string> sha = Sha256OfFileRange(fd, begin, end - begin, path);
+    if (!sha.ok()) {
+      problem[i] = std::string(sha.status().message());
+    } else if (*sha != ranges.sha256[i]) {
+      problem[i] = absl::StrCat("bytes [", begin, ", ", end, ") of its ", f.size,
+                                " read back with SHA-256 ", sha->substr(0, 16), "..., but ",
+                                ranges.sha256[i].substr(0, 16), "... were written there");
+    }
+  });
+  for (std::string& p : problem) {
+    if (!p.empty()) return std::move(p);
+  }
+  return "";
+}
+
+}  // namespace
+
+absl::Status ReadBackCommitted(const std::string& dir, OutputFileInfo* f,
+                               const ReadBackRanges* ranges) {
   const std::string path = dir + "/" + f->name;
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
@@ -224,7 +268,15 @@ absl::Status ReadBackCommitted(const std::string& dir, OutputFileInfo* f) {
   ::fstat(fd, &before);
   // Written and synced, so its pages are clean: dropped, they are read from the storage again.
   ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-  absl::StatusOr<std::string> sha = Sha256OfOpenFile(fd, path);
+  const bool by_range = ranges != nullptr && ranges->range_bytes > 0 && before.st_size == f->size &&
+                        ranges->sha256.size() == RangeCount(f->size, ranges->range_bytes);
+  absl::StatusOr<std::string> sha = std::string();
+  std::string differs;
+  if (by_range) {
+    differs = RangeProblem(fd, path, *f, *ranges);
+  } else {
+    sha = Sha256OfOpenFile(fd, path);
+  }
   ::fstat(fd, &after);
   ::close(fd);
   if (!sha.ok()) return CorruptFilesError(std::string(sha.status().message()), {f->name});
@@ -233,13 +285,15 @@ absl::Status ReadBackCommitted(const std::string& dir, OutputFileInfo* f) {
     return CorruptFilesError(
         absl::StrCat("the committed file ", path, " changed while it was read back"), {f->name});
   }
-  if (after.st_size != f->size || *sha != f->sha256) {
-    return CorruptFilesError(
-        absl::StrCat("the committed file ", path, " reads back as ", after.st_size,
-                     " bytes with SHA-256 ", sha->substr(0, 16), "..., but ", f->size,
-                     " bytes with SHA-256 ", f->sha256.substr(0, 16),
-                     "... were written (damaged by the storage, or changed outside mq)"),
-        {f->name});
+  if (!by_range && (after.st_size != f->size || *sha != f->sha256)) {
+    differs =
+        absl::StrCat(after.st_size, " bytes with SHA-256 ", sha->substr(0, 16), "..., but ",
+                     f->size, " bytes with SHA-256 ", f->sha256.substr(0, 16), "... were written");
+  }
+  if (!differs.empty()) {
+    return CorruptFilesError(absl::StrCat("the committed file ", path, " reads back as ", differs,
+                                          " (damaged by the storage, or changed outside mq)"),
+                             {f->name});
   }
   // File times come from the kernel's coarse clock (a tick, 1-10 ms): a change made in the same
   // tick as the commit would keep the stamp. Once that clock has passed the stamp's times, any
@@ -325,16 +379,35 @@ absl::StatusOr<OutputFileInfo> DescribeFile(const std::string& dir, const std::s
 
 absl::StatusOr<OutputFileInfo> WriteDescribedSafetensors(const std::string& dir,
                                                          const std::string& name,
-                                                         std::vector<model::TensorData> tensors) {
-  Sha256 hash;
-  int64_t size = 0;
+                                                         std::vector<model::TensorData> tensors,
+                                                         ReadBackRanges* ranges) {
+  if (ranges != nullptr && ranges->range_bytes <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("read-back ranges of ", ranges->range_bytes, " bytes: must be positive"));
+  }
+  std::string sha;
+  uint64_t size = 0;
   const absl::Status written = model::WriteSafetensorsObserved(
-      dir + "/" + name, std::move(tensors), {{"format", "pt"}}, [&](const void* data, size_t n) {
-        hash.Update(data, n);
-        size += static_cast<int64_t>(n);
+      dir + "/" + name, std::move(tensors), {{"format", "pt"}},
+      [&](const std::vector<model::FilePiece>& pieces) {
+        for (const model::FilePiece& p : pieces) size += p.size;
+        const size_t count = ranges ? RangeCount(size, ranges->range_bytes) : 0;
+        if (ranges) ranges->sha256.assign(count, "");
+        // Index 0, the whole file (the longest), starts first; the ranges share the other threads.
+        ForEachIndexOnThreads(1 + count, kHashThreads, [&](size_t i) {
+          Sha256 h;
+          if (i == 0) {
+            HashFileRange(pieces, 0, size, h);
+            sha = h.HexDigest();
+            return;
+          }
+          const uint64_t begin = (i - 1) * static_cast<uint64_t>(ranges->range_bytes);
+          HashFileRange(pieces, begin, begin + ranges->range_bytes, h);
+          ranges->sha256[i - 1] = h.HexDigest();
+        });
       });
   if (!written.ok()) return written;
-  return OutputFileInfo{name, size, hash.HexDigest(), std::nullopt};
+  return OutputFileInfo{name, static_cast<int64_t>(size), sha, std::nullopt};
 }
 
 std::string LayerFileName(int layer, int rank, int world_size) {

@@ -92,11 +92,13 @@ TEST_F(SafetensorsWriterTest, ObserverSeesTheFileBytes) {
   tensors.push_back({"c", DType::kU8, {3}, {0x01, 0x02, 0xFF}});
   std::vector<TensorData> copy = tensors;
   std::string seen;
-  ASSERT_TRUE(
-      WriteSafetensorsObserved(
-          Path("o.safetensors"), std::move(tensors), {{"format", "pt"}},
-          [&](const void* data, size_t n) { seen.append(static_cast<const char*>(data), n); })
-          .ok());
+  ASSERT_TRUE(WriteSafetensorsObserved(Path("o.safetensors"), std::move(tensors),
+                                       {{"format", "pt"}},
+                                       [&](const std::vector<FilePiece>& pieces) {
+                                         for (const FilePiece& p : pieces)
+                                           seen.append(static_cast<const char*>(p.data), p.size);
+                                       })
+                  .ok());
   ASSERT_TRUE(WriteSafetensors(Path("p.safetensors"), std::move(copy)).ok());
   EXPECT_EQ(seen, ReadAll(Path("o.safetensors")));
   EXPECT_EQ(seen, ReadAll(Path("p.safetensors")));

@@ -13,7 +13,9 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <string_view>
 
+#include "absl/strings/str_cat.h"
 #include "common/sha256.h"
 #include "worker/model/tensor_io.h"
 
@@ -295,6 +297,83 @@ TEST(OutputTest, ReadBackNamesAFileThatDiffersFromWhatWasWritten) {
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
   EXPECT_NE(s.message().find("cannot be read back"), std::string::npos) << s;
   EXPECT_FALSE(files[1].verified.has_value());
+}
+
+// A write with read-back ranges hashes each range of the file from the bytes it writes (the
+// same digests the file's own bytes give), and the read-back checks the ranges: a good file
+// passes and is stamped; a changed byte is named with its range; a changed size, or ranges that
+// do not cover the file, fall back to the whole file's digest.
+TEST(OutputTest, ReadBackByRangesChecksEveryRangeOfTheFile) {
+  const std::string dir = TempDir();
+  ReadBackRanges ranges;
+  ranges.range_bytes = 100;
+  absl::StatusOr<OutputFileInfo> f =
+      WriteDescribedSafetensors(dir, LayerFileName(0, 0, 1), SmallTensors(3), &ranges);
+  ASSERT_TRUE(f.ok()) << f.status();
+  const std::string path = dir + "/" + f->name;
+  const std::string bytes = Read(path);
+  ASSERT_EQ(static_cast<int64_t>(bytes.size()), f->size);
+  EXPECT_EQ(f->sha256, Sha256Hex(bytes));
+  ASSERT_EQ(ranges.sha256.size(), (bytes.size() + 99) / 100);
+  ASSERT_NE(bytes.size() % 100, 0u);  // the last range is a short one
+  for (size_t i = 0; i < ranges.sha256.size(); ++i) {
+    EXPECT_EQ(ranges.sha256[i], Sha256Hex(std::string_view(bytes).substr(i * 100, 100))) << i;
+  }
+  ASSERT_TRUE(ReadBackCommitted(dir, &*f, &ranges).ok());
+  EXPECT_TRUE(f->verified.has_value());
+
+  // One byte changed in the sixth range (and in the short last one: the first is named).
+  FlipByte(path, 512);
+  FlipByte(path, -1);
+  f->verified.reset();
+  absl::Status s = ReadBackCommitted(dir, &*f, &ranges);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_EQ(CorruptFilesOf(s), std::vector<std::string>{f->name});
+  EXPECT_NE(s.message().find(absl::StrCat("reads back as bytes [500, 600) of its ", f->size)),
+            std::string::npos)
+      << s;
+  EXPECT_FALSE(f->verified.has_value());
+
+  // Ranges that do not cover the file's recorded size: the whole file is hashed instead.
+  ReadBackRanges short_list = ranges;
+  short_list.sha256.pop_back();
+  s = ReadBackCommitted(dir, &*f, &short_list);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_NE(s.message().find(absl::StrCat("reads back as ", f->size, " bytes with SHA-256")),
+            std::string::npos)
+      << s;
+  FlipByte(path, 512);
+  FlipByte(path, -1);
+  EXPECT_TRUE(ReadBackCommitted(dir, &*f, &short_list).ok());
+  EXPECT_TRUE(ReadBackCommitted(dir, &*f, &ranges).ok());
+
+  // A shorter file: its size is named, not a range.
+  ASSERT_EQ(::truncate(path.c_str(), f->size - 1), 0);
+  s = ReadBackCommitted(dir, &*f, &ranges);
+  EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << s;
+  EXPECT_NE(s.message().find(absl::StrCat("reads back as ", f->size - 1, " bytes")),
+            std::string::npos)
+      << s;
+
+  ranges.range_bytes = 0;
+  EXPECT_EQ(
+      WriteDescribedSafetensors(dir, "z.safetensors", SmallTensors(1), &ranges).status().code(),
+      absl::StatusCode::kInvalidArgument);
+}
+
+// A range read past the end of a file is an error naming the file, never a short digest.
+TEST(OutputTest, Sha256OfFileRangeHashesExactlyTheRange) {
+  const std::string dir = TempDir();
+  Touch(dir + "/f", "0123456789");
+  const int fd = ::open((dir + "/f").c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  EXPECT_EQ(*Sha256OfFileRange(fd, 2, 5, "f"), Sha256Hex("23456"));
+  EXPECT_EQ(*Sha256OfFileRange(fd, 10, 0, "f"), Sha256Hex(""));
+  absl::StatusOr<std::string> past = Sha256OfFileRange(fd, 8, 5, dir + "/f");
+  EXPECT_EQ(past.status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_NE(past.status().message().find(dir + "/f ends at byte 10"), std::string::npos)
+      << past.status();
+  ::close(fd);
 }
 
 TEST(OutputTest, FileSetReaderVerifiesEachFileBeforeUse) {
