@@ -155,24 +155,24 @@ inline constexpr int64_t kFallbackExpertsPerPass = 16;
 inline constexpr int64_t kFallbackDispatchTokens = 65536;
 
 // Stage rates of the quantize pipeline: they turn a plan into a projected time
-// (ResourceEstimate::seconds_per_layer, total_seconds). Load and write: one H200 (2026-12-05).
-// Per token and per expert: the steady-state layer (the second of three full-width DeepSeek-V3
-// MoE layers, GPTQ with the TF32 update, the real 512 x 4096 calibration tokens, gang of one,
-// 15 expert passes and 14 dispatch rounds) on one H100 80GB, whose tensor-core throughput an H200
-// shares (forward 3.6 + Hessians 3.7 + propagation 4.2 s over 2,097,152 tokens; solve 7.6 s over
-// 256 experts; bench/RESULTS.md, "The fifth session's changes measured", machine D).
-inline constexpr double kLoadBytesPerSecond = 8.4e9;      // checkpoint bytes onto the device
+// (ResourceEstimate::seconds_per_layer, total_seconds), for one H200 per rank. Per token, per
+// expert, the layer file and the checkpoint: one H200 (2026-12-06, bench/RESULTS.md, "One H200:
+// the job measured on the card it is planned for"): the steady-state layer (the second of three
+// full-width DeepSeek-V3 MoE layers, GPTQ with the TF32 update, the real 512 x 4096 calibration
+// tokens, gang of one, the plan's 4 expert passes and 4 dispatch rounds; forward 3.3 + Hessians
+// 2.9 + propagation 3.8 s over 2,097,152 tokens; solve 6.9 s over 256 experts).
+inline constexpr double kLoadBytesPerSecond = 8.4e9;  // checkpoint bytes onto the device
 // The same from copies staged in page-locked memory while the layer before computed
 // (worker/pipeline/layer_staging.h; every layer after the first on a GPU): 11.5 GB in 0.28-0.30 s
 // on one H100 (2026-12-06, bench/RESULTS.md), which the H200's PCIe 5 link shares.
 inline constexpr double kStagedLoadBytesPerSecond = 3.8e10;
-inline constexpr double kSecondsPerToken = 5.5e-6;        // forward + Hessians + propagation
-inline constexpr double kSolveSecondsPerExpert = 0.0297;  // batched GPTQ of gate, up and down
-inline constexpr double kWriteBytesPerSecond = 0.5e9;  // a layer file (SHA-256, fsync, read back)
-// A hidden-state checkpoint: per-chunk SHA-256 on 8 threads, write, fsync (mq-bench-checkpoint:
-// 15.03 GB in 8.74 s on one H100 machine's disk, 2026-12-06; one SHA-256 on one core took 10.9 s
-// of that before).
-inline constexpr double kCheckpointWriteBytesPerSecond = 1.7e9;
+inline constexpr double kSecondsPerToken = 4.8e-6;       // forward + Hessians + propagation
+inline constexpr double kSolveSecondsPerExpert = 0.027;  // batched GPTQ of gate, up and down
+// A layer file: SHA-256 while writing, fsync, read back by ranges (6.36 GB in 7.7-8.3 s).
+inline constexpr double kWriteBytesPerSecond = 0.8e9;
+// A hidden-state checkpoint: per-chunk SHA-256 on 8 threads, write, fsync (mq-bench-checkpoint
+// on the H200 machine's disk: 7.52 GB in 5.43 s; 15.03 GB in 8.74 s on a faster H100 machine's).
+inline constexpr double kCheckpointWriteBytesPerSecond = 1.38e9;
 
 // Hidden-state checkpoints. A rank's checkpoint of step s holds its hidden states after step s
 // (bf16, tokens(r) * H * 2 bytes: ~30 GB for DeepSeek-V3 at 512 x 4096 on one rank). They are
@@ -194,18 +194,19 @@ inline constexpr double kCheckpointWriteBytesPerSecond = 1.7e9;
 //   replay = T * kSecondsPerToken * kReplayShareOfTokenSeconds   (per replayed step, plus its
 //            load)
 //   resume <= (every - 1) * replay
-// DeepSeek-V3 at 512 x 4096 with GPTQ: every 31 steps on one H200 (write 17.7 s, layer 19.1 s)
-// and on 8 (write 2.2 s, layer 2.4 s); a resume replays at most 30 steps (~3.9 min on one H200,
-// ~29 s on 8). The share bounds what checkpoints add to a job (at most 3% of its layers' time,
-// less where the layer's compute hides the write) against what a resume replays: with 10%, the
-// same write would checkpoint every 10 layers and add ~60 s to a one-GPU DeepSeek-V3 job to save
-// replaying at most 21 more layers after a crash.
+// DeepSeek-V3 at 512 x 4096 with GPTQ: every 43 steps on one H200 (write 21.8 s, layer 17.0 s)
+// and on 8 (write 2.7 s, layer 2.1 s), one checkpoint in its 61 steps; a resume replays at most
+// 42 steps (~5.0 min on one H200, ~38 s on 8). The share bounds what checkpoints add to a job (at
+// most 3% of its layers' time, less where the layer's compute hides the write) against what a
+// resume replays: with 10%, the same write would checkpoint every 13 layers (four 21.8 s writes
+// instead of one in a one-GPU DeepSeek-V3 job) to save replaying at most 30 more layers after a
+// crash.
 inline constexpr double kCheckpointShareOfLayer = 0.03;
 // The forward share of kSecondsPerToken: a replayed step runs attention and the experts once
-// with the committed weights (no Hessians). Of the 11.5 s per layer that rate was fitted to
-// (forward 3.6, Hessians 3.7, propagation 4.2 at 512 x 4096 tokens), forward and propagation
-// are 7.8 s.
-inline constexpr double kReplayShareOfTokenSeconds = 7.8 / 11.5;
+// with the committed weights (no Hessians). Of the 10.0 s per layer that rate was fitted to
+// (forward 3.3, Hessians 2.9, propagation 3.8 at 512 x 4096 tokens), forward and propagation
+// are 7.1 s.
+inline constexpr double kReplayShareOfTokenSeconds = 7.1 / 10.0;
 
 struct CheckpointCadence {
   int every = 1;              // steps per checkpoint (see above)
