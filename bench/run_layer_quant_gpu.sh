@@ -159,10 +159,14 @@ cleanup() {
   finish
 }
 trap cleanup EXIT
+# "IDLE LIVE": workers idle, and workers not yet declared dead. A stopped worker stays idle to
+# the coordinator until its lease runs out (10 s), and a job submitted meanwhile may be handed to
+# it: after a restart the bench waits until only the new workers are left.
 idle() { "$CLIENT" --coordinator "$ADDR" workers --json 2>/dev/null | python3 -c '
-import json,sys; print(sum(w["state"]=="WORKER_STATE_IDLE" for w in json.load(sys.stdin).get("workers",[])))'; }
-for _ in $(seq 150); do [ "$(idle)" = "$NGPU" ] && break; sleep 0.2; done
-stamp "$(idle) of $NGPU workers idle at $ADDR"
+import json,sys; ws = json.load(sys.stdin).get("workers", [])
+print(sum(w["state"] == "WORKER_STATE_IDLE" for w in ws), sum(w["state"] != "WORKER_STATE_DEAD" for w in ws))'; }
+for _ in $(seq 150); do [ "$(idle)" = "$NGPU $NGPU" ] && break; sleep 0.2; done
+stamp "$(idle) of $NGPU workers idle and live at $ADDR"
 
 # --- jobs -------------------------------------------------------------------------------------
 echo "[]" > "$W/results.json"
@@ -178,8 +182,8 @@ for run in $RUNS; do
     kill -0 "${WORKER_PIDS[$i]}" 2>/dev/null || { start_worker $i; restarted=1; }
   done
   if [ $restarted = 1 ]; then
-    for _ in $(seq 150); do [ "$(idle)" = "$NGPU" ] && break; sleep 0.2; done
-    stamp "workers restarted: $(idle) of $NGPU idle"
+    for _ in $(seq 150); do [ "$(idle)" = "$NGPU $NGPU" ] && break; sleep 0.2; done
+    stamp "workers restarted: $(idle) of $NGPU idle and live"
   fi
   [ "$K" -le "$NGPU" ] || { echo "skip gang $K: only $NGPU GPUs"; continue; }
   RUN_NO=$(( ${RUN_NO:-0} + 1 ))

@@ -115,18 +115,21 @@ inline constexpr int64_t kRouterSegmentRows = 16 * kRouterBlockRows;
 // Token-sized bf16 tensors of hidden width in host memory: a step's input (also read by the write
 // thread for its checkpoint), the residual after attention, and the step's output.
 inline constexpr int64_t kHiddenCopiesOnHost = 3;
-// The CUDA context, library workspaces and the caching allocator's slack, fitted to the peaks
-// nvidia-smi showed for one full-width DeepSeek-V3 layer on one H200 at 128 x 4096 and 512 x 4096
-// calibration tokens (bench/RESULTS.md, 2026-12-05, the host-resident layout): +0.45% and +0.6%
-// over them, together with a routing term of all the tokens' fp32 scores that routing no longer
-// holds (it routes a segment at a time).
-inline constexpr int64_t kDeviceOverheadBytes = int64_t{5} << 30;  // 5 GiB
+// The CUDA context, library workspaces and the caching allocator's slack. First fitted (5 GiB) to
+// the peaks nvidia-smi showed for one full-width DeepSeek-V3 layer on one H200 with fixed settings
+// (bench/RESULTS.md, 2026-12-05); since the worker's allocator keeps what the card has, the
+// estimate is held against torch's peak in tensors with the settings the plan chooses: with
+// 5 GiB it was +8.6% (H100, 512 x 4096), +8.8% (H200, 512 x 4096), +11.1% (H100, 128 x 4096)
+// and +10.7% (H100, 64 x 1024) above it (bench/RESULTS.md, 2026-12-06, seventh session); 4 GiB
+// brings all four within +7..+10%.
+inline constexpr int64_t kDeviceOverheadBytes = int64_t{4} << 30;  // 4 GiB
 
 // Host memory the worker process holds whatever the job (libraries, the CUDA context's host
 // side, allocator arenas) and the pinned staging buffers of host-to-device copies (64 MiB each,
-// kept by torch's pinned allocator; a few are in flight). Not fitted to a measurement yet:
-// bench/run_layer_quant_gpu.sh prints the worker's peak resident set next to the estimate.
-inline constexpr int64_t kHostOverheadBytes = int64_t{2} << 30;     // 2 GiB
+// kept by torch's pinned allocator; a few are in flight). Against the worker's peak resident set
+// (bench/run_layer_quant_gpu.sh), 2 GiB gave +5.0% (H100, 512 x 4096), +5.9% (H200), +8.8% (H100,
+// 128 x 4096) and +11.5% (H100, 64 x 1024); 1.5 GiB gives +4.5% to +9.6%.
+inline constexpr int64_t kHostOverheadBytes = int64_t{3} << 29;     // 1.5 GiB
 inline constexpr int64_t kPinnedStagingBytes = int64_t{256} << 20;  // 4 x 64 MiB
 
 // Page-locked host memory for a sequence of tensors (a step's hidden states, one tensor per

@@ -969,19 +969,19 @@ TEST(PlanTest, DispatchRounds) {
 // independent Python transcription of the formulas):
 //   output  = 371,407,749,120 bytes (~371.4 GB: 337.2 GB int4 experts with BF16 group scales,
 //             the rest BF16: embeddings, lm_head, attention, dense MLPs, shared experts, routers)
-//   gpu     =  32,976,568,320 bytes per rank (~33.0 GB: 1.17 GB replicated dense layer,
+//   gpu     =  31,902,826,496 bytes per rank (~31.9 GB: 1.17 GB replicated dense layer,
 //             2.8 GB bf16 weights of 32 experts, 3.76 GB u of 64 x 4096 tokens, and the largest
 //             phase, the solve of one pass of 16 experts, 19.9 GB: Hessians and factors 7.1 GB,
 //             fp64 chunk 4 GiB, solve buffers 8.5 GB; the attention phase's chunk temporaries
 //             and scores come to 7.5 GB, the routed rows of one of 32 dispatch rounds to
 //             2.8 GB, routing a segment at a time to 0.2 GB);
-//             123,170,881,536 bytes (~123.2 GB, more than an 80 GB card) with the whole layer's
+//             122,097,139,712 bytes (~122.1 GB, more than an 80 GB card) with the whole layer's
 //             rows dispatched at once (dispatch_tokens = 0: 90.2 GB of routed rows, kept through
 //             the solve)
-//   host    =  19,417,028,032 bytes per rank (rank 0: 3 x 3.76 GB hidden states, 2 x 1.2 GB
+//   host    =  18,880,157,120 bytes per rank (rank 0: 3 x 3.76 GB hidden states, 2 x 1.2 GB
 //             layer file tensors (32 experts' int4 and the BF16 rest),
 //             2 x 1.6 GB mapped checkpoint bytes (the MoE layer's non-expert tensors and 32
-//             experts, FP8), 46 MB ids and routing, 0.25 GiB pinned staging, 2 GiB overhead)
+//             experts, FP8), 46 MB ids and routing, 0.25 GiB pinned staging, 1.5 GiB overhead)
 //   scratch =   3,758,096,384 bytes per rank (one checkpoint of 64 x 4096 x 7168 x 2 bytes, every
 //             43 layers: 3.76 GB take 2.7 s to write against a 2.1 s layer)
 // The real DeepSeek-V3 config (671B).
@@ -1061,10 +1061,10 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
       16 * square * 8 + (int64_t{4} << 30) + 2LL * 16 * 2048 * 7168 * 18;  // passes of 16
   EXPECT_EQ(plan.estimate.gpu_bytes_per_rank,
             replicated + experts + u + solve + kDeviceOverheadBytes);
-  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 32976568320);
+  EXPECT_EQ(plan.estimate.gpu_bytes_per_rank, 31902826496);
   // Host: the hidden states, then (rank 0) 2 x layer file tensors, one MoE layer's mapped
   // checkpoint bytes and the dense layer's (written unquantized, so read again by its write),
-  // ids, routing, staging and overhead (7,314,629,056 bytes: 7,107,011,008 plus the pinned
+  // ids, routing, staging and overhead (6,777,758,144 bytes: 6,570,140,096 plus the pinned
   // copies' rounding, 7 MiB -> 8 MiB per packed weight and 224 -> 256 KiB per scale tensor, for
   // 2 x 96 linears). The hidden states are page-locked per forward call of 4 sequences
   // (16,384 tokens: 224 MiB, rounded to 256 MiB), 16 calls a copy.
@@ -1072,7 +1072,7 @@ TEST(PlanTest, DeepseekV3FullScaleSanity) {
   EXPECT_GT(hidden_copy, u);
   // The next MoE layer is staged in page-locked slabs: their rounding comes on top (rank 0).
   EXPECT_EQ(plan.estimate.host_bytes_per_rank,
-            hidden_copy * kHiddenCopiesOnHost + 7314629056 + StagingSlack(stored, 3, 0, 32));
+            hidden_copy * kHiddenCopiesOnHost + 6777758144 + StagingSlack(stored, 3, 0, 32));
   EXPECT_EQ(plan.estimate.scratch_bytes_per_rank, 3758096384);
   EXPECT_EQ(plan.estimate.calibration_tokens, 2097152);
   EXPECT_DOUBLE_EQ(plan.estimate.tokens_per_expert, 65536.0);
