@@ -240,7 +240,8 @@ std::string RangeProblem(int fd, const std::string& path, const OutputFileInfo& 
     const uint64_t begin = i * step, end = std::min<uint64_t>(f.size, begin + step);
     absl::StatusOr<std::string> sha = Sha256OfFileRange(fd, begin, end - begin, path);
     if (!sha.ok()) {
-      problem[i] = std::string(sha.status().message());
+      problem[i] = absl::StrCat("bytes [", begin, ", ", end, ") of its ", f.size,
+                                " unreadable: ", sha.status().message());
     } else if (*sha != ranges.sha256[i]) {
       problem[i] = absl::StrCat("bytes [", begin, ", ", end, ") of its ", f.size,
                                 " read back with SHA-256 ", sha->substr(0, 16), "..., but ",
